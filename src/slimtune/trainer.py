@@ -1,0 +1,447 @@
+"""The training loop: AdamW, warmup + cosine, gradient accumulation, checkpoints, resume.
+
+What slimtune adds over a plain loop, and why:
+
+* Only the trainable tensors, the optimizer, the schedule and the RNG states go into a
+  checkpoint (the base is reloaded and checked by fingerprint), so a LoRA checkpoint of a
+  135M model is a few MB, not the model.
+* Batch order is a pure function of (seed, epoch), so a resumed run consumes exactly the
+  batches the killed one would have: same seed, same final weights, bit for bit.
+* A NaN/inf loss or gradient stops the run with the step, learning rate and data lines,
+  and the last good checkpoint is left in place.
+* Loss is averaged over the target tokens of the whole accumulated step, so gradient
+  accumulation changes memory, not the result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from .console import info
+from .data import Dataset, collate, epoch_batches, load_dataset, pack_examples, split_dataset
+from .delta import delta_bytes, save_delta
+from .errors import SlimtuneError, TrainingDivergedError, UserInputError
+from .fileio import (
+    append_line,
+    atomic_dir,
+    recover_dir,
+    write_json,
+    write_safetensors,
+    write_text,
+)
+from .freezing import freeze_below
+from .lm import base_model, target_loss
+from .measure import PeakMemory, percentile
+from .methods import Method, get_method
+from .models import LoadedModel, count_parameters, decoder_layers, fingerprint, load_model
+
+DEFAULT_LR = {"full": 2e-5, "lora": 2e-4}
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run; the CLI and YAML files fill it by field name."""
+
+    data: str | None = None
+    model: str = "default"
+    eval_data: str | None = None
+    eval_fraction: float = 0.1
+    method: str = "lora"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    freeze_below: int = 0
+    max_steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float | None = None
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    max_length: int = 512
+    pack: bool = False
+    gradient_checkpointing: bool = False
+    eval_every: int = 0
+    save_every: int = 50
+    keep_checkpoint: bool = False
+    output_dir: str = "runs/train"
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    precision: str = "auto"
+    device: str = "auto"
+    eval_batch_size: int = 16
+    task: str = "auto"
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "config") -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserInputError(f"{where}: unknown option(s) {unknown}")
+        return cls(**values).validated()
+
+    def validated(self) -> TrainConfig:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise UserInputError(msg)
+
+        need(bool(self.data), "no training data: pass --data FILE")
+        need(self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
+        need(self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        need(self.max_length >= 8, f"max_length must be >= 8, got {self.max_length}")
+        need(self.freeze_below >= 0, f"freeze_below must be >= 0, got {self.freeze_below}")
+        need(self.precision in ("auto", "bf16", "fp16", "fp32"),
+             f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
+        need(self.save_every >= 0 and self.eval_every >= 0, "save_every/eval_every must be >= 0")
+        need(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other")
+        return self
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR.get(self.method, 1e-4)
+
+    def identity(self) -> dict[str, Any]:
+        """The options a resumed run must share with the run it continues."""
+        keep = ("data", "model", "method", "method_options", "freeze_below", "max_steps",
+                "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio",
+                "max_grad_norm", "max_length", "pack", "seed", "eval_fraction")
+        return {k: getattr(self, k) for k in keep}
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    delta_dir: Path
+    manifest: dict
+    summary: dict
+    history: list[dict]
+    model: nn.Module
+    loaded: LoadedModel
+    method: Method
+    eval_dataset: Dataset | None
+    eval_details: dict | None = None
+
+
+def _accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+
+    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    if cfg.precision == "auto":
+        mp = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "no"
+    else:
+        mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision]
+    return Accelerator(cpu=cpu, mixed_precision=mp)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, loaded: LoadedModel | None = None) -> None:
+        self.cfg = cfg.validated()
+        self.out = Path(cfg.output_dir)
+        self.ckpt_dir = self.out / "checkpoint"
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.accelerator = _accelerator(cfg)
+        self.device = self.accelerator.device
+        self._prepare_output()
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+
+        t0 = time.perf_counter()
+        self.loaded = loaded or load_model(cfg.model, device=str(self.device))
+        self.loaded.model.to(self.device)
+        self.base_fingerprint = fingerprint(self.loaded.model)
+        info(f"model {self.loaded.name}: {self.loaded.num_layers} layers, "
+             f"loaded in {time.perf_counter() - t0:.1f}s")
+
+        tok = self.loaded.tokenizer
+        self.train_ds = load_dataset(cfg.data, tok, max_length=cfg.max_length)
+        if cfg.eval_data:
+            self.eval_ds: Dataset | None = load_dataset(cfg.eval_data, tok,
+                                                        max_length=cfg.max_length)
+        else:
+            self.train_ds, self.eval_ds = split_dataset(self.train_ds, cfg.eval_fraction, cfg.seed)
+            if not self.eval_ds.examples:
+                self.eval_ds = None
+        self.examples = (pack_examples(self.train_ds.examples, cfg.max_length) if cfg.pack
+                         else self.train_ds.examples)
+        if not self.examples:
+            raise UserInputError(f"{cfg.data}: no training examples left after the eval split")
+
+        n_layers = self.loaded.num_layers
+        if cfg.freeze_below > n_layers:
+            raise UserInputError(f"--freeze-below {cfg.freeze_below}: the model has only "
+                                 f"{n_layers} layers")
+        self.layers = list(range(cfg.freeze_below, n_layers))
+        self.method = get_method(cfg.method, cfg.method_options)
+        self.model = self.method.prepare(self.loaded.model, self.layers)
+        if cfg.gradient_checkpointing:
+            base_model(self.model).gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        freeze_below(self.model, cfg.freeze_below)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.params:
+            raise UserInputError("nothing to train: every parameter is frozen")
+        self.trainable, self.total = count_parameters(self.model)
+
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate,
+                                           weight_decay=cfg.weight_decay)
+        from transformers import get_cosine_schedule_with_warmup
+
+        self.scheduler = get_cosine_schedule_with_warmup(
+            self.optimizer, math.ceil(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps)
+        self.step = 0
+        self.history: list[dict] = []
+        if cfg.resume:
+            self._load_checkpoint()
+
+    # -- output folder and checkpoints ---------------------------------------------------
+
+    def _prepare_output(self) -> None:
+        cfg = self.cfg
+        ckpt = recover_dir(self.ckpt_dir)
+        if cfg.overwrite:
+            for p in (self.ckpt_dir, self.ckpt_dir.with_name("checkpoint.old"), self.out / "delta"):
+                shutil.rmtree(p, ignore_errors=True)
+            self.metrics_path.unlink(missing_ok=True)
+        elif not cfg.resume and (ckpt is not None or (self.out / "delta").exists()):
+            what = "a checkpoint" if ckpt is not None else "a finished run"
+            raise UserInputError(f"{self.out} already holds {what}; pass --resume to continue "
+                                 "it, --overwrite to replace it, or another --output-dir")
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def _identity(self) -> dict[str, Any]:
+        return {**self.cfg.identity(), "base_fingerprint": self.base_fingerprint,
+                "data_fingerprint": self.train_ds.fingerprint()}
+
+    def save_checkpoint(self) -> None:
+        with atomic_dir(self.ckpt_dir, replace=True) as tmp:
+            write_safetensors(tmp / "trainable.safetensors", self.method.trainable_state(self.model))
+            torch.save({"optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(),
+                        "rng": _rng_state()}, tmp / "state.pt")
+            write_json(tmp / "checkpoint.json", {"step": self.step, "identity": self._identity()})
+
+    def _load_checkpoint(self) -> None:
+        ckpt = recover_dir(self.ckpt_dir)
+        if ckpt is None:
+            info(f"no checkpoint in {self.out}; starting from step 0")
+            return
+        try:
+            meta = json.loads((ckpt / "checkpoint.json").read_text())
+            tensors = load_file(str(ckpt / "trainable.safetensors"))
+            state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise SlimtuneError(f"{ckpt}: unreadable checkpoint ({e}); "
+                                "use --overwrite to start over") from e
+        want = json.loads(json.dumps(self._identity()))
+        diff = sorted(k for k in want if meta["identity"].get(k) != want[k])
+        if diff:
+            raise UserInputError(f"{ckpt}: cannot resume, the run differs in {diff}; "
+                                 "use the original options or --overwrite")
+        params = dict(self.model.named_parameters())
+        for name, value in tensors.items():
+            params[name].data.copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        self.step = int(meta["step"])
+        if self.metrics_path.exists():
+            kept = []
+            for line in self.metrics_path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by the kill
+                if rec.get("step", 0) <= self.step:
+                    kept.append(rec)
+            self.history = kept
+            write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        info(f"resumed from {ckpt} at step {self.step}")
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def _micro_batch(self, index: int) -> list[int]:
+        per_epoch = math.ceil(len(self.examples) / self.cfg.batch_size)
+        epoch, pos = divmod(index, per_epoch)
+        if getattr(self, "_epoch", None) != epoch:
+            self._epoch = epoch
+            self._epoch_batches = epoch_batches(len(self.examples), self.cfg.batch_size,
+                                                self.cfg.seed, epoch)
+        return self._epoch_batches[pos]
+
+    def _log(self, record: dict) -> None:
+        self.history.append(record)
+        if self.accelerator.is_main_process:
+            append_line(self.metrics_path, json.dumps(record))
+
+    def _diverged(self, what: str, value: float, lines: list[int]) -> TrainingDivergedError:
+        last = recover_dir(self.ckpt_dir)
+        kept = (f"last good checkpoint {last} (resume with --resume)" if last
+                else "no checkpoint was written yet")
+        self._log({"step": self.step + 1, "event": "diverged", what: value})
+        return TrainingDivergedError(
+            f"{what} became {value} at step {self.step + 1} (lr {self.scheduler.get_last_lr()[0]:.3g}; "
+            f"data lines {lines[:8]}); {kept}. Lower --lr or check those lines")
+
+    def run(self) -> TrainResult:
+        """Train to ``max_steps``, evaluate, save the delta."""
+        cfg, acc = self.cfg, self.accelerator
+        pad = self.loaded.tokenizer.pad_token_id
+        world, rank = acc.num_processes, acc.process_index
+        self.model.train()
+        step_times: list[float] = []
+        tokens = 0
+        train_time = 0.0
+        bar = None
+        if cfg.progress and acc.is_main_process:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"train {cfg.method}",
+                       unit="step", dynamic_ncols=True)
+        with PeakMemory(self.device) as mem:
+            while self.step < cfg.max_steps:
+                t0 = time.perf_counter()
+                micro = [self._micro_batch((self.step * cfg.grad_accum + j) * world + rank)
+                         for j in range(cfg.grad_accum)]
+                batches = [collate([self.examples[i] for i in idx], pad) for idx in micro]
+                n_target = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+                n_target_t = torch.tensor(float(n_target), device=self.device)
+                if world > 1:
+                    n_target_t = acc.reduce(n_target_t, "sum")
+                loss_sum = 0.0
+                lines = [self.examples[i].line for idx in micro for i in idx]
+                for b in batches:
+                    b = {k: v.to(self.device) for k, v in b.items()}
+                    with acc.autocast():
+                        loss, _ = target_loss(self.model, b)
+                    if not torch.isfinite(loss.detach()):
+                        raise self._diverged("loss", float(loss.detach()), lines)
+                    (loss * world / n_target_t).backward()
+                    loss_sum += float(loss.detach())
+                    tokens += int(b["attention_mask"].sum())
+                if world > 1:
+                    for p in self.params:
+                        if p.grad is not None:
+                            p.grad = acc.reduce(p.grad, "mean")
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                if not torch.isfinite(grad_norm):
+                    raise self._diverged("gradient norm", float(grad_norm), lines)
+                lr = self.scheduler.get_last_lr()[0]
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                dt = time.perf_counter() - t0
+                train_time += dt
+                step_times.append(dt)
+                self.step += 1
+                loss_mean = loss_sum / max(n_target, 1)
+                rec = {"step": self.step, "loss": loss_mean, "lr": lr,
+                       "grad_norm": float(grad_norm), "step_time_s": dt,
+                       "tokens_per_s": tokens / train_time if train_time else 0.0}
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.eval_ds:
+                    rec["eval_loss"] = self._eval_loss()
+                self._log(rec)
+                if bar:
+                    post = {"loss": f"{loss_mean:.3f}", "tok/s": f"{rec['tokens_per_s']:.0f}"}
+                    if "eval_loss" in rec:
+                        post["eval"] = f"{rec['eval_loss']:.3f}"
+                    bar.set_postfix(post, refresh=False)
+                    bar.update(1)
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                    self.save_checkpoint()
+        if bar:
+            bar.close()
+        return self._finish(mem, train_time, tokens, step_times)
+
+    def _eval_loss(self) -> float:
+        from .evaluation import eval_loss
+
+        return eval_loss(self.model, self.eval_ds.examples, self.loaded.tokenizer.pad_token_id,
+                         batch_size=self.cfg.eval_batch_size, autocast=self.accelerator.autocast)["loss"]
+
+    def _finish(self, mem: PeakMemory, train_time: float, tokens: int,
+                step_times: list[float]) -> TrainResult:
+        from .evaluation import evaluate
+
+        cfg = self.cfg
+        eval_metrics, details = {}, None
+        if self.eval_ds is not None:
+            eval_metrics, details = evaluate(self.model, self.loaded.tokenizer, self.eval_ds,
+                                             task=cfg.task, batch_size=cfg.eval_batch_size,
+                                             autocast=self.accelerator.autocast)
+        losses = [h["loss"] for h in self.history if "loss" in h]
+        summary = {
+            "method": cfg.method,
+            "steps": self.step,
+            "freeze_below": cfg.freeze_below,
+            "trainable_params": self.trainable,
+            "total_params": self.total,
+            "train_time_s": train_time,
+            "tokens_per_s": tokens / train_time if train_time else None,
+            "step_time_p50_s": percentile(step_times, 50) if step_times else None,
+            "peak_memory_bytes": mem.peak_bytes,
+            "peak_memory_kind": mem.kind,
+            "final_train_loss": float(np.mean(losses[-10:])) if losses else None,
+            "device": str(self.device),
+            **{f"eval_{k}": v for k, v in eval_metrics.items() if k != "task"},
+            "task": eval_metrics.get("task"),
+        }
+        base = {"fingerprint": self.base_fingerprint, "name": self.loaded.name,
+                "source": self.loaded.source,
+                "architecture": type(base_model(self.model)).__name__,
+                "num_layers": len(decoder_layers(self.model))}
+        extra = {
+            "dataset": {"fingerprint": self.train_ds.fingerprint(), "path": self.train_ds.path,
+                        "shape": self.train_ds.shape, "examples": len(self.train_ds.records)},
+            "training": asdict(cfg),
+            "metrics": summary,
+        }
+        delta_dir = self.out / "delta"
+        manifest = save_delta(delta_dir, self.method, self.model, base=base, layers=self.layers,
+                              extra=extra, replace=True)
+        summary["delta_bytes"] = delta_bytes(manifest)
+        write_json(self.out / "summary.json", summary)
+        if not cfg.keep_checkpoint:
+            for p in (self.ckpt_dir, self.ckpt_dir.with_name("checkpoint.old")):
+                shutil.rmtree(p, ignore_errors=True)
+        return TrainResult(self.out, delta_dir, manifest, summary, self.history, self.model,
+                           self.loaded, self.method, self.eval_ds, details)
+
+
+def train(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainResult:
+    """Run a whole training job; see :class:`TrainConfig` for the options."""
+    return Trainer(cfg, loaded).run()

@@ -1,0 +1,52 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimtune.models import load_model
+from slimtune.testing import tiny_model_dir
+
+LABELS = ["billing", "shipping", "returns"]
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def tiny(tiny_dir):
+    torch.manual_seed(0)
+    return load_model(str(tiny_dir))
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def intent_rows(n: int = 48):
+    """A learnable toy task: the label word appears in the message."""
+    words = {"billing": "charged card refund", "shipping": "parcel tracking late",
+             "returns": "return label refund box"}
+    rows = []
+    for i in range(n):
+        lab = LABELS[i % 3]
+        rows.append({"prompt": f"Message: {words[lab]} {i}\nIntent:", "completion": f" {lab}"})
+    return rows
+
+
+@pytest.fixture
+def intent_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "intents.jsonl", intent_rows())
+
+
+def train_tiny(model_dir: Path, data: Path, out: Path, **overrides):
+    from slimtune.trainer import TrainConfig, train
+
+    opts = dict(model=str(model_dir), data=str(data), output_dir=str(out), max_steps=6,
+                batch_size=4, lr=1e-2, eval_fraction=0.25, progress=False, device="cpu",
+                save_every=0)
+    opts.update(overrides)
+    return train(TrainConfig(**opts))

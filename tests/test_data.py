@@ -1,0 +1,135 @@
+import json
+
+import pytest
+
+from slimtune.data import (
+    IGNORE_INDEX,
+    collate,
+    epoch_batches,
+    load_dataset,
+    pack_examples,
+    read_records,
+    split_dataset,
+)
+from slimtune.errors import DataError
+
+from .conftest import write_jsonl
+
+
+def test_prompt_completion_loss_only_on_completion(tiny, tmp_path):
+    tok = tiny.tokenizer
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Message: hello\nIntent:",
+                                               "completion": " billing"}])
+    ex = load_dataset(path, tok).examples[0]
+    n_prompt = len(tok("Message: hello\nIntent:")["input_ids"])
+    completion = tok(" billing", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert ex.labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert ex.labels[n_prompt:] == completion
+    assert ex.input_ids[n_prompt:] == completion
+
+
+def test_text_shape_trains_on_every_token(tiny, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "the quick brown fox"}])
+    ex = load_dataset(path, tiny.tokenizer).examples[0]
+    assert ex.labels == ex.input_ids and ex.input_ids[-1] == tiny.tokenizer.eos_token_id
+
+
+def test_chat_shape_masks_everything_but_assistant_turns(tiny, tmp_path):
+    tok = tiny.tokenizer
+    msgs = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "Paris"},
+            {"role": "user", "content": "again"}, {"role": "assistant", "content": "France"}]
+    ex = load_dataset(write_jsonl(tmp_path / "c.jsonl", [{"messages": msgs}]), tok).examples[0]
+    full = tok.apply_chat_template(msgs, tokenize=False)
+    assert tok.decode(ex.input_ids) == full
+    trained = tok.decode([t for t in ex.labels if t != IGNORE_INDEX])
+    assert trained == "Paris<|im_end|>\nFrance<|im_end|>\n"
+
+
+def test_csv_and_text_files(tiny, tmp_path):
+    (tmp_path / "d.csv").write_text('prompt,completion\n"a, b",x\nc,y\n')
+    recs = read_records(tmp_path / "d.csv")
+    assert [r.fields for r in recs] == [{"prompt": "a, b", "completion": "x"},
+                                        {"prompt": "c", "completion": "y"}]
+    assert [r.line for r in recs] == [2, 3]
+    (tmp_path / "d.txt").write_text("para one\nstill one\n\n\npara two\n")
+    recs = read_records(tmp_path / "d.txt")
+    assert [r.fields["text"] for r in recs] == ["para one\nstill one", "para two"]
+    assert [r.line for r in recs] == [1, 5]
+
+
+BAD = [
+    ("bad.jsonl", '{"text": "ok"}\n{"text": oops}\n', r"bad\.jsonl:2: invalid JSON"),
+    ("arr.jsonl", '{"text": "ok"}\n[1, 2]\n', r"arr\.jsonl:2: expected a JSON object"),
+    ("missing.jsonl", '{"prompt": "p"}\n', r"missing\.jsonl:1: .*missing field 'completion'"),
+    ("type.jsonl", '{"prompt": "p", "completion": 3}\n', r"type\.jsonl:1: field 'completion' must be a string"),
+    ("unknown.jsonl", '{"question": "q"}\n', r"unknown\.jsonl:1: unknown record shape"),
+    ("mixed.jsonl", '{"text": "a"}\n\n{"prompt": "p", "completion": "c"}\n',
+     r"mixed\.jsonl:3: record has shape 'prompt_completion'"),
+    ("empty.jsonl", "", r"empty\.jsonl: contains no examples"),
+    ("blank.jsonl", "\n   \n", r"blank\.jsonl: contains no examples"),
+    ("emptytext.jsonl", '{"text": "  "}\n', r"emptytext\.jsonl:1: field 'text' is empty"),
+    ("noasst.jsonl", json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n",
+     r"noasst\.jsonl:1: 'messages' has no assistant turn"),
+    ("role.jsonl", json.dumps({"messages": [{"role": "robot", "content": "hi"}]}) + "\n",
+     r"role\.jsonl:1: messages\[0\]\.role is 'robot'"),
+    ("rows.csv", "prompt,completion\na,b\nc,d,e\n", r"rows\.csv:3: row has more cells"),
+    ("short.csv", "prompt,completion\na\n", r"short\.csv:2: row has fewer cells"),
+    ("data.parquet", "x", r"unsupported file type '\.parquet'"),
+    ("whole.json", '{"text": "a"}', r"whole\.json: expected a JSON array"),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "pattern"), BAD, ids=[b[0] for b in BAD])
+def test_malformed_input_names_file_and_line(tiny, tmp_path, name, content, pattern):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError, match=pattern):
+        load_dataset(path, tiny.tokenizer)
+
+
+def test_non_utf8_and_missing_files(tiny, tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"latin1\.jsonl:2: not valid UTF-8"):
+        load_dataset(path, tiny.tokenizer)
+    with pytest.raises(DataError, match="no such file"):
+        load_dataset(tmp_path / "nope.jsonl", tiny.tokenizer)
+    with pytest.raises(DataError, match="no bundled dataset 'nope'"):
+        load_dataset("builtin:nope", tiny.tokenizer)
+
+
+def test_truncation_keeps_the_completion(tiny, tmp_path):
+    long_prompt = "word " * 200
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": long_prompt, "completion": " billing"}])
+    ex = load_dataset(path, tiny.tokenizer, max_length=16).examples[0]
+    assert len(ex.input_ids) == 16
+    target = tiny.tokenizer(" billing", add_special_tokens=False)["input_ids"]
+    assert [t for t in ex.labels if t != IGNORE_INDEX][: len(target)] == target
+
+
+def test_split_is_seeded_and_disjoint(tiny, intent_file):
+    ds = load_dataset(intent_file, tiny.tokenizer)
+    tr1, ev1 = split_dataset(ds, 0.25, seed=1)
+    tr2, ev2 = split_dataset(ds, 0.25, seed=1)
+    _, ev3 = split_dataset(ds, 0.25, seed=2)
+    lines = lambda d: [e.line for e in d.examples]  # noqa: E731
+    assert lines(ev1) == lines(ev2) != lines(ev3)
+    assert len(ev1) == 12 and not set(lines(tr1)) & set(lines(ev1))
+    assert [r.line for r in ev1.records] == lines(ev1)
+
+
+def test_collate_pads_without_loss_and_pack_fills_blocks(tiny, intent_file):
+    ds = load_dataset(intent_file, tiny.tokenizer)
+    batch = collate(ds.examples[:3], pad_id=0)
+    lengths = [len(e.input_ids) for e in ds.examples[:3]]
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+    blocks = pack_examples(ds.examples, 64)
+    assert all(len(b.input_ids) == 64 for b in blocks[:-1])
+    assert sum(len(b.input_ids) for b in blocks) == sum(len(e.input_ids) for e in ds.examples)
+
+
+def test_epoch_batches_cover_every_example_once():
+    b = epoch_batches(10, 3, seed=0, epoch=0)
+    assert sorted(i for x in b for i in x) == list(range(10))
+    assert b == epoch_batches(10, 3, seed=0, epoch=0) != epoch_batches(10, 3, seed=0, epoch=1)

@@ -1,0 +1,52 @@
+import errno
+import os
+
+import pytest
+
+from slimtune import fileio
+
+
+def test_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
+    target = tmp_path / "manifest.json"
+    fileio.write_json(target, {"v": 1})
+    with pytest.raises(RuntimeError), fileio.atomic_path(target) as tmp:
+        tmp.write_text('{"v": 2, "half')
+        raise RuntimeError("killed mid-write")
+    assert target.read_text() == fileio.json.dumps({"v": 1}, indent=2) + "\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+
+def test_disk_full_keeps_what_was_stored(tmp_path, monkeypatch):
+    target = tmp_path / "w.bin"
+    fileio.write_bytes(target, b"old")
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fileio.os, "fsync", full)
+    with pytest.raises(OSError) as e:
+        fileio.write_bytes(target, b"new" * 1000)
+    assert e.value.errno == errno.ENOSPC
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["w.bin"]
+
+
+def test_atomic_dir_replaces_whole_folders_and_recovers_old(tmp_path):
+    target = tmp_path / "ckpt"
+    with fileio.atomic_dir(target) as d:
+        (d / "a").write_text("1")
+    with pytest.raises(FileExistsError):
+        with fileio.atomic_dir(target):
+            pass
+    with pytest.raises(RuntimeError), fileio.atomic_dir(target, replace=True) as d:
+        (d / "a").write_text("2")
+        raise RuntimeError
+    assert (target / "a").read_text() == "1"
+    with fileio.atomic_dir(target, replace=True) as d:
+        (d / "b").write_text("3")
+    assert sorted(p.name for p in target.iterdir()) == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    # a crash between the two renames leaves only <target>.old: recover_dir finds it
+    os.replace(target, tmp_path / "ckpt.old")
+    assert fileio.recover_dir(target) == tmp_path / "ckpt.old"
+    assert fileio.recover_dir(tmp_path / "none") is None
