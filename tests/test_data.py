@@ -110,7 +110,7 @@ def test_truncation_keeps_the_completion(tiny, tmp_path):
 def test_split_is_seeded_and_disjoint(tiny, intent_file):
     ds = load_dataset(intent_file, tiny.tokenizer)
     tr1, ev1 = split_dataset(ds, 0.25, seed=1)
-    tr2, ev2 = split_dataset(ds, 0.25, seed=1)
+    _tr2, ev2 = split_dataset(ds, 0.25, seed=1)
     _, ev3 = split_dataset(ds, 0.25, seed=2)
     lines = lambda d: [e.line for e in d.examples]  # noqa: E731
     assert lines(ev1) == lines(ev2) != lines(ev3)

@@ -35,9 +35,8 @@ def test_atomic_dir_replaces_whole_folders_and_recovers_old(tmp_path):
     target = tmp_path / "ckpt"
     with fileio.atomic_dir(target) as d:
         (d / "a").write_text("1")
-    with pytest.raises(FileExistsError):
-        with fileio.atomic_dir(target):
-            pass
+    with pytest.raises(FileExistsError), fileio.atomic_dir(target):
+        pass
     with pytest.raises(RuntimeError), fileio.atomic_dir(target, replace=True) as d:
         (d / "a").write_text("2")
         raise RuntimeError

@@ -7,12 +7,12 @@ Public API::
 
 __version__ = "0.1.0"
 
-from .data import load_dataset  # noqa: E402
-from .delta import load_delta, read_manifest, save_delta, verify_delta  # noqa: E402
-from .errors import SlimtuneError  # noqa: E402
-from .evaluation import evaluate  # noqa: E402
-from .models import fetch_default_model, fingerprint, load_model  # noqa: E402
-from .trainer import TrainConfig, TrainResult, train  # noqa: E402
+from .data import load_dataset
+from .delta import load_delta, read_manifest, save_delta, verify_delta
+from .errors import SlimtuneError
+from .evaluation import evaluate
+from .models import fetch_default_model, fingerprint, load_model
+from .trainer import TrainConfig, TrainResult, train
 
 __all__ = [
     "SlimtuneError",

@@ -7,7 +7,6 @@ User errors print one line (``slimtune: error: ...``) and exit with the error's 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -232,7 +231,7 @@ def _cmd_eval(args) -> int:
 def _cmd_generate(args) -> int:
     from .evaluation import generate
 
-    loaded, manifest = _load_with_delta(getattr(args, "model", "default"),
+    loaded, _manifest = _load_with_delta(getattr(args, "model", "default"),
                                         getattr(args, "device", "auto"), args.delta)
     tok = loaded.tokenizer
     prompt = args.prompt

@@ -165,7 +165,7 @@ def _read_csv(path: Path, text: str) -> list[Record]:
 
 def _read_text(path: Path, text: str) -> list[Record]:
     records, buf, start = [], [], 0
-    for i, line in enumerate(text.splitlines() + [""], start=1):
+    for i, line in enumerate([*text.splitlines(), ""], start=1):
         if line.strip():
             if not buf:
                 start = i

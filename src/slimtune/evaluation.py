@@ -216,17 +216,22 @@ def decode_latency(model: nn.Module, tokenizer, prompt: str, *, new_tokens: int 
 
 
 def evaluate(model: nn.Module, tokenizer, dataset: Dataset, *, task: str = "auto",
-             batch_size: int = 16, latency: bool = True, max_new_tokens: int = 64,
+             labels: Sequence[str] | None = None, batch_size: int = 16, latency: bool = True,
+             max_new_tokens: int = 64,
              autocast=contextlib.nullcontext) -> tuple[dict, dict | None]:
     """Quality metrics of ``dataset`` for ``task`` (auto-detected) plus decode latency,
-    and the per-example details (predictions, correctness) where the task has them."""
+    and the per-example details (predictions, correctness) where the task has them.
+
+    ``labels`` are the classification candidates (default: the dataset's completions);
+    pass the training set's labels so a label missing from a small eval set still competes.
+    """
     task = detect_task(dataset) if task == "auto" else task
     metrics: dict = {"task": task, "examples": len(dataset.records)}
     metrics.update(eval_loss(model, dataset.examples, tokenizer.pad_token_id,
                              batch_size=batch_size, autocast=autocast))
     details = None
     if task == "classification":
-        details = classification_accuracy(model, tokenizer, dataset.records,
+        details = classification_accuracy(model, tokenizer, dataset.records, labels=labels,
                                           batch_size=batch_size, autocast=autocast)
         metrics["accuracy"] = details["accuracy"]
     elif task == "generation":

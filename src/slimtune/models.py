@@ -242,9 +242,9 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     n = getattr(config, "num_hidden_layers", None)
     best: nn.ModuleList | None = None
     for module in model.modules():
-        if isinstance(module, nn.ModuleList) and (n is None or len(module) == n):
-            if best is None or len(module) > len(best):
-                best = module
+        fits = isinstance(module, nn.ModuleList) and (n is None or len(module) == n)
+        if fits and (best is None or len(module) > len(best)):
+            best = module
     if best is None or len(best) == 0:
         raise ModelLoadError(f"{type(model).__name__}: cannot find its decoder layers")
     return best

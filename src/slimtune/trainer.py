@@ -15,7 +15,6 @@ What slimtune adds over a plain loop, and why:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -395,13 +394,17 @@ class Trainer:
 
     def _finish(self, mem: PeakMemory, train_time: float, tokens: int,
                 step_times: list[float]) -> TrainResult:
-        from .evaluation import evaluate
+        from .evaluation import detect_task, evaluate, label_set
 
         cfg = self.cfg
         eval_metrics, details = {}, None
         if self.eval_ds is not None:
+            task = detect_task(self.train_ds) if cfg.task == "auto" else cfg.task
+            labels = (label_set(self.train_ds.records + self.eval_ds.records)
+                      if task == "classification" else None)
             eval_metrics, details = evaluate(self.model, self.loaded.tokenizer, self.eval_ds,
-                                             task=cfg.task, batch_size=cfg.eval_batch_size,
+                                             task=task, labels=labels,
+                                             batch_size=cfg.eval_batch_size,
                                              autocast=self.accelerator.autocast)
         losses = [h["loss"] for h in self.history if "loss" in h]
         summary = {

@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh machine:
+#   make demo   set up, fetch the default model once, run the main job
+#   make test   set up, fetch the default model once, run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+# torch is installed first and pinned: an unpinned torch pulls a multi-GB CUDA build.
+# Override elsewhere, e.g. `make TORCH_SPEC="torch==2.5.1" test`.
+TORCH_SPEC ?= torch==2.13.0
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup fetch demo test lint bench-cpu clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+fetch: setup
+	$(BIN)/slimtune fetch
+
+demo: fetch
+	$(BIN)/slimtune demo
+
+test: fetch
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks scripts
+
+bench-cpu: fetch
+	$(BIN)/python benchmarks/bench_methods.py --device cpu
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,92 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slimtune import lm
+from slimtune.data import collate, load_dataset
+from slimtune.evaluation import classification_accuracy, detect_task, eval_loss, score_labels
+
+from .conftest import write_jsonl
+
+
+def naive_label_logprob(model, tok, prompt: str, label: str) -> float:
+    """One full forward pass per (prompt, label): the definition the fast path must match."""
+    p = tok(prompt)["input_ids"]
+    c = tok(label, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ids = torch.tensor([p + c])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+    return sum(float(logp[len(p) - 1 + j, t]) for j, t in enumerate(c))
+
+
+def test_shared_prefix_scoring_equals_one_pass_per_label(tiny):
+    model, tok = tiny.model, tiny.tokenizer
+    prompts = ["Message: short\nIntent:", "Message: a much longer message about a parcel\nIntent:",
+               "hi"]
+    labels = [" billing", " shipping", " returns label box"]  # different token lengths
+    fast = score_labels(model, tok, prompts, labels, batch_size=2)
+    slow = torch.tensor([[naive_label_logprob(model, tok, p, lab) for lab in labels]
+                         for p in prompts])
+    assert fast.shape == (3, 3)
+    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
+
+
+def test_accuracy_counts_argmax_of_scores(tiny, tmp_path):
+    rows = [{"prompt": f"Message: {i}\nIntent:", "completion": lab}
+            for i, lab in enumerate([" billing", " shipping", " billing", " shipping"])]
+    ds = load_dataset(write_jsonl(tmp_path / "d.jsonl", rows), tiny.tokenizer)
+    assert detect_task(ds) == "classification"
+    res = classification_accuracy(tiny.model, tiny.tokenizer, ds.records)
+    scores = score_labels(tiny.model, tiny.tokenizer, [r["prompt"] for r in rows],
+                          res["labels"])
+    expected = [res["labels"][i] == r["completion"] for i, r in zip(scores.argmax(-1), rows)]
+    assert res["correct"] == [int(x) for x in expected]
+    assert res["accuracy"] == sum(expected) / 4
+
+
+def test_target_loss_matches_the_models_own_loss(tiny, intent_file):
+    ds = load_dataset(intent_file, tiny.tokenizer)
+    batch = collate(ds.examples[:4], tiny.tokenizer.pad_token_id)
+    with torch.no_grad():
+        ours, n = lm.target_loss(tiny.model, batch)
+        ref = tiny.model(**batch).loss  # HF: mean over target tokens
+    assert n == int((batch["labels"][:, 1:] != -100).sum())
+    assert float(ours) / n == pytest.approx(float(ref), rel=1e-5)
+    res = eval_loss(tiny.model, ds.examples[:4], tiny.tokenizer.pad_token_id, batch_size=3)
+    assert res["loss"] == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_chunked_head_gives_the_same_loss_and_gradients(tiny, tmp_path, monkeypatch):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": "the quick brown fox " * 6}] * 3)
+    batch = collate(load_dataset(path, tiny.tokenizer).examples, tiny.tokenizer.pad_token_id)
+    head = tiny.model.get_output_embeddings().weight
+
+    def loss_and_grad():
+        head.grad = None
+        loss, _ = lm.target_loss(tiny.model, batch)
+        loss.backward()
+        return float(loss.detach()), head.grad.clone()
+
+    whole = loss_and_grad()
+    monkeypatch.setattr(lm, "CHUNK_ROWS", 16)
+    chunked = loss_and_grad()
+    assert chunked[0] == pytest.approx(whole[0], rel=1e-5)
+    torch.testing.assert_close(chunked[1], whole[1], atol=1e-5, rtol=1e-4)
+
+
+def test_detect_task(tiny, tmp_path):
+    gen = write_jsonl(tmp_path / "g.jsonl",
+                      [{"prompt": f"q{i}", "completion": f"answer {i}"} for i in range(6)])
+    text = write_jsonl(tmp_path / "t.jsonl", [{"text": "abc"}])
+    assert detect_task(load_dataset(gen, tiny.tokenizer)) == "generation"
+    assert detect_task(load_dataset(text, tiny.tokenizer)) == "lm"
+
+
+def test_cross_entropy_reference_is_what_we_think():
+    # guard for the definition used above: HF's loss is the token mean of next-token CE
+    logits = torch.randn(1, 4, 7)
+    labels = torch.tensor([[1, 2, 3, 4]])
+    ref = F.cross_entropy(logits[0, :-1], labels[0, 1:])
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    assert float(ForCausalLMLoss(logits, labels, vocab_size=7)) == pytest.approx(float(ref))
