@@ -15,6 +15,7 @@ What slimtune adds over a plain loop, and why:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -162,6 +163,47 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class NonFiniteError(ArithmeticError):
+    def __init__(self, what: str, value: float) -> None:
+        super().__init__(f"{what} is {value}")
+        self.what, self.value = what, value
+
+
+def accumulate_gradients(model: nn.Module, params: list[nn.Parameter],
+                         batches: list[dict[str, torch.Tensor]], device: torch.device,
+                         autocast=contextlib.nullcontext, max_grad_norm: float = 1.0, *,
+                         world: int = 1, reduce=None) -> tuple[float, torch.Tensor, int]:
+    """Forward and backward over the micro-batches of one optimizer step, then clip.
+
+    The loss is normalised by the target tokens of the whole step (all micro-batches, all
+    processes). Returns (summed loss, gradient norm, input tokens). The benchmarks time
+    exactly this function, so what they measure is what ``slimtune train`` runs.
+    """
+    n_target = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)),
+                            device=device)
+    if world > 1:
+        n_target = reduce(n_target, "sum")
+    loss_sum, tokens = 0.0, 0
+    for b in batches:
+        b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+        with autocast():
+            loss, _ = target_loss(model, b)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise NonFiniteError("loss", value)
+        (loss * world / n_target).backward()
+        loss_sum += value
+        tokens += int(b["attention_mask"].sum())
+    if world > 1:
+        for p in params:
+            if p.grad is not None:
+                p.grad = reduce(p.grad, "mean")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if not torch.isfinite(grad_norm):
+        raise NonFiniteError("gradient norm", float(grad_norm))
+    return loss_sum, grad_norm, tokens
 
 
 class Trainer:
@@ -336,27 +378,14 @@ class Trainer:
                          for j in range(cfg.grad_accum)]
                 batches = [collate([self.examples[i] for i in idx], pad) for idx in micro]
                 n_target = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-                n_target_t = torch.tensor(float(n_target), device=self.device)
-                if world > 1:
-                    n_target_t = acc.reduce(n_target_t, "sum")
-                loss_sum = 0.0
                 lines = [self.examples[i].line for idx in micro for i in idx]
-                for b in batches:
-                    b = {k: v.to(self.device) for k, v in b.items()}
-                    with acc.autocast():
-                        loss, _ = target_loss(self.model, b)
-                    if not torch.isfinite(loss.detach()):
-                        raise self._diverged("loss", float(loss.detach()), lines)
-                    (loss * world / n_target_t).backward()
-                    loss_sum += float(loss.detach())
-                    tokens += int(b["attention_mask"].sum())
-                if world > 1:
-                    for p in self.params:
-                        if p.grad is not None:
-                            p.grad = acc.reduce(p.grad, "mean")
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-                if not torch.isfinite(grad_norm):
-                    raise self._diverged("gradient norm", float(grad_norm), lines)
+                try:
+                    loss_sum, grad_norm, n_tokens = accumulate_gradients(
+                        self.model, self.params, batches, self.device, acc.autocast,
+                        cfg.max_grad_norm, world=world, reduce=acc.reduce)
+                except NonFiniteError as e:
+                    raise self._diverged(e.what, e.value, lines) from None
+                tokens += n_tokens
                 lr = self.scheduler.get_last_lr()[0]
                 self.optimizer.step()
                 self.scheduler.step()
