@@ -1,0 +1,196 @@
+"""Step time and peak memory of slimtune's methods beside plain HF / PEFT, in one run.
+
+Each configuration runs in its own subprocess (a clean peak-memory reading), on the same
+random batch shape, for ``--warmup`` untimed then ``--steps`` timed optimizer steps; the
+table reports the median step time, tokens/s and peak memory (CUDA: allocated bytes; CPU:
+peak RSS), plus ratios against the baseline configuration of the same run.
+
+    python benchmarks/bench_methods.py --device cpu --model default --batch 4 --seq 256
+    python benchmarks/bench_methods.py --device cuda --model llama-1.2b --batch 4 --seq 2048
+
+``llama-1.2b`` is Llama-3.2-1B-shaped (16 layers, hidden 2048, vocab 128256, tied
+embeddings) with random weights, built from its config: no download.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+CONFIGS = {
+    # name: (implementation, method, freeze fraction, lora bf16 adapters)
+    "hf-full": ("hf", "full", 0.0, False),
+    "peft-lora": ("hf", "lora", 0.0, False),
+    "peft-lora-bf16": ("hf", "lora", 0.0, True),
+    "full": ("slimtune", "full", 0.0, False),
+    "full-freeze-half": ("slimtune", "full", 0.5, False),
+    "lora": ("slimtune", "lora", 0.0, False),
+    "lora-bf16": ("slimtune", "lora", 0.0, True),
+    "lora-freeze-half": ("slimtune", "lora", 0.5, False),
+    "lora-bf16-freeze-half": ("slimtune", "lora", 0.5, True),
+}
+
+
+def build_model(name: str, device: str):
+    from slimtune.models import load_model
+
+    if name == "default":
+        return load_model("default", device=device).model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shapes = {
+        "llama-1.2b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                           num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                           tie_word_embeddings=True, max_position_embeddings=8192),
+        "llama-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                           tie_word_embeddings=True, max_position_embeddings=1024),
+    }
+    cfg = LlamaConfig(**shapes[name])
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    return model
+
+
+def run_one(args) -> dict:
+    from slimtune.freezing import freeze_below
+    from slimtune.measure import PeakMemory
+    from slimtune.methods import get_method
+    from slimtune.models import count_parameters, decoder_layers
+    from slimtune.trainer import accumulate_gradients
+
+    impl, method, freeze, bf16_adapters = CONFIGS[args.run_one]
+    device = torch.device(args.device)
+    model = build_model(args.model, args.device)
+    n_layers = len(decoder_layers(model))
+    k = int(round(freeze * n_layers))
+    lora_opts = {"r": args.lora_r, "alpha": 2 * args.lora_r, "dropout": 0.0,
+                 "adapter_dtype_follows_base": bf16_adapters}
+    if impl == "slimtune":
+        m = get_method(method, lora_opts if method == "lora" else {})
+        model = m.prepare(model, list(range(k, n_layers)))
+        freeze_below(model, k)
+    elif method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r,
+                                                 lora_dropout=0.0, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM"),
+                               autocast_adapter_dtype=not bf16_adapters)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable, total = count_parameters(model)
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    g = torch.Generator().manual_seed(0)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    dev_batch = {key: v.to(device) for key, v in batch.items()}
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" \
+        else (lambda: torch.autocast("cpu", enabled=False))
+
+    def step():
+        if impl == "slimtune":
+            accumulate_gradients(model, params, [batch], device, autocast, 1.0)
+        else:
+            with autocast():
+                loss = model(**dev_batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    times = []
+    with PeakMemory(device) as mem:
+        for i in range(args.warmup + args.steps):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    return {"config": args.run_one, "impl": impl, "method": method, "frozen_layers": k,
+            "layers": n_layers, "step_s": med, "step_s_min": min(times), "step_s_max": max(times),
+            "tokens_per_s": args.batch * args.seq / med, "peak_bytes": mem.peak_bytes,
+            "peak_kind": mem.kind, "trainable": trainable, "total": total}
+
+
+def machine(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    import platform
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, " \
+           f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--model", default="default", help="default, llama-1.2b or llama-tiny")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--lora-r", type=int, default=16)
+    ap.add_argument("--configs", default="hf-full,full,peft-lora,lora,lora-freeze-half")
+    ap.add_argument("--baseline", default=None, help="config the ratios divide by "
+                                                     "(default: the first)")
+    ap.add_argument("--out", help="write all results as JSON here")
+    ap.add_argument("--run-one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.run_one:
+        print("RESULT " + json.dumps(run_one(args)), flush=True)
+        return
+    names = args.configs.split(",")
+    results = []
+    for name in names:
+        cmd = [sys.executable, __file__, "--run-one", name] + [
+            a for a in sys.argv[1:] if not a.startswith("--out")]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode != 0 or not line:
+            print(f"{name}: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
+            results.append({"config": name, "error": proc.stderr[-500:]})
+            continue
+        results.append(json.loads(line[0][7:]))
+        r = results[-1]
+        print(f"{name}: {r['step_s']:.3f} s/step, {r['tokens_per_s']:.0f} tok/s, "
+              f"{r['peak_bytes'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+    base = next((r for r in results if r["config"] == (args.baseline or names[0])
+                 and "step_s" in r), None)
+    print(f"\nmachine: {machine(args.device)}; model {args.model}; batch {args.batch} x "
+          f"{args.seq}; median of {args.steps} steps after {args.warmup} warm-up\n")
+    print("| config | trainable params | step time (s) | tokens/s | peak memory (GiB) "
+          f"| time vs {base['config'] if base else '-'} | memory vs {base['config'] if base else '-'} |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        if "step_s" not in r:
+            print(f"| {r['config']} | failed | | | | | |")
+            continue
+        ratio_t = f"{r['step_s'] / base['step_s']:.2f}x" if base else "-"
+        ratio_m = f"{r['peak_bytes'] / base['peak_bytes']:.2f}x" if base else "-"
+        print(f"| {r['config']} | {r['trainable']:,} | {r['step_s']:.3f} | "
+              f"{r['tokens_per_s']:,.0f} | {r['peak_bytes'] / 2**30:.2f} | {ratio_t} | {ratio_m} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"machine": machine(args.device), "args": vars(args),
+                                              "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
