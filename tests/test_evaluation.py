@@ -90,3 +90,14 @@ def test_cross_entropy_reference_is_what_we_think():
     from transformers.loss.loss_utils import ForCausalLMLoss
 
     assert float(ForCausalLMLoss(logits, labels, vocab_size=7)) == pytest.approx(float(ref))
+
+
+def test_classification_loss_from_scores_equals_the_eval_loss(tiny, intent_file):
+    from slimtune.evaluation import evaluate
+
+    ds = load_dataset(intent_file, tiny.tokenizer)
+    metrics, details = evaluate(tiny.model, tiny.tokenizer, ds, latency=False)
+    assert metrics["task"] == "classification" and details["gold_loss"] is not None
+    direct = eval_loss(tiny.model, ds.examples, tiny.tokenizer.pad_token_id)
+    assert metrics["loss"] == pytest.approx(direct["loss"], rel=1e-4)
+    assert metrics["target_tokens"] == direct["target_tokens"]

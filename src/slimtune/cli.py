@@ -264,6 +264,12 @@ COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate,
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # Deprecation chatter between transformers and peft versions is not the user's to act on.
+    for module in ("transformers", "peft", "accelerate", "torch"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .data import Dataset, Example, Record, collate
-from .lm import backbone_and_head, target_loss
+from .lm import backbone_and_head, target_loss, with_cache
 from .measure import percentile
 
 
@@ -103,12 +103,11 @@ def score_labels(model: nn.Module, tokenizer, prompts: Sequence[str], labels: Se
         cache = DynamicCache()
         with autocast():
             out = model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+                        use_cache=True, logits_to_keep=1, **with_cache(model, cache))
         first = torch.log_softmax(out.logits[:, -1].float(), -1)  # [b, vocab]
         b = ids.shape[0]
         score = first[:, lab[:, 0]]  # [b, n_lab]
         if m > 1:
-            cache = out.past_key_values
             cache.batch_repeat_interleave(n_lab)
             cont = lab[:, :-1].repeat(b, 1)  # [b*n_lab, m-1]
             cmask = torch.cat([mask.repeat_interleave(n_lab, 0),
@@ -118,11 +117,11 @@ def score_labels(model: nn.Module, tokenizer, prompts: Sequence[str], labels: Se
                 if parts is not None:
                     backbone, head = parts
                     h = backbone(input_ids=cont, attention_mask=cmask, position_ids=cpos,
-                                 past_key_values=cache, use_cache=True).last_hidden_state
+                                 use_cache=True, **with_cache(model, cache)).last_hidden_state
                     logits = head(h)
                 else:
                     logits = model(input_ids=cont, attention_mask=cmask, position_ids=cpos,
-                                   past_key_values=cache, use_cache=True).logits
+                                   use_cache=True, **with_cache(model, cache)).logits
             logp = torch.log_softmax(logits.float(), -1)
             nxt = lab[:, 1:].repeat(b, 1)
             tok_lp = logp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
@@ -136,6 +135,8 @@ def score_labels(model: nn.Module, tokenizer, prompts: Sequence[str], labels: Se
 def classification_accuracy(model: nn.Module, tokenizer, records: Sequence[Record], *,
                             labels: Sequence[str] | None = None, batch_size: int = 16,
                             autocast=contextlib.nullcontext) -> dict:
+    """Accuracy of the highest-scoring label, and the loss of the gold labels from the same
+    scores (so the loss needs no second pass over the data)."""
     labels = list(labels) if labels is not None else label_set(records)
     scores = score_labels(model, tokenizer, [r.fields["prompt"] for r in records], labels,
                           batch_size=batch_size, autocast=autocast)
@@ -143,8 +144,19 @@ def classification_accuracy(model: nn.Module, tokenizer, records: Sequence[Recor
     gold = [labels.index(r.fields["completion"]) if r.fields["completion"] in labels else -1
             for r in records]
     correct = [int(p == g) for p, g in zip(pred, gold)]
+    n_tok = label_token_counts(tokenizer, labels)
+    loss = None
+    if all(g >= 0 for g in gold):
+        loss = -float(sum(scores[i, g] for i, g in enumerate(gold))) / sum(n_tok[g] for g in gold)
     return {"accuracy": sum(correct) / len(correct), "n": len(correct),
-            "predictions": [labels[p] for p in pred], "correct": correct, "labels": labels}
+            "predictions": [labels[p] for p in pred], "correct": correct, "labels": labels,
+            "gold_loss": loss, "gold_tokens": [n_tok[g] if g >= 0 else 0 for g in gold]}
+
+
+def label_token_counts(tokenizer, labels: Sequence[str]) -> list[int]:
+    """Tokens scored per label: the label's tokens plus the end token."""
+    eos = 1 if tokenizer.eos_token_id is not None else 0
+    return [len(tokenizer(lab, add_special_tokens=False)["input_ids"]) + eos for lab in labels]
 
 
 @torch.no_grad()
@@ -196,7 +208,8 @@ def decode_latency(model: nn.Module, tokenizer, prompt: str, *, new_tokens: int 
         sync()
         t0 = time.perf_counter()
         with autocast():
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1,
+                        **with_cache(model, cache))
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         sync()
         if r:
@@ -204,7 +217,7 @@ def decode_latency(model: nn.Module, tokenizer, prompt: str, *, new_tokens: int 
         for _ in range(new_tokens):
             t0 = time.perf_counter()
             with autocast():
-                out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+                out = model(input_ids=nxt, use_cache=True, **with_cache(model, cache))
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             sync()
             if r:
@@ -227,14 +240,25 @@ def evaluate(model: nn.Module, tokenizer, dataset: Dataset, *, task: str = "auto
     """
     task = detect_task(dataset) if task == "auto" else task
     metrics: dict = {"task": task, "examples": len(dataset.records)}
-    metrics.update(eval_loss(model, dataset.examples, tokenizer.pad_token_id,
-                             batch_size=batch_size, autocast=autocast))
     details = None
+    loss_known = False
     if task == "classification":
         details = classification_accuracy(model, tokenizer, dataset.records, labels=labels,
                                           batch_size=batch_size, autocast=autocast)
         metrics["accuracy"] = details["accuracy"]
-    elif task == "generation":
+        # The gold label's score is the loss of the completion; reuse it unless truncation
+        # made the training-time targets differ from the scored ones.
+        same_targets = len(dataset.examples) == len(dataset.records) and all(
+            e.num_target_tokens == n for e, n in zip(dataset.examples, details["gold_tokens"]))
+        if details["gold_loss"] is not None and same_targets:
+            mean = details["gold_loss"]
+            metrics.update(loss=mean, perplexity=math.exp(min(mean, 50.0)),
+                           target_tokens=sum(details["gold_tokens"]))
+            loss_known = True
+    if not loss_known:
+        metrics.update(eval_loss(model, dataset.examples, tokenizer.pad_token_id,
+                                 batch_size=batch_size, autocast=autocast))
+    if task == "generation":
         details = exact_match(model, tokenizer, dataset.records, max_new_tokens=max_new_tokens,
                               batch_size=batch_size, autocast=autocast)
         metrics["exact_match"] = details["exact_match"]

@@ -8,6 +8,9 @@ recomputed in backward rather than stored: peak memory holds one chunk of
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,6 +25,18 @@ def base_model(model: nn.Module) -> nn.Module:
     """Unwrap a PEFT model (its injected adapters stay in place in the base modules)."""
     get = getattr(model, "get_base_model", None)
     return get() if callable(get) else model
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(cls: type) -> str:
+    params = inspect.signature(cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def with_cache(model: nn.Module, cache) -> dict:
+    """``{name: cache}`` with the KV-cache argument's name in this transformers version
+    (``cache`` since 5.2x, ``past_key_values`` before)."""
+    return {_cache_kwarg_of(type(base_model(model))): cache}
 
 
 def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
