@@ -27,17 +27,29 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+def _cfg(impl: str, method: str, freeze: float = 0.0, bf16_adapters: bool = False,
+         liger: str | None = None) -> dict:
+    """impl: "hf" (plain transformers / peft loop) or "slimtune" (accumulate_gradients);
+    freeze: share of the bottom layers frozen; liger: None, "all" (its patched model incl.
+    fused linear cross-entropy) or "kernels" (RMSNorm/SwiGLU/RoPE only)."""
+    return {"impl": impl, "method": method, "freeze": freeze, "bf16_adapters": bf16_adapters,
+            "liger": liger}
+
+
 CONFIGS = {
-    # name: (implementation, method, freeze fraction, lora bf16 adapters)
-    "hf-full": ("hf", "full", 0.0, False),
-    "peft-lora": ("hf", "lora", 0.0, False),
-    "peft-lora-bf16": ("hf", "lora", 0.0, True),
-    "full": ("slimtune", "full", 0.0, False),
-    "full-freeze-half": ("slimtune", "full", 0.5, False),
-    "lora": ("slimtune", "lora", 0.0, False),
-    "lora-bf16": ("slimtune", "lora", 0.0, True),
-    "lora-freeze-half": ("slimtune", "lora", 0.5, False),
-    "lora-bf16-freeze-half": ("slimtune", "lora", 0.5, True),
+    "hf-full": _cfg("hf", "full"),
+    "peft-lora": _cfg("hf", "lora"),
+    "peft-lora-bf16": _cfg("hf", "lora", bf16_adapters=True),
+    "peft-lora-bf16-liger": _cfg("hf", "lora", bf16_adapters=True, liger="all"),
+    "peft-lora-bf16-liger-top-half": _cfg("hf", "lora", 0.5, True, liger="all"),
+    "full": _cfg("slimtune", "full"),
+    "full-freeze-half": _cfg("slimtune", "full", 0.5),
+    "lora": _cfg("slimtune", "lora"),
+    "lora-bf16": _cfg("slimtune", "lora", bf16_adapters=True),
+    "lora-freeze-half": _cfg("slimtune", "lora", 0.5),
+    "lora-bf16-freeze-half": _cfg("slimtune", "lora", 0.5, True),
+    "lora-bf16-liger-kernels": _cfg("slimtune", "lora", 0.0, True, liger="kernels"),
+    "lora-bf16-liger-kernels-freeze-half": _cfg("slimtune", "lora", 0.5, True, liger="kernels"),
 }
 
 
@@ -71,11 +83,18 @@ def run_one(args) -> dict:
     from slimtune.models import count_parameters, decoder_layers
     from slimtune.trainer import accumulate_gradients
 
-    impl, method, freeze, bf16_adapters = CONFIGS[args.run_one]
+    c = CONFIGS[args.run_one]
+    impl, method, freeze, bf16_adapters = c["impl"], c["method"], c["freeze"], c["bf16_adapters"]
+    if c["liger"]:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        fused = c["liger"] == "all"
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=fused)
     device = torch.device(args.device)
     model = build_model(args.model, args.device)
     n_layers = len(decoder_layers(model))
-    k = int(round(freeze * n_layers))
+    k = round(freeze * n_layers)
     lora_opts = {"r": args.lora_r, "alpha": 2 * args.lora_r, "dropout": 0.0,
                  "adapter_dtype_follows_base": bf16_adapters}
     if impl == "slimtune":
@@ -85,9 +104,13 @@ def run_one(args) -> dict:
     elif method == "lora":
         from peft import LoraConfig, get_peft_model
 
+        from slimtune.methods.lora import linear_module_names
+
+        top = None if k == 0 else list(range(k, n_layers))
         model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r,
-                                                 lora_dropout=0.0, target_modules="all-linear",
-                                                 task_type="CAUSAL_LM"),
+                                                 lora_dropout=0.0,
+                                                 target_modules=linear_module_names(model),
+                                                 layers_to_transform=top, task_type="CAUSAL_LM"),
                                autocast_adapter_dtype=not bf16_adapters)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -160,8 +183,10 @@ def main() -> None:
     names = args.configs.split(",")
     results = []
     for name in names:
-        cmd = [sys.executable, __file__, "--run-one", name] + [
-            a for a in sys.argv[1:] if not a.startswith("--out")]
+        cmd = [sys.executable, __file__, "--run-one", name, "--device", args.device,
+               "--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq),
+               "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--lora-r", str(args.lora_r)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode != 0 or not line:

@@ -27,7 +27,7 @@ def base_model(model: nn.Module) -> nn.Module:
     return get() if callable(get) else model
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cache_kwarg_of(cls: type) -> str:
     params = inspect.signature(cls.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
