@@ -146,6 +146,17 @@ def run_one(args) -> dict:
                 torch.cuda.synchronize()
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60),
+              file=sys.stderr)
     med = statistics.median(times)
     return {"config": args.run_one, "impl": impl, "method": method, "frozen_layers": k,
             "layers": n_layers, "step_s": med, "step_s_min": min(times), "step_s_max": max(times),
@@ -175,6 +186,8 @@ def main() -> None:
     ap.add_argument("--baseline", default=None, help="config the ratios divide by "
                                                      "(default: the first)")
     ap.add_argument("--out", help="write all results as JSON here")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print a torch.profiler table of one step per configuration")
     ap.add_argument("--run-one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run_one:
@@ -186,7 +199,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--run-one", name, "--device", args.device,
                "--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq),
                "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--lora-r", str(args.lora_r)]
+               "--lora-r", str(args.lora_r)] + (["--profile"] if args.profile else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode != 0 or not line:
@@ -194,6 +207,8 @@ def main() -> None:
             results.append({"config": name, "error": proc.stderr[-500:]})
             continue
         results.append(json.loads(line[0][7:]))
+        if args.profile:
+            print(f"--- profile of {name} ---\n{proc.stderr[-6000:]}", file=sys.stderr)
         r = results[-1]
         print(f"{name}: {r['step_s']:.3f} s/step, {r['tokens_per_s']:.0f} tok/s, "
               f"{r['peak_bytes'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)

@@ -101,3 +101,29 @@ def test_classification_loss_from_scores_equals_the_eval_loss(tiny, intent_file)
     direct = eval_loss(tiny.model, ds.examples, tiny.tokenizer.pad_token_id)
     assert metrics["loss"] == pytest.approx(direct["loss"], rel=1e-4)
     assert metrics["target_tokens"] == direct["target_tokens"]
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_chunked_cross_entropy_matches_autograd(autocast):
+    torch.manual_seed(0)
+    hidden = torch.randn(50, 16, requires_grad=True)
+    weight = torch.randn(40, 16, requires_grad=True)
+    targets = torch.randint(0, 40, (50,))
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+    with ctx:
+        ref = F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
+    ref.backward(torch.tensor(0.5))
+    ref_grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    with ctx:
+        ours = lm.ChunkedLinearCrossEntropy.apply(hidden, weight, targets, 7)
+    ours.backward(torch.tensor(0.5))
+    tol = {"atol": 2e-2, "rtol": 2e-2} if autocast else {"atol": 1e-5, "rtol": 1e-4}
+    assert float(ours.detach()) == pytest.approx(float(ref.detach()), rel=tol["rtol"])
+    torch.testing.assert_close(hidden.grad, ref_grads[0], **tol)
+    torch.testing.assert_close(weight.grad, ref_grads[1], **tol)
+    # frozen head: no weight gradient is computed or returned
+    hidden.grad = None
+    frozen = weight.detach()
+    lm.ChunkedLinearCrossEntropy.apply(hidden, frozen, targets, 7).backward()
+    assert hidden.grad is not None
