@@ -81,14 +81,14 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             for s in range(0, hidden.shape[0], chunk):
                 h, t = hidden[s: s + chunk].to(dtype), targets[s: s + chunk]
-                logits = (h @ w.t()).float()
-                lse = torch.logsumexp(logits, dim=-1)
-                total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                # one fused pass from the matmul's output to fp32 log-probabilities
+                logp = torch.log_softmax(h @ w.t(), dim=-1, dtype=torch.float32)
+                total -= logp.gather(1, t[:, None]).sum()
                 if need_h or need_w:
-                    probs = logits.sub_(lse[:, None]).exp_()
+                    probs = logp.exp_()
                     probs[torch.arange(len(t), device=t.device), t] -= 1.0
                     g = probs.to(dtype)
-                    del logits, probs
+                    del logp, probs
                     if need_h:
                         grad_h[s: s + chunk] = g @ w
                     if need_w:
