@@ -47,6 +47,17 @@ def _train_parser(sub) -> None:
                    help="a method option, e.g. -o r=16 (repeatable)")
     p.add_argument("--freeze-below", type=int, default=S,
                    help="freeze layers 0..K-1; they run without autograd (default 0)")
+    p.add_argument("--freeze", default=S, choices=["auto"],
+                   help="auto: the SALF analysis of --data chooses where to freeze "
+                        "(see `slimtune analyze`)")
+    p.add_argument("--budget-memory", default=S,
+                   help="with --freeze auto: unfreeze from the top while the estimated peak "
+                        "memory fits, e.g. 6GiB")
+    p.add_argument("--budget-step-time", default=S,
+                   help="with --freeze auto: unfreeze from the top while the estimated time "
+                        "per optimizer step fits, e.g. 1.5s")
+    p.add_argument("--keep", type=float, default=S,
+                   help="share of the expected gain the auto eof keeps (default 0.9)")
     p.add_argument("--max-steps", type=int, default=S, help="optimizer steps (default 100)")
     p.add_argument("--batch-size", type=int, default=S, help="examples per micro-batch (default 8)")
     p.add_argument("--grad-accum", type=int, default=S, help="micro-batches per step (default 1)")
@@ -103,6 +114,42 @@ def _generate_parser(sub) -> None:
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
 
 
+def _analyze_parser(sub) -> None:
+    p = sub.add_parser("analyze", help="SALF: per-layer semantic analysis and the eof layer",
+                       description="Decodes every layer's hidden state through the model's own "
+                                   "final norm and head (logit lens) on a calibration sample of "
+                                   "--data, reports per layer the target loss, KL to the final "
+                                   "layer, the transition each layer makes and top-1 agreement, "
+                                   "and recommends an end-of-freezing layer.")
+    p.add_argument("--data", required=True, help="data file or builtin:NAME")
+    _add_model_args(p)
+    p.add_argument("--method", default="lora", help="method whose cost per eof is shown")
+    p.add_argument("--keep", type=float, default=0.9,
+                   help="share of the expected gain the recommended eof keeps (default 0.9)")
+    p.add_argument("--max-examples", type=int, default=64, help="calibration examples (64)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--output-dir", default="runs/analyze",
+                   help="where analysis.json and analysis.png go")
+
+
+def _plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="estimate memory and step time per method and eof; pick one",
+                       description="Calibrates each method on small copies of the model's own "
+                                   "architecture with your batch shape on this machine, "
+                                   "estimates peak memory and step time for every layer "
+                                   "choice worth considering, and picks one under the budget.")
+    p.add_argument("--data", required=True, help="data file or builtin:NAME")
+    _add_model_args(p)
+    p.add_argument("--budget-memory", help="e.g. 6GiB")
+    p.add_argument("--budget-time", "--budget-step-time", dest="budget_time",
+                   help="time per optimizer step, e.g. 1.5s")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--keep", type=float, default=0.9)
+    p.add_argument("--output", help="write the plan as JSON to this file")
+
+
 def _demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="zero-shot eval, fine-tune, eval again on the bundled task",
                        description="Evaluates the default model zero-shot on the bundled "
@@ -134,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"slimtune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_train_parser, _eval_parser, _generate_parser, _demo_parser, _fetch_parser):
+    for add in (_train_parser, _eval_parser, _generate_parser, _analyze_parser, _plan_parser,
+                _demo_parser, _fetch_parser):
         add(sub)
     return parser
 
@@ -175,8 +223,13 @@ def _cmd_train(args) -> int:
     print_table(f"slimtune train: {cfg.method} on {Path(str(cfg.data)).name}",
                 ["metric", cfg.method], rows)
     plot_loss(result.history, result.output_dir / "loss.png", title=f"{cfg.method} training loss")
+    notes = []
+    if result.manifest.get("auto_freeze"):
+        notes.append(f"freeze auto: freeze-below {s['freeze_below']} "
+                     f"({result.manifest['auto_freeze']['reason']})")
+        print(notes[-1])
     write_report(result.output_dir, f"Training run: {cfg.method}", ["metric", cfg.method], rows,
-                 {"summary": s, "config": result.manifest["training"]})
+                 {"summary": s, "config": result.manifest["training"]}, notes)
     print(f"delta: {result.delta_dir}")
     return 0
 
@@ -243,6 +296,84 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _device_of(args) -> str:
+    dev = getattr(args, "device", "auto")
+    return dev if dev != "auto" else ("cuda" if _cuda() else "cpu")
+
+
+def _cmd_analyze(args) -> int:
+    from .analysis import analyze, plot_analysis
+    from .data import load_dataset
+    from .fileio import write_json
+    from .measure import format_bytes
+    from .models import load_model
+    from .plan import activation_bytes_per_layer, calibration_batch, estimate_static
+    from .report import print_table
+
+    loaded = load_model(getattr(args, "model", "default"), device=_device_of(args))
+    ds = load_dataset(args.data, loaded.tokenizer, max_length=args.max_length)
+    a = analyze(loaded.model, ds, keep=args.keep, max_examples=args.max_examples,
+                batch_size=args.batch_size)
+    batch = calibration_batch(ds.examples, args.batch_size, loaded.tokenizer.pad_token_id)
+    act = activation_bytes_per_layer(loaded.model, args.method, {}, batch)
+    a.costs = estimate_static(loaded.model, args.method, batch, act)
+    rows = [[str(s.space), f"{s.loss:.2f}", f"{s.kl_to_final:.2f}", f"{s.transition:.2f}",
+             f"{100 * s.top1_agreement:.0f}%", f"{s.cosine_deviation:.3f}",
+             f"{a.gain[s.space]:.2f}",
+             f"{a.costs[s.space]['trainable_params']:,}" if s.space < a.num_layers else "-",
+             f"{a.costs[s.space]['backward_flops_share']:.0%}" if s.space < a.num_layers else "-",
+             format_bytes(a.costs[s.space]["activation_bytes"]) if s.space < a.num_layers else "-"]
+            for s in a.spaces]
+    print_table(f"slimtune analyze: {loaded.name} on {Path(ds.path).name} ({a.positions} target "
+                f"positions; space l = output of layer l-1; costs for --freeze-below l, "
+                f"{args.method}, batch {args.batch_size})",
+                ["space", "target loss", "KL to final", "transition", "top-1 = final",
+                 "cos dev", "gain G", "trainable", "backward FLOPs", "activations"], rows)
+    out = Path(args.output_dir)
+    write_json(out / "analysis.json", a.to_dict())
+    plot_analysis(a, out / "analysis.png")
+    print(f"recommended eof: {a.eof} ({a.reason})")
+    print(f"wrote {out / 'analysis.json'} and {out / 'analysis.png'}")
+    return 0
+
+
+def _cmd_plan(args) -> int:
+    from .analysis import analyze
+    from .console import info
+    from .data import load_dataset
+    from .fileio import write_json
+    from .measure import format_bytes
+    from .models import load_model
+    from .plan import calibration_batch, make_plan, parse_duration, parse_size
+    from .report import print_table
+
+    memory, step = parse_size(args.budget_memory), parse_duration(args.budget_time)
+    dev = _device_of(args)
+    loaded = load_model(getattr(args, "model", "default"), device=dev)
+    ds = load_dataset(args.data, loaded.tokenizer, max_length=args.max_length)
+    a = analyze(loaded.model, ds, keep=args.keep, progress=False)
+    batch = calibration_batch(ds.examples, args.batch_size, loaded.tokenizer.pad_token_id)
+    import torch
+
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.startswith("cuda")
+                else (lambda: torch.autocast("cpu", enabled=False)))
+    p = make_plan(loaded.model, batch, a.gain, budget_memory=memory, budget_step_time=step,
+                  recommended_eof=a.eof, autocast=autocast, progress=info)
+    rows = [[c.method + (f" r={c.options['r']}" if "r" in c.options else ""), str(c.freeze_below),
+             f"{c.trainable_params:,}", format_bytes(c.peak_bytes), f"{c.step_time_s:.2f} s",
+             f"{c.predicted_gain:.2f}", "yes" if c.fits else "no",
+             ("<- chosen; " if c is p.choice else "") + "; ".join(c.notes)]
+            for c in p.candidates]
+    print_table(f"slimtune plan: {loaded.name}, batch {args.batch_size} x "
+                f"{batch['input_ids'].shape[1]} (the longest examples)",
+                ["method", "freeze-below", "trainable", "peak memory", "step time", "gain G",
+                 "fits", "note"], rows)
+    print(("choice: " if p.choice else "no choice: ") + p.reason)
+    if args.output:
+        write_json(args.output, p.to_dict())
+    return 0 if p.choice else UserInputError.exit_code
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -260,7 +391,7 @@ def _cmd_fetch(args) -> int:
 
 
 COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate,
-            "demo": _cmd_demo, "fetch": _cmd_fetch}
+            "analyze": _cmd_analyze, "plan": _cmd_plan, "demo": _cmd_demo, "fetch": _cmd_fetch}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,10 +58,13 @@ def comparison_rows(columns: Sequence[dict[str, Any]]) -> list[list[str]]:
 
 
 def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    import sys
+
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    # a pipe or a log file gets the whole table, not one squeezed to 80 columns
+    console = Console(width=None if sys.stdout.isatty() else 200)
     console.print(f"[bold]{title}[/bold]", soft_wrap=True)
     table = Table()
     for i, h in enumerate(headers):

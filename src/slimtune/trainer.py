@@ -62,6 +62,10 @@ class TrainConfig:
     method: str = "lora"
     method_options: dict[str, Any] = field(default_factory=dict)
     freeze_below: int = 0
+    freeze: str | None = None  # "auto": SALF analysis (+ budget policy) chooses freeze_below
+    budget_memory: str | None = None  # e.g. "6GiB": with freeze auto, unfreeze while it fits
+    budget_step_time: str | None = None  # e.g. "1.5s" per optimizer step
+    keep: float = 0.9  # share of the expected gain the auto eof must keep
     max_steps: int = 100
     batch_size: int = 8
     grad_accum: int = 1
@@ -110,6 +114,11 @@ class TrainConfig:
              f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
         need(self.save_every >= 0 and self.eval_every >= 0, "save_every/eval_every must be >= 0")
         need(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other")
+        need(self.freeze in (None, "auto"), f"freeze must be 'auto' (or use freeze_below), "
+                                            f"got {self.freeze!r}")
+        need(self.freeze == "auto" or not (self.budget_memory or self.budget_step_time),
+             "--budget-memory/--budget-step-time need --freeze auto")
+        need(0 < self.keep <= 1, f"keep must be in (0, 1], got {self.keep}")
         return self
 
     @property
@@ -118,7 +127,8 @@ class TrainConfig:
 
     def identity(self) -> dict[str, Any]:
         """The options a resumed run must share with the run it continues."""
-        keep = ("data", "model", "method", "method_options", "freeze_below", "max_steps",
+        keep = ("data", "model", "method", "method_options", "freeze_below", "freeze",
+                "budget_memory", "budget_step_time", "keep", "max_steps",
                 "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio",
                 "max_grad_norm", "max_length", "pack", "seed", "eval_fraction")
         return {k: getattr(self, k) for k in keep}
@@ -241,16 +251,18 @@ class Trainer:
             raise UserInputError(f"{cfg.data}: no training examples left after the eval split")
 
         n_layers = self.loaded.num_layers
-        if cfg.freeze_below > n_layers:
-            raise UserInputError(f"--freeze-below {cfg.freeze_below}: the model has only "
+        self.auto_freeze: dict | None = None
+        self.freeze_k = self._auto_freeze() if cfg.freeze == "auto" else cfg.freeze_below
+        if self.freeze_k > n_layers:
+            raise UserInputError(f"--freeze-below {self.freeze_k}: the model has only "
                                  f"{n_layers} layers")
-        self.layers = list(range(cfg.freeze_below, n_layers))
+        self.layers = list(range(self.freeze_k, n_layers))
         self.method = get_method(cfg.method, cfg.method_options)
         self.model = self.method.prepare(self.loaded.model, self.layers)
         if cfg.gradient_checkpointing:
             base_model(self.model).gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
-        freeze_below(self.model, cfg.freeze_below)
+        freeze_below(self.model, self.freeze_k)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
             raise UserInputError("nothing to train: every parameter is frozen")
@@ -266,6 +278,46 @@ class Trainer:
         self.history: list[dict] = []
         if cfg.resume:
             self._load_checkpoint()
+
+    def _auto_freeze(self) -> int:
+        """SALF: the analysis' eof, or with a budget the shallowest eof that fits it."""
+        from .analysis import analyze
+        from .plan import (
+            budget_eof,
+            calibrate,
+            calibration_batch,
+            describe,
+            estimate,
+            parse_duration,
+            parse_size,
+        )
+
+        cfg = self.cfg
+        a = analyze(self.loaded.model, self.train_ds, keep=cfg.keep, progress=cfg.progress)
+        info(f"--freeze auto: {a.reason}")
+        k, est = a.eof, None
+        memory, step = parse_size(cfg.budget_memory), parse_duration(cfg.budget_step_time)
+        if memory or step:
+            batch = calibration_batch(self.examples, cfg.batch_size,
+                                      self.loaded.tokenizer.pad_token_id)
+            costs = calibrate(self.loaded.model, cfg.method, cfg.method_options, batch,
+                              autocast=self.accelerator.autocast)
+            costs.t_fixed *= cfg.grad_accum
+            costs.t_frozen *= cfg.grad_accum
+            costs.t_trained *= cfg.grad_accum
+            costs.t_embeddings *= cfg.grad_accum
+            kb = budget_eof(costs, memory=memory, step_time=step)
+            top = estimate(costs, costs.num_layers - 1)
+            if kb is None:
+                raise UserInputError(f"the budget is too small: training only the top layer "
+                                     f"needs {describe(top)}")
+            k, est = kb, estimate(costs, kb)
+            info(f"budget policy: unfreezing from the top, layers {k}-{costs.num_layers - 1} "
+                 f"fit: {describe(est)}")
+        self.auto_freeze = {"analysis_eof": a.eof, "reason": a.reason, "freeze_below": k,
+                            "expected_gain": a.gain[k], "fit": a.fit,
+                            "estimate": est.to_dict() if est else None}
+        return k
 
     # -- output folder and checkpoints ---------------------------------------------------
 
@@ -439,7 +491,7 @@ class Trainer:
         summary = {
             "method": cfg.method,
             "steps": self.step,
-            "freeze_below": cfg.freeze_below,
+            "freeze_below": self.freeze_k,
             "trainable_params": self.trainable,
             "total_params": self.total,
             "train_time_s": train_time,
@@ -461,6 +513,7 @@ class Trainer:
                         "shape": self.train_ds.shape, "examples": len(self.train_ds.records)},
             "training": asdict(cfg),
             "metrics": summary,
+            "auto_freeze": self.auto_freeze,
         }
         delta_dir = self.out / "delta"
         manifest = save_delta(delta_dir, self.method, self.model, base=base, layers=self.layers,

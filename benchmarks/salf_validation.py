@@ -1,0 +1,107 @@
+"""Does the SALF analysis rank end-of-freezing layers the way fine-tuning does?
+
+Runs the analysis on the training data, then fine-tunes the same method, steps, data and
+seed with several freeze-below (eof) values, and reports for each: measured quality
+(accuracy, eval loss), step time, peak memory, the predicted gain G(k); the Spearman rank
+correlation between G(k) and the measured accuracy; and how the recommended eof does
+against training every layer.
+
+    python benchmarks/salf_validation.py --eofs 0,5,10,15,20,25,28 --steps 80
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+
+def ranks(values: list[float]) -> list[float]:
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    r = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for m in range(i, j + 1):
+            r[order[m]] = (i + j) / 2 + 1
+        i = j + 1
+    return r
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    ra, rb = ranks(a), ranks(b)
+    n = len(a)
+    ma, mb = sum(ra) / n, sum(rb) / n
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    va = sum((x - ma) ** 2 for x in ra) ** 0.5
+    vb = sum((y - mb) ** 2 for y in rb) ** 0.5
+    return cov / (va * vb) if va and vb else float("nan")
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--data", default="builtin:support_intents_train")
+    ap.add_argument("--eval-data", default="builtin:support_intents_test")
+    ap.add_argument("--method", default="lora")
+    ap.add_argument("--eofs", default="0,5,10,15,20,25,28")
+    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--out", default="runs/salf-validation")
+    args = ap.parse_args()
+
+    from slimtune.analysis import analyze
+    from slimtune.data import load_dataset
+    from slimtune.models import load_model
+    from slimtune.trainer import TrainConfig, train
+
+    base = load_model("default")
+    analysis = analyze(base.model, load_dataset(args.data, base.tokenizer), progress=False)
+    eofs = sorted({int(x) for x in args.eofs.split(",")} | {analysis.eof})
+    rows = []
+    for k in eofs:
+        res = train(TrainConfig(data=args.data, eval_data=args.eval_data, method=args.method,
+                                freeze_below=k, max_steps=args.steps, lr=args.lr,
+                                batch_size=args.batch_size, output_dir=f"{args.out}/eof{k}",
+                                overwrite=True, progress=False, save_every=0))
+        s = res.summary
+        rows.append({"eof": k, "predicted_gain": analysis.gain[k],
+                     "accuracy": s["eval_accuracy"], "eval_loss": s["eval_loss"],
+                     "step_time_s": s["step_time_p50_s"], "peak_bytes": s["peak_memory_bytes"],
+                     "trainable": s["trainable_params"]})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    rho = spearman([r["predicted_gain"] for r in rows], [r["accuracy"] for r in rows])
+    rho_loss = spearman([r["predicted_gain"] for r in rows], [-r["eval_loss"] for r in rows])
+    full = next(r for r in rows if r["eof"] == 0)
+    rec = next(r for r in rows if r["eof"] == analysis.eof)
+    print(f"analysis: {analysis.reason}\n")
+    print("| eof (freeze-below) | predicted gain G(k) | accuracy | eval loss | step time (s) "
+          "| step time vs eof 0 | peak RSS (GiB) | trainable params |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        mark = " (recommended)" if r["eof"] == analysis.eof else ""
+        print(f"| {r['eof']}{mark} | {r['predicted_gain']:.3f} | {100 * r['accuracy']:.1f}% | "
+              f"{r['eval_loss']:.3f} | {r['step_time_s']:.3f} | "
+              f"{r['step_time_s'] / full['step_time_s']:.2f}x | {r['peak_bytes'] / 2**30:.2f} | "
+              f"{r['trainable']:,} |")
+    print(f"\nSpearman(predicted gain, accuracy) = {rho:.3f}; "
+          f"Spearman(predicted gain, -eval loss) = {rho_loss:.3f}")
+    print(f"recommended eof {analysis.eof}: accuracy {100 * rec['accuracy']:.1f}% against "
+          f"{100 * full['accuracy']:.1f}% with every layer "
+          f"({100 * (rec['accuracy'] - full['accuracy']):+.1f} points), step time "
+          f"{100 * (1 - rec['step_time_s'] / full['step_time_s']):.0f}% shorter")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    Path(args.out, "salf_validation.json").write_text(json.dumps(
+        {"analysis": analysis.to_dict(), "rows": rows, "spearman_accuracy": rho,
+         "spearman_loss": rho_loss}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

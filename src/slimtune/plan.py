@@ -1,0 +1,455 @@
+"""Cost estimates per method and end-of-freezing layer, and choices under a budget.
+
+Nothing here is a constant tuned to one model. For a method, a *calibration* builds small
+copies of the model's own architecture (same config, 2-3 decoder layers, random weights),
+runs a few real training steps on them with the planned batch shape, on this machine, and
+measures step time and peak memory for a few (frozen layers, trained layers) mixes. Both
+are linear in the number of frozen and trained layers:
+
+    T(k) = a + k * t_frozen + (L - k) * t_trained        (seconds per optimizer step)
+
+fitted by least squares over five (frozen, trained) mixes; ``t_frozen`` is a frozen
+layer's forward, ``t_trained`` a trained layer's forward + backward + optimizer, ``a`` the
+embeddings, head, loss and fixed overheads. Memory above what is resident is
+
+    M(k) = state(n) + max(activations(n), 2 * gradients(n)) + transient,   n = L - k
+
+where state and gradients come from the exact trainable bytes of one layer, activations
+from the bytes autograd saves for one trained layer (counted with saved-tensor hooks on
+the mini models), and the transient (loss chunk, backward workspace, allocator slack)
+from one measured peak. With ``k = 0`` a full fine-tune also trains the embeddings (tied
+to the head), which is measured separately. The estimate for the real model adds the
+memory resident before training (weights, runtime).
+
+The budget policy unfreezes from the deepest layer towards the shallow ones while the
+estimate stays within the budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import ctypes
+import gc
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import psutil
+import torch
+from torch import nn
+
+from .errors import UserInputError
+from .freezing import freeze_below
+from .lm import base_model
+from .measure import PeakMemory, format_bytes
+from .methods import get_method
+from .models import decoder_layers
+
+
+@dataclass
+class LayerCosts:
+    """Measured cost model of one method at one batch shape on this machine."""
+
+    method: str
+    options: dict
+    num_layers: int
+    # seconds per step: fixed + per frozen layer + per trained layer (+ embeddings at k = 0)
+    t_fixed: float
+    t_frozen: float
+    t_trained: float
+    t_embeddings: float
+    # bytes: per trained layer, exact from parameter counts and saved-tensor hooks
+    state_bytes_per_layer: int  # optimizer state (AdamW: 2 x trainable)
+    grad_bytes_per_layer: int
+    activation_bytes_per_layer: int
+    embedding_train_bytes: int  # grads + state of the embeddings when k = 0 (full)
+    transient_bytes: int  # fitted from a measured peak: loss chunk, workspaces, allocator slack
+    resident_bytes: int  # memory in use before training (weights + runtime)
+    trainable_per_layer: int
+    trainable_embeddings: int
+    flops_forward_per_layer: float
+    flops_backward_per_trained_layer: float
+
+
+@dataclass
+class Estimate:
+    method: str
+    options: dict
+    freeze_below: int
+    trainable_params: int
+    step_time_s: float
+    peak_bytes: int
+    backward_flops: float
+    predicted_gain: float | None = None
+    fits: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _trim_heap() -> None:
+    """Give freed heap back to the OS so the next RSS peak measures only what follows."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _resident(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    _trim_heap()
+    return int(psutil.Process().memory_info().rss)
+
+
+def _mini_model(model: nn.Module, layers: int, device: torch.device) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(base_model(model).config)
+    cfg.num_hidden_layers = layers
+    if isinstance(getattr(cfg, "layer_types", None), list):
+        cfg.layer_types = cfg.layer_types[:layers]
+    dtype = next(model.parameters()).dtype
+    torch.manual_seed(0)
+    with torch.device(device):
+        mini = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return mini
+
+
+def _flops_per_token_layer(model: nn.Module, seq_len: int) -> float:
+    """Forward FLOPs per token of one decoder layer: matmuls + attention scores."""
+    layer = decoder_layers(model)[0]
+    linear = sum(m.weight.numel() for m in layer.modules() if isinstance(m, nn.Linear))
+    cfg = base_model(model).config
+    heads = getattr(cfg, "num_attention_heads", 1)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return 2.0 * linear + 4.0 * seq_len * heads * head_dim / 2  # causal: half the scores
+
+
+class _SavedBytes:
+    """Bytes autograd saves for backward during a forward pass (each storage counted once)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, int] = {}
+
+    def pack(self, t: torch.Tensor):
+        with contextlib.suppress(RuntimeError, NotImplementedError):
+            st = t.untyped_storage()
+            self.seen.setdefault(st.data_ptr(), st.nbytes())
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(self.seen.values())
+
+
+def _measure(mini: nn.Module, method: str, options: dict, n_frozen: int,
+             batch: dict[str, torch.Tensor], device: torch.device, autocast,
+             steps: int, train_embeddings: bool = False) -> tuple[float, int, int]:
+    """(median step time, peak memory above what was resident, bytes saved for backward)."""
+    from .trainer import accumulate_gradients
+
+    before = _resident(device)
+    n = len(decoder_layers(mini))
+    m = get_method(method, options)
+    model = m.prepare(mini, list(range(n_frozen, n)))
+    freeze_below(model, n_frozen)
+    if train_embeddings:
+        base_model(model).get_input_embeddings().requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-6)
+    model.train()
+    times = []
+    saved = _SavedBytes()
+    if device.type != "cuda":
+        _trim_heap()
+    with PeakMemory(device) as mem:
+        for i in range(steps + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            hooks = (torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t) if i == 0
+                     else contextlib.nullcontext())
+            with hooks:
+                accumulate_gradients(model, params, [batch], device, autocast, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i:
+                times.append(time.perf_counter() - t0)
+    peak = mem.peak_bytes - before
+    del model, opt, params
+    return statistics.median(times), peak, saved.total
+
+
+def _least_squares(points: list[tuple[int, int, float]]) -> tuple[float, float, float]:
+    """Fit y = a + b * n_frozen + c * n_trained; per-layer costs clamped at >= 0."""
+    import numpy as np
+
+    A = np.array([[1.0, f, t] for f, t, _ in points])
+    y = np.array([v for _, _, v in points])
+    a, b, c = np.linalg.lstsq(A, y, rcond=None)[0]
+    b, c = max(float(b), 0.0), max(float(c), 0.0)
+    a = float(np.mean(y - b * A[:, 1] - c * A[:, 2]))
+    return a, b, c
+
+
+def calibrate(model: nn.Module, method: str, options: dict | None, batch: dict[str, torch.Tensor],
+              *, autocast=contextlib.nullcontext, steps: int = 2) -> LayerCosts:
+    """Measure the cost model of ``method`` for this model's architecture and ``batch``."""
+    options = dict(options or {})
+    device = next(model.parameters()).device
+    L = len(decoder_layers(model))
+    resident = _resident(device)
+    mixes = [(1, 1, False), (1, 2, False), (2, 1, False), (1, 3, False), (3, 1, False)]
+    if method == "full":
+        mixes.append((0, 2, True))
+    points = {}
+    for n_frozen, n_trained, emb in mixes:
+        mini = _mini_model(model, n_frozen + n_trained, device)
+        points[(n_frozen, n_trained, emb)] = _measure(mini, method, options, n_frozen, batch,
+                                                      device, autocast, steps, emb)
+        del mini
+        _trim_heap()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    t_fixed, t_fr, t_tr = _least_squares([(f, t, v[0]) for (f, t, e), v in points.items() if not e])
+    t_emb = 0.0
+    if (0, 2, True) in points:
+        t_emb = max(points[(0, 2, True)][0] - (t_fixed + 2 * t_tr), 0.0)
+
+    probe = get_method(method, options).prepare(_mini_model(model, 1, device), [0])
+    layer_params = [p for p in probe.parameters() if p.requires_grad]
+    trainable_layer = sum(p.numel() for p in layer_params)
+    trainable_layer_bytes = sum(p.numel() * p.element_size() for p in layer_params)
+    del probe, layer_params
+    emb_weight = base_model(model).get_input_embeddings().weight
+    emb_bytes = emb_weight.numel() * emb_weight.element_size() if method == "full" else 0
+    act = max(points[(1, 2, False)][2] - points[(1, 1, False)][2], 0)
+    costs = LayerCosts(
+        method=method, options=options, num_layers=L,
+        t_fixed=t_fixed, t_frozen=t_fr, t_trained=t_tr, t_embeddings=t_emb,
+        state_bytes_per_layer=2 * trainable_layer_bytes, grad_bytes_per_layer=trainable_layer_bytes,
+        activation_bytes_per_layer=act, embedding_train_bytes=3 * emb_bytes,
+        transient_bytes=0, resident_bytes=resident, trainable_per_layer=trainable_layer,
+        trainable_embeddings=emb_weight.numel() if method == "full" else 0,
+        flops_forward_per_layer=_flops_per_token_layer(model, batch["input_ids"].shape[1])
+        * batch["input_ids"].numel(),
+        flops_backward_per_trained_layer=0.0,
+    )
+    costs.flops_backward_per_trained_layer = (2.0 if method == "full" else 1.0) * \
+        costs.flops_forward_per_layer
+    # what the per-layer accounting does not explain in the measured 1 frozen + 1 trained
+    # mix is the fixed transient (loss chunk, backward workspace, LoRA weights, slack)
+    costs.transient_bytes = max(points[(1, 1, False)][1] - _extra_bytes(costs, 1), 0)
+    return costs
+
+
+def _extra_bytes(costs: LayerCosts, trained: int, embeddings: bool = False) -> int:
+    """Bytes training adds for ``trained`` layers, before the fixed transient.
+
+    Peak is reached either at the start of backward (all saved activations alive) or in the
+    optimizer step (all gradients alive, plus AdamW's temporaries of the same size).
+    """
+    states = trained * costs.state_bytes_per_layer
+    grads = trained * costs.grad_bytes_per_layer
+    acts = trained * costs.activation_bytes_per_layer
+    if embeddings:
+        states += 2 * costs.embedding_train_bytes // 3
+        grads += costs.embedding_train_bytes // 3
+    return states + max(acts, 2 * grads)
+
+
+def estimate(costs: LayerCosts, k: int) -> Estimate:
+    """Step time, peak memory, trainable parameters and backward FLOPs at ``freeze_below=k``."""
+    L = costs.num_layers
+    if not 0 <= k < L:
+        raise UserInputError(f"freeze_below must be in [0, {L - 1}], got {k}")
+    n = L - k
+    emb = k == 0 and costs.trainable_embeddings > 0
+    t = costs.t_fixed + k * costs.t_frozen + n * costs.t_trained + (costs.t_embeddings if emb else 0)
+    peak = costs.resident_bytes + costs.transient_bytes + _extra_bytes(costs, n, emb)
+    trainable = n * costs.trainable_per_layer + (costs.trainable_embeddings if emb else 0)
+    return Estimate(costs.method, costs.options, k, trainable, max(t, 0.0), int(peak),
+                    n * costs.flops_backward_per_trained_layer)
+
+
+def budget_eof(costs: LayerCosts, *, memory: int | None = None,
+               step_time: float | None = None) -> int | None:
+    """Unfreeze from the deepest layer towards the shallow ones while within the budget.
+
+    Returns the smallest ``freeze_below`` that fits, or ``None`` if not even the top layer does.
+    """
+    chosen = None
+    for k in range(costs.num_layers - 1, -1, -1):
+        e = estimate(costs, k)
+        if (memory is not None and e.peak_bytes > memory) or (
+                step_time is not None and e.step_time_s > step_time):
+            break
+        chosen = k
+    return chosen
+
+
+def parse_size(text: str | int | float | None) -> int | None:
+    """'6GiB', '512MB', '2.5G', 1000 -> bytes."""
+    if text is None or isinstance(text, int | float):
+        return None if text is None else int(text)
+    s = str(text).strip().replace(" ", "")
+    units = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+             "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4,
+             "tb": 1000**4, "tib": 1024**4}
+    num = s.rstrip("BbKkMmGgTtIi")
+    unit = s[len(num):].lower()
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1.0
+    if unit not in units or value <= 0:
+        raise UserInputError(f"cannot read memory size {text!r}; write e.g. 6GiB, 800MB, 2G")
+    return int(value * units[unit])
+
+
+def parse_duration(text: str | float | None) -> float | None:
+    """'1.5s', '800ms', '2m', 3 -> seconds."""
+    if text is None or isinstance(text, int | float):
+        return None if text is None else float(text)
+    s = str(text).strip().lower()
+    for suffix, scale in (("ms", 1e-3), ("s", 1.0), ("m", 60.0), ("h", 3600.0), ("", 1.0)):
+        if s.endswith(suffix):
+            try:
+                value = float(s[: len(s) - len(suffix)] if suffix else s)
+            except ValueError:
+                break
+            if value > 0:
+                return value * scale
+            break
+    raise UserInputError(f"cannot read duration {text!r}; write e.g. 1.5s, 800ms, 2m")
+
+
+def describe(e: Estimate) -> str:
+    return (f"{e.method} {e.options or ''} freeze-below {e.freeze_below}: "
+            f"~{format_bytes(e.peak_bytes)}, ~{e.step_time_s:.2f} s/step")
+
+
+def activation_bytes_per_layer(model: nn.Module, method: str, options: dict | None,
+                               batch: dict[str, torch.Tensor], autocast=contextlib.nullcontext
+                               ) -> int:
+    """Bytes autograd saves for one trained layer (forward only, on mini models)."""
+    from .lm import target_loss
+
+    device = next(model.parameters()).device
+    totals = []
+    for n_trained in (1, 2):
+        mini = _mini_model(model, 1 + n_trained, device)
+        m = get_method(method, dict(options or {})).prepare(mini, list(range(1, 1 + n_trained)))
+        freeze_below(m, 1)
+        saved = _SavedBytes()
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), autocast():
+            target_loss(m, {k: v.to(device) for k, v in batch.items()})
+        totals.append(saved.total)
+        del mini, m
+    return max(totals[1] - totals[0], 0)
+
+
+def calibration_batch(examples, batch_size: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """The ``batch_size`` longest examples: the batch that sets a run's peak memory."""
+    from .data import collate
+
+    longest = sorted(examples, key=lambda e: len(e.input_ids), reverse=True)[:batch_size]
+    return collate(longest, pad_id)
+
+
+def synthetic_batch(vocab: int, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+@dataclass
+class Plan:
+    candidates: list[Estimate]
+    choice: Estimate | None
+    reason: str
+    budget_memory: int | None
+    budget_step_time: float | None
+
+    def to_dict(self) -> dict:
+        return {"candidates": [c.to_dict() for c in self.candidates],
+                "choice": self.choice.to_dict() if self.choice else None, "reason": self.reason,
+                "budget_memory": self.budget_memory, "budget_step_time": self.budget_step_time}
+
+
+DEFAULT_CANDIDATES: list[tuple[str, dict]] = [("full", {}), ("lora", {"r": 8}), ("lora", {"r": 16})]
+
+
+def make_plan(model: nn.Module, batch: dict[str, torch.Tensor], gain: list[float], *,
+              candidates: list[tuple[str, dict]] | None = None, budget_memory: int | None = None,
+              budget_step_time: float | None = None, recommended_eof: int | None = None,
+              autocast=contextlib.nullcontext, progress=None) -> Plan:
+    """Estimate every (method, eof) worth considering and pick one under the budget.
+
+    For each method the eofs considered are: every layer trained (0), the analysis'
+    recommendation, and the shallowest eof the budget allows (deepest-first unfreezing).
+    The pick is the fitting candidate with the highest predicted gain, then the shortest
+    estimated step.
+    """
+    rows: list[Estimate] = []
+    for method, options in candidates or DEFAULT_CANDIDATES:
+        if progress:
+            progress(f"calibrating {method} {options or ''}")
+        costs = calibrate(model, method, options, batch, autocast=autocast)
+        ks = {0}
+        if recommended_eof is not None:
+            ks.add(recommended_eof)
+        kb = budget_eof(costs, memory=budget_memory, step_time=budget_step_time)
+        if kb is not None:
+            ks.add(kb)
+        for k in sorted(ks):
+            e = estimate(costs, k)
+            e.predicted_gain = gain[k]
+            e.fits = ((budget_memory is None or e.peak_bytes <= budget_memory)
+                      and (budget_step_time is None or e.step_time_s <= budget_step_time))
+            if k == kb and (budget_memory or budget_step_time):
+                e.notes.append("budget policy")
+            if k == recommended_eof:
+                e.notes.append("analysis eof")
+            rows.append(e)
+    fitting = [e for e in rows if e.fits]
+    if not fitting:
+        smallest = min(rows, key=lambda e: e.peak_bytes)
+        return Plan(rows, None, "nothing fits the budget; the smallest estimate is "
+                    + describe(smallest), budget_memory, budget_step_time)
+    best = max(fitting, key=lambda e: (round(e.predicted_gain or 0, 3), -e.step_time_s))
+    budget = []
+    if budget_memory:
+        budget.append(f"memory {format_bytes(budget_memory)}")
+    if budget_step_time:
+        budget.append(f"step time {budget_step_time:.2f} s")
+    reason = (f"{describe(best)} keeps {100 * (best.predicted_gain or 0):.0f}% of the expected "
+              f"gain" + (f" within the budget ({', '.join(budget)})" if budget else "")
+              + "; among equal gains it has the shortest estimated step")
+    return Plan(rows, best, reason, budget_memory, budget_step_time)
+
+
+def estimate_static(model: nn.Module, method: str, batch: dict[str, torch.Tensor],
+                    activation_bytes: int, options: dict | None = None) -> list[dict]:
+    """Per candidate eof, costs that need no timing: trainable parameters, the share of
+    backward FLOPs left (relative to training every layer) and saved activation memory."""
+    device = next(model.parameters()).device
+    L = len(decoder_layers(model))
+    probe = get_method(method, dict(options or {})).prepare(_mini_model(model, 1, device), [0])
+    per_layer = sum(p.numel() for p in probe.parameters() if p.requires_grad)
+    del probe
+    emb = base_model(model).get_input_embeddings().weight.numel() if method == "full" else 0
+    fwd = _flops_per_token_layer(model, batch["input_ids"].shape[1]) * batch["input_ids"].numel()
+    per_bwd = (2.0 if method == "full" else 1.0) * fwd
+    rows = []
+    for k in range(L):
+        n = L - k
+        rows.append({"freeze_below": k,
+                     "trainable_params": n * per_layer + (emb if k == 0 else 0),
+                     "backward_flops": n * per_bwd, "backward_flops_share": n / L,
+                     "activation_bytes": n * activation_bytes})
+    return rows

@@ -1,0 +1,161 @@
+"""SALF analysis, the cost model and the budget policy."""
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+
+from slimtune.analysis import (
+    analyze,
+    choose_eof,
+    expected_gain,
+    fit_transition,
+    remaining_deviation,
+)
+from slimtune.data import load_dataset
+from slimtune.errors import UserInputError
+from slimtune.plan import (
+    Estimate,
+    LayerCosts,
+    budget_eof,
+    calibrate,
+    estimate,
+    make_plan,
+    parse_duration,
+    parse_size,
+    synthetic_batch,
+)
+
+from .conftest import train_tiny
+
+
+def test_analysis_shapes_and_final_layer_identities(tiny, intent_file):
+    ds = load_dataset(intent_file, tiny.tokenizer)
+    a = analyze(tiny.model, ds, progress=False, max_examples=16)
+    L = tiny.num_layers
+    assert len(a.spaces) == L + 1 and len(a.gain) == L + 1
+    assert [s.space for s in a.spaces] == list(range(L + 1))
+    last = a.spaces[-1]
+    assert last.kl_to_final == pytest.approx(0.0, abs=1e-5)
+    assert last.top1_agreement == 1.0
+    assert a.spaces[0].transition == 0.0
+    assert all(s.kl_to_final >= -1e-6 and s.transition >= -1e-6 for s in a.spaces)
+    assert a.positions == sum(e.num_target_tokens for e in ds.examples[:16])
+    assert a.gain[0] == 1.0 and a.gain[-1] == 0.0
+    assert all(x >= y - 1e-9 for x, y in zip(a.gain, a.gain[1:]))
+    assert 0 <= a.eof < L and a.reason
+    json.dumps(a.to_dict())
+
+
+def test_final_space_loss_is_the_models_own_loss(tiny, intent_file):
+    from slimtune.evaluation import eval_loss
+
+    ds = load_dataset(intent_file, tiny.tokenizer)
+    a = analyze(tiny.model, ds, progress=False, max_examples=8)
+    direct = eval_loss(tiny.model, ds.examples[:8], tiny.tokenizer.pad_token_id)
+    assert a.spaces[-1].loss == pytest.approx(direct["loss"], rel=1e-4)
+
+
+def test_fit_recovers_a_logistic_transition():
+    L = 30
+    x = np.arange(L + 1)
+    trace = 5 + 40 / (1 + np.exp((x - 24) / 2.0))
+    fit = fit_transition(list(trace))
+    assert fit["center"] == pytest.approx(24, abs=0.5)
+    assert fit["width"] == pytest.approx(2.0, rel=0.2)
+    gain = expected_gain(fit, L)
+    eof = choose_eof(gain, 0.9)
+    assert gain[eof] >= 0.9 > gain[eof + 1]
+    assert 15 <= eof < 24
+
+
+def test_remaining_deviation_is_a_non_increasing_envelope():
+    r = remaining_deviation([100.0, 30, 40, 35, 20, 25, 5])
+    assert r == [40, 40, 40, 35, 25, 25, 5]
+
+
+def _costs(**kw) -> LayerCosts:
+    base = dict(method="lora", options={}, num_layers=10, t_fixed=0.5, t_frozen=0.1,
+                t_trained=0.3, t_embeddings=0.0, state_bytes_per_layer=100,
+                grad_bytes_per_layer=50, activation_bytes_per_layer=1000,
+                embedding_train_bytes=0, transient_bytes=500, resident_bytes=10_000,
+                trainable_per_layer=25, trainable_embeddings=0,
+                flops_forward_per_layer=1e9, flops_backward_per_trained_layer=1e9)
+    base.update(kw)
+    return LayerCosts(**base)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_budget_policy_never_exceeds_its_budget(seed):
+    rng = np.random.default_rng(seed)
+    costs = _costs(t_trained=float(rng.uniform(0.05, 1)), activation_bytes_per_layer=int(rng.integers(1, 5000)))
+    memory = int(rng.integers(10_000, 70_000))
+    step = float(rng.uniform(0.5, 5))
+    k = budget_eof(costs, memory=memory, step_time=step)
+    if k is None:
+        top = estimate(costs, costs.num_layers - 1)
+        assert top.peak_bytes > memory or top.step_time_s > step
+        return
+    e = estimate(costs, k)
+    assert e.peak_bytes <= memory and e.step_time_s <= step
+    if k > 0:  # one more layer would not fit: the budget is spent, deepest-first
+        more = estimate(costs, k - 1)
+        assert more.peak_bytes > memory or more.step_time_s > step
+
+
+def test_plan_choice_fits_and_estimates_are_monotone(tiny):
+    batch = synthetic_batch(len(tiny.tokenizer), 2, 32)
+    costs = calibrate(tiny.model, "lora", {"r": 4}, batch, steps=1)
+    ests = [estimate(costs, k) for k in range(tiny.num_layers)]
+    assert all(a.peak_bytes >= b.peak_bytes for a, b in itertools.pairwise(ests))
+    assert all(a.trainable_params > b.trainable_params for a, b in itertools.pairwise(ests))
+    from torch import nn
+
+    from slimtune.models import decoder_layers
+
+    linears = [m for m in decoder_layers(tiny.model)[0].modules() if isinstance(m, nn.Linear)]
+    assert costs.trainable_per_layer == sum(4 * (m.in_features + m.out_features) for m in linears)
+    assert costs.activation_bytes_per_layer > 0
+    gain = [1.0, 0.8, 0.5, 0.2, 0.0]
+    budget = int(ests[0].peak_bytes * 1.2)
+    plan = make_plan(tiny.model, batch, gain, candidates=[("lora", {"r": 4})],
+                     budget_memory=budget, recommended_eof=2)
+    assert isinstance(plan.choice, Estimate) and plan.choice.peak_bytes <= budget
+    assert all(c.fits == (c.peak_bytes <= budget) for c in plan.candidates)
+    assert plan.choice.freeze_below == 0  # everything fits: the highest gain wins
+    none = make_plan(tiny.model, batch, gain, candidates=[("lora", {"r": 4})], budget_memory=1)
+    assert none.choice is None and "nothing fits the budget" in none.reason
+
+
+def test_train_freeze_auto_uses_the_analysis(tiny_dir, intent_file, tmp_path):
+    res = train_tiny(tiny_dir, intent_file, tmp_path / "r", freeze="auto", max_steps=2)
+    auto = res.manifest["auto_freeze"]
+    assert res.summary["freeze_below"] == auto["analysis_eof"] == auto["freeze_below"]
+    assert res.manifest["layers"] == list(range(auto["freeze_below"], 4))
+
+
+def test_train_freeze_auto_with_a_budget_stays_within_it(tiny_dir, intent_file, tmp_path):
+    res = train_tiny(tiny_dir, intent_file, tmp_path / "r", freeze="auto", max_steps=2,
+                     budget_step_time="100s", budget_memory="100GiB")
+    auto = res.manifest["auto_freeze"]
+    assert auto["freeze_below"] == 0  # an ample budget unfreezes every layer
+    assert auto["estimate"]["step_time_s"] <= 100
+    with pytest.raises(UserInputError, match="budget is too small"):
+        train_tiny(tiny_dir, intent_file, tmp_path / "r2", freeze="auto", max_steps=2,
+                   budget_memory="1KiB")
+    with pytest.raises(UserInputError, match="need --freeze auto"):
+        train_tiny(tiny_dir, intent_file, tmp_path / "r3", budget_memory="1GiB")
+
+
+def test_sizes_and_durations():
+    assert parse_size("6GiB") == 6 * 2**30 and parse_size("512MB") == 512 * 10**6
+    assert parse_size("2.5G") == 2_500_000_000
+    assert parse_duration("800ms") == pytest.approx(0.8) and parse_duration("2m") == 120
+    for bad in ("lots", "-1GiB", "6 parsecs"):
+        with pytest.raises(UserInputError, match="cannot read memory size"):
+            parse_size(bad)
+    with pytest.raises(UserInputError, match="cannot read duration"):
+        parse_duration("soon")
+    assert math.isclose(parse_duration(1.5), 1.5)
