@@ -94,7 +94,7 @@ def run_one(args) -> dict:
     device = torch.device(args.device)
     model = build_model(args.model, args.device)
     n_layers = len(decoder_layers(model))
-    k = round(freeze * n_layers)
+    k = round(freeze * n_layers) if args.freeze_below is None else args.freeze_below
     lora_opts = {"r": args.lora_r, "alpha": 2 * args.lora_r, "dropout": 0.0,
                  "adapter_dtype_follows_base": bf16_adapters}
     if impl == "slimtune":
@@ -189,6 +189,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="also print a torch.profiler table of one step per configuration")
     ap.add_argument("--run-one", help=argparse.SUPPRESS)
+    ap.add_argument("--freeze-below", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run_one:
         print("RESULT " + json.dumps(run_one(args)), flush=True)
