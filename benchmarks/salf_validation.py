@@ -2,7 +2,7 @@
 
 Runs the analysis on the training data, then fine-tunes the same method, steps, data and
 seed with several freeze-below (eof) values, and reports for each: measured quality
-(accuracy, eval loss), step time, peak memory, the predicted gain G(k); the Spearman rank
+(accuracy, eval loss), step time, the predicted gain G(k); the Spearman rank
 correlation between G(k) and the measured accuracy; and how the recommended eof does
 against training every layer.
 
@@ -55,6 +55,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--out", default="runs/salf-validation")
+    ap.add_argument("--merge", help="rows of an earlier run (its salf_validation.json) to "
+                                    "report with these; eofs already there are not rerun")
     args = ap.parse_args()
 
     from slimtune.analysis import analyze
@@ -64,8 +66,9 @@ def main() -> None:
 
     base = load_model("default")
     analysis = analyze(base.model, load_dataset(args.data, base.tokenizer), progress=False)
-    eofs = sorted({int(x) for x in args.eofs.split(",")} | {analysis.eof})
-    rows = []
+    rows = json.loads(Path(args.merge).read_text())["rows"] if args.merge else []
+    done = {r["eof"] for r in rows}
+    eofs = sorted(({int(x) for x in args.eofs.split(",")} | {analysis.eof}) - done)
     for k in eofs:
         res = train(TrainConfig(data=args.data, eval_data=args.eval_data, method=args.method,
                                 freeze_below=k, max_steps=args.steps, lr=args.lr,
@@ -74,23 +77,24 @@ def main() -> None:
         s = res.summary
         rows.append({"eof": k, "predicted_gain": analysis.gain[k],
                      "accuracy": s["eval_accuracy"], "eval_loss": s["eval_loss"],
-                     "step_time_s": s["step_time_p50_s"], "peak_bytes": s["peak_memory_bytes"],
-                     "trainable": s["trainable_params"]})
+                     "step_time_s": s["step_time_p50_s"], "trainable": s["trainable_params"]})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    for r in rows:  # the gain of merged rows follows the current analysis
+        r["predicted_gain"] = analysis.gain[r["eof"]]
+    rows.sort(key=lambda r: r["eof"])
     rho = spearman([r["predicted_gain"] for r in rows], [r["accuracy"] for r in rows])
     rho_loss = spearman([r["predicted_gain"] for r in rows], [-r["eval_loss"] for r in rows])
     full = next(r for r in rows if r["eof"] == 0)
     rec = next(r for r in rows if r["eof"] == analysis.eof)
     print(f"analysis: {analysis.reason}\n")
     print("| eof (freeze-below) | predicted gain G(k) | accuracy | eval loss | step time (s) "
-          "| step time vs eof 0 | peak RSS (GiB) | trainable params |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| step time vs eof 0 | trainable params |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         mark = " (recommended)" if r["eof"] == analysis.eof else ""
         print(f"| {r['eof']}{mark} | {r['predicted_gain']:.3f} | {100 * r['accuracy']:.1f}% | "
               f"{r['eval_loss']:.3f} | {r['step_time_s']:.3f} | "
-              f"{r['step_time_s'] / full['step_time_s']:.2f}x | {r['peak_bytes'] / 2**30:.2f} | "
-              f"{r['trainable']:,} |")
+              f"{r['step_time_s'] / full['step_time_s']:.2f}x | {r['trainable']:,} |")
     print(f"\nSpearman(predicted gain, accuracy) = {rho:.3f}; "
           f"Spearman(predicted gain, -eval loss) = {rho_loss:.3f}")
     print(f"recommended eof {analysis.eof}: accuracy {100 * rec['accuracy']:.1f}% against "

@@ -159,3 +159,13 @@ def test_sizes_and_durations():
     with pytest.raises(UserInputError, match="cannot read duration"):
         parse_duration("soon")
     assert math.isclose(parse_duration(1.5), 1.5)
+
+
+def test_default_keep_is_one_value_everywhere():
+    from slimtune.analysis import DEFAULT_KEEP
+    from slimtune.cli import build_parser
+    from slimtune.trainer import TrainConfig
+
+    assert TrainConfig().keep == DEFAULT_KEEP
+    for cmd in (["analyze", "--data", "x"], ["plan", "--data", "x"]):
+        assert build_parser().parse_args(cmd).keep == DEFAULT_KEEP

@@ -57,7 +57,7 @@ def _train_parser(sub) -> None:
                    help="with --freeze auto: unfreeze from the top while the estimated time "
                         "per optimizer step fits, e.g. 1.5s")
     p.add_argument("--keep", type=float, default=S,
-                   help="share of the expected gain the auto eof keeps (default 0.9)")
+                   help="share of the expected gain the auto eof keeps (default 0.99)")
     p.add_argument("--max-steps", type=int, default=S, help="optimizer steps (default 100)")
     p.add_argument("--batch-size", type=int, default=S, help="examples per micro-batch (default 8)")
     p.add_argument("--grad-accum", type=int, default=S, help="micro-batches per step (default 1)")
@@ -124,8 +124,8 @@ def _analyze_parser(sub) -> None:
     p.add_argument("--data", required=True, help="data file or builtin:NAME")
     _add_model_args(p)
     p.add_argument("--method", default="lora", help="method whose cost per eof is shown")
-    p.add_argument("--keep", type=float, default=0.9,
-                   help="share of the expected gain the recommended eof keeps (default 0.9)")
+    p.add_argument("--keep", type=float, default=0.99,
+                   help="share of the expected gain the recommended eof keeps (default 0.99)")
     p.add_argument("--max-examples", type=int, default=64, help="calibration examples (64)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=512)
@@ -146,7 +146,8 @@ def _plan_parser(sub) -> None:
                    help="time per optimizer step, e.g. 1.5s")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--keep", type=float, default=0.9)
+    p.add_argument("--keep", type=float, default=0.99,
+                   help="share of the expected gain the analysis' eof keeps (default 0.99)")
     p.add_argument("--output", help="write the plan as JSON to this file")
 
 

@@ -117,6 +117,14 @@ def _mini_model(model: nn.Module, layers: int, device: torch.device) -> nn.Modul
     return mini
 
 
+def _trained_layer_params(model: nn.Module, method: str, options: dict | None,
+                          device: torch.device) -> list[nn.Parameter]:
+    """The parameters ``method`` trains inside one decoder layer (not the embeddings or the
+    final norm, which a method training *every* layer may also take)."""
+    probe = get_method(method, dict(options or {})).prepare(_mini_model(model, 2, device), [1])
+    return [p for p in decoder_layers(probe)[1].parameters() if p.requires_grad]
+
+
 def _flops_per_token_layer(model: nn.Module, seq_len: int) -> float:
     """Forward FLOPs per token of one decoder layer: matmuls + attention scores."""
     layer = decoder_layers(model)[0]
@@ -220,11 +228,10 @@ def calibrate(model: nn.Module, method: str, options: dict | None, batch: dict[s
     if (0, 2, True) in points:
         t_emb = max(points[(0, 2, True)][0] - (t_fixed + 2 * t_tr), 0.0)
 
-    probe = get_method(method, options).prepare(_mini_model(model, 1, device), [0])
-    layer_params = [p for p in probe.parameters() if p.requires_grad]
+    layer_params = _trained_layer_params(model, method, options, device)
     trainable_layer = sum(p.numel() for p in layer_params)
     trainable_layer_bytes = sum(p.numel() * p.element_size() for p in layer_params)
-    del probe, layer_params
+    del layer_params
     emb_weight = base_model(model).get_input_embeddings().weight
     emb_bytes = emb_weight.numel() * emb_weight.element_size() if method == "full" else 0
     act = max(points[(1, 2, False)][2] - points[(1, 1, False)][2], 0)
@@ -439,9 +446,7 @@ def estimate_static(model: nn.Module, method: str, batch: dict[str, torch.Tensor
     backward FLOPs left (relative to training every layer) and saved activation memory."""
     device = next(model.parameters()).device
     L = len(decoder_layers(model))
-    probe = get_method(method, dict(options or {})).prepare(_mini_model(model, 1, device), [0])
-    per_layer = sum(p.numel() for p in probe.parameters() if p.requires_grad)
-    del probe
+    per_layer = sum(p.numel() for p in _trained_layer_params(model, method, options, device))
     emb = base_model(model).get_input_embeddings().weight.numel() if method == "full" else 0
     fwd = _flops_per_token_layer(model, batch["input_ids"].shape[1]) * batch["input_ids"].numel()
     per_bwd = (2.0 if method == "full" else 1.0) * fwd

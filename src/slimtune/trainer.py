@@ -65,7 +65,7 @@ class TrainConfig:
     freeze: str | None = None  # "auto": SALF analysis (+ budget policy) chooses freeze_below
     budget_memory: str | None = None  # e.g. "6GiB": with freeze auto, unfreeze while it fits
     budget_step_time: str | None = None  # e.g. "1.5s" per optimizer step
-    keep: float = 0.9  # share of the expected gain the auto eof must keep
+    keep: float = 0.99  # share of the expected gain the auto eof keeps (analysis.DEFAULT_KEEP)
     max_steps: int = 100
     batch_size: int = 8
     grad_accum: int = 1
