@@ -8,7 +8,7 @@ are linear in the number of frozen and trained layers:
 
     T(k) = a + k * t_frozen + (L - k) * t_trained        (seconds per optimizer step)
 
-fitted by least squares over five (frozen, trained) mixes; ``t_frozen`` is a frozen
+fitted by least squares over four (frozen, trained) mixes; ``t_frozen`` is a frozen
 layer's forward, ``t_trained`` a trained layer's forward + backward + optimizer, ``a`` the
 embeddings, head, loss and fixed overheads. Memory above what is resident is
 
@@ -96,9 +96,15 @@ def _trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _resident(device: torch.device) -> int:
+def _resident(device: torch.device, model: nn.Module | None = None) -> int:
     if device.type == "cuda":
         return int(torch.cuda.memory_allocated(device))
+    if model is not None:
+        # weights loaded from safetensors are memory-mapped and count towards RSS only once
+        # touched; training touches them all, so the estimate must start from there
+        with torch.no_grad():
+            for p in model.parameters():
+                p.detach().view(-1)[:: max(1, 4096 // p.element_size())].sum()
     _trim_heap()
     return int(psutil.Process().memory_info().rss)
 
@@ -205,13 +211,14 @@ def _least_squares(points: list[tuple[int, int, float]]) -> tuple[float, float, 
 
 
 def calibrate(model: nn.Module, method: str, options: dict | None, batch: dict[str, torch.Tensor],
-              *, autocast=contextlib.nullcontext, steps: int = 2) -> LayerCosts:
+              *, autocast=contextlib.nullcontext, steps: int = 3) -> LayerCosts:
     """Measure the cost model of ``method`` for this model's architecture and ``batch``."""
     options = dict(options or {})
     device = next(model.parameters()).device
     L = len(decoder_layers(model))
-    resident = _resident(device)
-    mixes = [(1, 1, False), (1, 2, False), (2, 1, False), (1, 3, False), (3, 1, False)]
+    resident = _resident(device, model)
+    # wide spreads of frozen / trained layer counts keep timing noise small against the slopes
+    mixes = [(1, 1, False), (1, 4, False), (4, 1, False), (2, 2, False)]
     if method == "full":
         mixes.append((0, 2, True))
     points = {}
@@ -234,7 +241,7 @@ def calibrate(model: nn.Module, method: str, options: dict | None, batch: dict[s
     del layer_params
     emb_weight = base_model(model).get_input_embeddings().weight
     emb_bytes = emb_weight.numel() * emb_weight.element_size() if method == "full" else 0
-    act = max(points[(1, 2, False)][2] - points[(1, 1, False)][2], 0)
+    act = max((points[(1, 4, False)][2] - points[(1, 1, False)][2]) // 3, 0)
     costs = LayerCosts(
         method=method, options=options, num_layers=L,
         t_fixed=t_fixed, t_frozen=t_fr, t_trained=t_tr, t_embeddings=t_emb,
