@@ -277,7 +277,7 @@ def plot_analysis(analysis: Analysis, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .fileio import atomic_path
+    from .report import save_png
 
     x = [s.space for s in analysis.spaces]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), dpi=120, sharex=True)
@@ -298,9 +298,4 @@ def plot_analysis(analysis: Analysis, path: str | Path) -> Path:
     ax2.set_ylim(-0.05, 1.05)
     ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path)

@@ -8,6 +8,7 @@ same way and swapped in with renames.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -18,6 +19,14 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def fsync_dir(path: str | Path) -> None:

