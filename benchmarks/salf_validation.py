@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/salf-validation")
     ap.add_argument("--merge", help="rows of an earlier run (its salf_validation.json) to "
                                     "report with these; eofs already there are not rerun")
@@ -73,7 +74,7 @@ def main() -> None:
         res = train(TrainConfig(data=args.data, eval_data=args.eval_data, method=args.method,
                                 freeze_below=k, max_steps=args.steps, lr=args.lr,
                                 batch_size=args.batch_size, output_dir=f"{args.out}/eof{k}",
-                                overwrite=True, progress=False, save_every=0))
+                                overwrite=True, progress=False, save_every=0, seed=args.seed))
         s = res.summary
         rows.append({"eof": k, "predicted_gain": analysis.gain[k],
                      "accuracy": s["eval_accuracy"], "eval_loss": s["eval_loss"],
