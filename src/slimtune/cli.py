@@ -37,12 +37,19 @@ def _train_parser(sub) -> None:
                    help="fraction of --data held out for evaluation when --eval-data is absent "
                         "(default 0.1)")
     _add_model_args(p)
-    p.add_argument("--method", default=S, help="full or lora (default lora)")
+    p.add_argument("--method", default=S, help="full, lora, sparse or rosa (default lora)")
     p.add_argument("--lora-r", type=int, default=S, help="LoRA rank (default 8)")
     p.add_argument("--lora-alpha", type=float, default=S, help="LoRA alpha (default 16)")
     p.add_argument("--lora-dropout", type=float, default=S, help="LoRA dropout (default 0.05)")
     p.add_argument("--lora-targets", default=S,
                    help="comma-separated linear module names (default: all linear layers)")
+    p.add_argument("--density", type=float, default=S,
+                   help="sparse/rosa: share of each weight to train (default 0.01)")
+    p.add_argument("--importance", default=S,
+                   help="sparse/rosa: importance scorer: fisher (default), grad, activation, random")
+    p.add_argument("--selection", default=S, help="sparse/rosa: per_tensor (default) or global")
+    p.add_argument("--regrow-every", type=int, default=S,
+                   help="sparse/rosa: drop-and-regrow every N steps (default 0: off)")
     p.add_argument("-o", "--option", action="append", default=S, metavar="KEY=VALUE",
                    help="a method option, e.g. -o r=16 (repeatable)")
     p.add_argument("--freeze-below", type=int, default=S,
@@ -199,8 +206,10 @@ def train_config_from_args(args: argparse.Namespace):
         where = args.config
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     method_options = dict(values.pop("method_options", None) or {})
-    lora_flags = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout"}
-    for flag, key in lora_flags.items():
+    method_flags = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+                    "density": "density", "importance": "importance", "selection": "selection",
+                    "regrow_every": "regrow_every"}
+    for flag, key in method_flags.items():
         if flag in given:
             method_options[key] = given.pop(flag)
     if "lora_targets" in given:

@@ -48,7 +48,7 @@ from .measure import PeakMemory, percentile
 from .methods import Method, get_method
 from .models import LoadedModel, count_parameters, decoder_layers, fingerprint, load_model
 
-DEFAULT_LR = {"full": 2e-5, "lora": 2e-4}
+DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "sparse": 2e-4, "rosa": 2e-4}
 
 
 @dataclass
@@ -258,7 +258,8 @@ class Trainer:
                                  f"{n_layers} layers")
         self.layers = list(range(self.freeze_k, n_layers))
         self.method = get_method(cfg.method, cfg.method_options)
-        self.model = self.method.prepare(self.loaded.model, self.layers)
+        self.model = self.method.prepare(self.loaded.model, self.layers,
+                                         batches=self._calibration_batches)
         if cfg.gradient_checkpointing:
             base_model(self.model).gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -268,8 +269,8 @@ class Trainer:
             raise UserInputError("nothing to train: every parameter is frozen")
         self.trainable, self.total = count_parameters(self.model)
 
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate,
-                                           weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.method.param_groups(self.params, cfg.weight_decay), lr=cfg.learning_rate)
         from transformers import get_cosine_schedule_with_warmup
 
         self.scheduler = get_cosine_schedule_with_warmup(
@@ -319,6 +320,16 @@ class Trainer:
                             "estimate": est.to_dict() if est else None}
         return k
 
+    def _calibration_batches(self, n: int) -> list[dict[str, torch.Tensor]]:
+        """The first ``n`` batches of the training data in file order, on the device."""
+        pad = self.loaded.tokenizer.pad_token_id
+        bs = self.cfg.batch_size
+        out = []
+        for s in range(0, min(n * bs, len(self.examples)), bs):
+            b = collate(self.examples[s: s + bs], pad)
+            out.append({k: v.to(self.device) for k, v in b.items()})
+        return out
+
     # -- output folder and checkpoints ---------------------------------------------------
 
     def _prepare_output(self) -> None:
@@ -363,9 +374,9 @@ class Trainer:
         if diff:
             raise UserInputError(f"{ckpt}: cannot resume, the run differs in {diff}; "
                                  "use the original options or --overwrite")
-        params = dict(self.model.named_parameters())
+        targets = {**dict(self.model.named_buffers()), **dict(self.model.named_parameters())}
         for name, value in tensors.items():
-            params[name].data.copy_(value)
+            targets[name].data.copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
@@ -440,6 +451,7 @@ class Trainer:
                 tokens += n_tokens
                 lr = self.scheduler.get_last_lr()[0]
                 self.optimizer.step()
+                self.method.on_step_end(self.model, self.optimizer, self.step)
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.device.type == "cuda":

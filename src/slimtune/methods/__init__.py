@@ -8,8 +8,9 @@ from ..errors import UserInputError
 from .base import Method, MethodConfig
 from .full import FullMethod
 from .lora import LoraMethod, LoraOptions
+from .sparse import SparseMethod, SparseOptions
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (FullMethod, LoraMethod)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (FullMethod, LoraMethod, SparseMethod)}
 
 
 def get_method(name: str, options: dict[str, Any] | None = None) -> Method:
@@ -19,4 +20,4 @@ def get_method(name: str, options: dict[str, Any] | None = None) -> Method:
 
 
 __all__ = ["METHODS", "FullMethod", "LoraMethod", "LoraOptions", "Method", "MethodConfig",
-           "get_method"]
+           "SparseMethod", "SparseOptions", "get_method"]

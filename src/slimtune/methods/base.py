@@ -47,9 +47,11 @@ class Method(ABC):
         self.config = config
 
     @abstractmethod
-    def prepare(self, model: nn.Module, layers: list[int]) -> nn.Module:
+    def prepare(self, model: nn.Module, layers: list[int], batches=None) -> nn.Module:
         """Freeze the base and make the method's parameters in ``layers`` trainable.
 
+        ``batches(n)``, when given, returns up to ``n`` calibration batches of the training
+        data on the model's device (for methods that choose what to train from data).
         Returns the model to train (possibly a wrapper around ``model``).
         """
 
@@ -62,5 +64,19 @@ class Method(ABC):
         """Attach a saved state to a base ``model``; return the model to run."""
 
     def trainable_state(self, model: nn.Module) -> dict:
-        """Tensors a checkpoint must hold to resume: the trainable parameters by name."""
-        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        """Tensors a checkpoint must hold to resume: the trainable parameters by name, and
+        whatever :meth:`extra_state` adds."""
+        state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        state.update(self.extra_state(model))
+        return state
+
+    def extra_state(self, model: nn.Module) -> dict:
+        """Non-parameter tensors that change during training (none for most methods)."""
+        return {}
+
+    def on_step_end(self, model: nn.Module, optimizer, step: int) -> None:  # noqa: B027
+        """Called after every optimizer step (e.g. to regrow a sparse selection)."""
+
+    def param_groups(self, params: list[nn.Parameter], weight_decay: float) -> list[dict]:
+        """Optimizer parameter groups; a method may give its delta its own decay."""
+        return [{"params": params, "weight_decay": weight_decay}]

@@ -23,7 +23,7 @@ class FullMethod(Method):
     name = "full"
     config_class = MethodConfig
 
-    def prepare(self, model: nn.Module, layers: list[int]) -> nn.Module:
+    def prepare(self, model: nn.Module, layers: list[int], batches=None) -> nn.Module:
         all_layers = decoder_layers(model)
         train_all = list(layers) == list(range(len(all_layers)))
         model.requires_grad_(train_all)

@@ -61,7 +61,7 @@ class LoraMethod(Method):
             layers_to_transform=None if list(layers) == list(range(n)) else list(layers),
         )
 
-    def prepare(self, model: nn.Module, layers: list[int]) -> nn.Module:
+    def prepare(self, model: nn.Module, layers: list[int], batches=None) -> nn.Module:
         from peft import get_peft_model
 
         if not layers:

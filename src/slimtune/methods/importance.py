@@ -1,0 +1,128 @@
+"""Which existing weights to train: importance scores from calibration batches, and top-k.
+
+Scorers (``--importance``):
+
+* ``grad``: accumulated |dL/dW| over the calibration batches;
+* ``fisher``: accumulated (dL/dW)^2, the diagonal empirical Fisher;
+* ``activation``: |W| x ||x_j||, the weight times the norm of its input feature over the
+  calibration tokens (Wanda-style; forward passes only);
+* ``random``: uniform random, the control.
+
+Selection is per tensor (each tensor gets the same density) or global (one threshold over
+all candidate tensors, so some get more than others).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..errors import UserInputError
+from ..lm import target_loss
+
+SCORERS = ("grad", "fisher", "activation", "random")
+SELECTIONS = ("per_tensor", "global")
+
+
+def importance_scores(model: nn.Module, modules: dict[str, nn.Linear], kind: str,
+                      batches: Callable[[], Iterable[dict[str, torch.Tensor]]] | None, *,
+                      seed: int = 0, progress: bool = False) -> dict[str, torch.Tensor]:
+    """Scores shaped like each module's weight (fp32, on the weight's device)."""
+    if kind not in SCORERS:
+        raise UserInputError(f"unknown importance scorer {kind!r}; use one of {', '.join(SCORERS)}")
+    if kind == "random":
+        g = torch.Generator().manual_seed(seed)
+        return {n: torch.rand(m.weight.shape, generator=g).to(m.weight.device)
+                for n, m in modules.items()}
+    if batches is None:
+        raise UserInputError(f"importance scorer {kind!r} needs calibration batches")
+    scores = {n: torch.zeros(m.weight.shape, dtype=torch.float32, device=m.weight.device)
+              for n, m in modules.items()}
+    data = list(batches())
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(data), desc=f"importance ({kind})", unit="batch", dynamic_ncols=True)
+    was_training = model.training
+    model.eval()  # no dropout while scoring
+    try:
+        if kind == "activation":
+            sq = {n: torch.zeros(m.in_features, dtype=torch.float32, device=m.weight.device)
+                  for n, m in modules.items()}
+
+            def hook(name):
+                def fn(_m, inputs, _out):
+                    x = inputs[0].detach().float()
+                    sq[name] += x.pow(2).reshape(-1, x.shape[-1]).sum(0)
+                return fn
+
+            handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+            try:
+                with torch.no_grad():
+                    for b in data:
+                        target_loss(model, b)
+                        if bar:
+                            bar.update(1)
+            finally:
+                for h in handles:
+                    h.remove()
+            return {n: m.weight.detach().float().abs() * sq[n].sqrt()[None, :]
+                    for n, m in modules.items()}
+        flags = {n: m.weight.requires_grad for n, m in modules.items()}
+        for m in modules.values():
+            m.weight.requires_grad_(True)
+        try:
+            for b in data:
+                loss, n_tok = target_loss(model, b)
+                (loss / max(n_tok, 1)).backward()
+                for n, m in modules.items():
+                    g = m.weight.grad
+                    if g is not None:
+                        scores[n] += g.float().abs() if kind == "grad" else g.float().pow(2)
+                        m.weight.grad = None
+                if bar:
+                    bar.update(1)
+        finally:
+            for n, m in modules.items():
+                m.weight.requires_grad_(flags[n])
+                m.weight.grad = None
+        return scores
+    finally:
+        model.train(was_training)
+        if bar:
+            bar.close()
+
+
+def select_top(scores: dict[str, torch.Tensor], density: float, selection: str
+               ) -> dict[str, torch.Tensor]:
+    """Flat indices (int64, sorted) of the selected entries of each tensor."""
+    if not 0.0 < density < 1.0:
+        raise UserInputError(f"density must be in (0, 1), got {density}")
+    if selection not in SELECTIONS:
+        raise UserInputError(f"unknown selection {selection!r}; use per_tensor or global")
+    out = {}
+    if selection == "per_tensor":
+        for n, s in scores.items():
+            k = max(1, round(density * s.numel()))
+            out[n] = torch.topk(s.flatten(), k, sorted=False).indices.sort().values
+        return out
+    total = sum(s.numel() for s in scores.values())
+    k = max(1, round(density * total))
+    flat = torch.cat([s.flatten().to("cpu") for s in scores.values()])
+    threshold = torch.topk(flat, k, sorted=False).values.min()
+    del flat
+    budget = k
+    for n, s in scores.items():
+        idx = (s.flatten() > threshold).nonzero().squeeze(1)
+        out[n] = idx
+        budget -= idx.numel()
+    for n, s in scores.items():  # ties at the threshold fill the remaining budget in order
+        if budget <= 0:
+            break
+        ties = (s.flatten() == threshold).nonzero().squeeze(1)[:budget]
+        out[n] = torch.cat([out[n], ties]).sort().values
+        budget -= ties.numel()
+    return {n: i.sort().values for n, i in out.items() if i.numel() > 0}

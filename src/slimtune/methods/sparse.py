@@ -1,0 +1,331 @@
+"""Sparse fine-tuning: train a small, importance-chosen subset of the existing weights.
+
+Each selected ``nn.Linear`` gets a :class:`SparseDelta`: the flat ``indices`` of its
+selected entries, their trainable ``values`` (fp32, the only trainable tensors, so the
+optimizer state is the size of the subset) and the base weights at those entries
+(``base_values``, kept for an exact un-merge).
+
+How the forward pass applies the sparse part: before each forward the selected entries of
+the weight are written in place, ``W[idx] = base + values`` (a scatter of k elements), and
+the layer runs its ordinary dense matmul, so training and inference cost what the dense
+layer costs and the base weights are never duplicated. In backward, the gradient of the
+values is the dense weight gradient ``g^T x`` gathered at ``idx``; that dense matrix exists
+only inside this layer's backward and is freed before the next layer's.
+
+Un-merging writes ``base_values`` back: bit for bit the original weights. The delta on disk
+holds, per module, ``indices`` (int32 where they fit) and ``values``; applying it to a base
+scatter-adds the values, removing it restores the saved entries.
+
+Optional drop-and-regrow (as in SpIEL): every ``regrow_every`` steps each tensor drops the
+``regrow_fraction`` of its entries with the smallest |value| and grows as many new ones
+where that step's dense gradient is largest, keeping the density fixed.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+from ..errors import DeltaError, UserInputError
+from ..fileio import write_safetensors
+from ..models import decoder_layers
+from .base import Method, MethodConfig
+from .importance import SCORERS, SELECTIONS, importance_scores, select_top
+from .lora import linear_module_names
+
+SPARSE_FILE = "sparse.safetensors"
+
+
+class SparseDelta(nn.Module):
+    def __init__(self, weight: torch.Tensor, indices: torch.Tensor,
+                 values: torch.Tensor | None = None) -> None:
+        super().__init__()
+        idx = indices.to(device=weight.device, dtype=torch.long)
+        self.register_buffer("indices", idx)
+        self.register_buffer("base_values", weight.detach().view(-1)[idx].clone())
+        v = torch.zeros(idx.numel(), dtype=torch.float32, device=weight.device) if values is None \
+            else values.to(device=weight.device, dtype=torch.float32)
+        self.values = nn.Parameter(v)
+        self.regrow_count = 0  # > 0: the next backward records where to grow this many entries
+        self.regrow_candidates: torch.Tensor | None = None
+
+    def write(self, weight: torch.Tensor) -> None:
+        """``W[idx] = base + values`` in place (no autograd)."""
+        with torch.no_grad():
+            merged = (self.base_values.float() + self.values.detach()).to(weight.dtype)
+            weight.view(-1).index_copy_(0, self.indices, merged)
+
+    def restore(self, weight: torch.Tensor) -> None:
+        """``W[idx] = base``: the exact original entries."""
+        with torch.no_grad():
+            weight.view(-1).index_copy_(0, self.indices, self.base_values)
+
+    def observe(self, grad_w: torch.Tensor) -> None:
+        scores = grad_w.detach().abs().float().view(-1).clone()
+        scores[self.indices] = -1.0
+        self.regrow_candidates = torch.topk(scores, self.regrow_count).indices
+        self.regrow_count = 0
+
+
+class _SparseDeltaLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, values, delta: SparseDelta):
+        delta.write(weight)
+        ctx.delta, ctx.weight = delta, weight  # not saved tensors: the write bumps versions
+        ctx.save_for_backward(x)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        w, delta = ctx.weight, ctx.delta
+        g = grad_out.to(w.dtype)
+        grad_x = (g @ w).to(x.dtype) if ctx.needs_input_grad[0] else None
+        g2 = g.reshape(-1, g.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1]).to(w.dtype)
+        grad_w = g2.t() @ x2  # dense, lives only here
+        if delta.regrow_count:
+            delta.observe(grad_w)
+        grad_values = grad_w.view(-1).index_select(0, delta.indices).float()
+        return grad_x, None, None, grad_values, None
+
+
+def _sparse_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return _SparseDeltaLinear.apply(x, module.weight, module.bias, module.sparse_delta.values,
+                                    module.sparse_delta)
+
+
+def attach(module: nn.Linear, indices: torch.Tensor, values: torch.Tensor | None = None
+           ) -> SparseDelta:
+    delta = SparseDelta(module.weight, indices, values)
+    module.sparse_delta = delta
+    module.forward = functools.partial(_sparse_forward, module)
+    return delta
+
+
+def detach_delta(module: nn.Linear, *, keep_merged: bool) -> None:
+    """Remove the delta; leave the weight merged (base + values) or restore the base."""
+    delta: SparseDelta = module.sparse_delta
+    delta.write(module.weight) if keep_merged else delta.restore(module.weight)
+    del module.sparse_delta
+    module.__dict__.pop("forward", None)
+
+
+def canonical_name(name: str) -> str:
+    """A module's name in the plain base model (without PEFT's wrappers)."""
+    for prefix in ("base_model.model.",):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    return name.replace(".base_layer", "")
+
+
+def sparse_modules(model: nn.Module) -> dict[str, nn.Linear]:
+    return {canonical_name(n): m for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and hasattr(m, "sparse_delta")}
+
+
+def candidate_modules(model: nn.Module, layers: list[int], targets: list[str] | None
+                      ) -> dict[str, nn.Linear]:
+    """The plain ``nn.Linear`` modules (inside PEFT wrappers too) of the given layers, by
+    their name in the plain base model."""
+    available = linear_module_names(model)
+    targets = targets or available
+    missing = sorted(set(targets) - set(available))
+    if missing:
+        raise UserInputError(f"target_modules {missing} are not linear modules of this model's "
+                             f"layers; available: {available}")
+    all_layers = decoder_layers(model)
+    inside = {id(m) for i in layers for m in all_layers[i].modules()}
+    out = {}
+    for name, m in model.named_modules():
+        if type(m) is not nn.Linear or id(m) not in inside:
+            continue
+        canon = canonical_name(name)
+        if canon.rsplit(".", 1)[-1] in targets:
+            out[canon] = m
+    return out
+
+
+def save_sparse(model: nn.Module, path: Path, meta: dict[str, str] | None = None) -> None:
+    tensors, metadata = {}, dict(meta or {})
+    for name, m in sparse_modules(model).items():
+        d: SparseDelta = m.sparse_delta
+        idx = d.indices
+        tensors[f"{name}.indices"] = idx.to(torch.int32) if m.weight.numel() < 2**31 else idx
+        tensors[f"{name}.values"] = d.values.detach().float()
+        metadata[f"{name}.shape"] = ",".join(map(str, m.weight.shape))
+    write_safetensors(path, tensors, metadata)
+
+
+def read_sparse(path: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
+    """{module: (indices, values)} and the file's metadata."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            keys = list(f.keys())
+            tensors = {k: f.get_tensor(k) for k in keys}
+    except Exception as e:
+        raise DeltaError(f"{path}: unreadable sparse delta ({e})") from e
+    out = {}
+    for k in keys:
+        if k.endswith(".indices"):
+            name = k[: -len(".indices")]
+            if f"{name}.values" not in tensors:
+                raise DeltaError(f"{path}: {name} has indices but no values")
+            out[name] = (tensors[k].long(), tensors[f"{name}.values"])
+    return out, meta
+
+
+def check_against(model: nn.Module, entries: dict, meta: dict, where: Path) -> dict[str, nn.Linear]:
+    """Refuse a delta whose modules, shapes or indices do not fit ``model``."""
+    modules = {canonical_name(n): m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    found = {}
+    for name, (idx, values) in entries.items():
+        if name not in modules:
+            raise DeltaError(f"{where}: module {name!r} is not in the model")
+        m = modules[name]
+        shape = meta.get(f"{name}.shape")
+        if shape is not None and tuple(int(s) for s in shape.split(",")) != tuple(m.weight.shape):
+            raise DeltaError(f"{where}: {name} was trained on a weight of shape ({shape}), the "
+                             f"model's is {tuple(m.weight.shape)}")
+        if idx.numel() != values.numel():
+            raise DeltaError(f"{where}: {name} has {idx.numel()} indices but {values.numel()} values")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= m.weight.numel()):
+            raise DeltaError(f"{where}: {name} has indices outside its weight "
+                             f"(0..{m.weight.numel() - 1})")
+        if torch.unique(idx).numel() != idx.numel():
+            raise DeltaError(f"{where}: {name} repeats an index")
+        found[name] = m
+    return found
+
+
+@dataclass
+class SparseOptions(MethodConfig):
+    density: float = 0.01
+    importance: str = "fisher"
+    selection: str = "per_tensor"
+    target_modules: list[str] | None = None  # short names; None = every linear in the blocks
+    calibration_batches: int = 8
+    regrow_every: int = 0
+    regrow_fraction: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.density < 1.0:
+            raise UserInputError(f"density must be in (0, 1), got {self.density}")
+        if self.importance not in SCORERS:
+            raise UserInputError(f"importance must be one of {', '.join(SCORERS)}, "
+                                 f"got {self.importance!r}")
+        if self.selection not in SELECTIONS:
+            raise UserInputError(f"selection must be per_tensor or global, got {self.selection!r}")
+        if self.regrow_every < 0 or not 0.0 < self.regrow_fraction < 1.0:
+            raise UserInputError("regrow_every must be >= 0 and regrow_fraction in (0, 1)")
+
+
+class SparseMethod(Method):
+    name = "sparse"
+    config_class = SparseOptions
+
+    def prepare(self, model: nn.Module, layers: list[int], batches=None) -> nn.Module:
+        if not layers:
+            raise UserInputError("sparse: no layer left to train (everything is frozen)")
+        model.requires_grad_(False)
+        self.attach_selected(model, layers, batches)
+        return model
+
+    def attach_selected(self, model: nn.Module, layers: list[int], batches) -> dict[str, int]:
+        cfg: SparseOptions = self.config
+        modules = candidate_modules(model, layers, cfg.target_modules)
+        data = (lambda: batches(cfg.calibration_batches)) if batches is not None else None
+        scores = importance_scores(model, modules, cfg.importance, data, seed=cfg.seed,
+                                   progress=data is not None)
+        chosen = select_top(scores, cfg.density, cfg.selection)
+        del scores
+        for name, idx in chosen.items():
+            attach(modules[name], idx)
+        self.selected = {n: int(i.numel()) for n, i in chosen.items()}
+        return self.selected
+
+    def extra_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Indices and base entries move with drop-and-regrow: checkpoints keep them."""
+        return {n: b.detach() for n, b in model.named_buffers()
+                if ".sparse_delta." in n}
+
+    def on_step_end(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Drop-and-regrow every ``regrow_every`` steps (the density stays fixed)."""
+        cfg: SparseOptions = self.config
+        if not cfg.regrow_every:
+            return
+        deltas = [m.sparse_delta for m in sparse_modules(model).values()]
+        for d in deltas:
+            if d.regrow_candidates is not None:
+                regrow(d, model_weight(model, d), optimizer)
+        if (step + 1) % cfg.regrow_every == 0:  # the next backward records candidates
+            for d in deltas:
+                d.regrow_count = max(1, round(cfg.regrow_fraction * d.indices.numel()))
+
+    def save(self, model: nn.Module, folder: Path) -> None:
+        save_sparse(model, folder / SPARSE_FILE, {"importance": self.config.importance})
+
+    def load(self, model: nn.Module, folder: Path) -> nn.Module:
+        """Apply the delta to the base weights (merged: no inference overhead)."""
+        apply_sparse(model, folder / SPARSE_FILE)
+        return model
+
+
+def model_weight(model: nn.Module, delta: SparseDelta) -> torch.Tensor:
+    for m in model.modules():
+        if getattr(m, "sparse_delta", None) is delta:
+            return m.weight
+    raise KeyError("delta not attached")
+
+
+def regrow(delta: SparseDelta, weight: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+    new = delta.regrow_candidates
+    delta.regrow_candidates = None
+    n = new.numel()
+    drop = torch.topk(delta.values.detach().abs(), n, largest=False).indices
+    with torch.no_grad():
+        weight.view(-1).index_copy_(0, delta.indices[drop], delta.base_values[drop])
+        delta.indices[drop] = new
+        delta.base_values[drop] = weight.view(-1)[new]
+        delta.values[drop] = 0.0
+    state = optimizer.state.get(delta.values, {})
+    for key in ("exp_avg", "exp_avg_sq"):
+        if key in state:
+            state[key][drop] = 0.0
+
+
+def apply_sparse(model: nn.Module, path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Scatter-add a sparse delta file into ``model``'s weights; return what undoes it."""
+    entries, meta = read_sparse(path)
+    modules = check_against(model, entries, meta, path)
+    undo = {}
+    with torch.no_grad():
+        for name, (idx, values) in entries.items():
+            w = modules[name].weight
+            idx = idx.to(w.device)
+            base = w.view(-1)[idx].clone()
+            w.view(-1).index_copy_(0, idx, (base.float() + values.to(w.device)).to(w.dtype))
+            undo[name] = (idx, base)
+    registry = model.__dict__.setdefault("_slimtune_sparse_undo", [])
+    registry.append(undo)
+    return undo
+
+
+def remove_sparse(model: nn.Module) -> None:
+    """Undo the last :func:`apply_sparse` on ``model``: the base weights, bit for bit."""
+    registry = model.__dict__.get("_slimtune_sparse_undo") or []
+    if not registry:
+        raise DeltaError("no sparse delta is applied to this model")
+    undo = registry.pop()
+    modules = {canonical_name(n): m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    with torch.no_grad():
+        for name, (idx, base) in undo.items():
+            modules[name].weight.view(-1).index_copy_(0, idx, base)

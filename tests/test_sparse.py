@@ -1,0 +1,201 @@
+"""Sparse fine-tuning: selection, the sparse delta's math, exact merge/un-merge, regrow."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from slimtune.delta import load_delta
+from slimtune.errors import DeltaError
+from slimtune.methods.importance import importance_scores, select_top
+from slimtune.methods.sparse import (
+    SPARSE_FILE,
+    apply_sparse,
+    attach,
+    detach_delta,
+    remove_sparse,
+    sparse_modules,
+)
+from slimtune.models import fingerprint, load_model
+
+from .conftest import train_tiny
+
+
+def test_values_gradient_is_the_dense_gradient_at_the_indices():
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 5)
+    ref = nn.Linear(6, 5)
+    ref.load_state_dict(lin.state_dict())
+    idx = torch.tensor([0, 7, 13, 29])
+    d = attach(lin, idx)
+    with torch.no_grad():
+        d.values.copy_(torch.tensor([0.5, -1.0, 0.25, 2.0]))
+        ref.weight.view(-1)[idx] += d.values
+    x = torch.randn(3, 4, 6, requires_grad=True)
+    xr = x.detach().clone().requires_grad_(True)
+    lin(x).pow(2).sum().backward()
+    ref(xr).pow(2).sum().backward()
+    torch.testing.assert_close(d.values.grad, ref.weight.grad.view(-1)[idx])
+    torch.testing.assert_close(x.grad, xr.grad)
+
+
+def test_detach_restores_or_keeps_the_merge_exactly():
+    lin = nn.Linear(8, 8)
+    base = lin.weight.detach().clone()
+    d = attach(lin, torch.tensor([1, 9, 63]))
+    with torch.no_grad():
+        d.values.fill_(0.3)
+    lin(torch.randn(2, 8))  # the forward writes base + values
+    assert not torch.equal(lin.weight, base)
+    detach_delta(lin, keep_merged=False)
+    assert torch.equal(lin.weight, base) and not hasattr(lin, "sparse_delta")
+    assert "forward" not in lin.__dict__
+
+
+@pytest.fixture(scope="module")
+def sparse_run(tiny_dir, tmp_path_factory):
+    from .conftest import intent_rows, write_jsonl
+
+    tmp = tmp_path_factory.mktemp("sparse")
+    data = write_jsonl(tmp / "d.jsonl", intent_rows())
+    return train_tiny(tiny_dir, data, tmp / "run", method="sparse", max_steps=5,
+                      freeze_below=1, method_options={"density": 0.05, "importance": "fisher"})
+
+
+def test_only_selected_positions_change_and_state_is_the_subset(sparse_run, tiny_dir):
+    base = load_model(str(tiny_dir)).model
+    trained = dict(sparse_run.model.named_parameters())
+    mods = sparse_modules(sparse_run.model)
+    assert mods and all(".layers.0." not in n for n in mods)  # nothing below the eof
+    k_total = 0
+    for name, m in mods.items():
+        before = dict(base.named_parameters())[f"{name}.weight"].detach().view(-1)
+        after = m.weight.detach().view(-1)
+        changed = (before != after).nonzero().squeeze(1)
+        assert set(changed.tolist()) <= set(m.sparse_delta.indices.tolist())
+        assert changed.numel() > 0
+        assert m.sparse_delta.indices.numel() == round(0.05 * m.weight.numel())
+        k_total += m.sparse_delta.indices.numel()
+    other = [n for n, p in trained.items() if p.requires_grad and "sparse_delta" not in n]
+    assert other == []
+    assert sparse_run.summary["trainable_params"] == k_total
+    manifest = sparse_run.manifest
+    assert manifest["method_config"]["density"] == 0.05
+    assert manifest["method_config"]["importance"] == "fisher"
+
+
+def test_optimizer_state_is_the_size_of_the_subset(tiny_dir, intent_file, tmp_path):
+    from slimtune.trainer import TrainConfig, Trainer
+
+    t = Trainer(TrainConfig(model=str(tiny_dir), data=str(intent_file), method="sparse",
+                            method_options={"density": 0.02}, max_steps=1, batch_size=4,
+                            output_dir=str(tmp_path / "r"), progress=False, device="cpu"))
+    t.run()
+    k = sum(m.sparse_delta.indices.numel() for m in sparse_modules(t.model).values())
+    state = [v for s in t.optimizer.state.values() for v in s.values()
+             if torch.is_tensor(v) and v.dim() > 0]
+    assert sum(v.numel() for v in state) == 2 * k  # exp_avg + exp_avg_sq, nothing dense
+
+
+def test_apply_and_remove_are_exact_and_reproduce_the_trained_model(sparse_run, tiny_dir):
+    fresh = load_model(str(tiny_dir))
+    before = {n: p.detach().clone() for n, p in fresh.model.named_parameters()}
+    model, manifest = load_delta(sparse_run.delta_dir, fresh.model, fingerprint(fresh.model))
+    ids = torch.tensor([fresh.tokenizer("Message: parcel late\nIntent:")["input_ids"]])
+    with torch.no_grad():
+        ours = sparse_run.model.eval()(input_ids=ids).logits
+        applied = model.eval()(input_ids=ids).logits
+    torch.testing.assert_close(applied, ours)
+    remove_sparse(model)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    with pytest.raises(DeltaError, match="no sparse delta is applied"):
+        remove_sparse(model)
+    tensors = load_file(str(sparse_run.delta_dir / SPARSE_FILE))
+    assert all(v.dtype == torch.int32 for k, v in tensors.items() if k.endswith(".indices"))
+
+
+def _corrupt(src, dst, edit):
+    import shutil
+
+    shutil.copytree(src, dst)
+    path = dst / SPARSE_FILE
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(tensors, meta)
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda t, m: t.__setitem__(next(k for k in t if k.endswith(".indices")),
+                                t[next(k for k in t if k.endswith(".indices"))] + 10**6),
+     "has indices outside its weight"),
+    (lambda t, m: m.__setitem__(next(k for k in m if k.endswith(".shape")), "3,3"),
+     r"was trained on a weight of shape \(3,3\)"),
+    (lambda t, m: t.__setitem__(next(k for k in t if k.endswith(".values")), torch.zeros(1)),
+     "indices but 1 values"),
+])
+def test_bad_sparse_deltas_are_refused(sparse_run, tiny_dir, tmp_path, edit, message):
+    path = _corrupt(sparse_run.delta_dir, tmp_path / "d", edit)
+    fresh = load_model(str(tiny_dir))
+    before = {n: p.detach().clone() for n, p in fresh.model.named_parameters()}
+    with pytest.raises(DeltaError, match=message):
+        apply_sparse(fresh.model, path)
+    assert all(torch.equal(p, before[n]) for n, p in fresh.model.named_parameters())
+
+
+def test_regrow_keeps_the_density_and_moves_the_selection(tiny_dir, intent_file, tmp_path):
+    from slimtune.methods.sparse import candidate_modules
+
+    fresh = load_model(str(tiny_dir))
+    mods = candidate_modules(fresh.model, list(range(4)), None)
+    initial = select_top(importance_scores(fresh.model, mods, "random", None), 0.05, "per_tensor")
+
+    def moved_after(regrow_every: int, out: str) -> int:
+        res = train_tiny(tiny_dir, intent_file, tmp_path / out, method="sparse", max_steps=6,
+                         method_options={"density": 0.05, "regrow_every": regrow_every,
+                                         "regrow_fraction": 0.2, "importance": "random"})
+        moved = 0
+        for name, m in sparse_module_items(res.model):
+            idx = m.sparse_delta.indices
+            assert idx.numel() == initial[name].numel() == round(0.05 * m.weight.numel())
+            assert torch.unique(idx).numel() == idx.numel()
+            moved += len(set(idx.tolist()) - set(initial[name].tolist()))
+        return moved
+
+    assert moved_after(0, "still") == 0  # the control: same selection without regrow
+    assert moved_after(2, "regrow") > 0
+
+
+def sparse_module_items(model):
+    return sparse_modules(model).items()
+
+
+def test_activation_scorer_and_global_selection(tiny):
+    mods = {"q": tiny.model.model.layers[0].self_attn.q_proj,
+            "d": tiny.model.model.layers[0].mlp.down_proj}
+    ids = torch.randint(3, 300, (2, 10))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: seen.__setitem__(n, a[0].detach()))
+             for n, m in mods.items()]
+    scores = importance_scores(tiny.model, mods, "activation", lambda: [batch])
+    for h in hooks:
+        h.remove()
+    for n, m in mods.items():
+        norm = seen[n].reshape(-1, seen[n].shape[-1]).pow(2).sum(0).sqrt()
+        torch.testing.assert_close(scores[n], m.weight.abs() * norm[None, :])
+    sel = select_top(scores, 0.1, "global")
+    total = sum(s.numel() for s in scores.values())
+    assert sum(i.numel() for i in sel.values()) == round(0.1 * total)
+    threshold = min(float(scores[n].view(-1)[i].min()) for n, i in sel.items())
+    for n, s in scores.items():
+        unselected = torch.ones(s.numel(), dtype=torch.bool)
+        unselected[sel.get(n, torch.tensor([], dtype=torch.long))] = False
+        assert float(s.view(-1)[unselected].max()) <= threshold
+    json.dumps({n: int(i.numel()) for n, i in sel.items()})
