@@ -102,7 +102,7 @@ def test_optimizer_state_is_the_size_of_the_subset(tiny_dir, intent_file, tmp_pa
 def test_apply_and_remove_are_exact_and_reproduce_the_trained_model(sparse_run, tiny_dir):
     fresh = load_model(str(tiny_dir))
     before = {n: p.detach().clone() for n, p in fresh.model.named_parameters()}
-    model, manifest = load_delta(sparse_run.delta_dir, fresh.model, fingerprint(fresh.model))
+    model, _ = load_delta(sparse_run.delta_dir, fresh.model, fingerprint(fresh.model))
     ids = torch.tensor([fresh.tokenizer("Message: parcel late\nIntent:")["input_ids"]])
     with torch.no_grad():
         ours = sparse_run.model.eval()(input_ids=ids).logits
@@ -125,7 +125,7 @@ def _corrupt(src, dst, edit):
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
     edit(tensors, meta)
     save_file(tensors, str(path), metadata=meta)
     return path
@@ -199,3 +199,35 @@ def test_activation_scorer_and_global_selection(tiny):
         unselected[sel.get(n, torch.tensor([], dtype=torch.long))] = False
         assert float(s.view(-1)[unselected].max()) <= threshold
     json.dumps({n: int(i.numel()) for n, i in sel.items()})
+
+
+def test_rosa_trains_both_parts_round_trips_and_unmerges_exactly(tiny_dir, intent_file, tmp_path):
+    res = train_tiny(tiny_dir, intent_file, tmp_path / "r", method="rosa", max_steps=4,
+                     freeze_below=1, method_options={"density": 0.05, "r": 4,
+                                                     "delta_weight_decay": 0.1})
+    trainable = {n for n, p in res.model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in trainable) and any("sparse_delta" in n for n in trainable)
+    assert all(g["weight_decay"] == 0.1 for g in res_optimizer_groups(res))
+    files = set(res.manifest["files"])
+    assert {"adapter_model.safetensors", "adapter_config.json", SPARSE_FILE} <= files
+
+    fresh = load_model(str(tiny_dir))
+    before = {n: p.detach().clone() for n, p in fresh.model.named_parameters()}
+    model, _ = load_delta(res.delta_dir, fresh.model, fingerprint(fresh.model))
+    ids = torch.tensor([fresh.tokenizer("Message: parcel late\nIntent:")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(input_ids=ids).logits,
+                                   res.model.eval()(input_ids=ids).logits)
+    remove_sparse(fresh.model)
+    base = fresh.model.get_base_model() if hasattr(fresh.model, "get_base_model") else fresh.model
+    for n, p in base.named_parameters():
+        if "lora_" in n:
+            continue
+        key = n.replace(".base_layer", "")
+        assert torch.equal(p, before[key]), n
+
+
+def res_optimizer_groups(res):
+    # the optimizer is not kept on TrainResult; rebuild the groups the method asks for
+    params = [p for p in res.model.parameters() if p.requires_grad]
+    return res.method.param_groups(params, weight_decay=0.0)

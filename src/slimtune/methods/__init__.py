@@ -8,9 +8,11 @@ from ..errors import UserInputError
 from .base import Method, MethodConfig
 from .full import FullMethod
 from .lora import LoraMethod, LoraOptions
+from .rosa import RosaMethod, RosaOptions
 from .sparse import SparseMethod, SparseOptions
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (FullMethod, LoraMethod, SparseMethod)}
+METHODS: dict[str, type[Method]] = {
+    m.name: m for m in (FullMethod, LoraMethod, SparseMethod, RosaMethod)}
 
 
 def get_method(name: str, options: dict[str, Any] | None = None) -> Method:
@@ -20,4 +22,4 @@ def get_method(name: str, options: dict[str, Any] | None = None) -> Method:
 
 
 __all__ = ["METHODS", "FullMethod", "LoraMethod", "LoraOptions", "Method", "MethodConfig",
-           "SparseMethod", "SparseOptions", "get_method"]
+           "RosaMethod", "RosaOptions", "SparseMethod", "SparseOptions", "get_method"]

@@ -240,13 +240,19 @@ class SparseMethod(Method):
         return model
 
     def attach_selected(self, model: nn.Module, layers: list[int], batches) -> dict[str, int]:
-        cfg: SparseOptions = self.config
+        return self.attach_chosen(model, self.choose(model, layers, batches))
+
+    def choose(self, model: nn.Module, layers: list[int], batches) -> dict[str, torch.Tensor]:
+        """Score the candidate weights of ``layers`` and pick the top entries of each."""
+        cfg = self.config
         modules = candidate_modules(model, layers, cfg.target_modules)
         data = (lambda: batches(cfg.calibration_batches)) if batches is not None else None
         scores = importance_scores(model, modules, cfg.importance, data, seed=cfg.seed,
                                    progress=data is not None)
-        chosen = select_top(scores, cfg.density, cfg.selection)
-        del scores
+        return select_top(scores, cfg.density, cfg.selection)
+
+    def attach_chosen(self, model: nn.Module, chosen: dict[str, torch.Tensor]) -> dict[str, int]:
+        modules = {canonical_name(n): m for n, m in model.named_modules() if type(m) is nn.Linear}
         for name, idx in chosen.items():
             attach(modules[name], idx)
         self.selected = {n: int(i.numel()) for n, i in chosen.items()}

@@ -1,0 +1,103 @@
+"""Robust sparse adapters (RoSA-style): a LoRA part plus an importance-masked sparse part on
+the same weights, trained together.
+
+The sparse entries are chosen on the plain model (importance from calibration batches, as
+in :mod:`.sparse`), then LoRA adapters are added through ``peft`` and the sparse deltas are
+attached to the adapted layers' base weights. A forward pass computes
+``(W + S) x + B A x * alpha / r``.
+
+Regulariser, for stability: decoupled weight decay towards zero on the whole delta (the
+LoRA factors and the sparse values, ``delta_weight_decay``, default 0.01; AdamW's decay of
+a parameter that *is* the delta pulls the delta, not the base, towards zero). The base is
+untouched.
+
+The delta folder holds peft's adapter files and ``sparse.safetensors``. Applying it merges
+the sparse part into the base weights and attaches the LoRA part with peft; removing the
+sparse part restores the base bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UserInputError
+from .base import Method, MethodConfig
+from .importance import SCORERS, SELECTIONS
+from .lora import LoraMethod
+from .sparse import SPARSE_FILE, SparseMethod, apply_sparse, save_sparse
+
+
+@dataclass
+class RosaOptions(MethodConfig):
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list[str] | None = None
+    density: float = 0.005
+    importance: str = "fisher"
+    selection: str = "per_tensor"
+    calibration_batches: int = 8
+    regrow_every: int = 0
+    regrow_fraction: float = 0.1
+    seed: int = 0
+    delta_weight_decay: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise UserInputError(f"rosa r must be >= 1, got {self.r}")
+        if not 0.0 < self.density < 1.0:
+            raise UserInputError(f"density must be in (0, 1), got {self.density}")
+        if self.importance not in SCORERS or self.selection not in SELECTIONS:
+            raise UserInputError(f"importance must be one of {SCORERS}, selection one of "
+                                 f"{SELECTIONS}")
+        if self.delta_weight_decay < 0:
+            raise UserInputError("delta_weight_decay must be >= 0")
+
+    def lora(self) -> dict:
+        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout,
+                "target_modules": self.target_modules}
+
+    def sparse(self) -> dict:
+        keys = ("density", "importance", "selection", "calibration_batches", "regrow_every",
+                "regrow_fraction", "seed", "target_modules")
+        return {k: getattr(self, k) for k in keys}
+
+
+class RosaMethod(Method):
+    name = "rosa"
+    config_class = RosaOptions
+
+    def __init__(self, config=None) -> None:
+        super().__init__(config)
+        self.lora = LoraMethod(self.config.lora())
+        self.sparse = SparseMethod(self.config.sparse())
+
+    def prepare(self, model: nn.Module, layers: list[int], batches=None) -> nn.Module:
+        if not layers:
+            raise UserInputError("rosa: no layer left to train (everything is frozen)")
+        model.requires_grad_(False)
+        chosen = self.sparse.choose(model, layers, batches)
+        wrapped = self.lora.prepare(model, layers)
+        self.sparse.attach_chosen(wrapped, chosen)
+        return wrapped
+
+    def param_groups(self, params: list[nn.Parameter], weight_decay: float) -> list[dict]:
+        return [{"params": params, "weight_decay": self.config.delta_weight_decay}]
+
+    def extra_state(self, model: nn.Module) -> dict:
+        return self.sparse.extra_state(model)
+
+    def on_step_end(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        self.sparse.on_step_end(model, optimizer, step)
+
+    def save(self, model: nn.Module, folder: Path) -> None:
+        self.lora.save(model, folder)
+        save_sparse(model, folder / SPARSE_FILE, {"importance": self.config.importance})
+
+    def load(self, model: nn.Module, folder: Path) -> nn.Module:
+        apply_sparse(model, folder / SPARSE_FILE)
+        return self.lora.load(model, folder)
