@@ -48,7 +48,7 @@ from .measure import PeakMemory, percentile
 from .methods import Method, get_method
 from .models import LoadedModel, count_parameters, decoder_layers, fingerprint, load_model
 
-DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "sparse": 2e-4, "rosa": 2e-4}
+DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "sparse": 2e-4, "rosa": 2e-4, "shira": 2e-4}
 
 
 @dataclass

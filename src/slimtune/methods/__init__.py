@@ -9,10 +9,11 @@ from .base import Method, MethodConfig
 from .full import FullMethod
 from .lora import LoraMethod, LoraOptions
 from .rosa import RosaMethod, RosaOptions
+from .shira import ShiraMethod
 from .sparse import SparseMethod, SparseOptions
 
 METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (FullMethod, LoraMethod, SparseMethod, RosaMethod)}
+    m.name: m for m in (FullMethod, LoraMethod, SparseMethod, RosaMethod, ShiraMethod)}
 
 
 def get_method(name: str, options: dict[str, Any] | None = None) -> Method:
@@ -22,4 +23,5 @@ def get_method(name: str, options: dict[str, Any] | None = None) -> Method:
 
 
 __all__ = ["METHODS", "FullMethod", "LoraMethod", "LoraOptions", "Method", "MethodConfig",
-           "RosaMethod", "RosaOptions", "SparseMethod", "SparseOptions", "get_method"]
+           "RosaMethod", "RosaOptions", "ShiraMethod", "SparseMethod", "SparseOptions",
+           "get_method"]

@@ -1,0 +1,62 @@
+"""peft's SHiRA (sparse high-rank adapter: a random, fixed subset of each weight is trained)
+as a method of its own: the in-library anchor that slimtune's importance-scored sparse
+fine-tuning is compared against, at the same density.
+
+peft sizes SHiRA by ``r``: each adapted ``m x n`` weight trains ``r * (m + n)`` entries.
+``density`` is turned into the ``r`` that trains the same total number of entries over the
+adapted weights. The delta folder is peft's own format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from ..errors import DeltaError, UserInputError
+from ..models import decoder_layers
+from .base import Method, MethodConfig
+from .lora import linear_module_names
+
+
+@dataclass
+class ShiraOptions(MethodConfig):
+    density: float = 0.01
+    target_modules: list[str] | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.density < 1.0:
+            raise UserInputError(f"density must be in (0, 1), got {self.density}")
+
+
+class ShiraMethod(Method):
+    name = "shira"
+    config_class = ShiraOptions
+
+    def prepare(self, model: nn.Module, layers: list[int], batches=None) -> nn.Module:
+        from peft import ShiraConfig, get_peft_model
+
+        if not layers:
+            raise UserInputError("shira: no layer left to train (everything is frozen)")
+        cfg: ShiraOptions = self.config
+        targets = cfg.target_modules or linear_module_names(model)
+        all_layers = decoder_layers(model)
+        shapes = [m.weight.shape for i in layers for n, m in all_layers[i].named_modules()
+                  if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets]
+        r = max(1, round(cfg.density * sum(a * b for a, b in shapes) / sum(a + b for a, b in shapes)))
+        pattern = (r".*\.(" + "|".join(map(str, layers)) + r")\..*\.(" + "|".join(targets) + r")$")
+        return get_peft_model(model, ShiraConfig(r=r, target_modules=pattern,
+                                                 random_seed=cfg.seed, task_type="CAUSAL_LM"))
+
+    def save(self, model: nn.Module, folder: Path) -> None:
+        model.save_pretrained(str(folder))
+
+    def load(self, model: nn.Module, folder: Path) -> nn.Module:
+        from peft import PeftModel
+
+        try:
+            return PeftModel.from_pretrained(model, str(folder))
+        except Exception as e:
+            raise DeltaError(f"{folder}: peft could not load the SHiRA adapter ({e})") from e
