@@ -28,12 +28,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 def _cfg(impl: str, method: str, freeze: float = 0.0, bf16_adapters: bool = False,
-         liger: str | None = None) -> dict:
+         liger: str | None = None, options: dict | None = None) -> dict:
     """impl: "hf" (plain transformers / peft loop) or "slimtune" (accumulate_gradients);
     freeze: share of the bottom layers frozen; liger: None, "all" (its patched model incl.
     fused linear cross-entropy) or "kernels" (RMSNorm/SwiGLU/RoPE only)."""
     return {"impl": impl, "method": method, "freeze": freeze, "bf16_adapters": bf16_adapters,
-            "liger": liger}
+            "liger": liger, "options": options or {}}
 
 
 CONFIGS = {
@@ -50,6 +50,13 @@ CONFIGS = {
     "lora-bf16-freeze-half": _cfg("slimtune", "lora", 0.5, True),
     "lora-bf16-liger-kernels": _cfg("slimtune", "lora", 0.0, True, liger="kernels"),
     "lora-bf16-liger-kernels-freeze-half": _cfg("slimtune", "lora", 0.5, True, liger="kernels"),
+    # sparse: the step does not depend on the scorer, so the benchmark selects at random
+    "sparse": _cfg("slimtune", "sparse", options={"density": 0.01, "importance": "random"}),
+    "sparse-freeze-half": _cfg("slimtune", "sparse", 0.5,
+                               options={"density": 0.01, "importance": "random"}),
+    "rosa": _cfg("slimtune", "rosa", options={"r": 8, "alpha": 16, "dropout": 0.0,
+                                              "density": 0.005, "importance": "random"}),
+    "shira": _cfg("slimtune", "shira", options={"density": 0.01}),
 }
 
 
@@ -98,7 +105,7 @@ def run_one(args) -> dict:
     lora_opts = {"r": args.lora_r, "alpha": 2 * args.lora_r, "dropout": 0.0,
                  "adapter_dtype_follows_base": bf16_adapters}
     if impl == "slimtune":
-        m = get_method(method, lora_opts if method == "lora" else {})
+        m = get_method(method, lora_opts if method == "lora" else c["options"])
         model = m.prepare(model, list(range(k, n_layers)))
         freeze_below(model, k)
     elif method == "lora":
