@@ -33,5 +33,5 @@ def test_readme_examples_run_as_written(tmp_path):
     assert "bad.jsonl:2: has 'prompt' or 'completion' but is missing field 'completion'" in text
     assert "exit code 3" in text
     assert "Paris" in text
-    for run in ("quick", "top-half", "yaml", "api"):
+    for run in ("quick", "top-half", "yaml", "api", "sparse"):
         assert (tmp_path / "runs" / run / "delta" / "manifest.json").exists(), run
