@@ -169,3 +169,12 @@ def test_default_keep_is_one_value_everywhere():
     assert TrainConfig().keep == DEFAULT_KEEP
     for cmd in (["analyze", "--data", "x"], ["plan", "--data", "x"]):
         assert build_parser().parse_args(cmd).keep == DEFAULT_KEEP
+
+
+@pytest.mark.parametrize("method", ["sparse", "rosa"])
+def test_plan_costs_importance_scored_methods(tiny, method):
+    batch = synthetic_batch(len(tiny.tokenizer), 2, 16)
+    costs = calibrate(tiny.model, method, {"density": 0.05, "importance": "fisher"}, batch,
+                      steps=1)
+    e = estimate(costs, 0)
+    assert e.trainable_params >= costs.trainable_per_layer * tiny.num_layers > 0

@@ -123,11 +123,20 @@ def _mini_model(model: nn.Module, layers: int, device: torch.device) -> nn.Modul
     return mini
 
 
+def _costing_method(method: str, options: dict | None):
+    """The method as costed: a training step does not depend on *which* entries an
+    importance scorer picks, so mini models select at random (no calibration data needed)."""
+    m = get_method(method, dict(options or {}))
+    if hasattr(m.config, "importance"):
+        m = get_method(method, {**dict(options or {}), "importance": "random"})
+    return m
+
+
 def _trained_layer_params(model: nn.Module, method: str, options: dict | None,
                           device: torch.device) -> list[nn.Parameter]:
     """The parameters ``method`` trains inside one decoder layer (not the embeddings or the
     final norm, which a method training *every* layer may also take)."""
-    probe = get_method(method, dict(options or {})).prepare(_mini_model(model, 2, device), [1])
+    probe = _costing_method(method, options).prepare(_mini_model(model, 2, device), [1])
     return [p for p in decoder_layers(probe)[1].parameters() if p.requires_grad]
 
 
@@ -166,7 +175,7 @@ def _measure(mini: nn.Module, method: str, options: dict, n_frozen: int,
 
     before = _resident(device)
     n = len(decoder_layers(mini))
-    m = get_method(method, options)
+    m = _costing_method(method, options)
     model = m.prepare(mini, list(range(n_frozen, n)))
     freeze_below(model, n_frozen)
     if train_embeddings:
@@ -357,7 +366,7 @@ def activation_bytes_per_layer(model: nn.Module, method: str, options: dict | No
     totals = []
     for n_trained in (1, 2):
         mini = _mini_model(model, 1 + n_trained, device)
-        m = get_method(method, dict(options or {})).prepare(mini, list(range(1, 1 + n_trained)))
+        m = _costing_method(method, options).prepare(mini, list(range(1, 1 + n_trained)))
         freeze_below(m, 1)
         saved = _SavedBytes()
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), autocast():
