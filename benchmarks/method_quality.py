@@ -26,9 +26,9 @@ CONFIGS = {
     "rosa r=8 + 0.5%": ("rosa", 5e-4, {"r": 8, "density": 0.005}),
     "shira 1% (peft)": ("shira", 2e-4, {"density": 0.01}),
     # the sparse delta moves individual weights: a larger step size than LoRA's may suit it
-    "sparse 1% fisher, lr 1e-3": ("sparse", 1e-3, {"density": 0.01, "importance": "fisher"}),
-    "sparse 1% random, lr 1e-3": ("sparse", 1e-3, {"density": 0.01, "importance": "random"}),
-    "shira 1% (peft), lr 1e-3": ("shira", 1e-3, {"density": 0.01}),
+    "sparse 1% fisher lr=1e-3": ("sparse", 1e-3, {"density": 0.01, "importance": "fisher"}),
+    "sparse 1% random lr=1e-3": ("sparse", 1e-3, {"density": 0.01, "importance": "random"}),
+    "shira 1% (peft) lr=1e-3": ("shira", 1e-3, {"density": 0.01}),
 }
 
 
