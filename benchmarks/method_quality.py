@@ -27,7 +27,11 @@ CONFIGS = {
     "shira 1% (peft)": ("shira", 2e-4, {"density": 0.01}),
     # the sparse delta moves individual weights: a larger step size than LoRA's may suit it
     "sparse 1% fisher lr=1e-3": ("sparse", 1e-3, {"density": 0.01, "importance": "fisher"}),
+    "sparse 1% grad lr=1e-3": ("sparse", 1e-3, {"density": 0.01, "importance": "grad"}),
+    "sparse 1% activation lr=1e-3": ("sparse", 1e-3, {"density": 0.01,
+                                                     "importance": "activation"}),
     "sparse 1% random lr=1e-3": ("sparse", 1e-3, {"density": 0.01, "importance": "random"}),
+    "rosa r=8 + 0.5% lr=1e-3": ("rosa", 1e-3, {"r": 8, "density": 0.005}),
     "shira 1% (peft) lr=1e-3": ("shira", 1e-3, {"density": 0.01}),
 }
 
