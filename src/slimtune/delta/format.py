@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import DeltaError
 from ..fileio import atomic_dir, sha256_file, write_json
-from ..methods import Method, get_method
+from ..methods import Method
 
 FORMAT = "slimtune-delta"
 FORMAT_VERSION = 1
@@ -116,12 +116,3 @@ def check_base(manifest: dict[str, Any], base_fingerprint: str, where: str | Pat
             f"({str(expected)[:19]}...), but the model given has fingerprint "
             f"{base_fingerprint[:19]}...; refusing to apply it to a different base"
         )
-
-
-def load_delta(folder: str | Path, model: nn.Module, base_fingerprint: str) -> tuple[nn.Module, dict]:
-    """Verify ``folder`` and attach it to the base ``model``; return (model, manifest)."""
-    folder = Path(folder)
-    manifest = verify_delta(folder)
-    check_base(manifest, base_fingerprint, folder)
-    method = get_method(manifest["method"], manifest["method_config"])
-    return method.load(model, folder), manifest

@@ -59,10 +59,6 @@ class Method(ABC):
     def save(self, model: nn.Module, folder: Path) -> None:
         """Write the trained state (only it, never the base) into ``folder``."""
 
-    @abstractmethod
-    def load(self, model: nn.Module, folder: Path) -> nn.Module:
-        """Attach a saved state to a base ``model``; return the model to run."""
-
     def trainable_state(self, model: nn.Module) -> dict:
         """Tensors a checkpoint must hold to resume: the trainable parameters by name, and
         whatever :meth:`extra_state` adds."""

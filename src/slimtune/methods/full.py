@@ -8,10 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors.torch import load_file
 from torch import nn
 
-from ..errors import DeltaError
 from ..fileio import write_safetensors
 from ..models import decoder_layers
 from .base import Method, MethodConfig
@@ -38,18 +36,6 @@ class FullMethod(Method):
     def save(self, model: nn.Module, folder: Path) -> None:
         state = {n: p for n, p in model.named_parameters() if p.requires_grad}
         write_safetensors(folder / WEIGHTS_FILE, state)
-
-    def load(self, model: nn.Module, folder: Path) -> nn.Module:
-        state = load_file(str(folder / WEIGHTS_FILE))
-        params = dict(model.named_parameters())
-        for name, value in state.items():
-            if name not in params:
-                raise DeltaError(f"{folder / WEIGHTS_FILE}: tensor {name!r} is not in the model")
-            if params[name].shape != value.shape:
-                raise DeltaError(f"{folder / WEIGHTS_FILE}: tensor {name!r} has shape "
-                                 f"{tuple(value.shape)}, the model's is {tuple(params[name].shape)}")
-            params[name].data.copy_(value)
-        return model
 
 
 def _final_norm(model: nn.Module) -> nn.Module | None:

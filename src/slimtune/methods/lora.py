@@ -11,7 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..errors import DeltaError, UserInputError
+from ..errors import UserInputError
 from ..models import decoder_layers
 from .base import Method, MethodConfig
 
@@ -71,13 +71,3 @@ class LoraMethod(Method):
 
     def save(self, model: nn.Module, folder: Path) -> None:
         model.save_pretrained(str(folder))
-
-    def load(self, model: nn.Module, folder: Path) -> nn.Module:
-        from peft import PeftModel
-
-        if not (folder / "adapter_config.json").exists():
-            raise DeltaError(f"{folder}: no adapter_config.json, not a LoRA delta")
-        try:
-            return PeftModel.from_pretrained(model, str(folder))
-        except Exception as e:
-            raise DeltaError(f"{folder}: peft could not load the adapter ({e})") from e

@@ -28,7 +28,7 @@ from ..errors import UserInputError
 from .base import Method, MethodConfig
 from .importance import SCORERS, SELECTIONS
 from .lora import LoraMethod
-from .sparse import SPARSE_FILE, SparseMethod, apply_sparse, save_sparse
+from .sparse import SPARSE_FILE, SparseMethod, save_sparse
 
 
 @dataclass
@@ -97,7 +97,3 @@ class RosaMethod(Method):
     def save(self, model: nn.Module, folder: Path) -> None:
         self.lora.save(model, folder)
         save_sparse(model, folder / SPARSE_FILE, {"importance": self.config.importance})
-
-    def load(self, model: nn.Module, folder: Path) -> nn.Module:
-        apply_sparse(model, folder / SPARSE_FILE)
-        return self.lora.load(model, folder)

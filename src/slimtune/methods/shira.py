@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..errors import DeltaError, UserInputError
+from ..errors import UserInputError
 from ..models import decoder_layers
 from .base import Method, MethodConfig
 from .lora import linear_module_names
@@ -52,11 +52,3 @@ class ShiraMethod(Method):
 
     def save(self, model: nn.Module, folder: Path) -> None:
         model.save_pretrained(str(folder))
-
-    def load(self, model: nn.Module, folder: Path) -> nn.Module:
-        from peft import PeftModel
-
-        try:
-            return PeftModel.from_pretrained(model, str(folder))
-        except Exception as e:
-            raise DeltaError(f"{folder}: peft could not load the SHiRA adapter ({e})") from e

@@ -279,11 +279,6 @@ class SparseMethod(Method):
     def save(self, model: nn.Module, folder: Path) -> None:
         save_sparse(model, folder / SPARSE_FILE, {"importance": self.config.importance})
 
-    def load(self, model: nn.Module, folder: Path) -> nn.Module:
-        """Apply the delta to the base weights (merged: no inference overhead)."""
-        apply_sparse(model, folder / SPARSE_FILE)
-        return model
-
 
 def model_weight(model: nn.Module, delta: SparseDelta) -> torch.Tensor:
     for m in model.modules():

@@ -1,0 +1,174 @@
+"""Apply a delta to a loaded base model, and take it off again bit for bit.
+
+* ``full``: the trained tensors are replaced; their originals are kept to restore.
+* ``sparse``: the values are scatter-added; the original entries are kept to restore.
+* ``lora`` / ``shira``: attached through peft. Unmerged (the default in a live process) the
+  base weights are never written, and removing is peft's ``unload()``. Merged
+  (``merge=True``, e.g. to write a model folder) the touched weights are copied first, so
+  removing restores them exactly rather than subtracting ``B @ A`` again in floating point.
+* ``rosa``: the sparse part as above, then the LoRA part as above.
+
+:class:`DeltaSwitcher` keeps one base model loaded and switches deltas on it (hot swap).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from ..errors import DeltaError
+from ..methods.full import WEIGHTS_FILE
+from ..methods.sparse import SPARSE_FILE, apply_sparse, canonical_name, remove_sparse
+from .format import check_base, verify_delta
+
+
+@dataclass
+class Applied:
+    model: nn.Module  # the model to run
+    manifest: dict
+    ref: str
+    merged: bool
+    _undo: list[Callable[[], nn.Module | None]] = field(default_factory=list)
+
+    def remove(self) -> nn.Module:
+        """Take the delta off; return the base model (the same weights as before, bit for bit)."""
+        base = self.model
+        for undo in reversed(self._undo):
+            out = undo()
+            if out is not None:
+                base = out
+        self._undo.clear()
+        return base
+
+
+def _attach_peft(model: nn.Module, folder: Path, merge: bool) -> tuple[nn.Module, Callable]:
+    from peft import PeftModel
+
+    try:
+        wrapped = PeftModel.from_pretrained(model, str(folder))
+    except Exception as e:
+        raise DeltaError(f"{folder}: peft could not load the adapter ({e})") from e
+    if not merge:
+        return wrapped, lambda: wrapped.unload()
+    touched = {canonical_name(n): m.base_layer.weight.detach().clone()
+               for n, m in wrapped.named_modules() if hasattr(m, "base_layer")
+               and hasattr(m.base_layer, "weight")}
+    plain = wrapped.merge_and_unload()
+
+    def restore() -> nn.Module:
+        params = {canonical_name(n): m for n, m in plain.named_modules()}
+        with torch.no_grad():
+            for name, w in touched.items():
+                params[name].weight.copy_(w)
+        return plain
+
+    return plain, restore
+
+
+def apply_delta(model: nn.Module, folder: str | Path, base_fingerprint: str, *,
+                merge: bool = False, ref: str | None = None) -> Applied:
+    """Verify ``folder``, check it belongs to this base, and apply it to ``model``."""
+    folder = Path(folder)
+    manifest = verify_delta(folder)
+    check_base(manifest, base_fingerprint, folder)
+    method = manifest["method"]
+    applied = Applied(model, manifest, ref or str(folder), merge)
+    if method == "full":
+        state = load_file(str(folder / WEIGHTS_FILE))
+        params = dict(model.named_parameters())
+        missing = [n for n in state if n not in params]
+        if missing:
+            raise DeltaError(f"{folder}: tensors {missing[:3]} are not in the model")
+        original = {n: params[n].detach().clone() for n in state}
+        with torch.no_grad():
+            for n, v in state.items():
+                if params[n].shape != v.shape:
+                    raise DeltaError(f"{folder}: {n} has shape {tuple(v.shape)}, the model's is "
+                                     f"{tuple(params[n].shape)}")
+            for n, v in state.items():
+                params[n].copy_(v)
+
+        def undo_full() -> None:
+            with torch.no_grad():
+                for n, v in original.items():
+                    params[n].copy_(v)
+
+        applied._undo.append(undo_full)
+        applied.merged = True
+    elif method == "sparse":
+        apply_sparse(model, folder / SPARSE_FILE)
+        applied._undo.append(lambda: remove_sparse(model))
+        applied.merged = True
+    elif method in ("lora", "shira", "rosa"):
+        if method == "rosa":
+            apply_sparse(model, folder / SPARSE_FILE)
+            applied._undo.append(lambda: remove_sparse(model))
+        applied.model, undo = _attach_peft(model, folder, merge)
+        applied._undo.append(undo)
+    else:
+        raise DeltaError(f"{folder}: unknown method {method!r}")
+    return applied
+
+
+def load_delta(folder: str | Path, model: nn.Module, base_fingerprint: str
+               ) -> tuple[nn.Module, dict]:
+    """Verify ``folder`` and attach it to the base ``model`` (unmerged where the method
+    allows); return (model to run, manifest)."""
+    applied = apply_delta(model, folder, base_fingerprint)
+    return applied.model, applied.manifest
+
+
+class DeltaSwitcher:
+    """One base model in memory, deltas switched on and off it without reloading.
+
+    ``switch("prod")`` (a store tag or id) or ``switch(path)``; ``switch(None)`` is the base.
+    """
+
+    def __init__(self, loaded, store=None) -> None:
+        from ..models import fingerprint
+
+        self.loaded = loaded
+        self.base = loaded.model
+        self.fingerprint = fingerprint(self.base)
+        self.store = store
+        self.current: Applied | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        return self.current.model if self.current else self.base
+
+    @property
+    def label(self) -> str:
+        return self.current.ref if self.current else "base"
+
+    def resolve(self, ref: str) -> tuple[Path, str]:
+        path = Path(ref)
+        if path.is_dir():
+            return path, ref
+        if self.store is None:
+            from .store import DeltaStore
+
+            self.store = DeltaStore()
+        v = self.store.resolve(ref)
+        return v.path, v.id if v.id == ref else f"{ref} ({v.id})"
+
+    def switch(self, ref: str | None) -> nn.Module:
+        if self.current is not None:
+            self.base = self.current.remove()
+            self.current = None
+        if ref is not None:
+            folder, label = self.resolve(ref)
+            self.current = apply_delta(self.base, folder, self.fingerprint, ref=label)
+        return self.model
+
+    def generate(self, prompts: list[str], **kwargs) -> list[tuple[str, str]]:
+        """Greedy completions, each marked with the delta that produced it."""
+        from ..evaluation import generate
+
+        outs = generate(self.model, self.loaded.tokenizer, prompts, **kwargs)
+        return [(self.label, o) for o in outs]
