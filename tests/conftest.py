@@ -10,6 +10,15 @@ from slimtune.testing import tiny_model_dir
 LABELS = ["billing", "shipping", "returns"]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_store(tmp_path_factory):
+    """Commands that save into the delta store write into a temporary one, never ~/.local."""
+    import os
+
+    os.environ["SLIMTUNE_STORE"] = str(tmp_path_factory.mktemp("store"))
+    yield
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")

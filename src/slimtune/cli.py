@@ -92,6 +92,12 @@ def _train_parser(sub) -> None:
     p.add_argument("--task", default=S, help="auto, classification, generation or lm")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=S,
                    help="no progress bar")
+    p.add_argument("--store", default=S, help="delta store to save the result into "
+                                              "(default $SLIMTUNE_STORE or ~/.local/share/...)")
+    p.add_argument("--no-store", action="store_true", default=S,
+                   help="do not add the result to the delta store")
+    p.add_argument("--parent", default=S, help="store version this run continues (recorded)")
+    p.add_argument("--note", default=S, help="a note kept with the stored version")
 
 
 def _eval_parser(sub) -> None:
@@ -101,7 +107,9 @@ def _eval_parser(sub) -> None:
                                    "model + delta on a data file.")
     p.add_argument("--data", required=True, help="data file or builtin:NAME")
     _add_model_args(p)
-    p.add_argument("--delta", help="delta folder to apply (refused if trained on another base)")
+    p.add_argument("--delta", help="delta to apply: a folder, or a store id / tag (refused if "
+                                   "trained on another base)")
+    p.add_argument("--store", help="delta store for ids and tags")
     p.add_argument("--task", default="auto", help="auto, classification, generation or lm")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=512)
@@ -116,7 +124,8 @@ def _generate_parser(sub) -> None:
                                    "as a user turn unless --raw.")
     p.add_argument("prompt", help="the prompt text")
     _add_model_args(p)
-    p.add_argument("--delta", help="delta folder to apply")
+    p.add_argument("--delta", help="delta to apply: a folder, or a store id / tag")
+    p.add_argument("--store", help="delta store for ids and tags")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
 
@@ -189,8 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"slimtune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    from . import cli_store
+
     for add in (_train_parser, _eval_parser, _generate_parser, _analyze_parser, _plan_parser,
-                _demo_parser, _fetch_parser):
+                _demo_parser, _fetch_parser, cli_store.build):
         add(sub)
     return parser
 
@@ -204,7 +215,8 @@ def train_config_from_args(args: argparse.Namespace):
     if getattr(args, "config", None):
         values.update(read_yaml_config(args.config))
         where = args.config
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    given = {k: v for k, v in vars(args).items()
+             if k not in ("command", "config", "store", "no_store", "parent", "note")}
     method_options = dict(values.pop("method_options", None) or {})
     method_flags = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
                     "density": "density", "importance": "importance", "selection": "selection",
@@ -241,19 +253,30 @@ def _cmd_train(args) -> int:
     write_report(result.output_dir, f"Training run: {cfg.method}", ["metric", cfg.method], rows,
                  {"summary": s, "config": result.manifest["training"]}, notes)
     print(f"delta: {result.delta_dir}")
+    if not getattr(args, "no_store", False):
+        from .delta import DeltaStore
+
+        store = DeltaStore(getattr(args, "store", None))
+        v = store.add(result.delta_dir, parent=getattr(args, "parent", None),
+                      note=getattr(args, "note", None))
+        print(f"stored as {v.id} in {store.root}")
     return 0
 
 
-def _load_with_delta(model_spec: str, device: str, delta: str | None):
-    from .delta import load_delta
-    from .models import fingerprint, load_model
+def _load_with_delta(model_spec: str, device: str, delta: str | None, store: str | None = None):
+    """The base with ``delta`` (a folder, or a store id / tag) attached; (loaded, manifest, label)."""
+    from .delta import DeltaSwitcher
+    from .models import load_model
 
     dev = device if device != "auto" else ("cuda" if _cuda() else "cpu")
     loaded = load_model(model_spec, device=dev)
-    manifest = None
-    if delta:
-        loaded.model, manifest = load_delta(delta, loaded.model, fingerprint(loaded.model))
-    return loaded, manifest
+    if not delta:
+        return loaded, None, "base"
+    from .delta import DeltaStore
+
+    sw = DeltaSwitcher(loaded, DeltaStore(store) if store or not Path(delta).is_dir() else None)
+    loaded.model = sw.switch(delta)
+    return loaded, sw.current.manifest, sw.label
 
 
 def _cuda() -> bool:
@@ -271,7 +294,8 @@ def _cmd_eval(args) -> int:
     from .report import comparison_rows, print_table
 
     model_spec = getattr(args, "model", "default")
-    loaded, manifest = _load_with_delta(model_spec, getattr(args, "device", "auto"), args.delta)
+    loaded, manifest, label = _load_with_delta(model_spec, getattr(args, "device", "auto"),
+                                               args.delta, getattr(args, "store", None))
     ds = load_dataset(args.data, loaded.tokenizer, max_length=args.max_length)
     if args.limit:
         ds.records, ds.examples = ds.records[: args.limit], ds.examples[: args.limit]
@@ -282,7 +306,7 @@ def _cmd_eval(args) -> int:
     row["peak_memory_bytes"] = mem.peak_bytes
     if manifest:
         row["delta_bytes"] = delta_bytes(manifest)
-    name = loaded.name + (f" + {Path(args.delta).name}" if args.delta else "")
+    name = loaded.name + (f" + {label}" if args.delta else "")
     print_table(f"slimtune eval: {name} on {Path(ds.path).name} ({metrics['task']})",
                 ["metric", "value"], comparison_rows([row]))
     if args.output:
@@ -294,15 +318,16 @@ def _cmd_eval(args) -> int:
 def _cmd_generate(args) -> int:
     from .evaluation import generate
 
-    loaded, _manifest = _load_with_delta(getattr(args, "model", "default"),
-                                        getattr(args, "device", "auto"), args.delta)
+    loaded, _manifest, label = _load_with_delta(getattr(args, "model", "default"),
+                                                getattr(args, "device", "auto"), args.delta,
+                                                getattr(args, "store", None))
     tok = loaded.tokenizer
     prompt = args.prompt
     if not args.raw and getattr(tok, "chat_template", None):
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)
     text = generate(loaded.model, tok, [prompt], max_new_tokens=args.max_new_tokens)[0]
-    print(text.strip())
+    print(f"[{label}] {text.strip()}")
     return 0
 
 
@@ -400,8 +425,21 @@ def _cmd_fetch(args) -> int:
     return 0
 
 
+def _cmd_delta(args) -> int:
+    from .cli_store import cmd_delta
+
+    return cmd_delta(args)
+
+
+def _cmd_ab(args) -> int:
+    from .cli_store import cmd_ab
+
+    return cmd_ab(args)
+
+
 COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate,
-            "analyze": _cmd_analyze, "plan": _cmd_plan, "demo": _cmd_demo, "fetch": _cmd_fetch}
+            "analyze": _cmd_analyze, "plan": _cmd_plan, "demo": _cmd_demo, "fetch": _cmd_fetch,
+            "delta": _cmd_delta, "ab": _cmd_ab}
 
 
 def main(argv: list[str] | None = None) -> int:

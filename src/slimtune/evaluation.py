@@ -52,6 +52,24 @@ def eval_loss(model: nn.Module, examples: Sequence[Example], pad_id: int, *,
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "target_tokens": count}
 
 
+@torch.no_grad()
+def per_example_loss(model: nn.Module, examples: Sequence[Example], pad_id: int, *,
+                     batch_size: int = 16, autocast=contextlib.nullcontext) -> list[float]:
+    """Mean target-token loss of each example (for paired comparisons)."""
+    was_training = model.training
+    model.eval()
+    dev = _device(model)
+    out: list[float] = []
+    for chunk in _batches(list(examples), batch_size):
+        for ex in chunk:  # one example per pass: the loss helper sums over the batch
+            batch = {k: v.to(dev) for k, v in collate([ex], pad_id).items()}
+            with autocast():
+                loss, n = target_loss(model, batch)
+            out.append(float(loss) / max(n, 1))
+    model.train(was_training)
+    return out
+
+
 def detect_task(dataset: Dataset, max_labels: int = 50) -> str:
     """``classification``, ``generation`` or ``lm`` from the data's shape and completions."""
     if dataset.shape != "prompt_completion":

@@ -1,0 +1,91 @@
+"""A/B tests of two deltas on the same examples: paired statistics, a winner, and costs.
+
+Per example, each side is correct or not (classification, exact match) or has a loss
+(language modelling). The difference B - A is reported with a paired bootstrap 95%
+confidence interval (resampling examples), and, for correctness, McNemar's exact test on
+the discordant pairs. A side wins when it scores better; the result is *significant* when
+the test's p < 0.05 (correctness) or the interval excludes 0 (loss).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+
+
+def mcnemar_exact(a: Sequence[int], b: Sequence[int]) -> dict:
+    """Exact two-sided McNemar test: only examples where exactly one side is right count."""
+    only_a = sum(1 for x, y in zip(a, b) if x and not y)
+    only_b = sum(1 for x, y in zip(a, b) if y and not x)
+    n = only_a + only_b
+    if n == 0:
+        return {"only_a": 0, "only_b": 0, "p_value": 1.0}
+    k = min(only_a, only_b)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return {"only_a": only_a, "only_b": only_b, "p_value": min(1.0, 2 * tail)}
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, samples: int = 2000,
+                     seed: int = 0) -> dict:
+    """Mean of b - a and a percentile 95% interval over examples resampled with replacement."""
+    diffs = [y - x for x, y in zip(a, b)]
+    n = len(diffs)
+    rng = random.Random(seed)
+    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(samples))
+    return {"mean_diff": sum(diffs) / n, "ci_low": means[int(0.025 * samples)],
+            "ci_high": means[int(0.975 * samples) - 1], "samples": samples}
+
+
+def compare(a_scores: Sequence[float], b_scores: Sequence[float], *, higher_is_better: bool,
+            binary: bool) -> dict:
+    """The verdict on per-example scores of A and B (same examples, same order)."""
+    if len(a_scores) != len(b_scores) or not a_scores:
+        raise ValueError("A and B need scores for the same, non-empty list of examples")
+    boot = paired_bootstrap(a_scores, b_scores)
+    out = {"bootstrap": boot}
+    better = boot["mean_diff"] > 0 if higher_is_better else boot["mean_diff"] < 0
+    if boot["mean_diff"] == 0:
+        out["winner"] = "tie"
+    else:
+        out["winner"] = "B" if better else "A"
+    if binary:
+        out["mcnemar"] = mcnemar_exact([int(x) for x in a_scores], [int(y) for y in b_scores])
+        out["significant"] = out["mcnemar"]["p_value"] < 0.05
+    else:
+        out["significant"] = boot["ci_low"] > 0 or boot["ci_high"] < 0
+    return out
+
+
+def run_ab(switcher, ref_a: str, ref_b: str, dataset, *, task: str = "auto",
+           batch_size: int = 16, latency: bool = True) -> dict:
+    """Evaluate two deltas on ``dataset`` with one loaded base; return the paired verdict."""
+    from .delta import delta_bytes
+    from .evaluation import detect_task, evaluate, label_set, per_example_loss
+
+    task = detect_task(dataset) if task == "auto" else task
+    labels = label_set(dataset.records) if task == "classification" else None
+    sides = {}
+    for side, ref in (("A", ref_a), ("B", ref_b)):
+        switcher.switch(ref)
+        metrics, details = evaluate(switcher.model, switcher.loaded.tokenizer, dataset, task=task,
+                                    labels=labels, batch_size=batch_size, latency=latency)
+        if task in ("classification", "generation"):
+            scores = [float(c) for c in details["correct"]]
+        else:
+            scores = per_example_loss(switcher.model, dataset.examples,
+                                      switcher.loaded.tokenizer.pad_token_id,
+                                      batch_size=batch_size)
+        manifest = switcher.current.manifest if switcher.current else {}
+        sides[side] = {"ref": switcher.label, "metrics": metrics, "scores": scores,
+                       "method": manifest.get("method"),
+                       "trainable_params": (manifest.get("metrics") or {}).get("trainable_params"),
+                       "delta_bytes": delta_bytes(manifest) if manifest else 0}
+    switcher.switch(None)
+    binary = task in ("classification", "generation")
+    verdict = compare(sides["A"]["scores"], sides["B"]["scores"], higher_is_better=binary,
+                      binary=binary)
+    metric = {"classification": "accuracy", "generation": "exact_match"}.get(task, "loss")
+    return {"task": task, "metric": metric, "examples": len(sides["A"]["scores"]),
+            "A": {k: v for k, v in sides["A"].items() if k != "scores"},
+            "B": {k: v for k, v in sides["B"].items() if k != "scores"}, **verdict}

@@ -1,0 +1,265 @@
+"""``slimtune delta ...`` and ``slimtune ab``: the versioned store from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from .errors import DeltaError, UserInputError
+
+
+def add_store_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", help="store folder (default $SLIMTUNE_STORE or "
+                                   "~/.local/share/slimtune/store)")
+
+
+def build(sub) -> None:
+    d = sub.add_parser("delta", help="the versioned delta store: list, show, tag, diff, verify, "
+                                     "rm, gc, apply, rollback, export, import, add",
+                       description="Versions of fine-tuned deltas with an SQLite index. IDs are "
+                                   "v1, v2, ...; tags (e.g. prod) name versions and move "
+                                   "atomically.")
+    add_store_arg(d)
+    ds = d.add_subparsers(dest="action", metavar="ACTION", required=True)
+    ds.add_parser("list", help="every version, with its tags")
+    p = ds.add_parser("show", help="one version's manifest summary")
+    p.add_argument("ref", help="version id, tag or 'latest'")
+    p = ds.add_parser("tag", help="point a tag at a version (atomically)")
+    p.add_argument("ref")
+    p.add_argument("name")
+    p = ds.add_parser("diff", help="what differs between two versions")
+    p.add_argument("a")
+    p.add_argument("b")
+    p = ds.add_parser("verify", help="check the checksums of one version or of all")
+    p.add_argument("ref", nargs="?")
+    p = ds.add_parser("rm", help="remove a version (refused while a tag or a child uses it)")
+    p.add_argument("ref")
+    p.add_argument("--force", action="store_true")
+    ds.add_parser("gc", help="remove files no version owns (e.g. after a killed save)")
+    p = ds.add_parser("rollback", help="move a tag back to the version it pointed at before")
+    p.add_argument("tag", nargs="?", default="prod")
+    p = ds.add_parser("apply", help="write base + delta as a model folder transformers loads")
+    p.add_argument("ref")
+    p.add_argument("--model", default="default")
+    p.add_argument("--out", required=True, help="folder to write (must not exist)")
+    p = ds.add_parser("export", help="export a LoRA version in peft's own format")
+    p.add_argument("ref")
+    p.add_argument("dir")
+    p.add_argument("--format", default="peft", choices=["peft"])
+    p = ds.add_parser("import", help="import a peft LoRA adapter folder as a new version")
+    p.add_argument("dir")
+    p.add_argument("--model", default="default", help="the base it was trained on")
+    p.add_argument("--note")
+    p = ds.add_parser("add", help="add a slimtune delta folder as a new version")
+    p.add_argument("dir")
+    p.add_argument("--parent")
+    p.add_argument("--note")
+
+    ab = sub.add_parser("ab", help="A/B-test two deltas on the same examples",
+                        description="Evaluates two deltas (ids, tags or folders) on one loaded "
+                                    "base with the same examples; reports the paired "
+                                    "difference (bootstrap CI, McNemar for accuracy), the "
+                                    "winner, and cost figures side by side.")
+    add_store_arg(ab)
+    ab.add_argument("a")
+    ab.add_argument("b")
+    ab.add_argument("--data", required=True)
+    ab.add_argument("--model", default="default")
+    ab.add_argument("--device", default="auto")
+    ab.add_argument("--task", default="auto")
+    ab.add_argument("--limit", type=int)
+    ab.add_argument("--output", help="write the result as JSON here")
+
+
+def _store(args):
+    from .delta import DeltaStore
+
+    return DeltaStore(args.store)
+
+
+def _fmt_version(store, v, tags) -> list[str]:
+    m = v.manifest()
+    acc = (m.get("metrics") or {}).get("eval_accuracy")
+    return [v.id, ",".join(t for t, vid in tags.items() if vid == v.id), v.method,
+            v.parent or "", f"{100 * acc:.1f}%" if acc is not None else "-",
+            f"{v.bytes / 2**20:.2f} MiB", v.created, v.note or ""]
+
+
+def cmd_delta(args) -> int:
+    from .report import print_table
+
+    store = _store(args)
+    a = args.action
+    if a == "list":
+        tags = store.tags()
+        print_table(f"slimtune delta list ({store.root})",
+                    ["id", "tags", "method", "parent", "accuracy", "size", "created", "note"],
+                    [_fmt_version(store, v, tags) for v in store.list()])
+    elif a == "show":
+        print(json.dumps(store.describe(store.resolve(args.ref)), indent=2, default=str))
+    elif a == "tag":
+        old, new = store.tag(args.name, args.ref)
+        print(f"{args.name}: {old or '(new)'} -> {new}")
+    elif a == "rollback":
+        old, new = store.rollback(args.tag)
+        print(f"{args.tag}: {old} -> {new}")
+    elif a == "diff":
+        from .delta.store import diff
+
+        print(json.dumps(diff(store.resolve(args.a), store.resolve(args.b)), indent=2,
+                         default=str))
+    elif a == "verify":
+        bad = 0
+        for vid, problem in store.verify(args.ref):
+            print(f"{vid}: {'ok' if problem is None else problem}")
+            bad += problem is not None
+        if bad:
+            raise DeltaError(f"{bad} version(s) failed verification")
+    elif a == "rm":
+        print(f"removed {store.remove(args.ref, force=args.force)}")
+    elif a == "gc":
+        removed = store.gc()
+        print(f"removed {len(removed)} unowned path(s)" + "".join(f"\n  {r}" for r in removed))
+    elif a == "add":
+        v = store.add(args.dir, parent=args.parent, note=args.note)
+        print(v.id)
+    elif a == "apply":
+        _apply_to_folder(store, args)
+    elif a == "export":
+        _export_peft(store, args)
+    elif a == "import":
+        print(_import_peft(store, args).id)
+    return 0
+
+
+def _apply_to_folder(store, args) -> None:
+    from .delta import apply_delta
+    from .fileio import atomic_dir, write_json
+    from .models import fingerprint, load_model
+
+    v = store.resolve(args.ref)
+    out = Path(args.out)
+    if out.exists():
+        raise UserInputError(f"{out} already exists; choose a new --out folder")
+    loaded = load_model(args.model)
+    applied = apply_delta(loaded.model, v.path, fingerprint(loaded.model), merge=True, ref=v.id)
+    if not applied.merged:
+        raise DeltaError(f"{v.id} ({v.method}) cannot be merged into the base")
+    with atomic_dir(out) as tmp:
+        applied.model.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+        write_json(tmp / "slimtune_delta.json", {"version": v.id, "method": v.method,
+                                                "base_fingerprint": v.base_fingerprint})
+    print(f"wrote {out} (base {loaded.name} + {v.id}, merged)")
+
+
+def _export_peft(store, args) -> None:
+    v = store.resolve(args.ref)
+    if v.method != "lora":
+        raise UserInputError(f"{v.id} is a {v.method} delta; only LoRA versions export to peft")
+    out = Path(args.dir)
+    if out.exists():
+        raise UserInputError(f"{out} already exists; choose a new folder")
+    from .fileio import atomic_dir
+
+    with atomic_dir(out) as tmp:
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copy2(v.path / name, tmp / name)
+    print(f"wrote {out}: load it with peft.PeftModel.from_pretrained(base, {str(out)!r})")
+
+
+def _import_peft(store, args):
+    """Wrap a peft LoRA folder in a slimtune manifest (fingerprinting the given base)."""
+    from .delta.format import FORMAT, FORMAT_VERSION, MANIFEST, library_versions
+    from .fileio import sha256_file, write_json
+    from .models import fingerprint, load_model
+
+    src = Path(args.dir)
+    cfg_path = src / "adapter_config.json"
+    if not cfg_path.is_file() or not (src / "adapter_model.safetensors").is_file():
+        raise DeltaError(f"{src}: not a peft adapter folder (needs adapter_config.json and "
+                         "adapter_model.safetensors)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise DeltaError(f"{cfg_path}: invalid JSON ({e.msg}, line {e.lineno})") from e
+    if cfg.get("peft_type") != "LORA":
+        raise DeltaError(f"{cfg_path}: peft_type is {cfg.get('peft_type')!r}; only LORA imports")
+    loaded = load_model(args.model)
+    from .models import decoder_layers
+
+    n_layers = len(decoder_layers(loaded.model))
+    layers = cfg.get("layers_to_transform") or list(range(n_layers))
+    targets = cfg.get("target_modules")
+    staging = store.staging / f"import-{src.name}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copy2(src / name, staging / name)
+        files = {n: {"sha256": sha256_file(staging / n), "bytes": (staging / n).stat().st_size}
+                 for n in ("adapter_config.json", "adapter_model.safetensors")}
+        from datetime import datetime, timezone
+
+        write_json(staging / MANIFEST, {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "method": "lora",
+            "method_config": {"r": cfg.get("r"), "alpha": cfg.get("lora_alpha"),
+                              "dropout": cfg.get("lora_dropout"),
+                              "target_modules": sorted(targets) if isinstance(targets, list)
+                              else targets},
+            "mergeable": True, "layers": layers,
+            "base": {"fingerprint": fingerprint(loaded.model), "name": loaded.name,
+                     "source": loaded.source, "num_layers": n_layers},
+            "imported_from": str(src.resolve()), "versions": library_versions(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "files": files})
+        return store.add(staging, note=args.note or f"imported from {src}")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def cmd_ab(args) -> int:
+    import torch
+
+    from .abtest import run_ab
+    from .data import load_dataset
+    from .delta import DeltaSwitcher
+    from .fileio import write_json
+    from .models import load_model
+    from .report import fmt, print_table
+
+    dev = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = load_model(args.model, device=dev)
+    ds = load_dataset(args.data, loaded.tokenizer)
+    if args.limit:
+        ds.records, ds.examples = ds.records[: args.limit], ds.examples[: args.limit]
+    sw = DeltaSwitcher(loaded, _store(args))
+    r = run_ab(sw, args.a, args.b, ds, task=args.task)
+    metric = r["metric"]
+    rows = []
+    for key, label, kind in [(metric, metric, "pct" if metric != "loss" else "f3"),
+                             ("latency_p50_ms", "decode latency p50", "ms"),
+                             ("latency_p95_ms", "decode latency p95", "ms")]:
+        rows.append([label, fmt(r["A"]["metrics"].get(key), kind),
+                     fmt(r["B"]["metrics"].get(key), kind)])
+    rows.append(["trainable params", fmt(r["A"]["trainable_params"], "int"),
+                 fmt(r["B"]["trainable_params"], "int")])
+    rows.append(["delta on disk", fmt(r["A"]["delta_bytes"], "bytes"),
+                 fmt(r["B"]["delta_bytes"], "bytes")])
+    print_table(f"slimtune ab: {r['A']['ref']} vs {r['B']['ref']} on {r['examples']} examples "
+                f"({r['task']})", ["", f"A: {r['A']['ref']}", f"B: {r['B']['ref']}"], rows)
+    b = r["bootstrap"]
+    scale = 100 if metric != "loss" else 1
+    unit = " points" if metric != "loss" else ""
+    line = (f"B - A = {scale * b['mean_diff']:+.2f}{unit} (95% CI {scale * b['ci_low']:+.2f} .. "
+            f"{scale * b['ci_high']:+.2f})")
+    if "mcnemar" in r:
+        m = r["mcnemar"]
+        line += f"; McNemar: {m['only_a']} right only with A, {m['only_b']} only with B, p = {m['p_value']:.3g}"
+    print(line)
+    winner = {"A": r["A"]["ref"], "B": r["B"]["ref"]}.get(r["winner"], "neither (tie)")
+    print(f"winner: {winner}, {'significant' if r['significant'] else 'not significant'} at 5%")
+    if args.output:
+        write_json(args.output, r)
+    return 0
