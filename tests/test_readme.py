@@ -33,5 +33,9 @@ def test_readme_examples_run_as_written(tmp_path):
     assert "bad.jsonl:2: has 'prompt' or 'completion' but is missing field 'completion'" in text
     assert "exit code 3" in text
     assert "Paris" in text
-    for run in ("quick", "top-half", "yaml", "api", "sparse"):
+    assert "prod: v2 -> v1" in text and "winner:" in text and "[prod (v1)]" in text
+    assert (tmp_path / "exported-v2" / "adapter_config.json").exists()
+    assert (tmp_path / "merged-v2" / "config.json").exists()
+    assert "('v1', " in text and "('v2', " in text and "('base', " in text
+    for run in ("quick", "top-half", "yaml", "api", "sparse", "s1", "s2"):
         assert (tmp_path / "runs" / run / "delta" / "manifest.json").exists(), run
