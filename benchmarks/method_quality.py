@@ -31,6 +31,8 @@ CONFIGS = {
     "sparse 1% activation lr=1e-3": ("sparse", 1e-3, {"density": 0.01,
                                                      "importance": "activation"}),
     "sparse 1% random lr=1e-3": ("sparse", 1e-3, {"density": 0.01, "importance": "random"}),
+    "lora r=8 lr=1e-3": ("lora", 1e-3, {"r": 8}),
+    "full lr=1e-4": ("full", 1e-4, {}),
     "rosa r=8 + 0.5% lr=1e-3": ("rosa", 1e-3, {"r": 8, "density": 0.005}),
     "shira 1% (peft) lr=1e-3": ("shira", 1e-3, {"density": 0.01}),
 }
