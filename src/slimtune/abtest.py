@@ -74,8 +74,7 @@ def run_ab(switcher, ref_a: str, ref_b: str, dataset, *, task: str = "auto",
             scores = [float(c) for c in details["correct"]]
         else:
             scores = per_example_loss(switcher.model, dataset.examples,
-                                      switcher.loaded.tokenizer.pad_token_id,
-                                      batch_size=batch_size)
+                                      switcher.loaded.tokenizer.pad_token_id)
         manifest = switcher.current.manifest if switcher.current else {}
         sides[side] = {"ref": switcher.label, "metrics": metrics, "scores": scores,
                        "method": manifest.get("method"),

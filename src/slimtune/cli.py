@@ -266,10 +266,9 @@ def _cmd_train(args) -> int:
 def _load_with_delta(model_spec: str, device: str, delta: str | None, store: str | None = None):
     """The base with ``delta`` (a folder, or a store id / tag) attached; (loaded, manifest, label)."""
     from .delta import DeltaSwitcher
-    from .models import load_model
+    from .models import load_model, resolve_device
 
-    dev = device if device != "auto" else ("cuda" if _cuda() else "cpu")
-    loaded = load_model(model_spec, device=dev)
+    loaded = load_model(model_spec, device=resolve_device(device))
     if not delta:
         return loaded, None, "base"
     from .delta import DeltaStore
@@ -277,12 +276,6 @@ def _load_with_delta(model_spec: str, device: str, delta: str | None, store: str
     sw = DeltaSwitcher(loaded, DeltaStore(store) if store or not Path(delta).is_dir() else None)
     loaded.model = sw.switch(delta)
     return loaded, sw.current.manifest, sw.label
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _cmd_eval(args) -> int:
@@ -332,8 +325,9 @@ def _cmd_generate(args) -> int:
 
 
 def _device_of(args) -> str:
-    dev = getattr(args, "device", "auto")
-    return dev if dev != "auto" else ("cuda" if _cuda() else "cpu")
+    from .models import resolve_device
+
+    return resolve_device(getattr(args, "device", "auto"))
 
 
 def _cmd_analyze(args) -> int:

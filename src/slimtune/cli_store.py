@@ -220,17 +220,14 @@ def _import_peft(store, args):
 
 
 def cmd_ab(args) -> int:
-    import torch
-
     from .abtest import run_ab
     from .data import load_dataset
     from .delta import DeltaSwitcher
     from .fileio import write_json
-    from .models import load_model
+    from .models import load_model, resolve_device
     from .report import fmt, print_table
 
-    dev = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    loaded = load_model(args.model, device=dev)
+    loaded = load_model(args.model, device=resolve_device(args.device))
     ds = load_dataset(args.data, loaded.tokenizer)
     if args.limit:
         ds.records, ds.examples = ds.records[: args.limit], ds.examples[: args.limit]

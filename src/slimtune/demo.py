@@ -8,13 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from .console import info
 from .data import load_dataset
 from .evaluation import evaluate
 from .measure import PeakMemory
-from .models import load_model
+from .models import load_model, resolve_device
 from .report import comparison_rows, plot_loss, print_table, write_report
 from .trainer import TrainConfig, train
 
@@ -29,7 +27,7 @@ def run_demo(output_dir: str | Path = "runs/demo", *, method: str = "lora",
              lr: float | None = None, device: str = "auto", progress: bool = True) -> dict:
     """Run the demo; return the before/after numbers (also written to ``output_dir``)."""
     out = Path(output_dir)
-    dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = resolve_device(device)
     loaded = load_model("default", device=dev)
     test = load_dataset(TEST_DATA, loaded.tokenizer)
     info(f"zero-shot evaluation of {loaded.name} on {len(test.records)} test messages")

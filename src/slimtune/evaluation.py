@@ -54,18 +54,18 @@ def eval_loss(model: nn.Module, examples: Sequence[Example], pad_id: int, *,
 
 @torch.no_grad()
 def per_example_loss(model: nn.Module, examples: Sequence[Example], pad_id: int, *,
-                     batch_size: int = 16, autocast=contextlib.nullcontext) -> list[float]:
-    """Mean target-token loss of each example (for paired comparisons)."""
+                     autocast=contextlib.nullcontext) -> list[float]:
+    """Mean target-token loss of each example (for paired comparisons); one example per
+    pass, since the loss helper sums over its batch."""
     was_training = model.training
     model.eval()
     dev = _device(model)
     out: list[float] = []
-    for chunk in _batches(list(examples), batch_size):
-        for ex in chunk:  # one example per pass: the loss helper sums over the batch
-            batch = {k: v.to(dev) for k, v in collate([ex], pad_id).items()}
-            with autocast():
-                loss, n = target_loss(model, batch)
-            out.append(float(loss) / max(n, 1))
+    for ex in examples:
+        batch = {k: v.to(dev) for k, v in collate([ex], pad_id).items()}
+        with autocast():
+            loss, n = target_loss(model, batch)
+        out.append(float(loss) / max(n, 1))
     model.train(was_training)
     return out
 

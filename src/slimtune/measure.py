@@ -1,4 +1,4 @@
-"""Cost measurements: peak memory per phase, and timers.
+"""Cost measurements: peak memory per phase.
 
 Peak memory is what the phase itself reached: on CUDA the allocator's peak of allocated
 bytes; on CPU the process's peak resident set size (Linux's VmHWM, reset at the start of
@@ -8,7 +8,6 @@ the phase through /proc/self/clear_refs, or, where that is not allowed, a 5 ms s
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import psutil
@@ -79,28 +78,6 @@ class PeakMemory:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-
-
-class Stopwatch:
-    """Accumulates wall time of the blocks it wraps (device work synchronized)."""
-
-    def __init__(self, device: torch.device | str = "cpu") -> None:
-        self.device = torch.device(device)
-        self.total = 0.0
-
-    def __enter__(self) -> Stopwatch:
-        self._sync()
-        self._t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._sync()
-        self.last = time.perf_counter() - self._t0
-        self.total += self.last
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -162,6 +162,11 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
     return LoadedModel(_plain_copy(model), tok, str(path), path.stem)
 
 
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else as given."""
+    return device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype

@@ -184,15 +184,16 @@ class NonFiniteError(ArithmeticError):
 def accumulate_gradients(model: nn.Module, params: list[nn.Parameter],
                          batches: list[dict[str, torch.Tensor]], device: torch.device,
                          autocast=contextlib.nullcontext, max_grad_norm: float = 1.0, *,
-                         world: int = 1, reduce=None) -> tuple[float, torch.Tensor, int]:
+                         world: int = 1, reduce=None) -> tuple[float, torch.Tensor, int, int]:
     """Forward and backward over the micro-batches of one optimizer step, then clip.
 
     The loss is normalised by the target tokens of the whole step (all micro-batches, all
-    processes). Returns (summed loss, gradient norm, input tokens). The benchmarks time
-    exactly this function, so what they measure is what ``slimtune train`` runs.
+    processes). Returns (summed loss, gradient norm, input tokens, this process' target
+    tokens). The benchmarks time exactly this function, so what they measure is what
+    ``slimtune train`` runs.
     """
-    n_target = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)),
-                            device=device)
+    local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    n_target = torch.tensor(float(local_targets), device=device)
     if world > 1:
         n_target = reduce(n_target, "sum")
     loss_sum, tokens = 0.0, 0
@@ -213,7 +214,7 @@ def accumulate_gradients(model: nn.Module, params: list[nn.Parameter],
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     if not torch.isfinite(grad_norm):
         raise NonFiniteError("gradient norm", float(grad_norm))
-    return loss_sum, grad_norm, tokens
+    return loss_sum, grad_norm, tokens, local_targets
 
 
 class Trainer:
@@ -440,10 +441,9 @@ class Trainer:
                 micro = [self._micro_batch((self.step * cfg.grad_accum + j) * world + rank)
                          for j in range(cfg.grad_accum)]
                 batches = [collate([self.examples[i] for i in idx], pad) for idx in micro]
-                n_target = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
                 lines = [self.examples[i].line for idx in micro for i in idx]
                 try:
-                    loss_sum, grad_norm, n_tokens = accumulate_gradients(
+                    loss_sum, grad_norm, n_tokens, n_target = accumulate_gradients(
                         self.model, self.params, batches, self.device, acc.autocast,
                         cfg.max_grad_norm, world=world, reduce=acc.reduce)
                 except NonFiniteError as e:

@@ -23,7 +23,13 @@ from torch import nn
 
 from ..errors import DeltaError
 from ..methods.full import WEIGHTS_FILE
-from ..methods.sparse import SPARSE_FILE, apply_sparse, canonical_name, remove_sparse
+from ..methods.sparse import (
+    SPARSE_FILE,
+    apply_sparse,
+    canonical_name,
+    linear_modules,
+    remove_sparse,
+)
 from .format import check_base, verify_delta
 
 
@@ -61,10 +67,10 @@ def _attach_peft(model: nn.Module, folder: Path, merge: bool) -> tuple[nn.Module
     plain = wrapped.merge_and_unload()
 
     def restore() -> nn.Module:
-        params = {canonical_name(n): m for n, m in plain.named_modules()}
+        modules = linear_modules(plain)
         with torch.no_grad():
             for name, w in touched.items():
-                params[name].weight.copy_(w)
+                modules[name].weight.copy_(w)
         return plain
 
     return plain, restore

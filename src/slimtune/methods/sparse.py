@@ -125,6 +125,11 @@ def canonical_name(name: str) -> str:
     return name.replace(".base_layer", "")
 
 
+def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every ``nn.Linear`` by its name in the plain base model."""
+    return {canonical_name(n): m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
 def sparse_modules(model: nn.Module) -> dict[str, nn.Linear]:
     return {canonical_name(n): m for n, m in model.named_modules()
             if isinstance(m, nn.Linear) and hasattr(m, "sparse_delta")}
@@ -184,7 +189,7 @@ def read_sparse(path: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]
 
 def check_against(model: nn.Module, entries: dict, meta: dict, where: Path) -> dict[str, nn.Linear]:
     """Refuse a delta whose modules, shapes or indices do not fit ``model``."""
-    modules = {canonical_name(n): m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    modules = linear_modules(model)
     found = {}
     for name, (idx, values) in entries.items():
         if name not in modules:
@@ -252,7 +257,7 @@ class SparseMethod(Method):
         return select_top(scores, cfg.density, cfg.selection)
 
     def attach_chosen(self, model: nn.Module, chosen: dict[str, torch.Tensor]) -> dict[str, int]:
-        modules = {canonical_name(n): m for n, m in model.named_modules() if type(m) is nn.Linear}
+        modules = linear_modules(model)
         for name, idx in chosen.items():
             attach(modules[name], idx)
         self.selected = {n: int(i.numel()) for n, i in chosen.items()}
@@ -268,23 +273,17 @@ class SparseMethod(Method):
         cfg: SparseOptions = self.config
         if not cfg.regrow_every:
             return
-        deltas = [m.sparse_delta for m in sparse_modules(model).values()]
-        for d in deltas:
-            if d.regrow_candidates is not None:
-                regrow(d, model_weight(model, d), optimizer)
+        modules = sparse_modules(model).values()
+        for m in modules:
+            if m.sparse_delta.regrow_candidates is not None:
+                regrow(m.sparse_delta, m.weight, optimizer)
         if (step + 1) % cfg.regrow_every == 0:  # the next backward records candidates
-            for d in deltas:
+            for m in modules:
+                d = m.sparse_delta
                 d.regrow_count = max(1, round(cfg.regrow_fraction * d.indices.numel()))
 
     def save(self, model: nn.Module, folder: Path) -> None:
         save_sparse(model, folder / SPARSE_FILE, {"importance": self.config.importance})
-
-
-def model_weight(model: nn.Module, delta: SparseDelta) -> torch.Tensor:
-    for m in model.modules():
-        if getattr(m, "sparse_delta", None) is delta:
-            return m.weight
-    raise KeyError("delta not attached")
 
 
 def regrow(delta: SparseDelta, weight: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
@@ -326,7 +325,7 @@ def remove_sparse(model: nn.Module) -> None:
     if not registry:
         raise DeltaError("no sparse delta is applied to this model")
     undo = registry.pop()
-    modules = {canonical_name(n): m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    modules = linear_modules(model)
     with torch.no_grad():
         for name, (idx, base) in undo.items():
             modules[name].weight.view(-1).index_copy_(0, idx, base)
