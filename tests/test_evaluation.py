@@ -127,3 +127,16 @@ def test_fused_chunked_cross_entropy_matches_autograd(autocast):
     frozen = weight.detach()
     lm.ChunkedLinearCrossEntropy.apply(hidden, frozen, targets, 7).backward()
     assert hidden.grad is not None
+
+
+def test_per_example_loss_matches_the_token_weighted_eval_loss(tiny, intent_file):
+    from slimtune.evaluation import per_example_loss
+
+    ds = load_dataset(intent_file, tiny.tokenizer)
+    exs = ds.examples[:6]
+    per = per_example_loss(tiny.model, exs, tiny.tokenizer.pad_token_id)
+    weights = [e.num_target_tokens for e in exs]
+    pooled = sum(p * w for p, w in zip(per, weights)) / sum(weights)
+    assert len(per) == 6 and len(set(per)) > 1
+    assert pooled == pytest.approx(eval_loss(tiny.model, exs, tiny.tokenizer.pad_token_id)["loss"],
+                                   rel=1e-4)

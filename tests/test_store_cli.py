@@ -100,3 +100,10 @@ def test_export_import_and_apply(tiny_dir, intent_file, tmp_path, store_dir, cap
                        "--model", str(tiny_dir))
     assert code == 5 and "not a peft adapter folder" in err
     assert run(capsys, "delta", "--store", store_dir, "verify")[0] == 0
+
+
+def test_ab_with_an_unknown_version_is_a_clear_error(tiny_dir, intent_file, store_dir, capsys):
+    code, _, err = run(capsys, "ab", "--store", store_dir, "v1", "v7", "--model", str(tiny_dir),
+                       "--data", str(intent_file))
+    assert code == 5 and err.strip().splitlines()[-1].startswith(
+        "slimtune: error: no version or tag 'v1' in the store")
