@@ -44,3 +44,39 @@ def test_a_few_lora_steps_lower_the_loss_on_the_bundled_task(tmp_path):
     after = eval_loss(res.model, probe, pad)["loss"]
     assert after < 0.5 * before, (before, after)
     assert res.manifest["base"]["name"] == DEFAULT_MODEL_NAME
+
+
+def test_expert_adapters_on_the_default_model_decode_like_a_full_forward():
+    """Routing with a KV cache (one new token at a time, left-padded batch) gives the
+    logits a full forward gives; fresh experts (B = 0) leave the model's answer alone."""
+    from slimtune.methods import get_method
+    from slimtune.methods.experts import attached
+
+    loaded = load_model("default")
+    tok, model = loaded.tokenizer, loaded.model
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     tokenize=False, add_generation_prompt=True)
+    experts = get_method("experts", {"experts": 8, "top_k": 2, "rank": 8})
+    experts.prepare(model, list(range(15, 30)))
+    model.eval()
+    assert "Paris" in generate(model, tok, [prompt], max_new_tokens=12)[0]
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for lin in attached(model).linears.values():
+            lin.lora_B.copy_(torch.randn(lin.lora_B.shape, generator=gen) * 0.02)
+    batch = tok([prompt, "Hello"], return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=6, do_sample=False,
+                             pad_token_id=tok.pad_token_id, output_logits=True,
+                             return_dict_in_generate=True)
+        seq = out.sequences
+        new = torch.ones_like(seq[:, batch["input_ids"].shape[1]:])
+        mask = torch.cat([batch["attention_mask"], new], 1)
+        full = model(input_ids=seq, attention_mask=mask).logits
+    n = batch["input_ids"].shape[1]
+    for step, logits in enumerate(out.logits):
+        assert torch.allclose(logits, full[:, n - 1 + step], atol=2e-3, rtol=1e-3), step
+    attached(model).remove()  # the experts did something, and they come off
+    with torch.no_grad():
+        base = model(input_ids=seq, attention_mask=mask).logits
+    assert (base - full)[mask.bool()].abs().max() > 0.05

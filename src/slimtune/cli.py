@@ -29,6 +29,32 @@ def _train_parser(sub) -> None:
                        description="Fine-tune a model on a data file; the result is a delta "
                                    "folder in OUTPUT_DIR/delta. Options can also come from a "
                                    "YAML file (--config); flags given here win.")
+    _add_train_options(p, grid=False)
+    p.add_argument("--store", default=S, help="delta store to save the result into "
+                                              "(default $SLIMTUNE_STORE or ~/.local/share/...)")
+    p.add_argument("--no-store", action="store_true", default=S,
+                   help="do not add the result to the delta store")
+    p.add_argument("--parent", default=S, help="store version this run continues (recorded)")
+    p.add_argument("--note", default=S, help="a note kept with the stored version")
+
+
+def _sweep_parser(sub) -> None:
+    p = sub.add_parser(
+        "sweep", help="sensitivity analysis: train a grid of method sizes, compare quality/cost",
+        description="Trains one run per combination of the comma-separated values given "
+                    "(e.g. --experts 2,4,8 --expert-rank 4,8,16, --lora-r 4,8,16 or --density "
+                    "0.001,0.01), every other option as in `slimtune train`, and writes one "
+                    "table (sweep.json, report.md) and a quality-versus-cost plot (sweep.png). "
+                    "Re-running the same sweep reuses the finished points. Results are not "
+                    "added to the delta store.")
+    _add_train_options(p, grid=True)
+
+
+def _add_train_options(p: argparse.ArgumentParser, grid: bool) -> None:
+    """The options of one training run; with ``grid`` the method sizes take lists."""
+    kind_int = str if grid else int
+    kind_float = str if grid else float
+    many = " (comma-separated values to sweep)" if grid else ""
     p.add_argument("--config", help="YAML file of options (same names as the flags)")
     p.add_argument("--data", default=S, help="training data: .jsonl, .json, .csv, .txt or "
                                              "builtin:NAME")
@@ -37,19 +63,28 @@ def _train_parser(sub) -> None:
                    help="fraction of --data held out for evaluation when --eval-data is absent "
                         "(default 0.1)")
     _add_model_args(p)
-    p.add_argument("--method", default=S, help="full, lora, sparse or rosa (default lora)")
-    p.add_argument("--lora-r", type=int, default=S, help="LoRA rank (default 8)")
+    p.add_argument("--method", default=S,
+                   help="full, lora, sparse, rosa, shira or experts (default lora)")
+    p.add_argument("--lora-r", type=kind_int, default=S, help="LoRA rank (default 8)" + many)
     p.add_argument("--lora-alpha", type=float, default=S, help="LoRA alpha (default 16)")
     p.add_argument("--lora-dropout", type=float, default=S, help="LoRA dropout (default 0.05)")
     p.add_argument("--lora-targets", default=S,
                    help="comma-separated linear module names (default: all linear layers)")
-    p.add_argument("--density", type=float, default=S,
-                   help="sparse/rosa: share of each weight to train (default 0.01)")
+    p.add_argument("--density", type=kind_float, default=S,
+                   help="sparse/rosa: share of each weight to train (default 0.01)" + many)
     p.add_argument("--importance", default=S,
                    help="sparse/rosa: importance scorer: fisher (default), grad, activation, random")
     p.add_argument("--selection", default=S, help="sparse/rosa: per_tensor (default) or global")
     p.add_argument("--regrow-every", type=int, default=S,
                    help="sparse/rosa: drop-and-regrow every N steps (default 0: off)")
+    p.add_argument("--experts", type=kind_int, default=S,
+                   help="experts: experts per layer (default 8)" + many)
+    p.add_argument("--top-k", type=kind_int, default=S,
+                   help="experts: experts each token runs (default 2)" + many)
+    p.add_argument("--expert-rank", type=kind_int, default=S,
+                   help="experts: rank of each expert (default 8)" + many)
+    p.add_argument("--aux-weight", type=float, default=S,
+                   help="experts: weight of the load-balancing loss (default 0.01)")
     p.add_argument("-o", "--option", action="append", default=S, metavar="KEY=VALUE",
                    help="a method option, e.g. -o r=16 (repeatable)")
     p.add_argument("--freeze-below", type=int, default=S,
@@ -92,12 +127,6 @@ def _train_parser(sub) -> None:
     p.add_argument("--task", default=S, help="auto, classification, generation or lm")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=S,
                    help="no progress bar")
-    p.add_argument("--store", default=S, help="delta store to save the result into "
-                                              "(default $SLIMTUNE_STORE or ~/.local/share/...)")
-    p.add_argument("--no-store", action="store_true", default=S,
-                   help="do not add the result to the delta store")
-    p.add_argument("--parent", default=S, help="store version this run continues (recorded)")
-    p.add_argument("--note", default=S, help="a note kept with the stored version")
 
 
 def _eval_parser(sub) -> None:
@@ -200,13 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     from . import cli_store
 
-    for add in (_train_parser, _eval_parser, _generate_parser, _analyze_parser, _plan_parser,
+    for add in (_train_parser, _sweep_parser, _eval_parser, _generate_parser, _analyze_parser, _plan_parser,
                 _demo_parser, _fetch_parser, cli_store.build):
         add(sub)
     return parser
 
 
-def train_config_from_args(args: argparse.Namespace):
+def train_config_from_args(args: argparse.Namespace, exclude: tuple[str, ...] = ()):
     """Defaults < YAML file < flags given on the command line."""
     from .trainer import TrainConfig
 
@@ -216,11 +245,12 @@ def train_config_from_args(args: argparse.Namespace):
         values.update(read_yaml_config(args.config))
         where = args.config
     given = {k: v for k, v in vars(args).items()
-             if k not in ("command", "config", "store", "no_store", "parent", "note")}
+             if k not in ("command", "config", "store", "no_store", "parent", "note", *exclude)}
     method_options = dict(values.pop("method_options", None) or {})
     method_flags = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
                     "density": "density", "importance": "importance", "selection": "selection",
-                    "regrow_every": "regrow_every"}
+                    "regrow_every": "regrow_every", "experts": "experts", "top_k": "top_k",
+                    "expert_rank": "rank", "aux_weight": "aux_weight"}
     for flag, key in method_flags.items():
         if flag in given:
             method_options[key] = given.pop(flag)
@@ -235,7 +265,14 @@ def train_config_from_args(args: argparse.Namespace):
 
 
 def _cmd_train(args) -> int:
-    from .report import comparison_rows, plot_loss, print_table, write_report
+    from .report import (
+        comparison_rows,
+        expert_usage_rows,
+        plot_expert_usage,
+        plot_loss,
+        print_table,
+        write_report,
+    )
     from .trainer import train
 
     cfg = train_config_from_args(args)
@@ -250,6 +287,14 @@ def _cmd_train(args) -> int:
         notes.append(f"freeze auto: freeze-below {s['freeze_below']} "
                      f"({result.manifest['auto_freeze']['reason']})")
         print(notes[-1])
+    if s.get("expert_usage"):
+        headers, usage_rows = expert_usage_rows(s["expert_usage"])
+        print_table("expert usage: share of routing slots per layer (max/mean 1.00 = even)",
+                    headers, usage_rows)
+        png = plot_expert_usage(s["expert_usage"], result.output_dir / "expert_usage.png",
+                                title=f"expert usage, {cfg.data}")
+        notes.append(f"active adapter params per token {s['active_params_per_token']:,} of "
+                     f"{s['adapter_params']:,}; expert usage heat map: {png.name}")
     write_report(result.output_dir, f"Training run: {cfg.method}", ["metric", cfg.method], rows,
                  {"summary": s, "config": result.manifest["training"]}, notes)
     print(f"delta: {result.delta_dir}")
@@ -260,6 +305,27 @@ def _cmd_train(args) -> int:
         v = store.add(result.delta_dir, parent=getattr(args, "parent", None),
                       note=getattr(args, "note", None))
         print(f"stored as {v.id} in {store.root}")
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from .report import comparison_rows, print_table, write_report
+    from .sweep import GRID_OPTIONS, grid_points, plot_sweep, run_sweep
+
+    lists = {k: v for k, v in vars(args).items() if k in GRID_OPTIONS}
+    cfg = train_config_from_args(args, exclude=tuple(GRID_OPTIONS))
+    if "output_dir" not in vars(args):
+        cfg.output_dir = f"runs/sweep-{cfg.method}"
+    points = grid_points(cfg.method, lists)
+    rows = run_sweep(cfg, points, cfg.output_dir, overwrite=cfg.overwrite)
+    table = comparison_rows(rows)
+    headers = ["metric", *[r["point"] for r in rows]]
+    title = f"slimtune sweep: {cfg.method} on {Path(str(cfg.data)).name}, {cfg.max_steps} steps"
+    print_table(title, headers, table)
+    out = Path(cfg.output_dir)
+    png = plot_sweep(rows, out / "sweep.png", title)
+    write_report(out, title, headers, table, {"rows": rows}, [f"plot: {png.name}"])
+    print(f"wrote {out / 'sweep.json'}, {out / 'report.md'} and {png}")
     return 0
 
 
@@ -431,7 +497,7 @@ def _cmd_ab(args) -> int:
     return cmd_ab(args)
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate,
+COMMANDS = {"train": _cmd_train, "sweep": _cmd_sweep, "eval": _cmd_eval, "generate": _cmd_generate,
             "analyze": _cmd_analyze, "plan": _cmd_plan, "demo": _cmd_demo, "fetch": _cmd_fetch,
             "delta": _cmd_delta, "ab": _cmd_ab}
 

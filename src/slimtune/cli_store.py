@@ -146,7 +146,9 @@ def _apply_to_folder(store, args) -> None:
     loaded = load_model(args.model)
     applied = apply_delta(loaded.model, v.path, fingerprint(loaded.model), merge=True, ref=v.id)
     if not applied.merged:
-        raise DeltaError(f"{v.id} ({v.method}) cannot be merged into the base")
+        why = (" (its experts are routed per token; run it attached: --delta " + v.id + ")"
+               if v.method == "experts" else "")
+        raise DeltaError(f"{v.id} ({v.method}) cannot be merged into the base{why}")
     with atomic_dir(out) as tmp:
         applied.model.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)

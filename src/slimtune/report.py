@@ -22,6 +22,7 @@ METRICS: list[tuple[str, str, str]] = [
     ("eval_latency_p50_ms", "decode latency p50", "ms"),
     ("eval_latency_p95_ms", "decode latency p95", "ms"),
     ("trainable_params", "trainable params", "int"),
+    ("active_params_per_token", "active adapter params/token", "int"),
     ("delta_bytes", "delta on disk", "bytes"),
 ]
 
@@ -125,3 +126,39 @@ def write_report(folder: str | Path, title: str, headers: Sequence[str],
     if notes:
         md += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
     write_text(folder / "report.md", md)
+
+
+def expert_usage_rows(usage: dict[Any, Sequence[float]]) -> tuple[list[str], list[list[str]]]:
+    """Per layer, each expert's share of the routing slots (training tokens x top-k)."""
+    experts = len(next(iter(usage.values())))
+    headers = ["layer", *[f"e{e}" for e in range(experts)], "max/mean"]
+    rows = []
+    for layer, counts in sorted(usage.items(), key=lambda kv: int(kv[0])):
+        total = sum(counts) or 1.0
+        shares = [c / total for c in counts]
+        rows.append([str(layer), *[f"{100 * s:.0f}%" for s in shares],
+                     f"{max(shares) * experts:.2f}"])
+    return headers, rows
+
+
+def plot_expert_usage(usage: dict[Any, Sequence[float]], path: str | Path,
+                      title: str = "expert usage") -> Path:
+    """Heat map: layers down, experts across, colour = share of the layer's routing slots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    layers = sorted(usage, key=int)
+    grid = np.array([usage[k] for k in layers], dtype=float)
+    grid = grid / np.maximum(grid.sum(1, keepdims=True), 1.0)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * grid.shape[1], 1.2 + 0.22 * len(layers)), dpi=120)
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0)
+    ax.set_xticks(range(grid.shape[1]))
+    ax.set_yticks(range(len(layers)), [str(k) for k in layers], fontsize=7)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="share of routing slots")
+    return save_png(fig, path)

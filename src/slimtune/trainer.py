@@ -48,7 +48,8 @@ from .measure import PeakMemory, percentile
 from .methods import Method, get_method
 from .models import LoadedModel, count_parameters, decoder_layers, fingerprint, load_model
 
-DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "sparse": 2e-4, "rosa": 2e-4, "shira": 2e-4}
+DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "sparse": 2e-4, "rosa": 2e-4, "shira": 2e-4,
+              "experts": 5e-4}
 
 
 @dataclass
@@ -119,6 +120,7 @@ class TrainConfig:
         need(self.freeze == "auto" or not (self.budget_memory or self.budget_step_time),
              "--budget-memory/--budget-step-time need --freeze auto")
         need(0 < self.keep <= 1, f"keep must be in (0, 1], got {self.keep}")
+        get_method(self.method, self.method_options)  # unknown method / bad options: fail now
         return self
 
     @property
@@ -184,11 +186,14 @@ class NonFiniteError(ArithmeticError):
 def accumulate_gradients(model: nn.Module, params: list[nn.Parameter],
                          batches: list[dict[str, torch.Tensor]], device: torch.device,
                          autocast=contextlib.nullcontext, max_grad_norm: float = 1.0, *,
-                         world: int = 1, reduce=None) -> tuple[float, torch.Tensor, int, int]:
+                         world: int = 1, reduce=None, aux_loss=None
+                         ) -> tuple[float, torch.Tensor, int, int]:
     """Forward and backward over the micro-batches of one optimizer step, then clip.
 
     The loss is normalised by the target tokens of the whole step (all micro-batches, all
-    processes). Returns (summed loss, gradient norm, input tokens, this process' target
+    processes). ``aux_loss()``, when given, returns a method's extra loss term of the last
+    forward (e.g. router load balancing); it is weighted per micro-batch by that batch's
+    target tokens, so it too is a per-token average, and it is not part of the reported loss. Returns (summed loss, gradient norm, input tokens, this process' target
     tokens). The benchmarks time exactly this function, so what they measure is what
     ``slimtune train`` runs.
     """
@@ -200,10 +205,13 @@ def accumulate_gradients(model: nn.Module, params: list[nn.Parameter],
     for b in batches:
         b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
         with autocast():
-            loss, _ = target_loss(model, b)
+            loss, n_batch = target_loss(model, b)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise NonFiniteError("loss", value)
+        extra = aux_loss() if aux_loss is not None else None
+        if extra is not None:
+            loss = loss + extra.float() * n_batch
         (loss * world / n_target).backward()
         loss_sum += value
         tokens += int(b["attention_mask"].sum())
@@ -445,7 +453,8 @@ class Trainer:
                 try:
                     loss_sum, grad_norm, n_tokens, n_target = accumulate_gradients(
                         self.model, self.params, batches, self.device, acc.autocast,
-                        cfg.max_grad_norm, world=world, reduce=acc.reduce)
+                        cfg.max_grad_norm, world=world, reduce=acc.reduce,
+                        aux_loss=lambda: self.method.auxiliary_loss(self.model))
                 except NonFiniteError as e:
                     raise self._diverged(e.what, e.value, lines) from None
                 tokens += n_tokens
@@ -463,7 +472,8 @@ class Trainer:
                 loss_mean = loss_sum / max(n_target, 1)
                 rec = {"step": self.step, "loss": loss_mean, "lr": lr,
                        "grad_norm": float(grad_norm), "step_time_s": dt,
-                       "tokens_per_s": tokens / train_time if train_time else 0.0}
+                       "tokens_per_s": tokens / train_time if train_time else 0.0,
+                       **self.method.step_metrics(self.model)}
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.eval_ds:
                     rec["eval_loss"] = self._eval_loss()
                 self._log(rec)
@@ -515,6 +525,7 @@ class Trainer:
             "device": str(self.device),
             **{f"eval_{k}": v for k, v in eval_metrics.items() if k != "task"},
             "task": eval_metrics.get("task"),
+            **self.method.summary(self.model),
         }
         base = {"fingerprint": self.base_fingerprint, "name": self.loaded.name,
                 "source": self.loaded.source,

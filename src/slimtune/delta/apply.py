@@ -7,6 +7,8 @@
   (``merge=True``, e.g. to write a model folder) the touched weights are copied first, so
   removing restores them exactly rather than subtracting ``B @ A`` again in floating point.
 * ``rosa``: the sparse part as above, then the LoRA part as above.
+* ``experts``: routed per token, so it cannot merge (the manifest says ``mergeable: false``);
+  it is attached as modules, and removing it puts the original layers back.
 
 :class:`DeltaSwitcher` keeps one base model loaded and switches deltas on it (hot swap).
 """
@@ -116,6 +118,11 @@ def apply_delta(model: nn.Module, folder: str | Path, base_fingerprint: str, *,
             applied._undo.append(lambda: remove_sparse(model))
         applied.model, undo = _attach_peft(model, folder, merge)
         applied._undo.append(undo)
+    elif method == "experts":
+        from ..methods.experts import load_experts
+
+        applied._undo.append(load_experts(model, folder, manifest).remove)
+        applied.merged = False
     else:
         raise DeltaError(f"{folder}: unknown method {method!r}")
     return applied

@@ -6,6 +6,7 @@ from typing import Any
 
 from ..errors import UserInputError
 from .base import Method, MethodConfig
+from .experts import ExpertsMethod, ExpertsOptions
 from .full import FullMethod
 from .lora import LoraMethod, LoraOptions
 from .rosa import RosaMethod, RosaOptions
@@ -13,7 +14,8 @@ from .shira import ShiraMethod
 from .sparse import SparseMethod, SparseOptions
 
 METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (FullMethod, LoraMethod, SparseMethod, RosaMethod, ShiraMethod)}
+    m.name: m for m in (FullMethod, LoraMethod, SparseMethod, RosaMethod, ShiraMethod,
+                        ExpertsMethod)}
 
 
 def get_method(name: str, options: dict[str, Any] | None = None) -> Method:
@@ -22,6 +24,6 @@ def get_method(name: str, options: dict[str, Any] | None = None) -> Method:
     return METHODS[name](options or {})
 
 
-__all__ = ["METHODS", "FullMethod", "LoraMethod", "LoraOptions", "Method", "MethodConfig",
+__all__ = ["METHODS", "ExpertsMethod", "ExpertsOptions", "FullMethod", "LoraMethod", "LoraOptions", "Method", "MethodConfig",
            "RosaMethod", "RosaOptions", "ShiraMethod", "SparseMethod", "SparseOptions",
            "get_method"]

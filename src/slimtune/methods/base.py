@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from ..errors import UserInputError
@@ -76,3 +77,16 @@ class Method(ABC):
     def param_groups(self, params: list[nn.Parameter], weight_decay: float) -> list[dict]:
         """Optimizer parameter groups; a method may give its delta its own decay."""
         return [{"params": params, "weight_decay": weight_decay}]
+
+    def auxiliary_loss(self, model: nn.Module) -> torch.Tensor | None:
+        """A loss term of the last forward pass to add to the task loss (e.g. a router's
+        load balancing), already weighted; None for most methods."""
+        return None
+
+    def step_metrics(self, model: nn.Module) -> dict[str, float]:
+        """Numbers to log with each optimizer step (e.g. the balancing loss)."""
+        return {}
+
+    def summary(self, model: nn.Module) -> dict[str, Any]:
+        """Method-specific facts for the run summary (e.g. active vs total parameters)."""
+        return {}

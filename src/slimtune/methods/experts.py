@@ -1,0 +1,376 @@
+"""Routed expert adapters: per decoder layer, E small low-rank experts and a learned router;
+each token runs only its top-k experts (conditional computation).
+
+One adapted layer::
+
+    p      = softmax(router(h / rms(h)))        h: the layer's input hidden state, per token
+    top    = the k largest entries of p; gates g = p[top] / sum(p[top])
+    y      = W x + (alpha / r) * sum_{e in top} g_e * B_e A_e x     for every adapted linear W
+
+An expert is a LoRA pair (A_e: r x in, B_e: out x r) on each adapted linear of the layer, so
+one routing decision per token and layer picks the same experts for q, k, v, ..., down.
+
+What is dense and what is not:
+
+* dense, every token: the base layer, and the router (E logits per token: d x E MACs);
+* gathered, only the routed tokens: the tokens sent to expert e are gathered
+  (``index_select``), run through A_e then B_e, weighted by their gate and added back
+  (``index_add``). Adapter FLOPs per token are ``k * r * (in + out)`` per linear, whatever E
+  is; an expert no token chose does not run at all (and gets no gradient).
+* Padding tokens (``attention_mask == 0``) are not routed.
+
+Load balancing (Switch Transformer): ``aux = E * sum_e f_e * P_e`` with f_e the share of
+routing slots given to expert e and P_e its mean router probability; 1 for perfectly even
+routing, up to E when one expert takes everything. The trainer adds ``aux_weight * aux``
+(averaged over layers) to the loss; only P_e carries gradient.
+
+The routing cannot be folded into the base weights, so the delta says ``mergeable: false``
+and applying it attaches these modules (``attach_experts``); removing them puts the original
+``nn.Linear`` objects back, so the base is untouched bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from ..errors import DeltaError, UserInputError
+from ..fileio import write_safetensors
+from ..models import decoder_layers
+from .base import Method, MethodConfig
+from .lora import linear_module_names
+
+EXPERTS_FILE = "experts.safetensors"
+
+
+@dataclass
+class ExpertsOptions(MethodConfig):
+    experts: int = 8
+    top_k: int = 2
+    rank: int = 8
+    alpha: float = 16.0
+    aux_weight: float = 0.01  # load-balancing loss weight
+    # Short names of the linear modules to adapt; None = every linear layer in the blocks.
+    target_modules: list[str] | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.experts < 1:
+            raise UserInputError(f"experts must be >= 1, got {self.experts}")
+        if not 1 <= self.top_k <= self.experts:
+            raise UserInputError(f"top_k must be between 1 and experts ({self.experts}), "
+                                 f"got {self.top_k}")
+        if self.rank < 1:
+            raise UserInputError(f"expert rank must be >= 1, got {self.rank}")
+        if self.aux_weight < 0:
+            raise UserInputError(f"aux_weight must be >= 0, got {self.aux_weight}")
+
+
+def load_balancing_loss(probs: torch.Tensor, chosen: torch.Tensor, experts: int) -> torch.Tensor:
+    """``E * sum_e f_e * P_e`` for router probabilities ``probs`` (N, E) and the chosen
+    experts ``chosen`` (N, k). Minimal (1) when routing is uniform."""
+    f = torch.bincount(chosen.reshape(-1), minlength=experts).to(probs.dtype) / chosen.numel()
+    return experts * (f * probs.mean(0)).sum()
+
+
+@dataclass
+class Routing:
+    """One layer's routing of one forward pass, sorted by expert."""
+
+    tokens: torch.Tensor  # (M,) flat token index of each routing slot, grouped by expert
+    gates: torch.Tensor  # (M,) the slot's gate weight
+    counts: list[int]  # slots per expert (host ints: the loop over experts needs them)
+
+
+class ExpertRouter(nn.Module):
+    """Chooses the top-k experts of each token from the layer's input hidden state."""
+
+    def __init__(self, hidden_size: int, experts: int, top_k: int,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.experts, self.top_k = experts, top_k
+        w = torch.randn(experts, hidden_size, generator=generator) / math.sqrt(hidden_size)
+        self.weight = nn.Parameter(w)
+        self.register_buffer("usage", torch.zeros(experts, dtype=torch.float64), persistent=False)
+        self.current: Routing | None = None
+        self.token_mask: torch.Tensor | None = None  # (B, T) of the running forward, if known
+        self.last_aux: torch.Tensor | None = None
+
+    def route(self, hidden: torch.Tensor) -> Routing:
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        keep = None
+        mask = self.token_mask
+        if mask is not None and mask.shape[0] == hidden.shape[0] and mask.shape[1] >= hidden.shape[1]:
+            m = mask[:, -hidden.shape[1]:].reshape(-1).bool()
+            if not bool(m.all()):
+                keep = m.nonzero().squeeze(1)
+                flat = flat.index_select(0, keep)
+        normed = flat.float() * torch.rsqrt(flat.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+        probs = torch.softmax(normed @ self.weight.float().t(), dim=-1)
+        top_p, top_i = probs.topk(self.top_k, dim=-1)
+        gates = top_p / top_p.sum(-1, keepdim=True)
+        slots = top_i.reshape(-1)
+        order = torch.argsort(slots, stable=True)
+        counts_t = torch.bincount(slots, minlength=self.experts)
+        tokens = order // self.top_k
+        if keep is not None:
+            tokens = keep[tokens]
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            self.last_aux = load_balancing_loss(probs, top_i, self.experts)
+        if self.training:
+            self.usage += counts_t.to(self.usage.dtype)
+        return Routing(tokens, gates.reshape(-1)[order], counts_t.tolist())
+
+
+class ExpertLinear(nn.Module):
+    """A frozen ``nn.Linear`` plus E low-rank experts, run on the tokens routed to them."""
+
+    def __init__(self, base_layer: nn.Linear, router: ExpertRouter, rank: int, alpha: float,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self._router = [router]  # a reference, not a submodule: the layer owns the router
+        e, dev = router.experts, base_layer.weight.device
+        a = torch.empty(e, rank, base_layer.in_features)
+        for i in range(e):  # peft's LoRA init per expert: A ~ kaiming-uniform, B = 0
+            bound = 1 / math.sqrt(base_layer.in_features)
+            a[i].uniform_(-bound, bound, generator=generator)
+        self.lora_A = nn.Parameter(a.to(dev))
+        self.lora_B = nn.Parameter(torch.zeros(e, base_layer.out_features, rank, device=dev))
+        self.scaling = alpha / rank
+
+    @property
+    def router(self) -> ExpertRouter:
+        return self._router[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        routing = self.router.current
+        if routing is None:
+            raise RuntimeError("ExpertLinear ran outside its decoder layer's forward "
+                               "(no routing for this pass)")
+        flat = x.reshape(-1, x.shape[-1])
+        picked = flat.index_select(0, routing.tokens)
+        parts, start = [], 0
+        for e, count in enumerate(routing.counts):
+            if count:
+                xs = picked[start: start + count]
+                parts.append((xs @ self.lora_A[e].t().to(xs.dtype)) @ self.lora_B[e].t().to(xs.dtype))
+                start += count
+        if not parts:
+            return out
+        h = torch.cat(parts)
+        h = h * (routing.gates * self.scaling).unsqueeze(1).to(h.dtype)
+        delta = torch.zeros(flat.shape[0], h.shape[1], dtype=h.dtype, device=h.device)
+        delta.index_add_(0, routing.tokens, h)
+        return out + delta.view(*out.shape).to(out.dtype)
+
+
+def _route_hook(router: ExpertRouter):
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        router.current = router.route(hidden)
+
+    return hook
+
+
+def _mask_hook(routers: list[ExpertRouter]):
+    def hook(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        for r in routers:
+            r.token_mask = mask
+
+    return hook
+
+
+@dataclass
+class Attached:
+    routers: dict[int, ExpertRouter]
+    linears: dict[str, ExpertLinear]  # "layer.module path" -> adapter
+    _undo: list
+
+    def remove(self) -> None:
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
+
+
+def _set_child(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def attach_experts(model: nn.Module, layers: list[int], cfg: ExpertsOptions) -> Attached:
+    """Give each layer in ``layers`` a router and wrap its target linears in experts."""
+    available = linear_module_names(model)
+    targets = cfg.target_modules or available
+    missing = sorted(set(targets) - set(available))
+    if missing:
+        raise UserInputError(f"experts target_modules {missing} are not linear modules of this "
+                             f"model's layers; available: {available}")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    blocks = decoder_layers(model)
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    routers: dict[int, ExpertRouter] = {}
+    linears: dict[str, ExpertLinear] = {}
+    undo: list = []
+    for i in layers:
+        block = blocks[i]
+        names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)
+                 and n.rsplit(".", 1)[-1] in targets]
+        dev = next(block.parameters()).device
+        size = hidden or block.get_submodule(names[0]).in_features
+        router = ExpertRouter(size, cfg.experts, cfg.top_k, gen).to(dev)
+        block.add_module("expert_router", router)
+        routers[i] = router
+        for name in names:
+            base = block.get_submodule(name)
+            adapter = ExpertLinear(base, router, cfg.rank, cfg.alpha, gen)
+            _set_child(block, name, adapter)
+            linears[f"{i}.{name}"] = adapter
+            undo.append(lambda b=block, n=name, m=base: _set_child(b, n, m))
+        handle = block.register_forward_pre_hook(_route_hook(router), with_kwargs=True)
+        undo.append(handle.remove)
+        undo.append(lambda b=block: delattr(b, "expert_router"))
+    handle = model.register_forward_pre_hook(_mask_hook(list(routers.values())), with_kwargs=True)
+    undo.append(handle.remove)
+    model._slimtune_experts = Attached(routers, linears, undo)
+    undo.append(lambda: model.__dict__.pop("_slimtune_experts", None))
+    return model._slimtune_experts
+
+
+def attached(model: nn.Module) -> Attached:
+    found = model.__dict__.get("_slimtune_experts")
+    if found is None:
+        raise UserInputError("this model has no expert adapters attached")
+    return found
+
+
+def expert_usage(model: nn.Module) -> dict[int, list[float]]:
+    """Per adapted layer, how many routing slots each expert took (since attaching)."""
+    return {i: r.usage.tolist() for i, r in attached(model).routers.items()}
+
+
+def adapter_parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Total adapter parameters, and those one token actually runs (its k experts + routers)."""
+    att = attached(model)
+    total = active = 0
+    for r in att.routers.values():
+        total += r.weight.numel()
+        active += r.weight.numel()
+    for lin in att.linears.values():
+        n = lin.lora_A.numel() + lin.lora_B.numel()
+        total += n
+        active += n * lin.router.top_k // lin.router.experts
+    return {"adapter_params": total, "active_params_per_token": active}
+
+
+def save_experts(model: nn.Module, path: Path) -> None:
+    att = attached(model)
+    tensors: dict[str, torch.Tensor] = {}
+    for i, r in att.routers.items():
+        tensors[f"layers.{i}.router"] = r.weight.detach().float()
+        tensors[f"layers.{i}.usage"] = r.usage.detach()
+    for key, lin in att.linears.items():
+        i, name = key.split(".", 1)
+        tensors[f"layers.{i}.{name}.lora_A"] = lin.lora_A.detach().float()
+        tensors[f"layers.{i}.{name}.lora_B"] = lin.lora_B.detach().float()
+    write_safetensors(path, tensors)
+
+
+def load_experts(model: nn.Module, folder: Path, manifest: dict) -> Attached:
+    """Attach the experts delta in ``folder`` as modules (it cannot merge); exact tensors."""
+    try:
+        cfg = ExpertsOptions.from_dict(manifest["method_config"], f"{folder}: method_config")
+    except (UserInputError, TypeError) as e:
+        raise DeltaError(f"{folder}: {e}") from e
+    layers = list(manifest["layers"])
+    n = len(decoder_layers(model))
+    if any(not 0 <= i < n for i in layers):
+        raise DeltaError(f"{folder}: layers {layers} do not fit a model of {n} layers")
+    try:
+        tensors = load_file(str(folder / EXPERTS_FILE))
+    except Exception as e:
+        raise DeltaError(f"{folder / EXPERTS_FILE}: unreadable ({e})") from e
+    att = attach_experts(model, layers, cfg)
+    try:
+        expected = {f"layers.{i}.router": r.weight for i, r in att.routers.items()}
+        expected.update({f"layers.{i}.usage": r.usage for i, r in att.routers.items()})
+        for key, lin in att.linears.items():
+            i, name = key.split(".", 1)
+            expected[f"layers.{i}.{name}.lora_A"] = lin.lora_A
+            expected[f"layers.{i}.{name}.lora_B"] = lin.lora_B
+        missing = sorted(set(expected) - set(tensors))
+        extra = sorted(set(tensors) - set(expected))
+        if missing or extra:
+            raise DeltaError(f"{folder / EXPERTS_FILE}: tensors do not match the manifest "
+                             f"(missing {missing[:3]}, unexpected {extra[:3]})")
+        with torch.no_grad():
+            for key, target in expected.items():
+                value = tensors[key]
+                if value.shape != target.shape:
+                    raise DeltaError(f"{folder / EXPERTS_FILE}: {key} has shape "
+                                     f"{tuple(value.shape)}, expected {tuple(target.shape)}")
+                target.copy_(value)
+    except DeltaError:
+        att.remove()
+        raise
+    for p in list(r.weight for r in att.routers.values()) + [
+            t for lin in att.linears.values() for t in (lin.lora_A, lin.lora_B)]:
+        p.requires_grad_(False)
+    return att
+
+
+class ExpertsMethod(Method):
+    name = "experts"
+    config_class = ExpertsOptions
+    mergeable = False
+
+    def __init__(self, config=None) -> None:
+        super().__init__(config)
+        self._aux_seen: list[float] = []
+
+    def prepare(self, model: nn.Module, layers: list[int], batches=None) -> nn.Module:
+        if not layers:
+            raise UserInputError("experts: no layer left to adapt (everything is frozen)")
+        model.requires_grad_(False)
+        attach_experts(model, layers, self.config)
+        return model
+
+    def auxiliary_loss(self, model: nn.Module) -> torch.Tensor | None:
+        """``aux_weight`` x the load-balancing loss of the last forward, averaged over layers."""
+        routers = attached(model).routers.values()
+        values = [r.last_aux for r in routers if r.last_aux is not None]
+        for r in routers:
+            r.last_aux = None
+        if not values or self.config.aux_weight == 0:
+            return None
+        aux = torch.stack(values).mean()
+        self._aux_seen.append(float(aux.detach()))
+        return self.config.aux_weight * aux
+
+    def step_metrics(self, model: nn.Module) -> dict:
+        seen, self._aux_seen = self._aux_seen, []
+        return {"balance_loss": sum(seen) / len(seen)} if seen else {}
+
+    def extra_state(self, model: nn.Module) -> dict:
+        return {f"{name}": buf for name, buf in model.named_buffers()
+                if name.endswith("expert_router.usage")}
+
+    def summary(self, model: nn.Module) -> dict:
+        return {**adapter_parameter_counts(model),
+                "expert_usage": {str(k): v for k, v in expert_usage(model).items()}}
+
+    def save(self, model: nn.Module, folder: Path) -> None:
+        save_experts(model, folder / EXPERTS_FILE)
+
+
+__all__ = ["EXPERTS_FILE", "ExpertLinear", "ExpertRouter", "ExpertsMethod", "ExpertsOptions",
+           "adapter_parameter_counts", "attach_experts", "expert_usage",
+           "load_balancing_loss", "load_experts"]

@@ -1,0 +1,132 @@
+"""Sensitivity analysis: train one configuration per point of a grid of method options and
+put quality and cost side by side (one table, one quality-versus-cost plot).
+
+Each point is an ordinary training run in ``OUTPUT_DIR/<point>``. A finished point is not
+trained again when the sweep is re-run with the same options (so a killed sweep resumes
+where it stopped); a half-finished point resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from .console import info
+from .errors import UserInputError
+from .fileio import write_json
+
+# grid flag -> (method option, type, methods it applies to)
+GRID_OPTIONS: dict[str, tuple[str, type, tuple[str, ...]]] = {
+    "experts": ("experts", int, ("experts",)),
+    "top_k": ("top_k", int, ("experts",)),
+    "expert_rank": ("rank", int, ("experts",)),
+    "lora_r": ("r", int, ("lora", "rosa")),
+    "density": ("density", float, ("sparse", "rosa", "shira")),
+}
+POINT_FILE = "sweep_point.json"
+COLUMNS = ("eval_accuracy", "eval_exact_match", "eval_loss", "train_time_s", "step_time_p50_s",
+           "tokens_per_s", "peak_memory_bytes", "eval_latency_p50_ms", "trainable_params",
+           "active_params_per_token", "delta_bytes")
+
+
+def parse_list(flag: str, text: str, kind: type) -> list:
+    values = []
+    for item in str(text).split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            values.append(kind(item))
+        except ValueError:
+            raise UserInputError(f"--{flag.replace('_', '-')}: {item!r} is not "
+                                 f"{'an integer' if kind is int else 'a number'}") from None
+    if not values:
+        raise UserInputError(f"--{flag.replace('_', '-')}: give at least one value")
+    return values
+
+
+def grid_points(method: str, lists: dict[str, str]) -> list[dict[str, Any]]:
+    """The cartesian product of the given ``flag -> "v1,v2"`` lists, as method options."""
+    axes = []
+    for flag, text in lists.items():
+        key, kind, methods = GRID_OPTIONS[flag]
+        if method not in methods:
+            raise UserInputError(f"--{flag.replace('_', '-')} does not apply to --method "
+                                 f"{method} (it is for {', '.join(methods)})")
+        axes.append([(key, v) for v in parse_list(flag, text, kind)])
+    if not axes:
+        flags = ", ".join(f"--{f.replace('_', '-')}" for f, (_, _, m) in GRID_OPTIONS.items()
+                          if method in m)
+        raise UserInputError(f"nothing to sweep: give comma-separated values for "
+                             f"{flags or 'an option of a method that has one'}")
+    return [dict(p) for p in itertools.product(*axes)]
+
+
+def point_name(options: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in options.items())
+
+
+def run_sweep(base, points: list[dict[str, Any]], output_dir: str | Path, *,
+              overwrite: bool = False) -> list[dict[str, Any]]:
+    """Train ``base`` (a TrainConfig) once per point; return one result row per point."""
+    from .trainer import train
+
+    out = Path(output_dir)
+    rows = []
+    for n, options in enumerate(points, 1):
+        name = point_name(options)
+        folder = out / name
+        cfg = replace(base, method_options={**base.method_options, **options},
+                      output_dir=str(folder), overwrite=overwrite, resume=not overwrite)
+        identity = json.loads(json.dumps(cfg.identity()))
+        done = folder / POINT_FILE
+        if done.exists() and not overwrite:
+            record = json.loads(done.read_text())
+            if record["identity"] != identity:
+                raise UserInputError(f"{folder} holds a sweep point trained with other options; "
+                                     "pass --overwrite or another --output-dir")
+            info(f"[{n}/{len(points)}] {name}: finished earlier, reusing {folder}")
+        else:
+            info(f"[{n}/{len(points)}] {name}: training")
+            result = train(cfg)
+            record = {"identity": identity, "summary": result.summary}
+            write_json(done, record)
+        rows.append({"point": name, "options": options,
+                     **{k: record["summary"].get(k) for k in COLUMNS}})
+    write_json(out / "sweep.json", {"method": base.method, "rows": rows})
+    return rows
+
+
+def plot_sweep(rows: list[dict[str, Any]], path: str | Path, title: str) -> Path:
+    """Quality against three costs (step time, trainable parameters, decode latency)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .report import save_png
+
+    quality = "eval_accuracy" if any(r.get("eval_accuracy") is not None for r in rows) \
+        else "eval_loss"
+    costs = [("step_time_p50_s", "train step time p50 (s)"),
+             ("trainable_params", "trainable parameters"),
+             ("eval_latency_p50_ms", "decode latency p50 (ms)")]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), dpi=110)
+    for ax, (key, label) in zip(axes, costs):
+        pts = [(r[key], r[quality], r["point"]) for r in rows
+               if r.get(key) is not None and r.get(quality) is not None]
+        for x, y, name in pts:
+            ax.scatter(x, 100 * y if quality == "eval_accuracy" else y, s=25)
+            ax.annotate(name, (x, 100 * y if quality == "eval_accuracy" else y), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        if key == "trainable_params" and pts:
+            ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("accuracy (%)" if quality == "eval_accuracy" else "eval loss")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    return save_png(fig, path)

@@ -1,0 +1,243 @@
+"""Routed expert adapters: conditional computation, gradients, balancing, delta round trip."""
+
+import itertools
+import json
+
+import pytest
+import torch
+
+from slimtune.cli import main
+from slimtune.delta import apply_delta
+from slimtune.errors import UserInputError
+from slimtune.methods import get_method
+from slimtune.methods.experts import (
+    ExpertRouter,
+    attached,
+    load_balancing_loss,
+)
+from slimtune.models import fingerprint, load_model
+from slimtune.testing import tiny_llama, tiny_tokenizer
+
+from .conftest import train_tiny
+
+
+def _with_experts(experts=4, top_k=2, rank=4, layers=(0, 1, 2, 3), seed=0):
+    tok = tiny_tokenizer()
+    model = tiny_llama(len(tok), layers=4, seed=seed)
+    get_method("experts", {"experts": experts, "top_k": top_k, "rank": rank}).prepare(
+        model, list(layers))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # B starts at zero (the adapter starts as the identity); wake it up
+        for lin in attached(model).linears.values():
+            lin.lora_B.copy_(torch.randn(lin.lora_B.shape, generator=gen) * 0.5)
+    return model, len(tok)
+
+
+def _chosen(router: ExpertRouter, n_tokens: int) -> list[set[int]]:
+    """The experts each flat token ran in the router's last pass."""
+    sets = [set() for _ in range(n_tokens)]
+    start = 0
+    for e, c in enumerate(router.current.counts):
+        for t in router.current.tokens[start: start + c].tolist():
+            sets[t].add(e)
+        start += c
+    return sets
+
+
+def test_a_token_only_depends_on_its_top_k_experts():
+    model, vocab = _with_experts(experts=4, top_k=2)
+    model.eval()
+    # 12 one-token sequences: no attention between tokens, so a token's logits can only
+    # change through the experts it ran itself, in some layer
+    ids = torch.randint(0, vocab, (12, 1), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits[:, -1]
+    routers = attached(model).routers
+    records = {}  # layer -> the experts each token ran there
+
+    def recorder(i):
+        def hook(module, args, kwargs, output):
+            records[i] = _chosen(routers[i], 12)
+        return hook
+
+    handles = [model.model.layers[i].register_forward_hook(recorder(i), with_kwargs=True)
+               for i in routers]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in handles:
+        h.remove()
+    chosen = {t: {(layer, e) for layer, sets in records.items() for e in sets[t]}
+              for t in range(12)}
+    layer, expert = 3, next(e for e in range(4)
+                            if any((3, e) not in chosen[t] for t in range(12))
+                            and any((3, e) in chosen[t] for t in range(12)))
+    with torch.no_grad():
+        for key, lin in attached(model).linears.items():
+            if key.startswith(f"{layer}."):
+                lin.lora_A[expert] += 1.0
+                lin.lora_B[expert] += 1.0
+        after = model(input_ids=ids).logits[:, -1]
+    for t in range(12):
+        same = torch.allclose(before[t], after[t], atol=1e-6, rtol=0)
+        assert same == ((layer, expert) not in chosen[t]), t
+
+
+def test_gradients_reach_only_the_chosen_experts_and_the_router():
+    model, vocab = _with_experts(experts=8, top_k=2, layers=(2,))
+    ids = torch.randint(0, vocab, (1, 2), generator=torch.Generator().manual_seed(3))
+    out = model(input_ids=ids).logits
+    router = attached(model).routers[2]
+    ran = {e for e, c in enumerate(router.current.counts) if c}
+    assert len(ran) <= 4  # 2 tokens x top-2
+    out.pow(2).mean().backward()
+    for lin in attached(model).linears.values():
+        for e in range(8):
+            for grad in (lin.lora_A.grad[e], lin.lora_B.grad[e]):
+                assert bool(grad.abs().sum() > 0) == (e in ran)
+        assert lin.base_layer.weight.grad is None
+    assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for n, p in model.named_parameters() if "layers.2." not in n)
+
+
+def test_balancing_loss_is_lowest_for_uniform_routing():
+    e, k, n = 8, 2, 4096
+    gen = torch.Generator().manual_seed(0)
+
+    def loss_at(bias: float) -> float:
+        logits = torch.randn(n, e, generator=gen)
+        logits[:, 0] += bias  # expert 0 is favoured more and more
+        probs = torch.softmax(logits, -1)
+        return float(load_balancing_loss(probs, probs.topk(k, -1).indices, e))
+
+    uniform = torch.full((n, e), 1.0 / e)
+    round_robin = torch.arange(n * k).reshape(n, k) % e
+    assert float(load_balancing_loss(uniform, round_robin, e)) == pytest.approx(1.0)
+    losses = [loss_at(b) for b in (0.0, 1.0, 2.0, 4.0, 8.0)]
+    assert losses[0] > 1.0 - 1e-6
+    assert all(a < b for a, b in itertools.pairwise(losses)), losses
+    assert losses[-1] > 3.0  # nearly every token sends a slot to expert 0
+    # its gradient pushes the favoured expert's probability down
+    logits = torch.randn(n, e, generator=gen)
+    logits[:, 0] += 2.0
+    logits.requires_grad_(True)
+    probs = torch.softmax(logits, -1)
+    load_balancing_loss(probs, probs.topk(k, -1).indices, e).backward()
+    assert logits.grad[:, 0].sum() > 0
+
+
+def test_training_experts_lowers_the_loss_and_reports_usage(tiny_dir, intent_file, tmp_path):
+    res = train_tiny(tiny_dir, intent_file, tmp_path / "run", method="experts", max_steps=12,
+                     freeze_below=2,
+                     method_options={"experts": 4, "top_k": 2, "rank": 4})
+    losses = [h["loss"] for h in res.history]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.25
+    assert all("balance_loss" in h and h["balance_loss"] >= 1.0 - 1e-6 for h in res.history)
+    s = res.summary
+    # experts only above the freeze point, and usage counted per routing slot
+    assert sorted(s["expert_usage"]) == ["2", "3"]
+    assert res.manifest["layers"] == [2, 3] and res.manifest["mergeable"] is False
+    slots = [sum(v) for v in s["expert_usage"].values()]
+    assert slots[0] == slots[1] > 0
+    assert s["active_params_per_token"] < s["adapter_params"] == s["trainable_params"]
+    names = [n for n, _ in res.model.named_parameters() if "lora_" in n or "router" in n]
+    assert names and all(".layers.2." in n or ".layers.3." in n for n in names)
+
+
+def test_experts_delta_round_trips_and_comes_off_bit_for_bit(tiny_dir, intent_file, tmp_path):
+    res = train_tiny(tiny_dir, intent_file, tmp_path / "run", method="experts", max_steps=4,
+                     method_options={"experts": 4, "top_k": 2, "rank": 4})
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    res.model.eval()
+    with torch.no_grad():
+        trained = res.model(input_ids=ids).logits
+    fresh = load_model(str(tiny_dir))
+    original = {k: v.clone() for k, v in fresh.model.state_dict().items()}
+    applied = apply_delta(fresh.model, res.delta_dir, fingerprint(fresh.model))
+    assert applied.merged is False
+    applied.model.eval()
+    with torch.no_grad():
+        assert torch.equal(applied.model(input_ids=ids).logits, trained)
+    usage = attached(applied.model).routers[0].usage.tolist()
+    assert usage == res.summary["expert_usage"]["0"]
+    base = applied.remove()
+    assert type(base.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert not hasattr(base.model.layers[0], "expert_router")
+    state = base.state_dict()
+    assert state.keys() == original.keys()
+    assert all(torch.equal(state[k], original[k]) for k in original)
+
+
+def test_experts_delta_with_wrong_shapes_is_refused_and_leaves_the_model(tiny_dir, intent_file,
+                                                                          tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from slimtune.delta.format import MANIFEST
+    from slimtune.errors import DeltaError
+    from slimtune.fileio import sha256_file
+
+    res = train_tiny(tiny_dir, intent_file, tmp_path / "run", method="experts", max_steps=2,
+                     method_options={"experts": 4, "top_k": 2, "rank": 4})
+    path = res.delta_dir / "experts.safetensors"
+    tensors = load_file(str(path))
+    key = next(k for k in tensors if k.endswith("lora_A"))
+    tensors[key] = tensors[key][:3]
+    save_file(tensors, str(path))
+    manifest = json.loads((res.delta_dir / MANIFEST).read_text())
+    manifest["files"]["experts.safetensors"] = {"sha256": sha256_file(path),
+                                                "bytes": path.stat().st_size}
+    (res.delta_dir / MANIFEST).write_text(json.dumps(manifest))
+    fresh = load_model(str(tiny_dir))
+    with pytest.raises(DeltaError, match=key.replace(".", r"\.") + ".*shape"):
+        apply_delta(fresh.model, res.delta_dir, fingerprint(fresh.model))
+    assert type(fresh.model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert "_slimtune_experts" not in fresh.model.__dict__
+
+
+@pytest.mark.parametrize("options", [{"experts": 4, "top_k": 5}, {"experts": 0},
+                                     {"rank": 0}, {"aux_weight": -1.0}, {"routers": 2}])
+def test_bad_expert_options_are_refused(options):
+    with pytest.raises(UserInputError):
+        get_method("experts", options)
+
+
+def test_cli_train_experts_writes_the_usage_heat_map_and_refuses_merging(
+        tiny_dir, intent_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", "--model", str(tiny_dir), "--data", str(intent_file), "--method",
+               "experts", "--experts", "4", "--top-k", "2", "--expert-rank", "2",
+               "--max-steps", "3", "--batch-size", "4", "--device", "cpu", "--no-progress",
+               "--output-dir", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "expert usage" in text and "active adapter params/token" in text
+    assert (out / "expert_usage.png").stat().st_size > 1000
+    version = text.split("stored as ")[1].split()[0]
+    rc = main(["delta", "apply", version, "--model", str(tiny_dir), "--out",
+               str(tmp_path / "merged")])
+    assert rc == 5 and "routed per token" in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists()
+    rc = main(["train", "--model", str(tiny_dir), "--data", str(intent_file), "--method",
+               "experts", "--experts", "2", "--top-k", "3", "--output-dir", str(tmp_path / "x")])
+    assert rc == 2 and "top_k" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_resumed_experts_run_matches_the_uninterrupted_one(tiny_dir, intent_file, tmp_path,
+                                                           capsys):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    opts = dict(method="experts", max_steps=6, save_every=3, keep_checkpoint=True,
+                method_options={"experts": 4, "top_k": 2, "rank": 4})
+    whole = train_tiny(tiny_dir, intent_file, tmp_path / "run", **opts)
+    a = load_file(str(whole.delta_dir / "experts.safetensors"))
+    # as if killed after the step-3 checkpoint: drop what came later, resume
+    shutil.rmtree(whole.delta_dir)
+    capsys.readouterr()
+    resumed = train_tiny(tiny_dir, intent_file, tmp_path / "run", resume=True, **opts)
+    assert "at step 3" in capsys.readouterr().err
+    assert resumed.history[0]["step"] == 1 and len(resumed.history) == 6
+    b = load_file(str(resumed.delta_dir / "experts.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.endswith("usage") and a[k].sum() > 0 for k in a)
