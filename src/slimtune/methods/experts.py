@@ -13,10 +13,12 @@ one routing decision per token and layer picks the same experts for q, k, v, ...
 What is dense and what is not:
 
 * dense, every token: the base layer, and the router (E logits per token: d x E MACs);
-* gathered, only the routed tokens: the tokens sent to expert e are gathered
-  (``index_select``), run through A_e then B_e, weighted by their gate and added back
-  (``index_add``). Adapter FLOPs per token are ``k * r * (in + out)`` per linear, whatever E
-  is; an expert no token chose does not run at all (and gets no gradient).
+* gathered, only the routed tokens: the token rows are gathered into groups, one per
+  expert (``index_select``), each group runs through its A_e then B_e (one grouped GEMM per
+  factor on CUDA SM90+, a loop over the experts that got tokens elsewhere), and each token's
+  k results are weighted by its gates and added to the base output. Adapter FLOPs per token
+  are ``k * r * (in + out)`` per linear, whatever E is; an expert no token chose does not
+  run at all (and gets no gradient).
 * Padding tokens (``attention_mask == 0``) are not routed.
 
 Load balancing (Switch Transformer): ``aux = E * sum_e f_e * P_e`` with f_e the share of
@@ -32,10 +34,12 @@ and applying it attaches these modules (``attach_experts``); removing them puts 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
@@ -80,11 +84,21 @@ def load_balancing_loss(probs: torch.Tensor, chosen: torch.Tensor, experts: int)
 
 @dataclass
 class Routing:
-    """One layer's routing of one forward pass, sorted by expert."""
+    """One layer's routing of one forward pass."""
 
     tokens: torch.Tensor  # (M,) flat token index of each routing slot, grouped by expert
-    gates: torch.Tensor  # (M,) the slot's gate weight
-    counts: list[int]  # slots per expert (host ints: the loop over experts needs them)
+    inverse: torch.Tensor  # (M,) where slot (token i, choice j) sits in that grouped order
+    gates: torch.Tensor  # (n, k) gate weights of the routed tokens, in token order
+    counts_t: torch.Tensor  # (E,) slots per expert, on the device
+    kept: torch.Tensor | None  # flat indices of the routed tokens; None = every token
+    _counts: list[int] | None = None
+
+    @property
+    def counts(self) -> list[int]:
+        """Slots per expert as host ints (one device sync, shared by the layer's linears)."""
+        if self._counts is None:
+            self._counts = self.counts_t.tolist()
+        return self._counts
 
 
 class ExpertRouter(nn.Module):
@@ -103,28 +117,69 @@ class ExpertRouter(nn.Module):
 
     def route(self, hidden: torch.Tensor) -> Routing:
         flat = hidden.reshape(-1, hidden.shape[-1])
-        keep = None
+        kept = None
         mask = self.token_mask
-        if mask is not None and mask.shape[0] == hidden.shape[0] and mask.shape[1] >= hidden.shape[1]:
+        if (mask is not None and mask.shape[0] == hidden.shape[0]
+                and mask.shape[1] >= hidden.shape[1]):
             m = mask[:, -hidden.shape[1]:].reshape(-1).bool()
             if not bool(m.all()):
-                keep = m.nonzero().squeeze(1)
-                flat = flat.index_select(0, keep)
-        normed = flat.float() * torch.rsqrt(flat.float().pow(2).mean(-1, keepdim=True) + 1e-6)
-        probs = torch.softmax(normed @ self.weight.float().t(), dim=-1)
+                kept = m.nonzero().squeeze(1)
+                flat = flat.index_select(0, kept)
+        x = flat.float()
+        normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        with torch.autocast(hidden.device.type, enabled=False):
+            probs = torch.softmax(normed @ self.weight.float().t(), dim=-1)
         top_p, top_i = probs.topk(self.top_k, dim=-1)
         gates = top_p / top_p.sum(-1, keepdim=True)
         slots = top_i.reshape(-1)
         order = torch.argsort(slots, stable=True)
-        counts_t = torch.bincount(slots, minlength=self.experts)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        counts = torch.bincount(slots, minlength=self.experts)
         tokens = order // self.top_k
-        if keep is not None:
-            tokens = keep[tokens]
+        if kept is not None:
+            tokens = kept[tokens]
         if torch.is_grad_enabled() and self.weight.requires_grad:
             self.last_aux = load_balancing_loss(probs, top_i, self.experts)
         if self.training:
-            self.usage += counts_t.to(self.usage.dtype)
-        return Routing(tokens, gates.reshape(-1)[order], counts_t.tolist())
+            self.usage += counts.to(self.usage.dtype)
+        return Routing(tokens, inverse, gates, counts, kept)
+
+
+def _grouped_ok(x: torch.Tensor) -> bool:
+    """Whether torch's grouped GEMM (one kernel for all experts, no host sync) can run."""
+    return (GROUPED_MM and x.is_cuda and hasattr(F, "grouped_mm")
+            and torch.cuda.get_device_capability(x.device) >= (9, 0))
+
+
+def expert_lowrank(xs: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                   routing: Routing) -> torch.Tensor:
+    """``B_e A_e x`` for every slot, the slots grouped by expert (rows of ``xs``).
+
+    Only the rows routed to expert e meet A_e and B_e: on CUDA (SM90+, bf16) as one grouped
+    GEMM per factor, elsewhere as a loop over the experts that received tokens.
+    """
+    global GROUPED_MM
+    if _grouped_ok(xs):
+        offs = torch.cumsum(routing.counts_t, 0).to(torch.int32)
+        try:
+            h = F.grouped_mm(xs.to(torch.bfloat16), a.to(torch.bfloat16).transpose(1, 2),
+                             offs=offs)
+            return F.grouped_mm(h, b.to(torch.bfloat16).transpose(1, 2), offs=offs)
+        except RuntimeError as e:  # a shape or build the kernel does not take: loop instead
+            GROUPED_MM = False
+            warnings.warn(f"grouped GEMM unavailable ({e}); experts run in a loop", stacklevel=2)
+    parts, start = [], 0
+    for e, count in enumerate(routing.counts):
+        if count:
+            part = xs[start: start + count]
+            parts.append(F.linear(F.linear(part, a[e]), b[e]))
+            start += count
+    return torch.cat(parts) if parts else xs.new_zeros(0, b.shape[1])
+
+
+# Use torch's grouped GEMM where it runs (CUDA SM90+); False forces the per-expert loop.
+GROUPED_MM = True
 
 
 class ExpertLinear(nn.Module):
@@ -154,21 +209,19 @@ class ExpertLinear(nn.Module):
         if routing is None:
             raise RuntimeError("ExpertLinear ran outside its decoder layer's forward "
                                "(no routing for this pass)")
+        a, b = self.lora_A, self.lora_B
+        if not torch.is_autocast_enabled(x.device.type) and a.dtype != x.dtype:
+            a, b = a.to(x.dtype), b.to(x.dtype)
         flat = x.reshape(-1, x.shape[-1])
-        picked = flat.index_select(0, routing.tokens)
-        parts, start = [], 0
-        for e, count in enumerate(routing.counts):
-            if count:
-                xs = picked[start: start + count]
-                parts.append((xs @ self.lora_A[e].t().to(xs.dtype)) @ self.lora_B[e].t().to(xs.dtype))
-                start += count
-        if not parts:
-            return out
-        h = torch.cat(parts)
-        h = h * (routing.gates * self.scaling).unsqueeze(1).to(h.dtype)
-        delta = torch.zeros(flat.shape[0], h.shape[1], dtype=h.dtype, device=h.device)
-        delta.index_add_(0, routing.tokens, h)
-        return out + delta.view(*out.shape).to(out.dtype)
+        h = expert_lowrank(flat.index_select(0, routing.tokens), a, b, routing)
+        # back to token order; each token's k results weighted by its gates: (1,k) @ (k,out)
+        k = routing.gates.shape[1]
+        h = h.index_select(0, routing.inverse).view(-1, k, h.shape[-1])
+        y = torch.bmm((routing.gates * self.scaling).unsqueeze(1).to(h.dtype), h).squeeze(1)
+        if routing.kept is None:
+            return out + y.view(out.shape).to(out.dtype)
+        flat_out = out.reshape(-1, out.shape[-1])
+        return flat_out.index_add(0, routing.kept, y.to(out.dtype)).view(out.shape)
 
 
 def _route_hook(router: ExpertRouter):
@@ -321,9 +374,14 @@ def load_experts(model: nn.Module, folder: Path, manifest: dict) -> Attached:
     except DeltaError:
         att.remove()
         raise
-    for p in list(r.weight for r in att.routers.values()) + [
-            t for lin in att.linears.values() for t in (lin.lora_A, lin.lora_B)]:
-        p.requires_grad_(False)
+    for r in att.routers.values():
+        r.weight.requires_grad_(False)
+    for lin in att.linears.values():  # serve in the base's dtype (bf16 on GPU): no cast per pass
+        dtype = lin.base_layer.weight.dtype
+        lin.lora_A.data = lin.lora_A.data.to(dtype)
+        lin.lora_B.data = lin.lora_B.data.to(dtype)
+        lin.lora_A.requires_grad_(False)
+        lin.lora_B.requires_grad_(False)
     return att
 
 
