@@ -35,6 +35,11 @@ CONFIGS = {
     "full lr=1e-4": ("full", 1e-4, {}),
     "rosa r=8 + 0.5% lr=1e-3": ("rosa", 1e-3, {"r": 8, "density": 0.005}),
     "shira 1% (peft) lr=1e-3": ("shira", 1e-3, {"density": 0.01}),
+    # routed experts against LoRA of the same active parameters per token (k * r = 16)
+    "lora r=16": ("lora", 5e-4, {"r": 16, "alpha": 32}),
+    "lora r=16 lr=1e-3": ("lora", 1e-3, {"r": 16, "alpha": 32}),
+    "experts 8 x r=8 top-2": ("experts", 5e-4, {"experts": 8, "top_k": 2, "rank": 8}),
+    "experts 8 x r=8 top-2 lr=1e-3": ("experts", 1e-3, {"experts": 8, "top_k": 2, "rank": 8}),
 }
 
 

@@ -15,8 +15,9 @@ What is dense and what is not:
 * dense, every token: the base layer, and the router (E logits per token: d x E MACs);
 * gathered, only the routed tokens: the token rows are gathered into groups, one per
   expert (``index_select``), each group runs through its A_e then B_e (one grouped GEMM per
-  factor on CUDA SM90+, a loop over the experts that got tokens elsewhere), and each token's
-  k results are weighted by its gates and added to the base output. Adapter FLOPs per token
+  factor on CUDA SM90+, a loop over the experts that got tokens elsewhere), and each slot's
+  gated result is added to its token's row of the base output (``index_put_`` with
+  accumulation). Adapter FLOPs per token
   are ``k * r * (in + out)`` per linear, whatever E is; an expert no token chose does not
   run at all (and gets no gradient).
 * Padding tokens (``attention_mask == 0``) are not routed.
@@ -84,14 +85,14 @@ def load_balancing_loss(probs: torch.Tensor, chosen: torch.Tensor, experts: int)
 
 @dataclass
 class Routing:
-    """One layer's routing of one forward pass."""
+    """One layer's routing of one forward pass, shared by the layer's adapted linears."""
 
     tokens: torch.Tensor  # (M,) flat token index of each routing slot, grouped by expert
-    inverse: torch.Tensor  # (M,) where slot (token i, choice j) sits in that grouped order
-    gates: torch.Tensor  # (n, k) gate weights of the routed tokens, in token order
+    gates: torch.Tensor  # (M,) each slot's gate weight, in the grouped order
     counts_t: torch.Tensor  # (E,) slots per expert, on the device
-    kept: torch.Tensor | None  # flat indices of the routed tokens; None = every token
     _counts: list[int] | None = None
+    _offsets: torch.Tensor | None = None
+    _gathered: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def counts(self) -> list[int]:
@@ -99,6 +100,21 @@ class Routing:
         if self._counts is None:
             self._counts = self.counts_t.tolist()
         return self._counts
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        """End of each expert's group of slots (int32, for the grouped GEMM)."""
+        if self._offsets is None:
+            self._offsets = torch.cumsum(self.counts_t, 0).to(torch.int32)
+        return self._offsets
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """The slots' input rows, grouped by expert; linears that share an input (q, k, v;
+        gate, up) share one gather."""
+        if self._gathered is None or self._gathered[0] is not x:
+            flat = x.reshape(-1, x.shape[-1])
+            self._gathered = (x, flat.index_select(0, self.tokens))
+        return self._gathered[1]
 
 
 class ExpertRouter(nn.Module):
@@ -125,16 +141,15 @@ class ExpertRouter(nn.Module):
             if not bool(m.all()):
                 kept = m.nonzero().squeeze(1)
                 flat = flat.index_select(0, kept)
-        x = flat.float()
-        normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-        with torch.autocast(hidden.device.type, enabled=False):
-            probs = torch.softmax(normed @ self.weight.float().t(), dim=-1)
+        # logits of the RMS-normalised state; the norm is applied after the (autocast) matmul
+        rms = torch.linalg.vector_norm(flat, dim=-1, dtype=torch.float32) / math.sqrt(
+            flat.shape[-1])
+        logits = F.linear(flat, self.weight.to(flat.dtype)).float() / (rms.unsqueeze(1) + 1e-6)
+        probs = torch.softmax(logits, dim=-1)
         top_p, top_i = probs.topk(self.top_k, dim=-1)
         gates = top_p / top_p.sum(-1, keepdim=True)
         slots = top_i.reshape(-1)
         order = torch.argsort(slots, stable=True)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
         counts = torch.bincount(slots, minlength=self.experts)
         tokens = order // self.top_k
         if kept is not None:
@@ -143,7 +158,7 @@ class ExpertRouter(nn.Module):
             self.last_aux = load_balancing_loss(probs, top_i, self.experts)
         if self.training:
             self.usage += counts.to(self.usage.dtype)
-        return Routing(tokens, inverse, gates, counts, kept)
+        return Routing(tokens, gates.reshape(-1)[order], counts)
 
 
 def _grouped_ok(x: torch.Tensor) -> bool:
@@ -152,30 +167,44 @@ def _grouped_ok(x: torch.Tensor) -> bool:
             and torch.cuda.get_device_capability(x.device) >= (9, 0))
 
 
-def expert_lowrank(xs: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+def expert_lowrank(xs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gates: torch.Tensor,
                    routing: Routing) -> torch.Tensor:
-    """``B_e A_e x`` for every slot, the slots grouped by expert (rows of ``xs``).
+    """``g * B_e A_e x`` for every slot, the slots grouped by expert (rows of ``xs``).
 
     Only the rows routed to expert e meet A_e and B_e: on CUDA (SM90+, bf16) as one grouped
-    GEMM per factor, elsewhere as a loop over the experts that received tokens.
+    GEMM per factor, elsewhere as a loop over the experts that received tokens. The gate
+    scales the rank-r intermediate, which is cheaper than scaling the output and the same.
     """
     global GROUPED_MM
     if _grouped_ok(xs):
-        offs = torch.cumsum(routing.counts_t, 0).to(torch.int32)
         try:
-            h = F.grouped_mm(xs.to(torch.bfloat16), a.to(torch.bfloat16).transpose(1, 2),
-                             offs=offs)
-            return F.grouped_mm(h, b.to(torch.bfloat16).transpose(1, 2), offs=offs)
+            t = F.grouped_mm(xs.to(torch.bfloat16), a.to(torch.bfloat16).transpose(1, 2),
+                             offs=routing.offsets)
+            t = t * gates.to(t.dtype).unsqueeze(1)
+            return F.grouped_mm(t, b.to(torch.bfloat16).transpose(1, 2), offs=routing.offsets)
         except RuntimeError as e:  # a shape or build the kernel does not take: loop instead
             GROUPED_MM = False
             warnings.warn(f"grouped GEMM unavailable ({e}); experts run in a loop", stacklevel=2)
-    parts, start = [], 0
+    spans, start = [], 0
     for e, count in enumerate(routing.counts):
         if count:
-            part = xs[start: start + count]
-            parts.append(F.linear(F.linear(part, a[e]), b[e]))
+            spans.append((e, start, start + count))
             start += count
-    return torch.cat(parts) if parts else xs.new_zeros(0, b.shape[1])
+    if not spans:
+        return xs.new_zeros(0, b.shape[1])
+    if torch.is_grad_enabled() and (xs.requires_grad or a.requires_grad or b.requires_grad):
+        t = torch.cat([F.linear(xs[s:f], a[e]) for e, s, f in spans])
+        t = t * gates.to(t.dtype).unsqueeze(1)
+        return torch.cat([F.linear(t[s:f], b[e]) for e, s, f in spans])
+    # inference: every expert writes its rows straight into one buffer (no concatenation)
+    t = xs.new_empty(xs.shape[0], a.shape[1])
+    for e, s, f in spans:
+        torch.mm(xs[s:f], a[e].t(), out=t[s:f])
+    t.mul_(gates.to(t.dtype).unsqueeze(1))
+    h = xs.new_empty(xs.shape[0], b.shape[1])
+    for e, s, f in spans:
+        torch.mm(t[s:f], b[e].t(), out=h[s:f])
+    return h
 
 
 # Use torch's grouped GEMM where it runs (CUDA SM90+); False forces the per-expert loop.
@@ -212,22 +241,29 @@ class ExpertLinear(nn.Module):
         a, b = self.lora_A, self.lora_B
         if not torch.is_autocast_enabled(x.device.type) and a.dtype != x.dtype:
             a, b = a.to(x.dtype), b.to(x.dtype)
-        flat = x.reshape(-1, x.shape[-1])
-        h = expert_lowrank(flat.index_select(0, routing.tokens), a, b, routing)
-        # back to token order; each token's k results weighted by its gates: (1,k) @ (k,out)
-        k = routing.gates.shape[1]
-        h = h.index_select(0, routing.inverse).view(-1, k, h.shape[-1])
-        y = torch.bmm((routing.gates * self.scaling).unsqueeze(1).to(h.dtype), h).squeeze(1)
-        if routing.kept is None:
-            return out + y.view(out.shape).to(out.dtype)
-        flat_out = out.reshape(-1, out.shape[-1])
-        return flat_out.index_add(0, routing.kept, y.to(out.dtype)).view(out.shape)
+        h = expert_lowrank(routing.gather(x), a, b, routing.gates * self.scaling, routing)
+        # each slot's result added to its token's row, in a deterministic order: index_add_
+        # is sequential on CPU; on CUDA it would use atomics, index_put_ sorts instead
+        flat_out, h = out.view(-1, out.shape[-1]), h.to(out.dtype)
+        if out.is_cuda:
+            flat_out.index_put_((routing.tokens,), h, accumulate=True)
+        else:
+            flat_out.index_add_(0, routing.tokens, h)
+        return out
 
 
 def _route_hook(router: ExpertRouter):
     def hook(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         router.current = router.route(hidden)
+
+    return hook
+
+
+def _release_hook(router: ExpertRouter):
+    def hook(module, args, output):
+        if router.current is not None:  # the gathered inputs live on only in autograd
+            router.current._gathered = None
 
     return hook
 
@@ -290,6 +326,7 @@ def attach_experts(model: nn.Module, layers: list[int], cfg: ExpertsOptions) -> 
             undo.append(lambda b=block, n=name, m=base: _set_child(b, n, m))
         handle = block.register_forward_pre_hook(_route_hook(router), with_kwargs=True)
         undo.append(handle.remove)
+        undo.append(block.register_forward_hook(_release_hook(router)).remove)
         undo.append(lambda b=block: delattr(b, "expert_router"))
     handle = model.register_forward_pre_hook(_mask_hook(list(routers.values())), with_kwargs=True)
     undo.append(handle.remove)
