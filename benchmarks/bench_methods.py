@@ -57,6 +57,11 @@ CONFIGS = {
     "rosa": _cfg("slimtune", "rosa", options={"r": 8, "alpha": 16, "dropout": 0.0,
                                               "density": 0.005, "importance": "random"}),
     "shira": _cfg("slimtune", "shira", options={"density": 0.01}),
+    # 8 experts of rank 8, top-2: the same active adapter parameters as LoRA with --lora-r 16
+    "experts": _cfg("slimtune", "experts", options={"experts": 8, "top_k": 2, "rank": 8,
+                                                    "alpha": 16}),
+    "experts-freeze-half": _cfg("slimtune", "experts", 0.5,
+                                options={"experts": 8, "top_k": 2, "rank": 8, "alpha": 16}),
 }
 
 
@@ -133,7 +138,8 @@ def run_one(args) -> dict:
 
     def step():
         if impl == "slimtune":
-            accumulate_gradients(model, params, [batch], device, autocast, 1.0)
+            accumulate_gradients(model, params, [batch], device, autocast, 1.0,
+                                 aux_loss=lambda: m.auxiliary_loss(model))
         else:
             with autocast():
                 loss = model(**dev_batch).loss

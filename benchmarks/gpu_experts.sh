@@ -40,3 +40,8 @@ python3 benchmarks/expert_latency.py --device cuda --model llama-1.2b --rank 8,3
   --seq 2048 --reps 10 --loop --out "$out/lat_gpu_loop.json" > "$out/lat_gpu_loop.md" \
   2> "$out/lat_gpu_loop.err"
 cat "$out/lat_gpu_loop.md"; tail -3 "$out/lat_gpu_loop.err"
+python3 benchmarks/bench_methods.py --device cuda --model llama-1.2b --batch 4 --seq 2048 \
+  --steps 10 --warmup 3 --lora-r 16 --baseline lora \
+  --configs lora,lora-bf16,experts,lora-freeze-half,experts-freeze-half \
+  --out "$out/train_gpu.json" > "$out/train_gpu.md" 2> "$out/train_gpu.err"
+tail -8 "$out/train_gpu.md"; tail -3 "$out/train_gpu.err"
