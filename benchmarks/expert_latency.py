@@ -7,8 +7,8 @@ Every configuration is attached to the same base model in turn (LoRA through pef
 0, adapters in the model's dtype), timed, and taken off again. Two measurements:
   prefill: one forward over a batch (no grad), median of --reps;
   decode:  one new token at a time with a KV cache after a 64-token prompt, median per token.
-"overhead" is the time above the bare base model measured in the same run; the last column
-puts each overhead against anchor (b)'s.
+Times are medians over --rounds passes that interleave all configurations; ratios are
+against the bare base model of the same run.
 
     python benchmarks/expert_latency.py --device cpu --model default --rank 8
     python benchmarks/expert_latency.py --device cuda --model llama-1.2b --rank 8,32 \\
@@ -130,7 +130,9 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=5, help="prefill passes per round")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="passes over all configurations; the table shows medians")
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--loop", action="store_true",
                     help="experts: force the per-expert loop (no grouped GEMM)")
@@ -144,39 +146,45 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=gen).to(args.device)
     prompt = torch.randint(0, vocab, (1, 64), generator=gen).to(args.device)
-    rows = []
-    for rank in [int(r) for r in args.rank.split(",")]:
-        for label, kind, options in configs(rank, args.experts, args.top_k):
+    plan = [(rank, *c) for rank in [int(r) for r in args.rank.split(",")]
+            for c in configs(rank, args.experts, args.top_k)]
+    samples: dict[int, dict] = {}
+    # rounds interleave the configurations, so drift of the machine hits all of them alike
+    for round_ in range(args.rounds):
+        for i, (rank, label, kind, options) in enumerate(plan):
             run, undo = attach(model, kind, options, args.device)
             prefill = time_prefill(run, ids, args.reps, args.device)
             decode = time_decode(run, prompt, args.decode_tokens, args.device)
             adapter = sum(p.numel() for n, p in run.named_parameters()
                           if "lora_" in n or "expert_router" in n)
             model = undo()
-            rows.append({"rank": rank, "config": label, "kind": kind, "options": options,
-                         "prefill_s": prefill, "decode_s": decode, "adapter_params": adapter})
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            rec = samples.setdefault(i, {"rank": rank, "config": label, "kind": kind,
+                                         "options": options, "adapter_params": adapter,
+                                         "prefill": [], "decode": []})
+            rec["prefill"].append(prefill)
+            rec["decode"].append(decode)
+            print(f"round {round_ + 1}: {label}: prefill {prefill:.4f}s decode {decode:.5f}s",
+                  file=sys.stderr, flush=True)
+    rows = [{**{k: v for k, v in r.items() if k not in ("prefill", "decode")},
+             "prefill_s": statistics.median(r["prefill"]),
+             "decode_s": statistics.median(r["decode"]),
+             "prefill_samples": r["prefill"], "decode_samples": r["decode"]}
+            for _, r in sorted(samples.items())]
     path = "per-expert loop" if args.loop or not experts._grouped_ok(ids.float()) \
         else "grouped GEMM"
     print(f"\n{machine(args.device)}; experts via {path}; model {args.model}; prefill batch {args.batch} x "
           f"{args.seq} tokens; decode 1 token with a KV cache after a 64-token prompt; "
           f"medians\n")
-    print("| config | adapter params | prefill ms | prefill overhead | decode ms/token | "
-          "decode overhead | overhead / (b)'s, prefill / decode |")
-    print("|---|---|---|---|---|---|---|")
+    print("| config | adapter params | prefill ms | prefill vs base | decode ms/token | "
+          "decode vs base |")
+    print("|---|---|---|---|---|---|")
     for rank in sorted({r["rank"] for r in rows}):
         group = [r for r in rows if r["rank"] == rank]
         base = group[0]
-        anchor = group[2]
-        ap_b = anchor["prefill_s"] - base["prefill_s"]
-        dc_b = anchor["decode_s"] - base["decode_s"]
         for r in group:
-            op = r["prefill_s"] - base["prefill_s"]
-            od = r["decode_s"] - base["decode_s"]
-            ratio = "-" if r is base else f"{op / ap_b:.2f} / {od / dc_b:.2f}"
             print(f"| {r['config']} | {r['adapter_params']:,} | {1e3 * r['prefill_s']:.1f} | "
-                  f"{100 * op / base['prefill_s']:+.1f}% | {1e3 * r['decode_s']:.2f} | "
-                  f"{100 * od / base['decode_s']:+.1f}% | {ratio} |")
+                  f"{r['prefill_s'] / base['prefill_s']:.3f}x | {1e3 * r['decode_s']:.2f} | "
+                  f"{r['decode_s'] / base['decode_s']:.3f}x |")
     if args.out:
         Path(args.out).write_text(json.dumps({"machine": machine(args.device), "args": vars(args),
                                               "rows": rows}, indent=1))

@@ -40,6 +40,8 @@ CONFIGS = {
     "lora r=16 lr=1e-3": ("lora", 1e-3, {"r": 16, "alpha": 32}),
     "experts 8 x r=8 top-2": ("experts", 5e-4, {"experts": 8, "top_k": 2, "rank": 8}),
     "experts 8 x r=8 top-2 lr=1e-3": ("experts", 1e-3, {"experts": 8, "top_k": 2, "rank": 8}),
+    "experts 8 x r=8 top-2 aux=0.1": ("experts", 5e-4, {"experts": 8, "top_k": 2, "rank": 8,
+                                                         "aux_weight": 0.1}),
 }
 
 

@@ -37,5 +37,9 @@ def test_readme_examples_run_as_written(tmp_path):
     assert (tmp_path / "exported-v2" / "adapter_config.json").exists()
     assert (tmp_path / "merged-v2" / "config.json").exists()
     assert "('v1', " in text and "('v2', " in text and "('base', " in text
-    for run in ("quick", "top-half", "yaml", "api", "sparse", "s1", "s2"):
+    for run in ("quick", "top-half", "yaml", "api", "sparse", "s1", "s2", "experts"):
         assert (tmp_path / "runs" / run / "delta" / "manifest.json").exists(), run
+    assert "active adapter params/token" in text and "max/mean" in text
+    assert (tmp_path / "runs" / "experts" / "expert_usage.png").exists()
+    assert (tmp_path / "runs" / "sweep" / "sweep.png").exists()
+    assert "r=2" in text and "r=4" in text
