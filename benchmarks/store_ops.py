@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 METHODS = {"lora": {"r": 8}, "full": {}, "sparse": {"density": 0.01, "importance": "random"},
            "rosa": {"r": 8, "density": 0.005, "importance": "random"},
-           "shira": {"density": 0.01}}
+           "shira": {"density": 0.01}, "experts": {"experts": 8, "top_k": 2, "rank": 8}}
 
 
 def main() -> None:
@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="runs/store-ops")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
     args = ap.parse_args()
 
     import torch
@@ -42,7 +43,8 @@ def main() -> None:
     out = Path(args.out)
     store = DeltaStore(out / "store")
     ids = {}
-    for m, opts in METHODS.items():
+    for m in args.methods.split(","):
+        opts = METHODS[m]
         res = train(TrainConfig(data="builtin:support_intents_train", method=m,
                                 method_options=opts, max_steps=args.steps, batch_size=4,
                                 output_dir=str(out / m), overwrite=True, progress=False,
@@ -55,7 +57,8 @@ def main() -> None:
     model = base.model
     for m, vid in ids.items():
         v = store.resolve(vid)
-        for merge in (False, True):
+        # a delta that cannot merge (experts: routed per token) is only ever attached
+        for merge in (False, True) if v.manifest().get("mergeable", True) else (False,):
             t_apply, t_remove = [], []
             for _ in range(args.repeats):
                 t0 = time.perf_counter()

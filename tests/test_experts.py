@@ -241,3 +241,29 @@ def test_resumed_experts_run_matches_the_uninterrupted_one(tiny_dir, intent_file
     b = load_file(str(resumed.delta_dir / "experts.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(k.endswith("usage") and a[k].sum() > 0 for k in a)
+
+
+def test_routers_are_centered_on_the_mean_normalised_input_of_the_data():
+    tok = tiny_tokenizer()
+    model = tiny_llama(len(tok), layers=4)
+    ids = torch.randint(0, len(tok), (3, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[2, 4:] = 0  # padding is not part of the mean
+    seen = []
+    hook = model.model.layers[2].register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]),
+        with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    hook.remove()
+    h = seen[0][mask.bool()]
+    expected = (h / h.pow(2).mean(-1, keepdim=True).sqrt()).mean(0)
+    get_method("experts", {"experts": 4, "calibration_batches": 1}).prepare(
+        model, [2, 3], batches=lambda n: [{"input_ids": ids, "attention_mask": mask}][:n])
+    router = attached(model).routers[2]
+    assert torch.allclose(router.center, expected, rtol=1e-3, atol=1e-5)  # rms has an eps
+    assert router.usage.sum() == 0  # calibration is not training
+    # without data there is nothing to center on
+    model2 = tiny_llama(len(tok), layers=4)
+    get_method("experts", {"experts": 4}).prepare(model2, [2])
+    assert torch.count_nonzero(attached(model2).routers[2].center) == 0

@@ -3,7 +3,8 @@ each token runs only its top-k experts (conditional computation).
 
 One adapted layer::
 
-    p      = softmax(router(h / rms(h)))        h: the layer's input hidden state, per token
+    p      = softmax(router(h / rms(h) - c))    h: the layer's input hidden state, per token;
+                                                c: its mean on calibration batches
     top    = the k largest entries of p; gates g = p[top] / sum(p[top])
     y      = W x + (alpha / r) * sum_{e in top} g_e * B_e A_e x     for every adapted linear W
 
@@ -62,9 +63,12 @@ class ExpertsOptions(MethodConfig):
     aux_weight: float = 0.01  # load-balancing loss weight
     # Short names of the linear modules to adapt; None = every linear layer in the blocks.
     target_modules: list[str] | None = None
+    calibration_batches: int = 4  # batches of training data that center the routers
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.calibration_batches < 0:
+            raise UserInputError("calibration_batches must be >= 0")
         if self.experts < 1:
             raise UserInputError(f"experts must be >= 1, got {self.experts}")
         if not 1 <= self.top_k <= self.experts:
@@ -127,6 +131,10 @@ class ExpertRouter(nn.Module):
         w = torch.randn(experts, hidden_size, generator=generator) / math.sqrt(hidden_size)
         self.weight = nn.Parameter(w)
         self.register_buffer("usage", torch.zeros(experts, dtype=torch.float64), persistent=False)
+        # mean RMS-normalised input on calibration data; the router reads x/rms - center, so
+        # the direction all hidden states share does not send every token to one expert
+        self.register_buffer("center", torch.zeros(hidden_size), persistent=False)
+        self.calibration: list | None = None  # [sum, count] while calibrating
         self.current: Routing | None = None
         self.token_mask: torch.Tensor | None = None  # (B, T) of the running forward, if known
         self.last_aux: torch.Tensor | None = None
@@ -144,7 +152,12 @@ class ExpertRouter(nn.Module):
         # logits of the RMS-normalised state; the norm is applied after the (autocast) matmul
         rms = torch.linalg.vector_norm(flat, dim=-1, dtype=torch.float32) / math.sqrt(
             flat.shape[-1])
-        logits = F.linear(flat, self.weight.to(flat.dtype)).float() / (rms.unsqueeze(1) + 1e-6)
+        inv_rms = 1.0 / (rms.unsqueeze(1) + 1e-6)
+        if self.calibration is not None:
+            self.calibration[0] += (flat.float() * inv_rms).sum(0)
+            self.calibration[1] += flat.shape[0]
+        logits = F.linear(flat, self.weight.to(flat.dtype)).float() * inv_rms
+        logits = logits - self.weight.float() @ self.center
         probs = torch.softmax(logits, dim=-1)
         top_p, top_i = probs.topk(self.top_k, dim=-1)
         gates = top_p / top_p.sum(-1, keepdim=True)
@@ -367,6 +380,7 @@ def save_experts(model: nn.Module, path: Path) -> None:
     for i, r in att.routers.items():
         tensors[f"layers.{i}.router"] = r.weight.detach().float()
         tensors[f"layers.{i}.usage"] = r.usage.detach()
+        tensors[f"layers.{i}.center"] = r.center.detach().float()
     for key, lin in att.linears.items():
         i, name = key.split(".", 1)
         tensors[f"layers.{i}.{name}.lora_A"] = lin.lora_A.detach().float()
@@ -392,6 +406,7 @@ def load_experts(model: nn.Module, folder: Path, manifest: dict) -> Attached:
     try:
         expected = {f"layers.{i}.router": r.weight for i, r in att.routers.items()}
         expected.update({f"layers.{i}.usage": r.usage for i, r in att.routers.items()})
+        expected.update({f"layers.{i}.center": r.center for i, r in att.routers.items()})
         for key, lin in att.linears.items():
             i, name = key.split(".", 1)
             expected[f"layers.{i}.{name}.lora_A"] = lin.lora_A
@@ -422,6 +437,29 @@ def load_experts(model: nn.Module, folder: Path, manifest: dict) -> Attached:
     return att
 
 
+def center_routers(model: nn.Module, att: Attached, batches: list[dict]) -> None:
+    """Set each router's ``center`` to the mean normalised input of its layer on
+    ``batches`` (forward passes without gradients; padding excluded)."""
+    was_training = model.training
+    model.eval()
+    routers = list(att.routers.values())
+    for r in routers:
+        r.calibration = [torch.zeros_like(r.center, dtype=torch.float32), 0]
+    try:
+        with torch.no_grad():
+            for b in batches:
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                      use_cache=False)
+        for r in routers:
+            total, count = r.calibration
+            if count:
+                r.center.copy_(total / count)
+    finally:
+        for r in routers:
+            r.calibration = None
+        model.train(was_training)
+
+
 class ExpertsMethod(Method):
     name = "experts"
     config_class = ExpertsOptions
@@ -435,7 +473,9 @@ class ExpertsMethod(Method):
         if not layers:
             raise UserInputError("experts: no layer left to adapt (everything is frozen)")
         model.requires_grad_(False)
-        attach_experts(model, layers, self.config)
+        att = attach_experts(model, layers, self.config)
+        if batches is not None and self.config.calibration_batches > 0:
+            center_routers(model, att, batches(self.config.calibration_batches))
         return model
 
     def auxiliary_loss(self, model: nn.Module) -> torch.Tensor | None:
@@ -456,7 +496,7 @@ class ExpertsMethod(Method):
 
     def extra_state(self, model: nn.Module) -> dict:
         return {f"{name}": buf for name, buf in model.named_buffers()
-                if name.endswith("expert_router.usage")}
+                if name.endswith(("expert_router.usage", "expert_router.center"))}
 
     def summary(self, model: nn.Module) -> dict:
         return {**adapter_parameter_counts(model),
