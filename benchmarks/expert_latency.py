@@ -170,7 +170,7 @@ def main() -> None:
              "decode_s": statistics.median(r["decode"]),
              "prefill_samples": r["prefill"], "decode_samples": r["decode"]}
             for _, r in sorted(samples.items())]
-    path = "per-expert loop" if args.loop or not experts._grouped_ok(ids.float()) \
+    path = "per-expert loop" if args.loop or not experts._grouped_ok(next(model.parameters())) \
         else "grouped GEMM"
     print(f"\n{machine(args.device)}; experts via {path}; model {args.model}; prefill batch {args.batch} x "
           f"{args.seq} tokens; decode 1 token with a KV cache after a 64-token prompt; "

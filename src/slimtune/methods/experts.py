@@ -17,10 +17,9 @@ What is dense and what is not:
 * gathered, only the routed tokens: the token rows are gathered into groups, one per
   expert (``index_select``), each group runs through its A_e then B_e (one grouped GEMM per
   factor on CUDA SM90+, a loop over the experts that got tokens elsewhere), and each slot's
-  gated result is added to its token's row of the base output (``index_put_`` with
-  accumulation). Adapter FLOPs per token
-  are ``k * r * (in + out)`` per linear, whatever E is; an expert no token chose does not
-  run at all (and gets no gradient).
+  gated result is added to its token's row of the base output (a deterministic
+  accumulation). Adapter FLOPs per token are ``k * r * (in + out)`` per linear, whatever E
+  is; an expert no token chose does not run at all (and gets no gradient).
 * Padding tokens (``attention_mask == 0``) are not routed.
 
 Load balancing (Switch Transformer): ``aux = E * sum_e f_e * P_e`` with f_e the share of
@@ -175,9 +174,13 @@ class ExpertRouter(nn.Module):
 
 
 def _grouped_ok(x: torch.Tensor) -> bool:
-    """Whether torch's grouped GEMM (one kernel for all experts, no host sync) can run."""
-    return (GROUPED_MM and x.is_cuda and hasattr(F, "grouped_mm")
-            and torch.cuda.get_device_capability(x.device) >= (9, 0))
+    """Whether torch's grouped GEMM (one kernel for all experts, no host sync) can run: it
+    takes bf16 on CUDA SM90+, so only where the layer computes in bf16 anyway."""
+    if not (GROUPED_MM and x.is_cuda and hasattr(F, "grouped_mm")):
+        return False
+    bf16 = x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cuda")
+                                         and torch.get_autocast_dtype("cuda") == torch.bfloat16)
+    return bf16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
 
 
 def expert_lowrank(xs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gates: torch.Tensor,
