@@ -48,7 +48,7 @@ from ..errors import DeltaError, UserInputError
 from ..fileio import write_safetensors
 from ..models import decoder_layers
 from .base import Method, MethodConfig
-from .lora import linear_module_names
+from .lora import target_module_names
 
 EXPERTS_FILE = "experts.safetensors"
 
@@ -313,12 +313,7 @@ def _set_child(root: nn.Module, path: str, module: nn.Module) -> None:
 
 def attach_experts(model: nn.Module, layers: list[int], cfg: ExpertsOptions) -> Attached:
     """Give each layer in ``layers`` a router and wrap its target linears in experts."""
-    available = linear_module_names(model)
-    targets = cfg.target_modules or available
-    missing = sorted(set(targets) - set(available))
-    if missing:
-        raise UserInputError(f"experts target_modules {missing} are not linear modules of this "
-                             f"model's layers; available: {available}")
+    targets = target_module_names(model, cfg.target_modules, "experts")
     gen = torch.Generator().manual_seed(cfg.seed)
     blocks = decoder_layers(model)
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)

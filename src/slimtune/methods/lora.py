@@ -40,6 +40,16 @@ def linear_module_names(model: nn.Module) -> list[str]:
                    if isinstance(m, nn.Linear)})
 
 
+def target_module_names(model: nn.Module, wanted: list[str] | None, method: str) -> list[str]:
+    """``wanted`` (default: every linear of the blocks), checked against the model."""
+    available = linear_module_names(model)
+    missing = sorted(set(wanted or ()) - set(available))
+    if missing:
+        raise UserInputError(f"{method} target_modules {missing} are not linear modules of "
+                             f"this model's layers; available: {available}")
+    return list(wanted or available)
+
+
 class LoraMethod(Method):
     name = "lora"
     config_class = LoraOptions
@@ -48,12 +58,7 @@ class LoraMethod(Method):
         from peft import LoraConfig
 
         cfg: LoraOptions = self.config
-        available = linear_module_names(model)
-        targets = cfg.target_modules or available
-        missing = sorted(set(targets) - set(available))
-        if missing:
-            raise UserInputError(f"lora target_modules {missing} are not linear modules of this "
-                                 f"model's layers; available: {available}")
+        targets = target_module_names(model, cfg.target_modules, "lora")
         n = len(decoder_layers(model))
         return LoraConfig(
             r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,

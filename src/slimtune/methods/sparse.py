@@ -37,7 +37,7 @@ from ..fileio import write_safetensors
 from ..models import decoder_layers
 from .base import Method, MethodConfig
 from .importance import SCORERS, SELECTIONS, importance_scores, select_top
-from .lora import linear_module_names
+from .lora import target_module_names
 
 SPARSE_FILE = "sparse.safetensors"
 
@@ -139,12 +139,7 @@ def candidate_modules(model: nn.Module, layers: list[int], targets: list[str] | 
                       ) -> dict[str, nn.Linear]:
     """The plain ``nn.Linear`` modules (inside PEFT wrappers too) of the given layers, by
     their name in the plain base model."""
-    available = linear_module_names(model)
-    targets = targets or available
-    missing = sorted(set(targets) - set(available))
-    if missing:
-        raise UserInputError(f"target_modules {missing} are not linear modules of this model's "
-                             f"layers; available: {available}")
+    targets = target_module_names(model, targets, "sparse")
     all_layers = decoder_layers(model)
     inside = {id(m) for i in layers for m in all_layers[i].modules()}
     out = {}
