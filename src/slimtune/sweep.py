@@ -107,6 +107,7 @@ def plot_sweep(rows: list[dict[str, Any]], path: str | Path, title: str) -> Path
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     from .report import save_png
 
@@ -125,6 +126,7 @@ def plot_sweep(rows: list[dict[str, Any]], path: str | Path, title: str) -> Path
                         xytext=(3, 3), textcoords="offset points")
         if key == "trainable_params" and pts:
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(label)
         ax.set_ylabel("accuracy (%)" if quality == "eval_accuracy" else "eval loss")
         ax.grid(alpha=0.3)
