@@ -229,8 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     from . import cli_store
 
-    for add in (_train_parser, _sweep_parser, _eval_parser, _generate_parser, _analyze_parser, _plan_parser,
-                _demo_parser, _fetch_parser, cli_store.build):
+    for add in (_train_parser, _sweep_parser, _eval_parser, _generate_parser, _analyze_parser,
+                _plan_parser, _demo_parser, _fetch_parser, cli_store.build):
         add(sub)
     return parser
 
@@ -497,9 +497,9 @@ def _cmd_ab(args) -> int:
     return cmd_ab(args)
 
 
-COMMANDS = {"train": _cmd_train, "sweep": _cmd_sweep, "eval": _cmd_eval, "generate": _cmd_generate,
-            "analyze": _cmd_analyze, "plan": _cmd_plan, "demo": _cmd_demo, "fetch": _cmd_fetch,
-            "delta": _cmd_delta, "ab": _cmd_ab}
+COMMANDS = {"train": _cmd_train, "sweep": _cmd_sweep, "eval": _cmd_eval,
+            "generate": _cmd_generate, "analyze": _cmd_analyze, "plan": _cmd_plan,
+            "demo": _cmd_demo, "fetch": _cmd_fetch, "delta": _cmd_delta, "ab": _cmd_ab}
 
 
 def main(argv: list[str] | None = None) -> int:

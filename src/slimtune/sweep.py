@@ -111,24 +111,23 @@ def plot_sweep(rows: list[dict[str, Any]], path: str | Path, title: str) -> Path
 
     from .report import save_png
 
-    quality = "eval_accuracy" if any(r.get("eval_accuracy") is not None for r in rows) \
-        else "eval_loss"
+    accuracy = any(r.get("eval_accuracy") is not None for r in rows)
+    quality = "eval_accuracy" if accuracy else "eval_loss"
     costs = [("step_time_p50_s", "train step time p50 (s)"),
              ("trainable_params", "trainable parameters"),
              ("eval_latency_p50_ms", "decode latency p50 (ms)")]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), dpi=110)
     for ax, (key, label) in zip(axes, costs):
-        pts = [(r[key], r[quality], r["point"]) for r in rows
+        pts = [(r[key], 100 * r[quality] if accuracy else r[quality], r["point"]) for r in rows
                if r.get(key) is not None and r.get(quality) is not None]
         for x, y, name in pts:
-            ax.scatter(x, 100 * y if quality == "eval_accuracy" else y, s=25)
-            ax.annotate(name, (x, 100 * y if quality == "eval_accuracy" else y), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
+            ax.scatter(x, y, s=25)
+            ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         if key == "trainable_params" and pts:
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(label)
-        ax.set_ylabel("accuracy (%)" if quality == "eval_accuracy" else "eval loss")
+        ax.set_ylabel("accuracy (%)" if accuracy else "eval loss")
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     return save_png(fig, path)

@@ -193,7 +193,8 @@ def accumulate_gradients(model: nn.Module, params: list[nn.Parameter],
     The loss is normalised by the target tokens of the whole step (all micro-batches, all
     processes). ``aux_loss()``, when given, returns a method's extra loss term of the last
     forward (e.g. router load balancing); it is weighted per micro-batch by that batch's
-    target tokens, so it too is a per-token average, and it is not part of the reported loss. Returns (summed loss, gradient norm, input tokens, this process' target
+    target tokens, so it too is a per-token average, and it is not part of the reported
+    loss. Returns (summed loss, gradient norm, input tokens, this process' target
     tokens). The benchmarks time exactly this function, so what they measure is what
     ``slimtune train`` runs.
     """

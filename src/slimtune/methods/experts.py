@@ -173,6 +173,10 @@ class ExpertRouter(nn.Module):
         return Routing(tokens, gates.reshape(-1)[order], counts)
 
 
+# Use torch's grouped GEMM where it runs (CUDA SM90+); False forces the per-expert loop.
+GROUPED_MM = True
+
+
 def _grouped_ok(x: torch.Tensor) -> bool:
     """Whether torch's grouped GEMM (one kernel for all experts, no host sync) can run: it
     takes bf16 on CUDA SM90+, so only where the layer computes in bf16 anyway."""
@@ -222,9 +226,6 @@ def expert_lowrank(xs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gates: to
         torch.mm(t[s:f], b[e].t(), out=h[s:f])
     return h
 
-
-# Use torch's grouped GEMM where it runs (CUDA SM90+); False forces the per-expert loop.
-GROUPED_MM = True
 
 
 class ExpertLinear(nn.Module):
@@ -372,18 +373,24 @@ def adapter_parameter_counts(model: nn.Module) -> dict[str, int]:
     return {"adapter_params": total, "active_params_per_token": active}
 
 
-def save_experts(model: nn.Module, path: Path) -> None:
-    att = attached(model)
+def _delta_tensors(att: Attached) -> dict[str, torch.Tensor]:
+    """The live tensors an experts delta holds, by their name in ``experts.safetensors``."""
     tensors: dict[str, torch.Tensor] = {}
     for i, r in att.routers.items():
-        tensors[f"layers.{i}.router"] = r.weight.detach().float()
-        tensors[f"layers.{i}.usage"] = r.usage.detach()
-        tensors[f"layers.{i}.center"] = r.center.detach().float()
+        tensors[f"layers.{i}.router"] = r.weight
+        tensors[f"layers.{i}.usage"] = r.usage
+        tensors[f"layers.{i}.center"] = r.center
     for key, lin in att.linears.items():
         i, name = key.split(".", 1)
-        tensors[f"layers.{i}.{name}.lora_A"] = lin.lora_A.detach().float()
-        tensors[f"layers.{i}.{name}.lora_B"] = lin.lora_B.detach().float()
-    write_safetensors(path, tensors)
+        tensors[f"layers.{i}.{name}.lora_A"] = lin.lora_A
+        tensors[f"layers.{i}.{name}.lora_B"] = lin.lora_B
+    return tensors
+
+
+def save_experts(model: nn.Module, path: Path) -> None:
+    """fp32 on disk; the usage counts stay fp64."""
+    write_safetensors(path, {k: v.detach() if v.dtype == torch.float64 else v.detach().float()
+                             for k, v in _delta_tensors(attached(model)).items()})
 
 
 def load_experts(model: nn.Module, folder: Path, manifest: dict) -> Attached:
@@ -402,13 +409,7 @@ def load_experts(model: nn.Module, folder: Path, manifest: dict) -> Attached:
         raise DeltaError(f"{folder / EXPERTS_FILE}: unreadable ({e})") from e
     att = attach_experts(model, layers, cfg)
     try:
-        expected = {f"layers.{i}.router": r.weight for i, r in att.routers.items()}
-        expected.update({f"layers.{i}.usage": r.usage for i, r in att.routers.items()})
-        expected.update({f"layers.{i}.center": r.center for i, r in att.routers.items()})
-        for key, lin in att.linears.items():
-            i, name = key.split(".", 1)
-            expected[f"layers.{i}.{name}.lora_A"] = lin.lora_A
-            expected[f"layers.{i}.{name}.lora_B"] = lin.lora_B
+        expected = _delta_tensors(att)
         missing = sorted(set(expected) - set(tensors))
         extra = sorted(set(tensors) - set(expected))
         if missing or extra:
@@ -493,7 +494,7 @@ class ExpertsMethod(Method):
         return {"balance_loss": sum(seen) / len(seen)} if seen else {}
 
     def extra_state(self, model: nn.Module) -> dict:
-        return {f"{name}": buf for name, buf in model.named_buffers()
+        return {name: buf for name, buf in model.named_buffers()
                 if name.endswith(("expert_router.usage", "expert_router.center"))}
 
     def summary(self, model: nn.Module) -> dict:
