@@ -167,8 +167,9 @@ def test_experts_delta_round_trips_and_comes_off_bit_for_bit(tiny_dir, intent_fi
     assert all(torch.equal(state[k], original[k]) for k in original)
 
 
-def test_experts_delta_with_wrong_shapes_is_refused_and_leaves_the_model(tiny_dir, intent_file,
-                                                                          tmp_path):
+@pytest.mark.parametrize("damage", ["shape", "missing"])
+def test_experts_delta_with_wrong_tensors_is_refused_and_leaves_the_model(tiny_dir, intent_file,
+                                                                           tmp_path, damage):
     from safetensors.torch import load_file, save_file
 
     from slimtune.delta.format import MANIFEST
@@ -180,21 +181,27 @@ def test_experts_delta_with_wrong_shapes_is_refused_and_leaves_the_model(tiny_di
     path = res.delta_dir / "experts.safetensors"
     tensors = load_file(str(path))
     key = next(k for k in tensors if k.endswith("lora_A"))
-    tensors[key] = tensors[key][:3]
+    if damage == "shape":
+        tensors[key] = tensors[key][:3]
+        expected = key.replace(".", r"\.") + ".*shape"
+    else:
+        del tensors[key]
+        expected = "do not match the manifest.*missing.*" + key.replace(".", r"\.")
     save_file(tensors, str(path))
     manifest = json.loads((res.delta_dir / MANIFEST).read_text())
     manifest["files"]["experts.safetensors"] = {"sha256": sha256_file(path),
                                                 "bytes": path.stat().st_size}
     (res.delta_dir / MANIFEST).write_text(json.dumps(manifest))
     fresh = load_model(str(tiny_dir))
-    with pytest.raises(DeltaError, match=key.replace(".", r"\.") + ".*shape"):
+    with pytest.raises(DeltaError, match=expected):
         apply_delta(fresh.model, res.delta_dir, fingerprint(fresh.model))
     assert type(fresh.model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
     assert "_slimtune_experts" not in fresh.model.__dict__
 
 
 @pytest.mark.parametrize("options", [{"experts": 4, "top_k": 5}, {"experts": 0},
-                                     {"rank": 0}, {"aux_weight": -1.0}, {"routers": 2}])
+                                     {"rank": 0}, {"aux_weight": -1.0}, {"routers": 2},
+                                     {"calibration_batches": -1}])
 def test_bad_expert_options_are_refused(options):
     with pytest.raises(UserInputError):
         get_method("experts", options)
