@@ -134,13 +134,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3,
                     help="passes over all configurations; the table shows medians")
     ap.add_argument("--decode-tokens", type=int, default=32)
-    ap.add_argument("--loop", action="store_true",
-                    help="experts: force the per-expert loop (no grouped GEMM)")
+    ap.add_argument("--path", choices=("auto", "gathered", "loop"), default="auto",
+                    help="experts at inference: auto = the fused Triton kernel on CUDA (the "
+                         "per-expert in-place loop on CPU); gathered = grouped GEMM + "
+                         "accumulate; loop = the per-expert loop")
     ap.add_argument("--out", help="write the rows as JSON here")
     args = ap.parse_args()
-    from slimtune.methods import experts
+    from slimtune.methods import expert_kernel, experts
 
-    experts.GROUPED_MM = not args.loop
+    experts.FUSED_KERNEL = args.path == "auto"
+    experts.GROUPED_MM = args.path != "loop"
     model = build_model(args.model, args.device)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
@@ -170,8 +173,14 @@ def main() -> None:
              "decode_s": statistics.median(r["decode"]),
              "prefill_samples": r["prefill"], "decode_samples": r["decode"]}
             for _, r in sorted(samples.items())]
-    path = "per-expert loop" if args.loop or not experts._grouped_ok(next(model.parameters())) \
-        else "grouped GEMM"
+    probe = next(model.parameters())
+    if experts.FUSED_KERNEL and expert_kernel.supports(probe, probe, probe, args.experts,
+                                                        args.top_k):
+        path = "the fused Triton kernel"
+    elif experts._grouped_ok(probe):
+        path = "grouped GEMM + accumulate"
+    else:
+        path = "per-expert loop"
     print(f"\n{machine(args.device)}; experts via {path}; model {args.model}; prefill batch {args.batch} x "
           f"{args.seq} tokens; decode 1 token with a KV cache after a 64-token prompt; "
           f"medians\n")

@@ -47,6 +47,7 @@ from torch import nn
 from ..errors import DeltaError, UserInputError
 from ..fileio import write_safetensors
 from ..models import decoder_layers
+from . import expert_kernel
 from .base import Method, MethodConfig
 from .lora import target_module_names
 
@@ -88,14 +89,47 @@ def load_balancing_loss(probs: torch.Tensor, chosen: torch.Tensor, experts: int)
 
 @dataclass
 class Routing:
-    """One layer's routing of one forward pass, shared by the layer's adapted linears."""
+    """One layer's routing of one forward pass, shared by the layer's adapted linears.
 
-    tokens: torch.Tensor  # (M,) flat token index of each routing slot, grouped by expert
-    gates: torch.Tensor  # (M,) each slot's gate weight, in the grouped order
-    counts_t: torch.Tensor  # (E,) slots per expert, on the device
+    Kept per token (``chosen``, ``weights``); the layouts the adapters run on are derived
+    once per layer on first use: slots grouped by expert (gathered path, training) or tiles
+    of tokens sharing their expert set (fused kernel, inference on CUDA)."""
+
+    chosen: torch.Tensor  # (N, k) experts of each routed token
+    weights: torch.Tensor  # (N, k) their gates (renormalised top-k probabilities)
+    kept: torch.Tensor | None  # (N,) flat row of each routed token; None = every row
+    experts: int
+    _slots: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     _counts: list[int] | None = None
     _offsets: torch.Tensor | None = None
     _gathered: tuple[torch.Tensor, torch.Tensor] | None = None
+    _plan: expert_kernel.TilePlan | None = None
+
+    def _grouped(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._slots is None:
+            slots = self.chosen.reshape(-1)
+            order = torch.argsort(slots, stable=True)
+            tokens = order // self.chosen.shape[1]
+            if self.kept is not None:
+                tokens = self.kept[tokens]
+            counts = torch.bincount(slots, minlength=self.experts)
+            self._slots = (tokens, self.weights.reshape(-1)[order], counts)
+        return self._slots
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """(M,) flat token row of each routing slot, slots grouped by expert."""
+        return self._grouped()[0]
+
+    @property
+    def gates(self) -> torch.Tensor:
+        """(M,) each slot's gate, in the grouped order."""
+        return self._grouped()[1]
+
+    @property
+    def counts_t(self) -> torch.Tensor:
+        """(E,) slots per expert, on the device."""
+        return self._grouped()[2]
 
     @property
     def counts(self) -> list[int]:
@@ -103,6 +137,15 @@ class Routing:
         if self._counts is None:
             self._counts = self.counts_t.tolist()
         return self._counts
+
+    def spans(self) -> list[tuple[int, int, int]]:
+        """(expert, first slot, end slot) of every expert that got slots."""
+        spans, start = [], 0
+        for e, count in enumerate(self.counts):
+            if count:
+                spans.append((e, start, start + count))
+                start += count
+        return spans
 
     @property
     def offsets(self) -> torch.Tensor:
@@ -118,6 +161,13 @@ class Routing:
             flat = x.reshape(-1, x.shape[-1])
             self._gathered = (x, flat.index_select(0, self.tokens))
         return self._gathered[1]
+
+    def plan(self) -> expert_kernel.TilePlan:
+        """The fused kernel's tiles (tokens grouped by their set of k experts)."""
+        if self._plan is None:
+            self._plan = expert_kernel.plan_tiles(self.chosen, self.weights, self.kept,
+                                                  self.experts)
+        return self._plan
 
 
 class ExpertRouter(nn.Module):
@@ -160,17 +210,12 @@ class ExpertRouter(nn.Module):
         probs = torch.softmax(logits, dim=-1)
         top_p, top_i = probs.topk(self.top_k, dim=-1)
         gates = top_p / top_p.sum(-1, keepdim=True)
-        slots = top_i.reshape(-1)
-        order = torch.argsort(slots, stable=True)
-        counts = torch.bincount(slots, minlength=self.experts)
-        tokens = order // self.top_k
-        if kept is not None:
-            tokens = kept[tokens]
+        routing = Routing(top_i, gates, kept, self.experts)
         if torch.is_grad_enabled() and self.weight.requires_grad:
             self.last_aux = load_balancing_loss(probs, top_i, self.experts)
         if self.training:
-            self.usage += counts.to(self.usage.dtype)
-        return Routing(tokens, gates.reshape(-1)[order], counts)
+            self.usage += routing.counts_t.to(self.usage.dtype)
+        return routing
 
 
 # Use torch's grouped GEMM where it runs (CUDA SM90+); False forces the per-expert loop.
@@ -191,8 +236,10 @@ def expert_lowrank(xs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gates: to
                    routing: Routing) -> torch.Tensor:
     """``g * B_e A_e x`` for every slot, the slots grouped by expert (rows of ``xs``).
 
-    Only the rows routed to expert e meet A_e and B_e: on CUDA (SM90+, bf16) as one grouped
-    GEMM per factor, elsewhere as a loop over the experts that received tokens. The gate
+    The autograd path (training; also inference where neither the fused kernel nor an
+    in-place loop applies). Only the rows routed to expert e meet A_e and B_e: on CUDA
+    (SM90+, bf16) as one grouped GEMM per factor, elsewhere as a loop over the experts that
+    received tokens. The gate
     scales the rank-r intermediate, which is cheaper than scaling the output and the same.
     """
     global GROUPED_MM
@@ -205,27 +252,31 @@ def expert_lowrank(xs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gates: to
         except RuntimeError as e:  # a shape or build the kernel does not take: loop instead
             GROUPED_MM = False
             warnings.warn(f"grouped GEMM unavailable ({e}); experts run in a loop", stacklevel=2)
-    spans, start = [], 0
-    for e, count in enumerate(routing.counts):
-        if count:
-            spans.append((e, start, start + count))
-            start += count
+    spans = routing.spans()
     if not spans:
         return xs.new_zeros(0, b.shape[1])
-    if torch.is_grad_enabled() and (xs.requires_grad or a.requires_grad or b.requires_grad):
-        t = torch.cat([F.linear(xs[s:f], a[e]) for e, s, f in spans])
-        t = t * gates.to(t.dtype).unsqueeze(1)
-        return torch.cat([F.linear(t[s:f], b[e]) for e, s, f in spans])
-    # inference: every expert writes its rows straight into one buffer (no concatenation)
+    t = torch.cat([F.linear(xs[s:f], a[e]) for e, s, f in spans])
+    t = t * gates.to(t.dtype).unsqueeze(1)
+    return torch.cat([F.linear(t[s:f], b[e]) for e, s, f in spans])
+
+
+def add_expert_updates(flat_out: torch.Tensor, xs: torch.Tensor, a: torch.Tensor,
+                       b: torch.Tensor, gates: torch.Tensor, routing: Routing) -> None:
+    """Inference without a fused kernel or grouped GEMM (CPU): expert by expert, its rows'
+    update is added to the output right after it is computed, so it is still in cache
+    (rather than one buffer of k output rows per token written first and read back)."""
+    a, b = a.to(xs.dtype), b.to(xs.dtype)
     t = xs.new_empty(xs.shape[0], a.shape[1])
+    spans = routing.spans()
     for e, s, f in spans:
         torch.mm(xs[s:f], a[e].t(), out=t[s:f])
     t.mul_(gates.to(t.dtype).unsqueeze(1))
-    h = xs.new_empty(xs.shape[0], b.shape[1])
     for e, s, f in spans:
-        torch.mm(t[s:f], b[e].t(), out=h[s:f])
-    return h
+        flat_out.index_add_(0, routing.tokens[s:f], torch.mm(t[s:f], b[e].t()).to(flat_out.dtype))
 
+
+# Run inference through the fused Triton kernel where it runs (CUDA); False = gathered path.
+FUSED_KERNEL = True
 
 
 class ExpertLinear(nn.Module):
@@ -258,10 +309,21 @@ class ExpertLinear(nn.Module):
         a, b = self.lora_A, self.lora_B
         if not torch.is_autocast_enabled(x.device.type) and a.dtype != x.dtype:
             a, b = a.to(x.dtype), b.to(x.dtype)
-        h = expert_lowrank(routing.gather(x), a, b, routing.gates * self.scaling, routing)
+        flat_out = out.view(-1, out.shape[-1])
+        inference = not (torch.is_grad_enabled()
+                         and (x.requires_grad or a.requires_grad or b.requires_grad))
+        if inference and FUSED_KERNEL and expert_kernel.supports(
+                x, out, a, routing.experts, routing.chosen.shape[1]):
+            expert_kernel.add_routed_lowrank(x.reshape(-1, x.shape[-1]), flat_out, a, b,
+                                             routing.plan(), self.scaling)
+            return out
+        gates = routing.gates * self.scaling
+        if inference and not _grouped_ok(x):
+            add_expert_updates(flat_out, routing.gather(x), a, b, gates, routing)
+            return out
+        h = expert_lowrank(routing.gather(x), a, b, gates, routing).to(out.dtype)
         # each slot's result added to its token's row, in a deterministic order: index_add_
         # is sequential on CPU; on CUDA it would use atomics, index_put_ sorts instead
-        flat_out, h = out.view(-1, out.shape[-1]), h.to(out.dtype)
         if out.is_cuda:
             flat_out.index_put_((routing.tokens,), h, accumulate=True)
         else:
