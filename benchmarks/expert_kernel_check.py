@@ -81,7 +81,7 @@ def model_case() -> dict:
     from slimtune.testing import tiny_llama
 
     model = tiny_llama(500, layers=2, hidden=256, seed=0).cuda().to(torch.bfloat16)
-    get_method("experts", {"experts": 8, "top_k": 2, "rank": 8}).prepare(model, [0, 1])
+    get_method("experts", {"experts": 8, "top_k": 2, "rank": 8}).prepare(model, [0])  # no flips downstream
     with torch.no_grad():
         for lin in X.attached(model).linears.values():
             lin.lora_A.data = lin.lora_A.data.to(torch.bfloat16)

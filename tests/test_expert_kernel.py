@@ -65,7 +65,7 @@ def test_fused_kernel_gives_the_gathered_paths_logits_under_the_interpreter():
     # k=3 with a rank that is no power of two, k=1, fp16
     assert set(results) == {"prefill", "decode", "k3_rank5", "k1", "fp16"}
     for name, r in results.items():
-        assert r["kernel_calls"] == 14, name  # 2 layers x 7 linears ran the kernel
+        assert r["kernel_calls"] == 7 * r["layers"], name  # every adapted linear ran it
         assert r["adapter_effect"] > 0.1, name  # the experts change the logits...
         # ...as the gathered path does (fp32 to rounding; fp16 to its precision)
         assert r["max_diff"] < (1e-4 if name != "fp16" else 1e-2 * r["scale"]), (name, r)

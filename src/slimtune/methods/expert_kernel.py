@@ -61,28 +61,24 @@ def plan_tiles(top_i: torch.Tensor, top_g: torch.Tensor, kept: torch.Tensor | No
     """Group the routed tokens by their set of experts and cut the groups into tiles, with
     tensor ops only (no host sync: the tile count is an upper bound; spare tiles exit)."""
     n, k = top_i.shape
-    ids, order = top_i.sort(dim=1)
-    gates = top_g.float().gather(1, order)
     pos = torch.arange(n, device=top_i.device)
-    if n <= SMALL_BATCH:  # one token per tile: its own key
-        perm, keys, tiles, block_m = pos, pos, pos, 16
-    else:
-        block_m = BLOCK_M
-        weights = experts ** torch.arange(k - 1, -1, -1, device=ids.device)
-        keys, perm = (ids * weights).sum(1).sort()
-        new = torch.ones_like(keys, dtype=torch.bool)
-        new[1:] = keys[1:] != keys[:-1]
-        group_start = torch.where(new, pos, 0).cummax(0).values
-        starts = (pos - group_start) % block_m == 0
-        n_tiles = -(-n // block_m) + min(n, math.comb(experts, k))
-        slot = torch.where(starts, starts.cumsum(0) - 1, n_tiles)
-        tiles = torch.full((n_tiles + 1,), n, dtype=torch.int64, device=ids.device)
-        tiles.index_put_((slot,), pos)  # the spare slot n_tiles takes every non-start
-        tiles = tiles[:n_tiles]
-        ids, gates = ids[perm], gates[perm]
+    if n <= SMALL_BATCH:  # one token per tile, its own key: no sorting
+        tokens = pos if kept is None else kept
+        return TilePlan(tokens, pos, top_i.contiguous(), top_g.float().contiguous(), pos, 16)
+    ids, order = top_i.sort(dim=1)  # a tile reads its experts in one order: ascending
+    gates = top_g.float().gather(1, order)
+    key = ids[:, 0]
+    for j in range(1, k):  # the expert set as a base-E number
+        key = key * experts + ids[:, j]
+    keys, perm = key.sort()
+    group_start = torch.searchsorted(keys, keys)  # first position of each position's set
+    starts = (pos - group_start) % BLOCK_M == 0
+    n_tiles = -(-n // BLOCK_M) + min(n, math.comb(experts, k))
+    slot = torch.where(starts, starts.cumsum(0) - 1, n_tiles)
+    tiles = torch.full((n_tiles + 1,), n, dtype=torch.int64, device=ids.device)
+    tiles.index_put_((slot,), pos)  # the spare slot n_tiles takes every non-start
     tokens = perm if kept is None else kept[perm]
-    return TilePlan(tokens.contiguous(), keys.contiguous(), ids.contiguous(),
-                    gates.contiguous(), tiles.contiguous(), block_m)
+    return TilePlan(tokens, keys, ids[perm], gates[perm], tiles[:n_tiles], BLOCK_M)
 
 
 def supports(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, experts: int, k: int) -> bool:

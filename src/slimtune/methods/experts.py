@@ -186,18 +186,38 @@ class ExpertRouter(nn.Module):
         self.calibration: list | None = None  # [sum, count] while calibrating
         self.current: Routing | None = None
         self.token_mask: torch.Tensor | None = None  # (B, T) of the running forward, if known
+        self.kept_cache: dict | None = None  # shared by the model's routers for one forward
+        self._cached: tuple | None = None  # see _projection
         self.last_aux: torch.Tensor | None = None
+
+    def _kept(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Flat rows of the non-padding tokens (None: all of them). One host sync per model
+        forward: the layers share the answer through ``kept_cache``."""
+        mask, n = self.token_mask, hidden.shape[1]
+        if mask is None or mask.shape[0] != hidden.shape[0] or mask.shape[1] < n:
+            return None
+        cache = self.kept_cache if self.kept_cache is not None else {}
+        if n not in cache:
+            m = mask[:, -n:].reshape(-1).bool()
+            cache[n] = None if bool(m.all()) else m.nonzero().squeeze(1)
+        return cache[n]
+
+    def _projection(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router weight in the input's dtype and ``-W c`` (the centering as a bias);
+        cached while neither changes, unless the weight is being trained."""
+        w, c = self.weight, self.center
+        if torch.is_grad_enabled() and w.requires_grad:
+            return w.to(dtype), -(w.float() @ c)
+        key = (w.data_ptr(), w._version, c.data_ptr(), c._version, dtype)
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, w.detach().to(dtype), -(w.detach().float() @ c))
+        return self._cached[1], self._cached[2]
 
     def route(self, hidden: torch.Tensor) -> Routing:
         flat = hidden.reshape(-1, hidden.shape[-1])
-        kept = None
-        mask = self.token_mask
-        if (mask is not None and mask.shape[0] == hidden.shape[0]
-                and mask.shape[1] >= hidden.shape[1]):
-            m = mask[:, -hidden.shape[1]:].reshape(-1).bool()
-            if not bool(m.all()):
-                kept = m.nonzero().squeeze(1)
-                flat = flat.index_select(0, kept)
+        kept = self._kept(hidden)
+        if kept is not None:
+            flat = flat.index_select(0, kept)
         # logits of the RMS-normalised state; the norm is applied after the (autocast) matmul
         rms = torch.linalg.vector_norm(flat, dim=-1, dtype=torch.float32) / math.sqrt(
             flat.shape[-1])
@@ -205,13 +225,13 @@ class ExpertRouter(nn.Module):
         if self.calibration is not None:
             self.calibration[0] += (flat.float() * inv_rms).sum(0)
             self.calibration[1] += flat.shape[0]
-        logits = F.linear(flat, self.weight.to(flat.dtype)).float() * inv_rms
-        logits = logits - self.weight.float() @ self.center
-        probs = torch.softmax(logits, dim=-1)
-        top_p, top_i = probs.topk(self.top_k, dim=-1)
-        gates = top_p / top_p.sum(-1, keepdim=True)
-        routing = Routing(top_i, gates, kept, self.experts)
+        weight, bias = self._projection(flat.dtype)
+        logits = torch.addcmul(bias, F.linear(flat, weight).float(), inv_rms)
+        # the top-k probabilities renormalised = a softmax over the top-k logits
+        top_logits, top_i = logits.topk(self.top_k, dim=-1)
+        routing = Routing(top_i, torch.softmax(top_logits, dim=-1), kept, self.experts)
         if torch.is_grad_enabled() and self.weight.requires_grad:
+            probs = torch.softmax(logits, dim=-1)
             self.last_aux = load_balancing_loss(probs, top_i, self.experts)
         if self.training:
             self.usage += routing.counts_t.to(self.usage.dtype)
@@ -351,8 +371,9 @@ def _mask_hook(routers: list[ExpertRouter]):
     def hook(module, args, kwargs):
         mask = kwargs.get("attention_mask")
         mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        cache: dict = {}
         for r in routers:
-            r.token_mask = mask
+            r.token_mask, r.kept_cache = mask, cache
 
     return hook
 
