@@ -69,3 +69,27 @@ def test_fused_kernel_gives_the_gathered_paths_logits_under_the_interpreter():
         assert r["adapter_effect"] > 0.1, name  # the experts change the logits...
         # ...as the gathered path does (fp32 to rounding; fp16 to its precision)
         assert r["max_diff"] < (1e-4 if name != "fp16" else 1e-2 * r["scale"]), (name, r)
+
+
+def test_a_kernel_that_fails_to_compile_falls_back_to_the_gathered_path(monkeypatch):
+    from slimtune.methods import expert_kernel
+    from slimtune.methods import experts as X
+
+    from .test_experts import _with_experts
+
+    model, vocab = _with_experts(experts=4, top_k=2)
+    model.eval()
+    ids = torch.randint(0, vocab, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PTX too new for this driver")
+
+    monkeypatch.setattr(X, "FUSED_KERNEL", True)
+    monkeypatch.setattr(expert_kernel, "supports", lambda *a: True)
+    monkeypatch.setattr(expert_kernel, "add_routed_lowrank", broken)
+    with pytest.warns(UserWarning, match="PTX too new"), torch.no_grad():
+        got = model(input_ids=ids).logits
+    assert torch.equal(got, expected)
+    assert X.FUSED_KERNEL is False  # warned once, then off for the process

@@ -14,13 +14,20 @@ one routing decision per token and layer picks the same experts for q, k, v, ...
 What is dense and what is not:
 
 * dense, every token: the base layer, and the router (E logits per token: d x E MACs);
-* gathered, only the routed tokens: the token rows are gathered into groups, one per
-  expert (``index_select``), each group runs through its A_e then B_e (one grouped GEMM per
-  factor on CUDA SM90+, a loop over the experts that got tokens elsewhere), and each slot's
-  gated result is added to its token's row of the base output (a deterministic
-  accumulation). Adapter FLOPs per token are ``k * r * (in + out)`` per linear, whatever E
-  is; an expert no token chose does not run at all (and gets no gradient).
+* conditional, only the routed tokens: each token runs its k experts and no other.
+  Adapter FLOPs per token are ``k * r * (in + out)`` per linear, whatever E is; an expert
+  no token chose is not read at all (and gets no gradient).
 * Padding tokens (``attention_mask == 0``) are not routed.
+
+Two implementations of the same sum:
+
+* inference on CUDA: the fused Triton kernel in ``expert_kernel.py`` (tokens tiled by their
+  set of k experts; one read and one write of each output row);
+* training, and anywhere the kernel does not run: the gathered path here. The token rows are
+  gathered into groups, one per expert (``index_select``), each group runs through its A_e
+  then B_e (one grouped GEMM per factor on CUDA SM90+, a loop over the experts that got
+  tokens elsewhere), and each slot's gated result is added to its token's row of the base
+  output (a deterministic accumulation).
 
 Load balancing (Switch Transformer): ``aux = E * sum_e f_e * P_e`` with f_e the share of
 routing slots given to expert e and P_e its mean router probability; 1 for perfectly even
@@ -35,6 +42,7 @@ and applying it attaches these modules (``attach_experts``); removing them puts 
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,7 +304,15 @@ def add_expert_updates(flat_out: torch.Tensor, xs: torch.Tensor, a: torch.Tensor
 
 
 # Run inference through the fused Triton kernel where it runs (CUDA); False = gathered path.
-FUSED_KERNEL = True
+# SLIMTUNE_FUSED_EXPERTS=0 turns it off; a kernel that fails to compile turns it off too.
+FUSED_KERNEL = os.environ.get("SLIMTUNE_FUSED_EXPERTS", "1") != "0"
+
+
+def _disable_fused_kernel(error: Exception) -> None:
+    global FUSED_KERNEL
+    FUSED_KERNEL = False
+    warnings.warn(f"the fused expert kernel failed ({type(error).__name__}: {error}); expert "
+                  "adapters run the gathered path from now on", stacklevel=3)
 
 
 class ExpertLinear(nn.Module):
@@ -334,9 +350,12 @@ class ExpertLinear(nn.Module):
                          and (x.requires_grad or a.requires_grad or b.requires_grad))
         if inference and FUSED_KERNEL and expert_kernel.supports(
                 x, out, a, routing.experts, routing.chosen.shape[1]):
-            expert_kernel.add_routed_lowrank(x.reshape(-1, x.shape[-1]), flat_out, a, b,
-                                             routing.plan(), self.scaling)
-            return out
+            try:
+                expert_kernel.add_routed_lowrank(x.reshape(-1, x.shape[-1]), flat_out, a, b,
+                                                 routing.plan(), self.scaling)
+                return out
+            except Exception as e:  # compilation fails before the launch: out is untouched
+                _disable_fused_kernel(e)
         gates = routing.gates * self.scaling
         if inference and not _grouped_ok(x):
             add_expert_updates(flat_out, routing.gather(x), a, b, gates, routing)
