@@ -177,7 +177,7 @@ def main() -> None:
     if experts.FUSED_KERNEL and expert_kernel.supports(probe, probe, probe, args.experts,
                                                         args.top_k):
         path = "the fused Triton kernel"
-    elif experts._grouped_ok(probe):
+    elif experts._grouped_ok(probe, inference=True):
         path = "grouped GEMM + accumulate"
     else:
         path = "per-expert loop"

@@ -93,3 +93,28 @@ def test_a_kernel_that_fails_to_compile_falls_back_to_the_gathered_path(monkeypa
         got = model(input_ids=ids).logits
     assert torch.equal(got, expected)
     assert X.FUSED_KERNEL is False  # warned once, then off for the process
+
+
+def test_every_cpu_path_gives_the_same_logits(monkeypatch):
+    """Inference through the grouped GEMM, inference through the per-expert in-place loop,
+    and the autograd (training) path compute the same adapter."""
+    from slimtune.methods import experts as X
+
+    from .test_experts import _with_experts
+
+    model, vocab = _with_experts(experts=4, top_k=2)
+    model.eval()
+    ids = torch.randint(0, vocab, (3, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        grouped = model(input_ids=ids).logits
+        monkeypatch.setattr(X, "GROUPED_MM", False)
+        looped = model(input_ids=ids).logits
+    autograd = model(input_ids=ids).logits  # the experts require grad: the training path
+    assert autograd.requires_grad
+    base = _with_experts(experts=4, top_k=2)[0]
+    X.attached(base).remove()
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits
+    assert (grouped - plain).abs().max() > 0.1  # the experts do something
+    assert torch.allclose(grouped, looped, atol=1e-5)
+    assert torch.allclose(grouped, autograd.detach(), atol=1e-5)

@@ -250,18 +250,22 @@ class ExpertRouter(nn.Module):
 GROUPED_MM = True
 
 
-def _grouped_ok(x: torch.Tensor) -> bool:
-    """Whether torch's grouped GEMM (one kernel for all experts, no host sync) can run: it
-    takes bf16 on CUDA SM90+, so only where the layer computes in bf16 anyway."""
-    if not (GROUPED_MM and x.is_cuda and hasattr(F, "grouped_mm")):
+def _grouped_ok(x: torch.Tensor, inference: bool = False) -> bool:
+    """Whether torch's grouped GEMM (one call for all experts, no host sync) can run: on
+    CUDA it takes bf16 on SM90+, so only where the layer computes in bf16 anyway; on CPU its
+    forward runs (fp32/bf16/fp16) but its backward fails (torch 2.13), so inference only."""
+    if not (GROUPED_MM and hasattr(F, "grouped_mm")):
         return False
+    if not x.is_cuda:
+        return inference and x.device.type == "cpu" and x.dtype in (
+            torch.float32, torch.bfloat16, torch.float16)
     bf16 = x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cuda")
                                          and torch.get_autocast_dtype("cuda") == torch.bfloat16)
     return bf16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
 
 
 def expert_lowrank(xs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gates: torch.Tensor,
-                   routing: Routing) -> torch.Tensor:
+                   routing: Routing, inference: bool = False) -> torch.Tensor:
     """``g * B_e A_e x`` for every slot, the slots grouped by expert (rows of ``xs``).
 
     The autograd path (training; also inference where neither the fused kernel nor an
@@ -271,12 +275,12 @@ def expert_lowrank(xs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gates: to
     scales the rank-r intermediate, which is cheaper than scaling the output and the same.
     """
     global GROUPED_MM
-    if _grouped_ok(xs):
+    if _grouped_ok(xs, inference):
+        dtype = torch.bfloat16 if xs.is_cuda else xs.dtype
         try:
-            t = F.grouped_mm(xs.to(torch.bfloat16), a.to(torch.bfloat16).transpose(1, 2),
-                             offs=routing.offsets)
+            t = F.grouped_mm(xs.to(dtype), a.to(dtype).transpose(1, 2), offs=routing.offsets)
             t = t * gates.to(t.dtype).unsqueeze(1)
-            return F.grouped_mm(t, b.to(torch.bfloat16).transpose(1, 2), offs=routing.offsets)
+            return F.grouped_mm(t, b.to(dtype).transpose(1, 2), offs=routing.offsets)
         except RuntimeError as e:  # a shape or build the kernel does not take: loop instead
             GROUPED_MM = False
             warnings.warn(f"grouped GEMM unavailable ({e}); experts run in a loop", stacklevel=2)
@@ -290,7 +294,7 @@ def expert_lowrank(xs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gates: to
 
 def add_expert_updates(flat_out: torch.Tensor, xs: torch.Tensor, a: torch.Tensor,
                        b: torch.Tensor, gates: torch.Tensor, routing: Routing) -> None:
-    """Inference without a fused kernel or grouped GEMM (CPU): expert by expert, its rows'
+    """Inference without the fused kernel or a grouped GEMM: expert by expert, its rows'
     update is added to the output right after it is computed, so it is still in cache
     (rather than one buffer of k output rows per token written first and read back)."""
     a, b = a.to(xs.dtype), b.to(xs.dtype)
@@ -357,10 +361,10 @@ class ExpertLinear(nn.Module):
             except Exception as e:  # compilation fails before the launch: out is untouched
                 _disable_fused_kernel(e)
         gates = routing.gates * self.scaling
-        if inference and not _grouped_ok(x):
+        if inference and not _grouped_ok(x, inference):
             add_expert_updates(flat_out, routing.gather(x), a, b, gates, routing)
             return out
-        h = expert_lowrank(routing.gather(x), a, b, gates, routing).to(out.dtype)
+        h = expert_lowrank(routing.gather(x), a, b, gates, routing, inference).to(out.dtype)
         # each slot's result added to its token's row, in a deterministic order: index_add_
         # is sequential on CPU; on CUDA it would use atomics, index_put_ sorts instead
         if out.is_cuda:
