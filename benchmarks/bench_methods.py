@@ -62,6 +62,9 @@ CONFIGS = {
                                                     "alpha": 16}),
     "experts-freeze-half": _cfg("slimtune", "experts", 0.5,
                                 options={"experts": 8, "top_k": 2, "rank": 8, "alpha": 16}),
+    # the same, rows grouped by single expert instead of by expert set (CUDA)
+    "experts-by-expert": _cfg("slimtune", "experts", options={"experts": 8, "top_k": 2,
+                                                              "rank": 8, "alpha": 16}),
 }
 
 
@@ -97,6 +100,10 @@ def run_one(args) -> dict:
 
     c = CONFIGS[args.run_one]
     impl, method, freeze, bf16_adapters = c["impl"], c["method"], c["freeze"], c["bf16_adapters"]
+    if args.run_one == "experts-by-expert":
+        from slimtune.methods import experts
+
+        experts.EXPERT_SET_DEVICES = set()
     if c["liger"]:
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 

@@ -28,10 +28,12 @@ def linear_case(tokens: int, d_in: int, d_out: int, experts: int, k: int, rank: 
     res = {}
     with torch.no_grad():
         router.current = router.route(x)
-        for fused in (True, False):
-            X.FUSED_KERNEL = fused
-            router.current._gathered = None
-            res[fused] = ex(x).float()
+        for name, fused, sets in (("fused", True, True), ("sets", False, True),
+                                  ("gathered", False, False)):
+            X.FUSED_KERNEL, X.EXPERT_SET_DEVICES = fused, {"cuda"} if sets else set()
+            router.current._gathered = router.current._set_gathered = None
+            res[name] = ex(x).float()
+        X.FUSED_KERNEL, X.EXPERT_SET_DEVICES = True, {"cuda"}
         r = router.current  # fp32 reference from the same routing
         xf, base = x[0].float(), lin(x)[0].float()
         ref = base.clone()
@@ -42,8 +44,7 @@ def linear_case(tokens: int, d_in: int, d_out: int, experts: int, k: int, rank: 
             g = r.weights[tok, slot].float().unsqueeze(1) * ex.scaling
             ref.index_add_(0, tok, (xf[tok] @ a[e].t() * g) @ b[e].t())
     delta = (ref - base).norm()
-    out = {f"{'fused' if f else 'gathered'}_rel_err": ((res[f][0] - ref).norm() / delta).item()
-           for f in res}
+    out = {f"{name}_rel_err": ((res[name][0] - ref).norm() / delta).item() for name in res}
     # timing of the adapter update alone (base output recomputed outside the timed part)
     def timed(fn, reps=20):
         for _ in range(3):
@@ -69,10 +70,46 @@ def linear_case(tokens: int, d_in: int, d_out: int, experts: int, k: int, rank: 
             y.view(-1, d_out).index_put_((r.tokens,), h.to(y.dtype), accumulate=True)
 
         out["gathered_ms"] = timed(gathered)
+        sets = r.expert_sets(rank)
+        if sets is not None:
+            def by_set():
+                r._set_gathered = None
+                h = X.set_lowrank(r.gather_sets(x), ex.lora_A, ex.lora_B, sets, ex.scaling)
+                y.view(-1, d_out).index_put_((sets.tokens,), h.to(y.dtype), accumulate=True)
+
+            out["sets_ms"] = timed(by_set)
         out["plan_ms"] = timed(lambda: expert_kernel.plan_tiles(r.chosen, r.weights, None,
                                                                 experts))
         out["lora_peft_style_ms"] = timed(lambda: y + (xf @ a16.t()) @ b16.t() * 2.0)
         out["lora_addmm_ms"] = timed(lambda: y.addmm_(xf @ a16.t(), b16.t(), alpha=2.0))
+    return out
+
+
+def grad_case() -> dict:
+    """Training: gradients through the expert-set path against the per-expert path."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(2048, 2048, bias=False).cuda().to(torch.bfloat16).requires_grad_(False)
+    router = X.ExpertRouter(2048, 8, 2).cuda()
+    ex = X.ExpertLinear(lin, router, 8, 16.0).cuda()
+    with torch.no_grad():
+        ex.lora_B.normal_(0, 0.02)
+    x = torch.randn(4, 1024, 2048, device="cuda", dtype=torch.bfloat16)
+    res = {}
+    for sets in (True, False):
+        X.EXPERT_SET_DEVICES = {"cuda"} if sets else set()
+        for p in (ex.lora_A, ex.lora_B, router.weight):
+            p.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            router.current = router.route(x)
+            y = ex(x)
+        (y.float().pow(2).mean() + router.last_aux).backward()
+        res[sets] = (y.float(), ex.lora_A.grad.clone(), ex.lora_B.grad.clone(),
+                     router.weight.grad.clone(), router.current._sets not in (None, False))
+    X.EXPERT_SET_DEVICES = {"cuda"}
+    out = {"set_path_used": res[True][4], "per_expert_path_used_sets": res[False][4]}
+    for i, name in enumerate(("output", "grad_A", "grad_B", "grad_router")):
+        a, b = res[True][i], res[False][i]
+        out[f"{name}_rel_diff"] = ((a - b).norm() / b.norm()).item()
     return out
 
 
@@ -118,6 +155,7 @@ def main() -> None:
     print("down 8192->2048, 16384 tokens, bf16:", {k: round(v, 5) for k, v in linear_case(
         16384, 8192, 2048, 8, 2, 8, torch.bfloat16).items()})
     print(model_case())
+    print("training, sets vs per-expert:", grad_case())
 
 
 if __name__ == "__main__":

@@ -134,15 +134,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3,
                     help="passes over all configurations; the table shows medians")
     ap.add_argument("--decode-tokens", type=int, default=32)
-    ap.add_argument("--path", choices=("auto", "gathered", "loop"), default="auto",
-                    help="experts at inference: auto = the fused Triton kernel on CUDA (the "
-                         "per-expert in-place loop on CPU); gathered = grouped GEMM + "
-                         "accumulate; loop = the per-expert loop")
+    ap.add_argument("--path", choices=("auto", "sets", "gathered", "loop"), default="auto",
+                    help="experts at inference: auto = the fused Triton kernel on CUDA, else "
+                         "as sets; sets = grouped GEMM over expert sets where that pays, else "
+                         "as gathered; gathered = grouped GEMM over single experts + "
+                         "accumulate; loop = a loop over the experts")
     ap.add_argument("--out", help="write the rows as JSON here")
     args = ap.parse_args()
     from slimtune.methods import expert_kernel, experts
 
     experts.FUSED_KERNEL = args.path == "auto"
+    experts.EXPERT_SET_DEVICES = {"cuda", "cpu"} if args.path == "sets" else (
+        {"cuda"} if args.path == "auto" else set())
     experts.GROUPED_MM = args.path != "loop"
     model = build_model(args.model, args.device)
     vocab = model.config.vocab_size
@@ -178,7 +181,9 @@ def main() -> None:
                                                         args.top_k):
         path = "the fused Triton kernel"
     elif experts._grouped_ok(probe, inference=True):
-        path = "grouped GEMM + accumulate"
+        path = ("grouped GEMM over expert sets where they pay, else over experts"
+                if probe.device.type in experts.EXPERT_SET_DEVICES
+                else "grouped GEMM over experts + accumulate")
     else:
         path = "per-expert loop"
     print(f"\n{machine(args.device)}; experts via {path}; model {args.model}; prefill batch {args.batch} x "

@@ -96,17 +96,22 @@ def test_a_kernel_that_fails_to_compile_falls_back_to_the_gathered_path(monkeypa
 
 
 def test_every_cpu_path_gives_the_same_logits(monkeypatch):
-    """Inference through the grouped GEMM, inference through the per-expert in-place loop,
-    and the autograd (training) path compute the same adapter."""
+    """Grouped by expert set (what CUDA training runs), grouped by expert, per-expert
+    in-place loop, and the autograd loop (CPU training) all compute the same adapter."""
     from slimtune.methods import experts as X
 
     from .test_experts import _with_experts
 
     model, vocab = _with_experts(experts=4, top_k=2)
     model.eval()
-    ids = torch.randint(0, vocab, (3, 11), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, vocab, (4, 40), generator=torch.Generator().manual_seed(0))
+    routers = X.attached(model).routers.values()
+    monkeypatch.setattr(X, "EXPERT_SET_DEVICES", {"cpu"})  # the CUDA training path's math
     with torch.no_grad():
-        grouped = model(input_ids=ids).logits
+        by_set = model(input_ids=ids).logits
+        assert all(r.current.expert_sets(4) is not None for r in routers)  # 6 sets, 160 rows
+        monkeypatch.setattr(X, "EXPERT_SET_DEVICES", set())
+        by_expert = model(input_ids=ids).logits
         monkeypatch.setattr(X, "GROUPED_MM", False)
         looped = model(input_ids=ids).logits
     autograd = model(input_ids=ids).logits  # the experts require grad: the training path
@@ -115,6 +120,6 @@ def test_every_cpu_path_gives_the_same_logits(monkeypatch):
     X.attached(base).remove()
     with torch.no_grad():
         plain = base(input_ids=ids).logits
-    assert (grouped - plain).abs().max() > 0.1  # the experts do something
-    assert torch.allclose(grouped, looped, atol=1e-5)
-    assert torch.allclose(grouped, autograd.detach(), atol=1e-5)
+    assert (by_set - plain).abs().max() > 0.1  # the experts do something
+    for other in (by_expert, looped, autograd.detach()):
+        assert torch.allclose(by_set, other, atol=1e-5)

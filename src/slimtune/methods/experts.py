@@ -41,6 +41,7 @@ and applying it attaches these modules (``attach_experts``); removing them puts 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -112,6 +113,8 @@ class Routing:
     _offsets: torch.Tensor | None = None
     _gathered: tuple[torch.Tensor, torch.Tensor] | None = None
     _plan: expert_kernel.TilePlan | None = None
+    _sets: ExpertSets | bool | None = None
+    _set_gathered: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _grouped(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._slots is None:
@@ -176,6 +179,56 @@ class Routing:
             self._plan = expert_kernel.plan_tiles(self.chosen, self.weights, self.kept,
                                                   self.experts)
         return self._plan
+
+    def expert_sets(self, rank: int) -> ExpertSets | None:
+        """Tokens grouped by their set of k experts, where that pays: k > 1 and the stacked
+        weights of every possible set (C(E, k) x k*r rows) are small next to the tokens."""
+        if self._sets is None:
+            self._sets = False
+            n, k = self.chosen.shape
+            if (k > 1 and n > expert_kernel.SMALL_BATCH
+                    and 2 * math.comb(self.experts, k) * k * rank <= n):
+                plan = self.plan()
+                sets, keys = _all_sets(self.experts, k, plan.keys.device)
+                # every possible set is a group (empty ones too): no host sync
+                counts = torch.bincount(torch.searchsorted(keys, plan.keys),
+                                        minlength=len(keys))
+                self._sets = ExpertSets(plan.tokens, counts.cumsum(0).to(torch.int32), sets,
+                                        plan.gates)
+        return self._sets or None
+
+    def gather_sets(self, x: torch.Tensor) -> torch.Tensor:
+        """The routed input rows in expert-set order (each token once), shared like gather."""
+        if self._set_gathered is None or self._set_gathered[0] is not x:
+            flat = x.reshape(-1, x.shape[-1])
+            self._set_gathered = (x, flat.index_select(0, self._sets.tokens))
+        return self._set_gathered[1]
+
+
+@functools.cache
+def _all_sets(experts: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every set of k of the experts (ascending ids, in lexicographic order) and its key,
+    the set as a base-E number like ``expert_kernel.plan_tiles`` computes it."""
+    sets = torch.combinations(torch.arange(experts), k)
+    keys = sets[:, 0]
+    for j in range(1, k):
+        keys = keys * experts + sets[:, j]
+    return sets.to(device), keys.to(device)
+
+
+@dataclass
+class ExpertSets:
+    """The routed tokens grouped by their set of k experts, for a grouped GEMM whose groups
+    are the sets, each with its k experts' factors stacked (k*r wide). Each token's row is
+    gathered, run and added to the output once, where grouping by single expert handles it
+    k times; the price is copying every set's factors, so it is used only where
+    C(E, k) x k*r is at most half the tokens, and on CUDA (training, or inference without
+    the fused kernel; see EXPERT_SET_DEVICES)."""
+
+    tokens: torch.Tensor  # (N,) flat token rows, sorted by set
+    offsets: torch.Tensor  # (G,) int32 end of each set's rows (G = every possible set)
+    experts: torch.Tensor  # (G, k) each set's experts, ascending
+    gates: torch.Tensor  # (N, k) float32 gates of the sorted rows, matching ``experts``
 
 
 class ExpertRouter(nn.Module):
@@ -307,9 +360,39 @@ def add_expert_updates(flat_out: torch.Tensor, xs: torch.Tensor, a: torch.Tensor
         flat_out.index_add_(0, routing.tokens[s:f], torch.mm(t[s:f], b[e].t()).to(flat_out.dtype))
 
 
+def set_lowrank(xs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sets: ExpertSets,
+                scaling: float) -> torch.Tensor:
+    """``g * B_e A_e x`` summed over each row's k experts, the rows grouped by expert set:
+    one grouped GEMM per factor with each set's k experts stacked into a k*r-wide LoRA pair
+    (differentiable: gradients reach the chosen experts and, through the gates, the router)."""
+    dtype = torch.bfloat16 if xs.is_cuda else xs.dtype
+    g, k = sets.experts.shape
+    r = a.shape[1]
+    a_sets = a[sets.experts].reshape(g, k * r, a.shape[2])  # rows j*r + i: expert j, rank i
+    b_sets = b[sets.experts].permute(0, 2, 1, 3).reshape(g, b.shape[1], k * r)
+    gates = (sets.gates * scaling).repeat_interleave(r, dim=1)
+    t = F.grouped_mm(xs.to(dtype), a_sets.to(dtype).transpose(1, 2), offs=sets.offsets)
+    t = t * gates.to(t.dtype)
+    return F.grouped_mm(t, b_sets.to(dtype).transpose(1, 2), offs=sets.offsets)
+
+
+# Devices where the grouped GEMM groups tokens by expert set where that pays (ExpertSets);
+# elsewhere it groups by single expert. Not the CPU: its grouped GEMM loops over the groups,
+# and many small groups (C(E, k) sets) cost more there than the traffic they save.
+EXPERT_SET_DEVICES = {"cuda"}
+
 # Run inference through the fused Triton kernel where it runs (CUDA); False = gathered path.
 # SLIMTUNE_FUSED_EXPERTS=0 turns it off; a kernel that fails to compile turns it off too.
 FUSED_KERNEL = os.environ.get("SLIMTUNE_FUSED_EXPERTS", "1") != "0"
+
+
+def _add_rows(flat_out: torch.Tensor, rows: torch.Tensor, h: torch.Tensor) -> None:
+    """``flat_out[rows] += h`` with repeated rows summed in a deterministic order: index_add_
+    is sequential on CPU; on CUDA it would use atomics, index_put_ sorts instead."""
+    if flat_out.is_cuda:
+        flat_out.index_put_((rows,), h, accumulate=True)
+    else:
+        flat_out.index_add_(0, rows, h)
 
 
 def _disable_fused_kernel(error: Exception) -> None:
@@ -360,17 +443,18 @@ class ExpertLinear(nn.Module):
                 return out
             except Exception as e:  # compilation fails before the launch: out is untouched
                 _disable_fused_kernel(e)
+        sets = (routing.expert_sets(a.shape[1])
+                if x.device.type in EXPERT_SET_DEVICES and _grouped_ok(x, inference) else None)
+        if sets is not None:
+            h = set_lowrank(routing.gather_sets(x), a, b, sets, self.scaling).to(out.dtype)
+            _add_rows(flat_out, sets.tokens, h)
+            return out
         gates = routing.gates * self.scaling
         if inference and not _grouped_ok(x, inference):
             add_expert_updates(flat_out, routing.gather(x), a, b, gates, routing)
             return out
         h = expert_lowrank(routing.gather(x), a, b, gates, routing, inference).to(out.dtype)
-        # each slot's result added to its token's row, in a deterministic order: index_add_
-        # is sequential on CPU; on CUDA it would use atomics, index_put_ sorts instead
-        if out.is_cuda:
-            flat_out.index_put_((routing.tokens,), h, accumulate=True)
-        else:
-            flat_out.index_add_(0, routing.tokens, h)
+        _add_rows(flat_out, routing.tokens, h)
         return out
 
 
@@ -385,7 +469,7 @@ def _route_hook(router: ExpertRouter):
 def _release_hook(router: ExpertRouter):
     def hook(module, args, output):
         if router.current is not None:  # the gathered inputs live on only in autograd
-            router.current._gathered = None
+            router.current._gathered = router.current._set_gathered = None
 
     return hook
 
