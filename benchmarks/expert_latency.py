@@ -135,13 +135,13 @@ def main() -> None:
                     help="passes over all configurations; the table shows medians")
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--path", choices=("auto", "sets", "gathered", "loop"), default="auto",
-                    help="experts at inference: auto = the fused Triton kernel on CUDA, else "
-                         "as sets; sets = grouped GEMM over expert sets where that pays, else "
+                    help="experts at inference: auto = the fused kernel (Triton on CUDA, C on "
+                         "CPU), else as sets; sets = grouped GEMM over expert sets where that pays, else "
                          "as gathered; gathered = grouped GEMM over single experts + "
                          "accumulate; loop = a loop over the experts")
     ap.add_argument("--out", help="write the rows as JSON here")
     args = ap.parse_args()
-    from slimtune.methods import expert_kernel, experts
+    from slimtune.methods import expert_cpu, expert_kernel, experts
 
     experts.FUSED_KERNEL = args.path == "auto"
     experts.EXPERT_SET_DEVICES = {"cuda", "cpu"} if args.path == "sets" else (
@@ -180,6 +180,9 @@ def main() -> None:
     if experts.FUSED_KERNEL and expert_kernel.supports(probe, probe, probe, args.experts,
                                                         args.top_k):
         path = "the fused Triton kernel"
+    elif experts.FUSED_KERNEL and expert_cpu.supports(probe, probe, probe.new_empty(1, 8),
+                                                      args.top_k):
+        path = "the fused C kernel"
     elif experts._grouped_ok(probe, inference=True):
         path = ("grouped GEMM over expert sets where they pay, else over experts"
                 if probe.device.type in experts.EXPERT_SET_DEVICES

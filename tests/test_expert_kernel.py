@@ -80,14 +80,15 @@ def test_a_kernel_that_fails_to_compile_falls_back_to_the_gathered_path(monkeypa
     model, vocab = _with_experts(experts=4, top_k=2)
     model.eval()
     ids = torch.randint(0, vocab, (2, 9), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(X, "FUSED_KERNEL", False)
     with torch.no_grad():
-        expected = model(input_ids=ids).logits
+        expected = model(input_ids=ids).logits  # the grouped path
 
     def broken(*args, **kwargs):
         raise RuntimeError("PTX too new for this driver")
 
     monkeypatch.setattr(X, "FUSED_KERNEL", True)
-    monkeypatch.setattr(expert_kernel, "supports", lambda *a: True)
+    monkeypatch.setattr(expert_kernel, "supports", lambda *a: True)  # the CUDA kernel's turn
     monkeypatch.setattr(expert_kernel, "add_routed_lowrank", broken)
     with pytest.warns(UserWarning, match="PTX too new"), torch.no_grad():
         got = model(input_ids=ids).logits
@@ -95,31 +96,100 @@ def test_a_kernel_that_fails_to_compile_falls_back_to_the_gathered_path(monkeypa
     assert X.FUSED_KERNEL is False  # warned once, then off for the process
 
 
+def _count_calls(monkeypatch, module) -> list:
+    calls = []
+    kernel = module.add_routed_lowrank
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(module, "add_routed_lowrank", counted)
+    return calls
+
+
 def test_every_cpu_path_gives_the_same_logits(monkeypatch):
-    """Grouped by expert set (what CUDA training runs), grouped by expert, per-expert
-    in-place loop, and the autograd loop (CPU training) all compute the same adapter."""
+    """The fused C kernel (CPU inference), the grouped GEMM by expert set (what CUDA training
+    runs) and by expert, the per-expert in-place loop, and the autograd loop (CPU training)
+    all compute the same adapter."""
+    from slimtune.methods import expert_cpu
     from slimtune.methods import experts as X
 
     from .test_experts import _with_experts
 
     model, vocab = _with_experts(experts=4, top_k=2)
     model.eval()
-    ids = torch.randint(0, vocab, (4, 40), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, vocab, (4, 60), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :17] = 0  # left padding: not routed
     routers = X.attached(model).routers.values()
-    monkeypatch.setattr(X, "EXPERT_SET_DEVICES", {"cpu"})  # the CUDA training path's math
+    calls = _count_calls(monkeypatch, expert_cpu)
+    outs = {}
     with torch.no_grad():
-        by_set = model(input_ids=ids).logits
-        assert all(r.current.expert_sets(4) is not None for r in routers)  # 6 sets, 160 rows
+        outs["c kernel"] = model(input_ids=ids, attention_mask=mask).logits
+        assert len(calls) == 4 * 7 and expert_cpu.library() is not None
+        monkeypatch.setattr(X, "FUSED_KERNEL", False)
+        monkeypatch.setattr(X, "EXPERT_SET_DEVICES", {"cpu"})  # the CUDA training path's math
+        outs["by set"] = model(input_ids=ids, attention_mask=mask).logits
+        assert all(r.current.expert_sets(4) is not None for r in routers)  # 6 sets, 223 rows
         monkeypatch.setattr(X, "EXPERT_SET_DEVICES", set())
-        by_expert = model(input_ids=ids).logits
+        outs["by expert"] = model(input_ids=ids, attention_mask=mask).logits
         monkeypatch.setattr(X, "GROUPED_MM", False)
-        looped = model(input_ids=ids).logits
-    autograd = model(input_ids=ids).logits  # the experts require grad: the training path
-    assert autograd.requires_grad
+        outs["loop"] = model(input_ids=ids, attention_mask=mask).logits
+    outs["autograd"] = model(input_ids=ids, attention_mask=mask).logits.detach()
+    assert len(calls) == 4 * 7  # only the first pass ran the kernel
     base = _with_experts(experts=4, top_k=2)[0]
     X.attached(base).remove()
     with torch.no_grad():
-        plain = base(input_ids=ids).logits
-    assert (by_set - plain).abs().max() > 0.1  # the experts do something
-    for other in (by_expert, looped, autograd.detach()):
-        assert torch.allclose(by_set, other, atol=1e-5)
+        plain = base(input_ids=ids, attention_mask=mask).logits
+    keep = mask.bool()
+    assert (outs["c kernel"] - plain)[keep].abs().max() > 0.1  # the experts do something
+    for name, other in outs.items():
+        assert torch.allclose(outs["c kernel"][keep], other[keep], atol=1e-5), name
+
+
+def test_c_kernel_decodes_like_a_full_forward(monkeypatch):
+    """One token at a time with a KV cache (rows of one: no expert-set sorting) gives the
+    full forward's last logits."""
+    from slimtune.methods import expert_cpu
+
+    from .test_experts import _with_experts
+
+    model, vocab = _with_experts(experts=4, top_k=2)
+    model.eval()
+    ids = torch.randint(0, vocab, (3, 12), generator=torch.Generator().manual_seed(2))
+    calls = _count_calls(monkeypatch, expert_cpu)
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        out = model(input_ids=ids[:, :-1], use_cache=True)
+        step = model(input_ids=ids[:, -1:], past_key_values=out.past_key_values,
+                     use_cache=True).logits
+    assert len(calls) == 3 * 4 * 7
+    assert torch.allclose(step[:, -1], full[:, -1], atol=1e-5)
+
+
+def test_without_a_compiler_the_cpu_kernel_warns_and_the_grouped_path_runs(monkeypatch,
+                                                                          tmp_path):
+    from slimtune.methods import expert_cpu
+    from slimtune.methods import experts as X
+
+    from .test_experts import _with_experts
+
+    model, vocab = _with_experts(experts=4, top_k=2)
+    model.eval()
+    ids = torch.randint(0, vocab, (2, 9), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(X, "FUSED_KERNEL", False)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    monkeypatch.setattr(X, "FUSED_KERNEL", True)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "cache"))
+    expert_cpu.library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="could not be built"), torch.no_grad():
+            got = model(input_ids=ids).logits
+        assert torch.equal(got, expected)
+        assert not (tmp_path / "cache" / "kernels").exists() or not any(
+            (tmp_path / "cache" / "kernels").iterdir())  # nothing half-written left behind
+    finally:
+        expert_cpu.library.cache_clear()

@@ -19,10 +19,11 @@ What is dense and what is not:
   no token chose is not read at all (and gets no gradient).
 * Padding tokens (``attention_mask == 0``) are not routed.
 
-Two implementations of the same sum:
+Implementations of the same sum:
 
 * inference on CUDA: the fused Triton kernel in ``expert_kernel.py`` (tokens tiled by their
-  set of k experts; one read and one write of each output row);
+  set of k experts; one read and one write of each output row); on CPU (fp32) the fused C
+  kernel in ``expert_cpu.py`` (the same, a token at a time);
 * training, and anywhere the kernel does not run: the gathered path here. The token rows are
   gathered into groups, one per expert (``index_select``), each group runs through its A_e
   then B_e (one grouped GEMM per factor on CUDA SM90+, a loop over the experts that got
@@ -56,7 +57,7 @@ from torch import nn
 from ..errors import DeltaError, UserInputError
 from ..fileio import write_safetensors
 from ..models import decoder_layers
-from . import expert_kernel
+from . import expert_cpu, expert_kernel
 from .base import Method, MethodConfig
 from .lora import target_module_names
 
@@ -182,12 +183,13 @@ class Routing:
 
     def expert_sets(self, rank: int) -> ExpertSets | None:
         """Tokens grouped by their set of k experts, where that pays: k > 1 and the stacked
-        weights of every possible set (C(E, k) x k*r rows) are small next to the tokens."""
+        weights of every possible set (C(E, k) x k*r rows) are small next to the tokens
+        (on an H100 at 16k tokens: E=8 k=2 and k=4 gain, E=32 k=2 loses)."""
         if self._sets is None:
             self._sets = False
             n, k = self.chosen.shape
             if (k > 1 and n > expert_kernel.SMALL_BATCH
-                    and 2 * math.comb(self.experts, k) * k * rank <= n):
+                    and 4 * math.comb(self.experts, k) * k * rank <= n):
                 plan = self.plan()
                 sets, keys = _all_sets(self.experts, k, plan.keys.device)
                 # every possible set is a group (empty ones too): no host sync
@@ -222,7 +224,7 @@ class ExpertSets:
     are the sets, each with its k experts' factors stacked (k*r wide). Each token's row is
     gathered, run and added to the output once, where grouping by single expert handles it
     k times; the price is copying every set's factors, so it is used only where
-    C(E, k) x k*r is at most half the tokens, and on CUDA (training, or inference without
+    C(E, k) x k*r is at most a quarter of the tokens, and on CUDA (training, or inference without
     the fused kernel; see EXPERT_SET_DEVICES)."""
 
     tokens: torch.Tensor  # (N,) flat token rows, sorted by set
@@ -381,8 +383,9 @@ def set_lowrank(xs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sets: Expert
 # and many small groups (C(E, k) sets) cost more there than the traffic they save.
 EXPERT_SET_DEVICES = {"cuda"}
 
-# Run inference through the fused Triton kernel where it runs (CUDA); False = gathered path.
-# SLIMTUNE_FUSED_EXPERTS=0 turns it off; a kernel that fails to compile turns it off too.
+# Run inference through a fused kernel where one runs (Triton on CUDA, C on CPU in fp32);
+# False = the grouped paths. SLIMTUNE_FUSED_EXPERTS=0 turns them off; a kernel that fails
+# turns them off too.
 FUSED_KERNEL = os.environ.get("SLIMTUNE_FUSED_EXPERTS", "1") != "0"
 
 
@@ -435,14 +438,17 @@ class ExpertLinear(nn.Module):
         flat_out = out.view(-1, out.shape[-1])
         inference = not (torch.is_grad_enabled()
                          and (x.requires_grad or a.requires_grad or b.requires_grad))
-        if inference and FUSED_KERNEL and expert_kernel.supports(
-                x, out, a, routing.experts, routing.chosen.shape[1]):
-            try:
-                expert_kernel.add_routed_lowrank(x.reshape(-1, x.shape[-1]), flat_out, a, b,
-                                                 routing.plan(), self.scaling)
-                return out
-            except Exception as e:  # compilation fails before the launch: out is untouched
-                _disable_fused_kernel(e)
+        if inference and FUSED_KERNEL:
+            k = routing.chosen.shape[1]
+            kernel = (expert_kernel if expert_kernel.supports(x, out, a, routing.experts, k)
+                      else expert_cpu if expert_cpu.supports(x, out, a, k) else None)
+            if kernel is not None:
+                try:
+                    kernel.add_routed_lowrank(x.reshape(-1, x.shape[-1]), flat_out, a, b,
+                                              routing.plan(), self.scaling)
+                    return out
+                except Exception as e:  # fails before it writes: out is untouched
+                    _disable_fused_kernel(e)
         sets = (routing.expert_sets(a.shape[1])
                 if x.device.type in EXPERT_SET_DEVICES and _grouped_ok(x, inference) else None)
         if sets is not None:
