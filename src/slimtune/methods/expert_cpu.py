@@ -32,9 +32,11 @@ from .expert_kernel import TilePlan
 SOURCE = Path(__file__).with_name("expert_cpu.c")
 # no -ffast-math: linking it sets flush-to-zero for the whole process; these let the
 # compiler vectorise the dot products' reduction and nothing else
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
+FLAGS = ["-O3", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
          "-fno-trapping-math", "-shared", "-fPIC"]
-OPENMP = ["-fopenmp"]  # tried first; without it the kernel runs on one thread
+# tried in this order: without OpenMP the kernel runs on one thread, without -march=native
+# (a compiler that does not know it) on the baseline instruction set
+ATTEMPTS = [["-march=native", "-fopenmp"], ["-march=native"], []]
 _I64, _F32 = ctypes.c_int64, ctypes.c_float
 _P = ctypes.c_void_p
 
@@ -61,14 +63,15 @@ def library() -> ctypes.CDLL | None:
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True,
                                  timeout=30).stdout
-        key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version, _cpu_id(),
-                                        platform.machine()]).encode()).hexdigest()[:16]
+        parts = [SOURCE.read_text(), *FLAGS, str(ATTEMPTS), version, _cpu_id(),
+                 platform.machine()]
+        key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
         path = cache_root() / "kernels" / f"expert_cpu-{key}.so"
         if not path.exists():
             from ..fileio import atomic_path
 
             with atomic_path(path) as tmp:
-                for extra in (OPENMP, []):
+                for extra in ATTEMPTS:
                     done = subprocess.run([cc, *FLAGS, *extra, str(SOURCE), "-o", str(tmp)],
                                           capture_output=True, text=True, timeout=300)
                     if done.returncode == 0:
@@ -89,9 +92,20 @@ def library() -> ctypes.CDLL | None:
 MAX_KR = 256  # k * r; the C kernel's stack buffers
 
 
+def _transposed(b: torch.Tensor) -> torch.Tensor:
+    """B as (E, r, out), each rank's output row contiguous; kept on B itself while B is
+    unchanged (same storage and version), so inference does not copy it every pass."""
+    key = (b.data_ptr(), b._version, tuple(b.shape))
+    hit = getattr(b, "_slimtune_transposed", None)
+    if hit is None or hit[0] != key:
+        hit = (key, b.detach().transpose(1, 2).contiguous())
+        b._slimtune_transposed = hit
+    return hit[1]
+
+
 def supports(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, k: int) -> bool:
     return (x.device.type == "cpu" and x.dtype == out.dtype == a.dtype == torch.float32
-            and k * a.shape[1] <= MAX_KR and library() is not None)
+            and out.is_contiguous() and k * a.shape[1] <= MAX_KR and library() is not None)
 
 
 def add_routed_lowrank(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
@@ -104,7 +118,7 @@ def add_routed_lowrank(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: t
     if n == 0:
         return
     x, a = x.contiguous(), a.contiguous()
-    bt = b.transpose(1, 2).contiguous()  # (E, r, out): each rank's output row contiguous
+    bt = _transposed(b)
     z = torch.empty(n, k * a.shape[1], dtype=torch.float32)
     code = library().routed_lowrank_add_f32(
         x.data_ptr(), out.data_ptr(), a.data_ptr(), bt.data_ptr(), plan.tokens.data_ptr(),
