@@ -1,8 +1,10 @@
-"""On a GPU: the fused expert kernel and the gathered grouped-GEMM path against an fp32
-reference, on one 2048 -> 8192 linear (prefill and decode sizes) and on a whole small model
-with left padding; then the time of one linear's adapter update next to a dense LoRA's.
+"""The fused expert kernel (Triton on a GPU, C on CPU), the grouped GEMM by expert set and by
+expert against an fp32 reference on one linear (prefill and decode sizes), and the time of
+one linear's adapter update next to a dense LoRA's; on a GPU also a whole small model with
+left padding and training gradients by expert set against by expert.
 
-    python benchmarks/expert_kernel_check.py
+    python benchmarks/expert_kernel_check.py              # GPU: 2048 -> 8192 etc., bf16
+    python benchmarks/expert_kernel_check.py --device cpu  # the default model's shapes, fp32
 """
 
 from __future__ import annotations
@@ -11,26 +13,26 @@ import time
 
 import torch
 
-from slimtune.methods import expert_kernel
+from slimtune.methods import expert_cpu, expert_kernel
 from slimtune.methods import experts as X
 
 
 def linear_case(tokens: int, d_in: int, d_out: int, experts: int, k: int, rank: int,
-                dtype: torch.dtype) -> dict:
+                dtype: torch.dtype, device: str = "cuda") -> dict:
     torch.manual_seed(0)
-    lin = torch.nn.Linear(d_in, d_out, bias=False).cuda().to(dtype).requires_grad_(False)
-    router = X.ExpertRouter(d_in, experts, k).cuda()
-    ex = X.ExpertLinear(lin, router, rank, 2.0 * rank).cuda().to(dtype).requires_grad_(False)
+    lin = torch.nn.Linear(d_in, d_out, bias=False).to(device, dtype).requires_grad_(False)
+    router = X.ExpertRouter(d_in, experts, k).to(device)
+    ex = X.ExpertLinear(lin, router, rank, 2.0 * rank).to(device, dtype).requires_grad_(False)
     router.requires_grad_(False)
     with torch.no_grad():
         ex.lora_B.normal_(0, 0.02)
-    x = torch.randn(1, tokens, d_in, device="cuda", dtype=dtype)
+    x = torch.randn(1, tokens, d_in, device=device, dtype=dtype)
     res = {}
     with torch.no_grad():
         router.current = router.route(x)
         for name, fused, sets in (("fused", True, True), ("sets", False, True),
                                   ("gathered", False, False)):
-            X.FUSED_KERNEL, X.EXPERT_SET_DEVICES = fused, {"cuda"} if sets else set()
+            X.FUSED_KERNEL, X.EXPERT_SET_DEVICES = fused, {device} if sets else set()
             router.current._gathered = router.current._set_gathered = None
             res[name] = ex(x).float()
         X.FUSED_KERNEL, X.EXPERT_SET_DEVICES = True, {"cuda"}
@@ -49,20 +51,25 @@ def linear_case(tokens: int, d_in: int, d_out: int, experts: int, k: int, rank: 
     def timed(fn, reps=20):
         for _ in range(3):
             fn()
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         for _ in range(reps):
             fn()
-        torch.cuda.synchronize()
+        sync()
         return (time.perf_counter() - t0) / reps * 1e3
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     y = lin(x)[0]
     xf = x[0]
     plan = r.plan()
-    a16 = torch.randn(k * rank, d_in, device="cuda", dtype=dtype) / d_in ** 0.5
-    b16 = torch.randn(d_out, k * rank, device="cuda", dtype=dtype) * 0.02
+    a16 = torch.randn(k * rank, d_in, device=device, dtype=dtype) / d_in ** 0.5
+    b16 = torch.randn(d_out, k * rank, device=device, dtype=dtype) * 0.02
+    kernel = expert_kernel if device == "cuda" else expert_cpu
     with torch.no_grad():
-        out["fused_ms"] = timed(lambda: expert_kernel.add_routed_lowrank(
+        out["fused_ms"] = timed(lambda: kernel.add_routed_lowrank(
             xf, y, ex.lora_A, ex.lora_B, plan, ex.scaling))
         def gathered():
             r._gathered = None
@@ -139,21 +146,41 @@ def model_case() -> dict:
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+
+    def show(label, case):
+        print(label, {k: round(v, 5) if isinstance(v, float) else v for k, v in case.items()})
+
+    if args.device == "cpu":
+        print("torch", torch.__version__, "CPU threads", torch.get_num_threads())
+        for tokens in (1024, 8):
+            for d_in, d_out in ((576, 1536), (1536, 576)):
+                show(f"linear {d_in}->{d_out}, {tokens} tokens, fp32, E=8 k=2 r=8:",
+                     linear_case(tokens, d_in, d_out, 8, 2, 8, torch.float32, "cpu"))
+        show("E=8 k=4, 1024 tokens:", linear_case(1024, 576, 1536, 8, 4, 8, torch.float32,
+                                                  "cpu"))
+        show("E=32 k=2, 1024 tokens:", linear_case(1024, 576, 1536, 32, 2, 8, torch.float32,
+                                                   "cpu"))
+        return
     import triton
 
     print("torch", torch.__version__, "triton", triton.__version__,
           torch.cuda.get_device_name())
     for tokens in (16384, 8):
         for dtype in (torch.bfloat16, torch.float32):
-            case = linear_case(tokens, 2048, 8192, 8, 2, 8, dtype)
-            print(f"linear 2048->8192, {tokens} tokens, {str(dtype)[6:]}, E=8 k=2 r=8:",
-                  {k: round(v, 5) for k, v in case.items()})
-    print("E=32 k=2, 16384 tokens, bf16:", {k: round(v, 5) for k, v in linear_case(
-        16384, 2048, 8192, 32, 2, 8, torch.bfloat16).items()})
-    print("E=8 k=4, 16384 tokens, bf16:", {k: round(v, 5) for k, v in linear_case(
-        16384, 2048, 8192, 8, 4, 8, torch.bfloat16).items()})
-    print("down 8192->2048, 16384 tokens, bf16:", {k: round(v, 5) for k, v in linear_case(
-        16384, 8192, 2048, 8, 2, 8, torch.bfloat16).items()})
+            show(f"linear 2048->8192, {tokens} tokens, {str(dtype)[6:]}, E=8 k=2 r=8:",
+                 linear_case(tokens, 2048, 8192, 8, 2, 8, dtype))
+    show("E=32 k=2, 16384 tokens, bf16:", linear_case(16384, 2048, 8192, 32, 2, 8,
+                                                      torch.bfloat16))
+    show("E=8 k=4, 16384 tokens, bf16:", linear_case(16384, 2048, 8192, 8, 4, 8,
+                                                     torch.bfloat16))
+    show("down 8192->2048, 16384 tokens, bf16:", linear_case(16384, 8192, 2048, 8, 2, 8,
+                                                             torch.bfloat16))
     print(model_case())
     print("training, sets vs per-expert:", grad_case())
 

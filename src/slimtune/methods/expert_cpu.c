@@ -17,6 +17,7 @@
 /* W floats; aligned(4) makes loads and stores through it unaligned-safe. GCC/Clang vector
    extensions: one AVX-512 register (or two AVX ones) on x86, four NEON registers on ARM. */
 #define W 16
+#define COLS 64 /* output columns per block, kept in registers (COLS / W accumulators) */
 typedef float vec __attribute__((vector_size(4 * W), aligned(4)));
 
 static inline vec load8(const float *p) { return *(const vec *)p; }
@@ -71,7 +72,7 @@ static int run(const float *restrict x, float *restrict out,
             z[p] *= gate[i * k + p / r] * scaling;
     }
 
-    /* out[t] += z[i] @ [B rows], 64 output columns at a time in registers; runs of rows
+    /* out[t] += z[i] @ [B rows], COLS output columns at a time in registers; runs of rows
        with the same experts (callers sort rows by expert set) reuse each block of B from
        L1 */
     for (int64_t i = begin; i < end;) {
@@ -87,20 +88,20 @@ static int run(const float *restrict x, float *restrict out,
         for (int64_t p = 0; p < kr; p++)
             rows[p] = bt + (eid[i * k + p / r] * r + p % r) * dout;
         int64_t c0 = 0;
-        for (; c0 + 64 <= dout; c0 += 64) {
+        for (; c0 + COLS <= dout; c0 += COLS) {
             for (int64_t ii = i; ii < stop; ii++) {
                 float *yr = out + (tok ? tok[ii] : ii) * dout + c0;
                 const float *z = zbuf + ii * kr;
-                vec acc[64 / W];
-                for (int u = 0; u < 64 / W; u++)
+                vec acc[COLS / W];
+                for (int u = 0; u < COLS / W; u++)
                     acc[u] = load8(yr + W * u);
                 for (int64_t p = 0; p < kr; p++) {
                     const float *br = rows[p] + c0;
                     const float zp = z[p];
-                    for (int u = 0; u < 64 / W; u++)
+                    for (int u = 0; u < COLS / W; u++)
                         acc[u] += zp * load8(br + W * u);
                 }
-                for (int u = 0; u < 64 / W; u++)
+                for (int u = 0; u < COLS / W; u++)
                     store8(yr + W * u, acc[u]);
             }
         }
