@@ -30,22 +30,47 @@ static inline float hsum8(vec v)
     return s;
 }
 
-/* z[p] = rows[p] . xr for p < m (m <= 8), 8 accumulators in registers */
-static void dots8(const float *const *rows, int64_t m, const float *xr, int64_t din, float *z)
+/* z[p] = rows[p] . xr for p < M: M accumulators. M is a compile-time constant so that they
+   stay in registers (indexed by a runtime count they would live on the stack). */
+#define DOTS(M)                                                                      \
+    static void dots##M(const float *const *rows, const float *xr, int64_t din,      \
+                        float *z)                                                    \
+    {                                                                                \
+        vec acc[M] = {{0}};                                                          \
+        int64_t d = 0;                                                               \
+        for (; d + W <= din; d += W) {                                               \
+            const vec xv = load8(xr + d);                                            \
+            for (int p = 0; p < M; p++)                                              \
+                acc[p] += load8(rows[p] + d) * xv;                                   \
+        }                                                                            \
+        for (int p = 0; p < M; p++) {                                                \
+            float s = hsum8(acc[p]);                                                 \
+            for (int64_t e = d; e < din; e++)                                        \
+                s += rows[p][e] * xr[e];                                             \
+            z[p] = s;                                                                \
+        }                                                                            \
+    }
+DOTS(8)
+DOTS(4)
+DOTS(2)
+DOTS(1)
+
+/* z[p] = rows[p] . xr for p < m, in groups of 8, 4, 2, 1 */
+static void dots(const float *const *rows, int64_t m, const float *xr, int64_t din, float *z)
 {
-    vec acc[8] = {{0}};
-    int64_t d = 0;
-    for (; d + W <= din; d += W) {
-        const vec xv = load8(xr + d);
-        for (int64_t p = 0; p < m; p++)
-            acc[p] += load8(rows[p] + d) * xv;
+    int64_t p = 0;
+    for (; p + 8 <= m; p += 8)
+        dots8(rows + p, xr, din, z + p);
+    if (p + 4 <= m) {
+        dots4(rows + p, xr, din, z + p);
+        p += 4;
     }
-    for (int64_t p = 0; p < m; p++) {
-        float s = hsum8(acc[p]);
-        for (int64_t e = d; e < din; e++)
-            s += rows[p][e] * xr[e];
-        z[p] = s;
+    if (p + 2 <= m) {
+        dots2(rows + p, xr, din, z + p);
+        p += 2;
     }
+    if (p < m)
+        dots1(rows + p, xr, din, z + p);
 }
 
 static int run(const float *restrict x, float *restrict out,
@@ -66,8 +91,7 @@ static int run(const float *restrict x, float *restrict out,
         for (int64_t p = 0; p < kr; p++)
             rows[p] = a + (eid[i * k + p / r] * r + p % r) * din;
         float *z = zbuf + i * kr;
-        for (int64_t p0 = 0; p0 < kr; p0 += 8)
-            dots8(rows + p0, kr - p0 < 8 ? kr - p0 : 8, xr, din, z + p0);
+        dots(rows, kr, xr, din, z);
         for (int64_t p = 0; p < kr; p++)
             z[p] *= gate[i * k + p / r] * scaling;
     }
