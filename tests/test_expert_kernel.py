@@ -61,6 +61,8 @@ def test_fused_kernel_gives_the_gathered_paths_logits_under_the_interpreter():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "skip" in results:  # an old Triton next to a new NumPy; CI installs a recent Triton
+        pytest.skip(results["skip"])
     # prefill (tiles by expert set, padding not routed), decode (a token per tile),
     # k=3 with a rank that is no power of two, k=1, fp16
     assert set(results) == {"prefill", "decode", "k3_rank5", "k1", "fp16"}
