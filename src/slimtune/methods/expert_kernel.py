@@ -1,5 +1,6 @@
-"""Fused inference kernel for routed expert adapters (Triton, CUDA; the only hand-written
-kernel in slimtune, because no library ships a gathered low-rank update).
+"""Fused inference kernel for routed expert adapters on CUDA (Triton; hand-written, like its
+CPU twin ``expert_cpu.c``, because no library runs a low-rank update whose weights differ
+per token).
 
 The gathered path in ``experts.py`` writes k rows of the full output width per token (one per
 routing slot) and then accumulates them into the base output: k times the memory traffic of
