@@ -33,7 +33,7 @@ def linear_case(tokens: int, d_in: int, d_out: int, experts: int, k: int, rank: 
         for name, fused, sets in (("fused", True, True), ("sets", False, True),
                                   ("gathered", False, False)):
             X.FUSED_KERNEL, X.EXPERT_SET_DEVICES = fused, {device} if sets else set()
-            router.current._gathered = router.current._set_gathered = None
+            router.current._gathered.clear()
             res[name] = ex(x).float()
         X.FUSED_KERNEL, X.EXPERT_SET_DEVICES = True, {"cuda"}
         r = router.current  # fp32 reference from the same routing
@@ -72,7 +72,7 @@ def linear_case(tokens: int, d_in: int, d_out: int, experts: int, k: int, rank: 
         out["fused_ms"] = timed(lambda: kernel.add_routed_lowrank(
             xf, y, ex.lora_A, ex.lora_B, plan, ex.scaling))
         def gathered():
-            r._gathered = None
+            r._gathered.clear()
             h = X.expert_lowrank(r.gather(x), ex.lora_A, ex.lora_B, r.gates * ex.scaling, r,
                                  inference=True)
             X._add_rows(y.view(-1, d_out), r.tokens, h.to(y.dtype))
@@ -81,7 +81,7 @@ def linear_case(tokens: int, d_in: int, d_out: int, experts: int, k: int, rank: 
         sets = r.expert_sets(rank)
         if sets is not None:
             def by_set():
-                r._set_gathered = None
+                r._gathered.clear()
                 h = X.set_lowrank(r.gather_sets(x), ex.lora_A, ex.lora_B, sets, ex.scaling)
                 X._add_rows(y.view(-1, d_out), sets.tokens, h.to(y.dtype))
 

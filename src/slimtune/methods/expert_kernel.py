@@ -57,6 +57,14 @@ class TilePlan:
     block_m: int
 
 
+def set_keys(ids: torch.Tensor, experts: int) -> torch.Tensor:
+    """Each row's expert set (ids ascending, (N, k)) as one base-E number."""
+    key = ids[:, 0]
+    for j in range(1, ids.shape[1]):
+        key = key * experts + ids[:, j]
+    return key
+
+
 def plan_tiles(top_i: torch.Tensor, top_g: torch.Tensor, kept: torch.Tensor | None,
                experts: int) -> TilePlan:
     """Group the routed tokens by their set of experts and cut the groups into tiles, with
@@ -68,10 +76,7 @@ def plan_tiles(top_i: torch.Tensor, top_g: torch.Tensor, kept: torch.Tensor | No
         return TilePlan(tokens, pos, top_i.contiguous(), top_g.float().contiguous(), pos, 16)
     ids, order = top_i.sort(dim=1)  # a tile reads its experts in one order: ascending
     gates = top_g.float().gather(1, order)
-    key = ids[:, 0]
-    for j in range(1, k):  # the expert set as a base-E number
-        key = key * experts + ids[:, j]
-    keys, perm = key.sort()
+    keys, perm = set_keys(ids, experts).sort()
     group_start = torch.searchsorted(keys, keys)  # first position of each position's set
     starts = (pos - group_start) % BLOCK_M == 0
     n_tiles = -(-n // BLOCK_M) + min(n, math.comb(experts, k))

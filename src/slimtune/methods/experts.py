@@ -46,7 +46,7 @@ import functools
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -112,10 +112,11 @@ class Routing:
     _slots: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     _counts: list[int] | None = None
     _offsets: torch.Tensor | None = None
-    _gathered: tuple[torch.Tensor, torch.Tensor] | None = None
     _plan: expert_kernel.TilePlan | None = None
     _sets: ExpertSets | bool | None = None
-    _set_gathered: tuple[torch.Tensor, torch.Tensor] | None = None
+    # gathered input rows per layout ("slots" / "sets"): (the input they came from, rows);
+    # linears that share an input (q, k, v; gate, up) share one gather
+    _gathered: dict = field(default_factory=dict)
 
     def _grouped(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._slots is None:
@@ -166,13 +167,16 @@ class Routing:
             self._offsets = torch.cumsum(self.counts_t, 0).to(torch.int32)
         return self._offsets
 
+    def _gather(self, layout: str, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        hit = self._gathered.get(layout)
+        if hit is None or hit[0] is not x:
+            hit = (x, x.reshape(-1, x.shape[-1]).index_select(0, rows))
+            self._gathered[layout] = hit
+        return hit[1]
+
     def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """The slots' input rows, grouped by expert; linears that share an input (q, k, v;
-        gate, up) share one gather."""
-        if self._gathered is None or self._gathered[0] is not x:
-            flat = x.reshape(-1, x.shape[-1])
-            self._gathered = (x, flat.index_select(0, self.tokens))
-        return self._gathered[1]
+        """The slots' input rows, grouped by expert."""
+        return self._gather("slots", x, self.tokens)
 
     def plan(self) -> expert_kernel.TilePlan:
         """The fused kernel's tiles (tokens grouped by their set of k experts)."""
@@ -200,22 +204,16 @@ class Routing:
         return self._sets or None
 
     def gather_sets(self, x: torch.Tensor) -> torch.Tensor:
-        """The routed input rows in expert-set order (each token once), shared like gather."""
-        if self._set_gathered is None or self._set_gathered[0] is not x:
-            flat = x.reshape(-1, x.shape[-1])
-            self._set_gathered = (x, flat.index_select(0, self._sets.tokens))
-        return self._set_gathered[1]
+        """The routed input rows in expert-set order (each token once)."""
+        return self._gather("sets", x, self._sets.tokens)
 
 
 @functools.cache
 def _all_sets(experts: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Every set of k of the experts (ascending ids, in lexicographic order) and its key,
-    the set as a base-E number like ``expert_kernel.plan_tiles`` computes it."""
+    the set as ``expert_kernel.plan_tiles`` keys it."""
     sets = torch.combinations(torch.arange(experts), k)
-    keys = sets[:, 0]
-    for j in range(1, k):
-        keys = keys * experts + sets[:, j]
-    return sets.to(device), keys.to(device)
+    return sets.to(device), expert_kernel.set_keys(sets, experts).to(device)
 
 
 @dataclass
@@ -223,9 +221,9 @@ class ExpertSets:
     """The routed tokens grouped by their set of k experts, for a grouped GEMM whose groups
     are the sets, each with its k experts' factors stacked (k*r wide). Each token's row is
     gathered, run and added to the output once, where grouping by single expert handles it
-    k times; the price is copying every set's factors, so it is used only where
-    C(E, k) x k*r is at most a quarter of the tokens, and on CUDA (training, or inference without
-    the fused kernel; see EXPERT_SET_DEVICES)."""
+    k times; the price is copying every set's factors, so it is used only where C(E, k) x
+    k*r is at most a quarter of the tokens, and on CUDA (training, or inference without the
+    fused kernel; see EXPERT_SET_DEVICES)."""
 
     tokens: torch.Tensor  # (N,) flat token rows, sorted by set
     offsets: torch.Tensor  # (G,) int32 end of each set's rows (G = every possible set)
@@ -326,8 +324,8 @@ def expert_lowrank(xs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gates: to
     The autograd path (training; also inference where neither the fused kernel nor an
     in-place loop applies). Only the rows routed to expert e meet A_e and B_e: on CUDA
     (SM90+, bf16) as one grouped GEMM per factor, elsewhere as a loop over the experts that
-    received tokens. The gate
-    scales the rank-r intermediate, which is cheaper than scaling the output and the same.
+    received tokens. The gate scales the rank-r intermediate, which is cheaper than scaling
+    the output and the same.
     """
     global GROUPED_MM
     if _grouped_ok(xs, inference):
@@ -475,7 +473,7 @@ def _route_hook(router: ExpertRouter):
 def _release_hook(router: ExpertRouter):
     def hook(module, args, output):
         if router.current is not None:  # the gathered inputs live on only in autograd
-            router.current._gathered = router.current._set_gathered = None
+            router.current._gathered.clear()
 
     return hook
 
