@@ -49,3 +49,28 @@ def test_atomic_dir_replaces_whole_folders_and_recovers_old(tmp_path):
     os.replace(target, tmp_path / "ckpt.old")
     assert fileio.recover_dir(target) == tmp_path / "ckpt.old"
     assert fileio.recover_dir(tmp_path / "none") is None
+
+
+def test_file_lock_excludes_other_processes_and_dies_with_its_holder(tmp_path):
+    import subprocess
+    import sys
+
+    lock = tmp_path / ".lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from slimtune.fileio import file_lock\n"
+         f"with file_lock({str(lock)!r}):\n    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(fileio.LockHeld), fileio.file_lock(lock, wait=False):
+            pass
+        with pytest.raises(fileio.LockHeld), fileio.file_lock(lock, shared=True, wait=False):
+            pass
+    finally:
+        holder.kill()  # kill -9: the kernel releases the lock, nothing stale is left
+        holder.wait()
+    with fileio.file_lock(lock, wait=False):
+        pass
+    with fileio.file_lock(lock, shared=True), fileio.file_lock(lock, shared=True, wait=False):
+        pass  # shared locks coexist

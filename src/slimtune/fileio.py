@@ -8,6 +8,8 @@ same way and swapped in with renames.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -146,3 +148,30 @@ def recover_dir(target: str | Path) -> Path | None:
         return target
     old = target.with_name(target.name + ".old")
     return old if old.exists() else None
+
+
+class LockHeld(OSError):
+    """Another process holds the lock (raised only by ``file_lock(..., wait=False)``)."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(errno.EWOULDBLOCK, "locked by another process", str(path))
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, *, shared: bool = False, wait: bool = True) -> Iterator[None]:
+    """Hold an advisory ``flock`` on ``path`` (created if missing) for the block.
+
+    The kernel drops the lock when the process dies, so a ``kill -9`` never leaves a stale
+    lock behind and nothing has to be cleaned up by hand. ``shared`` locks coexist with each
+    other and exclude an exclusive one; ``wait=False`` raises :class:`LockHeld` at once.
+    """
+    fd = os.open(str(path), os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        op = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB)
+        try:
+            fcntl.flock(fd, op)
+        except BlockingIOError:
+            raise LockHeld(path) from None
+        yield
+    finally:
+        os.close(fd)
