@@ -9,38 +9,54 @@ the test's p < 0.05 (correctness) or the interval excludes 0 (loss).
 
 from __future__ import annotations
 
-import math
-import random
 from collections.abc import Sequence
+
+import numpy as np
+
+# Resampled means are drawn this many samples at a time: (chunk, n) int64 indices stay ~40 MB
+# at n = 20,000 examples instead of the 320 MB one draw of all 2,000 samples would take.
+_BOOTSTRAP_CHUNK = 256
 
 
 def mcnemar_exact(a: Sequence[int], b: Sequence[int]) -> dict:
-    """Exact two-sided McNemar test: only examples where exactly one side is right count."""
-    only_a = sum(1 for x, y in zip(a, b) if x and not y)
-    only_b = sum(1 for x, y in zip(a, b) if y and not x)
+    """Exact two-sided McNemar test: only examples where exactly one side is right count.
+
+    The binomial tail is summed in log space (log factorials by cumulative sum), so it stays
+    exact to float precision and O(n) where exact integer binomials grow with 2**n.
+    """
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
     n = only_a + only_b
     if n == 0:
         return {"only_a": 0, "only_b": 0, "p_value": 1.0}
     k = min(only_a, only_b)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    log_fact = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n + 1)))])
+    i = np.arange(k + 1)
+    log_pmf = log_fact[n] - log_fact[i] - log_fact[n - i] - n * np.log(2.0)
+    top = log_pmf.max()
+    tail = float(np.exp(top) * np.exp(log_pmf - top).sum())
     return {"only_a": only_a, "only_b": only_b, "p_value": min(1.0, 2 * tail)}
 
 
 def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, samples: int = 2000,
                      seed: int = 0) -> dict:
     """Mean of b - a and a percentile 95% interval over examples resampled with replacement."""
-    diffs = [y - x for x, y in zip(a, b)]
+    diffs = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
     n = len(diffs)
-    rng = random.Random(seed)
-    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(samples))
-    return {"mean_diff": sum(diffs) / n, "ci_low": means[int(0.025 * samples)],
-            "ci_high": means[int(0.975 * samples) - 1], "samples": samples}
+    rng = np.random.default_rng(seed)
+    means = np.empty(samples)
+    for s in range(0, samples, _BOOTSTRAP_CHUNK):
+        m = min(_BOOTSTRAP_CHUNK, samples - s)
+        means[s: s + m] = diffs[rng.integers(0, n, size=(m, n))].mean(axis=1)
+    means.sort()
+    return {"mean_diff": float(diffs.mean()), "ci_low": float(means[int(0.025 * samples)]),
+            "ci_high": float(means[int(0.975 * samples) - 1]), "samples": samples}
 
 
 def compare(a_scores: Sequence[float], b_scores: Sequence[float], *, higher_is_better: bool,
             binary: bool) -> dict:
     """The verdict on per-example scores of A and B (same examples, same order)."""
-    if len(a_scores) != len(b_scores) or not a_scores:
+    if len(a_scores) != len(b_scores) or len(a_scores) == 0:
         raise ValueError("A and B need scores for the same, non-empty list of examples")
     boot = paired_bootstrap(a_scores, b_scores)
     out = {"bootstrap": boot}
