@@ -107,6 +107,28 @@ def test_truncation_keeps_the_completion(tiny, tmp_path):
     assert [t for t in ex.labels if t != IGNORE_INDEX][: len(target)] == target
 
 
+def test_absurd_lines_are_cut_before_they_are_tokenized(tiny, tmp_path):
+    from slimtune.data import CHARS_PER_TOKEN
+
+    from .test_evaluation import CountingTokenizer
+
+    huge = "word " * 400_000  # a 2 MB line
+    rows = {"text": [{"text": huge}],
+            "prompt_completion": [{"prompt": huge + "Intent:", "completion": " billing"}],
+            "messages": [{"messages": [{"role": "user", "content": "hi"},
+                                       {"role": "assistant", "content": huge}]}]}
+    for shape, rec in rows.items():
+        tok = CountingTokenizer(tiny.tokenizer)
+        ex = load_dataset(write_jsonl(tmp_path / f"{shape}.jsonl", rec), tok,
+                          max_length=32).examples[0]
+        assert len(ex.input_ids) == 32
+        assert tok.longest <= 32 * CHARS_PER_TOKEN + 100, shape  # + the chat template's tags
+        # a cut text does not end: no end token is learned after it
+        assert ex.input_ids[-1] != tiny.tokenizer.eos_token_id or shape == "prompt_completion"
+    pc = load_dataset(tmp_path / "prompt_completion.jsonl", tiny.tokenizer, max_length=32)
+    assert tiny.tokenizer.decode(pc.examples[0].input_ids).endswith("Intent: billing<|im_end|>")
+
+
 def test_split_is_seeded_and_disjoint(tiny, intent_file):
     ds = load_dataset(intent_file, tiny.tokenizer)
     tr1, ev1 = split_dataset(ds, 0.25, seed=1)

@@ -140,3 +140,61 @@ def test_per_example_loss_matches_the_token_weighted_eval_loss(tiny, intent_file
     assert len(per) == 6 and len(set(per)) > 1
     assert pooled == pytest.approx(eval_loss(tiny.model, exs, tiny.tokenizer.pad_token_id)["loss"],
                                    rel=1e-4)
+
+
+class CountingTokenizer:
+    """Delegates to a tokenizer and records the longest text it was asked to tokenize."""
+
+    def __init__(self, tok):
+        self._tok, self.longest = tok, 0
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def __call__(self, text, **kwargs):
+        self.longest = max(self.longest, len(text))
+        return self._tok(text, **kwargs)
+
+
+@pytest.mark.parametrize("task", ["classification", "generation"])
+def test_a_100k_word_prompt_is_cut_to_max_length_keeping_its_end(tiny, tmp_path, task):
+    from slimtune.data import CHARS_PER_TOKEN
+    from slimtune.evaluation import evaluate
+
+    tail = "\nMessage: parcel\nIntent:"
+    rows = [{"prompt": "word " * 100_000 + tail, "completion": " billing"},
+            {"prompt": "Message: card" + tail, "completion": " shipping"}]
+    tok = CountingTokenizer(tiny.tokenizer)
+    ds = load_dataset(write_jsonl(tmp_path / "d.jsonl", rows), tok, max_length=64)
+    widths, firsts = [], []
+
+    def record(_module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        widths.append(ids.shape[1])
+        firsts.append(ids[0].tolist())
+
+    handle = tiny.model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        metrics, _ = evaluate(tiny.model, tok, ds, task=task, batch_size=2, max_new_tokens=8)
+    finally:
+        handle.remove()
+    assert metrics["task"] == task and metrics["examples"] == 2
+    assert widths and max(widths) <= 64
+    assert tok.longest <= 64 * CHARS_PER_TOKEN
+    # the first pass over the huge prompt ends with the prompt's own end
+    end = tiny.tokenizer(tail, add_special_tokens=False)["input_ids"]
+    assert firsts[0][-len(end):] == end
+
+
+def test_no_progress_silences_every_bar_and_progress_shows_the_eval(tiny_dir, intent_file,
+                                                                    tmp_path, capfd):
+    from .conftest import train_tiny
+
+    opts = dict(method="sparse", max_steps=1, method_options={"density": 0.05})
+    train_tiny(tiny_dir, intent_file, tmp_path / "quiet", progress=False, **opts)
+    err = capfd.readouterr().err
+    assert "importance" not in err and "eval" not in err and "%|" not in err
+    train_tiny(tiny_dir, intent_file, tmp_path / "loud", progress=True, **opts)
+    err = capfd.readouterr().err
+    for bar in ("importance (fisher)", "eval classification", "eval latency"):
+        assert bar in err

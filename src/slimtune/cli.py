@@ -360,7 +360,8 @@ def _cmd_eval(args) -> int:
         ds.records, ds.examples = ds.records[: args.limit], ds.examples[: args.limit]
     with PeakMemory(next(loaded.model.parameters()).device) as mem:
         metrics, _ = evaluate(loaded.model, loaded.tokenizer, ds, task=args.task,
-                              batch_size=args.batch_size, latency=not args.no_latency)
+                              batch_size=args.batch_size, latency=not args.no_latency,
+                              progress=True)
     row = {f"eval_{k}": v for k, v in metrics.items()}
     row["peak_memory_bytes"] = mem.peak_bytes
     if manifest:

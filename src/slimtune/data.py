@@ -28,6 +28,10 @@ import torch
 from .errors import DataError
 
 IGNORE_INDEX = -100
+# Text is cut to this many characters per token of max_length before it is tokenized, so an
+# absurd line (a 50 MB record) costs no more than a normal one; no common tokenizer averages
+# more characters per token, so the cut never changes what survives token truncation.
+CHARS_PER_TOKEN = 20
 SHAPES = ("text", "prompt_completion", "messages")
 ROLES = ("system", "user", "assistant", "tool")
 BUILTIN_PREFIX = "builtin:"
@@ -61,6 +65,7 @@ class Dataset:
     shape: str
     records: list[Record]
     examples: list[Example] = field(default_factory=list)
+    max_length: int = 512  # the token limit the examples were cut to; evaluation keeps it
 
     def fingerprint(self) -> str:
         return dataset_fingerprint(self.records)
@@ -237,36 +242,57 @@ def _ids(tokenizer, text: str, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
+def clip_text(text: str, max_tokens: int, *, keep_end: bool = False) -> str:
+    """``text`` cut cheaply to what can survive truncation to ``max_tokens`` tokens (its
+    start, or with ``keep_end`` its end), so tokenizing never sees a whole absurd line."""
+    limit = max(max_tokens, 0) * CHARS_PER_TOKEN
+    if len(text) <= limit:
+        return text
+    return text[len(text) - limit:] if keep_end else text[:limit]
+
+
+def prompt_ids(tokenizer, prompt: str, budget: int) -> list[int]:
+    """The last ``budget`` tokens of ``prompt``: truncation keeps the end of a prompt, where
+    the question and the answer slot are. Training and every evaluation path use this."""
+    if budget <= 0:
+        return []
+    ids = _ids(tokenizer, clip_text(prompt, budget, keep_end=True), True)
+    return ids[max(0, len(ids) - budget):]
+
+
 def tokenize_record(rec: Record, shape: str, tokenizer, max_length: int) -> Example | None:
     """Tokenize one record; ``None`` when truncation leaves no target token."""
     f = rec.fields
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if shape == "text":
-        ids = _ids(tokenizer, f["text"], True) + eos
+        text = clip_text(f["text"], max_length)
+        ids = _ids(tokenizer, text, True) + (eos if len(text) == len(f["text"]) else [])
         labels = list(ids)
     elif shape == "prompt_completion":
-        p = _ids(tokenizer, f["prompt"], True)
-        c = _ids(tokenizer, f["completion"], False) + eos
-        c = c[:max_length]
-        p = p[max(0, len(p) - (max_length - len(c))):] if len(p) + len(c) > max_length else p
+        completion = clip_text(f["completion"], max_length)
+        c = _ids(tokenizer, completion, False)
+        c = (c + (eos if len(completion) == len(f["completion"]) else []))[:max_length]
+        p = prompt_ids(tokenizer, f["prompt"], max_length - len(c))
         ids, labels = p + c, [IGNORE_INDEX] * len(p) + c
     else:
-        ids, labels = _tokenize_chat(rec, tokenizer)
+        ids, labels = _tokenize_chat(rec, tokenizer, max_length)
     ids, labels = ids[:max_length], labels[:max_length]
     ex = Example(ids, labels, rec.line)
     return ex if ex.num_target_tokens > 0 else None
 
 
-def _tokenize_chat(rec: Record, tokenizer) -> tuple[list[int], list[int]]:
+def _tokenize_chat(rec: Record, tokenizer, max_length: int) -> tuple[list[int], list[int]]:
     """Render turn by turn so each assistant turn's tokens are known exactly.
 
     The template rendering of messages[:i] with a generation prompt must be a prefix of
     the rendering of messages[:i+1]; it is for every common template, and we check.
+    Contents are clipped and rendering stops at ``max_length`` tokens, since the rest is
+    cut anyway.
     """
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError(rec.path, "records use 'messages' but the tokenizer has no chat "
                                   "template", rec.line)
-    msgs = rec.fields["messages"]
+    msgs = [{**m, "content": clip_text(m["content"], max_length)} for m in rec.fields["messages"]]
     ids: list[int] = []
     labels: list[int] = []
     done = ""
@@ -284,6 +310,8 @@ def _tokenize_chat(rec: Record, tokenizer) -> tuple[list[int], list[int]]:
         ids += context + answer
         labels += [IGNORE_INDEX] * len(context) + answer
         done = full
+        if len(ids) >= max_length:
+            break
     return ids, labels
 
 
@@ -299,7 +327,7 @@ def load_dataset(spec: str | Path, tokenizer, *, max_length: int = 512) -> Datas
     if not examples:
         raise DataError(resolve_path(spec), f"no example keeps a target token within "
                                             f"max_length={max_length}")
-    return Dataset(str(resolve_path(spec)), shape, records, examples)
+    return Dataset(str(resolve_path(spec)), shape, records, examples, max_length)
 
 
 def split_dataset(ds: Dataset, eval_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
@@ -314,7 +342,7 @@ def split_dataset(ds: Dataset, eval_fraction: float, seed: int) -> tuple[Dataset
 
     def part(idx: list[int]) -> Dataset:
         exs = [ds.examples[i] for i in idx]
-        return Dataset(ds.path, ds.shape, [by_line[e.line] for e in exs], exs)
+        return Dataset(ds.path, ds.shape, [by_line[e.line] for e in exs], exs, ds.max_length)
 
     return part(tr), part(ev)
 

@@ -8,6 +8,10 @@
 * ``exact_match`` for other prompt/completion data: greedy generation compared to the
   completion (whitespace-stripped).
 * ``latency``: per-token decode time (p50/p95) with a KV cache, and the prefill time.
+
+Every path cuts its inputs to ``max_length`` tokens (the dataset's, by default); a prompt
+keeps its end, where the question and the answer slot are (as in training). Each phase
+shows a progress bar when ``progress`` is true.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .data import Dataset, Example, Record, collate
+from .data import Dataset, Example, Record, collate, prompt_ids
 from .lm import backbone_and_head, target_loss, with_cache
 from .measure import percentile
 
@@ -34,19 +38,29 @@ def _batches(seq: Sequence, n: int):
         yield seq[i: i + n]
 
 
+def _bar(total: int, desc: str, progress: bool, unit: str = "example"):
+    """A tqdm bar on stderr, silent unless ``progress``."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not progress, dynamic_ncols=True)
+
+
 @torch.no_grad()
 def eval_loss(model: nn.Module, examples: Sequence[Example], pad_id: int, *,
-              batch_size: int = 16, autocast=contextlib.nullcontext) -> dict[str, float]:
+              batch_size: int = 16, autocast=contextlib.nullcontext,
+              progress: bool = False) -> dict[str, float]:
     was_training = model.training
     model.eval()
     dev = _device(model)
     total, count = 0.0, 0
-    for chunk in _batches(list(examples), batch_size):
-        batch = {k: v.to(dev) for k, v in collate(chunk, pad_id).items()}
-        with autocast():
-            loss, n = target_loss(model, batch)
-        total += float(loss)
-        count += n
+    with _bar(len(examples), "eval loss", progress) as bar:
+        for chunk in _batches(list(examples), batch_size):
+            batch = {k: v.to(dev) for k, v in collate(chunk, pad_id).items()}
+            with autocast():
+                loss, n = target_loss(model, batch)
+            total += float(loss)
+            count += n
+            bar.update(len(chunk))
     model.train(was_training)
     mean = total / max(count, 1)
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "target_tokens": count}
@@ -84,6 +98,13 @@ def label_set(records: Sequence[Record]) -> list[str]:
     return sorted({r.fields["completion"] for r in records})
 
 
+def _prompt_ids(tokenizer, prompt: str, budget: int | None) -> list[int]:
+    """A prompt's ids; with a ``budget``, its last ``budget`` (at least one) tokens."""
+    if budget is None:
+        return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    return prompt_ids(tokenizer, prompt, max(budget, 1))
+
+
 def _left_pad(seqs: list[list[int]], pad_id: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -96,8 +117,11 @@ def _left_pad(seqs: list[list[int]], pad_id: int, dev) -> tuple[torch.Tensor, to
 
 @torch.no_grad()
 def score_labels(model: nn.Module, tokenizer, prompts: Sequence[str], labels: Sequence[str], *,
-                 batch_size: int = 16, autocast=contextlib.nullcontext) -> torch.Tensor:
-    """Log-likelihood of each label (plus the end token) after each prompt: ``[n, n_labels]``."""
+                 batch_size: int = 16, autocast=contextlib.nullcontext,
+                 max_length: int | None = None, progress: bool = False) -> torch.Tensor:
+    """Log-likelihood of each label (plus the end token) after each prompt: ``[n, n_labels]``.
+
+    With ``max_length``, each prompt keeps its last ``max_length`` minus label tokens."""
     from transformers import DynamicCache
 
     was_training = model.training
@@ -113,9 +137,11 @@ def score_labels(model: nn.Module, tokenizer, prompts: Sequence[str], labels: Se
         lab_mask[j, : len(t)] = True
     lab, lab_mask = lab.to(dev), lab_mask.to(dev)
     parts = backbone_and_head(model)
+    budget = max(1, max_length - m) if max_length else None
     out_scores = []
+    bar = _bar(len(prompts), "eval classification", progress)
     for chunk in _batches(list(prompts), batch_size):
-        seqs = [list(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in chunk]
+        seqs = [_prompt_ids(tokenizer, p, budget) for p in chunk]
         ids, mask = _left_pad(seqs, tokenizer.pad_token_id, dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
@@ -146,18 +172,22 @@ def score_labels(model: nn.Module, tokenizer, prompts: Sequence[str], labels: Se
             tok_lp = tok_lp * lab_mask[:, 1:].repeat(b, 1)
             score = score + tok_lp.sum(-1).view(b, n_lab)
         out_scores.append(score.cpu())
+        bar.update(len(chunk))
+    bar.close()
     model.train(was_training)
     return torch.cat(out_scores)
 
 
 def classification_accuracy(model: nn.Module, tokenizer, records: Sequence[Record], *,
                             labels: Sequence[str] | None = None, batch_size: int = 16,
-                            autocast=contextlib.nullcontext) -> dict:
+                            autocast=contextlib.nullcontext, max_length: int | None = None,
+                            progress: bool = False) -> dict:
     """Accuracy of the highest-scoring label, and the loss of the gold labels from the same
     scores (so the loss needs no second pass over the data)."""
     labels = list(labels) if labels is not None else label_set(records)
     scores = score_labels(model, tokenizer, [r.fields["prompt"] for r in records], labels,
-                          batch_size=batch_size, autocast=autocast)
+                          batch_size=batch_size, autocast=autocast, max_length=max_length,
+                          progress=progress)
     pred = scores.argmax(-1).tolist()
     gold = [labels.index(r.fields["completion"]) if r.fields["completion"] in labels else -1
             for r in records]
@@ -179,14 +209,18 @@ def label_token_counts(tokenizer, labels: Sequence[str]) -> list[int]:
 
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 64,
-             batch_size: int = 8, autocast=contextlib.nullcontext) -> list[str]:
-    """Greedy completions of ``prompts`` (left-padded batches)."""
+             batch_size: int = 8, autocast=contextlib.nullcontext, max_length: int | None = None,
+             progress: bool = False) -> list[str]:
+    """Greedy completions of ``prompts`` (left-padded batches); with ``max_length``, each
+    prompt keeps its last ``max_length - max_new_tokens`` tokens."""
     was_training = model.training
     model.eval()
     dev = _device(model)
+    budget = max_length - max_new_tokens if max_length else None
     outs = []
+    bar = _bar(len(prompts), "eval generation", progress)
     for chunk in _batches(list(prompts), batch_size):
-        seqs = [list(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in chunk]
+        seqs = [_prompt_ids(tokenizer, p, budget) for p in chunk]
         ids, mask = _left_pad(seqs, tokenizer.pad_token_id, dev)
         with autocast():
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
@@ -194,15 +228,19 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tok
                                  eos_token_id=tokenizer.eos_token_id)
         for row in gen[:, ids.shape[1]:]:
             outs.append(tokenizer.decode(row, skip_special_tokens=True))
+        bar.update(len(chunk))
+    bar.close()
     model.train(was_training)
     return outs
 
 
 def exact_match(model: nn.Module, tokenizer, records: Sequence[Record], *,
                 max_new_tokens: int = 64, batch_size: int = 8,
-                autocast=contextlib.nullcontext) -> dict:
+                autocast=contextlib.nullcontext, max_length: int | None = None,
+                progress: bool = False) -> dict:
     outs = generate(model, tokenizer, [r.fields["prompt"] for r in records],
-                    max_new_tokens=max_new_tokens, batch_size=batch_size, autocast=autocast)
+                    max_new_tokens=max_new_tokens, batch_size=batch_size, autocast=autocast,
+                    max_length=max_length, progress=progress)
     correct = [int(o.strip() == r.fields["completion"].strip()) for o, r in zip(outs, records)]
     return {"exact_match": sum(correct) / len(correct), "n": len(correct),
             "predictions": outs, "correct": correct}
@@ -210,17 +248,21 @@ def exact_match(model: nn.Module, tokenizer, records: Sequence[Record], *,
 
 @torch.no_grad()
 def decode_latency(model: nn.Module, tokenizer, prompt: str, *, new_tokens: int = 32,
-                   repeats: int = 3, autocast=contextlib.nullcontext) -> dict[str, float]:
-    """Per-token decode latency with a KV cache, greedy, batch 1."""
+                   repeats: int = 3, autocast=contextlib.nullcontext,
+                   max_length: int | None = None, progress: bool = False) -> dict[str, float]:
+    """Per-token decode latency with a KV cache, greedy, batch 1; the prompt keeps its last
+    ``max_length - new_tokens`` tokens."""
     from transformers import DynamicCache
 
     was_training = model.training
     model.eval()
     dev = _device(model)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    ids = torch.tensor([tokenizer(prompt, add_special_tokens=True)["input_ids"]], device=dev)
+    budget = max_length - new_tokens if max_length else None
+    ids = torch.tensor([_prompt_ids(tokenizer, prompt, budget)], device=dev)
     steps: list[float] = []
     prefill: list[float] = []
+    bar = _bar(repeats + 1, "eval latency", progress, unit="round")
     for r in range(repeats + 1):  # the first round warms up
         cache = DynamicCache()
         sync()
@@ -240,6 +282,8 @@ def decode_latency(model: nn.Module, tokenizer, prompt: str, *, new_tokens: int 
             sync()
             if r:
                 steps.append(time.perf_counter() - t0)
+        bar.update(1)
+    bar.close()
     model.train(was_training)
     return {"latency_p50_ms": 1000 * percentile(steps, 50),
             "latency_p95_ms": 1000 * percentile(steps, 95),
@@ -248,21 +292,24 @@ def decode_latency(model: nn.Module, tokenizer, prompt: str, *, new_tokens: int 
 
 def evaluate(model: nn.Module, tokenizer, dataset: Dataset, *, task: str = "auto",
              labels: Sequence[str] | None = None, batch_size: int = 16, latency: bool = True,
-             max_new_tokens: int = 64,
-             autocast=contextlib.nullcontext) -> tuple[dict, dict | None]:
+             max_new_tokens: int = 64, autocast=contextlib.nullcontext,
+             max_length: int | None = None, progress: bool = False) -> tuple[dict, dict | None]:
     """Quality metrics of ``dataset`` for ``task`` (auto-detected) plus decode latency,
     and the per-example details (predictions, correctness) where the task has them.
 
     ``labels`` are the classification candidates (default: the dataset's completions);
     pass the training set's labels so a label missing from a small eval set still competes.
+    Inputs are cut to ``max_length`` tokens (default: the one the dataset was loaded with).
     """
+    max_length = max_length or dataset.max_length
     task = detect_task(dataset) if task == "auto" else task
     metrics: dict = {"task": task, "examples": len(dataset.records)}
     details = None
     loss_known = False
     if task == "classification":
         details = classification_accuracy(model, tokenizer, dataset.records, labels=labels,
-                                          batch_size=batch_size, autocast=autocast)
+                                          batch_size=batch_size, autocast=autocast,
+                                          max_length=max_length, progress=progress)
         metrics["accuracy"] = details["accuracy"]
         # The gold label's score is the loss of the completion; reuse it unless truncation
         # made the training-time targets differ from the scored ones.
@@ -275,13 +322,15 @@ def evaluate(model: nn.Module, tokenizer, dataset: Dataset, *, task: str = "auto
             loss_known = True
     if not loss_known:
         metrics.update(eval_loss(model, dataset.examples, tokenizer.pad_token_id,
-                                 batch_size=batch_size, autocast=autocast))
+                                 batch_size=batch_size, autocast=autocast, progress=progress))
     if task == "generation":
         details = exact_match(model, tokenizer, dataset.records, max_new_tokens=max_new_tokens,
-                              batch_size=batch_size, autocast=autocast)
+                              batch_size=batch_size, autocast=autocast, max_length=max_length,
+                              progress=progress)
         metrics["exact_match"] = details["exact_match"]
     if latency:
         prompt = dataset.records[0].fields.get("prompt") or dataset.records[0].fields.get(
             "text", "Hello")
-        metrics.update(decode_latency(model, tokenizer, prompt[:2000], autocast=autocast))
+        metrics.update(decode_latency(model, tokenizer, prompt, autocast=autocast,
+                                      max_length=max_length, progress=progress))
     return metrics, details

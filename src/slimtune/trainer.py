@@ -268,6 +268,7 @@ class Trainer:
                                  f"{n_layers} layers")
         self.layers = list(range(self.freeze_k, n_layers))
         self.method = get_method(cfg.method, cfg.method_options)
+        self.method.progress = cfg.progress
         self.model = self.method.prepare(self.loaded.model, self.layers,
                                          batches=self._calibration_batches)
         if cfg.gradient_checkpointing:
@@ -509,7 +510,8 @@ class Trainer:
             eval_metrics, details = evaluate(self.model, self.loaded.tokenizer, self.eval_ds,
                                              task=task, labels=labels,
                                              batch_size=cfg.eval_batch_size,
-                                             autocast=self.accelerator.autocast)
+                                             autocast=self.accelerator.autocast,
+                                             progress=cfg.progress)
         losses = [h["loss"] for h in self.history if "loss" in h]
         summary = {
             "method": cfg.method,

@@ -39,6 +39,7 @@ class Method(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     mergeable: ClassVar[bool] = True
+    progress: bool = True  # bars while choosing from data; the trainer sets --no-progress here
 
     def __init__(self, config: MethodConfig | dict | None = None) -> None:
         if config is None:

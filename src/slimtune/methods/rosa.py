@@ -80,6 +80,7 @@ class RosaMethod(Method):
         if not layers:
             raise UserInputError("rosa: no layer left to train (everything is frozen)")
         model.requires_grad_(False)
+        self.sparse.progress = self.progress
         chosen = self.sparse.choose(model, layers, batches)
         wrapped = self.lora.prepare(model, layers)
         self.sparse.attach_chosen(wrapped, chosen)

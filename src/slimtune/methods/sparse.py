@@ -248,7 +248,7 @@ class SparseMethod(Method):
         modules = candidate_modules(model, layers, cfg.target_modules)
         data = (lambda: batches(cfg.calibration_batches)) if batches is not None else None
         scores = importance_scores(model, modules, cfg.importance, data, seed=cfg.seed,
-                                   progress=data is not None)
+                                   progress=data is not None and self.progress)
         return select_top(scores, cfg.density, cfg.selection)
 
     def attach_chosen(self, model: nn.Module, chosen: dict[str, torch.Tensor]) -> dict[str, int]:
