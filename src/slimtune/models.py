@@ -8,7 +8,9 @@ A model spec is one of:
   and cached as safetensors + tokenizer under :func:`cache_root`.
 * a local Hugging Face model folder (with ``config.json``),
 * a ``.gguf`` file,
-* a hub id such as ``HuggingFaceTB/SmolLM2-135M-Instruct`` (needs a network).
+* a hub id such as ``HuggingFaceTB/SmolLM2-135M-Instruct`` (needs a network, or the hub's
+  local cache: when ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` is set or the hub's host does
+  not answer within a few seconds, only the cache is tried, instead of a minute of retries).
 
 The *base fingerprint* is a SHA-256 over the weights, rounded to bfloat16, in a fixed
 order. Deltas record it and refuse a base whose fingerprint differs; the rounding makes
@@ -22,6 +24,7 @@ import fcntl
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -32,7 +35,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ModelLoadError
+from .console import info
+from .errors import ModelLoadError, UserInputError
 from .fileio import atomic_dir, sha256_file, write_text
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -202,20 +206,61 @@ def load_model(spec: str = "default", *, dtype: str | torch.dtype | None = None,
         elif spec.startswith((".", "/", "~")) or path.exists():
             raise ModelLoadError(f"{spec}: no such model folder or file")
         else:
-            try:
-                tok = AutoTokenizer.from_pretrained(spec)
-                model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype)
-            except Exception as e:
-                raise ModelLoadError(
-                    f"{spec}: not a local path, and loading it from the hub failed ({e})"
-                ) from e
-            loaded = LoadedModel(model, tok, spec, spec.split("/")[-1])
+            loaded = _load_hub(spec, torch_dtype)
     tok = loaded.tokenizer
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     loaded.model.to(device).eval()
     decoder_layers(loaded.model)  # fail early on architectures we cannot freeze or analyze
     return loaded
+
+
+HUB_CONNECT_TIMEOUT_S = 3.0
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached (an offline flag, or no TCP connection to its
+    host within :data:`HUB_CONNECT_TIMEOUT_S`), or ``None`` when it may be reachable.
+
+    Checked before a hub load because the hub client otherwise retries for about a minute
+    before it says it is offline. Behind a proxy the check is left to the hub client.
+    """
+    from urllib.parse import urlparse
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{var} is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=HUB_CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        return f"{host}:{port} cannot be reached ({e.strerror or e})"
+    return None
+
+
+def _load_hub(spec: str, dtype: torch.dtype) -> LoadedModel:
+    """A hub id: from the hub when it is reachable (saying so first), else from its cache only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    offline = hub_unreachable()
+    if offline is None:
+        info(f"fetching {spec} from the Hugging Face hub...")
+    try:
+        tok = AutoTokenizer.from_pretrained(spec, local_files_only=offline is not None)
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype,
+                                                     local_files_only=offline is not None)
+    except Exception as e:
+        if offline is not None:
+            raise ModelLoadError(
+                f"{spec}: not a local model folder or file, and not in the Hugging Face cache; "
+                f"the hub was not tried because {offline}. Pass a model folder or .gguf file, "
+                "or run once with a network to download it") from e
+        raise ModelLoadError(
+            f"{spec}: not a local path, and loading it from the hub failed ({e})") from e
+    return LoadedModel(model, tok, spec, spec.split("/")[-1])
 
 
 def _load_folder(folder: Path, name: str, dtype: torch.dtype) -> LoadedModel:
