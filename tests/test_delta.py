@@ -105,3 +105,41 @@ def test_bad_manifests_are_refused(trained, tmp_path):
         verify_delta(d)
     with pytest.raises(DeltaError, match="no such delta folder"):
         verify_delta(tmp_path / "nope")
+
+
+@pytest.fixture(scope="module")
+def rosa(tiny_dir, tmp_path_factory):
+    from .conftest import intent_rows, write_jsonl
+
+    tmp = tmp_path_factory.mktemp("rosa")
+    data = write_jsonl(tmp / "d.jsonl", intent_rows())
+    return train_tiny(tiny_dir, data, tmp / "rosa", method="rosa", max_steps=4,
+                      method_options={"density": 0.05})
+
+
+def test_plain_peft_refuses_a_rosa_delta_that_slimtune_applies_whole(rosa, tiny_dir, tmp_path):
+    """peft alone would drop the sparse part and silently compute something else."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from slimtune.methods.rosa import LORA_FILES
+
+    with pytest.raises(ValueError):
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir),
+                                  str(rosa.delta_dir))
+    ours = _logits(rosa.model.eval(), rosa.loaded.tokenizer)
+    fresh = load_model(str(tiny_dir))
+    model, _ = load_delta(rosa.delta_dir, fresh.model, fingerprint(fresh.model))
+    torch.testing.assert_close(_logits(model.eval(), fresh.tokenizer), ours)
+
+    # A rosa delta of format version 1 (LoRA part under peft's names) still loads.
+    old = _copy(rosa.delta_dir, tmp_path / "old")
+    m = json.loads((old / "manifest.json").read_text())
+    for peft_name, ours_name in LORA_FILES.items():
+        (old / ours_name).rename(old / peft_name)
+        m["files"][peft_name] = m["files"].pop(ours_name)
+    m["format_version"] = 1
+    (old / "manifest.json").write_text(json.dumps(m))
+    fresh = load_model(str(tiny_dir))
+    model, _ = load_delta(old, fresh.model, fingerprint(fresh.model))
+    torch.testing.assert_close(_logits(model.eval(), fresh.tokenizer), ours)

@@ -6,7 +6,8 @@
   base weights are never written, and removing is peft's ``unload()``. Merged
   (``merge=True``, e.g. to write a model folder) the touched weights are copied first, so
   removing restores them exactly rather than subtracting ``B @ A`` again in floating point.
-* ``rosa``: the sparse part as above, then the LoRA part as above.
+* ``rosa``: the sparse part as above, then the LoRA part as above (its files are named so
+  that plain peft refuses the folder; they are shown to peft under its own names).
 * ``experts``: routed per token, so it cannot merge (the manifest says ``mergeable: false``);
   it is attached as modules, and removing it puts the original layers back.
 
@@ -15,6 +16,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,13 +58,31 @@ class Applied:
         return base
 
 
-def _attach_peft(model: nn.Module, folder: Path, merge: bool) -> tuple[nn.Module, Callable]:
+def _peft_files(method: str, manifest: dict) -> dict[str, str]:
+    """peft's file name -> the file that holds it in this delta (empty: peft's own names)."""
+    from ..methods.rosa import LORA_FILES
+
+    if method == "rosa" and all(ours in manifest["files"] for ours in LORA_FILES.values()):
+        return LORA_FILES
+    return {}  # lora, shira, and rosa deltas of format version 1
+
+
+def _attach_peft(model: nn.Module, folder: Path, merge: bool, files: dict[str, str]
+                 ) -> tuple[nn.Module, Callable]:
     from peft import PeftModel
 
-    try:
-        wrapped = PeftModel.from_pretrained(model, str(folder))
-    except Exception as e:
-        raise DeltaError(f"{folder}: peft could not load the adapter ({e})") from e
+    with tempfile.TemporaryDirectory(prefix="slimtune-peft-") as view:
+        if files:  # a folder where peft finds the files under the names it looks for
+            for peft_name, ours in files.items():
+                src = (folder / ours).resolve()
+                try:
+                    os.symlink(src, Path(view) / peft_name)
+                except OSError:
+                    shutil.copyfile(src, Path(view) / peft_name)
+        try:
+            wrapped = PeftModel.from_pretrained(model, view if files else str(folder))
+        except Exception as e:
+            raise DeltaError(f"{folder}: peft could not load the adapter ({e})") from e
     if not merge:
         return wrapped, lambda: wrapped.unload()
     touched = {canonical_name(n): m.base_layer.weight.detach().clone()
@@ -116,7 +138,7 @@ def apply_delta(model: nn.Module, folder: str | Path, base_fingerprint: str, *,
         if method == "rosa":
             apply_sparse(model, folder / SPARSE_FILE)
             applied._undo.append(lambda: remove_sparse(model))
-        applied.model, undo = _attach_peft(model, folder, merge)
+        applied.model, undo = _attach_peft(model, folder, merge, _peft_files(method, manifest))
         applied._undo.append(undo)
     elif method == "experts":
         from ..methods.experts import load_experts

@@ -22,7 +22,7 @@ from ..fileio import atomic_dir, sha256_file, write_json
 from ..methods import Method
 
 FORMAT = "slimtune-delta"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a rosa delta keeps its LoRA part under its own names (1 still reads)
 MANIFEST = "manifest.json"
 
 

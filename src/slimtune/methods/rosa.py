@@ -11,9 +11,12 @@ LoRA factors and the sparse values, ``delta_weight_decay``, default 0.01; AdamW'
 a parameter that *is* the delta pulls the delta, not the base, towards zero). The base is
 untouched.
 
-The delta folder holds peft's adapter files and ``sparse.safetensors``. Applying it merges
-the sparse part into the base weights and attaches the LoRA part with peft; removing the
-sparse part restores the base bit for bit.
+The delta folder holds ``sparse.safetensors`` and the LoRA part in peft's format under names
+peft does not look for (:data:`LORA_FILES`): plain ``PeftModel.from_pretrained`` must refuse
+the folder rather than load it without its sparse part (outputs then differ silently).
+Deltas of format version 1 kept the LoRA part under peft's own names; they still load.
+Applying it merges the sparse part into the base weights and attaches the LoRA part with
+peft; removing the sparse part restores the base bit for bit.
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ from .base import Method, MethodConfig
 from .importance import SCORERS, SELECTIONS
 from .lora import LoraMethod
 from .sparse import SPARSE_FILE, SparseMethod, save_sparse
+
+# peft's file name -> the name the LoRA part of a rosa delta has.
+LORA_FILES = {"adapter_config.json": "lora_adapter_config.json",
+              "adapter_model.safetensors": "lora_adapter_model.safetensors"}
 
 
 @dataclass
@@ -97,4 +104,6 @@ class RosaMethod(Method):
 
     def save(self, model: nn.Module, folder: Path) -> None:
         self.lora.save(model, folder)
+        for peft_name, ours in LORA_FILES.items():
+            (folder / peft_name).rename(folder / ours)
         save_sparse(model, folder / SPARSE_FILE, {"importance": self.config.importance})
