@@ -1,9 +1,12 @@
 """Model loading: hub ids without a network, and the cache of a user's own GGUF file."""
 
+import json
+import shutil
 import socket
 import time
 
 import pytest
+import torch
 
 from slimtune import models
 from slimtune.cli import main
@@ -70,3 +73,79 @@ def test_reachable_hub_says_it_is_fetching_before_it_waits(no_network_env, monke
         models.load_model("nobody/no-such-model")
     assert "fetching nobody/no-such-model from the Hugging Face hub" in capfd.readouterr().err
     assert seen["local_files_only"] is False
+
+
+def write_tiny_gguf(path, layers: int = 2, hidden: int = 32):
+    """A Llama-shaped GGUF file (fp32 tensors, the tiny BPE tokenizer with its merges)."""
+    from gguf import GGUFWriter
+
+    from slimtune.testing import tiny_llama, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_llama(len(tok), layers=layers, hidden=hidden)
+    cfg = model.config
+    w = GGUFWriter(str(path), "llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(hidden)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(10000.0)
+    state = json.loads(tok.backend_tokenizer.to_str())
+    tokens = [t for t, _ in sorted(state["model"]["vocab"].items(), key=lambda kv: kv[1])]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m)
+                        for m in state["model"]["merges"]])
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_bos_token_id(tok.bos_token_id)
+    w.add_pad_token_id(tok.pad_token_id)
+    w.add_chat_template(tok.chat_template)
+    names = {"model.embed_tokens.weight": "token_embd.weight",
+             "model.norm.weight": "output_norm.weight"}
+    per_layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
+                 "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                 "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+                 "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for i in range(layers):
+        for hf, gg in per_layer.items():
+            names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
+    sd = model.state_dict()
+    for hf, gg in names.items():
+        w.add_tensor(gg, sd[hf].float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_own_gguf_is_dequantized_once_per_content_then_loaded_from_the_cache(tmp_path,
+                                                                              monkeypatch):
+    monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "cache"))
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    dequantized, hashed = [], []
+    real_load, real_hash = models._load_gguf, models.sha256_file
+    monkeypatch.setattr(models, "_load_gguf",
+                        lambda *a, **k: dequantized.append(a[0]) or real_load(*a, **k))
+    monkeypatch.setattr(models, "sha256_file", lambda p: hashed.append(p) or real_hash(p))
+
+    first = models.load_model(str(path))
+    second = models.load_model(str(path))
+    assert dequantized == [path] and hashed == [path]  # the second load neither dequantizes nor hashes
+    direct = real_load(path, torch.float32).model.state_dict()
+    for loaded in (first, second):
+        got = loaded.model.state_dict()
+        assert got.keys() == direct.keys()
+        assert all(torch.equal(got[k], direct[k]) for k in direct)
+        assert loaded.source == str(path) and loaded.name == "tiny"
+    assert models.fingerprint(first.model) == models.fingerprint(second.model)
+    ids = first.tokenizer("Message: parcel")["input_ids"]
+    assert second.tokenizer("Message: parcel")["input_ids"] == ids
+
+    copy = shutil.copy(path, tmp_path / "renamed.gguf")  # same content elsewhere: hashed, reused
+    models.load_model(str(copy))
+    assert dequantized == [path] and len(hashed) == 2

@@ -7,7 +7,8 @@ A model spec is one of:
   access slimtune makes, and only to the package registry), dequantized by transformers,
   and cached as safetensors + tokenizer under :func:`cache_root`.
 * a local Hugging Face model folder (with ``config.json``),
-* a ``.gguf`` file,
+* a ``.gguf`` file: dequantized once and cached like the default model, keyed by the
+  file's SHA-256 (itself remembered per path, size and mtime, so a cached load hashes nothing),
 * a hub id such as ``HuggingFaceTB/SmolLM2-135M-Instruct`` (needs a network, or the hub's
   local cache: when ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` is set or the hub's host does
   not answer within a few seconds, only the cache is tried, instead of a minute of retries).
@@ -166,9 +167,60 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
     return LoadedModel(_plain_copy(model), tok, str(path), path.stem)
 
 
+def _gguf_digest(path: Path) -> str:
+    """SHA-256 of a GGUF file, remembered per (path, size, mtime) so it is computed once."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    memo = cache_root() / "gguf-hashes" / key.hexdigest()[:32]
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        digest = memo.read_text().strip()
+        if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
+            return digest
+    digest = sha256_file(path)
+    write_text(memo, digest + "\n")
+    return digest
+
+
+def cached_gguf(path: Path) -> Path:
+    """The dequantized model folder of a GGUF file, made once per file content (dequantizing
+    takes ~50 s for a 270M model) and appearing atomically under :func:`cache_root`."""
+    digest = _gguf_digest(path)
+    target = cache_root() / "models" / f"gguf-{digest[:32]}"
+    if (target / "config.json").exists():
+        return target
+    with _file_lock(cache_root() / "locks" / f"gguf-{digest[:32]}.lock"):
+        if (target / "config.json").exists():
+            return target
+        info(f"dequantizing {path.name} once; later runs load it from {target}")
+        loaded = _load_gguf(path, dtype=torch.float32)
+        with atomic_dir(target, replace=True) as out:
+            loaded.model.save_pretrained(out)
+            loaded.tokenizer.save_pretrained(out)
+            write_text(out / "SOURCE.txt", f"{path} sha256={digest}\n"
+                                            "Dequantized by transformers.\n")
+    return target
+
+
 def resolve_device(device: str = "auto") -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else as given."""
-    return device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; an explicit device must
+    exist here (a run that asked for a GPU never falls back to the CPU unnoticed)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise UserInputError(f"--device {device!r}: not a device; use auto, cpu, cuda or "
+                             "cuda:N") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserInputError(f"--device {device}: no CUDA GPU is visible on this machine; "
+                                 "use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserInputError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) "
+                                 "are visible")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserInputError(f"--device {device}: MPS is not available on this machine")
+    return device
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
@@ -198,7 +250,8 @@ def load_model(spec: str = "default", *, dtype: str | torch.dtype | None = None,
         if path.suffix == ".gguf":
             if not path.is_file():
                 raise ModelLoadError(f"{path}: no such GGUF file")
-            loaded = _load_gguf(path, torch_dtype)
+            loaded = _load_folder(cached_gguf(path), path.stem, torch_dtype)
+            loaded.source = str(path)
         elif path.is_dir():
             if not (path / "config.json").exists():
                 raise ModelLoadError(f"{path}: not a model folder (no config.json)")
