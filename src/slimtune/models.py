@@ -238,8 +238,6 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
 def load_model(spec: str = "default", *, dtype: str | torch.dtype | None = None,
                device: str = "cpu") -> LoadedModel:
     """Load ``spec`` (see module docstring) and its tokenizer, in eval mode on ``device``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     _quiet_transformers()
     torch_dtype = _resolve_dtype(dtype, device)
     if spec == "default":
