@@ -107,3 +107,85 @@ def test_ab_with_an_unknown_version_is_a_clear_error(tiny_dir, intent_file, stor
                        "--data", str(intent_file))
     assert code == 5 and err.strip().splitlines()[-1].startswith(
         "slimtune: error: no version or tag 'v1' in the store")
+
+
+def _peft_adapter(model_dir, out, config):
+    """A peft adapter saved from ``model_dir`` with non-zero weights; its logits on ids."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), config)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+        logits = model.eval()(input_ids=torch.tensor([[5, 17, 42, 99, 3]])).logits
+    model.save_pretrained(out)
+    return logits
+
+
+def test_import_checks_the_adapter_against_its_base(tiny_dir, tmp_path, store_dir, capsys):
+    from peft import IA3Config, LoraConfig, ShiraConfig
+
+    from slimtune.delta import DeltaSwitcher
+    from slimtune.models import load_model
+    from slimtune.testing import tiny_model_dir
+
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    sw = DeltaSwitcher(load_model(str(tiny_dir)), DeltaStore(store_dir))
+
+    # No --model: the adapter's base_model_name_or_path is the base.
+    lora = tmp_path / "lora"
+    want = _peft_adapter(tiny_dir, lora, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    code, out, _ = run(capsys, "delta", "--store", store_dir, "import", str(lora))
+    assert code == 0 and out.strip() == "v1"
+    with torch.no_grad():
+        torch.testing.assert_close(sw.switch("v1").eval()(input_ids=ids).logits, want)
+
+    # SHiRA (slimtune trains it) imports, and exports back to peft.
+    shira = tmp_path / "shira"
+    want = _peft_adapter(tiny_dir, shira, ShiraConfig(r=2, target_modules=["q_proj"]))
+    code, out, _ = run(capsys, "delta", "--store", store_dir, "import", str(shira))
+    assert code == 0 and out.strip() == "v2"
+    assert DeltaStore(store_dir).resolve("v2").method == "shira"
+    with torch.no_grad():
+        torch.testing.assert_close(sw.switch("v2").eval()(input_ids=ids).logits, want)
+    assert run(capsys, "delta", "--store", store_dir, "export", "v2", str(tmp_path / "x"))[0] == 0
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir),
+                                      str(tmp_path / "x")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, want)
+
+    # A .bin adapter is read without unpickling code, and stored as safetensors.
+    (lora / "adapter_model.safetensors").rename(tmp_path / "moved.safetensors")
+    from safetensors.torch import load_file
+
+    torch.save(load_file(tmp_path / "moved.safetensors"), lora / "adapter_model.bin")
+    code, out, _ = run(capsys, "delta", "--store", store_dir, "import", str(lora),
+                       "--model", str(tiny_dir))
+    assert code == 0 and out.strip() == "v3"
+    assert "adapter_model.safetensors" in DeltaStore(store_dir).resolve("v3").manifest()["files"]
+    with torch.no_grad():
+        torch.testing.assert_close(sw.switch("v3").eval()(input_ids=ids).logits,
+                                   sw.switch("v1").eval()(input_ids=ids).logits)
+
+    # An adapter of another shape: one line naming the tensor, nothing stored.
+    wide_dir = tiny_model_dir(tmp_path / "wide", hidden=48)
+    wide = tmp_path / "wide_lora"
+    _peft_adapter(wide_dir, wide, LoraConfig(r=4, target_modules=["q_proj"]))
+    code, out, err = run(capsys, "delta", "--store", store_dir, "import", str(wide),
+                         "--model", str(tiny_dir))
+    assert code == 5 and len(err.strip().splitlines()) == 1
+    assert "lora_A.weight has shape (4, 48)" in err and "needs (4, 32)" in err
+    assert "names base" in err  # --model differs from the adapter's own base: said
+    assert [v.id for v in DeltaStore(store_dir).list()] == ["v1", "v2", "v3"]
+
+    # peft types slimtune cannot attach are refused before any model loads.
+    ia3 = tmp_path / "ia3"
+    _peft_adapter(tiny_dir, ia3, IA3Config(target_modules=["q_proj"], feedforward_modules=[]))
+    code, _, err = run(capsys, "delta", "--store", store_dir, "import", str(ia3))
+    assert code == 5 and "peft_type is 'IA3'" in err

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 from .errors import DeltaError, UserInputError
@@ -44,13 +43,15 @@ def build(sub) -> None:
     p.add_argument("ref")
     p.add_argument("--model", default="default")
     p.add_argument("--out", required=True, help="folder to write (must not exist)")
-    p = ds.add_parser("export", help="export a LoRA version in peft's own format")
+    p = ds.add_parser("export", help="export a lora or shira version in peft's own format")
     p.add_argument("ref")
     p.add_argument("dir")
     p.add_argument("--format", default="peft", choices=["peft"])
-    p = ds.add_parser("import", help="import a peft LoRA adapter folder as a new version")
+    p = ds.add_parser("import", help="import a peft LoRA or SHiRA adapter folder as a new "
+                                     "version, after checking it fits its base")
     p.add_argument("dir")
-    p.add_argument("--model", default="default", help="the base it was trained on")
+    p.add_argument("--model", help="the base it was trained on (default: the adapter's "
+                                   "base_model_name_or_path)")
     p.add_argument("--note")
     p = ds.add_parser("add", help="add a slimtune delta folder as a new version")
     p.add_argument("dir")
@@ -158,67 +159,22 @@ def _apply_to_folder(store, args) -> None:
 
 
 def _export_peft(store, args) -> None:
-    v = store.resolve(args.ref)
-    if v.method != "lora":
-        raise UserInputError(f"{v.id} is a {v.method} delta; only LoRA versions export to peft")
-    out = Path(args.dir)
-    if out.exists():
-        raise UserInputError(f"{out} already exists; choose a new folder")
-    from .fileio import atomic_dir
+    from .delta.peft_io import export_peft
 
-    with atomic_dir(out) as tmp:
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            shutil.copy2(v.path / name, tmp / name)
+    out = export_peft(store.resolve(args.ref), args.dir)
     print(f"wrote {out}: load it with peft.PeftModel.from_pretrained(base, {str(out)!r})")
 
 
 def _import_peft(store, args):
-    """Wrap a peft LoRA folder in a slimtune manifest (fingerprinting the given base)."""
-    from .delta.format import FORMAT, FORMAT_VERSION, MANIFEST, library_versions
-    from .fileio import sha256_file, write_json
-    from .models import fingerprint, load_model
+    """Check a peft adapter folder against its base and store it (see delta.peft_io)."""
+    from .console import info
+    from .delta.peft_io import import_peft
 
-    src = Path(args.dir)
-    cfg_path = src / "adapter_config.json"
-    if not cfg_path.is_file() or not (src / "adapter_model.safetensors").is_file():
-        raise DeltaError(f"{src}: not a peft adapter folder (needs adapter_config.json and "
-                         "adapter_model.safetensors)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise DeltaError(f"{cfg_path}: invalid JSON ({e.msg}, line {e.lineno})") from e
-    if cfg.get("peft_type") != "LORA":
-        raise DeltaError(f"{cfg_path}: peft_type is {cfg.get('peft_type')!r}; only LORA imports")
-    loaded = load_model(args.model)
-    from .models import decoder_layers
-
-    n_layers = len(decoder_layers(loaded.model))
-    layers = cfg.get("layers_to_transform") or list(range(n_layers))
-    targets = cfg.get("target_modules")
-    staging = store.staging / f"import-{src.name}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            shutil.copy2(src / name, staging / name)
-        files = {n: {"sha256": sha256_file(staging / n), "bytes": (staging / n).stat().st_size}
-                 for n in ("adapter_config.json", "adapter_model.safetensors")}
-        from datetime import datetime, timezone
-
-        write_json(staging / MANIFEST, {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "method": "lora",
-            "method_config": {"r": cfg.get("r"), "alpha": cfg.get("lora_alpha"),
-                              "dropout": cfg.get("lora_dropout"),
-                              "target_modules": sorted(targets) if isinstance(targets, list)
-                              else targets},
-            "mergeable": True, "layers": layers,
-            "base": {"fingerprint": fingerprint(loaded.model), "name": loaded.name,
-                     "source": loaded.source, "num_layers": n_layers},
-            "imported_from": str(src.resolve()), "versions": library_versions(),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "files": files})
-        return store.add(staging, note=args.note or f"imported from {src}")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    r = import_peft(store, args.dir, model=args.model, note=args.note)
+    if args.model and r.adapter_base and r.adapter_base != args.model:
+        info(f"the adapter names base {r.adapter_base}; imported for --model {args.model} "
+             "(it fits that model's shapes)")
+    return r.version
 
 
 def cmd_ab(args) -> int:

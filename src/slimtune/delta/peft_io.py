@@ -1,0 +1,196 @@
+"""peft adapter folders into and out of the store.
+
+``export`` copies a version whose files already are peft's format (lora, shira). ``import``
+wraps a peft adapter folder in a slimtune manifest, but only after attaching it to the base
+it names: an adapter whose tensors do not fit that base is refused here, with the tensor
+named, rather than stored under the base's fingerprint and failing at every later use.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import DeltaError, UserInputError
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_BIN = "adapter_model.bin"
+# peft types slimtune attaches, and the method each becomes in the store.
+IMPORTABLE = {"LORA": "lora", "SHIRA": "shira"}
+# methods whose delta folder is exactly a peft adapter folder.
+EXPORTABLE = ("lora", "shira")
+
+
+@dataclass
+class Imported:
+    version: Any  # the store's new Version
+    model: str  # the base the adapter was checked against and fingerprinted
+    adapter_base: str | None  # the adapter's own base_model_name_or_path
+
+
+def export_peft(version, out: str | Path) -> Path:
+    """Copy a lora or shira version to ``out`` as a plain peft adapter folder."""
+    from ..fileio import atomic_dir
+
+    if version.method not in EXPORTABLE:
+        why = (": its sparse part has no place in peft's format" if version.method == "rosa"
+               else "")
+        raise UserInputError(f"{version.id} is a {version.method} delta; only "
+                             f"{' and '.join(EXPORTABLE)} versions export to peft{why}")
+    out = Path(out)
+    if out.exists():
+        raise UserInputError(f"{out} already exists; choose a new folder")
+    with atomic_dir(out) as tmp:
+        for name in (PEFT_CONFIG, PEFT_WEIGHTS):
+            shutil.copyfile(version.path / name, tmp / name)
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def read_adapter_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """The adapter's tensors: ``adapter_model.safetensors``, else ``adapter_model.bin``
+    unpickled with ``weights_only=True`` (tensors only, no code runs)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = folder / PEFT_WEIGHTS
+    try:
+        if path.is_file():
+            return load_file(str(path)), path
+        path = folder / PEFT_BIN
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as e:
+        raise DeltaError(f"{path}: unreadable adapter weights ({_first_line(e)})") from e
+    except Exception as e:  # pickle.UnpicklingError and friends of a hostile or broken .bin
+        raise DeltaError(f"{path}: refused ({_first_line(e)})") from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
+                                              for v in state.values()):
+        raise DeltaError(f"{path}: not a mapping of tensor names to tensors")
+    # safetensors refuses tensors that share memory; each gets its own copy.
+    return {str(k): v.clone().contiguous() for k, v in state.items()}, path
+
+
+def _attach_checked(model: nn.Module, config_path: Path, state: dict[str, torch.Tensor],
+                    weights_path: Path, spec: str, hint: str) -> nn.Module:
+    """``model`` with the adapter attached, after checking every tensor against the slot
+    peft made for it in this model (a mismatch names the tensor, in one line, + ``hint``)."""
+    from peft import PeftConfig, PeftModel
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    try:
+        config = PeftConfig.from_pretrained(str(config_path.parent))
+    except Exception as e:  # peft raises TypeError/ValueError for unknown or bad fields
+        raise DeltaError(f"{config_path}: not a valid peft config ({_first_line(e)})") from e
+    try:
+        wrapped = PeftModel(model, config)
+    except Exception as e:  # e.g. target modules the model does not have
+        raise DeltaError(f"{config_path}: does not fit {spec} ({_first_line(e)}); {hint}"
+                         ) from e
+    expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(wrapped).items()}
+    for key, tensor in state.items():
+        if key not in expected:
+            raise DeltaError(f"{weights_path}: tensor {key} has no place in {spec} "
+                             f"(no such module or layer); {hint}")
+        if tuple(tensor.shape) != expected[key]:
+            raise DeltaError(f"{weights_path}: tensor {key} has shape {tuple(tensor.shape)}, "
+                             f"{spec} needs {expected[key]}; {hint}")
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise DeltaError(f"{weights_path}: lacks tensor {missing[0]}"
+                         + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+                         + f" that the adapter's config asks for in {spec}; {hint}")
+    set_peft_model_state_dict(wrapped, state)
+    return wrapped.eval()
+
+
+def _adapted_layers(wrapped: nn.Module) -> list[int]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from ..models import decoder_layers
+
+    return [i for i, layer in enumerate(decoder_layers(wrapped))
+            if any(isinstance(m, BaseTunerLayer) for m in layer.modules())]
+
+
+def _method_options(method: str, cfg: dict[str, Any], wrapped: nn.Module) -> dict[str, Any]:
+    """The slimtune options that describe the adapter (for list/show/diff; peft's config
+    file stays the authority)."""
+    targets = cfg.get("target_modules")
+    targets = sorted(targets) if isinstance(targets, list) else None
+    if method == "lora":
+        return {"r": int(cfg.get("r", 8)), "alpha": float(cfg.get("lora_alpha", 8)),
+                "dropout": float(cfg.get("lora_dropout") or 0.0), "target_modules": targets}
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    trained = sum(p.numel() for n, p in wrapped.named_parameters() if "shira_weight" in n)
+    covered = sum(m.get_base_layer().weight.numel() for m in wrapped.modules()
+                  if isinstance(m, BaseTunerLayer))
+    return {"density": trained / covered, "target_modules": targets,
+            "seed": int(cfg.get("random_seed") or 0)}
+
+
+def import_peft(store, src: str | Path, *, model: str | None = None,
+                note: str | None = None) -> Imported:
+    """Check a peft adapter folder against its base and add it to ``store``.
+
+    The base is ``model`` when given, else the adapter's ``base_model_name_or_path``.
+    """
+    from ..methods import get_method
+    from ..models import decoder_layers, fingerprint, load_model
+    from .format import save_delta
+
+    src = Path(src)
+    config_path = src / PEFT_CONFIG
+    if not config_path.is_file() or not ((src / PEFT_WEIGHTS).is_file()
+                                         or (src / PEFT_BIN).is_file()):
+        raise DeltaError(f"{src}: not a peft adapter folder (needs {PEFT_CONFIG} and "
+                         f"{PEFT_WEIGHTS} or {PEFT_BIN})")
+    try:
+        cfg = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DeltaError(f"{config_path}: invalid JSON ({e.msg}, line {e.lineno})") from e
+    except UnicodeDecodeError as e:
+        raise DeltaError(f"{config_path}: not UTF-8 text") from e
+    if not isinstance(cfg, dict):
+        raise DeltaError(f"{config_path}: not a JSON object")
+    peft_type = cfg.get("peft_type")
+    if peft_type not in IMPORTABLE:
+        raise DeltaError(f"{config_path}: peft_type is {peft_type!r}; slimtune imports "
+                         f"{', '.join(IMPORTABLE)}")
+    adapter_base = cfg.get("base_model_name_or_path") or None
+    spec = model or adapter_base
+    if not spec:
+        raise UserInputError(f"{config_path}: names no base_model_name_or_path; pass --model")
+    state, weights_path = read_adapter_weights(src)
+    loaded = load_model(spec)
+    base = {"fingerprint": fingerprint(loaded.model), "name": loaded.name,
+            "source": loaded.source, "architecture": type(loaded.model).__name__,
+            "num_layers": len(decoder_layers(loaded.model))}
+    with tempfile.TemporaryDirectory(prefix="slimtune-import-") as tmp:
+        adapter = Path(tmp) / "adapter"
+        adapter.mkdir()
+        shutil.copyfile(config_path, adapter / PEFT_CONFIG)
+        hint = (f"the adapter names base {adapter_base}" if adapter_base not in (None, spec)
+                else "is it the adapter's base?")
+        wrapped = _attach_checked(loaded.model, adapter / PEFT_CONFIG, state, weights_path,
+                                  spec, hint)
+        name = IMPORTABLE[peft_type]
+        method = get_method(name, _method_options(name, cfg, wrapped))
+        delta = Path(tmp) / "delta"
+        save_delta(delta, method, wrapped, base=base, layers=_adapted_layers(wrapped),
+                   extra={"imported_from": str(src.resolve()),
+                          "imported_base": adapter_base})
+        version = store.add(delta, note=note or f"imported from {src}")
+    return Imported(version, spec, adapter_base)
