@@ -139,12 +139,12 @@ def test_two_processes_saving_at_once_both_land(deltas, tmp_path):
 KILL_DURING_ADD = textwrap.dedent("""
     import os, signal, sys
     import slimtune.delta.store as S
-    real = S.os.replace
-    def replace(src, dst):
+    real = S.os.rename
+    def rename(src, dst):
         real(src, dst)
         if str(dst).endswith("objects/v2"):  # moved into place, not yet committed
             os.kill(os.getpid(), signal.SIGKILL)
-    S.os.replace = replace
+    S.os.rename = rename
     S.DeltaStore(sys.argv[1]).add(sys.argv[2])
 """)
 
@@ -160,11 +160,12 @@ def test_a_kill_in_the_middle_of_a_save_leaves_no_half_visible_version(deltas, t
     assert proc.returncode == -signal.SIGKILL
     store = DeltaStore(root)
     assert [v.id for v in store.list()] == ["v1"]
-    assert store.verify() == [("v1", None)]
-    assert (root / "objects" / "v2").exists()  # the orphan: invisible, and gc removes it
-    assert str(root / "objects" / "v2") in store.gc()
-    assert store.add(deltas["sparse"]).id == "v2"
-    assert store.verify() == [("v1", None), ("v2", None)]
+    assert (root / "objects" / "v2").exists()  # the orphan: invisible, verify names it
+    (orphan, problem), = store.verify()[1:]
+    assert orphan == "objects/v2" and "the index does not know" in problem
+    assert store.gc().quarantined == [(root / "objects" / "v2", root / "quarantine" / "v2")]
+    assert store.add(deltas["sparse"]).id == "v3"  # v2's number stays used
+    assert store.verify() == [("v1", None), ("v3", None)]
 
 
 def test_the_index_upgrades_its_own_schema(deltas, tmp_path):

@@ -64,36 +64,87 @@ def save_delta(folder: str | Path, method: Method, model: nn.Module, *,
     return manifest
 
 
+def _tensor_files(method: str) -> tuple[str, ...]:
+    """The files a delta of ``method`` cannot be applied without (one of them suffices)."""
+    from ..methods.experts import EXPERTS_FILE
+    from ..methods.full import WEIGHTS_FILE
+    from ..methods.sparse import SPARSE_FILE
+
+    peft = ("adapter_model.safetensors", "adapter_model.bin")
+    return {"full": (WEIGHTS_FILE,), "sparse": (SPARSE_FILE,), "rosa": (SPARSE_FILE,),
+            "lora": peft, "shira": peft, "experts": (EXPERTS_FILE,)}.get(method, ())
+
+
+def _check_fields(manifest: dict[str, Any], path: Path) -> None:
+    """Field types the store and apply rely on: a malformed manifest is named, not a crash."""
+    def bad(what: str) -> DeltaError:
+        return DeltaError(f"{path}: malformed manifest: {what}")
+
+    for key in ("method", "method_config", "base", "files", "layers"):
+        if key not in manifest:
+            raise DeltaError(f"{path}: manifest lacks field '{key}'")
+    if not isinstance(manifest["method"], str):
+        raise bad("'method' is not a string")
+    if not isinstance(manifest["method_config"], dict):
+        raise bad("'method_config' is not an object")
+    base = manifest["base"]
+    if not isinstance(base, dict) or not isinstance(base.get("fingerprint"), str):
+        raise bad("'base' is not an object with a 'fingerprint' string")
+    files = manifest["files"]
+    if not isinstance(files, dict) or not files:
+        raise bad("'files' is not a non-empty object of file name -> {sha256, bytes}")
+    for name, info in files.items():
+        if not (isinstance(info, dict) and isinstance(info.get("sha256"), str)
+                and type(info.get("bytes")) is int and info["bytes"] >= 0):
+            raise bad(f"files[{name!r}] needs 'sha256' (a string) and 'bytes' (an integer)")
+    needed = _tensor_files(manifest["method"])
+    if needed and not any(n in files for n in needed):
+        raise bad(f"a {manifest['method']} delta needs {' or '.join(needed)}, which 'files' "
+                  "does not list")
+
+
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     path = folder / MANIFEST
     if not folder.is_dir():
         raise DeltaError(f"{folder}: no such delta folder")
+    if path.is_symlink():
+        raise DeltaError(f"{path}: a symbolic link; a delta holds plain files only")
     if not path.exists():
         raise DeltaError(f"{path}: missing; {folder} is not a slimtune delta")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DeltaError(f"{path}: corrupted manifest ({e})") from e
+    except RecursionError as e:
+        raise DeltaError(f"{path}: corrupted manifest (nested too deeply)") from e
+    except OSError as e:
+        raise DeltaError(f"{path}: unreadable ({e.strerror})") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DeltaError(f"{path}: not a slimtune delta manifest")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
+    version = manifest.get("format_version", 0)
+    if type(version) is not int:
+        raise DeltaError(f"{path}: malformed manifest: 'format_version' is not an integer")
+    if version > FORMAT_VERSION:
         raise DeltaError(f"{path}: format version {manifest['format_version']} is newer than "
                          f"this slimtune reads ({FORMAT_VERSION}); upgrade slimtune")
-    for key in ("method", "method_config", "base", "files", "layers"):
-        if key not in manifest:
-            raise DeltaError(f"{path}: manifest lacks field '{key}'")
+    _check_fields(manifest, path)
     return manifest
 
 
 def verify_delta(folder: str | Path, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Check every listed file's size and SHA-256; name the first one that differs."""
+    """Check every listed file's size and SHA-256, and that tensor files parse; name the
+    first one that differs. Symbolic links are refused before anything is read through them."""
+    from safetensors import safe_open
+
     folder = Path(folder)
     manifest = manifest or read_manifest(folder)
     for name, info in manifest["files"].items():
         if "/" in name or "\\" in name or name in ("", ".", ".."):
             raise DeltaError(f"{folder / MANIFEST}: file name {name!r} escapes the delta folder")
         path = folder / name
+        if path.is_symlink():
+            raise DeltaError(f"{path}: a symbolic link; a delta holds plain files only")
         if not path.is_file():
             raise DeltaError(f"{path}: listed in the manifest but missing")
         if path.stat().st_size != info["bytes"]:
@@ -101,6 +152,12 @@ def verify_delta(folder: str | Path, manifest: dict[str, Any] | None = None) -> 
                              f"{info['bytes']} (truncated or replaced)")
         if sha256_file(path) != info["sha256"]:
             raise DeltaError(f"{path}: checksum mismatch (corrupted)")
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    f.keys()
+            except Exception as e:  # safetensors raises its own error types
+                raise DeltaError(f"{path}: not a valid safetensors file ({e})") from e
     return manifest
 
 

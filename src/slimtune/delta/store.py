@@ -3,37 +3,50 @@
 Layout under the store root (``--store``, ``$SLIMTUNE_STORE``, else
 ``$XDG_DATA_HOME/slimtune/store``)::
 
-    index.sqlite        versions, tags, tag history, schema version
+    index.sqlite        versions, tags, tag history, schema version, the id high-water mark
     objects/<id>/       one delta folder per version (manifest.json + tensors)
-    staging/            folders being added; never visible as versions
+    staging/            folders being added (each locked by its adder); never versions
+    quarantine/         folders ``gc`` found in objects/ that no version owns
 
 Adding a version copies and verifies the delta in ``staging/``, then, inside one SQLite
 ``BEGIN IMMEDIATE`` transaction (which serialises writers across processes), takes the next
-id, renames the folder to ``objects/<id>`` and inserts the row. A process killed before the
-commit leaves at most an unindexed folder, which no command shows and ``gc`` removes; the
-index is the only source of truth. Tags move in a transaction too and keep their history,
-which is what ``rollback`` walks back.
+id, renames the folder to ``objects/<id>`` and inserts the row with the manifest's SHA-256.
+A process killed before the commit leaves at most an unindexed folder, which no command
+shows, ``verify`` reports and ``gc`` moves to ``quarantine/``. Ids are never reused: the
+index keeps a high-water mark that ``rm`` does not lower, and no id is taken whose folder
+name exists in ``objects/`` or ``quarantine/``. Tags move in a transaction too and keep
+their history, which is what ``rollback`` walks back.
+
+The index is the source of truth, so an index that is missing, empty or unreadable is never
+taken for an empty store while ``objects/`` holds folders: opening refuses, and
+``reindex`` rebuilds the index from the folders' manifests. A store that cannot be written
+(read-only mount or permissions) opens read-only: reading works, writing is refused.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import sqlite3
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import quote
 
 from ..errors import DeltaError, UserInputError
-from ..fileio import fsync_dir
+from ..fileio import LockHeld, file_lock, fsync_dir, sha256_file
 from .format import MANIFEST, delta_bytes, read_manifest, verify_delta
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 TAG_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+_TABLES = {"meta", "versions", "tags", "tag_history"}
+_FOLDER_SEQ = re.compile(r"v(\d+)(?:\.\d+)?")  # objects/v7, quarantine/v7, quarantine/v7.2
 
 
 def default_store_root() -> Path:
@@ -43,6 +56,17 @@ def default_store_root() -> Path:
     xdg = os.environ.get("XDG_DATA_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
     return base / "slimtune" / "store"
+
+
+def is_folder_ref(ref: str) -> bool:
+    """Whether a ``--delta`` reference names a folder rather than a store id or tag.
+
+    Only a reference that looks like a path (holds a path separator, or starts with ``.``
+    or ``~``) is a folder, so a local folder named ``v1`` or ``prod`` never shadows the
+    store's; write ``./v1`` for the folder. Tags cannot start with ``.``.
+    """
+    seps = [s for s in (os.sep, os.altsep) if s]
+    return any(s in ref for s in seps) or ref.startswith((".", "~"))
 
 
 @dataclass
@@ -57,13 +81,25 @@ class Version:
     bytes: int
     note: str | None
     path: Path
+    manifest_sha256: str | None = None  # None only for rows whose folder failed the upgrade
 
     def manifest(self) -> dict:
         return read_manifest(self.path)
 
 
+@dataclass
+class GcResult:
+    quarantined: list[tuple[Path, Path]] = field(default_factory=list)  # (from, to)
+    removed: list[Path] = field(default_factory=list)  # staging leftovers of dead adds
+    in_use: list[Path] = field(default_factory=list)  # staging folders of adds in progress
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _disk_full(e: BaseException) -> bool:
+    return "database or disk is full" in str(e)
 
 
 # Each migration takes the index from version i to i + 1.
@@ -83,22 +119,106 @@ _MIGRATIONS = {
             at TEXT NOT NULL);
         INSERT INTO tag_history (name, version, at) SELECT name, version, updated FROM tags;
     """,
+    # the manifest's checksum (filled in for existing rows by _backfill_manifest_sums) and
+    # the id high-water mark, so that ids freed by rm are never handed out again
+    2: """
+        ALTER TABLE versions ADD COLUMN manifest_sha256 TEXT;
+        INSERT OR REPLACE INTO meta (key, value)
+            SELECT 'max_seq', CAST(COALESCE(MAX(seq), 0) AS TEXT) FROM versions;
+    """,
 }
 
 
 class DeltaStore:
     def __init__(self, root: str | Path | None = None) -> None:
+        self._locate(root)
+        self._open()
+
+    def _locate(self, root: str | Path | None) -> None:
         self.root = Path(root).expanduser() if root else default_store_root()
         self.objects = self.root / "objects"
         self.staging = self.root / "staging"
-        for d in (self.objects, self.staging):
-            d.mkdir(parents=True, exist_ok=True)
+        self.quarantine = self.root / "quarantine"
         self.index = self.root / "index.sqlite"
-        self._upgrade()
+        if self.root.exists() and not self.root.is_dir():
+            raise UserInputError(f"store {self.root}: is a file, not a store folder; "
+                                 "choose another --store")
+        if not self.root.exists():
+            try:
+                self.root.mkdir(parents=True)
+            except OSError as e:
+                if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    raise UserInputError(f"store {self.root}: cannot create it "
+                                         f"({e.strerror})") from e
+        self.readonly = not self.root.is_dir() or not os.access(self.root, os.W_OK) or (
+            self.index.exists() and not os.access(self.index, os.W_OK))
+        if not self.readonly:
+            for d in (self.objects, self.staging):
+                d.mkdir(exist_ok=True)
+
+    def _open(self, *, rebuilding: bool = False) -> None:
+        """Check the index is this store's and healthy; upgrade its schema if writable."""
+        fresh = not self._has_index()
+        if fresh and not rebuilding:
+            held = self._folders(self.objects)
+            if held:
+                raise DeltaError(
+                    f"{self.index}: missing or empty, but {self.objects} holds {len(held)} "
+                    f"folder(s) ({', '.join(d.name for d in held[:3])}{'...' * (len(held) > 3)})"
+                    "; refusing to start an empty index that would hide them. Rebuild the index "
+                    f"from their manifests with `slimtune delta --store {self.root} reindex`, "
+                    "or restore index.sqlite from a backup")
+        if not self.readonly:
+            if 0 < self._upgrade() < 3:
+                self._backfill_manifest_sums()
+        elif not fresh:
+            current = self.schema_version()
+            if current > SCHEMA_VERSION:
+                raise DeltaError(f"{self.index}: schema version {current} is newer than this "
+                                 f"slimtune knows ({SCHEMA_VERSION}); upgrade slimtune")
+            self._check_tables()
+
+    def _has_index(self) -> bool:
+        """Whether index.sqlite holds any table (raises DeltaError if it is not SQLite)."""
+        if not self.index.exists() or self.index.stat().st_size == 0:
+            return False
+        with self._read() as conn:
+            return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table'").fetchone() \
+                is not None
+
+    def _check_tables(self) -> None:
+        with self._read() as conn:
+            names = {r[0] for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type='table'")}
+        if not names >= _TABLES:
+            raise DeltaError(f"{self.index}: not a slimtune store index (tables "
+                             f"{', '.join(sorted(_TABLES - names))} are missing)")
+
+    @staticmethod
+    def _folders(d: Path) -> list[Path]:
+        return sorted(d.iterdir()) if d.is_dir() else []
 
     # -- the index -----------------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
+        if self.readonly:
+            if not self.index.exists():  # a store never written to: empty, in memory
+                conn = sqlite3.connect(":memory:", isolation_level=None)
+                for v in range(SCHEMA_VERSION):
+                    conn.executescript(_MIGRATIONS[v])
+            else:
+                uri = "file:" + quote(str(self.index.resolve()))
+                conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, isolation_level=None)
+                try:
+                    conn.execute("SELECT 1 FROM sqlite_master").fetchone()
+                except sqlite3.OperationalError:
+                    # a WAL index on a read-only file system: its -shm file cannot be made;
+                    # nobody can write there either, so reading it as immutable is safe
+                    conn.close()
+                    conn = sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True,
+                                           isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            return conn
         conn = sqlite3.connect(self.index, timeout=60, isolation_level=None)
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA journal_mode=WAL")
@@ -106,133 +226,240 @@ class DeltaStore:
         return conn
 
     @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """SQLite's errors as the user's: a full disk (OSError ENOSPC, exit 2) or a bad index."""
+        try:
+            yield
+        except sqlite3.DatabaseError as e:
+            if _disk_full(e):
+                raise OSError(errno.ENOSPC, "No space left on device", str(self.index)) from e
+            if "readonly" in str(e):
+                raise DeltaError(f"store {self.root} is read-only ({e})") from e
+            raise DeltaError(f"{self.index}: unreadable store index ({e}); restore it from a "
+                             f"backup, or move it away and run `slimtune delta --store "
+                             f"{self.root} reindex`") from e
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._errors():
+            conn = self._connect()
+            try:
+                yield conn
+            finally:
+                conn.close()
+
+    def require_writable(self, what: str = "this command") -> None:
+        """Refuse early, with a clear message, what cannot work in a read-only store."""
+        if self.readonly:
+            raise DeltaError(f"store {self.root} is read-only (a read-only mount or no write "
+                             f"permission); {what} needs to write to it")
+
+    @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One serialised write transaction (across processes)."""
-        conn = self._connect()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        finally:
-            conn.close()
+        self.require_writable()
+        with self._errors():
+            conn = self._connect()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:  # a failed COMMIT may have rolled back already
+                    with suppress(sqlite3.Error):  # the original error is the one to report
+                        conn.execute("ROLLBACK")
+                raise
+            finally:
+                conn.close()
 
     def schema_version(self) -> int:
-        conn = self._connect()
-        try:
-            has_meta = conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
-            if not has_meta:
-                return 0
-            row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            return int(row["value"]) if row else 0
-        finally:
-            conn.close()
+        with self._read() as conn:
+            return self._schema_version(conn)
 
-    def _upgrade(self) -> None:
+    @staticmethod
+    def _schema_version(conn: sqlite3.Connection) -> int:
+        has_meta = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
+        if not has_meta:
+            return 0
+        row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        return int(row["value"]) if row else 0
+
+    def _upgrade(self) -> int:
+        """Migrate the index to SCHEMA_VERSION; return the version it had."""
         with self._write() as conn:
-            has_meta = conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
-            current = 0
-            if has_meta:
-                row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-                current = int(row["value"]) if row else 0
+            current = self._schema_version(conn)
             if current > SCHEMA_VERSION:
                 raise DeltaError(f"{self.index}: schema version {current} is newer than this "
                                  f"slimtune knows ({SCHEMA_VERSION}); upgrade slimtune")
+            if current == 0 and conn.execute("SELECT 1 FROM sqlite_master").fetchone():
+                raise DeltaError(f"{self.index}: an SQLite file, but not a slimtune store index")
             for v in range(current, SCHEMA_VERSION):
                 for stmt in filter(str.strip, _MIGRATIONS[v].split(";")):
                     conn.execute(stmt)
                 conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES "
                              "('schema_version', ?)", (str(v + 1),))
+        self._check_tables()
+        return current
+
+    def _backfill_manifest_sums(self) -> None:
+        """Rows from before schema 3 get their manifest's checksum, if the folder verifies."""
+        with self._read() as conn:
+            rows = [self._row(r) for r in conn.execute(
+                "SELECT * FROM versions WHERE manifest_sha256 IS NULL")]
+        for v in rows:
+            try:
+                self._check(v)
+            except DeltaError:
+                continue  # verify keeps reporting it
+            with self._write() as conn:
+                conn.execute("UPDATE versions SET manifest_sha256=? WHERE id=?",
+                             (sha256_file(v.path / MANIFEST), v.id))
 
     def _row(self, row: sqlite3.Row) -> Version:
+        keys = row.keys()  # a read-only store may have an older schema
         return Version(row["id"], row["seq"], row["parent"], row["method"],
                        row["base_fingerprint"], row["dataset_fingerprint"], row["created"],
-                       row["bytes"], row["note"], self.objects / row["id"])
+                       row["bytes"], row["note"] if "note" in keys else None,
+                       self.objects / row["id"],
+                       row["manifest_sha256"] if "manifest_sha256" in keys else None)
+
+    def _next_seq(self, conn: sqlite3.Connection) -> int:
+        """One above every id ever used: in the index, its high-water mark, and folder names."""
+        row = conn.execute("SELECT value FROM meta WHERE key='max_seq'").fetchone()
+        used = [int(row["value"]) if row else 0,
+                conn.execute("SELECT COALESCE(MAX(seq), 0) FROM versions").fetchone()[0]]
+        for d in (self.objects, self.quarantine):
+            for f in self._folders(d):
+                m = _FOLDER_SEQ.fullmatch(f.name)
+                if m:
+                    used.append(int(m.group(1)))
+        return max(used) + 1
 
     # -- reading -------------------------------------------------------------------------
 
     def list(self) -> list[Version]:
-        conn = self._connect()
-        try:
+        with self._read() as conn:
             return [self._row(r) for r in conn.execute("SELECT * FROM versions ORDER BY seq")]
-        finally:
-            conn.close()
 
     def tags(self) -> dict[str, str]:
-        conn = self._connect()
-        try:
+        with self._read() as conn:
             return {r["name"]: r["version"] for r in conn.execute("SELECT * FROM tags")}
-        finally:
-            conn.close()
 
-    def resolve(self, ref: str) -> Version:
-        """A version by id (``v3``), by tag (``prod``), or ``latest``."""
-        conn = self._connect()
-        try:
+    def resolve(self, ref: str, *, check: bool = True) -> Version:
+        """A version by id (``v3``), by tag (``prod``), or ``latest``.
+
+        With ``check`` (the default, for anything that uses the delta) its folder must exist
+        and its manifest must be the one added; ``rm`` and ``verify`` pass ``check=False``.
+        """
+        with self._read() as conn:
             if ref == "latest":
                 row = conn.execute("SELECT * FROM versions ORDER BY seq DESC LIMIT 1").fetchone()
             else:
                 tag = conn.execute("SELECT version FROM tags WHERE name=?", (ref,)).fetchone()
                 vid = tag["version"] if tag else ref
                 row = conn.execute("SELECT * FROM versions WHERE id=?", (vid,)).fetchone()
-        finally:
-            conn.close()
         if row is None:
             raise DeltaError(f"no version or tag {ref!r} in the store {self.root}")
-        return self._row(row)
+        v = self._row(row)
+        if check:
+            self._check_manifest(v)
+        return v
+
+    def _check_manifest(self, v: Version) -> None:
+        """The folder is there and its manifest is byte for byte the one that was added."""
+        if not v.path.is_dir():
+            raise DeltaError(f"{v.id}: in the index, but its folder {v.path} is missing")
+        path = v.path / MANIFEST
+        if v.manifest_sha256 is not None and path.is_file() and not path.is_symlink() \
+                and sha256_file(path) != v.manifest_sha256:
+            raise DeltaError(f"{path}: changed since {v.id} was added (its SHA-256 differs "
+                             "from the one in the index)")
+
+    def _check(self, v: Version) -> dict:
+        """Everything verify checks for one version; return its manifest."""
+        self._check_manifest(v)
+        manifest = verify_delta(v.path)
+        if manifest["base"]["fingerprint"] != v.base_fingerprint:
+            raise DeltaError(f"{v.path / MANIFEST}: base fingerprint differs from the index")
+        return manifest
 
     # -- writing -------------------------------------------------------------------------
+
+    @contextmanager
+    def staging_dir(self, prefix: str = "add") -> Iterator[Path]:
+        """A new folder under ``staging/``, locked so that ``gc`` leaves it alone; removed
+        at the end of the block."""
+        self.require_writable()
+        name = f"{prefix}-{uuid.uuid4().hex}"
+        lock = self.staging / f"{name}.lock"
+        tmp = self.staging / name
+        with file_lock(lock):
+            try:
+                tmp.mkdir()
+                yield tmp
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+                lock.unlink(missing_ok=True)
 
     def add(self, folder: str | Path, *, parent: str | None = None, note: str | None = None
             ) -> Version:
         """Copy a delta folder into the store as a new version; return it."""
+        self.require_writable("adding a version")
         folder = Path(folder)
         manifest = verify_delta(folder)
         if parent is not None:
-            parent = self.resolve(parent).id
-        tmp = self.staging / f"{uuid.uuid4().hex}"
-        try:
-            tmp.mkdir()
+            parent = self.resolve(parent, check=False).id
+        with self.staging_dir() as tmp:
             for name in manifest["files"]:
                 shutil.copy2(folder / name, tmp / name)
             shutil.copy2(folder / MANIFEST, tmp / MANIFEST)
-            verify_delta(tmp)  # what landed on disk, not what we meant to copy
+            manifest = verify_delta(tmp)  # what landed on disk, not what we meant to copy
+            manifest_sha = sha256_file(tmp / MANIFEST)
             for f in tmp.iterdir():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
             fsync_dir(tmp)
-            with self._write() as conn:
-                seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM versions").fetchone()[0]
-                vid = f"v{seq}"
-                target = self.objects / vid
-                if target.exists():  # an orphan of a killed add: never indexed, safe to drop
-                    shutil.rmtree(target)
-                os.replace(tmp, target)
-                fsync_dir(self.objects)
-                try:
+            target = None
+            try:
+                with self._write() as conn:
+                    seq = self._next_seq(conn)
+                    vid = f"v{seq}"
+                    os.rename(tmp, self.objects / vid)  # no such folder (_next_seq): no clobber
+                    target = self.objects / vid
+                    fsync_dir(self.objects)
+                    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES "
+                                 "('max_seq', ?)", (str(seq),))
                     conn.execute(
                         "INSERT INTO versions (id, seq, parent, method, base_fingerprint, "
-                        "dataset_fingerprint, created, bytes, note) VALUES (?,?,?,?,?,?,?,?,?)",
+                        "dataset_fingerprint, created, bytes, note, manifest_sha256) "
+                        "VALUES (?,?,?,?,?,?,?,?,?,?)",
                         (vid, seq, parent, manifest["method"], manifest["base"]["fingerprint"],
                          (manifest.get("dataset") or {}).get("fingerprint"), _now(),
-                         delta_bytes(manifest), note))
-                except BaseException:
-                    shutil.rmtree(target, ignore_errors=True)
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+                         delta_bytes(manifest), note, manifest_sha))
+            except BaseException:
+                if target is not None and not self._indexed(vid):
+                    shutil.rmtree(target, ignore_errors=True)  # ours, and never committed
+                raise
         return self.resolve(vid)
+
+    def _indexed(self, vid: str) -> bool:
+        try:
+            with self._read() as conn:
+                return conn.execute("SELECT 1 FROM versions WHERE id=?", (vid,)).fetchone() \
+                    is not None
+        except (DeltaError, OSError):
+            return True  # cannot tell: keep the folder (at worst an orphan for gc)
 
     def tag(self, name: str, ref: str) -> tuple[str | None, str]:
         """Point tag ``name`` at ``ref`` atomically; return (previous version, new version)."""
         looks_like_id = name.startswith("v") and name[1:].isdigit()
-        if not name or set(name) - TAG_CHARS or name == "latest" or looks_like_id:
-            raise UserInputError(f"invalid tag name {name!r}: letters, digits, - _ . only, and "
-                                 "not 'latest' or a version id")
+        if not name or set(name) - TAG_CHARS or not name[0].isalnum() or name == "latest" \
+                or looks_like_id:
+            raise UserInputError(f"invalid tag name {name!r}: letters, digits, - _ . only, "
+                                 "starting with a letter or digit, and not 'latest' or a "
+                                 "version id")
+        self.require_writable("tagging")
         vid = self.resolve(ref).id
         with self._write() as conn:
             old = conn.execute("SELECT version FROM tags WHERE name=?", (name,)).fetchone()
@@ -267,7 +494,8 @@ class DeltaStore:
         return cur["version"], prev
 
     def remove(self, ref: str, *, force: bool = False) -> str:
-        v = self.resolve(ref)
+        self.require_writable("rm")
+        v = self.resolve(ref, check=False)
         with self._write() as conn:
             tags = [r["name"] for r in conn.execute("SELECT name FROM tags WHERE version=?",
                                                     (v.id,))]
@@ -283,33 +511,130 @@ class DeltaStore:
         shutil.rmtree(v.path, ignore_errors=True)  # after the commit: at worst an orphan
         return v.id
 
-    def gc(self) -> list[str]:
-        """Remove folders no version owns (killed adds, removals cut short) and staging."""
-        known = {v.id for v in self.list()}
-        removed = []
-        for d in self.objects.iterdir():
-            if d.name not in known:
-                shutil.rmtree(d, ignore_errors=True)
-                removed.append(str(d))
-        for d in self.staging.iterdir():
-            shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink()
-            removed.append(str(d))
-        return removed
+    def gc(self) -> GcResult:
+        """Move folders no version owns (killed adds, removals cut short) to ``quarantine/``
+        and remove staging leftovers of adds that are no longer running.
+
+        Nothing under ``objects/`` is deleted: an index that lost rows must not cost the
+        folders. The write transaction keeps adds from moving a folder in meanwhile; the
+        per-add locks keep the staging folders of running adds.
+        """
+        out = GcResult()
+        with self._write() as conn:
+            known = {r["id"] for r in conn.execute("SELECT id FROM versions")}
+            for d in self._folders(self.objects):
+                if d.name not in known:
+                    out.quarantined.append((d, self._quarantine(d)))
+        for d in self._folders(self.staging):
+            if d.name.endswith(".lock") and (self.staging / d.name[:-5]).exists():
+                continue  # goes with its folder
+            lock = d if d.name.endswith(".lock") else d.with_name(d.name + ".lock")
+            try:
+                with file_lock(lock, wait=False):
+                    if d.is_dir() and not d.is_symlink():
+                        shutil.rmtree(d)
+                    elif d != lock:
+                        d.unlink()
+                    lock.unlink(missing_ok=True)
+            except LockHeld:
+                out.in_use.append(d)
+                continue
+            if d != lock:
+                out.removed.append(d)
+        return out
+
+    def _quarantine(self, d: Path) -> Path:
+        self.quarantine.mkdir(exist_ok=True)
+        dest, n = self.quarantine / d.name, 1
+        while dest.exists():
+            n += 1
+            dest = self.quarantine / f"{d.name}.{n}"
+        os.rename(d, dest)
+        fsync_dir(self.quarantine)
+        return dest
 
     def verify(self, ref: str | None = None) -> list[tuple[str, str | None]]:
-        """(id, problem or None) for one version or all; checksums of every file."""
-        versions = [self.resolve(ref)] if ref else self.list()
-        out = []
+        """(id, problem or None) for one version or all: checksums of every file and of the
+        manifest; for all, also folders in ``objects/`` that the index does not know."""
+        versions = [self.resolve(ref, check=False)] if ref else self.list()
+        out: list[tuple[str, str | None]] = []
         for v in versions:
             try:
-                manifest = verify_delta(v.path)
-                if manifest["base"]["fingerprint"] != v.base_fingerprint:
-                    raise DeltaError(f"{v.path / MANIFEST}: base fingerprint differs from the "
-                                     "index")
+                self._check(v)
                 out.append((v.id, None))
             except DeltaError as e:
                 out.append((v.id, str(e)))
+        if ref is None:
+            known = {v.id for v in versions}
+            for d in self._folders(self.objects):
+                if d.name not in known:
+                    out.append((f"objects/{d.name}", f"{d}: a folder the index does not know "
+                                "(a killed add, or rows lost from the index): `slimtune delta "
+                                "reindex` adopts it, `slimtune delta gc` moves it to "
+                                "quarantine/"))
         return out
+
+    @classmethod
+    def reindex(cls, root: str | Path | None = None
+                ) -> tuple[DeltaStore, list[str], list[tuple[str, str]], Path | None]:
+        """Rebuild the index from the manifests in ``objects/``: every folder named ``v<N>``
+        that verifies and that the index does not hold becomes version ``v<N>``.
+
+        An unreadable or empty index is first moved aside (to ``index.sqlite.broken-<time>``).
+        Tags, notes and parents cannot be recovered from the folders. Returns (store, ids
+        added, (folder, why skipped), where the old index went or None).
+        """
+        store = cls.__new__(cls)
+        store._locate(root)
+        store.require_writable("reindex")
+        aside = None
+        try:
+            healthy = store._has_index()
+            if healthy:
+                store._open()
+        except DeltaError as e:
+            if "is newer than this slimtune" in str(e):
+                raise  # a later slimtune's index is not broken
+            healthy = False
+        if not healthy and store.index.exists():
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+            aside = store.index.with_name(f"index.sqlite.broken-{stamp}")
+            for suffix in ("", "-wal", "-shm"):
+                side = store.index.with_name(store.index.name + suffix)
+                if side.exists():
+                    os.rename(side, aside.with_name(aside.name + suffix))
+        store._open(rebuilding=True)
+        added: list[str] = []
+        skipped: list[tuple[str, str]] = []
+        with store._write() as conn:
+            known = {r["id"] for r in conn.execute("SELECT id FROM versions")}
+            top = store._next_seq(conn) - 1
+            for d in store._folders(store.objects):
+                m = _FOLDER_SEQ.fullmatch(d.name)
+                if d.name in known:
+                    continue
+                if m is None or "." in d.name:
+                    skipped.append((str(d), "not named like a version id (v<N>)"))
+                    continue
+                try:
+                    manifest = verify_delta(d)
+                except DeltaError as e:
+                    skipped.append((str(d), str(e)))
+                    continue
+                created = manifest.get("created")
+                conn.execute(
+                    "INSERT INTO versions (id, seq, parent, method, base_fingerprint, "
+                    "dataset_fingerprint, created, bytes, note, manifest_sha256) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (d.name, int(m.group(1)), None, manifest["method"],
+                     manifest["base"]["fingerprint"],
+                     (manifest.get("dataset") or {}).get("fingerprint"),
+                     created if isinstance(created, str) else _now(), delta_bytes(manifest),
+                     "reindexed", sha256_file(d / MANIFEST)))
+                added.append(d.name)
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('max_seq', ?)",
+                         (str(top),))
+        return store, added, skipped, aside
 
     def describe(self, v: Version) -> dict:
         m = v.manifest()
