@@ -114,9 +114,165 @@ def test_resume_refuses_changed_options(tiny_dir, intent_file, tmp_path):
                       max_steps=4, batch_size=4, progress=False, device="cpu", save_every=1)
     t = Trainer(cfg)
     t.save_checkpoint()
+    t.close()
     cfg2 = TrainConfig(**{**cfg.__dict__, "lr": 0.5, "resume": True})
     with pytest.raises(UserInputError, match=r"cannot resume, the run differs in \['lr'\]"):
         Trainer(cfg2)
     write_jsonl(tmp_path / "other.jsonl", [{"text": "different data"}] * 4)
     cfg3 = TrainConfig(**{**cfg.__dict__, "resume": True})
     Trainer(cfg3)  # same options: accepted
+
+
+class _Stop(Exception):
+    pass
+
+
+def stop_after_checkpoint(cfg: TrainConfig, step: int) -> None:
+    """Run ``cfg`` until its checkpoint at ``step`` is written, then stop (a kill-free
+    stand-in for an interrupted run)."""
+
+    class Stopping(Trainer):
+        def save_checkpoint(self) -> None:
+            super().save_checkpoint()
+            if self.step == step:
+                raise _Stop
+
+    with pytest.raises(_Stop):
+        Stopping(cfg).run()
+
+
+def tiny_cfg(tiny_dir, data, out, **overrides) -> TrainConfig:
+    opts = dict(model=str(tiny_dir), data=str(data), output_dir=str(out), max_steps=6,
+                batch_size=4, lr=1e-2, eval_fraction=0.25, progress=False, device="cpu",
+                save_every=0)
+    return TrainConfig(**{**opts, **overrides})
+
+
+def test_a_one_step_run_trains(tiny_dir, intent_file, tmp_path):
+    # the default warmup (10%) must not make the only step run at lr 0
+    res = train_tiny(tiny_dir, intent_file, tmp_path / "r", max_steps=1)
+    assert res.history[0]["lr"] > 0
+    b = load_file(str(res.delta_dir / "adapter_model.safetensors"))
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in b.items())
+    res = train_tiny(tiny_dir, intent_file, tmp_path / "w", max_steps=10, warmup_ratio=0.5)
+    lrs = [h["lr"] for h in res.history]
+    assert all(lr > 0 for lr in lrs) and max(lrs) == pytest.approx(1e-2)
+
+
+def poisoned(cfg: TrainConfig, at_step: int) -> Trainer:
+    """A trainer whose optimizer step number ``at_step`` leaves a NaN in the weights with a
+    finite loss and gradient (what an overflowing lr does on a GPU)."""
+    trainer = Trainer(cfg)
+    original = trainer.optimizer.step
+
+    def step(*args, **kwargs):
+        out = original(*args, **kwargs)
+        if trainer.step + 1 == at_step:
+            with torch.no_grad():
+                trainer.params[-1].view(-1)[0] = math.nan
+        return out
+
+    trainer.optimizer.step = step
+    return trainer
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\(\)`")
+def test_non_finite_weights_are_never_saved(tiny_dir, intent_file, tmp_path):
+    with pytest.raises(TrainingDivergedError, match="weights became nan at step 1 .*"
+                                                    "no checkpoint was written yet"):
+        poisoned(tiny_cfg(tiny_dir, intent_file, tmp_path / "a", max_steps=1), 1).run()
+    assert not (tmp_path / "a" / "delta").exists()
+    cfg = tiny_cfg(tiny_dir, intent_file, tmp_path / "b", max_steps=4, save_every=1)
+    with pytest.raises(TrainingDivergedError, match="weights became nan at step 3 .*last good "
+                                                    "checkpoint .*--resume and a lower --lr"):
+        poisoned(cfg, 3).run()
+    meta = json.loads((tmp_path / "b" / "checkpoint" / "checkpoint.json").read_text())
+    assert meta["step"] == 2
+    saved = load_file(str(tmp_path / "b" / "checkpoint" / "trainable.safetensors"))
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    assert not (tmp_path / "b" / "delta").exists()
+
+
+@pytest.mark.parametrize("field,value", [("lr", math.inf), ("max_grad_norm", math.nan),
+                                         ("weight_decay", -math.inf), ("warmup_ratio", math.nan),
+                                         ("seed", -1), ("max_grad_norm", 0.0)])
+def test_non_finite_or_out_of_range_options_are_refused(field, value):
+    with pytest.raises(UserInputError, match=field):
+        TrainConfig(data="x.jsonl", **{field: value}).validated()
+
+
+def test_resume_with_a_lower_lr_follows_the_divergence_advice(tiny_dir, intent_file, tmp_path):
+    cfg = tiny_cfg(tiny_dir, intent_file, tmp_path / "r", save_every=2, warmup_ratio=0.0)
+    stop_after_checkpoint(cfg, 2)
+    higher = TrainConfig(**{**cfg.__dict__, "lr": 2e-2, "resume": True})
+    with pytest.raises(UserInputError, match=r"differs in \['lr'\]"):
+        Trainer(higher)
+    res = Trainer(TrainConfig(**{**cfg.__dict__, "lr": 5e-3, "max_grad_norm": 0.5,
+                                 "resume": True})).run()
+    whole = train_tiny(tiny_dir, intent_file, tmp_path / "w", warmup_ratio=0.0)
+    lr = {h["step"]: h["lr"] for h in res.history if "lr" in h}
+    lr_whole = {h["step"]: h["lr"] for h in whole.history}
+    assert lr[2] == lr_whole[2]  # before the resume: unchanged
+    assert all(lr[s] == pytest.approx(lr_whole[s] / 2) for s in (3, 4, 5, 6))
+    change = {"step": 2, "event": "resumed",
+              "changed": {"lr": [1e-2, 5e-3], "max_grad_norm": [1.0, 0.5]}}
+    assert change in [json.loads(x) for x in
+                      (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert res.manifest["resume_changes"] == [change]
+
+
+def test_resume_refuses_a_finished_or_missing_run(tiny_dir, intent_file, tmp_path):
+    train_tiny(tiny_dir, intent_file, tmp_path / "r", max_steps=1)
+    with pytest.raises(UserInputError, match="holds a finished run .*nothing to resume"):
+        train_tiny(tiny_dir, intent_file, tmp_path / "r", max_steps=1, resume=True)
+    (tmp_path / "k").mkdir()
+    (tmp_path / "k" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    with pytest.raises(UserInputError, match="holds no checkpoint to resume"):
+        train_tiny(tiny_dir, intent_file, tmp_path / "k", max_steps=1, resume=True)
+    # a new (or empty) folder: --resume starts from step 0, so a retry loop can always pass it
+    res = train_tiny(tiny_dir, intent_file, tmp_path / "new", max_steps=1, resume=True)
+    assert res.summary["steps"] == 1
+
+
+def test_the_output_folder_is_locked_and_leaked_temporaries_are_removed(tiny_dir, intent_file,
+                                                                        tmp_path):
+    cfg = tiny_cfg(tiny_dir, intent_file, tmp_path / "r", max_steps=1)
+    leaked = tmp_path / "r" / ".checkpoint.abc123.tmp"
+    leaked.mkdir(parents=True)
+    (leaked / "trainable.safetensors").write_bytes(b"half")
+    first = Trainer(cfg)
+    assert not leaked.exists()
+    with pytest.raises(UserInputError, match="another slimtune process is training into"):
+        Trainer(cfg)
+    first.run()  # releases the folder when it ends
+    Trainer(TrainConfig(**{**cfg.__dict__, "overwrite": True})).close()
+
+
+PLANT = textwrap.dedent("""
+    import os, sys, torch
+    class Evil:
+        def __reduce__(self):
+            return (os.mkdir, (sys.argv[2],))
+    torch.save({"optimizer": Evil()}, sys.argv[1])
+""")
+
+
+def test_a_planted_checkpoint_pickle_runs_no_code(tiny_dir, intent_file, tmp_path):
+    cfg = tiny_cfg(tiny_dir, intent_file, tmp_path / "r", save_every=2)
+    stop_after_checkpoint(cfg, 2)
+    marker = tmp_path / "pwned"
+    plant = tmp_path / "plant.py"
+    plant.write_text(PLANT)
+    state = tmp_path / "r" / "checkpoint" / "state.pt"
+    subprocess.run([sys.executable, str(plant), str(state), str(marker)], check=True)
+    resume = TrainConfig(**{**cfg.__dict__, "resume": True})
+    with pytest.raises(UserInputError, match="unreadable checkpoint"):
+        Trainer(resume)
+    assert not marker.exists()
+    # the identity in checkpoint.json is checked before any tensor is read
+    meta = json.loads((tmp_path / "r" / "checkpoint" / "checkpoint.json").read_text())
+    meta["identity"]["seed"] = 99
+    (tmp_path / "r" / "checkpoint" / "checkpoint.json").write_text(json.dumps(meta))
+    with pytest.raises(UserInputError, match=r"differs in \['seed'\]"):
+        Trainer(resume)
+    assert not marker.exists()

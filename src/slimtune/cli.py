@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .config import parse_key_values, read_yaml_config
+from .config import check_types, parse_key_values, read_yaml_config
 from .errors import EXIT_CODES, SlimtuneError, UserInputError
 
 S = argparse.SUPPRESS
@@ -235,36 +236,130 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def train_config_from_args(args: argparse.Namespace, exclude: tuple[str, ...] = ()):
-    """Defaults < YAML file < flags given on the command line."""
+# Flags whose value is a method option: flag name -> option name. YAML keys of the same
+# names mean the same (one table for both).
+METHOD_FLAGS = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+                "density": "density", "importance": "importance", "selection": "selection",
+                "regrow_every": "regrow_every", "experts": "experts", "top_k": "top_k",
+                "expert_rank": "rank", "aux_weight": "aux_weight"}
+# Flags that switch a TrainConfig field off: flag name -> field name.
+NEGATED_FLAGS = {"no_progress": "progress"}
+
+
+@dataclass
+class StoreOptions:
+    """Where ``train`` stores its delta (flags or YAML keys of the same names)."""
+
+    store: str | None = None
+    no_store: bool = False
+    parent: str | None = None
+    note: str | None = None
+
+
+def _split_options(source: dict[str, Any], where: str, values: dict[str, Any],
+                   method_options: dict[str, Any], store: dict[str, Any]) -> None:
+    """Sort one source's options (YAML or flags, by flag name) into TrainConfig fields,
+    method options and store options; later sources override earlier ones."""
+    source = dict(source)
+    given = source.pop("method_options", None) or {}
+    if not isinstance(given, dict):
+        raise UserInputError(f"{where}: field 'method_options' must be a mapping, got {given!r}")
+    method_options.update(given)
+    for name in [k for k in source if k in NEGATED_FLAGS]:
+        flag = source.pop(name)
+        if not isinstance(flag, bool):
+            raise UserInputError(f"{where}: field {name!r} must be true or false, got {flag!r}")
+        source[NEGATED_FLAGS[name]] = not flag
+    for flag, key in METHOD_FLAGS.items():
+        if flag in source:
+            method_options[key] = source.pop(flag)
+    if "lora_targets" in source:
+        targets = source.pop("lora_targets")
+        if isinstance(targets, str):
+            targets = targets.split(",")
+        if not isinstance(targets, list):
+            raise UserInputError(f"{where}: lora_targets must be a comma-separated string or "
+                                 f"a list, got {targets!r}")
+        method_options["target_modules"] = [str(t).strip() for t in targets if str(t).strip()]
+    if "option" in source:
+        option = source.pop("option")
+        if isinstance(option, dict):
+            method_options.update({str(k).replace("-", "_"): v for k, v in option.items()})
+        elif isinstance(option, list) and all(isinstance(o, str) for o in option):
+            method_options.update(parse_key_values(option))
+        else:
+            raise UserInputError(f"{where}: option must be a mapping or a list of KEY=VALUE, "
+                                 f"got {option!r}")
+    for name in [f.name for f in fields(StoreOptions) if f.name in source]:
+        store[name] = source.pop(name)
+    values.update(source)
+
+
+def train_options_from_args(args: argparse.Namespace, exclude: tuple[str, ...] = ()
+                            ) -> tuple[Any, StoreOptions]:
+    """Defaults < YAML file < flags given on the command line; YAML keys are the flags'
+    names (dashes or underscores). Returns the TrainConfig and the store options."""
     from .trainer import TrainConfig
 
     values: dict[str, Any] = {}
+    method_options: dict[str, Any] = {}
+    store: dict[str, Any] = {}
     where = "command line"
     if getattr(args, "config", None):
-        values.update(read_yaml_config(args.config))
+        _split_options(read_yaml_config(args.config), args.config, values, method_options, store)
         where = args.config
-    given = {k: v for k, v in vars(args).items()
-             if k not in ("command", "config", "store", "no_store", "parent", "note", *exclude)}
-    method_options = dict(values.pop("method_options", None) or {})
-    method_flags = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
-                    "density": "density", "importance": "importance", "selection": "selection",
-                    "regrow_every": "regrow_every", "experts": "experts", "top_k": "top_k",
-                    "expert_rank": "rank", "aux_weight": "aux_weight"}
-    for flag, key in method_flags.items():
-        if flag in given:
-            method_options[key] = given.pop(flag)
-    if "lora_targets" in given:
-        method_options["target_modules"] = [t for t in given.pop("lora_targets").split(",") if t]
-    if "option" in given:
-        method_options.update(parse_key_values(given.pop("option")))
-    values.update(given)
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", *exclude)}
+    _split_options(given, where, values, method_options, store)
     if method_options:
         values["method_options"] = method_options
-    return TrainConfig.from_dict(values, where=where)
+    cfg = TrainConfig.from_dict(values, where=where)
+    return cfg, StoreOptions(**check_types(StoreOptions, store, where))
+
+
+def train_config_from_args(args: argparse.Namespace, exclude: tuple[str, ...] = ()):
+    """The TrainConfig of ``train``/``sweep`` (see :func:`train_options_from_args`)."""
+    return train_options_from_args(args, exclude)[0]
 
 
 def _cmd_train(args) -> int:
+    from .trainer import finished_delta, train
+
+    cfg, store = train_options_from_args(args)
+    if not store.no_store:  # a bad or read-only --store fails now, not after the training
+        from .delta import DeltaStore
+
+        DeltaStore(store.store).require_writable("train (to store its result)")
+    delta_dir = finished_delta(cfg.output_dir) if cfg.resume else None
+    if delta_dir is not None:  # e.g. killed during the store add below: finish only that
+        print(f"{cfg.output_dir} holds a finished run: nothing to train")
+    else:
+        result = train(cfg)
+        _report_train(cfg, result)
+        delta_dir = result.delta_dir
+    print(f"delta: {delta_dir}")
+    if not store.no_store:
+        _store_delta(delta_dir, store)
+    return 0
+
+
+def _store_delta(delta_dir: Path, opts: StoreOptions) -> None:
+    """Add a run's delta to the store once: a version holding the same manifest, byte for
+    byte (an add that completed before a kill), is not added again."""
+    from .delta import MANIFEST, DeltaStore
+    from .fileio import sha256_file
+
+    store = DeltaStore(opts.store)
+    digest = sha256_file(delta_dir / MANIFEST)
+    for v in store.list():
+        if (v.path / MANIFEST).is_file() and sha256_file(v.path / MANIFEST) == digest:
+            print(f"already stored as {v.id} in {store.root}")
+            return
+    v = store.add(delta_dir, parent=opts.parent, note=opts.note)
+    print(f"stored as {v.id} in {store.root}")
+
+
+def _report_train(cfg, result) -> None:
+    """The run's table, plots and report.md."""
     from .report import (
         comparison_rows,
         expert_usage_rows,
@@ -273,10 +368,7 @@ def _cmd_train(args) -> int:
         print_table,
         write_report,
     )
-    from .trainer import train
 
-    cfg = train_config_from_args(args)
-    result = train(cfg)
     s = result.summary
     rows = comparison_rows([s])
     print_table(f"slimtune train: {cfg.method} on {Path(str(cfg.data)).name}",
@@ -297,15 +389,6 @@ def _cmd_train(args) -> int:
                      f"{s['adapter_params']:,}; expert usage heat map: {png.name}")
     write_report(result.output_dir, f"Training run: {cfg.method}", ["metric", cfg.method], rows,
                  {"summary": s, "config": result.manifest["training"]}, notes)
-    print(f"delta: {result.delta_dir}")
-    if not getattr(args, "no_store", False):
-        from .delta import DeltaStore
-
-        store = DeltaStore(getattr(args, "store", None))
-        v = store.add(result.delta_dir, parent=getattr(args, "parent", None),
-                      note=getattr(args, "note", None))
-        print(f"stored as {v.id} in {store.root}")
-    return 0
 
 
 def _cmd_sweep(args) -> int:
@@ -329,18 +412,24 @@ def _cmd_sweep(args) -> int:
     return 0
 
 
-def _load_with_delta(model_spec: str, device: str, delta: str | None, store: str | None = None):
-    """The base with ``delta`` (a folder, or a store id / tag) attached; (loaded, manifest, label)."""
+def _load_with_delta(model_spec: str | None, device: str, delta: str | None,
+                     store: str | None = None):
+    """The base with ``delta`` (a folder, or a store id / tag) attached; (loaded, manifest, label).
+
+    Without ``model_spec`` the base is the one the delta's manifest records (else default).
+    """
     from .delta import DeltaSwitcher
     from .models import load_model, resolve_device
 
-    loaded = load_model(model_spec, device=resolve_device(device))
     if not delta:
-        return loaded, None, "base"
+        return load_model(model_spec or "default", device=resolve_device(device)), None, "base"
     from .delta import DeltaStore
+    from .delta.store import is_folder_ref
 
-    sw = DeltaSwitcher(loaded, DeltaStore(store) if store or not Path(delta).is_dir() else None)
-    loaded.model = sw.switch(delta)
+    sw = DeltaSwitcher.with_delta(delta, None if is_folder_ref(delta) else DeltaStore(store),
+                                  model_spec, device=resolve_device(device))
+    loaded = sw.loaded
+    loaded.model = sw.model
     return loaded, sw.current.manifest, sw.label
 
 
@@ -352,7 +441,7 @@ def _cmd_eval(args) -> int:
     from .measure import PeakMemory
     from .report import comparison_rows, print_table
 
-    model_spec = getattr(args, "model", "default")
+    model_spec = getattr(args, "model", None)  # None: the delta's own base, else default
     loaded, manifest, label = _load_with_delta(model_spec, getattr(args, "device", "auto"),
                                                args.delta, getattr(args, "store", None))
     ds = load_dataset(args.data, loaded.tokenizer, max_length=args.max_length)
@@ -370,7 +459,8 @@ def _cmd_eval(args) -> int:
     print_table(f"slimtune eval: {name} on {Path(ds.path).name} ({metrics['task']})",
                 ["metric", "value"], comparison_rows([row]))
     if args.output:
-        write_json(args.output, {"model": model_spec, "delta": args.delta, "data": ds.path,
+        write_json(args.output, {"model": model_spec or loaded.source, "delta": args.delta,
+                                 "data": ds.path,
                                  **metrics, "peak_memory_bytes": mem.peak_bytes})
     return 0
 
@@ -378,7 +468,7 @@ def _cmd_eval(args) -> int:
 def _cmd_generate(args) -> int:
     from .evaluation import generate
 
-    loaded, _manifest, label = _load_with_delta(getattr(args, "model", "default"),
+    loaded, _manifest, label = _load_with_delta(getattr(args, "model", None),
                                                 getattr(args, "device", "auto"), args.delta,
                                                 getattr(args, "store", None))
     tok = loaded.tokenizer

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -43,4 +47,74 @@ def parse_key_values(items: list[str], where: str = "--option") -> dict[str, Any
             out[key.strip().replace("-", "_")] = yaml.safe_load(value)
         except yaml.YAMLError as e:
             raise UserInputError(f"{where} {item!r}: cannot parse the value") from e
+    return out
+
+
+_KIND = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+         dict: "a mapping", list: "a list"}
+
+
+def _coerce(value: Any, kind: Any) -> tuple[bool, Any]:
+    """(fits, value) for one annotation; numeric strings fit float (YAML 1.1 reads ``1e-3``
+    as a string), a bool never fits a number (``True`` is an int to Python, not to a user)."""
+    if kind is Any:
+        return True, value
+    args = typing.get_args(kind)
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return type(None) in args, None
+        for a in args:
+            if a is not type(None):
+                ok, v = _coerce(value, a)
+                if ok:
+                    return True, v
+        return False, value
+    if origin is not None:  # dict[str, Any], list[str]
+        if not isinstance(value, origin):
+            return False, value
+        if origin is list and args:
+            items = [_coerce(v, args[0]) for v in value]
+            return all(ok for ok, _ in items), [v for _, v in items]
+        return True, value
+    if kind is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                return False, value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False, value
+        return True, float(value)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    return isinstance(value, kind), value
+
+
+def _describe(kind: Any) -> str:
+    names = [_describe(a) for a in typing.get_args(kind) if a is not type(None)]
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return " or ".join(names)
+    return _KIND.get(typing.get_origin(kind) or kind, str(kind))
+
+
+def check_types(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """``values`` checked against the annotations of dataclass ``cls``'s fields.
+
+    Returns them with numeric strings turned into floats; anything else of the wrong type,
+    and any non-finite number, is a :class:`UserInputError` naming ``where`` and the field.
+    """
+    hints = typing.get_type_hints(cls)
+    out = dict(values)
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        ok, value = _coerce(values[f.name], hints[f.name])
+        if not ok:
+            raise UserInputError(f"{where}: field {f.name!r} must be "
+                                 f"{_describe(hints[f.name])}, got {values[f.name]!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserInputError(f"{where}: field {f.name!r} must be a finite number, "
+                                 f"got {value}")
+        out[f.name] = value
     return out

@@ -16,6 +16,7 @@ What slimtune adds over a plain loop, and why:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import random
@@ -30,13 +31,16 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from .config import check_types
 from .console import info
 from .data import Dataset, collate, epoch_batches, load_dataset, pack_examples, split_dataset
-from .delta import delta_bytes, save_delta
-from .errors import SlimtuneError, TrainingDivergedError, UserInputError
+from .delta import MANIFEST, delta_bytes, save_delta
+from .errors import TrainingDivergedError, UserInputError
 from .fileio import (
+    LockHeld,
     append_line,
     atomic_dir,
+    file_lock,
     recover_dir,
     write_json,
     write_safetensors,
@@ -46,7 +50,14 @@ from .freezing import freeze_below
 from .lm import base_model, target_loss
 from .measure import PeakMemory, percentile
 from .methods import Method, get_method
-from .models import LoadedModel, count_parameters, decoder_layers, fingerprint, load_model
+from .models import (
+    LoadedModel,
+    count_parameters,
+    decoder_layers,
+    fingerprint,
+    load_model,
+    resolve_device,
+)
 
 DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "sparse": 2e-4, "rosa": 2e-4, "shira": 2e-4,
               "experts": 5e-4}
@@ -96,18 +107,28 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise UserInputError(f"{where}: unknown option(s) {unknown}")
-        return cls(**values).validated()
+        return cls(**check_types(cls, values, where)).validated()
 
     def validated(self) -> TrainConfig:
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise UserInputError(msg)
 
+        current = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k, v in check_types(type(self), current, "training options").items():
+            setattr(self, k, v)
+
         need(bool(self.data), "no training data: pass --data FILE")
         need(self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
         need(self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        need(0 <= self.eval_fraction < 1,
+             f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        need(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
+        need(self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
         need(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         need(self.max_length >= 8, f"max_length must be >= 8, got {self.max_length}")
         need(self.freeze_below >= 0, f"freeze_below must be >= 0, got {self.freeze_below}")
@@ -153,7 +174,10 @@ class TrainResult:
 def _accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
 
-    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    device = resolve_device(cfg.device)  # an explicit device must exist: no silent CPU run
+    cpu = device == "cpu"
+    if device.startswith("cuda:"):
+        torch.cuda.set_device(device)  # the Accelerator trains on the current GPU
     if cfg.precision == "auto":
         mp = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "no"
     else:
@@ -162,7 +186,13 @@ def _accelerator(cfg: TrainConfig):
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """The RNG states as tensors and plain numbers, so a checkpoint loads with
+    ``torch.load(weights_only=True)`` (no pickled objects that could run code)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": version, "state": list(mt), "gauss": gauss},
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -170,11 +200,42 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
+                         npy["has_gauss"], npy["cached"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def warmup_steps(cfg: TrainConfig) -> int:
+    """``ceil(warmup_ratio * max_steps)``, at most ``max_steps - 1``: the last step is never
+    a warmup step."""
+    return min(math.ceil(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps - 1)
+
+
+def lr_factor(step: int, *, warmup: int, total: int) -> float:
+    """Linear warmup to the peak, then cosine decay to 0 at ``total``.
+
+    Warmup step ``s`` runs at ``(s + 1) / (warmup + 1)`` of the peak, so no step ever runs
+    at lr 0 (a one-step run trains); the cosine part starts at the peak.
+    """
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+LOCK_FILE = ".lock"
+# Options --resume may lower (the advice after a divergence), all others must match.
+LOWERABLE = ("lr", "max_grad_norm")
+
+
+def finished_delta(output_dir: str | Path) -> Path | None:
+    """The delta of a finished run in ``output_dir`` (written last, atomically), or None."""
+    delta = Path(output_dir) / "delta"
+    return delta if (delta / MANIFEST).is_file() else None
 
 
 class NonFiniteError(ArithmeticError):
@@ -226,6 +287,15 @@ def accumulate_gradients(model: nn.Module, params: list[nn.Parameter],
     return loss_sum, grad_norm, tokens, local_targets
 
 
+def nonfinite_norm(params: list[nn.Parameter]) -> float | None:
+    """The norm of ``params`` if it is NaN/inf (some entry is), else None: one fused
+    reduction and one sync per step."""
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(
+        [p.detach() for p in params], 2, dtype=torch.float32)))
+    value = float(norm)
+    return None if math.isfinite(value) else value
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, loaded: LoadedModel | None = None) -> None:
         self.cfg = cfg.validated()
@@ -234,7 +304,20 @@ class Trainer:
         self.metrics_path = self.out / "metrics.jsonl"
         self.accelerator = _accelerator(cfg)
         self.device = self.accelerator.device
+        self._lock = contextlib.ExitStack()  # the output folder's lock, held until close()
         self._prepare_output()
+        try:
+            self._setup(loaded)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the output folder (``run`` does this when it ends)."""
+        self._lock.close()
+
+    def _setup(self, loaded: LoadedModel | None) -> None:
+        cfg = self.cfg
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -282,10 +365,9 @@ class Trainer:
 
         self.optimizer = torch.optim.AdamW(
             self.method.param_groups(self.params, cfg.weight_decay), lr=cfg.learning_rate)
-        from transformers import get_cosine_schedule_with_warmup
-
-        self.scheduler = get_cosine_schedule_with_warmup(
-            self.optimizer, math.ceil(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, functools.partial(lr_factor, warmup=warmup_steps(cfg),
+                                              total=cfg.max_steps))
         self.step = 0
         self.history: list[dict] = []
         if cfg.resume:
@@ -344,54 +426,98 @@ class Trainer:
     # -- output folder and checkpoints ---------------------------------------------------
 
     def _prepare_output(self) -> None:
+        """Lock the output folder for the whole run, clear what a killed run leaked, and
+        refuse to replace a run (or to resume one that is not there) unasked."""
         cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self._lock.enter_context(file_lock(self.out / LOCK_FILE, wait=False))
+        except LockHeld:
+            raise UserInputError(f"another slimtune process is training into {self.out}; "
+                                 "wait for it to end or choose another --output-dir") from None
+        for leaked in [*self.out.glob(".checkpoint.*.tmp"), *self.out.glob(".delta.*.tmp")]:
+            shutil.rmtree(leaked, ignore_errors=True)  # a kill inside atomic_dir; we own it now
         ckpt = recover_dir(self.ckpt_dir)
+        finished = finished_delta(self.out)
         if cfg.overwrite:
             for p in (self.ckpt_dir, self.ckpt_dir.with_name("checkpoint.old"), self.out / "delta"):
                 shutil.rmtree(p, ignore_errors=True)
             self.metrics_path.unlink(missing_ok=True)
+        elif cfg.resume and finished is not None:
+            raise UserInputError(f"{self.out} holds a finished run ({finished}): nothing to "
+                                 "resume; --overwrite trains it again")
+        elif cfg.resume and ckpt is None and any(p.name != LOCK_FILE for p in self.out.iterdir()):
+            raise UserInputError(f"{self.out} holds no checkpoint to resume (the run stopped "
+                                 "before its first --save-every step); run again without "
+                                 "--resume, or with --overwrite to clear the folder")
         elif not cfg.resume and (ckpt is not None or (self.out / "delta").exists()):
             what = "a checkpoint" if ckpt is not None else "a finished run"
             raise UserInputError(f"{self.out} already holds {what}; pass --resume to continue "
                                  "it, --overwrite to replace it, or another --output-dir")
-        self.out.mkdir(parents=True, exist_ok=True)
 
     def _identity(self) -> dict[str, Any]:
-        return {**self.cfg.identity(), "base_fingerprint": self.base_fingerprint,
+        return {**self.cfg.identity(), "lr": self.cfg.learning_rate,
+                "base_fingerprint": self.base_fingerprint,
                 "data_fingerprint": self.train_ds.fingerprint()}
 
     def save_checkpoint(self) -> None:
         with atomic_dir(self.ckpt_dir, replace=True) as tmp:
             write_safetensors(tmp / "trainable.safetensors", self.method.trainable_state(self.model))
+            # tensors and plain values only: --resume loads it with weights_only=True
             torch.save({"optimizer": self.optimizer.state_dict(),
                         "scheduler": self.scheduler.state_dict(),
                         "rng": _rng_state()}, tmp / "state.pt")
-            write_json(tmp / "checkpoint.json", {"step": self.step, "identity": self._identity()})
+            write_json(tmp / "checkpoint.json", {"step": self.step, "identity": self._identity(),
+                                                 "method_state": self.method.state_dict(self.model)})
 
     def _load_checkpoint(self) -> None:
+        """Resume: checkpoint.json's identity is checked first, then only tensors and plain
+        values are loaded (``weights_only``: a planted pickle cannot run code)."""
         ckpt = recover_dir(self.ckpt_dir)
         if ckpt is None:
             info(f"no checkpoint in {self.out}; starting from step 0")
             return
+
+        def unreadable(why: object) -> UserInputError:
+            return UserInputError(f"{ckpt}: unreadable checkpoint ({why}); "
+                                  "use --overwrite to start over")
+
         try:
-            meta = json.loads((ckpt / "checkpoint.json").read_text())
-            tensors = load_file(str(ckpt / "trainable.safetensors"))
-            state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise SlimtuneError(f"{ckpt}: unreadable checkpoint ({e}); "
-                                "use --overwrite to start over") from e
+            meta = json.loads((ckpt / "checkpoint.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise unreadable(e) from e
+        if not (isinstance(meta, dict) and isinstance(meta.get("step"), int)
+                and 0 <= meta["step"] <= self.cfg.max_steps
+                and isinstance(meta.get("identity"), dict)):
+            raise unreadable("checkpoint.json lacks a valid step and identity")
+        had = meta["identity"]
         want = json.loads(json.dumps(self._identity()))
-        diff = sorted(k for k in want if meta["identity"].get(k) != want[k])
+        diff = sorted(k for k in want if had.get(k) != want[k])
+        lowered = {k: (had[k], want[k]) for k in LOWERABLE if k in diff
+                   and isinstance(had[k], (int, float)) and isinstance(want[k], (int, float))
+                   and want[k] < had[k]}
+        diff = [k for k in diff if k not in lowered]
         if diff:
             raise UserInputError(f"{ckpt}: cannot resume, the run differs in {diff}; "
-                                 "use the original options or --overwrite")
-        targets = {**dict(self.model.named_buffers()), **dict(self.model.named_parameters())}
-        for name, value in tensors.items():
-            targets[name].data.copy_(value)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        self.step = int(meta["step"])
+                                 "use the original options (a lower lr or max_grad_norm is "
+                                 "allowed) or --overwrite")
+        try:
+            tensors = load_file(str(ckpt / "trainable.safetensors"))
+            state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+            targets = {**dict(self.model.named_buffers()), **dict(self.model.named_parameters())}
+            if set(tensors) - set(targets):
+                raise ValueError(f"tensors not in the model: {sorted(set(tensors) - set(targets))[:3]}")
+            for name, value in tensors.items():
+                targets[name].data.copy_(value)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            _set_rng_state(state["rng"])
+            self.method.load_state_dict(self.model, meta.get("method_state") or {})
+        except Exception as e:
+            raise unreadable(e) from e
+        self.step = meta["step"]
+        if "lr" in lowered:
+            self._scale_lr(lowered["lr"][1] / lowered["lr"][0])
         if self.metrics_path.exists():
             kept = []
             for line in self.metrics_path.read_text().splitlines():
@@ -404,6 +530,20 @@ class Trainer:
             self.history = kept
             write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
         info(f"resumed from {ckpt} at step {self.step}")
+        if lowered:
+            changed = ", ".join(f"{k} {old:g} -> {new:g}" for k, (old, new) in lowered.items())
+            info(f"warning: resuming with {changed} (recorded in metrics.jsonl and the manifest)")
+            self._log({"step": self.step, "event": "resumed",
+                       "changed": {k: list(v) for k, v in lowered.items()}})
+
+    def _scale_lr(self, ratio: float) -> None:
+        """Lower the whole schedule (peak, current and remaining steps) by ``ratio``."""
+        for group in self.optimizer.param_groups:
+            group["lr"] *= ratio
+            if "initial_lr" in group:
+                group["initial_lr"] *= ratio
+        self.scheduler.base_lrs = [lr * ratio for lr in self.scheduler.base_lrs]
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -423,15 +563,22 @@ class Trainer:
 
     def _diverged(self, what: str, value: float, lines: list[int]) -> TrainingDivergedError:
         last = recover_dir(self.ckpt_dir)
-        kept = (f"last good checkpoint {last} (resume with --resume)" if last
-                else "no checkpoint was written yet")
+        advice = (f"the last good checkpoint is {last}: continue it with --resume and a lower "
+                  "--lr (or --max-grad-norm)" if last else
+                  "no checkpoint was written yet: run again with a lower --lr")
         self._log({"step": self.step + 1, "event": "diverged", what: value})
         return TrainingDivergedError(
             f"{what} became {value} at step {self.step + 1} (lr {self.scheduler.get_last_lr()[0]:.3g}; "
-            f"data lines {lines[:8]}); {kept}. Lower --lr or check those lines")
+            f"data lines {lines[:8]}); {advice}, or check those lines")
 
     def run(self) -> TrainResult:
-        """Train to ``max_steps``, evaluate, save the delta."""
+        """Train to ``max_steps``, evaluate, save the delta; then release the output folder."""
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> TrainResult:
         cfg, acc = self.cfg, self.accelerator
         pad = self.loaded.tokenizer.pad_token_id
         world, rank = acc.num_processes, acc.process_index
@@ -463,6 +610,9 @@ class Trainer:
                 lr = self.scheduler.get_last_lr()[0]
                 self.optimizer.step()
                 self.method.on_step_end(self.model, self.optimizer, self.step)
+                bad = nonfinite_norm(self.params)
+                if bad is not None:  # checked before any checkpoint or delta is written
+                    raise self._diverged("weights", bad, lines)
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.device.type == "cuda":
@@ -540,6 +690,8 @@ class Trainer:
             "training": asdict(cfg),
             "metrics": summary,
             "auto_freeze": self.auto_freeze,
+            # options lowered on --resume (after a divergence), by the step they took effect
+            "resume_changes": [r for r in self.history if r.get("event") == "resumed"],
         }
         delta_dir = self.out / "delta"
         manifest = save_delta(delta_dir, self.method, self.model, base=base, layers=self.layers,

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..config import check_types
 from ..errors import UserInputError
 
 
@@ -29,7 +30,7 @@ class MethodConfig:
         if unknown:
             raise UserInputError(f"{where}: unknown option(s) {unknown} for this method; "
                                  f"known: {sorted(known)}")
-        return cls(**options)
+        return cls(**check_types(cls, options, where))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,6 +72,14 @@ class Method(ABC):
     def extra_state(self, model: nn.Module) -> dict:
         """Non-parameter tensors that change during training (none for most methods)."""
         return {}
+
+    def state_dict(self, model: nn.Module) -> dict[str, Any]:
+        """Training state outside tensors that a checkpoint must keep for a bit-identical
+        resume (e.g. a pending sparse regrow), as JSON values; none for most methods."""
+        return {}
+
+    def load_state_dict(self, model: nn.Module, state: dict[str, Any]) -> None:  # noqa: B027
+        """Restore what :meth:`state_dict` returned (after the checkpoint's tensors)."""
 
     def on_step_end(self, model: nn.Module, optimizer, step: int) -> None:  # noqa: B027
         """Called after every optimizer step (e.g. to regrow a sparse selection)."""

@@ -99,6 +99,12 @@ class RosaMethod(Method):
     def extra_state(self, model: nn.Module) -> dict:
         return self.sparse.extra_state(model)
 
+    def state_dict(self, model: nn.Module) -> dict:
+        return self.sparse.state_dict(model)
+
+    def load_state_dict(self, model: nn.Module, state: dict) -> None:
+        self.sparse.load_state_dict(model, state)
+
     def on_step_end(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         self.sparse.on_step_end(model, optimizer, step)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -262,6 +263,23 @@ class SparseMethod(Method):
         """Indices and base entries move with drop-and-regrow: checkpoints keep them."""
         return {n: b.detach() for n, b in model.named_buffers()
                 if ".sparse_delta." in n}
+
+    def state_dict(self, model: nn.Module) -> dict[str, Any]:
+        """A regrow armed at the last step (its candidates come from the next backward):
+        without it a resumed run would skip that regrow."""
+        pending = {}
+        for name, m in sparse_modules(model).items():
+            d: SparseDelta = m.sparse_delta
+            if d.regrow_candidates is not None:  # on_step_end consumes them in the same step
+                raise RuntimeError(f"{name}: regrow candidates pending at a checkpoint")
+            if d.regrow_count:
+                pending[name] = d.regrow_count
+        return {"regrow_pending": pending}
+
+    def load_state_dict(self, model: nn.Module, state: dict[str, Any]) -> None:
+        modules = sparse_modules(model)
+        for name, count in (state.get("regrow_pending") or {}).items():
+            modules[name].sparse_delta.regrow_count = int(count)
 
     def on_step_end(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         """Drop-and-regrow every ``regrow_every`` steps (the density stays fixed)."""
