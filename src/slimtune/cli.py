@@ -128,6 +128,10 @@ def _add_train_options(p: argparse.ArgumentParser, grid: bool) -> None:
     p.add_argument("--task", default=S, help="auto, classification, generation or lm")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=S,
                    help="no progress bar")
+    p.add_argument("--report-to", default=S, metavar="TRACKERS",
+                   help="also log the metrics to experiment trackers, comma-separated: "
+                        "tensorboard, wandb, trackio, mlflow (each its own package; logs "
+                        "under OUTPUT_DIR/logs)")
 
 
 def _eval_parser(sub) -> None:

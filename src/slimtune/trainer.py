@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from . import trackers
 from .config import check_types
 from .console import info
 from .data import Dataset, collate, epoch_batches, load_dataset, pack_examples, split_dataset
@@ -100,6 +101,7 @@ class TrainConfig:
     eval_batch_size: int = 16
     task: str = "auto"
     progress: bool = True
+    report_to: str | None = None  # experiment trackers, comma-separated (trackers.TRACKERS)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "config") -> TrainConfig:
@@ -182,7 +184,8 @@ def _accelerator(cfg: TrainConfig):
         mp = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "no"
     else:
         mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision]
-    return Accelerator(cpu=cpu, mixed_precision=mp)
+    return Accelerator(cpu=cpu, mixed_precision=mp, **trackers.accelerator_options(
+        trackers.parse_report_to(cfg.report_to), Path(cfg.output_dir)))
 
 
 def _rng_state() -> dict[str, Any]:
@@ -314,6 +317,7 @@ class Trainer:
 
     def close(self) -> None:
         """Release the output folder (``run`` does this when it ends)."""
+        trackers.finish(self.accelerator)
         self._lock.close()
 
     def _setup(self, loaded: LoadedModel | None) -> None:
@@ -560,6 +564,8 @@ class Trainer:
         self.history.append(record)
         if self.accelerator.is_main_process:
             append_line(self.metrics_path, json.dumps(record))
+        if self.accelerator.trackers:
+            self.accelerator.log(trackers.numeric(record), step=record["step"])
 
     def _diverged(self, what: str, value: float, lines: list[int]) -> TrainingDivergedError:
         last = recover_dir(self.ckpt_dir)
@@ -580,6 +586,8 @@ class Trainer:
 
     def _run(self) -> TrainResult:
         cfg, acc = self.cfg, self.accelerator
+        trackers.start(acc, trackers.parse_report_to(cfg.report_to), self.out,
+                       {f.name: getattr(cfg, f.name) for f in fields(cfg)})
         pad = self.loaded.tokenizer.pad_token_id
         world, rank = acc.num_processes, acc.process_index
         self.model.train()
@@ -698,6 +706,9 @@ class Trainer:
                               extra=extra, replace=True)
         summary["delta_bytes"] = delta_bytes(manifest)
         write_json(self.out / "summary.json", summary)
+        if self.accelerator.trackers:
+            self.accelerator.log({k: v for k, v in trackers.numeric(summary).items()
+                                  if k.startswith("eval_")}, step=self.step)
         if not cfg.keep_checkpoint:
             for p in (self.ckpt_dir, self.ckpt_dir.with_name("checkpoint.old")):
                 shutil.rmtree(p, ignore_errors=True)
