@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from slimtune.cli import build_parser, main, train_config_from_args
+from slimtune.cli import build_parser, main, train_config_from_args, train_options_from_args
 from slimtune.errors import DataError, UserInputError
 
 
@@ -84,3 +84,85 @@ def test_train_eval_generate_through_the_cli(tiny_dir, intent_file, tmp_path, ca
 
     assert main(["generate", "--model", str(tiny_dir), "--delta", str(out / "delta"),
                  "--max-new-tokens", "3", "hello"]) == 0
+
+
+def test_yaml_keys_are_the_flags_names(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("data: a.jsonl\nlora_r: 4\nlora-alpha: 8\nlora_dropout: 0.0\n"
+                        "lora_targets: q_proj,v_proj\noption: [adapter_dtype_follows_base=true]\n"
+                        "no_progress: true\n"
+                        "no_store: true\nstore: /tmp/s\nnote: first try\nparent: v2\n")
+    cfg, store = train_options_from_args(build_parser().parse_args(
+        ["train", "--config", str(cfg_file)]))
+    assert cfg.method_options == {"r": 4, "alpha": 8.0, "dropout": 0.0,
+                                  "adapter_dtype_follows_base": True,
+                                  "target_modules": ["q_proj", "v_proj"]}
+    assert cfg.progress is False
+    assert (store.no_store, store.store, store.note, store.parent) == (True, "/tmp/s",
+                                                                       "first try", "v2")
+    # flags still win over the same key in the file, and mean the same
+    cfg, store = train_options_from_args(build_parser().parse_args(
+        ["train", "--config", str(cfg_file), "--lora-r", "16", "--note", "second"]))
+    assert cfg.method_options["r"] == 16 and store.note == "second"
+
+
+def test_yaml_values_are_type_checked(tmp_path):
+    def load(text):
+        f = tmp_path / "t.yaml"
+        f.write_text("data: a.jsonl\n" + text)
+        return train_config_from_args(build_parser().parse_args(["train", "--config", str(f)]))
+
+    assert load("lr: 1e-3\n").lr == 0.001  # a string to YAML 1.1
+    assert load("max_grad_norm: 2\n").max_grad_norm == 2.0
+    for text, message in [
+        ("lr: abc\n", r"t\.yaml: field 'lr' must be a number, got 'abc'"),
+        ('overwrite: "false"\n', r"t\.yaml: field 'overwrite' must be true or false, got 'false'"),
+        ("max_steps: 1e3\n", r"field 'max_steps' must be an integer, got '1e3'"),
+        ("pack: 1\n", r"field 'pack' must be true or false, got 1"),
+        ("lr: .nan\n", r"field 'lr' must be a finite number, got nan"),
+        ("method_options: [r]\n", r"field 'method_options' must be a mapping"),
+        ("lora_r: abc\n", r"field 'r' must be an integer, got 'abc'"),
+        ("no_progress: 'yes'\n", r"field 'no_progress' must be true or false"),
+    ]:
+        with pytest.raises(UserInputError, match=message):
+            load(text)
+
+
+def test_bad_option_values_and_devices_exit_2_without_traceback(tmp_path, capsys, monkeypatch):
+    import torch
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hello"}\n' * 4)
+    base = ["train", "--data", str(data), "--output-dir", str(tmp_path / "r"), "--no-store"]
+    for extra, message in [(["-o", "r=abc"], "field 'r' must be an integer, got 'abc'"),
+                           (["--seed", "-1"], "seed must be in [0, 2**32), got -1"),
+                           (["--max-grad-norm", "nan"], "field 'max_grad_norm' must be a finite"),
+                           (["--lr", "inf"], "field 'lr' must be a finite number")]:
+        assert main([*base, *extra]) == 2, extra
+        assert message in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main([*base, "--device", "cuda"]) == 2  # never a silent CPU run
+    assert "no CUDA GPU is visible" in capsys.readouterr().err
+    assert main(["generate", "--device", "cuda", "hi"]) == 2
+    assert "no CUDA GPU is visible" in capsys.readouterr().err
+    assert main([*base, "--device", "gpu0"]) == 2
+    assert "not a device" in capsys.readouterr().err
+
+
+def test_resume_of_a_finished_run_only_finishes_the_store_add(tiny_dir, intent_file, tmp_path,
+                                                              capsys):
+    from slimtune.delta import DeltaStore
+
+    out, store = tmp_path / "run", tmp_path / "store"
+    train = ["train", "--model", str(tiny_dir), "--data", str(intent_file), "--max-steps", "2",
+             "--batch-size", "4", "--output-dir", str(out), "--no-progress", "--device", "cpu"]
+    assert main([*train, "--no-store"]) == 0  # as if killed during the add
+    delta_time = (out / "delta" / "manifest.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main([*train, "--resume", "--store", str(store), "--lr", "1e-5"]) == 0
+    printed = capsys.readouterr().out
+    assert "holds a finished run: nothing to train" in printed and "stored as v1" in printed
+    assert main([*train, "--resume", "--store", str(store)]) == 0
+    assert "already stored as v1" in capsys.readouterr().out
+    assert [v.id for v in DeltaStore(store).list()] == ["v1"]
+    assert (out / "delta" / "manifest.json").stat().st_mtime_ns == delta_time  # not retrained

@@ -172,6 +172,29 @@ def test_regrow_keeps_the_density_and_moves_the_selection(tiny_dir, intent_file,
     assert moved_after(2, "regrow") > 0
 
 
+@pytest.mark.parametrize("method", ["sparse", "rosa"])
+def test_resume_with_regrow_is_bit_identical(tiny_dir, intent_file, tmp_path, method):
+    from slimtune.trainer import Trainer
+
+    from .test_train import stop_after_checkpoint, tiny_cfg
+
+    # every checkpoint (steps 2, 4) falls where a regrow is armed for the next backward
+    opts = {"density": 0.05, "regrow_every": 2, "regrow_fraction": 0.2, "importance": "random"}
+    cfg = tiny_cfg(tiny_dir, intent_file, tmp_path / "k", method=method, max_steps=6,
+                   save_every=2, method_options=opts, eval_fraction=0.0)
+    whole = Trainer(tiny_cfg(tiny_dir, intent_file, tmp_path / "w", method=method, max_steps=6,
+                             save_every=2, method_options=opts, eval_fraction=0.0)).run()
+    stop_after_checkpoint(cfg, 4)
+    resumed = Trainer(tiny_cfg(tiny_dir, intent_file, tmp_path / "k", method=method, max_steps=6,
+                               save_every=2, method_options=opts, eval_fraction=0.0,
+                               resume=True)).run()
+    a, b = (load_file(str(r.delta_dir / SPARSE_FILE)) for r in (whole, resumed))
+    assert a.keys() == b.keys() and len(a) > 0
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    wa, wb = whole.model.state_dict(), resumed.model.state_dict()
+    assert [k for k in wa if not torch.equal(wa[k], wb[k])] == []
+
+
 def sparse_module_items(model):
     return sparse_modules(model).items()
 

@@ -176,15 +176,15 @@ def poisoned(cfg: TrainConfig, at_step: int) -> Trainer:
     return trainer
 
 
-@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\(\)`")
+@pytest.mark.filterwarnings(r"ignore:Seems like `optimizer.step\(\)`")
 def test_non_finite_weights_are_never_saved(tiny_dir, intent_file, tmp_path):
-    with pytest.raises(TrainingDivergedError, match="weights became nan at step 1 .*"
-                                                    "no checkpoint was written yet"):
+    with pytest.raises(TrainingDivergedError, match=r"weights became nan at step 1 .*"
+                                                    r"no checkpoint was written yet"):
         poisoned(tiny_cfg(tiny_dir, intent_file, tmp_path / "a", max_steps=1), 1).run()
     assert not (tmp_path / "a" / "delta").exists()
     cfg = tiny_cfg(tiny_dir, intent_file, tmp_path / "b", max_steps=4, save_every=1)
-    with pytest.raises(TrainingDivergedError, match="weights became nan at step 3 .*last good "
-                                                    "checkpoint .*--resume and a lower --lr"):
+    with pytest.raises(TrainingDivergedError, match=r"weights became nan at step 3 .*last good "
+                                                    r"checkpoint .*--resume and a lower --lr"):
         poisoned(cfg, 3).run()
     meta = json.loads((tmp_path / "b" / "checkpoint" / "checkpoint.json").read_text())
     assert meta["step"] == 2
@@ -223,7 +223,7 @@ def test_resume_with_a_lower_lr_follows_the_divergence_advice(tiny_dir, intent_f
 
 def test_resume_refuses_a_finished_or_missing_run(tiny_dir, intent_file, tmp_path):
     train_tiny(tiny_dir, intent_file, tmp_path / "r", max_steps=1)
-    with pytest.raises(UserInputError, match="holds a finished run .*nothing to resume"):
+    with pytest.raises(UserInputError, match=r"holds a finished run .*nothing to resume"):
         train_tiny(tiny_dir, intent_file, tmp_path / "r", max_steps=1, resume=True)
     (tmp_path / "k").mkdir()
     (tmp_path / "k" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
