@@ -189,3 +189,92 @@ def test_import_checks_the_adapter_against_its_base(tiny_dir, tmp_path, store_di
     _peft_adapter(tiny_dir, ia3, IA3Config(target_modules=["q_proj"], feedforward_modules=[]))
     code, _, err = run(capsys, "delta", "--store", store_dir, "import", str(ia3))
     assert code == 5 and "peft_type is 'IA3'" in err
+
+
+def _bf16_tiny(path):
+    """A tiny model folder whose config records bf16 (and whose weights differ from tiny_dir)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slimtune.testing import tiny_model_dir
+
+    src = tiny_model_dir(path.with_name(path.name + "-fp32"), seed=1)
+    AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(path)
+    AutoTokenizer.from_pretrained(src).save_pretrained(path)
+    return path
+
+
+def test_apply_and_generate_use_the_deltas_own_base_and_dtype(tiny_dir, intent_file, tmp_path,
+                                                              store_dir, capsys):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    other = _bf16_tiny(tmp_path / "other")
+    train = ["train", "--data", str(intent_file), "--max-steps", "3", "--batch-size", "4",
+             "--lr", "0.01", "--no-progress", "--store", store_dir]
+    assert run(capsys, *train, "--model", str(other), "--output-dir", str(tmp_path / "r"))[0] == 0
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    from slimtune.delta import DeltaSwitcher
+    from slimtune.models import load_model
+
+    with torch.no_grad():
+        ours = DeltaSwitcher(load_model(str(other)), DeltaStore(store_dir)).switch("v1")(
+            input_ids=ids).logits
+
+    # No --model: the base the manifest records, written in its own dtype (bf16).
+    code, out, _ = run(capsys, "delta", "--store", store_dir, "apply", "v1", "--out",
+                       str(tmp_path / "m16"))
+    assert code == 0 and "bf16: the base's own" in out
+    with safe_open(str(tmp_path / "m16" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    code, out, _ = run(capsys, "delta", "--store", store_dir, "apply", "v1", "--dtype", "fp32",
+                       "--out", str(tmp_path / "m32"))
+    assert code == 0 and "fp32: as asked" in out
+    with torch.no_grad():
+        m32 = AutoModelForCausalLM.from_pretrained(tmp_path / "m32").eval()(input_ids=ids).logits
+        m16 = AutoModelForCausalLM.from_pretrained(tmp_path / "m16", dtype=torch.float32
+                                                   ).eval()(input_ids=ids).logits
+    torch.testing.assert_close(m32, ours, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(m16, ours, rtol=0.05, atol=0.05)
+    assert (tmp_path / "m16" / "model.safetensors").stat().st_size < \
+        0.6 * (tmp_path / "m32" / "model.safetensors").stat().st_size
+
+    # generate/eval with --delta and no --model load the delta's base too.
+    code, out, _ = run(capsys, "generate", "--store", store_dir, "--delta", "v1",
+                       "--max-new-tokens", "2", "hi")
+    assert code == 0 and out.startswith("[v1] ")
+    code, out, _ = run(capsys, "eval", "--store", store_dir, "--delta", "v1", "--data",
+                       str(intent_file), "--limit", "4", "--no-latency")
+    assert code == 0 and "other + v1" in out
+    # An explicit --model still wins, and the fingerprint check still guards it.
+    code, _, err = run(capsys, "delta", "--store", store_dir, "apply", "v1", "--model",
+                       str(tiny_dir), "--out", str(tmp_path / "wrong"))
+    assert code == 5 and "refusing to apply it to a different base" in err
+
+    # A delta that cannot merge is refused before any base loads (this one could not).
+    assert run(capsys, *train, "--model", str(other), "--method", "experts", "--experts", "2",
+               "--output-dir", str(tmp_path / "e"))[0] == 0
+    code, _, err = run(capsys, "delta", "--store", store_dir, "apply", "v2", "--model",
+                       str(tmp_path / "no-such-model"), "--out", str(tmp_path / "m"))
+    assert code == 5 and "cannot be merged" in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_switcher_and_generate_command_answer_alike(tiny_dir, intent_file, tmp_path, store_dir,
+                                                    capsys):
+    from slimtune.delta import DeltaSwitcher
+    from slimtune.models import load_model
+
+    assert run(capsys, "train", "--model", str(tiny_dir), "--data", str(intent_file),
+               "--max-steps", "3", "--batch-size", "4", "--lr", "0.01", "--no-progress",
+               "--store", store_dir, "--output-dir", str(tmp_path / "r"))[0] == 0
+    sw = DeltaSwitcher(load_model(str(tiny_dir)), DeltaStore(store_dir))
+    sw.switch("v1")
+    for prompt in ("Message: where is my parcel?", "hello world"):
+        code, out, _ = run(capsys, "generate", "--store", store_dir, "--model", str(tiny_dir),
+                           "--delta", "v1", "--max-new-tokens", "12", prompt)
+        [(label, text)] = sw.generate([prompt], max_new_tokens=12)
+        assert code == 0 and out == f"[{label}] {text.strip()}\n"
+        code, out, _ = run(capsys, "generate", "--store", store_dir, "--model", str(tiny_dir),
+                           "--delta", "v1", "--max-new-tokens", "12", "--raw", prompt)
+        [(label, text)] = sw.generate([prompt], max_new_tokens=12, raw=True)
+        assert code == 0 and out == f"[{label}] {text.strip()}\n"

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from .errors import DeltaError, UserInputError
+from .errors import DeltaError
 
 
 def add_store_arg(p: argparse.ArgumentParser) -> None:
@@ -16,7 +15,7 @@ def add_store_arg(p: argparse.ArgumentParser) -> None:
 
 def build(sub) -> None:
     d = sub.add_parser("delta", help="the versioned delta store: list, show, tag, diff, verify, "
-                                     "rm, gc, apply, rollback, export, import, add",
+                                     "rm, gc, reindex, apply, rollback, export, import, add",
                        description="Versions of fine-tuned deltas with an SQLite index. IDs are "
                                    "v1, v2, ...; tags (e.g. prod) name versions and move "
                                    "atomically.")
@@ -31,18 +30,25 @@ def build(sub) -> None:
     p = ds.add_parser("diff", help="what differs between two versions")
     p.add_argument("a")
     p.add_argument("b")
-    p = ds.add_parser("verify", help="check the checksums of one version or of all")
+    p = ds.add_parser("verify", help="check the checksums of one version or of all (and, for "
+                                     "all, that objects/ and the index agree)")
     p.add_argument("ref", nargs="?")
     p = ds.add_parser("rm", help="remove a version (refused while a tag or a child uses it)")
     p.add_argument("ref")
     p.add_argument("--force", action="store_true")
-    ds.add_parser("gc", help="remove files no version owns (e.g. after a killed save)")
+    ds.add_parser("gc", help="move folders no version owns (e.g. after a killed save) to "
+                             "quarantine/; remove staging leftovers of dead adds")
+    ds.add_parser("reindex", help="rebuild the index from the manifests in objects/ (after the "
+                                  "index was lost or corrupted; tags and notes are not kept)")
     p = ds.add_parser("rollback", help="move a tag back to the version it pointed at before")
     p.add_argument("tag", nargs="?", default="prod")
     p = ds.add_parser("apply", help="write base + delta as a model folder transformers loads")
     p.add_argument("ref")
-    p.add_argument("--model", default="default")
+    p.add_argument("--model", help="the base (default: the one the delta's manifest records)")
     p.add_argument("--out", required=True, help="folder to write (must not exist)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
+                   help="dtype of the written weights (merged in fp32, then cast; default: "
+                        "the base's own as its config records it, else fp32)")
     p = ds.add_parser("export", help="export a lora or shira version in peft's own format")
     p.add_argument("ref")
     p.add_argument("dir")
@@ -81,18 +87,25 @@ def _store(args):
 
 
 def _fmt_version(store, v, tags) -> list[str]:
-    m = v.manifest()
-    acc = (m.get("metrics") or {}).get("eval_accuracy")
+    try:
+        acc = (v.manifest().get("metrics") or {}).get("eval_accuracy")
+        note = v.note or ""
+    except DeltaError:  # one bad version must not hide the others; verify says why
+        acc, note = None, "(manifest unreadable: see delta verify)"
+    if not isinstance(acc, (int, float)):
+        acc = None
     return [v.id, ",".join(t for t, vid in tags.items() if vid == v.id), v.method,
             v.parent or "", f"{100 * acc:.1f}%" if acc is not None else "-",
-            f"{v.bytes / 2**20:.2f} MiB", v.created, v.note or ""]
+            f"{v.bytes / 2**20:.2f} MiB", v.created, note]
 
 
 def cmd_delta(args) -> int:
     from .report import print_table
 
-    store = _store(args)
     a = args.action
+    if a == "reindex":  # the one command that works on a store whose index is broken
+        return _reindex(args)
+    store = _store(args)
     if a == "list":
         tags = store.tags()
         print_table(f"slimtune delta list ({store.root})",
@@ -121,8 +134,12 @@ def cmd_delta(args) -> int:
     elif a == "rm":
         print(f"removed {store.remove(args.ref, force=args.force)}")
     elif a == "gc":
-        removed = store.gc()
-        print(f"removed {len(removed)} unowned path(s)" + "".join(f"\n  {r}" for r in removed))
+        r = store.gc()
+        print(f"moved {len(r.quarantined)} unowned folder(s) to {store.quarantine}"
+              + "".join(f"\n  {src} -> {dst}" for src, dst in r.quarantined)
+              + (f"\nremoved {len(r.removed)} staging leftover(s)" if r.removed else "")
+              + (f"\nleft {len(r.in_use)} staging folder(s) of adds in progress"
+                 if r.in_use else ""))
     elif a == "add":
         v = store.add(args.dir, parent=args.parent, note=args.note)
         print(v.id)
@@ -135,27 +152,25 @@ def cmd_delta(args) -> int:
     return 0
 
 
+def _reindex(args) -> int:
+    from .delta import DeltaStore
+
+    store, added, skipped, aside = DeltaStore.reindex(args.store)
+    if aside is not None:
+        print(f"moved the unreadable index to {aside}")
+    print(f"indexed {len(added)} folder(s) of {store.objects}: {', '.join(added) or '-'} "
+          "(tags, notes and parents are not recorded in the folders: set tags again)")
+    for folder, why in skipped:
+        print(f"  skipped {folder}: {why}")
+    return 0
+
+
 def _apply_to_folder(store, args) -> None:
-    from .delta import apply_delta
-    from .fileio import atomic_dir, write_json
-    from .models import fingerprint, load_model
+    from .delta.apply import merge_to_folder
 
     v = store.resolve(args.ref)
-    out = Path(args.out)
-    if out.exists():
-        raise UserInputError(f"{out} already exists; choose a new --out folder")
-    loaded = load_model(args.model)
-    applied = apply_delta(loaded.model, v.path, fingerprint(loaded.model), merge=True, ref=v.id)
-    if not applied.merged:
-        why = (" (its experts are routed per token; run it attached: --delta " + v.id + ")"
-               if v.method == "experts" else "")
-        raise DeltaError(f"{v.id} ({v.method}) cannot be merged into the base{why}")
-    with atomic_dir(out) as tmp:
-        applied.model.save_pretrained(tmp)
-        loaded.tokenizer.save_pretrained(tmp)
-        write_json(tmp / "slimtune_delta.json", {"version": v.id, "method": v.method,
-                                                "base_fingerprint": v.base_fingerprint})
-    print(f"wrote {out} (base {loaded.name} + {v.id}, merged)")
+    m = merge_to_folder(v.path, args.out, model=args.model, dtype=args.dtype, ref=v.id)
+    print(f"wrote {m.out} (base {m.base} + {v.id}, merged; {m.dtype}: {m.dtype_reason})")
 
 
 def _export_peft(store, args) -> None:

@@ -207,6 +207,16 @@ def label_token_counts(tokenizer, labels: Sequence[str]) -> list[int]:
     return [len(tokenizer(lab, add_special_tokens=False)["input_ids"]) + eos for lab in labels]
 
 
+def chat_prompts(tokenizer, prompts: Sequence[str], *, raw: bool = False) -> list[str]:
+    """What a user's prompts are sent as: a user turn of the chat template (when the
+    tokenizer has one) unless ``raw``. Every path that answers a user's prompt uses this,
+    so one delta gives one answer whichever way it is asked."""
+    if raw or not getattr(tokenizer, "chat_template", None):
+        return list(prompts)
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                          add_generation_prompt=True) for p in prompts]
+
+
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 64,
              batch_size: int = 8, autocast=contextlib.nullcontext, max_length: int | None = None,

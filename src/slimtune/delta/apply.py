@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..errors import DeltaError
+from ..errors import DeltaError, UserInputError
 from ..methods.full import WEIGHTS_FILE
 from ..methods.sparse import (
     SPARSE_FILE,
@@ -158,6 +158,110 @@ def load_delta(folder: str | Path, model: nn.Module, base_fingerprint: str
     return applied.model, applied.manifest
 
 
+def recorded_base(manifest: dict) -> str:
+    """The model spec (for :func:`~slimtune.models.load_model`) of the base the delta was
+    trained on, as its manifest records it: ``base.source``; ``default`` for the default
+    model's cache folder, wherever that cache lives on this machine."""
+    from ..models import DEFAULT_MODEL_NAME, default_model_dir
+
+    base = manifest.get("base") or {}
+    source = base.get("source")
+    if not source or (base.get("name") == DEFAULT_MODEL_NAME and
+                      (Path(source) == default_model_dir() or not Path(source).exists())):
+        return "default"
+    return str(source)
+
+
+def load_base(manifest: dict, model: str | None = None, **kwargs):
+    """``model`` when given (the fingerprint check still guards it), else the base the
+    manifest records; ``kwargs`` go to :func:`~slimtune.models.load_model`."""
+    from ..errors import ModelLoadError
+    from ..models import load_model
+
+    if model is not None:
+        return load_model(model, **kwargs)
+    spec = recorded_base(manifest)
+    try:
+        return load_model(spec, **kwargs)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"the delta's base, {spec} (from its manifest), does not load "
+                             f"here ({e}); pass --model") from e
+
+
+MERGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _recorded_dtype(source: str) -> str | None:
+    """The dtype a model folder (or a hub id already in the local cache) says its weights
+    have, as one of :data:`MERGE_DTYPES`; None when it says nothing we know."""
+    import json
+
+    path = Path(source).expanduser()
+    config = path / "config.json" if path.is_dir() else None
+    if config is None and not path.suffix:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(source, "config.json")
+            config = Path(cached) if isinstance(cached, str) else None
+        except Exception:  # not a valid repo id: nothing recorded
+            config = None
+    try:
+        cfg = json.loads(config.read_text(encoding="utf-8")) if config else {}
+    except (OSError, ValueError):
+        return None
+    names = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+    return names.get(str(cfg.get("dtype") or cfg.get("torch_dtype")))
+
+
+@dataclass
+class Merged:
+    out: Path
+    base: str  # the base's name
+    dtype: str  # one of MERGE_DTYPES
+    dtype_reason: str  # why that dtype
+
+
+def merge_to_folder(folder: str | Path, out: str | Path, *, model: str | None = None,
+                    dtype: str | None = None, ref: str | None = None) -> Merged:
+    """Write base + delta as one model folder that transformers loads without slimtune.
+
+    Refuses a delta that cannot merge before loading anything. The merge runs in fp32;
+    the folder is then cast to ``dtype`` (default: the base's own dtype as its config
+    records it, else fp32), so a bf16 base does not come back twice its size.
+    """
+    from ..fileio import atomic_dir, write_json
+    from ..models import fingerprint
+
+    folder, out = Path(folder), Path(out)
+    ref = ref or str(folder)
+    manifest = verify_delta(folder)
+    if manifest.get("mergeable") is False:
+        why = (f" (its experts are routed per token; run it attached: --delta {ref})"
+               if manifest["method"] == "experts" else "")
+        raise DeltaError(f"{ref} ({manifest['method']}) cannot be merged into the base{why}")
+    if dtype is not None and dtype not in MERGE_DTYPES:
+        raise UserInputError(f"dtype {dtype!r}: use one of {', '.join(MERGE_DTYPES)}")
+    if out.exists():
+        raise UserInputError(f"{out} already exists; choose a new --out folder")
+    loaded = load_base(manifest, model, dtype=torch.float32)
+    if dtype is None:
+        dtype = _recorded_dtype(loaded.source)
+        reason = "the base's own" if dtype else "the base's dtype is not recorded"
+        dtype = dtype or "fp32"
+    else:
+        reason = "as asked"
+    applied = apply_delta(loaded.model, folder, fingerprint(loaded.model), merge=True, ref=ref)
+    applied.model.to(MERGE_DTYPES[dtype])
+    with atomic_dir(out) as tmp:
+        applied.model.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+        write_json(tmp / "slimtune_delta.json", {
+            "version": ref, "method": manifest["method"], "dtype": dtype,
+            "base_fingerprint": manifest["base"].get("fingerprint")})
+    return Merged(out, loaded.name, dtype, reason)
+
+
 class DeltaSwitcher:
     """One base model in memory, deltas switched on and off it without reloading.
 
@@ -173,6 +277,21 @@ class DeltaSwitcher:
         self.store = store
         self.current: Applied | None = None
 
+    @classmethod
+    def with_delta(cls, ref: str, store=None, model: str | None = None,
+                   **load_kwargs) -> DeltaSwitcher:
+        """A switcher with ``ref`` switched on, over ``model`` when given, else over the
+        base that ``ref``'s manifest records (a delta of another base then loads its own
+        instead of failing the fingerprint check against the default model)."""
+        from .format import read_manifest
+
+        probe = cls.__new__(cls)  # resolving a ref needs only the store, not a base
+        probe.store = store
+        folder, _ = probe.resolve(ref)
+        sw = cls(load_base(read_manifest(folder), model, **load_kwargs), probe.store)
+        sw.switch(ref)
+        return sw
+
     @property
     def model(self) -> nn.Module:
         return self.current.model if self.current else self.base
@@ -182,14 +301,20 @@ class DeltaSwitcher:
         return self.current.ref if self.current else "base"
 
     def resolve(self, ref: str) -> tuple[Path, str]:
-        path = Path(ref)
-        if path.is_dir():
-            return path, ref
-        if self.store is None:
-            from .store import DeltaStore
+        """(folder, label): a path-like ``ref`` (``./v1``, ``runs/x/delta``) is a folder,
+        anything else a store id or tag, so a local folder never shadows the store's."""
+        from .store import DeltaStore, is_folder_ref
 
+        if is_folder_ref(ref):
+            return Path(ref).expanduser(), ref
+        if self.store is None:
             self.store = DeltaStore()
-        v = self.store.resolve(ref)
+        try:
+            v = self.store.resolve(ref)
+        except DeltaError as e:
+            if Path(ref).is_dir():
+                raise DeltaError(f"{e}; for the folder {ref} here, write ./{ref}") from e
+            raise
         return v.path, v.id if v.id == ref else f"{ref} ({v.id})"
 
     def switch(self, ref: str | None) -> nn.Module:
@@ -201,9 +326,12 @@ class DeltaSwitcher:
             self.current = apply_delta(self.base, folder, self.fingerprint, ref=label)
         return self.model
 
-    def generate(self, prompts: list[str], **kwargs) -> list[tuple[str, str]]:
-        """Greedy completions, each marked with the delta that produced it."""
-        from ..evaluation import generate
+    def generate(self, prompts: list[str], *, raw: bool = False, **kwargs
+                 ) -> list[tuple[str, str]]:
+        """Greedy completions, each marked with the delta that produced it; prompts go
+        through the chat template unless ``raw``, as with ``slimtune generate``."""
+        from ..evaluation import chat_prompts, generate
 
-        outs = generate(self.model, self.loaded.tokenizer, prompts, **kwargs)
+        tok = self.loaded.tokenizer
+        outs = generate(self.model, tok, chat_prompts(tok, prompts, raw=raw), **kwargs)
         return [(self.label, o) for o in outs]
