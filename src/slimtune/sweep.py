@@ -16,7 +16,7 @@ from typing import Any
 
 from .console import info
 from .errors import UserInputError
-from .fileio import write_json
+from .fileio import recover_dir, write_json
 
 # grid flag -> (method option, type, methods it applies to)
 GRID_OPTIONS: dict[str, tuple[str, type, tuple[str, ...]]] = {
@@ -73,15 +73,19 @@ def point_name(options: dict[str, Any]) -> str:
 def run_sweep(base, points: list[dict[str, Any]], output_dir: str | Path, *,
               overwrite: bool = False) -> list[dict[str, Any]]:
     """Train ``base`` (a TrainConfig) once per point; return one result row per point."""
-    from .trainer import train
+    from .trainer import finished_delta, train
 
     out = Path(output_dir)
     rows = []
     for n, options in enumerate(points, 1):
         name = point_name(options)
         folder = out / name
+        # a point with no checkpoint, or a delta but no POINT_FILE, starts over (--resume
+        # refuses both: nothing to resume)
+        fresh = (overwrite or recover_dir(folder / "checkpoint") is None
+                 or finished_delta(folder) is not None)
         cfg = replace(base, method_options={**base.method_options, **options},
-                      output_dir=str(folder), overwrite=overwrite, resume=not overwrite)
+                      output_dir=str(folder), overwrite=fresh, resume=not fresh)
         identity = json.loads(json.dumps(cfg.identity()))
         done = folder / POINT_FILE
         if done.exists() and not overwrite:
