@@ -470,17 +470,14 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from .evaluation import generate
+    from .evaluation import chat_prompts, generate
 
     loaded, _manifest, label = _load_with_delta(getattr(args, "model", None),
                                                 getattr(args, "device", "auto"), args.delta,
                                                 getattr(args, "store", None))
     tok = loaded.tokenizer
-    prompt = args.prompt
-    if not args.raw and getattr(tok, "chat_template", None):
-        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
-    text = generate(loaded.model, tok, [prompt], max_new_tokens=args.max_new_tokens)[0]
+    prompts = chat_prompts(tok, [args.prompt], raw=args.raw)
+    text = generate(loaded.model, tok, prompts, max_new_tokens=args.max_new_tokens)[0]
     print(f"[{label}] {text.strip()}")
     return 0
 
@@ -617,7 +614,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except OSError as e:
         if e.errno == 28:  # ENOSPC: nothing was replaced, every write is atomic
-            print(f"slimtune: error: disk full while writing {e.filename or ''}; "
+            # a copy's error names its source first and what it was writing second
+            print(f"slimtune: error: disk full while writing {e.filename2 or e.filename or ''}; "
                   "nothing already stored was changed", file=sys.stderr)
             return UserInputError.exit_code
         raise
