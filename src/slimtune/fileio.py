@@ -51,10 +51,32 @@ def _umask() -> int:
     return mask
 
 
+def _share_as_umask_allows(path: Path) -> None:
+    """Give ``path`` the mode a plain ``open``/``mkdir`` would (0666/0777 less the umask).
+
+    Writers such as safetensors (0.8+) create files ``-rw-------`` whatever the umask, and
+    ``mkstemp`` does too: a model cache or a delta store shared with a server running as
+    another user would then be unreadable. Executable files keep their x bits.
+    """
+    full = 0o777 if path.is_dir() or path.stat().st_mode & 0o111 else 0o666
+    os.chmod(path, full & ~_umask())
+
+
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as f:
         f.flush()
         os.fsync(f.fileno())
+
+
+def _raise_if_disk_full(e: BaseException, target: Path) -> None:
+    """A full disk, however the writer (OS, safetensors, torch) said it, as ``OSError``
+    ENOSPC naming ``target``: the CLI reports that as one line with exit code 2."""
+    text = str(e)
+    full = (e.errno == errno.ENOSPC if isinstance(e, OSError) else
+            any(s in text for s in ("No space left on device", "StorageFull", "os error 28"))
+            or ("write failed" in text and shutil.disk_usage(target.parent).free < 2**24))
+    if full:
+        raise OSError(errno.ENOSPC, "No space left on device", str(target)) from e
 
 
 @contextlib.contextmanager
@@ -68,14 +90,15 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make shared caches unreadable
     try:
         yield tmp
+        _share_as_umask_allows(tmp)  # after the writer: it may have recreated the file 0600
         _fsync_file(tmp)
         os.replace(tmp, target)
         fsync_dir(target.parent)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        _raise_if_disk_full(e, target)
         raise
 
 
@@ -120,10 +143,15 @@ def atomic_dir(target: str | Path, *, replace: bool = False) -> Iterator[Path]:
     if target.exists() and not replace:
         raise FileExistsError(f"{target} already exists")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        # Third-party writers (save_pretrained, safetensors, shutil.copy2 of such files)
+        # chose their own modes: every entry gets the umask's, as if written by open().
+        _share_as_umask_allows(tmp)
         for f in tmp.rglob("*"):
+            if f.is_symlink():
+                continue
+            _share_as_umask_allows(f)
             if f.is_file():
                 _fsync_file(f)
         fsync_dir(tmp)
@@ -136,8 +164,9 @@ def atomic_dir(target: str | Path, *, replace: bool = False) -> Iterator[Path]:
         fsync_dir(target.parent)
         if old.exists():
             shutil.rmtree(old)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        _raise_if_disk_full(e, target)
         raise
 
 
