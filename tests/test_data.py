@@ -74,7 +74,19 @@ BAD = [
      r"role\.jsonl:1: messages\[0\]\.role is 'robot'"),
     ("rows.csv", "prompt,completion\na,b\nc,d,e\n", r"rows\.csv:3: row has more cells"),
     ("short.csv", "prompt,completion\na\n", r"short\.csv:2: row has fewer cells"),
-    ("data.parquet", "x", r"unsupported file type '\.parquet'"),
+    ("data.xlsx", "x", r"unsupported file type '\.xlsx'"),
+    ("data.parquet", "x", r"data\.parquet: not a readable Parquet file"),
+    ("sharegpt.jsonl", json.dumps({"conversations": [{"from": "human", "value": "hi"},
+                                                     {"from": "robot", "value": "x"}]}) + "\n",
+     r"sharegpt\.jsonl:1: conversations\[1\]\.from is 'robot'"),
+    ("sharegpt2.jsonl", json.dumps({"conversations": [{"from": "human", "text": "hi"}]}) + "\n",
+     r"sharegpt2\.jsonl:1: conversations\[0\] must be an object with 'from' and 'value'"),
+    ("trl.jsonl", json.dumps({"prompt": [{"role": "user", "content": "hi"}]}) + "\n",
+     r"trl\.jsonl:1: .*missing field 'completion'"),
+    ("trl2.jsonl", json.dumps({"prompt": [{"role": "user", "content": "hi"},
+                                          {"role": "assistant", "content": "a"}],
+                               "completion": [{"role": "user", "content": "b"}]}) + "\n",
+     r"trl2\.jsonl:1: 'completion' has no assistant turn"),
     ("whole.json", '{"text": "a"}', r"whole\.json: expected a JSON array"),
 ]
 
@@ -155,3 +167,75 @@ def test_epoch_batches_cover_every_example_once():
     b = epoch_batches(10, 3, seed=0, epoch=0)
     assert sorted(i for x in b for i in x) == list(range(10))
     assert b == epoch_batches(10, 3, seed=0, epoch=0) != epoch_batches(10, 3, seed=0, epoch=1)
+
+
+CHAT = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "Paris"},
+        {"role": "user", "content": "again"}, {"role": "assistant", "content": "France"}]
+
+
+def test_sharegpt_conversations_train_like_messages(tiny, tmp_path):
+    who = {"user": "human", "assistant": "gpt"}
+    conv = [{"from": who[m["role"]], "value": m["content"]} for m in CHAT]
+    ours = load_dataset(write_jsonl(tmp_path / "s.jsonl", [{"conversations": conv}]),
+                        tiny.tokenizer)
+    ref = load_dataset(write_jsonl(tmp_path / "m.jsonl", [{"messages": CHAT}]), tiny.tokenizer)
+    assert ours.shape == "messages"
+    assert ours.examples[0].input_ids == ref.examples[0].input_ids
+    assert ours.examples[0].labels == ref.examples[0].labels
+
+
+def test_trl_conversational_prompt_completion_trains_on_the_completion_only(tiny, tmp_path):
+    tok = tiny.tokenizer
+    row = {"prompt": CHAT[:3], "completion": CHAT[3:]}
+    ex = load_dataset(write_jsonl(tmp_path / "t.jsonl", [row]), tok).examples[0]
+    assert tok.decode(ex.input_ids) == tok.apply_chat_template(CHAT, tokenize=False)
+    # the prompt's assistant turn ("Paris") is context, as in TRL
+    assert tok.decode([t for t in ex.labels if t != IGNORE_INDEX]) == "France<|im_end|>\n"
+
+
+def rows_with_a_bad_second_row():
+    rows = [{"prompt": f"Message: {i}\nIntent:", "completion": f" label{i % 2}"}
+            for i in range(4)]
+    return rows, [rows[0], {"prompt": "no completion here", "completion": None}, *rows[2:]]
+
+
+def test_parquet_rows_load_like_jsonl_and_bad_rows_name_their_row(tiny, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows, bad = rows_with_a_bad_second_row()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    ours = load_dataset(tmp_path / "d.parquet", tiny.tokenizer)
+    ref = load_dataset(write_jsonl(tmp_path / "d.jsonl", rows), tiny.tokenizer)
+    assert [e.input_ids for e in ours.examples] == [e.input_ids for e in ref.examples]
+    assert [e.labels for e in ours.examples] == [e.labels for e in ref.examples]
+    assert [r.line for r in ours.records] == [1, 2, 3, 4]
+    pq.write_table(pa.Table.from_pylist(bad), tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=r"bad\.parquet:2: .*missing field 'completion'"):
+        load_dataset(tmp_path / "bad.parquet", tiny.tokenizer)
+
+
+def test_datasets_objects_load_and_train(tiny, tiny_dir, tmp_path):
+    import datasets
+
+    from slimtune.errors import UserInputError
+    from slimtune.trainer import TrainConfig, train
+
+    from .conftest import intent_rows
+
+    rows, bad = rows_with_a_bad_second_row()
+    ours = load_dataset(datasets.Dataset.from_list(rows), tiny.tokenizer)
+    ref = load_dataset(write_jsonl(tmp_path / "d.jsonl", rows), tiny.tokenizer)
+    assert [e.input_ids for e in ours.examples] == [e.input_ids for e in ref.examples]
+    assert ours.path.startswith("memory:") and ours.fingerprint() == ref.fingerprint()
+    with pytest.raises(DataError, match=r"memory:\w+:2: .*missing field 'completion'"):
+        load_dataset(bad, tiny.tokenizer)  # a plain list of dicts works the same way
+    with pytest.raises(UserInputError, match=r"pass one split, e\.g\. data\['train'\]"):
+        load_dataset(datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}),
+                     tiny.tokenizer)
+    result = train(TrainConfig(model=str(tiny_dir), data=datasets.Dataset.from_list(intent_rows()),
+                               output_dir=str(tmp_path / "run"), max_steps=2, batch_size=4,
+                               eval_fraction=0.25, progress=False, device="cpu", save_every=0))
+    assert result.manifest["dataset"]["path"].startswith("memory:")
+    assert result.manifest["training"]["data"] == result.manifest["dataset"]["path"]
+    assert result.summary["eval_accuracy"] is not None

@@ -198,3 +198,14 @@ def test_no_progress_silences_every_bar_and_progress_shows_the_eval(tiny_dir, in
     err = capfd.readouterr().err
     for bar in ("importance (fisher)", "eval classification", "eval latency"):
         assert bar in err
+
+
+def test_conversational_prompt_completion_evaluates_as_a_chat(tiny, tmp_path):
+    from slimtune.evaluation import evaluate
+
+    chat = [{"role": "user", "content": "hello"}]
+    rows = [{"prompt": chat, "completion": [{"role": "assistant", "content": f"answer {i}"}]}
+            for i in range(3)]
+    ds = load_dataset(write_jsonl(tmp_path / "c.jsonl", rows), tiny.tokenizer)
+    metrics, _ = evaluate(tiny.model, tiny.tokenizer, ds)  # the prompt is a list, not text
+    assert metrics["task"] == "lm" and metrics["latency_p50_ms"] > 0

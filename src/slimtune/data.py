@@ -1,15 +1,21 @@
 """Data files -> tokenized training examples with loss masks.
 
 Accepted files: JSONL (one object per line), JSON (an array of objects), CSV (with a
-header row) and plain text (paragraphs separated by blank lines). Every record in a file
-has one of three shapes, and all records of a file share it:
+header row), Parquet (needs ``pyarrow``) and plain text (paragraphs separated by blank
+lines). The Python API also takes the rows themselves: a Hugging Face ``datasets.Dataset``
+or a list of dicts (see :func:`in_memory`). Every record in a file has one of three shapes,
+and all records of a file share it:
 
 * ``{"text": ...}``: language modelling; loss on every token.
 * ``{"prompt": ..., "completion": ...}``: loss on the completion (and its end token) only.
-* ``{"messages": [{"role": ..., "content": ...}, ...]}``: rendered with the tokenizer's chat
-  template; loss on the assistant turns only.
+* chat: rendered with the tokenizer's chat template; loss on the assistant turns only. Any of
+  ``{"messages": [{"role": ..., "content": ...}, ...]}``, ShareGPT's ``{"conversations":
+  [{"from": "human", "value": ...}, {"from": "gpt", ...}]}``, or TRL's conversational
+  ``{"prompt": [messages], "completion": [messages]}`` (loss on the completion's assistant
+  turns only).
 
-Every problem is reported as a :class:`~slimtune.errors.DataError` naming file and line.
+Every problem is reported as a :class:`~slimtune.errors.DataError` naming file and line
+(for Parquet and in-memory rows, the 1-based row number).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import DataError
+from .errors import DataError, UserInputError
 
 IGNORE_INDEX = -100
 # Text is cut to this many characters per token of max_length before it is tokenized, so an
@@ -35,6 +41,14 @@ CHARS_PER_TOKEN = 20
 SHAPES = ("text", "prompt_completion", "messages")
 ROLES = ("system", "user", "assistant", "tool")
 BUILTIN_PREFIX = "builtin:"
+MEMORY_PREFIX = "memory:"
+# ShareGPT's "from" -> chat role
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "model": "assistant", "chatgpt": "assistant", "system": "system",
+                  "tool": "tool", "observation": "tool", "function_response": "tool"}
+# Rows given as objects, by content: a spec string stands for them in configs, manifests
+# and checkpoints (so resume recognises the same rows), for the life of the process.
+_IN_MEMORY: dict[str, list[Record]] = {}
 
 
 @dataclass
@@ -96,17 +110,77 @@ def resolve_path(spec: str | Path) -> Path:
     return Path(s).expanduser()
 
 
+def in_memory(data):
+    """Rows given as an object (a Hugging Face ``datasets.Dataset``, or any iterable of
+    mappings) -> a ``memory:HASH`` spec that :func:`read_records` resolves in this process;
+    ``None``, strings and paths are returned unchanged."""
+    if data is None or isinstance(data, (str, Path)):
+        return data
+    if hasattr(data, "columns") and hasattr(data, "to_dict"):  # a pandas DataFrame
+        data = data.to_dict("records")
+    if hasattr(data, "keys") and not isinstance(data, Sequence):
+        raise UserInputError(f"training data is a mapping ({type(data).__name__}, keys "
+                             f"{list(data.keys())[:5]}); pass one split, e.g. data['train']")
+    try:
+        rows = list(data)
+    except TypeError as e:
+        raise UserInputError(f"training data must be a file, a Hugging Face datasets object or "
+                             f"a list of dicts, got {type(data).__name__}") from e
+    spec = MEMORY_PREFIX + "rows"
+    if not rows:
+        raise DataError(spec, "contains no examples")
+    records = _records_from_rows(rows, spec)
+    spec = MEMORY_PREFIX + dataset_fingerprint(records).removeprefix("sha256:")[:16]
+    for rec in records:
+        rec.path = spec
+    _IN_MEMORY.setdefault(spec, records)
+    return spec
+
+
+def _records_from_rows(rows: Sequence, where: str) -> list[Record]:
+    """Rows of a table (Parquet, ``datasets``): a null cell is an absent field."""
+    records = []
+    for i, row in enumerate(rows, start=1):
+        if not hasattr(row, "items"):
+            raise DataError(where, f"row is {type(row).__name__}, expected a mapping", i)
+        records.append(Record({k: v for k, v in row.items() if v is not None}, where, i))
+    return records
+
+
+def _read_parquet(path: Path) -> list[Record]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise UserInputError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow "
+                             "(or pip install 'slimtune[data]')") from e
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a bad file
+        raise DataError(path, f"not a readable Parquet file ({e})") from e
+    return _records_from_rows(rows, str(path))
+
+
 def read_records(spec: str | Path) -> list[Record]:
+    if str(spec).startswith(MEMORY_PREFIX):
+        if str(spec) not in _IN_MEMORY:
+            raise DataError(spec, "no such in-memory dataset in this process; pass the rows "
+                                  "(a datasets.Dataset or a list of dicts) themselves")
+        return _IN_MEMORY[str(spec)]
     path = resolve_path(spec)
     if not path.exists():
         raise DataError(path, "no such file")
     if path.is_dir():
-        raise DataError(path, "is a folder; expected a .jsonl, .json, .csv or .txt file")
+        raise DataError(path, "is a folder; expected a .jsonl, .json, .csv, .parquet or .txt file")
     suffix = path.suffix.lower()
     readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".txt": _read_text}
+    if suffix == ".parquet":
+        records = _read_parquet(path)
+        if not records:
+            raise DataError(path, "contains no examples")
+        return records
     if suffix not in readers:
         raise DataError(path, f"unsupported file type {suffix or '(none)'!r}; "
-                              "use .jsonl, .json, .csv or .txt")
+                              "use .jsonl, .json, .csv, .parquet or .txt")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -188,25 +262,14 @@ def record_shape(rec: Record) -> str:
     def fail(msg: str):
         raise DataError(rec.path, msg, rec.line)
 
-    if "messages" in f:
-        msgs = f["messages"]
-        if isinstance(msgs, str):
-            try:
-                msgs = json.loads(msgs)
-            except json.JSONDecodeError:
-                fail("field 'messages' must be a list of {role, content} objects")
-            f["messages"] = msgs
-        if not isinstance(msgs, list) or not msgs:
-            fail("field 'messages' must be a non-empty list of {role, content} objects")
-        for j, m in enumerate(msgs):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                fail(f"messages[{j}] must be an object with 'role' and 'content'")
-            if m["role"] not in ROLES:
-                fail(f"messages[{j}].role is {m['role']!r}; expected one of {', '.join(ROLES)}")
-            if not isinstance(m["content"], str):
-                fail(f"messages[{j}].content must be a string")
-        if not any(m["role"] == "assistant" for m in msgs):
-            fail("'messages' has no assistant turn, so there is nothing to learn")
+    if "messages" in f and isinstance(f["messages"], str):  # a CSV cell holding JSON
+        try:
+            f["messages"] = json.loads(f["messages"])
+        except json.JSONDecodeError:
+            fail("field 'messages' must be a list of {role, content} objects")
+    if ("messages" in f or "conversations" in f or isinstance(f.get("prompt"), list)
+            or isinstance(f.get("completion"), list)):
+        chat_turns(rec)
         return "messages"
     if "prompt" in f or "completion" in f:
         for key in ("prompt", "completion"):
@@ -224,8 +287,51 @@ def record_shape(rec: Record) -> str:
             fail("field 'text' is empty")
         return "text"
     fail(f"unknown record shape with fields {sorted(f)}; expected 'text', "
-         "'prompt' + 'completion', or 'messages'")
+         "'prompt' + 'completion', 'messages' or 'conversations'")
     raise AssertionError  # unreachable
+
+
+def chat_turns(rec: Record) -> tuple[list[dict], int]:
+    """A chat record's messages, validated, and the index of the first one whose assistant
+    turns are trained: 0, except for TRL's conversational prompt/completion, whose prompt
+    (assistant turns included) is context only."""
+    f = rec.fields
+
+    def fail(msg: str):
+        raise DataError(rec.path, msg, rec.line)
+
+    def turns(value, name: str, key: str, text: str) -> list[dict]:
+        if not isinstance(value, list) or not value:
+            fail(f"field '{name}' must be a non-empty list of {{{key}, {text}}} objects")
+        for j, m in enumerate(value):
+            if not isinstance(m, dict) or key not in m or text not in m:
+                fail(f"{name}[{j}] must be an object with '{key}' and '{text}'")
+            if not isinstance(m[text], str):
+                fail(f"{name}[{j}].{text} must be a string")
+            if key == "role" and m["role"] not in ROLES:
+                fail(f"{name}[{j}].role is {m['role']!r}; expected one of {', '.join(ROLES)}")
+        return value
+
+    if "conversations" in f:  # ShareGPT
+        msgs = []
+        for j, m in enumerate(turns(f["conversations"], "conversations", "from", "value")):
+            if m["from"] not in SHAREGPT_ROLES:
+                fail(f"conversations[{j}].from is {m['from']!r}; expected one of "
+                     f"{', '.join(SHAREGPT_ROLES)}")
+            msgs.append({"role": SHAREGPT_ROLES[m["from"]], "content": m["value"]})
+        first, where = 0, "'conversations'"
+    elif "messages" in f:
+        msgs, first, where = turns(f["messages"], "messages", "role", "content"), 0, "'messages'"
+    else:  # TRL's conversational prompt/completion
+        for key in ("prompt", "completion"):
+            if key not in f:
+                fail(f"has 'prompt' or 'completion' but is missing field '{key}'")
+        prompt = turns(f["prompt"], "prompt", "role", "content")
+        msgs = prompt + turns(f["completion"], "completion", "role", "content")
+        first, where = len(prompt), "'completion'"
+    if not any(m["role"] == "assistant" for m in msgs[first:]):
+        fail(f"{where} has no assistant turn, so there is nothing to learn")
+    return msgs, first
 
 
 def file_shape(records: Sequence[Record]) -> str:
@@ -290,14 +396,15 @@ def _tokenize_chat(rec: Record, tokenizer, max_length: int) -> tuple[list[int], 
     cut anyway.
     """
     if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError(rec.path, "records use 'messages' but the tokenizer has no chat "
+        raise DataError(rec.path, "records are chats but the tokenizer has no chat "
                                   "template", rec.line)
-    msgs = [{**m, "content": clip_text(m["content"], max_length)} for m in rec.fields["messages"]]
+    turns, first = chat_turns(rec)
+    msgs = [{**m, "content": clip_text(m["content"], max_length)} for m in turns]
     ids: list[int] = []
     labels: list[int] = []
     done = ""
     for i, m in enumerate(msgs):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < first:
             continue
         prefix = tokenizer.apply_chat_template(msgs[:i], tokenize=False,
                                                add_generation_prompt=True) if i else ""
@@ -315,8 +422,10 @@ def _tokenize_chat(rec: Record, tokenizer, max_length: int) -> tuple[list[int], 
     return ids, labels
 
 
-def load_dataset(spec: str | Path, tokenizer, *, max_length: int = 512) -> Dataset:
-    """Read, validate and tokenize one data file."""
+def load_dataset(spec, tokenizer, *, max_length: int = 512) -> Dataset:
+    """Read, validate and tokenize one data file (or rows given as an object: see
+    :func:`in_memory`)."""
+    spec = in_memory(spec)
     records = read_records(spec)
     shape = file_shape(records)
     examples = []
@@ -325,9 +434,9 @@ def load_dataset(spec: str | Path, tokenizer, *, max_length: int = 512) -> Datas
         if ex is not None:
             examples.append(ex)
     if not examples:
-        raise DataError(resolve_path(spec), f"no example keeps a target token within "
-                                            f"max_length={max_length}")
-    return Dataset(str(resolve_path(spec)), shape, records, examples, max_length)
+        raise DataError(records[0].path, f"no example keeps a target token within "
+                                         f"max_length={max_length}")
+    return Dataset(records[0].path, shape, records, examples, max_length)
 
 
 def split_dataset(ds: Dataset, eval_fraction: float, seed: int) -> tuple[Dataset, Dataset]:

@@ -339,8 +339,9 @@ def evaluate(model: nn.Module, tokenizer, dataset: Dataset, *, task: str = "auto
                               progress=progress)
         metrics["exact_match"] = details["exact_match"]
     if latency:
-        prompt = dataset.records[0].fields.get("prompt") or dataset.records[0].fields.get(
-            "text", "Hello")
+        first = dataset.records[0].fields  # a chat's prompt is a list: latency on "Hello"
+        prompt = next((first[k] for k in ("prompt", "text") if isinstance(first.get(k), str)
+                       and first[k]), "Hello")
         metrics.update(decode_latency(model, tokenizer, prompt, autocast=autocast,
                                       max_length=max_length, progress=progress))
     return metrics, details

@@ -34,7 +34,15 @@ from torch import nn
 from . import trackers
 from .config import check_types
 from .console import info
-from .data import Dataset, collate, epoch_batches, load_dataset, pack_examples, split_dataset
+from .data import (
+    Dataset,
+    collate,
+    epoch_batches,
+    in_memory,
+    load_dataset,
+    pack_examples,
+    split_dataset,
+)
 from .delta import MANIFEST, delta_bytes, save_delta
 from .errors import TrainingDivergedError, UserInputError
 from .fileio import (
@@ -102,6 +110,11 @@ class TrainConfig:
     task: str = "auto"
     progress: bool = True
     report_to: str | None = None  # experiment trackers, comma-separated (trackers.TRACKERS)
+
+    def __post_init__(self) -> None:
+        # Rows given as objects (a datasets.Dataset, a list of dicts) become a "memory:HASH"
+        # spec, so the identity, the manifest and resume see a string naming their content.
+        self.data, self.eval_data = in_memory(self.data), in_memory(self.eval_data)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "config") -> TrainConfig:

@@ -98,10 +98,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _disk_full(e: BaseException) -> bool:
-    return "database or disk is full" in str(e)
-
-
 # Each migration takes the index from version i to i + 1.
 _MIGRATIONS = {
     0: """
@@ -231,13 +227,18 @@ class DeltaStore:
         try:
             yield
         except sqlite3.DatabaseError as e:
-            if _disk_full(e):
+            name = getattr(e, "sqlite_errorname", "") or ""
+            # SQLite says "disk I/O error" when its -wal/-shm files cannot grow on a full disk
+            if name == "SQLITE_FULL" or (name.startswith("SQLITE_IOERR")
+                                         and shutil.disk_usage(self.root).free < 2**20):
                 raise OSError(errno.ENOSPC, "No space left on device", str(self.index)) from e
-            if "readonly" in str(e):
+            if name.startswith("SQLITE_READONLY"):
                 raise DeltaError(f"store {self.root} is read-only ({e})") from e
-            raise DeltaError(f"{self.index}: unreadable store index ({e}); restore it from a "
-                             f"backup, or move it away and run `slimtune delta --store "
-                             f"{self.root} reindex`") from e
+            if name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")) or "no such" in str(e):
+                raise DeltaError(f"{self.index}: unreadable store index ({e}); restore it from "
+                                 "a backup, or move it away and run `slimtune delta --store "
+                                 f"{self.root} reindex`") from e
+            raise DeltaError(f"{self.index}: {e}") from e
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
