@@ -32,7 +32,7 @@ def run_demo(output_dir: str | Path = "runs/demo", *, method: str = "lora",
     test = load_dataset(TEST_DATA, loaded.tokenizer)
     info(f"zero-shot evaluation of {loaded.name} on {len(test.records)} test messages")
     with PeakMemory(dev) as mem:
-        before, _ = evaluate(loaded.model, loaded.tokenizer, test)
+        before, _ = evaluate(loaded.model, loaded.tokenizer, test, progress=progress)
     zero_shot = {f"eval_{k}": v for k, v in before.items()}
     zero_shot["peak_memory_bytes"] = mem.peak_bytes
 
