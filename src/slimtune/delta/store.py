@@ -412,9 +412,8 @@ class DeltaStore:
         if parent is not None:
             parent = self.resolve(parent, check=False).id
         with self.staging_dir() as tmp:
-            for name in manifest["files"]:
-                shutil.copy2(folder / name, tmp / name)
-            shutil.copy2(folder / MANIFEST, tmp / MANIFEST)
+            for name in [*manifest["files"], MANIFEST]:  # copyfile: new files, umask's mode
+                shutil.copyfile(folder / name, tmp / name)
             manifest = verify_delta(tmp)  # what landed on disk, not what we meant to copy
             manifest_sha = sha256_file(tmp / MANIFEST)
             for f in tmp.iterdir():
