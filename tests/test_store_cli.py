@@ -183,6 +183,13 @@ def test_import_checks_the_adapter_against_its_base(tiny_dir, tmp_path, store_di
     assert "lora_A.weight has shape (4, 48)" in err and "needs (4, 32)" in err
     assert "names base" in err  # --model differs from the adapter's own base: said
     assert [v.id for v in DeltaStore(store_dir).list()] == ["v1", "v2", "v3"]
+    # A --model other than the adapter's own base that fits: imported, and said so.
+    import shutil
+
+    same = shutil.copytree(tiny_dir, tmp_path / "same-weights")
+    code, out, err = run(capsys, "delta", "--store", store_dir, "import", str(shira),
+                         "--model", str(same))
+    assert code == 0 and out.strip() == "v4" and f"names base {tiny_dir}" in err
 
     # peft types slimtune cannot attach are refused before any model loads.
     ia3 = tmp_path / "ia3"
