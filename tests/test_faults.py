@@ -309,7 +309,7 @@ def test_a_full_disk_is_one_line_with_exit_2_and_loses_nothing(deltas, tmp_path,
 
         def full(src, dst, **kw):
             raise OSError(28, "No space left on device", str(src), None, str(dst))
-        monkeypatch.setattr(S.shutil, "copy2", full)
+        monkeypatch.setattr(S.shutil, "copyfile", full)
     code, _, err = delta_cli(capsys, root, "add", deltas["full"])
     line = one_line_error(err)
     assert code == 2 and "disk full while writing" in line and str(root) in line
@@ -318,6 +318,7 @@ def test_a_full_disk_is_one_line_with_exit_2_and_loses_nothing(deltas, tmp_path,
         line = one_line_error(err)
         assert code == 2 and "disk full while writing" in line and "index.sqlite" in line
         (small_fs / "filler").unlink()
+    monkeypatch.undo()  # room again
     store = DeltaStore(root)
     assert fingerprints(root) == before and [v.id for v in store.list()] == ["v1"]
     assert store.verify() == [("v1", None)] and store.tags() == {"prod": "v1"}
@@ -331,7 +332,8 @@ def test_a_full_disk_under_safetensors_names_the_file_being_written(small_fs, tm
 
     from slimtune import fileio
 
-    target = (small_fs or tmp_path) / "weights.safetensors"
+    target = (small_fs or tmp_path / "plain") / "weights.safetensors"
+    target.parent.mkdir(exist_ok=True)
     if small_fs is not None:
         fill(small_fs)
     else:
