@@ -276,3 +276,11 @@ def test_a_planted_checkpoint_pickle_runs_no_code(tiny_dir, intent_file, tmp_pat
     with pytest.raises(UserInputError, match=r"differs in \['seed'\]"):
         Trainer(resume)
     assert not marker.exists()
+
+
+def test_python_api_options_are_type_checked_too(tmp_path):
+    cfg = TrainConfig(data=tmp_path / "a.jsonl", output_dir=tmp_path / "r", lr="2e-3").validated()
+    assert (cfg.data, cfg.output_dir, cfg.lr) == (str(tmp_path / "a.jsonl"), str(tmp_path / "r"),
+                                                  0.002)
+    with pytest.raises(UserInputError, match="field 'overwrite' must be true or false"):
+        TrainConfig(data="a.jsonl", overwrite="false").validated()

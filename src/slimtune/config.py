@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -88,6 +89,8 @@ def _coerce(value: Any, kind: Any) -> tuple[bool, Any]:
         return True, float(value)
     if kind is int:
         return isinstance(value, int) and not isinstance(value, bool), value
+    if kind is str and isinstance(value, os.PathLike):  # the Python API's Path objects
+        return True, os.fspath(value)
     return isinstance(value, kind), value
 
 
