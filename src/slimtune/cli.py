@@ -57,8 +57,8 @@ def _add_train_options(p: argparse.ArgumentParser, grid: bool) -> None:
     kind_float = str if grid else float
     many = " (comma-separated values to sweep)" if grid else ""
     p.add_argument("--config", help="YAML file of options (same names as the flags)")
-    p.add_argument("--data", default=S, help="training data: .jsonl, .json, .csv, .txt or "
-                                             "builtin:NAME")
+    p.add_argument("--data", default=S, help="training data: .jsonl, .json, .csv, .parquet, "
+                                             ".txt or builtin:NAME")
     p.add_argument("--eval-data", default=S, help="evaluation data (default: split from --data)")
     p.add_argument("--eval-fraction", type=float, default=S,
                    help="fraction of --data held out for evaluation when --eval-data is absent "
