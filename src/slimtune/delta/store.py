@@ -165,7 +165,7 @@ class DeltaStore:
                     f"from their manifests with `slimtune delta --store {self.root} reindex`, "
                     "or restore index.sqlite from a backup")
         if not self.readonly:
-            if 0 < self._upgrade() < 3:
+            if 0 < self._upgrade() < 3:  # rows from before schema 3 had no manifest sums
                 self._backfill_manifest_sums()
         elif not fresh:
             current = self.schema_version()
