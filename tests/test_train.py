@@ -248,6 +248,18 @@ def test_the_output_folder_is_locked_and_leaked_temporaries_are_removed(tiny_dir
     Trainer(TrainConfig(**{**cfg.__dict__, "overwrite": True})).close()
 
 
+def test_a_refused_run_releases_the_output_folder(tiny_dir, intent_file, tmp_path):
+    from slimtune.fileio import file_lock
+
+    train_tiny(tiny_dir, intent_file, tmp_path / "r", max_steps=1)
+    # the error, kept (as a notebook or a retry loop keeps it), must not keep the lock
+    with pytest.raises(UserInputError, match="already holds a finished run") as refused:
+        train_tiny(tiny_dir, intent_file, tmp_path / "r", max_steps=1)
+    with file_lock(tmp_path / "r" / ".lock", wait=False):
+        pass
+    assert refused.value is not None
+
+
 PLANT = textwrap.dedent("""
     import os, sys, torch
     class Evil:

@@ -321,8 +321,8 @@ class Trainer:
         self.accelerator = _accelerator(cfg)
         self.device = self.accelerator.device
         self._lock = contextlib.ExitStack()  # the output folder's lock, held until close()
-        self._prepare_output()
         try:
+            self._prepare_output()  # a refusal here must release the lock it just took
             self._setup(loaded)
         except BaseException:
             self.close()
