@@ -128,6 +128,19 @@ def test_yaml_values_are_type_checked(tmp_path):
             load(text)
 
 
+def test_yaml_budgets_take_plain_numbers_as_their_parsers_do(tmp_path):
+    # plan.parse_duration/parse_size read 3 as 3 s and 6000000000 as bytes; the type check
+    # must not refuse what they accept (it did: "must be a string")
+    f = tmp_path / "b.yaml"
+    f.write_text("data: a.jsonl\nfreeze: auto\nbudget_step_time: 3\n"
+                 "budget_memory: 6000000000\n")
+    cfg = train_config_from_args(build_parser().parse_args(["train", "--config", str(f)]))
+    assert (cfg.budget_step_time, cfg.budget_memory) == (3, 6000000000)
+    f.write_text("data: a.jsonl\nfreeze: auto\nbudget_step_time: [3]\n")
+    with pytest.raises(UserInputError, match="field 'budget_step_time' must be"):
+        train_config_from_args(build_parser().parse_args(["train", "--config", str(f)]))
+
+
 def test_bad_option_values_and_devices_exit_2_without_traceback(tmp_path, capsys, monkeypatch):
     import torch
 

@@ -84,8 +84,9 @@ class TrainConfig:
     method_options: dict[str, Any] = field(default_factory=dict)
     freeze_below: int = 0
     freeze: str | None = None  # "auto": SALF analysis (+ budget policy) chooses freeze_below
-    budget_memory: str | None = None  # e.g. "6GiB": with freeze auto, unfreeze while it fits
-    budget_step_time: str | None = None  # e.g. "1.5s" per optimizer step
+    # numbers too, as plan.parse_size/parse_duration read them (bytes, seconds)
+    budget_memory: str | float | None = None  # e.g. "6GiB": with freeze auto, unfreeze while it fits
+    budget_step_time: str | float | None = None  # e.g. "1.5s" per optimizer step
     keep: float = 0.99  # share of the expected gain the auto eof keeps (analysis.DEFAULT_KEEP)
     max_steps: int = 100
     batch_size: int = 8
