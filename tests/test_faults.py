@@ -217,6 +217,30 @@ def test_an_old_index_is_migrated_with_its_high_water_mark_and_manifest_sums(del
     assert store.add(deltas["sparse"]).id == "v3"
 
 
+def test_an_old_index_never_reuses_an_id_its_tag_history_names(deltas, tmp_path):
+    """Before schema 3, rm of the newest version freed its id; a tag's history may still
+    name it, so the upgraded store must not hand that id out (rollback would deploy it)."""
+    root = tmp_path / "store"
+    shutil.copytree(deltas["lora"], root / "objects" / "v1")
+    conn = sqlite3.connect(root / "index.sqlite")
+    for v in (0, 1):
+        conn.executescript(_MIGRATIONS[v])
+    conn.execute("INSERT INTO meta VALUES ('schema_version', '2')")
+    m = json.loads((root / "objects" / "v1" / "manifest.json").read_text())
+    conn.execute("INSERT INTO versions (id, seq, method, base_fingerprint, created, bytes) "
+                 "VALUES ('v1', 1, 'lora', ?, 'then', 1)", (m["base"]["fingerprint"],))
+    # prod: v1 -> v2 -> v1, then v2 was removed (rm --force) by the old slimtune
+    conn.executemany("INSERT INTO tag_history (name, version, at) VALUES ('prod', ?, 'then')",
+                     [("v1",), ("v2",), ("v1",)])
+    conn.execute("INSERT INTO tags VALUES ('prod', 'v1', 'then')")
+    conn.commit()
+    conn.close()
+    store = DeltaStore(root)
+    assert store.add(deltas["sparse"]).id == "v3"
+    with pytest.raises(DeltaError, match="pointed at v2, which has been removed"):
+        store.rollback("prod")
+
+
 # -- item 20: the manifest is covered by a checksum ---------------------------------------------
 
 

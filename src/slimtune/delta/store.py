@@ -326,10 +326,15 @@ class DeltaStore:
                        row["manifest_sha256"] if "manifest_sha256" in keys else None)
 
     def _next_seq(self, conn: sqlite3.Connection) -> int:
-        """One above every id ever used: in the index, its high-water mark, and folder names."""
+        """One above every id ever used: in the index, its high-water mark, tag histories
+        (an index from before schema 3 may name ids that rm freed) and folder names."""
         row = conn.execute("SELECT value FROM meta WHERE key='max_seq'").fetchone()
         used = [int(row["value"]) if row else 0,
                 conn.execute("SELECT COALESCE(MAX(seq), 0) FROM versions").fetchone()[0]]
+        for r in conn.execute("SELECT version FROM tag_history UNION SELECT version FROM tags"):
+            m = _FOLDER_SEQ.fullmatch(str(r[0]))
+            if m and "." not in str(r[0]):
+                used.append(int(m.group(1)))
         for d in (self.objects, self.quarantine):
             for f in self._folders(d):
                 m = _FOLDER_SEQ.fullmatch(f.name)
