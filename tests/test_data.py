@@ -193,6 +193,22 @@ def test_trl_conversational_prompt_completion_trains_on_the_completion_only(tiny
     assert tok.decode([t for t in ex.labels if t != IGNORE_INDEX]) == "France<|im_end|>\n"
 
 
+def test_chat_truncation_keeps_the_completion_too(tiny, tmp_path):
+    # README (Data): longer examples lose the start of their prompt, never their completion;
+    # a chat's long prompt cut the answer off instead, and the example was dropped
+    tok = tiny.tokenizer
+    long = "word " * 200 + "Which city?"
+    for row in ({"prompt": [{"role": "user", "content": long}],
+                 "completion": [{"role": "assistant", "content": "Paris"}]},
+                {"messages": [{"role": "user", "content": long},
+                              {"role": "assistant", "content": "Paris"}]}):
+        ex = load_dataset(write_jsonl(tmp_path / "t.jsonl", [row]), tok,
+                          max_length=32).examples[0]
+        assert len(ex.input_ids) == 32
+        assert tok.decode([t for t in ex.labels if t != IGNORE_INDEX]) == "Paris<|im_end|>\n"
+        assert "Which city?" in tok.decode(ex.input_ids)
+
+
 def rows_with_a_bad_second_row():
     rows = [{"prompt": f"Message: {i}\nIntent:", "completion": f" label{i % 2}"}
             for i in range(4)]

@@ -382,6 +382,10 @@ def tokenize_record(rec: Record, shape: str, tokenizer, max_length: int) -> Exam
         ids, labels = p + c, [IGNORE_INDEX] * len(p) + c
     else:
         ids, labels = _tokenize_chat(rec, tokenizer, max_length)
+        # like a prompt, the context before the first trained token loses its start first
+        first_target = next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), 0)
+        cut = min(first_target, max(0, len(ids) - max_length))
+        ids, labels = ids[cut:], labels[cut:]
     ids, labels = ids[:max_length], labels[:max_length]
     ex = Example(ids, labels, rec.line)
     return ex if ex.num_target_tokens > 0 else None
@@ -399,7 +403,11 @@ def _tokenize_chat(rec: Record, tokenizer, max_length: int) -> tuple[list[int], 
         raise DataError(rec.path, "records are chats but the tokenizer has no chat "
                                   "template", rec.line)
     turns, first = chat_turns(rec)
-    msgs = [{**m, "content": clip_text(m["content"], max_length)} for m in turns]
+    # the turns before the first trained one are its context: they keep their end
+    trained = next((i for i, m in enumerate(turns) if m["role"] == "assistant" and i >= first),
+                   len(turns))
+    msgs = [{**m, "content": clip_text(m["content"], max_length, keep_end=i < trained)}
+            for i, m in enumerate(turns)]
     ids: list[int] = []
     labels: list[int] = []
     done = ""
