@@ -411,6 +411,19 @@ def test_malformed_manifests_are_named(deltas, tmp_path, capsys, what, change, m
     assert code == 5 and message in line and str(bad / "manifest.json") in line, what
 
 
+def test_export_refuses_a_corrupted_version(deltas, tmp_path, capsys):
+    """export hands the adapter to code that checks nothing: a flipped byte is named first."""
+    root = tmp_path / "store"
+    store_with(deltas, root, "lora")
+    weights = root / "objects" / "v1" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    code, _, err = delta_cli(capsys, root, "export", "v1", tmp_path / "out")
+    assert code == 5 and "checksum mismatch" in one_line_error(err)
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_invalid_safetensors_file_with_a_matching_checksum_is_named(deltas, tmp_path, capsys):
     bad = tmp_path / "bad"
     shutil.copytree(deltas["sparse"], bad)

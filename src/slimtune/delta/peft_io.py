@@ -39,6 +39,7 @@ class Imported:
 def export_peft(version, out: str | Path) -> Path:
     """Copy a lora or shira version to ``out`` as a plain peft adapter folder."""
     from ..fileio import atomic_dir
+    from .format import verify_delta
 
     if version.method not in EXPORTABLE:
         why = (": its sparse part has no place in peft's format" if version.method == "rosa"
@@ -48,6 +49,7 @@ def export_peft(version, out: str | Path) -> Path:
     out = Path(out)
     if out.exists():
         raise UserInputError(f"{out} already exists; choose a new folder")
+    verify_delta(version.path)  # peft checks nothing: a corrupted file is named here
     with atomic_dir(out) as tmp:
         for name in (PEFT_CONFIG, PEFT_WEIGHTS):
             shutil.copyfile(version.path / name, tmp / name)
