@@ -221,6 +221,25 @@ def test_resume_with_a_lower_lr_follows_the_divergence_advice(tiny_dir, intent_f
     assert res.manifest["resume_changes"] == [change]
 
 
+def test_a_resume_that_never_checkpointed_leaves_no_stale_change_record(tiny_dir, intent_file,
+                                                                         tmp_path):
+    cfg = tiny_cfg(tiny_dir, intent_file, tmp_path / "r", save_every=2, warmup_ratio=0.0)
+    stop_after_checkpoint(cfg, 2)
+
+    class StopBeforeSaving(Trainer):
+        def save_checkpoint(self) -> None:
+            raise _Stop
+
+    # resumed with a lower lr, stopped again before its next checkpoint: the step-2
+    # checkpoint still holds the original run, so that change never took effect
+    with pytest.raises(_Stop):
+        StopBeforeSaving(TrainConfig(**{**cfg.__dict__, "lr": 5e-3, "resume": True})).run()
+    res = Trainer(TrainConfig(**{**cfg.__dict__, "resume": True})).run()
+    assert res.manifest["resume_changes"] == []
+    log = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in log if r.get("event") == "resumed"]
+
+
 def test_resume_refuses_a_finished_or_missing_run(tiny_dir, intent_file, tmp_path):
     train_tiny(tiny_dir, intent_file, tmp_path / "r", max_steps=1)
     with pytest.raises(UserInputError, match=r"holds a finished run .*nothing to resume"):

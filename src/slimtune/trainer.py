@@ -543,7 +543,10 @@ class Trainer:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line torn by the kill
-                if rec.get("step", 0) <= self.step:
+                # a "resumed" record at this step is from an earlier resume of this same
+                # checkpoint, which never saved: its changes are not in these weights
+                stale = rec.get("event") == "resumed" and rec.get("step") == self.step
+                if rec.get("step", 0) <= self.step and not stale:
                     kept.append(rec)
             self.history = kept
             write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
