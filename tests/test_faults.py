@@ -464,6 +464,27 @@ def test_gc_leaves_the_staging_folder_of_a_running_add(deltas, tmp_path, monkeyp
     assert list(store.staging.iterdir()) == []
 
 
+def test_an_adds_lock_unlinked_by_gc_before_it_was_taken_still_guards_it(tmp_path, monkeypatch):
+    """gc unlinks a lock file it finds without a folder; an add that had opened that file but
+    not yet locked it must end up holding the lock at the path, or a later gc (which finds
+    the folder and no lock held) deletes the staging folder of the running add."""
+    import fcntl
+
+    from slimtune.fileio import LockHeld, file_lock
+
+    lock = tmp_path / "add-0123.lock"
+    real = fcntl.flock
+
+    def gc_first(fd, op):
+        monkeypatch.setattr(fcntl, "flock", real)
+        with file_lock(lock, wait=False):  # gc: a lone lock, not held, so it goes
+            lock.unlink()
+        return real(fd, op)
+    monkeypatch.setattr(fcntl, "flock", gc_first)
+    with file_lock(lock), pytest.raises(LockHeld), file_lock(lock, wait=False):
+        pass  # the next gc finds it held
+
+
 # -- item 26: symlinks, path-like tags, shadowing folders, one bad manifest ----------------------
 
 

@@ -194,13 +194,28 @@ def file_lock(path: str | Path, *, shared: bool = False, wait: bool = True) -> I
     lock behind and nothing has to be cleaned up by hand. ``shared`` locks coexist with each
     other and exclude an exclusive one; ``wait=False`` raises :class:`LockHeld` at once.
     """
-    fd = os.open(str(path), os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
-    try:
-        op = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB)
+    op = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB)
+    while True:
+        fd = os.open(str(path), os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
         try:
             fcntl.flock(fd, op)
         except BlockingIOError:
+            os.close(fd)
             raise LockHeld(path) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        # A holder may unlink its lock file (the store's gc and adds do) between our open
+        # and our flock: the lock is then on a file nobody else can find; take the new one.
+        try:
+            st = os.stat(str(path))
+            same = (st.st_ino, st.st_dev) == (os.fstat(fd).st_ino, os.fstat(fd).st_dev)
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
         yield
     finally:
         os.close(fd)
