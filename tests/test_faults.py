@@ -485,6 +485,18 @@ def test_an_adds_lock_unlinked_by_gc_before_it_was_taken_still_guards_it(tmp_pat
         pass  # the next gc finds it held
 
 
+def test_gc_passes_over_a_staging_folder_its_add_removed_meanwhile(tmp_path, monkeypatch):
+    """An add that finishes between gc listing staging/ and gc taking its lock has removed
+    its folder and lock already: nothing to do, not a traceback."""
+    store = DeltaStore(tmp_path / "store")
+    real = DeltaStore._folders
+    gone = store.staging / "add-0123"  # listed by gc, then removed by its finished add
+    monkeypatch.setattr(DeltaStore, "_folders", staticmethod(
+        lambda d: [*real(d), gone] if d == store.staging else real(d)))
+    store.gc()
+    assert list(store.staging.iterdir()) == []
+
+
 # -- item 26: symlinks, path-like tags, shadowing folders, one bad manifest ----------------------
 
 

@@ -536,15 +536,16 @@ class DeltaStore:
             lock = d if d.name.endswith(".lock") else d.with_name(d.name + ".lock")
             try:
                 with file_lock(lock, wait=False):
+                    there = d != lock and os.path.lexists(d)  # its add may have just ended
                     if d.is_dir() and not d.is_symlink():
                         shutil.rmtree(d)
-                    elif d != lock:
+                    elif there:
                         d.unlink()
                     lock.unlink(missing_ok=True)
             except LockHeld:
                 out.in_use.append(d)
                 continue
-            if d != lock:
+            if there:
                 out.removed.append(d)
         return out
 
