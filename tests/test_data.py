@@ -231,6 +231,22 @@ def test_parquet_rows_load_like_jsonl_and_bad_rows_name_their_row(tiny, tmp_path
         load_dataset(tmp_path / "bad.parquet", tiny.tokenizer)
 
 
+def test_table_columns_json_cannot_hold_are_fingerprinted_too(tiny, tmp_path):
+    # Parquet and datasets rows carry dates, bytes, ... in unused columns: loading must not
+    # crash (a TypeError, exit 1) while fingerprinting them
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"text": f"hello {i}", "at": datetime.datetime(2026, 1, i + 1), "raw": b"\x00"}
+            for i in range(3)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    a = load_dataset(tmp_path / "d.parquet", tiny.tokenizer)
+    b = load_dataset(rows, tiny.tokenizer)
+    assert a.fingerprint() == b.fingerprint() and len(a.examples) == 3
+
+
 def test_datasets_objects_load_and_train(tiny, tiny_dir, tmp_path):
     import datasets
 

@@ -467,7 +467,10 @@ def split_dataset(ds: Dataset, eval_fraction: float, seed: int) -> tuple[Dataset
 def dataset_fingerprint(records: Sequence[Record]) -> str:
     h = hashlib.sha256()
     for r in records:
-        h.update(json.dumps(r.fields, sort_keys=True, ensure_ascii=False).encode())
+        # default=str: table rows (Parquet, datasets) may hold dates or bytes; JSON data
+        # never reaches it, so the fingerprints of JSON files are unchanged
+        h.update(json.dumps(r.fields, sort_keys=True, ensure_ascii=False,
+                            default=str).encode())
         h.update(b"\n")
     return "sha256:" + h.hexdigest()
 
