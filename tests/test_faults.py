@@ -157,6 +157,25 @@ def test_a_lost_index_never_costs_a_version(deltas, tmp_path, capsys, damage):
         assert len(list(root.glob("index.sqlite.broken-*"))) == 1
 
 
+def test_reindex_never_moves_aside_an_index_that_is_only_in_use(deltas, tmp_path, monkeypatch):
+    """A writer holding the index (another reindex hashing large folders, say) makes it busy,
+    not broken: reindex must not swap in a new index and drop the tags."""
+    root = tmp_path / "store"
+    store_with(deltas, root, "lora").tag("prod", "v1")
+    real = sqlite3.connect
+    monkeypatch.setattr(sqlite3, "connect", lambda *a, **kw: real(*a, **{**kw, "timeout": 0.1}))
+    writer = real(root / "index.sqlite", isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(DeltaError, match="locked"):
+            DeltaStore.reindex(root)
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    assert not list(root.glob("index.sqlite.broken-*"))
+    assert DeltaStore(root).resolve("prod").id == "v1"
+
+
 def test_a_folder_that_merely_holds_objects_is_not_taken_for_a_store(tmp_path, capsys):
     repo = tmp_path / "repo"
     (repo / "objects" / "ab").mkdir(parents=True)  # e.g. a .git folder

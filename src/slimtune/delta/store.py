@@ -599,8 +599,10 @@ class DeltaStore:
             if healthy:
                 store._open()
         except DeltaError as e:
-            if "is newer than this slimtune" in str(e):
-                raise  # a later slimtune's index is not broken
+            cause = getattr(e.__cause__, "sqlite_errorname", "") or ""
+            if "is newer than this slimtune" in str(e) or cause.startswith(
+                    ("SQLITE_BUSY", "SQLITE_LOCKED")):
+                raise  # a later slimtune's index, or one another process is writing, is not broken
             healthy = False
         if not healthy and store.index.exists():
             stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
