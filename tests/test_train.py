@@ -315,3 +315,18 @@ def test_python_api_options_are_type_checked_too(tmp_path):
                                                   0.002)
     with pytest.raises(UserInputError, match="field 'overwrite' must be true or false"):
         TrainConfig(data="a.jsonl", overwrite="false").validated()
+
+
+def test_python_api_takes_numpy_numbers(tmp_path):
+    # a grid from numpy gives np.int64/np.float32: integers and numbers to a user; they
+    # become plain ones (the identity and the manifest are JSON)
+    import numpy as np
+
+    cfg = TrainConfig(data="a.jsonl", max_steps=np.int64(5), lr=np.float32(0.5),
+                      seed=np.int32(3)).validated()
+    assert (cfg.max_steps, cfg.lr, cfg.seed) == (5, 0.5, 3)
+    assert (type(cfg.max_steps), type(cfg.lr), type(cfg.seed)) == (int, float, int)
+    json.dumps(cfg.identity())
+    with pytest.raises(UserInputError, match="field 'max_steps' must be an integer"):
+        TrainConfig(data="a.jsonl", max_steps=np.float64(5.0)).validated()
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 import types
 import typing
@@ -84,11 +85,14 @@ def _coerce(value: Any, kind: Any) -> tuple[bool, Any]:
                 value = float(value)
             except ValueError:
                 return False, value
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        # numbers.Real/Integral: numpy's scalars too (made plain, for JSON and the identity)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             return False, value
         return True, float(value)
     if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return True, int(value)
+        return False, value
     if kind is str and isinstance(value, os.PathLike):  # the Python API's Path objects
         return True, os.fspath(value)
     return isinstance(value, kind), value
