@@ -443,6 +443,15 @@ def test_export_refuses_a_corrupted_version(deltas, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_diff_names_a_corrupted_version(deltas, tmp_path, capsys):
+    root = tmp_path / "store"
+    store_with(deltas, root, "lora", "lora")
+    weights = root / "objects" / "v2" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    code, _, err = delta_cli(capsys, root, "diff", "v1", "v2")
+    assert code == 5 and str(weights) in one_line_error(err)
+
+
 def test_an_invalid_safetensors_file_with_a_matching_checksum_is_named(deltas, tmp_path, capsys):
     bad = tmp_path / "bad"
     shutil.copytree(deltas["sparse"], bad)

@@ -655,7 +655,7 @@ class DeltaStore:
 
 def diff(a: Version, b: Version) -> dict:
     """What differs between two versions: config, base, data, metrics, and the tensors."""
-    ma, mb = a.manifest(), b.manifest()
+    ma, mb = verify_delta(a.path), verify_delta(b.path)  # a damaged file is named, not read
 
     def flat(d: dict, prefix: str = "") -> dict:
         out = {}
