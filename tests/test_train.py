@@ -253,6 +253,17 @@ def test_resume_refuses_a_finished_or_missing_run(tiny_dir, intent_file, tmp_pat
     assert res.summary["steps"] == 1
 
 
+def test_a_fresh_run_does_not_append_to_a_dead_runs_metrics(tiny_dir, intent_file, tmp_path):
+    # exit 6 before the first checkpoint says "run again with a lower --lr": that run's
+    # metrics.jsonl is its own, not the dead run's lines followed by its own
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "metrics.jsonl").write_text(
+        '{"step": 1, "event": "diverged", "loss": NaN}\n')
+    train_tiny(tiny_dir, intent_file, tmp_path / "r", max_steps=2)
+    log = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and not any("event" in r for r in log)
+
+
 def test_the_output_folder_is_locked_and_leaked_temporaries_are_removed(tiny_dir, intent_file,
                                                                         tmp_path):
     cfg = tiny_cfg(tiny_dir, intent_file, tmp_path / "r", max_steps=1)

@@ -472,6 +472,8 @@ class Trainer:
             what = "a checkpoint" if ckpt is not None else "a finished run"
             raise UserInputError(f"{self.out} already holds {what}; pass --resume to continue "
                                  "it, --overwrite to replace it, or another --output-dir")
+        elif not cfg.resume:  # a run that died before its first checkpoint: its log goes
+            self.metrics_path.unlink(missing_ok=True)
 
     def _identity(self) -> dict[str, Any]:
         return {**self.cfg.identity(), "lr": self.cfg.learning_rate,
