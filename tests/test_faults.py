@@ -323,6 +323,28 @@ def test_a_read_only_store_reads_and_refuses_writes_clearly(deltas, tiny_dir, in
     assert fingerprints(root) == before
 
 
+CRASH_AFTER_TAG = (  # a writer killed after its commit: the tag move is only in index.sqlite-wal
+    "import os, sqlite3, sys; from slimtune.delta import DeltaStore; "
+    "hold = sqlite3.connect(sys.argv[1] + '/index.sqlite'); hold.execute('SELECT count(*) FROM sqlite_master').fetchone(); "
+    "DeltaStore(sys.argv[1]).tag('prod', 'v2'); os._exit(0)")
+
+
+def test_a_read_only_store_sees_what_a_killed_writer_committed(deltas, tmp_path, small_fs):
+    """On a read-only mount without index.sqlite-shm, SQLite cannot replay the WAL in place;
+    reading the index as immutable would show the store as it was before the last commits
+    (here: prod still at v1, so the wrong delta is deployed)."""
+    if small_fs is None:
+        pytest.skip("needs a tmpfs mount")
+    root = small_fs / "store"
+    store_with(deltas, root, "lora", "lora").tag("prod", "v1")
+    subprocess.run([sys.executable, "-c", CRASH_AFTER_TAG, str(root)], check=True)
+    assert (root / "index.sqlite-wal").stat().st_size > 0
+    (root / "index.sqlite-shm").unlink(missing_ok=True)  # e.g. a copy that left it out
+    assert _mount("-o", "remount,ro", str(small_fs))
+    store = DeltaStore(root)
+    assert store.readonly and store.resolve("prod").id == "v2"
+
+
 def test_a_store_path_that_is_a_file_fails_before_training(tiny_dir, intent_file, tmp_path,
                                                            capsys):
     not_a_store = tmp_path / "store.txt"

@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import sqlite3
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -211,8 +212,8 @@ class DeltaStore:
                     # a WAL index on a read-only file system: its -shm file cannot be made;
                     # nobody can write there either, so reading it as immutable is safe
                     conn.close()
-                    conn = sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True,
-                                           isolation_level=None)
+                    conn = self._read_wal_copy() or sqlite3.connect(
+                        f"{uri}?mode=ro&immutable=1", uri=True, isolation_level=None)
             conn.row_factory = sqlite3.Row
             return conn
         conn = sqlite3.connect(self.index, timeout=60, isolation_level=None)
@@ -220,6 +221,24 @@ class DeltaStore:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         return conn
+
+    def _read_wal_copy(self) -> sqlite3.Connection | None:
+        """The index with the commits still in its -wal file (a writer killed before its
+        checkpoint), read from a copy, in memory: read as immutable, those would be missing."""
+        wal = self.index.with_name(self.index.name + "-wal")
+        if not wal.is_file() or wal.stat().st_size == 0:
+            return None
+        with tempfile.TemporaryDirectory(prefix="slimtune-index-") as tmp:
+            copy = Path(tmp) / self.index.name
+            shutil.copyfile(self.index, copy)
+            shutil.copyfile(wal, copy.with_name(copy.name + "-wal"))
+            src = sqlite3.connect(copy)
+            try:
+                mem = sqlite3.connect(":memory:", isolation_level=None)
+                src.backup(mem)
+            finally:
+                src.close()
+        return mem
 
     @contextmanager
     def _errors(self) -> Iterator[None]:
