@@ -260,6 +260,27 @@ def test_an_old_index_never_reuses_an_id_its_tag_history_names(deltas, tmp_path)
         store.rollback("prod")
 
 
+def test_a_tag_never_points_at_a_version_removed_meanwhile(deltas, tmp_path, monkeypatch):
+    """tag looks the version up, then moves the tag; an rm in between (another process) must
+    not leave the tag naming nothing."""
+    root = tmp_path / "store"
+    store = store_with(deltas, root, "lora", "sparse")
+    store.tag("prod", "v1")
+    real, done = DeltaStore.resolve, []
+
+    def resolve_then_rm(self, ref, **kw):
+        v = real(self, ref, **kw)
+        if not done:
+            done.append(v.id)
+            DeltaStore(root).remove(v.id)
+        return v
+    monkeypatch.setattr(DeltaStore, "resolve", resolve_then_rm)
+    with pytest.raises(DeltaError, match="v2"):
+        store.tag("prod", "v2")
+    monkeypatch.setattr(DeltaStore, "resolve", real)
+    assert store.resolve("prod").id == "v1"
+
+
 # -- item 20: the manifest is covered by a checksum ---------------------------------------------
 
 

@@ -486,6 +486,8 @@ class DeltaStore:
         self.require_writable("tagging")
         vid = self.resolve(ref).id
         with self._write() as conn:
+            if conn.execute("SELECT 1 FROM versions WHERE id=?", (vid,)).fetchone() is None:
+                raise DeltaError(f"{vid} was removed from the store {self.root} meanwhile")
             old = conn.execute("SELECT version FROM tags WHERE name=?", (name,)).fetchone()
             if old is not None and old["version"] == vid:
                 return vid, vid
