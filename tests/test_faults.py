@@ -281,6 +281,24 @@ def test_a_tag_never_points_at_a_version_removed_meanwhile(deltas, tmp_path, mon
     assert store.resolve("prod").id == "v1"
 
 
+def test_an_add_never_names_a_parent_removed_meanwhile(deltas, tmp_path, monkeypatch):
+    root = tmp_path / "store"
+    store = store_with(deltas, root, "lora")
+    real, done = DeltaStore.resolve, []
+
+    def resolve_then_rm(self, ref, **kw):
+        v = real(self, ref, **kw)
+        if not done:
+            done.append(v.id)
+            DeltaStore(root).remove(v.id)  # another process, between the lookup and the add
+        return v
+    monkeypatch.setattr(DeltaStore, "resolve", resolve_then_rm)
+    with pytest.raises(DeltaError, match="v1"):
+        store.add(deltas["sparse"], parent="v1")
+    monkeypatch.setattr(DeltaStore, "resolve", real)
+    assert store.list() == [] and list(store.objects.iterdir()) == []
+
+
 # -- item 20: the manifest is covered by a checksum ---------------------------------------------
 
 

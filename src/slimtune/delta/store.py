@@ -447,6 +447,10 @@ class DeltaStore:
             target = None
             try:
                 with self._write() as conn:
+                    if parent is not None and conn.execute(
+                            "SELECT 1 FROM versions WHERE id=?", (parent,)).fetchone() is None:
+                        raise DeltaError(f"parent {parent} was removed from the store "
+                                         f"{self.root} meanwhile")
                     seq = self._next_seq(conn)
                     vid = f"v{seq}"
                     os.rename(tmp, self.objects / vid)  # no such folder (_next_seq): no clobber
