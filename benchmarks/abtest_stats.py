@@ -1,4 +1,6 @@
-"""Time of the A/B statistics (paired bootstrap + McNemar) against the pure-Python baseline.
+"""Time of the A/B statistics (paired bootstrap + McNemar) against the pure-Python baseline,
+for correctness scores (diffs in {-1, 0, 1}: drawn as category counts) and for per-example
+losses (drawn as resampled rows).
 
 The baseline is the v0.1 implementation, kept here as it was: a Python loop over
 2,000 resamples of n examples, and McNemar's tail as exact integer binomials.
@@ -40,25 +42,28 @@ def main() -> None:
     from slimtune.abtest import mcnemar_exact, paired_bootstrap
 
     rng = random.Random(0)
-    a = [int(rng.random() < 0.80) for _ in range(args.examples)]
-    b = [int(rng.random() < 0.82) for _ in range(args.examples)]
-
-    t0 = time.perf_counter()
-    lo, hi = baseline_bootstrap(a, b)
-    p_base = baseline_mcnemar(a, b)
-    t_base = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    r = paired_bootstrap(a, b)
-    m = mcnemar_exact(a, b)
-    t_new = time.perf_counter() - t0
-
-    print(f"examples: {args.examples}")
-    print(f"baseline (pure Python): {t_base:.2f} s  CI [{lo:+.4f}, {hi:+.4f}]  p {p_base:.4g}")
-    print(f"slimtune (numpy):       {t_new:.3f} s  CI [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
-          f"  p {m['p_value']:.4g}")
-    print(f"speed-up: {t_base / t_new:.0f}x")
-
+    n = args.examples
+    cases = {"correctness (accuracy, exact match)":
+             ([int(rng.random() < 0.80) for _ in range(n)],
+              [int(rng.random() < 0.82) for _ in range(n)]),
+             "per-example loss": ([rng.gauss(2.0, 0.5) for _ in range(n)],
+                                  [rng.gauss(1.98, 0.5) for _ in range(n)])}
+    print(f"examples: {n}, 2000 bootstrap samples")
+    for name, (a, b) in cases.items():
+        binary = name.startswith("correctness")
+        t0 = time.perf_counter()
+        lo, hi = baseline_bootstrap(a, b)
+        if binary:
+            baseline_mcnemar(a, b)
+        t_base = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        r = paired_bootstrap(a, b)
+        if binary:
+            mcnemar_exact(a, b)
+        t_new = time.perf_counter() - t0
+        print(f"{name}: baseline {t_base:.2f} s (CI [{lo:+.4f}, {hi:+.4f}]), slimtune "
+              f"{t_new:.3f} s (CI [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]): "
+              f"{t_base / t_new:.0f}x")
 
 if __name__ == "__main__":
     main()

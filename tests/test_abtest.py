@@ -55,3 +55,24 @@ def test_compare_names_the_winner_and_its_significance():
     assert v["winner"] == "tie" and not v["significant"]
     with pytest.raises(ValueError):
         compare([1, 0], [1], higher_is_better=True, binary=True)
+
+
+def test_bootstrap_of_correctness_draws_counts_like_resampling_examples():
+    """The multinomial shortcut for few distinct differences is the same distribution as
+    resampling examples: compare both on the same data."""
+    from slimtune import abtest
+
+    rng = np.random.default_rng(5)
+    a = (rng.random(3000) < 0.7).astype(float)
+    b = (rng.random(3000) < 0.74).astype(float)
+    by_counts = paired_bootstrap(a, b, samples=4000, seed=1)
+    few = abtest._FEW_VALUES
+    try:
+        abtest._FEW_VALUES = 0  # force the resampling path
+        by_rows = paired_bootstrap(a, b, samples=4000, seed=1)
+    finally:
+        abtest._FEW_VALUES = few
+    se = (b - a).std(ddof=1) / math.sqrt(len(a))
+    assert by_counts["mean_diff"] == by_rows["mean_diff"]
+    assert by_counts["ci_low"] == pytest.approx(by_rows["ci_low"], abs=0.15 * se)
+    assert by_counts["ci_high"] == pytest.approx(by_rows["ci_high"], abs=0.15 * se)
