@@ -252,6 +252,10 @@ def test_apply_and_generate_use_the_deltas_own_base_and_dtype(tiny_dir, intent_f
     code, out, _ = run(capsys, "eval", "--store", store_dir, "--delta", "v1", "--data",
                        str(intent_file), "--limit", "4", "--no-latency")
     assert code == 0 and "other + v1" in out
+    # so does ab (the base of delta A)
+    code, out, _ = run(capsys, "ab", "--store", store_dir, "v1", str(tmp_path / "r" / "delta"),
+                       "--data", str(intent_file), "--limit", "4")
+    assert code == 0 and "winner: neither (tie)" in out
     # An explicit --model still wins, and the fingerprint check still guards it.
     code, _, err = run(capsys, "delta", "--store", store_dir, "apply", "v1", "--model",
                        str(tiny_dir), "--out", str(tmp_path / "wrong"))

@@ -73,7 +73,7 @@ def build(sub) -> None:
     ab.add_argument("a")
     ab.add_argument("b")
     ab.add_argument("--data", required=True)
-    ab.add_argument("--model", default="default")
+    ab.add_argument("--model", help="the base (default: the one delta A's manifest records)")
     ab.add_argument("--device", default="auto")
     ab.add_argument("--task", default="auto")
     ab.add_argument("--limit", type=int)
@@ -197,14 +197,15 @@ def cmd_ab(args) -> int:
     from .data import load_dataset
     from .delta import DeltaSwitcher
     from .fileio import write_json
-    from .models import load_model, resolve_device
+    from .models import resolve_device
     from .report import fmt, print_table
 
-    loaded = load_model(args.model, device=resolve_device(args.device))
+    sw = DeltaSwitcher.with_delta(args.a, _store(args), args.model,
+                                  device=resolve_device(args.device))
+    loaded = sw.loaded
     ds = load_dataset(args.data, loaded.tokenizer)
     if args.limit:
         ds.records, ds.examples = ds.records[: args.limit], ds.examples[: args.limit]
-    sw = DeltaSwitcher(loaded, _store(args))
     r = run_ab(sw, args.a, args.b, ds, task=args.task)
     metric = r["metric"]
     rows = []

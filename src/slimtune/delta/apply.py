@@ -262,6 +262,24 @@ def merge_to_folder(folder: str | Path, out: str | Path, *, model: str | None = 
     return Merged(out, loaded.name, dtype, reason)
 
 
+def resolve_ref(ref: str, store=None) -> tuple[Path, str, object]:
+    """(folder, label, store) of a delta reference: a path-like ``ref`` (``./v1``,
+    ``runs/x/delta``) is a folder, anything else a store id or tag (in ``store``, opened at
+    the default place when None), so a local folder never shadows the store's version."""
+    from .store import DeltaStore, is_folder_ref
+
+    if is_folder_ref(ref):
+        return Path(ref).expanduser(), ref, store
+    store = store if store is not None else DeltaStore()
+    try:
+        v = store.resolve(ref)
+    except DeltaError as e:
+        if Path(ref).is_dir():
+            raise DeltaError(f"{e}; for the folder {ref} here, write ./{ref}") from e
+        raise
+    return v.path, v.id if v.id == ref else f"{ref} ({v.id})", store
+
+
 class DeltaSwitcher:
     """One base model in memory, deltas switched on and off it without reloading.
 
@@ -285,10 +303,8 @@ class DeltaSwitcher:
         instead of failing the fingerprint check against the default model)."""
         from .format import read_manifest
 
-        probe = cls.__new__(cls)  # resolving a ref needs only the store, not a base
-        probe.store = store
-        folder, _ = probe.resolve(ref)
-        sw = cls(load_base(read_manifest(folder), model, **load_kwargs), probe.store)
+        folder, _, store = resolve_ref(ref, store)
+        sw = cls(load_base(read_manifest(folder), model, **load_kwargs), store)
         sw.switch(ref)
         return sw
 
@@ -301,21 +317,9 @@ class DeltaSwitcher:
         return self.current.ref if self.current else "base"
 
     def resolve(self, ref: str) -> tuple[Path, str]:
-        """(folder, label): a path-like ``ref`` (``./v1``, ``runs/x/delta``) is a folder,
-        anything else a store id or tag, so a local folder never shadows the store's."""
-        from .store import DeltaStore, is_folder_ref
-
-        if is_folder_ref(ref):
-            return Path(ref).expanduser(), ref
-        if self.store is None:
-            self.store = DeltaStore()
-        try:
-            v = self.store.resolve(ref)
-        except DeltaError as e:
-            if Path(ref).is_dir():
-                raise DeltaError(f"{e}; for the folder {ref} here, write ./{ref}") from e
-            raise
-        return v.path, v.id if v.id == ref else f"{ref} ({v.id})"
+        """(folder, label) of ``ref``; see :func:`resolve_ref`."""
+        folder, label, self.store = resolve_ref(ref, self.store)
+        return folder, label
 
     def switch(self, ref: str | None) -> nn.Module:
         if self.current is not None:
