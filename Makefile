@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup fetch demo test lint bench-cpu clean
+.PHONY: setup fetch demo test test-fast lint bench-cpu clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: fetch
 
 test: fetch
 	$(BIN)/python -m pytest -q
+
+# the inner loop: everything but the tests on the real default model (CI runs `make test`)
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not default_model"
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks scripts
