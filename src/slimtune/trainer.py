@@ -58,7 +58,7 @@ from .fileio import (
 from .freezing import freeze_below
 from .lm import base_model, target_loss
 from .measure import PeakMemory, percentile
-from .methods import Method, get_method
+from .methods import METHODS, Method, get_method
 from .models import (
     LoadedModel,
     count_parameters,
@@ -67,9 +67,6 @@ from .models import (
     load_model,
     resolve_device,
 )
-
-DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "sparse": 2e-4, "rosa": 2e-4, "shira": 2e-4,
-              "experts": 5e-4}
 
 
 @dataclass
@@ -162,7 +159,11 @@ class TrainConfig:
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR.get(self.method, 1e-4)
+        """``lr`` when set, else the method's own default (full fine-tuning wants less)."""
+        if self.lr is not None:
+            return self.lr
+        method = METHODS.get(self.method)
+        return method.default_lr if method is not None else Method.default_lr
 
     def identity(self) -> dict[str, Any]:
         """The options a resumed run must share with the run it continues."""

@@ -1,42 +1,28 @@
 """Apply a delta to a loaded base model, and take it off again bit for bit.
 
-* ``full``: the trained tensors are replaced; their originals are kept to restore.
-* ``sparse``: the values are scatter-added; the original entries are kept to restore.
-* ``lora`` / ``shira``: attached through peft. Unmerged (the default in a live process) the
-  base weights are never written, and removing is peft's ``unload()``. Merged
-  (``merge=True``, e.g. to write a model folder) the touched weights are copied first, so
-  removing restores them exactly rather than subtracting ``B @ A`` again in floating point.
-* ``rosa``: the sparse part as above, then the LoRA part as above (its files are named so
-  that plain peft refuses the folder; they are shown to peft under its own names).
-* ``experts``: routed per token, so it cannot merge (the manifest says ``mergeable: false``);
-  it is attached as modules, and removing it puts the original layers back.
+How a delta attaches (replaced tensors, scatter-added entries, peft adapters, expert
+modules), whether it merges, and how it comes off exactly is its method's
+:meth:`~slimtune.methods.Method.attach`; this module verifies the folder, checks the base,
+finds the method by the manifest's name in the registry and keeps the undo.
 
 :class:`DeltaSwitcher` keeps one base model loaded and switches deltas on it (hot swap).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import DeltaError, UserInputError
-from ..methods.full import WEIGHTS_FILE
-from ..methods.sparse import (
-    SPARSE_FILE,
-    apply_sparse,
-    canonical_name,
-    linear_modules,
-    remove_sparse,
-)
 from .format import check_base, verify_delta
+
+if TYPE_CHECKING:
+    from ..methods import Method
 
 
 @dataclass
@@ -58,96 +44,29 @@ class Applied:
         return base
 
 
-def _peft_files(method: str, manifest: dict) -> dict[str, str]:
-    """peft's file name -> the file that holds it in this delta (empty: peft's own names)."""
-    from ..methods.rosa import LORA_FILES
-
-    if method == "rosa" and all(ours in manifest["files"] for ours in LORA_FILES.values()):
-        return LORA_FILES
-    return {}  # lora, shira, and rosa deltas of format version 1
-
-
-def _attach_peft(model: nn.Module, folder: Path, merge: bool, files: dict[str, str]
-                 ) -> tuple[nn.Module, Callable]:
-    from peft import PeftModel
-
-    with tempfile.TemporaryDirectory(prefix="slimtune-peft-") as view:
-        if files:  # a folder where peft finds the files under the names it looks for
-            for peft_name, ours in files.items():
-                src = (folder / ours).resolve()
-                try:
-                    os.symlink(src, Path(view) / peft_name)
-                except OSError:
-                    shutil.copyfile(src, Path(view) / peft_name)
-        try:
-            wrapped = PeftModel.from_pretrained(model, view if files else str(folder))
-        except Exception as e:
-            raise DeltaError(f"{folder}: peft could not load the adapter ({e})") from e
-    if not merge:
-        return wrapped, lambda: wrapped.unload()
-    touched = {canonical_name(n): m.base_layer.weight.detach().clone()
-               for n, m in wrapped.named_modules() if hasattr(m, "base_layer")
-               and hasattr(m.base_layer, "weight")}
-    plain = wrapped.merge_and_unload()
-
-    def restore() -> nn.Module:
-        modules = linear_modules(plain)
-        with torch.no_grad():
-            for name, w in touched.items():
-                modules[name].weight.copy_(w)
-        return plain
-
-    return plain, restore
-
-
 def apply_delta(model: nn.Module, folder: str | Path, base_fingerprint: str, *,
                 merge: bool = False, ref: str | None = None) -> Applied:
-    """Verify ``folder``, check it belongs to this base, and apply it to ``model``."""
+    """Verify ``folder``, check it belongs to this base, and attach it to ``model`` the way
+    its method (looked up in the registry by the manifest's name) says."""
+    from ..methods import METHODS
+
     folder = Path(folder)
     manifest = verify_delta(folder)
     check_base(manifest, base_fingerprint, folder)
-    method = manifest["method"]
-    applied = Applied(model, manifest, ref or str(folder), merge)
-    if method == "full":
-        state = load_file(str(folder / WEIGHTS_FILE))
-        params = dict(model.named_parameters())
-        missing = [n for n in state if n not in params]
-        if missing:
-            raise DeltaError(f"{folder}: tensors {missing[:3]} are not in the model")
-        original = {n: params[n].detach().clone() for n in state}
-        with torch.no_grad():
-            for n, v in state.items():
-                if params[n].shape != v.shape:
-                    raise DeltaError(f"{folder}: {n} has shape {tuple(v.shape)}, the model's is "
-                                     f"{tuple(params[n].shape)}")
-            for n, v in state.items():
-                params[n].copy_(v)
+    method = METHODS.get(manifest["method"])
+    if method is None:
+        raise DeltaError(f"{folder}: unknown method {manifest['method']!r}")
+    label = ref or str(folder)
+    if merge and not method.mergeable:
+        raise DeltaError(_merge_refusal(label, method))
+    attached = method.attach(model, folder, manifest, merge=merge)
+    return Applied(attached.model, manifest, label, attached.merged, [attached.undo])
 
-        def undo_full() -> None:
-            with torch.no_grad():
-                for n, v in original.items():
-                    params[n].copy_(v)
 
-        applied._undo.append(undo_full)
-        applied.merged = True
-    elif method == "sparse":
-        apply_sparse(model, folder / SPARSE_FILE)
-        applied._undo.append(lambda: remove_sparse(model))
-        applied.merged = True
-    elif method in ("lora", "shira", "rosa"):
-        if method == "rosa":
-            apply_sparse(model, folder / SPARSE_FILE)
-            applied._undo.append(lambda: remove_sparse(model))
-        applied.model, undo = _attach_peft(model, folder, merge, _peft_files(method, manifest))
-        applied._undo.append(undo)
-    elif method == "experts":
-        from ..methods.experts import load_experts
-
-        applied._undo.append(load_experts(model, folder, manifest).remove)
-        applied.merged = False
-    else:
-        raise DeltaError(f"{folder}: unknown method {method!r}")
-    return applied
+def _merge_refusal(ref: str, method: type[Method]) -> str:
+    why = (f" ({method.why_not_mergeable}; run it attached: --delta {ref})"
+           if method.why_not_mergeable else "")
+    return f"{ref} ({method.name}) cannot be merged into the base{why}"
 
 
 def load_delta(folder: str | Path, model: nn.Module, base_fingerprint: str
@@ -231,15 +150,17 @@ def merge_to_folder(folder: str | Path, out: str | Path, *, model: str | None = 
     records it, else fp32), so a bf16 base does not come back twice its size.
     """
     from ..fileio import atomic_dir, write_json
+    from ..methods import METHODS
     from ..models import fingerprint
 
     folder, out = Path(folder), Path(out)
     ref = ref or str(folder)
     manifest = verify_delta(folder)
-    if manifest.get("mergeable") is False:
-        why = (f" (its experts are routed per token; run it attached: --delta {ref})"
-               if manifest["method"] == "experts" else "")
-        raise DeltaError(f"{ref} ({manifest['method']}) cannot be merged into the base{why}")
+    method = METHODS.get(manifest["method"])
+    if method is None:
+        raise DeltaError(f"{folder}: unknown method {manifest['method']!r}")
+    if manifest.get("mergeable") is False or not method.mergeable:
+        raise DeltaError(_merge_refusal(ref, method))
     if dtype is not None and dtype not in MERGE_DTYPES:
         raise UserInputError(f"dtype {dtype!r}: use one of {', '.join(MERGE_DTYPES)}")
     if out.exists():

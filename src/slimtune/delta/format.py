@@ -65,14 +65,12 @@ def save_delta(folder: str | Path, method: Method, model: nn.Module, *,
 
 
 def _tensor_files(method: str) -> tuple[str, ...]:
-    """The files a delta of ``method`` cannot be applied without (one of them suffices)."""
-    from ..methods.experts import EXPERTS_FILE
-    from ..methods.full import WEIGHTS_FILE
-    from ..methods.sparse import SPARSE_FILE
+    """The files a delta of ``method`` cannot be applied without (one of them suffices),
+    as the method declares them; none for a method this slimtune does not know."""
+    from ..methods import METHODS
 
-    peft = ("adapter_model.safetensors", "adapter_model.bin")
-    return {"full": (WEIGHTS_FILE,), "sparse": (SPARSE_FILE,), "rosa": (SPARSE_FILE,),
-            "lora": peft, "shira": peft, "experts": (EXPERTS_FILE,)}.get(method, ())
+    cls = METHODS.get(method)
+    return cls.delta_files if cls is not None else ()
 
 
 def _check_fields(manifest: dict[str, Any], path: Path) -> None:

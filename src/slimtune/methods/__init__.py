@@ -1,11 +1,18 @@
-"""Fine-tuning methods, by name. Each module holds one method's math and its delta I/O."""
+"""Fine-tuning methods, by name. Each module holds one method's math, its delta I/O and how
+its delta attaches to a model; ``@register_method`` on its class puts it in :data:`METHODS`.
+
+Adding a method: one module here whose class is decorated with ``@register_method``, plus
+its import line below (the registry line).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from ..errors import UserInputError
-from .base import Method, MethodConfig
+from .base import METHODS, Attachment, Method, MethodConfig, register_method, unregister_method
+
+# The registry lines: importing a module registers its method.
 from .experts import ExpertsMethod, ExpertsOptions
 from .full import FullMethod
 from .lora import LoraMethod, LoraOptions
@@ -13,17 +20,15 @@ from .rosa import RosaMethod, RosaOptions
 from .shira import ShiraMethod
 from .sparse import SparseMethod, SparseOptions
 
-METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (FullMethod, LoraMethod, SparseMethod, RosaMethod, ShiraMethod,
-                        ExpertsMethod)}
-
 
 def get_method(name: str, options: dict[str, Any] | None = None) -> Method:
+    """A configured instance of the registered method ``name``."""
     if name not in METHODS:
         raise UserInputError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
     return METHODS[name](options or {})
 
 
-__all__ = ["METHODS", "ExpertsMethod", "ExpertsOptions", "FullMethod", "LoraMethod", "LoraOptions", "Method", "MethodConfig",
-           "RosaMethod", "RosaOptions", "ShiraMethod", "SparseMethod", "SparseOptions",
-           "get_method"]
+__all__ = ["METHODS", "Attachment", "ExpertsMethod", "ExpertsOptions", "FullMethod",
+           "LoraMethod", "LoraOptions", "Method", "MethodConfig", "RosaMethod", "RosaOptions",
+           "ShiraMethod", "SparseMethod", "SparseOptions", "get_method", "register_method",
+           "unregister_method"]

@@ -1,13 +1,17 @@
 """The interface every fine-tuning method implements.
 
 A method turns a frozen base model into a trainable one (only in the layers it is given),
-and moves its trained state to and from a delta folder. Whether that state can be merged
-into the base weights is the method's to say.
+and moves its trained state to and from a delta folder, and back onto a model
+(:meth:`Method.attach`). Whether that state can be merged into the base weights, its
+default learning rate and whether its folder is peft's own format are the method's to say,
+so nothing outside ``methods/`` decides by a method's name. :func:`register_method` puts a
+method in :data:`METHODS`, where training, apply and the store find it by name.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -36,10 +40,31 @@ class MethodConfig:
         return asdict(self)
 
 
+@dataclass
+class Attachment:
+    """A delta attached to a model by :meth:`Method.attach`."""
+
+    model: nn.Module  # the model to run (possibly a wrapper around the base)
+    merged: bool  # whether the delta ended up in the base weights
+    # Takes the delta off, restoring the base bit for bit; returns the base model when it
+    # is not the object given to attach (e.g. unwrapped from peft), else None.
+    undo: Callable[[], nn.Module | None]
+
+
 class Method(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    # Whether the delta can be folded into the base weights (``apply --merge``, model folders).
     mergeable: ClassVar[bool] = True
+    why_not_mergeable: ClassVar[str] = ""  # said when a merge is refused
+    # The learning rate when the run does not set one.
+    default_lr: ClassVar[float] = 1e-4
+    # Whether the delta folder is peft's own adapter format (exports to / imports from peft).
+    peft_format: ClassVar[bool] = False
+    why_not_peft: ClassVar[str] = ""  # said when an export to peft is refused
+    peft_type: ClassVar[str | None] = None  # peft's ``peft_type`` this method imports
+    # Files a delta cannot be applied without (one of them suffices); checked by verify.
+    delta_files: ClassVar[tuple[str, ...]] = ()
     progress: bool = True  # bars while choosing from data; the trainer sets --no-progress here
 
     def __init__(self, config: MethodConfig | dict | None = None) -> None:
@@ -61,6 +86,23 @@ class Method(ABC):
     @abstractmethod
     def save(self, model: nn.Module, folder: Path) -> None:
         """Write the trained state (only it, never the base) into ``folder``."""
+
+    @classmethod
+    @abstractmethod
+    def attach(cls, model: nn.Module, folder: Path, manifest: dict[str, Any], *,
+               merge: bool) -> Attachment:
+        """Put the (already verified) delta in ``folder`` onto the base ``model``.
+
+        ``merge`` asks for the delta in the base weights (to write a model folder); a method
+        that runs unmerged otherwise (e.g. peft) merges only then. The undo must restore the
+        base bit for bit, so hot swapping never drifts.
+        """
+
+    @classmethod
+    def options_from_peft(cls, config: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+        """This method's options describing an imported peft adapter (``config`` is its
+        adapter_config.json, ``model`` the base with it attached); for list/show/diff."""
+        raise NotImplementedError(f"{cls.name} does not import peft adapters")
 
     def trainable_state(self, model: nn.Module) -> dict:
         """Tensors a checkpoint must hold to resume: the trainable parameters by name, and
@@ -100,3 +142,21 @@ class Method(ABC):
     def summary(self, model: nn.Module) -> dict[str, Any]:
         """Method-specific facts for the run summary (e.g. active vs total parameters)."""
         return {}
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Make ``cls`` known by its ``name`` to training, apply and the store (use it as a
+    class decorator); a second, different class under a taken name is an error."""
+    known = METHODS.get(cls.name)
+    if known is not None and known is not cls:
+        raise ValueError(f"method name {cls.name!r} is taken by {known.__qualname__}")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def unregister_method(name: str) -> None:
+    """Forget the method ``name`` (for tests and plugins that add one for a while)."""
+    METHODS.pop(name, None)

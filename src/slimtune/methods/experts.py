@@ -58,7 +58,7 @@ from ..errors import DeltaError, UserInputError
 from ..fileio import write_safetensors
 from ..models import decoder_layers
 from . import expert_cpu, expert_kernel
-from .base import Method, MethodConfig
+from .base import Attachment, Method, MethodConfig, register_method
 from .lora import target_module_names
 
 EXPERTS_FILE = "experts.safetensors"
@@ -653,10 +653,14 @@ def center_routers(model: nn.Module, att: Attached, batches: list[dict]) -> None
         model.train(was_training)
 
 
+@register_method
 class ExpertsMethod(Method):
     name = "experts"
     config_class = ExpertsOptions
     mergeable = False
+    why_not_mergeable = "its experts are routed per token"
+    default_lr = 5e-4
+    delta_files = (EXPERTS_FILE,)
 
     def __init__(self, config=None) -> None:
         super().__init__(config)
@@ -697,6 +701,12 @@ class ExpertsMethod(Method):
 
     def save(self, model: nn.Module, folder: Path) -> None:
         save_experts(model, folder / EXPERTS_FILE)
+
+    @classmethod
+    def attach(cls, model: nn.Module, folder: Path, manifest: dict, *,
+               merge: bool) -> Attachment:
+        """Attach the experts as modules (never merged); undo puts the original layers back."""
+        return Attachment(model, False, load_experts(model, folder, manifest).remove)
 
 
 __all__ = ["EXPERTS_FILE", "ExpertLinear", "ExpertRouter", "ExpertsMethod", "ExpertsOptions",

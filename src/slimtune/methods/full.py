@@ -7,19 +7,26 @@ reproduces the trained model bit for bit.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import torch
+from safetensors.torch import load_file
 from torch import nn
 
+from ..errors import DeltaError
 from ..fileio import write_safetensors
 from ..models import decoder_layers
-from .base import Method, MethodConfig
+from .base import Attachment, Method, MethodConfig, register_method
 
 WEIGHTS_FILE = "weights.safetensors"
 
 
+@register_method
 class FullMethod(Method):
     name = "full"
     config_class = MethodConfig
+    default_lr = 2e-5
+    delta_files = (WEIGHTS_FILE,)
 
     def prepare(self, model: nn.Module, layers: list[int], batches=None) -> nn.Module:
         all_layers = decoder_layers(model)
@@ -36,6 +43,31 @@ class FullMethod(Method):
     def save(self, model: nn.Module, folder: Path) -> None:
         state = {n: p for n, p in model.named_parameters() if p.requires_grad}
         write_safetensors(folder / WEIGHTS_FILE, state)
+
+    @classmethod
+    def attach(cls, model: nn.Module, folder: Path, manifest: dict[str, Any], *,
+               merge: bool) -> Attachment:
+        """Replace the trained tensors, keeping their originals to put back (always merged)."""
+        state = load_file(str(folder / WEIGHTS_FILE))
+        params = dict(model.named_parameters())
+        missing = [n for n in state if n not in params]
+        if missing:
+            raise DeltaError(f"{folder}: tensors {missing[:3]} are not in the model")
+        original = {n: params[n].detach().clone() for n in state}
+        with torch.no_grad():
+            for n, v in state.items():
+                if params[n].shape != v.shape:
+                    raise DeltaError(f"{folder}: {n} has shape {tuple(v.shape)}, the model's is "
+                                     f"{tuple(params[n].shape)}")
+            for n, v in state.items():
+                params[n].copy_(v)
+
+        def undo() -> None:
+            with torch.no_grad():
+                for n, v in original.items():
+                    params[n].copy_(v)
+
+        return Attachment(model, True, undo)
 
 
 def _final_norm(model: nn.Module) -> nn.Module | None:

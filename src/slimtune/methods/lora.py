@@ -1,19 +1,28 @@
-"""LoRA through ``peft``: its modules, its training, its file format.
+"""LoRA through ``peft``: its modules, its training, its file format, its attaching.
 
 The delta folder holds peft's own ``adapter_model.safetensors`` + ``adapter_config.json``,
 so ``peft.PeftModel.from_pretrained(base, delta_folder)`` loads it as it is.
+:func:`attach_peft` attaches any peft-format delta (lora, shira, rosa's LoRA part).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import torch
 from torch import nn
 
-from ..errors import UserInputError
+from ..errors import DeltaError, UserInputError
 from ..models import decoder_layers
-from .base import Method, MethodConfig
+from .base import Attachment, Method, MethodConfig, register_method
+
+# Files peft's adapter weights may be in; one of them must be in a peft-format delta.
+PEFT_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 @dataclass
@@ -50,9 +59,56 @@ def target_module_names(model: nn.Module, wanted: list[str] | None, method: str)
     return list(wanted or available)
 
 
+def attach_peft(model: nn.Module, folder: Path, merge: bool,
+                files: dict[str, str] | None = None) -> Attachment:
+    """Attach the peft adapter in ``folder`` (``files``: peft's file name -> ours, where a
+    delta keeps them under other names).
+
+    Unmerged, the base weights are never written and undo is peft's ``unload()``. Merged,
+    the touched weights are copied first, so undo restores them exactly rather than
+    subtracting ``B @ A`` again in floating point.
+    """
+    from peft import PeftModel
+
+    from .sparse import canonical_name, linear_modules
+
+    with tempfile.TemporaryDirectory(prefix="slimtune-peft-") as view:
+        if files:  # a folder where peft finds the files under the names it looks for
+            for peft_name, ours in files.items():
+                src = (folder / ours).resolve()
+                try:
+                    os.symlink(src, Path(view) / peft_name)
+                except OSError:
+                    shutil.copyfile(src, Path(view) / peft_name)
+        try:
+            wrapped = PeftModel.from_pretrained(model, view if files else str(folder))
+        except Exception as e:
+            raise DeltaError(f"{folder}: peft could not load the adapter ({e})") from e
+    if not merge:
+        return Attachment(wrapped, False, lambda: wrapped.unload())
+    touched = {canonical_name(n): m.base_layer.weight.detach().clone()
+               for n, m in wrapped.named_modules() if hasattr(m, "base_layer")
+               and hasattr(m.base_layer, "weight")}
+    plain = wrapped.merge_and_unload()
+
+    def restore() -> nn.Module:
+        modules = linear_modules(plain)
+        with torch.no_grad():
+            for name, w in touched.items():
+                modules[name].weight.copy_(w)
+        return plain
+
+    return Attachment(plain, True, restore)
+
+
+@register_method
 class LoraMethod(Method):
     name = "lora"
     config_class = LoraOptions
+    default_lr = 2e-4
+    peft_format = True
+    peft_type = "LORA"
+    delta_files = PEFT_WEIGHT_FILES
 
     def peft_config(self, model: nn.Module, layers: list[int]):
         from peft import LoraConfig
@@ -76,3 +132,15 @@ class LoraMethod(Method):
 
     def save(self, model: nn.Module, folder: Path) -> None:
         model.save_pretrained(str(folder))
+
+    @classmethod
+    def attach(cls, model: nn.Module, folder: Path, manifest: dict[str, Any], *,
+               merge: bool) -> Attachment:
+        return attach_peft(model, folder, merge)
+
+    @classmethod
+    def options_from_peft(cls, config: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+        targets = config.get("target_modules")
+        return {"r": int(config.get("r", 8)), "alpha": float(config.get("lora_alpha", 8)),
+                "dropout": float(config.get("lora_dropout") or 0.0),
+                "target_modules": sorted(targets) if isinstance(targets, list) else None}

@@ -16,21 +16,23 @@ peft does not look for (:data:`LORA_FILES`): plain ``PeftModel.from_pretrained``
 the folder rather than load it without its sparse part (outputs then differ silently).
 Deltas of format version 1 kept the LoRA part under peft's own names; they still load.
 Applying it merges the sparse part into the base weights and attaches the LoRA part with
-peft; removing the sparse part restores the base bit for bit.
+peft; removing the sparse part restores the base bit for bit. Having no place in peft's
+format for its sparse part, it does not export to peft.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import UserInputError
-from .base import Method, MethodConfig
+from .base import Attachment, Method, MethodConfig, register_method
 from .importance import SCORERS, SELECTIONS
-from .lora import LoraMethod
+from .lora import LoraMethod, attach_peft
 from .sparse import SPARSE_FILE, SparseMethod, save_sparse
 
 # peft's file name -> the name the LoRA part of a rosa delta has.
@@ -74,9 +76,13 @@ class RosaOptions(MethodConfig):
         return {k: getattr(self, k) for k in keys}
 
 
+@register_method
 class RosaMethod(Method):
     name = "rosa"
     config_class = RosaOptions
+    default_lr = 2e-4
+    why_not_peft = "its sparse part has no place in peft's format"
+    delta_files = (SPARSE_FILE,)
 
     def __init__(self, config=None) -> None:
         super().__init__(config)
@@ -113,3 +119,23 @@ class RosaMethod(Method):
         for peft_name, ours in LORA_FILES.items():
             (folder / peft_name).rename(folder / ours)
         save_sparse(model, folder / SPARSE_FILE, {"importance": self.config.importance})
+
+    @classmethod
+    def attach(cls, model: nn.Module, folder: Path, manifest: dict[str, Any], *,
+               merge: bool) -> Attachment:
+        """The sparse part as :class:`SparseMethod` does, then the LoRA part through peft
+        (shown to peft under its own names; deltas of format version 1 used those)."""
+        sparse = SparseMethod.attach(model, folder, manifest, merge=merge)
+        ours = all(name in manifest["files"] for name in LORA_FILES.values())
+        try:
+            lora = attach_peft(model, folder, merge, LORA_FILES if ours else None)
+        except Exception:
+            sparse.undo()
+            raise
+
+        def undo() -> nn.Module | None:
+            base = lora.undo()
+            sparse.undo()
+            return base
+
+        return Attachment(lora.model, lora.merged, undo)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
 from ..errors import UserInputError
 from ..models import decoder_layers
-from .base import Method, MethodConfig
-from .lora import linear_module_names
+from .base import Attachment, Method, MethodConfig, register_method
+from .lora import PEFT_WEIGHT_FILES, attach_peft, linear_module_names
 
 
 @dataclass
@@ -31,9 +32,14 @@ class ShiraOptions(MethodConfig):
             raise UserInputError(f"density must be in (0, 1), got {self.density}")
 
 
+@register_method
 class ShiraMethod(Method):
     name = "shira"
     config_class = ShiraOptions
+    default_lr = 2e-4
+    peft_format = True
+    peft_type = "SHIRA"
+    delta_files = PEFT_WEIGHT_FILES
 
     def prepare(self, model: nn.Module, layers: list[int], batches=None) -> nn.Module:
         from peft import ShiraConfig, get_peft_model
@@ -52,3 +58,21 @@ class ShiraMethod(Method):
 
     def save(self, model: nn.Module, folder: Path) -> None:
         model.save_pretrained(str(folder))
+
+    @classmethod
+    def attach(cls, model: nn.Module, folder: Path, manifest: dict[str, Any], *,
+               merge: bool) -> Attachment:
+        return attach_peft(model, folder, merge)
+
+    @classmethod
+    def options_from_peft(cls, config: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+        """The density is what the attached adapter trains over the weights it covers."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        targets = config.get("target_modules")
+        trained = sum(p.numel() for n, p in model.named_parameters() if "shira_weight" in n)
+        covered = sum(m.get_base_layer().weight.numel() for m in model.modules()
+                      if isinstance(m, BaseTunerLayer))
+        return {"density": trained / covered,
+                "target_modules": sorted(targets) if isinstance(targets, list) else None,
+                "seed": int(config.get("random_seed") or 0)}

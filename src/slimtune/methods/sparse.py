@@ -36,7 +36,7 @@ from torch import nn
 from ..errors import DeltaError, UserInputError
 from ..fileio import write_safetensors
 from ..models import decoder_layers
-from .base import Method, MethodConfig
+from .base import Attachment, Method, MethodConfig, register_method
 from .importance import SCORERS, SELECTIONS, importance_scores, select_top
 from .lora import target_module_names
 
@@ -229,9 +229,12 @@ class SparseOptions(MethodConfig):
             raise UserInputError("regrow_every must be >= 0 and regrow_fraction in (0, 1)")
 
 
+@register_method
 class SparseMethod(Method):
     name = "sparse"
     config_class = SparseOptions
+    default_lr = 2e-4
+    delta_files = (SPARSE_FILE,)
 
     def prepare(self, model: nn.Module, layers: list[int], batches=None) -> nn.Module:
         if not layers:
@@ -297,6 +300,14 @@ class SparseMethod(Method):
 
     def save(self, model: nn.Module, folder: Path) -> None:
         save_sparse(model, folder / SPARSE_FILE, {"importance": self.config.importance})
+
+    @classmethod
+    def attach(cls, model: nn.Module, folder: Path, manifest: dict[str, Any], *,
+               merge: bool) -> Attachment:
+        """Scatter-add the values into the weights (always merged); undo puts the original
+        entries back."""
+        apply_sparse(model, folder / SPARSE_FILE)
+        return Attachment(model, True, lambda: remove_sparse(model))
 
 
 def regrow(delta: SparseDelta, weight: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
