@@ -1,6 +1,7 @@
 """peft adapter folders into and out of the store.
 
-``export`` copies a version whose files already are peft's format (lora, shira). ``import``
+``export`` copies a version whose files already are peft's format (its method says
+``peft_format``: lora, shira). ``import``
 wraps a peft adapter folder in a slimtune manifest, but only after attaching it to the base
 it names: an adapter whose tensors do not fit that base is refused here, with the tensor
 named, rather than stored under the base's fingerprint and failing at every later use.
@@ -23,10 +24,20 @@ from ..errors import DeltaError, UserInputError
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_BIN = "adapter_model.bin"
-# peft types slimtune attaches, and the method each becomes in the store.
-IMPORTABLE = {"LORA": "lora", "SHIRA": "shira"}
-# methods whose delta folder is exactly a peft adapter folder.
-EXPORTABLE = ("lora", "shira")
+
+
+def exportable() -> list[str]:
+    """The registered methods whose delta folder is exactly a peft adapter folder."""
+    from ..methods import METHODS
+
+    return [name for name, cls in METHODS.items() if cls.peft_format]
+
+
+def importable() -> dict[str, type]:
+    """peft types slimtune attaches -> the registered method each becomes in the store."""
+    from ..methods import METHODS
+
+    return {cls.peft_type: cls for cls in METHODS.values() if cls.peft_format and cls.peft_type}
 
 
 @dataclass
@@ -37,15 +48,17 @@ class Imported:
 
 
 def export_peft(version, out: str | Path) -> Path:
-    """Copy a lora or shira version to ``out`` as a plain peft adapter folder."""
+    """Copy a version of a peft-format method (lora, shira) to ``out`` as a plain peft
+    adapter folder."""
     from ..fileio import atomic_dir
+    from ..methods import METHODS
     from .format import verify_delta
 
-    if version.method not in EXPORTABLE:
-        why = (": its sparse part has no place in peft's format" if version.method == "rosa"
-               else "")
+    method = METHODS.get(version.method)
+    if method is None or not method.peft_format:
+        why = f": {method.why_not_peft}" if method is not None and method.why_not_peft else ""
         raise UserInputError(f"{version.id} is a {version.method} delta; only "
-                             f"{' and '.join(EXPORTABLE)} versions export to peft{why}")
+                             f"{' and '.join(exportable())} versions export to peft{why}")
     out = Path(out)
     if out.exists():
         raise UserInputError(f"{out} already exists; choose a new folder")
@@ -126,30 +139,12 @@ def _adapted_layers(wrapped: nn.Module) -> list[int]:
             if any(isinstance(m, BaseTunerLayer) for m in layer.modules())]
 
 
-def _method_options(method: str, cfg: dict[str, Any], wrapped: nn.Module) -> dict[str, Any]:
-    """The slimtune options that describe the adapter (for list/show/diff; peft's config
-    file stays the authority)."""
-    targets = cfg.get("target_modules")
-    targets = sorted(targets) if isinstance(targets, list) else None
-    if method == "lora":
-        return {"r": int(cfg.get("r", 8)), "alpha": float(cfg.get("lora_alpha", 8)),
-                "dropout": float(cfg.get("lora_dropout") or 0.0), "target_modules": targets}
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    trained = sum(p.numel() for n, p in wrapped.named_parameters() if "shira_weight" in n)
-    covered = sum(m.get_base_layer().weight.numel() for m in wrapped.modules()
-                  if isinstance(m, BaseTunerLayer))
-    return {"density": trained / covered, "target_modules": targets,
-            "seed": int(cfg.get("random_seed") or 0)}
-
-
 def import_peft(store, src: str | Path, *, model: str | None = None,
                 note: str | None = None) -> Imported:
     """Check a peft adapter folder against its base and add it to ``store``.
 
     The base is ``model`` when given, else the adapter's ``base_model_name_or_path``.
     """
-    from ..methods import get_method
     from ..models import decoder_layers, fingerprint, load_model
     from .format import save_delta
 
@@ -168,9 +163,10 @@ def import_peft(store, src: str | Path, *, model: str | None = None,
     if not isinstance(cfg, dict):
         raise DeltaError(f"{config_path}: not a JSON object")
     peft_type = cfg.get("peft_type")
-    if peft_type not in IMPORTABLE:
+    methods = importable()
+    if peft_type not in methods:
         raise DeltaError(f"{config_path}: peft_type is {peft_type!r}; slimtune imports "
-                         f"{', '.join(IMPORTABLE)}")
+                         f"{', '.join(methods)}")
     adapter_base = cfg.get("base_model_name_or_path") or None
     spec = model or adapter_base
     if not spec:
@@ -188,8 +184,8 @@ def import_peft(store, src: str | Path, *, model: str | None = None,
                 else "is it the adapter's base?")
         wrapped = _attach_checked(loaded.model, adapter / PEFT_CONFIG, state, weights_path,
                                   spec, hint)
-        name = IMPORTABLE[peft_type]
-        method = get_method(name, _method_options(name, cfg, wrapped))
+        cls = methods[peft_type]
+        method = cls(cls.options_from_peft(cfg, wrapped))
         delta = Path(tmp) / "delta"
         save_delta(delta, method, wrapped, base=base, layers=_adapted_layers(wrapped),
                    extra={"imported_from": str(src.resolve()),
