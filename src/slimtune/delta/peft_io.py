@@ -14,12 +14,15 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..errors import DeltaError, UserInputError
+
+if TYPE_CHECKING:
+    from ..methods import Method
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -33,7 +36,7 @@ def exportable() -> list[str]:
     return [name for name, cls in METHODS.items() if cls.peft_format]
 
 
-def importable() -> dict[str, type]:
+def importable() -> dict[str, type[Method]]:
     """peft types slimtune attaches -> the registered method each becomes in the store."""
     from ..methods import METHODS
 

@@ -4,8 +4,8 @@ A method turns a frozen base model into a trainable one (only in the layers it i
 and moves its trained state to and from a delta folder, and back onto a model
 (:meth:`Method.attach`). Whether that state can be merged into the base weights, its
 default learning rate and whether its folder is peft's own format are the method's to say,
-so nothing outside ``methods/`` decides by a method's name. :func:`register_method` puts a
-method in :data:`METHODS`, where training, apply and the store find it by name.
+so nothing outside ``methods/`` decides by a method's name. :func:`register_method` adds a
+method to :data:`METHODS`, where training, apply and the store find it by name.
 """
 
 from __future__ import annotations
