@@ -43,7 +43,7 @@ from .errors import UserInputError
 from .freezing import freeze_below
 from .lm import base_model
 from .measure import PeakMemory, format_bytes
-from .methods import get_method
+from .methods import get_method, method_class
 from .models import decoder_layers
 
 
@@ -228,7 +228,8 @@ def calibrate(model: nn.Module, method: str, options: dict | None, batch: dict[s
     resident = _resident(device, model)
     # wide spreads of frozen / trained layer counts keep timing noise small against the slopes
     mixes = [(1, 1, False), (1, 4, False), (4, 1, False), (2, 2, False)]
-    if method == "full":
+    declared = method_class(method)
+    if declared.trains_embeddings:
         mixes.append((0, 2, True))
     points = {}
     for n_frozen, n_trained, emb in mixes:
@@ -249,7 +250,7 @@ def calibrate(model: nn.Module, method: str, options: dict | None, batch: dict[s
     trainable_layer_bytes = sum(p.numel() * p.element_size() for p in layer_params)
     del layer_params
     emb_weight = base_model(model).get_input_embeddings().weight
-    emb_bytes = emb_weight.numel() * emb_weight.element_size() if method == "full" else 0
+    emb_bytes = emb_weight.numel() * emb_weight.element_size() if declared.trains_embeddings else 0
     act = max((points[(1, 4, False)][2] - points[(1, 1, False)][2]) // 3, 0)
     costs = LayerCosts(
         method=method, options=options, num_layers=L,
@@ -257,12 +258,12 @@ def calibrate(model: nn.Module, method: str, options: dict | None, batch: dict[s
         state_bytes_per_layer=2 * trainable_layer_bytes, grad_bytes_per_layer=trainable_layer_bytes,
         activation_bytes_per_layer=act, embedding_train_bytes=3 * emb_bytes,
         transient_bytes=0, resident_bytes=resident, trainable_per_layer=trainable_layer,
-        trainable_embeddings=emb_weight.numel() if method == "full" else 0,
+        trainable_embeddings=emb_weight.numel() if declared.trains_embeddings else 0,
         flops_forward_per_layer=_flops_per_token_layer(model, batch["input_ids"].shape[1])
         * batch["input_ids"].numel(),
         flops_backward_per_trained_layer=0.0,
     )
-    costs.flops_backward_per_trained_layer = (2.0 if method == "full" else 1.0) * \
+    costs.flops_backward_per_trained_layer = (2.0 if declared.weight_grads else 1.0) * \
         costs.flops_forward_per_layer
     # what the per-layer accounting does not explain in the measured 1 frozen + 1 trained
     # mix is the fixed transient (loss chunk, backward workspace, LoRA weights, slack)
@@ -463,9 +464,11 @@ def estimate_static(model: nn.Module, method: str, batch: dict[str, torch.Tensor
     device = next(model.parameters()).device
     L = len(decoder_layers(model))
     per_layer = sum(p.numel() for p in _trained_layer_params(model, method, options, device))
-    emb = base_model(model).get_input_embeddings().weight.numel() if method == "full" else 0
+    declared = method_class(method)
+    emb = base_model(model).get_input_embeddings().weight.numel() if declared.trains_embeddings \
+        else 0
     fwd = _flops_per_token_layer(model, batch["input_ids"].shape[1]) * batch["input_ids"].numel()
-    per_bwd = (2.0 if method == "full" else 1.0) * fwd
+    per_bwd = (2.0 if declared.weight_grads else 1.0) * fwd
     rows = []
     for k in range(L):
         n = L - k

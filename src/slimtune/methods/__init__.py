@@ -21,14 +21,19 @@ from .shira import ShiraMethod
 from .sparse import SparseMethod, SparseOptions
 
 
-def get_method(name: str, options: dict[str, Any] | None = None) -> Method:
-    """A configured instance of the registered method ``name``."""
+def method_class(name: str) -> type[Method]:
+    """The registered method class ``name`` (what it declares, without configuring it)."""
     if name not in METHODS:
         raise UserInputError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
-    return METHODS[name](options or {})
+    return METHODS[name]
+
+
+def get_method(name: str, options: dict[str, Any] | None = None) -> Method:
+    """A configured instance of the registered method ``name``."""
+    return method_class(name)(options or {})
 
 
 __all__ = ["METHODS", "Attachment", "ExpertsMethod", "ExpertsOptions", "FullMethod",
            "LoraMethod", "LoraOptions", "Method", "MethodConfig", "RosaMethod", "RosaOptions",
-           "ShiraMethod", "SparseMethod", "SparseOptions", "get_method", "register_method",
+           "ShiraMethod", "SparseMethod", "SparseOptions", "get_method", "method_class", "register_method",
            "unregister_method"]

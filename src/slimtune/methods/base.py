@@ -65,6 +65,11 @@ class Method(ABC):
     peft_type: ClassVar[str | None] = None  # peft's ``peft_type`` this method imports
     # Files a delta cannot be applied without (one of them suffices); checked by verify.
     delta_files: ClassVar[tuple[str, ...]] = ()
+    # For the planner's cost model: whether a run with no layer frozen also trains the
+    # embeddings (tied to the head), and whether backward computes the base weights'
+    # gradients (2x a layer's forward FLOPs) rather than only the activations' (1x).
+    trains_embeddings: ClassVar[bool] = False
+    weight_grads: ClassVar[bool] = False
     progress: bool = True  # bars while choosing from data; the trainer sets --no-progress here
 
     def __init__(self, config: MethodConfig | dict | None = None) -> None:

@@ -27,6 +27,8 @@ class FullMethod(Method):
     config_class = MethodConfig
     default_lr = 2e-5
     delta_files = (WEIGHTS_FILE,)
+    trains_embeddings = True
+    weight_grads = True
 
     def prepare(self, model: nn.Module, layers: list[int], batches=None) -> nn.Module:
         all_layers = decoder_layers(model)
