@@ -397,13 +397,14 @@ def _report_train(cfg, result) -> None:
 
 def _cmd_sweep(args) -> int:
     from .report import comparison_rows, print_table, write_report
-    from .sweep import GRID_OPTIONS, grid_points, plot_sweep, run_sweep
+    from .sweep import grid_flags, grid_points, plot_sweep, run_sweep
 
-    lists = {k: v for k, v in vars(args).items() if k in GRID_OPTIONS}
-    cfg = train_config_from_args(args, exclude=tuple(GRID_OPTIONS))
+    grid = grid_flags(METHOD_FLAGS)
+    lists = {k: v for k, v in vars(args).items() if k in grid}
+    cfg = train_config_from_args(args, exclude=tuple(grid))
     if "output_dir" not in vars(args):
         cfg.output_dir = f"runs/sweep-{cfg.method}"
-    points = grid_points(cfg.method, lists)
+    points = grid_points(cfg.method, lists, grid)
     rows = run_sweep(cfg, points, cfg.output_dir, overwrite=cfg.overwrite)
     table = comparison_rows(rows)
     headers = ["metric", *[r["point"] for r in rows]]

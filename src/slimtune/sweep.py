@@ -18,14 +18,6 @@ from .console import info
 from .errors import UserInputError
 from .fileio import recover_dir, write_json
 
-# grid flag -> (method option, type, methods it applies to)
-GRID_OPTIONS: dict[str, tuple[str, type, tuple[str, ...]]] = {
-    "experts": ("experts", int, ("experts",)),
-    "top_k": ("top_k", int, ("experts",)),
-    "expert_rank": ("rank", int, ("experts",)),
-    "lora_r": ("r", int, ("lora", "rosa")),
-    "density": ("density", float, ("sparse", "rosa", "shira")),
-}
 POINT_FILE = "sweep_point.json"
 COLUMNS = ("eval_accuracy", "eval_exact_match", "eval_loss", "train_time_s", "step_time_p50_s",
            "tokens_per_s", "peak_memory_bytes", "eval_latency_p50_ms", "trainable_params",
@@ -48,20 +40,38 @@ def parse_list(flag: str, text: str, kind: type) -> list:
     return values
 
 
-def grid_points(method: str, lists: dict[str, str]) -> list[dict[str, Any]]:
-    """The cartesian product of the given ``flag -> "v1,v2"`` lists, as method options."""
+def _sweeping(option: str) -> list[str]:
+    """The registered methods whose options dataclass marks ``option`` as sweepable."""
+    from .methods import METHODS
+
+    return [name for name, cls in METHODS.items() if option in cls.config_class.sweepable()]
+
+
+def grid_flags(flags: dict[str, str]) -> dict[str, str]:
+    """Of the CLI's ``flag -> method option`` table, the flags whose option some registered
+    method declares sweepable (``SWEEP``): the grid follows the methods, not a list here."""
+    return {flag: option for flag, option in flags.items() if _sweeping(option)}
+
+
+def grid_points(method: str, lists: dict[str, str], flags: dict[str, str]
+                ) -> list[dict[str, Any]]:
+    """The cartesian product of the given ``flag -> "v1,v2"`` lists, as method options
+    (``flags``: flag -> option, see :func:`grid_flags`)."""
+    from .methods import method_class
+
+    swept = method_class(method).config_class.sweepable()
     axes = []
     for flag, text in lists.items():
-        key, kind, methods = GRID_OPTIONS[flag]
-        if method not in methods:
+        key = flags[flag]
+        if key not in swept:
             raise UserInputError(f"--{flag.replace('_', '-')} does not apply to --method "
-                                 f"{method} (it is for {', '.join(methods)})")
-        axes.append([(key, v) for v in parse_list(flag, text, kind)])
+                                 f"{method} (it is for {', '.join(_sweeping(key))})")
+        axes.append([(key, v) for v in parse_list(flag, text, swept[key])])
     if not axes:
-        flags = ", ".join(f"--{f.replace('_', '-')}" for f, (_, _, m) in GRID_OPTIONS.items()
-                          if method in m)
+        flags_here = ", ".join(f"--{f.replace('_', '-')}" for f, key in grid_flags(flags).items()
+                               if key in swept)
         raise UserInputError(f"nothing to sweep: give comma-separated values for "
-                             f"{flags or 'an option of a method that has one'}")
+                             f"{flags_here or 'an option of a method that has one'}")
     return [dict(p) for p in itertools.product(*axes)]
 
 

@@ -10,7 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import UserInputError
-from .base import METHODS, Attachment, Method, MethodConfig, register_method, unregister_method
+from .base import (
+    METHODS,
+    SWEEP,
+    Attachment,
+    Method,
+    MethodConfig,
+    register_method,
+    unregister_method,
+)
 
 # The registry lines: importing a module registers its method.
 from .experts import ExpertsMethod, ExpertsOptions
@@ -33,7 +41,7 @@ def get_method(name: str, options: dict[str, Any] | None = None) -> Method:
     return method_class(name)(options or {})
 
 
-__all__ = ["METHODS", "Attachment", "ExpertsMethod", "ExpertsOptions", "FullMethod",
+__all__ = ["METHODS", "SWEEP", "Attachment", "ExpertsMethod", "ExpertsOptions", "FullMethod",
            "LoraMethod", "LoraOptions", "Method", "MethodConfig", "RosaMethod", "RosaOptions",
            "ShiraMethod", "SparseMethod", "SparseOptions", "get_method", "method_class", "register_method",
            "unregister_method"]

@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_type_hints
 
 import torch
 from torch import nn
@@ -22,10 +22,21 @@ from torch import nn
 from ..config import check_types
 from ..errors import UserInputError
 
+# Field metadata of an option ``slimtune sweep`` may take a list of values for, e.g.
+# ``r: int = field(default=8, metadata=SWEEP)``: the sweep grid is derived from it.
+SWEEP = {"sweep": True}
+
 
 @dataclass
 class MethodConfig:
     """Options of a method; subclasses add fields. Unknown keys are an error."""
+
+    @classmethod
+    def sweepable(cls) -> dict[str, type]:
+        """The options marked with :data:`SWEEP`, with the type of their values (to parse a
+        sweep's comma-separated lists)."""
+        hints = get_type_hints(cls)
+        return {f.name: hints[f.name] for f in fields(cls) if f.metadata.get("sweep")}
 
     @classmethod
     def from_dict(cls, options: dict[str, Any], where: str = "method options"):

@@ -58,7 +58,7 @@ from ..errors import DeltaError, UserInputError
 from ..fileio import write_safetensors
 from ..models import decoder_layers
 from . import expert_cpu, expert_kernel
-from .base import Attachment, Method, MethodConfig, register_method
+from .base import SWEEP, Attachment, Method, MethodConfig, register_method
 from .lora import target_module_names
 
 EXPERTS_FILE = "experts.safetensors"
@@ -66,9 +66,9 @@ EXPERTS_FILE = "experts.safetensors"
 
 @dataclass
 class ExpertsOptions(MethodConfig):
-    experts: int = 8
-    top_k: int = 2
-    rank: int = 8
+    experts: int = field(default=8, metadata=SWEEP)
+    top_k: int = field(default=2, metadata=SWEEP)
+    rank: int = field(default=8, metadata=SWEEP)
     alpha: float = 16.0
     aux_weight: float = 0.01  # load-balancing loss weight
     # Short names of the linear modules to adapt; None = every linear layer in the blocks.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import DeltaError, UserInputError
 from ..models import decoder_layers
-from .base import Attachment, Method, MethodConfig, register_method
+from .base import SWEEP, Attachment, Method, MethodConfig, register_method
 
 # Files peft's adapter weights may be in; one of them must be in a peft-format delta.
 PEFT_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -27,7 +27,7 @@ PEFT_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 @dataclass
 class LoraOptions(MethodConfig):
-    r: int = 8
+    r: int = field(default=8, metadata=SWEEP)
     alpha: float = 16.0
     dropout: float = 0.05
     # Short names of the linear modules to adapt; None = every linear layer in the blocks.

@@ -22,7 +22,7 @@ format for its sparse part, it does not export to peft.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import UserInputError
-from .base import Attachment, Method, MethodConfig, register_method
+from .base import SWEEP, Attachment, Method, MethodConfig, register_method
 from .importance import SCORERS, SELECTIONS
 from .lora import LoraMethod, attach_peft
 from .sparse import SPARSE_FILE, SparseMethod, save_sparse
@@ -42,11 +42,11 @@ LORA_FILES = {"adapter_config.json": "lora_adapter_config.json",
 
 @dataclass
 class RosaOptions(MethodConfig):
-    r: int = 8
+    r: int = field(default=8, metadata=SWEEP)
     alpha: float = 16.0
     dropout: float = 0.05
     target_modules: list[str] | None = None
-    density: float = 0.005
+    density: float = field(default=0.005, metadata=SWEEP)
     importance: str = "fisher"
     selection: str = "per_tensor"
     calibration_batches: int = 8

@@ -9,7 +9,7 @@ adapted weights. The delta folder is peft's own format.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +17,13 @@ from torch import nn
 
 from ..errors import UserInputError
 from ..models import decoder_layers
-from .base import Attachment, Method, MethodConfig, register_method
+from .base import SWEEP, Attachment, Method, MethodConfig, register_method
 from .lora import PEFT_WEIGHT_FILES, attach_peft, linear_module_names
 
 
 @dataclass
 class ShiraOptions(MethodConfig):
-    density: float = 0.01
+    density: float = field(default=0.01, metadata=SWEEP)
     target_modules: list[str] | None = None
     seed: int = 0
 

@@ -24,7 +24,7 @@ where that step's dense gradient is largest, keeping the density fixed.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from torch import nn
 from ..errors import DeltaError, UserInputError
 from ..fileio import write_safetensors
 from ..models import decoder_layers
-from .base import Attachment, Method, MethodConfig, register_method
+from .base import SWEEP, Attachment, Method, MethodConfig, register_method
 from .importance import SCORERS, SELECTIONS, importance_scores, select_top
 from .lora import target_module_names
 
@@ -208,7 +208,7 @@ def check_against(model: nn.Module, entries: dict, meta: dict, where: Path) -> d
 
 @dataclass
 class SparseOptions(MethodConfig):
-    density: float = 0.01
+    density: float = field(default=0.01, metadata=SWEEP)
     importance: str = "fisher"
     selection: str = "per_tensor"
     target_modules: list[str] | None = None  # short names; None = every linear in the blocks
