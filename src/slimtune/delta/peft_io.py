@@ -1,8 +1,8 @@
 """peft adapter folders into and out of the store.
 
 ``export`` copies a version whose files already are peft's format (its method says
-``peft_format``: lora, shira). ``import``
-wraps a peft adapter folder in a slimtune manifest, but only after attaching it to the base
+``peft_format``: lora, dora, shira). ``import`` asks the methods which one an adapter
+becomes (:meth:`Method.imports_peft`) and wraps a peft adapter folder in a slimtune manifest, but only after attaching it to the base
 it names: an adapter whose tensors do not fit that base is refused here, with the tensor
 named, rather than stored under the base's fingerprint and failing at every later use.
 """
@@ -36,11 +36,22 @@ def exportable() -> list[str]:
     return [name for name, cls in METHODS.items() if cls.peft_format]
 
 
-def importable() -> dict[str, type[Method]]:
-    """peft types slimtune attaches -> the registered method each becomes in the store."""
+def importable() -> list[str]:
+    """The peft types some registered method imports."""
     from ..methods import METHODS
 
-    return {cls.peft_type: cls for cls in METHODS.values() if cls.peft_format and cls.peft_type}
+    return sorted({cls.peft_type for cls in METHODS.values() if cls.peft_format and cls.peft_type})
+
+
+def importer(config: dict[str, Any]) -> type[Method] | None:
+    """The registered method a peft adapter with this adapter_config.json becomes: of the
+    methods that claim it (:meth:`Method.imports_peft`), the most specific (a subclass wins
+    over its base, e.g. dora over lora for a ``use_dora`` adapter)."""
+    from ..methods import METHODS
+
+    claims = [cls for cls in METHODS.values() if cls.imports_peft(config)]
+    specific = [c for c in claims if not any(o is not c and issubclass(o, c) for o in claims)]
+    return specific[0] if specific else None
 
 
 @dataclass
@@ -51,7 +62,7 @@ class Imported:
 
 
 def export_peft(version, out: str | Path) -> Path:
-    """Copy a version of a peft-format method (lora, shira) to ``out`` as a plain peft
+    """Copy a version of a peft-format method (lora, dora, shira) to ``out`` as a plain peft
     adapter folder."""
     from ..fileio import atomic_dir
     from ..methods import METHODS
@@ -165,11 +176,10 @@ def import_peft(store, src: str | Path, *, model: str | None = None,
         raise DeltaError(f"{config_path}: not UTF-8 text") from e
     if not isinstance(cfg, dict):
         raise DeltaError(f"{config_path}: not a JSON object")
-    peft_type = cfg.get("peft_type")
-    methods = importable()
-    if peft_type not in methods:
-        raise DeltaError(f"{config_path}: peft_type is {peft_type!r}; slimtune imports "
-                         f"{', '.join(methods)}")
+    cls = importer(cfg)
+    if cls is None:
+        raise DeltaError(f"{config_path}: peft_type is {cfg.get('peft_type')!r}; slimtune "
+                         f"imports {', '.join(importable())}")
     adapter_base = cfg.get("base_model_name_or_path") or None
     spec = model or adapter_base
     if not spec:
@@ -187,7 +197,6 @@ def import_peft(store, src: str | Path, *, model: str | None = None,
                 else "is it the adapter's base?")
         wrapped = _attach_checked(loaded.model, adapter / PEFT_CONFIG, state, weights_path,
                                   spec, hint)
-        cls = methods[peft_type]
         method = cls(cls.options_from_peft(cfg, wrapped))
         delta = Path(tmp) / "delta"
         save_delta(delta, method, wrapped, base=base, layers=_adapted_layers(wrapped),

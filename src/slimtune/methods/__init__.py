@@ -21,6 +21,7 @@ from .base import (
 )
 
 # The registry lines: importing a module registers its method.
+from .dora import DoraMethod, DoraOptions
 from .experts import ExpertsMethod, ExpertsOptions
 from .full import FullMethod
 from .lora import LoraMethod, LoraOptions
@@ -41,7 +42,7 @@ def get_method(name: str, options: dict[str, Any] | None = None) -> Method:
     return method_class(name)(options or {})
 
 
-__all__ = ["METHODS", "SWEEP", "Attachment", "ExpertsMethod", "ExpertsOptions", "FullMethod",
-           "LoraMethod", "LoraOptions", "Method", "MethodConfig", "RosaMethod", "RosaOptions",
-           "ShiraMethod", "SparseMethod", "SparseOptions", "get_method", "method_class", "register_method",
-           "unregister_method"]
+__all__ = ["METHODS", "SWEEP", "Attachment", "DoraMethod", "DoraOptions", "ExpertsMethod",
+           "ExpertsOptions", "FullMethod", "LoraMethod", "LoraOptions", "Method", "MethodConfig",
+           "RosaMethod", "RosaOptions", "ShiraMethod", "SparseMethod", "SparseOptions",
+           "get_method", "method_class", "register_method", "unregister_method"]

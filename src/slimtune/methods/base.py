@@ -115,6 +115,14 @@ class Method(ABC):
         """
 
     @classmethod
+    def imports_peft(cls, config: dict[str, Any]) -> bool:
+        """Whether a peft adapter with this adapter_config.json becomes this method in the
+        store (by ``peft_type``). Where a method and its subclass both claim one, the
+        subclass wins, so a LoRA variant claims its flag without LoRA knowing of it."""
+        return cls.peft_format and cls.peft_type is not None \
+            and config.get("peft_type") == cls.peft_type
+
+    @classmethod
     def options_from_peft(cls, config: dict[str, Any], model: nn.Module) -> dict[str, Any]:
         """This method's options describing an imported peft adapter (``config`` is its
         adapter_config.json, ``model`` the base with it attached); for list/show/diff."""

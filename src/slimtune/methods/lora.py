@@ -2,7 +2,7 @@
 
 The delta folder holds peft's own ``adapter_model.safetensors`` + ``adapter_config.json``,
 so ``peft.PeftModel.from_pretrained(base, delta_folder)`` loads it as it is.
-:func:`attach_peft` attaches any peft-format delta (lora, shira, rosa's LoRA part).
+:func:`attach_peft` attaches any peft-format delta (lora, dora, shira, rosa's LoRA part).
 """
 
 from __future__ import annotations
