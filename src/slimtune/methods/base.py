@@ -116,8 +116,8 @@ class Method(ABC):
 
     @classmethod
     def imports_peft(cls, config: dict[str, Any]) -> bool:
-        """Whether a peft adapter with this adapter_config.json becomes this method in the
-        store (by ``peft_type``). Where a method and its subclass both claim one, the
+        """Whether a peft adapter with this adapter_config.json is stored as this method
+        (by ``peft_type``). Where a method and its subclass both claim one, the
         subclass wins, so a LoRA variant claims its flag without LoRA knowing of it."""
         return cls.peft_format and cls.peft_type is not None \
             and config.get("peft_type") == cls.peft_type
