@@ -101,14 +101,28 @@ def attach_peft(model: nn.Module, folder: Path, merge: bool,
     return Attachment(plain, True, restore)
 
 
+class PeftAdapterMethod(Method):
+    """A method whose delta folder is peft's own adapter format: peft saves it, and
+    :func:`attach_peft` puts it on a base (unmerged, or merged with an exact undo)."""
+
+    peft_format = True
+    delta_files = PEFT_WEIGHT_FILES
+
+    def save(self, model: nn.Module, folder: Path) -> None:
+        model.save_pretrained(str(folder))
+
+    @classmethod
+    def attach(cls, model: nn.Module, folder: Path, manifest: dict[str, Any], *,
+               merge: bool) -> Attachment:
+        return attach_peft(model, folder, merge)
+
+
 @register_method
-class LoraMethod(Method):
+class LoraMethod(PeftAdapterMethod):
     name = "lora"
     config_class = LoraOptions
     default_lr = 2e-4
-    peft_format = True
     peft_type = "LORA"
-    delta_files = PEFT_WEIGHT_FILES
 
     def peft_config(self, model: nn.Module, layers: list[int]):
         from peft import LoraConfig
@@ -129,14 +143,6 @@ class LoraMethod(Method):
             raise UserInputError("lora: no layer left to adapt (everything is frozen)")
         return get_peft_model(model, self.peft_config(model, layers),
                               autocast_adapter_dtype=not self.config.adapter_dtype_follows_base)
-
-    def save(self, model: nn.Module, folder: Path) -> None:
-        model.save_pretrained(str(folder))
-
-    @classmethod
-    def attach(cls, model: nn.Module, folder: Path, manifest: dict[str, Any], *,
-               merge: bool) -> Attachment:
-        return attach_peft(model, folder, merge)
 
     @classmethod
     def options_from_peft(cls, config: dict[str, Any], model: nn.Module) -> dict[str, Any]:

@@ -10,15 +10,14 @@ adapted weights. The delta folder is peft's own format.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from ..errors import UserInputError
 from ..models import decoder_layers
-from .base import SWEEP, Attachment, Method, MethodConfig, register_method
-from .lora import PEFT_WEIGHT_FILES, attach_peft, linear_module_names
+from .base import SWEEP, MethodConfig, register_method
+from .lora import PeftAdapterMethod, linear_module_names
 
 
 @dataclass
@@ -33,13 +32,11 @@ class ShiraOptions(MethodConfig):
 
 
 @register_method
-class ShiraMethod(Method):
+class ShiraMethod(PeftAdapterMethod):
     name = "shira"
     config_class = ShiraOptions
     default_lr = 2e-4
-    peft_format = True
     peft_type = "SHIRA"
-    delta_files = PEFT_WEIGHT_FILES
 
     def prepare(self, model: nn.Module, layers: list[int], batches=None) -> nn.Module:
         from peft import ShiraConfig, get_peft_model
@@ -55,14 +52,6 @@ class ShiraMethod(Method):
         pattern = (r".*\.(" + "|".join(map(str, layers)) + r")\..*\.(" + "|".join(targets) + r")$")
         return get_peft_model(model, ShiraConfig(r=r, target_modules=pattern,
                                                  random_seed=cfg.seed, task_type="CAUSAL_LM"))
-
-    def save(self, model: nn.Module, folder: Path) -> None:
-        model.save_pretrained(str(folder))
-
-    @classmethod
-    def attach(cls, model: nn.Module, folder: Path, manifest: dict[str, Any], *,
-               merge: bool) -> Attachment:
-        return attach_peft(model, folder, merge)
 
     @classmethod
     def options_from_peft(cls, config: dict[str, Any], model: nn.Module) -> dict[str, Any]:
