@@ -217,16 +217,23 @@ def test_an_id_freed_by_rm_is_never_handed_out_again(deltas, tmp_path, capsys):
     assert store.resolve("prod").id == "v1"
 
 
-def test_an_old_index_is_migrated_with_its_high_water_mark_and_manifest_sums(deltas, tmp_path):
-    root = tmp_path / "store"
-    shutil.copytree(deltas["lora"], root / "objects" / "v2")
+def _schema2_store(root: Path, delta: Path, vid: str) -> sqlite3.Connection:
+    """A store as slimtune wrote it before schema 3, holding ``delta`` as version ``vid``;
+    returns the open index connection for the caller to add rows and commit."""
+    shutil.copytree(delta, root / "objects" / vid)
     conn = sqlite3.connect(root / "index.sqlite")
     for v in (0, 1):
         conn.executescript(_MIGRATIONS[v])
     conn.execute("INSERT INTO meta VALUES ('schema_version', '2')")
-    m = json.loads((root / "objects" / "v2" / "manifest.json").read_text())
+    m = json.loads((root / "objects" / vid / "manifest.json").read_text())
     conn.execute("INSERT INTO versions (id, seq, method, base_fingerprint, created, bytes) "
-                 "VALUES ('v2', 2, 'lora', ?, 'then', 1)", (m["base"]["fingerprint"],))
+                 "VALUES (?, ?, 'lora', ?, 'then', 1)", (vid, int(vid[1:]), m["base"]["fingerprint"]))
+    return conn
+
+
+def test_an_old_index_is_migrated_with_its_high_water_mark_and_manifest_sums(deltas, tmp_path):
+    root = tmp_path / "store"
+    conn = _schema2_store(root, deltas["lora"], "v2")
     conn.commit()
     conn.close()
     store = DeltaStore(root)
@@ -240,14 +247,7 @@ def test_an_old_index_never_reuses_an_id_its_tag_history_names(deltas, tmp_path)
     """Before schema 3, rm of the newest version freed its id; a tag's history may still
     name it, so the upgraded store must not hand that id out (rollback would deploy it)."""
     root = tmp_path / "store"
-    shutil.copytree(deltas["lora"], root / "objects" / "v1")
-    conn = sqlite3.connect(root / "index.sqlite")
-    for v in (0, 1):
-        conn.executescript(_MIGRATIONS[v])
-    conn.execute("INSERT INTO meta VALUES ('schema_version', '2')")
-    m = json.loads((root / "objects" / "v1" / "manifest.json").read_text())
-    conn.execute("INSERT INTO versions (id, seq, method, base_fingerprint, created, bytes) "
-                 "VALUES ('v1', 1, 'lora', ?, 'then', 1)", (m["base"]["fingerprint"],))
+    conn = _schema2_store(root, deltas["lora"], "v1")
     # prod: v1 -> v2 -> v1, then v2 was removed (rm --force) by the old slimtune
     conn.executemany("INSERT INTO tag_history (name, version, at) VALUES ('prod', ?, 'then')",
                      [("v1",), ("v2",), ("v1",)])
