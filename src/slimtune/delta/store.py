@@ -166,7 +166,7 @@ class DeltaStore:
                     f"from their manifests with `slimtune delta --store {self.root} reindex`, "
                     "or restore index.sqlite from a backup")
         if not self.readonly:
-            if 0 < self._upgrade() < 3:  # rows from before schema 3 had no manifest sums
+            if 0 < self._upgrade(fresh) < 3:  # rows from before schema 3 had no manifest sums
                 self._backfill_manifest_sums()
         elif not fresh:
             current = self.schema_version()
@@ -305,8 +305,12 @@ class DeltaStore:
         row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         return int(row["value"]) if row else 0
 
-    def _upgrade(self) -> int:
+    def _upgrade(self, fresh: bool) -> int:
         """Migrate the index to SCHEMA_VERSION; return the version it had."""
+        if not fresh and self.schema_version() == SCHEMA_VERSION:
+            # the common case reads only: no write transaction to wait for behind a writer
+            self._check_tables()
+            return SCHEMA_VERSION
         with self._write() as conn:
             current = self._schema_version(conn)
             if current > SCHEMA_VERSION:
