@@ -99,6 +99,19 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _insert_version(conn: sqlite3.Connection, vid: str, seq: int, manifest: dict,
+                    manifest_sha: str, *, parent: str | None, created: str,
+                    note: str | None) -> None:
+    """The index row of a version, as ``add`` and ``reindex`` both write it."""
+    conn.execute(
+        "INSERT INTO versions (id, seq, parent, method, base_fingerprint, "
+        "dataset_fingerprint, created, bytes, note, manifest_sha256) "
+        "VALUES (?,?,?,?,?,?,?,?,?,?)",
+        (vid, seq, parent, manifest["method"], manifest["base"]["fingerprint"],
+         (manifest.get("dataset") or {}).get("fingerprint"), created, delta_bytes(manifest),
+         note, manifest_sha))
+
+
 # Each migration takes the index from version i to i + 1.
 _MIGRATIONS = {
     0: """
@@ -462,13 +475,8 @@ class DeltaStore:
                     fsync_dir(self.objects)
                     conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES "
                                  "('max_seq', ?)", (str(seq),))
-                    conn.execute(
-                        "INSERT INTO versions (id, seq, parent, method, base_fingerprint, "
-                        "dataset_fingerprint, created, bytes, note, manifest_sha256) "
-                        "VALUES (?,?,?,?,?,?,?,?,?,?)",
-                        (vid, seq, parent, manifest["method"], manifest["base"]["fingerprint"],
-                         (manifest.get("dataset") or {}).get("fingerprint"), _now(),
-                         delta_bytes(manifest), note, manifest_sha))
+                    _insert_version(conn, vid, seq, manifest, manifest_sha, parent=parent,
+                                    created=_now(), note=note)
             except BaseException:
                 if target is not None and not self._indexed(vid):
                     shutil.rmtree(target, ignore_errors=True)  # ours, and never committed
@@ -659,15 +667,10 @@ class DeltaStore:
                     skipped.append((str(d), str(e)))
                     continue
                 created = manifest.get("created")
-                conn.execute(
-                    "INSERT INTO versions (id, seq, parent, method, base_fingerprint, "
-                    "dataset_fingerprint, created, bytes, note, manifest_sha256) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    (d.name, int(m.group(1)), None, manifest["method"],
-                     manifest["base"]["fingerprint"],
-                     (manifest.get("dataset") or {}).get("fingerprint"),
-                     created if isinstance(created, str) else _now(), delta_bytes(manifest),
-                     "reindexed", sha256_file(d / MANIFEST)))
+                _insert_version(conn, d.name, int(m.group(1)), manifest,
+                                sha256_file(d / MANIFEST), parent=None,
+                                created=created if isinstance(created, str) else _now(),
+                                note="reindexed")
                 added.append(d.name)
             conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('max_seq', ?)",
                          (str(top),))
