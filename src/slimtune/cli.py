@@ -354,8 +354,8 @@ def _store_delta(delta_dir: Path, opts: StoreOptions) -> None:
 
     store = DeltaStore(opts.store)
     digest = sha256_file(delta_dir / MANIFEST)
-    for v in store.list():
-        if (v.path / MANIFEST).is_file() and sha256_file(v.path / MANIFEST) == digest:
+    for v in store.list():  # the index holds each manifest's SHA-256: no file is re-read
+        if v.manifest_sha256 == digest:
             print(f"already stored as {v.id} in {store.root}")
             return
     v = store.add(delta_dir, parent=opts.parent, note=opts.note)
