@@ -39,7 +39,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--examples", type=int, default=20000)
     args = ap.parse_args()
-    from slimtune.abtest import mcnemar_exact, paired_bootstrap
+    from slimtune.eval.abtest import mcnemar_exact, paired_bootstrap
 
     rng = random.Random(0)
     n = args.examples

@@ -69,7 +69,7 @@ CONFIGS = {
 
 
 def build_model(name: str, device: str):
-    from slimtune.models import load_model
+    from slimtune.model.loading import load_model
 
     if name == "default":
         return load_model("default", device=device).model
@@ -92,16 +92,16 @@ def build_model(name: str, device: str):
 
 
 def run_one(args) -> dict:
-    from slimtune.freezing import freeze_below
-    from slimtune.measure import PeakMemory
+    from slimtune.eval.cost import PeakMemory
     from slimtune.methods import get_method
-    from slimtune.models import count_parameters, decoder_layers
-    from slimtune.trainer import accumulate_gradients
+    from slimtune.model.anatomy import count_parameters, decoder_layers
+    from slimtune.salf.freezing import freeze_below
+    from slimtune.training.step import accumulate_gradients
 
     c = CONFIGS[args.run_one]
     impl, method, freeze, bf16_adapters = c["impl"], c["method"], c["freeze"], c["bf16_adapters"]
     if args.run_one == "experts-by-expert":
-        from slimtune.methods import experts
+        from slimtune.methods.experts import layer as experts
 
         experts.EXPERT_SET_DEVICES = set()
     if c["liger"]:
@@ -123,7 +123,7 @@ def run_one(args) -> dict:
     elif method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        from slimtune.methods.lora import linear_module_names
+        from slimtune.model.anatomy import linear_module_names
 
         top = None if k == 0 else list(range(k, n_layers))
         model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r,

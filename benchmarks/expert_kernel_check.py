@@ -13,8 +13,10 @@ import time
 
 import torch
 
-from slimtune.methods import expert_cpu, expert_kernel
-from slimtune.methods import experts as X
+from slimtune.methods.experts import attached
+from slimtune.methods.experts import cpu_kernel as expert_cpu
+from slimtune.methods.experts import cuda_kernel as expert_kernel
+from slimtune.methods.experts import layer as X
 
 
 def linear_case(tokens: int, d_in: int, d_out: int, experts: int, k: int, rank: int,
@@ -128,7 +130,7 @@ def model_case() -> dict:
     model = tiny_llama(500, layers=2, hidden=256, seed=0).cuda().to(torch.bfloat16)
     get_method("experts", {"experts": 8, "top_k": 2, "rank": 8}).prepare(model, [0])  # no flips downstream
     with torch.no_grad():
-        for lin in X.attached(model).linears.values():
+        for lin in attached(model).linears.values():
             lin.lora_A.data = lin.lora_A.data.to(torch.bfloat16)
             lin.lora_B.data = (torch.randn_like(lin.lora_B) * 0.05).to(torch.bfloat16)
     model.eval()

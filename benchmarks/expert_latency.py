@@ -86,7 +86,7 @@ def time_prefill(model, ids, reps: int, device: str) -> float:
 def time_decode(model, prompt, tokens: int, device: str) -> float:
     from transformers import DynamicCache
 
-    from slimtune.lm import with_cache
+    from slimtune.model.anatomy import with_cache
 
     times = []
     with torch.no_grad():
@@ -141,7 +141,9 @@ def main() -> None:
                          "accumulate; loop = a loop over the experts")
     ap.add_argument("--out", help="write the rows as JSON here")
     args = ap.parse_args()
-    from slimtune.methods import expert_cpu, expert_kernel, experts
+    from slimtune.methods.experts import cpu_kernel as expert_cpu
+    from slimtune.methods.experts import cuda_kernel as expert_kernel
+    from slimtune.methods.experts import layer as experts
 
     experts.FUSED_KERNEL = args.path == "auto"
     experts.EXPERT_SET_DEVICES = {"cuda", "cpu"} if args.path == "sets" else (

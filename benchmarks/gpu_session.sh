@@ -17,7 +17,7 @@ python3 - <<'PY' 2>&1 | tail -3
 import tempfile, json
 from pathlib import Path
 from slimtune.testing import tiny_model_dir
-from slimtune.trainer import TrainConfig, train
+from slimtune import TrainConfig, train
 d = Path(tempfile.mkdtemp())
 m = tiny_model_dir(d / "m")
 rows = [{"prompt": f"Message: parcel {i}\nIntent:", "completion": " shipping" if i % 2 else " billing"} for i in range(64)]

@@ -41,8 +41,8 @@ def main() -> None:
 
     from bench_methods import build_model
 
-    from slimtune.models import decoder_layers
-    from slimtune.plan import calibrate, estimate, synthetic_batch
+    from slimtune.model.anatomy import decoder_layers
+    from slimtune.salf.plan import calibrate, estimate, synthetic_batch
 
     device = torch.device(args.device)
     model = build_model(args.model, args.device)

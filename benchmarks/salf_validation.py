@@ -60,10 +60,11 @@ def main() -> None:
                                     "report with these; eofs already there are not rerun")
     args = ap.parse_args()
 
-    from slimtune.analysis import analyze
     from slimtune.data import load_dataset
-    from slimtune.models import load_model
-    from slimtune.trainer import TrainConfig, train
+    from slimtune.model.loading import load_model
+    from slimtune.salf.analysis import analyze
+    from slimtune.training.config import TrainConfig
+    from slimtune.training.trainer import train
 
     base = load_model("default")
     analysis = analyze(base.model, load_dataset(args.data, base.tokenizer), progress=False)

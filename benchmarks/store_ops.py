@@ -37,8 +37,9 @@ def main() -> None:
     import torch
 
     from slimtune.delta import DeltaStore, apply_delta
-    from slimtune.models import fingerprint, load_model
-    from slimtune.trainer import TrainConfig, train
+    from slimtune.model.loading import fingerprint, load_model
+    from slimtune.training.config import TrainConfig
+    from slimtune.training.trainer import train
 
     out = Path(args.out)
     store = DeltaStore(out / "store")

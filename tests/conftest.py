@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from slimtune.models import load_model
+from slimtune.model.loading import load_model
 from slimtune.testing import tiny_model_dir
 
 LABELS = ["billing", "shipping", "returns"]
@@ -52,7 +52,8 @@ def intent_file(tmp_path) -> Path:
 
 
 def train_tiny(model_dir: Path, data: Path, out: Path, **overrides):
-    from slimtune.trainer import TrainConfig, train
+    from slimtune.training.config import TrainConfig
+    from slimtune.training.trainer import train
 
     opts = dict(model=str(model_dir), data=str(data), output_dir=str(out), max_steps=6,
                 batch_size=4, lr=1e-2, eval_fraction=0.25, progress=False, device="cpu",

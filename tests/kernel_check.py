@@ -6,8 +6,10 @@ import json
 
 import torch
 
-from slimtune.methods import expert_kernel, get_method
-from slimtune.methods import experts as X
+from slimtune.methods import get_method
+from slimtune.methods.experts import attached
+from slimtune.methods.experts import cuda_kernel as expert_kernel
+from slimtune.methods.experts import layer as X
 from slimtune.testing import tiny_llama
 
 
@@ -22,7 +24,7 @@ def check(experts: int, top_k: int, rank: int, batch: int, seq: int,
     model = tiny_llama(300, layers=2, seed=0).to(dtype)
     get_method("experts", {"experts": experts, "top_k": top_k, "rank": rank}).prepare(
         model, list(layers))
-    att = X.attached(model)
+    att = attached(model)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for lin in att.linears.values():

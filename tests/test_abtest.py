@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from slimtune.abtest import compare, mcnemar_exact, paired_bootstrap
+from slimtune.eval.abtest import compare, mcnemar_exact, paired_bootstrap
 
 
 def _mcnemar_by_integers(only_a: int, only_b: int) -> float:
@@ -60,7 +60,7 @@ def test_compare_names_the_winner_and_its_significance():
 def test_bootstrap_of_correctness_draws_counts_like_resampling_examples():
     """The multinomial shortcut for few distinct differences is the same distribution as
     resampling examples: compare both on the same data."""
-    from slimtune import abtest
+    from slimtune.eval import abtest
 
     rng = np.random.default_rng(5)
     a = (rng.random(3000) < 0.7).astype(float)

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from slimtune.cli import build_parser, main, train_config_from_args, train_options_from_args
+from slimtune.cli.main import build_parser, main, train_config_from_args, train_options_from_args
 from slimtune.errors import DataError, UserInputError
 
 

@@ -251,7 +251,8 @@ def test_datasets_objects_load_and_train(tiny, tiny_dir, tmp_path):
     import datasets
 
     from slimtune.errors import UserInputError
-    from slimtune.trainer import TrainConfig, train
+    from slimtune.training.config import TrainConfig
+    from slimtune.training.trainer import train
 
     from .conftest import intent_rows
 

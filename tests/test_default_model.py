@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from slimtune.data import load_dataset
-from slimtune.evaluation import eval_loss, generate
-from slimtune.models import DEFAULT_MODEL_NAME, default_model_dir, fingerprint, load_model
-from slimtune.trainer import TrainConfig, train
+from slimtune.eval.evaluate import eval_loss, generate
+from slimtune.model.loading import DEFAULT_MODEL_NAME, default_model_dir, fingerprint, load_model
+from slimtune.training.config import TrainConfig
+from slimtune.training.trainer import train
 
 pytestmark = pytest.mark.default_model
 

@@ -5,7 +5,7 @@ import torch
 
 from slimtune.delta import load_delta, read_manifest, verify_delta
 from slimtune.errors import DeltaError
-from slimtune.models import fingerprint, load_model
+from slimtune.model.loading import fingerprint, load_model
 from slimtune.testing import tiny_model_dir
 
 from .conftest import train_tiny

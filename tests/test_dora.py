@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from slimtune.delta import DeltaStore, DeltaSwitcher, apply_delta
-from slimtune.models import fingerprint, load_model
+from slimtune.model.loading import fingerprint, load_model
 
 from .conftest import intent_rows, train_tiny, write_jsonl
 

@@ -2,9 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slimtune import lm
 from slimtune.data import collate, load_dataset
-from slimtune.evaluation import classification_accuracy, detect_task, eval_loss, score_labels
+from slimtune.eval.evaluate import classification_accuracy, detect_task, eval_loss, score_labels
+from slimtune.training import loss as lm
 
 from .conftest import write_jsonl
 
@@ -93,7 +93,7 @@ def test_cross_entropy_reference_is_what_we_think():
 
 
 def test_classification_loss_from_scores_equals_the_eval_loss(tiny, intent_file):
-    from slimtune.evaluation import evaluate
+    from slimtune.eval.evaluate import evaluate
 
     ds = load_dataset(intent_file, tiny.tokenizer)
     metrics, details = evaluate(tiny.model, tiny.tokenizer, ds, latency=False)
@@ -130,7 +130,7 @@ def test_fused_chunked_cross_entropy_matches_autograd(autocast):
 
 
 def test_per_example_loss_matches_the_token_weighted_eval_loss(tiny, intent_file):
-    from slimtune.evaluation import per_example_loss
+    from slimtune.eval.evaluate import per_example_loss
 
     ds = load_dataset(intent_file, tiny.tokenizer)
     exs = ds.examples[:6]
@@ -159,7 +159,7 @@ class CountingTokenizer:
 @pytest.mark.parametrize("task", ["classification", "generation"])
 def test_a_100k_word_prompt_is_cut_to_max_length_keeping_its_end(tiny, tmp_path, task):
     from slimtune.data import CHARS_PER_TOKEN
-    from slimtune.evaluation import evaluate
+    from slimtune.eval.evaluate import evaluate
 
     tail = "\nMessage: parcel\nIntent:"
     rows = [{"prompt": "word " * 100_000 + tail, "completion": " billing"},
@@ -201,7 +201,7 @@ def test_no_progress_silences_every_bar_and_progress_shows_the_eval(tiny_dir, in
 
 
 def test_conversational_prompt_completion_evaluates_as_a_chat(tiny, tmp_path):
-    from slimtune.evaluation import evaluate
+    from slimtune.eval.evaluate import evaluate
 
     chat = [{"role": "user", "content": "hello"}]
     rows = [{"prompt": chat, "completion": [{"role": "assistant", "content": f"answer {i}"}]}

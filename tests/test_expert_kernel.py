@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from slimtune.methods.expert_kernel import BLOCK_M, SMALL_BATCH, plan_tiles
+from slimtune.methods.experts.cuda_kernel import BLOCK_M, SMALL_BATCH, plan_tiles
 
 
 def _routing(n: int, experts: int, k: int, seed: int = 0):
@@ -74,8 +74,8 @@ def test_fused_kernel_gives_the_gathered_paths_logits_under_the_interpreter():
 
 
 def test_a_kernel_that_fails_to_compile_falls_back_to_the_gathered_path(monkeypatch):
-    from slimtune.methods import expert_kernel
-    from slimtune.methods import experts as X
+    from slimtune.methods.experts import cuda_kernel as expert_kernel
+    from slimtune.methods.experts import layer as X
 
     from .test_experts import _with_experts
 
@@ -114,8 +114,9 @@ def test_every_cpu_path_gives_the_same_logits(monkeypatch):
     """The fused C kernel (CPU inference), the grouped GEMM by expert set (what CUDA training
     runs) and by expert, the per-expert in-place loop, and the autograd loop (CPU training)
     all compute the same adapter."""
-    from slimtune.methods import expert_cpu
-    from slimtune.methods import experts as X
+    from slimtune.methods.experts import attached
+    from slimtune.methods.experts import cpu_kernel as expert_cpu
+    from slimtune.methods.experts import layer as X
 
     from .test_experts import _with_experts
 
@@ -124,7 +125,7 @@ def test_every_cpu_path_gives_the_same_logits(monkeypatch):
     ids = torch.randint(0, vocab, (4, 60), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, :17] = 0  # left padding: not routed
-    routers = X.attached(model).routers.values()
+    routers = attached(model).routers.values()
     calls = _count_calls(monkeypatch, expert_cpu)
     outs = {}
     with torch.no_grad():
@@ -141,7 +142,7 @@ def test_every_cpu_path_gives_the_same_logits(monkeypatch):
     outs["autograd"] = model(input_ids=ids, attention_mask=mask).logits.detach()
     assert len(calls) == 4 * 7  # only the first pass ran the kernel
     base = _with_experts(experts=4, top_k=2)[0]
-    X.attached(base).remove()
+    attached(base).remove()
     with torch.no_grad():
         plain = base(input_ids=ids, attention_mask=mask).logits
     keep = mask.bool()
@@ -153,7 +154,7 @@ def test_every_cpu_path_gives_the_same_logits(monkeypatch):
 def test_c_kernel_decodes_like_a_full_forward(monkeypatch):
     """One token at a time with a KV cache (rows of one: no expert-set sorting) gives the
     full forward's last logits."""
-    from slimtune.methods import expert_cpu
+    from slimtune.methods.experts import cpu_kernel as expert_cpu
 
     from .test_experts import _with_experts
 
@@ -172,8 +173,8 @@ def test_c_kernel_decodes_like_a_full_forward(monkeypatch):
 
 def test_without_a_compiler_the_cpu_kernel_warns_and_the_grouped_path_runs(monkeypatch,
                                                                           tmp_path):
-    from slimtune.methods import expert_cpu
-    from slimtune.methods import experts as X
+    from slimtune.methods.experts import cpu_kernel as expert_cpu
+    from slimtune.methods.experts import layer as X
 
     from .test_experts import _with_experts
 

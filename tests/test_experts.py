@@ -6,16 +6,12 @@ import json
 import pytest
 import torch
 
-from slimtune.cli import main
+from slimtune.cli.main import main
 from slimtune.delta import apply_delta
 from slimtune.errors import UserInputError
 from slimtune.methods import get_method
-from slimtune.methods.experts import (
-    ExpertRouter,
-    attached,
-    load_balancing_loss,
-)
-from slimtune.models import fingerprint, load_model
+from slimtune.methods.experts import ExpertRouter, attached, load_balancing_loss
+from slimtune.model.loading import fingerprint, load_model
 from slimtune.testing import tiny_llama, tiny_tokenizer
 
 from .conftest import train_tiny

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from slimtune.cli import main
+from slimtune.cli.main import main
 from slimtune.delta import DeltaStore, DeltaSwitcher, verify_delta
 from slimtune.delta.store import _MIGRATIONS
 from slimtune.errors import DeltaError, UserInputError
 from slimtune.fileio import sha256_file
-from slimtune.models import load_model
+from slimtune.model.loading import load_model
 
 from .conftest import intent_rows, train_tiny, write_jsonl
 

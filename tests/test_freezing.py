@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from slimtune.errors import UserInputError
-from slimtune.freezing import freeze_below, frozen_layer_count
-from slimtune.lm import target_loss
 from slimtune.methods import get_method
-from slimtune.models import decoder_layers
+from slimtune.model.anatomy import decoder_layers
+from slimtune.salf.freezing import freeze_below, frozen_layer_count
+from slimtune.training.loss import target_loss
 
 
 def _batch(vocab: int, b: int = 2, t: int = 12):
@@ -65,7 +65,7 @@ def test_no_graph_below_the_cut_even_when_inputs_require_grad(tiny):
             target_loss(model, _batch(len(tiny.tokenizer)))
         return saved["n"]
 
-    from slimtune.freezing import unfreeze_all
+    from slimtune.salf.freezing import unfreeze_all
 
     unfrozen = saved_tensors(0)
     frozen = saved_tensors(3)

@@ -11,8 +11,8 @@ from torch import nn
 from slimtune.delta import DeltaStore, DeltaSwitcher, apply_delta
 from slimtune.errors import DeltaError
 from slimtune.methods import METHODS, Attachment, Method, register_method, unregister_method
-from slimtune.models import fingerprint, load_model
-from slimtune.trainer import TrainConfig
+from slimtune.model.loading import fingerprint, load_model
+from slimtune.training.config import TrainConfig
 
 from .conftest import intent_rows, train_tiny, write_jsonl
 

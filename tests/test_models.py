@@ -8,9 +8,9 @@ import time
 import pytest
 import torch
 
-from slimtune import models
-from slimtune.cli import main
+from slimtune.cli.main import main
 from slimtune.errors import ModelLoadError
+from slimtune.model import loading as models
 
 PROXIES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 

@@ -7,16 +7,16 @@ import math
 import numpy as np
 import pytest
 
-from slimtune.analysis import (
+from slimtune.data import load_dataset
+from slimtune.errors import UserInputError
+from slimtune.salf.analysis import (
     analyze,
     choose_eof,
     expected_gain,
     fit_transition,
     remaining_deviation,
 )
-from slimtune.data import load_dataset
-from slimtune.errors import UserInputError
-from slimtune.plan import (
+from slimtune.salf.plan import (
     Estimate,
     LayerCosts,
     budget_eof,
@@ -50,7 +50,7 @@ def test_analysis_shapes_and_final_layer_identities(tiny, intent_file):
 
 
 def test_final_space_loss_is_the_models_own_loss(tiny, intent_file):
-    from slimtune.evaluation import eval_loss
+    from slimtune.eval.evaluate import eval_loss
 
     ds = load_dataset(intent_file, tiny.tokenizer)
     a = analyze(tiny.model, ds, progress=False, max_examples=8)
@@ -113,7 +113,7 @@ def test_plan_choice_fits_and_estimates_are_monotone(tiny):
     assert all(a.trainable_params > b.trainable_params for a, b in itertools.pairwise(ests))
     from torch import nn
 
-    from slimtune.models import decoder_layers
+    from slimtune.model.anatomy import decoder_layers
 
     linears = [m for m in decoder_layers(tiny.model)[0].modules() if isinstance(m, nn.Linear)]
     assert costs.trainable_per_layer == sum(4 * (m.in_features + m.out_features) for m in linears)
@@ -162,9 +162,9 @@ def test_sizes_and_durations():
 
 
 def test_default_keep_is_one_value_everywhere():
-    from slimtune.analysis import DEFAULT_KEEP
-    from slimtune.cli import build_parser
-    from slimtune.trainer import TrainConfig
+    from slimtune.cli.main import build_parser
+    from slimtune.salf.analysis import DEFAULT_KEEP
+    from slimtune.training.config import TrainConfig
 
     assert TrainConfig().keep == DEFAULT_KEEP
     for cmd in (["analyze", "--data", "x"], ["plan", "--data", "x"]):

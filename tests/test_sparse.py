@@ -19,7 +19,7 @@ from slimtune.methods.sparse import (
     remove_sparse,
     sparse_modules,
 )
-from slimtune.models import fingerprint, load_model
+from slimtune.model.loading import fingerprint, load_model
 
 from .conftest import train_tiny
 
@@ -88,7 +88,8 @@ def test_only_selected_positions_change_and_state_is_the_subset(sparse_run, tiny
 
 
 def test_optimizer_state_is_the_size_of_the_subset(tiny_dir, intent_file, tmp_path):
-    from slimtune.trainer import TrainConfig, Trainer
+    from slimtune.training.config import TrainConfig
+    from slimtune.training.trainer import Trainer
 
     t = Trainer(TrainConfig(model=str(tiny_dir), data=str(intent_file), method="sparse",
                             method_options={"density": 0.02}, max_steps=1, batch_size=4,
@@ -175,7 +176,7 @@ def test_regrow_keeps_the_density_and_moves_the_selection(tiny_dir, intent_file,
 
 @pytest.mark.parametrize("method", ["sparse", "rosa"])
 def test_resume_with_regrow_is_bit_identical(tiny_dir, intent_file, tmp_path, method):
-    from slimtune.trainer import Trainer
+    from slimtune.training.trainer import Trainer
 
     from .test_train import stop_after_checkpoint, tiny_cfg
 

@@ -14,7 +14,7 @@ import torch
 from slimtune.delta import DeltaStore, DeltaSwitcher, apply_delta
 from slimtune.delta.store import _MIGRATIONS, SCHEMA_VERSION, diff
 from slimtune.errors import DeltaError, UserInputError
-from slimtune.models import fingerprint, load_model
+from slimtune.model.loading import fingerprint, load_model
 
 from .conftest import intent_rows, train_tiny, write_jsonl
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from slimtune.cli import main
+from slimtune.cli.main import main
 from slimtune.delta import DeltaStore
 
 
@@ -64,7 +64,7 @@ def test_export_import_and_apply(tiny_dir, intent_file, tmp_path, store_dir, cap
     from transformers import AutoModelForCausalLM
 
     from slimtune.delta import DeltaSwitcher
-    from slimtune.models import load_model
+    from slimtune.model.loading import load_model
 
     assert run(capsys, "train", "--model", str(tiny_dir), "--data", str(intent_file),
                "--max-steps", "3", "--batch-size", "4", "--lr", "0.01", "--no-progress",
@@ -129,7 +129,7 @@ def test_import_checks_the_adapter_against_its_base(tiny_dir, tmp_path, store_di
     from peft import IA3Config, LoraConfig, ShiraConfig
 
     from slimtune.delta import DeltaSwitcher
-    from slimtune.models import load_model
+    from slimtune.model.loading import load_model
     from slimtune.testing import tiny_model_dir
 
     ids = torch.tensor([[5, 17, 42, 99, 3]])
@@ -221,7 +221,7 @@ def test_apply_and_generate_use_the_deltas_own_base_and_dtype(tiny_dir, intent_f
     assert run(capsys, *train, "--model", str(other), "--output-dir", str(tmp_path / "r"))[0] == 0
     ids = torch.tensor([[5, 17, 42, 99, 3]])
     from slimtune.delta import DeltaSwitcher
-    from slimtune.models import load_model
+    from slimtune.model.loading import load_model
 
     with torch.no_grad():
         ours = DeltaSwitcher(load_model(str(other)), DeltaStore(store_dir)).switch("v1")(
@@ -273,7 +273,7 @@ def test_apply_and_generate_use_the_deltas_own_base_and_dtype(tiny_dir, intent_f
 def test_switcher_and_generate_command_answer_alike(tiny_dir, intent_file, tmp_path, store_dir,
                                                     capsys):
     from slimtune.delta import DeltaSwitcher
-    from slimtune.models import load_model
+    from slimtune.model.loading import load_model
 
     assert run(capsys, "train", "--model", str(tiny_dir), "--data", str(intent_file),
                "--max-steps", "3", "--batch-size", "4", "--lr", "0.01", "--no-progress",
@@ -301,9 +301,9 @@ def test_everything_written_is_shared_as_the_umask_says(tiny_dir, intent_file, t
     import zipfile
     from pathlib import Path
 
-    from slimtune import models
     from slimtune.fileio import sha256_file
-    from slimtune.models import load_model
+    from slimtune.model import loading as models
+    from slimtune.model.loading import load_model
 
     def modes(root):
         return {(p.is_dir(), stat.S_IMODE(p.stat().st_mode))

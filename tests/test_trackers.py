@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from slimtune.cli import main
+from slimtune.cli.main import main
 from slimtune.errors import UserInputError
-from slimtune.trackers import parse_report_to
+from slimtune.training.trackers import parse_report_to
 
 from .conftest import train_tiny
 

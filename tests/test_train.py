@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from slimtune.errors import TrainingDivergedError, UserInputError
-from slimtune.trainer import TrainConfig, Trainer
+from slimtune.training.config import TrainConfig
+from slimtune.training.trainer import Trainer
 
 from .conftest import train_tiny, write_jsonl
 
@@ -62,8 +63,9 @@ def test_existing_run_is_not_overwritten_silently(tiny_dir, intent_file, tmp_pat
 
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    import slimtune.trainer as T
-    from slimtune.trainer import TrainConfig, train
+    import slimtune.training.trainer as T
+    from slimtune.training.config import TrainConfig
+    from slimtune.training.trainer import train
     original = T.write_json
     def write_json(path, obj):
         # die in the middle of writing the 4th checkpoint: its tensors are written,

@@ -5,14 +5,14 @@ Public API::
     from slimtune import TrainConfig, train, load_model, load_dataset, evaluate, load_delta
 """
 
-__version__ = "0.1.0"
-
 from .data import load_dataset
 from .delta import load_delta, read_manifest, save_delta, verify_delta
 from .errors import SlimtuneError
-from .evaluation import evaluate
-from .models import fetch_default_model, fingerprint, load_model
-from .trainer import TrainConfig, TrainResult, train
+from .eval.evaluate import evaluate
+from .model.loading import fetch_default_model, fingerprint, load_model
+from .training.config import TrainConfig
+from .training.trainer import TrainResult, train
+from .version import __version__
 
 __all__ = [
     "SlimtuneError",

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .console import info
 from .data import load_dataset
-from .evaluation import evaluate
-from .measure import PeakMemory
-from .models import load_model, resolve_device
-from .report import comparison_rows, plot_loss, print_table, write_report
-from .trainer import TrainConfig, train
+from .eval.cost import PeakMemory
+from .eval.evaluate import evaluate
+from .eval.report import comparison_rows, plot_loss, print_table, write_report
+from .log import info
+from .model.loading import load_model, resolve_device
+from .training.config import TrainConfig
+from .training.trainer import train
 
 TRAIN_DATA = "builtin:support_intents_train"
 TEST_DATA = "builtin:support_intents_test"

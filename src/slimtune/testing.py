@@ -55,7 +55,7 @@ def tiny_llama(vocab_size: int, *, layers: int = 4, hidden: int = 32, seed: int 
 
 
 def tiny_model_dir(path: str | Path, *, layers: int = 4, hidden: int = 32, seed: int = 0) -> Path:
-    """Write a tiny model folder that :func:`slimtune.models.load_model` loads like any other."""
+    """Write a tiny model folder that :func:`slimtune.model.loading.load_model` loads like any other."""
     path = Path(path)
     tok = tiny_tokenizer()
     model = tiny_llama(len(tok), layers=layers, hidden=hidden, seed=seed)

@@ -78,10 +78,10 @@ def load_delta(folder: str | Path, model: nn.Module, base_fingerprint: str
 
 
 def recorded_base(manifest: dict) -> str:
-    """The model spec (for :func:`~slimtune.models.load_model`) of the base the delta was
+    """The model spec (for :func:`~slimtune.model.loading.load_model`) of the base the delta was
     trained on, as its manifest records it: ``base.source``; ``default`` for the default
     model's cache folder, wherever that cache lives on this machine."""
-    from ..models import DEFAULT_MODEL_NAME, default_model_dir
+    from ..model.loading import DEFAULT_MODEL_NAME, default_model_dir
 
     base = manifest.get("base") or {}
     source = base.get("source")
@@ -93,9 +93,9 @@ def recorded_base(manifest: dict) -> str:
 
 def load_base(manifest: dict, model: str | None = None, **kwargs):
     """``model`` when given (the fingerprint check still guards it), else the base the
-    manifest records; ``kwargs`` go to :func:`~slimtune.models.load_model`."""
+    manifest records; ``kwargs`` go to :func:`~slimtune.model.loading.load_model`."""
     from ..errors import ModelLoadError
-    from ..models import load_model
+    from ..model.loading import load_model
 
     if model is not None:
         return load_model(model, **kwargs)
@@ -151,7 +151,7 @@ def merge_to_folder(folder: str | Path, out: str | Path, *, model: str | None = 
     """
     from ..fileio import atomic_dir, write_json
     from ..methods import METHODS
-    from ..models import fingerprint
+    from ..model.loading import fingerprint
 
     folder, out = Path(folder), Path(out)
     ref = ref or str(folder)
@@ -208,7 +208,7 @@ class DeltaSwitcher:
     """
 
     def __init__(self, loaded, store=None) -> None:
-        from ..models import fingerprint
+        from ..model.loading import fingerprint
 
         self.loaded = loaded
         self.base = loaded.model
@@ -255,7 +255,7 @@ class DeltaSwitcher:
                  ) -> list[tuple[str, str]]:
         """Greedy completions, each marked with the delta that produced it; prompts go
         through the chat template unless ``raw``, as with ``slimtune generate``."""
-        from ..evaluation import chat_prompts, generate
+        from ..eval.evaluate import chat_prompts, generate
 
         tok = self.loaded.tokenizer
         outs = generate(self.model, tok, chat_prompts(tok, prompts, raw=raw), **kwargs)

@@ -31,7 +31,7 @@ def library_versions() -> dict[str, str]:
     import torch
     import transformers
 
-    from .. import __version__
+    from ..version import __version__
 
     return {"slimtune": __version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__,

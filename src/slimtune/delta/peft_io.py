@@ -147,7 +147,7 @@ def _attach_checked(model: nn.Module, config_path: Path, state: dict[str, torch.
 def _adapted_layers(wrapped: nn.Module) -> list[int]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from ..models import decoder_layers
+    from ..model.anatomy import decoder_layers
 
     return [i for i, layer in enumerate(decoder_layers(wrapped))
             if any(isinstance(m, BaseTunerLayer) for m in layer.modules())]
@@ -159,7 +159,8 @@ def import_peft(store, src: str | Path, *, model: str | None = None,
 
     The base is ``model`` when given, else the adapter's ``base_model_name_or_path``.
     """
-    from ..models import decoder_layers, fingerprint, load_model
+    from ..model.anatomy import decoder_layers
+    from ..model.loading import fingerprint, load_model
     from .format import save_delta
 
     src = Path(src)

@@ -19,8 +19,8 @@ from typing import Any, ClassVar, get_type_hints
 import torch
 from torch import nn
 
-from ..config import check_types
 from ..errors import UserInputError
+from ..options import check_types
 
 # Field metadata of an option ``slimtune sweep`` may take a list of values for, e.g.
 # ``r: int = field(default=8, metadata=SWEEP)``: the sweep grid is derived from it.

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import DeltaError
 from ..fileio import write_safetensors
-from ..models import decoder_layers
+from ..model.anatomy import decoder_layers, final_norm
 from .base import Attachment, Method, MethodConfig, register_method
 
 WEIGHTS_FILE = "weights.safetensors"
@@ -37,7 +37,7 @@ class FullMethod(Method):
         if not train_all:
             for i in layers:
                 all_layers[i].requires_grad_(True)
-            norm = _final_norm(model)
+            norm = final_norm(model)
             if norm is not None:
                 norm.requires_grad_(True)
         return model
@@ -71,13 +71,3 @@ class FullMethod(Method):
 
         return Attachment(model, True, undo)
 
-
-def _final_norm(model: nn.Module) -> nn.Module | None:
-    """The norm after the last decoder layer (``model.norm`` for Llama-style models)."""
-    base = getattr(model, "model", None)
-    for owner in (base, model):
-        for attr in ("norm", "final_layernorm", "ln_f"):
-            mod = getattr(owner, attr, None) if owner is not None else None
-            if isinstance(mod, nn.Module):
-                return mod
-    return None

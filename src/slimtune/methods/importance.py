@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import UserInputError
-from ..lm import target_loss
+from ..training.loss import target_loss
 
 SCORERS = ("grad", "fisher", "activation", "random")
 SELECTIONS = ("per_tensor", "global")

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import DeltaError, UserInputError
-from ..models import decoder_layers
+from ..model.anatomy import decoder_layers, target_module_names
 from .base import SWEEP, Attachment, Method, MethodConfig, register_method
 
 # Files peft's adapter weights may be in; one of them must be in a peft-format delta.
@@ -42,23 +42,6 @@ class LoraOptions(MethodConfig):
             raise UserInputError(f"lora dropout must be in [0, 1), got {self.dropout}")
 
 
-def linear_module_names(model: nn.Module) -> list[str]:
-    """Short names of the ``nn.Linear`` modules inside a decoder layer (q_proj, up_proj, ...)."""
-    layer = decoder_layers(model)[0]
-    return sorted({name.rsplit(".", 1)[-1] for name, m in layer.named_modules()
-                   if isinstance(m, nn.Linear)})
-
-
-def target_module_names(model: nn.Module, wanted: list[str] | None, method: str) -> list[str]:
-    """``wanted`` (default: every linear of the blocks), checked against the model."""
-    available = linear_module_names(model)
-    missing = sorted(set(wanted or ()) - set(available))
-    if missing:
-        raise UserInputError(f"{method} target_modules {missing} are not linear modules of "
-                             f"this model's layers; available: {available}")
-    return list(wanted or available)
-
-
 def attach_peft(model: nn.Module, folder: Path, merge: bool,
                 files: dict[str, str] | None = None) -> Attachment:
     """Attach the peft adapter in ``folder`` (``files``: peft's file name -> ours, where a
@@ -70,7 +53,7 @@ def attach_peft(model: nn.Module, folder: Path, merge: bool,
     """
     from peft import PeftModel
 
-    from .sparse import canonical_name, linear_modules
+    from ..model.anatomy import canonical_name, linear_modules
 
     with tempfile.TemporaryDirectory(prefix="slimtune-peft-") as view:
         if files:  # a folder where peft finds the files under the names it looks for

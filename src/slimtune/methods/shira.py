@@ -15,9 +15,9 @@ from typing import Any
 from torch import nn
 
 from ..errors import UserInputError
-from ..models import decoder_layers
+from ..model.anatomy import decoder_layers, linear_module_names
 from .base import SWEEP, MethodConfig, register_method
-from .lora import PeftAdapterMethod, linear_module_names
+from .lora import PeftAdapterMethod
 
 
 @dataclass

@@ -35,10 +35,9 @@ from torch import nn
 
 from ..errors import DeltaError, UserInputError
 from ..fileio import write_safetensors
-from ..models import decoder_layers
+from ..model.anatomy import canonical_name, decoder_layers, linear_modules, target_module_names
 from .base import SWEEP, Attachment, Method, MethodConfig, register_method
 from .importance import SCORERS, SELECTIONS, importance_scores, select_top
-from .lora import target_module_names
 
 SPARSE_FILE = "sparse.safetensors"
 
@@ -116,19 +115,6 @@ def detach_delta(module: nn.Linear, *, keep_merged: bool) -> None:
     delta.write(module.weight) if keep_merged else delta.restore(module.weight)
     del module.sparse_delta
     module.__dict__.pop("forward", None)
-
-
-def canonical_name(name: str) -> str:
-    """A module's name in the plain base model (without PEFT's wrappers)."""
-    for prefix in ("base_model.model.",):
-        if name.startswith(prefix):
-            name = name[len(prefix):]
-    return name.replace(".base_layer", "")
-
-
-def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every ``nn.Linear`` by its name in the plain base model."""
-    return {canonical_name(n): m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
 def sparse_modules(model: nn.Module) -> dict[str, nn.Linear]:

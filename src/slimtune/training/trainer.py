@@ -22,7 +22,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,21 +31,18 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from . import trackers
-from .config import check_types
-from .console import info
-from .data import (
+from ..data import (
     Dataset,
     collate,
     epoch_batches,
-    in_memory,
     load_dataset,
     pack_examples,
     split_dataset,
 )
-from .delta import MANIFEST, delta_bytes, save_delta
-from .errors import TrainingDivergedError, UserInputError
-from .fileio import (
+from ..delta import MANIFEST, delta_bytes, save_delta
+from ..errors import TrainingDivergedError, UserInputError
+from ..eval.cost import PeakMemory, percentile
+from ..fileio import (
     LockHeld,
     append_line,
     atomic_dir,
@@ -55,123 +52,14 @@ from .fileio import (
     write_safetensors,
     write_text,
 )
-from .freezing import freeze_below
-from .lm import base_model, target_loss
-from .measure import PeakMemory, percentile
-from .methods import METHODS, Method, get_method
-from .models import (
-    LoadedModel,
-    count_parameters,
-    decoder_layers,
-    fingerprint,
-    load_model,
-    resolve_device,
-)
-
-
-@dataclass
-class TrainConfig:
-    """Every option of a training run; the CLI and YAML files fill it by field name."""
-
-    data: str | None = None
-    model: str = "default"
-    eval_data: str | None = None
-    eval_fraction: float = 0.1
-    method: str = "lora"
-    method_options: dict[str, Any] = field(default_factory=dict)
-    freeze_below: int = 0
-    freeze: str | None = None  # "auto": SALF analysis (+ budget policy) chooses freeze_below
-    # numbers too, as plan.parse_size/parse_duration read them (bytes, seconds)
-    budget_memory: str | float | None = None  # e.g. "6GiB": with freeze auto, unfreeze while it fits
-    budget_step_time: str | float | None = None  # e.g. "1.5s" per optimizer step
-    keep: float = 0.99  # share of the expected gain the auto eof keeps (analysis.DEFAULT_KEEP)
-    max_steps: int = 100
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float | None = None
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    max_length: int = 512
-    pack: bool = False
-    gradient_checkpointing: bool = False
-    eval_every: int = 0
-    save_every: int = 50
-    keep_checkpoint: bool = False
-    output_dir: str = "runs/train"
-    seed: int = 0
-    resume: bool = False
-    overwrite: bool = False
-    precision: str = "auto"
-    device: str = "auto"
-    eval_batch_size: int = 16
-    task: str = "auto"
-    progress: bool = True
-    report_to: str | None = None  # experiment trackers, comma-separated (trackers.TRACKERS)
-
-    def __post_init__(self) -> None:
-        # Rows given as objects (a datasets.Dataset, a list of dicts) become a "memory:HASH"
-        # spec, so the identity, the manifest and resume see a string naming their content.
-        self.data, self.eval_data = in_memory(self.data), in_memory(self.eval_data)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any], where: str = "config") -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UserInputError(f"{where}: unknown option(s) {unknown}")
-        return cls(**check_types(cls, values, where)).validated()
-
-    def validated(self) -> TrainConfig:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise UserInputError(msg)
-
-        current = {f.name: getattr(self, f.name) for f in fields(self)}
-        for k, v in check_types(type(self), current, "training options").items():
-            setattr(self, k, v)
-
-        need(bool(self.data), "no training data: pass --data FILE")
-        need(self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
-        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        need(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
-        need(self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr}")
-        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        need(self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}")
-        need(0 <= self.eval_fraction < 1,
-             f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        need(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
-        need(self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
-        need(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        need(self.max_length >= 8, f"max_length must be >= 8, got {self.max_length}")
-        need(self.freeze_below >= 0, f"freeze_below must be >= 0, got {self.freeze_below}")
-        need(self.precision in ("auto", "bf16", "fp16", "fp32"),
-             f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
-        need(self.save_every >= 0 and self.eval_every >= 0, "save_every/eval_every must be >= 0")
-        need(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other")
-        need(self.freeze in (None, "auto"), f"freeze must be 'auto' (or use freeze_below), "
-                                            f"got {self.freeze!r}")
-        need(self.freeze == "auto" or not (self.budget_memory or self.budget_step_time),
-             "--budget-memory/--budget-step-time need --freeze auto")
-        need(0 < self.keep <= 1, f"keep must be in (0, 1], got {self.keep}")
-        get_method(self.method, self.method_options)  # unknown method / bad options: fail now
-        return self
-
-    @property
-    def learning_rate(self) -> float:
-        """``lr`` when set, else the method's own default (full fine-tuning wants less)."""
-        if self.lr is not None:
-            return self.lr
-        method = METHODS.get(self.method)
-        return method.default_lr if method is not None else Method.default_lr
-
-    def identity(self) -> dict[str, Any]:
-        """The options a resumed run must share with the run it continues."""
-        keep = ("data", "model", "method", "method_options", "freeze_below", "freeze",
-                "budget_memory", "budget_step_time", "keep", "max_steps",
-                "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio",
-                "max_grad_norm", "max_length", "pack", "seed", "eval_fraction")
-        return {k: getattr(self, k) for k in keep}
+from ..log import info
+from ..methods import Method, get_method
+from ..model.anatomy import base_model, count_parameters, decoder_layers
+from ..model.loading import LoadedModel, fingerprint, load_model, resolve_device
+from ..salf.freezing import freeze_below
+from . import trackers
+from .config import TrainConfig
+from .step import NonFiniteError, accumulate_gradients, lr_factor, nonfinite_norm, warmup_steps
 
 
 @dataclass
@@ -227,24 +115,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def warmup_steps(cfg: TrainConfig) -> int:
-    """``ceil(warmup_ratio * max_steps)``, at most ``max_steps - 1``: the last step is never
-    a warmup step."""
-    return min(math.ceil(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps - 1)
-
-
-def lr_factor(step: int, *, warmup: int, total: int) -> float:
-    """Linear warmup to the peak, then cosine decay to 0 at ``total``.
-
-    Warmup step ``s`` runs at ``(s + 1) / (warmup + 1)`` of the peak, so no step ever runs
-    at lr 0 (a one-step run trains); the cosine part starts at the peak.
-    """
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 LOCK_FILE = ".lock"
 # Options --resume may lower (the advice after a divergence), all others must match.
 LOWERABLE = ("lr", "max_grad_norm")
@@ -254,64 +124,6 @@ def finished_delta(output_dir: str | Path) -> Path | None:
     """The delta of a finished run in ``output_dir`` (written last, atomically), or None."""
     delta = Path(output_dir) / "delta"
     return delta if (delta / MANIFEST).is_file() else None
-
-
-class NonFiniteError(ArithmeticError):
-    def __init__(self, what: str, value: float) -> None:
-        super().__init__(f"{what} is {value}")
-        self.what, self.value = what, value
-
-
-def accumulate_gradients(model: nn.Module, params: list[nn.Parameter],
-                         batches: list[dict[str, torch.Tensor]], device: torch.device,
-                         autocast=contextlib.nullcontext, max_grad_norm: float = 1.0, *,
-                         world: int = 1, reduce=None, aux_loss=None
-                         ) -> tuple[float, torch.Tensor, int, int]:
-    """Forward and backward over the micro-batches of one optimizer step, then clip.
-
-    The loss is normalised by the target tokens of the whole step (all micro-batches, all
-    processes). ``aux_loss()``, when given, returns a method's extra loss term of the last
-    forward (e.g. router load balancing); it is weighted per micro-batch by that batch's
-    target tokens, so it too is a per-token average, and it is not part of the reported
-    loss. Returns (summed loss, gradient norm, input tokens, this process' target
-    tokens). The benchmarks time exactly this function, so what they measure is what
-    ``slimtune train`` runs.
-    """
-    local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-    n_target = torch.tensor(float(local_targets), device=device)
-    if world > 1:
-        n_target = reduce(n_target, "sum")
-    loss_sum, tokens = 0.0, 0
-    for b in batches:
-        b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
-        with autocast():
-            loss, n_batch = target_loss(model, b)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise NonFiniteError("loss", value)
-        extra = aux_loss() if aux_loss is not None else None
-        if extra is not None:
-            loss = loss + extra.float() * n_batch
-        (loss * world / n_target).backward()
-        loss_sum += value
-        tokens += int(b["attention_mask"].sum())
-    if world > 1:
-        for p in params:
-            if p.grad is not None:
-                p.grad = reduce(p.grad, "mean")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    if not torch.isfinite(grad_norm):
-        raise NonFiniteError("gradient norm", float(grad_norm))
-    return loss_sum, grad_norm, tokens, local_targets
-
-
-def nonfinite_norm(params: list[nn.Parameter]) -> float | None:
-    """The norm of ``params`` if it is NaN/inf (some entry is), else None: one fused
-    reduction and one sync per step."""
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(
-        [p.detach() for p in params], 2, dtype=torch.float32)))
-    value = float(norm)
-    return None if math.isfinite(value) else value
 
 
 class Trainer:
@@ -394,8 +206,8 @@ class Trainer:
 
     def _auto_freeze(self) -> int:
         """SALF: the analysis' eof, or with a budget the shallowest eof that fits it."""
-        from .analysis import analyze
-        from .plan import (
+        from ..salf.analysis import analyze
+        from ..salf.plan import (
             budget_eof,
             calibrate,
             calibration_batch,
@@ -670,14 +482,14 @@ class Trainer:
         return self._finish(mem, train_time, tokens, step_times)
 
     def _eval_loss(self) -> float:
-        from .evaluation import eval_loss
+        from ..eval.evaluate import eval_loss
 
         return eval_loss(self.model, self.eval_ds.examples, self.loaded.tokenizer.pad_token_id,
                          batch_size=self.cfg.eval_batch_size, autocast=self.accelerator.autocast)["loss"]
 
     def _finish(self, mem: PeakMemory, train_time: float, tokens: int,
                 step_times: list[float]) -> TrainResult:
-        from .evaluation import detect_task, evaluate, label_set
+        from ..eval.evaluate import detect_task, evaluate, label_set
 
         cfg = self.cfg
         eval_metrics, details = {}, None

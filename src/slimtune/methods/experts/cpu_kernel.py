@@ -1,4 +1,4 @@
-"""Fused CPU inference kernel for routed expert adapters: ``expert_cpu.c``, compiled once per
+"""Fused CPU inference kernel for routed expert adapters: ``cpu_kernel.c``, compiled once per
 machine with the system C compiler and called through ctypes.
 
 Hand-written because nothing in torch runs a low-rank update whose weights differ per token:
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from .expert_kernel import TilePlan
+from .cuda_kernel import TilePlan
 
-SOURCE = Path(__file__).with_name("expert_cpu.c")
+SOURCE = Path(__file__).with_name("cpu_kernel.c")
 # no -ffast-math: linking it sets flush-to-zero for the whole process; these let the
 # compiler vectorise the dot products' reduction and nothing else
 FLAGS = ["-O3", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
@@ -53,7 +53,7 @@ def _cpu_id() -> str:
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, built on first use; None (after one warning) where it cannot be."""
-    from ..models import cache_root
+    from ...model.loading import cache_root
 
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
@@ -68,7 +68,7 @@ def library() -> ctypes.CDLL | None:
         key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
         path = cache_root() / "kernels" / f"expert_cpu-{key}.so"
         if not path.exists():
-            from ..fileio import atomic_path
+            from ...fileio import atomic_path
 
             with atomic_path(path) as tmp:
                 for extra in ATTEMPTS:

@@ -44,10 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import IGNORE_INDEX, Dataset, collate
-from .errors import UserInputError
-from .lm import base_model
-from .models import decoder_layers
+from ..data import IGNORE_INDEX, Dataset, collate
+from ..errors import UserInputError
+from ..model.anatomy import base_model, decoder_layers, final_norm
 
 DEFAULT_KEEP = 0.99
 
@@ -76,16 +75,6 @@ class Analysis:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _final_norm(model: nn.Module) -> nn.Module:
-    from .methods.full import _final_norm as find
-
-    norm = find(base_model(model))
-    if norm is None:
-        raise UserInputError(f"{type(base_model(model)).__name__}: no final norm found; the "
-                             "logit-lens analysis needs one")
-    return norm
 
 
 def _target_positions(batch: dict[str, torch.Tensor], limit: int) -> torch.Tensor:
@@ -159,7 +148,10 @@ def collect_hidden(model: nn.Module, dataset: Dataset, *, max_examples: int = 64
 def layer_statistics(model: nn.Module, hidden: list[torch.Tensor],
                      targets: torch.Tensor, chunk: int = 256) -> list[LayerStats]:
     """Logit-lens statistics of each latent space (see the module docstring)."""
-    norm = _final_norm(model)
+    norm = final_norm(base_model(model))
+    if norm is None:
+        raise UserInputError(f"{type(base_model(model)).__name__}: no final norm found; the "
+                             "logit-lens analysis needs one")
     head = base_model(model).get_output_embeddings()
     dev = head.weight.device
     wdtype = head.weight.dtype
@@ -277,7 +269,7 @@ def plot_analysis(analysis: Analysis, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .report import save_png
+    from ..eval.report import save_png
 
     x = [s.space for s in analysis.spaces]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), dpi=120, sharex=True)

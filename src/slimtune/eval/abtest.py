@@ -84,8 +84,8 @@ def compare(a_scores: Sequence[float], b_scores: Sequence[float], *, higher_is_b
 def run_ab(switcher, ref_a: str, ref_b: str, dataset, *, task: str = "auto",
            batch_size: int = 16, latency: bool = True) -> dict:
     """Evaluate two deltas on ``dataset`` with one loaded base; return the paired verdict."""
-    from .delta import delta_bytes
-    from .evaluation import detect_task, evaluate, label_set, per_example_loss
+    from ..delta import delta_bytes
+    from .evaluate import detect_task, evaluate, label_set, per_example_loss
 
     task = detect_task(dataset) if task == "auto" else task
     labels = label_set(dataset.records) if task == "classification" else None

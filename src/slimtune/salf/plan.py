@@ -39,12 +39,11 @@ import psutil
 import torch
 from torch import nn
 
-from .errors import UserInputError
+from ..errors import UserInputError
+from ..eval.cost import PeakMemory, format_bytes
+from ..methods import get_method, method_class
+from ..model.anatomy import base_model, decoder_layers
 from .freezing import freeze_below
-from .lm import base_model
-from .measure import PeakMemory, format_bytes
-from .methods import get_method, method_class
-from .models import decoder_layers
 
 
 @dataclass
@@ -171,7 +170,7 @@ def _measure(mini: nn.Module, method: str, options: dict, n_frozen: int,
              batch: dict[str, torch.Tensor], device: torch.device, autocast,
              steps: int, train_embeddings: bool = False) -> tuple[float, int, int]:
     """(median step time, peak memory above what was resident, bytes saved for backward)."""
-    from .trainer import accumulate_gradients
+    from ..training.step import accumulate_gradients
 
     before = _resident(device)
     n = len(decoder_layers(mini))
@@ -361,7 +360,7 @@ def activation_bytes_per_layer(model: nn.Module, method: str, options: dict | No
                                batch: dict[str, torch.Tensor], autocast=contextlib.nullcontext
                                ) -> int:
     """Bytes autograd saves for one trained layer (forward only, on mini models)."""
-    from .lm import target_loss
+    from ..training.loss import target_loss
 
     device = next(model.parameters()).device
     totals = []
@@ -379,7 +378,7 @@ def activation_bytes_per_layer(model: nn.Module, method: str, options: dict | No
 
 def calibration_batch(examples, batch_size: int, pad_id: int) -> dict[str, torch.Tensor]:
     """The ``batch_size`` longest examples: the batch that sets a run's peak memory."""
-    from .data import collate
+    from ..data import collate
 
     longest = sorted(examples, key=lambda e: len(e.input_ids), reverse=True)[:batch_size]
     return collate(longest, pad_id)

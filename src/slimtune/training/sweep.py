@@ -14,9 +14,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .console import info
-from .errors import UserInputError
-from .fileio import recover_dir, write_json
+from ..errors import UserInputError
+from ..fileio import recover_dir, write_json
+from ..log import info
 
 POINT_FILE = "sweep_point.json"
 COLUMNS = ("eval_accuracy", "eval_exact_match", "eval_loss", "train_time_s", "step_time_p50_s",
@@ -42,7 +42,7 @@ def parse_list(flag: str, text: str, kind: type) -> list:
 
 def _sweeping(option: str) -> list[str]:
     """The registered methods whose options dataclass marks ``option`` as sweepable."""
-    from .methods import METHODS
+    from ..methods import METHODS
 
     return [name for name, cls in METHODS.items() if option in cls.config_class.sweepable()]
 
@@ -57,7 +57,7 @@ def grid_points(method: str, lists: dict[str, str], flags: dict[str, str]
                 ) -> list[dict[str, Any]]:
     """The cartesian product of the given ``flag -> "v1,v2"`` lists, as method options
     (``flags``: flag -> option, see :func:`grid_flags`)."""
-    from .methods import method_class
+    from ..methods import method_class
 
     swept = method_class(method).config_class.sweepable()
     axes = []
@@ -123,7 +123,7 @@ def plot_sweep(rows: list[dict[str, Any]], path: str | Path, title: str) -> Path
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    from .report import save_png
+    from ..eval.report import save_png
 
     accuracy = any(r.get("eval_accuracy") is not None for r in rows)
     quality = "eval_accuracy" if accuracy else "eval_loss"

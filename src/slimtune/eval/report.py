@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .fileio import atomic_path, write_json, write_text
-from .measure import format_bytes
+from ..fileio import atomic_path, write_json, write_text
+from .cost import format_bytes
 
 # metric key -> (label, formatter); the order is the order of the report's rows.
 METRICS: list[tuple[str, str, str]] = [

@@ -10,48 +10,15 @@ nothing is recomputed in backward, which only scales the stored gradients.
 
 from __future__ import annotations
 
-import functools
-import inspect
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .data import IGNORE_INDEX
+from ..data import IGNORE_INDEX
+from ..model.anatomy import backbone_and_head
 
 CHUNK_ROWS = 1024
-
-
-def base_model(model: nn.Module) -> nn.Module:
-    """Unwrap a PEFT model (its injected adapters stay in place in the base modules)."""
-    get = getattr(model, "get_base_model", None)
-    return get() if callable(get) else model
-
-
-@functools.cache
-def _cache_kwarg_of(cls: type) -> str:
-    params = inspect.signature(cls.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def with_cache(model: nn.Module, cache) -> dict:
-    """``{name: cache}`` with the KV-cache argument's name in this transformers version
-    (``cache`` since 5.2x, ``past_key_values`` before)."""
-    return {_cache_kwarg_of(type(base_model(model))): cache}
-
-
-def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
-    """(decoder stack, output head) if the head is a plain projection of the last hidden state."""
-    base = base_model(model)
-    cfg = getattr(base, "config", None)
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
-        return None
-    backbone = getattr(base, "model", None)
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if not isinstance(backbone, nn.Module) or not isinstance(head, nn.Linear):
-        return None
-    return backbone, head
 
 
 def _ce_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -14,13 +14,8 @@ import functools
 import torch
 from torch import nn
 
-from .errors import UserInputError
-from .models import decoder_layers
-
-
-def _input_embeddings(model: nn.Module) -> nn.Module | None:
-    get = getattr(model, "get_input_embeddings", None)
-    return get() if callable(get) else None
+from ..errors import UserInputError
+from ..model.anatomy import decoder_layers, input_embeddings
 
 
 def freeze_below(model: nn.Module, k: int) -> None:
@@ -35,7 +30,7 @@ def freeze_below(model: nn.Module, k: int) -> None:
                              f"so it must be between 0 and {len(layers)}")
     if k == 0:
         return
-    emb = _input_embeddings(model)
+    emb = input_embeddings(model)
     if emb is not None:
         emb.requires_grad_(False)
     for layer in layers[:k]:

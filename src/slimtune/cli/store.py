@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .errors import DeltaError
+from ..errors import DeltaError
 
 
 def add_store_arg(p: argparse.ArgumentParser) -> None:
@@ -81,7 +81,7 @@ def build(sub) -> None:
 
 
 def _store(args):
-    from .delta import DeltaStore
+    from ..delta import DeltaStore
 
     return DeltaStore(args.store)
 
@@ -100,7 +100,7 @@ def _fmt_version(store, v, tags) -> list[str]:
 
 
 def cmd_delta(args) -> int:
-    from .report import print_table
+    from ..eval.report import print_table
 
     a = args.action
     if a == "reindex":  # the one command that works on a store whose index is broken
@@ -120,7 +120,7 @@ def cmd_delta(args) -> int:
         old, new = store.rollback(args.tag)
         print(f"{args.tag}: {old} -> {new}")
     elif a == "diff":
-        from .delta.store import diff
+        from ..delta.store import diff
 
         print(json.dumps(diff(store.resolve(args.a), store.resolve(args.b)), indent=2,
                          default=str))
@@ -153,7 +153,7 @@ def cmd_delta(args) -> int:
 
 
 def _reindex(args) -> int:
-    from .delta import DeltaStore
+    from ..delta import DeltaStore
 
     store, added, skipped, aside = DeltaStore.reindex(args.store)
     if aside is not None:
@@ -166,7 +166,7 @@ def _reindex(args) -> int:
 
 
 def _apply_to_folder(store, args) -> None:
-    from .delta.apply import merge_to_folder
+    from ..delta.apply import merge_to_folder
 
     v = store.resolve(args.ref)
     m = merge_to_folder(v.path, args.out, model=args.model, dtype=args.dtype, ref=v.id)
@@ -174,7 +174,7 @@ def _apply_to_folder(store, args) -> None:
 
 
 def _export_peft(store, args) -> None:
-    from .delta.peft_io import export_peft
+    from ..delta.peft_io import export_peft
 
     out = export_peft(store.resolve(args.ref), args.dir)
     print(f"wrote {out}: load it with peft.PeftModel.from_pretrained(base, {str(out)!r})")
@@ -182,8 +182,8 @@ def _export_peft(store, args) -> None:
 
 def _import_peft(store, args):
     """Check a peft adapter folder against its base and store it (see delta.peft_io)."""
-    from .console import info
-    from .delta.peft_io import import_peft
+    from ..delta.peft_io import import_peft
+    from ..log import info
 
     r = import_peft(store, args.dir, model=args.model, note=args.note)
     if args.model and r.adapter_base and r.adapter_base != args.model:
@@ -193,12 +193,12 @@ def _import_peft(store, args):
 
 
 def cmd_ab(args) -> int:
-    from .abtest import run_ab
-    from .data import load_dataset
-    from .delta import DeltaSwitcher
-    from .fileio import write_json
-    from .models import resolve_device
-    from .report import fmt, print_table
+    from ..data import load_dataset
+    from ..delta import DeltaSwitcher
+    from ..eval.abtest import run_ab
+    from ..eval.report import fmt, print_table
+    from ..fileio import write_json
+    from ..model.loading import resolve_device
 
     sw = DeltaSwitcher.with_delta(args.a, _store(args), args.model,
                                   device=resolve_device(args.device))

@@ -24,9 +24,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .data import Dataset, Example, Record, collate, prompt_ids
-from .lm import backbone_and_head, target_loss, with_cache
-from .measure import percentile
+from ..data import Dataset, Example, Record, collate, prompt_ids
+from ..model.anatomy import backbone_and_head, with_cache
+from ..training.loss import target_loss
+from .cost import percentile
 
 
 def _device(model: nn.Module) -> torch.device:

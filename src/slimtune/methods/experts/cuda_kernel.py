@@ -1,5 +1,5 @@
 """Fused inference kernel for routed expert adapters on CUDA (Triton; hand-written, like its
-CPU twin ``expert_cpu.c``, because no library runs a low-rank update whose weights differ
+CPU twin ``cpu_kernel.c``, because no library runs a low-rank update whose weights differ
 per token).
 
 The gathered path in ``experts.py`` writes k rows of the full output width per token (one per

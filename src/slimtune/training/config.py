@@ -1,0 +1,119 @@
+"""TrainConfig: every option of one training run, checked once when it is made.
+
+The CLI, YAML files and the Python API all fill it by field name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from ..data import in_memory
+from ..errors import UserInputError
+from ..methods import METHODS, Method, get_method
+from ..options import check_types
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run; the CLI and YAML files fill it by field name."""
+
+    data: str | None = None
+    model: str = "default"
+    eval_data: str | None = None
+    eval_fraction: float = 0.1
+    method: str = "lora"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    freeze_below: int = 0
+    freeze: str | None = None  # "auto": SALF analysis (+ budget policy) chooses freeze_below
+    # numbers too, as plan.parse_size/parse_duration read them (bytes, seconds)
+    budget_memory: str | float | None = None  # e.g. "6GiB": with freeze auto, unfreeze while it fits
+    budget_step_time: str | float | None = None  # e.g. "1.5s" per optimizer step
+    keep: float = 0.99  # share of the expected gain the auto eof keeps (analysis.DEFAULT_KEEP)
+    max_steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float | None = None
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    max_length: int = 512
+    pack: bool = False
+    gradient_checkpointing: bool = False
+    eval_every: int = 0
+    save_every: int = 50
+    keep_checkpoint: bool = False
+    output_dir: str = "runs/train"
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    precision: str = "auto"
+    device: str = "auto"
+    eval_batch_size: int = 16
+    task: str = "auto"
+    progress: bool = True
+    report_to: str | None = None  # experiment trackers, comma-separated (trackers.TRACKERS)
+
+    def __post_init__(self) -> None:
+        # Rows given as objects (a datasets.Dataset, a list of dicts) become a "memory:HASH"
+        # spec, so the identity, the manifest and resume see a string naming their content.
+        self.data, self.eval_data = in_memory(self.data), in_memory(self.eval_data)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "config") -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserInputError(f"{where}: unknown option(s) {unknown}")
+        return cls(**check_types(cls, values, where)).validated()
+
+    def validated(self) -> TrainConfig:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise UserInputError(msg)
+
+        current = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k, v in check_types(type(self), current, "training options").items():
+            setattr(self, k, v)
+
+        need(bool(self.data), "no training data: pass --data FILE")
+        need(self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
+        need(self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        need(0 <= self.eval_fraction < 1,
+             f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        need(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
+        need(self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        need(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        need(self.max_length >= 8, f"max_length must be >= 8, got {self.max_length}")
+        need(self.freeze_below >= 0, f"freeze_below must be >= 0, got {self.freeze_below}")
+        need(self.precision in ("auto", "bf16", "fp16", "fp32"),
+             f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
+        need(self.save_every >= 0 and self.eval_every >= 0, "save_every/eval_every must be >= 0")
+        need(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other")
+        need(self.freeze in (None, "auto"), f"freeze must be 'auto' (or use freeze_below), "
+                                            f"got {self.freeze!r}")
+        need(self.freeze == "auto" or not (self.budget_memory or self.budget_step_time),
+             "--budget-memory/--budget-step-time need --freeze auto")
+        need(0 < self.keep <= 1, f"keep must be in (0, 1], got {self.keep}")
+        get_method(self.method, self.method_options)  # unknown method / bad options: fail now
+        return self
+
+    @property
+    def learning_rate(self) -> float:
+        """``lr`` when set, else the method's own default (full fine-tuning wants less)."""
+        if self.lr is not None:
+            return self.lr
+        method = METHODS.get(self.method)
+        return method.default_lr if method is not None else Method.default_lr
+
+    def identity(self) -> dict[str, Any]:
+        """The options a resumed run must share with the run it continues."""
+        keep = ("data", "model", "method", "method_options", "freeze_below", "freeze",
+                "budget_memory", "budget_step_time", "keep", "max_steps",
+                "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio",
+                "max_grad_norm", "max_length", "pack", "seed", "eval_fraction")
+        return {k: getattr(self, k) for k in keep}
