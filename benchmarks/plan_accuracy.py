@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--methods", default="full,lora")
-    ap.add_argument("--eofs", default="0,half,top2", help="k values; 'half' = L/2, 'top2' = L-2")
+    ap.add_argument("--freeze-below", default="0,half,top2", help="k values; 'half' = L/2, 'top2' = L-2")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", help="JSON results")
@@ -52,12 +52,12 @@ def main() -> None:
     autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
                 else (lambda: torch.autocast("cpu", enabled=False)))
     names = {"0": 0, "half": L // 2, "top2": L - 2}
-    eofs = [names[x] if x in names else int(x) for x in args.eofs.split(",")]
+    ks = [names[x] if x in names else int(x) for x in args.freeze_below.split(",")]
     rows = []
     for method in args.methods.split(","):
         opts = {"r": args.lora_r, "alpha": 2 * args.lora_r, "dropout": 0.0} if method == "lora" else {}
         costs = calibrate(model, method, opts, batch, autocast=autocast)
-        for k in eofs:
+        for k in ks:
             e = estimate(costs, k)
             cmd = [sys.executable, str(HERE / "bench_methods.py"), "--run-one", method,
                    "--device", args.device, "--model", args.model, "--batch", str(args.batch),

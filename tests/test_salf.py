@@ -11,7 +11,7 @@ from slimtune.data import load_dataset
 from slimtune.errors import UserInputError
 from slimtune.salf.analysis import (
     analyze,
-    choose_eof,
+    choose_freeze_below,
     expected_gain,
     fit_transition,
     remaining_deviation,
@@ -19,7 +19,7 @@ from slimtune.salf.analysis import (
 from slimtune.salf.plan import (
     Estimate,
     LayerCosts,
-    budget_eof,
+    budget_freeze_below,
     calibrate,
     estimate,
     make_plan,
@@ -45,7 +45,7 @@ def test_analysis_shapes_and_final_layer_identities(tiny, intent_file):
     assert a.positions == sum(e.num_target_tokens for e in ds.examples[:16])
     assert a.gain[0] == 1.0 and a.gain[-1] == 0.0
     assert all(x >= y - 1e-9 for x, y in zip(a.gain, a.gain[1:]))
-    assert 0 <= a.eof < L and a.reason
+    assert 0 <= a.freeze_below < L and a.reason
     json.dumps(a.to_dict())
 
 
@@ -66,9 +66,9 @@ def test_fit_recovers_a_logistic_transition():
     assert fit["center"] == pytest.approx(24, abs=0.5)
     assert fit["width"] == pytest.approx(2.0, rel=0.2)
     gain = expected_gain(fit, L)
-    eof = choose_eof(gain, 0.9)
-    assert gain[eof] >= 0.9 > gain[eof + 1]
-    assert 15 <= eof < 24
+    k = choose_freeze_below(gain, 0.9)
+    assert gain[k] >= 0.9 > gain[k + 1]
+    assert 15 <= k < 24
 
 
 def test_remaining_deviation_is_a_non_increasing_envelope():
@@ -93,7 +93,7 @@ def test_budget_policy_never_exceeds_its_budget(seed):
     costs = _costs(t_trained=float(rng.uniform(0.05, 1)), activation_bytes_per_layer=int(rng.integers(1, 5000)))
     memory = int(rng.integers(10_000, 70_000))
     step = float(rng.uniform(0.5, 5))
-    k = budget_eof(costs, memory=memory, step_time=step)
+    k = budget_freeze_below(costs, memory=memory, step_time=step)
     if k is None:
         top = estimate(costs, costs.num_layers - 1)
         assert top.peak_bytes > memory or top.step_time_s > step
@@ -121,7 +121,7 @@ def test_plan_choice_fits_and_estimates_are_monotone(tiny):
     gain = [1.0, 0.8, 0.5, 0.2, 0.0]
     budget = int(ests[0].peak_bytes * 1.2)
     plan = make_plan(tiny.model, batch, gain, candidates=[("lora", {"r": 4})],
-                     budget_memory=budget, recommended_eof=2)
+                     budget_memory=budget, recommended_freeze_below=2)
     assert isinstance(plan.choice, Estimate) and plan.choice.peak_bytes <= budget
     assert all(c.fits == (c.peak_bytes <= budget) for c in plan.candidates)
     assert plan.choice.freeze_below == 0  # everything fits: the highest gain wins
@@ -132,7 +132,7 @@ def test_plan_choice_fits_and_estimates_are_monotone(tiny):
 def test_train_freeze_auto_uses_the_analysis(tiny_dir, intent_file, tmp_path):
     res = train_tiny(tiny_dir, intent_file, tmp_path / "r", freeze="auto", max_steps=2)
     auto = res.manifest["auto_freeze"]
-    assert res.summary["freeze_below"] == auto["analysis_eof"] == auto["freeze_below"]
+    assert res.summary["freeze_below"] == auto["analysis_freeze_below"] == auto["freeze_below"]
     assert res.manifest["layers"] == list(range(auto["freeze_below"], 4))
 
 

@@ -69,7 +69,7 @@ def test_only_selected_positions_change_and_state_is_the_subset(sparse_run, tiny
     base = load_model(str(tiny_dir)).model
     trained = dict(sparse_run.model.named_parameters())
     mods = sparse_modules(sparse_run.model)
-    assert mods and all(".layers.0." not in n for n in mods)  # nothing below the eof
+    assert mods and all(".layers.0." not in n for n in mods)  # nothing below freeze_below
     k_total = 0
     for name, m in mods.items():
         before = dict(base.named_parameters())[f"{name}.weight"].detach().view(-1)

@@ -100,7 +100,7 @@ def _add_train_options(p: argparse.ArgumentParser, grid: bool) -> None:
                    help="with --freeze auto: unfreeze from the top while the estimated time "
                         "per optimizer step fits, e.g. 1.5s")
     p.add_argument("--keep", type=float, default=S,
-                   help="share of the expected gain the auto eof keeps (default 0.99)")
+                   help="share of the expected gain --freeze auto keeps (default 0.99)")
     p.add_argument("--max-steps", type=int, default=S, help="optimizer steps (default 100)")
     p.add_argument("--batch-size", type=int, default=S, help="examples per micro-batch (default 8)")
     p.add_argument("--grad-accum", type=int, default=S, help="micro-batches per step (default 1)")
@@ -165,7 +165,7 @@ def _generate_parser(sub) -> None:
 
 
 def _analyze_parser(sub) -> None:
-    p = sub.add_parser("analyze", help="SALF: per-layer semantic analysis and the eof layer",
+    p = sub.add_parser("analyze", help="SALF: per-layer semantic analysis and where to freeze",
                        description="Decodes every layer's hidden state through the model's own "
                                    "final norm and head (logit lens) on a calibration sample of "
                                    "--data, reports per layer the target loss, KL to the final "
@@ -173,9 +173,9 @@ def _analyze_parser(sub) -> None:
                                    "and recommends an end-of-freezing layer.")
     p.add_argument("--data", required=True, help="data file or builtin:NAME")
     _add_model_args(p)
-    p.add_argument("--method", default="lora", help="method whose cost per eof is shown")
+    p.add_argument("--method", default="lora", help="method whose cost per frozen depth is shown")
     p.add_argument("--keep", type=float, default=0.99,
-                   help="share of the expected gain the recommended eof keeps (default 0.99)")
+                   help="share of the expected gain the recommended freeze-below keeps (default 0.99)")
     p.add_argument("--max-examples", type=int, default=64, help="calibration examples (64)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=512)
@@ -184,7 +184,7 @@ def _analyze_parser(sub) -> None:
 
 
 def _plan_parser(sub) -> None:
-    p = sub.add_parser("plan", help="estimate memory and step time per method and eof; pick one",
+    p = sub.add_parser("plan", help="estimate memory and step time per method and frozen depth; pick one",
                        description="Calibrates each method on small copies of the model's own "
                                    "architecture with your batch shape on this machine, "
                                    "estimates peak memory and step time for every layer "
@@ -197,7 +197,7 @@ def _plan_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--keep", type=float, default=0.99,
-                   help="share of the expected gain the analysis' eof keeps (default 0.99)")
+                   help="share of the expected gain the analysis' freeze-below keeps (default 0.99)")
     p.add_argument("--output", help="write the plan as JSON to this file")
 
 
@@ -520,7 +520,7 @@ def _cmd_analyze(args) -> int:
     out = Path(args.output_dir)
     write_json(out / "analysis.json", a.to_dict())
     plot_analysis(a, out / "analysis.png")
-    print(f"recommended eof: {a.eof} ({a.reason})")
+    print(f"recommended freeze-below: {a.freeze_below} ({a.reason})")
     print(f"wrote {out / 'analysis.json'} and {out / 'analysis.png'}")
     return 0
 
@@ -546,7 +546,7 @@ def _cmd_plan(args) -> int:
     autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.startswith("cuda")
                 else (lambda: torch.autocast("cpu", enabled=False)))
     p = make_plan(loaded.model, batch, a.gain, budget_memory=memory, budget_step_time=step,
-                  recommended_eof=a.eof, autocast=autocast, progress=info)
+                  recommended_freeze_below=a.freeze_below, autocast=autocast, progress=info)
     rows = [[c.method + (f" r={c.options['r']}" if "r" in c.options else ""), str(c.freeze_below),
              f"{c.trainable_params:,}", format_bytes(c.peak_bytes), f"{c.step_time_s:.2f} s",
              f"{c.predicted_gain:.2f}", "yes" if c.fits else "no",

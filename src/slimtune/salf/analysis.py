@@ -22,9 +22,9 @@ out). ``R`` is fitted over depth by a logistic descent
 ``R(l) = R_end + (R_start - R_end) / (1 + exp((l - c) / w))``: the *semantic transition*
 is centred at layer ``c`` with width ``w``. Training the layers above an end-of-freezing
 layer ``k`` can reshape the part of the transition that happens above ``k``, so the
-expected quality gain of eof ``k``, relative to training every layer, is
+expected quality gain of freezing below ``k``, relative to training every layer, is
 ``G(k) = (R(k) - R(L)) / (R(1) - R(L))`` on the fitted curve (``G(0) = 1``). The
-recommended eof is the deepest ``k`` whose ``G(k)`` keeps at least ``keep`` of the gain:
+recommended ``freeze_below`` is the deepest ``k`` whose ``G(k)`` keeps at least ``keep`` of the gain:
 the point after which freezing starts to cut into the transition. ``DEFAULT_KEEP`` was set
 from a measurement, not derived: on the default model and the bundled task, measured
 quality fell about 2.5 times faster than ``1 - G(k)`` (BENCHMARKS.md, SALF validation).
@@ -68,7 +68,7 @@ class Analysis:
     spaces: list[LayerStats]
     fit: dict  # D_start, D_end, center, width, rmse
     gain: list[float]  # G(k) for k = 0..L (k = freeze-below value)
-    eof: int
+    freeze_below: int  # the recommended end-of-freezing layer: layers 0..k-1 are frozen
     keep: float
     reason: str
     costs: list[dict] = field(default_factory=list)
@@ -232,7 +232,7 @@ def expected_gain(fit: dict, L: int) -> list[float]:
     return gain
 
 
-def choose_eof(gain: list[float], keep: float) -> int:
+def choose_freeze_below(gain: list[float], keep: float) -> int:
     """Deepest k (< L) whose expected gain is still >= keep."""
     L = len(gain) - 1
     ok = [k for k in range(L) if gain[k] >= keep]
@@ -252,15 +252,15 @@ def analyze(model: nn.Module, dataset: Dataset, *, keep: float = DEFAULT_KEEP,
     L = len(spaces) - 1
     fit = fit_transition([s.loss for s in spaces])
     gain = expected_gain(fit, L)
-    eof = choose_eof(gain, keep)
-    reason = (f"freeze layers 0-{eof - 1} and train {eof}-{L - 1}: the fitted semantic "
+    k = choose_freeze_below(gain, keep)
+    reason = (f"freeze layers 0-{k - 1} and train {k}-{L - 1}: the fitted semantic "
               f"transition is centred at layer {fit['center']:.1f} (width {fit['width']:.1f}), so "
-              f"{100 * gain[eof]:.0f}% of the expected gain lies above layer {eof}, the deepest "
+              f"{100 * gain[k]:.0f}% of the expected gain lies above layer {k}, the deepest "
               f"cut that keeps at least {100 * keep:.0f}%"
-              if eof > 0 else
+              if k > 0 else
               f"train every layer: less than {100 * keep:.0f}% of the fitted semantic transition "
               f"would remain above any cut")
-    return Analysis(L, len(targets), spaces, fit, gain, eof, keep, reason)
+    return Analysis(L, len(targets), spaces, fit, gain, k, keep, reason)
 
 
 def plot_analysis(analysis: Analysis, path: str | Path) -> Path:
@@ -277,7 +277,7 @@ def plot_analysis(analysis: Analysis, path: str | Path) -> Path:
     ax1.plot(x, remaining_deviation([s.loss for s in analysis.spaces]), ":", label="remaining (envelope)")
     ax1.plot(x, fitted_curve(analysis.fit, analysis.num_layers), "--", label="fitted transition")
     ax1.plot(x, [s.kl_to_final for s in analysis.spaces], "s-", ms=3, label="KL to final")
-    ax1.axvline(analysis.eof, color="k", lw=0.8, ls=":")
+    ax1.axvline(analysis.freeze_below, color="k", lw=0.8, ls=":")
     ax1.set_ylabel("nats")
     ax1.legend(fontsize=8)
     ax1.grid(alpha=0.3)
@@ -285,7 +285,7 @@ def plot_analysis(analysis: Analysis, path: str | Path) -> Path:
     ax2.plot(x, [s.top1_agreement for s in analysis.spaces], "^-", ms=3, color="C2",
              label="top-1 agreement with final")
     ax2.axhline(analysis.keep, color="C3", lw=0.8, ls=":")
-    ax2.axvline(analysis.eof, color="k", lw=0.8, ls=":", label=f"eof = {analysis.eof}")
+    ax2.axvline(analysis.freeze_below, color="k", lw=0.8, ls=":", label=f"freeze below {analysis.freeze_below}")
     ax2.set_xlabel("latent space (0 = embeddings, l = after layer l-1) / freeze-below k")
     ax2.set_ylim(-0.05, 1.05)
     ax2.legend(fontsize=8)

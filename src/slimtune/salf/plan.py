@@ -299,7 +299,7 @@ def estimate(costs: LayerCosts, k: int) -> Estimate:
                     n * costs.flops_backward_per_trained_layer)
 
 
-def budget_eof(costs: LayerCosts, *, memory: int | None = None,
+def budget_freeze_below(costs: LayerCosts, *, memory: int | None = None,
                step_time: float | None = None) -> int | None:
     """Unfreeze from the deepest layer towards the shallow ones while within the budget.
 
@@ -409,12 +409,12 @@ DEFAULT_CANDIDATES: list[tuple[str, dict]] = [("full", {}), ("lora", {"r": 8}), 
 
 def make_plan(model: nn.Module, batch: dict[str, torch.Tensor], gain: list[float], *,
               candidates: list[tuple[str, dict]] | None = None, budget_memory: int | None = None,
-              budget_step_time: float | None = None, recommended_eof: int | None = None,
+              budget_step_time: float | None = None, recommended_freeze_below: int | None = None,
               autocast=contextlib.nullcontext, progress=None) -> Plan:
-    """Estimate every (method, eof) worth considering and pick one under the budget.
+    """Estimate every (method, freeze_below) worth considering and pick one under the budget.
 
-    For each method the eofs considered are: every layer trained (0), the analysis'
-    recommendation, and the shallowest eof the budget allows (deepest-first unfreezing).
+    For each method the freeze_below values considered are: every layer trained (0), the analysis'
+    recommendation, and the shallowest freeze_below the budget allows (deepest-first unfreezing).
     The pick is the fitting candidate with the highest predicted gain, then the shortest
     estimated step.
     """
@@ -424,9 +424,9 @@ def make_plan(model: nn.Module, batch: dict[str, torch.Tensor], gain: list[float
             progress(f"calibrating {method} {options or ''}")
         costs = calibrate(model, method, options, batch, autocast=autocast)
         ks = {0}
-        if recommended_eof is not None:
-            ks.add(recommended_eof)
-        kb = budget_eof(costs, memory=budget_memory, step_time=budget_step_time)
+        if recommended_freeze_below is not None:
+            ks.add(recommended_freeze_below)
+        kb = budget_freeze_below(costs, memory=budget_memory, step_time=budget_step_time)
         if kb is not None:
             ks.add(kb)
         for k in sorted(ks):
@@ -436,8 +436,8 @@ def make_plan(model: nn.Module, batch: dict[str, torch.Tensor], gain: list[float
                       and (budget_step_time is None or e.step_time_s <= budget_step_time))
             if k == kb and (budget_memory or budget_step_time):
                 e.notes.append("budget policy")
-            if k == recommended_eof:
-                e.notes.append("analysis eof")
+            if k == recommended_freeze_below:
+                e.notes.append("analysis' choice")
             rows.append(e)
     fitting = [e for e in rows if e.fits]
     if not fitting:
@@ -458,7 +458,7 @@ def make_plan(model: nn.Module, batch: dict[str, torch.Tensor], gain: list[float
 
 def estimate_static(model: nn.Module, method: str, batch: dict[str, torch.Tensor],
                     activation_bytes: int, options: dict | None = None) -> list[dict]:
-    """Per candidate eof, costs that need no timing: trainable parameters, the share of
+    """Per candidate freeze_below, costs that need no timing: trainable parameters, the share of
     backward FLOPs left (relative to training every layer) and saved activation memory."""
     device = next(model.parameters()).device
     L = len(decoder_layers(model))

@@ -29,7 +29,7 @@ class TrainConfig:
     # numbers too, as plan.parse_size/parse_duration read them (bytes, seconds)
     budget_memory: str | float | None = None  # e.g. "6GiB": with freeze auto, unfreeze while it fits
     budget_step_time: str | float | None = None  # e.g. "1.5s" per optimizer step
-    keep: float = 0.99  # share of the expected gain the auto eof keeps (analysis.DEFAULT_KEEP)
+    keep: float = 0.99  # share of the expected gain --freeze auto keeps (analysis.DEFAULT_KEEP)
     max_steps: int = 100
     batch_size: int = 8
     grad_accum: int = 1

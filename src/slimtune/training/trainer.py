@@ -205,10 +205,10 @@ class Trainer:
             self._load_checkpoint()
 
     def _auto_freeze(self) -> int:
-        """SALF: the analysis' eof, or with a budget the shallowest eof that fits it."""
+        """SALF: the analysis' freeze_below, or with a budget the shallowest that fits it."""
         from ..salf.analysis import analyze
         from ..salf.plan import (
-            budget_eof,
+            budget_freeze_below,
             calibrate,
             calibration_batch,
             describe,
@@ -220,7 +220,7 @@ class Trainer:
         cfg = self.cfg
         a = analyze(self.loaded.model, self.train_ds, keep=cfg.keep, progress=cfg.progress)
         info(f"--freeze auto: {a.reason}")
-        k, est = a.eof, None
+        k, est = a.freeze_below, None
         memory, step = parse_size(cfg.budget_memory), parse_duration(cfg.budget_step_time)
         if memory or step:
             batch = calibration_batch(self.examples, cfg.batch_size,
@@ -231,7 +231,7 @@ class Trainer:
             costs.t_frozen *= cfg.grad_accum
             costs.t_trained *= cfg.grad_accum
             costs.t_embeddings *= cfg.grad_accum
-            kb = budget_eof(costs, memory=memory, step_time=step)
+            kb = budget_freeze_below(costs, memory=memory, step_time=step)
             top = estimate(costs, costs.num_layers - 1)
             if kb is None:
                 raise UserInputError(f"the budget is too small: training only the top layer "
@@ -239,7 +239,7 @@ class Trainer:
             k, est = kb, estimate(costs, kb)
             info(f"budget policy: unfreezing from the top, layers {k}-{costs.num_layers - 1} "
                  f"fit: {describe(est)}")
-        self.auto_freeze = {"analysis_eof": a.eof, "reason": a.reason, "freeze_below": k,
+        self.auto_freeze = {"analysis_freeze_below": a.freeze_below, "reason": a.reason, "freeze_below": k,
                             "expected_gain": a.gain[k], "fit": a.fit,
                             "estimate": est.to_dict() if est else None}
         return k
