@@ -31,6 +31,6 @@ python3 benchmarks/bench_methods.py --device cuda --model llama-1.2b --batch 4 -
   --out "$out/bench_gpu.json" > "$out/bench_gpu.md" 2> "$out/bench_gpu.err"
 tail -17 "$out/bench_gpu.md"
 python3 benchmarks/plan_accuracy.py --device cuda --model llama-1.2b --batch 4 --seq 2048 \
-  --methods full,lora --eofs 0,8,14 --steps 10 --warmup 3 \
+  --methods full,lora --freeze-below 0,8,14 --steps 10 --warmup 3 \
   --out "$out/plan_gpu.json" > "$out/plan_gpu.md" 2> "$out/plan_gpu.err"
 cat "$out/plan_gpu.md"
