@@ -1,8 +1,8 @@
 """Fine-tuning methods, by name. Each module holds one method's math, its delta I/O and how
 its delta attaches to a model; ``@register_method`` on its class puts it in :data:`METHODS`.
 
-Adding a method: one module here whose class is decorated with ``@register_method``, plus
-its import line below (the registry line).
+Adding a method: one module here (or one package, as ``experts/``) whose class is decorated
+with ``@register_method``, plus its import line below (the registry line).
 """
 
 from __future__ import annotations

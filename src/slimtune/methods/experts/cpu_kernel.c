@@ -1,4 +1,4 @@
-/* Fused CPU inference kernel for routed expert adapters (see expert_cpu.py).
+/* Fused CPU inference kernel for routed expert adapters (see cpu_kernel.py).
  *
  * For routed rows i in [begin, end):
  *   out[t] += sum_{j<k} gate[i,j] * scaling * B[e] (A[e] x[t]),   t = tok[i] (or i), e = eid[i,j]

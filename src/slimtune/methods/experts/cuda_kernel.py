@@ -2,7 +2,7 @@
 CPU twin ``cpu_kernel.c``, because no library runs a low-rank update whose weights differ
 per token).
 
-The gathered path in ``experts.py`` writes k rows of the full output width per token (one per
+The gathered path in ``layer.py`` writes k rows of the full output width per token (one per
 routing slot) and then accumulates them into the base output: k times the memory traffic of
 a dense LoRA's update, and that traffic, not the FLOPs, is what a low-rank update costs on a
 GPU. This kernel removes it by grouping tokens by their *set* of k experts instead of by
@@ -18,7 +18,7 @@ single expert:
 
 So each token still runs only its k experts (FLOPs ``k*r*(in+out)``, whatever E is), and an
 expert no token chose is never read. Row results do not depend on the other rows of a tile,
-so the output is deterministic. Training keeps the autograd path in ``experts.py``.
+so the output is deterministic. Training keeps the autograd path in ``layer.py``.
 """
 
 from __future__ import annotations
