@@ -43,7 +43,8 @@ def run_demo(output_dir: str | Path = "runs/demo", *, method: str = "lora",
                       output_dir=str(out), overwrite=True, seed=seed, save_every=20,
                       device=dev, progress=progress)
     result = train(cfg, loaded=loaded)
-    tuned = dict(result.summary)
+    summary = result.run_summary
+    tuned = summary.to_dict()
 
     headers = ["metric", "zero-shot", f"fine-tuned ({method})"]
     rows = comparison_rows([zero_shot, tuned])
@@ -52,8 +53,8 @@ def run_demo(output_dir: str | Path = "runs/demo", *, method: str = "lora",
     plot_loss(result.history, out / "loss.png", title=f"{method} on support-intents")
     notes = [
         f"delta: {result.delta_dir}",
-        f"device: {dev}; peak memory is {tuned['peak_memory_kind'].replace('_', ' ')}",
-        f"{tuned['steps']} steps of batch {cfg.batch_size}; seed {seed}",
+        f"device: {dev}; peak memory is {summary.peak_memory_kind.replace('_', ' ')}",
+        f"{summary.steps} steps of batch {cfg.batch_size}; seed {seed}",
     ]
     data = {"zero_shot": zero_shot, "fine_tuned": tuned, "config": result.manifest["training"]}
     write_report(out, title, headers, rows, data, notes)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import platform
+import typing
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from torch import nn
 from ..errors import DeltaError
 from ..fileio import atomic_dir, sha256_file, write_json
 from ..methods import Method
+from .manifest import BaseInfo, FileEntry, Manifest, check_fields, conforms, describe
 
 FORMAT = "slimtune-delta"
 FORMAT_VERSION = 2  # 2: a rosa delta keeps its LoRA part under its own names (1 still reads)
@@ -47,21 +49,23 @@ def save_delta(folder: str | Path, method: Method, model: nn.Module, *,
         method.save(model, tmp)
         files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                  for p in sorted(tmp.iterdir()) if p.is_file()}
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "method": method.name,
-            "method_config": method.config.to_dict(),
-            "mergeable": method.mergeable,
-            "layers": list(layers),
-            "base": base,
-            "versions": library_versions(),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "files": files,
-            **(extra or {}),
-        }
-        write_json(tmp / MANIFEST, manifest)
-    return manifest
+        manifest = Manifest(
+            format=FORMAT,
+            format_version=FORMAT_VERSION,
+            method=method.name,
+            method_config=method.config.to_dict(),
+            mergeable=method.mergeable,
+            layers=list(layers),
+            base=typing.cast(BaseInfo, base),
+            versions=library_versions(),
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            files=typing.cast(dict[str, FileEntry], files),
+        )
+        manifest.update(extra or {})
+        written = manifest.to_dict()
+        check_fields(written, folder / MANIFEST)  # what is written must read back
+        write_json(tmp / MANIFEST, written)
+    return written
 
 
 def _tensor_files(method: str) -> tuple[str, ...]:
@@ -74,31 +78,14 @@ def _tensor_files(method: str) -> tuple[str, ...]:
 
 
 def _check_fields(manifest: dict[str, Any], path: Path) -> None:
-    """Field types the store and apply rely on: a malformed manifest is named, not a crash."""
-    def bad(what: str) -> DeltaError:
-        return DeltaError(f"{path}: malformed manifest: {what}")
-
-    for key in ("method", "method_config", "base", "files", "layers"):
-        if key not in manifest:
-            raise DeltaError(f"{path}: manifest lacks field '{key}'")
-    if not isinstance(manifest["method"], str):
-        raise bad("'method' is not a string")
-    if not isinstance(manifest["method_config"], dict):
-        raise bad("'method_config' is not an object")
-    base = manifest["base"]
-    if not isinstance(base, dict) or not isinstance(base.get("fingerprint"), str):
-        raise bad("'base' is not an object with a 'fingerprint' string")
+    """Field types the store and apply rely on (read off :class:`Manifest`), and the files
+    the method cannot be applied without: a malformed manifest is named, not a crash."""
+    check_fields(manifest, path)
     files = manifest["files"]
-    if not isinstance(files, dict) or not files:
-        raise bad("'files' is not a non-empty object of file name -> {sha256, bytes}")
-    for name, info in files.items():
-        if not (isinstance(info, dict) and isinstance(info.get("sha256"), str)
-                and type(info.get("bytes")) is int and info["bytes"] >= 0):
-            raise bad(f"files[{name!r}] needs 'sha256' (a string) and 'bytes' (an integer)")
     needed = _tensor_files(manifest["method"])
     if needed and not any(n in files for n in needed):
-        raise bad(f"a {manifest['method']} delta needs {' or '.join(needed)}, which 'files' "
-                  "does not list")
+        raise DeltaError(f"{path}: malformed manifest: a {manifest['method']} delta needs "
+                         f"{' or '.join(needed)}, which 'files' does not list")
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
@@ -121,8 +108,8 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DeltaError(f"{path}: not a slimtune delta manifest")
     version = manifest.get("format_version", 0)
-    if type(version) is not int:
-        raise DeltaError(f"{path}: malformed manifest: 'format_version' is not an integer")
+    if not conforms(version, int):
+        raise DeltaError(f"{path}: malformed manifest: 'format_version' is not {describe(int)}")
     if version > FORMAT_VERSION:
         raise DeltaError(f"{path}: format version {manifest['format_version']} is newer than "
                          f"this slimtune reads ({FORMAT_VERSION}); upgrade slimtune")

@@ -7,24 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from ..fileio import atomic_path, write_json, write_text
+from ..training.summary import RunSummary, report_metrics
 from .cost import format_bytes
 
-# metric key -> (label, formatter); the order is the order of the report's rows.
-METRICS: list[tuple[str, str, str]] = [
-    ("eval_accuracy", "accuracy", "pct"),
-    ("eval_exact_match", "exact match", "pct"),
-    ("eval_loss", "eval loss", "f3"),
-    ("eval_perplexity", "perplexity", "f2"),
-    ("train_time_s", "train wall time", "sec"),
-    ("step_time_p50_s", "step time p50", "sec"),
-    ("tokens_per_s", "train tokens/s", "f0"),
-    ("peak_memory_bytes", "peak memory", "bytes"),
-    ("eval_latency_p50_ms", "decode latency p50", "ms"),
-    ("eval_latency_p95_ms", "decode latency p95", "ms"),
-    ("trainable_params", "trainable params", "int"),
-    ("active_params_per_token", "active adapter params/token", "int"),
-    ("delta_bytes", "delta on disk", "bytes"),
-]
+# metric key -> (label, format kind), in the order of the report's rows: read off the fields
+# of RunSummary that carry ``shown(...)`` metadata, so a new summary metric is declared once.
+METRICS: list[tuple[str, str, str]] = report_metrics(RunSummary)
 
 
 def fmt(value: Any, kind: str) -> str:
@@ -49,10 +37,11 @@ def fmt(value: Any, kind: str) -> str:
     return str(value)
 
 
-def comparison_rows(columns: Sequence[dict[str, Any]]) -> list[list[str]]:
-    """One row per metric that at least one column has, formatted."""
+def comparison_rows(columns: Sequence[dict[str, Any]],
+                    metrics: Sequence[tuple[str, str, str]] | None = None) -> list[list[str]]:
+    """One row per metric (default :data:`METRICS`) that at least one column has, formatted."""
     rows = []
-    for key, label, kind in METRICS:
+    for key, label, kind in METRICS if metrics is None else metrics:
         if any(c.get(key) is not None for c in columns):
             rows.append([label, *[fmt(c.get(key), kind) for c in columns]])
     return rows

@@ -22,7 +22,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +60,14 @@ from ..salf.freezing import freeze_below
 from . import trackers
 from .config import TrainConfig
 from .step import NonFiniteError, accumulate_gradients, lr_factor, nonfinite_norm, warmup_steps
+from .summary import RunSummary
 
 
 @dataclass
 class TrainResult:
+    """What a run produced. ``summary`` is the summary.json object (a dict, as documented);
+    ``run_summary`` is the same numbers typed (:class:`RunSummary`)."""
+
     output_dir: Path
     delta_dir: Path
     manifest: dict
@@ -74,6 +78,7 @@ class TrainResult:
     method: Method
     eval_dataset: Dataset | None
     eval_details: dict | None = None
+    run_summary: RunSummary = field(kw_only=True)
 
 
 def _accelerator(cfg: TrainConfig):
@@ -503,23 +508,23 @@ class Trainer:
                                              autocast=self.accelerator.autocast,
                                              progress=cfg.progress)
         losses = [h["loss"] for h in self.history if "loss" in h]
-        summary = {
-            "method": cfg.method,
-            "steps": self.step,
-            "freeze_below": self.freeze_k,
-            "trainable_params": self.trainable,
-            "total_params": self.total,
-            "train_time_s": train_time,
-            "tokens_per_s": tokens / train_time if train_time else None,
-            "step_time_p50_s": percentile(step_times, 50) if step_times else None,
-            "peak_memory_bytes": mem.peak_bytes,
-            "peak_memory_kind": mem.kind,
-            "final_train_loss": float(np.mean(losses[-10:])) if losses else None,
-            "device": str(self.device),
-            **{f"eval_{k}": v for k, v in eval_metrics.items() if k != "task"},
-            "task": eval_metrics.get("task"),
-            **self.method.summary(self.model),
-        }
+        summary = RunSummary(
+            method=cfg.method,
+            steps=self.step,
+            freeze_below=self.freeze_k,
+            trainable_params=self.trainable,
+            total_params=self.total,
+            train_time_s=train_time,
+            tokens_per_s=tokens / train_time if train_time else None,
+            step_time_p50_s=percentile(step_times, 50) if step_times else None,
+            peak_memory_bytes=mem.peak_bytes,
+            peak_memory_kind=mem.kind,
+            final_train_loss=float(np.mean(losses[-10:])) if losses else None,
+            device=str(self.device),
+            task=eval_metrics.get("task"),
+        )
+        summary.update({f"eval_{k}": v for k, v in eval_metrics.items() if k != "task"})
+        summary.update(self.method.summary(self.model))
         base = {"fingerprint": self.base_fingerprint, "name": self.loaded.name,
                 "source": self.loaded.source,
                 "architecture": type(base_model(self.model)).__name__,
@@ -528,7 +533,7 @@ class Trainer:
             "dataset": {"fingerprint": self.train_ds.fingerprint(), "path": self.train_ds.path,
                         "shape": self.train_ds.shape, "examples": len(self.train_ds.records)},
             "training": asdict(cfg),
-            "metrics": summary,
+            "metrics": summary.to_dict(),  # no delta_bytes: the delta is being written
             "auto_freeze": self.auto_freeze,
             # options lowered on --resume (after a divergence), by the step they took effect
             "resume_changes": [r for r in self.history if r.get("event") == "resumed"],
@@ -536,16 +541,17 @@ class Trainer:
         delta_dir = self.out / "delta"
         manifest = save_delta(delta_dir, self.method, self.model, base=base, layers=self.layers,
                               extra=extra, replace=True)
-        summary["delta_bytes"] = delta_bytes(manifest)
-        write_json(self.out / "summary.json", summary)
+        summary.delta_bytes = delta_bytes(manifest)
+        written = summary.to_dict()
+        write_json(self.out / "summary.json", written)
         if self.accelerator.trackers:
-            self.accelerator.log({k: v for k, v in trackers.numeric(summary).items()
+            self.accelerator.log({k: v for k, v in trackers.numeric(written).items()
                                   if k.startswith("eval_")}, step=self.step)
         if not cfg.keep_checkpoint:
             for p in (self.ckpt_dir, self.ckpt_dir.with_name("checkpoint.old")):
                 shutil.rmtree(p, ignore_errors=True)
-        return TrainResult(self.out, delta_dir, manifest, summary, self.history, self.model,
-                           self.loaded, self.method, self.eval_ds, details)
+        return TrainResult(self.out, delta_dir, manifest, written, self.history, self.model,
+                           self.loaded, self.method, self.eval_ds, details, run_summary=summary)
 
 
 def train(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainResult:
