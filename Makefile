@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup fetch demo test test-fast lint bench-cpu clean
+.PHONY: setup fetch demo test test-fast lint typecheck hooks bench-cpu clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,19 @@ test: fetch
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not default_model"
 
+# what CI checks before the tests: lint, formatting (ruff) and types (mypy)
 lint: setup
 	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts
+	$(MAKE) --no-print-directory typecheck
+
+# mypy on methods/ and delta/ ([tool.mypy] in pyproject.toml says what it checks)
+typecheck: setup
+	$(BIN)/python -m mypy
+
+# the git pre-commit hook: ruff check, format check and mypy per commit (.pre-commit-config.yaml)
+hooks: setup
+	$(BIN)/pre-commit install
 
 bench-cpu: fetch
 	$(BIN)/python benchmarks/bench_methods.py --device cpu

@@ -175,7 +175,8 @@ def merge_to_folder(folder: str | Path, out: str | Path, *, model: str | None = 
     applied = apply_delta(loaded.model, folder, fingerprint(loaded.model), merge=True, ref=ref)
     applied.model.to(MERGE_DTYPES[dtype])
     with atomic_dir(out) as tmp:
-        applied.model.save_pretrained(tmp)
+        # merged: a transformers model again, which nn.Module's __getattr__ cannot know
+        applied.model.save_pretrained(tmp)  # type: ignore[operator]
         loaded.tokenizer.save_pretrained(tmp)
         write_json(tmp / "slimtune_delta.json", {
             "version": ref, "method": manifest["method"], "dtype": dtype,

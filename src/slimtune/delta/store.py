@@ -25,6 +25,7 @@ taken for an empty store while ``objects/`` holds folders: opening refuses, and
 
 from __future__ import annotations
 
+import builtins  # DeltaStore.list shadows list in the annotations of methods below it
 import errno
 import json
 import os
@@ -596,7 +597,7 @@ class DeltaStore:
         fsync_dir(self.quarantine)
         return dest
 
-    def verify(self, ref: str | None = None) -> list[tuple[str, str | None]]:
+    def verify(self, ref: str | None = None) -> builtins.list[tuple[str, str | None]]:
         """(id, problem or None) for one version or all: checksums of every file and of the
         manifest; for all, also folders in ``objects/`` that the index does not know."""
         versions = [self.resolve(ref, check=False)] if ref else self.list()
@@ -619,7 +620,8 @@ class DeltaStore:
 
     @classmethod
     def reindex(cls, root: str | Path | None = None
-                ) -> tuple[DeltaStore, list[str], list[tuple[str, str]], Path | None]:
+                ) -> tuple[DeltaStore, builtins.list[str], builtins.list[tuple[str, str]],
+                           Path | None]:
         """Rebuild the index from the manifests in ``objects/``: every folder named ``v<N>``
         that verifies and that the index does not hold becomes version ``v<N>``.
 

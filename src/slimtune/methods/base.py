@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar, get_type_hints
+from typing import Any, ClassVar, TypeVar, get_type_hints
 
 import torch
 from torch import nn
@@ -25,6 +25,8 @@ from ..options import check_types
 # Field metadata of an option ``slimtune sweep`` may take a list of values for, e.g.
 # ``r: int = field(default=8, metadata=SWEEP)``: the sweep grid is derived from it.
 SWEEP = {"sweep": True}
+
+_Config = TypeVar("_Config", bound="MethodConfig")
 
 
 @dataclass
@@ -39,7 +41,8 @@ class MethodConfig:
         return {f.name: hints[f.name] for f in fields(cls) if f.metadata.get("sweep")}
 
     @classmethod
-    def from_dict(cls, options: dict[str, Any], where: str = "method options"):
+    def from_dict(cls: type[_Config], options: dict[str, Any],
+                  where: str = "method options") -> _Config:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
@@ -82,6 +85,8 @@ class Method(ABC):
     trains_embeddings: ClassVar[bool] = False
     weight_grads: ClassVar[bool] = False
     progress: bool = True  # bars while choosing from data; the trainer sets --no-progress here
+    # An instance of config_class (a subclass narrows this annotation to its own options).
+    config: MethodConfig
 
     def __init__(self, config: MethodConfig | dict | None = None) -> None:
         if config is None:

@@ -43,7 +43,8 @@ class FullMethod(Method):
         return model
 
     def save(self, model: nn.Module, folder: Path) -> None:
-        state = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        state: dict[str, torch.Tensor] = {n: p for n, p in model.named_parameters()
+                                          if p.requires_grad}
         write_safetensors(folder / WEIGHTS_FILE, state)
 
     @classmethod

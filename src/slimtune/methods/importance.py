@@ -79,9 +79,9 @@ def importance_scores(model: nn.Module, modules: dict[str, nn.Linear], kind: str
                 loss, n_tok = target_loss(model, b)
                 (loss / max(n_tok, 1)).backward()
                 for n, m in modules.items():
-                    g = m.weight.grad
-                    if g is not None:
-                        scores[n] += g.float().abs() if kind == "grad" else g.float().pow(2)
+                    grad = m.weight.grad
+                    if grad is not None:
+                        scores[n] += grad.float().abs() if kind == "grad" else grad.float().pow(2)
                         m.weight.grad = None
                 if bar:
                     bar.update(1)

@@ -92,7 +92,8 @@ class PeftAdapterMethod(Method):
     delta_files = PEFT_WEIGHT_FILES
 
     def save(self, model: nn.Module, folder: Path) -> None:
-        model.save_pretrained(str(folder))
+        # the PeftModel that prepare returned; nn.Module's __getattr__ types it Tensor | Module
+        model.save_pretrained(str(folder))  # type: ignore[operator]
 
     @classmethod
     def attach(cls, model: nn.Module, folder: Path, manifest: dict[str, Any], *,
@@ -104,6 +105,7 @@ class PeftAdapterMethod(Method):
 class LoraMethod(PeftAdapterMethod):
     name = "lora"
     config_class = LoraOptions
+    config: LoraOptions
     default_lr = 2e-4
     peft_type = "LORA"
 
@@ -114,7 +116,9 @@ class LoraMethod(PeftAdapterMethod):
         targets = target_module_names(model, cfg.target_modules, "lora")
         n = len(decoder_layers(model))
         return LoraConfig(
-            r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+            # peft annotates lora_alpha as int but only divides by it: a float alpha is kept
+            r=cfg.r, lora_alpha=cfg.alpha,  # type: ignore[arg-type]
+            lora_dropout=cfg.dropout,
             target_modules=list(targets), task_type="CAUSAL_LM",
             layers_to_transform=None if list(layers) == list(range(n)) else list(layers),
         )

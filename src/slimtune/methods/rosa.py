@@ -80,6 +80,7 @@ class RosaOptions(MethodConfig):
 class RosaMethod(Method):
     name = "rosa"
     config_class = RosaOptions
+    config: RosaOptions
     default_lr = 2e-4
     why_not_peft = "its sparse part has no place in peft's format"
     delta_files = (SPARSE_FILE,)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import UserInputError
@@ -35,6 +36,7 @@ class ShiraOptions(MethodConfig):
 class ShiraMethod(PeftAdapterMethod):
     name = "shira"
     config_class = ShiraOptions
+    config: ShiraOptions
     default_lr = 2e-4
     peft_type = "SHIRA"
 
@@ -60,8 +62,12 @@ class ShiraMethod(PeftAdapterMethod):
 
         targets = config.get("target_modules")
         trained = sum(p.numel() for n, p in model.named_parameters() if "shira_weight" in n)
-        covered = sum(m.get_base_layer().weight.numel() for m in model.modules()
-                      if isinstance(m, BaseTunerLayer))
+        covered = 0
+        for m in model.modules():
+            if isinstance(m, BaseTunerLayer):
+                weight = m.get_base_layer().weight
+                assert isinstance(weight, torch.Tensor)
+                covered += weight.numel()
         return {"density": trained / covered,
                 "target_modules": sorted(targets) if isinstance(targets, list) else None,
                 "seed": int(config.get("random_seed") or 0)}

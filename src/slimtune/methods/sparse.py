@@ -43,6 +43,9 @@ SPARSE_FILE = "sparse.safetensors"
 
 
 class SparseDelta(nn.Module):
+    indices: torch.Tensor  # buffers, registered in __init__
+    base_values: torch.Tensor
+
     def __init__(self, weight: torch.Tensor, indices: torch.Tensor,
                  values: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -96,22 +99,30 @@ class _SparseDeltaLinear(torch.autograd.Function):
         return grad_x, None, None, grad_values, None
 
 
+def delta_of(module: nn.Module) -> SparseDelta:
+    """The :class:`SparseDelta` that :func:`attach` put on ``module``."""
+    delta = module.sparse_delta
+    assert isinstance(delta, SparseDelta)
+    return delta
+
+
 def _sparse_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return _SparseDeltaLinear.apply(x, module.weight, module.bias, module.sparse_delta.values,
-                                    module.sparse_delta)
+    delta = delta_of(module)
+    return _SparseDeltaLinear.apply(x, module.weight, module.bias, delta.values, delta)
 
 
 def attach(module: nn.Linear, indices: torch.Tensor, values: torch.Tensor | None = None
            ) -> SparseDelta:
     delta = SparseDelta(module.weight, indices, values)
     module.sparse_delta = delta
-    module.forward = functools.partial(_sparse_forward, module)
+    # a per-instance forward (detach_delta pops it again)
+    module.forward = functools.partial(_sparse_forward, module)  # type: ignore[method-assign]
     return delta
 
 
 def detach_delta(module: nn.Linear, *, keep_merged: bool) -> None:
     """Remove the delta; leave the weight merged (base + values) or restore the base."""
-    delta: SparseDelta = module.sparse_delta
+    delta = delta_of(module)
     delta.write(module.weight) if keep_merged else delta.restore(module.weight)
     del module.sparse_delta
     module.__dict__.pop("forward", None)
@@ -142,7 +153,7 @@ def candidate_modules(model: nn.Module, layers: list[int], targets: list[str] | 
 def save_sparse(model: nn.Module, path: Path, meta: dict[str, str] | None = None) -> None:
     tensors, metadata = {}, dict(meta or {})
     for name, m in sparse_modules(model).items():
-        d: SparseDelta = m.sparse_delta
+        d = delta_of(m)
         idx = d.indices
         tensors[f"{name}.indices"] = idx.to(torch.int32) if m.weight.numel() < 2**31 else idx
         tensors[f"{name}.values"] = d.values.detach().float()
@@ -219,6 +230,7 @@ class SparseOptions(MethodConfig):
 class SparseMethod(Method):
     name = "sparse"
     config_class = SparseOptions
+    config: SparseOptions
     default_lr = 2e-4
     delta_files = (SPARSE_FILE,)
 
@@ -258,7 +270,7 @@ class SparseMethod(Method):
         without it a resumed run would skip that regrow."""
         pending = {}
         for name, m in sparse_modules(model).items():
-            d: SparseDelta = m.sparse_delta
+            d = delta_of(m)
             if d.regrow_candidates is not None:  # on_step_end consumes them in the same step
                 raise RuntimeError(f"{name}: regrow candidates pending at a checkpoint")
             if d.regrow_count:
@@ -268,7 +280,7 @@ class SparseMethod(Method):
     def load_state_dict(self, model: nn.Module, state: dict[str, Any]) -> None:
         modules = sparse_modules(model)
         for name, count in (state.get("regrow_pending") or {}).items():
-            modules[name].sparse_delta.regrow_count = int(count)
+            delta_of(modules[name]).regrow_count = int(count)
 
     def on_step_end(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         """Drop-and-regrow every ``regrow_every`` steps (the density stays fixed)."""
@@ -277,11 +289,11 @@ class SparseMethod(Method):
             return
         modules = sparse_modules(model).values()
         for m in modules:
-            if m.sparse_delta.regrow_candidates is not None:
-                regrow(m.sparse_delta, m.weight, optimizer)
+            if delta_of(m).regrow_candidates is not None:
+                regrow(delta_of(m), m.weight, optimizer)
         if (step + 1) % cfg.regrow_every == 0:  # the next backward records candidates
             for m in modules:
-                d = m.sparse_delta
+                d = delta_of(m)
                 d.regrow_count = max(1, round(cfg.regrow_fraction * d.indices.numel()))
 
     def save(self, model: nn.Module, folder: Path) -> None:
@@ -298,6 +310,7 @@ class SparseMethod(Method):
 
 def regrow(delta: SparseDelta, weight: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
     new = delta.regrow_candidates
+    assert new is not None  # on_step_end calls this only where candidates are pending
     delta.regrow_candidates = None
     n = new.numel()
     drop = torch.topk(delta.values.detach().abs(), n, largest=False).indices

@@ -99,7 +99,7 @@ def _transposed(b: torch.Tensor) -> torch.Tensor:
     hit = getattr(b, "_slimtune_transposed", None)
     if hit is None or hit[0] != key:
         hit = (key, b.detach().transpose(1, 2).contiguous())
-        b._slimtune_transposed = hit
+        b._slimtune_transposed = hit  # type: ignore[attr-defined]  # a cache kept on the tensor
     return hit[1]
 
 
@@ -120,7 +120,9 @@ def add_routed_lowrank(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: t
     x, a = x.contiguous(), a.contiguous()
     bt = _transposed(b)
     z = torch.empty(n, k * a.shape[1], dtype=torch.float32)
-    code = library().routed_lowrank_add_f32(
+    lib = library()
+    assert lib is not None  # supports() checked that the kernel loaded
+    code = lib.routed_lowrank_add_f32(
         x.data_ptr(), out.data_ptr(), a.data_ptr(), bt.data_ptr(), plan.tokens.data_ptr(),
         plan.experts.data_ptr(), plan.gates.data_ptr(), z.data_ptr(), n, x.shape[1],
         out.shape[1], a.shape[1], k, float(scaling), max(1, min(torch.get_num_threads(), n // 16)))

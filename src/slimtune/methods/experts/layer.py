@@ -148,7 +148,8 @@ class ExpertLinear(nn.Module):
         if routing is None:
             raise RuntimeError("ExpertLinear ran outside its decoder layer's forward "
                                "(no routing for this pass)")
-        a, b = self.lora_A, self.lora_B
+        a: torch.Tensor = self.lora_A
+        b: torch.Tensor = self.lora_B
         if not torch.is_autocast_enabled(x.device.type) and a.dtype != x.dtype:
             a, b = a.to(x.dtype), b.to(x.dtype)
         flat_out = out.view(-1, out.shape[-1])

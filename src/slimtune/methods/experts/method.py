@@ -102,6 +102,12 @@ def _set_child(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
+def _linear(root: nn.Module, path: str) -> nn.Linear:
+    module = root.get_submodule(path)
+    assert isinstance(module, nn.Linear)
+    return module
+
+
 def attach_experts(model: nn.Module, layers: list[int], cfg: ExpertsOptions) -> Attached:
     """Give each layer in ``layers`` a router and wrap its target linears in experts."""
     targets = target_module_names(model, cfg.target_modules, "experts")
@@ -116,12 +122,12 @@ def attach_experts(model: nn.Module, layers: list[int], cfg: ExpertsOptions) -> 
         names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)
                  and n.rsplit(".", 1)[-1] in targets]
         dev = next(block.parameters()).device
-        size = hidden or block.get_submodule(names[0]).in_features
+        size = hidden or _linear(block, names[0]).in_features
         router = ExpertRouter(size, cfg.experts, cfg.top_k, gen).to(dev)
         block.add_module("expert_router", router)
         routers[i] = router
         for name in names:
-            base = block.get_submodule(name)
+            base = _linear(block, name)
             adapter = ExpertLinear(base, router, cfg.rank, cfg.alpha, gen)
             _set_child(block, name, adapter)
             linears[f"{i}.{name}"] = adapter
@@ -132,9 +138,10 @@ def attach_experts(model: nn.Module, layers: list[int], cfg: ExpertsOptions) -> 
         undo.append(lambda b=block: delattr(b, "expert_router"))
     handle = model.register_forward_pre_hook(_mask_hook(list(routers.values())), with_kwargs=True)
     undo.append(handle.remove)
-    model._slimtune_experts = Attached(routers, linears, undo)
+    att = Attached(routers, linears, undo)
+    model.__dict__["_slimtune_experts"] = att  # where attached() finds it
     undo.append(lambda: model.__dict__.pop("_slimtune_experts", None))
-    return model._slimtune_experts
+    return att
 
 
 def attached(model: nn.Module) -> Attached:
@@ -171,9 +178,9 @@ def _delta_tensors(att: Attached) -> dict[str, torch.Tensor]:
         tensors[f"layers.{i}.usage"] = r.usage
         tensors[f"layers.{i}.center"] = r.center
     for key, lin in att.linears.items():
-        i, name = key.split(".", 1)
-        tensors[f"layers.{i}.{name}.lora_A"] = lin.lora_A
-        tensors[f"layers.{i}.{name}.lora_B"] = lin.lora_B
+        layer, name = key.split(".", 1)
+        tensors[f"layers.{layer}.{name}.lora_A"] = lin.lora_A
+        tensors[f"layers.{layer}.{name}.lora_B"] = lin.lora_B
     return tensors
 
 
@@ -240,6 +247,7 @@ def center_routers(model: nn.Module, att: Attached, batches: list[dict]) -> None
                 model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                       use_cache=False)
         for r in routers:
+            assert r.calibration is not None  # set above, cleared only below
             total, count = r.calibration
             if count:
                 r.center.copy_(total / count)
@@ -253,6 +261,7 @@ def center_routers(model: nn.Module, att: Attached, batches: list[dict]) -> None
 class ExpertsMethod(Method):
     name = "experts"
     config_class = ExpertsOptions
+    config: ExpertsOptions
     mergeable = False
     why_not_mergeable = "its experts are routed per token"
     default_lr = 5e-4

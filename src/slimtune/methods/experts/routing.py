@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,7 @@ class Routing:
     _counts: list[int] | None = None
     _offsets: torch.Tensor | None = None
     _plan: cuda_kernel.TilePlan | None = None
-    _sets: ExpertSets | bool | None = None
+    _sets: ExpertSets | Literal[False] | None = None  # False: grouping by sets does not pay
     # gathered input rows per layout ("slots" / "sets"): (the input they came from, rows);
     # linears that share an input (q, k, v; gate, up) share one gather
     _gathered: dict = field(default_factory=dict)
@@ -131,6 +132,7 @@ class Routing:
 
     def gather_sets(self, x: torch.Tensor) -> torch.Tensor:
         """The routed input rows in expert-set order (each token once)."""
+        assert self._sets, "gather_sets runs only where expert_sets returned the sets"
         return self._gather("sets", x, self._sets.tokens)
 
 
@@ -159,6 +161,9 @@ class ExpertSets:
 
 class ExpertRouter(nn.Module):
     """Chooses the top-k experts of each token from the layer's input hidden state."""
+
+    usage: torch.Tensor  # buffers, registered in __init__
+    center: torch.Tensor
 
     def __init__(self, hidden_size: int, experts: int, top_k: int,
                  generator: torch.Generator | None = None) -> None:
