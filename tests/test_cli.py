@@ -179,3 +179,47 @@ def test_resume_of_a_finished_run_only_finishes_the_store_add(tiny_dir, intent_f
     assert "already stored as v1" in capsys.readouterr().out
     assert [v.id for v in DeltaStore(store).list()] == ["v1"]
     assert (out / "delta" / "manifest.json").stat().st_mtime_ns == delta_time  # not retrained
+
+
+def _help(capsys, cmd: str) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([cmd, "--help"])
+    return " ".join(capsys.readouterr().out.split())  # unwrapped
+
+
+def test_method_flags_come_from_the_methods_with_each_ones_default(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps at hyphens too
+    from slimtune.methods import METHODS
+
+    text = _help(capsys, "train")
+    # every registered method, dora included, and the default
+    assert f"--method METHOD {', '.join(sorted(METHODS))} (default lora)" in text
+    assert "dora" in sorted(METHODS)
+    # a shared flag names its methods; their defaults where they differ
+    assert "share of each weight to train (rosa 0.005, shira 0.01, sparse 0.01)" in text
+    assert "LoRA rank (dora, lora, rosa; default 8)" in text
+    assert "rank of each expert (experts; default 8)" in text
+    assert "comma-separated values to sweep" not in text
+    sweep = _help(capsys, "sweep")
+    assert "LoRA rank (dora, lora, rosa; default 8; comma-separated values to sweep)" in sweep
+    assert "LoRA alpha (dora, lora, rosa; default 16)" in sweep  # not sweepable
+
+
+def test_every_method_flag_sets_its_option(tmp_path):
+    from slimtune.training.sweep import grid_flags
+
+    args = build_parser().parse_args(
+        ["train", "--data", "a.jsonl", "--method", "rosa", "--lora-r", "4", "--lora-alpha", "8",
+         "--lora-dropout", "0", "--lora-targets", "q_proj, v_proj", "--density", "0.02",
+         "--importance", "grad", "--selection", "global", "--regrow-every", "5"])
+    assert train_config_from_args(args).method_options == {
+        "r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
+        "density": 0.02, "importance": "grad", "selection": "global", "regrow_every": 5}
+    args = build_parser().parse_args(
+        ["train", "--data", "a.jsonl", "--method", "experts", "--experts", "4", "--top-k", "1",
+         "--expert-rank", "2", "--aux-weight", "0.1"])
+    assert train_config_from_args(args).method_options == {
+        "experts": 4, "top_k": 1, "rank": 2, "aux_weight": 0.1}
+    assert grid_flags() == {"lora_r": "r", "experts": "experts", "top_k": "top_k",
+                            "expert_rank": "rank", "density": "density"}

@@ -1,6 +1,8 @@
 """A method is one file plus one registry line: a toy method, defined and registered here
 and nowhere else, trains, saves, goes into the store, hot-swaps and comes off exactly."""
 
+import json
+from dataclasses import dataclass, make_dataclass
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,17 @@ from torch import nn
 
 from slimtune.delta import DeltaStore, DeltaSwitcher, apply_delta
 from slimtune.errors import DeltaError
-from slimtune.methods import METHODS, Attachment, Method, register_method, unregister_method
+from slimtune.methods import (
+    METHODS,
+    Attachment,
+    LoraMethod,
+    LoraOptions,
+    Method,
+    MethodConfig,
+    register_method,
+    unregister_method,
+)
+from slimtune.methods.base import option
 from slimtune.model.loading import fingerprint, load_model
 from slimtune.training.config import TrainConfig
 
@@ -102,3 +114,101 @@ def test_a_taken_name_is_refused():
     with pytest.raises(ValueError, match="taken"):
         register_method(Impostor)
     assert METHODS["lora"].__name__ == "LoraMethod"
+
+
+@dataclass
+class WideLoraOptions(LoraOptions):
+    """LoRA's options plus one of its own, declared once: the CLI finds it here."""
+
+    width: int = option(3, flag="toy-width", help="a toy option of the test method",
+                        sweep=True)
+
+
+class WideLoraMethod(LoraMethod):
+    name = "test_wide_lora"
+    config_class = WideLoraOptions
+
+    @classmethod
+    def imports_peft(cls, config: dict) -> bool:
+        return False  # LoRA adapters stay LoRA's while this test method is registered
+
+
+def test_a_registered_method_gets_its_flags_yaml_key_and_sweep_grid(tiny_dir, intent_file,
+                                                                    tmp_path, capsys):
+    from slimtune.cli.main import build_parser, main, train_options_from_args
+    from slimtune.training.sweep import grid_flags, grid_points
+
+    assert "--toy-width" not in _train_help(capsys)
+    register_method(WideLoraMethod)
+    try:
+        help_text = _train_help(capsys)
+        assert "--toy-width" in help_text and "test_wide_lora" in help_text
+        assert "a toy option of the test method (test_wide_lora; default 3)" in \
+            " ".join(help_text.split())
+        # the flag reaches the method's options; LoRA's shared flag too
+        cfg, _ = train_options_from_args(build_parser().parse_args(
+            ["train", "--data", "a.jsonl", "--method", "test_wide_lora", "--toy-width", "5",
+             "--lora-r", "2"]))
+        assert cfg.method == "test_wide_lora" and cfg.method_options == {"width": 5, "r": 2}
+        # its YAML key is the flag's name, as for every flag
+        yaml_file = tmp_path / "c.yaml"
+        yaml_file.write_text("data: a.jsonl\nmethod: test_wide_lora\ntoy-width: 7\n")
+        cfg, _ = train_options_from_args(build_parser().parse_args(
+            ["train", "--config", str(yaml_file)]))
+        assert cfg.method_options == {"width": 7}
+        # sweepable: in the grid, and sweep takes a list for it
+        assert grid_flags()["toy_width"] == "width"
+        args = build_parser().parse_args(["sweep", "--data", "a.jsonl", "--method",
+                                          "test_wide_lora", "--toy-width", "1,4"])
+        assert grid_points("test_wide_lora", {"toy_width": args.toy_width}) == [
+            {"width": 1}, {"width": 4}]
+        # a real run: --method accepts it and the option lands in the delta's manifest
+        out = tmp_path / "run"
+        assert main(["train", "--model", str(tiny_dir), "--data", str(intent_file),
+                     "--method", "test_wide_lora", "--toy-width", "6", "--max-steps", "1",
+                     "--batch-size", "4", "--output-dir", str(out), "--no-progress",
+                     "--no-store", "--device", "cpu"]) == 0
+        manifest = json.loads((out / "delta" / "manifest.json").read_text())
+        assert manifest["method"] == "test_wide_lora"
+        assert manifest["method_config"]["width"] == 6
+    finally:
+        unregister_method(WideLoraMethod.name)
+    assert "--toy-width" not in _train_help(capsys)
+    assert "toy_width" not in grid_flags()
+
+
+def _train_help(capsys) -> str:
+    from slimtune.cli.main import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("declared, message", [
+    # --density is rosa's, shira's and sparse's float option 'density': another option
+    # name or type under that flag is refused, and so is a flag train itself has
+    (("density", int, option(1)), r"--density is declared by method '\w+' for its option "
+                                  r"'density' \(float\) and by method 'test_clash' for "
+                                  r"'density' \(int\)"),
+    (("share", float, option(0.1, flag="density")), r"for its option 'density' \(float\) and "
+                                                    r"by method 'test_clash' for 'share' "
+                                                    r"\(float\)"),
+    (("seed_value", int, option(0, flag="seed")), r"--seed \(method test_clash\) is an option "
+                                                  r"train already has"),
+])
+def test_a_flag_declared_twice_differently_is_a_clear_error(declared, message):
+    from slimtune.cli.main import build_parser
+
+    class ClashMethod(NormOnlyMethod):
+        name = "test_clash"
+        config_class = make_dataclass("ClashOptions", [declared], bases=(MethodConfig,))
+
+    register_method(ClashMethod)
+    try:
+        with pytest.raises(ValueError, match=message):
+            build_parser()
+    finally:
+        unregister_method(ClashMethod.name)
+    build_parser()  # fine again without it

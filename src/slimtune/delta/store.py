@@ -686,6 +686,17 @@ class DeltaStore:
                 "base": m.get("base"), "dataset": m.get("dataset"), "metrics": m.get("metrics"),
                 "created": v.created, "bytes": v.bytes, "note": v.note, "path": str(v.path)}
 
+    def add_once(self, folder: str | Path, *, parent: str | None = None,
+                 note: str | None = None) -> tuple[Version, bool]:
+        """Add a delta folder unless a version already holds its manifest byte for byte (an
+        add that completed before a kill), so a resumed run is stored once. Returns the
+        version and whether it was added now."""
+        digest = sha256_file(Path(folder) / MANIFEST)
+        for v in self.list():  # the index holds each manifest's SHA-256: no file is re-read
+            if v.manifest_sha256 == digest:
+                return v, False
+        return self.add(folder, parent=parent, note=note), True
+
 
 def diff(a: Version, b: Version) -> dict:
     """What differs between two versions: config, base, data, metrics, and the tensors."""

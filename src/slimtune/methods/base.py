@@ -10,9 +10,11 @@ method to :data:`METHODS`, where training, apply and the store find it by name.
 
 from __future__ import annotations
 
+import types
+import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, get_type_hints
 
@@ -22,11 +24,50 @@ from torch import nn
 from ..errors import UserInputError
 from ..options import check_types
 
-# Field metadata of an option ``slimtune sweep`` may take a list of values for, e.g.
-# ``r: int = field(default=8, metadata=SWEEP)``: the sweep grid is derived from it.
+# Field metadata of an option ``slimtune sweep`` may take a list of values for (what
+# ``option(..., sweep=True)`` sets; ``field(default=8, metadata=SWEEP)`` still works).
 SWEEP = {"sweep": True}
 
 _Config = TypeVar("_Config", bound="MethodConfig")
+
+
+def option(default: Any = MISSING, *, flag: str | None = None, help: str = "",
+           sweep: bool = False, default_factory: Any = MISSING) -> Any:
+    """An options-dataclass field that the CLI exposes as ``--FLAG`` (default: the field
+    name with dashes), e.g. ``r: int = option(8, flag="lora-r", help="LoRA rank",
+    sweep=True)``. Declared once here, it gives ``train``/``sweep`` their flag, its help and
+    YAML key (the flag with underscores) and, with ``sweep``, a place in the sweep grid;
+    methods that declare the same flag share it (same option name and type required)."""
+    metadata = {"cli": {"flag": flag, "help": help}, "sweep": sweep}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class CliOption:
+    """One option a method exposes on the command line (see :func:`option`)."""
+
+    name: str  # the option's field name, e.g. ``r``
+    flag: str  # without dashes in front, e.g. ``lora-r``
+    kind: Any  # the value type without ``None``: int, float, str, bool or list[str]
+    default: Any
+    help: str
+    sweep: bool
+
+    @property
+    def dest(self) -> str:
+        """The argparse destination and YAML key, e.g. ``lora_r``."""
+        return self.flag.replace("-", "_")
+
+
+def _not_none(hint: Any) -> Any:
+    """``X | None`` -> ``X`` (the type a flag's value has)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return hint
 
 
 @dataclass
@@ -35,10 +76,27 @@ class MethodConfig:
 
     @classmethod
     def sweepable(cls) -> dict[str, type]:
-        """The options marked with :data:`SWEEP`, with the type of their values (to parse a
-        sweep's comma-separated lists)."""
+        """The options marked sweepable (``option(..., sweep=True)``), with the type of
+        their values (to parse a sweep's comma-separated lists)."""
         hints = get_type_hints(cls)
         return {f.name: hints[f.name] for f in fields(cls) if f.metadata.get("sweep")}
+
+    @classmethod
+    def cli_options(cls) -> list[CliOption]:
+        """The options declared with :func:`option`, in field order: what the CLI builds
+        its method flags from."""
+        hints = get_type_hints(cls)
+        out = []
+        for f in fields(cls):
+            cli = f.metadata.get("cli")
+            if cli is None:
+                continue
+            default = f.default_factory() if f.default_factory is not MISSING else \
+                (None if f.default is MISSING else f.default)
+            out.append(CliOption(f.name, (cli["flag"] or f.name).replace("_", "-"),
+                                 _not_none(hints[f.name]), default, cli["help"],
+                                 bool(f.metadata.get("sweep"))))
+        return out
 
     @classmethod
     def from_dict(cls: type[_Config], options: dict[str, Any],

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import DeltaError, UserInputError
 from ..model.anatomy import decoder_layers, target_module_names
-from .base import SWEEP, Attachment, Method, MethodConfig, register_method
+from .base import Attachment, Method, MethodConfig, option, register_method
 
 # Files peft's adapter weights may be in; one of them must be in a peft-format delta.
 PEFT_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -27,11 +27,14 @@ PEFT_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 @dataclass
 class LoraOptions(MethodConfig):
-    r: int = field(default=8, metadata=SWEEP)
-    alpha: float = 16.0
-    dropout: float = 0.05
+    r: int = option(8, flag="lora-r", help="LoRA rank", sweep=True)
+    alpha: float = option(16.0, flag="lora-alpha", help="LoRA alpha")
+    dropout: float = option(0.05, flag="lora-dropout", help="LoRA dropout")
     # Short names of the linear modules to adapt; None = every linear layer in the blocks.
-    target_modules: list[str] | None = None
+    target_modules: list[str] | None = option(
+        None, flag="lora-targets",
+        help="linear modules to adapt, comma-separated short names; default: every "
+             "linear layer in the blocks")
     # Keep adapters in the base dtype (bf16 on GPU) instead of peft's fp32 upcast: faster, smaller.
     adapter_dtype_follows_base: bool = False
 

@@ -22,7 +22,7 @@ format for its sparse part, it does not export to peft.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import UserInputError
-from .base import SWEEP, Attachment, Method, MethodConfig, register_method
+from .base import Attachment, Method, MethodConfig, option, register_method
 from .importance import SCORERS, SELECTIONS
 from .lora import LoraMethod, attach_peft
 from .sparse import SPARSE_FILE, SparseMethod, save_sparse
@@ -42,15 +42,19 @@ LORA_FILES = {"adapter_config.json": "lora_adapter_config.json",
 
 @dataclass
 class RosaOptions(MethodConfig):
-    r: int = field(default=8, metadata=SWEEP)
-    alpha: float = 16.0
-    dropout: float = 0.05
-    target_modules: list[str] | None = None
-    density: float = field(default=0.005, metadata=SWEEP)
-    importance: str = "fisher"
-    selection: str = "per_tensor"
+    r: int = option(8, flag="lora-r", help="LoRA rank", sweep=True)
+    alpha: float = option(16.0, flag="lora-alpha", help="LoRA alpha")
+    dropout: float = option(0.05, flag="lora-dropout", help="LoRA dropout")
+    target_modules: list[str] | None = option(
+        None, flag="lora-targets",
+        help="linear modules to adapt, comma-separated short names; default: every "
+             "linear layer in the blocks")
+    density: float = option(0.005, help="share of each weight to train", sweep=True)
+    importance: str = option("fisher", help="importance scorer: fisher, grad, activation or "
+                                            "random")
+    selection: str = option("per_tensor", help="per_tensor or global")
     calibration_batches: int = 8
-    regrow_every: int = 0
+    regrow_every: int = option(0, help="drop-and-regrow every N steps; 0: off")
     regrow_fraction: float = 0.1
     seed: int = 0
     delta_weight_decay: float = 0.01

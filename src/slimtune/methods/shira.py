@@ -9,7 +9,7 @@ adapted weights. The delta folder is peft's own format.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,14 +17,17 @@ from torch import nn
 
 from ..errors import UserInputError
 from ..model.anatomy import decoder_layers, linear_module_names
-from .base import SWEEP, MethodConfig, register_method
+from .base import MethodConfig, option, register_method
 from .lora import PeftAdapterMethod
 
 
 @dataclass
 class ShiraOptions(MethodConfig):
-    density: float = field(default=0.01, metadata=SWEEP)
-    target_modules: list[str] | None = None
+    density: float = option(0.01, help="share of each weight to train", sweep=True)
+    target_modules: list[str] | None = option(
+        None, flag="lora-targets",
+        help="linear modules to adapt, comma-separated short names; default: every "
+             "linear layer in the blocks")
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -24,7 +24,7 @@ where that step's dense gradient is largest, keeping the density fixed.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from torch import nn
 from ..errors import DeltaError, UserInputError
 from ..fileio import write_safetensors
 from ..model.anatomy import canonical_name, decoder_layers, linear_modules, target_module_names
-from .base import SWEEP, Attachment, Method, MethodConfig, register_method
+from .base import Attachment, Method, MethodConfig, option, register_method
 from .importance import SCORERS, SELECTIONS, importance_scores, select_top
 
 SPARSE_FILE = "sparse.safetensors"
@@ -205,12 +205,17 @@ def check_against(model: nn.Module, entries: dict, meta: dict, where: Path) -> d
 
 @dataclass
 class SparseOptions(MethodConfig):
-    density: float = field(default=0.01, metadata=SWEEP)
-    importance: str = "fisher"
-    selection: str = "per_tensor"
-    target_modules: list[str] | None = None  # short names; None = every linear in the blocks
+    density: float = option(0.01, help="share of each weight to train", sweep=True)
+    importance: str = option("fisher", help="importance scorer: fisher, grad, activation or "
+                                            "random")
+    selection: str = option("per_tensor", help="per_tensor or global")
+    # short names; None = every linear in the blocks
+    target_modules: list[str] | None = option(
+        None, flag="lora-targets",
+        help="linear modules to adapt, comma-separated short names; default: every "
+             "linear layer in the blocks")
     calibration_batches: int = 8
-    regrow_every: int = 0
+    regrow_every: int = option(0, help="drop-and-regrow every N steps; 0: off")
     regrow_fraction: float = 0.1
     seed: int = 0
 

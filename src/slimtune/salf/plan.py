@@ -476,3 +476,13 @@ def estimate_static(model: nn.Module, method: str, batch: dict[str, torch.Tensor
                      "backward_flops": n * per_bwd, "backward_flops_share": n / L,
                      "activation_bytes": n * activation_bytes})
     return rows
+
+
+def freeze_costs(model: nn.Module, method: str, examples, batch_size: int, pad_id: int,
+                 options: dict | None = None) -> list[dict]:
+    """The static costs of training ``method`` per candidate freeze_below (see
+    :func:`estimate_static`) for a batch of the ``batch_size`` longest ``examples``: what
+    ``slimtune analyze`` shows next to the analysis, without timing anything."""
+    batch = calibration_batch(examples, batch_size, pad_id)
+    act = activation_bytes_per_layer(model, method, options, batch)
+    return estimate_static(model, method, batch, act, options)

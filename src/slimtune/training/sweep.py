@@ -47,18 +47,23 @@ def _sweeping(option: str) -> list[str]:
     return [name for name, cls in METHODS.items() if option in cls.config_class.sweepable()]
 
 
-def grid_flags(flags: dict[str, str]) -> dict[str, str]:
-    """Of the CLI's ``flag -> method option`` table, the flags whose option some registered
-    method declares sweepable (``SWEEP``): the grid follows the methods, not a list here."""
-    return {flag: option for flag, option in flags.items() if _sweeping(option)}
+def grid_flags() -> dict[str, str]:
+    """The flags (argparse dests, e.g. ``lora_r``) ``slimtune sweep`` takes lists for ->
+    the option each sets: every option a registered method declares with
+    ``option(..., sweep=True)``. The grid follows the methods, not a list here."""
+    from ..methods import METHODS
+
+    return {o.dest: o.name for cls in METHODS.values() for o in cls.config_class.cli_options()
+            if o.sweep}
 
 
-def grid_points(method: str, lists: dict[str, str], flags: dict[str, str]
+def grid_points(method: str, lists: dict[str, str], flags: dict[str, str] | None = None
                 ) -> list[dict[str, Any]]:
     """The cartesian product of the given ``flag -> "v1,v2"`` lists, as method options
-    (``flags``: flag -> option, see :func:`grid_flags`)."""
+    (``flags``: flag -> option, default :func:`grid_flags`)."""
     from ..methods import method_class
 
+    flags = grid_flags() if flags is None else flags
     swept = method_class(method).config_class.sweepable()
     axes = []
     for flag, text in lists.items():
@@ -68,7 +73,7 @@ def grid_points(method: str, lists: dict[str, str], flags: dict[str, str]
                                  f"{method} (it is for {', '.join(_sweeping(key))})")
         axes.append([(key, v) for v in parse_list(flag, text, swept[key])])
     if not axes:
-        flags_here = ", ".join(f"--{f.replace('_', '-')}" for f, key in grid_flags(flags).items()
+        flags_here = ", ".join(f"--{f.replace('_', '-')}" for f, key in flags.items()
                                if key in swept)
         raise UserInputError(f"nothing to sweep: give comma-separated values for "
                              f"{flags_here or 'an option of a method that has one'}")

@@ -42,7 +42,7 @@ and applying it attaches these modules (``attach_experts``); removing them puts 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -52,7 +52,7 @@ from torch import nn
 from ...errors import DeltaError, UserInputError
 from ...fileio import write_safetensors
 from ...model.anatomy import decoder_layers, target_module_names
-from ..base import SWEEP, Attachment, Method, MethodConfig, register_method
+from ..base import Attachment, Method, MethodConfig, option, register_method
 from .layer import ExpertLinear, _mask_hook, _release_hook, _route_hook
 from .routing import ExpertRouter
 
@@ -61,13 +61,16 @@ EXPERTS_FILE = "experts.safetensors"
 
 @dataclass
 class ExpertsOptions(MethodConfig):
-    experts: int = field(default=8, metadata=SWEEP)
-    top_k: int = field(default=2, metadata=SWEEP)
-    rank: int = field(default=8, metadata=SWEEP)
+    experts: int = option(8, help="experts per layer", sweep=True)
+    top_k: int = option(2, help="experts each token runs", sweep=True)
+    rank: int = option(8, flag="expert-rank", help="rank of each expert", sweep=True)
     alpha: float = 16.0
-    aux_weight: float = 0.01  # load-balancing loss weight
+    aux_weight: float = option(0.01, help="weight of the load-balancing loss")
     # Short names of the linear modules to adapt; None = every linear layer in the blocks.
-    target_modules: list[str] | None = None
+    target_modules: list[str] | None = option(
+        None, flag="lora-targets",
+        help="linear modules to adapt, comma-separated short names; default: every "
+             "linear layer in the blocks")
     calibration_batches: int = 4  # batches of training data that center the routers
     seed: int = 0
 

@@ -1,0 +1,21 @@
+"""Arguments several commands share."""
+
+from __future__ import annotations
+
+import argparse
+
+S = argparse.SUPPRESS  # a flag not given is absent from the namespace (YAML or defaults win)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=S,
+                   help="'default' (SmolLM2-135M-Instruct, cached), a model folder, a .gguf file, "
+                        "or a hub id (needs a network). Default: default")
+    p.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:1 ... (default: auto)")
+
+
+def device_of(args: argparse.Namespace) -> str:
+    """The device ``--device`` names (auto: a GPU when there is one)."""
+    from ..model.loading import resolve_device
+
+    return resolve_device(getattr(args, "device", "auto"))
