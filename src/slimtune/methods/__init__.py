@@ -16,6 +16,7 @@ from .base import (
     Attachment,
     Method,
     MethodConfig,
+    option,
     register_method,
     unregister_method,
 )
@@ -45,4 +46,4 @@ def get_method(name: str, options: dict[str, Any] | None = None) -> Method:
 __all__ = ["METHODS", "SWEEP", "Attachment", "DoraMethod", "DoraOptions", "ExpertsMethod",
            "ExpertsOptions", "FullMethod", "LoraMethod", "LoraOptions", "Method", "MethodConfig",
            "RosaMethod", "RosaOptions", "ShiraMethod", "SparseMethod", "SparseOptions",
-           "get_method", "method_class", "register_method", "unregister_method"]
+           "get_method", "method_class", "option", "register_method", "unregister_method"]

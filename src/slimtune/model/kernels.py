@@ -1,0 +1,85 @@
+"""Fused GPU kernels from a maintained library, on by default on CUDA where installed.
+
+`Liger <https://github.com/linkedin/Liger-Kernel>`_ (``pip install 'slimtune[gpu]'``)
+gives Triton kernels for RMSNorm, SwiGLU and RoPE, patched onto the model instance, and a
+fused linear cross-entropy that the training loss uses on CUDA. Without it (or on CPU, or
+for an architecture Liger does not cover) the same code runs on torch's own operations,
+slower, and says so once.
+
+The RoPE patch is Liger's own: it replaces the architecture's rotary function in its
+transformers module, so it holds for every model of that architecture in the process.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+from torch import nn
+
+from ..log import info
+from .anatomy import base_model
+
+# "auto": Liger where it runs (CUDA, installed, architecture covered); "off": torch only.
+# SLIMTUNE_KERNELS=off turns them off for a process (e.g. to compare).
+MODES = ("auto", "off")
+
+
+def mode() -> str:
+    value = os.environ.get("SLIMTUNE_KERNELS", "auto")
+    return value if value in MODES else "auto"
+
+
+@functools.cache
+def liger_installed() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+@functools.cache
+def _say_once(message: str) -> None:
+    info(message)
+
+
+def _supported_type(model: nn.Module) -> str | None:
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    model_type = getattr(getattr(base_model(model), "config", None), "model_type", None)
+    return model_type if model_type in MODEL_TYPE_TO_APPLY_LIGER_FN else None
+
+
+def apply_fused_kernels(model: nn.Module, device: torch.device | str) -> list[str]:
+    """Patch Liger's RMSNorm/SwiGLU/RoPE kernels onto ``model`` when it trains on CUDA;
+    returns the kernels applied (empty when none). Call before a method wraps the model."""
+    if torch.device(device).type != "cuda" or mode() == "off":
+        return []
+    if not liger_installed():
+        _say_once("fused GPU kernels off: Liger is not installed (pip install 'slimtune[gpu]'); "
+                  "training runs on torch's own RMSNorm/SwiGLU/RoPE and chunked loss")
+        return []
+    model_type = _supported_type(model)
+    if model_type is None:
+        _say_once(f"fused GPU kernels off: Liger has none for {type(base_model(model)).__name__}")
+        return []
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=base_model(model), rope=True, rms_norm=True,
+                                    swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+    return ["rms_norm", "swiglu", "rope"]
+
+
+def fused_linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor,
+                                   targets: torch.Tensor) -> torch.Tensor | None:
+    """``sum_i CE(hidden_i @ weight.T, targets_i)`` through Liger's fused kernel on CUDA,
+    or None where it does not run (the caller falls back to its chunked loss)."""
+    if not hidden.is_cuda or mode() == "off" or not liger_installed():
+        return None
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") \
+        else hidden.dtype
+    with torch.autocast("cuda", enabled=False):
+        return liger_fused_linear_cross_entropy(hidden.to(dtype), weight.to(dtype), targets,
+                                                reduction="sum").float()
