@@ -43,11 +43,16 @@ def main() -> None:
 
     rng = random.Random(0)
     n = args.examples
-    cases = {"correctness (accuracy, exact match)":
-             ([int(rng.random() < 0.80) for _ in range(n)],
-              [int(rng.random() < 0.82) for _ in range(n)]),
-             "per-example loss": ([rng.gauss(2.0, 0.5) for _ in range(n)],
-                                  [rng.gauss(1.98, 0.5) for _ in range(n)])}
+    cases = {
+        "correctness (accuracy, exact match)": (
+            [int(rng.random() < 0.80) for _ in range(n)],
+            [int(rng.random() < 0.82) for _ in range(n)],
+        ),
+        "per-example loss": (
+            [rng.gauss(2.0, 0.5) for _ in range(n)],
+            [rng.gauss(1.98, 0.5) for _ in range(n)],
+        ),
+    }
     print(f"examples: {n}, 2000 bootstrap samples")
     for name, (a, b) in cases.items():
         binary = name.startswith("correctness")
@@ -61,9 +66,12 @@ def main() -> None:
         if binary:
             mcnemar_exact(a, b)
         t_new = time.perf_counter() - t0
-        print(f"{name}: baseline {t_base:.2f} s (CI [{lo:+.4f}, {hi:+.4f}]), slimtune "
-              f"{t_new:.3f} s (CI [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]): "
-              f"{t_base / t_new:.0f}x")
+        print(
+            f"{name}: baseline {t_base:.2f} s (CI [{lo:+.4f}, {hi:+.4f}]), slimtune "
+            f"{t_new:.3f} s (CI [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]): "
+            f"{t_base / t_new:.0f}x"
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -27,13 +27,26 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-def _cfg(impl: str, method: str, freeze: float = 0.0, bf16_adapters: bool = False,
-         liger: str | None = None, options: dict | None = None) -> dict:
+
+def _cfg(
+    impl: str,
+    method: str,
+    freeze: float = 0.0,
+    bf16_adapters: bool = False,
+    liger: str | None = None,
+    options: dict | None = None,
+) -> dict:
     """impl: "hf" (plain transformers / peft loop) or "slimtune" (accumulate_gradients);
     freeze: share of the bottom layers frozen; liger: None, "all" (its patched model incl.
     fused linear cross-entropy) or "kernels" (RMSNorm/SwiGLU/RoPE only)."""
-    return {"impl": impl, "method": method, "freeze": freeze, "bf16_adapters": bf16_adapters,
-            "liger": liger, "options": options or {}}
+    return {
+        "impl": impl,
+        "method": method,
+        "freeze": freeze,
+        "bf16_adapters": bf16_adapters,
+        "liger": liger,
+        "options": options or {},
+    }
 
 
 CONFIGS = {
@@ -52,19 +65,26 @@ CONFIGS = {
     "lora-bf16-liger-kernels-freeze-half": _cfg("slimtune", "lora", 0.5, True, liger="kernels"),
     # sparse: the step does not depend on the scorer, so the benchmark selects at random
     "sparse": _cfg("slimtune", "sparse", options={"density": 0.01, "importance": "random"}),
-    "sparse-freeze-half": _cfg("slimtune", "sparse", 0.5,
-                               options={"density": 0.01, "importance": "random"}),
-    "rosa": _cfg("slimtune", "rosa", options={"r": 8, "alpha": 16, "dropout": 0.0,
-                                              "density": 0.005, "importance": "random"}),
+    "sparse-freeze-half": _cfg(
+        "slimtune", "sparse", 0.5, options={"density": 0.01, "importance": "random"}
+    ),
+    "rosa": _cfg(
+        "slimtune",
+        "rosa",
+        options={"r": 8, "alpha": 16, "dropout": 0.0, "density": 0.005, "importance": "random"},
+    ),
     "shira": _cfg("slimtune", "shira", options={"density": 0.01}),
     # 8 experts of rank 8, top-2: the same active adapter parameters as LoRA with --lora-r 16
-    "experts": _cfg("slimtune", "experts", options={"experts": 8, "top_k": 2, "rank": 8,
-                                                    "alpha": 16}),
-    "experts-freeze-half": _cfg("slimtune", "experts", 0.5,
-                                options={"experts": 8, "top_k": 2, "rank": 8, "alpha": 16}),
+    "experts": _cfg(
+        "slimtune", "experts", options={"experts": 8, "top_k": 2, "rank": 8, "alpha": 16}
+    ),
+    "experts-freeze-half": _cfg(
+        "slimtune", "experts", 0.5, options={"experts": 8, "top_k": 2, "rank": 8, "alpha": 16}
+    ),
     # the same, rows grouped by single expert instead of by expert set (CUDA)
-    "experts-by-expert": _cfg("slimtune", "experts", options={"experts": 8, "top_k": 2,
-                                                              "rank": 8, "alpha": 16}),
+    "experts-by-expert": _cfg(
+        "slimtune", "experts", options={"experts": 8, "top_k": 2, "rank": 8, "alpha": 16}
+    ),
 }
 
 
@@ -76,12 +96,26 @@ def build_model(name: str, device: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     shapes = {
-        "llama-1.2b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                           num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                           tie_word_embeddings=True, max_position_embeddings=8192),
-        "llama-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                           num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
-                           tie_word_embeddings=True, max_position_embeddings=1024),
+        "llama-1.2b": dict(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            tie_word_embeddings=True,
+            max_position_embeddings=8192,
+        ),
+        "llama-tiny": dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=512,
+            tie_word_embeddings=True,
+            max_position_embeddings=1024,
+        ),
     }
     cfg = LlamaConfig(**shapes[name])
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -108,14 +142,23 @@ def run_one(args) -> dict:
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
         fused = c["liger"] == "all"
-        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=fused)
+        apply_liger_kernel_to_llama(
+            rope=True,
+            rms_norm=True,
+            swiglu=True,
+            cross_entropy=False,
+            fused_linear_cross_entropy=fused,
+        )
     device = torch.device(args.device)
     model = build_model(args.model, args.device)
     n_layers = len(decoder_layers(model))
     k = round(freeze * n_layers) if args.freeze_below is None else args.freeze_below
-    lora_opts = {"r": args.lora_r, "alpha": 2 * args.lora_r, "dropout": 0.0,
-                 "adapter_dtype_follows_base": bf16_adapters}
+    lora_opts = {
+        "r": args.lora_r,
+        "alpha": 2 * args.lora_r,
+        "dropout": 0.0,
+        "adapter_dtype_follows_base": bf16_adapters,
+    }
     if impl == "slimtune":
         m = get_method(method, lora_opts if method == "lora" else c["options"])
         model = m.prepare(model, list(range(k, n_layers)))
@@ -126,11 +169,18 @@ def run_one(args) -> dict:
         from slimtune.model.anatomy import linear_module_names
 
         top = None if k == 0 else list(range(k, n_layers))
-        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r,
-                                                 lora_dropout=0.0,
-                                                 target_modules=linear_module_names(model),
-                                                 layers_to_transform=top, task_type="CAUSAL_LM"),
-                               autocast_adapter_dtype=not bf16_adapters)
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=args.lora_r,
+                lora_alpha=2 * args.lora_r,
+                lora_dropout=0.0,
+                target_modules=linear_module_names(model),
+                layers_to_transform=top,
+                task_type="CAUSAL_LM",
+            ),
+            autocast_adapter_dtype=not bf16_adapters,
+        )
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     trainable, total = count_parameters(model)
@@ -140,13 +190,23 @@ def run_one(args) -> dict:
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     dev_batch = {key: v.to(device) for key, v in batch.items()}
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" \
+    autocast = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+        if device.type == "cuda"
         else (lambda: torch.autocast("cpu", enabled=False))
+    )
 
     def step():
         if impl == "slimtune":
-            accumulate_gradients(model, params, [batch], device, autocast, 1.0,
-                                 aux_loss=lambda: m.auxiliary_loss(model))
+            accumulate_gradients(
+                model,
+                params,
+                [batch],
+                device,
+                autocast,
+                1.0,
+                aux_loss=lambda: m.auxiliary_loss(model),
+            )
         else:
             with autocast():
                 loss = model(**dev_batch).loss
@@ -175,13 +235,26 @@ def run_one(args) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
         key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-        print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60),
-              file=sys.stderr)
+        print(
+            prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60),
+            file=sys.stderr,
+        )
     med = statistics.median(times)
-    return {"config": args.run_one, "impl": impl, "method": method, "frozen_layers": k,
-            "layers": n_layers, "step_s": med, "step_s_min": min(times), "step_s_max": max(times),
-            "tokens_per_s": args.batch * args.seq / med, "peak_bytes": mem.peak_bytes,
-            "peak_kind": mem.kind, "trainable": trainable, "total": total}
+    return {
+        "config": args.run_one,
+        "impl": impl,
+        "method": method,
+        "frozen_layers": k,
+        "layers": n_layers,
+        "step_s": med,
+        "step_s_min": min(times),
+        "step_s_max": max(times),
+        "tokens_per_s": args.batch * args.seq / med,
+        "peak_bytes": mem.peak_bytes,
+        "peak_kind": mem.kind,
+        "trainable": trainable,
+        "total": total,
+    }
 
 
 def machine(device: str) -> str:
@@ -189,8 +262,10 @@ def machine(device: str) -> str:
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
     import platform
 
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, " \
-           f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    )
 
 
 def main() -> None:
@@ -203,11 +278,15 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--configs", default="hf-full,full,peft-lora,lora,lora-freeze-half")
-    ap.add_argument("--baseline", default=None, help="config the ratios divide by "
-                                                     "(default: the first)")
+    ap.add_argument(
+        "--baseline", default=None, help="config the ratios divide by (default: the first)"
+    )
     ap.add_argument("--out", help="write all results as JSON here")
-    ap.add_argument("--profile", action="store_true",
-                    help="also print a torch.profiler table of one step per configuration")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print a torch.profiler table of one step per configuration",
+    )
     ap.add_argument("--run-one", help=argparse.SUPPRESS)
     ap.add_argument("--freeze-below", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -217,10 +296,26 @@ def main() -> None:
     names = args.configs.split(",")
     results = []
     for name in names:
-        cmd = [sys.executable, __file__, "--run-one", name, "--device", args.device,
-               "--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq),
-               "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--lora-r", str(args.lora_r)] + (["--profile"] if args.profile else [])
+        cmd = [
+            sys.executable,
+            __file__,
+            "--run-one",
+            name,
+            "--device",
+            args.device,
+            "--model",
+            args.model,
+            "--batch",
+            str(args.batch),
+            "--seq",
+            str(args.seq),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--lora-r",
+            str(args.lora_r),
+        ] + (["--profile"] if args.profile else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode != 0 or not line:
@@ -231,14 +326,23 @@ def main() -> None:
         if args.profile:
             print(f"--- profile of {name} ---\n{proc.stderr[-6000:]}", file=sys.stderr)
         r = results[-1]
-        print(f"{name}: {r['step_s']:.3f} s/step, {r['tokens_per_s']:.0f} tok/s, "
-              f"{r['peak_bytes'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
-    base = next((r for r in results if r["config"] == (args.baseline or names[0])
-                 and "step_s" in r), None)
-    print(f"\nmachine: {machine(args.device)}; model {args.model}; batch {args.batch} x "
-          f"{args.seq}; median of {args.steps} steps after {args.warmup} warm-up\n")
-    print("| config | trainable params | step time (s) | tokens/s | peak memory (GiB) "
-          f"| time vs {base['config'] if base else '-'} | memory vs {base['config'] if base else '-'} |")
+        print(
+            f"{name}: {r['step_s']:.3f} s/step, {r['tokens_per_s']:.0f} tok/s, "
+            f"{r['peak_bytes'] / 2**30:.2f} GiB",
+            file=sys.stderr,
+            flush=True,
+        )
+    base = next(
+        (r for r in results if r["config"] == (args.baseline or names[0]) and "step_s" in r), None
+    )
+    print(
+        f"\nmachine: {machine(args.device)}; model {args.model}; batch {args.batch} x "
+        f"{args.seq}; median of {args.steps} steps after {args.warmup} warm-up\n"
+    )
+    print(
+        "| config | trainable params | step time (s) | tokens/s | peak memory (GiB) "
+        f"| time vs {base['config'] if base else '-'} | memory vs {base['config'] if base else '-'} |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in results:
         if "step_s" not in r:
@@ -246,11 +350,16 @@ def main() -> None:
             continue
         ratio_t = f"{r['step_s'] / base['step_s']:.2f}x" if base else "-"
         ratio_m = f"{r['peak_bytes'] / base['peak_bytes']:.2f}x" if base else "-"
-        print(f"| {r['config']} | {r['trainable']:,} | {r['step_s']:.3f} | "
-              f"{r['tokens_per_s']:,.0f} | {r['peak_bytes'] / 2**30:.2f} | {ratio_t} | {ratio_m} |")
+        print(
+            f"| {r['config']} | {r['trainable']:,} | {r['step_s']:.3f} | "
+            f"{r['tokens_per_s']:,.0f} | {r['peak_bytes'] / 2**30:.2f} | {ratio_t} | {ratio_m} |"
+        )
     if args.out:
-        Path(args.out).write_text(json.dumps({"machine": machine(args.device), "args": vars(args),
-                                              "results": results}, indent=2))
+        Path(args.out).write_text(
+            json.dumps(
+                {"machine": machine(args.device), "args": vars(args), "results": results}, indent=2
+            )
+        )
 
 
 if __name__ == "__main__":

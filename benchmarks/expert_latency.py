@@ -44,8 +44,15 @@ def attach(model, kind: str, options: dict, device: str):
         return model, lambda: model
     n = len(model.model.layers)
     if kind == "lora":
-        m = get_method("lora", {"r": options["r"], "alpha": 2.0 * options["r"], "dropout": 0.0,
-                                "adapter_dtype_follows_base": True})
+        m = get_method(
+            "lora",
+            {
+                "r": options["r"],
+                "alpha": 2.0 * options["r"],
+                "dropout": 0.0,
+                "adapter_dtype_follows_base": True,
+            },
+        )
         wrapped = m.prepare(model, list(range(n)))
         with torch.no_grad():
             for name, p in wrapped.named_parameters():
@@ -111,13 +118,22 @@ def configs(rank: int, experts: int, top_k: int) -> list[tuple[str, str, dict]]:
         ("base model, no adapter", "base", {}),
         (f"(a) LoRA r={experts * rank}: same total params", "lora", {"r": experts * rank}),
         (f"(b) LoRA r={top_k * rank}: same active params", "lora", {"r": top_k * rank}),
-        (f"experts E={experts} k={top_k} r={rank}", "experts",
-         {**e, "experts": experts, "top_k": top_k}),
+        (
+            f"experts E={experts} k={top_k} r={rank}",
+            "experts",
+            {**e, "experts": experts, "top_k": top_k},
+        ),
         (f"experts E={experts} k=1 r={rank}", "experts", {**e, "experts": experts, "top_k": 1}),
-        (f"experts E={experts} k={2 * top_k} r={rank}", "experts",
-         {**e, "experts": experts, "top_k": 2 * top_k}),
-        (f"experts E={4 * experts} k={top_k} r={rank}", "experts",
-         {**e, "experts": 4 * experts, "top_k": top_k}),
+        (
+            f"experts E={experts} k={2 * top_k} r={rank}",
+            "experts",
+            {**e, "experts": experts, "top_k": 2 * top_k},
+        ),
+        (
+            f"experts E={4 * experts} k={top_k} r={rank}",
+            "experts",
+            {**e, "experts": 4 * experts, "top_k": top_k},
+        ),
     ]
 
 
@@ -131,14 +147,22 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--reps", type=int, default=5, help="prefill passes per round")
-    ap.add_argument("--rounds", type=int, default=3,
-                    help="passes over all configurations; the table shows medians")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="passes over all configurations; the table shows medians",
+    )
     ap.add_argument("--decode-tokens", type=int, default=32)
-    ap.add_argument("--path", choices=("auto", "sets", "gathered", "loop"), default="auto",
-                    help="experts at inference: auto = the fused kernel (Triton on CUDA, C on "
-                         "CPU), else as sets; sets = grouped GEMM over expert sets where that pays, else "
-                         "as gathered; gathered = grouped GEMM over single experts + "
-                         "accumulate; loop = a loop over the experts")
+    ap.add_argument(
+        "--path",
+        choices=("auto", "sets", "gathered", "loop"),
+        default="auto",
+        help="experts at inference: auto = the fused kernel (Triton on CUDA, C on "
+        "CPU), else as sets; sets = grouped GEMM over expert sets where that pays, else "
+        "as gathered; gathered = grouped GEMM over single experts + "
+        "accumulate; loop = a loop over the experts",
+    )
     ap.add_argument("--out", help="write the rows as JSON here")
     args = ap.parse_args()
     from slimtune.methods.experts import cpu_kernel as expert_cpu
@@ -146,16 +170,20 @@ def main() -> None:
     from slimtune.methods.experts import layer as experts
 
     experts.FUSED_KERNEL = args.path == "auto"
-    experts.EXPERT_SET_DEVICES = {"cuda", "cpu"} if args.path == "sets" else (
-        {"cuda"} if args.path == "auto" else set())
+    experts.EXPERT_SET_DEVICES = (
+        {"cuda", "cpu"} if args.path == "sets" else ({"cuda"} if args.path == "auto" else set())
+    )
     experts.GROUPED_MM = args.path != "loop"
     model = build_model(args.model, args.device)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=gen).to(args.device)
     prompt = torch.randint(0, vocab, (1, 64), generator=gen).to(args.device)
-    plan = [(rank, *c) for rank in [int(r) for r in args.rank.split(",")]
-            for c in configs(rank, args.experts, args.top_k)]
+    plan = [
+        (rank, *c)
+        for rank in [int(r) for r in args.rank.split(",")]
+        for c in configs(rank, args.experts, args.top_k)
+    ]
     samples: dict[int, dict] = {}
     # rounds interleave the configurations, so drift of the machine hits all of them alike
     for round_ in range(args.rounds):
@@ -163,50 +191,81 @@ def main() -> None:
             run, undo = attach(model, kind, options, args.device)
             prefill = time_prefill(run, ids, args.reps, args.device)
             decode = time_decode(run, prompt, args.decode_tokens, args.device)
-            adapter = sum(p.numel() for n, p in run.named_parameters()
-                          if "lora_" in n or "expert_router" in n)
+            adapter = sum(
+                p.numel() for n, p in run.named_parameters() if "lora_" in n or "expert_router" in n
+            )
             model = undo()
-            rec = samples.setdefault(i, {"rank": rank, "config": label, "kind": kind,
-                                         "options": options, "adapter_params": adapter,
-                                         "prefill": [], "decode": []})
+            rec = samples.setdefault(
+                i,
+                {
+                    "rank": rank,
+                    "config": label,
+                    "kind": kind,
+                    "options": options,
+                    "adapter_params": adapter,
+                    "prefill": [],
+                    "decode": [],
+                },
+            )
             rec["prefill"].append(prefill)
             rec["decode"].append(decode)
-            print(f"round {round_ + 1}: {label}: prefill {prefill:.4f}s decode {decode:.5f}s",
-                  file=sys.stderr, flush=True)
-    rows = [{**{k: v for k, v in r.items() if k not in ("prefill", "decode")},
-             "prefill_s": statistics.median(r["prefill"]),
-             "decode_s": statistics.median(r["decode"]),
-             "prefill_samples": r["prefill"], "decode_samples": r["decode"]}
-            for _, r in sorted(samples.items())]
+            print(
+                f"round {round_ + 1}: {label}: prefill {prefill:.4f}s decode {decode:.5f}s",
+                file=sys.stderr,
+                flush=True,
+            )
+    rows = [
+        {
+            **{k: v for k, v in r.items() if k not in ("prefill", "decode")},
+            "prefill_s": statistics.median(r["prefill"]),
+            "decode_s": statistics.median(r["decode"]),
+            "prefill_samples": r["prefill"],
+            "decode_samples": r["decode"],
+        }
+        for _, r in sorted(samples.items())
+    ]
     probe = next(model.parameters())
-    if experts.FUSED_KERNEL and expert_kernel.supports(probe, probe, probe, args.experts,
-                                                        args.top_k):
+    if experts.FUSED_KERNEL and expert_kernel.supports(
+        probe, probe, probe, args.experts, args.top_k
+    ):
         path = "the fused Triton kernel"
-    elif experts.FUSED_KERNEL and expert_cpu.supports(probe, probe, probe.new_empty(1, 8),
-                                                      args.top_k):
+    elif experts.FUSED_KERNEL and expert_cpu.supports(
+        probe, probe, probe.new_empty(1, 8), args.top_k
+    ):
         path = "the fused C kernel"
     elif experts._grouped_ok(probe, inference=True):
-        path = ("grouped GEMM over expert sets where they pay, else over experts"
-                if probe.device.type in experts.EXPERT_SET_DEVICES
-                else "grouped GEMM over experts + accumulate")
+        path = (
+            "grouped GEMM over expert sets where they pay, else over experts"
+            if probe.device.type in experts.EXPERT_SET_DEVICES
+            else "grouped GEMM over experts + accumulate"
+        )
     else:
         path = "per-expert loop"
-    print(f"\n{machine(args.device)}; experts via {path}; model {args.model}; prefill batch {args.batch} x "
-          f"{args.seq} tokens; decode 1 token with a KV cache after a 64-token prompt; "
-          f"medians\n")
-    print("| config | adapter params | prefill ms | prefill vs base | decode ms/token | "
-          "decode vs base |")
+    print(
+        f"\n{machine(args.device)}; experts via {path}; model {args.model}; prefill batch {args.batch} x "
+        f"{args.seq} tokens; decode 1 token with a KV cache after a 64-token prompt; "
+        f"medians\n"
+    )
+    print(
+        "| config | adapter params | prefill ms | prefill vs base | decode ms/token | "
+        "decode vs base |"
+    )
     print("|---|---|---|---|---|---|")
     for rank in sorted({r["rank"] for r in rows}):
         group = [r for r in rows if r["rank"] == rank]
         base = group[0]
         for r in group:
-            print(f"| {r['config']} | {r['adapter_params']:,} | {1e3 * r['prefill_s']:.1f} | "
-                  f"{r['prefill_s'] / base['prefill_s']:.3f}x | {1e3 * r['decode_s']:.2f} | "
-                  f"{r['decode_s'] / base['decode_s']:.3f}x |")
+            print(
+                f"| {r['config']} | {r['adapter_params']:,} | {1e3 * r['prefill_s']:.1f} | "
+                f"{r['prefill_s'] / base['prefill_s']:.3f}x | {1e3 * r['decode_s']:.2f} | "
+                f"{r['decode_s'] / base['decode_s']:.3f}x |"
+            )
     if args.out:
-        Path(args.out).write_text(json.dumps({"machine": machine(args.device), "args": vars(args),
-                                              "rows": rows}, indent=1))
+        Path(args.out).write_text(
+            json.dumps(
+                {"machine": machine(args.device), "args": vars(args), "rows": rows}, indent=1
+            )
+        )
 
 
 if __name__ == "__main__":

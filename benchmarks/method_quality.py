@@ -28,8 +28,7 @@ CONFIGS = {
     # the sparse delta moves individual weights: a larger step size than LoRA's may suit it
     "sparse 1% fisher lr=1e-3": ("sparse", 1e-3, {"density": 0.01, "importance": "fisher"}),
     "sparse 1% grad lr=1e-3": ("sparse", 1e-3, {"density": 0.01, "importance": "grad"}),
-    "sparse 1% activation lr=1e-3": ("sparse", 1e-3, {"density": 0.01,
-                                                     "importance": "activation"}),
+    "sparse 1% activation lr=1e-3": ("sparse", 1e-3, {"density": 0.01, "importance": "activation"}),
     "sparse 1% random lr=1e-3": ("sparse", 1e-3, {"density": 0.01, "importance": "random"}),
     "lora r=8 lr=1e-3": ("lora", 1e-3, {"r": 8}),
     "full lr=1e-4": ("full", 1e-4, {}),
@@ -40,8 +39,11 @@ CONFIGS = {
     "lora r=16 lr=1e-3": ("lora", 1e-3, {"r": 16, "alpha": 32}),
     "experts 8 x r=8 top-2": ("experts", 5e-4, {"experts": 8, "top_k": 2, "rank": 8}),
     "experts 8 x r=8 top-2 lr=1e-3": ("experts", 1e-3, {"experts": 8, "top_k": 2, "rank": 8}),
-    "experts 8 x r=8 top-2 aux=0.1": ("experts", 5e-4, {"experts": 8, "top_k": 2, "rank": 8,
-                                                         "aux_weight": 0.1}),
+    "experts 8 x r=8 top-2 aux=0.1": (
+        "experts",
+        5e-4,
+        {"experts": 8, "top_k": 2, "rank": 8, "aux_weight": 0.1},
+    ),
 }
 
 
@@ -59,12 +61,34 @@ def main() -> None:
     for label in args.configs.split(","):
         method, lr, options = CONFIGS[label]
         out = Path(args.out) / label.replace(" ", "_").replace("%", "pct").replace("=", "")
-        cmd = [sys.executable, "-m", "slimtune", "train", "--data",
-               "builtin:support_intents_train", "--eval-data", "builtin:support_intents_test",
-               "--method", method, "--lr", str(lr), "--max-steps", str(args.steps),
-               "--batch-size", str(args.batch_size), "--freeze-below", str(args.freeze_below),
-               "--seed", str(args.seed), "--output-dir", str(out), "--overwrite",
-               "--no-progress", "--save-every", "0"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "slimtune",
+            "train",
+            "--data",
+            "builtin:support_intents_train",
+            "--eval-data",
+            "builtin:support_intents_test",
+            "--method",
+            method,
+            "--lr",
+            str(lr),
+            "--max-steps",
+            str(args.steps),
+            "--batch-size",
+            str(args.batch_size),
+            "--freeze-below",
+            str(args.freeze_below),
+            "--seed",
+            str(args.seed),
+            "--output-dir",
+            str(out),
+            "--overwrite",
+            "--no-progress",
+            "--save-every",
+            "0",
+        ]
         for k, v in options.items():
             cmd += ["-o", f"{k}={v}"]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -72,20 +96,41 @@ def main() -> None:
             print(f"{label}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
             continue
         s = json.loads((out / "summary.json").read_text())
-        rows.append({"config": label, "lr": lr, **{k: s.get(k) for k in (
-            "eval_accuracy", "eval_loss", "step_time_p50_s", "peak_memory_bytes",
-            "trainable_params", "delta_bytes", "train_time_s")}})
+        rows.append(
+            {
+                "config": label,
+                "lr": lr,
+                **{
+                    k: s.get(k)
+                    for k in (
+                        "eval_accuracy",
+                        "eval_loss",
+                        "step_time_p50_s",
+                        "peak_memory_bytes",
+                        "trainable_params",
+                        "delta_bytes",
+                        "train_time_s",
+                    )
+                },
+            }
+        )
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    print(f"\n{args.steps} steps of batch {args.batch_size}, seed {args.seed}, freeze-below "
-          f"{args.freeze_below}; accuracy and loss on the 240 support-intents test messages\n")
-    print("| config | lr | accuracy | eval loss | step time (s) | peak RSS (GiB) | trainable params "
-          "| delta on disk (MiB) |")
+    print(
+        f"\n{args.steps} steps of batch {args.batch_size}, seed {args.seed}, freeze-below "
+        f"{args.freeze_below}; accuracy and loss on the 240 support-intents test messages\n"
+    )
+    print(
+        "| config | lr | accuracy | eval loss | step time (s) | peak RSS (GiB) | trainable params "
+        "| delta on disk (MiB) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['config']} | {r['lr']:g} | {100 * r['eval_accuracy']:.1f}% | "
-              f"{r['eval_loss']:.3f} | {r['step_time_p50_s']:.2f} | "
-              f"{r['peak_memory_bytes'] / 2**30:.2f} | {r['trainable_params']:,} | "
-              f"{r['delta_bytes'] / 2**20:.2f} |")
+        print(
+            f"| {r['config']} | {r['lr']:g} | {100 * r['eval_accuracy']:.1f}% | "
+            f"{r['eval_loss']:.3f} | {r['step_time_p50_s']:.2f} | "
+            f"{r['peak_memory_bytes'] / 2**30:.2f} | {r['trainable_params']:,} | "
+            f"{r['delta_bytes'] / 2**20:.2f} |"
+        )
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "quality.json").write_text(json.dumps(rows, indent=2))
 

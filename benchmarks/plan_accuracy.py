@@ -33,7 +33,9 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--methods", default="full,lora")
-    ap.add_argument("--freeze-below", default="0,half,top2", help="k values; 'half' = L/2, 'top2' = L-2")
+    ap.add_argument(
+        "--freeze-below", default="0,half,top2", help="k values; 'half' = L/2, 'top2' = L-2"
+    )
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", help="JSON results")
@@ -49,45 +51,82 @@ def main() -> None:
     L = len(decoder_layers(model))
     vocab = model.get_output_embeddings().weight.shape[0]
     batch = synthetic_batch(vocab, args.batch, args.seq)
-    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
-                else (lambda: torch.autocast("cpu", enabled=False)))
+    autocast = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+        if device.type == "cuda"
+        else (lambda: torch.autocast("cpu", enabled=False))
+    )
     names = {"0": 0, "half": L // 2, "top2": L - 2}
     ks = [names[x] if x in names else int(x) for x in args.freeze_below.split(",")]
     rows = []
     for method in args.methods.split(","):
-        opts = {"r": args.lora_r, "alpha": 2 * args.lora_r, "dropout": 0.0} if method == "lora" else {}
+        opts = (
+            {"r": args.lora_r, "alpha": 2 * args.lora_r, "dropout": 0.0} if method == "lora" else {}
+        )
         costs = calibrate(model, method, opts, batch, autocast=autocast)
         for k in ks:
             e = estimate(costs, k)
-            cmd = [sys.executable, str(HERE / "bench_methods.py"), "--run-one", method,
-                   "--device", args.device, "--model", args.model, "--batch", str(args.batch),
-                   "--seq", str(args.seq), "--steps", str(args.steps), "--warmup",
-                   str(args.warmup), "--lora-r", str(args.lora_r), "--freeze-below", str(k)]
+            cmd = [
+                sys.executable,
+                str(HERE / "bench_methods.py"),
+                "--run-one",
+                method,
+                "--device",
+                args.device,
+                "--model",
+                args.model,
+                "--batch",
+                str(args.batch),
+                "--seq",
+                str(args.seq),
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--lora-r",
+                str(args.lora_r),
+                "--freeze-below",
+                str(k),
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if not line:
                 print(proc.stderr[-2000:], file=sys.stderr)
                 continue
             m = json.loads(line[0][7:])
-            rows.append({"method": method, "freeze_below": k, "est_step_s": e.step_time_s,
-                         "meas_step_s": m["step_s"], "est_peak": e.peak_bytes,
-                         "meas_peak": m["peak_bytes"], "trainable_est": e.trainable_params,
-                         "trainable_meas": m["trainable"]})
+            rows.append(
+                {
+                    "method": method,
+                    "freeze_below": k,
+                    "est_step_s": e.step_time_s,
+                    "meas_step_s": m["step_s"],
+                    "est_peak": e.peak_bytes,
+                    "meas_peak": m["peak_bytes"],
+                    "trainable_est": e.trainable_params,
+                    "trainable_meas": m["trainable"],
+                }
+            )
             r = rows[-1]
             print(json.dumps(r), file=sys.stderr, flush=True)
-    print(f"\ndevice {args.device}; model {args.model}; batch {args.batch} x {args.seq}; "
-          f"measured: median of {args.steps} steps\n")
-    print("| method | freeze-below | est. step (s) | measured (s) | error | est. peak (GiB) "
-          "| measured (GiB) | error |")
+    print(
+        f"\ndevice {args.device}; model {args.model}; batch {args.batch} x {args.seq}; "
+        f"measured: median of {args.steps} steps\n"
+    )
+    print(
+        "| method | freeze-below | est. step (s) | measured (s) | error | est. peak (GiB) "
+        "| measured (GiB) | error |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     worst = 0.0
     for r in rows:
         et = r["est_step_s"] / r["meas_step_s"] - 1
         em = r["est_peak"] / r["meas_peak"] - 1
         worst = max(worst, abs(et), abs(em))
-        print(f"| {r['method']} | {r['freeze_below']} | {r['est_step_s']:.3f} | "
-              f"{r['meas_step_s']:.3f} | {100 * et:+.0f}% | {r['est_peak'] / 2**30:.2f} | "
-              f"{r['meas_peak'] / 2**30:.2f} | {100 * em:+.0f}% |")
+        print(
+            f"| {r['method']} | {r['freeze_below']} | {r['est_step_s']:.3f} | "
+            f"{r['meas_step_s']:.3f} | {100 * et:+.0f}% | {r['est_peak'] / 2**30:.2f} | "
+            f"{r['meas_peak'] / 2**30:.2f} | {100 * em:+.0f}% |"
+        )
     print(f"\nworst error: {100 * worst:.0f}%")
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))

@@ -56,8 +56,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/salf-validation")
-    ap.add_argument("--merge", help="rows of an earlier run (its salf_validation.json) to "
-                                    "report with these; ks already there are not rerun")
+    ap.add_argument(
+        "--merge",
+        help="rows of an earlier run (its salf_validation.json) to "
+        "report with these; ks already there are not rerun",
+    )
     args = ap.parse_args()
 
     from slimtune.data import load_dataset
@@ -72,14 +75,33 @@ def main() -> None:
     done = {r["freeze_below"] for r in rows}
     ks = sorted(({int(x) for x in args.freeze_below.split(",")} | {analysis.freeze_below}) - done)
     for k in ks:
-        res = train(TrainConfig(data=args.data, eval_data=args.eval_data, method=args.method,
-                                freeze_below=k, max_steps=args.steps, lr=args.lr,
-                                batch_size=args.batch_size, output_dir=f"{args.out}/freeze{k}",
-                                overwrite=True, progress=False, save_every=0, seed=args.seed))
+        res = train(
+            TrainConfig(
+                data=args.data,
+                eval_data=args.eval_data,
+                method=args.method,
+                freeze_below=k,
+                max_steps=args.steps,
+                lr=args.lr,
+                batch_size=args.batch_size,
+                output_dir=f"{args.out}/freeze{k}",
+                overwrite=True,
+                progress=False,
+                save_every=0,
+                seed=args.seed,
+            )
+        )
         s = res.summary
-        rows.append({"freeze_below": k, "predicted_gain": analysis.gain[k],
-                     "accuracy": s["eval_accuracy"], "eval_loss": s["eval_loss"],
-                     "step_time_s": s["step_time_p50_s"], "trainable": s["trainable_params"]})
+        rows.append(
+            {
+                "freeze_below": k,
+                "predicted_gain": analysis.gain[k],
+                "accuracy": s["eval_accuracy"],
+                "eval_loss": s["eval_loss"],
+                "step_time_s": s["step_time_p50_s"],
+                "trainable": s["trainable_params"],
+            }
+        )
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     for r in rows:  # the gain of merged rows follows the current analysis
         r["predicted_gain"] = analysis.gain[r["freeze_below"]]
@@ -89,24 +111,40 @@ def main() -> None:
     full = next(r for r in rows if r["freeze_below"] == 0)
     rec = next(r for r in rows if r["freeze_below"] == analysis.freeze_below)
     print(f"analysis: {analysis.reason}\n")
-    print("| freeze-below | predicted gain G(k) | accuracy | eval loss | step time (s) "
-          "| step time vs 0 | trainable params |")
+    print(
+        "| freeze-below | predicted gain G(k) | accuracy | eval loss | step time (s) "
+        "| step time vs 0 | trainable params |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         mark = " (recommended)" if r["freeze_below"] == analysis.freeze_below else ""
-        print(f"| {r['freeze_below']}{mark} | {r['predicted_gain']:.3f} | {100 * r['accuracy']:.1f}% | "
-              f"{r['eval_loss']:.3f} | {r['step_time_s']:.3f} | "
-              f"{r['step_time_s'] / full['step_time_s']:.2f}x | {r['trainable']:,} |")
-    print(f"\nSpearman(predicted gain, accuracy) = {rho:.3f}; "
-          f"Spearman(predicted gain, -eval loss) = {rho_loss:.3f}")
-    print(f"recommended freeze-below {analysis.freeze_below}: accuracy {100 * rec['accuracy']:.1f}% against "
-          f"{100 * full['accuracy']:.1f}% with every layer "
-          f"({100 * (rec['accuracy'] - full['accuracy']):+.1f} points), step time "
-          f"{100 * (1 - rec['step_time_s'] / full['step_time_s']):.0f}% shorter")
+        print(
+            f"| {r['freeze_below']}{mark} | {r['predicted_gain']:.3f} | {100 * r['accuracy']:.1f}% | "
+            f"{r['eval_loss']:.3f} | {r['step_time_s']:.3f} | "
+            f"{r['step_time_s'] / full['step_time_s']:.2f}x | {r['trainable']:,} |"
+        )
+    print(
+        f"\nSpearman(predicted gain, accuracy) = {rho:.3f}; "
+        f"Spearman(predicted gain, -eval loss) = {rho_loss:.3f}"
+    )
+    print(
+        f"recommended freeze-below {analysis.freeze_below}: accuracy {100 * rec['accuracy']:.1f}% against "
+        f"{100 * full['accuracy']:.1f}% with every layer "
+        f"({100 * (rec['accuracy'] - full['accuracy']):+.1f} points), step time "
+        f"{100 * (1 - rec['step_time_s'] / full['step_time_s']):.0f}% shorter"
+    )
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    Path(args.out, "salf_validation.json").write_text(json.dumps(
-        {"analysis": analysis.to_dict(), "rows": rows, "spearman_accuracy": rho,
-         "spearman_loss": rho_loss}, indent=2))
+    Path(args.out, "salf_validation.json").write_text(
+        json.dumps(
+            {
+                "analysis": analysis.to_dict(),
+                "rows": rows,
+                "spearman_accuracy": rho,
+                "spearman_loss": rho_loss,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

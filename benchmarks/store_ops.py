@@ -20,9 +20,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-METHODS = {"lora": {"r": 8}, "full": {}, "sparse": {"density": 0.01, "importance": "random"},
-           "rosa": {"r": 8, "density": 0.005, "importance": "random"},
-           "shira": {"density": 0.01}, "experts": {"experts": 8, "top_k": 2, "rank": 8}}
+METHODS = {
+    "lora": {"r": 8},
+    "full": {},
+    "sparse": {"density": 0.01, "importance": "random"},
+    "rosa": {"r": 8, "density": 0.005, "importance": "random"},
+    "shira": {"density": 0.01},
+    "experts": {"experts": 8, "top_k": 2, "rank": 8},
+}
 
 
 def main() -> None:
@@ -46,10 +51,20 @@ def main() -> None:
     ids = {}
     for m in args.methods.split(","):
         opts = METHODS[m]
-        res = train(TrainConfig(data="builtin:support_intents_train", method=m,
-                                method_options=opts, max_steps=args.steps, batch_size=4,
-                                output_dir=str(out / m), overwrite=True, progress=False,
-                                save_every=0, eval_fraction=0.02))
+        res = train(
+            TrainConfig(
+                data="builtin:support_intents_train",
+                method=m,
+                method_options=opts,
+                max_steps=args.steps,
+                batch_size=4,
+                output_dir=str(out / m),
+                overwrite=True,
+                progress=False,
+                save_every=0,
+                eval_fraction=0.02,
+            )
+        )
         ids[m] = store.add(res.delta_dir).id
     base = load_model("default")
     fp = fingerprint(base.model)
@@ -69,19 +84,31 @@ def main() -> None:
                 model = applied.remove()
                 t_remove.append(time.perf_counter() - t0)
             exact = all(torch.equal(p, snapshot[n]) for n, p in model.named_parameters())
-            rows.append({"method": m, "version": vid, "merge": merge or applied.merged,
-                         "bytes": v.bytes, "apply_s": statistics.median(t_apply),
-                         "remove_s": statistics.median(t_remove), "exact": exact,
-                         "trainable": v.manifest()["metrics"]["trainable_params"]})
+            rows.append(
+                {
+                    "method": m,
+                    "version": vid,
+                    "merge": merge or applied.merged,
+                    "bytes": v.bytes,
+                    "apply_s": statistics.median(t_apply),
+                    "remove_s": statistics.median(t_remove),
+                    "exact": exact,
+                    "trainable": v.manifest()["metrics"]["trainable_params"],
+                }
+            )
             if applied.merged and not merge:
                 break  # full / sparse always merge: one row
-    print("| method | trainable params | store size (MiB) | mode | apply (s) | remove (s) "
-          "| base restored bit for bit |")
+    print(
+        "| method | trainable params | store size (MiB) | mode | apply (s) | remove (s) "
+        "| base restored bit for bit |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['trainable']:,} | {r['bytes'] / 2**20:.2f} | "
-              f"{'merged' if r['merge'] else 'attached'} | {r['apply_s']:.3f} | "
-              f"{r['remove_s']:.3f} | {'yes' if r['exact'] else 'NO'} |")
+        print(
+            f"| {r['method']} | {r['trainable']:,} | {r['bytes'] / 2**20:.2f} | "
+            f"{'merged' if r['merge'] else 'attached'} | {r['apply_s']:.3f} | "
+            f"{r['remove_s']:.3f} | {'yes' if r['exact'] else 'NO'} |"
+        )
     (out / "store_ops.json").write_text(json.dumps(rows, indent=2))
 
 

@@ -43,42 +43,80 @@ PROMPT_TAIL = "\nIntent:"
 
 PRODUCTS = {
     "audio": [
-        "Sony WH-1000XM5 headphones", "AirPods Pro", "Bose QuietComfort earbuds",
-        "JBL Flip 6 speaker", "Sennheiser Momentum 4", "Jabra Elite 8 earbuds",
-        "Beats Studio Pro", "Soundcore Q30 headphones",
+        "Sony WH-1000XM5 headphones",
+        "AirPods Pro",
+        "Bose QuietComfort earbuds",
+        "JBL Flip 6 speaker",
+        "Sennheiser Momentum 4",
+        "Jabra Elite 8 earbuds",
+        "Beats Studio Pro",
+        "Soundcore Q30 headphones",
     ],
     "wearable": [
-        "Garmin Forerunner 265", "Apple Watch SE", "Fitbit Charge 6", "Galaxy Watch 6",
-        "Amazfit GTR 4", "Garmin Venu 3",
+        "Garmin Forerunner 265",
+        "Apple Watch SE",
+        "Fitbit Charge 6",
+        "Galaxy Watch 6",
+        "Amazfit GTR 4",
+        "Garmin Venu 3",
     ],
     "laptop": [
-        "Dell XPS 13", "MacBook Air M2", "ThinkPad X1 Carbon", "HP Spectre x360",
-        "ASUS ZenBook 14", "Acer Swift 3", "Razer Blade 15",
+        "Dell XPS 13",
+        "MacBook Air M2",
+        "ThinkPad X1 Carbon",
+        "HP Spectre x360",
+        "ASUS ZenBook 14",
+        "Acer Swift 3",
+        "Razer Blade 15",
     ],
     "tablet": [
-        "iPad Air", "Galaxy Tab S9", "Kindle Paperwhite", "Lenovo Tab P11", "Surface Pro 9",
+        "iPad Air",
+        "Galaxy Tab S9",
+        "Kindle Paperwhite",
+        "Lenovo Tab P11",
+        "Surface Pro 9",
     ],
     "tv": [
-        "Samsung 55-inch QLED TV", "LG C3 OLED TV", "Sony Bravia 65-inch TV",
-        "TCL 50-inch 4K TV", "Hisense U8 TV",
+        "Samsung 55-inch QLED TV",
+        "LG C3 OLED TV",
+        "Sony Bravia 65-inch TV",
+        "TCL 50-inch 4K TV",
+        "Hisense U8 TV",
     ],
     "camera": [
-        "Canon EOS R50", "Sony ZV-E10", "GoPro Hero 12", "Fujifilm X-T30", "Nikon Z50",
+        "Canon EOS R50",
+        "Sony ZV-E10",
+        "GoPro Hero 12",
+        "Fujifilm X-T30",
+        "Nikon Z50",
     ],
     "smarthome": [
-        "Ring video doorbell", "Philips Hue starter kit", "Nest thermostat",
-        "Eufy security camera", "TP-Link Deco mesh router", "Echo Dot",
+        "Ring video doorbell",
+        "Philips Hue starter kit",
+        "Nest thermostat",
+        "Eufy security camera",
+        "TP-Link Deco mesh router",
+        "Echo Dot",
     ],
     "peripheral": [
-        "Logitech MX Master 3S mouse", "Keychron K2 keyboard", "Razer DeathAdder mouse",
-        "Logitech C920 webcam", "Brother laser printer", "Wacom drawing tablet",
+        "Logitech MX Master 3S mouse",
+        "Keychron K2 keyboard",
+        "Razer DeathAdder mouse",
+        "Logitech C920 webcam",
+        "Brother laser printer",
+        "Wacom drawing tablet",
     ],
     "monitor": [
-        "LG 27-inch UltraGear monitor", "Dell 24-inch monitor", "Samsung Odyssey G7",
+        "LG 27-inch UltraGear monitor",
+        "Dell 24-inch monitor",
+        "Samsung Odyssey G7",
         "BenQ 32-inch 4K monitor",
     ],
     "dock": [
-        "Anker USB-C dock", "CalDigit TS4 dock", "Belkin USB-C hub", "Dell WD19 docking station",
+        "Anker USB-C dock",
+        "CalDigit TS4 dock",
+        "Belkin USB-C hub",
+        "Dell WD19 docking station",
     ],
     "phone": ["Pixel 8", "Galaxy S24", "iPhone 15", "OnePlus 12", "Moto G Power"],
 }
@@ -94,23 +132,53 @@ SLOTS = {
     "carrier": ["UPS", "FedEx", "DHL", "USPS", "DPD", "Royal Mail"],
     "payment": ["Visa", "Mastercard", "PayPal", "Amex", "debit card", "Apple Pay", "credit card"],
     "city": [
-        "Denver", "Leeds", "Austin", "Lyon", "Toronto", "Glasgow", "Portland", "Dublin",
-        "Phoenix", "Manchester",
+        "Denver",
+        "Leeds",
+        "Austin",
+        "Lyon",
+        "Toronto",
+        "Glasgow",
+        "Portland",
+        "Dublin",
+        "Phoenix",
+        "Manchester",
     ],
     "country": ["Canada", "Mexico", "Ireland", "Germany", "Australia", "Norway", "Japan"],
     "color": ["black", "white", "silver", "blue", "green", "rose gold"],
     "code": ["SAVE10", "WELCOME15", "SPRING20", "STUDENT10", "FLASH25", "VIP30"],
     "ago": [
-        "three days ago", "last week", "two weeks ago", "on Monday", "yesterday",
-        "10 days ago", "a month ago", "last Friday",
+        "three days ago",
+        "last week",
+        "two weeks ago",
+        "on Monday",
+        "yesterday",
+        "10 days ago",
+        "a month ago",
+        "last Friday",
     ],
     "date": [
-        "March 3", "the 14th", "May 21", "June 2", "the 9th", "Tuesday",
-        "October 30", "April 18",
+        "March 3",
+        "the 14th",
+        "May 21",
+        "June 2",
+        "the 9th",
+        "Tuesday",
+        "October 30",
+        "April 18",
     ],
     "name": [
-        "Tom", "Maria", "Priya", "Jake", "Chen", "Olga", "Ahmed", "Sam", "Lucy", "Dave",
-        "Fatima", "Kenji",
+        "Tom",
+        "Maria",
+        "Priya",
+        "Jake",
+        "Chen",
+        "Olga",
+        "Ahmed",
+        "Sam",
+        "Lucy",
+        "Dave",
+        "Fatima",
+        "Kenji",
     ],
     "lang": ["Spanish", "French", "German", "Italian"],
 }
@@ -378,51 +446,93 @@ PHRASINGS = {
 # --------------------------------------------------------------------------- style parts
 
 GREETINGS = [
-    "Hi.", "Hello!", "Hi there!", "Hey.", "Good morning.", "Good afternoon!", "Hello team.",
-    "Dear support team.", "hey!", "Hi team.",
+    "Hi.",
+    "Hello!",
+    "Hi there!",
+    "Hey.",
+    "Good morning.",
+    "Good afternoon!",
+    "Hello team.",
+    "Dear support team.",
+    "hey!",
+    "Hi team.",
 ]
 CONTEXT = [
-    "Quick question.", "I've shopped with you for years.", "First time ordering from you.",
-    "Hope you can help.", "Long-time customer here.", "Sorry to bother you.",
+    "Quick question.",
+    "I've shopped with you for years.",
+    "First time ordering from you.",
+    "Hope you can help.",
+    "Long-time customer here.",
+    "Sorry to bother you.",
 ]
 POLITE_END = [
-    "Could you help?", "Thanks in advance!", "Any help appreciated.", "Please advise.",
-    "Thank you for your time.", "Much appreciated.",
+    "Could you help?",
+    "Thanks in advance!",
+    "Any help appreciated.",
+    "Please advise.",
+    "Thank you for your time.",
+    "Much appreciated.",
 ]
 ANGRY_START = [
-    "This is ridiculous.", "Seriously?", "I'm very frustrated.", "Third time writing about this!",
-    "Really disappointed.", "Not happy at all.",
+    "This is ridiculous.",
+    "Seriously?",
+    "I'm very frustrated.",
+    "Third time writing about this!",
+    "Really disappointed.",
+    "Not happy at all.",
 ]
 ANGRY_END = [
-    "Sort it out!", "Unacceptable.", "I want an answer today.", "Very poor service.",
+    "Sort it out!",
+    "Unacceptable.",
+    "I want an answer today.",
+    "Very poor service.",
     "Fix this now.",
 ]
-SIGN_OFFS = ["Thanks, {name}", "Cheers", "Regards, {name}", "- {name}", "Thank you!", "Best, {name}"]
+SIGN_OFFS = [
+    "Thanks, {name}",
+    "Cheers",
+    "Regards, {name}",
+    "- {name}",
+    "Thank you!",
+    "Best, {name}",
+]
 # Sentences naming another intent's topic while confirming the message's own intent.
 DISTRACTORS = {
     "billing": [
-        "The delivery itself was fine.", "The product itself works great.",
-        "I'm not asking to return anything.", "I can log in fine, it's just the charge.",
+        "The delivery itself was fine.",
+        "The product itself works great.",
+        "I'm not asking to return anything.",
+        "I can log in fine, it's just the charge.",
     ],
     "shipping": [
-        "The payment went through fine.", "I don't need to return anything.",
-        "No problems with my account.", "I just want the parcel.",
+        "The payment went through fine.",
+        "I don't need to return anything.",
+        "No problems with my account.",
+        "I just want the parcel.",
     ],
     "returns": [
-        "Delivery was quick, no complaint there.", "Payment was fine.",
-        "It's not faulty, I just want to send it back.", "I still have the receipt.",
+        "Delivery was quick, no complaint there.",
+        "Payment was fine.",
+        "It's not faulty, I just want to send it back.",
+        "I still have the receipt.",
     ],
     "account": [
-        "My orders themselves are fine.", "This isn't about a delivery.",
-        "Nothing to do with billing, it's the login.", "Not a payment issue.",
+        "My orders themselves are fine.",
+        "This isn't about a delivery.",
+        "Nothing to do with billing, it's the login.",
+        "Not a payment issue.",
     ],
     "technical": [
-        "Delivery was fast, by the way.", "I don't want a refund, just a fix.",
-        "I'd rather not return it.", "Billing is fine, it's the device.",
+        "Delivery was fast, by the way.",
+        "I don't want a refund, just a fix.",
+        "I'd rather not return it.",
+        "Billing is fine, it's the device.",
     ],
     "product": [
-        "I haven't ordered yet.", "I'd order today if it does.",
-        "Happy to pay for express delivery if so.", "Trying to decide before buying.",
+        "I haven't ordered yet.",
+        "I'd order today if it does.",
+        "Happy to pay for express delivery if so.",
+        "Trying to decide before buying.",
     ],
 }
 
@@ -545,7 +655,9 @@ def split_phrasings(label: str) -> tuple[list[str], list[str]]:
     return train, test
 
 
-def generate(rng: random.Random, label: str, pool: list[str], count: int, seen: set[str]) -> list[str]:
+def generate(
+    rng: random.Random, label: str, pool: list[str], count: int, seen: set[str]
+) -> list[str]:
     """``count`` unique messages, using every phrasing of ``pool`` about equally often."""
     order: list[str] = []
     while len(order) < count:

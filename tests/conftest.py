@@ -37,8 +37,11 @@ def write_jsonl(path: Path, rows) -> Path:
 
 def intent_rows(n: int = 48):
     """A learnable toy task: the label word appears in the message."""
-    words = {"billing": "charged card refund", "shipping": "parcel tracking late",
-             "returns": "return label refund box"}
+    words = {
+        "billing": "charged card refund",
+        "shipping": "parcel tracking late",
+        "returns": "return label refund box",
+    }
     rows = []
     for i in range(n):
         lab = LABELS[i % 3]
@@ -55,8 +58,17 @@ def train_tiny(model_dir: Path, data: Path, out: Path, **overrides):
     from slimtune.training.config import TrainConfig
     from slimtune.training.trainer import train
 
-    opts = dict(model=str(model_dir), data=str(data), output_dir=str(out), max_steps=6,
-                batch_size=4, lr=1e-2, eval_fraction=0.25, progress=False, device="cpu",
-                save_every=0)
+    opts = dict(
+        model=str(model_dir),
+        data=str(data),
+        output_dir=str(out),
+        max_steps=6,
+        batch_size=4,
+        lr=1e-2,
+        eval_fraction=0.25,
+        progress=False,
+        device="cpu",
+        save_every=0,
+    )
     opts.update(overrides)
     return train(TrainConfig(**opts))

@@ -19,11 +19,19 @@ def logits(model, ids, mask, fused: bool) -> torch.Tensor:
         return model(input_ids=ids, attention_mask=mask).logits
 
 
-def check(experts: int, top_k: int, rank: int, batch: int, seq: int,
-          dtype: torch.dtype = torch.float32, layers: tuple = (0, 1)) -> dict:
+def check(
+    experts: int,
+    top_k: int,
+    rank: int,
+    batch: int,
+    seq: int,
+    dtype: torch.dtype = torch.float32,
+    layers: tuple = (0, 1),
+) -> dict:
     model = tiny_llama(300, layers=2, seed=0).to(dtype)
     get_method("experts", {"experts": experts, "top_k": top_k, "rank": rank}).prepare(
-        model, list(layers))
+        model, list(layers)
+    )
     att = attached(model)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -49,10 +57,13 @@ def check(experts: int, top_k: int, rank: int, batch: int, seq: int,
     with torch.no_grad():
         base = model(input_ids=ids, attention_mask=mask).logits
     keep = mask.bool()
-    return {"kernel_calls": len(calls), "layers": len(layers),
-            "max_diff": (fused - gathered)[keep].abs().max().item(),
-            "adapter_effect": (gathered - base)[keep].abs().max().item(),
-            "scale": gathered[keep].abs().max().item()}
+    return {
+        "kernel_calls": len(calls),
+        "layers": len(layers),
+        "max_diff": (fused - gathered)[keep].abs().max().item(),
+        "adapter_effect": (gathered - base)[keep].abs().max().item(),
+        "scale": gathered[keep].abs().max().item(),
+    }
 
 
 def interpreter_problem() -> str | None:
@@ -79,10 +90,14 @@ if __name__ == "__main__":
     if problem:
         print(json.dumps({"skip": problem}))
         raise SystemExit(0)
-    cases = {"prefill": (8, 2, 8, 3, 40), "decode": (8, 2, 8, 3, 1),
-             "k3_rank5": (6, 3, 5, 4, 30), "k1": (4, 1, 4, 2, 50),
-             # half precision: the rank-space product is cast down before meeting B (bf16
-             # is the GPU case, but the interpreter's dot does not take bf16); one adapted
-             # layer, so rounding cannot flip a later layer's routing
-             "fp16": (8, 2, 8, 3, 40, torch.float16, (0,))}
+    cases = {
+        "prefill": (8, 2, 8, 3, 40),
+        "decode": (8, 2, 8, 3, 1),
+        "k3_rank5": (6, 3, 5, 4, 30),
+        "k1": (4, 1, 4, 2, 50),
+        # half precision: the rank-space product is cast down before meeting B (bf16
+        # is the GPU case, but the interpreter's dot does not take bf16); one adapted
+        # layer, so rounding cannot flip a later layer's routing
+        "fp16": (8, 2, 8, 3, 40, torch.float16, (0,)),
+    }
     print(json.dumps({name: check(*args) for name, args in cases.items()}))

@@ -20,8 +20,9 @@ def test_every_command_has_help(cmd, capsys):
 def test_flags_override_yaml_which_overrides_defaults(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("data: a.jsonl\nmax-steps: 7\nlr: 0.001\nmethod_options: {r: 4}\n")
-    args = build_parser().parse_args(["train", "--config", str(cfg_file), "--lr", "0.01",
-                                      "--lora-alpha", "8"])
+    args = build_parser().parse_args(
+        ["train", "--config", str(cfg_file), "--lr", "0.01", "--lora-alpha", "8"]
+    )
     cfg = train_config_from_args(args)
     assert (cfg.data, cfg.max_steps, cfg.lr, cfg.batch_size) == ("a.jsonl", 7, 0.01, 8)
     assert cfg.method_options == {"r": 4, "alpha": 8.0}
@@ -34,7 +35,9 @@ def test_yaml_errors_name_file_line_and_key(tmp_path):
         train_config_from_args(build_parser().parse_args(["train", "--config", str(bad)]))
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("data: a.jsonl\nlearning_rate: 1\n")
-    with pytest.raises(UserInputError, match=r"unknown\.yaml: unknown option\(s\) \['learning_rate'\]"):
+    with pytest.raises(
+        UserInputError, match=r"unknown\.yaml: unknown option\(s\) \['learning_rate'\]"
+    ):
         train_config_from_args(build_parser().parse_args(["train", "--config", str(unknown)]))
 
 
@@ -53,21 +56,55 @@ def test_bad_data_through_the_real_command(tiny_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "p", "completion": "c"}\n{"prompt": "p"}\n')
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", "slimtune", "train", "--model", str(tiny_dir),
-                           "--data", str(bad), "--output-dir", str(tmp_path / "r")],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "slimtune",
+            "train",
+            "--model",
+            str(tiny_dir),
+            "--data",
+            str(bad),
+            "--output-dir",
+            str(tmp_path / "r"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert proc.returncode == DataError.exit_code
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"slimtune: error: {bad}:2: has 'prompt' or 'completion' but is missing field "
-        "'completion'")
+        f"slimtune: error: {bad}:2: has 'prompt' or 'completion' but is missing field 'completion'"
+    )
     assert "Traceback" not in proc.stderr
 
 
 def test_train_eval_generate_through_the_cli(tiny_dir, intent_file, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--model", str(tiny_dir), "--data", str(intent_file), "--max-steps", "3",
-                 "--batch-size", "4", "--output-dir", str(out), "--no-progress",
-                 "--freeze-below", "2", "--lora-r", "4"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(tiny_dir),
+                "--data",
+                str(intent_file),
+                "--max-steps",
+                "3",
+                "--batch-size",
+                "4",
+                "--output-dir",
+                str(out),
+                "--no-progress",
+                "--freeze-below",
+                "2",
+                "--lora-r",
+                "4",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "accuracy" in printed and f"delta: {out / 'delta'}" in printed
     for name in ("report.md", "report.json", "loss.png", "summary.json", "metrics.jsonl"):
@@ -77,32 +114,74 @@ def test_train_eval_generate_through_the_cli(tiny_dir, intent_file, tmp_path, ca
     assert manifest["method_config"]["r"] == 4 and manifest["layers"] == [2, 3]
 
     metrics = tmp_path / "m.json"
-    assert main(["eval", "--model", str(tiny_dir), "--delta", str(out / "delta"), "--data",
-                 str(intent_file), "--output", str(metrics), "--no-latency"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tiny_dir),
+                "--delta",
+                str(out / "delta"),
+                "--data",
+                str(intent_file),
+                "--output",
+                str(metrics),
+                "--no-latency",
+            ]
+        )
+        == 0
+    )
     m = json.loads(metrics.read_text())
     assert m["task"] == "classification" and 0 <= m["accuracy"] <= 1 and m["examples"] == 48
 
-    assert main(["generate", "--model", str(tiny_dir), "--delta", str(out / "delta"),
-                 "--max-new-tokens", "3", "hello"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tiny_dir),
+                "--delta",
+                str(out / "delta"),
+                "--max-new-tokens",
+                "3",
+                "hello",
+            ]
+        )
+        == 0
+    )
 
 
 def test_yaml_keys_are_the_flags_names(tmp_path):
     cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text("data: a.jsonl\nlora_r: 4\nlora-alpha: 8\nlora_dropout: 0.0\n"
-                        "lora_targets: q_proj,v_proj\noption: [adapter_dtype_follows_base=true]\n"
-                        "no_progress: true\n"
-                        "no_store: true\nstore: /tmp/s\nnote: first try\nparent: v2\n")
-    cfg, store = train_options_from_args(build_parser().parse_args(
-        ["train", "--config", str(cfg_file)]))
-    assert cfg.method_options == {"r": 4, "alpha": 8.0, "dropout": 0.0,
-                                  "adapter_dtype_follows_base": True,
-                                  "target_modules": ["q_proj", "v_proj"]}
+    cfg_file.write_text(
+        "data: a.jsonl\nlora_r: 4\nlora-alpha: 8\nlora_dropout: 0.0\n"
+        "lora_targets: q_proj,v_proj\noption: [adapter_dtype_follows_base=true]\n"
+        "no_progress: true\n"
+        "no_store: true\nstore: /tmp/s\nnote: first try\nparent: v2\n"
+    )
+    cfg, store = train_options_from_args(
+        build_parser().parse_args(["train", "--config", str(cfg_file)])
+    )
+    assert cfg.method_options == {
+        "r": 4,
+        "alpha": 8.0,
+        "dropout": 0.0,
+        "adapter_dtype_follows_base": True,
+        "target_modules": ["q_proj", "v_proj"],
+    }
     assert cfg.progress is False
-    assert (store.no_store, store.store, store.note, store.parent) == (True, "/tmp/s",
-                                                                       "first try", "v2")
+    assert (store.no_store, store.store, store.note, store.parent) == (
+        True,
+        "/tmp/s",
+        "first try",
+        "v2",
+    )
     # flags still win over the same key in the file, and mean the same
-    cfg, store = train_options_from_args(build_parser().parse_args(
-        ["train", "--config", str(cfg_file), "--lora-r", "16", "--note", "second"]))
+    cfg, store = train_options_from_args(
+        build_parser().parse_args(
+            ["train", "--config", str(cfg_file), "--lora-r", "16", "--note", "second"]
+        )
+    )
     assert cfg.method_options["r"] == 16 and store.note == "second"
 
 
@@ -132,8 +211,7 @@ def test_yaml_budgets_take_plain_numbers_as_their_parsers_do(tmp_path):
     # plan.parse_duration/parse_size read 3 as 3 s and 6000000000 as bytes; the type check
     # must not refuse what they accept (it did: "must be a string")
     f = tmp_path / "b.yaml"
-    f.write_text("data: a.jsonl\nfreeze: auto\nbudget_step_time: 3\n"
-                 "budget_memory: 6000000000\n")
+    f.write_text("data: a.jsonl\nfreeze: auto\nbudget_step_time: 3\nbudget_memory: 6000000000\n")
     cfg = train_config_from_args(build_parser().parse_args(["train", "--config", str(f)]))
     assert (cfg.budget_step_time, cfg.budget_memory) == (3, 6000000000)
     f.write_text("data: a.jsonl\nfreeze: auto\nbudget_step_time: [3]\n")
@@ -147,10 +225,12 @@ def test_bad_option_values_and_devices_exit_2_without_traceback(tmp_path, capsys
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "hello"}\n' * 4)
     base = ["train", "--data", str(data), "--output-dir", str(tmp_path / "r"), "--no-store"]
-    for extra, message in [(["-o", "r=abc"], "field 'r' must be an integer, got 'abc'"),
-                           (["--seed", "-1"], "seed must be in [0, 2**32), got -1"),
-                           (["--max-grad-norm", "nan"], "field 'max_grad_norm' must be a finite"),
-                           (["--lr", "inf"], "field 'lr' must be a finite number")]:
+    for extra, message in [
+        (["-o", "r=abc"], "field 'r' must be an integer, got 'abc'"),
+        (["--seed", "-1"], "seed must be in [0, 2**32), got -1"),
+        (["--max-grad-norm", "nan"], "field 'max_grad_norm' must be a finite"),
+        (["--lr", "inf"], "field 'lr' must be a finite number"),
+    ]:
         assert main([*base, *extra]) == 2, extra
         assert message in capsys.readouterr().err
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -162,13 +242,28 @@ def test_bad_option_values_and_devices_exit_2_without_traceback(tmp_path, capsys
     assert "not a device" in capsys.readouterr().err
 
 
-def test_resume_of_a_finished_run_only_finishes_the_store_add(tiny_dir, intent_file, tmp_path,
-                                                              capsys):
+def test_resume_of_a_finished_run_only_finishes_the_store_add(
+    tiny_dir, intent_file, tmp_path, capsys
+):
     from slimtune.delta import DeltaStore
 
     out, store = tmp_path / "run", tmp_path / "store"
-    train = ["train", "--model", str(tiny_dir), "--data", str(intent_file), "--max-steps", "2",
-             "--batch-size", "4", "--output-dir", str(out), "--no-progress", "--device", "cpu"]
+    train = [
+        "train",
+        "--model",
+        str(tiny_dir),
+        "--data",
+        str(intent_file),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--output-dir",
+        str(out),
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     assert main([*train, "--no-store"]) == 0  # as if killed during the add
     delta_time = (out / "delta" / "manifest.json").stat().st_mtime_ns
     capsys.readouterr()
@@ -210,16 +305,67 @@ def test_every_method_flag_sets_its_option(tmp_path):
     from slimtune.training.sweep import grid_flags
 
     args = build_parser().parse_args(
-        ["train", "--data", "a.jsonl", "--method", "rosa", "--lora-r", "4", "--lora-alpha", "8",
-         "--lora-dropout", "0", "--lora-targets", "q_proj, v_proj", "--density", "0.02",
-         "--importance", "grad", "--selection", "global", "--regrow-every", "5"])
+        [
+            "train",
+            "--data",
+            "a.jsonl",
+            "--method",
+            "rosa",
+            "--lora-r",
+            "4",
+            "--lora-alpha",
+            "8",
+            "--lora-dropout",
+            "0",
+            "--lora-targets",
+            "q_proj, v_proj",
+            "--density",
+            "0.02",
+            "--importance",
+            "grad",
+            "--selection",
+            "global",
+            "--regrow-every",
+            "5",
+        ]
+    )
     assert train_config_from_args(args).method_options == {
-        "r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
-        "density": 0.02, "importance": "grad", "selection": "global", "regrow_every": 5}
+        "r": 4,
+        "alpha": 8.0,
+        "dropout": 0.0,
+        "target_modules": ["q_proj", "v_proj"],
+        "density": 0.02,
+        "importance": "grad",
+        "selection": "global",
+        "regrow_every": 5,
+    }
     args = build_parser().parse_args(
-        ["train", "--data", "a.jsonl", "--method", "experts", "--experts", "4", "--top-k", "1",
-         "--expert-rank", "2", "--aux-weight", "0.1"])
+        [
+            "train",
+            "--data",
+            "a.jsonl",
+            "--method",
+            "experts",
+            "--experts",
+            "4",
+            "--top-k",
+            "1",
+            "--expert-rank",
+            "2",
+            "--aux-weight",
+            "0.1",
+        ]
+    )
     assert train_config_from_args(args).method_options == {
-        "experts": 4, "top_k": 1, "rank": 2, "aux_weight": 0.1}
-    assert grid_flags() == {"lora_r": "r", "experts": "experts", "top_k": "top_k",
-                            "expert_rank": "rank", "density": "density"}
+        "experts": 4,
+        "top_k": 1,
+        "rank": 2,
+        "aux_weight": 0.1,
+    }
+    assert grid_flags() == {
+        "lora_r": "r",
+        "experts": "experts",
+        "top_k": "top_k",
+        "expert_rank": "rank",
+        "density": "density",
+    }

@@ -18,8 +18,9 @@ from .conftest import write_jsonl
 
 def test_prompt_completion_loss_only_on_completion(tiny, tmp_path):
     tok = tiny.tokenizer
-    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Message: hello\nIntent:",
-                                               "completion": " billing"}])
+    path = write_jsonl(
+        tmp_path / "d.jsonl", [{"prompt": "Message: hello\nIntent:", "completion": " billing"}]
+    )
     ex = load_dataset(path, tok).examples[0]
     n_prompt = len(tok("Message: hello\nIntent:")["input_ids"])
     completion = tok(" billing", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -36,8 +37,12 @@ def test_text_shape_trains_on_every_token(tiny, tmp_path):
 
 def test_chat_shape_masks_everything_but_assistant_turns(tiny, tmp_path):
     tok = tiny.tokenizer
-    msgs = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "Paris"},
-            {"role": "user", "content": "again"}, {"role": "assistant", "content": "France"}]
+    msgs = [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "Paris"},
+        {"role": "user", "content": "again"},
+        {"role": "assistant", "content": "France"},
+    ]
     ex = load_dataset(write_jsonl(tmp_path / "c.jsonl", [{"messages": msgs}]), tok).examples[0]
     full = tok.apply_chat_template(msgs, tokenize=False)
     assert tok.decode(ex.input_ids) == full
@@ -48,8 +53,10 @@ def test_chat_shape_masks_everything_but_assistant_turns(tiny, tmp_path):
 def test_csv_and_text_files(tiny, tmp_path):
     (tmp_path / "d.csv").write_text('prompt,completion\n"a, b",x\nc,y\n')
     recs = read_records(tmp_path / "d.csv")
-    assert [r.fields for r in recs] == [{"prompt": "a, b", "completion": "x"},
-                                        {"prompt": "c", "completion": "y"}]
+    assert [r.fields for r in recs] == [
+        {"prompt": "a, b", "completion": "x"},
+        {"prompt": "c", "completion": "y"},
+    ]
     assert [r.line for r in recs] == [2, 3]
     (tmp_path / "d.txt").write_text("para one\nstill one\n\n\npara two\n")
     recs = read_records(tmp_path / "d.txt")
@@ -61,32 +68,66 @@ BAD = [
     ("bad.jsonl", '{"text": "ok"}\n{"text": oops}\n', r"bad\.jsonl:2: invalid JSON"),
     ("arr.jsonl", '{"text": "ok"}\n[1, 2]\n', r"arr\.jsonl:2: expected a JSON object"),
     ("missing.jsonl", '{"prompt": "p"}\n', r"missing\.jsonl:1: .*missing field 'completion'"),
-    ("type.jsonl", '{"prompt": "p", "completion": 3}\n', r"type\.jsonl:1: field 'completion' must be a string"),
+    (
+        "type.jsonl",
+        '{"prompt": "p", "completion": 3}\n',
+        r"type\.jsonl:1: field 'completion' must be a string",
+    ),
     ("unknown.jsonl", '{"question": "q"}\n', r"unknown\.jsonl:1: unknown record shape"),
-    ("mixed.jsonl", '{"text": "a"}\n\n{"prompt": "p", "completion": "c"}\n',
-     r"mixed\.jsonl:3: record has shape 'prompt_completion'"),
+    (
+        "mixed.jsonl",
+        '{"text": "a"}\n\n{"prompt": "p", "completion": "c"}\n',
+        r"mixed\.jsonl:3: record has shape 'prompt_completion'",
+    ),
     ("empty.jsonl", "", r"empty\.jsonl: contains no examples"),
     ("blank.jsonl", "\n   \n", r"blank\.jsonl: contains no examples"),
     ("emptytext.jsonl", '{"text": "  "}\n', r"emptytext\.jsonl:1: field 'text' is empty"),
-    ("noasst.jsonl", json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n",
-     r"noasst\.jsonl:1: 'messages' has no assistant turn"),
-    ("role.jsonl", json.dumps({"messages": [{"role": "robot", "content": "hi"}]}) + "\n",
-     r"role\.jsonl:1: messages\[0\]\.role is 'robot'"),
+    (
+        "noasst.jsonl",
+        json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n",
+        r"noasst\.jsonl:1: 'messages' has no assistant turn",
+    ),
+    (
+        "role.jsonl",
+        json.dumps({"messages": [{"role": "robot", "content": "hi"}]}) + "\n",
+        r"role\.jsonl:1: messages\[0\]\.role is 'robot'",
+    ),
     ("rows.csv", "prompt,completion\na,b\nc,d,e\n", r"rows\.csv:3: row has more cells"),
     ("short.csv", "prompt,completion\na\n", r"short\.csv:2: row has fewer cells"),
     ("data.xlsx", "x", r"unsupported file type '\.xlsx'"),
     ("data.parquet", "x", r"data\.parquet: not a readable Parquet file"),
-    ("sharegpt.jsonl", json.dumps({"conversations": [{"from": "human", "value": "hi"},
-                                                     {"from": "robot", "value": "x"}]}) + "\n",
-     r"sharegpt\.jsonl:1: conversations\[1\]\.from is 'robot'"),
-    ("sharegpt2.jsonl", json.dumps({"conversations": [{"from": "human", "text": "hi"}]}) + "\n",
-     r"sharegpt2\.jsonl:1: conversations\[0\] must be an object with 'from' and 'value'"),
-    ("trl.jsonl", json.dumps({"prompt": [{"role": "user", "content": "hi"}]}) + "\n",
-     r"trl\.jsonl:1: .*missing field 'completion'"),
-    ("trl2.jsonl", json.dumps({"prompt": [{"role": "user", "content": "hi"},
-                                          {"role": "assistant", "content": "a"}],
-                               "completion": [{"role": "user", "content": "b"}]}) + "\n",
-     r"trl2\.jsonl:1: 'completion' has no assistant turn"),
+    (
+        "sharegpt.jsonl",
+        json.dumps(
+            {"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "x"}]}
+        )
+        + "\n",
+        r"sharegpt\.jsonl:1: conversations\[1\]\.from is 'robot'",
+    ),
+    (
+        "sharegpt2.jsonl",
+        json.dumps({"conversations": [{"from": "human", "text": "hi"}]}) + "\n",
+        r"sharegpt2\.jsonl:1: conversations\[0\] must be an object with 'from' and 'value'",
+    ),
+    (
+        "trl.jsonl",
+        json.dumps({"prompt": [{"role": "user", "content": "hi"}]}) + "\n",
+        r"trl\.jsonl:1: .*missing field 'completion'",
+    ),
+    (
+        "trl2.jsonl",
+        json.dumps(
+            {
+                "prompt": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "a"},
+                ],
+                "completion": [{"role": "user", "content": "b"}],
+            }
+        )
+        + "\n",
+        r"trl2\.jsonl:1: 'completion' has no assistant turn",
+    ),
     ("whole.json", '{"text": "a"}', r"whole\.json: expected a JSON array"),
 ]
 
@@ -125,14 +166,23 @@ def test_absurd_lines_are_cut_before_they_are_tokenized(tiny, tmp_path):
     from .test_evaluation import CountingTokenizer
 
     huge = "word " * 400_000  # a 2 MB line
-    rows = {"text": [{"text": huge}],
-            "prompt_completion": [{"prompt": huge + "Intent:", "completion": " billing"}],
-            "messages": [{"messages": [{"role": "user", "content": "hi"},
-                                       {"role": "assistant", "content": huge}]}]}
+    rows = {
+        "text": [{"text": huge}],
+        "prompt_completion": [{"prompt": huge + "Intent:", "completion": " billing"}],
+        "messages": [
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": huge},
+                ]
+            }
+        ],
+    }
     for shape, rec in rows.items():
         tok = CountingTokenizer(tiny.tokenizer)
-        ex = load_dataset(write_jsonl(tmp_path / f"{shape}.jsonl", rec), tok,
-                          max_length=32).examples[0]
+        ex = load_dataset(
+            write_jsonl(tmp_path / f"{shape}.jsonl", rec), tok, max_length=32
+        ).examples[0]
         assert len(ex.input_ids) == 32
         assert tok.longest <= 32 * CHARS_PER_TOKEN + 100, shape  # + the chat template's tags
         # a cut text does not end: no end token is learned after it
@@ -169,15 +219,20 @@ def test_epoch_batches_cover_every_example_once():
     assert b == epoch_batches(10, 3, seed=0, epoch=0) != epoch_batches(10, 3, seed=0, epoch=1)
 
 
-CHAT = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "Paris"},
-        {"role": "user", "content": "again"}, {"role": "assistant", "content": "France"}]
+CHAT = [
+    {"role": "user", "content": "hello"},
+    {"role": "assistant", "content": "Paris"},
+    {"role": "user", "content": "again"},
+    {"role": "assistant", "content": "France"},
+]
 
 
 def test_sharegpt_conversations_train_like_messages(tiny, tmp_path):
     who = {"user": "human", "assistant": "gpt"}
     conv = [{"from": who[m["role"]], "value": m["content"]} for m in CHAT]
-    ours = load_dataset(write_jsonl(tmp_path / "s.jsonl", [{"conversations": conv}]),
-                        tiny.tokenizer)
+    ours = load_dataset(
+        write_jsonl(tmp_path / "s.jsonl", [{"conversations": conv}]), tiny.tokenizer
+    )
     ref = load_dataset(write_jsonl(tmp_path / "m.jsonl", [{"messages": CHAT}]), tiny.tokenizer)
     assert ours.shape == "messages"
     assert ours.examples[0].input_ids == ref.examples[0].input_ids
@@ -198,20 +253,26 @@ def test_chat_truncation_keeps_the_completion_too(tiny, tmp_path):
     # a chat's long prompt cut the answer off instead, and the example was dropped
     tok = tiny.tokenizer
     long = "word " * 200 + "Which city?"
-    for row in ({"prompt": [{"role": "user", "content": long}],
-                 "completion": [{"role": "assistant", "content": "Paris"}]},
-                {"messages": [{"role": "user", "content": long},
-                              {"role": "assistant", "content": "Paris"}]}):
-        ex = load_dataset(write_jsonl(tmp_path / "t.jsonl", [row]), tok,
-                          max_length=32).examples[0]
+    for row in (
+        {
+            "prompt": [{"role": "user", "content": long}],
+            "completion": [{"role": "assistant", "content": "Paris"}],
+        },
+        {
+            "messages": [
+                {"role": "user", "content": long},
+                {"role": "assistant", "content": "Paris"},
+            ]
+        },
+    ):
+        ex = load_dataset(write_jsonl(tmp_path / "t.jsonl", [row]), tok, max_length=32).examples[0]
         assert len(ex.input_ids) == 32
         assert tok.decode([t for t in ex.labels if t != IGNORE_INDEX]) == "Paris<|im_end|>\n"
         assert "Which city?" in tok.decode(ex.input_ids)
 
 
 def rows_with_a_bad_second_row():
-    rows = [{"prompt": f"Message: {i}\nIntent:", "completion": f" label{i % 2}"}
-            for i in range(4)]
+    rows = [{"prompt": f"Message: {i}\nIntent:", "completion": f" label{i % 2}"} for i in range(4)]
     return rows, [rows[0], {"prompt": "no completion here", "completion": None}, *rows[2:]]
 
 
@@ -239,8 +300,10 @@ def test_table_columns_json_cannot_hold_are_fingerprinted_too(tiny, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = [{"text": f"hello {i}", "at": datetime.datetime(2026, 1, i + 1), "raw": b"\x00"}
-            for i in range(3)]
+    rows = [
+        {"text": f"hello {i}", "at": datetime.datetime(2026, 1, i + 1), "raw": b"\x00"}
+        for i in range(3)
+    ]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
     a = load_dataset(tmp_path / "d.parquet", tiny.tokenizer)
     b = load_dataset(rows, tiny.tokenizer)
@@ -264,11 +327,22 @@ def test_datasets_objects_load_and_train(tiny, tiny_dir, tmp_path):
     with pytest.raises(DataError, match=r"memory:\w+:2: .*missing field 'completion'"):
         load_dataset(bad, tiny.tokenizer)  # a plain list of dicts works the same way
     with pytest.raises(UserInputError, match=r"pass one split, e\.g\. data\['train'\]"):
-        load_dataset(datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}),
-                     tiny.tokenizer)
-    result = train(TrainConfig(model=str(tiny_dir), data=datasets.Dataset.from_list(intent_rows()),
-                               output_dir=str(tmp_path / "run"), max_steps=2, batch_size=4,
-                               eval_fraction=0.25, progress=False, device="cpu", save_every=0))
+        load_dataset(
+            datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}), tiny.tokenizer
+        )
+    result = train(
+        TrainConfig(
+            model=str(tiny_dir),
+            data=datasets.Dataset.from_list(intent_rows()),
+            output_dir=str(tmp_path / "run"),
+            max_steps=2,
+            batch_size=4,
+            eval_fraction=0.25,
+            progress=False,
+            device="cpu",
+            save_every=0,
+        )
+    )
     assert result.manifest["dataset"]["path"].startswith("memory:")
     assert result.manifest["training"]["data"] == result.manifest["dataset"]["path"]
     assert result.summary["eval_accuracy"] is not None

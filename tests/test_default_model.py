@@ -21,8 +21,11 @@ def test_default_model_is_cached_and_answers_sensibly(default):
     assert (default_model_dir() / "model.safetensors").exists()
     assert default.name == DEFAULT_MODEL_NAME and default.num_layers == 30
     tok = default.tokenizer
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                     tokenize=False, add_generation_prompt=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     answer = generate(default.model, tok, [prompt], max_new_tokens=12)[0]
     assert "Paris" in answer
 
@@ -39,9 +42,19 @@ def test_a_few_lora_steps_lower_the_loss_on_the_bundled_task(tmp_path):
     pad = loaded.tokenizer.pad_token_id
     before = eval_loss(loaded.model, probe, pad)["loss"]
     torch.manual_seed(0)
-    res = train(TrainConfig(data="builtin:support_intents_train", max_steps=6, batch_size=4,
-                            lr=1e-3, output_dir=str(tmp_path / "run"), progress=False,
-                            device="cpu", eval_fraction=0.02), loaded=loaded)
+    res = train(
+        TrainConfig(
+            data="builtin:support_intents_train",
+            max_steps=6,
+            batch_size=4,
+            lr=1e-3,
+            output_dir=str(tmp_path / "run"),
+            progress=False,
+            device="cpu",
+            eval_fraction=0.02,
+        ),
+        loaded=loaded,
+    )
     after = eval_loss(res.model, probe, pad)["loss"]
     assert after < 0.5 * before, (before, after)
     assert res.manifest["base"]["name"] == DEFAULT_MODEL_NAME
@@ -55,8 +68,11 @@ def test_expert_adapters_on_the_default_model_decode_like_a_full_forward():
 
     loaded = load_model("default")
     tok, model = loaded.tokenizer, loaded.model
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                     tokenize=False, add_generation_prompt=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     experts = get_method("experts", {"experts": 8, "top_k": 2, "rank": 8})
     experts.prepare(model, list(range(15, 30)))
     model.eval()
@@ -67,11 +83,16 @@ def test_expert_adapters_on_the_default_model_decode_like_a_full_forward():
             lin.lora_B.copy_(torch.randn(lin.lora_B.shape, generator=gen) * 0.02)
     batch = tok([prompt, "Hello"], return_tensors="pt", padding=True, padding_side="left")
     with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=6, do_sample=False,
-                             pad_token_id=tok.pad_token_id, output_logits=True,
-                             return_dict_in_generate=True)
+        out = model.generate(
+            **batch,
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
         seq = out.sequences
-        new = torch.ones_like(seq[:, batch["input_ids"].shape[1]:])
+        new = torch.ones_like(seq[:, batch["input_ids"].shape[1] :])
         mask = torch.cat([batch["attention_mask"], new], 1)
         full = model(input_ids=seq, attention_mask=mask).logits
     n = batch["input_ids"].shape[1]

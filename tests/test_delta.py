@@ -17,8 +17,10 @@ def trained(tiny_dir, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("deltas")
     data = write_jsonl(tmp / "d.jsonl", intent_rows())
-    return {m: train_tiny(tiny_dir, data, tmp / m, method=m, max_steps=4, freeze_below=1)
-            for m in ("lora", "full")}
+    return {
+        m: train_tiny(tiny_dir, data, tmp / m, method=m, max_steps=4, freeze_below=1)
+        for m in ("lora", "full")
+    }
 
 
 def _logits(model, tok):
@@ -113,8 +115,9 @@ def rosa(tiny_dir, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("rosa")
     data = write_jsonl(tmp / "d.jsonl", intent_rows())
-    return train_tiny(tiny_dir, data, tmp / "rosa", method="rosa", max_steps=4,
-                      method_options={"density": 0.05})
+    return train_tiny(
+        tiny_dir, data, tmp / "rosa", method="rosa", max_steps=4, method_options={"density": 0.05}
+    )
 
 
 def test_plain_peft_refuses_a_rosa_delta_that_slimtune_applies_whole(rosa, tiny_dir, tmp_path):
@@ -125,8 +128,9 @@ def test_plain_peft_refuses_a_rosa_delta_that_slimtune_applies_whole(rosa, tiny_
     from slimtune.methods.rosa import LORA_FILES
 
     with pytest.raises(ValueError):
-        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir),
-                                  str(rosa.delta_dir))
+        PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(tiny_dir), str(rosa.delta_dir)
+        )
     ours = _logits(rosa.model.eval(), rosa.loaded.tokenizer)
     fresh = load_model(str(tiny_dir))
     model, _ = load_delta(rosa.delta_dir, fresh.model, fingerprint(fresh.model))

@@ -22,8 +22,15 @@ def _logits(model, tok):
 def trained(tiny_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dora")
     data = write_jsonl(tmp / "d.jsonl", intent_rows())
-    return train_tiny(tiny_dir, data, tmp / "run", method="dora", max_steps=6, freeze_below=1,
-                      method_options={"r": 4})
+    return train_tiny(
+        tiny_dir,
+        data,
+        tmp / "run",
+        method="dora",
+        max_steps=6,
+        freeze_below=1,
+        method_options={"r": 4},
+    )
 
 
 def test_dora_trains_its_magnitudes(trained, tiny_dir):
@@ -53,8 +60,7 @@ def test_dora_delta_hot_swaps_and_comes_off_bit_for_bit(trained, tiny_dir, tmp_p
 
     sw = DeltaSwitcher(loaded, store)
     sw.switch(version.id)
-    torch.testing.assert_close(_logits(sw.model, loaded.tokenizer), trained_logits,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(_logits(sw.model, loaded.tokenizer), trained_logits, rtol=0, atol=0)
     sw.switch(None)
     after = dict(sw.base.named_parameters())
     assert all(torch.equal(after[n], before[n]) for n in before)
@@ -72,8 +78,9 @@ def test_dora_folder_loads_in_plain_peft_with_the_same_logits(trained, tiny_dir)
 
     res = trained
     ours = _logits(res.model, res.loaded.tokenizer)
-    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir),
-                                      str(res.delta_dir))
+    plain = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_dir), str(res.delta_dir)
+    )
     torch.testing.assert_close(_logits(plain, res.loaded.tokenizer), ours)
 
 

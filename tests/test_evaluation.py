@@ -21,24 +21,29 @@ def naive_label_logprob(model, tok, prompt: str, label: str) -> float:
 
 def test_shared_prefix_scoring_equals_one_pass_per_label(tiny):
     model, tok = tiny.model, tiny.tokenizer
-    prompts = ["Message: short\nIntent:", "Message: a much longer message about a parcel\nIntent:",
-               "hi"]
+    prompts = [
+        "Message: short\nIntent:",
+        "Message: a much longer message about a parcel\nIntent:",
+        "hi",
+    ]
     labels = [" billing", " shipping", " returns label box"]  # different token lengths
     fast = score_labels(model, tok, prompts, labels, batch_size=2)
-    slow = torch.tensor([[naive_label_logprob(model, tok, p, lab) for lab in labels]
-                         for p in prompts])
+    slow = torch.tensor(
+        [[naive_label_logprob(model, tok, p, lab) for lab in labels] for p in prompts]
+    )
     assert fast.shape == (3, 3)
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
 
 
 def test_accuracy_counts_argmax_of_scores(tiny, tmp_path):
-    rows = [{"prompt": f"Message: {i}\nIntent:", "completion": lab}
-            for i, lab in enumerate([" billing", " shipping", " billing", " shipping"])]
+    rows = [
+        {"prompt": f"Message: {i}\nIntent:", "completion": lab}
+        for i, lab in enumerate([" billing", " shipping", " billing", " shipping"])
+    ]
     ds = load_dataset(write_jsonl(tmp_path / "d.jsonl", rows), tiny.tokenizer)
     assert detect_task(ds) == "classification"
     res = classification_accuracy(tiny.model, tiny.tokenizer, ds.records)
-    scores = score_labels(tiny.model, tiny.tokenizer, [r["prompt"] for r in rows],
-                          res["labels"])
+    scores = score_labels(tiny.model, tiny.tokenizer, [r["prompt"] for r in rows], res["labels"])
     expected = [res["labels"][i] == r["completion"] for i, r in zip(scores.argmax(-1), rows)]
     assert res["correct"] == [int(x) for x in expected]
     assert res["accuracy"] == sum(expected) / 4
@@ -75,8 +80,9 @@ def test_chunked_head_gives_the_same_loss_and_gradients(tiny, tmp_path, monkeypa
 
 
 def test_detect_task(tiny, tmp_path):
-    gen = write_jsonl(tmp_path / "g.jsonl",
-                      [{"prompt": f"q{i}", "completion": f"answer {i}"} for i in range(6)])
+    gen = write_jsonl(
+        tmp_path / "g.jsonl", [{"prompt": f"q{i}", "completion": f"answer {i}"} for i in range(6)]
+    )
     text = write_jsonl(tmp_path / "t.jsonl", [{"text": "abc"}])
     assert detect_task(load_dataset(gen, tiny.tokenizer)) == "generation"
     assert detect_task(load_dataset(text, tiny.tokenizer)) == "lm"
@@ -138,8 +144,9 @@ def test_per_example_loss_matches_the_token_weighted_eval_loss(tiny, intent_file
     weights = [e.num_target_tokens for e in exs]
     pooled = sum(p * w for p, w in zip(per, weights)) / sum(weights)
     assert len(per) == 6 and len(set(per)) > 1
-    assert pooled == pytest.approx(eval_loss(tiny.model, exs, tiny.tokenizer.pad_token_id)["loss"],
-                                   rel=1e-4)
+    assert pooled == pytest.approx(
+        eval_loss(tiny.model, exs, tiny.tokenizer.pad_token_id)["loss"], rel=1e-4
+    )
 
 
 class CountingTokenizer:
@@ -162,8 +169,10 @@ def test_a_100k_word_prompt_is_cut_to_max_length_keeping_its_end(tiny, tmp_path,
     from slimtune.eval.evaluate import evaluate
 
     tail = "\nMessage: parcel\nIntent:"
-    rows = [{"prompt": "word " * 100_000 + tail, "completion": " billing"},
-            {"prompt": "Message: card" + tail, "completion": " shipping"}]
+    rows = [
+        {"prompt": "word " * 100_000 + tail, "completion": " billing"},
+        {"prompt": "Message: card" + tail, "completion": " shipping"},
+    ]
     tok = CountingTokenizer(tiny.tokenizer)
     ds = load_dataset(write_jsonl(tmp_path / "d.jsonl", rows), tok, max_length=64)
     widths, firsts = [], []
@@ -183,11 +192,12 @@ def test_a_100k_word_prompt_is_cut_to_max_length_keeping_its_end(tiny, tmp_path,
     assert tok.longest <= 64 * CHARS_PER_TOKEN
     # the first pass over the huge prompt ends with the prompt's own end
     end = tiny.tokenizer(tail, add_special_tokens=False)["input_ids"]
-    assert firsts[0][-len(end):] == end
+    assert firsts[0][-len(end) :] == end
 
 
-def test_no_progress_silences_every_bar_and_progress_shows_the_eval(tiny_dir, intent_file,
-                                                                    tmp_path, capfd):
+def test_no_progress_silences_every_bar_and_progress_shows_the_eval(
+    tiny_dir, intent_file, tmp_path, capfd
+):
     from .conftest import train_tiny
 
     opts = dict(method="sparse", max_steps=1, method_options={"density": 0.05})
@@ -204,8 +214,10 @@ def test_conversational_prompt_completion_evaluates_as_a_chat(tiny, tmp_path):
     from slimtune.eval.evaluate import evaluate
 
     chat = [{"role": "user", "content": "hello"}]
-    rows = [{"prompt": chat, "completion": [{"role": "assistant", "content": f"answer {i}"}]}
-            for i in range(3)]
+    rows = [
+        {"prompt": chat, "completion": [{"role": "assistant", "content": f"answer {i}"}]}
+        for i in range(3)
+    ]
     ds = load_dataset(write_jsonl(tmp_path / "c.jsonl", rows), tiny.tokenizer)
     metrics, _ = evaluate(tiny.model, tiny.tokenizer, ds)  # the prompt is a list, not text
     assert metrics["task"] == "lm" and metrics["latency_p50_ms"] > 0

@@ -22,8 +22,11 @@ def _routing(n: int, experts: int, k: int, seed: int = 0):
 
 def test_tiles_cover_every_routed_token_once_and_share_their_experts():
     chosen, gates = _routing(700, experts=8, k=2)
-    kept = torch.arange(1000)[torch.randperm(1000, generator=torch.Generator().manual_seed(1))
-                              < 700].sort().values  # 700 routed rows of 1000 (padding left out)
+    kept = (
+        torch.arange(1000)[torch.randperm(1000, generator=torch.Generator().manual_seed(1)) < 700]
+        .sort()
+        .values
+    )  # 700 routed rows of 1000 (padding left out)
     plan = plan_tiles(chosen, gates, kept, experts=8)
     n = len(kept)
     assert sorted(plan.tokens.tolist()) == kept.tolist()  # each routed row once
@@ -55,10 +58,18 @@ def test_small_batches_get_one_token_per_tile():
 def test_fused_kernel_gives_the_gathered_paths_logits_under_the_interpreter():
     pytest.importorskip("triton")  # a dev dependency wherever Triton has wheels (CI: Linux)
     root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)])}
-    proc = subprocess.run([sys.executable, str(root / "tests" / "kernel_check.py")], env=env,
-                          capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)]),
+    }
+    proc = subprocess.run(
+        [sys.executable, str(root / "tests" / "kernel_check.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     if "skip" in results:  # an old Triton next to a new NumPy; CI installs a recent Triton
@@ -165,14 +176,14 @@ def test_c_kernel_decodes_like_a_full_forward(monkeypatch):
     with torch.no_grad():
         full = model(input_ids=ids).logits
         out = model(input_ids=ids[:, :-1], use_cache=True)
-        step = model(input_ids=ids[:, -1:], past_key_values=out.past_key_values,
-                     use_cache=True).logits
+        step = model(
+            input_ids=ids[:, -1:], past_key_values=out.past_key_values, use_cache=True
+        ).logits
     assert len(calls) == 3 * 4 * 7
     assert torch.allclose(step[:, -1], full[:, -1], atol=1e-5)
 
 
-def test_without_a_compiler_the_cpu_kernel_warns_and_the_grouped_path_runs(monkeypatch,
-                                                                          tmp_path):
+def test_without_a_compiler_the_cpu_kernel_warns_and_the_grouped_path_runs(monkeypatch, tmp_path):
     from slimtune.methods.experts import cpu_kernel as expert_cpu
     from slimtune.methods.experts import layer as X
 
@@ -193,6 +204,7 @@ def test_without_a_compiler_the_cpu_kernel_warns_and_the_grouped_path_runs(monke
             got = model(input_ids=ids).logits
         assert torch.equal(got, expected)
         assert not (tmp_path / "cache" / "kernels").exists() or not any(
-            (tmp_path / "cache" / "kernels").iterdir())  # nothing half-written left behind
+            (tmp_path / "cache" / "kernels").iterdir()
+        )  # nothing half-written left behind
     finally:
         expert_cpu.library.cache_clear()

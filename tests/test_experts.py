@@ -21,7 +21,8 @@ def _with_experts(experts=4, top_k=2, rank=4, layers=(0, 1, 2, 3), seed=0):
     tok = tiny_tokenizer()
     model = tiny_llama(len(tok), layers=4, seed=seed)
     get_method("experts", {"experts": experts, "top_k": top_k, "rank": rank}).prepare(
-        model, list(layers))
+        model, list(layers)
+    )
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():  # B starts at zero (the adapter starts as the identity); wake it up
         for lin in attached(model).linears.values():
@@ -34,7 +35,7 @@ def _chosen(router: ExpertRouter, n_tokens: int) -> list[set[int]]:
     sets = [set() for _ in range(n_tokens)]
     start = 0
     for e, c in enumerate(router.current.counts):
-        for t in router.current.tokens[start: start + c].tolist():
+        for t in router.current.tokens[start : start + c].tolist():
             sets[t].add(e)
         start += c
     return sets
@@ -54,19 +55,28 @@ def test_a_token_only_depends_on_its_top_k_experts():
     def recorder(i):
         def hook(module, args, kwargs, output):
             records[i] = _chosen(routers[i], 12)
+
         return hook
 
-    handles = [model.model.layers[i].register_forward_hook(recorder(i), with_kwargs=True)
-               for i in routers]
+    handles = [
+        model.model.layers[i].register_forward_hook(recorder(i), with_kwargs=True) for i in routers
+    ]
     with torch.no_grad():
         model(input_ids=ids)
     for h in handles:
         h.remove()
-    chosen = {t: {(layer, e) for layer, sets in records.items() for e in sets[t]}
-              for t in range(12)}
-    layer, expert = 3, next(e for e in range(4)
-                            if any((3, e) not in chosen[t] for t in range(12))
-                            and any((3, e) in chosen[t] for t in range(12)))
+    chosen = {
+        t: {(layer, e) for layer, sets in records.items() for e in sets[t]} for t in range(12)
+    }
+    layer, expert = (
+        3,
+        next(
+            e
+            for e in range(4)
+            if any((3, e) not in chosen[t] for t in range(12))
+            and any((3, e) in chosen[t] for t in range(12))
+        ),
+    )
     with torch.no_grad():
         for key, lin in attached(model).linears.items():
             if key.startswith(f"{layer}."):
@@ -122,9 +132,15 @@ def test_balancing_loss_is_lowest_for_uniform_routing():
 
 
 def test_training_experts_lowers_the_loss_and_reports_usage(tiny_dir, intent_file, tmp_path):
-    res = train_tiny(tiny_dir, intent_file, tmp_path / "run", method="experts", max_steps=12,
-                     freeze_below=2,
-                     method_options={"experts": 4, "top_k": 2, "rank": 4})
+    res = train_tiny(
+        tiny_dir,
+        intent_file,
+        tmp_path / "run",
+        method="experts",
+        max_steps=12,
+        freeze_below=2,
+        method_options={"experts": 4, "top_k": 2, "rank": 4},
+    )
     losses = [h["loss"] for h in res.history]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.25
     assert all("balance_loss" in h and h["balance_loss"] >= 1.0 - 1e-6 for h in res.history)
@@ -140,8 +156,14 @@ def test_training_experts_lowers_the_loss_and_reports_usage(tiny_dir, intent_fil
 
 
 def test_experts_delta_round_trips_and_comes_off_bit_for_bit(tiny_dir, intent_file, tmp_path):
-    res = train_tiny(tiny_dir, intent_file, tmp_path / "run", method="experts", max_steps=4,
-                     method_options={"experts": 4, "top_k": 2, "rank": 4})
+    res = train_tiny(
+        tiny_dir,
+        intent_file,
+        tmp_path / "run",
+        method="experts",
+        max_steps=4,
+        method_options={"experts": 4, "top_k": 2, "rank": 4},
+    )
     ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
     res.model.eval()
     with torch.no_grad():
@@ -164,16 +186,23 @@ def test_experts_delta_round_trips_and_comes_off_bit_for_bit(tiny_dir, intent_fi
 
 
 @pytest.mark.parametrize("damage", ["shape", "missing"])
-def test_experts_delta_with_wrong_tensors_is_refused_and_leaves_the_model(tiny_dir, intent_file,
-                                                                           tmp_path, damage):
+def test_experts_delta_with_wrong_tensors_is_refused_and_leaves_the_model(
+    tiny_dir, intent_file, tmp_path, damage
+):
     from safetensors.torch import load_file, save_file
 
     from slimtune.delta.format import MANIFEST
     from slimtune.errors import DeltaError
     from slimtune.fileio import sha256_file
 
-    res = train_tiny(tiny_dir, intent_file, tmp_path / "run", method="experts", max_steps=2,
-                     method_options={"experts": 4, "top_k": 2, "rank": 4})
+    res = train_tiny(
+        tiny_dir,
+        intent_file,
+        tmp_path / "run",
+        method="experts",
+        max_steps=2,
+        method_options={"experts": 4, "top_k": 2, "rank": 4},
+    )
     path = res.delta_dir / "experts.safetensors"
     tensors = load_file(str(path))
     key = next(k for k in tensors if k.endswith("lora_A"))
@@ -185,8 +214,10 @@ def test_experts_delta_with_wrong_tensors_is_refused_and_leaves_the_model(tiny_d
         expected = "do not match the manifest.*missing.*" + key.replace(".", r"\.")
     save_file(tensors, str(path))
     manifest = json.loads((res.delta_dir / MANIFEST).read_text())
-    manifest["files"]["experts.safetensors"] = {"sha256": sha256_file(path),
-                                                "bytes": path.stat().st_size}
+    manifest["files"]["experts.safetensors"] = {
+        "sha256": sha256_file(path),
+        "bytes": path.stat().st_size,
+    }
     (res.delta_dir / MANIFEST).write_text(json.dumps(manifest))
     fresh = load_model(str(tiny_dir))
     with pytest.raises(DeltaError, match=expected):
@@ -195,44 +226,95 @@ def test_experts_delta_with_wrong_tensors_is_refused_and_leaves_the_model(tiny_d
     assert "_slimtune_experts" not in fresh.model.__dict__
 
 
-@pytest.mark.parametrize("options", [{"experts": 4, "top_k": 5}, {"experts": 0},
-                                     {"rank": 0}, {"aux_weight": -1.0}, {"routers": 2},
-                                     {"calibration_batches": -1}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"experts": 4, "top_k": 5},
+        {"experts": 0},
+        {"rank": 0},
+        {"aux_weight": -1.0},
+        {"routers": 2},
+        {"calibration_batches": -1},
+    ],
+)
 def test_bad_expert_options_are_refused(options):
     with pytest.raises(UserInputError):
         get_method("experts", options)
 
 
 def test_cli_train_experts_writes_the_usage_heat_map_and_refuses_merging(
-        tiny_dir, intent_file, tmp_path, capsys):
+    tiny_dir, intent_file, tmp_path, capsys
+):
     out = tmp_path / "run"
-    rc = main(["train", "--model", str(tiny_dir), "--data", str(intent_file), "--method",
-               "experts", "--experts", "4", "--top-k", "2", "--expert-rank", "2",
-               "--max-steps", "3", "--batch-size", "4", "--device", "cpu", "--no-progress",
-               "--output-dir", str(out)])
+    rc = main(
+        [
+            "train",
+            "--model",
+            str(tiny_dir),
+            "--data",
+            str(intent_file),
+            "--method",
+            "experts",
+            "--experts",
+            "4",
+            "--top-k",
+            "2",
+            "--expert-rank",
+            "2",
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--output-dir",
+            str(out),
+        ]
+    )
     text = capsys.readouterr().out
     assert rc == 0
     assert "expert usage" in text and "active adapter params/token" in text
     assert (out / "expert_usage.png").stat().st_size > 1000
     version = text.split("stored as ")[1].split()[0]
-    rc = main(["delta", "apply", version, "--model", str(tiny_dir), "--out",
-               str(tmp_path / "merged")])
+    rc = main(
+        ["delta", "apply", version, "--model", str(tiny_dir), "--out", str(tmp_path / "merged")]
+    )
     assert rc == 5 and "routed per token" in capsys.readouterr().err
     assert not (tmp_path / "merged").exists()
-    rc = main(["train", "--model", str(tiny_dir), "--data", str(intent_file), "--method",
-               "experts", "--experts", "2", "--top-k", "3", "--output-dir", str(tmp_path / "x")])
+    rc = main(
+        [
+            "train",
+            "--model",
+            str(tiny_dir),
+            "--data",
+            str(intent_file),
+            "--method",
+            "experts",
+            "--experts",
+            "2",
+            "--top-k",
+            "3",
+            "--output-dir",
+            str(tmp_path / "x"),
+        ]
+    )
     assert rc == 2 and "top_k" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
-def test_resumed_experts_run_matches_the_uninterrupted_one(tiny_dir, intent_file, tmp_path,
-                                                           capsys):
+def test_resumed_experts_run_matches_the_uninterrupted_one(tiny_dir, intent_file, tmp_path, capsys):
     import shutil
 
     from safetensors.torch import load_file
 
-    opts = dict(method="experts", max_steps=6, save_every=3, keep_checkpoint=True,
-                method_options={"experts": 4, "top_k": 2, "rank": 4})
+    opts = dict(
+        method="experts",
+        max_steps=6,
+        save_every=3,
+        keep_checkpoint=True,
+        method_options={"experts": 4, "top_k": 2, "rank": 4},
+    )
     whole = train_tiny(tiny_dir, intent_file, tmp_path / "run", **opts)
     a = load_file(str(whole.delta_dir / "experts.safetensors"))
     # as if killed after the step-3 checkpoint: drop what came later, resume
@@ -255,14 +337,16 @@ def test_routers_are_centered_on_the_mean_normalised_input_of_the_data():
     seen = []
     hook = model.model.layers[2].register_forward_pre_hook(
         lambda mod, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]),
-        with_kwargs=True)
+        with_kwargs=True,
+    )
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
     hook.remove()
     h = seen[0][mask.bool()]
     expected = (h / h.pow(2).mean(-1, keepdim=True).sqrt()).mean(0)
     get_method("experts", {"experts": 4, "calibration_batches": 1}).prepare(
-        model, [2, 3], batches=lambda n: [{"input_ids": ids, "attention_mask": mask}][:n])
+        model, [2, 3], batches=lambda n: [{"input_ids": ids, "attention_mask": mask}][:n]
+    )
     router = attached(model).routers[2]
     assert torch.allclose(router.center, expected, rtol=1e-3, atol=1e-5)  # rms has an eps
     assert router.usage.sum() == 0  # calibration is not training

@@ -32,8 +32,12 @@ def deltas(tiny_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fault-deltas")
     data = write_jsonl(tmp / "d.jsonl", intent_rows())
     opts = {"lora": {"r": 4}, "sparse": {"density": 0.05}, "full": {}}
-    return {m: train_tiny(tiny_dir, data, tmp / m, method=m, max_steps=2, freeze_below=2,
-                          method_options=o).delta_dir for m, o in opts.items()}
+    return {
+        m: train_tiny(
+            tiny_dir, data, tmp / m, method=m, max_steps=2, freeze_below=2, method_options=o
+        ).delta_dir
+        for m, o in opts.items()
+    }
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
@@ -61,9 +65,12 @@ def store_with(deltas, root, *methods) -> DeltaStore:
 
 def fingerprints(root: Path) -> dict[str, str]:
     """Every file under objects/ and quarantine/ with its checksum: what must never be lost."""
-    return {str(p.relative_to(root)).split("/", 1)[1]: sha256_file(p)
-            for d in ("objects", "quarantine") for p in sorted((root / d).rglob("*"))
-            if p.is_file()}
+    return {
+        str(p.relative_to(root)).split("/", 1)[1]: sha256_file(p)
+        for d in ("objects", "quarantine")
+        for p in sorted((root / d).rglob("*"))
+        if p.is_file()
+    }
 
 
 def edit_manifest(folder: Path, change) -> None:
@@ -112,9 +119,15 @@ def make_readonly(small_fs, monkeypatch):
     real = os.access
 
     def deny_writes():
-        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if mode & os.W_OK and
-                            str(p).startswith(str(root)) else real(p, mode, **kw))
+        monkeypatch.setattr(
+            os,
+            "access",
+            lambda p, mode, **kw: (
+                False if mode & os.W_OK and str(p).startswith(str(root)) else real(p, mode, **kw)
+            ),
+        )
         return True
+
     return root, deny_writes
 
 
@@ -226,8 +239,11 @@ def _schema2_store(root: Path, delta: Path, vid: str) -> sqlite3.Connection:
         conn.executescript(_MIGRATIONS[v])
     conn.execute("INSERT INTO meta VALUES ('schema_version', '2')")
     m = json.loads((root / "objects" / vid / "manifest.json").read_text())
-    conn.execute("INSERT INTO versions (id, seq, method, base_fingerprint, created, bytes) "
-                 "VALUES (?, ?, 'lora', ?, 'then', 1)", (vid, int(vid[1:]), m["base"]["fingerprint"]))
+    conn.execute(
+        "INSERT INTO versions (id, seq, method, base_fingerprint, created, bytes) "
+        "VALUES (?, ?, 'lora', ?, 'then', 1)",
+        (vid, int(vid[1:]), m["base"]["fingerprint"]),
+    )
     return conn
 
 
@@ -249,8 +265,10 @@ def test_an_old_index_never_reuses_an_id_its_tag_history_names(deltas, tmp_path)
     root = tmp_path / "store"
     conn = _schema2_store(root, deltas["lora"], "v1")
     # prod: v1 -> v2 -> v1, then v2 was removed (rm --force) by the old slimtune
-    conn.executemany("INSERT INTO tag_history (name, version, at) VALUES ('prod', ?, 'then')",
-                     [("v1",), ("v2",), ("v1",)])
+    conn.executemany(
+        "INSERT INTO tag_history (name, version, at) VALUES ('prod', ?, 'then')",
+        [("v1",), ("v2",), ("v1",)],
+    )
     conn.execute("INSERT INTO tags VALUES ('prod', 'v1', 'then')")
     conn.commit()
     conn.close()
@@ -274,6 +292,7 @@ def test_a_tag_never_points_at_a_version_removed_meanwhile(deltas, tmp_path, mon
             done.append(v.id)
             DeltaStore(root).remove(v.id)
         return v
+
     monkeypatch.setattr(DeltaStore, "resolve", resolve_then_rm)
     with pytest.raises(DeltaError, match="v2"):
         store.tag("prod", "v2")
@@ -292,6 +311,7 @@ def test_an_add_never_names_a_parent_removed_meanwhile(deltas, tmp_path, monkeyp
             done.append(v.id)
             DeltaStore(root).remove(v.id)  # another process, between the lookup and the add
         return v
+
     monkeypatch.setattr(DeltaStore, "resolve", resolve_then_rm)
     with pytest.raises(DeltaError, match="v1"):
         store.add(deltas["sparse"], parent="v1")
@@ -305,8 +325,9 @@ def test_an_add_never_names_a_parent_removed_meanwhile(deltas, tmp_path, monkeyp
 def test_a_flipped_manifest_value_is_caught(deltas, tiny_dir, tmp_path, capsys):
     root = tmp_path / "store"
     store = store_with(deltas, root, "lora", "sparse")
-    edit_manifest(root / "objects" / "v1",
-                  lambda m: m["method_config"].update(r=m["method_config"]["r"] + 1))
+    edit_manifest(
+        root / "objects" / "v1", lambda m: m["method_config"].update(r=m["method_config"]["r"] + 1)
+    )
     code, out, _ = delta_cli(capsys, root, "verify")
     assert code == 5 and "v1: " in out and "changed since v1 was added" in out
     assert "v2: ok" in out
@@ -316,13 +337,17 @@ def test_a_flipped_manifest_value_is_caught(deltas, tiny_dir, tmp_path, capsys):
     assert code == 5 and "manifest.json: changed since" in one_line_error(err)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda m: m.update(files={}), "'files' is not a non-empty object"),
-    (lambda m: m["files"].pop("adapter_model.safetensors"),
-     "needs adapter_model.safetensors or adapter_model.bin"),
-])
-def test_a_manifest_without_the_methods_files_is_refused(deltas, tmp_path, capsys, change,
-                                                         message):
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: m.update(files={}), "'files' is not a non-empty object"),
+        (
+            lambda m: m["files"].pop("adapter_model.safetensors"),
+            "needs adapter_model.safetensors or adapter_model.bin",
+        ),
+    ],
+)
+def test_a_manifest_without_the_methods_files_is_refused(deltas, tmp_path, capsys, change, message):
     bad = tmp_path / "bad"
     shutil.copytree(deltas["lora"], bad)
     edit_manifest(bad, change)
@@ -336,8 +361,9 @@ def test_a_manifest_without_the_methods_files_is_refused(deltas, tmp_path, capsy
 # -- item 21: a read-only store can be read ------------------------------------------------------
 
 
-def test_a_read_only_store_reads_and_refuses_writes_clearly(deltas, tiny_dir, intent_file,
-                                                            tmp_path, capsys, make_readonly):
+def test_a_read_only_store_reads_and_refuses_writes_clearly(
+    deltas, tiny_dir, intent_file, tmp_path, capsys, make_readonly
+):
     root, make_ro = make_readonly
     store_with(deltas, root, "lora").tag("prod", "v1")
     before = fingerprints(root)
@@ -347,16 +373,39 @@ def test_a_read_only_store_reads_and_refuses_writes_clearly(deltas, tiny_dir, in
     assert code == 0 and "v1" in out and "prod" in out
     code, out, _ = delta_cli(capsys, root, "verify")
     assert code == 0 and out.strip() == "v1: ok"
-    code, out, _ = run(capsys, "generate", "--store", root, "--model", tiny_dir, "--delta", "prod",
-                       "--max-new-tokens", "2", "hi")
+    code, out, _ = run(
+        capsys,
+        "generate",
+        "--store",
+        root,
+        "--model",
+        tiny_dir,
+        "--delta",
+        "prod",
+        "--max-new-tokens",
+        "2",
+        "hi",
+    )
     assert code == 0 and out.startswith("[prod (v1)] ")
     for argv in (("tag", "v1", "stable"), ("gc",), ("rm", "v1", "--force")):
         code, _, err = delta_cli(capsys, root, *argv)
         assert code == 5 and "is read-only" in one_line_error(err), argv
     out_dir = tmp_path / "run"
-    code, _, err = run(capsys, "train", "--model", tiny_dir, "--data", intent_file,
-                       "--max-steps", "2", "--no-progress", "--store", root,
-                       "--output-dir", out_dir)
+    code, _, err = run(
+        capsys,
+        "train",
+        "--model",
+        tiny_dir,
+        "--data",
+        intent_file,
+        "--max-steps",
+        "2",
+        "--no-progress",
+        "--store",
+        root,
+        "--output-dir",
+        out_dir,
+    )
     assert code == 5 and "train (to store its result) needs to write" in one_line_error(err)
     assert not out_dir.exists()  # refused before training, not after
     assert fingerprints(root) == before
@@ -365,7 +414,8 @@ def test_a_read_only_store_reads_and_refuses_writes_clearly(deltas, tiny_dir, in
 CRASH_AFTER_TAG = (  # a writer killed after its commit: the tag move is only in index.sqlite-wal
     "import os, sqlite3, sys; from slimtune.delta import DeltaStore; "
     "hold = sqlite3.connect(sys.argv[1] + '/index.sqlite'); hold.execute('SELECT count(*) FROM sqlite_master').fetchone(); "
-    "DeltaStore(sys.argv[1]).tag('prod', 'v2'); os._exit(0)")
+    "DeltaStore(sys.argv[1]).tag('prod', 'v2'); os._exit(0)"
+)
 
 
 def test_a_read_only_store_sees_what_a_killed_writer_committed(deltas, tmp_path, small_fs):
@@ -384,14 +434,25 @@ def test_a_read_only_store_sees_what_a_killed_writer_committed(deltas, tmp_path,
     assert store.readonly and store.resolve("prod").id == "v2"
 
 
-def test_a_store_path_that_is_a_file_fails_before_training(tiny_dir, intent_file, tmp_path,
-                                                           capsys):
+def test_a_store_path_that_is_a_file_fails_before_training(tiny_dir, intent_file, tmp_path, capsys):
     not_a_store = tmp_path / "store.txt"
     not_a_store.write_text("x")
     out_dir = tmp_path / "run"
-    code, _, err = run(capsys, "train", "--model", tiny_dir, "--data", intent_file,
-                       "--max-steps", "2", "--no-progress", "--store", not_a_store,
-                       "--output-dir", out_dir)
+    code, _, err = run(
+        capsys,
+        "train",
+        "--model",
+        tiny_dir,
+        "--data",
+        intent_file,
+        "--max-steps",
+        "2",
+        "--no-progress",
+        "--store",
+        not_a_store,
+        "--output-dir",
+        out_dir,
+    )
     assert code == 2 and "is a file, not a store folder" in one_line_error(err)
     assert not out_dir.exists()
     with pytest.raises(UserInputError, match="is a file"):
@@ -401,8 +462,9 @@ def test_a_store_path_that_is_a_file_fails_before_training(tiny_dir, intent_file
 # -- item 22: a full disk is exit 2, one line, nothing lost --------------------------------------
 
 
-def test_a_full_disk_is_one_line_with_exit_2_and_loses_nothing(deltas, tmp_path, capsys,
-                                                               small_fs, monkeypatch):
+def test_a_full_disk_is_one_line_with_exit_2_and_loses_nothing(
+    deltas, tmp_path, capsys, small_fs, monkeypatch
+):
     root = (small_fs or tmp_path) / "store"
     store_with(deltas, root, "lora").tag("prod", "v1")
     before = fingerprints(root)
@@ -413,6 +475,7 @@ def test_a_full_disk_is_one_line_with_exit_2_and_loses_nothing(deltas, tmp_path,
 
         def full(src, dst, **kw):
             raise OSError(28, "No space left on device", str(src), None, str(dst))
+
         monkeypatch.setattr(S.shutil, "copyfile", full)
     code, _, err = delta_cli(capsys, root, "add", deltas["full"])
     line = one_line_error(err)
@@ -430,8 +493,9 @@ def test_a_full_disk_is_one_line_with_exit_2_and_loses_nothing(deltas, tmp_path,
     assert store.add(deltas["full"]).id == "v2"
 
 
-def test_a_full_disk_under_safetensors_names_the_file_being_written(small_fs, tmp_path,
-                                                                    monkeypatch):
+def test_a_full_disk_under_safetensors_names_the_file_being_written(
+    small_fs, tmp_path, monkeypatch
+):
     import torch
 
     from slimtune import fileio
@@ -441,9 +505,13 @@ def test_a_full_disk_under_safetensors_names_the_file_being_written(small_fs, tm
     if small_fs is not None:
         fill(small_fs)
     else:
+
         def full(*a, **kw):
-            raise RuntimeError('Error while serializing: IoError(Os { code: 28, kind: '
-                               'StorageFull, message: "No space left on device" })')
+            raise RuntimeError(
+                "Error while serializing: IoError(Os { code: 28, kind: "
+                'StorageFull, message: "No space left on device" })'
+            )
+
         monkeypatch.setattr(fileio, "save_file", full)
     with pytest.raises(OSError) as info:
         fileio.write_safetensors(target, {"w": torch.zeros(256, 256)})
@@ -470,18 +538,35 @@ def test_a_wrong_schema_index_is_named(deltas, tmp_path, capsys):
     assert code == 5 and "not a slimtune store index" in one_line_error(err)
 
 
-@pytest.mark.parametrize("what, change, message", [
-    ("files not a dict", lambda p: edit_manifest(p, lambda m: m.update(files=["a"])),
-     "'files' is not a non-empty object"),
-    ("entry without bytes", lambda p: edit_manifest(
-        p, lambda m: m["files"]["adapter_model.safetensors"].pop("bytes")),
-     "needs 'sha256' (a string) and 'bytes'"),
-    ("base not a dict", lambda p: edit_manifest(p, lambda m: m.update(base="x")),
-     "'base' is not an object"),
-    ("deeply nested", lambda p: (p / "manifest.json").write_text(
-        '{"format": "slimtune-delta", "x": ' + "[" * 200000 + "]" * 200000 + "}"),
-     "nested too deeply"),
-])
+@pytest.mark.parametrize(
+    "what, change, message",
+    [
+        (
+            "files not a dict",
+            lambda p: edit_manifest(p, lambda m: m.update(files=["a"])),
+            "'files' is not a non-empty object",
+        ),
+        (
+            "entry without bytes",
+            lambda p: edit_manifest(
+                p, lambda m: m["files"]["adapter_model.safetensors"].pop("bytes")
+            ),
+            "needs 'sha256' (a string) and 'bytes'",
+        ),
+        (
+            "base not a dict",
+            lambda p: edit_manifest(p, lambda m: m.update(base="x")),
+            "'base' is not an object",
+        ),
+        (
+            "deeply nested",
+            lambda p: (p / "manifest.json").write_text(
+                '{"format": "slimtune-delta", "x": ' + "[" * 200000 + "]" * 200000 + "}"
+            ),
+            "nested too deeply",
+        ),
+    ],
+)
 def test_malformed_manifests_are_named(deltas, tmp_path, capsys, what, change, message):
     bad = tmp_path / "bad"
     shutil.copytree(deltas["lora"], bad)
@@ -518,8 +603,9 @@ def test_an_invalid_safetensors_file_with_a_matching_checksum_is_named(deltas, t
     shutil.copytree(deltas["sparse"], bad)
     junk = bad / "sparse.safetensors"
     junk.write_bytes(b"\xff" * 64)
-    edit_manifest(bad, lambda m: m["files"]["sparse.safetensors"].update(
-        bytes=64, sha256=sha256_file(junk)))
+    edit_manifest(
+        bad, lambda m: m["files"]["sparse.safetensors"].update(bytes=64, sha256=sha256_file(junk))
+    )
     code, _, err = delta_cli(capsys, tmp_path / "store", "add", bad)
     assert code == 5 and f"{junk}: not a valid safetensors file" in one_line_error(err)
 
@@ -527,8 +613,10 @@ def test_an_invalid_safetensors_file_with_a_matching_checksum_is_named(deltas, t
 # -- item 25: gc during an add in progress ------------------------------------------------------
 
 
-GC = "import sys; from slimtune.delta import DeltaStore; r = DeltaStore(sys.argv[1]).gc(); " \
-     "print(len(r.in_use), len(r.removed))"
+GC = (
+    "import sys; from slimtune.delta import DeltaStore; r = DeltaStore(sys.argv[1]).gc(); "
+    "print(len(r.in_use), len(r.removed))"
+)
 
 
 def test_gc_leaves_the_staging_folder_of_a_running_add(deltas, tmp_path, monkeypatch):
@@ -543,9 +631,16 @@ def test_gc_leaves_the_staging_folder_of_a_running_add(deltas, tmp_path, monkeyp
 
     def gc_now(path):  # called on the staging folder once the copy is complete
         if Path(path).parent == store.staging and not seen:
-            seen.append(subprocess.run([sys.executable, "-c", GC, str(root)], text=True,
-                                       capture_output=True, check=True).stdout.split())
+            seen.append(
+                subprocess.run(
+                    [sys.executable, "-c", GC, str(root)],
+                    text=True,
+                    capture_output=True,
+                    check=True,
+                ).stdout.split()
+            )
         real(path)
+
     monkeypatch.setattr(S, "fsync_dir", gc_now)
     v = store.add(deltas["lora"])
     assert seen == [["1", "1"]]  # ours in use, the dead one removed
@@ -569,6 +664,7 @@ def test_an_adds_lock_unlinked_by_gc_before_it_was_taken_still_guards_it(tmp_pat
         with file_lock(lock, wait=False):  # gc: a lone lock, not held, so it goes
             lock.unlink()
         return real(fd, op)
+
     monkeypatch.setattr(fcntl, "flock", gc_first)
     with file_lock(lock), pytest.raises(LockHeld), file_lock(lock, wait=False):
         pass  # the next gc finds it held
@@ -580,8 +676,11 @@ def test_gc_passes_over_a_staging_folder_its_add_removed_meanwhile(tmp_path, mon
     store = DeltaStore(tmp_path / "store")
     real = DeltaStore._folders
     gone = store.staging / "add-0123"  # listed by gc, then removed by its finished add
-    monkeypatch.setattr(DeltaStore, "_folders", staticmethod(
-        lambda d: [*real(d), gone] if d == store.staging else real(d)))
+    monkeypatch.setattr(
+        DeltaStore,
+        "_folders",
+        staticmethod(lambda d: [*real(d), gone] if d == store.staging else real(d)),
+    )
     store.gc()
     assert list(store.staging.iterdir()) == []
 
@@ -608,8 +707,9 @@ def test_path_like_tag_names_are_refused(deltas, tmp_path, name):
         store.tag(name, "v1")
 
 
-def test_a_local_folder_named_like_a_version_does_not_shadow_it(deltas, tiny_dir, tmp_path,
-                                                                monkeypatch):
+def test_a_local_folder_named_like_a_version_does_not_shadow_it(
+    deltas, tiny_dir, tmp_path, monkeypatch
+):
     store = store_with(deltas, tmp_path / "store", "lora")
     monkeypatch.chdir(tmp_path)
     shutil.copytree(deltas["sparse"], tmp_path / "v1")

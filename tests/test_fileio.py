@@ -57,10 +57,15 @@ def test_file_lock_excludes_other_processes_and_dies_with_its_holder(tmp_path):
 
     lock = tmp_path / ".lock"
     holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time; from slimtune.fileio import file_lock\n"
-         f"with file_lock({str(lock)!r}):\n    print('held', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from slimtune.fileio import file_lock\n"
+            f"with file_lock({str(lock)!r}):\n    print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(fileio.LockHeld), fileio.file_lock(lock, wait=False):

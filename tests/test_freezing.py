@@ -16,8 +16,10 @@ def _batch(vocab: int, b: int = 2, t: int = 12):
 
 def _layer_outputs(model):
     outs = {}
-    hooks = [layer.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o))
-             for i, layer in enumerate(decoder_layers(model))]
+    hooks = [
+        layer.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o))
+        for i, layer in enumerate(decoder_layers(model))
+    ]
     return outs, hooks
 
 

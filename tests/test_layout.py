@@ -34,7 +34,9 @@ def parse_layout(block: str) -> set[str]:
         if not line.strip():
             continue
         match = ENTRY.fullmatch(line.rstrip())
-        assert match, f"Layout line {number} is not 'name.py  what it holds' or 'name/  ...': {line!r}"
+        assert match, (
+            f"Layout line {number} is not 'name.py  what it holds' or 'name/  ...': {line!r}"
+        )
         indent, name = len(match["indent"]), match["name"]
         while parents and parents[-1][0] >= indent:
             parents.pop()
@@ -61,15 +63,23 @@ def package_modules() -> set[str]:
 
 
 def test_parse_layout_nests_by_indentation():
-    block = ("src/pkg/          the package\n"
-             "  a.py            module a\n"
-             "  sub/            a package\n"
-             "    b.py          module b\n"
-             "\n"
-             "  c.py\n"
-             "tests/            tests\n")
-    assert parse_layout(block) == {"src/pkg/", "src/pkg/a.py", "src/pkg/sub/", "src/pkg/sub/b.py",
-                                   "src/pkg/c.py", "tests/"}
+    block = (
+        "src/pkg/          the package\n"
+        "  a.py            module a\n"
+        "  sub/            a package\n"
+        "    b.py          module b\n"
+        "\n"
+        "  c.py\n"
+        "tests/            tests\n"
+    )
+    assert parse_layout(block) == {
+        "src/pkg/",
+        "src/pkg/a.py",
+        "src/pkg/sub/",
+        "src/pkg/sub/b.py",
+        "src/pkg/c.py",
+        "tests/",
+    }
     with pytest.raises(AssertionError, match="line 2"):
         parse_layout("src/pkg/\n             a description that wrapped\n")
     with pytest.raises(AssertionError, match="twice"):
@@ -80,6 +90,7 @@ def test_readme_layout_matches_the_tree():
     named = parse_layout(layout_block((ROOT / "README.md").read_text()))
     missing = sorted(package_modules() - named)
     assert not missing, f"README's Layout does not name: {missing}"
-    gone = sorted(p for p in named if not (ROOT / p).exists()
-                  or p.endswith("/") != (ROOT / p).is_dir())
+    gone = sorted(
+        p for p in named if not (ROOT / p).exists() or p.endswith("/") != (ROOT / p).is_dir()
+    )
     assert not gone, f"README's Layout names what is not in the tree: {gone}"

@@ -75,8 +75,7 @@ def test_a_method_registered_here_trains_stores_applies_and_comes_off(tiny_dir, 
     try:
         assert TrainConfig(method="test_norm_only").learning_rate == 3e-3
         data = write_jsonl(tmp_path / "d.jsonl", intent_rows())
-        res = train_tiny(tiny_dir, data, tmp_path / "run", method="test_norm_only",
-                         max_steps=3)
+        res = train_tiny(tiny_dir, data, tmp_path / "run", method="test_norm_only", max_steps=3)
         assert res.manifest["method"] == "test_norm_only" and NORM_FILE in res.manifest["files"]
         trained = _logits(res.model, res.loaded.tokenizer)
 
@@ -96,8 +95,9 @@ def test_a_method_registered_here_trains_stores_applies_and_comes_off(tiny_dir, 
 
         applied = apply_delta(loaded.model, version.path, fingerprint(loaded.model), merge=True)
         assert applied.merged
-        torch.testing.assert_close(_logits(applied.model, loaded.tokenizer), trained,
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            _logits(applied.model, loaded.tokenizer), trained, rtol=0, atol=0
+        )
         base = applied.remove()
         assert all(torch.equal(p, before[n]) for n, p in base.named_parameters())
     finally:
@@ -120,8 +120,7 @@ def test_a_taken_name_is_refused():
 class WideLoraOptions(LoraOptions):
     """LoRA's options plus one of its own, declared once: the CLI finds it here."""
 
-    width: int = option(3, flag="toy-width", help="a toy option of the test method",
-                        sweep=True)
+    width: int = option(3, flag="toy-width", help="a toy option of the test method", sweep=True)
 
 
 class WideLoraMethod(LoraMethod):
@@ -133,8 +132,9 @@ class WideLoraMethod(LoraMethod):
         return False  # LoRA adapters stay LoRA's while this test method is registered
 
 
-def test_a_registered_method_gets_its_flags_yaml_key_and_sweep_grid(tiny_dir, intent_file,
-                                                                    tmp_path, capsys):
+def test_a_registered_method_gets_its_flags_yaml_key_and_sweep_grid(
+    tiny_dir, intent_file, tmp_path, capsys
+):
     from slimtune.cli.main import build_parser, main, train_options_from_args
     from slimtune.training.sweep import grid_flags, grid_points
 
@@ -143,31 +143,70 @@ def test_a_registered_method_gets_its_flags_yaml_key_and_sweep_grid(tiny_dir, in
     try:
         help_text = _train_help(capsys)
         assert "--toy-width" in help_text and "test_wide_lora" in help_text
-        assert "a toy option of the test method (test_wide_lora; default 3)" in \
-            " ".join(help_text.split())
+        assert "a toy option of the test method (test_wide_lora; default 3)" in " ".join(
+            help_text.split()
+        )
         # the flag reaches the method's options; LoRA's shared flag too
-        cfg, _ = train_options_from_args(build_parser().parse_args(
-            ["train", "--data", "a.jsonl", "--method", "test_wide_lora", "--toy-width", "5",
-             "--lora-r", "2"]))
+        cfg, _ = train_options_from_args(
+            build_parser().parse_args(
+                [
+                    "train",
+                    "--data",
+                    "a.jsonl",
+                    "--method",
+                    "test_wide_lora",
+                    "--toy-width",
+                    "5",
+                    "--lora-r",
+                    "2",
+                ]
+            )
+        )
         assert cfg.method == "test_wide_lora" and cfg.method_options == {"width": 5, "r": 2}
         # its YAML key is the flag's name, as for every flag
         yaml_file = tmp_path / "c.yaml"
         yaml_file.write_text("data: a.jsonl\nmethod: test_wide_lora\ntoy-width: 7\n")
-        cfg, _ = train_options_from_args(build_parser().parse_args(
-            ["train", "--config", str(yaml_file)]))
+        cfg, _ = train_options_from_args(
+            build_parser().parse_args(["train", "--config", str(yaml_file)])
+        )
         assert cfg.method_options == {"width": 7}
         # sweepable: in the grid, and sweep takes a list for it
         assert grid_flags()["toy_width"] == "width"
-        args = build_parser().parse_args(["sweep", "--data", "a.jsonl", "--method",
-                                          "test_wide_lora", "--toy-width", "1,4"])
+        args = build_parser().parse_args(
+            ["sweep", "--data", "a.jsonl", "--method", "test_wide_lora", "--toy-width", "1,4"]
+        )
         assert grid_points("test_wide_lora", {"toy_width": args.toy_width}) == [
-            {"width": 1}, {"width": 4}]
+            {"width": 1},
+            {"width": 4},
+        ]
         # a real run: --method accepts it and the option lands in the delta's manifest
         out = tmp_path / "run"
-        assert main(["train", "--model", str(tiny_dir), "--data", str(intent_file),
-                     "--method", "test_wide_lora", "--toy-width", "6", "--max-steps", "1",
-                     "--batch-size", "4", "--output-dir", str(out), "--no-progress",
-                     "--no-store", "--device", "cpu"]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--model",
+                    str(tiny_dir),
+                    "--data",
+                    str(intent_file),
+                    "--method",
+                    "test_wide_lora",
+                    "--toy-width",
+                    "6",
+                    "--max-steps",
+                    "1",
+                    "--batch-size",
+                    "4",
+                    "--output-dir",
+                    str(out),
+                    "--no-progress",
+                    "--no-store",
+                    "--device",
+                    "cpu",
+                ]
+            )
+            == 0
+        )
         manifest = json.loads((out / "delta" / "manifest.json").read_text())
         assert manifest["method"] == "test_wide_lora"
         assert manifest["method_config"]["width"] == 6
@@ -186,18 +225,30 @@ def _train_help(capsys) -> str:
     return capsys.readouterr().out
 
 
-@pytest.mark.parametrize("declared, message", [
-    # --density is rosa's, shira's and sparse's float option 'density': another option
-    # name or type under that flag is refused, and so is a flag train itself has
-    (("density", int, option(1)), r"--density is declared by method '\w+' for its option "
-                                  r"'density' \(float\) and by method 'test_clash' for "
-                                  r"'density' \(int\)"),
-    (("share", float, option(0.1, flag="density")), r"for its option 'density' \(float\) and "
-                                                    r"by method 'test_clash' for 'share' "
-                                                    r"\(float\)"),
-    (("seed_value", int, option(0, flag="seed")), r"--seed \(method test_clash\) is an option "
-                                                  r"train already has"),
-])
+@pytest.mark.parametrize(
+    "declared, message",
+    [
+        # --density is rosa's, shira's and sparse's float option 'density': another option
+        # name or type under that flag is refused, and so is a flag train itself has
+        (
+            ("density", int, option(1)),
+            r"--density is declared by method '\w+' for its option "
+            r"'density' \(float\) and by method 'test_clash' for "
+            r"'density' \(int\)",
+        ),
+        (
+            ("share", float, option(0.1, flag="density")),
+            r"for its option 'density' \(float\) and "
+            r"by method 'test_clash' for 'share' "
+            r"\(float\)",
+        ),
+        (
+            ("seed_value", int, option(0, flag="seed")),
+            r"--seed \(method test_clash\) is an option "
+            r"train already has",
+        ),
+    ],
+)
 def test_a_flag_declared_twice_differently_is_a_clear_error(declared, message):
     from slimtune.cli.main import build_parser
 

@@ -22,7 +22,8 @@ def no_network_env(monkeypatch):
 
 
 def test_hub_id_with_hf_hub_offline_fails_fast_and_says_what_was_tried(
-        no_network_env, monkeypatch, intent_file, capsys):
+    no_network_env, monkeypatch, intent_file, capsys
+):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
     def no_connect(*_a, **_k):
@@ -30,8 +31,9 @@ def test_hub_id_with_hf_hub_offline_fails_fast_and_says_what_was_tried(
 
     monkeypatch.setattr(socket, "create_connection", no_connect)
     t0 = time.perf_counter()
-    rc = main(["eval", "--model", "nobody/no-such-model", "--data", str(intent_file),
-               "--device", "cpu"])
+    rc = main(
+        ["eval", "--model", "nobody/no-such-model", "--data", str(intent_file), "--device", "cpu"]
+    )
     assert time.perf_counter() - t0 < 20  # the hub client's retries took 63 s
     err = capsys.readouterr().err
     assert rc == ModelLoadError.exit_code == 4
@@ -98,18 +100,26 @@ def write_tiny_gguf(path, layers: int = 2, hidden: int = 32):
     w.add_tokenizer_model("gpt2")
     w.add_token_list(tokens)
     w.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
-    w.add_token_merges([m if isinstance(m, str) else " ".join(m)
-                        for m in state["model"]["merges"]])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in state["model"]["merges"]])
     w.add_eos_token_id(tok.eos_token_id)
     w.add_bos_token_id(tok.bos_token_id)
     w.add_pad_token_id(tok.pad_token_id)
     w.add_chat_template(tok.chat_template)
-    names = {"model.embed_tokens.weight": "token_embd.weight",
-             "model.norm.weight": "output_norm.weight"}
-    per_layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
-                 "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-                 "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-                 "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+    }
+    per_layer = {
+        "input_layernorm": "attn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "post_attention_layernorm": "ffn_norm",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
     for i in range(layers):
         for hf, gg in per_layer.items():
             names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
@@ -123,19 +133,21 @@ def write_tiny_gguf(path, layers: int = 2, hidden: int = 32):
     return path
 
 
-def test_own_gguf_is_dequantized_once_per_content_then_loaded_from_the_cache(tmp_path,
-                                                                              monkeypatch):
+def test_own_gguf_is_dequantized_once_per_content_then_loaded_from_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "cache"))
     path = write_tiny_gguf(tmp_path / "tiny.gguf")
     dequantized, hashed = [], []
     real_load, real_hash = models._load_gguf, models.sha256_file
-    monkeypatch.setattr(models, "_load_gguf",
-                        lambda *a, **k: dequantized.append(a[0]) or real_load(*a, **k))
+    monkeypatch.setattr(
+        models, "_load_gguf", lambda *a, **k: dequantized.append(a[0]) or real_load(*a, **k)
+    )
     monkeypatch.setattr(models, "sha256_file", lambda p: hashed.append(p) or real_hash(p))
 
     first = models.load_model(str(path))
     second = models.load_model(str(path))
-    assert dequantized == [path] and hashed == [path]  # the second load neither dequantizes nor hashes
+    assert dequantized == [path] and hashed == [
+        path
+    ]  # the second load neither dequantizes nor hashes
     direct = real_load(path, torch.float32).model.state_dict()
     for loaded in (first, second):
         got = loaded.model.state_dict()

@@ -20,11 +20,18 @@ def blocks():
 
 @pytest.mark.default_model
 def test_readme_examples_run_as_written(tmp_path):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "PYTHONWARNINGS": "ignore",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
     outputs = []
     for lang, code in blocks():
-        cmd = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
+        cmd = (
+            ["bash", "-euo", "pipefail", "-c", code]
+            if lang == "bash"
+            else [sys.executable, "-c", code]
+        )
         proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
         assert proc.returncode == 0, f"README block failed:\n{code}\n{proc.stdout}\n{proc.stderr}"
         outputs.append(proc.stdout + proc.stderr)

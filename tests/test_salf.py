@@ -77,12 +77,25 @@ def test_remaining_deviation_is_a_non_increasing_envelope():
 
 
 def _costs(**kw) -> LayerCosts:
-    base = dict(method="lora", options={}, num_layers=10, t_fixed=0.5, t_frozen=0.1,
-                t_trained=0.3, t_embeddings=0.0, state_bytes_per_layer=100,
-                grad_bytes_per_layer=50, activation_bytes_per_layer=1000,
-                embedding_train_bytes=0, transient_bytes=500, resident_bytes=10_000,
-                trainable_per_layer=25, trainable_embeddings=0,
-                flops_forward_per_layer=1e9, flops_backward_per_trained_layer=1e9)
+    base = dict(
+        method="lora",
+        options={},
+        num_layers=10,
+        t_fixed=0.5,
+        t_frozen=0.1,
+        t_trained=0.3,
+        t_embeddings=0.0,
+        state_bytes_per_layer=100,
+        grad_bytes_per_layer=50,
+        activation_bytes_per_layer=1000,
+        embedding_train_bytes=0,
+        transient_bytes=500,
+        resident_bytes=10_000,
+        trainable_per_layer=25,
+        trainable_embeddings=0,
+        flops_forward_per_layer=1e9,
+        flops_backward_per_trained_layer=1e9,
+    )
     base.update(kw)
     return LayerCosts(**base)
 
@@ -90,7 +103,9 @@ def _costs(**kw) -> LayerCosts:
 @pytest.mark.parametrize("seed", range(20))
 def test_budget_policy_never_exceeds_its_budget(seed):
     rng = np.random.default_rng(seed)
-    costs = _costs(t_trained=float(rng.uniform(0.05, 1)), activation_bytes_per_layer=int(rng.integers(1, 5000)))
+    costs = _costs(
+        t_trained=float(rng.uniform(0.05, 1)), activation_bytes_per_layer=int(rng.integers(1, 5000))
+    )
     memory = int(rng.integers(10_000, 70_000))
     step = float(rng.uniform(0.5, 5))
     k = budget_freeze_below(costs, memory=memory, step_time=step)
@@ -120,8 +135,14 @@ def test_plan_choice_fits_and_estimates_are_monotone(tiny):
     assert costs.activation_bytes_per_layer > 0
     gain = [1.0, 0.8, 0.5, 0.2, 0.0]
     budget = int(ests[0].peak_bytes * 1.2)
-    plan = make_plan(tiny.model, batch, gain, candidates=[("lora", {"r": 4})],
-                     budget_memory=budget, recommended_freeze_below=2)
+    plan = make_plan(
+        tiny.model,
+        batch,
+        gain,
+        candidates=[("lora", {"r": 4})],
+        budget_memory=budget,
+        recommended_freeze_below=2,
+    )
     assert isinstance(plan.choice, Estimate) and plan.choice.peak_bytes <= budget
     assert all(c.fits == (c.peak_bytes <= budget) for c in plan.candidates)
     assert plan.choice.freeze_below == 0  # everything fits: the highest gain wins
@@ -137,14 +158,22 @@ def test_train_freeze_auto_uses_the_analysis(tiny_dir, intent_file, tmp_path):
 
 
 def test_train_freeze_auto_with_a_budget_stays_within_it(tiny_dir, intent_file, tmp_path):
-    res = train_tiny(tiny_dir, intent_file, tmp_path / "r", freeze="auto", max_steps=2,
-                     budget_step_time="100s", budget_memory="100GiB")
+    res = train_tiny(
+        tiny_dir,
+        intent_file,
+        tmp_path / "r",
+        freeze="auto",
+        max_steps=2,
+        budget_step_time="100s",
+        budget_memory="100GiB",
+    )
     auto = res.manifest["auto_freeze"]
     assert auto["freeze_below"] == 0  # an ample budget unfreezes every layer
     assert auto["estimate"]["step_time_s"] <= 100
     with pytest.raises(UserInputError, match="budget is too small"):
-        train_tiny(tiny_dir, intent_file, tmp_path / "r2", freeze="auto", max_steps=2,
-                   budget_memory="1KiB")
+        train_tiny(
+            tiny_dir, intent_file, tmp_path / "r2", freeze="auto", max_steps=2, budget_memory="1KiB"
+        )
     with pytest.raises(UserInputError, match="need --freeze auto"):
         train_tiny(tiny_dir, intent_file, tmp_path / "r3", budget_memory="1GiB")
 
@@ -174,7 +203,6 @@ def test_default_keep_is_one_value_everywhere():
 @pytest.mark.parametrize("method", ["sparse", "rosa"])
 def test_plan_costs_importance_scored_methods(tiny, method):
     batch = synthetic_batch(len(tiny.tokenizer), 2, 16)
-    costs = calibrate(tiny.model, method, {"density": 0.05, "importance": "fisher"}, batch,
-                      steps=1)
+    costs = calibrate(tiny.model, method, {"density": 0.05, "importance": "fisher"}, batch, steps=1)
     e = estimate(costs, 0)
     assert e.trainable_params >= costs.trainable_per_layer * tiny.num_layers > 0

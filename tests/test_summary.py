@@ -24,10 +24,20 @@ def run(tiny_dir, tmp_path_factory):
 
 
 def _summary(**changes):
-    base = dict(method="lora", steps=3, freeze_below=1, trainable_params=10, total_params=100,
-                train_time_s=1.5, tokens_per_s=None, step_time_p50_s=0.5,
-                peak_memory_bytes=2048, peak_memory_kind="cpu_rss", final_train_loss=1.25,
-                device="cpu")
+    base = dict(
+        method="lora",
+        steps=3,
+        freeze_below=1,
+        trainable_params=10,
+        total_params=100,
+        train_time_s=1.5,
+        tokens_per_s=None,
+        step_time_p50_s=0.5,
+        peak_memory_bytes=2048,
+        peak_memory_kind="cpu_rss",
+        final_train_loss=1.25,
+        device="cpu",
+    )
     return RunSummary(**{**base, **changes})
 
 
@@ -35,20 +45,30 @@ def test_report_rows_and_sweep_columns_are_read_off_run_summary():
     assert report_metrics(RunSummary) == METRICS and sweep_columns(RunSummary) == COLUMNS
     # the rows and their order as the report has always shown them
     assert [label for _, label, _ in METRICS] == [
-        "accuracy", "exact match", "eval loss", "perplexity", "train wall time",
-        "step time p50", "train tokens/s", "peak memory", "decode latency p50",
-        "decode latency p95", "trainable params", "active adapter params/token",
-        "delta on disk"]
+        "accuracy",
+        "exact match",
+        "eval loss",
+        "perplexity",
+        "train wall time",
+        "step time p50",
+        "train tokens/s",
+        "peak memory",
+        "decode latency p50",
+        "decode latency p95",
+        "trainable params",
+        "active adapter params/token",
+        "delta on disk",
+    ]
     assert "eval_perplexity" not in COLUMNS and "eval_latency_p95_ms" not in COLUMNS
     assert list(COLUMNS) == [k for k, _, _ in METRICS if k in COLUMNS]
 
     @dataclass
     class WithF1(RunSummary):
-        eval_f1: float | None = field(default=None,
-                                      metadata=shown(15, "f1", "pct", omit_none=True))
+        eval_f1: float | None = field(default=None, metadata=shown(15, "f1", "pct", omit_none=True))
         # the same field, now shown under another label and in the sweep too
-        eval_perplexity: float | None = field(default=None,
-                                              metadata=shown(40, "ppl", "f2", omit_none=True))
+        eval_perplexity: float | None = field(
+            default=None, metadata=shown(40, "ppl", "f2", omit_none=True)
+        )
 
     metrics = report_metrics(WithF1)
     assert [k for k, _, _ in metrics][:3] == ["eval_accuracy", "eval_f1", "eval_exact_match"]
@@ -61,9 +81,15 @@ def test_report_rows_and_sweep_columns_are_read_off_run_summary():
 
 
 def test_run_summary_round_trips_and_keeps_method_facts():
-    s = _summary(eval_accuracy=0.75, eval_examples=12, task="classification",
-                 adapter_params=40, active_params_per_token=20,
-                 expert_usage={"0": [1.0, 3.0]}, delta_bytes=4096)
+    s = _summary(
+        eval_accuracy=0.75,
+        eval_examples=12,
+        task="classification",
+        adapter_params=40,
+        active_params_per_token=20,
+        expert_usage={"0": [1.0, 3.0]},
+        delta_bytes=4096,
+    )
     s.update({"router_entropy": 0.3, "eval_loss": 0.9})  # a method's key that is no field
     assert s.eval_loss == 0.9 and s.extra == {"router_entropy": 0.3}
     d = s.to_dict()
@@ -99,24 +125,35 @@ def test_manifest_round_trips_and_keeps_absent_apart_from_null(run):
     assert Manifest.from_dict(m.to_dict()).to_dict()["future_field"] == [1, 2]
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda m: m.pop("method"), "manifest lacks field 'method'"),
-    (lambda m: m.update(layers="1,2"), "'layers' is not a list"),
-    (lambda m: m.update(layers=[1, "2"]), "'layers' is not a list"),
-    (lambda m: m.update(mergeable="yes"), "'mergeable' is not a boolean"),
-    (lambda m: m.update(auto_freeze=[]), "'auto_freeze' is not an object"),
-    (lambda m: m.update(created=5), "'created' is not a string"),
-    (lambda m: m.update(method_config=[]), "'method_config' is not an object"),
-    (lambda m: m["base"].pop("fingerprint"),
-     "'base' is not an object with a 'fingerprint' string"),
-    (lambda m: m["base"].update(num_layers="4"),
-     "'base' is not an object with a 'fingerprint' string"),
-    (lambda m: next(iter(m["files"].values())).update(bytes=-1),
-     "needs 'sha256' (a string) and 'bytes' (an integer)"),
-    (lambda m: next(iter(m["files"].values())).update(bytes=True),
-     "needs 'sha256' (a string) and 'bytes' (an integer)"),
-    (lambda m: m.update(format_version="2"), "'format_version' is not an integer"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: m.pop("method"), "manifest lacks field 'method'"),
+        (lambda m: m.update(layers="1,2"), "'layers' is not a list"),
+        (lambda m: m.update(layers=[1, "2"]), "'layers' is not a list"),
+        (lambda m: m.update(mergeable="yes"), "'mergeable' is not a boolean"),
+        (lambda m: m.update(auto_freeze=[]), "'auto_freeze' is not an object"),
+        (lambda m: m.update(created=5), "'created' is not a string"),
+        (lambda m: m.update(method_config=[]), "'method_config' is not an object"),
+        (
+            lambda m: m["base"].pop("fingerprint"),
+            "'base' is not an object with a 'fingerprint' string",
+        ),
+        (
+            lambda m: m["base"].update(num_layers="4"),
+            "'base' is not an object with a 'fingerprint' string",
+        ),
+        (
+            lambda m: next(iter(m["files"].values())).update(bytes=-1),
+            "needs 'sha256' (a string) and 'bytes' (an integer)",
+        ),
+        (
+            lambda m: next(iter(m["files"].values())).update(bytes=True),
+            "needs 'sha256' (a string) and 'bytes' (an integer)",
+        ),
+        (lambda m: m.update(format_version="2"), "'format_version' is not an integer"),
+    ],
+)
 def test_a_manifest_field_of_the_wrong_type_is_named(run, tmp_path, change, message):
     bad = tmp_path / "bad"
     shutil.copytree(run.delta_dir, bad)

@@ -11,8 +11,7 @@ from slimtune.training.trackers import parse_report_to
 from .conftest import train_tiny
 
 
-def test_tensorboard_gets_every_metrics_record_and_the_final_eval(tiny_dir, intent_file,
-                                                                  tmp_path):
+def test_tensorboard_gets_every_metrics_record_and_the_final_eval(tiny_dir, intent_file, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
@@ -34,17 +33,33 @@ def test_tensorboard_gets_every_metrics_record_and_the_final_eval(tiny_dir, inte
     assert scalars["eval_accuracy"] == [(3, pytest.approx(result.summary["eval_accuracy"]))]
 
 
-def test_unknown_or_missing_tracker_is_a_clear_user_error(monkeypatch, tiny_dir, intent_file,
-                                                          tmp_path, capsys):
+def test_unknown_or_missing_tracker_is_a_clear_user_error(
+    monkeypatch, tiny_dir, intent_file, tmp_path, capsys
+):
     with pytest.raises(UserInputError, match="'neptune': unknown tracker"):
         parse_report_to("tensorboard,neptune")
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "wandb" else real(name, *a))
-    rc = main(["train", "--model", str(tiny_dir), "--data", str(intent_file), "--device", "cpu",
-               "--output-dir", str(tmp_path / "r"), "--no-store", "--report-to", "wandb"])
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    rc = main(
+        [
+            "train",
+            "--model",
+            str(tiny_dir),
+            "--data",
+            str(intent_file),
+            "--device",
+            "cpu",
+            "--output-dir",
+            str(tmp_path / "r"),
+            "--no-store",
+            "--report-to",
+            "wandb",
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert "the package 'wandb' is not installed; pip install wandb" in err

@@ -33,18 +33,43 @@ def test_training_lowers_the_loss_and_writes_a_delta(tiny_dir, intent_file, tmp_
 
 
 def test_grad_accumulation_matches_the_big_batch(tiny_dir, intent_file, tmp_path):
-    a = train_tiny(tiny_dir, intent_file, tmp_path / "a", method="full", max_steps=2,
-                   batch_size=8, eval_fraction=0.0, lr=1e-3)
-    b = train_tiny(tiny_dir, intent_file, tmp_path / "b", method="full", max_steps=2,
-                   batch_size=4, grad_accum=2, eval_fraction=0.0, lr=1e-3)
+    a = train_tiny(
+        tiny_dir,
+        intent_file,
+        tmp_path / "a",
+        method="full",
+        max_steps=2,
+        batch_size=8,
+        eval_fraction=0.0,
+        lr=1e-3,
+    )
+    b = train_tiny(
+        tiny_dir,
+        intent_file,
+        tmp_path / "b",
+        method="full",
+        max_steps=2,
+        batch_size=4,
+        grad_accum=2,
+        eval_fraction=0.0,
+        lr=1e-3,
+    )
     # batches differ in composition (4+4 vs 8 drawn from one permutation), so compare the
     # loss of the first step, which sees the same 8 examples either way
     assert a.history[0]["loss"] == pytest.approx(b.history[0]["loss"], rel=1e-5)
 
 
 def test_nan_loss_stops_with_a_clear_error(tiny_dir, intent_file, tmp_path):
-    cfg = TrainConfig(model=str(tiny_dir), data=str(intent_file), output_dir=str(tmp_path / "r"),
-                      max_steps=4, batch_size=4, progress=False, device="cpu", save_every=1)
+    cfg = TrainConfig(
+        model=str(tiny_dir),
+        data=str(intent_file),
+        output_dir=str(tmp_path / "r"),
+        max_steps=4,
+        batch_size=4,
+        progress=False,
+        device="cpu",
+        save_every=1,
+    )
     trainer = Trainer(cfg)
     with torch.no_grad():
         trainer.model.get_output_embeddings().weight[0, 0] = math.nan
@@ -90,8 +115,12 @@ def test_resume_after_kill_gives_the_same_weights(tiny_dir, intent_file, tmp_pat
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
     def run(path, out, resume):
-        return subprocess.run([sys.executable, str(path), str(tiny_dir), str(intent_file),
-                               str(out), resume], env=env, capture_output=True, text=True)
+        return subprocess.run(
+            [sys.executable, str(path), str(tiny_dir), str(intent_file), str(out), resume],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
 
     killed = run(script, tmp_path / "k", "0")
     assert killed.returncode == -signal.SIGKILL
@@ -106,14 +135,23 @@ def test_resume_after_kill_gives_the_same_weights(tiny_dir, intent_file, tmp_pat
     a = load_file(str(tmp_path / "k" / "delta" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "w" / "delta" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    steps = [json.loads(x)["step"] for x in
-             (tmp_path / "k" / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(x)["step"] for x in (tmp_path / "k" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == list(range(1, 8))
 
 
 def test_resume_refuses_changed_options(tiny_dir, intent_file, tmp_path):
-    cfg = TrainConfig(model=str(tiny_dir), data=str(intent_file), output_dir=str(tmp_path / "r"),
-                      max_steps=4, batch_size=4, progress=False, device="cpu", save_every=1)
+    cfg = TrainConfig(
+        model=str(tiny_dir),
+        data=str(intent_file),
+        output_dir=str(tmp_path / "r"),
+        max_steps=4,
+        batch_size=4,
+        progress=False,
+        device="cpu",
+        save_every=1,
+    )
     t = Trainer(cfg)
     t.save_checkpoint()
     t.close()
@@ -144,9 +182,18 @@ def stop_after_checkpoint(cfg: TrainConfig, step: int) -> None:
 
 
 def tiny_cfg(tiny_dir, data, out, **overrides) -> TrainConfig:
-    opts = dict(model=str(tiny_dir), data=str(data), output_dir=str(out), max_steps=6,
-                batch_size=4, lr=1e-2, eval_fraction=0.25, progress=False, device="cpu",
-                save_every=0)
+    opts = dict(
+        model=str(tiny_dir),
+        data=str(data),
+        output_dir=str(out),
+        max_steps=6,
+        batch_size=4,
+        lr=1e-2,
+        eval_fraction=0.25,
+        progress=False,
+        device="cpu",
+        save_every=0,
+    )
     return TrainConfig(**{**opts, **overrides})
 
 
@@ -180,13 +227,19 @@ def poisoned(cfg: TrainConfig, at_step: int) -> Trainer:
 
 @pytest.mark.filterwarnings(r"ignore:Seems like `optimizer.step\(\)`")
 def test_non_finite_weights_are_never_saved(tiny_dir, intent_file, tmp_path):
-    with pytest.raises(TrainingDivergedError, match=r"weights became nan at step 1 .*"
-                                                    r"no checkpoint was written yet"):
+    with pytest.raises(
+        TrainingDivergedError,
+        match=r"weights became nan at step 1 .*"
+        r"no checkpoint was written yet",
+    ):
         poisoned(tiny_cfg(tiny_dir, intent_file, tmp_path / "a", max_steps=1), 1).run()
     assert not (tmp_path / "a" / "delta").exists()
     cfg = tiny_cfg(tiny_dir, intent_file, tmp_path / "b", max_steps=4, save_every=1)
-    with pytest.raises(TrainingDivergedError, match=r"weights became nan at step 3 .*last good "
-                                                    r"checkpoint .*--resume and a lower --lr"):
+    with pytest.raises(
+        TrainingDivergedError,
+        match=r"weights became nan at step 3 .*last good "
+        r"checkpoint .*--resume and a lower --lr",
+    ):
         poisoned(cfg, 3).run()
     meta = json.loads((tmp_path / "b" / "checkpoint" / "checkpoint.json").read_text())
     assert meta["step"] == 2
@@ -195,9 +248,17 @@ def test_non_finite_weights_are_never_saved(tiny_dir, intent_file, tmp_path):
     assert not (tmp_path / "b" / "delta").exists()
 
 
-@pytest.mark.parametrize("field,value", [("lr", math.inf), ("max_grad_norm", math.nan),
-                                         ("weight_decay", -math.inf), ("warmup_ratio", math.nan),
-                                         ("seed", -1), ("max_grad_norm", 0.0)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("lr", math.inf),
+        ("max_grad_norm", math.nan),
+        ("weight_decay", -math.inf),
+        ("warmup_ratio", math.nan),
+        ("seed", -1),
+        ("max_grad_norm", 0.0),
+    ],
+)
 def test_non_finite_or_out_of_range_options_are_refused(field, value):
     with pytest.raises(UserInputError, match=field):
         TrainConfig(data="x.jsonl", **{field: value}).validated()
@@ -209,22 +270,28 @@ def test_resume_with_a_lower_lr_follows_the_divergence_advice(tiny_dir, intent_f
     higher = TrainConfig(**{**cfg.__dict__, "lr": 2e-2, "resume": True})
     with pytest.raises(UserInputError, match=r"differs in \['lr'\]"):
         Trainer(higher)
-    res = Trainer(TrainConfig(**{**cfg.__dict__, "lr": 5e-3, "max_grad_norm": 0.5,
-                                 "resume": True})).run()
+    res = Trainer(
+        TrainConfig(**{**cfg.__dict__, "lr": 5e-3, "max_grad_norm": 0.5, "resume": True})
+    ).run()
     whole = train_tiny(tiny_dir, intent_file, tmp_path / "w", warmup_ratio=0.0)
     lr = {h["step"]: h["lr"] for h in res.history if "lr" in h}
     lr_whole = {h["step"]: h["lr"] for h in whole.history}
     assert lr[2] == lr_whole[2]  # before the resume: unchanged
     assert all(lr[s] == pytest.approx(lr_whole[s] / 2) for s in (3, 4, 5, 6))
-    change = {"step": 2, "event": "resumed",
-              "changed": {"lr": [1e-2, 5e-3], "max_grad_norm": [1.0, 0.5]}}
-    assert change in [json.loads(x) for x in
-                      (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    change = {
+        "step": 2,
+        "event": "resumed",
+        "changed": {"lr": [1e-2, 5e-3], "max_grad_norm": [1.0, 0.5]},
+    }
+    assert change in [
+        json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert res.manifest["resume_changes"] == [change]
 
 
-def test_a_resume_that_never_checkpointed_leaves_no_stale_change_record(tiny_dir, intent_file,
-                                                                         tmp_path):
+def test_a_resume_that_never_checkpointed_leaves_no_stale_change_record(
+    tiny_dir, intent_file, tmp_path
+):
     cfg = tiny_cfg(tiny_dir, intent_file, tmp_path / "r", save_every=2, warmup_ratio=0.0)
     stop_after_checkpoint(cfg, 2)
 
@@ -259,15 +326,15 @@ def test_a_fresh_run_does_not_append_to_a_dead_runs_metrics(tiny_dir, intent_fil
     # exit 6 before the first checkpoint says "run again with a lower --lr": that run's
     # metrics.jsonl is its own, not the dead run's lines followed by its own
     (tmp_path / "r").mkdir()
-    (tmp_path / "r" / "metrics.jsonl").write_text(
-        '{"step": 1, "event": "diverged", "loss": NaN}\n')
+    (tmp_path / "r" / "metrics.jsonl").write_text('{"step": 1, "event": "diverged", "loss": NaN}\n')
     train_tiny(tiny_dir, intent_file, tmp_path / "r", max_steps=2)
     log = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and not any("event" in r for r in log)
 
 
-def test_the_output_folder_is_locked_and_leaked_temporaries_are_removed(tiny_dir, intent_file,
-                                                                        tmp_path):
+def test_the_output_folder_is_locked_and_leaked_temporaries_are_removed(
+    tiny_dir, intent_file, tmp_path
+):
     cfg = tiny_cfg(tiny_dir, intent_file, tmp_path / "r", max_steps=1)
     leaked = tmp_path / "r" / ".checkpoint.abc123.tmp"
     leaked.mkdir(parents=True)
@@ -324,8 +391,11 @@ def test_a_planted_checkpoint_pickle_runs_no_code(tiny_dir, intent_file, tmp_pat
 
 def test_python_api_options_are_type_checked_too(tmp_path):
     cfg = TrainConfig(data=tmp_path / "a.jsonl", output_dir=tmp_path / "r", lr="2e-3").validated()
-    assert (cfg.data, cfg.output_dir, cfg.lr) == (str(tmp_path / "a.jsonl"), str(tmp_path / "r"),
-                                                  0.002)
+    assert (cfg.data, cfg.output_dir, cfg.lr) == (
+        str(tmp_path / "a.jsonl"),
+        str(tmp_path / "r"),
+        0.002,
+    )
     with pytest.raises(UserInputError, match="field 'overwrite' must be true or false"):
         TrainConfig(data="a.jsonl", overwrite="false").validated()
 
@@ -335,11 +405,11 @@ def test_python_api_takes_numpy_numbers(tmp_path):
     # become plain ones (the identity and the manifest are JSON)
     import numpy as np
 
-    cfg = TrainConfig(data="a.jsonl", max_steps=np.int64(5), lr=np.float32(0.5),
-                      seed=np.int32(3)).validated()
+    cfg = TrainConfig(
+        data="a.jsonl", max_steps=np.int64(5), lr=np.float32(0.5), seed=np.int32(3)
+    ).validated()
     assert (cfg.max_steps, cfg.lr, cfg.seed) == (5, 0.5, 3)
     assert (type(cfg.max_steps), type(cfg.lr), type(cfg.seed)) == (int, float, int)
     json.dumps(cfg.identity())
     with pytest.raises(UserInputError, match="field 'max_steps' must be an integer"):
         TrainConfig(data="a.jsonl", max_steps=np.float64(5.0)).validated()
-

@@ -43,9 +43,18 @@ ROLES = ("system", "user", "assistant", "tool")
 BUILTIN_PREFIX = "builtin:"
 MEMORY_PREFIX = "memory:"
 # ShareGPT's "from" -> chat role
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "model": "assistant", "chatgpt": "assistant", "system": "system",
-                  "tool": "tool", "observation": "tool", "function_response": "tool"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
+    "system": "system",
+    "tool": "tool",
+    "observation": "tool",
+    "function_response": "tool",
+}
 # Rows given as objects, by content: a spec string stands for them in configs, manifests
 # and checkpoints (so resume recognises the same rows), for the life of the process.
 _IN_MEMORY: dict[str, list[Record]] = {}
@@ -102,7 +111,7 @@ def resolve_path(spec: str | Path) -> Path:
     """Map ``builtin:support_intents_train`` to the bundled file; other specs are paths."""
     s = str(spec)
     if s.startswith(BUILTIN_PREFIX):
-        name = s[len(BUILTIN_PREFIX):]
+        name = s[len(BUILTIN_PREFIX) :]
         table = builtin_datasets()
         if name not in table:
             raise DataError(s, f"no bundled dataset {name!r}; bundled: {', '.join(sorted(table))}")
@@ -119,13 +128,17 @@ def in_memory(data):
     if hasattr(data, "columns") and hasattr(data, "to_dict"):  # a pandas DataFrame
         data = data.to_dict("records")
     if hasattr(data, "keys") and not isinstance(data, Sequence):
-        raise UserInputError(f"training data is a mapping ({type(data).__name__}, keys "
-                             f"{list(data.keys())[:5]}); pass one split, e.g. data['train']")
+        raise UserInputError(
+            f"training data is a mapping ({type(data).__name__}, keys "
+            f"{list(data.keys())[:5]}); pass one split, e.g. data['train']"
+        )
     try:
         rows = list(data)
     except TypeError as e:
-        raise UserInputError(f"training data must be a file, a Hugging Face datasets object or "
-                             f"a list of dicts, got {type(data).__name__}") from e
+        raise UserInputError(
+            f"training data must be a file, a Hugging Face datasets object or "
+            f"a list of dicts, got {type(data).__name__}"
+        ) from e
     spec = MEMORY_PREFIX + "rows"
     if not rows:
         raise DataError(spec, "contains no examples")
@@ -151,8 +164,10 @@ def _read_parquet(path: Path) -> list[Record]:
     try:
         import pyarrow.parquet as pq
     except ImportError as e:
-        raise UserInputError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow "
-                             "(or pip install 'slimtune[data]')") from e
+        raise UserInputError(
+            f"{path}: reading Parquet needs pyarrow: pip install pyarrow "
+            "(or pip install 'slimtune[data]')"
+        ) from e
     try:
         rows = pq.read_table(path).to_pylist()
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a bad file
@@ -163,8 +178,11 @@ def _read_parquet(path: Path) -> list[Record]:
 def read_records(spec: str | Path) -> list[Record]:
     if str(spec).startswith(MEMORY_PREFIX):
         if str(spec) not in _IN_MEMORY:
-            raise DataError(spec, "no such in-memory dataset in this process; pass the rows "
-                                  "(a datasets.Dataset or a list of dicts) themselves")
+            raise DataError(
+                spec,
+                "no such in-memory dataset in this process; pass the rows "
+                "(a datasets.Dataset or a list of dicts) themselves",
+            )
         return _IN_MEMORY[str(spec)]
     path = resolve_path(spec)
     if not path.exists():
@@ -179,8 +197,11 @@ def read_records(spec: str | Path) -> list[Record]:
             raise DataError(path, "contains no examples")
         return records
     if suffix not in readers:
-        raise DataError(path, f"unsupported file type {suffix or '(none)'!r}; "
-                              "use .jsonl, .json, .csv, .parquet or .txt")
+        raise DataError(
+            path,
+            f"unsupported file type {suffix or '(none)'!r}; "
+            "use .jsonl, .json, .csv, .parquet or .txt",
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -230,8 +251,11 @@ def _read_csv(path: Path, text: str) -> list[Record]:
     try:
         for row in reader:
             if None in row:
-                raise DataError(path, f"row has more cells than the header's "
-                                      f"{len(reader.fieldnames)} columns", reader.line_num)
+                raise DataError(
+                    path,
+                    f"row has more cells than the header's {len(reader.fieldnames)} columns",
+                    reader.line_num,
+                )
             if any(v is None for v in row.values()):
                 raise DataError(path, "row has fewer cells than the header", reader.line_num)
             if all(not (v or "").strip() for v in row.values()):
@@ -267,8 +291,12 @@ def record_shape(rec: Record) -> str:
             f["messages"] = json.loads(f["messages"])
         except json.JSONDecodeError:
             fail("field 'messages' must be a list of {role, content} objects")
-    if ("messages" in f or "conversations" in f or isinstance(f.get("prompt"), list)
-            or isinstance(f.get("completion"), list)):
+    if (
+        "messages" in f
+        or "conversations" in f
+        or isinstance(f.get("prompt"), list)
+        or isinstance(f.get("completion"), list)
+    ):
         chat_turns(rec)
         return "messages"
     if "prompt" in f or "completion" in f:
@@ -286,8 +314,10 @@ def record_shape(rec: Record) -> str:
         if not f["text"].strip():
             fail("field 'text' is empty")
         return "text"
-    fail(f"unknown record shape with fields {sorted(f)}; expected 'text', "
-         "'prompt' + 'completion', 'messages' or 'conversations'")
+    fail(
+        f"unknown record shape with fields {sorted(f)}; expected 'text', "
+        "'prompt' + 'completion', 'messages' or 'conversations'"
+    )
     raise AssertionError  # unreachable
 
 
@@ -316,8 +346,10 @@ def chat_turns(rec: Record) -> tuple[list[dict], int]:
         msgs = []
         for j, m in enumerate(turns(f["conversations"], "conversations", "from", "value")):
             if m["from"] not in SHAREGPT_ROLES:
-                fail(f"conversations[{j}].from is {m['from']!r}; expected one of "
-                     f"{', '.join(SHAREGPT_ROLES)}")
+                fail(
+                    f"conversations[{j}].from is {m['from']!r}; expected one of "
+                    f"{', '.join(SHAREGPT_ROLES)}"
+                )
             msgs.append({"role": SHAREGPT_ROLES[m["from"]], "content": m["value"]})
         first, where = 0, "'conversations'"
     elif "messages" in f:
@@ -339,8 +371,12 @@ def file_shape(records: Sequence[Record]) -> str:
     for rec in records[1:]:
         s = record_shape(rec)
         if s != shape:
-            raise DataError(rec.path, f"record has shape '{s}' but the file's first record "
-                                      f"(line {records[0].line}) has shape '{shape}'", rec.line)
+            raise DataError(
+                rec.path,
+                f"record has shape '{s}' but the file's first record "
+                f"(line {records[0].line}) has shape '{shape}'",
+                rec.line,
+            )
     return shape
 
 
@@ -354,7 +390,7 @@ def clip_text(text: str, max_tokens: int, *, keep_end: bool = False) -> str:
     limit = max(max_tokens, 0) * CHARS_PER_TOKEN
     if len(text) <= limit:
         return text
-    return text[len(text) - limit:] if keep_end else text[:limit]
+    return text[len(text) - limit :] if keep_end else text[:limit]
 
 
 def prompt_ids(tokenizer, prompt: str, budget: int) -> list[int]:
@@ -363,7 +399,7 @@ def prompt_ids(tokenizer, prompt: str, budget: int) -> list[int]:
     if budget <= 0:
         return []
     ids = _ids(tokenizer, clip_text(prompt, budget, keep_end=True), True)
-    return ids[max(0, len(ids) - budget):]
+    return ids[max(0, len(ids) - budget) :]
 
 
 def tokenize_record(rec: Record, shape: str, tokenizer, max_length: int) -> Example | None:
@@ -400,28 +436,39 @@ def _tokenize_chat(rec: Record, tokenizer, max_length: int) -> tuple[list[int], 
     cut anyway.
     """
     if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError(rec.path, "records are chats but the tokenizer has no chat "
-                                  "template", rec.line)
+        raise DataError(
+            rec.path, "records are chats but the tokenizer has no chat template", rec.line
+        )
     turns, first = chat_turns(rec)
     # the turns before the first trained one are its context: they keep their end
-    trained = next((i for i, m in enumerate(turns) if m["role"] == "assistant" and i >= first),
-                   len(turns))
-    msgs = [{**m, "content": clip_text(m["content"], max_length, keep_end=i < trained)}
-            for i, m in enumerate(turns)]
+    trained = next(
+        (i for i, m in enumerate(turns) if m["role"] == "assistant" and i >= first), len(turns)
+    )
+    msgs = [
+        {**m, "content": clip_text(m["content"], max_length, keep_end=i < trained)}
+        for i, m in enumerate(turns)
+    ]
     ids: list[int] = []
     labels: list[int] = []
     done = ""
     for i, m in enumerate(msgs):
         if m["role"] != "assistant" or i < first:
             continue
-        prefix = tokenizer.apply_chat_template(msgs[:i], tokenize=False,
-                                               add_generation_prompt=True) if i else ""
+        prefix = (
+            tokenizer.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True)
+            if i
+            else ""
+        )
         full = tokenizer.apply_chat_template(msgs[: i + 1], tokenize=False)
         if not prefix.startswith(done) or not full.startswith(prefix):
-            raise DataError(rec.path, "the chat template does not render turns as prefixes of "
-                                      "each other, so assistant tokens cannot be located", rec.line)
-        context = _ids(tokenizer, prefix[len(done):], False)
-        answer = _ids(tokenizer, full[len(prefix):], False)
+            raise DataError(
+                rec.path,
+                "the chat template does not render turns as prefixes of "
+                "each other, so assistant tokens cannot be located",
+                rec.line,
+            )
+        context = _ids(tokenizer, prefix[len(done) :], False)
+        answer = _ids(tokenizer, full[len(prefix) :], False)
         ids += context + answer
         labels += [IGNORE_INDEX] * len(context) + answer
         done = full
@@ -442,8 +489,9 @@ def load_dataset(spec, tokenizer, *, max_length: int = 512) -> Dataset:
         if ex is not None:
             examples.append(ex)
     if not examples:
-        raise DataError(records[0].path, f"no example keeps a target token within "
-                                         f"max_length={max_length}")
+        raise DataError(
+            records[0].path, f"no example keeps a target token within max_length={max_length}"
+        )
     return Dataset(records[0].path, shape, records, examples, max_length)
 
 
@@ -453,7 +501,9 @@ def split_dataset(ds: Dataset, eval_fraction: float, seed: int) -> tuple[Dataset
         raise DataError(ds.path, f"eval fraction must be in [0, 1), got {eval_fraction}")
     order = list(range(len(ds.examples)))
     random.Random(seed).shuffle(order)
-    n_eval = 0 if eval_fraction == 0 or len(order) < 2 else max(1, round(eval_fraction * len(order)))
+    n_eval = (
+        0 if eval_fraction == 0 or len(order) < 2 else max(1, round(eval_fraction * len(order)))
+    )
     ev, tr = sorted(order[:n_eval]), sorted(order[n_eval:])
     by_line = {r.line: r for r in ds.records}
 
@@ -469,8 +519,7 @@ def dataset_fingerprint(records: Sequence[Record]) -> str:
     for r in records:
         # default=str: table rows (Parquet, datasets) may hold dates or bytes; JSON data
         # never reaches it, so the fingerprints of JSON files are unchanged
-        h.update(json.dumps(r.fields, sort_keys=True, ensure_ascii=False,
-                            default=str).encode())
+        h.update(json.dumps(r.fields, sort_keys=True, ensure_ascii=False, default=str).encode())
         h.update(b"\n")
     return "sha256:" + h.hexdigest()
 
@@ -484,7 +533,7 @@ def pack_examples(examples: Sequence[Example], block_size: int) -> list[Example]
         labels += ex.labels
     blocks = []
     for s in range(0, len(ids), block_size):
-        ex = Example(ids[s: s + block_size], labels[s: s + block_size])
+        ex = Example(ids[s : s + block_size], labels[s : s + block_size])
         if ex.num_target_tokens:
             blocks.append(ex)
     return blocks
@@ -508,4 +557,4 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
     """The batches of one epoch: a permutation fixed by (seed, epoch), so resume can find its place."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     perm = torch.randperm(n, generator=g).tolist()
-    return [perm[i: i + batch_size] for i in range(0, n, batch_size)]
+    return [perm[i : i + batch_size] for i in range(0, n, batch_size)]

@@ -23,9 +23,17 @@ DEMO_STEPS = 80
 DEMO_LR = 5e-4  # measured: 91.7% test accuracy at 80 steps, against 81.7% at the generic 2e-4
 
 
-def run_demo(output_dir: str | Path = "runs/demo", *, method: str = "lora",
-             max_steps: int | None = None, freeze_below: int = 0, seed: int = 0,
-             lr: float | None = None, device: str = "auto", progress: bool = True) -> dict:
+def run_demo(
+    output_dir: str | Path = "runs/demo",
+    *,
+    method: str = "lora",
+    max_steps: int | None = None,
+    freeze_below: int = 0,
+    seed: int = 0,
+    lr: float | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict:
     """Run the demo; return the before/after numbers (also written to ``output_dir``)."""
     out = Path(output_dir)
     dev = resolve_device(device)
@@ -37,11 +45,21 @@ def run_demo(output_dir: str | Path = "runs/demo", *, method: str = "lora",
     zero_shot = {f"eval_{k}": v for k, v in before.items()}
     zero_shot["peak_memory_bytes"] = mem.peak_bytes
 
-    cfg = TrainConfig(data=TRAIN_DATA, eval_data=TEST_DATA, method=method,
-                      max_steps=max_steps or DEMO_STEPS, batch_size=8, freeze_below=freeze_below,
-                      lr=lr or DEMO_LR,
-                      output_dir=str(out), overwrite=True, seed=seed, save_every=20,
-                      device=dev, progress=progress)
+    cfg = TrainConfig(
+        data=TRAIN_DATA,
+        eval_data=TEST_DATA,
+        method=method,
+        max_steps=max_steps or DEMO_STEPS,
+        batch_size=8,
+        freeze_below=freeze_below,
+        lr=lr or DEMO_LR,
+        output_dir=str(out),
+        overwrite=True,
+        seed=seed,
+        save_every=20,
+        device=dev,
+        progress=progress,
+    )
     result = train(cfg, loaded=loaded)
     summary = result.run_summary
     tuned = summary.to_dict()

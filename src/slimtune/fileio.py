@@ -72,9 +72,12 @@ def _raise_if_disk_full(e: BaseException, target: Path) -> None:
     """A full disk, however the writer (OS, safetensors, torch) said it, as ``OSError``
     ENOSPC naming ``target``: the CLI reports that as one line with exit code 2."""
     text = str(e)
-    full = (e.errno == errno.ENOSPC if isinstance(e, OSError) else
-            any(s in text for s in ("No space left on device", "StorageFull", "os error 28"))
-            or ("write failed" in text and shutil.disk_usage(target.parent).free < 2**24))
+    full = (
+        e.errno == errno.ENOSPC
+        if isinstance(e, OSError)
+        else any(s in text for s in ("No space left on device", "StorageFull", "os error 28"))
+        or ("write failed" in text and shutil.disk_usage(target.parent).free < 2**24)
+    )
     if full:
         raise OSError(errno.ENOSPC, "No space left on device", str(target)) from e
 

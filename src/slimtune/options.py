@@ -33,8 +33,9 @@ def read_yaml_config(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UserInputError(f"{path}: expected a mapping of option: value, "
-                             f"got {type(data).__name__}")
+        raise UserInputError(
+            f"{path}: expected a mapping of option: value, got {type(data).__name__}"
+        )
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
@@ -52,8 +53,14 @@ def parse_key_values(items: list[str], where: str = "--option") -> dict[str, Any
     return out
 
 
-_KIND = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-         dict: "a mapping", list: "a list"}
+_KIND = {
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    str: "a string",
+    dict: "a mapping",
+    list: "a list",
+}
 
 
 def _coerce(value: Any, kind: Any) -> tuple[bool, Any]:
@@ -118,10 +125,11 @@ def check_types(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]
             continue
         ok, value = _coerce(values[f.name], hints[f.name])
         if not ok:
-            raise UserInputError(f"{where}: field {f.name!r} must be "
-                                 f"{_describe(hints[f.name])}, got {values[f.name]!r}")
+            raise UserInputError(
+                f"{where}: field {f.name!r} must be "
+                f"{_describe(hints[f.name])}, got {values[f.name]!r}"
+            )
         if isinstance(value, float) and not math.isfinite(value):
-            raise UserInputError(f"{where}: field {f.name!r} must be a finite number, "
-                                 f"got {value}")
+            raise UserInputError(f"{where}: field {f.name!r} must be a finite number, got {value}")
         out[f.name] = value
     return out

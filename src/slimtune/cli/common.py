@@ -8,9 +8,12 @@ S = argparse.SUPPRESS  # a flag not given is absent from the namespace (YAML or 
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=S,
-                   help="'default' (SmolLM2-135M-Instruct, cached), a model folder, a .gguf file, "
-                        "or a hub id (needs a network). Default: default")
+    p.add_argument(
+        "--model",
+        default=S,
+        help="'default' (SmolLM2-135M-Instruct, cached), a model folder, a .gguf file, "
+        "or a hub id (needs a network). Default: default",
+    )
     p.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:1 ... (default: auto)")
 
 

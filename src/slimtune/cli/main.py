@@ -19,8 +19,14 @@ from .train import (  # re-exported: tests and callers import them from here
     train_options_from_args,
 )
 
-__all__ = ["COMMANDS", "StoreOptions", "build_parser", "main", "train_config_from_args",
-           "train_options_from_args"]
+__all__ = [
+    "COMMANDS",
+    "StoreOptions",
+    "build_parser",
+    "main",
+    "train_config_from_args",
+    "train_options_from_args",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,17 +41,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"slimtune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (train.train_parser, train.sweep_parser, run.eval_parser, run.generate_parser,
-                salf.analyze_parser, salf.plan_parser, run.demo_parser, run.fetch_parser,
-                store.build):
+    for add in (
+        train.train_parser,
+        train.sweep_parser,
+        run.eval_parser,
+        run.generate_parser,
+        salf.analyze_parser,
+        salf.plan_parser,
+        run.demo_parser,
+        run.fetch_parser,
+        store.build,
+    ):
         add(sub)
     return parser
 
 
-COMMANDS = {"train": train.cmd_train, "sweep": train.cmd_sweep, "eval": run.cmd_eval,
-            "generate": run.cmd_generate, "analyze": salf.cmd_analyze, "plan": salf.cmd_plan,
-            "demo": run.cmd_demo, "fetch": run.cmd_fetch, "delta": store.cmd_delta,
-            "ab": store.cmd_ab}
+COMMANDS = {
+    "train": train.cmd_train,
+    "sweep": train.cmd_sweep,
+    "eval": run.cmd_eval,
+    "generate": run.cmd_generate,
+    "analyze": salf.cmd_analyze,
+    "plan": salf.cmd_plan,
+    "demo": run.cmd_demo,
+    "fetch": run.cmd_fetch,
+    "delta": store.cmd_delta,
+    "ab": store.cmd_ab,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,8 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         if e.errno == 28:  # ENOSPC: nothing was replaced, every write is atomic
             # a copy's error names its source first and what it was writing second
-            print(f"slimtune: error: disk full while writing {e.filename2 or e.filename or ''}; "
-                  "nothing already stored was changed", file=sys.stderr)
+            print(
+                f"slimtune: error: disk full while writing {e.filename2 or e.filename or ''}; "
+                "nothing already stored was changed",
+                file=sys.stderr,
+            )
             return UserInputError.exit_code
         raise
 

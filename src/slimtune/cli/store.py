@@ -9,16 +9,20 @@ from ..errors import DeltaError
 
 
 def add_store_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", help="store folder (default $SLIMTUNE_STORE or "
-                                   "~/.local/share/slimtune/store)")
+    p.add_argument(
+        "--store", help="store folder (default $SLIMTUNE_STORE or ~/.local/share/slimtune/store)"
+    )
 
 
 def build(sub) -> None:
-    d = sub.add_parser("delta", help="the versioned delta store: list, show, tag, diff, verify, "
-                                     "rm, gc, reindex, apply, rollback, export, import, add",
-                       description="Versions of fine-tuned deltas with an SQLite index. IDs are "
-                                   "v1, v2, ...; tags (e.g. prod) name versions and move "
-                                   "atomically.")
+    d = sub.add_parser(
+        "delta",
+        help="the versioned delta store: list, show, tag, diff, verify, "
+        "rm, gc, reindex, apply, rollback, export, import, add",
+        description="Versions of fine-tuned deltas with an SQLite index. IDs are "
+        "v1, v2, ...; tags (e.g. prod) name versions and move "
+        "atomically.",
+    )
     add_store_arg(d)
     ds = d.add_subparsers(dest="action", metavar="ACTION", required=True)
     ds.add_parser("list", help="every version, with its tags")
@@ -30,45 +34,65 @@ def build(sub) -> None:
     p = ds.add_parser("diff", help="what differs between two versions")
     p.add_argument("a")
     p.add_argument("b")
-    p = ds.add_parser("verify", help="check the checksums of one version or of all (and, for "
-                                     "all, that objects/ and the index agree)")
+    p = ds.add_parser(
+        "verify",
+        help="check the checksums of one version or of all (and, for "
+        "all, that objects/ and the index agree)",
+    )
     p.add_argument("ref", nargs="?")
     p = ds.add_parser("rm", help="remove a version (refused while a tag or a child uses it)")
     p.add_argument("ref")
     p.add_argument("--force", action="store_true")
-    ds.add_parser("gc", help="move folders no version owns (e.g. after a killed save) to "
-                             "quarantine/; remove staging leftovers of dead adds")
-    ds.add_parser("reindex", help="rebuild the index from the manifests in objects/ (after the "
-                                  "index was lost or corrupted; tags and notes are not kept)")
+    ds.add_parser(
+        "gc",
+        help="move folders no version owns (e.g. after a killed save) to "
+        "quarantine/; remove staging leftovers of dead adds",
+    )
+    ds.add_parser(
+        "reindex",
+        help="rebuild the index from the manifests in objects/ (after the "
+        "index was lost or corrupted; tags and notes are not kept)",
+    )
     p = ds.add_parser("rollback", help="move a tag back to the version it pointed at before")
     p.add_argument("tag", nargs="?", default="prod")
     p = ds.add_parser("apply", help="write base + delta as a model folder transformers loads")
     p.add_argument("ref")
     p.add_argument("--model", help="the base (default: the one the delta's manifest records)")
     p.add_argument("--out", required=True, help="folder to write (must not exist)")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
-                   help="dtype of the written weights (merged in fp32, then cast; default: "
-                        "the base's own as its config records it, else fp32)")
+    p.add_argument(
+        "--dtype",
+        choices=["bf16", "fp16", "fp32"],
+        help="dtype of the written weights (merged in fp32, then cast; default: "
+        "the base's own as its config records it, else fp32)",
+    )
     p = ds.add_parser("export", help="export a lora or shira version in peft's own format")
     p.add_argument("ref")
     p.add_argument("dir")
     p.add_argument("--format", default="peft", choices=["peft"])
-    p = ds.add_parser("import", help="import a peft LoRA or SHiRA adapter folder as a new "
-                                     "version, after checking it fits its base")
+    p = ds.add_parser(
+        "import",
+        help="import a peft LoRA or SHiRA adapter folder as a new "
+        "version, after checking it fits its base",
+    )
     p.add_argument("dir")
-    p.add_argument("--model", help="the base it was trained on (default: the adapter's "
-                                   "base_model_name_or_path)")
+    p.add_argument(
+        "--model",
+        help="the base it was trained on (default: the adapter's base_model_name_or_path)",
+    )
     p.add_argument("--note")
     p = ds.add_parser("add", help="add a slimtune delta folder as a new version")
     p.add_argument("dir")
     p.add_argument("--parent")
     p.add_argument("--note")
 
-    ab = sub.add_parser("ab", help="A/B-test two deltas on the same examples",
-                        description="Evaluates two deltas (ids, tags or folders) on one loaded "
-                                    "base with the same examples; reports the paired "
-                                    "difference (bootstrap CI, McNemar for accuracy), the "
-                                    "winner, and cost figures side by side.")
+    ab = sub.add_parser(
+        "ab",
+        help="A/B-test two deltas on the same examples",
+        description="Evaluates two deltas (ids, tags or folders) on one loaded "
+        "base with the same examples; reports the paired "
+        "difference (bootstrap CI, McNemar for accuracy), the "
+        "winner, and cost figures side by side.",
+    )
     add_store_arg(ab)
     ab.add_argument("a")
     ab.add_argument("b")
@@ -94,9 +118,16 @@ def _fmt_version(store, v, tags) -> list[str]:
         acc, note = None, "(manifest unreadable: see delta verify)"
     if not isinstance(acc, (int, float)):
         acc = None
-    return [v.id, ",".join(t for t, vid in tags.items() if vid == v.id), v.method,
-            v.parent or "", f"{100 * acc:.1f}%" if acc is not None else "-",
-            f"{v.bytes / 2**20:.2f} MiB", v.created, note]
+    return [
+        v.id,
+        ",".join(t for t, vid in tags.items() if vid == v.id),
+        v.method,
+        v.parent or "",
+        f"{100 * acc:.1f}%" if acc is not None else "-",
+        f"{v.bytes / 2**20:.2f} MiB",
+        v.created,
+        note,
+    ]
 
 
 def cmd_delta(args) -> int:
@@ -108,9 +139,11 @@ def cmd_delta(args) -> int:
     store = _store(args)
     if a == "list":
         tags = store.tags()
-        print_table(f"slimtune delta list ({store.root})",
-                    ["id", "tags", "method", "parent", "accuracy", "size", "created", "note"],
-                    [_fmt_version(store, v, tags) for v in store.list()])
+        print_table(
+            f"slimtune delta list ({store.root})",
+            ["id", "tags", "method", "parent", "accuracy", "size", "created", "note"],
+            [_fmt_version(store, v, tags) for v in store.list()],
+        )
     elif a == "show":
         print(json.dumps(store.describe(store.resolve(args.ref)), indent=2, default=str))
     elif a == "tag":
@@ -122,8 +155,7 @@ def cmd_delta(args) -> int:
     elif a == "diff":
         from ..delta.store import diff
 
-        print(json.dumps(diff(store.resolve(args.a), store.resolve(args.b)), indent=2,
-                         default=str))
+        print(json.dumps(diff(store.resolve(args.a), store.resolve(args.b)), indent=2, default=str))
     elif a == "verify":
         bad = 0
         for vid, problem in store.verify(args.ref):
@@ -135,11 +167,12 @@ def cmd_delta(args) -> int:
         print(f"removed {store.remove(args.ref, force=args.force)}")
     elif a == "gc":
         r = store.gc()
-        print(f"moved {len(r.quarantined)} unowned folder(s) to {store.quarantine}"
-              + "".join(f"\n  {src} -> {dst}" for src, dst in r.quarantined)
-              + (f"\nremoved {len(r.removed)} staging leftover(s)" if r.removed else "")
-              + (f"\nleft {len(r.in_use)} staging folder(s) of adds in progress"
-                 if r.in_use else ""))
+        print(
+            f"moved {len(r.quarantined)} unowned folder(s) to {store.quarantine}"
+            + "".join(f"\n  {src} -> {dst}" for src, dst in r.quarantined)
+            + (f"\nremoved {len(r.removed)} staging leftover(s)" if r.removed else "")
+            + (f"\nleft {len(r.in_use)} staging folder(s) of adds in progress" if r.in_use else "")
+        )
     elif a == "add":
         v = store.add(args.dir, parent=args.parent, note=args.note)
         print(v.id)
@@ -158,8 +191,10 @@ def _reindex(args) -> int:
     store, added, skipped, aside = DeltaStore.reindex(args.store)
     if aside is not None:
         print(f"moved the unreadable index to {aside}")
-    print(f"indexed {len(added)} folder(s) of {store.objects}: {', '.join(added) or '-'} "
-          "(tags, notes and parents are not recorded in the folders: set tags again)")
+    print(
+        f"indexed {len(added)} folder(s) of {store.objects}: {', '.join(added) or '-'} "
+        "(tags, notes and parents are not recorded in the folders: set tags again)"
+    )
     for folder, why in skipped:
         print(f"  skipped {folder}: {why}")
     return 0
@@ -187,8 +222,10 @@ def _import_peft(store, args):
 
     r = import_peft(store, args.dir, model=args.model, note=args.note)
     if args.model and r.adapter_base and r.adapter_base != args.model:
-        info(f"the adapter names base {r.adapter_base}; imported for --model {args.model} "
-             "(it fits that model's shapes)")
+        info(
+            f"the adapter names base {r.adapter_base}; imported for --model {args.model} "
+            "(it fits that model's shapes)"
+        )
     return r.version
 
 
@@ -200,8 +237,9 @@ def cmd_ab(args) -> int:
     from ..fileio import write_json
     from ..model.loading import resolve_device
 
-    sw = DeltaSwitcher.with_delta(args.a, _store(args), args.model,
-                                  device=resolve_device(args.device))
+    sw = DeltaSwitcher.with_delta(
+        args.a, _store(args), args.model, device=resolve_device(args.device)
+    )
     loaded = sw.loaded
     ds = load_dataset(args.data, loaded.tokenizer)
     if args.limit:
@@ -209,22 +247,37 @@ def cmd_ab(args) -> int:
     r = run_ab(sw, args.a, args.b, ds, task=args.task)
     metric = r["metric"]
     rows = []
-    for key, label, kind in [(metric, metric, "pct" if metric != "loss" else "f3"),
-                             ("latency_p50_ms", "decode latency p50", "ms"),
-                             ("latency_p95_ms", "decode latency p95", "ms")]:
-        rows.append([label, fmt(r["A"]["metrics"].get(key), kind),
-                     fmt(r["B"]["metrics"].get(key), kind)])
-    rows.append(["trainable params", fmt(r["A"]["trainable_params"], "int"),
-                 fmt(r["B"]["trainable_params"], "int")])
-    rows.append(["delta on disk", fmt(r["A"]["delta_bytes"], "bytes"),
-                 fmt(r["B"]["delta_bytes"], "bytes")])
-    print_table(f"slimtune ab: {r['A']['ref']} vs {r['B']['ref']} on {r['examples']} examples "
-                f"({r['task']})", ["", f"A: {r['A']['ref']}", f"B: {r['B']['ref']}"], rows)
+    for key, label, kind in [
+        (metric, metric, "pct" if metric != "loss" else "f3"),
+        ("latency_p50_ms", "decode latency p50", "ms"),
+        ("latency_p95_ms", "decode latency p95", "ms"),
+    ]:
+        rows.append(
+            [label, fmt(r["A"]["metrics"].get(key), kind), fmt(r["B"]["metrics"].get(key), kind)]
+        )
+    rows.append(
+        [
+            "trainable params",
+            fmt(r["A"]["trainable_params"], "int"),
+            fmt(r["B"]["trainable_params"], "int"),
+        ]
+    )
+    rows.append(
+        ["delta on disk", fmt(r["A"]["delta_bytes"], "bytes"), fmt(r["B"]["delta_bytes"], "bytes")]
+    )
+    print_table(
+        f"slimtune ab: {r['A']['ref']} vs {r['B']['ref']} on {r['examples']} examples "
+        f"({r['task']})",
+        ["", f"A: {r['A']['ref']}", f"B: {r['B']['ref']}"],
+        rows,
+    )
     b = r["bootstrap"]
     scale = 100 if metric != "loss" else 1
     unit = " points" if metric != "loss" else ""
-    line = (f"B - A = {scale * b['mean_diff']:+.2f}{unit} (95% CI {scale * b['ci_low']:+.2f} .. "
-            f"{scale * b['ci_high']:+.2f})")
+    line = (
+        f"B - A = {scale * b['mean_diff']:+.2f}{unit} (95% CI {scale * b['ci_low']:+.2f} .. "
+        f"{scale * b['ci_high']:+.2f})"
+    )
     if "mcnemar" in r:
         m = r["mcnemar"]
         line += f"; McNemar: {m['only_a']} right only with A, {m['only_b']} only with B, p = {m['p_value']:.3g}"

@@ -66,8 +66,9 @@ def method_flags() -> dict[str, MethodFlag]:
         for o in cls.config_class.cli_options():
             f = flags.get(o.dest)
             if f is None:
-                flags[o.dest] = MethodFlag(o.flag, o.name, o.kind, o.help, {method: o.default},
-                                           o.sweep)
+                flags[o.dest] = MethodFlag(
+                    o.flag, o.name, o.kind, o.help, {method: o.default}, o.sweep
+                )
                 continue
             if (f.name, f.kind) != (o.name, o.kind):
                 first = next(iter(f.defaults))
@@ -75,7 +76,8 @@ def method_flags() -> dict[str, MethodFlag]:
                     f"--{o.flag} is declared by method {first!r} for its option {f.name!r} "
                     f"({_type_name(f.kind)}) and by method {method!r} for {o.name!r} "
                     f"({_type_name(o.kind)}): methods sharing a flag must give it the same "
-                    "option name and type (or declare another flag=...)")
+                    "option name and type (or declare another flag=...)"
+                )
             f.defaults[method] = o.default
             f.sweep = f.sweep or o.sweep
             f.help = f.help or o.help
@@ -111,34 +113,42 @@ def _reserved_keys() -> set[str]:
     """Names a method flag must not take: train's own options and YAML keys."""
     from ..training.config import TrainConfig
 
-    return ({f.name for f in fields(TrainConfig)} | {f.name for f in fields(StoreOptions)}
-            | set(NEGATED_FLAGS) | {"config", "option", "help"})
+    return (
+        {f.name for f in fields(TrainConfig)}
+        | {f.name for f in fields(StoreOptions)}
+        | set(NEGATED_FLAGS)
+        | {"config", "option", "help"}
+    )
 
 
 def _add_method_flags(p: argparse.ArgumentParser, grid: bool) -> None:
     group = p.add_argument_group(
-        "method options", "declared by each method's options dataclass; a flag a method does "
-                          "not take is an error for it. Any option: -o KEY=VALUE")
+        "method options",
+        "declared by each method's options dataclass; a flag a method does "
+        "not take is an error for it. Any option: -o KEY=VALUE",
+    )
     reserved = _reserved_keys()
     for f in method_flags().values():
         who = ", ".join(sorted(f.defaults))
         if f.dest in reserved:
-            raise ValueError(f"--{f.flag} (method {who}) is an option train already has; "
-                             "declare the method option with another flag=...")
+            raise ValueError(
+                f"--{f.flag} (method {who}) is an option train already has; "
+                "declare the method option with another flag=..."
+            )
         kwargs: dict[str, Any] = {"default": S, "help": flag_help(f, grid)}
         if f.kind is bool:
             kwargs["action"] = "store_true"
         else:
-            kind = str if (grid and f.sweep) or typing.get_origin(f.kind) is not None \
-                else f.kind
+            kind = str if (grid and f.sweep) or typing.get_origin(f.kind) is not None else f.kind
             kwargs["type"] = kind if kind in (int, float) else str
             if typing.get_origin(f.kind) is list:
                 kwargs["metavar"] = "A,B,..."
         try:
             group.add_argument(f"--{f.flag}", **kwargs)
         except argparse.ArgumentError as e:
-            raise ValueError(f"--{f.flag} (method {who}) clashes with a flag train already "
-                             f"has: {e}") from None
+            raise ValueError(
+                f"--{f.flag} (method {who}) clashes with a flag train already has: {e}"
+            ) from None
 
 
 def _method_help() -> str:
@@ -157,15 +167,25 @@ def _lr_help() -> str:
 
 
 def train_parser(sub) -> None:
-    p = sub.add_parser("train", help="fine-tune a model and save the result as a delta",
-                       description="Fine-tune a model on a data file; the result is a delta "
-                                   "folder in OUTPUT_DIR/delta. Options can also come from a "
-                                   "YAML file (--config); flags given here win.")
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a model and save the result as a delta",
+        description="Fine-tune a model on a data file; the result is a delta "
+        "folder in OUTPUT_DIR/delta. Options can also come from a "
+        "YAML file (--config); flags given here win.",
+    )
     add_train_options(p, grid=False)
-    p.add_argument("--store", default=S, help="delta store to save the result into "
-                                              "(default $SLIMTUNE_STORE or ~/.local/share/...)")
-    p.add_argument("--no-store", action="store_true", default=S,
-                   help="do not add the result to the delta store")
+    p.add_argument(
+        "--store",
+        default=S,
+        help="delta store to save the result into (default $SLIMTUNE_STORE or ~/.local/share/...)",
+    )
+    p.add_argument(
+        "--no-store",
+        action="store_true",
+        default=S,
+        help="do not add the result to the delta store",
+    )
     p.add_argument("--parent", default=S, help="store version this run continues (recorded)")
     p.add_argument("--note", default=S, help="a note kept with the stored version")
 
@@ -175,13 +195,15 @@ def sweep_parser(sub) -> None:
 
     examples = ", ".join(f"--{dest.replace('_', '-')}" for dest in grid_flags())
     p = sub.add_parser(
-        "sweep", help="sensitivity analysis: train a grid of method sizes, compare quality/cost",
+        "sweep",
+        help="sensitivity analysis: train a grid of method sizes, compare quality/cost",
         description="Trains one run per combination of the comma-separated values given "
-                    f"for the method's sweepable options ({examples}; e.g. --lora-r 4,8,16), "
-                    "every other option as in `slimtune train`, and writes one "
-                    "table (sweep.json, report.md) and a quality-versus-cost plot (sweep.png). "
-                    "Re-running the same sweep reuses the finished points. Results are not "
-                    "added to the delta store.")
+        f"for the method's sweepable options ({examples}; e.g. --lora-r 4,8,16), "
+        "every other option as in `slimtune train`, and writes one "
+        "table (sweep.json, report.md) and a quality-versus-cost plot (sweep.png). "
+        "Re-running the same sweep reuses the finished points. Results are not "
+        "added to the delta store.",
+    )
     add_train_options(p, grid=True)
 
 
@@ -189,29 +211,58 @@ def add_train_options(p: argparse.ArgumentParser, grid: bool) -> None:
     """The options of one training run; with ``grid`` the sweepable method options take
     lists."""
     p.add_argument("--config", help="YAML file of options (same names as the flags)")
-    p.add_argument("--data", default=S, help="training data: .jsonl, .json, .csv, .parquet, "
-                                             ".txt or builtin:NAME")
+    p.add_argument(
+        "--data",
+        default=S,
+        help="training data: .jsonl, .json, .csv, .parquet, .txt or builtin:NAME",
+    )
     p.add_argument("--eval-data", default=S, help="evaluation data (default: split from --data)")
-    p.add_argument("--eval-fraction", type=float, default=S,
-                   help="fraction of --data held out for evaluation when --eval-data is absent "
-                        "(default 0.1)")
+    p.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=S,
+        help="fraction of --data held out for evaluation when --eval-data is absent (default 0.1)",
+    )
     add_model_args(p)
     p.add_argument("--method", default=S, help=_method_help())
-    p.add_argument("-o", "--option", action="append", default=S, metavar="KEY=VALUE",
-                   help="a method option, e.g. -o r=16 (repeatable)")
-    p.add_argument("--freeze-below", type=int, default=S,
-                   help="freeze layers 0..K-1; they run without autograd (default 0)")
-    p.add_argument("--freeze", default=S, choices=["auto"],
-                   help="auto: the SALF analysis of --data chooses where to freeze "
-                        "(see `slimtune analyze`)")
-    p.add_argument("--budget-memory", default=S,
-                   help="with --freeze auto: unfreeze from the top while the estimated peak "
-                        "memory fits, e.g. 6GiB")
-    p.add_argument("--budget-step-time", default=S,
-                   help="with --freeze auto: unfreeze from the top while the estimated time "
-                        "per optimizer step fits, e.g. 1.5s")
-    p.add_argument("--keep", type=float, default=S,
-                   help="share of the expected gain --freeze auto keeps (default 0.99)")
+    p.add_argument(
+        "-o",
+        "--option",
+        action="append",
+        default=S,
+        metavar="KEY=VALUE",
+        help="a method option, e.g. -o r=16 (repeatable)",
+    )
+    p.add_argument(
+        "--freeze-below",
+        type=int,
+        default=S,
+        help="freeze layers 0..K-1; they run without autograd (default 0)",
+    )
+    p.add_argument(
+        "--freeze",
+        default=S,
+        choices=["auto"],
+        help="auto: the SALF analysis of --data chooses where to freeze (see `slimtune analyze`)",
+    )
+    p.add_argument(
+        "--budget-memory",
+        default=S,
+        help="with --freeze auto: unfreeze from the top while the estimated peak "
+        "memory fits, e.g. 6GiB",
+    )
+    p.add_argument(
+        "--budget-step-time",
+        default=S,
+        help="with --freeze auto: unfreeze from the top while the estimated time "
+        "per optimizer step fits, e.g. 1.5s",
+    )
+    p.add_argument(
+        "--keep",
+        type=float,
+        default=S,
+        help="share of the expected gain --freeze auto keeps (default 0.99)",
+    )
     p.add_argument("--max-steps", type=int, default=S, help="optimizer steps (default 100)")
     p.add_argument("--batch-size", type=int, default=S, help="examples per micro-batch (default 8)")
     p.add_argument("--grad-accum", type=int, default=S, help="micro-batches per step (default 1)")
@@ -220,28 +271,50 @@ def add_train_options(p: argparse.ArgumentParser, grid: bool) -> None:
     p.add_argument("--warmup-ratio", type=float, default=S, help="warmup share of steps (0.1)")
     p.add_argument("--max-grad-norm", type=float, default=S, help="gradient clipping (1.0)")
     p.add_argument("--max-length", type=int, default=S, help="tokens per example (512)")
-    p.add_argument("--pack", action="store_true", default=S,
-                   help="pack examples into max-length blocks")
-    p.add_argument("--gradient-checkpointing", action="store_true", default=S,
-                   help="recompute activations in backward (less memory, more time)")
+    p.add_argument(
+        "--pack", action="store_true", default=S, help="pack examples into max-length blocks"
+    )
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        default=S,
+        help="recompute activations in backward (less memory, more time)",
+    )
     p.add_argument("--eval-every", type=int, default=S, help="eval loss every N steps (0: at end)")
     p.add_argument("--save-every", type=int, default=S, help="checkpoint every N steps (50)")
-    p.add_argument("--keep-checkpoint", action="store_true", default=S,
-                   help="keep the last checkpoint after a successful run")
+    p.add_argument(
+        "--keep-checkpoint",
+        action="store_true",
+        default=S,
+        help="keep the last checkpoint after a successful run",
+    )
     p.add_argument("--output-dir", default=S, help="run folder (default runs/train)")
     p.add_argument("--seed", type=int, default=S, help="random seed (default 0)")
-    p.add_argument("--resume", action="store_true", default=S,
-                   help="continue from the checkpoint in --output-dir")
-    p.add_argument("--overwrite", action="store_true", default=S,
-                   help="replace an existing run in --output-dir")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        default=S,
+        help="continue from the checkpoint in --output-dir",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=S,
+        help="replace an existing run in --output-dir",
+    )
     p.add_argument("--precision", default=S, help="auto, bf16, fp16 or fp32 (auto: bf16 on GPU)")
     p.add_argument("--task", default=S, help="auto, classification, generation or lm")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=S,
-                   help="no progress bar")
-    p.add_argument("--report-to", default=S, metavar="TRACKERS",
-                   help="also log the metrics to experiment trackers, comma-separated: "
-                        "tensorboard, wandb, trackio, mlflow (each its own package; logs "
-                        "under OUTPUT_DIR/logs)")
+    p.add_argument(
+        "--no-progress", dest="progress", action="store_false", default=S, help="no progress bar"
+    )
+    p.add_argument(
+        "--report-to",
+        default=S,
+        metavar="TRACKERS",
+        help="also log the metrics to experiment trackers, comma-separated: "
+        "tensorboard, wandb, trackio, mlflow (each its own package; logs "
+        "under OUTPUT_DIR/logs)",
+    )
     _add_method_flags(p, grid)
 
 
@@ -250,13 +323,19 @@ def _as_list(key: str, value: Any, where: str) -> list[str]:
     if isinstance(value, str):
         value = value.split(",")
     if not isinstance(value, list):
-        raise UserInputError(f"{where}: {key} must be a comma-separated string or a list, "
-                             f"got {value!r}")
+        raise UserInputError(
+            f"{where}: {key} must be a comma-separated string or a list, got {value!r}"
+        )
     return [str(t).strip() for t in value if str(t).strip()]
 
 
-def _split_options(source: dict[str, Any], where: str, values: dict[str, Any],
-                   method_options: dict[str, Any], store: dict[str, Any]) -> None:
+def _split_options(
+    source: dict[str, Any],
+    where: str,
+    values: dict[str, Any],
+    method_options: dict[str, Any],
+    store: dict[str, Any],
+) -> None:
     """Sort one source's options (YAML or flags, by flag name) into TrainConfig fields,
     method options and store options; later sources override earlier ones."""
     source = dict(source)
@@ -282,15 +361,17 @@ def _split_options(source: dict[str, Any], where: str, values: dict[str, Any],
         elif isinstance(option, list) and all(isinstance(o, str) for o in option):
             method_options.update(parse_key_values(option))
         else:
-            raise UserInputError(f"{where}: option must be a mapping or a list of KEY=VALUE, "
-                                 f"got {option!r}")
+            raise UserInputError(
+                f"{where}: option must be a mapping or a list of KEY=VALUE, got {option!r}"
+            )
     for name in [f.name for f in fields(StoreOptions) if f.name in source]:
         store[name] = source.pop(name)
     values.update(source)
 
 
-def train_options_from_args(args: argparse.Namespace, exclude: tuple[str, ...] = ()
-                            ) -> tuple[Any, StoreOptions]:
+def train_options_from_args(
+    args: argparse.Namespace, exclude: tuple[str, ...] = ()
+) -> tuple[Any, StoreOptions]:
     """Defaults < YAML file < flags given on the command line; YAML keys are the flags'
     names (dashes or underscores). Returns the TrainConfig and the store options."""
     from ..training.config import TrainConfig
@@ -357,24 +438,41 @@ def report_train(cfg: Any, result: Any) -> None:
 
     s = result.summary
     rows = comparison_rows([s])
-    print_table(f"slimtune train: {cfg.method} on {Path(str(cfg.data)).name}",
-                ["metric", cfg.method], rows)
+    print_table(
+        f"slimtune train: {cfg.method} on {Path(str(cfg.data)).name}", ["metric", cfg.method], rows
+    )
     plot_loss(result.history, result.output_dir / "loss.png", title=f"{cfg.method} training loss")
     notes = []
     if result.manifest.get("auto_freeze"):
-        notes.append(f"freeze auto: freeze-below {s['freeze_below']} "
-                     f"({result.manifest['auto_freeze']['reason']})")
+        notes.append(
+            f"freeze auto: freeze-below {s['freeze_below']} "
+            f"({result.manifest['auto_freeze']['reason']})"
+        )
         print(notes[-1])
     if s.get("expert_usage"):
         headers, usage_rows = expert_usage_rows(s["expert_usage"])
-        print_table("expert usage: share of routing slots per layer (max/mean 1.00 = even)",
-                    headers, usage_rows)
-        png = plot_expert_usage(s["expert_usage"], result.output_dir / "expert_usage.png",
-                                title=f"expert usage, {cfg.data}")
-        notes.append(f"active adapter params per token {s['active_params_per_token']:,} of "
-                     f"{s['adapter_params']:,}; expert usage heat map: {png.name}")
-    write_report(result.output_dir, f"Training run: {cfg.method}", ["metric", cfg.method], rows,
-                 {"summary": s, "config": result.manifest["training"]}, notes)
+        print_table(
+            "expert usage: share of routing slots per layer (max/mean 1.00 = even)",
+            headers,
+            usage_rows,
+        )
+        png = plot_expert_usage(
+            s["expert_usage"],
+            result.output_dir / "expert_usage.png",
+            title=f"expert usage, {cfg.data}",
+        )
+        notes.append(
+            f"active adapter params per token {s['active_params_per_token']:,} of "
+            f"{s['adapter_params']:,}; expert usage heat map: {png.name}"
+        )
+    write_report(
+        result.output_dir,
+        f"Training run: {cfg.method}",
+        ["metric", cfg.method],
+        rows,
+        {"summary": s, "config": result.manifest["training"]},
+        notes,
+    )
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:

@@ -44,8 +44,14 @@ class Applied:
         return base
 
 
-def apply_delta(model: nn.Module, folder: str | Path, base_fingerprint: str, *,
-                merge: bool = False, ref: str | None = None) -> Applied:
+def apply_delta(
+    model: nn.Module,
+    folder: str | Path,
+    base_fingerprint: str,
+    *,
+    merge: bool = False,
+    ref: str | None = None,
+) -> Applied:
     """Verify ``folder``, check it belongs to this base, and attach it to ``model`` the way
     its method (looked up in the registry by the manifest's name) says."""
     from ..methods import METHODS
@@ -64,13 +70,17 @@ def apply_delta(model: nn.Module, folder: str | Path, base_fingerprint: str, *,
 
 
 def _merge_refusal(ref: str, method: type[Method]) -> str:
-    why = (f" ({method.why_not_mergeable}; run it attached: --delta {ref})"
-           if method.why_not_mergeable else "")
+    why = (
+        f" ({method.why_not_mergeable}; run it attached: --delta {ref})"
+        if method.why_not_mergeable
+        else ""
+    )
     return f"{ref} ({method.name}) cannot be merged into the base{why}"
 
 
-def load_delta(folder: str | Path, model: nn.Module, base_fingerprint: str
-               ) -> tuple[nn.Module, dict]:
+def load_delta(
+    folder: str | Path, model: nn.Module, base_fingerprint: str
+) -> tuple[nn.Module, dict]:
     """Verify ``folder`` and attach it to the base ``model`` (unmerged where the method
     allows); return (model to run, manifest)."""
     applied = apply_delta(model, folder, base_fingerprint)
@@ -85,8 +95,10 @@ def recorded_base(manifest: dict) -> str:
 
     base = manifest.get("base") or {}
     source = base.get("source")
-    if not source or (base.get("name") == DEFAULT_MODEL_NAME and
-                      (Path(source) == default_model_dir() or not Path(source).exists())):
+    if not source or (
+        base.get("name") == DEFAULT_MODEL_NAME
+        and (Path(source) == default_model_dir() or not Path(source).exists())
+    ):
         return "default"
     return str(source)
 
@@ -103,8 +115,9 @@ def load_base(manifest: dict, model: str | None = None, **kwargs):
     try:
         return load_model(spec, **kwargs)
     except ModelLoadError as e:
-        raise ModelLoadError(f"the delta's base, {spec} (from its manifest), does not load "
-                             f"here ({e}); pass --model") from e
+        raise ModelLoadError(
+            f"the delta's base, {spec} (from its manifest), does not load here ({e}); pass --model"
+        ) from e
 
 
 MERGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -141,8 +154,14 @@ class Merged:
     dtype_reason: str  # why that dtype
 
 
-def merge_to_folder(folder: str | Path, out: str | Path, *, model: str | None = None,
-                    dtype: str | None = None, ref: str | None = None) -> Merged:
+def merge_to_folder(
+    folder: str | Path,
+    out: str | Path,
+    *,
+    model: str | None = None,
+    dtype: str | None = None,
+    ref: str | None = None,
+) -> Merged:
     """Write base + delta as one model folder that transformers loads without slimtune.
 
     Refuses a delta that cannot merge before loading anything. The merge runs in fp32;
@@ -178,9 +197,15 @@ def merge_to_folder(folder: str | Path, out: str | Path, *, model: str | None = 
         # merged: a transformers model again, which nn.Module's __getattr__ cannot know
         applied.model.save_pretrained(tmp)  # type: ignore[operator]
         loaded.tokenizer.save_pretrained(tmp)
-        write_json(tmp / "slimtune_delta.json", {
-            "version": ref, "method": manifest["method"], "dtype": dtype,
-            "base_fingerprint": manifest["base"].get("fingerprint")})
+        write_json(
+            tmp / "slimtune_delta.json",
+            {
+                "version": ref,
+                "method": manifest["method"],
+                "dtype": dtype,
+                "base_fingerprint": manifest["base"].get("fingerprint"),
+            },
+        )
     return Merged(out, loaded.name, dtype, reason)
 
 
@@ -218,8 +243,9 @@ class DeltaSwitcher:
         self.current: Applied | None = None
 
     @classmethod
-    def with_delta(cls, ref: str, store=None, model: str | None = None,
-                   **load_kwargs) -> DeltaSwitcher:
+    def with_delta(
+        cls, ref: str, store=None, model: str | None = None, **load_kwargs
+    ) -> DeltaSwitcher:
         """A switcher with ``ref`` switched on, over ``model`` when given, else over the
         base that ``ref``'s manifest records (a delta of another base then loads its own
         instead of failing the fingerprint check against the default model)."""
@@ -252,8 +278,7 @@ class DeltaSwitcher:
             self.current = apply_delta(self.base, folder, self.fingerprint, ref=label)
         return self.model
 
-    def generate(self, prompts: list[str], *, raw: bool = False, **kwargs
-                 ) -> list[tuple[str, str]]:
+    def generate(self, prompts: list[str], *, raw: bool = False, **kwargs) -> list[tuple[str, str]]:
         """Greedy completions, each marked with the delta that produced it; prompts go
         through the chat template unless ``raw``, as with ``slimtune generate``."""
         from ..eval.evaluate import chat_prompts, generate

@@ -35,20 +35,34 @@ def library_versions() -> dict[str, str]:
 
     from ..version import __version__
 
-    return {"slimtune": __version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__,
-            "python": platform.python_version()}
+    return {
+        "slimtune": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+    }
 
 
-def save_delta(folder: str | Path, method: Method, model: nn.Module, *,
-               base: dict[str, Any], layers: list[int], extra: dict[str, Any] | None = None,
-               replace: bool = False) -> dict[str, Any]:
+def save_delta(
+    folder: str | Path,
+    method: Method,
+    model: nn.Module,
+    *,
+    base: dict[str, Any],
+    layers: list[int],
+    extra: dict[str, Any] | None = None,
+    replace: bool = False,
+) -> dict[str, Any]:
     """Write ``method``'s trained state from ``model`` as a delta folder; return the manifest."""
     folder = Path(folder)
     with atomic_dir(folder, replace=replace) as tmp:
         method.save(model, tmp)
-        files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                 for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = {
+            p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in sorted(tmp.iterdir())
+            if p.is_file()
+        }
         manifest = Manifest(
             format=FORMAT,
             format_version=FORMAT_VERSION,
@@ -84,8 +98,10 @@ def _check_fields(manifest: dict[str, Any], path: Path) -> None:
     files = manifest["files"]
     needed = _tensor_files(manifest["method"])
     if needed and not any(n in files for n in needed):
-        raise DeltaError(f"{path}: malformed manifest: a {manifest['method']} delta needs "
-                         f"{' or '.join(needed)}, which 'files' does not list")
+        raise DeltaError(
+            f"{path}: malformed manifest: a {manifest['method']} delta needs "
+            f"{' or '.join(needed)}, which 'files' does not list"
+        )
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
@@ -111,8 +127,10 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     if not conforms(version, int):
         raise DeltaError(f"{path}: malformed manifest: 'format_version' is not {describe(int)}")
     if version > FORMAT_VERSION:
-        raise DeltaError(f"{path}: format version {manifest['format_version']} is newer than "
-                         f"this slimtune reads ({FORMAT_VERSION}); upgrade slimtune")
+        raise DeltaError(
+            f"{path}: format version {manifest['format_version']} is newer than "
+            f"this slimtune reads ({FORMAT_VERSION}); upgrade slimtune"
+        )
     _check_fields(manifest, path)
     return manifest
 
@@ -133,8 +151,10 @@ def verify_delta(folder: str | Path, manifest: dict[str, Any] | None = None) -> 
         if not path.is_file():
             raise DeltaError(f"{path}: listed in the manifest but missing")
         if path.stat().st_size != info["bytes"]:
-            raise DeltaError(f"{path}: size {path.stat().st_size} bytes, manifest says "
-                             f"{info['bytes']} (truncated or replaced)")
+            raise DeltaError(
+                f"{path}: size {path.stat().st_size} bytes, manifest says "
+                f"{info['bytes']} (truncated or replaced)"
+            )
         if sha256_file(path) != info["sha256"]:
             raise DeltaError(f"{path}: checksum mismatch (corrupted)")
         if name.endswith(".safetensors"):

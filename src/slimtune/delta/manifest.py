@@ -84,8 +84,11 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest.json object (absent fields left out, ``extra``'s keys included)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self)
-               if f.name != "extra" and getattr(self, f.name) is not ABSENT}
+        out = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name != "extra" and getattr(self, f.name) is not ABSENT
+        }
         return {**out, **self.extra}
 
     @classmethod
@@ -142,8 +145,7 @@ def conforms(value: Any, tp: Any) -> bool:
         return value is None
     if typing.get_origin(tp) is Annotated:
         inner, *marks = typing.get_args(tp)
-        return conforms(value, inner) and all(
-            value >= m.value for m in marks if isinstance(m, Min))
+        return conforms(value, inner) and all(value >= m.value for m in marks if isinstance(m, Min))
     if _is_typeddict(tp):
         if not isinstance(value, dict) or not tp.__required_keys__ <= value.keys():
             return False
@@ -152,7 +154,8 @@ def conforms(value: Any, tp: Any) -> bool:
     if origin is dict:
         key_t, value_t = typing.get_args(tp)
         return isinstance(value, dict) and all(
-            conforms(k, key_t) and conforms(v, value_t) for k, v in value.items())
+            conforms(k, key_t) and conforms(v, value_t) for k, v in value.items()
+        )
     if origin is list:
         (item_t,) = typing.get_args(tp)
         return isinstance(value, list) and all(conforms(v, item_t) for v in value)
@@ -165,8 +168,14 @@ def conforms(value: Any, tp: Any) -> bool:
     return isinstance(value, tp)
 
 
-_NOUNS = {str: "string", int: "integer", bool: "boolean", float: "number", list: "list",
-          dict: "object"}
+_NOUNS = {
+    str: "string",
+    int: "integer",
+    bool: "boolean",
+    float: "number",
+    list: "list",
+    dict: "object",
+}
 
 
 def describe(tp: Any) -> str:
@@ -179,8 +188,9 @@ def describe(tp: Any) -> str:
         return describe(typing.get_args(tp)[0])
     if _is_typeddict(tp):
         hints = _hints(tp)
-        needs = " and ".join(f"a '{k}' {describe(hints[k]).split(' ', 1)[1]}"
-                             for k in sorted(tp.__required_keys__))
+        needs = " and ".join(
+            f"a '{k}' {describe(hints[k]).split(' ', 1)[1]}" for k in sorted(tp.__required_keys__)
+        )
         return f"an object with {needs}"
     noun = _NOUNS.get(typing.get_origin(tp) or tp, getattr(tp, "__name__", str(tp)))
     return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
@@ -189,6 +199,7 @@ def describe(tp: Any) -> str:
 def check_fields(manifest: Mapping[str, Any], where: str | Path) -> None:
     """Refuse a manifest whose required fields are missing or whose fields have the wrong
     JSON type, naming the first such field: a malformed manifest is named, not a crash."""
+
     def bad(what: str) -> DeltaError:
         return DeltaError(f"{where}: malformed manifest: {what}")
 
@@ -205,12 +216,14 @@ def check_fields(manifest: Mapping[str, Any], where: str | Path) -> None:
             _key_t, entry_t = typing.get_args(tp)
             if not (isinstance(value, dict) and value):
                 keys = ", ".join(_hints(entry_t))
-                raise bad(f"'{f.name}' is not a non-empty object of {f.metadata['key']} -> "
-                          f"{{{keys}}}")
+                raise bad(
+                    f"'{f.name}' is not a non-empty object of {f.metadata['key']} -> {{{keys}}}"
+                )
             for name, entry in value.items():
                 if not conforms(entry, entry_t):
-                    needs = " and ".join(f"'{k}' ({describe(t)})"
-                                         for k, t in _hints(entry_t).items())
+                    needs = " and ".join(
+                        f"'{k}' ({describe(t)})" for k, t in _hints(entry_t).items()
+                    )
                     raise bad(f"{f.name}[{name!r}] needs {needs}")
         elif not conforms(value, tp):
             raise bad(f"'{f.name}' is not {describe(tp)}")

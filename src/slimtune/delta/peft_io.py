@@ -71,8 +71,10 @@ def export_peft(version, out: str | Path) -> Path:
     method = METHODS.get(version.method)
     if method is None or not method.peft_format:
         why = f": {method.why_not_peft}" if method is not None and method.why_not_peft else ""
-        raise UserInputError(f"{version.id} is a {version.method} delta; only "
-                             f"{' and '.join(exportable())} versions export to peft{why}")
+        raise UserInputError(
+            f"{version.id} is a {version.method} delta; only "
+            f"{' and '.join(exportable())} versions export to peft{why}"
+        )
     out = Path(out)
     if out.exists():
         raise UserInputError(f"{out} already exists; choose a new folder")
@@ -104,15 +106,20 @@ def read_adapter_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
         raise DeltaError(f"{path}: unreadable adapter weights ({_first_line(e)})") from e
     except Exception as e:  # pickle.UnpicklingError and friends of a hostile or broken .bin
         raise DeltaError(f"{path}: refused ({_first_line(e)})") from e
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
-                                              for v in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise DeltaError(f"{path}: not a mapping of tensor names to tensors")
     # safetensors refuses tensors that share memory; each gets its own copy.
     return {str(k): v.clone().contiguous() for k, v in state.items()}, path
 
 
-def _attach_checked(model: nn.Module, config_path: Path, state: dict[str, torch.Tensor],
-                    weights_path: Path, spec: str, hint: str) -> nn.Module:
+def _attach_checked(
+    model: nn.Module,
+    config_path: Path,
+    state: dict[str, torch.Tensor],
+    weights_path: Path,
+    spec: str,
+    hint: str,
+) -> nn.Module:
     """``model`` with the adapter attached, after checking every tensor against the slot
     peft made for it in this model (a mismatch names the tensor, in one line, + ``hint``)."""
     from peft import PeftConfig, PeftModel
@@ -125,21 +132,26 @@ def _attach_checked(model: nn.Module, config_path: Path, state: dict[str, torch.
     try:
         wrapped = PeftModel(model, config)
     except Exception as e:  # e.g. target modules the model does not have
-        raise DeltaError(f"{config_path}: does not fit {spec} ({_first_line(e)}); {hint}"
-                         ) from e
+        raise DeltaError(f"{config_path}: does not fit {spec} ({_first_line(e)}); {hint}") from e
     expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(wrapped).items()}
     for key, tensor in state.items():
         if key not in expected:
-            raise DeltaError(f"{weights_path}: tensor {key} has no place in {spec} "
-                             f"(no such module or layer); {hint}")
+            raise DeltaError(
+                f"{weights_path}: tensor {key} has no place in {spec} "
+                f"(no such module or layer); {hint}"
+            )
         if tuple(tensor.shape) != expected[key]:
-            raise DeltaError(f"{weights_path}: tensor {key} has shape {tuple(tensor.shape)}, "
-                             f"{spec} needs {expected[key]}; {hint}")
+            raise DeltaError(
+                f"{weights_path}: tensor {key} has shape {tuple(tensor.shape)}, "
+                f"{spec} needs {expected[key]}; {hint}"
+            )
     missing = sorted(set(expected) - set(state))
     if missing:
-        raise DeltaError(f"{weights_path}: lacks tensor {missing[0]}"
-                         + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
-                         + f" that the adapter's config asks for in {spec}; {hint}")
+        raise DeltaError(
+            f"{weights_path}: lacks tensor {missing[0]}"
+            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+            + f" that the adapter's config asks for in {spec}; {hint}"
+        )
     set_peft_model_state_dict(wrapped, state)
     return wrapped.eval()
 
@@ -149,12 +161,16 @@ def _adapted_layers(wrapped: nn.Module) -> list[int]:
 
     from ..model.anatomy import decoder_layers
 
-    return [i for i, layer in enumerate(decoder_layers(wrapped))
-            if any(isinstance(m, BaseTunerLayer) for m in layer.modules())]
+    return [
+        i
+        for i, layer in enumerate(decoder_layers(wrapped))
+        if any(isinstance(m, BaseTunerLayer) for m in layer.modules())
+    ]
 
 
-def import_peft(store, src: str | Path, *, model: str | None = None,
-                note: str | None = None) -> Imported:
+def import_peft(
+    store, src: str | Path, *, model: str | None = None, note: str | None = None
+) -> Imported:
     """Check a peft adapter folder against its base and add it to ``store``.
 
     The base is ``model`` when given, else the adapter's ``base_model_name_or_path``.
@@ -165,10 +181,13 @@ def import_peft(store, src: str | Path, *, model: str | None = None,
 
     src = Path(src)
     config_path = src / PEFT_CONFIG
-    if not config_path.is_file() or not ((src / PEFT_WEIGHTS).is_file()
-                                         or (src / PEFT_BIN).is_file()):
-        raise DeltaError(f"{src}: not a peft adapter folder (needs {PEFT_CONFIG} and "
-                         f"{PEFT_WEIGHTS} or {PEFT_BIN})")
+    if not config_path.is_file() or not (
+        (src / PEFT_WEIGHTS).is_file() or (src / PEFT_BIN).is_file()
+    ):
+        raise DeltaError(
+            f"{src}: not a peft adapter folder (needs {PEFT_CONFIG} and "
+            f"{PEFT_WEIGHTS} or {PEFT_BIN})"
+        )
     try:
         cfg = json.loads(config_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -179,29 +198,44 @@ def import_peft(store, src: str | Path, *, model: str | None = None,
         raise DeltaError(f"{config_path}: not a JSON object")
     cls = importer(cfg)
     if cls is None:
-        raise DeltaError(f"{config_path}: peft_type is {cfg.get('peft_type')!r}; slimtune "
-                         f"imports {', '.join(importable())}")
+        raise DeltaError(
+            f"{config_path}: peft_type is {cfg.get('peft_type')!r}; slimtune "
+            f"imports {', '.join(importable())}"
+        )
     adapter_base = cfg.get("base_model_name_or_path") or None
     spec = model or adapter_base
     if not spec:
         raise UserInputError(f"{config_path}: names no base_model_name_or_path; pass --model")
     state, weights_path = read_adapter_weights(src)
     loaded = load_model(spec)
-    base = {"fingerprint": fingerprint(loaded.model), "name": loaded.name,
-            "source": loaded.source, "architecture": type(loaded.model).__name__,
-            "num_layers": len(decoder_layers(loaded.model))}
+    base = {
+        "fingerprint": fingerprint(loaded.model),
+        "name": loaded.name,
+        "source": loaded.source,
+        "architecture": type(loaded.model).__name__,
+        "num_layers": len(decoder_layers(loaded.model)),
+    }
     with tempfile.TemporaryDirectory(prefix="slimtune-import-") as tmp:
         adapter = Path(tmp) / "adapter"
         adapter.mkdir()
         shutil.copyfile(config_path, adapter / PEFT_CONFIG)
-        hint = (f"the adapter names base {adapter_base}" if adapter_base not in (None, spec)
-                else "is it the adapter's base?")
-        wrapped = _attach_checked(loaded.model, adapter / PEFT_CONFIG, state, weights_path,
-                                  spec, hint)
+        hint = (
+            f"the adapter names base {adapter_base}"
+            if adapter_base not in (None, spec)
+            else "is it the adapter's base?"
+        )
+        wrapped = _attach_checked(
+            loaded.model, adapter / PEFT_CONFIG, state, weights_path, spec, hint
+        )
         method = cls(cls.options_from_peft(cfg, wrapped))
         delta = Path(tmp) / "delta"
-        save_delta(delta, method, wrapped, base=base, layers=_adapted_layers(wrapped),
-                   extra={"imported_from": str(src.resolve()),
-                          "imported_base": adapter_base})
+        save_delta(
+            delta,
+            method,
+            wrapped,
+            base=base,
+            layers=_adapted_layers(wrapped),
+            extra={"imported_from": str(src.resolve()), "imported_base": adapter_base},
+        )
         version = store.add(delta, note=note or f"imported from {src}")
     return Imported(version, spec, adapter_base)

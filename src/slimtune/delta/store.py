@@ -100,17 +100,35 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _insert_version(conn: sqlite3.Connection, vid: str, seq: int, manifest: dict,
-                    manifest_sha: str, *, parent: str | None, created: str,
-                    note: str | None) -> None:
+def _insert_version(
+    conn: sqlite3.Connection,
+    vid: str,
+    seq: int,
+    manifest: dict,
+    manifest_sha: str,
+    *,
+    parent: str | None,
+    created: str,
+    note: str | None,
+) -> None:
     """The index row of a version, as ``add`` and ``reindex`` both write it."""
     conn.execute(
         "INSERT INTO versions (id, seq, parent, method, base_fingerprint, "
         "dataset_fingerprint, created, bytes, note, manifest_sha256) "
         "VALUES (?,?,?,?,?,?,?,?,?,?)",
-        (vid, seq, parent, manifest["method"], manifest["base"]["fingerprint"],
-         (manifest.get("dataset") or {}).get("fingerprint"), created, delta_bytes(manifest),
-         note, manifest_sha))
+        (
+            vid,
+            seq,
+            parent,
+            manifest["method"],
+            manifest["base"]["fingerprint"],
+            (manifest.get("dataset") or {}).get("fingerprint"),
+            created,
+            delta_bytes(manifest),
+            note,
+            manifest_sha,
+        ),
+    )
 
 
 # Each migration takes the index from version i to i + 1.
@@ -152,17 +170,22 @@ class DeltaStore:
         self.quarantine = self.root / "quarantine"
         self.index = self.root / "index.sqlite"
         if self.root.exists() and not self.root.is_dir():
-            raise UserInputError(f"store {self.root}: is a file, not a store folder; "
-                                 "choose another --store")
+            raise UserInputError(
+                f"store {self.root}: is a file, not a store folder; choose another --store"
+            )
         if not self.root.exists():
             try:
                 self.root.mkdir(parents=True)
             except OSError as e:
                 if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-                    raise UserInputError(f"store {self.root}: cannot create it "
-                                         f"({e.strerror})") from e
-        self.readonly = not self.root.is_dir() or not os.access(self.root, os.W_OK) or (
-            self.index.exists() and not os.access(self.index, os.W_OK))
+                    raise UserInputError(
+                        f"store {self.root}: cannot create it ({e.strerror})"
+                    ) from e
+        self.readonly = (
+            not self.root.is_dir()
+            or not os.access(self.root, os.W_OK)
+            or (self.index.exists() and not os.access(self.index, os.W_OK))
+        )
         if not self.readonly:
             for d in (self.objects, self.staging):
                 d.mkdir(exist_ok=True)
@@ -178,15 +201,18 @@ class DeltaStore:
                     f"folder(s) ({', '.join(d.name for d in held[:3])}{'...' * (len(held) > 3)})"
                     "; refusing to start an empty index that would hide them. Rebuild the index "
                     f"from their manifests with `slimtune delta --store {self.root} reindex`, "
-                    "or restore index.sqlite from a backup")
+                    "or restore index.sqlite from a backup"
+                )
         if not self.readonly:
             if 0 < self._upgrade(fresh) < 3:  # rows from before schema 3 had no manifest sums
                 self._backfill_manifest_sums()
         elif not fresh:
             current = self.schema_version()
             if current > SCHEMA_VERSION:
-                raise DeltaError(f"{self.index}: schema version {current} is newer than this "
-                                 f"slimtune knows ({SCHEMA_VERSION}); upgrade slimtune")
+                raise DeltaError(
+                    f"{self.index}: schema version {current} is newer than this "
+                    f"slimtune knows ({SCHEMA_VERSION}); upgrade slimtune"
+                )
             self._check_tables()
 
     def _has_index(self) -> bool:
@@ -194,16 +220,21 @@ class DeltaStore:
         if not self.index.exists() or self.index.stat().st_size == 0:
             return False
         with self._read() as conn:
-            return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table'").fetchone() \
+            return (
+                conn.execute("SELECT 1 FROM sqlite_master WHERE type='table'").fetchone()
                 is not None
+            )
 
     def _check_tables(self) -> None:
         with self._read() as conn:
-            names = {r[0] for r in conn.execute(
-                "SELECT name FROM sqlite_master WHERE type='table'")}
+            names = {
+                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
         if not names >= _TABLES:
-            raise DeltaError(f"{self.index}: not a slimtune store index (tables "
-                             f"{', '.join(sorted(_TABLES - names))} are missing)")
+            raise DeltaError(
+                f"{self.index}: not a slimtune store index (tables "
+                f"{', '.join(sorted(_TABLES - names))} are missing)"
+            )
 
     @staticmethod
     def _folders(d: Path) -> list[Path]:
@@ -227,7 +258,8 @@ class DeltaStore:
                     # nobody can write there either, so reading it as immutable is safe
                     conn.close()
                     conn = self._read_wal_copy() or sqlite3.connect(
-                        f"{uri}?mode=ro&immutable=1", uri=True, isolation_level=None)
+                        f"{uri}?mode=ro&immutable=1", uri=True, isolation_level=None
+                    )
             conn.row_factory = sqlite3.Row
             return conn
         conn = sqlite3.connect(self.index, timeout=60, isolation_level=None)
@@ -262,15 +294,18 @@ class DeltaStore:
         except sqlite3.DatabaseError as e:
             name = getattr(e, "sqlite_errorname", "") or ""
             # SQLite says "disk I/O error" when its -wal/-shm files cannot grow on a full disk
-            if name == "SQLITE_FULL" or (name.startswith("SQLITE_IOERR")
-                                         and shutil.disk_usage(self.root).free < 2**20):
+            if name == "SQLITE_FULL" or (
+                name.startswith("SQLITE_IOERR") and shutil.disk_usage(self.root).free < 2**20
+            ):
                 raise OSError(errno.ENOSPC, "No space left on device", str(self.index)) from e
             if name.startswith("SQLITE_READONLY"):
                 raise DeltaError(f"store {self.root} is read-only ({e})") from e
             if name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")) or "no such" in str(e):
-                raise DeltaError(f"{self.index}: unreadable store index ({e}); restore it from "
-                                 "a backup, or move it away and run `slimtune delta --store "
-                                 f"{self.root} reindex`") from e
+                raise DeltaError(
+                    f"{self.index}: unreadable store index ({e}); restore it from "
+                    "a backup, or move it away and run `slimtune delta --store "
+                    f"{self.root} reindex`"
+                ) from e
             raise DeltaError(f"{self.index}: {e}") from e
 
     @contextmanager
@@ -285,8 +320,10 @@ class DeltaStore:
     def require_writable(self, what: str = "this command") -> None:
         """Refuse early, with a clear message, what cannot work in a read-only store."""
         if self.readonly:
-            raise DeltaError(f"store {self.root} is read-only (a read-only mount or no write "
-                             f"permission); {what} needs to write to it")
+            raise DeltaError(
+                f"store {self.root} is read-only (a read-only mount or no write "
+                f"permission); {what} needs to write to it"
+            )
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -313,7 +350,8 @@ class DeltaStore:
     @staticmethod
     def _schema_version(conn: sqlite3.Connection) -> int:
         has_meta = conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'"
+        ).fetchone()
         if not has_meta:
             return 0
         row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
@@ -328,46 +366,64 @@ class DeltaStore:
         with self._write() as conn:
             current = self._schema_version(conn)
             if current > SCHEMA_VERSION:
-                raise DeltaError(f"{self.index}: schema version {current} is newer than this "
-                                 f"slimtune knows ({SCHEMA_VERSION}); upgrade slimtune")
+                raise DeltaError(
+                    f"{self.index}: schema version {current} is newer than this "
+                    f"slimtune knows ({SCHEMA_VERSION}); upgrade slimtune"
+                )
             if current == 0 and conn.execute("SELECT 1 FROM sqlite_master").fetchone():
                 raise DeltaError(f"{self.index}: an SQLite file, but not a slimtune store index")
             for v in range(current, SCHEMA_VERSION):
                 for stmt in filter(str.strip, _MIGRATIONS[v].split(";")):
                     conn.execute(stmt)
-                conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES "
-                             "('schema_version', ?)", (str(v + 1),))
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                    (str(v + 1),),
+                )
         self._check_tables()
         return current
 
     def _backfill_manifest_sums(self) -> None:
         """Rows from before schema 3 get their manifest's checksum, if the folder verifies."""
         with self._read() as conn:
-            rows = [self._row(r) for r in conn.execute(
-                "SELECT * FROM versions WHERE manifest_sha256 IS NULL")]
+            rows = [
+                self._row(r)
+                for r in conn.execute("SELECT * FROM versions WHERE manifest_sha256 IS NULL")
+            ]
         for v in rows:
             try:
                 self._check(v)
             except DeltaError:
                 continue  # verify keeps reporting it
             with self._write() as conn:
-                conn.execute("UPDATE versions SET manifest_sha256=? WHERE id=?",
-                             (sha256_file(v.path / MANIFEST), v.id))
+                conn.execute(
+                    "UPDATE versions SET manifest_sha256=? WHERE id=?",
+                    (sha256_file(v.path / MANIFEST), v.id),
+                )
 
     def _row(self, row: sqlite3.Row) -> Version:
         keys = row.keys()  # a read-only store may have an older schema
-        return Version(row["id"], row["seq"], row["parent"], row["method"],
-                       row["base_fingerprint"], row["dataset_fingerprint"], row["created"],
-                       row["bytes"], row["note"] if "note" in keys else None,
-                       self.objects / row["id"],
-                       row["manifest_sha256"] if "manifest_sha256" in keys else None)
+        return Version(
+            row["id"],
+            row["seq"],
+            row["parent"],
+            row["method"],
+            row["base_fingerprint"],
+            row["dataset_fingerprint"],
+            row["created"],
+            row["bytes"],
+            row["note"] if "note" in keys else None,
+            self.objects / row["id"],
+            row["manifest_sha256"] if "manifest_sha256" in keys else None,
+        )
 
     def _next_seq(self, conn: sqlite3.Connection) -> int:
         """One above every id ever used: in the index, its high-water mark, tag histories
         (an index from before schema 3 may name ids that rm freed) and folder names."""
         row = conn.execute("SELECT value FROM meta WHERE key='max_seq'").fetchone()
-        used = [int(row["value"]) if row else 0,
-                conn.execute("SELECT COALESCE(MAX(seq), 0) FROM versions").fetchone()[0]]
+        used = [
+            int(row["value"]) if row else 0,
+            conn.execute("SELECT COALESCE(MAX(seq), 0) FROM versions").fetchone()[0],
+        ]
         for r in conn.execute("SELECT version FROM tag_history UNION SELECT version FROM tags"):
             m = _FOLDER_SEQ.fullmatch(str(r[0]))
             if m and "." not in str(r[0]):
@@ -414,10 +470,16 @@ class DeltaStore:
         if not v.path.is_dir():
             raise DeltaError(f"{v.id}: in the index, but its folder {v.path} is missing")
         path = v.path / MANIFEST
-        if v.manifest_sha256 is not None and path.is_file() and not path.is_symlink() \
-                and sha256_file(path) != v.manifest_sha256:
-            raise DeltaError(f"{path}: changed since {v.id} was added (its SHA-256 differs "
-                             "from the one in the index)")
+        if (
+            v.manifest_sha256 is not None
+            and path.is_file()
+            and not path.is_symlink()
+            and sha256_file(path) != v.manifest_sha256
+        ):
+            raise DeltaError(
+                f"{path}: changed since {v.id} was added (its SHA-256 differs "
+                "from the one in the index)"
+            )
 
     def _check(self, v: Version) -> dict:
         """Everything verify checks for one version; return its manifest."""
@@ -445,8 +507,9 @@ class DeltaStore:
                 shutil.rmtree(tmp, ignore_errors=True)
                 lock.unlink(missing_ok=True)
 
-    def add(self, folder: str | Path, *, parent: str | None = None, note: str | None = None
-            ) -> Version:
+    def add(
+        self, folder: str | Path, *, parent: str | None = None, note: str | None = None
+    ) -> Version:
         """Copy a delta folder into the store as a new version; return it."""
         self.require_writable("adding a version")
         folder = Path(folder)
@@ -465,19 +528,33 @@ class DeltaStore:
             target = None
             try:
                 with self._write() as conn:
-                    if parent is not None and conn.execute(
-                            "SELECT 1 FROM versions WHERE id=?", (parent,)).fetchone() is None:
-                        raise DeltaError(f"parent {parent} was removed from the store "
-                                         f"{self.root} meanwhile")
+                    if (
+                        parent is not None
+                        and conn.execute("SELECT 1 FROM versions WHERE id=?", (parent,)).fetchone()
+                        is None
+                    ):
+                        raise DeltaError(
+                            f"parent {parent} was removed from the store {self.root} meanwhile"
+                        )
                     seq = self._next_seq(conn)
                     vid = f"v{seq}"
                     os.rename(tmp, self.objects / vid)  # no such folder (_next_seq): no clobber
                     target = self.objects / vid
                     fsync_dir(self.objects)
-                    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES "
-                                 "('max_seq', ?)", (str(seq),))
-                    _insert_version(conn, vid, seq, manifest, manifest_sha, parent=parent,
-                                    created=_now(), note=note)
+                    conn.execute(
+                        "INSERT OR REPLACE INTO meta (key, value) VALUES ('max_seq', ?)",
+                        (str(seq),),
+                    )
+                    _insert_version(
+                        conn,
+                        vid,
+                        seq,
+                        manifest,
+                        manifest_sha,
+                        parent=parent,
+                        created=_now(),
+                        note=note,
+                    )
             except BaseException:
                 if target is not None and not self._indexed(vid):
                     shutil.rmtree(target, ignore_errors=True)  # ours, and never committed
@@ -487,19 +564,27 @@ class DeltaStore:
     def _indexed(self, vid: str) -> bool:
         try:
             with self._read() as conn:
-                return conn.execute("SELECT 1 FROM versions WHERE id=?", (vid,)).fetchone() \
-                    is not None
+                return (
+                    conn.execute("SELECT 1 FROM versions WHERE id=?", (vid,)).fetchone() is not None
+                )
         except (DeltaError, OSError):
             return True  # cannot tell: keep the folder (at worst an orphan for gc)
 
     def tag(self, name: str, ref: str) -> tuple[str | None, str]:
         """Point tag ``name`` at ``ref`` atomically; return (previous version, new version)."""
         looks_like_id = name.startswith("v") and name[1:].isdigit()
-        if not name or set(name) - TAG_CHARS or not name[0].isalnum() or name == "latest" \
-                or looks_like_id:
-            raise UserInputError(f"invalid tag name {name!r}: letters, digits, - _ . only, "
-                                 "starting with a letter or digit, and not 'latest' or a "
-                                 "version id")
+        if (
+            not name
+            or set(name) - TAG_CHARS
+            or not name[0].isalnum()
+            or name == "latest"
+            or looks_like_id
+        ):
+            raise UserInputError(
+                f"invalid tag name {name!r}: letters, digits, - _ . only, "
+                "starting with a letter or digit, and not 'latest' or a "
+                "version id"
+            )
         self.require_writable("tagging")
         vid = self.resolve(ref).id
         with self._write() as conn:
@@ -509,10 +594,13 @@ class DeltaStore:
             if old is not None and old["version"] == vid:
                 return vid, vid
             now = _now()
-            conn.execute("INSERT OR REPLACE INTO tags (name, version, updated) VALUES (?,?,?)",
-                         (name, vid, now))
-            conn.execute("INSERT INTO tag_history (name, version, at) VALUES (?,?,?)",
-                         (name, vid, now))
+            conn.execute(
+                "INSERT OR REPLACE INTO tags (name, version, updated) VALUES (?,?,?)",
+                (name, vid, now),
+            )
+            conn.execute(
+                "INSERT INTO tag_history (name, version, at) VALUES (?,?,?)", (name, vid, now)
+            )
         return (old["version"] if old else None), vid
 
     def rollback(self, name: str) -> tuple[str, str]:
@@ -521,8 +609,12 @@ class DeltaStore:
             cur = conn.execute("SELECT version FROM tags WHERE name=?", (name,)).fetchone()
             if cur is None:
                 raise UserInputError(f"no tag {name!r} in the store {self.root}")
-            hist = [r["version"] for r in conn.execute(
-                "SELECT version FROM tag_history WHERE name=? ORDER BY seq", (name,))]
+            hist = [
+                r["version"]
+                for r in conn.execute(
+                    "SELECT version FROM tag_history WHERE name=? ORDER BY seq", (name,)
+                )
+            ]
             # the history ends with the current version; walk back past repeats of it
             prev = next((v for v in reversed(hist[:-1]) if v != cur["version"]), None)
             if prev is None:
@@ -540,14 +632,17 @@ class DeltaStore:
         self.require_writable("rm")
         v = self.resolve(ref, check=False)
         with self._write() as conn:
-            tags = [r["name"] for r in conn.execute("SELECT name FROM tags WHERE version=?",
-                                                    (v.id,))]
-            children = [r["id"] for r in conn.execute("SELECT id FROM versions WHERE parent=?",
-                                                      (v.id,))]
+            tags = [
+                r["name"] for r in conn.execute("SELECT name FROM tags WHERE version=?", (v.id,))
+            ]
+            children = [
+                r["id"] for r in conn.execute("SELECT id FROM versions WHERE parent=?", (v.id,))
+            ]
             if (tags or children) and not force:
-                deps = ([f"tag {t}" for t in tags] + [f"version {c} (its parent)" for c in children])
-                raise UserInputError(f"{v.id} is still used by {', '.join(deps)}; "
-                                     "pass --force to remove it anyway")
+                deps = [f"tag {t}" for t in tags] + [f"version {c} (its parent)" for c in children]
+                raise UserInputError(
+                    f"{v.id} is still used by {', '.join(deps)}; pass --force to remove it anyway"
+                )
             conn.execute("DELETE FROM tags WHERE version=?", (v.id,))
             conn.execute("UPDATE versions SET parent=NULL WHERE parent=?", (v.id,))
             conn.execute("DELETE FROM versions WHERE id=?", (v.id,))
@@ -612,16 +707,21 @@ class DeltaStore:
             known = {v.id for v in versions}
             for d in self._folders(self.objects):
                 if d.name not in known:
-                    out.append((f"objects/{d.name}", f"{d}: a folder the index does not know "
-                                "(a killed add, or rows lost from the index): `slimtune delta "
-                                "reindex` adopts it, `slimtune delta gc` moves it to "
-                                "quarantine/"))
+                    out.append(
+                        (
+                            f"objects/{d.name}",
+                            f"{d}: a folder the index does not know "
+                            "(a killed add, or rows lost from the index): `slimtune delta "
+                            "reindex` adopts it, `slimtune delta gc` moves it to "
+                            "quarantine/",
+                        )
+                    )
         return out
 
     @classmethod
-    def reindex(cls, root: str | Path | None = None
-                ) -> tuple[DeltaStore, builtins.list[str], builtins.list[tuple[str, str]],
-                           Path | None]:
+    def reindex(
+        cls, root: str | Path | None = None
+    ) -> tuple[DeltaStore, builtins.list[str], builtins.list[tuple[str, str]], Path | None]:
         """Rebuild the index from the manifests in ``objects/``: every folder named ``v<N>``
         that verifies and that the index does not hold becomes version ``v<N>``.
 
@@ -640,7 +740,8 @@ class DeltaStore:
         except DeltaError as e:
             cause = getattr(e.__cause__, "sqlite_errorname", "") or ""
             if "is newer than this slimtune" in str(e) or cause.startswith(
-                    ("SQLITE_BUSY", "SQLITE_LOCKED")):
+                ("SQLITE_BUSY", "SQLITE_LOCKED")
+            ):
                 raise  # a later slimtune's index, or one another process is writing, is not broken
             healthy = False
         if not healthy and store.index.exists():
@@ -669,25 +770,44 @@ class DeltaStore:
                     skipped.append((str(d), str(e)))
                     continue
                 created = manifest.get("created")
-                _insert_version(conn, d.name, int(m.group(1)), manifest,
-                                sha256_file(d / MANIFEST), parent=None,
-                                created=created if isinstance(created, str) else _now(),
-                                note="reindexed")
+                _insert_version(
+                    conn,
+                    d.name,
+                    int(m.group(1)),
+                    manifest,
+                    sha256_file(d / MANIFEST),
+                    parent=None,
+                    created=created if isinstance(created, str) else _now(),
+                    note="reindexed",
+                )
                 added.append(d.name)
-            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('max_seq', ?)",
-                         (str(top),))
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('max_seq', ?)", (str(top),)
+            )
         return store, added, skipped, aside
 
     def describe(self, v: Version) -> dict:
         m = v.manifest()
         tags = [t for t, vid in self.tags().items() if vid == v.id]
-        return {"id": v.id, "parent": v.parent, "tags": tags, "method": v.method,
-                "method_config": m.get("method_config"), "layers": m.get("layers"),
-                "base": m.get("base"), "dataset": m.get("dataset"), "metrics": m.get("metrics"),
-                "created": v.created, "bytes": v.bytes, "note": v.note, "path": str(v.path)}
+        return {
+            "id": v.id,
+            "parent": v.parent,
+            "tags": tags,
+            "method": v.method,
+            "method_config": m.get("method_config"),
+            "layers": m.get("layers"),
+            "base": m.get("base"),
+            "dataset": m.get("dataset"),
+            "metrics": m.get("metrics"),
+            "created": v.created,
+            "bytes": v.bytes,
+            "note": v.note,
+            "path": str(v.path),
+        }
 
-    def add_once(self, folder: str | Path, *, parent: str | None = None,
-                 note: str | None = None) -> tuple[Version, bool]:
+    def add_once(
+        self, folder: str | Path, *, parent: str | None = None, note: str | None = None
+    ) -> tuple[Version, bool]:
         """Add a delta folder unless a version already holds its manifest byte for byte (an
         add that completed before a kill), so a resumed run is stored once. Returns the
         version and whether it was added now."""
@@ -720,8 +840,13 @@ def diff(a: Version, b: Version) -> dict:
     if ma["method"] != mb["method"]:
         fields["method"] = (ma["method"], mb["method"])
     tensors = _tensor_diff(a.path, b.path, ma, mb)
-    return {"a": a.id, "b": b.id, "fields": fields, "tensors": tensors,
-            "same_base": ma["base"]["fingerprint"] == mb["base"]["fingerprint"]}
+    return {
+        "a": a.id,
+        "b": b.id,
+        "fields": fields,
+        "tensors": tensors,
+        "same_base": ma["base"]["fingerprint"] == mb["base"]["fingerprint"],
+    }
 
 
 def _tensor_diff(pa: Path, pb: Path, ma: dict, mb: dict) -> dict:
@@ -742,10 +867,13 @@ def _tensor_diff(pa: Path, pb: Path, ma: dict, mb: dict) -> dict:
                 if x.shape == y.shape and x.is_floating_point():
                     d = (x.float() - y.float()).norm() / (x.float().norm() + 1e-12)
                     rel.append(float(d))
-        out[name] = {"tensors_only_in_a": len(set(ta) - set(tb)),
-                     "tensors_only_in_b": len(set(tb) - set(ta)), "tensors_changed": changed,
-                     "tensors_same": len(common) - changed,
-                     "mean_relative_change": (sum(rel) / len(rel)) if rel else 0.0}
+        out[name] = {
+            "tensors_only_in_a": len(set(ta) - set(tb)),
+            "tensors_only_in_b": len(set(tb) - set(ta)),
+            "tensors_changed": changed,
+            "tensors_same": len(common) - changed,
+            "mean_relative_change": (sum(rel) / len(rel)) if rel else 0.0,
+        }
     return out
 
 

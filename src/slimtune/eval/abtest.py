@@ -40,8 +40,9 @@ def mcnemar_exact(a: Sequence[int], b: Sequence[int]) -> dict:
     return {"only_a": only_a, "only_b": only_b, "p_value": min(1.0, 2 * tail)}
 
 
-def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, samples: int = 2000,
-                     seed: int = 0) -> dict:
+def paired_bootstrap(
+    a: Sequence[float], b: Sequence[float], *, samples: int = 2000, seed: int = 0
+) -> dict:
     """Mean of b - a and a percentile 95% interval over examples resampled with replacement."""
     diffs = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
     n = len(diffs)
@@ -55,14 +56,19 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, samples: int = 2
         means = np.empty(samples)
         for s in range(0, samples, _BOOTSTRAP_CHUNK):
             m = min(_BOOTSTRAP_CHUNK, samples - s)
-            means[s: s + m] = diffs[rng.integers(0, n, size=(m, n))].mean(axis=1)
+            means[s : s + m] = diffs[rng.integers(0, n, size=(m, n))].mean(axis=1)
     means.sort()
-    return {"mean_diff": float(diffs.mean()), "ci_low": float(means[int(0.025 * samples)]),
-            "ci_high": float(means[int(0.975 * samples) - 1]), "samples": samples}
+    return {
+        "mean_diff": float(diffs.mean()),
+        "ci_low": float(means[int(0.025 * samples)]),
+        "ci_high": float(means[int(0.975 * samples) - 1]),
+        "samples": samples,
+    }
 
 
-def compare(a_scores: Sequence[float], b_scores: Sequence[float], *, higher_is_better: bool,
-            binary: bool) -> dict:
+def compare(
+    a_scores: Sequence[float], b_scores: Sequence[float], *, higher_is_better: bool, binary: bool
+) -> dict:
     """The verdict on per-example scores of A and B (same examples, same order)."""
     if len(a_scores) != len(b_scores) or len(a_scores) == 0:
         raise ValueError("A and B need scores for the same, non-empty list of examples")
@@ -81,8 +87,16 @@ def compare(a_scores: Sequence[float], b_scores: Sequence[float], *, higher_is_b
     return out
 
 
-def run_ab(switcher, ref_a: str, ref_b: str, dataset, *, task: str = "auto",
-           batch_size: int = 16, latency: bool = True) -> dict:
+def run_ab(
+    switcher,
+    ref_a: str,
+    ref_b: str,
+    dataset,
+    *,
+    task: str = "auto",
+    batch_size: int = 16,
+    latency: bool = True,
+) -> dict:
     """Evaluate two deltas on ``dataset`` with one loaded base; return the paired verdict."""
     from ..delta import delta_bytes
     from .evaluate import detect_task, evaluate, label_set, per_example_loss
@@ -92,23 +106,41 @@ def run_ab(switcher, ref_a: str, ref_b: str, dataset, *, task: str = "auto",
     sides = {}
     for side, ref in (("A", ref_a), ("B", ref_b)):
         switcher.switch(ref)
-        metrics, details = evaluate(switcher.model, switcher.loaded.tokenizer, dataset, task=task,
-                                    labels=labels, batch_size=batch_size, latency=latency)
+        metrics, details = evaluate(
+            switcher.model,
+            switcher.loaded.tokenizer,
+            dataset,
+            task=task,
+            labels=labels,
+            batch_size=batch_size,
+            latency=latency,
+        )
         if task in ("classification", "generation"):
             scores = [float(c) for c in details["correct"]]
         else:
-            scores = per_example_loss(switcher.model, dataset.examples,
-                                      switcher.loaded.tokenizer.pad_token_id)
+            scores = per_example_loss(
+                switcher.model, dataset.examples, switcher.loaded.tokenizer.pad_token_id
+            )
         manifest = switcher.current.manifest if switcher.current else {}
-        sides[side] = {"ref": switcher.label, "metrics": metrics, "scores": scores,
-                       "method": manifest.get("method"),
-                       "trainable_params": (manifest.get("metrics") or {}).get("trainable_params"),
-                       "delta_bytes": delta_bytes(manifest) if manifest else 0}
+        sides[side] = {
+            "ref": switcher.label,
+            "metrics": metrics,
+            "scores": scores,
+            "method": manifest.get("method"),
+            "trainable_params": (manifest.get("metrics") or {}).get("trainable_params"),
+            "delta_bytes": delta_bytes(manifest) if manifest else 0,
+        }
     switcher.switch(None)
     binary = task in ("classification", "generation")
-    verdict = compare(sides["A"]["scores"], sides["B"]["scores"], higher_is_better=binary,
-                      binary=binary)
+    verdict = compare(
+        sides["A"]["scores"], sides["B"]["scores"], higher_is_better=binary, binary=binary
+    )
     metric = {"classification": "accuracy", "generation": "exact_match"}.get(task, "loss")
-    return {"task": task, "metric": metric, "examples": len(sides["A"]["scores"]),
-            "A": {k: v for k, v in sides["A"].items() if k != "scores"},
-            "B": {k: v for k, v in sides["B"].items() if k != "scores"}, **verdict}
+    return {
+        "task": task,
+        "metric": metric,
+        "examples": len(sides["A"]["scores"]),
+        "A": {k: v for k, v in sides["A"].items() if k != "scores"},
+        "B": {k: v for k, v in sides["B"].items() if k != "scores"},
+        **verdict,
+    }

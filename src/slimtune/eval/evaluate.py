@@ -36,7 +36,7 @@ def _device(model: nn.Module) -> torch.device:
 
 def _batches(seq: Sequence, n: int):
     for i in range(0, len(seq), n):
-        yield seq[i: i + n]
+        yield seq[i : i + n]
 
 
 def _bar(total: int, desc: str, progress: bool, unit: str = "example"):
@@ -47,9 +47,15 @@ def _bar(total: int, desc: str, progress: bool, unit: str = "example"):
 
 
 @torch.no_grad()
-def eval_loss(model: nn.Module, examples: Sequence[Example], pad_id: int, *,
-              batch_size: int = 16, autocast=contextlib.nullcontext,
-              progress: bool = False) -> dict[str, float]:
+def eval_loss(
+    model: nn.Module,
+    examples: Sequence[Example],
+    pad_id: int,
+    *,
+    batch_size: int = 16,
+    autocast=contextlib.nullcontext,
+    progress: bool = False,
+) -> dict[str, float]:
     was_training = model.training
     model.eval()
     dev = _device(model)
@@ -68,8 +74,9 @@ def eval_loss(model: nn.Module, examples: Sequence[Example], pad_id: int, *,
 
 
 @torch.no_grad()
-def per_example_loss(model: nn.Module, examples: Sequence[Example], pad_id: int, *,
-                     autocast=contextlib.nullcontext) -> list[float]:
+def per_example_loss(
+    model: nn.Module, examples: Sequence[Example], pad_id: int, *, autocast=contextlib.nullcontext
+) -> list[float]:
     """Mean target-token loss of each example (for paired comparisons); one example per
     pass, since the loss helper sums over its batch."""
     was_training = model.training
@@ -111,15 +118,23 @@ def _left_pad(seqs: list[list[int]], pad_id: int, dev) -> tuple[torch.Tensor, to
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s)
-        mask[i, width - len(s):] = 1
+        ids[i, width - len(s) :] = torch.tensor(s)
+        mask[i, width - len(s) :] = 1
     return ids.to(dev), mask.to(dev)
 
 
 @torch.no_grad()
-def score_labels(model: nn.Module, tokenizer, prompts: Sequence[str], labels: Sequence[str], *,
-                 batch_size: int = 16, autocast=contextlib.nullcontext,
-                 max_length: int | None = None, progress: bool = False) -> torch.Tensor:
+def score_labels(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    labels: Sequence[str],
+    *,
+    batch_size: int = 16,
+    autocast=contextlib.nullcontext,
+    max_length: int | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
     """Log-likelihood of each label (plus the end token) after each prompt: ``[n, n_labels]``.
 
     With ``max_length``, each prompt keeps its last ``max_length`` minus label tokens."""
@@ -129,7 +144,9 @@ def score_labels(model: nn.Module, tokenizer, prompts: Sequence[str], labels: Se
     model.eval()
     dev = _device(model)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    label_ids = [list(tokenizer(lab, add_special_tokens=False)["input_ids"]) + eos for lab in labels]
+    label_ids = [
+        list(tokenizer(lab, add_special_tokens=False)["input_ids"]) + eos for lab in labels
+    ]
     n_lab, m = len(labels), max(len(t) for t in label_ids)
     lab = torch.full((n_lab, m), tokenizer.pad_token_id, dtype=torch.long)
     lab_mask = torch.zeros((n_lab, m), dtype=torch.bool)
@@ -147,26 +164,41 @@ def score_labels(model: nn.Module, tokenizer, prompts: Sequence[str], labels: Se
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         with autocast():
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                        use_cache=True, logits_to_keep=1, **with_cache(model, cache))
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=pos,
+                use_cache=True,
+                logits_to_keep=1,
+                **with_cache(model, cache),
+            )
         first = torch.log_softmax(out.logits[:, -1].float(), -1)  # [b, vocab]
         b = ids.shape[0]
         score = first[:, lab[:, 0]]  # [b, n_lab]
         if m > 1:
             cache.batch_repeat_interleave(n_lab)
             cont = lab[:, :-1].repeat(b, 1)  # [b*n_lab, m-1]
-            cmask = torch.cat([mask.repeat_interleave(n_lab, 0),
-                               torch.ones_like(cont)], dim=1)
+            cmask = torch.cat([mask.repeat_interleave(n_lab, 0), torch.ones_like(cont)], dim=1)
             cpos = pos[:, -1:].repeat_interleave(n_lab, 0) + 1 + torch.arange(m - 1, device=dev)
             with autocast():
                 if parts is not None:
                     backbone, head = parts
-                    h = backbone(input_ids=cont, attention_mask=cmask, position_ids=cpos,
-                                 use_cache=True, **with_cache(model, cache)).last_hidden_state
+                    h = backbone(
+                        input_ids=cont,
+                        attention_mask=cmask,
+                        position_ids=cpos,
+                        use_cache=True,
+                        **with_cache(model, cache),
+                    ).last_hidden_state
                     logits = head(h)
                 else:
-                    logits = model(input_ids=cont, attention_mask=cmask, position_ids=cpos,
-                                   use_cache=True, **with_cache(model, cache)).logits
+                    logits = model(
+                        input_ids=cont,
+                        attention_mask=cmask,
+                        position_ids=cpos,
+                        use_cache=True,
+                        **with_cache(model, cache),
+                    ).logits
             logp = torch.log_softmax(logits.float(), -1)
             nxt = lab[:, 1:].repeat(b, 1)
             tok_lp = logp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
@@ -179,27 +211,49 @@ def score_labels(model: nn.Module, tokenizer, prompts: Sequence[str], labels: Se
     return torch.cat(out_scores)
 
 
-def classification_accuracy(model: nn.Module, tokenizer, records: Sequence[Record], *,
-                            labels: Sequence[str] | None = None, batch_size: int = 16,
-                            autocast=contextlib.nullcontext, max_length: int | None = None,
-                            progress: bool = False) -> dict:
+def classification_accuracy(
+    model: nn.Module,
+    tokenizer,
+    records: Sequence[Record],
+    *,
+    labels: Sequence[str] | None = None,
+    batch_size: int = 16,
+    autocast=contextlib.nullcontext,
+    max_length: int | None = None,
+    progress: bool = False,
+) -> dict:
     """Accuracy of the highest-scoring label, and the loss of the gold labels from the same
     scores (so the loss needs no second pass over the data)."""
     labels = list(labels) if labels is not None else label_set(records)
-    scores = score_labels(model, tokenizer, [r.fields["prompt"] for r in records], labels,
-                          batch_size=batch_size, autocast=autocast, max_length=max_length,
-                          progress=progress)
+    scores = score_labels(
+        model,
+        tokenizer,
+        [r.fields["prompt"] for r in records],
+        labels,
+        batch_size=batch_size,
+        autocast=autocast,
+        max_length=max_length,
+        progress=progress,
+    )
     pred = scores.argmax(-1).tolist()
-    gold = [labels.index(r.fields["completion"]) if r.fields["completion"] in labels else -1
-            for r in records]
+    gold = [
+        labels.index(r.fields["completion"]) if r.fields["completion"] in labels else -1
+        for r in records
+    ]
     correct = [int(p == g) for p, g in zip(pred, gold)]
     n_tok = label_token_counts(tokenizer, labels)
     loss = None
     if all(g >= 0 for g in gold):
         loss = -float(sum(scores[i, g] for i, g in enumerate(gold))) / sum(n_tok[g] for g in gold)
-    return {"accuracy": sum(correct) / len(correct), "n": len(correct),
-            "predictions": [labels[p] for p in pred], "correct": correct, "labels": labels,
-            "gold_loss": loss, "gold_tokens": [n_tok[g] if g >= 0 else 0 for g in gold]}
+    return {
+        "accuracy": sum(correct) / len(correct),
+        "n": len(correct),
+        "predictions": [labels[p] for p in pred],
+        "correct": correct,
+        "labels": labels,
+        "gold_loss": loss,
+        "gold_tokens": [n_tok[g] if g >= 0 else 0 for g in gold],
+    }
 
 
 def label_token_counts(tokenizer, labels: Sequence[str]) -> list[int]:
@@ -214,14 +268,26 @@ def chat_prompts(tokenizer, prompts: Sequence[str], *, raw: bool = False) -> lis
     so one delta gives one answer whichever way it is asked."""
     if raw or not getattr(tokenizer, "chat_template", None):
         return list(prompts)
-    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                          add_generation_prompt=True) for p in prompts]
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
+        for p in prompts
+    ]
 
 
 @torch.no_grad()
-def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 64,
-             batch_size: int = 8, autocast=contextlib.nullcontext, max_length: int | None = None,
-             progress: bool = False) -> list[str]:
+def generate(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    autocast=contextlib.nullcontext,
+    max_length: int | None = None,
+    progress: bool = False,
+) -> list[str]:
     """Greedy completions of ``prompts`` (left-padded batches); with ``max_length``, each
     prompt keeps its last ``max_length - max_new_tokens`` tokens."""
     was_training = model.training
@@ -234,10 +300,15 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tok
         seqs = [_prompt_ids(tokenizer, p, budget) for p in chunk]
         ids, mask = _left_pad(seqs, tokenizer.pad_token_id, dev)
         with autocast():
-            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
-        for row in gen[:, ids.shape[1]:]:
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        for row in gen[:, ids.shape[1] :]:
             outs.append(tokenizer.decode(row, skip_special_tokens=True))
         bar.update(len(chunk))
     bar.close()
@@ -245,22 +316,48 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tok
     return outs
 
 
-def exact_match(model: nn.Module, tokenizer, records: Sequence[Record], *,
-                max_new_tokens: int = 64, batch_size: int = 8,
-                autocast=contextlib.nullcontext, max_length: int | None = None,
-                progress: bool = False) -> dict:
-    outs = generate(model, tokenizer, [r.fields["prompt"] for r in records],
-                    max_new_tokens=max_new_tokens, batch_size=batch_size, autocast=autocast,
-                    max_length=max_length, progress=progress)
+def exact_match(
+    model: nn.Module,
+    tokenizer,
+    records: Sequence[Record],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    autocast=contextlib.nullcontext,
+    max_length: int | None = None,
+    progress: bool = False,
+) -> dict:
+    outs = generate(
+        model,
+        tokenizer,
+        [r.fields["prompt"] for r in records],
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        autocast=autocast,
+        max_length=max_length,
+        progress=progress,
+    )
     correct = [int(o.strip() == r.fields["completion"].strip()) for o, r in zip(outs, records)]
-    return {"exact_match": sum(correct) / len(correct), "n": len(correct),
-            "predictions": outs, "correct": correct}
+    return {
+        "exact_match": sum(correct) / len(correct),
+        "n": len(correct),
+        "predictions": outs,
+        "correct": correct,
+    }
 
 
 @torch.no_grad()
-def decode_latency(model: nn.Module, tokenizer, prompt: str, *, new_tokens: int = 32,
-                   repeats: int = 3, autocast=contextlib.nullcontext,
-                   max_length: int | None = None, progress: bool = False) -> dict[str, float]:
+def decode_latency(
+    model: nn.Module,
+    tokenizer,
+    prompt: str,
+    *,
+    new_tokens: int = 32,
+    repeats: int = 3,
+    autocast=contextlib.nullcontext,
+    max_length: int | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
     """Per-token decode latency with a KV cache, greedy, batch 1; the prompt keeps its last
     ``max_length - new_tokens`` tokens."""
     from transformers import DynamicCache
@@ -279,8 +376,7 @@ def decode_latency(model: nn.Module, tokenizer, prompt: str, *, new_tokens: int 
         sync()
         t0 = time.perf_counter()
         with autocast():
-            out = model(input_ids=ids, use_cache=True, logits_to_keep=1,
-                        **with_cache(model, cache))
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **with_cache(model, cache))
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         sync()
         if r:
@@ -296,15 +392,27 @@ def decode_latency(model: nn.Module, tokenizer, prompt: str, *, new_tokens: int 
         bar.update(1)
     bar.close()
     model.train(was_training)
-    return {"latency_p50_ms": 1000 * percentile(steps, 50),
-            "latency_p95_ms": 1000 * percentile(steps, 95),
-            "prefill_ms": 1000 * percentile(prefill, 50)}
+    return {
+        "latency_p50_ms": 1000 * percentile(steps, 50),
+        "latency_p95_ms": 1000 * percentile(steps, 95),
+        "prefill_ms": 1000 * percentile(prefill, 50),
+    }
 
 
-def evaluate(model: nn.Module, tokenizer, dataset: Dataset, *, task: str = "auto",
-             labels: Sequence[str] | None = None, batch_size: int = 16, latency: bool = True,
-             max_new_tokens: int = 64, autocast=contextlib.nullcontext,
-             max_length: int | None = None, progress: bool = False) -> tuple[dict, dict | None]:
+def evaluate(
+    model: nn.Module,
+    tokenizer,
+    dataset: Dataset,
+    *,
+    task: str = "auto",
+    labels: Sequence[str] | None = None,
+    batch_size: int = 16,
+    latency: bool = True,
+    max_new_tokens: int = 64,
+    autocast=contextlib.nullcontext,
+    max_length: int | None = None,
+    progress: bool = False,
+) -> tuple[dict, dict | None]:
     """Quality metrics of ``dataset`` for ``task`` (auto-detected) plus decode latency,
     and the per-example details (predictions, correctness) where the task has them.
 
@@ -318,31 +426,67 @@ def evaluate(model: nn.Module, tokenizer, dataset: Dataset, *, task: str = "auto
     details = None
     loss_known = False
     if task == "classification":
-        details = classification_accuracy(model, tokenizer, dataset.records, labels=labels,
-                                          batch_size=batch_size, autocast=autocast,
-                                          max_length=max_length, progress=progress)
+        details = classification_accuracy(
+            model,
+            tokenizer,
+            dataset.records,
+            labels=labels,
+            batch_size=batch_size,
+            autocast=autocast,
+            max_length=max_length,
+            progress=progress,
+        )
         metrics["accuracy"] = details["accuracy"]
         # The gold label's score is the loss of the completion; reuse it unless truncation
         # made the training-time targets differ from the scored ones.
         same_targets = len(dataset.examples) == len(dataset.records) and all(
-            e.num_target_tokens == n for e, n in zip(dataset.examples, details["gold_tokens"]))
+            e.num_target_tokens == n for e, n in zip(dataset.examples, details["gold_tokens"])
+        )
         if details["gold_loss"] is not None and same_targets:
             mean = details["gold_loss"]
-            metrics.update(loss=mean, perplexity=math.exp(min(mean, 50.0)),
-                           target_tokens=sum(details["gold_tokens"]))
+            metrics.update(
+                loss=mean,
+                perplexity=math.exp(min(mean, 50.0)),
+                target_tokens=sum(details["gold_tokens"]),
+            )
             loss_known = True
     if not loss_known:
-        metrics.update(eval_loss(model, dataset.examples, tokenizer.pad_token_id,
-                                 batch_size=batch_size, autocast=autocast, progress=progress))
+        metrics.update(
+            eval_loss(
+                model,
+                dataset.examples,
+                tokenizer.pad_token_id,
+                batch_size=batch_size,
+                autocast=autocast,
+                progress=progress,
+            )
+        )
     if task == "generation":
-        details = exact_match(model, tokenizer, dataset.records, max_new_tokens=max_new_tokens,
-                              batch_size=batch_size, autocast=autocast, max_length=max_length,
-                              progress=progress)
+        details = exact_match(
+            model,
+            tokenizer,
+            dataset.records,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            autocast=autocast,
+            max_length=max_length,
+            progress=progress,
+        )
         metrics["exact_match"] = details["exact_match"]
     if latency:
         first = dataset.records[0].fields  # a chat's prompt is a list: latency on "Hello"
-        prompt = next((first[k] for k in ("prompt", "text") if isinstance(first.get(k), str)
-                       and first[k]), "Hello")
-        metrics.update(decode_latency(model, tokenizer, prompt, autocast=autocast,
-                                      max_length=max_length, progress=progress))
+        prompt = next(
+            (first[k] for k in ("prompt", "text") if isinstance(first.get(k), str) and first[k]),
+            "Hello",
+        )
+        metrics.update(
+            decode_latency(
+                model,
+                tokenizer,
+                prompt,
+                autocast=autocast,
+                max_length=max_length,
+                progress=progress,
+            )
+        )
     return metrics, details

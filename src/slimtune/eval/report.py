@@ -37,8 +37,9 @@ def fmt(value: Any, kind: str) -> str:
     return str(value)
 
 
-def comparison_rows(columns: Sequence[dict[str, Any]],
-                    metrics: Sequence[tuple[str, str, str]] | None = None) -> list[list[str]]:
+def comparison_rows(
+    columns: Sequence[dict[str, Any]], metrics: Sequence[tuple[str, str, str]] | None = None
+) -> list[list[str]]:
     """One row per metric (default :data:`METRICS`) that at least one column has, formatted."""
     rows = []
     for key, label, kind in METRICS if metrics is None else metrics:
@@ -105,9 +106,14 @@ def save_png(fig, path: str | Path) -> Path:
     return path
 
 
-def write_report(folder: str | Path, title: str, headers: Sequence[str],
-                 rows: Sequence[Sequence[str]], data: dict[str, Any],
-                 notes: Sequence[str] = ()) -> None:
+def write_report(
+    folder: str | Path,
+    title: str,
+    headers: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    data: dict[str, Any],
+    notes: Sequence[str] = (),
+) -> None:
     """``report.json`` (raw numbers) and ``report.md`` (the table and notes) in ``folder``."""
     folder = Path(folder)
     write_json(folder / "report.json", data)
@@ -125,13 +131,15 @@ def expert_usage_rows(usage: dict[Any, Sequence[float]]) -> tuple[list[str], lis
     for layer, counts in sorted(usage.items(), key=lambda kv: int(kv[0])):
         total = sum(counts) or 1.0
         shares = [c / total for c in counts]
-        rows.append([str(layer), *[f"{100 * s:.0f}%" for s in shares],
-                     f"{max(shares) * experts:.2f}"])
+        rows.append(
+            [str(layer), *[f"{100 * s:.0f}%" for s in shares], f"{max(shares) * experts:.2f}"]
+        )
     return headers, rows
 
 
-def plot_expert_usage(usage: dict[Any, Sequence[float]], path: str | Path,
-                      title: str = "expert usage") -> Path:
+def plot_expert_usage(
+    usage: dict[Any, Sequence[float]], path: str | Path, title: str = "expert usage"
+) -> Path:
     """Heat map: layers down, experts across, colour = share of the layer's routing slots."""
     import matplotlib
 

@@ -43,7 +43,27 @@ def get_method(name: str, options: dict[str, Any] | None = None) -> Method:
     return method_class(name)(options or {})
 
 
-__all__ = ["METHODS", "SWEEP", "Attachment", "DoraMethod", "DoraOptions", "ExpertsMethod",
-           "ExpertsOptions", "FullMethod", "LoraMethod", "LoraOptions", "Method", "MethodConfig",
-           "RosaMethod", "RosaOptions", "ShiraMethod", "SparseMethod", "SparseOptions",
-           "get_method", "method_class", "option", "register_method", "unregister_method"]
+__all__ = [
+    "METHODS",
+    "SWEEP",
+    "Attachment",
+    "DoraMethod",
+    "DoraOptions",
+    "ExpertsMethod",
+    "ExpertsOptions",
+    "FullMethod",
+    "LoraMethod",
+    "LoraOptions",
+    "Method",
+    "MethodConfig",
+    "RosaMethod",
+    "RosaOptions",
+    "ShiraMethod",
+    "SparseMethod",
+    "SparseOptions",
+    "get_method",
+    "method_class",
+    "option",
+    "register_method",
+    "unregister_method",
+]

@@ -31,8 +31,14 @@ SWEEP = {"sweep": True}
 _Config = TypeVar("_Config", bound="MethodConfig")
 
 
-def option(default: Any = MISSING, *, flag: str | None = None, help: str = "",
-           sweep: bool = False, default_factory: Any = MISSING) -> Any:
+def option(
+    default: Any = MISSING,
+    *,
+    flag: str | None = None,
+    help: str = "",
+    sweep: bool = False,
+    default_factory: Any = MISSING,
+) -> Any:
     """An options-dataclass field that the CLI exposes as ``--FLAG`` (default: the field
     name with dashes), e.g. ``r: int = option(8, flag="lora-r", help="LoRA rank",
     sweep=True)``. Declared once here, it gives ``train``/``sweep`` their flag, its help and
@@ -91,21 +97,33 @@ class MethodConfig:
             cli = f.metadata.get("cli")
             if cli is None:
                 continue
-            default = f.default_factory() if f.default_factory is not MISSING else \
-                (None if f.default is MISSING else f.default)
-            out.append(CliOption(f.name, (cli["flag"] or f.name).replace("_", "-"),
-                                 _not_none(hints[f.name]), default, cli["help"],
-                                 bool(f.metadata.get("sweep"))))
+            default = (
+                f.default_factory()
+                if f.default_factory is not MISSING
+                else (None if f.default is MISSING else f.default)
+            )
+            out.append(
+                CliOption(
+                    f.name,
+                    (cli["flag"] or f.name).replace("_", "-"),
+                    _not_none(hints[f.name]),
+                    default,
+                    cli["help"],
+                    bool(f.metadata.get("sweep")),
+                )
+            )
         return out
 
     @classmethod
-    def from_dict(cls: type[_Config], options: dict[str, Any],
-                  where: str = "method options") -> _Config:
+    def from_dict(
+        cls: type[_Config], options: dict[str, Any], where: str = "method options"
+    ) -> _Config:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
-            raise UserInputError(f"{where}: unknown option(s) {unknown} for this method; "
-                                 f"known: {sorted(known)}")
+            raise UserInputError(
+                f"{where}: unknown option(s) {unknown} for this method; known: {sorted(known)}"
+            )
         return cls(**check_types(cls, options, where))
 
     def to_dict(self) -> dict[str, Any]:
@@ -168,8 +186,9 @@ class Method(ABC):
 
     @classmethod
     @abstractmethod
-    def attach(cls, model: nn.Module, folder: Path, manifest: dict[str, Any], *,
-               merge: bool) -> Attachment:
+    def attach(
+        cls, model: nn.Module, folder: Path, manifest: dict[str, Any], *, merge: bool
+    ) -> Attachment:
         """Put the (already verified) delta in ``folder`` onto the base ``model``.
 
         ``merge`` asks for the delta in the base weights (to write a model folder); a method
@@ -182,8 +201,11 @@ class Method(ABC):
         """Whether a peft adapter with this adapter_config.json is stored as this method
         (by ``peft_type``). Where a method and its subclass both claim one, the
         subclass wins, so a LoRA variant claims its flag without LoRA knowing of it."""
-        return cls.peft_format and cls.peft_type is not None \
+        return (
+            cls.peft_format
+            and cls.peft_type is not None
             and config.get("peft_type") == cls.peft_type
+        )
 
     @classmethod
     def options_from_peft(cls, config: dict[str, Any], model: nn.Module) -> dict[str, Any]:

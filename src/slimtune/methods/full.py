@@ -43,13 +43,15 @@ class FullMethod(Method):
         return model
 
     def save(self, model: nn.Module, folder: Path) -> None:
-        state: dict[str, torch.Tensor] = {n: p for n, p in model.named_parameters()
-                                          if p.requires_grad}
+        state: dict[str, torch.Tensor] = {
+            n: p for n, p in model.named_parameters() if p.requires_grad
+        }
         write_safetensors(folder / WEIGHTS_FILE, state)
 
     @classmethod
-    def attach(cls, model: nn.Module, folder: Path, manifest: dict[str, Any], *,
-               merge: bool) -> Attachment:
+    def attach(
+        cls, model: nn.Module, folder: Path, manifest: dict[str, Any], *, merge: bool
+    ) -> Attachment:
         """Replace the trained tensors, keeping their originals to put back (always merged)."""
         state = load_file(str(folder / WEIGHTS_FILE))
         params = dict(model.named_parameters())
@@ -60,8 +62,10 @@ class FullMethod(Method):
         with torch.no_grad():
             for n, v in state.items():
                 if params[n].shape != v.shape:
-                    raise DeltaError(f"{folder}: {n} has shape {tuple(v.shape)}, the model's is "
-                                     f"{tuple(params[n].shape)}")
+                    raise DeltaError(
+                        f"{folder}: {n} has shape {tuple(v.shape)}, the model's is "
+                        f"{tuple(params[n].shape)}"
+                    )
             for n, v in state.items():
                 params[n].copy_(v)
 
@@ -71,4 +75,3 @@ class FullMethod(Method):
                     params[n].copy_(v)
 
         return Attachment(model, True, undo)
-

@@ -26,20 +26,30 @@ SCORERS = ("grad", "fisher", "activation", "random")
 SELECTIONS = ("per_tensor", "global")
 
 
-def importance_scores(model: nn.Module, modules: dict[str, nn.Linear], kind: str,
-                      batches: Callable[[], Iterable[dict[str, torch.Tensor]]] | None, *,
-                      seed: int = 0, progress: bool = False) -> dict[str, torch.Tensor]:
+def importance_scores(
+    model: nn.Module,
+    modules: dict[str, nn.Linear],
+    kind: str,
+    batches: Callable[[], Iterable[dict[str, torch.Tensor]]] | None,
+    *,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
     """Scores shaped like each module's weight (fp32, on the weight's device)."""
     if kind not in SCORERS:
         raise UserInputError(f"unknown importance scorer {kind!r}; use one of {', '.join(SCORERS)}")
     if kind == "random":
         g = torch.Generator().manual_seed(seed)
-        return {n: torch.rand(m.weight.shape, generator=g).to(m.weight.device)
-                for n, m in modules.items()}
+        return {
+            n: torch.rand(m.weight.shape, generator=g).to(m.weight.device)
+            for n, m in modules.items()
+        }
     if batches is None:
         raise UserInputError(f"importance scorer {kind!r} needs calibration batches")
-    scores = {n: torch.zeros(m.weight.shape, dtype=torch.float32, device=m.weight.device)
-              for n, m in modules.items()}
+    scores = {
+        n: torch.zeros(m.weight.shape, dtype=torch.float32, device=m.weight.device)
+        for n, m in modules.items()
+    }
     data = list(batches())
     bar = None
     if progress:
@@ -50,13 +60,16 @@ def importance_scores(model: nn.Module, modules: dict[str, nn.Linear], kind: str
     model.eval()  # no dropout while scoring
     try:
         if kind == "activation":
-            sq = {n: torch.zeros(m.in_features, dtype=torch.float32, device=m.weight.device)
-                  for n, m in modules.items()}
+            sq = {
+                n: torch.zeros(m.in_features, dtype=torch.float32, device=m.weight.device)
+                for n, m in modules.items()
+            }
 
             def hook(name):
                 def fn(_m, inputs, _out):
                     x = inputs[0].detach().float()
                     sq[name] += x.pow(2).reshape(-1, x.shape[-1]).sum(0)
+
                 return fn
 
             handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
@@ -69,8 +82,10 @@ def importance_scores(model: nn.Module, modules: dict[str, nn.Linear], kind: str
             finally:
                 for h in handles:
                     h.remove()
-            return {n: m.weight.detach().float().abs() * sq[n].sqrt()[None, :]
-                    for n, m in modules.items()}
+            return {
+                n: m.weight.detach().float().abs() * sq[n].sqrt()[None, :]
+                for n, m in modules.items()
+            }
         flags = {n: m.weight.requires_grad for n, m in modules.items()}
         for m in modules.values():
             m.weight.requires_grad_(True)
@@ -96,8 +111,9 @@ def importance_scores(model: nn.Module, modules: dict[str, nn.Linear], kind: str
             bar.close()
 
 
-def select_top(scores: dict[str, torch.Tensor], density: float, selection: str
-               ) -> dict[str, torch.Tensor]:
+def select_top(
+    scores: dict[str, torch.Tensor], density: float, selection: str
+) -> dict[str, torch.Tensor]:
     """Flat indices (int64, sorted) of the selected entries of each tensor."""
     if not 0.0 < density < 1.0:
         raise UserInputError(f"density must be in (0, 1), got {density}")

@@ -32,9 +32,11 @@ class LoraOptions(MethodConfig):
     dropout: float = option(0.05, flag="lora-dropout", help="LoRA dropout")
     # Short names of the linear modules to adapt; None = every linear layer in the blocks.
     target_modules: list[str] | None = option(
-        None, flag="lora-targets",
+        None,
+        flag="lora-targets",
         help="linear modules to adapt, comma-separated short names; default: every "
-             "linear layer in the blocks")
+        "linear layer in the blocks",
+    )
     # Keep adapters in the base dtype (bf16 on GPU) instead of peft's fp32 upcast: faster, smaller.
     adapter_dtype_follows_base: bool = False
 
@@ -45,8 +47,9 @@ class LoraOptions(MethodConfig):
             raise UserInputError(f"lora dropout must be in [0, 1), got {self.dropout}")
 
 
-def attach_peft(model: nn.Module, folder: Path, merge: bool,
-                files: dict[str, str] | None = None) -> Attachment:
+def attach_peft(
+    model: nn.Module, folder: Path, merge: bool, files: dict[str, str] | None = None
+) -> Attachment:
     """Attach the peft adapter in ``folder`` (``files``: peft's file name -> ours, where a
     delta keeps them under other names).
 
@@ -72,9 +75,11 @@ def attach_peft(model: nn.Module, folder: Path, merge: bool,
             raise DeltaError(f"{folder}: peft could not load the adapter ({e})") from e
     if not merge:
         return Attachment(wrapped, False, lambda: wrapped.unload())
-    touched = {canonical_name(n): m.base_layer.weight.detach().clone()
-               for n, m in wrapped.named_modules() if hasattr(m, "base_layer")
-               and hasattr(m.base_layer, "weight")}
+    touched = {
+        canonical_name(n): m.base_layer.weight.detach().clone()
+        for n, m in wrapped.named_modules()
+        if hasattr(m, "base_layer") and hasattr(m.base_layer, "weight")
+    }
     plain = wrapped.merge_and_unload()
 
     def restore() -> nn.Module:
@@ -99,8 +104,9 @@ class PeftAdapterMethod(Method):
         model.save_pretrained(str(folder))  # type: ignore[operator]
 
     @classmethod
-    def attach(cls, model: nn.Module, folder: Path, manifest: dict[str, Any], *,
-               merge: bool) -> Attachment:
+    def attach(
+        cls, model: nn.Module, folder: Path, manifest: dict[str, Any], *, merge: bool
+    ) -> Attachment:
         return attach_peft(model, folder, merge)
 
 
@@ -120,9 +126,11 @@ class LoraMethod(PeftAdapterMethod):
         n = len(decoder_layers(model))
         return LoraConfig(
             # peft annotates lora_alpha as int but only divides by it: a float alpha is kept
-            r=cfg.r, lora_alpha=cfg.alpha,  # type: ignore[arg-type]
+            r=cfg.r,
+            lora_alpha=cfg.alpha,  # type: ignore[arg-type]
             lora_dropout=cfg.dropout,
-            target_modules=list(targets), task_type="CAUSAL_LM",
+            target_modules=list(targets),
+            task_type="CAUSAL_LM",
             layers_to_transform=None if list(layers) == list(range(n)) else list(layers),
         )
 
@@ -131,12 +139,18 @@ class LoraMethod(PeftAdapterMethod):
 
         if not layers:
             raise UserInputError("lora: no layer left to adapt (everything is frozen)")
-        return get_peft_model(model, self.peft_config(model, layers),
-                              autocast_adapter_dtype=not self.config.adapter_dtype_follows_base)
+        return get_peft_model(
+            model,
+            self.peft_config(model, layers),
+            autocast_adapter_dtype=not self.config.adapter_dtype_follows_base,
+        )
 
     @classmethod
     def options_from_peft(cls, config: dict[str, Any], model: nn.Module) -> dict[str, Any]:
         targets = config.get("target_modules")
-        return {"r": int(config.get("r", 8)), "alpha": float(config.get("lora_alpha", 8)),
-                "dropout": float(config.get("lora_dropout") or 0.0),
-                "target_modules": sorted(targets) if isinstance(targets, list) else None}
+        return {
+            "r": int(config.get("r", 8)),
+            "alpha": float(config.get("lora_alpha", 8)),
+            "dropout": float(config.get("lora_dropout") or 0.0),
+            "target_modules": sorted(targets) if isinstance(targets, list) else None,
+        }

@@ -36,8 +36,10 @@ from .lora import LoraMethod, attach_peft
 from .sparse import SPARSE_FILE, SparseMethod, save_sparse
 
 # peft's file name -> the name the LoRA part of a rosa delta has.
-LORA_FILES = {"adapter_config.json": "lora_adapter_config.json",
-              "adapter_model.safetensors": "lora_adapter_model.safetensors"}
+LORA_FILES = {
+    "adapter_config.json": "lora_adapter_config.json",
+    "adapter_model.safetensors": "lora_adapter_model.safetensors",
+}
 
 
 @dataclass
@@ -46,12 +48,13 @@ class RosaOptions(MethodConfig):
     alpha: float = option(16.0, flag="lora-alpha", help="LoRA alpha")
     dropout: float = option(0.05, flag="lora-dropout", help="LoRA dropout")
     target_modules: list[str] | None = option(
-        None, flag="lora-targets",
+        None,
+        flag="lora-targets",
         help="linear modules to adapt, comma-separated short names; default: every "
-             "linear layer in the blocks")
+        "linear layer in the blocks",
+    )
     density: float = option(0.005, help="share of each weight to train", sweep=True)
-    importance: str = option("fisher", help="importance scorer: fisher, grad, activation or "
-                                            "random")
+    importance: str = option("fisher", help="importance scorer: fisher, grad, activation or random")
     selection: str = option("per_tensor", help="per_tensor or global")
     calibration_batches: int = 8
     regrow_every: int = option(0, help="drop-and-regrow every N steps; 0: off")
@@ -65,18 +68,31 @@ class RosaOptions(MethodConfig):
         if not 0.0 < self.density < 1.0:
             raise UserInputError(f"density must be in (0, 1), got {self.density}")
         if self.importance not in SCORERS or self.selection not in SELECTIONS:
-            raise UserInputError(f"importance must be one of {SCORERS}, selection one of "
-                                 f"{SELECTIONS}")
+            raise UserInputError(
+                f"importance must be one of {SCORERS}, selection one of {SELECTIONS}"
+            )
         if self.delta_weight_decay < 0:
             raise UserInputError("delta_weight_decay must be >= 0")
 
     def lora(self) -> dict:
-        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout,
-                "target_modules": self.target_modules}
+        return {
+            "r": self.r,
+            "alpha": self.alpha,
+            "dropout": self.dropout,
+            "target_modules": self.target_modules,
+        }
 
     def sparse(self) -> dict:
-        keys = ("density", "importance", "selection", "calibration_batches", "regrow_every",
-                "regrow_fraction", "seed", "target_modules")
+        keys = (
+            "density",
+            "importance",
+            "selection",
+            "calibration_batches",
+            "regrow_every",
+            "regrow_fraction",
+            "seed",
+            "target_modules",
+        )
         return {k: getattr(self, k) for k in keys}
 
 
@@ -126,8 +142,9 @@ class RosaMethod(Method):
         save_sparse(model, folder / SPARSE_FILE, {"importance": self.config.importance})
 
     @classmethod
-    def attach(cls, model: nn.Module, folder: Path, manifest: dict[str, Any], *,
-               merge: bool) -> Attachment:
+    def attach(
+        cls, model: nn.Module, folder: Path, manifest: dict[str, Any], *, merge: bool
+    ) -> Attachment:
         """The sparse part as :class:`SparseMethod` does, then the LoRA part through peft
         (shown to peft under its own names; deltas of format version 1 used those)."""
         sparse = SparseMethod.attach(model, folder, manifest, merge=merge)

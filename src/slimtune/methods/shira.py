@@ -25,9 +25,11 @@ from .lora import PeftAdapterMethod
 class ShiraOptions(MethodConfig):
     density: float = option(0.01, help="share of each weight to train", sweep=True)
     target_modules: list[str] | None = option(
-        None, flag="lora-targets",
+        None,
+        flag="lora-targets",
         help="linear modules to adapt, comma-separated short names; default: every "
-             "linear layer in the blocks")
+        "linear layer in the blocks",
+    )
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -51,12 +53,20 @@ class ShiraMethod(PeftAdapterMethod):
         cfg: ShiraOptions = self.config
         targets = cfg.target_modules or linear_module_names(model)
         all_layers = decoder_layers(model)
-        shapes = [m.weight.shape for i in layers for n, m in all_layers[i].named_modules()
-                  if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets]
-        r = max(1, round(cfg.density * sum(a * b for a, b in shapes) / sum(a + b for a, b in shapes)))
-        pattern = (r".*\.(" + "|".join(map(str, layers)) + r")\..*\.(" + "|".join(targets) + r")$")
-        return get_peft_model(model, ShiraConfig(r=r, target_modules=pattern,
-                                                 random_seed=cfg.seed, task_type="CAUSAL_LM"))
+        shapes = [
+            m.weight.shape
+            for i in layers
+            for n, m in all_layers[i].named_modules()
+            if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets
+        ]
+        r = max(
+            1, round(cfg.density * sum(a * b for a, b in shapes) / sum(a + b for a, b in shapes))
+        )
+        pattern = r".*\.(" + "|".join(map(str, layers)) + r")\..*\.(" + "|".join(targets) + r")$"
+        return get_peft_model(
+            model,
+            ShiraConfig(r=r, target_modules=pattern, random_seed=cfg.seed, task_type="CAUSAL_LM"),
+        )
 
     @classmethod
     def options_from_peft(cls, config: dict[str, Any], model: nn.Module) -> dict[str, Any]:
@@ -71,6 +81,8 @@ class ShiraMethod(PeftAdapterMethod):
                 weight = m.get_base_layer().weight
                 assert isinstance(weight, torch.Tensor)
                 covered += weight.numel()
-        return {"density": trained / covered,
-                "target_modules": sorted(targets) if isinstance(targets, list) else None,
-                "seed": int(config.get("random_seed") or 0)}
+        return {
+            "density": trained / covered,
+            "target_modules": sorted(targets) if isinstance(targets, list) else None,
+            "seed": int(config.get("random_seed") or 0),
+        }

@@ -46,14 +46,18 @@ class SparseDelta(nn.Module):
     indices: torch.Tensor  # buffers, registered in __init__
     base_values: torch.Tensor
 
-    def __init__(self, weight: torch.Tensor, indices: torch.Tensor,
-                 values: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor | None = None
+    ) -> None:
         super().__init__()
         idx = indices.to(device=weight.device, dtype=torch.long)
         self.register_buffer("indices", idx)
         self.register_buffer("base_values", weight.detach().view(-1)[idx].clone())
-        v = torch.zeros(idx.numel(), dtype=torch.float32, device=weight.device) if values is None \
+        v = (
+            torch.zeros(idx.numel(), dtype=torch.float32, device=weight.device)
+            if values is None
             else values.to(device=weight.device, dtype=torch.float32)
+        )
         self.values = nn.Parameter(v)
         self.regrow_count = 0  # > 0: the next backward records where to grow this many entries
         self.regrow_candidates: torch.Tensor | None = None
@@ -111,8 +115,9 @@ def _sparse_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return _SparseDeltaLinear.apply(x, module.weight, module.bias, delta.values, delta)
 
 
-def attach(module: nn.Linear, indices: torch.Tensor, values: torch.Tensor | None = None
-           ) -> SparseDelta:
+def attach(
+    module: nn.Linear, indices: torch.Tensor, values: torch.Tensor | None = None
+) -> SparseDelta:
     delta = SparseDelta(module.weight, indices, values)
     module.sparse_delta = delta
     # a per-instance forward (detach_delta pops it again)
@@ -129,12 +134,16 @@ def detach_delta(module: nn.Linear, *, keep_merged: bool) -> None:
 
 
 def sparse_modules(model: nn.Module) -> dict[str, nn.Linear]:
-    return {canonical_name(n): m for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and hasattr(m, "sparse_delta")}
+    return {
+        canonical_name(n): m
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and hasattr(m, "sparse_delta")
+    }
 
 
-def candidate_modules(model: nn.Module, layers: list[int], targets: list[str] | None
-                      ) -> dict[str, nn.Linear]:
+def candidate_modules(
+    model: nn.Module, layers: list[int], targets: list[str] | None
+) -> dict[str, nn.Linear]:
     """The plain ``nn.Linear`` modules (inside PEFT wrappers too) of the given layers, by
     their name in the plain base model."""
     targets = target_module_names(model, targets, "sparse")
@@ -190,13 +199,18 @@ def check_against(model: nn.Module, entries: dict, meta: dict, where: Path) -> d
         m = modules[name]
         shape = meta.get(f"{name}.shape")
         if shape is not None and tuple(int(s) for s in shape.split(",")) != tuple(m.weight.shape):
-            raise DeltaError(f"{where}: {name} was trained on a weight of shape ({shape}), the "
-                             f"model's is {tuple(m.weight.shape)}")
+            raise DeltaError(
+                f"{where}: {name} was trained on a weight of shape ({shape}), the "
+                f"model's is {tuple(m.weight.shape)}"
+            )
         if idx.numel() != values.numel():
-            raise DeltaError(f"{where}: {name} has {idx.numel()} indices but {values.numel()} values")
+            raise DeltaError(
+                f"{where}: {name} has {idx.numel()} indices but {values.numel()} values"
+            )
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= m.weight.numel()):
-            raise DeltaError(f"{where}: {name} has indices outside its weight "
-                             f"(0..{m.weight.numel() - 1})")
+            raise DeltaError(
+                f"{where}: {name} has indices outside its weight (0..{m.weight.numel() - 1})"
+            )
         if torch.unique(idx).numel() != idx.numel():
             raise DeltaError(f"{where}: {name} repeats an index")
         found[name] = m
@@ -206,14 +220,15 @@ def check_against(model: nn.Module, entries: dict, meta: dict, where: Path) -> d
 @dataclass
 class SparseOptions(MethodConfig):
     density: float = option(0.01, help="share of each weight to train", sweep=True)
-    importance: str = option("fisher", help="importance scorer: fisher, grad, activation or "
-                                            "random")
+    importance: str = option("fisher", help="importance scorer: fisher, grad, activation or random")
     selection: str = option("per_tensor", help="per_tensor or global")
     # short names; None = every linear in the blocks
     target_modules: list[str] | None = option(
-        None, flag="lora-targets",
+        None,
+        flag="lora-targets",
         help="linear modules to adapt, comma-separated short names; default: every "
-             "linear layer in the blocks")
+        "linear layer in the blocks",
+    )
     calibration_batches: int = 8
     regrow_every: int = option(0, help="drop-and-regrow every N steps; 0: off")
     regrow_fraction: float = 0.1
@@ -223,8 +238,9 @@ class SparseOptions(MethodConfig):
         if not 0.0 < self.density < 1.0:
             raise UserInputError(f"density must be in (0, 1), got {self.density}")
         if self.importance not in SCORERS:
-            raise UserInputError(f"importance must be one of {', '.join(SCORERS)}, "
-                                 f"got {self.importance!r}")
+            raise UserInputError(
+                f"importance must be one of {', '.join(SCORERS)}, got {self.importance!r}"
+            )
         if self.selection not in SELECTIONS:
             raise UserInputError(f"selection must be per_tensor or global, got {self.selection!r}")
         if self.regrow_every < 0 or not 0.0 < self.regrow_fraction < 1.0:
@@ -254,8 +270,14 @@ class SparseMethod(Method):
         cfg = self.config
         modules = candidate_modules(model, layers, cfg.target_modules)
         data = (lambda: batches(cfg.calibration_batches)) if batches is not None else None
-        scores = importance_scores(model, modules, cfg.importance, data, seed=cfg.seed,
-                                   progress=data is not None and self.progress)
+        scores = importance_scores(
+            model,
+            modules,
+            cfg.importance,
+            data,
+            seed=cfg.seed,
+            progress=data is not None and self.progress,
+        )
         return select_top(scores, cfg.density, cfg.selection)
 
     def attach_chosen(self, model: nn.Module, chosen: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -267,8 +289,7 @@ class SparseMethod(Method):
 
     def extra_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Indices and base entries move with drop-and-regrow: checkpoints keep them."""
-        return {n: b.detach() for n, b in model.named_buffers()
-                if ".sparse_delta." in n}
+        return {n: b.detach() for n, b in model.named_buffers() if ".sparse_delta." in n}
 
     def state_dict(self, model: nn.Module) -> dict[str, Any]:
         """A regrow armed at the last step (its candidates come from the next backward):
@@ -305,8 +326,9 @@ class SparseMethod(Method):
         save_sparse(model, folder / SPARSE_FILE, {"importance": self.config.importance})
 
     @classmethod
-    def attach(cls, model: nn.Module, folder: Path, manifest: dict[str, Any], *,
-               merge: bool) -> Attachment:
+    def attach(
+        cls, model: nn.Module, folder: Path, manifest: dict[str, Any], *, merge: bool
+    ) -> Attachment:
         """Scatter-add the values into the weights (always merged); undo puts the original
         entries back."""
         apply_sparse(model, folder / SPARSE_FILE)

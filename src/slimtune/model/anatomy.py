@@ -84,7 +84,7 @@ def canonical_name(name: str) -> str:
     """A module's name in the plain base model (without PEFT's wrappers)."""
     for prefix in ("base_model.model.",):
         if name.startswith(prefix):
-            name = name[len(prefix):]
+            name = name[len(prefix) :]
     return name.replace(".base_layer", "")
 
 
@@ -96,8 +96,9 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
 def linear_module_names(model: nn.Module) -> list[str]:
     """Short names of the ``nn.Linear`` modules inside a decoder layer (q_proj, up_proj, ...)."""
     layer = decoder_layers(model)[0]
-    return sorted({name.rsplit(".", 1)[-1] for name, m in layer.named_modules()
-                   if isinstance(m, nn.Linear)})
+    return sorted(
+        {name.rsplit(".", 1)[-1] for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    )
 
 
 def target_module_names(model: nn.Module, wanted: list[str] | None, method: str) -> list[str]:
@@ -105,8 +106,10 @@ def target_module_names(model: nn.Module, wanted: list[str] | None, method: str)
     available = linear_module_names(model)
     missing = sorted(set(wanted or ()) - set(available))
     if missing:
-        raise UserInputError(f"{method} target_modules {missing} are not linear modules of "
-                             f"this model's layers; available: {available}")
+        raise UserInputError(
+            f"{method} target_modules {missing} are not linear modules of "
+            f"this model's layers; available: {available}"
+        )
     return list(wanted or available)
 
 

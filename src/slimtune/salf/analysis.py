@@ -90,9 +90,15 @@ def _target_positions(batch: dict[str, torch.Tensor], limit: int) -> torch.Tenso
 
 
 @torch.no_grad()
-def collect_hidden(model: nn.Module, dataset: Dataset, *, max_examples: int = 64,
-                   max_positions: int = 1024, batch_size: int = 8,
-                   progress: bool = True) -> tuple[list[torch.Tensor], torch.Tensor]:
+def collect_hidden(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    max_examples: int = 64,
+    max_positions: int = 1024,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Hidden states of every latent space at target positions: (L+1 x [n, d], targets [n])."""
     model.eval()
     layers = decoder_layers(model)
@@ -108,6 +114,7 @@ def collect_hidden(model: nn.Module, dataset: Dataset, *, max_examples: int = 64
         def hook(_module, _inputs, output):
             h = output[0] if isinstance(output, tuple) else output
             per_space[space].append(h[current["mask"]].float().cpu())
+
         return hook
 
     hooks = [emb.register_forward_hook(grab(0))]
@@ -122,18 +129,20 @@ def collect_hidden(model: nn.Module, dataset: Dataset, *, max_examples: int = 64
         for s in range(0, len(examples), batch_size):
             if taken >= max_positions:
                 break
-            batch = collate(examples[s: s + batch_size], pad)
+            batch = collate(examples[s : s + batch_size], pad)
             mask = _target_positions(batch, max_positions - taken)
             taken += int(mask.sum())
             current["mask"] = mask.to(dev)
             nxt = torch.zeros_like(batch["labels"])
             nxt[:, :-1] = batch["labels"][:, 1:]
             targets.append(nxt[mask])
-            base_model(model).model(input_ids=batch["input_ids"].to(dev),
-                                    attention_mask=batch["attention_mask"].to(dev),
-                                    use_cache=False)
+            base_model(model).model(
+                input_ids=batch["input_ids"].to(dev),
+                attention_mask=batch["attention_mask"].to(dev),
+                use_cache=False,
+            )
             if bar:
-                bar.update(len(examples[s: s + batch_size]))
+                bar.update(len(examples[s : s + batch_size]))
     finally:
         for h in hooks:
             h.remove()
@@ -145,13 +154,16 @@ def collect_hidden(model: nn.Module, dataset: Dataset, *, max_examples: int = 64
 
 
 @torch.no_grad()
-def layer_statistics(model: nn.Module, hidden: list[torch.Tensor],
-                     targets: torch.Tensor, chunk: int = 256) -> list[LayerStats]:
+def layer_statistics(
+    model: nn.Module, hidden: list[torch.Tensor], targets: torch.Tensor, chunk: int = 256
+) -> list[LayerStats]:
     """Logit-lens statistics of each latent space (see the module docstring)."""
     norm = final_norm(base_model(model))
     if norm is None:
-        raise UserInputError(f"{type(base_model(model)).__name__}: no final norm found; the "
-                             "logit-lens analysis needs one")
+        raise UserInputError(
+            f"{type(base_model(model)).__name__}: no final norm found; the "
+            "logit-lens analysis needs one"
+        )
     head = base_model(model).get_output_embeddings()
     dev = head.weight.device
     wdtype = head.weight.dtype
@@ -160,12 +172,12 @@ def layer_statistics(model: nn.Module, hidden: list[torch.Tensor],
     n = len(targets)
 
     def logp_of(space: int, s: int) -> torch.Tensor:
-        h = hidden[space][s: s + chunk].to(dev, wdtype)
+        h = hidden[space][s : s + chunk].to(dev, wdtype)
         return torch.log_softmax(head(norm(h)).float(), -1)
 
     sums = np.zeros((L + 1, 5))  # loss, kl_final, transition, top1, cosine
     for s in range(0, n, chunk):
-        t = targets[s: s + chunk].to(dev)
+        t = targets[s : s + chunk].to(dev)
         final = logp_of(L, s)
         final_top = final.argmax(-1)
         prev = None
@@ -176,7 +188,7 @@ def layer_statistics(model: nn.Module, hidden: list[torch.Tensor],
             if prev is not None:
                 sums[space, 2] += float((lp.exp() * (lp - prev)).sum())
             sums[space, 3] += float((lp.argmax(-1) == final_top).sum())
-            hn = norm(hidden[space][s: s + chunk].to(dev, wdtype)).float()
+            hn = norm(hidden[space][s : s + chunk].to(dev, wdtype)).float()
             sums[space, 4] += float((1 - F.cosine_similarity(hn, out_emb[t], dim=-1)).sum())
             prev = lp
     avg = sums / n
@@ -211,8 +223,14 @@ def fit_transition(deviation: list[float]) -> dict:
             if best is None or rmse < best[0]:
                 best = (rmse, float(c), float(w), float(coef[0]), float(coef[0] + coef[1]))
     rmse, c, w, r_end, r_start = best
-    return {"R_start": r_start, "R_end": r_end, "center": c, "width": w, "rmse": rmse,
-            "fitted_to": "envelope of the logit-lens target loss over latent spaces 1..L"}
+    return {
+        "R_start": r_start,
+        "R_end": r_end,
+        "center": c,
+        "width": w,
+        "rmse": rmse,
+        "fitted_to": "envelope of the logit-lens target loss over latent spaces 1..L",
+    }
 
 
 def fitted_curve(fit: dict, L: int) -> np.ndarray:
@@ -239,27 +257,41 @@ def choose_freeze_below(gain: list[float], keep: float) -> int:
     return max(ok) if ok else 0
 
 
-def analyze(model: nn.Module, dataset: Dataset, *, keep: float = DEFAULT_KEEP,
-            max_examples: int = 64,
-            max_positions: int = 1024, batch_size: int = 8, progress: bool = True) -> Analysis:
+def analyze(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    keep: float = DEFAULT_KEEP,
+    max_examples: int = 64,
+    max_positions: int = 1024,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> Analysis:
     """Run the SALF analysis on ``dataset`` and recommend an end-of-freezing layer."""
     if not 0.0 < keep <= 1.0:
         raise UserInputError(f"keep must be in (0, 1], got {keep}")
-    hidden, targets = collect_hidden(model, dataset, max_examples=max_examples,
-                                     max_positions=max_positions, batch_size=batch_size,
-                                     progress=progress)
+    hidden, targets = collect_hidden(
+        model,
+        dataset,
+        max_examples=max_examples,
+        max_positions=max_positions,
+        batch_size=batch_size,
+        progress=progress,
+    )
     spaces = layer_statistics(model, hidden, targets)
     L = len(spaces) - 1
     fit = fit_transition([s.loss for s in spaces])
     gain = expected_gain(fit, L)
     k = choose_freeze_below(gain, keep)
-    reason = (f"freeze layers 0-{k - 1} and train {k}-{L - 1}: the fitted semantic "
-              f"transition is centred at layer {fit['center']:.1f} (width {fit['width']:.1f}), so "
-              f"{100 * gain[k]:.0f}% of the expected gain lies above layer {k}, the deepest "
-              f"cut that keeps at least {100 * keep:.0f}%"
-              if k > 0 else
-              f"train every layer: less than {100 * keep:.0f}% of the fitted semantic transition "
-              f"would remain above any cut")
+    reason = (
+        f"freeze layers 0-{k - 1} and train {k}-{L - 1}: the fitted semantic "
+        f"transition is centred at layer {fit['center']:.1f} (width {fit['width']:.1f}), so "
+        f"{100 * gain[k]:.0f}% of the expected gain lies above layer {k}, the deepest "
+        f"cut that keeps at least {100 * keep:.0f}%"
+        if k > 0
+        else f"train every layer: less than {100 * keep:.0f}% of the fitted semantic transition "
+        f"would remain above any cut"
+    )
     return Analysis(L, len(targets), spaces, fit, gain, k, keep, reason)
 
 
@@ -274,7 +306,9 @@ def plot_analysis(analysis: Analysis, path: str | Path) -> Path:
     x = [s.space for s in analysis.spaces]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), dpi=120, sharex=True)
     ax1.plot(x, [s.loss for s in analysis.spaces], "o-", ms=3, label="target loss (logit lens)")
-    ax1.plot(x, remaining_deviation([s.loss for s in analysis.spaces]), ":", label="remaining (envelope)")
+    ax1.plot(
+        x, remaining_deviation([s.loss for s in analysis.spaces]), ":", label="remaining (envelope)"
+    )
     ax1.plot(x, fitted_curve(analysis.fit, analysis.num_layers), "--", label="fitted transition")
     ax1.plot(x, [s.kl_to_final for s in analysis.spaces], "s-", ms=3, label="KL to final")
     ax1.axvline(analysis.freeze_below, color="k", lw=0.8, ls=":")
@@ -282,10 +316,22 @@ def plot_analysis(analysis: Analysis, path: str | Path) -> Path:
     ax1.legend(fontsize=8)
     ax1.grid(alpha=0.3)
     ax2.plot(x, analysis.gain, "o-", ms=3, color="C3", label="expected gain G(k)")
-    ax2.plot(x, [s.top1_agreement for s in analysis.spaces], "^-", ms=3, color="C2",
-             label="top-1 agreement with final")
+    ax2.plot(
+        x,
+        [s.top1_agreement for s in analysis.spaces],
+        "^-",
+        ms=3,
+        color="C2",
+        label="top-1 agreement with final",
+    )
     ax2.axhline(analysis.keep, color="C3", lw=0.8, ls=":")
-    ax2.axvline(analysis.freeze_below, color="k", lw=0.8, ls=":", label=f"freeze below {analysis.freeze_below}")
+    ax2.axvline(
+        analysis.freeze_below,
+        color="k",
+        lw=0.8,
+        ls=":",
+        label=f"freeze below {analysis.freeze_below}",
+    )
     ax2.set_xlabel("latent space (0 = embeddings, l = after layer l-1) / freeze-below k")
     ax2.set_ylim(-0.05, 1.05)
     ax2.legend(fontsize=8)

@@ -26,8 +26,10 @@ def freeze_below(model: nn.Module, k: int) -> None:
     """
     layers = decoder_layers(model)
     if not 0 <= k <= len(layers):
-        raise UserInputError(f"--freeze-below {k}: the model has {len(layers)} layers, "
-                             f"so it must be between 0 and {len(layers)}")
+        raise UserInputError(
+            f"--freeze-below {k}: the model has {len(layers)} layers, "
+            f"so it must be between 0 and {len(layers)}"
+        )
     if k == 0:
         return
     emb = input_embeddings(model)
@@ -58,5 +60,8 @@ def _no_grad(forward):
 
 
 def frozen_layer_count(model: nn.Module) -> int:
-    return sum(1 for layer in decoder_layers(model)
-               if getattr(layer.__dict__.get("forward"), "slimtune_frozen", False))
+    return sum(
+        1
+        for layer in decoder_layers(model)
+        if getattr(layer.__dict__.get("forward"), "slimtune_frozen", False)
+    )

@@ -131,8 +131,9 @@ def _costing_method(method: str, options: dict | None):
     return m
 
 
-def _trained_layer_params(model: nn.Module, method: str, options: dict | None,
-                          device: torch.device) -> list[nn.Parameter]:
+def _trained_layer_params(
+    model: nn.Module, method: str, options: dict | None, device: torch.device
+) -> list[nn.Parameter]:
     """The parameters ``method`` trains inside one decoder layer (not the embeddings or the
     final norm, which a method training *every* layer may also take)."""
     probe = _costing_method(method, options).prepare(_mini_model(model, 2, device), [1])
@@ -166,9 +167,17 @@ class _SavedBytes:
         return sum(self.seen.values())
 
 
-def _measure(mini: nn.Module, method: str, options: dict, n_frozen: int,
-             batch: dict[str, torch.Tensor], device: torch.device, autocast,
-             steps: int, train_embeddings: bool = False) -> tuple[float, int, int]:
+def _measure(
+    mini: nn.Module,
+    method: str,
+    options: dict,
+    n_frozen: int,
+    batch: dict[str, torch.Tensor],
+    device: torch.device,
+    autocast,
+    steps: int,
+    train_embeddings: bool = False,
+) -> tuple[float, int, int]:
     """(median step time, peak memory above what was resident, bytes saved for backward)."""
     from ..training.step import accumulate_gradients
 
@@ -191,8 +200,11 @@ def _measure(mini: nn.Module, method: str, options: dict, n_frozen: int,
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            hooks = (torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t) if i == 0
-                     else contextlib.nullcontext())
+            hooks = (
+                torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t)
+                if i == 0
+                else contextlib.nullcontext()
+            )
             with hooks:
                 accumulate_gradients(model, params, [batch], device, autocast, 1.0)
             opt.step()
@@ -218,8 +230,15 @@ def _least_squares(points: list[tuple[int, int, float]]) -> tuple[float, float, 
     return a, b, c
 
 
-def calibrate(model: nn.Module, method: str, options: dict | None, batch: dict[str, torch.Tensor],
-              *, autocast=contextlib.nullcontext, steps: int = 3) -> LayerCosts:
+def calibrate(
+    model: nn.Module,
+    method: str,
+    options: dict | None,
+    batch: dict[str, torch.Tensor],
+    *,
+    autocast=contextlib.nullcontext,
+    steps: int = 3,
+) -> LayerCosts:
     """Measure the cost model of ``method`` for this model's architecture and ``batch``."""
     options = dict(options or {})
     device = next(model.parameters()).device
@@ -233,8 +252,9 @@ def calibrate(model: nn.Module, method: str, options: dict | None, batch: dict[s
     points = {}
     for n_frozen, n_trained, emb in mixes:
         mini = _mini_model(model, n_frozen + n_trained, device)
-        points[(n_frozen, n_trained, emb)] = _measure(mini, method, options, n_frozen, batch,
-                                                      device, autocast, steps, emb)
+        points[(n_frozen, n_trained, emb)] = _measure(
+            mini, method, options, n_frozen, batch, device, autocast, steps, emb
+        )
         del mini
         _trim_heap()
         if device.type == "cuda":
@@ -252,18 +272,28 @@ def calibrate(model: nn.Module, method: str, options: dict | None, batch: dict[s
     emb_bytes = emb_weight.numel() * emb_weight.element_size() if declared.trains_embeddings else 0
     act = max((points[(1, 4, False)][2] - points[(1, 1, False)][2]) // 3, 0)
     costs = LayerCosts(
-        method=method, options=options, num_layers=L,
-        t_fixed=t_fixed, t_frozen=t_fr, t_trained=t_tr, t_embeddings=t_emb,
-        state_bytes_per_layer=2 * trainable_layer_bytes, grad_bytes_per_layer=trainable_layer_bytes,
-        activation_bytes_per_layer=act, embedding_train_bytes=3 * emb_bytes,
-        transient_bytes=0, resident_bytes=resident, trainable_per_layer=trainable_layer,
+        method=method,
+        options=options,
+        num_layers=L,
+        t_fixed=t_fixed,
+        t_frozen=t_fr,
+        t_trained=t_tr,
+        t_embeddings=t_emb,
+        state_bytes_per_layer=2 * trainable_layer_bytes,
+        grad_bytes_per_layer=trainable_layer_bytes,
+        activation_bytes_per_layer=act,
+        embedding_train_bytes=3 * emb_bytes,
+        transient_bytes=0,
+        resident_bytes=resident,
+        trainable_per_layer=trainable_layer,
         trainable_embeddings=emb_weight.numel() if declared.trains_embeddings else 0,
         flops_forward_per_layer=_flops_per_token_layer(model, batch["input_ids"].shape[1])
         * batch["input_ids"].numel(),
         flops_backward_per_trained_layer=0.0,
     )
-    costs.flops_backward_per_trained_layer = (2.0 if declared.weight_grads else 1.0) * \
-        costs.flops_forward_per_layer
+    costs.flops_backward_per_trained_layer = (
+        2.0 if declared.weight_grads else 1.0
+    ) * costs.flops_forward_per_layer
     # what the per-layer accounting does not explain in the measured 1 frozen + 1 trained
     # mix is the fixed transient (loss chunk, backward workspace, LoRA weights, slack)
     costs.transient_bytes = max(points[(1, 1, False)][1] - _extra_bytes(costs, 1), 0)
@@ -292,15 +322,28 @@ def estimate(costs: LayerCosts, k: int) -> Estimate:
         raise UserInputError(f"freeze_below must be in [0, {L - 1}], got {k}")
     n = L - k
     emb = k == 0 and costs.trainable_embeddings > 0
-    t = costs.t_fixed + k * costs.t_frozen + n * costs.t_trained + (costs.t_embeddings if emb else 0)
+    t = (
+        costs.t_fixed
+        + k * costs.t_frozen
+        + n * costs.t_trained
+        + (costs.t_embeddings if emb else 0)
+    )
     peak = costs.resident_bytes + costs.transient_bytes + _extra_bytes(costs, n, emb)
     trainable = n * costs.trainable_per_layer + (costs.trainable_embeddings if emb else 0)
-    return Estimate(costs.method, costs.options, k, trainable, max(t, 0.0), int(peak),
-                    n * costs.flops_backward_per_trained_layer)
+    return Estimate(
+        costs.method,
+        costs.options,
+        k,
+        trainable,
+        max(t, 0.0),
+        int(peak),
+        n * costs.flops_backward_per_trained_layer,
+    )
 
 
-def budget_freeze_below(costs: LayerCosts, *, memory: int | None = None,
-               step_time: float | None = None) -> int | None:
+def budget_freeze_below(
+    costs: LayerCosts, *, memory: int | None = None, step_time: float | None = None
+) -> int | None:
     """Unfreeze from the deepest layer towards the shallow ones while within the budget.
 
     Returns the smallest ``freeze_below`` that fits, or ``None`` if not even the top layer does.
@@ -309,7 +352,8 @@ def budget_freeze_below(costs: LayerCosts, *, memory: int | None = None,
     for k in range(costs.num_layers - 1, -1, -1):
         e = estimate(costs, k)
         if (memory is not None and e.peak_bytes > memory) or (
-                step_time is not None and e.step_time_s > step_time):
+            step_time is not None and e.step_time_s > step_time
+        ):
             break
         chosen = k
     return chosen
@@ -320,11 +364,24 @@ def parse_size(text: str | int | float | None) -> int | None:
     if text is None or isinstance(text, int | float):
         return None if text is None else int(text)
     s = str(text).strip().replace(" ", "")
-    units = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
-             "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4,
-             "tb": 1000**4, "tib": 1024**4}
+    units = {
+        "": 1,
+        "b": 1,
+        "k": 1000,
+        "kb": 1000,
+        "kib": 1024,
+        "m": 1000**2,
+        "mb": 1000**2,
+        "mib": 1024**2,
+        "g": 1000**3,
+        "gb": 1000**3,
+        "gib": 1024**3,
+        "t": 1000**4,
+        "tb": 1000**4,
+        "tib": 1024**4,
+    }
     num = s.rstrip("BbKkMmGgTtIi")
-    unit = s[len(num):].lower()
+    unit = s[len(num) :].lower()
     try:
         value = float(num)
     except ValueError:
@@ -352,13 +409,19 @@ def parse_duration(text: str | float | None) -> float | None:
 
 
 def describe(e: Estimate) -> str:
-    return (f"{e.method} {e.options or ''} freeze-below {e.freeze_below}: "
-            f"~{format_bytes(e.peak_bytes)}, ~{e.step_time_s:.2f} s/step")
+    return (
+        f"{e.method} {e.options or ''} freeze-below {e.freeze_below}: "
+        f"~{format_bytes(e.peak_bytes)}, ~{e.step_time_s:.2f} s/step"
+    )
 
 
-def activation_bytes_per_layer(model: nn.Module, method: str, options: dict | None,
-                               batch: dict[str, torch.Tensor], autocast=contextlib.nullcontext
-                               ) -> int:
+def activation_bytes_per_layer(
+    model: nn.Module,
+    method: str,
+    options: dict | None,
+    batch: dict[str, torch.Tensor],
+    autocast=contextlib.nullcontext,
+) -> int:
     """Bytes autograd saves for one trained layer (forward only, on mini models)."""
     from ..training.loss import target_loss
 
@@ -399,18 +462,30 @@ class Plan:
     budget_step_time: float | None
 
     def to_dict(self) -> dict:
-        return {"candidates": [c.to_dict() for c in self.candidates],
-                "choice": self.choice.to_dict() if self.choice else None, "reason": self.reason,
-                "budget_memory": self.budget_memory, "budget_step_time": self.budget_step_time}
+        return {
+            "candidates": [c.to_dict() for c in self.candidates],
+            "choice": self.choice.to_dict() if self.choice else None,
+            "reason": self.reason,
+            "budget_memory": self.budget_memory,
+            "budget_step_time": self.budget_step_time,
+        }
 
 
 DEFAULT_CANDIDATES: list[tuple[str, dict]] = [("full", {}), ("lora", {"r": 8}), ("lora", {"r": 16})]
 
 
-def make_plan(model: nn.Module, batch: dict[str, torch.Tensor], gain: list[float], *,
-              candidates: list[tuple[str, dict]] | None = None, budget_memory: int | None = None,
-              budget_step_time: float | None = None, recommended_freeze_below: int | None = None,
-              autocast=contextlib.nullcontext, progress=None) -> Plan:
+def make_plan(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    gain: list[float],
+    *,
+    candidates: list[tuple[str, dict]] | None = None,
+    budget_memory: int | None = None,
+    budget_step_time: float | None = None,
+    recommended_freeze_below: int | None = None,
+    autocast=contextlib.nullcontext,
+    progress=None,
+) -> Plan:
     """Estimate every (method, freeze_below) worth considering and pick one under the budget.
 
     For each method the freeze_below values considered are: every layer trained (0), the analysis'
@@ -432,8 +507,9 @@ def make_plan(model: nn.Module, batch: dict[str, torch.Tensor], gain: list[float
         for k in sorted(ks):
             e = estimate(costs, k)
             e.predicted_gain = gain[k]
-            e.fits = ((budget_memory is None or e.peak_bytes <= budget_memory)
-                      and (budget_step_time is None or e.step_time_s <= budget_step_time))
+            e.fits = (budget_memory is None or e.peak_bytes <= budget_memory) and (
+                budget_step_time is None or e.step_time_s <= budget_step_time
+            )
             if k == kb and (budget_memory or budget_step_time):
                 e.notes.append("budget policy")
             if k == recommended_freeze_below:
@@ -442,44 +518,69 @@ def make_plan(model: nn.Module, batch: dict[str, torch.Tensor], gain: list[float
     fitting = [e for e in rows if e.fits]
     if not fitting:
         smallest = min(rows, key=lambda e: e.peak_bytes)
-        return Plan(rows, None, "nothing fits the budget; the smallest estimate is "
-                    + describe(smallest), budget_memory, budget_step_time)
+        return Plan(
+            rows,
+            None,
+            "nothing fits the budget; the smallest estimate is " + describe(smallest),
+            budget_memory,
+            budget_step_time,
+        )
     best = max(fitting, key=lambda e: (round(e.predicted_gain or 0, 3), -e.step_time_s))
     budget = []
     if budget_memory:
         budget.append(f"memory {format_bytes(budget_memory)}")
     if budget_step_time:
         budget.append(f"step time {budget_step_time:.2f} s")
-    reason = (f"{describe(best)} keeps {100 * (best.predicted_gain or 0):.0f}% of the expected "
-              f"gain" + (f" within the budget ({', '.join(budget)})" if budget else "")
-              + "; among equal gains it has the shortest estimated step")
+    reason = (
+        f"{describe(best)} keeps {100 * (best.predicted_gain or 0):.0f}% of the expected "
+        f"gain"
+        + (f" within the budget ({', '.join(budget)})" if budget else "")
+        + "; among equal gains it has the shortest estimated step"
+    )
     return Plan(rows, best, reason, budget_memory, budget_step_time)
 
 
-def estimate_static(model: nn.Module, method: str, batch: dict[str, torch.Tensor],
-                    activation_bytes: int, options: dict | None = None) -> list[dict]:
+def estimate_static(
+    model: nn.Module,
+    method: str,
+    batch: dict[str, torch.Tensor],
+    activation_bytes: int,
+    options: dict | None = None,
+) -> list[dict]:
     """Per candidate freeze_below, costs that need no timing: trainable parameters, the share of
     backward FLOPs left (relative to training every layer) and saved activation memory."""
     device = next(model.parameters()).device
     L = len(decoder_layers(model))
     per_layer = sum(p.numel() for p in _trained_layer_params(model, method, options, device))
     declared = method_class(method)
-    emb = base_model(model).get_input_embeddings().weight.numel() if declared.trains_embeddings \
-        else 0
+    emb = (
+        base_model(model).get_input_embeddings().weight.numel() if declared.trains_embeddings else 0
+    )
     fwd = _flops_per_token_layer(model, batch["input_ids"].shape[1]) * batch["input_ids"].numel()
     per_bwd = (2.0 if declared.weight_grads else 1.0) * fwd
     rows = []
     for k in range(L):
         n = L - k
-        rows.append({"freeze_below": k,
-                     "trainable_params": n * per_layer + (emb if k == 0 else 0),
-                     "backward_flops": n * per_bwd, "backward_flops_share": n / L,
-                     "activation_bytes": n * activation_bytes})
+        rows.append(
+            {
+                "freeze_below": k,
+                "trainable_params": n * per_layer + (emb if k == 0 else 0),
+                "backward_flops": n * per_bwd,
+                "backward_flops_share": n / L,
+                "activation_bytes": n * activation_bytes,
+            }
+        )
     return rows
 
 
-def freeze_costs(model: nn.Module, method: str, examples, batch_size: int, pad_id: int,
-                 options: dict | None = None) -> list[dict]:
+def freeze_costs(
+    model: nn.Module,
+    method: str,
+    examples,
+    batch_size: int,
+    pad_id: int,
+    options: dict | None = None,
+) -> list[dict]:
     """The static costs of training ``method`` per candidate freeze_below (see
     :func:`estimate_static`) for a batch of the ``batch_size`` longest ``examples``: what
     ``slimtune analyze`` shows next to the analysis, without timing anything."""

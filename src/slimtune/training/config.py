@@ -27,7 +27,9 @@ class TrainConfig:
     freeze_below: int = 0
     freeze: str | None = None  # "auto": SALF analysis (+ budget policy) chooses freeze_below
     # numbers too, as plan.parse_size/parse_duration read them (bytes, seconds)
-    budget_memory: str | float | None = None  # e.g. "6GiB": with freeze auto, unfreeze while it fits
+    budget_memory: str | float | None = (
+        None  # e.g. "6GiB": with freeze auto, unfreeze while it fits
+    )
     budget_step_time: str | float | None = None  # e.g. "1.5s" per optimizer step
     keep: float = 0.99  # share of the expected gain --freeze auto keeps (analysis.DEFAULT_KEEP)
     max_steps: int = 100
@@ -83,21 +85,29 @@ class TrainConfig:
         need(self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         need(self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}")
-        need(0 <= self.eval_fraction < 1,
-             f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        need(
+            0 <= self.eval_fraction < 1,
+            f"eval_fraction must be in [0, 1), got {self.eval_fraction}",
+        )
         need(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
         need(self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
         need(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         need(self.max_length >= 8, f"max_length must be >= 8, got {self.max_length}")
         need(self.freeze_below >= 0, f"freeze_below must be >= 0, got {self.freeze_below}")
-        need(self.precision in ("auto", "bf16", "fp16", "fp32"),
-             f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
+        need(
+            self.precision in ("auto", "bf16", "fp16", "fp32"),
+            f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}",
+        )
         need(self.save_every >= 0 and self.eval_every >= 0, "save_every/eval_every must be >= 0")
         need(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other")
-        need(self.freeze in (None, "auto"), f"freeze must be 'auto' (or use freeze_below), "
-                                            f"got {self.freeze!r}")
-        need(self.freeze == "auto" or not (self.budget_memory or self.budget_step_time),
-             "--budget-memory/--budget-step-time need --freeze auto")
+        need(
+            self.freeze in (None, "auto"),
+            f"freeze must be 'auto' (or use freeze_below), got {self.freeze!r}",
+        )
+        need(
+            self.freeze == "auto" or not (self.budget_memory or self.budget_step_time),
+            "--budget-memory/--budget-step-time need --freeze auto",
+        )
         need(0 < self.keep <= 1, f"keep must be in (0, 1], got {self.keep}")
         get_method(self.method, self.method_options)  # unknown method / bad options: fail now
         return self
@@ -112,8 +122,26 @@ class TrainConfig:
 
     def identity(self) -> dict[str, Any]:
         """The options a resumed run must share with the run it continues."""
-        keep = ("data", "model", "method", "method_options", "freeze_below", "freeze",
-                "budget_memory", "budget_step_time", "keep", "max_steps",
-                "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio",
-                "max_grad_norm", "max_length", "pack", "seed", "eval_fraction")
+        keep = (
+            "data",
+            "model",
+            "method",
+            "method_options",
+            "freeze_below",
+            "freeze",
+            "budget_memory",
+            "budget_step_time",
+            "keep",
+            "max_steps",
+            "batch_size",
+            "grad_accum",
+            "lr",
+            "weight_decay",
+            "warmup_ratio",
+            "max_grad_norm",
+            "max_length",
+            "pack",
+            "seed",
+            "eval_fraction",
+        )
         return {k: getattr(self, k) for k in keep}

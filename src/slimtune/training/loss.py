@@ -35,19 +35,25 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                chunk: int) -> torch.Tensor:
+    def forward(
+        ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int
+    ) -> torch.Tensor:
         dev = hidden.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.autocast(dev, enabled=False):
             w = weight.to(dtype)
-            grad_h = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if need_h else None
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32,
-                                 device=weight.device) if need_w else None
+            grad_h = (
+                torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if need_h else None
+            )
+            grad_w = (
+                torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                if need_w
+                else None
+            )
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             for s in range(0, hidden.shape[0], chunk):
-                h, t = hidden[s: s + chunk].to(dtype), targets[s: s + chunk]
+                h, t = hidden[s : s + chunk].to(dtype), targets[s : s + chunk]
                 # one fused pass from the matmul's output to fp32 log-probabilities
                 logp = torch.log_softmax(h @ w.t(), dim=-1, dtype=torch.float32)
                 total -= logp.gather(1, t[:, None]).sum()
@@ -57,7 +63,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                     g = probs.to(dtype)
                     del logp, probs
                     if need_h:
-                        grad_h[s: s + chunk] = g @ w
+                        grad_h[s : s + chunk] = g @ w
                     if need_w:
                         grad_w += (g.t() @ h).float()
         ctx.save_for_backward(grad_h, grad_w)
@@ -81,12 +87,14 @@ def target_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch
     n = int(mask.sum())
     parts = backbone_and_head(model)
     if parts is None:  # architectures with logit post-processing: the model's own head path
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       use_cache=False).logits[:, :-1]
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).logits[:, :-1]
         return F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum"), n
     backbone, head = parts
-    hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      use_cache=False).last_hidden_state[:, :-1]
+    hidden = backbone(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).last_hidden_state[:, :-1]
     h, t = hidden[mask], targets[mask]
     if h.shape[0] <= CHUNK_ROWS:
         return _ce_sum(head, h, t), n
@@ -94,6 +102,6 @@ def target_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch
         return ChunkedLinearCrossEntropy.apply(h, head.weight, t, CHUNK_ROWS), n
     total = h.new_zeros((), dtype=torch.float32)  # rare: a head with a bias
     for s in range(0, h.shape[0], CHUNK_ROWS):
-        hs, ts = h[s: s + CHUNK_ROWS], t[s: s + CHUNK_ROWS]
+        hs, ts = h[s : s + CHUNK_ROWS], t[s : s + CHUNK_ROWS]
         total = total + checkpoint(_ce_sum, head, hs, ts, use_reentrant=False)
     return total, n

@@ -41,11 +41,18 @@ class NonFiniteError(ArithmeticError):
         self.what, self.value = what, value
 
 
-def accumulate_gradients(model: nn.Module, params: list[nn.Parameter],
-                         batches: list[dict[str, torch.Tensor]], device: torch.device,
-                         autocast=contextlib.nullcontext, max_grad_norm: float = 1.0, *,
-                         world: int = 1, reduce=None, aux_loss=None
-                         ) -> tuple[float, torch.Tensor, int, int]:
+def accumulate_gradients(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    batches: list[dict[str, torch.Tensor]],
+    device: torch.device,
+    autocast=contextlib.nullcontext,
+    max_grad_norm: float = 1.0,
+    *,
+    world: int = 1,
+    reduce=None,
+    aux_loss=None,
+) -> tuple[float, torch.Tensor, int, int]:
     """Forward and backward over the micro-batches of one optimizer step, then clip.
 
     The loss is normalised by the target tokens of the whole step (all micro-batches, all
@@ -87,7 +94,8 @@ def accumulate_gradients(model: nn.Module, params: list[nn.Parameter],
 def nonfinite_norm(params: list[nn.Parameter]) -> float | None:
     """The norm of ``params`` if it is NaN/inf (some entry is), else None: one fused
     reduction and one sync per step."""
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(
-        [p.detach() for p in params], 2, dtype=torch.float32)))
+    norm = torch.linalg.vector_norm(
+        torch.stack(torch._foreach_norm([p.detach() for p in params], 2, dtype=torch.float32))
+    )
     value = float(norm)
     return None if math.isfinite(value) else value

@@ -32,8 +32,9 @@ class Shown:
     sweep: bool = True  # also a column of each sweep row
 
 
-def shown(row: int, label: str, kind: str, *, sweep: bool = True,
-          omit_none: bool = False) -> dict[str, Any]:
+def shown(
+    row: int, label: str, kind: str, *, sweep: bool = True, omit_none: bool = False
+) -> dict[str, Any]:
     """Field metadata that gives a summary field a report row (and by default a sweep column)."""
     return {REPORT: Shown(row, label, kind, sweep), OMIT_NONE: omit_none}
 
@@ -60,29 +61,36 @@ class RunSummary:
     # evaluation on the eval set (absent without one); the keys of eval.evaluate.evaluate
     eval_examples: int | None = field(default=None, metadata=OPTIONAL)
     eval_accuracy: float | None = field(
-        default=None, metadata=shown(10, "accuracy", "pct", omit_none=True))
+        default=None, metadata=shown(10, "accuracy", "pct", omit_none=True)
+    )
     eval_loss: float | None = field(
-        default=None, metadata=shown(30, "eval loss", "f3", omit_none=True))
+        default=None, metadata=shown(30, "eval loss", "f3", omit_none=True)
+    )
     eval_perplexity: float | None = field(
-        default=None, metadata=shown(40, "perplexity", "f2", sweep=False, omit_none=True))
+        default=None, metadata=shown(40, "perplexity", "f2", sweep=False, omit_none=True)
+    )
     eval_target_tokens: int | None = field(default=None, metadata=OPTIONAL)
     eval_exact_match: float | None = field(
-        default=None, metadata=shown(20, "exact match", "pct", omit_none=True))
+        default=None, metadata=shown(20, "exact match", "pct", omit_none=True)
+    )
     eval_latency_p50_ms: float | None = field(
-        default=None, metadata=shown(90, "decode latency p50", "ms", omit_none=True))
+        default=None, metadata=shown(90, "decode latency p50", "ms", omit_none=True)
+    )
     eval_latency_p95_ms: float | None = field(
-        default=None, metadata=shown(100, "decode latency p95", "ms", sweep=False,
-                                     omit_none=True))
+        default=None, metadata=shown(100, "decode latency p95", "ms", sweep=False, omit_none=True)
+    )
     eval_prefill_ms: float | None = field(default=None, metadata=OPTIONAL)
     task: str | None = None  # None (and written so) without eval data
     # facts a method adds (Method.summary); the mixture of experts' today
     adapter_params: int | None = field(default=None, metadata=OPTIONAL)
     active_params_per_token: int | None = field(
-        default=None, metadata=shown(120, "active adapter params/token", "int", omit_none=True))
+        default=None, metadata=shown(120, "active adapter params/token", "int", omit_none=True)
+    )
     expert_usage: dict[str, list[float]] | None = field(default=None, metadata=OPTIONAL)
     extra: dict[str, Any] = field(default_factory=dict)  # other Method.summary keys
     delta_bytes: int | None = field(
-        default=None, metadata=shown(130, "delta on disk", "bytes", omit_none=True))
+        default=None, metadata=shown(130, "delta on disk", "bytes", omit_none=True)
+    )
 
     def update(self, values: Mapping[str, Any]) -> None:
         """Set the fields ``values`` names; keys that are no field go to ``extra``."""
@@ -132,6 +140,9 @@ def report_metrics(cls: type[RunSummary] = RunSummary) -> list[tuple[str, str, s
 
 def sweep_columns(cls: type[RunSummary] = RunSummary) -> tuple[str, ...]:
     """The summary keys of a sweep row, in report row order."""
-    rows = [(f.metadata[REPORT], f.name) for f in fields(cls)
-            if REPORT in f.metadata and f.metadata[REPORT].sweep]
+    rows = [
+        (f.metadata[REPORT], f.name)
+        for f in fields(cls)
+        if REPORT in f.metadata and f.metadata[REPORT].sweep
+    ]
     return tuple(name for s, name in sorted(rows, key=lambda r: r[0].row))

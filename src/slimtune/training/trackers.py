@@ -17,8 +17,12 @@ from typing import Any
 from ..errors import UserInputError
 
 # --report-to name -> (module to import, pip package that provides it)
-TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
-            "trackio": ("trackio", "trackio"), "mlflow": ("mlflow", "mlflow")}
+TRACKERS = {
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "wandb": ("wandb", "wandb"),
+    "trackio": ("trackio", "trackio"),
+    "mlflow": ("mlflow", "mlflow"),
+}
 
 
 def parse_report_to(value: str | None) -> list[str]:
@@ -27,12 +31,16 @@ def parse_report_to(value: str | None) -> list[str]:
     names = list(dict.fromkeys(n.strip() for n in (value or "").split(",") if n.strip()))
     for name in names:
         if name not in TRACKERS:
-            raise UserInputError(f"--report-to {name!r}: unknown tracker; use one or more of "
-                                 f"{', '.join(TRACKERS)} (comma-separated)")
+            raise UserInputError(
+                f"--report-to {name!r}: unknown tracker; use one or more of "
+                f"{', '.join(TRACKERS)} (comma-separated)"
+            )
         module, package = TRACKERS[name]
         if importlib.util.find_spec(module) is None:
-            raise UserInputError(f"--report-to {name}: the package {package!r} is not installed; "
-                                 f"pip install {package}")
+            raise UserInputError(
+                f"--report-to {name}: the package {package!r} is not installed; "
+                f"pip install {package}"
+            )
     return names
 
 
@@ -52,8 +60,11 @@ def _hparams(options: dict[str, Any]) -> dict[str, Any]:
 
 def numeric(record: dict[str, Any]) -> dict[str, float]:
     """The numeric fields of a metrics record, except its step."""
-    return {k: v for k, v in record.items()
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {
+        k: v
+        for k, v in record.items()
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 def accelerator_options(names: list[str], run_dir: Path) -> dict[str, Any]:
@@ -70,8 +81,11 @@ def start(accelerator, names: list[str], run_dir: Path, options: dict[str, Any])
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     kwargs = {"wandb": {"dir": str(logs)}, "mlflow": {"logging_dir": str(logs)}}
-    accelerator.init_trackers(run_dir.resolve().name, config=_hparams(options),
-                              init_kwargs={n: kwargs[n] for n in names if n in kwargs})
+    accelerator.init_trackers(
+        run_dir.resolve().name,
+        config=_hparams(options),
+        init_kwargs={n: kwargs[n] for n in names if n in kwargs},
+    )
 
 
 def finish(accelerator) -> None:

@@ -92,8 +92,13 @@ def _accelerator(cfg: TrainConfig):
         mp = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "no"
     else:
         mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision]
-    return Accelerator(cpu=cpu, mixed_precision=mp, **trackers.accelerator_options(
-        trackers.parse_report_to(cfg.report_to), Path(cfg.output_dir)))
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=mp,
+        **trackers.accelerator_options(
+            trackers.parse_report_to(cfg.report_to), Path(cfg.output_dir)
+        ),
+    )
 
 
 def _rng_state() -> dict[str, Any]:
@@ -101,10 +106,17 @@ def _rng_state() -> dict[str, Any]:
     ``torch.load(weights_only=True)`` (no pickled objects that could run code)."""
     version, mt, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": {"version": version, "state": list(mt), "gauss": gauss},
-             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),
-                       "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": {"version": version, "state": list(mt), "gauss": gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -113,8 +125,15 @@ def _rng_state() -> dict[str, Any]:
 def _set_rng_state(state: dict[str, Any]) -> None:
     py, npy = state["python"], state["numpy"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
-    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
-                         npy["has_gauss"], npy["cached"]))
+    np.random.set_state(
+        (
+            npy["kind"],
+            npy["keys"].numpy().astype(np.uint32),
+            npy["pos"],
+            npy["has_gauss"],
+            npy["cached"],
+        )
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -162,20 +181,26 @@ class Trainer:
         self.loaded = loaded or load_model(cfg.model, device=str(self.device))
         self.loaded.model.to(self.device)
         self.base_fingerprint = fingerprint(self.loaded.model)
-        info(f"model {self.loaded.name}: {self.loaded.num_layers} layers, "
-             f"loaded in {time.perf_counter() - t0:.1f}s")
+        info(
+            f"model {self.loaded.name}: {self.loaded.num_layers} layers, "
+            f"loaded in {time.perf_counter() - t0:.1f}s"
+        )
 
         tok = self.loaded.tokenizer
         self.train_ds = load_dataset(cfg.data, tok, max_length=cfg.max_length)
         if cfg.eval_data:
-            self.eval_ds: Dataset | None = load_dataset(cfg.eval_data, tok,
-                                                        max_length=cfg.max_length)
+            self.eval_ds: Dataset | None = load_dataset(
+                cfg.eval_data, tok, max_length=cfg.max_length
+            )
         else:
             self.train_ds, self.eval_ds = split_dataset(self.train_ds, cfg.eval_fraction, cfg.seed)
             if not self.eval_ds.examples:
                 self.eval_ds = None
-        self.examples = (pack_examples(self.train_ds.examples, cfg.max_length) if cfg.pack
-                         else self.train_ds.examples)
+        self.examples = (
+            pack_examples(self.train_ds.examples, cfg.max_length)
+            if cfg.pack
+            else self.train_ds.examples
+        )
         if not self.examples:
             raise UserInputError(f"{cfg.data}: no training examples left after the eval split")
 
@@ -183,16 +208,19 @@ class Trainer:
         self.auto_freeze: dict | None = None
         self.freeze_k = self._auto_freeze() if cfg.freeze == "auto" else cfg.freeze_below
         if self.freeze_k > n_layers:
-            raise UserInputError(f"--freeze-below {self.freeze_k}: the model has only "
-                                 f"{n_layers} layers")
+            raise UserInputError(
+                f"--freeze-below {self.freeze_k}: the model has only {n_layers} layers"
+            )
         self.layers = list(range(self.freeze_k, n_layers))
         self.method = get_method(cfg.method, cfg.method_options)
         self.method.progress = cfg.progress
-        self.model = self.method.prepare(self.loaded.model, self.layers,
-                                         batches=self._calibration_batches)
+        self.model = self.method.prepare(
+            self.loaded.model, self.layers, batches=self._calibration_batches
+        )
         if cfg.gradient_checkpointing:
             base_model(self.model).gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         freeze_below(self.model, self.freeze_k)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
@@ -200,10 +228,12 @@ class Trainer:
         self.trainable, self.total = count_parameters(self.model)
 
         self.optimizer = torch.optim.AdamW(
-            self.method.param_groups(self.params, cfg.weight_decay), lr=cfg.learning_rate)
+            self.method.param_groups(self.params, cfg.weight_decay), lr=cfg.learning_rate
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, functools.partial(lr_factor, warmup=warmup_steps(cfg),
-                                              total=cfg.max_steps))
+            self.optimizer,
+            functools.partial(lr_factor, warmup=warmup_steps(cfg), total=cfg.max_steps),
+        )
         self.step = 0
         self.history: list[dict] = []
         if cfg.resume:
@@ -228,10 +258,16 @@ class Trainer:
         k, est = a.freeze_below, None
         memory, step = parse_size(cfg.budget_memory), parse_duration(cfg.budget_step_time)
         if memory or step:
-            batch = calibration_batch(self.examples, cfg.batch_size,
-                                      self.loaded.tokenizer.pad_token_id)
-            costs = calibrate(self.loaded.model, cfg.method, cfg.method_options, batch,
-                              autocast=self.accelerator.autocast)
+            batch = calibration_batch(
+                self.examples, cfg.batch_size, self.loaded.tokenizer.pad_token_id
+            )
+            costs = calibrate(
+                self.loaded.model,
+                cfg.method,
+                cfg.method_options,
+                batch,
+                autocast=self.accelerator.autocast,
+            )
             costs.t_fixed *= cfg.grad_accum
             costs.t_frozen *= cfg.grad_accum
             costs.t_trained *= cfg.grad_accum
@@ -239,14 +275,22 @@ class Trainer:
             kb = budget_freeze_below(costs, memory=memory, step_time=step)
             top = estimate(costs, costs.num_layers - 1)
             if kb is None:
-                raise UserInputError(f"the budget is too small: training only the top layer "
-                                     f"needs {describe(top)}")
+                raise UserInputError(
+                    f"the budget is too small: training only the top layer needs {describe(top)}"
+                )
             k, est = kb, estimate(costs, kb)
-            info(f"budget policy: unfreezing from the top, layers {k}-{costs.num_layers - 1} "
-                 f"fit: {describe(est)}")
-        self.auto_freeze = {"analysis_freeze_below": a.freeze_below, "reason": a.reason, "freeze_below": k,
-                            "expected_gain": a.gain[k], "fit": a.fit,
-                            "estimate": est.to_dict() if est else None}
+            info(
+                f"budget policy: unfreezing from the top, layers {k}-{costs.num_layers - 1} "
+                f"fit: {describe(est)}"
+            )
+        self.auto_freeze = {
+            "analysis_freeze_below": a.freeze_below,
+            "reason": a.reason,
+            "freeze_below": k,
+            "expected_gain": a.gain[k],
+            "fit": a.fit,
+            "estimate": est.to_dict() if est else None,
+        }
         return k
 
     def _calibration_batches(self, n: int) -> list[dict[str, torch.Tensor]]:
@@ -255,7 +299,7 @@ class Trainer:
         bs = self.cfg.batch_size
         out = []
         for s in range(0, min(n * bs, len(self.examples)), bs):
-            b = collate(self.examples[s: s + bs], pad)
+            b = collate(self.examples[s : s + bs], pad)
             out.append({k: v.to(self.device) for k, v in b.items()})
         return out
 
@@ -269,8 +313,10 @@ class Trainer:
         try:
             self._lock.enter_context(file_lock(self.out / LOCK_FILE, wait=False))
         except LockHeld:
-            raise UserInputError(f"another slimtune process is training into {self.out}; "
-                                 "wait for it to end or choose another --output-dir") from None
+            raise UserInputError(
+                f"another slimtune process is training into {self.out}; "
+                "wait for it to end or choose another --output-dir"
+            ) from None
         for leaked in [*self.out.glob(".checkpoint.*.tmp"), *self.out.glob(".delta.*.tmp")]:
             shutil.rmtree(leaked, ignore_errors=True)  # a kill inside atomic_dir; we own it now
         ckpt = recover_dir(self.ckpt_dir)
@@ -280,33 +326,55 @@ class Trainer:
                 shutil.rmtree(p, ignore_errors=True)
             self.metrics_path.unlink(missing_ok=True)
         elif cfg.resume and finished is not None:
-            raise UserInputError(f"{self.out} holds a finished run ({finished}): nothing to "
-                                 "resume; --overwrite trains it again")
+            raise UserInputError(
+                f"{self.out} holds a finished run ({finished}): nothing to "
+                "resume; --overwrite trains it again"
+            )
         elif cfg.resume and ckpt is None and any(p.name != LOCK_FILE for p in self.out.iterdir()):
-            raise UserInputError(f"{self.out} holds no checkpoint to resume (the run stopped "
-                                 "before its first --save-every step); run again without "
-                                 "--resume, or with --overwrite to clear the folder")
+            raise UserInputError(
+                f"{self.out} holds no checkpoint to resume (the run stopped "
+                "before its first --save-every step); run again without "
+                "--resume, or with --overwrite to clear the folder"
+            )
         elif not cfg.resume and (ckpt is not None or (self.out / "delta").exists()):
             what = "a checkpoint" if ckpt is not None else "a finished run"
-            raise UserInputError(f"{self.out} already holds {what}; pass --resume to continue "
-                                 "it, --overwrite to replace it, or another --output-dir")
+            raise UserInputError(
+                f"{self.out} already holds {what}; pass --resume to continue "
+                "it, --overwrite to replace it, or another --output-dir"
+            )
         elif not cfg.resume:  # a run that died before its first checkpoint: its log goes
             self.metrics_path.unlink(missing_ok=True)
 
     def _identity(self) -> dict[str, Any]:
-        return {**self.cfg.identity(), "lr": self.cfg.learning_rate,
-                "base_fingerprint": self.base_fingerprint,
-                "data_fingerprint": self.train_ds.fingerprint()}
+        return {
+            **self.cfg.identity(),
+            "lr": self.cfg.learning_rate,
+            "base_fingerprint": self.base_fingerprint,
+            "data_fingerprint": self.train_ds.fingerprint(),
+        }
 
     def save_checkpoint(self) -> None:
         with atomic_dir(self.ckpt_dir, replace=True) as tmp:
-            write_safetensors(tmp / "trainable.safetensors", self.method.trainable_state(self.model))
+            write_safetensors(
+                tmp / "trainable.safetensors", self.method.trainable_state(self.model)
+            )
             # tensors and plain values only: --resume loads it with weights_only=True
-            torch.save({"optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict(),
-                        "rng": _rng_state()}, tmp / "state.pt")
-            write_json(tmp / "checkpoint.json", {"step": self.step, "identity": self._identity(),
-                                                 "method_state": self.method.state_dict(self.model)})
+            torch.save(
+                {
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "rng": _rng_state(),
+                },
+                tmp / "state.pt",
+            )
+            write_json(
+                tmp / "checkpoint.json",
+                {
+                    "step": self.step,
+                    "identity": self._identity(),
+                    "method_state": self.method.state_dict(self.model),
+                },
+            )
 
     def _load_checkpoint(self) -> None:
         """Resume: checkpoint.json's identity is checked first, then only tensors and plain
@@ -317,34 +385,47 @@ class Trainer:
             return
 
         def unreadable(why: object) -> UserInputError:
-            return UserInputError(f"{ckpt}: unreadable checkpoint ({why}); "
-                                  "use --overwrite to start over")
+            return UserInputError(
+                f"{ckpt}: unreadable checkpoint ({why}); use --overwrite to start over"
+            )
 
         try:
             meta = json.loads((ckpt / "checkpoint.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise unreadable(e) from e
-        if not (isinstance(meta, dict) and isinstance(meta.get("step"), int)
-                and 0 <= meta["step"] <= self.cfg.max_steps
-                and isinstance(meta.get("identity"), dict)):
+        if not (
+            isinstance(meta, dict)
+            and isinstance(meta.get("step"), int)
+            and 0 <= meta["step"] <= self.cfg.max_steps
+            and isinstance(meta.get("identity"), dict)
+        ):
             raise unreadable("checkpoint.json lacks a valid step and identity")
         had = meta["identity"]
         want = json.loads(json.dumps(self._identity()))
         diff = sorted(k for k in want if had.get(k) != want[k])
-        lowered = {k: (had[k], want[k]) for k in LOWERABLE if k in diff
-                   and isinstance(had[k], (int, float)) and isinstance(want[k], (int, float))
-                   and want[k] < had[k]}
+        lowered = {
+            k: (had[k], want[k])
+            for k in LOWERABLE
+            if k in diff
+            and isinstance(had[k], (int, float))
+            and isinstance(want[k], (int, float))
+            and want[k] < had[k]
+        }
         diff = [k for k in diff if k not in lowered]
         if diff:
-            raise UserInputError(f"{ckpt}: cannot resume, the run differs in {diff}; "
-                                 "use the original options (a lower lr or max_grad_norm is "
-                                 "allowed) or --overwrite")
+            raise UserInputError(
+                f"{ckpt}: cannot resume, the run differs in {diff}; "
+                "use the original options (a lower lr or max_grad_norm is "
+                "allowed) or --overwrite"
+            )
         try:
             tensors = load_file(str(ckpt / "trainable.safetensors"))
             state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
             targets = {**dict(self.model.named_buffers()), **dict(self.model.named_parameters())}
             if set(tensors) - set(targets):
-                raise ValueError(f"tensors not in the model: {sorted(set(tensors) - set(targets))[:3]}")
+                raise ValueError(
+                    f"tensors not in the model: {sorted(set(tensors) - set(targets))[:3]}"
+                )
             for name, value in tensors.items():
                 targets[name].data.copy_(value)
             self.optimizer.load_state_dict(state["optimizer"])
@@ -374,8 +455,13 @@ class Trainer:
         if lowered:
             changed = ", ".join(f"{k} {old:g} -> {new:g}" for k, (old, new) in lowered.items())
             info(f"warning: resuming with {changed} (recorded in metrics.jsonl and the manifest)")
-            self._log({"step": self.step, "event": "resumed",
-                       "changed": {k: list(v) for k, v in lowered.items()}})
+            self._log(
+                {
+                    "step": self.step,
+                    "event": "resumed",
+                    "changed": {k: list(v) for k, v in lowered.items()},
+                }
+            )
 
     def _scale_lr(self, ratio: float) -> None:
         """Lower the whole schedule (peak, current and remaining steps) by ``ratio``."""
@@ -393,8 +479,9 @@ class Trainer:
         epoch, pos = divmod(index, per_epoch)
         if getattr(self, "_epoch", None) != epoch:
             self._epoch = epoch
-            self._epoch_batches = epoch_batches(len(self.examples), self.cfg.batch_size,
-                                                self.cfg.seed, epoch)
+            self._epoch_batches = epoch_batches(
+                len(self.examples), self.cfg.batch_size, self.cfg.seed, epoch
+            )
         return self._epoch_batches[pos]
 
     def _log(self, record: dict) -> None:
@@ -406,13 +493,17 @@ class Trainer:
 
     def _diverged(self, what: str, value: float, lines: list[int]) -> TrainingDivergedError:
         last = recover_dir(self.ckpt_dir)
-        advice = (f"the last good checkpoint is {last}: continue it with --resume and a lower "
-                  "--lr (or --max-grad-norm)" if last else
-                  "no checkpoint was written yet: run again with a lower --lr")
+        advice = (
+            f"the last good checkpoint is {last}: continue it with --resume and a lower "
+            "--lr (or --max-grad-norm)"
+            if last
+            else "no checkpoint was written yet: run again with a lower --lr"
+        )
         self._log({"step": self.step + 1, "event": "diverged", what: value})
         return TrainingDivergedError(
             f"{what} became {value} at step {self.step + 1} (lr {self.scheduler.get_last_lr()[0]:.3g}; "
-            f"data lines {lines[:8]}); {advice}, or check those lines")
+            f"data lines {lines[:8]}); {advice}, or check those lines"
+        )
 
     def run(self) -> TrainResult:
         """Train to ``max_steps``, evaluate, save the delta; then release the output folder."""
@@ -423,8 +514,12 @@ class Trainer:
 
     def _run(self) -> TrainResult:
         cfg, acc = self.cfg, self.accelerator
-        trackers.start(acc, trackers.parse_report_to(cfg.report_to), self.out,
-                       {f.name: getattr(cfg, f.name) for f in fields(cfg)})
+        trackers.start(
+            acc,
+            trackers.parse_report_to(cfg.report_to),
+            self.out,
+            {f.name: getattr(cfg, f.name) for f in fields(cfg)},
+        )
         pad = self.loaded.tokenizer.pad_token_id
         world, rank = acc.num_processes, acc.process_index
         self.model.train()
@@ -435,20 +530,34 @@ class Trainer:
         if cfg.progress and acc.is_main_process:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"train {cfg.method}",
-                       unit="step", dynamic_ncols=True)
+            bar = tqdm(
+                total=cfg.max_steps,
+                initial=self.step,
+                desc=f"train {cfg.method}",
+                unit="step",
+                dynamic_ncols=True,
+            )
         with PeakMemory(self.device) as mem:
             while self.step < cfg.max_steps:
                 t0 = time.perf_counter()
-                micro = [self._micro_batch((self.step * cfg.grad_accum + j) * world + rank)
-                         for j in range(cfg.grad_accum)]
+                micro = [
+                    self._micro_batch((self.step * cfg.grad_accum + j) * world + rank)
+                    for j in range(cfg.grad_accum)
+                ]
                 batches = [collate([self.examples[i] for i in idx], pad) for idx in micro]
                 lines = [self.examples[i].line for idx in micro for i in idx]
                 try:
                     loss_sum, grad_norm, n_tokens, n_target = accumulate_gradients(
-                        self.model, self.params, batches, self.device, acc.autocast,
-                        cfg.max_grad_norm, world=world, reduce=acc.reduce,
-                        aux_loss=lambda: self.method.auxiliary_loss(self.model))
+                        self.model,
+                        self.params,
+                        batches,
+                        self.device,
+                        acc.autocast,
+                        cfg.max_grad_norm,
+                        world=world,
+                        reduce=acc.reduce,
+                        aux_loss=lambda: self.method.auxiliary_loss(self.model),
+                    )
                 except NonFiniteError as e:
                     raise self._diverged(e.what, e.value, lines) from None
                 tokens += n_tokens
@@ -467,10 +576,15 @@ class Trainer:
                 step_times.append(dt)
                 self.step += 1
                 loss_mean = loss_sum / max(n_target, 1)
-                rec = {"step": self.step, "loss": loss_mean, "lr": lr,
-                       "grad_norm": float(grad_norm), "step_time_s": dt,
-                       "tokens_per_s": tokens / train_time if train_time else 0.0,
-                       **self.method.step_metrics(self.model)}
+                rec = {
+                    "step": self.step,
+                    "loss": loss_mean,
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                    "step_time_s": dt,
+                    "tokens_per_s": tokens / train_time if train_time else 0.0,
+                    **self.method.step_metrics(self.model),
+                }
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.eval_ds:
                     rec["eval_loss"] = self._eval_loss()
                 self._log(rec)
@@ -489,24 +603,38 @@ class Trainer:
     def _eval_loss(self) -> float:
         from ..eval.evaluate import eval_loss
 
-        return eval_loss(self.model, self.eval_ds.examples, self.loaded.tokenizer.pad_token_id,
-                         batch_size=self.cfg.eval_batch_size, autocast=self.accelerator.autocast)["loss"]
+        return eval_loss(
+            self.model,
+            self.eval_ds.examples,
+            self.loaded.tokenizer.pad_token_id,
+            batch_size=self.cfg.eval_batch_size,
+            autocast=self.accelerator.autocast,
+        )["loss"]
 
-    def _finish(self, mem: PeakMemory, train_time: float, tokens: int,
-                step_times: list[float]) -> TrainResult:
+    def _finish(
+        self, mem: PeakMemory, train_time: float, tokens: int, step_times: list[float]
+    ) -> TrainResult:
         from ..eval.evaluate import detect_task, evaluate, label_set
 
         cfg = self.cfg
         eval_metrics, details = {}, None
         if self.eval_ds is not None:
             task = detect_task(self.train_ds) if cfg.task == "auto" else cfg.task
-            labels = (label_set(self.train_ds.records + self.eval_ds.records)
-                      if task == "classification" else None)
-            eval_metrics, details = evaluate(self.model, self.loaded.tokenizer, self.eval_ds,
-                                             task=task, labels=labels,
-                                             batch_size=cfg.eval_batch_size,
-                                             autocast=self.accelerator.autocast,
-                                             progress=cfg.progress)
+            labels = (
+                label_set(self.train_ds.records + self.eval_ds.records)
+                if task == "classification"
+                else None
+            )
+            eval_metrics, details = evaluate(
+                self.model,
+                self.loaded.tokenizer,
+                self.eval_ds,
+                task=task,
+                labels=labels,
+                batch_size=cfg.eval_batch_size,
+                autocast=self.accelerator.autocast,
+                progress=cfg.progress,
+            )
         losses = [h["loss"] for h in self.history if "loss" in h]
         summary = RunSummary(
             method=cfg.method,
@@ -525,13 +653,20 @@ class Trainer:
         )
         summary.update({f"eval_{k}": v for k, v in eval_metrics.items() if k != "task"})
         summary.update(self.method.summary(self.model))
-        base = {"fingerprint": self.base_fingerprint, "name": self.loaded.name,
-                "source": self.loaded.source,
-                "architecture": type(base_model(self.model)).__name__,
-                "num_layers": len(decoder_layers(self.model))}
+        base = {
+            "fingerprint": self.base_fingerprint,
+            "name": self.loaded.name,
+            "source": self.loaded.source,
+            "architecture": type(base_model(self.model)).__name__,
+            "num_layers": len(decoder_layers(self.model)),
+        }
         extra = {
-            "dataset": {"fingerprint": self.train_ds.fingerprint(), "path": self.train_ds.path,
-                        "shape": self.train_ds.shape, "examples": len(self.train_ds.records)},
+            "dataset": {
+                "fingerprint": self.train_ds.fingerprint(),
+                "path": self.train_ds.path,
+                "shape": self.train_ds.shape,
+                "examples": len(self.train_ds.records),
+            },
             "training": asdict(cfg),
             "metrics": summary.to_dict(),  # no delta_bytes: the delta is being written
             "auto_freeze": self.auto_freeze,
@@ -539,19 +674,39 @@ class Trainer:
             "resume_changes": [r for r in self.history if r.get("event") == "resumed"],
         }
         delta_dir = self.out / "delta"
-        manifest = save_delta(delta_dir, self.method, self.model, base=base, layers=self.layers,
-                              extra=extra, replace=True)
+        manifest = save_delta(
+            delta_dir,
+            self.method,
+            self.model,
+            base=base,
+            layers=self.layers,
+            extra=extra,
+            replace=True,
+        )
         summary.delta_bytes = delta_bytes(manifest)
         written = summary.to_dict()
         write_json(self.out / "summary.json", written)
         if self.accelerator.trackers:
-            self.accelerator.log({k: v for k, v in trackers.numeric(written).items()
-                                  if k.startswith("eval_")}, step=self.step)
+            self.accelerator.log(
+                {k: v for k, v in trackers.numeric(written).items() if k.startswith("eval_")},
+                step=self.step,
+            )
         if not cfg.keep_checkpoint:
             for p in (self.ckpt_dir, self.ckpt_dir.with_name("checkpoint.old")):
                 shutil.rmtree(p, ignore_errors=True)
-        return TrainResult(self.out, delta_dir, manifest, written, self.history, self.model,
-                           self.loaded, self.method, self.eval_ds, details, run_summary=summary)
+        return TrainResult(
+            self.out,
+            delta_dir,
+            manifest,
+            written,
+            self.history,
+            self.model,
+            self.loaded,
+            self.method,
+            self.eval_ds,
+            details,
+            run_summary=summary,
+        )
 
 
 def train(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainResult:

@@ -18,6 +18,17 @@ from .method import (
 )
 from .routing import ExpertRouter, load_balancing_loss
 
-__all__ = ["EXPERTS_FILE", "ExpertLinear", "ExpertRouter", "ExpertsMethod", "ExpertsOptions",
-           "adapter_parameter_counts", "attach_experts", "attached", "center_routers",
-           "expert_usage", "load_balancing_loss", "load_experts"]
+__all__ = [
+    "EXPERTS_FILE",
+    "ExpertLinear",
+    "ExpertRouter",
+    "ExpertsMethod",
+    "ExpertsOptions",
+    "adapter_parameter_counts",
+    "attach_experts",
+    "attached",
+    "center_routers",
+    "expert_usage",
+    "load_balancing_loss",
+    "load_experts",
+]

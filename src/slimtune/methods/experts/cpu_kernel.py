@@ -32,8 +32,15 @@ from .cuda_kernel import TilePlan
 SOURCE = Path(__file__).with_name("cpu_kernel.c")
 # no -ffast-math: linking it sets flush-to-zero for the whole process; these let the
 # compiler vectorise the dot products' reduction and nothing else
-FLAGS = ["-O3", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
-         "-fno-trapping-math", "-shared", "-fPIC"]
+FLAGS = [
+    "-O3",
+    "-fno-math-errno",
+    "-fassociative-math",
+    "-fno-signed-zeros",
+    "-fno-trapping-math",
+    "-shared",
+    "-fPIC",
+]
 # tried in this order: without OpenMP the kernel runs on one thread, without -march=native
 # (a compiler that does not know it) on the baseline instruction set
 ATTEMPTS = [["-march=native", "-fopenmp"], ["-march=native"], []]
@@ -57,14 +64,15 @@ def library() -> ctypes.CDLL | None:
 
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        warnings.warn("no C compiler found: expert adapters on CPU run the grouped path",
-                      stacklevel=3)
+        warnings.warn(
+            "no C compiler found: expert adapters on CPU run the grouped path", stacklevel=3
+        )
         return None
     try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True,
-                                 timeout=30).stdout
-        parts = [SOURCE.read_text(), *FLAGS, str(ATTEMPTS), version, _cpu_id(),
-                 platform.machine()]
+        version = subprocess.run(
+            [cc, "--version"], capture_output=True, text=True, timeout=30
+        ).stdout
+        parts = [SOURCE.read_text(), *FLAGS, str(ATTEMPTS), version, _cpu_id(), platform.machine()]
         key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
         path = cache_root() / "kernels" / f"expert_cpu-{key}.so"
         if not path.exists():
@@ -72,19 +80,41 @@ def library() -> ctypes.CDLL | None:
 
             with atomic_path(path) as tmp:
                 for extra in ATTEMPTS:
-                    done = subprocess.run([cc, *FLAGS, *extra, str(SOURCE), "-o", str(tmp)],
-                                          capture_output=True, text=True, timeout=300)
+                    done = subprocess.run(
+                        [cc, *FLAGS, *extra, str(SOURCE), "-o", str(tmp)],
+                        capture_output=True,
+                        text=True,
+                        timeout=300,
+                    )
                     if done.returncode == 0:
                         break
                 else:
                     raise RuntimeError(done.stderr.strip()[-2000:])
         lib = ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        warnings.warn(f"the CPU expert kernel could not be built ({e}); expert adapters on "
-                      "CPU run the grouped path", stacklevel=3)
+        warnings.warn(
+            f"the CPU expert kernel could not be built ({e}); expert adapters on "
+            "CPU run the grouped path",
+            stacklevel=3,
+        )
         return None
-    lib.routed_lowrank_add_f32.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64,
-                                           _I64, _I64, _F32, _I64]
+    lib.routed_lowrank_add_f32.argtypes = [
+        _P,
+        _P,
+        _P,
+        _P,
+        _P,
+        _P,
+        _P,
+        _P,
+        _I64,
+        _I64,
+        _I64,
+        _I64,
+        _I64,
+        _F32,
+        _I64,
+    ]
     lib.routed_lowrank_add_f32.restype = ctypes.c_int
     return lib
 
@@ -104,12 +134,23 @@ def _transposed(b: torch.Tensor) -> torch.Tensor:
 
 
 def supports(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, k: int) -> bool:
-    return (x.device.type == "cpu" and x.dtype == out.dtype == a.dtype == torch.float32
-            and out.is_contiguous() and k * a.shape[1] <= MAX_KR and library() is not None)
+    return (
+        x.device.type == "cpu"
+        and x.dtype == out.dtype == a.dtype == torch.float32
+        and out.is_contiguous()
+        and k * a.shape[1] <= MAX_KR
+        and library() is not None
+    )
 
 
-def add_routed_lowrank(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                       plan: TilePlan, scaling: float) -> None:
+def add_routed_lowrank(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    plan: TilePlan,
+    scaling: float,
+) -> None:
     """``out[t] += scaling * sum_j g_tj * B_{e_tj} A_{e_tj} x[t]`` in place for the routed
     rows of ``plan`` (sorted by expert set, so runs of rows share their experts' B blocks in
     cache). x (T, in), out (T, out), a (E, r, in), b (E, out, r). The rows are split over
@@ -123,8 +164,21 @@ def add_routed_lowrank(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: t
     lib = library()
     assert lib is not None  # supports() checked that the kernel loaded
     code = lib.routed_lowrank_add_f32(
-        x.data_ptr(), out.data_ptr(), a.data_ptr(), bt.data_ptr(), plan.tokens.data_ptr(),
-        plan.experts.data_ptr(), plan.gates.data_ptr(), z.data_ptr(), n, x.shape[1],
-        out.shape[1], a.shape[1], k, float(scaling), max(1, min(torch.get_num_threads(), n // 16)))
+        x.data_ptr(),
+        out.data_ptr(),
+        a.data_ptr(),
+        bt.data_ptr(),
+        plan.tokens.data_ptr(),
+        plan.experts.data_ptr(),
+        plan.gates.data_ptr(),
+        z.data_ptr(),
+        n,
+        x.shape[1],
+        out.shape[1],
+        a.shape[1],
+        k,
+        float(scaling),
+        max(1, min(torch.get_num_threads(), n // 16)),
+    )
     if code:
         raise RuntimeError(f"CPU expert kernel refused k*r = {k * a.shape[1]} > {MAX_KR}")

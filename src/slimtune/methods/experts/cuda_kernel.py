@@ -65,8 +65,9 @@ def set_keys(ids: torch.Tensor, experts: int) -> torch.Tensor:
     return key
 
 
-def plan_tiles(top_i: torch.Tensor, top_g: torch.Tensor, kept: torch.Tensor | None,
-               experts: int) -> TilePlan:
+def plan_tiles(
+    top_i: torch.Tensor, top_g: torch.Tensor, kept: torch.Tensor | None, experts: int
+) -> TilePlan:
     """Group the routed tokens by their set of experts and cut the groups into tiles, with
     tensor ops only (no host sync: the tile count is an upper bound; spare tiles exit)."""
     n, k = top_i.shape
@@ -91,19 +92,32 @@ def supports(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, experts: int, 
     """Whether the fused kernel can run this linear (else the gathered path does): CUDA, or
     any device under Triton's interpreter (``TRITON_INTERPRET=1``, how the CPU tests run it)."""
     device_ok = x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    return (triton is not None and device_ok and x.dtype == out.dtype == a.dtype
-            and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
-            and k * math.log2(max(experts, 2)) < 62)  # the expert-set key fits in int64
+    return (
+        triton is not None
+        and device_ok
+        and x.dtype == out.dtype == a.dtype
+        and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and k * math.log2(max(experts, 2)) < 62
+    )  # the expert-set key fits in int64
 
 
 @functools.cache
 def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == \
-        "cuda" else 4
+    return (
+        torch.cuda.get_device_properties(device).multi_processor_count
+        if device.type == "cuda"
+        else 4
+    )
 
 
-def add_routed_lowrank(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                       plan: TilePlan, scaling: float) -> None:
+def add_routed_lowrank(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    plan: TilePlan,
+    scaling: float,
+) -> None:
     """``out[t] += scaling * sum_j g_tj * B_{e_tj} A_{e_tj} x[t]`` for every routed token t,
     in place. ``x`` (T, in), ``out`` (T, out), ``a`` (E, r, in), ``b`` (E, out, r)."""
     n = plan.tokens.shape[0]
@@ -125,20 +139,58 @@ def add_routed_lowrank(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: t
     switch = x.is_cuda and x.device.index != torch.cuda.current_device()
     with torch.cuda.device(x.device) if switch else nullcontext():
         _routed_lowrank_kernel[grid](
-            x, out, a, b, plan.tokens, plan.keys, plan.tiles, plan.experts, plan.gates,
-            n, d_in, d_out, rank, cols, scaling,
-            K=k, R=r_pad, KR=kr, BM=plan.block_m, BK=64, BN=bn,
-            IEEE=x.dtype == torch.float32)
+            x,
+            out,
+            a,
+            b,
+            plan.tokens,
+            plan.keys,
+            plan.tiles,
+            plan.experts,
+            plan.gates,
+            n,
+            d_in,
+            d_out,
+            rank,
+            cols,
+            scaling,
+            K=k,
+            R=r_pad,
+            KR=kr,
+            BM=plan.block_m,
+            BK=64,
+            BN=bn,
+            IEEE=x.dtype == torch.float32,
+        )
 
 
 if triton is not None:
 
     @triton.jit
-    def _routed_lowrank_kernel(x_ptr, y_ptr, a_ptr, b_ptr, tok_ptr, key_ptr, tile_ptr, eid_ptr,
-                               gate_ptr, n_rows, d_in, d_out, rank, cols_per_split, scaling,
-                               K: tl.constexpr, R: tl.constexpr, KR: tl.constexpr,
-                               BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
-                               IEEE: tl.constexpr):
+    def _routed_lowrank_kernel(
+        x_ptr,
+        y_ptr,
+        a_ptr,
+        b_ptr,
+        tok_ptr,
+        key_ptr,
+        tile_ptr,
+        eid_ptr,
+        gate_ptr,
+        n_rows,
+        d_in,
+        d_out,
+        rank,
+        cols_per_split,
+        scaling,
+        K: tl.constexpr,
+        R: tl.constexpr,
+        KR: tl.constexpr,
+        BM: tl.constexpr,
+        BK: tl.constexpr,
+        BN: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
         start = tl.load(tile_ptr + tl.program_id(0))
         if start >= n_rows:
             return
@@ -153,18 +205,25 @@ if triton is not None:
         r_idx = cols % R
         col_ok = (slot < K) & (r_idx < rank)
         eid = tl.load(eid_ptr + start * K + slot, mask=slot < K, other=0).to(tl.int64)
-        gate = tl.load(gate_ptr + rows[:, None] * K + slot[None, :],
-                       mask=valid[:, None] & (slot < K)[None, :], other=0.0)
+        gate = tl.load(
+            gate_ptr + rows[:, None] * K + slot[None, :],
+            mask=valid[:, None] & (slot < K)[None, :],
+            other=0.0,
+        )
         # z = (x_tile @ [A_e1; ...; A_ek]^T) * gates: (BM, KR)
         z = tl.zeros((BM, KR), dtype=tl.float32)
         a_rows = a_ptr + (eid * rank + r_idx) * d_in
         for k0 in range(0, d_in, BK):
             ks = k0 + tl.arange(0, BK)
             k_ok = ks < d_in
-            xt = tl.load(x_ptr + tok[:, None] * d_in + ks[None, :],
-                         mask=valid[:, None] & k_ok[None, :], other=0.0)
-            at = tl.load(a_rows[None, :] + ks[:, None], mask=k_ok[:, None] & col_ok[None, :],
-                         other=0.0)
+            xt = tl.load(
+                x_ptr + tok[:, None] * d_in + ks[None, :],
+                mask=valid[:, None] & k_ok[None, :],
+                other=0.0,
+            )
+            at = tl.load(
+                a_rows[None, :] + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0
+            )
             if IEEE:
                 z += tl.dot(xt, at, input_precision="ieee")
             else:
@@ -177,8 +236,11 @@ if triton is not None:
         for n0 in range(n_lo, n_hi, BN):
             ns = n0 + tl.arange(0, BN)
             n_ok = ns < n_hi
-            bt = tl.load(b_cols[:, None] + ns[None, :] * rank,
-                         mask=col_ok[:, None] & n_ok[None, :], other=0.0)
+            bt = tl.load(
+                b_cols[:, None] + ns[None, :] * rank,
+                mask=col_ok[:, None] & n_ok[None, :],
+                other=0.0,
+            )
             y_ptrs = y_ptr + tok[:, None] * d_out + ns[None, :]
             m = valid[:, None] & n_ok[None, :]
             acc = tl.load(y_ptrs, mask=m, other=0.0).to(tl.float32)

@@ -28,15 +28,25 @@ def _grouped_ok(x: torch.Tensor, inference: bool = False) -> bool:
     if not (GROUPED_MM and hasattr(F, "grouped_mm")):
         return False
     if not x.is_cuda:
-        return inference and x.device.type == "cpu" and x.dtype in (
-            torch.float32, torch.bfloat16, torch.float16)
-    bf16 = x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cuda")
-                                         and torch.get_autocast_dtype("cuda") == torch.bfloat16)
+        return (
+            inference
+            and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        )
+    bf16 = x.dtype == torch.bfloat16 or (
+        torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
+    )
     return bf16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
 
 
-def expert_lowrank(xs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gates: torch.Tensor,
-                   routing: Routing, inference: bool = False) -> torch.Tensor:
+def expert_lowrank(
+    xs: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    gates: torch.Tensor,
+    routing: Routing,
+    inference: bool = False,
+) -> torch.Tensor:
     """``g * B_e A_e x`` for every slot, the slots grouped by expert (rows of ``xs``).
 
     The autograd path (training; also inference where neither the fused kernel nor an
@@ -63,8 +73,14 @@ def expert_lowrank(xs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gates: to
     return torch.cat([F.linear(t[s:f], b[e]) for e, s, f in spans])
 
 
-def add_expert_updates(flat_out: torch.Tensor, xs: torch.Tensor, a: torch.Tensor,
-                       b: torch.Tensor, gates: torch.Tensor, routing: Routing) -> None:
+def add_expert_updates(
+    flat_out: torch.Tensor,
+    xs: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    gates: torch.Tensor,
+    routing: Routing,
+) -> None:
     """Inference without the fused kernel or a grouped GEMM: expert by expert, its rows'
     update is added to the output right after it is computed, so it is still in cache
     (rather than one buffer of k output rows per token written first and read back)."""
@@ -78,8 +94,9 @@ def add_expert_updates(flat_out: torch.Tensor, xs: torch.Tensor, a: torch.Tensor
         flat_out.index_add_(0, routing.tokens[s:f], torch.mm(t[s:f], b[e].t()).to(flat_out.dtype))
 
 
-def set_lowrank(xs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sets: ExpertSets,
-                scaling: float) -> torch.Tensor:
+def set_lowrank(
+    xs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sets: ExpertSets, scaling: float
+) -> torch.Tensor:
     """``g * B_e A_e x`` summed over each row's k experts, the rows grouped by expert set:
     one grouped GEMM per factor with each set's k experts stacked into a k*r-wide LoRA pair
     (differentiable: gradients reach the chosen experts and, through the gates, the router)."""
@@ -117,15 +134,24 @@ def _add_rows(flat_out: torch.Tensor, rows: torch.Tensor, h: torch.Tensor) -> No
 def _disable_fused_kernel(error: Exception) -> None:
     global FUSED_KERNEL
     FUSED_KERNEL = False
-    warnings.warn(f"the fused expert kernel failed ({type(error).__name__}: {error}); expert "
-                  "adapters run the gathered path from now on", stacklevel=3)
+    warnings.warn(
+        f"the fused expert kernel failed ({type(error).__name__}: {error}); expert "
+        "adapters run the gathered path from now on",
+        stacklevel=3,
+    )
 
 
 class ExpertLinear(nn.Module):
     """A frozen ``nn.Linear`` plus E low-rank experts, run on the tokens routed to them."""
 
-    def __init__(self, base_layer: nn.Linear, router: ExpertRouter, rank: int, alpha: float,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        router: ExpertRouter,
+        rank: int,
+        alpha: float,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self._router = [router]  # a reference, not a submodule: the layer owns the router
@@ -146,28 +172,39 @@ class ExpertLinear(nn.Module):
         out = self.base_layer(x)
         routing = self.router.current
         if routing is None:
-            raise RuntimeError("ExpertLinear ran outside its decoder layer's forward "
-                               "(no routing for this pass)")
+            raise RuntimeError(
+                "ExpertLinear ran outside its decoder layer's forward (no routing for this pass)"
+            )
         a: torch.Tensor = self.lora_A
         b: torch.Tensor = self.lora_B
         if not torch.is_autocast_enabled(x.device.type) and a.dtype != x.dtype:
             a, b = a.to(x.dtype), b.to(x.dtype)
         flat_out = out.view(-1, out.shape[-1])
-        inference = not (torch.is_grad_enabled()
-                         and (x.requires_grad or a.requires_grad or b.requires_grad))
+        inference = not (
+            torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad)
+        )
         if inference and FUSED_KERNEL:
             k = routing.chosen.shape[1]
-            kernel = (cuda_kernel if cuda_kernel.supports(x, out, a, routing.experts, k)
-                      else cpu_kernel if cpu_kernel.supports(x, out, a, k) else None)
+            kernel = (
+                cuda_kernel
+                if cuda_kernel.supports(x, out, a, routing.experts, k)
+                else cpu_kernel
+                if cpu_kernel.supports(x, out, a, k)
+                else None
+            )
             if kernel is not None:
                 try:
-                    kernel.add_routed_lowrank(x.reshape(-1, x.shape[-1]), flat_out, a, b,
-                                              routing.plan(), self.scaling)
+                    kernel.add_routed_lowrank(
+                        x.reshape(-1, x.shape[-1]), flat_out, a, b, routing.plan(), self.scaling
+                    )
                     return out
                 except Exception as e:  # fails before it writes: out is untouched
                     _disable_fused_kernel(e)
-        sets = (routing.expert_sets(a.shape[1])
-                if x.device.type in EXPERT_SET_DEVICES and _grouped_ok(x, inference) else None)
+        sets = (
+            routing.expert_sets(a.shape[1])
+            if x.device.type in EXPERT_SET_DEVICES and _grouped_ok(x, inference)
+            else None
+        )
         if sets is not None:
             h = set_lowrank(routing.gather_sets(x), a, b, sets, self.scaling).to(out.dtype)
             _add_rows(flat_out, sets.tokens, h)

@@ -68,9 +68,11 @@ class ExpertsOptions(MethodConfig):
     aux_weight: float = option(0.01, help="weight of the load-balancing loss")
     # Short names of the linear modules to adapt; None = every linear layer in the blocks.
     target_modules: list[str] | None = option(
-        None, flag="lora-targets",
+        None,
+        flag="lora-targets",
         help="linear modules to adapt, comma-separated short names; default: every "
-             "linear layer in the blocks")
+        "linear layer in the blocks",
+    )
     calibration_batches: int = 4  # batches of training data that center the routers
     seed: int = 0
 
@@ -80,8 +82,9 @@ class ExpertsOptions(MethodConfig):
         if self.experts < 1:
             raise UserInputError(f"experts must be >= 1, got {self.experts}")
         if not 1 <= self.top_k <= self.experts:
-            raise UserInputError(f"top_k must be between 1 and experts ({self.experts}), "
-                                 f"got {self.top_k}")
+            raise UserInputError(
+                f"top_k must be between 1 and experts ({self.experts}), got {self.top_k}"
+            )
         if self.rank < 1:
             raise UserInputError(f"expert rank must be >= 1, got {self.rank}")
         if self.aux_weight < 0:
@@ -122,8 +125,11 @@ def attach_experts(model: nn.Module, layers: list[int], cfg: ExpertsOptions) -> 
     undo: list = []
     for i in layers:
         block = blocks[i]
-        names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)
-                 and n.rsplit(".", 1)[-1] in targets]
+        names = [
+            n
+            for n, m in block.named_modules()
+            if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets
+        ]
         dev = next(block.parameters()).device
         size = hidden or _linear(block, names[0]).in_features
         router = ExpertRouter(size, cfg.experts, cfg.top_k, gen).to(dev)
@@ -189,8 +195,13 @@ def _delta_tensors(att: Attached) -> dict[str, torch.Tensor]:
 
 def save_experts(model: nn.Module, path: Path) -> None:
     """fp32 on disk; the usage counts stay fp64."""
-    write_safetensors(path, {k: v.detach() if v.dtype == torch.float64 else v.detach().float()
-                             for k, v in _delta_tensors(attached(model)).items()})
+    write_safetensors(
+        path,
+        {
+            k: v.detach() if v.dtype == torch.float64 else v.detach().float()
+            for k, v in _delta_tensors(attached(model)).items()
+        },
+    )
 
 
 def load_experts(model: nn.Module, folder: Path, manifest: dict) -> Attached:
@@ -213,14 +224,18 @@ def load_experts(model: nn.Module, folder: Path, manifest: dict) -> Attached:
         missing = sorted(set(expected) - set(tensors))
         extra = sorted(set(tensors) - set(expected))
         if missing or extra:
-            raise DeltaError(f"{folder / EXPERTS_FILE}: tensors do not match the manifest "
-                             f"(missing {missing[:3]}, unexpected {extra[:3]})")
+            raise DeltaError(
+                f"{folder / EXPERTS_FILE}: tensors do not match the manifest "
+                f"(missing {missing[:3]}, unexpected {extra[:3]})"
+            )
         with torch.no_grad():
             for key, target in expected.items():
                 value = tensors[key]
                 if value.shape != target.shape:
-                    raise DeltaError(f"{folder / EXPERTS_FILE}: {key} has shape "
-                                     f"{tuple(value.shape)}, expected {tuple(target.shape)}")
+                    raise DeltaError(
+                        f"{folder / EXPERTS_FILE}: {key} has shape "
+                        f"{tuple(value.shape)}, expected {tuple(target.shape)}"
+                    )
                 target.copy_(value)
     except DeltaError:
         att.remove()
@@ -247,8 +262,7 @@ def center_routers(model: nn.Module, att: Attached, batches: list[dict]) -> None
     try:
         with torch.no_grad():
             for b in batches:
-                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                      use_cache=False)
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
         for r in routers:
             assert r.calibration is not None  # set above, cleared only below
             total, count = r.calibration
@@ -300,18 +314,22 @@ class ExpertsMethod(Method):
         return {"balance_loss": sum(seen) / len(seen)} if seen else {}
 
     def extra_state(self, model: nn.Module) -> dict:
-        return {name: buf for name, buf in model.named_buffers()
-                if name.endswith(("expert_router.usage", "expert_router.center"))}
+        return {
+            name: buf
+            for name, buf in model.named_buffers()
+            if name.endswith(("expert_router.usage", "expert_router.center"))
+        }
 
     def summary(self, model: nn.Module) -> dict:
-        return {**adapter_parameter_counts(model),
-                "expert_usage": {str(k): v for k, v in expert_usage(model).items()}}
+        return {
+            **adapter_parameter_counts(model),
+            "expert_usage": {str(k): v for k, v in expert_usage(model).items()},
+        }
 
     def save(self, model: nn.Module, folder: Path) -> None:
         save_experts(model, folder / EXPERTS_FILE)
 
     @classmethod
-    def attach(cls, model: nn.Module, folder: Path, manifest: dict, *,
-               merge: bool) -> Attachment:
+    def attach(cls, model: nn.Module, folder: Path, manifest: dict, *, merge: bool) -> Attachment:
         """Attach the experts as modules (never merged); undo puts the original layers back."""
         return Attachment(model, False, load_experts(model, folder, manifest).remove)

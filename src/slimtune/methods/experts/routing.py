@@ -108,8 +108,7 @@ class Routing:
     def plan(self) -> cuda_kernel.TilePlan:
         """The fused kernel's tiles (tokens grouped by their set of k experts)."""
         if self._plan is None:
-            self._plan = cuda_kernel.plan_tiles(self.chosen, self.weights, self.kept,
-                                                  self.experts)
+            self._plan = cuda_kernel.plan_tiles(self.chosen, self.weights, self.kept, self.experts)
         return self._plan
 
     def expert_sets(self, rank: int) -> ExpertSets | None:
@@ -119,15 +118,18 @@ class Routing:
         if self._sets is None:
             self._sets = False
             n, k = self.chosen.shape
-            if (k > 1 and n > cuda_kernel.SMALL_BATCH
-                    and 4 * math.comb(self.experts, k) * k * rank <= n):
+            if (
+                k > 1
+                and n > cuda_kernel.SMALL_BATCH
+                and 4 * math.comb(self.experts, k) * k * rank <= n
+            ):
                 plan = self.plan()
                 sets, keys = _all_sets(self.experts, k, plan.keys.device)
                 # every possible set is a group (empty ones too): no host sync
-                counts = torch.bincount(torch.searchsorted(keys, plan.keys),
-                                        minlength=len(keys))
-                self._sets = ExpertSets(plan.tokens, counts.cumsum(0).to(torch.int32), sets,
-                                        plan.gates)
+                counts = torch.bincount(torch.searchsorted(keys, plan.keys), minlength=len(keys))
+                self._sets = ExpertSets(
+                    plan.tokens, counts.cumsum(0).to(torch.int32), sets, plan.gates
+                )
         return self._sets or None
 
     def gather_sets(self, x: torch.Tensor) -> torch.Tensor:
@@ -165,8 +167,9 @@ class ExpertRouter(nn.Module):
     usage: torch.Tensor  # buffers, registered in __init__
     center: torch.Tensor
 
-    def __init__(self, hidden_size: int, experts: int, top_k: int,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self, hidden_size: int, experts: int, top_k: int, generator: torch.Generator | None = None
+    ) -> None:
         super().__init__()
         self.experts, self.top_k = experts, top_k
         w = torch.randn(experts, hidden_size, generator=generator) / math.sqrt(hidden_size)
@@ -212,7 +215,8 @@ class ExpertRouter(nn.Module):
             flat = flat.index_select(0, kept)
         # logits of the RMS-normalised state; the norm is applied after the (autocast) matmul
         rms = torch.linalg.vector_norm(flat, dim=-1, dtype=torch.float32) / math.sqrt(
-            flat.shape[-1])
+            flat.shape[-1]
+        )
         inv_rms = 1.0 / (rms.unsqueeze(1) + 1e-6)
         if self.calibration is not None:
             self.calibration[0] += (flat.float() * inv_rms).sum(0)
