@@ -15,6 +15,7 @@ embeddings) with random weights, built from its config: no download.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -35,10 +36,13 @@ def _cfg(
     bf16_adapters: bool = False,
     liger: str | None = None,
     options: dict | None = None,
+    fast: bool = True,
 ) -> dict:
-    """impl: "hf" (plain transformers / peft loop) or "slimtune" (accumulate_gradients);
-    freeze: share of the bottom layers frozen; liger: None, "all" (its patched model incl.
-    fused linear cross-entropy) or "kernels" (RMSNorm/SwiGLU/RoPE only)."""
+    """impl: "hf" (plain transformers / peft loop) or "slimtune" (what ``slimtune train``
+    runs: its fused kernels where installed, the method's compute context under autocast,
+    accumulate_gradients); freeze: share of the bottom layers frozen; liger (peers only):
+    None or "all" (its patched model incl. fused linear cross-entropy); fast=False: slimtune
+    as v0.1 ran it (no fused kernels, peft's fp32 copies of each adapter input)."""
     return {
         "impl": impl,
         "method": method,
@@ -46,8 +50,12 @@ def _cfg(
         "bf16_adapters": bf16_adapters,
         "liger": liger,
         "options": options or {},
+        "fast": fast,
     }
 
+
+SPARSE = {"density": 0.01, "importance": "random"}  # the step does not depend on the scorer
+EXPERTS = {"experts": 8, "top_k": 2, "rank": 8, "alpha": 16}  # active params = LoRA r16
 
 CONFIGS = {
     "hf-full": _cfg("hf", "full"),
@@ -57,34 +65,24 @@ CONFIGS = {
     "peft-lora-bf16-liger-top-half": _cfg("hf", "lora", 0.5, True, liger="all"),
     "full": _cfg("slimtune", "full"),
     "full-freeze-half": _cfg("slimtune", "full", 0.5),
+    # the default: fp32 adapters computing on bf16 input, Liger kernels where installed
     "lora": _cfg("slimtune", "lora"),
-    "lora-bf16": _cfg("slimtune", "lora", bf16_adapters=True),
     "lora-freeze-half": _cfg("slimtune", "lora", 0.5),
+    "lora-bf16": _cfg("slimtune", "lora", bf16_adapters=True),
     "lora-bf16-freeze-half": _cfg("slimtune", "lora", 0.5, True),
-    "lora-bf16-liger-kernels": _cfg("slimtune", "lora", 0.0, True, liger="kernels"),
-    "lora-bf16-liger-kernels-freeze-half": _cfg("slimtune", "lora", 0.5, True, liger="kernels"),
-    # sparse: the step does not depend on the scorer, so the benchmark selects at random
-    "sparse": _cfg("slimtune", "sparse", options={"density": 0.01, "importance": "random"}),
-    "sparse-freeze-half": _cfg(
-        "slimtune", "sparse", 0.5, options={"density": 0.01, "importance": "random"}
-    ),
+    "lora-v0.1": _cfg("slimtune", "lora", fast=False),
+    "sparse": _cfg("slimtune", "sparse", options=SPARSE),
+    "sparse-freeze-half": _cfg("slimtune", "sparse", 0.5, options=SPARSE),
     "rosa": _cfg(
         "slimtune",
         "rosa",
         options={"r": 8, "alpha": 16, "dropout": 0.0, "density": 0.005, "importance": "random"},
     ),
     "shira": _cfg("slimtune", "shira", options={"density": 0.01}),
-    # 8 experts of rank 8, top-2: the same active adapter parameters as LoRA with --lora-r 16
-    "experts": _cfg(
-        "slimtune", "experts", options={"experts": 8, "top_k": 2, "rank": 8, "alpha": 16}
-    ),
-    "experts-freeze-half": _cfg(
-        "slimtune", "experts", 0.5, options={"experts": 8, "top_k": 2, "rank": 8, "alpha": 16}
-    ),
+    "experts": _cfg("slimtune", "experts", options=EXPERTS),
+    "experts-freeze-half": _cfg("slimtune", "experts", 0.5, options=EXPERTS),
     # the same, rows grouped by single expert instead of by expert set (CUDA)
-    "experts-by-expert": _cfg(
-        "slimtune", "experts", options={"experts": 8, "top_k": 2, "rank": 8, "alpha": 16}
-    ),
+    "experts-by-expert": _cfg("slimtune", "experts", options=EXPERTS),
 }
 
 
@@ -129,6 +127,7 @@ def run_one(args) -> dict:
     from slimtune.eval.cost import PeakMemory
     from slimtune.methods import get_method
     from slimtune.model.anatomy import count_parameters, decoder_layers
+    from slimtune.model.kernels import apply_fused_kernels
     from slimtune.salf.freezing import freeze_below
     from slimtune.training.step import accumulate_gradients
 
@@ -141,14 +140,11 @@ def run_one(args) -> dict:
     if c["liger"]:
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
-        fused = c["liger"] == "all"
         apply_liger_kernel_to_llama(
-            rope=True,
-            rms_norm=True,
-            swiglu=True,
-            cross_entropy=False,
-            fused_linear_cross_entropy=fused,
+            rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True
         )
+    if not c["fast"]:
+        os.environ["SLIMTUNE_KERNELS"] = "off"
     device = torch.device(args.device)
     model = build_model(args.model, args.device)
     n_layers = len(decoder_layers(model))
@@ -159,10 +155,15 @@ def run_one(args) -> dict:
         "dropout": 0.0,
         "adapter_dtype_follows_base": bf16_adapters,
     }
-    if impl == "slimtune":
+    kernels: list[str] = []
+    compute = contextlib.nullcontext  # a factory: a generator context enters only once
+    if impl == "slimtune":  # what the trainer does, in its order
+        kernels = apply_fused_kernels(model, device)
         m = get_method(method, lora_opts if method == "lora" else c["options"])
         model = m.prepare(model, list(range(k, n_layers)))
         freeze_below(model, k)
+        if device.type == "cuda" and c["fast"]:
+            compute = lambda: m.compute_context(model)  # noqa: E731
     elif method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -216,7 +217,7 @@ def run_one(args) -> dict:
         opt.zero_grad(set_to_none=True)
 
     times = []
-    with PeakMemory(device) as mem:
+    with PeakMemory(device) as mem, compute():
         for i in range(args.warmup + args.steps):
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -230,7 +231,7 @@ def run_one(args) -> dict:
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with profile(activities=acts) as prof:
+        with compute(), profile(activities=acts) as prof:
             step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -254,6 +255,7 @@ def run_one(args) -> dict:
         "peak_kind": mem.kind,
         "trainable": trainable,
         "total": total,
+        "fused_kernels": kernels,
     }
 
 

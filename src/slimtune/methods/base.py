@@ -10,6 +10,7 @@ method to :data:`METHODS`, where training, apply and the store find it by name.
 
 from __future__ import annotations
 
+import contextlib
 import types
 import typing
 from abc import ABC, abstractmethod
@@ -243,6 +244,11 @@ class Method(ABC):
         """A loss term of the last forward pass to add to the task loss (e.g. a router's
         load balancing), already weighted; None for most methods."""
         return None
+
+    def compute_context(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """Entered around the training steps when they run under autocast (bf16/fp16): a
+        method may then compute in the autocast dtype while its weights stay fp32."""
+        return contextlib.nullcontext()
 
     def step_metrics(self, model: nn.Module) -> dict[str, float]:
         """Numbers to log with each optimizer step (e.g. the balancing loss)."""

@@ -22,6 +22,7 @@ format for its sparse part, it does not export to peft.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,9 @@ class RosaMethod(Method):
 
     def on_step_end(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         self.sparse.on_step_end(model, optimizer, step)
+
+    def compute_context(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        return self.lora.compute_context(model)  # the LoRA part's bf16 compute
 
     def save(self, model: nn.Module, folder: Path) -> None:
         self.lora.save(model, folder)

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..data import IGNORE_INDEX
 from ..model.anatomy import backbone_and_head
+from ..model.kernels import fused_linear_cross_entropy_sum
 
 CHUNK_ROWS = 1024
 
@@ -99,6 +100,9 @@ def target_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch
     if h.shape[0] <= CHUNK_ROWS:
         return _ce_sum(head, h, t), n
     if head.bias is None:
+        fused = fused_linear_cross_entropy_sum(h, head.weight, t)  # Liger's, on CUDA
+        if fused is not None:
+            return fused, n
         return ChunkedLinearCrossEntropy.apply(h, head.weight, t, CHUNK_ROWS), n
     total = h.new_zeros((), dtype=torch.float32)  # rare: a head with a bias
     for s in range(0, h.shape[0], CHUNK_ROWS):

