@@ -263,3 +263,30 @@ def test_a_flag_declared_twice_differently_is_a_clear_error(declared, message):
     finally:
         unregister_method(ClashMethod.name)
     build_parser()  # fine again without it
+
+
+@dataclass
+class OptionalWidthOptions(LoraOptions):
+    """A sweepable option whose default None means "decide yourself" (``int | None``)."""
+
+    width: int | None = option(None, flag="toy-width", help="a toy optional option", sweep=True)
+
+
+class OptionalWidthMethod(WideLoraMethod):
+    name = "test_optional_width"
+    config_class = OptionalWidthOptions
+
+
+def test_a_sweepable_option_that_may_be_none_is_swept_as_its_type():
+    from slimtune.training.sweep import grid_points
+
+    register_method(OptionalWidthMethod)
+    try:
+        # the values parse as int (the flag's type), not through the `int | None` union
+        assert OptionalWidthOptions.sweepable() == {"r": int, "width": int}
+        assert grid_points("test_optional_width", {"toy_width": "1,4"}) == [
+            {"width": 1},
+            {"width": 4},
+        ]
+    finally:
+        unregister_method(OptionalWidthMethod.name)

@@ -84,9 +84,10 @@ class MethodConfig:
     @classmethod
     def sweepable(cls) -> dict[str, type]:
         """The options marked sweepable (``option(..., sweep=True)``), with the type of
-        their values (to parse a sweep's comma-separated lists)."""
+        their values (to parse a sweep's comma-separated lists): ``int | None`` gives
+        ``int``, as for the option's flag."""
         hints = get_type_hints(cls)
-        return {f.name: hints[f.name] for f in fields(cls) if f.metadata.get("sweep")}
+        return {f.name: _not_none(hints[f.name]) for f in fields(cls) if f.metadata.get("sweep")}
 
     @classmethod
     def cli_options(cls) -> list[CliOption]:
