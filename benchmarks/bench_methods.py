@@ -71,6 +71,10 @@ CONFIGS = {
     "lora-bf16": _cfg("slimtune", "lora", bf16_adapters=True),
     "lora-bf16-freeze-half": _cfg("slimtune", "lora", 0.5, True),
     "lora-v0.1": _cfg("slimtune", "lora", fast=False),
+    # the default path without the fused LoRA function (only peft's fp32 input copies off)
+    "lora-unfused": _cfg("slimtune", "lora", options={"fused": False}),
+    # LoRA's default dropout 0.05 (the table's LoRA rows, peers included, use 0)
+    "lora-dropout0.05": _cfg("slimtune", "lora", options={"dropout": 0.05}),
     "sparse": _cfg("slimtune", "sparse", options=SPARSE),
     "sparse-freeze-half": _cfg("slimtune", "sparse", 0.5, options=SPARSE),
     "rosa": _cfg(
@@ -154,6 +158,7 @@ def run_one(args) -> dict:
         "alpha": 2 * args.lora_r,
         "dropout": 0.0,
         "adapter_dtype_follows_base": bf16_adapters,
+        **{k: v for k, v in c["options"].items() if k != "fused"},
     }
     kernels: list[str] = []
     compute = contextlib.nullcontext  # a factory: a generator context enters only once
@@ -164,6 +169,10 @@ def run_one(args) -> dict:
         freeze_below(model, k)
         if device.type == "cuda" and c["fast"]:
             compute = lambda: m.compute_context(model)  # noqa: E731
+            if c["options"].get("fused") is False:
+                from peft.helpers import disable_input_dtype_casting
+
+                compute = lambda: disable_input_dtype_casting(model)  # noqa: E731
     elif method == "lora":
         from peft import LoraConfig, get_peft_model
 

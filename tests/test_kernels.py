@@ -74,7 +74,7 @@ def _adapter_input_dtypes(model, run) -> set[torch.dtype]:
     return seen
 
 
-def test_lora_under_autocast_reads_bf16_input_with_fp32_master_weights():
+def test_lora_under_autocast_runs_fused_in_bf16_with_fp32_master_weights():
     model, method = _lora_on_bf16_base()
     adapters = [p for n, p in model.named_parameters() if p.requires_grad]
     assert adapters and all(p.dtype == torch.float32 for p in adapters)
@@ -101,7 +101,7 @@ def test_lora_under_autocast_reads_bf16_input_with_fp32_master_weights():
     slow_loss, slow_grads, slow_dtypes = loss_and_grads(fast=False)
     fast_loss, fast_grads, fast_dtypes = loss_and_grads(fast=True)
     assert slow_dtypes == {torch.float32}  # peft's copy of each input to fp32
-    assert fast_dtypes == {torch.bfloat16}  # the layer's own bf16 input
+    assert fast_dtypes == set()  # the fused function ran instead of peft's lora_A modules
     assert all(g.dtype == torch.float32 for g in fast_grads)  # fp32 master weights' grads
     assert fast_loss == pytest.approx(slow_loss, rel=2e-2)
     for a, b in zip(fast_grads, slow_grads):
@@ -110,3 +110,63 @@ def test_lora_under_autocast_reads_bf16_input_with_fp32_master_weights():
     assert _adapter_input_dtypes(
         model, lambda: model(input_ids=ids.clone(), attention_mask=torch.ones_like(ids))
     ) == {torch.float32}
+
+
+def _peft_lora(dropout: float, bias: bool, dora: bool = False):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(24, 16, bias=bias), torch.nn.Linear(16, 8))
+    model = get_peft_model(
+        base,
+        LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["0", "1"], use_dora=dora
+        ),
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    return model
+
+
+def _run(model, x, seed: int):
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(seed)  # the same dropout masks in both paths
+    y = model(x)
+    (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return y.detach(), x.grad, grads
+
+
+@pytest.mark.parametrize(("dropout", "bias"), [(0.0, True), (0.0, False), (0.2, True)])
+def test_fused_lora_matches_peft_forward_and_backward(dropout, bias):
+    from slimtune.methods.lora_fused import fused_lora
+
+    model = _peft_lora(dropout, bias)
+    model.train()
+    x = torch.randn(3, 5, 24, generator=torch.Generator().manual_seed(1))
+    ref = _run(model, x, seed=7)
+    with fused_lora(model) as switched:
+        fused = _run(model, x, seed=7)
+    assert switched == 2
+    torch.testing.assert_close(fused[0], ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused[1], ref[1], rtol=1e-5, atol=1e-5)
+    assert fused[2].keys() == ref[2].keys() and len(ref[2]) == 4
+    for name in ref[2]:
+        torch.testing.assert_close(fused[2][name], ref[2][name], rtol=1e-5, atol=1e-5)
+    # leaving the block gives peft its forward back
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_fused_lora_leaves_dora_to_peft():
+    from slimtune.methods.lora_fused import fused_lora
+
+    model = _peft_lora(0.0, True, dora=True)
+    x = torch.randn(2, 24, generator=torch.Generator().manual_seed(2))
+    ref = _run(model, x, seed=0)
+    with fused_lora(model):
+        same = _run(model, x, seed=0)
+    torch.testing.assert_close(same[0], ref[0])
+    torch.testing.assert_close(same[1], ref[1])

@@ -11,6 +11,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from torch import nn
 from ..errors import DeltaError, UserInputError
 from ..model.anatomy import decoder_layers, target_module_names
 from .base import Attachment, Method, MethodConfig, option, register_method
+from .lora_fused import fused_lora
 
 # Files peft's adapter weights may be in; one of them must be in a peft-format delta.
 PEFT_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -110,17 +112,22 @@ class PeftAdapterMethod(Method):
     ) -> Attachment:
         return attach_peft(model, folder, merge)
 
-    def compute_context(self, model: nn.Module) -> contextlib.AbstractContextManager:
-        """Under autocast, the adapters read the layer's bf16 input as it is: peft would
-        otherwise copy every adapted layer's input to the adapters' fp32 (one more
-        activation per layer, saved for backward), about a third of a bf16 step's time and
-        memory. The fp32 adapter weights stay the optimizer's master copy; autocast casts
-        them (small) for each matmul."""
-        try:
-            from peft.helpers import disable_input_dtype_casting
-        except ImportError:  # peft < 0.15: the fp32 copies stay
-            return contextlib.nullcontext()
-        return disable_input_dtype_casting(model)
+    @contextlib.contextmanager
+    def compute_context(self, model: nn.Module) -> Iterator[None]:
+        """Under autocast: the adapters read the layer's bf16 input as it is (peft would copy
+        every adapted layer's input to the adapters' fp32: one more activation per layer,
+        saved for backward, about a third of a bf16 step's time and memory), and LoRA's scale
+        and add run inside the GEMMs (``lora_fused``). The fp32 adapter weights stay the
+        optimizer's master copy; they are cast (small) for each matmul."""
+        with contextlib.ExitStack() as stack:
+            try:
+                from peft.helpers import disable_input_dtype_casting
+            except ImportError:  # peft < 0.15: the fp32 copies stay
+                pass
+            else:
+                stack.enter_context(disable_input_dtype_casting(model))
+            stack.enter_context(fused_lora(model))
+            yield
 
 
 @register_method

@@ -1,0 +1,131 @@
+"""LoRA's training step with the update folded into the GEMMs (no separate scale and add).
+
+peft computes ``y = base(x) + lora_B(lora_A(dropout(x))) * s`` as five kernels forward
+(three GEMMs, a multiply, an add) and as many again backward, plus per-module Python work
+that shows as launch gaps on a fast GPU. Here one autograd function computes the same sum
+with the scale and the add inside cuBLAS's GEMM epilogue (``addmm``'s ``beta * C + alpha *
+A @ B``)::
+
+    forward   y  = x W^T (+ b);   y += s * (x_d A^T) B^T        x_d = dropout(x), or x
+    backward  g  = dy B;   dx = dy W;   dx += s * g A   (into dx_d's own tensor with dropout)
+              dA = s * g^T x_d;   dB = s * dy^T (x_d A^T)
+
+It runs only while :meth:`LoraMethod.compute_context` is entered (training under autocast)
+and only on what it covers: plain ``nn.Linear`` bases with one active, unmerged, vanilla
+LoRA adapter; anything else takes peft's own forward. The adapter weights stay peft's
+(fp32 master copies), so the delta, its format and inference are unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """``x W^T + b + s (x_d A^T) B^T`` with the scale and add in the GEMM epilogue; the
+    base ``W``, ``b`` are frozen (no gradient)."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        x_dropped: torch.Tensor | None,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scaling: float,
+    ) -> torch.Tensor:
+        dtype = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            xd = x2 if x_dropped is None else x_dropped.reshape(-1, x.shape[-1]).to(dtype)
+            w, a_, b_ = weight.to(dtype), a.to(dtype), b.to(dtype)
+            y = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
+            xa = xd @ a_.t()
+            y = torch.addmm(y, xa, b_.t(), alpha=scaling)
+        ctx.save_for_backward(xd, xa, w, a_, b_)
+        ctx.scaling = scaling
+        ctx.shapes = (x.shape, x.dtype, a.dtype, b.dtype, x_dropped is not None)
+        return y.reshape(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        xd, xa, w, a_, b_ = ctx.saved_tensors
+        shape, x_dtype, a_dtype, b_dtype, dropped = ctx.shapes
+        s = ctx.scaling
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(w.dtype)
+        g = dy2 @ b_  # (N, r)
+        dx = dy2 @ w
+        grad_a = (g.t() @ xd).mul_(s).to(a_dtype)
+        grad_b = (dy2.t() @ xa).mul_(s).to(b_dtype)
+        if dropped:  # the LoRA path's input gradient goes back through the dropout
+            grad_xd = (g @ a_).mul_(s).reshape(shape).to(x_dtype)
+            return dx.reshape(shape).to(x_dtype), grad_xd, None, None, grad_a, grad_b, None
+        dx = torch.addmm(dx, g, a_, alpha=s)
+        return dx.reshape(shape).to(x_dtype), None, None, None, grad_a, grad_b, None
+
+
+def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """peft ``lora.Linear.forward`` for the case it covers, else peft's own."""
+    adapters = self.active_adapters
+    name = adapters[0] if len(adapters) == 1 else None
+    if (
+        args
+        or kwargs
+        or self.disable_adapters
+        or self.merged
+        or name is None
+        or name not in self.lora_A
+        or name in getattr(self, "lora_variant", {})  # DoRA and other variants
+        or getattr(self.lora_B[name], "bias", None) is not None
+    ):
+        return type(self).forward(self, x, *args, **kwargs)
+    base = self.base_layer
+    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        return type(self).forward(self, x, *args, **kwargs)
+    dropout = self.lora_dropout[name]
+    x_dropped = None if isinstance(dropout, nn.Identity) else dropout(x)
+    return LoraLinearFunction.apply(
+        x,
+        x_dropped,
+        base.weight,
+        base.bias,
+        self.lora_A[name].weight,
+        self.lora_B[name].weight,
+        float(self.scaling[name]),
+    )
+
+
+def _covered(module: nn.Module) -> bool:
+    from peft.tuners.lora import Linear as LoraLinear
+
+    return (
+        type(module) is LoraLinear
+        and type(module.base_layer) is nn.Linear
+        and "forward" not in module.__dict__
+    )
+
+
+@contextlib.contextmanager
+def fused_lora(model: nn.Module) -> Iterator[int]:
+    """Within the block, peft's LoRA linears of ``model`` run :class:`LoraLinearFunction`;
+    yields how many modules were switched. Leaving the block restores peft's forward."""
+    switched = [m for m in model.modules() if _covered(m)]
+    for m in switched:
+        m.forward = types.MethodType(_fused_forward, m)
+    try:
+        yield len(switched)
+    finally:
+        for m in switched:
+            m.__dict__.pop("forward", None)
