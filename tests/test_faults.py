@@ -559,6 +559,11 @@ def test_a_wrong_schema_index_is_named(deltas, tmp_path, capsys):
             "'base' is not an object",
         ),
         (
+            "base key of the wrong type",
+            lambda p: edit_manifest(p, lambda m: m["base"].update(num_layers="4")),
+            "'base.num_layers' is not an integer",
+        ),
+        (
             "deeply nested",
             lambda p: (p / "manifest.json").write_text(
                 '{"format": "slimtune-delta", "x": ' + "[" * 200000 + "]" * 200000 + "}"

@@ -139,10 +139,13 @@ def test_manifest_round_trips_and_keeps_absent_apart_from_null(run):
             lambda m: m["base"].pop("fingerprint"),
             "'base' is not an object with a 'fingerprint' string",
         ),
-        (
-            lambda m: m["base"].update(num_layers="4"),
-            "'base' is not an object with a 'fingerprint' string",
-        ),
+        (lambda m: m["base"].update(fingerprint=5), "'base' is not an object with a 'fingerprint'"),
+        (lambda m: m["base"].update(num_layers="4"), "'base.num_layers' is not an integer"),
+        (lambda m: m["base"].update(source=["hf"]), "'base.source' is not a string"),
+        (lambda m: m.update(base=None), "'base' is not an object with a 'fingerprint' string"),
+        (lambda m: m.update(method=None), "'method' is not a string"),
+        (lambda m: m.update(metrics=[]), "'metrics' is not an object"),
+        (lambda m: m.update(versions={"torch": 2}), "'versions' is not an object"),
         (
             lambda m: next(iter(m["files"].values())).update(bytes=-1),
             "needs 'sha256' (a string) and 'bytes' (an integer)",
@@ -163,3 +166,68 @@ def test_a_manifest_field_of_the_wrong_type_is_named(run, tmp_path, change, mess
     with pytest.raises(DeltaError) as e:
         read_manifest(bad)
     assert message in str(e.value) and str(bad / "manifest.json") in str(e.value)
+
+
+NOT_RECORDED = [
+    "created",
+    "mergeable",
+    "dataset",
+    "training",
+    "metrics",
+    "versions",
+    "layers",
+    "resume_changes",
+    "imported_from",
+    "auto_freeze",
+    "imported_base",
+]
+
+
+def test_null_in_an_optional_manifest_field_reads_as_not_recorded(run, tmp_path):
+    """Hand-edited and third-party manifests write null for what they did not record; the
+    first reader took it so, and the store lists, shows and diffs such a delta."""
+    from slimtune.delta import DeltaStore
+
+    nulled = tmp_path / "nulled"
+    shutil.copytree(run.delta_dir, nulled)
+    m = json.loads((nulled / "manifest.json").read_text())
+    m.update({k: None for k in NOT_RECORDED})
+    m["base"].update(name=None, source=None, architecture=None, num_layers=None)
+    m["versions_of_old"] = None  # an unknown key: kept as read
+    (nulled / "manifest.json").write_text(json.dumps(m))
+    read = read_manifest(nulled)
+    assert read == m
+    typed = Manifest.from_dict(read, nulled / "manifest.json")
+    assert typed.metrics is None and typed.layers is None and typed.to_dict() == m
+    versions = tmp_path / "versions"
+    shutil.copytree(run.delta_dir, versions)
+    m = json.loads((versions / "manifest.json").read_text())
+    m["versions"]["peft"] = None
+    (versions / "manifest.json").write_text(json.dumps(m))
+    assert read_manifest(versions)["versions"]["peft"] is None
+    store = DeltaStore(tmp_path / "store")
+    a, b = store.add(nulled), store.add(run.delta_dir)
+    shown_a = store.describe(a)
+    assert shown_a["metrics"] is None and shown_a["base"]["fingerprint"] == m["base"]["fingerprint"]
+    from slimtune.delta.store import diff
+
+    assert diff(a, b)["fields"]["metrics.steps"] == (None, run.run_summary.steps)
+
+
+def test_save_delta_writes_a_null_extra_field_that_reads_back(tiny, tmp_path):
+    from slimtune.delta.format import save_delta
+    from slimtune.methods import get_method
+
+    method = get_method("lora", {"r": 2})
+    model = method.prepare(tiny.model, [0, 1])
+    base = {"fingerprint": "sha256:" + "0" * 64, "name": "tiny"}
+    written = save_delta(
+        tmp_path / "d",
+        method,
+        model,
+        base=base,
+        layers=[0, 1],
+        extra={"metrics": None, "dataset": None},
+    )
+    assert written["metrics"] is None and written["dataset"] is None
+    assert read_manifest(tmp_path / "d") == written

@@ -71,7 +71,7 @@ def save_delta(
             mergeable=method.mergeable,
             layers=list(layers),
             base=typing.cast(BaseInfo, base),
-            versions=library_versions(),
+            versions={**library_versions()},
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             files=typing.cast(dict[str, FileEntry], files),
         )

@@ -5,7 +5,9 @@ a required field that is missing, or any field whose JSON value does not match i
 is a :class:`DeltaError` naming the file and the field. Fields the trainer or the importer
 add are optional: absent ones (``ABSENT``, distinct from a written ``null``) are not written,
 and keys this slimtune does not know are kept in ``extra``, so ``from_dict``/``to_dict``
-give back the object that was read.
+give back the object that was read. An optional field (or base key, or library version)
+declared ``| None`` may be ``null``: "not recorded", as hand-edited and third-party
+manifests have it and as the first reader took it; a required field stays strict.
 """
 
 from __future__ import annotations
@@ -50,10 +52,10 @@ class _BaseRequired(TypedDict):
 class BaseInfo(_BaseRequired, total=False):
     """The base model a delta belongs to (only its fingerprint is checked on apply)."""
 
-    name: str
-    source: str
-    architecture: str
-    num_layers: int
+    name: str | None
+    source: str | None
+    architecture: str | None
+    num_layers: int | None
 
 
 @dataclass
@@ -66,19 +68,21 @@ class Manifest:
     method_config: dict[str, Any]
     base: BaseInfo
     files: dict[str, FileEntry] = field(metadata={"non_empty": True, "key": "file name"})
-    layers: list[int]
+    layers: list[int] | None  # present, but null reads as "not recorded" (the first reader)
     format_version: int = 0  # a manifest without one is of the first format
-    mergeable: bool | _Absent = ABSENT
-    versions: dict[str, str] | _Absent = ABSENT
-    created: str | _Absent = ABSENT
+    # optional: None (a written null) is "not recorded", ABSENT is not written
+    mergeable: bool | _Absent | None = ABSENT
+    versions: dict[str, str | None] | _Absent | None = ABSENT
+    created: str | _Absent | None = ABSENT
     # added by training
-    dataset: dict[str, Any] | _Absent = ABSENT
-    training: dict[str, Any] | _Absent = ABSENT
-    metrics: dict[str, Any] | _Absent = ABSENT  # the run summary (training.summary.RunSummary)
+    dataset: dict[str, Any] | _Absent | None = ABSENT
+    training: dict[str, Any] | _Absent | None = ABSENT
+    # the run summary (training.summary.RunSummary)
+    metrics: dict[str, Any] | _Absent | None = ABSENT
     auto_freeze: dict[str, Any] | _Absent | None = ABSENT
-    resume_changes: list[dict[str, Any]] | _Absent = ABSENT
+    resume_changes: list[dict[str, Any]] | _Absent | None = ABSENT
     # added by importing a PEFT adapter
-    imported_from: str | _Absent = ABSENT
+    imported_from: str | _Absent | None = ABSENT
     imported_base: str | _Absent | None = ABSENT
     extra: dict[str, Any] = field(default_factory=dict)  # keys this slimtune does not know
 
@@ -225,5 +229,20 @@ def check_fields(manifest: Mapping[str, Any], where: str | Path) -> None:
                         f"'{k}' ({describe(t)})" for k, t in _hints(entry_t).items()
                     )
                     raise bad(f"{f.name}[{name!r}] needs {needs}")
+        elif _is_typeddict(tp):
+            _check_object(f.name, value, tp, bad)
         elif not conforms(value, tp):
             raise bad(f"'{f.name}' is not {describe(tp)}")
+
+
+def _check_object(name: str, value: Any, tp: Any, bad: typing.Callable[[str], DeltaError]) -> None:
+    """An object field (``base``): its required keys as a whole, then each other key by
+    name, so a wrong-typed ``num_layers`` is named rather than the whole object."""
+    hints = _hints(tp)
+    if not isinstance(value, dict) or not all(
+        k in value and conforms(value[k], hints[k]) for k in tp.__required_keys__
+    ):
+        raise bad(f"'{name}' is not {describe(tp)}")
+    for key, key_t in hints.items():
+        if key in value and not conforms(value[key], key_t):
+            raise bad(f"'{name}.{key}' is not {describe(key_t)}")
