@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from slimtune.cli.main import build_parser, main, train_config_from_args, train_options_from_args
+from slimtune.cli.app import build_parser, main, train_config_from_args, train_options_from_args
 from slimtune.errors import DataError, UserInputError
 
 
@@ -15,6 +15,21 @@ def test_every_command_has_help(cmd, capsys):
         main([cmd, "--help"])
     assert e.value.code == 0
     assert f"usage: slimtune {cmd}" in capsys.readouterr().out
+
+
+def test_the_cli_module_is_importable_and_patchable_by_its_dotted_name(monkeypatch):
+    """``slimtune.cli.app`` names the module (not the function ``slimtune.cli.main``), so a
+    test or plugin can patch what ``main`` runs; ``from slimtune.cli import main`` stays."""
+    import importlib
+    import types
+
+    import slimtune.cli
+    import slimtune.cli.app as app
+
+    assert isinstance(app, types.ModuleType) and slimtune.cli.main is app.main is main
+    monkeypatch.setitem(app.COMMANDS, "eval", lambda args: 42)
+    assert slimtune.cli.main(["eval", "--data", "x.jsonl"]) == 42
+    assert importlib.import_module("slimtune.cli.app") is app
 
 
 def test_flags_override_yaml_which_overrides_defaults(tmp_path):

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from slimtune.cli.main import main
+from slimtune.cli.app import main
 from slimtune.delta import apply_delta
 from slimtune.errors import UserInputError
 from slimtune.methods import get_method

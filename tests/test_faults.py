@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from slimtune.cli.main import main
+from slimtune.cli.app import main
 from slimtune.delta import DeltaStore, DeltaSwitcher, verify_delta
 from slimtune.delta.store import _MIGRATIONS
 from slimtune.errors import DeltaError, UserInputError

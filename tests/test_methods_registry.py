@@ -135,7 +135,7 @@ class WideLoraMethod(LoraMethod):
 def test_a_registered_method_gets_its_flags_yaml_key_and_sweep_grid(
     tiny_dir, intent_file, tmp_path, capsys
 ):
-    from slimtune.cli.main import build_parser, main, train_options_from_args
+    from slimtune.cli.app import build_parser, main, train_options_from_args
     from slimtune.training.sweep import grid_flags, grid_points
 
     assert "--toy-width" not in _train_help(capsys)
@@ -217,7 +217,7 @@ def test_a_registered_method_gets_its_flags_yaml_key_and_sweep_grid(
 
 
 def _train_help(capsys) -> str:
-    from slimtune.cli.main import main
+    from slimtune.cli.app import main
 
     capsys.readouterr()
     with pytest.raises(SystemExit):
@@ -250,7 +250,7 @@ def _train_help(capsys) -> str:
     ],
 )
 def test_a_flag_declared_twice_differently_is_a_clear_error(declared, message):
-    from slimtune.cli.main import build_parser
+    from slimtune.cli.app import build_parser
 
     class ClashMethod(NormOnlyMethod):
         name = "test_clash"

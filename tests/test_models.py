@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from slimtune.cli.main import main
+from slimtune.cli.app import main
 from slimtune.errors import ModelLoadError
 from slimtune.model import loading as models
 

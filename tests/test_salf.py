@@ -191,7 +191,7 @@ def test_sizes_and_durations():
 
 
 def test_default_keep_is_one_value_everywhere():
-    from slimtune.cli.main import build_parser
+    from slimtune.cli.app import build_parser
     from slimtune.salf.analysis import DEFAULT_KEEP
     from slimtune.training.config import TrainConfig
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from slimtune.cli.main import main
+from slimtune.cli.app import main
 from slimtune.delta import DeltaStore
 
 

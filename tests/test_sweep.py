@@ -2,7 +2,7 @@
 
 import json
 
-from slimtune.cli.main import main
+from slimtune.cli.app import main
 
 
 def _sweep(tiny_dir, intent_file, out, *extra):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from slimtune.cli.main import main
+from slimtune.cli.app import main
 from slimtune.errors import UserInputError
 from slimtune.training.trackers import parse_report_to
 

@@ -1,5 +1,5 @@
 """The ``slimtune`` command: parses, calls the library, prints. No computing here."""
 
-from .main import main
+from .app import main
 
 __all__ = ["main"]
