@@ -17,21 +17,10 @@ from typing import Any
 
 from ..errors import UserInputError
 from ..options import check_types, parse_key_values, read_yaml_config
+from ..training.config import NEGATED_FLAGS, StoreOptions
 from .common import S, add_model_args
 
 SWEEP_NOTE = "comma-separated values to sweep"
-# Flags that switch a TrainConfig field off: flag name -> field name.
-NEGATED_FLAGS = {"no_progress": "progress"}
-
-
-@dataclass
-class StoreOptions:
-    """Where ``train`` stores its delta (flags or YAML keys of the same names)."""
-
-    store: str | None = None
-    no_store: bool = False
-    parent: str | None = None
-    note: str | None = None
 
 
 @dataclass
@@ -51,14 +40,10 @@ class MethodFlag:
         return self.flag.replace("-", "_")
 
 
-def _type_name(kind: Any) -> str:
-    return getattr(kind, "__name__", None) if typing.get_origin(kind) is None else str(kind)
-
-
 def method_flags() -> dict[str, MethodFlag]:
     """The flags of every registered method's CLI options, by argparse dest. Methods that
-    declare the same flag share it; one flag declared for different options or value types
-    is a bug of those methods and raises ValueError naming both."""
+    declare the same flag share it: ``register_method`` refused a method giving a flag
+    another option name or type, or taking one of train's own, so building never fails."""
     from ..methods import METHODS
 
     flags: dict[str, MethodFlag] = {}
@@ -70,14 +55,6 @@ def method_flags() -> dict[str, MethodFlag]:
                     o.flag, o.name, o.kind, o.help, {method: o.default}, o.sweep
                 )
                 continue
-            if (f.name, f.kind) != (o.name, o.kind):
-                first = next(iter(f.defaults))
-                raise ValueError(
-                    f"--{o.flag} is declared by method {first!r} for its option {f.name!r} "
-                    f"({_type_name(f.kind)}) and by method {method!r} for {o.name!r} "
-                    f"({_type_name(o.kind)}): methods sharing a flag must give it the same "
-                    "option name and type (or declare another flag=...)"
-                )
             f.defaults[method] = o.default
             f.sweep = f.sweep or o.sweep
             f.help = f.help or o.help
@@ -109,32 +86,13 @@ def flag_help(f: MethodFlag, grid: bool = False) -> str:
     return text.replace("%", "%%")
 
 
-def _reserved_keys() -> set[str]:
-    """Names a method flag must not take: train's own options and YAML keys."""
-    from ..training.config import TrainConfig
-
-    return (
-        {f.name for f in fields(TrainConfig)}
-        | {f.name for f in fields(StoreOptions)}
-        | set(NEGATED_FLAGS)
-        | {"config", "option", "help"}
-    )
-
-
 def _add_method_flags(p: argparse.ArgumentParser, grid: bool) -> None:
     group = p.add_argument_group(
         "method options",
         "declared by each method's options dataclass; a flag a method does "
         "not take is an error for it. Any option: -o KEY=VALUE",
     )
-    reserved = _reserved_keys()
     for f in method_flags().values():
-        who = ", ".join(sorted(f.defaults))
-        if f.dest in reserved:
-            raise ValueError(
-                f"--{f.flag} (method {who}) is an option train already has; "
-                "declare the method option with another flag=..."
-            )
         kwargs: dict[str, Any] = {"default": S, "help": flag_help(f, grid)}
         if f.kind is bool:
             kwargs["action"] = "store_true"
@@ -143,12 +101,7 @@ def _add_method_flags(p: argparse.ArgumentParser, grid: bool) -> None:
             kwargs["type"] = kind if kind in (int, float) else str
             if typing.get_origin(f.kind) is list:
                 kwargs["metavar"] = "A,B,..."
-        try:
-            group.add_argument(f"--{f.flag}", **kwargs)
-        except argparse.ArgumentError as e:
-            raise ValueError(
-                f"--{f.flag} (method {who}) clashes with a flag train already has: {e}"
-            ) from None
+        group.add_argument(f"--{f.flag}", **kwargs)
 
 
 def _method_help() -> str:

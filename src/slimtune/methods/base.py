@@ -265,12 +265,41 @@ METHODS: dict[str, type[Method]] = {}
 
 def register_method(cls: type[Method]) -> type[Method]:
     """Make ``cls`` known by its ``name`` to training, apply and the store (use it as a
-    class decorator); a second, different class under a taken name is an error."""
+    class decorator); a second, different class under a taken name is an error, and so is
+    a CLI flag clash (:func:`_check_flags`), refused here so one bad method cannot break
+    the parser of every command."""
     known = METHODS.get(cls.name)
     if known is not None and known is not cls:
         raise ValueError(f"method name {cls.name!r} is taken by {known.__qualname__}")
+    _check_flags(cls)
     METHODS[cls.name] = cls
     return cls
+
+
+def _check_flags(cls: type[Method]) -> None:
+    """Methods declaring the same flag share it, so they must give it the same option name
+    and value type; and no flag may be one of train's own options or keys."""
+    from ..training.config import reserved_keys  # training builds on methods: import late
+
+    def kind(tp: Any) -> str:
+        return str(getattr(tp, "__name__", tp)) if typing.get_origin(tp) is None else str(tp)
+
+    reserved = reserved_keys()
+    for o in cls.config_class.cli_options():
+        if o.dest in reserved:
+            raise ValueError(
+                f"--{o.flag} (method {cls.name}) is an option train already has; "
+                "declare the method option with another flag=..."
+            )
+        for name, other in METHODS.items():
+            for p in other.config_class.cli_options() if name != cls.name else ():
+                if p.dest == o.dest and (p.name, p.kind) != (o.name, o.kind):
+                    raise ValueError(
+                        f"--{o.flag} is declared by method {name!r} for its option "
+                        f"{p.name!r} ({kind(p.kind)}) and by method {cls.name!r} for "
+                        f"{o.name!r} ({kind(o.kind)}): methods sharing a flag must give it "
+                        "the same option name and type (or declare another flag=...)"
+                    )
 
 
 def unregister_method(name: str) -> None:

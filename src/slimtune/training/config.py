@@ -1,6 +1,8 @@
 """TrainConfig: every option of one training run, checked once when it is made.
 
-The CLI, YAML files and the Python API all fill it by field name.
+The CLI, YAML files and the Python API all fill it by field name. The methods are imported
+where used, not here: registering a method reads :func:`reserved_keys` while the methods
+package is still being imported.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from typing import Any
 
 from ..data import in_memory
 from ..errors import UserInputError
-from ..methods import METHODS, Method, get_method
 from ..options import check_types
+
+# Flags that switch a TrainConfig field off: flag name -> field name.
+NEGATED_FLAGS = {"no_progress": "progress"}
 
 
 @dataclass
@@ -109,6 +113,8 @@ class TrainConfig:
             "--budget-memory/--budget-step-time need --freeze auto",
         )
         need(0 < self.keep <= 1, f"keep must be in (0, 1], got {self.keep}")
+        from ..methods import get_method
+
         get_method(self.method, self.method_options)  # unknown method / bad options: fail now
         return self
 
@@ -117,6 +123,8 @@ class TrainConfig:
         """``lr`` when set, else the method's own default (full fine-tuning wants less)."""
         if self.lr is not None:
             return self.lr
+        from ..methods import METHODS, Method
+
         method = METHODS.get(self.method)
         return method.default_lr if method is not None else Method.default_lr
 
@@ -145,3 +153,25 @@ class TrainConfig:
             "eval_fraction",
         )
         return {k: getattr(self, k) for k in keep}
+
+
+@dataclass
+class StoreOptions:
+    """Where ``train`` stores its delta (flags or YAML keys of the same names)."""
+
+    store: str | None = None
+    no_store: bool = False
+    parent: str | None = None
+    note: str | None = None
+
+
+def reserved_keys() -> set[str]:
+    """Names a method option's flag (and so its YAML key) must not take: train's own options
+    and keys. ``register_method`` refuses a method declaring one, so the train parser is
+    always built."""
+    return (
+        {f.name for f in fields(TrainConfig)}
+        | {f.name for f in fields(StoreOptions)}
+        | set(NEGATED_FLAGS)
+        | {"config", "option", "help"}
+    )
