@@ -215,7 +215,10 @@ def test_yaml_values_are_type_checked(tmp_path):
         ("pack: 1\n", r"field 'pack' must be true or false, got 1"),
         ("lr: .nan\n", r"field 'lr' must be a finite number, got nan"),
         ("method_options: [r]\n", r"field 'method_options' must be a mapping"),
-        ("lora_r: abc\n", r"field 'r' must be an integer, got 'abc'"),
+        # a method option's type error names the file too, however the option is given
+        ("lora_r: eight\n", r"t\.yaml: method options: field 'r' must be an integer, got 'eig"),
+        ("method_options: {r: x}\n", r"t\.yaml: method options: field 'r' must be an integer"),
+        ("option: {dropout: x}\n", r"t\.yaml: method options: field 'dropout' must be a number"),
         ("no_progress: 'yes'\n", r"field 'no_progress' must be true or false"),
     ]:
         with pytest.raises(UserInputError, match=message):

@@ -71,9 +71,12 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise UserInputError(f"{where}: unknown option(s) {unknown}")
-        return cls(**check_types(cls, values, where)).validated()
+        return cls(**check_types(cls, values, where)).validated(where)
 
-    def validated(self) -> TrainConfig:
+    def validated(self, where: str | None = None) -> TrainConfig:
+        """Check every field and the method's options; ``where`` (a YAML file, "command
+        line") names the source in an error of the method options, as in the others."""
+
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise UserInputError(msg)
@@ -113,9 +116,12 @@ class TrainConfig:
             "--budget-memory/--budget-step-time need --freeze auto",
         )
         need(0 < self.keep <= 1, f"keep must be in (0, 1], got {self.keep}")
-        from ..methods import get_method
+        from ..methods import method_class
 
-        get_method(self.method, self.method_options)  # unknown method / bad options: fail now
+        # unknown method / bad options: fail now, naming where the options came from
+        cls = method_class(self.method)
+        about = f"{where}: method options" if where else "method options"
+        cls(cls.config_class.from_dict(self.method_options, about))
         return self
 
     @property
