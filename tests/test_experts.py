@@ -185,7 +185,7 @@ def test_experts_delta_round_trips_and_comes_off_bit_for_bit(tiny_dir, intent_fi
     assert all(torch.equal(state[k], original[k]) for k in original)
 
 
-@pytest.mark.parametrize("damage", ["shape", "missing"])
+@pytest.mark.parametrize("damage", ["shape", "missing", "no-layers"])
 def test_experts_delta_with_wrong_tensors_is_refused_and_leaves_the_model(
     tiny_dir, intent_file, tmp_path, damage
 ):
@@ -209,11 +209,15 @@ def test_experts_delta_with_wrong_tensors_is_refused_and_leaves_the_model(
     if damage == "shape":
         tensors[key] = tensors[key][:3]
         expected = key.replace(".", r"\.") + ".*shape"
+    elif damage == "no-layers":  # null reads as "not recorded": refused, not a TypeError
+        expected = "records no 'layers'"
     else:
         del tensors[key]
         expected = "do not match the manifest.*missing.*" + key.replace(".", r"\.")
     save_file(tensors, str(path))
     manifest = json.loads((res.delta_dir / MANIFEST).read_text())
+    if damage == "no-layers":
+        manifest["layers"] = None
     manifest["files"]["experts.safetensors"] = {
         "sha256": sha256_file(path),
         "bytes": path.stat().st_size,

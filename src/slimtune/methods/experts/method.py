@@ -210,6 +210,8 @@ def load_experts(model: nn.Module, folder: Path, manifest: dict) -> Attached:
         cfg = ExpertsOptions.from_dict(manifest["method_config"], f"{folder}: method_config")
     except (UserInputError, TypeError) as e:
         raise DeltaError(f"{folder}: {e}") from e
+    if not manifest.get("layers"):  # null reads as "not recorded"; routers need their layers
+        raise DeltaError(f"{folder}: the manifest records no 'layers'; an experts delta needs them")
     layers = list(manifest["layers"])
     n = len(decoder_layers(model))
     if any(not 0 <= i < n for i in layers):
