@@ -170,3 +170,20 @@ def test_fused_lora_leaves_dora_to_peft():
         same = _run(model, x, seed=0)
     torch.testing.assert_close(same[0], ref[0])
     torch.testing.assert_close(same[1], ref[1])
+
+
+def test_fused_lora_leaves_a_base_with_its_own_forward_to_peft():
+    """RoSA's sparse delta gives the base linear an instance forward: the fused function,
+    which reads the base weight itself, must not bypass it."""
+    from slimtune.methods.lora_fused import fused_lora
+
+    model = _peft_lora(0.0, True)
+    base = model.base_model.model[0].base_layer
+    base.forward = lambda x: torch.nn.functional.linear(x, base.weight, base.bias) + 1.0
+    x = torch.randn(2, 24, generator=torch.Generator().manual_seed(3))
+    ref = _run(model, x, seed=0)
+    with fused_lora(model) as switched:
+        same = _run(model, x, seed=0)
+    assert switched == 1  # the second layer only
+    torch.testing.assert_close(same[0], ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(same[1], ref[1], rtol=1e-5, atol=1e-5)

@@ -110,10 +110,13 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 def _covered(module: nn.Module) -> bool:
     from peft.tuners.lora import Linear as LoraLinear
 
+    base = getattr(module, "base_layer", None)
     return (
         type(module) is LoraLinear
-        and type(module.base_layer) is nn.Linear
+        and type(base) is nn.Linear
         and "forward" not in module.__dict__
+        # a base with a forward of its own (RoSA's sparse delta) keeps peft's path
+        and "forward" not in base.__dict__
     )
 
 
