@@ -94,3 +94,62 @@ def test_readme_layout_matches_the_tree():
         p for p in named if not (ROOT / p).exists() or p.endswith("/") != (ROOT / p).is_dir()
     )
     assert not gone, f"README's Layout names what is not in the tree: {gone}"
+
+
+def _is_module(name: str) -> bool:
+    base = Path(__file__).resolve().parents[1] / "src" / Path(*name.split("."))
+    return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
+
+
+def _imports(path: Path, package: str) -> set[str]:
+    """The slimtune modules ``path`` imports (at any depth, lazy imports too)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                parts = parts[: len(parts) - (node.level - 1)]
+                target = ".".join(parts + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            # "from pkg import mod" imports the module; "from pkg import name", the package
+            found |= {
+                f"{target}.{a.name}" if _is_module(f"{target}.{a.name}") else target
+                for a in node.names
+            }
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return {m for m in found if m.startswith("slimtune")}
+
+
+def test_no_import_cycle_between_modules():
+    """Layering: no module imports, at any depth (lazy imports and package __init__ files
+    included), one that imports it back."""
+    root = Path(__file__).resolve().parents[1] / "src"
+    modules: dict[str, Path] = {}
+    for path in (root / "slimtune").rglob("*.py"):
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        modules[".".join(parts)] = path
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        graph[name] = {m for m in _imports(path, package) if m in modules and m != name}
+    seen: dict[str, int] = {}  # 1 on the current path, 2 done
+
+    def visit(node: str, trail: list[str]) -> None:
+        seen[node] = 1
+        for dep in sorted(graph[node]):
+            if seen.get(dep) == 1:
+                cycle = [*trail[trail.index(dep) :], dep]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if dep not in seen:
+                visit(dep, [*trail, dep])
+        seen[node] = 2
+
+    for name in sorted(graph):
+        if name not in seen:
+            visit(name, [name])

@@ -261,6 +261,14 @@ class Method(ABC):
 
 
 METHODS: dict[str, type[Method]] = {}
+# Flag names a method option may not take: the training options' own, given by
+# training.config when it is imported (training builds on methods, not the reverse).
+RESERVED_FLAGS: set[str] = set()
+
+
+def reserve_flags(names: set[str]) -> None:
+    """Keep methods registered from now on off these flag names (see ``_check_flags``)."""
+    RESERVED_FLAGS.update(names)
 
 
 def register_method(cls: type[Method]) -> type[Method]:
@@ -279,12 +287,11 @@ def register_method(cls: type[Method]) -> type[Method]:
 def _check_flags(cls: type[Method]) -> None:
     """Methods declaring the same flag share it, so they must give it the same option name
     and value type; and no flag may be one of train's own options or keys."""
-    from ..training.config import reserved_keys  # training builds on methods: import late
 
     def kind(tp: Any) -> str:
         return str(getattr(tp, "__name__", tp)) if typing.get_origin(tp) is None else str(tp)
 
-    reserved = reserved_keys()
+    reserved = RESERVED_FLAGS
     for o in cls.config_class.cli_options():
         if o.dest in reserved:
             raise ValueError(

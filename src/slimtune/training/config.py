@@ -12,6 +12,8 @@ from typing import Any
 
 from ..data import in_memory
 from ..errors import UserInputError
+from ..methods import METHODS, Method, method_class
+from ..methods.base import reserve_flags
 from ..options import check_types
 
 # Flags that switch a TrainConfig field off: flag name -> field name.
@@ -116,8 +118,6 @@ class TrainConfig:
             "--budget-memory/--budget-step-time need --freeze auto",
         )
         need(0 < self.keep <= 1, f"keep must be in (0, 1], got {self.keep}")
-        from ..methods import method_class
-
         # unknown method / bad options: fail now, naming where the options came from
         cls = method_class(self.method)
         about = f"{where}: method options" if where else "method options"
@@ -129,8 +129,6 @@ class TrainConfig:
         """``lr`` when set, else the method's own default (full fine-tuning wants less)."""
         if self.lr is not None:
             return self.lr
-        from ..methods import METHODS, Method
-
         method = METHODS.get(self.method)
         return method.default_lr if method is not None else Method.default_lr
 
@@ -181,3 +179,6 @@ def reserved_keys() -> set[str]:
         | set(NEGATED_FLAGS)
         | {"config", "option", "help"}
     )
+
+
+reserve_flags(reserved_keys())  # methods registered from now on keep off these flags
