@@ -187,3 +187,31 @@ def test_fused_lora_leaves_a_base_with_its_own_forward_to_peft():
     assert switched == 1  # the second layer only
     torch.testing.assert_close(same[0], ref[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(same[1], ref[1], rtol=1e-5, atol=1e-5)
+
+
+def test_compute_context_of_a_peft_method_whose_layers_have_no_cast_switch():
+    """SHiRA's peft layers have no ``cast_input_dtype_enabled``: peft's
+    ``disable_input_dtype_casting`` read it on every tuner layer and raised AttributeError,
+    so every SHiRA run under autocast (a GPU's default bf16) failed before its first step."""
+    model = tiny_llama(64, layers=2, hidden=32).to(torch.bfloat16)
+    method = get_method("shira", {"density": 0.1})
+    model = method.prepare(model, [0, 1])
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    with method.compute_context(model):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = target_loss(model, batch)
+        loss.backward()
+    assert torch.isfinite(loss)
+    assert any(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_compute_context_restores_peft_casting_after_an_exception():
+    model, method = _lora_on_bf16_base()
+    layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    assert layers
+    with pytest.raises(RuntimeError), method.compute_context(model):
+        assert not any(m.cast_input_dtype_enabled for m in layers)
+        raise RuntimeError
+    assert all(m.cast_input_dtype_enabled for m in layers)
+    assert all("forward" not in m.__dict__ for m in model.modules())

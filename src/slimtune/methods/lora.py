@@ -119,15 +119,24 @@ class PeftAdapterMethod(Method):
         saved for backward, about a third of a bf16 step's time and memory), and LoRA's scale
         and add run inside the GEMMs (``lora_fused``). The fp32 adapter weights stay the
         optimizer's master copy; they are cast (small) for each matmul."""
-        with contextlib.ExitStack() as stack:
-            try:
-                from peft.helpers import disable_input_dtype_casting
-            except ImportError:  # peft < 0.15: the fp32 copies stay
-                pass
-            else:
-                stack.enter_context(disable_input_dtype_casting(model))
-            stack.enter_context(fused_lora(model))
+        with _no_input_casting(model), fused_lora(model):
             yield
+
+
+@contextlib.contextmanager
+def _no_input_casting(model: nn.Module) -> Iterator[None]:
+    """peft's ``disable_input_dtype_casting`` for the tuner layers that have the switch.
+    peft's own helper reads it on every tuner layer and raises on those without it (SHiRA's,
+    so a SHiRA run under autocast failed); peft < 0.15 has none, and the fp32 copies stay."""
+    layers: list[Any] = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    before = [m.cast_input_dtype_enabled for m in layers]
+    for m in layers:
+        m.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        for m, value in zip(layers, before):
+            m.cast_input_dtype_enabled = value
 
 
 @register_method
