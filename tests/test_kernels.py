@@ -215,3 +215,16 @@ def test_compute_context_restores_peft_casting_after_an_exception():
         raise RuntimeError
     assert all(m.cast_input_dtype_enabled for m in layers)
     assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_a_trained_head_keeps_the_fp32_accumulating_chunked_loss(monkeypatch):
+    monkeypatch.setattr(kernels, "liger_installed", lambda: True)
+
+    class CudaLike(torch.Tensor):  # is_cuda without a GPU: only the guard is under test
+        @property
+        def is_cuda(self):
+            return True
+
+    h = torch.randn(4, 8).as_subclass(CudaLike)
+    w = torch.nn.Parameter(torch.randn(64, 8))  # a head that trains
+    assert kernels.fused_linear_cross_entropy_sum(h, w, torch.zeros(4).long()) is None

@@ -6,8 +6,10 @@ fused linear cross-entropy that the training loss uses on CUDA. Without it (or o
 for an architecture Liger does not cover) the same code runs on torch's own operations,
 slower, and says so once.
 
-The RoPE patch is Liger's own: it replaces the architecture's rotary function in its
-transformers module, so it holds for every model of that architecture in the process.
+Liger's patch is process-wide in part: besides the model instance's modules it replaces the
+architecture's rotary function (and, depending on the architecture, its norm and MLP classes)
+in its transformers module, so models of that architecture built later in the process get
+them too.
 """
 
 from __future__ import annotations
@@ -81,8 +83,10 @@ def fused_linear_cross_entropy_sum(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
 ) -> torch.Tensor | None:
     """``sum_i CE(hidden_i @ weight.T, targets_i)`` through Liger's fused kernel on CUDA,
-    or None where it does not run (the caller falls back to its chunked loss)."""
-    if not hidden.is_cuda or mode() == "off" or not liger_installed():
+    or None where it does not run (the caller falls back to its chunked loss). A head that
+    trains (full fine-tuning) keeps the chunked loss: it sums the head's gradient in fp32,
+    Liger's in the compute dtype."""
+    if not hidden.is_cuda or weight.requires_grad or mode() == "off" or not liger_installed():
         return None
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
