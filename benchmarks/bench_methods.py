@@ -98,6 +98,18 @@ def build_model(name: str, device: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     shapes = {
+        # Llama-3-8B-shaped: 32 layers, hidden 4096, MLP 14336, untied embeddings
+        "llama-8b": dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            tie_word_embeddings=False,
+            max_position_embeddings=8192,
+            rope_theta=500000.0,
+        ),
         "llama-1.2b": dict(
             hidden_size=2048,
             intermediate_size=8192,
@@ -122,8 +134,13 @@ def build_model(name: str, device: str):
     cfg = LlamaConfig(**shapes[name])
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its dtype: an 8B model never exists in fp32
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg).to(dtype)
+    finally:
+        torch.set_default_dtype(default)
     return model
 
 
@@ -282,7 +299,9 @@ def machine(device: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--model", default="default", help="default, llama-1.2b or llama-tiny")
+    ap.add_argument(
+        "--model", default="default", help="default, llama-1.2b, llama-8b or llama-tiny"
+    )
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=5)
