@@ -179,11 +179,13 @@ def _measure(
     train_embeddings: bool = False,
 ) -> tuple[float, int, int]:
     """(median step time, peak memory above what was resident, bytes saved for backward)."""
+    from ..model.kernels import apply_fused_kernels
     from ..training.step import accumulate_gradients
 
     before = _resident(device)
     n = len(decoder_layers(mini))
     m = _costing_method(method, options)
+    apply_fused_kernels(mini, device)  # cost what `slimtune train` runs: the same kernels
     model = m.prepare(mini, list(range(n_frozen, n)))
     freeze_below(model, n_frozen)
     if train_embeddings:
@@ -195,7 +197,9 @@ def _measure(
     saved = _SavedBytes()
     if device.type != "cuda":
         _trim_heap()
-    with PeakMemory(device) as mem:
+    # and, on a GPU (bf16 autocast), the method's own compute path (e.g. fused LoRA)
+    compute = m.compute_context(model) if device.type == "cuda" else contextlib.nullcontext()
+    with PeakMemory(device) as mem, compute:
         for i in range(steps + 1):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
