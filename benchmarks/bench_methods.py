@@ -296,6 +296,20 @@ def machine(device: str) -> str:
     )
 
 
+def measure(name: str, args, freeze_below: int | None = None) -> tuple[dict | None, str]:
+    """Run configuration ``name`` in its own process (a clean peak-memory reading) with the
+    shape in ``args``; its result (None if it failed) and its stderr."""
+    cmd = [sys.executable, __file__, "--run-one", name, "--device", args.device]
+    cmd += ["--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq)]
+    cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--lora-r", str(args.lora_r)]
+    cmd += ["--profile"] if getattr(args, "profile", False) else []
+    cmd += ["--freeze-below", str(freeze_below)] if freeze_below is not None else []
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    ok = proc.returncode == 0 and line
+    return (json.loads(line[0][7:]) if ok else None), proc.stderr
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -326,35 +340,14 @@ def main() -> None:
     names = args.configs.split(",")
     results = []
     for name in names:
-        cmd = [
-            sys.executable,
-            __file__,
-            "--run-one",
-            name,
-            "--device",
-            args.device,
-            "--model",
-            args.model,
-            "--batch",
-            str(args.batch),
-            "--seq",
-            str(args.seq),
-            "--steps",
-            str(args.steps),
-            "--warmup",
-            str(args.warmup),
-            "--lora-r",
-            str(args.lora_r),
-        ] + (["--profile"] if args.profile else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode != 0 or not line:
-            print(f"{name}: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
-            results.append({"config": name, "error": proc.stderr[-500:]})
+        result, stderr = measure(name, args)
+        if result is None:
+            print(f"{name}: failed\n{stderr[-3000:]}", file=sys.stderr)
+            results.append({"config": name, "error": stderr[-500:]})
             continue
-        results.append(json.loads(line[0][7:]))
+        results.append(result)
         if args.profile:
-            print(f"--- profile of {name} ---\n{proc.stderr[-6000:]}", file=sys.stderr)
+            print(f"--- profile of {name} ---\n{stderr[-6000:]}", file=sys.stderr)
         r = results[-1]
         print(
             f"{name}: {r['step_s']:.3f} s/step, {r['tokens_per_s']:.0f} tok/s, "

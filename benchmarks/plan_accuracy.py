@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -41,7 +40,7 @@ def main() -> None:
     ap.add_argument("--out", help="JSON results")
     args = ap.parse_args()
 
-    from bench_methods import build_model
+    from bench_methods import build_model, measure
 
     from slimtune.model.anatomy import decoder_layers
     from slimtune.salf.plan import calibrate, estimate, synthetic_batch
@@ -66,34 +65,10 @@ def main() -> None:
         costs = calibrate(model, method, opts, batch, autocast=autocast)
         for k in ks:
             e = estimate(costs, k)
-            cmd = [
-                sys.executable,
-                str(HERE / "bench_methods.py"),
-                "--run-one",
-                method,
-                "--device",
-                args.device,
-                "--model",
-                args.model,
-                "--batch",
-                str(args.batch),
-                "--seq",
-                str(args.seq),
-                "--steps",
-                str(args.steps),
-                "--warmup",
-                str(args.warmup),
-                "--lora-r",
-                str(args.lora_r),
-                "--freeze-below",
-                str(k),
-            ]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            if not line:
-                print(proc.stderr[-2000:], file=sys.stderr)
+            m, stderr = measure(method, args, freeze_below=k)
+            if m is None:
+                print(stderr[-2000:], file=sys.stderr)
                 continue
-            m = json.loads(line[0][7:])
             rows.append(
                 {
                     "method": method,
