@@ -228,3 +228,16 @@ def test_a_trained_head_keeps_the_fp32_accumulating_chunked_loss(monkeypatch):
     h = torch.randn(4, 8).as_subclass(CudaLike)
     w = torch.nn.Parameter(torch.randn(64, 8))  # a head that trains
     assert kernels.fused_linear_cross_entropy_sum(h, w, torch.zeros(4).long()) is None
+
+
+def test_a_bad_slimtune_kernels_value_is_a_clear_error_before_training(
+    monkeypatch, tiny_dir, intent_file, tmp_path
+):
+    from slimtune.errors import UserInputError
+
+    from .conftest import train_tiny
+
+    monkeypatch.setenv("SLIMTUNE_KERNELS", "of")
+    with pytest.raises(UserInputError, match="SLIMTUNE_KERNELS='of': use one of auto, off"):
+        train_tiny(tiny_dir, intent_file, tmp_path / "run", max_steps=1)
+    assert not (tmp_path / "run" / "delta").exists()

@@ -21,6 +21,7 @@ import os
 import torch
 from torch import nn
 
+from ..errors import UserInputError
 from ..log import info
 from .anatomy import base_model
 
@@ -31,7 +32,9 @@ MODES = ("auto", "off")
 
 def mode() -> str:
     value = os.environ.get("SLIMTUNE_KERNELS", "auto")
-    return value if value in MODES else "auto"
+    if value not in MODES:
+        raise UserInputError(f"SLIMTUNE_KERNELS={value!r}: use one of {', '.join(MODES)}")
+    return value
 
 
 @functools.cache
@@ -54,7 +57,7 @@ def _supported_type(model: nn.Module) -> str | None:
 def apply_fused_kernels(model: nn.Module, device: torch.device | str) -> list[str]:
     """Patch Liger's RMSNorm/SwiGLU/RoPE kernels onto ``model`` when it trains on CUDA;
     returns the kernels applied (empty when none). Call before a method wraps the model."""
-    if torch.device(device).type != "cuda" or mode() == "off":
+    if mode() == "off" or torch.device(device).type != "cuda":  # a bad value fails on CPU too
         return []
     if not liger_installed():
         _say_once(
