@@ -25,10 +25,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+from ..model.kernels import compute_dtype
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -46,7 +43,7 @@ class LoraLinearFunction(torch.autograd.Function):
         b: torch.Tensor,
         scaling: float,
     ) -> torch.Tensor:
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             xd = x2 if x_dropped is None else x_dropped.reshape(-1, x.shape[-1]).to(dtype)

@@ -37,6 +37,13 @@ def mode() -> str:
     return value
 
 
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on ``t`` runs in: autocast's where it is on, else ``t``'s own (for
+    hand-written ops that cast explicitly, as autocast would)."""
+    dev = t.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else t.dtype
+
+
 @functools.cache
 def liger_installed() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
@@ -93,7 +100,7 @@ def fused_linear_cross_entropy_sum(
         return None
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else hidden.dtype
+    dtype = compute_dtype(hidden)
     with torch.autocast("cuda", enabled=False):
         return liger_fused_linear_cross_entropy(
             hidden.to(dtype), weight.to(dtype), targets, reduction="sum"

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..data import IGNORE_INDEX
 from ..model.anatomy import backbone_and_head
-from ..model.kernels import fused_linear_cross_entropy_sum
+from ..model.kernels import compute_dtype, fused_linear_cross_entropy_sum
 
 CHUNK_ROWS = 1024
 
@@ -40,7 +40,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int
     ) -> torch.Tensor:
         dev = hidden.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+        dtype = compute_dtype(hidden)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.autocast(dev, enabled=False):
             w = weight.to(dtype)
