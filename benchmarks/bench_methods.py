@@ -77,6 +77,11 @@ CONFIGS = {
     "lora-dropout0.05": _cfg("slimtune", "lora", options={"dropout": 0.05}),
     "sparse": _cfg("slimtune", "sparse", options=SPARSE),
     "sparse-freeze-half": _cfg("slimtune", "sparse", 0.5, options=SPARSE),
+    # whole input columns: the backward and saved activations shrink with the density
+    "sparse-columns": _cfg("slimtune", "sparse", options={**SPARSE, "structure": "columns"}),
+    "sparse-columns-freeze-half": _cfg(
+        "slimtune", "sparse", 0.5, options={**SPARSE, "structure": "columns"}
+    ),
     "rosa": _cfg(
         "slimtune",
         "rosa",
@@ -85,8 +90,10 @@ CONFIGS = {
     "shira": _cfg("slimtune", "shira", options={"density": 0.01}),
     "experts": _cfg("slimtune", "experts", options=EXPERTS),
     "experts-freeze-half": _cfg("slimtune", "experts", 0.5, options=EXPERTS),
-    # the same, rows grouped by single expert instead of by expert set (CUDA)
-    "experts-by-expert": _cfg("slimtune", "experts", options=EXPERTS),
+    # routed training (the default before the dense path), tokens grouped by expert set ...
+    "experts-routed": _cfg("slimtune", "experts", options={**EXPERTS, "dispatch": "routed"}),
+    # ... or by single expert (CUDA)
+    "experts-by-expert": _cfg("slimtune", "experts", options={**EXPERTS, "dispatch": "routed"}),
 }
 
 

@@ -105,6 +105,54 @@ def test_gradients_reach_only_the_chosen_experts_and_the_router():
     assert all(p.grad is None for n, p in model.named_parameters() if "layers.2." not in n)
 
 
+def _set_dispatch(model, dispatch: str) -> None:
+    for lin in attached(model).linears.values():
+        lin.dispatch = dispatch
+
+
+def test_dense_training_gives_the_routed_outputs_and_gradients():
+    """The dense path runs every expert and gates the unchosen ones to zero: the same sum, the
+    same gradients (zero for experts no token chose), padding rows untouched."""
+    results = {}
+    for dispatch in ("routed", "dense"):
+        model, vocab = _with_experts(experts=8, top_k=2, rank=4, layers=(1, 3))
+        _set_dispatch(model, dispatch)
+        ids = torch.randint(0, vocab, (2, 3), generator=torch.Generator().manual_seed(5))
+        mask = torch.ones_like(ids)
+        mask[0, :1] = 0  # left padding: that row is not routed
+        out = model(input_ids=ids, attention_mask=mask).logits
+        out.pow(2).mean().backward()
+        att = attached(model)
+        results[dispatch] = (
+            out.detach(),
+            {k: (lin.lora_A.grad, lin.lora_B.grad) for k, lin in att.linears.items()},
+            {i: r.weight.grad for i, r in att.routers.items()},
+        )
+    (out_r, lin_r, rt_r), (out_d, lin_d, rt_d) = results["routed"], results["dense"]
+    torch.testing.assert_close(out_d, out_r, rtol=1e-5, atol=1e-5)
+    unchosen = 0
+    for key, (ga, gb) in lin_r.items():
+        torch.testing.assert_close(lin_d[key][0], ga, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(lin_d[key][1], gb, rtol=1e-4, atol=1e-6)
+        unchosen += int((ga.flatten(1).abs().sum(1) == 0).sum())
+    assert unchosen > 0  # some expert got no token, and no gradient from the dense path either
+    for i, g in rt_r.items():
+        torch.testing.assert_close(rt_d[i], g, rtol=1e-4, atol=1e-6)
+
+
+def test_dense_dispatch_is_chosen_on_cuda_for_narrow_experts_only():
+    model, _ = _with_experts(experts=8, top_k=2, rank=4, layers=(0,))
+    lin = next(iter(attached(model).linears.values()))
+    x = torch.zeros(2, 4)
+    assert not lin.trains_densely(x)  # auto: routed off CUDA
+    lin.dispatch = "dense"
+    assert lin.trains_densely(x)
+    lin.dispatch = "routed"
+    assert not lin.trains_densely(x)
+    with pytest.raises(UserInputError, match="dispatch"):
+        get_method("experts", {"dispatch": "dense-ish"})
+
+
 def test_balancing_loss_is_lowest_for_uniform_routing():
     e, k, n = 8, 2, 4096
     gen = torch.Generator().manual_seed(0)
@@ -239,6 +287,7 @@ def test_experts_delta_with_wrong_tensors_is_refused_and_leaves_the_model(
         {"aux_weight": -1.0},
         {"routers": 2},
         {"calibration_batches": -1},
+        {"dispatch": "sometimes"},
     ],
 )
 def test_bad_expert_options_are_refused(options):

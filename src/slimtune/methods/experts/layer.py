@@ -20,6 +20,23 @@ from .routing import ExpertRouter, ExpertSets, Routing
 # Use torch's grouped GEMM where it runs (CUDA SM90+); False forces the per-expert loop.
 GROUPED_MM = True
 
+DISPATCH = ("auto", "dense", "routed")
+# The widest E * r that ``auto`` trains densely on CUDA: up to here a GEMM of that width costs
+# about one read of x (memory-bound on an H100/H200), less than routing's gathers and scatters.
+DENSE_MAX_WIDTH = 256
+
+
+def dense_lowrank(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gates: torch.Tensor
+) -> torch.Tensor:
+    """``sum_e g_e * B_e A_e x`` over *every* expert, ``gates`` (N, E * r) zero where a row did
+    not choose the expert: two plain GEMMs of width E * r, no gathers (see method.py for when
+    this beats routing). ``x`` is (N, in); differentiable in all four."""
+    e, r, d_in = a.shape
+    t = F.linear(x, a.reshape(e * r, d_in))
+    t = t * gates.to(t.dtype)
+    return F.linear(t, b.permute(1, 0, 2).reshape(b.shape[1], e * r))
+
 
 def _grouped_ok(x: torch.Tensor, inference: bool = False) -> bool:
     """Whether torch's grouped GEMM (one call for all experts, no host sync) can run: on
@@ -151,8 +168,12 @@ class ExpertLinear(nn.Module):
         rank: int,
         alpha: float,
         generator: torch.Generator | None = None,
+        dispatch: str = "auto",
     ) -> None:
         super().__init__()
+        if dispatch not in DISPATCH:
+            raise ValueError(f"dispatch must be one of {DISPATCH}, got {dispatch!r}")
+        self.dispatch = dispatch
         self.base_layer = base_layer
         self._router = [router]  # a reference, not a submodule: the layer owns the router
         e, dev = router.experts, base_layer.weight.device
@@ -167,6 +188,12 @@ class ExpertLinear(nn.Module):
     @property
     def router(self) -> ExpertRouter:
         return self._router[0]
+
+    def trains_densely(self, x: torch.Tensor) -> bool:
+        """Whether training runs every expert, masked (``dense_lowrank``), rather than routed."""
+        if self.dispatch != "auto":
+            return self.dispatch == "dense"
+        return x.is_cuda and self.lora_A.shape[0] * self.lora_A.shape[1] <= DENSE_MAX_WIDTH
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
@@ -200,6 +227,11 @@ class ExpertLinear(nn.Module):
                     return out
                 except Exception as e:  # fails before it writes: out is untouched
                     _disable_fused_kernel(e)
+        if not inference and self.trains_densely(x):
+            gates = routing.dense_gates(flat_out.shape[0], a.shape[1], self.scaling)
+            h = dense_lowrank(x.reshape(-1, x.shape[-1]), a, b, gates)
+            flat_out.add_(h.to(out.dtype))
+            return out
         sets = (
             routing.expert_sets(a.shape[1])
             if x.device.type in EXPERT_SET_DEVICES and _grouped_ok(x, inference)

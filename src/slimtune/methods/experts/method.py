@@ -24,7 +24,15 @@ Implementations of the same sum:
 * inference on CUDA: the fused Triton kernel in ``cuda_kernel.py`` (tokens tiled by their
   set of k experts; one read and one write of each output row); on CPU (fp32) the fused C
   kernel in ``cpu_kernel.py`` (the same, a token at a time);
-* training, and anywhere the kernel does not run: the gathered path here. The token rows are
+* training on CUDA with small experts (E * r <= ``DENSE_MAX_WIDTH``, e.g. 8 x 8): the dense
+  path. Every token runs *every* expert's A (one GEMM of width E * r), the rows of the
+  experts it did not choose are multiplied by a zero gate, then one GEMM by all the B's.
+  That is E / k times the adapter FLOPs of routing, but a GEMM this narrow is bound by
+  reading x, not by its FLOPs, so it costs what one LoRA of rank E * r costs, and it needs
+  no gathers, scatters or host syncs (which dominate the routed step on a GPU). Zero gates
+  give zero gradients, so the result and the gradients are those of the routed sum;
+  ``--expert-dispatch routed`` keeps conditional computation in training too;
+* training elsewhere, and anywhere the kernel does not run: the gathered path. The token rows are
   gathered into groups, one per expert (``index_select``), each group runs through its A_e
   then B_e (one grouped GEMM per factor on CUDA SM90+, a loop over the experts that got
   tokens elsewhere), and each slot's gated result is added to its token's row of the base
@@ -53,7 +61,7 @@ from ...errors import DeltaError, UserInputError
 from ...fileio import write_safetensors
 from ...model.anatomy import decoder_layers, target_module_names
 from ..base import Attachment, Method, MethodConfig, option, register_method
-from .layer import ExpertLinear, _mask_hook, _release_hook, _route_hook
+from .layer import DENSE_MAX_WIDTH, DISPATCH, ExpertLinear, _mask_hook, _release_hook, _route_hook
 from .routing import ExpertRouter
 
 EXPERTS_FILE = "experts.safetensors"
@@ -73,6 +81,13 @@ class ExpertsOptions(MethodConfig):
         help="linear modules to adapt, comma-separated short names; default: every "
         "linear layer in the blocks",
     )
+    dispatch: str = option(
+        "auto",
+        flag="expert-dispatch",
+        help="how training computes the experts: routed (only each token's k experts), "
+        "dense (every expert, the unchosen ones gated to zero) or auto (dense on CUDA "
+        f"where experts x rank <= {DENSE_MAX_WIDTH}, routed elsewhere)",
+    )
     calibration_batches: int = 4  # batches of training data that center the routers
     seed: int = 0
 
@@ -89,6 +104,10 @@ class ExpertsOptions(MethodConfig):
             raise UserInputError(f"expert rank must be >= 1, got {self.rank}")
         if self.aux_weight < 0:
             raise UserInputError(f"aux_weight must be >= 0, got {self.aux_weight}")
+        if self.dispatch not in DISPATCH:
+            raise UserInputError(
+                f"expert dispatch must be one of {', '.join(DISPATCH)}, got {self.dispatch!r}"
+            )
 
 
 @dataclass
@@ -137,7 +156,7 @@ def attach_experts(model: nn.Module, layers: list[int], cfg: ExpertsOptions) -> 
         routers[i] = router
         for name in names:
             base = _linear(block, name)
-            adapter = ExpertLinear(base, router, cfg.rank, cfg.alpha, gen)
+            adapter = ExpertLinear(base, router, cfg.rank, cfg.alpha, gen, dispatch=cfg.dispatch)
             _set_child(block, name, adapter)
             linears[f"{i}.{name}"] = adapter
             undo.append(lambda b=block, n=name, m=base: _set_child(b, n, m))
