@@ -337,3 +337,193 @@ def res_optimizer_groups(res):
     # the optimizer is not kept on TrainResult; rebuild the groups the method asks for
     params = [p for p in res.model.parameters() if p.requires_grad]
     return res.method.param_groups(params, weight_decay=0.0)
+
+
+def _column_scores():
+    """Scores whose best columns are known: column j of ``a`` scores ``A_COLS[j]`` in every
+    row, except one large entry in column 0 (the best entry, in a weak column)."""
+    a = torch.tensor([0.0, 9, 1, 8, 2, 7, 3, 6, 4, 5])[None, :].repeat(4, 1)
+    a[0, 0] = 20.0  # column 0 sums to 20, less than columns 1, 3, 5 (36, 32, 28)
+    b = torch.tensor([9.5, 0.5, 8.5, 1.0, 2.0])[None, :].repeat(8, 1)
+    c = torch.zeros(2, 3)
+    return {"a": a, "b": b, "c": c}
+
+
+def test_select_top_columns_per_tensor_takes_the_best_whole_columns():
+    from slimtune.methods.importance import column_indices
+    from slimtune.methods.sparse import column_layout
+
+    scores = _column_scores()
+    sel = select_top(scores, 0.3, "per_tensor", "columns")
+    assert sel.keys() == scores.keys()
+    torch.testing.assert_close(sel["a"], column_indices(torch.tensor([1, 3, 5]), (4, 10)))
+    torch.testing.assert_close(sel["b"], column_indices(torch.tensor([0, 2]), (8, 5)))
+    assert sel["c"].numel() == 2  # at least one column: round(0.3 * 3) = 1
+    for n, idx in sel.items():
+        cols = column_layout(idx, scores[n].shape)
+        assert cols is not None
+        assert idx.numel() == max(1, round(0.3 * scores[n].shape[1])) * scores[n].shape[0]
+        assert torch.equal(idx, idx.sort().values)
+    # the entries structure takes the single best entry, which lies in a weak column
+    assert 0 in select_top(scores, 0.05, "per_tensor")["a"].tolist()
+
+
+def test_select_top_columns_global_ranks_columns_by_mean_score():
+    from slimtune.methods.importance import column_indices
+    from slimtune.methods.sparse import column_layout
+
+    scores = _column_scores()
+    scores["a"][0, 0] = 0.0  # column means: b0 9.5, a1 9, b2 8.5, a3 8, ...
+    total = sum(s.numel() for s in scores.values())  # 86
+    sel = select_top(scores, 0.28, "global", "columns")  # budget 24: b0 (8), a1 (4), b2 (8)
+    assert round(0.28 * total) == 24
+    assert sel.keys() == {"a", "b"}  # c: no column taken, left out
+    torch.testing.assert_close(sel["a"], column_indices(torch.tensor([1, 3]), (4, 10)))
+    torch.testing.assert_close(sel["b"], column_indices(torch.tensor([0, 2]), (8, 5)))
+    assert sum(i.numel() for i in sel.values()) == 24
+    # a budget that falls inside a column: the last column taken passes it by less than
+    # its height
+    sel = select_top(scores, 0.2, "global", "columns")  # budget 17
+    assert {n: column_layout(i, scores[n].shape).tolist() for n, i in sel.items()} == {
+        "a": [1],
+        "b": [0, 2],
+    }
+    assert 17 <= sum(i.numel() for i in sel.values()) < 17 + 8
+
+
+def test_column_fast_path_matches_the_dense_gradient_and_saves_only_the_columns():
+    from slimtune.methods.importance import column_indices
+
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 5)
+    ref = nn.Linear(6, 5)
+    ref.load_state_dict(lin.state_dict())
+    cols = torch.tensor([1, 4])
+    idx = column_indices(cols, lin.weight.shape)
+    d = attach(lin, idx)
+    assert d.cols is not None and torch.equal(d.cols, cols)
+    with torch.no_grad():
+        d.values.copy_(torch.linspace(-1.0, 1.0, idx.numel()))
+        ref.weight.view(-1)[idx] += d.values
+    x = torch.randn(3, 4, 6, requires_grad=True)
+    xr = x.detach().clone().requires_grad_(True)
+    out = lin(x)
+    (saved,) = out.grad_fn.saved_tensors
+    assert saved.shape == (3, 4, 2)  # x[..., cols], not x
+    torch.testing.assert_close(saved, x.detach()[..., cols])
+    out_ref = ref(xr)
+    torch.testing.assert_close(out, out_ref)
+    out.pow(2).sum().backward()
+    out_ref.pow(2).sum().backward()
+    torch.testing.assert_close(d.values.grad, ref.weight.grad.view(-1)[idx], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, xr.grad)
+    # the entries path on the same indices (a regrow armed: it needs the dense gradient)
+    d.values.grad = None
+    d.regrow_count = 1
+    x.grad = None
+    out = lin(x)
+    assert out.grad_fn.saved_tensors[0].shape == x.shape
+    out.pow(2).sum().backward()
+    torch.testing.assert_close(d.values.grad, ref.weight.grad.view(-1)[idx], rtol=1e-5, atol=1e-6)
+
+
+def test_column_layout_only_for_whole_columns_in_row_major_order():
+    from slimtune.methods.importance import column_indices
+    from slimtune.methods.sparse import column_layout
+
+    shape = (5, 6)
+    whole = column_indices(torch.tensor([0, 3, 5]), shape)
+    assert column_layout(whole, shape).tolist() == [0, 3, 5]
+    assert column_layout(torch.tensor([0, 7, 13, 29]), shape) is None  # entries
+    assert column_layout(torch.tensor([0, 1, 2, 3, 4]), shape) is None  # a row, not a column
+    assert column_layout(whole[:-3], shape) is None  # a column cut short
+    g = torch.Generator().manual_seed(0)
+    assert column_layout(whole[torch.randperm(whole.numel(), generator=g)], shape) is None
+    assert column_layout(whole.sort().values.flip(0), shape) is None
+    assert column_layout(column_indices(torch.tensor([5, 3, 0]), shape), shape) is None
+    assert column_layout(torch.tensor([], dtype=torch.long), shape) is None
+
+
+def test_resume_derives_the_column_layout_from_the_loaded_indices():
+    from slimtune.methods.importance import column_indices
+    from slimtune.methods.sparse import SparseMethod
+
+    model = nn.Sequential(nn.Linear(6, 5))
+    d = attach(model[0], torch.tensor([0, 7, 13, 28, 29]))
+    assert d.cols is None
+    method = SparseMethod()
+    state = method.extra_state(model)
+    assert state.keys() == {"0.sparse_delta.indices", "0.sparse_delta.base_values"}
+    d.indices.copy_(column_indices(torch.tensor([2]), (5, 6)))  # what a resume copies in
+    method.load_state_dict(model, {})
+    assert d.cols is not None and d.cols.tolist() == [2]
+    assert method.extra_state(model).keys() == state.keys()  # cols is not checkpointed
+
+
+def test_structure_option_is_checked():
+    from slimtune.errors import UserInputError
+    from slimtune.methods.rosa import RosaMethod
+    from slimtune.methods.sparse import SparseOptions
+
+    with pytest.raises(UserInputError, match="regrow_every works on entries only"):
+        SparseOptions(structure="columns", regrow_every=2)
+    with pytest.raises(UserInputError, match="structure must be entries or columns"):
+        SparseOptions(structure="rows")
+    with pytest.raises(UserInputError, match="regrow_every works on entries only"):
+        RosaMethod({"structure": "columns", "regrow_every": 2})
+    with pytest.raises(UserInputError, match="unknown structure"):
+        select_top({"a": torch.rand(2, 2)}, 0.5, "per_tensor", "rows")
+    assert RosaMethod({"structure": "columns"}).sparse.config.structure == "columns"
+
+
+def test_columns_train_store_a_delta_that_applies_and_unapplies_exactly(
+    tiny_dir, intent_file, tmp_path
+):
+    from slimtune.methods.sparse import column_layout
+
+    res = train_tiny(
+        tiny_dir,
+        intent_file,
+        tmp_path / "cols",
+        method="sparse",
+        max_steps=4,
+        freeze_below=1,
+        method_options={"density": 0.1, "structure": "columns", "importance": "fisher"},
+    )
+    assert res.manifest["method_config"]["structure"] == "columns"
+    base = load_model(str(tiny_dir)).model
+    base_params = dict(base.named_parameters())
+    mods = sparse_modules(res.model)
+    assert mods
+    for name, m in mods.items():
+        d = m.sparse_delta
+        assert d.cols is not None and torch.equal(d.cols, column_layout(d.indices, d.weight_shape))
+        assert d.cols.numel() == max(1, round(0.1 * m.in_features))
+        before = base_params[f"{name}.weight"].detach().view(-1)
+        changed = (before != m.weight.detach().view(-1)).nonzero().squeeze(1)
+        assert changed.numel() > 0 and set(changed.tolist()) <= set(d.indices.tolist())
+
+    tensors = load_file(str(res.delta_dir / SPARSE_FILE))  # the same format as entries
+    assert {k.rsplit(".", 1)[-1] for k in tensors} == {"indices", "values"}
+    fresh = load_model(str(tiny_dir))
+    before = {n: p.detach().clone() for n, p in fresh.model.named_parameters()}
+    model, _ = load_delta(res.delta_dir, fresh.model, fingerprint(fresh.model))
+    trained = dict(res.model.named_parameters())
+    for n, p in model.named_parameters():
+        assert torch.equal(p, trained[n]), n
+    remove_sparse(model)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_rosa_sparse_part_with_columns_takes_the_column_path(tiny_dir, intent_file, tmp_path):
+    res = train_tiny(
+        tiny_dir,
+        intent_file,
+        tmp_path / "rc",
+        method="rosa",
+        max_steps=2,
+        method_options={"density": 0.05, "r": 2, "structure": "columns"},
+    )
+    mods = sparse_modules(res.model)
+    assert mods and all(m.sparse_delta.cols is not None for m in mods.values())
+    assert res.manifest["method_config"]["structure"] == "columns"

@@ -9,7 +9,9 @@ Scorers (``--importance``):
 * ``random``: uniform random, the control.
 
 Selection is per tensor (each tensor gets the same density) or global (one threshold over
-all candidate tensors, so some get more than others).
+all candidate tensors, so some get more than others). The structure is ``entries`` (any
+entry of a weight) or ``columns`` (whole input columns: every row of a few columns ``j``,
+ranked by the column's summed score, for the cheaper backward of :mod:`.sparse`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ..training.loss import target_loss
 
 SCORERS = ("grad", "fisher", "activation", "random")
 SELECTIONS = ("per_tensor", "global")
+STRUCTURES = ("entries", "columns")
 
 
 def importance_scores(
@@ -111,14 +114,26 @@ def importance_scores(
             bar.close()
 
 
+def column_indices(cols: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """The flat indices of every entry of the (sorted) input columns ``cols`` of a weight
+    of ``shape`` (out, in), row-major: row 0's columns, then row 1's, ... (ascending).
+    The order :mod:`.sparse`'s column fast path relies on."""
+    rows = torch.arange(shape[0], device=cols.device)
+    return (rows[:, None] * shape[1] + cols[None, :]).reshape(-1)
+
+
 def select_top(
-    scores: dict[str, torch.Tensor], density: float, selection: str
+    scores: dict[str, torch.Tensor], density: float, selection: str, structure: str = "entries"
 ) -> dict[str, torch.Tensor]:
     """Flat indices (int64, sorted) of the selected entries of each tensor."""
     if not 0.0 < density < 1.0:
         raise UserInputError(f"density must be in (0, 1), got {density}")
     if selection not in SELECTIONS:
         raise UserInputError(f"unknown selection {selection!r}; use per_tensor or global")
+    if structure not in STRUCTURES:
+        raise UserInputError(f"unknown structure {structure!r}; use entries or columns")
+    if structure == "columns":
+        return _select_columns(scores, density, selection)
     out = {}
     if selection == "per_tensor":
         for n, s in scores.items():
@@ -142,3 +157,35 @@ def select_top(
         out[n] = torch.cat([out[n], ties]).sort().values
         budget -= ties.numel()
     return {n: i.sort().values for n, i in out.items() if i.numel() > 0}
+
+
+def _select_columns(
+    scores: dict[str, torch.Tensor], density: float, selection: str
+) -> dict[str, torch.Tensor]:
+    """Whole input columns (see :func:`column_indices`). Per tensor: the
+    ``round(density * in_features)`` (at least 1) columns with the largest summed score.
+    Global: all columns of all tensors ranked by their mean score (the score per trained
+    entry; columns of different tensors differ in height), taken in that order while the
+    entries taken are fewer than ``round(density * total)``, so the last column may pass
+    the budget by less than its height; a tensor with no column taken is left out."""
+    if selection == "per_tensor":
+        out = {}
+        for n, s in scores.items():
+            k = max(1, round(density * s.shape[1]))
+            cols = torch.topk(s.sum(0), k, sorted=False).indices.sort().values
+            out[n] = column_indices(cols, s.shape)
+        return out
+    budget = max(1, round(density * sum(s.numel() for s in scores.values())))
+    means = torch.cat([s.float().mean(0).to("cpu") for s in scores.values()])
+    owner = torch.cat([torch.full((s.shape[1],), i) for i, s in enumerate(scores.values())])
+    col = torch.cat([torch.arange(s.shape[1]) for s in scores.values()])
+    height = torch.tensor([s.shape[0] for s in scores.values()])[owner]
+    order = torch.sort(means, descending=True, stable=True).indices  # ties: first tensor first
+    before = torch.cumsum(height[order], 0) - height[order]  # entries taken before each column
+    taken = order[before < budget]  # a prefix, never empty
+    out = {}
+    for i, (n, s) in enumerate(scores.items()):
+        cols = col[taken[owner[taken] == i]].sort().values
+        if cols.numel():
+            out[n] = column_indices(cols.to(s.device), s.shape)
+    return out

@@ -34,7 +34,7 @@ from ..errors import UserInputError
 from .base import Attachment, Method, MethodConfig, option, register_method
 from .importance import SCORERS, SELECTIONS
 from .lora import LoraMethod, attach_peft
-from .sparse import SPARSE_FILE, SparseMethod, save_sparse
+from .sparse import SPARSE_FILE, STRUCTURE_HELP, SparseMethod, check_structure, save_sparse
 
 # peft's file name -> the name the LoRA part of a rosa delta has.
 LORA_FILES = {
@@ -57,6 +57,7 @@ class RosaOptions(MethodConfig):
     density: float = option(0.005, help="share of each weight to train", sweep=True)
     importance: str = option("fisher", help="importance scorer: fisher, grad, activation or random")
     selection: str = option("per_tensor", help="per_tensor or global")
+    structure: str = option("entries", help=STRUCTURE_HELP)
     calibration_batches: int = 8
     regrow_every: int = option(0, help="drop-and-regrow every N steps; 0: off")
     regrow_fraction: float = 0.1
@@ -74,6 +75,7 @@ class RosaOptions(MethodConfig):
             )
         if self.delta_weight_decay < 0:
             raise UserInputError("delta_weight_decay must be >= 0")
+        check_structure(self.structure, self.regrow_every)
 
     def lora(self) -> dict:
         return {
@@ -88,6 +90,7 @@ class RosaOptions(MethodConfig):
             "density",
             "importance",
             "selection",
+            "structure",
             "calibration_batches",
             "regrow_every",
             "regrow_fraction",

@@ -12,6 +12,17 @@ layer costs and the base weights are never duplicated. In backward, the gradient
 values is the dense weight gradient ``g^T x`` gathered at ``idx``; that dense matrix exists
 only inside this layer's backward and is freed before the next layer's.
 
+Column structure (``structure="columns"``): each tensor trains whole input columns (every
+row of a few columns ``j``, chosen by their summed importance). Entries anywhere cost a
+dense ``g^T x`` per layer in backward (on a GPU that GEMM makes sparse at density 0.01
+slower than LoRA) and keep the whole input ``x`` for it; with whole columns the values'
+gradient is ``g^T x[:, cols]``, a GEMM the size of the density, and the forward keeps only
+``x[:, cols]`` (less activation memory than LoRA, which keeps all of ``x``). The cost: a
+coarser selection (a column's rows come together, whatever their own scores), and no
+drop-and-regrow (it needs the dense gradient). Whether a delta's indices are whole columns
+is read off the indices themselves (:func:`column_layout`), so the file format is the same
+and a loaded or resumed delta with whole columns takes the fast path too.
+
 Un-merging writes ``base_values`` back: bit for bit the original weights. The delta on disk
 holds, per module, ``indices`` (int32 where they fit) and ``values``; applying it to a base
 scatter-adds the values, removing it restores the saved entries.
@@ -37,20 +48,49 @@ from ..errors import DeltaError, UserInputError
 from ..fileio import write_safetensors
 from ..model.anatomy import canonical_name, decoder_layers, linear_modules, target_module_names
 from .base import Attachment, Method, MethodConfig, option, register_method
-from .importance import SCORERS, SELECTIONS, importance_scores, select_top
+from .importance import (
+    SCORERS,
+    SELECTIONS,
+    STRUCTURES,
+    column_indices,
+    importance_scores,
+    select_top,
+)
 
 SPARSE_FILE = "sparse.safetensors"
+
+
+def column_layout(
+    indices: torch.Tensor, shape: tuple[int, ...] | torch.Size
+) -> torch.Tensor | None:
+    """The sorted input columns when ``indices`` are exactly every entry of those columns of
+    a weight of ``shape``, in :func:`~.importance.column_indices`' row-major order; else
+    None (any other set or order takes the dense-gradient path)."""
+    rows, width = shape[0], shape[1]
+    n = indices.numel()
+    if n == 0 or n % rows:
+        return None
+    cols = indices[: n // rows]
+    if cols.numel() > width or int(cols[0]) < 0 or int(cols[-1]) >= width:
+        return None
+    if cols.numel() > 1 and not bool((cols[1:] > cols[:-1]).all()):
+        return None
+    if not torch.equal(indices, column_indices(cols, shape)):
+        return None
+    return cols.clone()
 
 
 class SparseDelta(nn.Module):
     indices: torch.Tensor  # buffers, registered in __init__
     base_values: torch.Tensor
+    cols: torch.Tensor | None  # not saved: derived from indices by find_layout()
 
     def __init__(
         self, weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor | None = None
     ) -> None:
         super().__init__()
         idx = indices.to(device=weight.device, dtype=torch.long)
+        self.weight_shape = tuple(weight.shape)
         self.register_buffer("indices", idx)
         self.register_buffer("base_values", weight.detach().view(-1)[idx].clone())
         v = (
@@ -59,8 +99,14 @@ class SparseDelta(nn.Module):
             else values.to(device=weight.device, dtype=torch.float32)
         )
         self.values = nn.Parameter(v)
+        self.register_buffer("cols", None, persistent=False)
+        self.find_layout()
         self.regrow_count = 0  # > 0: the next backward records where to grow this many entries
         self.regrow_candidates: torch.Tensor | None = None
+
+    def find_layout(self) -> None:
+        """Set ``cols`` (the column fast path) from the indices; call after they change."""
+        self.cols = column_layout(self.indices, self.weight_shape)
 
     def write(self, weight: torch.Tensor) -> None:
         """``W[idx] = base + values`` in place (no autograd)."""
@@ -85,17 +131,25 @@ class _SparseDeltaLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, values, delta: SparseDelta):
         delta.write(weight)
         ctx.delta, ctx.weight = delta, weight  # not saved tensors: the write bumps versions
-        ctx.save_for_backward(x)
+        # whole columns: only x[..., cols] is needed (unless a regrow wants the dense grad)
+        ctx.cols = None if delta.regrow_count else delta.cols
+        ctx.x_dtype = x.dtype
+        if ctx.cols is None:
+            ctx.save_for_backward(x)
+        else:
+            ctx.save_for_backward(x.index_select(-1, ctx.cols).to(weight.dtype))
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        (x,) = ctx.saved_tensors
+        (x,) = ctx.saved_tensors  # x[..., cols] on the column path
         w, delta = ctx.weight, ctx.delta
         g = grad_out.to(w.dtype)
-        grad_x = (g @ w).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_x = (g @ w).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         g2 = g.reshape(-1, g.shape[-1])
         x2 = x.reshape(-1, x.shape[-1]).to(w.dtype)
+        if ctx.cols is not None:  # (out, ncols), row-major: the order of delta.indices
+            return grad_x, None, None, (g2.t() @ x2).reshape(-1).float(), None
         grad_w = g2.t() @ x2  # dense, lives only here
         if delta.regrow_count:
             delta.observe(grad_w)
@@ -217,11 +271,29 @@ def check_against(model: nn.Module, entries: dict, meta: dict, where: Path) -> d
     return found
 
 
+STRUCTURE_HELP = (
+    "entries (any weight entry) or columns (whole input columns: the backward and the "
+    "saved activations shrink with the density)"
+)
+
+
+def check_structure(structure: str, regrow_every: int) -> None:
+    """The ``structure`` option, for sparse and RoSA alike."""
+    if structure not in STRUCTURES:
+        raise UserInputError(f"structure must be entries or columns, got {structure!r}")
+    if structure == "columns" and regrow_every > 0:
+        raise UserInputError(
+            "regrow_every works on entries only: structure=columns never computes the "
+            "dense gradient that drop-and-regrow grows from (use regrow_every=0)"
+        )
+
+
 @dataclass
 class SparseOptions(MethodConfig):
     density: float = option(0.01, help="share of each weight to train", sweep=True)
     importance: str = option("fisher", help="importance scorer: fisher, grad, activation or random")
     selection: str = option("per_tensor", help="per_tensor or global")
+    structure: str = option("entries", help=STRUCTURE_HELP)
     # short names; None = every linear in the blocks
     target_modules: list[str] | None = option(
         None,
@@ -245,6 +317,7 @@ class SparseOptions(MethodConfig):
             raise UserInputError(f"selection must be per_tensor or global, got {self.selection!r}")
         if self.regrow_every < 0 or not 0.0 < self.regrow_fraction < 1.0:
             raise UserInputError("regrow_every must be >= 0 and regrow_fraction in (0, 1)")
+        check_structure(self.structure, self.regrow_every)
 
 
 @register_method
@@ -278,7 +351,7 @@ class SparseMethod(Method):
             seed=cfg.seed,
             progress=data is not None and self.progress,
         )
-        return select_top(scores, cfg.density, cfg.selection)
+        return select_top(scores, cfg.density, cfg.selection, cfg.structure)
 
     def attach_chosen(self, model: nn.Module, chosen: dict[str, torch.Tensor]) -> dict[str, int]:
         modules = linear_modules(model)
@@ -288,8 +361,14 @@ class SparseMethod(Method):
         return self.selected
 
     def extra_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Indices and base entries move with drop-and-regrow: checkpoints keep them."""
-        return {n: b.detach() for n, b in model.named_buffers() if ".sparse_delta." in n}
+        """Indices and base entries move with drop-and-regrow: checkpoints keep them (not
+        ``cols``, which :meth:`load_state_dict` derives from the loaded indices)."""
+        return {
+            f"{n}.{k}": getattr(m, k).detach()
+            for n, m in model.named_modules()
+            if isinstance(m, SparseDelta)
+            for k in ("indices", "base_values")
+        }
 
     def state_dict(self, model: nn.Module) -> dict[str, Any]:
         """A regrow armed at the last step (its candidates come from the next backward):
@@ -305,6 +384,8 @@ class SparseMethod(Method):
 
     def load_state_dict(self, model: nn.Module, state: dict[str, Any]) -> None:
         modules = sparse_modules(model)
+        for m in modules.values():  # the checkpoint's indices were copied in
+            delta_of(m).find_layout()
         for name, count in (state.get("regrow_pending") or {}).items():
             delta_of(modules[name]).regrow_count = int(count)
 
@@ -346,6 +427,7 @@ def regrow(delta: SparseDelta, weight: torch.Tensor, optimizer: torch.optim.Opti
         delta.indices[drop] = new
         delta.base_values[drop] = weight.view(-1)[new]
         delta.values[drop] = 0.0
+    delta.find_layout()
     state = optimizer.state.get(delta.values, {})
     for key in ("exp_avg", "exp_avg_sq"):
         if key in state:
