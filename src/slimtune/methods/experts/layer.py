@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...model.kernels import compute_dtype
 from . import cpu_kernel, cuda_kernel
 from .routing import ExpertRouter, ExpertSets, Routing
 
@@ -228,10 +229,12 @@ class ExpertLinear(nn.Module):
                 except Exception as e:  # fails before it writes: out is untouched
                     _disable_fused_kernel(e)
         if not inference and self.trains_densely(x):
-            gates = routing.dense_gates(flat_out.shape[0], a.shape[1], self.scaling)
+            gates = routing.dense_gates(
+                flat_out.shape[0], a.shape[1], self.scaling, compute_dtype(x)
+            )
             h = dense_lowrank(x.reshape(-1, x.shape[-1]), a, b, gates)
-            flat_out.add_(h.to(out.dtype))
-            return out
+            # out of place: an in-place add into a view of ``out`` costs autograd a copy
+            return out + h.view(out.shape).to(out.dtype)
         sets = (
             routing.expert_sets(a.shape[1])
             if x.device.type in EXPERT_SET_DEVICES and _grouped_ok(x, inference)

@@ -44,7 +44,7 @@ class Routing:
     # gathered input rows per layout ("slots" / "sets"): (the input they came from, rows);
     # linears that share an input (q, k, v; gate, up) share one gather
     _gathered: dict = field(default_factory=dict)
-    _dense: dict = field(default_factory=dict)  # (rows, rank, scaling) -> dense gates
+    _dense: dict = field(default_factory=dict)  # (rows, rank, scaling, dtype) -> dense gates
 
     def _grouped(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._slots is None:
@@ -102,17 +102,18 @@ class Routing:
             self._gathered[layout] = hit
         return hit[1]
 
-    def dense_gates(self, rows: int, rank: int, scaling: float) -> torch.Tensor:
+    def dense_gates(self, rows: int, rank: int, scaling: float, dtype: torch.dtype) -> torch.Tensor:
         """(rows, E * r) ``scaling * gate`` of each row's chosen experts, repeated over their
         rank, 0 for the experts it did not choose and for unrouted (padding) rows: the mask
-        of the dense path. Differentiable in the gates, so the router still learns."""
-        key = (rows, rank, scaling)
+        of the dense path, in the matmuls' dtype (cast once per layer, not per linear).
+        Differentiable in the gates, so the router still learns."""
+        key = (rows, rank, scaling, dtype)
         if key not in self._dense:
             g = self.weights.new_zeros(self.weights.shape[0], self.experts)
             g = g.scatter(1, self.chosen, self.weights * scaling)
             if self.kept is not None:
                 g = g.new_zeros(rows, self.experts).index_put((self.kept,), g)
-            self._dense[key] = g.repeat_interleave(rank, dim=1)
+            self._dense[key] = g.repeat_interleave(rank, dim=1).to(dtype)
         return self._dense[key]
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
