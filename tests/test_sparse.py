@@ -84,7 +84,9 @@ def test_only_selected_positions_change_and_state_is_the_subset(sparse_run, tiny
         changed = (before != after).nonzero().squeeze(1)
         assert set(changed.tolist()) <= set(m.sparse_delta.indices.tolist())
         assert changed.numel() > 0
-        assert m.sparse_delta.indices.numel() == round(0.05 * m.weight.numel())
+        # the default structure: whole input columns, 5% of them
+        assert m.sparse_delta.indices.numel() == round(0.05 * m.in_features) * m.out_features
+        assert m.sparse_delta.cols is not None
         k_total += m.sparse_delta.indices.numel()
     other = [n for n, p in trained.items() if p.requires_grad and "sparse_delta" not in n]
     assert other == []
@@ -202,6 +204,7 @@ def test_regrow_keeps_the_density_and_moves_the_selection(tiny_dir, intent_file,
                 "regrow_every": regrow_every,
                 "regrow_fraction": 0.2,
                 "importance": "random",
+                "structure": "entries",  # regrow moves entries
             },
         )
         moved = 0
@@ -223,7 +226,13 @@ def test_resume_with_regrow_is_bit_identical(tiny_dir, intent_file, tmp_path, me
     from .test_train import stop_after_checkpoint, tiny_cfg
 
     # every checkpoint (steps 2, 4) falls where a regrow is armed for the next backward
-    opts = {"density": 0.05, "regrow_every": 2, "regrow_fraction": 0.2, "importance": "random"}
+    opts = {
+        "density": 0.05,
+        "regrow_every": 2,
+        "regrow_fraction": 0.2,
+        "importance": "random",
+        "structure": "entries",  # regrow moves entries
+    }
     cfg = tiny_cfg(
         tiny_dir,
         intent_file,
@@ -465,11 +474,12 @@ def test_structure_option_is_checked():
     from slimtune.methods.rosa import RosaMethod
     from slimtune.methods.sparse import SparseOptions
 
-    with pytest.raises(UserInputError, match="regrow_every works on entries only"):
-        SparseOptions(structure="columns", regrow_every=2)
+    with pytest.raises(UserInputError, match="regrow works on entries only.*--structure entries"):
+        SparseOptions(regrow_every=2)  # the default structure is columns
+    assert SparseOptions(structure="entries", regrow_every=2).regrow_every == 2
     with pytest.raises(UserInputError, match="structure must be entries or columns"):
         SparseOptions(structure="rows")
-    with pytest.raises(UserInputError, match="regrow_every works on entries only"):
+    with pytest.raises(UserInputError, match="regrow works on entries only"):
         RosaMethod({"structure": "columns", "regrow_every": 2})
     with pytest.raises(UserInputError, match="unknown structure"):
         select_top({"a": torch.rand(2, 2)}, 0.5, "per_tensor", "rows")
