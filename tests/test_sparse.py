@@ -474,7 +474,7 @@ def test_structure_option_is_checked():
     from slimtune.methods.rosa import RosaMethod
     from slimtune.methods.sparse import SparseOptions
 
-    with pytest.raises(UserInputError, match="regrow works on entries only.*--structure entries"):
+    with pytest.raises(UserInputError, match=r"regrow works on entries only.*--structure entries"):
         SparseOptions(regrow_every=2)  # the default structure is columns
     assert SparseOptions(structure="entries", regrow_every=2).regrow_every == 2
     with pytest.raises(UserInputError, match="structure must be entries or columns"):
