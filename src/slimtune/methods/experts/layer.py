@@ -263,8 +263,9 @@ def _route_hook(router: ExpertRouter):
 
 def _release_hook(router: ExpertRouter):
     def hook(module, args, output):
-        if router.current is not None:  # the gathered inputs live on only in autograd
+        if router.current is not None:  # gathered inputs and gates live on only in autograd
             router.current._gathered.clear()
+            router.current._dense.clear()
 
     return hook
 
