@@ -137,7 +137,8 @@ class _SparseDeltaLinear(torch.autograd.Function):
         if ctx.cols is None:
             ctx.save_for_backward(x)
         else:
-            ctx.save_for_backward(x.index_select(-1, ctx.cols).to(weight.dtype))
+            # in x's dtype, as the dense path keeps x: backward casts (bf16 under autocast)
+            ctx.save_for_backward(x.index_select(-1, ctx.cols))
         return F.linear(x, weight, bias)
 
     @staticmethod
