@@ -474,9 +474,10 @@ def test_structure_option_is_checked():
     from slimtune.methods.rosa import RosaMethod
     from slimtune.methods.sparse import SparseOptions
 
+    assert SparseOptions().structure == "columns"
+    assert SparseOptions(regrow_every=2).structure == "entries"  # regrow needs entries
     with pytest.raises(UserInputError, match=r"regrow works on entries only.*--structure entries"):
-        SparseOptions(regrow_every=2)  # the default structure is columns
-    assert SparseOptions(structure="entries", regrow_every=2).regrow_every == 2
+        SparseOptions(structure="columns", regrow_every=2)
     with pytest.raises(UserInputError, match="structure must be entries or columns"):
         SparseOptions(structure="rows")
     with pytest.raises(UserInputError, match="regrow works on entries only"):
@@ -537,3 +538,48 @@ def test_rosa_sparse_part_with_columns_takes_the_column_path(tiny_dir, intent_fi
     mods = sparse_modules(res.model)
     assert mods and all(m.sparse_delta.cols is not None for m in mods.values())
     assert res.manifest["method_config"]["structure"] == "columns"
+
+
+def test_resume_names_a_changed_default_and_an_old_checkpoints_shapes(
+    tiny_dir, intent_file, tmp_path
+):
+    """A checkpoint whose options resolved differently (a default that changed between
+    versions) is refused naming the option; one from before the resolved options were
+    recorded is refused naming the tensor and the old default to pass."""
+    from slimtune.errors import UserInputError
+    from slimtune.training.config import TrainConfig
+    from slimtune.training.trainer import Trainer
+
+    cfg = TrainConfig(
+        model=str(tiny_dir),
+        data=str(intent_file),
+        output_dir=str(tmp_path / "r"),
+        max_steps=4,
+        batch_size=4,
+        progress=False,
+        device="cpu",
+        method="sparse",
+        method_options={"density": 0.1, "structure": "entries", "importance": "random"},
+    )
+    t = Trainer(cfg)
+    t.save_checkpoint()
+    t.close()
+    meta_path = tmp_path / "r" / "checkpoint" / "checkpoint.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["identity"]["method_config"]["structure"] == "entries"
+    # as if "entries" had been the default when it was written
+    meta["identity"]["method_options"] = {"density": 0.1, "importance": "random"}
+    meta_path.write_text(json.dumps(meta))
+    now = TrainConfig(
+        **{
+            **cfg.__dict__,
+            "resume": True,
+            "method_options": {"density": 0.1, "importance": "random"},
+        }
+    )
+    with pytest.raises(UserInputError, match=r"differs in \['method option structure'\]"):
+        Trainer(now)
+    del meta["identity"]["method_config"]  # an older slimtune's checkpoint
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(UserInputError, match=r"has shape .* -o structure=entries"):
+        Trainer(now)

@@ -295,9 +295,12 @@ class SparseOptions(MethodConfig):
     density: float = option(0.01, help="share of each weight to train", sweep=True)
     importance: str = option("fisher", help="importance scorer: fisher, grad, activation or random")
     selection: str = option("per_tensor", help="per_tensor or global")
-    # columns by default: on the bundled task as good or better than entries and, on a GPU,
-    # faster than LoRA (BENCHMARKS.md, "Sparse by columns")
-    structure: str = option("columns", help=STRUCTURE_HELP)
+    # None resolves to columns (on the bundled task as good or better than entries and, on a
+    # GPU, faster than LoRA: BENCHMARKS.md, "Sparse by columns"), or to entries where
+    # drop-and-regrow is on, which needs them
+    structure: str | None = option(
+        None, help=STRUCTURE_HELP + "; default: columns, entries with --regrow-every"
+    )
     # short names; None = every linear in the blocks
     target_modules: list[str] | None = option(
         None,
@@ -321,6 +324,8 @@ class SparseOptions(MethodConfig):
             raise UserInputError(f"selection must be per_tensor or global, got {self.selection!r}")
         if self.regrow_every < 0 or not 0.0 < self.regrow_fraction < 1.0:
             raise UserInputError("regrow_every must be >= 0 and regrow_fraction in (0, 1)")
+        if self.structure is None:
+            self.structure = "entries" if self.regrow_every > 0 else "columns"
         check_structure(self.structure, self.regrow_every)
 
 
@@ -355,7 +360,7 @@ class SparseMethod(Method):
             seed=cfg.seed,
             progress=data is not None and self.progress,
         )
-        return select_top(scores, cfg.density, cfg.selection, cfg.structure)
+        return select_top(scores, cfg.density, cfg.selection, cfg.structure or "columns")
 
     def attach_chosen(self, model: nn.Module, chosen: dict[str, torch.Tensor]) -> dict[str, int]:
         modules = linear_modules(model)

@@ -355,6 +355,9 @@ class Trainer:
         return {
             **self.cfg.identity(),
             "lr": self.cfg.learning_rate,
+            # the options as resolved (defaults filled in): a default that changed between
+            # versions shows here, not as tensors of the wrong shape
+            "method_config": self.method.config.to_dict(),
             "base_fingerprint": self.base_fingerprint,
             "data_fingerprint": self.train_ds.fingerprint(),
         }
@@ -408,7 +411,13 @@ class Trainer:
             raise unreadable("checkpoint.json lacks a valid step and identity")
         had = meta["identity"]
         want = json.loads(json.dumps(self._identity()))
+        if "method_config" not in had:  # a checkpoint of an older slimtune, before it recorded them
+            want.pop("method_config")
         diff = sorted(k for k in want if had.get(k) != want[k])
+        if "method_config" in diff:  # name the options, not the whole mapping
+            diff.remove("method_config")
+            old, new = had["method_config"], want["method_config"]
+            diff += sorted(f"method option {k}" for k in new if old.get(k) != new[k])
         lowered = {
             k: (had[k], want[k])
             for k in LOWERABLE
@@ -433,6 +442,13 @@ class Trainer:
                     f"tensors not in the model: {sorted(set(tensors) - set(targets))[:3]}"
                 )
             for name, value in tensors.items():
+                if value.shape != targets[name].shape:
+                    raise ValueError(
+                        f"{name} has shape {tuple(value.shape)} in the checkpoint, "
+                        f"{tuple(targets[name].shape)} in this run: a method option differs "
+                        "(a checkpoint of an older slimtune may need the old defaults, e.g. "
+                        "-o structure=entries for sparse)"
+                    )
                 targets[name].data.copy_(value)
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
