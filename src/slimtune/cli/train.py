@@ -256,6 +256,13 @@ def add_train_options(p: argparse.ArgumentParser, grid: bool) -> None:
         help="replace an existing run in --output-dir",
     )
     p.add_argument("--precision", default=S, help="auto, bf16, fp16 or fp32 (auto: bf16 on GPU)")
+    p.add_argument(
+        "--quantize",
+        default=S,
+        help="store the frozen base's block linears in nf4 (4-bit) or int8 and train "
+        "the delta beside them (needs bitsandbytes: pip install 'slimtune[quant]'); "
+        "default none",
+    )
     p.add_argument("--task", default=S, help="auto, classification, generation or lm")
     p.add_argument(
         "--no-progress", dest="progress", action="store_false", default=S, help="no progress bar"

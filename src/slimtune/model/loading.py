@@ -255,11 +255,24 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
 
 
 def load_model(
-    spec: str = "default", *, dtype: str | torch.dtype | None = None, device: str = "cpu"
+    spec: str = "default",
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str = "cpu",
+    quantize: str = "none",
 ) -> LoadedModel:
-    """Load ``spec`` (see module docstring) and its tokenizer, in eval mode on ``device``."""
+    """Load ``spec`` (see module docstring) and its tokenizer, in eval mode on ``device``.
+
+    ``quantize`` (``nf4``, ``int8``): the blocks' linear weights go to ``device`` quantized
+    (:mod:`.quantize`); the model is fingerprinted at full precision on the CPU first, and
+    :func:`fingerprint` returns that, the original base's identity.
+    """
+    from .quantize import check_quantize, quantize_model
+
     _quiet_transformers()
+    check_quantize(quantize, device)
     torch_dtype = _resolve_dtype(dtype, device)
+    target, device = device, device if quantize == "none" else "cpu"
     if spec == "default":
         folder, name = fetch_default_model(), DEFAULT_MODEL_NAME
         loaded = _load_folder(folder, name, torch_dtype)
@@ -281,8 +294,12 @@ def load_model(
     tok = loaded.tokenizer
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    loaded.model.to(device).eval()
     decoder_layers(loaded.model)  # fail early on architectures we cannot freeze or analyze
+    if quantize != "none":
+        base = fingerprint(loaded.model)
+        quantize_model(loaded.model, quantize, target)
+        loaded.model.slimtune_base_fingerprint = base
+    loaded.model.to(target).eval()
     return loaded
 
 
@@ -349,7 +366,22 @@ def _load_folder(folder: Path, name: str, dtype: torch.dtype) -> LoadedModel:
 
 
 def fingerprint(model: nn.Module) -> str:
-    """SHA-256 over the weights (bf16-rounded, sorted by name): the identity of a base model."""
+    """SHA-256 over the weights (bf16-rounded, sorted by name): the identity of a base model.
+
+    A quantized base answers the fingerprint of its full-precision weights, taken before
+    quantizing (:func:`load_model`): a delta trained on it is a delta of that base.
+    """
+    from .quantize import is_quantized
+
+    for m in model.modules():
+        recorded = getattr(m, "slimtune_base_fingerprint", None)
+        if isinstance(recorded, str):
+            return recorded
+    if any(is_quantized(m) for m in model.modules()):
+        raise ModelLoadError(
+            "this model's weights are quantized and it records no full-precision "
+            "fingerprint: load it with slimtune's load_model(..., quantize=...)"
+        )
     h = hashlib.sha256()
     named = dict(model.named_parameters())
     for name in sorted(named):

@@ -14,6 +14,7 @@ from ..data import in_memory
 from ..errors import UserInputError
 from ..methods import METHODS, Method, method_class
 from ..methods.base import reserve_flags
+from ..model.quantize import QUANTIZATIONS
 from ..options import check_types
 
 # Flags that switch a TrainConfig field off: flag name -> field name.
@@ -56,6 +57,7 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     precision: str = "auto"
+    quantize: str = "none"  # nf4 or int8: the frozen base's block linears (model.quantize)
     device: str = "auto"
     eval_batch_size: int = 16
     task: str = "auto"
@@ -118,10 +120,23 @@ class TrainConfig:
             "--budget-memory/--budget-step-time need --freeze auto",
         )
         need(0 < self.keep <= 1, f"keep must be in (0, 1], got {self.keep}")
+        need(
+            self.quantize in QUANTIZATIONS,
+            f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {self.quantize!r}",
+        )
+        need(
+            self.quantize == "none" or self.precision != "fp16",
+            "--quantize with --precision fp16 is not supported; use bf16 (or auto)",
+        )
         # unknown method / bad options: fail now, naming where the options came from
         cls = method_class(self.method)
         about = f"{where}: method options" if where else "method options"
         cls(cls.config_class.from_dict(self.method_options, about))
+        need(
+            self.quantize == "none" or cls.quantized_base,
+            f"--method {self.method} cannot train on a quantized base (--quantize "
+            f"{self.quantize}): {cls.why_not_quantized}",
+        )
         return self
 
     @property
@@ -153,6 +168,7 @@ class TrainConfig:
             "max_grad_norm",
             "max_length",
             "pack",
+            "quantize",
             "seed",
             "eval_fraction",
         )

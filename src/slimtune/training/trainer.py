@@ -143,6 +143,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 LOCK_FILE = ".lock"
 # Options --resume may lower (the advice after a divergence), all others must match.
 LOWERABLE = ("lr", "max_grad_norm")
+# identity keys added since checkpoints were first written, with what an older one meant
+IDENTITY_BEFORE = {"quantize": "none"}
 
 
 def finished_delta(output_dir: str | Path) -> Path | None:
@@ -181,7 +183,9 @@ class Trainer:
         t0 = time.perf_counter()
         # --precision fp32 means fp32 weights too (a GPU otherwise loads the base in bf16)
         dtype = "fp32" if cfg.precision == "fp32" else None
-        self.loaded = loaded or load_model(cfg.model, device=str(self.device), dtype=dtype)
+        self.loaded = loaded or load_model(
+            cfg.model, device=str(self.device), dtype=dtype, quantize=cfg.quantize
+        )
         self.loaded.model.to(self.device)
         self.base_fingerprint = fingerprint(self.loaded.model)
         info(
@@ -409,7 +413,7 @@ class Trainer:
             and isinstance(meta.get("identity"), dict)
         ):
             raise unreadable("checkpoint.json lacks a valid step and identity")
-        had = meta["identity"]
+        had = {**IDENTITY_BEFORE, **meta["identity"]}
         want = json.loads(json.dumps(self._identity()))
         if "method_config" not in had:  # a checkpoint of an older slimtune, before it recorded them
             want.pop("method_config")
