@@ -149,9 +149,9 @@ class Method(ABC):
     # Whether the delta can be folded into the base weights (``apply --merge``, model folders).
     mergeable: ClassVar[bool] = True
     why_not_mergeable: ClassVar[str] = ""  # said when a merge is refused
-    # Whether it trains on a quantized base (``--quantize``): its delta runs beside the
-    # frozen quantized weights; a method that writes into the base weights cannot.
-    quantized_base: ClassVar[bool] = True
+    # The quantized bases (``--quantize``) it trains on: its delta runs beside the frozen
+    # quantized weights; a method that writes into the base weights takes none.
+    quantizations: ClassVar[tuple[str, ...]] = ("nf4", "int8")
     why_not_quantized: ClassVar[str] = ""  # said when --quantize is refused
     # The learning rate when the run does not set one.
     default_lr: ClassVar[float] = 1e-4

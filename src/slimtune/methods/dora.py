@@ -26,6 +26,8 @@ class DoraOptions(LoraOptions):
 class DoraMethod(LoraMethod):
     name = "dora"
     config_class = DoraOptions
+    quantizations = ("nf4",)
+    why_not_quantized = "peft's DoRA fails on bitsandbytes' 8-bit layers; use --quantize nf4"
 
     def peft_config(self, model: nn.Module, layers: list[int]):
         cfg = super().peft_config(model, layers)

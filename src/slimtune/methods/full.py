@@ -29,7 +29,7 @@ class FullMethod(Method):
     delta_files = (WEIGHTS_FILE,)
     trains_embeddings = True
     weight_grads = True
-    quantized_base = False
+    quantizations = ()
     why_not_quantized = (
         "full fine-tuning trains the base weights themselves, and quantized weights take no "
         "gradient; train a delta beside them (lora, sparse, rosa, experts) or drop --quantize"

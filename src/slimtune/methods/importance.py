@@ -8,6 +8,10 @@ Scorers (``--importance``):
   calibration tokens (Wanda-style; forward passes only);
 * ``random``: uniform random, the control.
 
+On a quantized base the weights take no gradient: the gradient ``g^T x`` of each such layer
+is formed from its input and output gradient (hooks), and ``activation`` reads the
+dequantized weight.
+
 Selection is per tensor (each tensor gets the same density) or global (one threshold over
 all candidate tensors, so some get more than others). The structure is ``entries`` (any
 entry of a weight) or ``columns`` (whole input columns: every row of a few columns ``j``,
@@ -16,12 +20,14 @@ ranked by the column's summed score, for the cheaper backward of :mod:`.sparse`)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
 from ..errors import UserInputError
+from ..model.quantize import dense_weight, is_quantized, weight_shape
 from ..training.loss import target_loss
 
 SCORERS = ("grad", "fisher", "activation", "random")
@@ -44,13 +50,13 @@ def importance_scores(
     if kind == "random":
         g = torch.Generator().manual_seed(seed)
         return {
-            n: torch.rand(m.weight.shape, generator=g).to(m.weight.device)
+            n: torch.rand(weight_shape(m), generator=g).to(m.weight.device)
             for n, m in modules.items()
         }
     if batches is None:
         raise UserInputError(f"importance scorer {kind!r} needs calibration batches")
     scores = {
-        n: torch.zeros(m.weight.shape, dtype=torch.float32, device=m.weight.device)
+        n: torch.zeros(weight_shape(m), dtype=torch.float32, device=m.weight.device)
         for n, m in modules.items()
     }
     data = list(batches())
@@ -86,25 +92,37 @@ def importance_scores(
                 for h in handles:
                     h.remove()
             return {
-                n: m.weight.detach().float().abs() * sq[n].sqrt()[None, :]
+                n: dense_weight(m).detach().float().abs() * sq[n].sqrt()[None, :]
                 for n, m in modules.items()
             }
-        flags = {n: m.weight.requires_grad for n, m in modules.items()}
-        for m in modules.values():
+        plain = {n: m for n, m in modules.items() if not is_quantized(m)}
+        flags = {n: m.weight.requires_grad for n, m in plain.items()}
+        for m in plain.values():
             m.weight.requires_grad_(True)
+
+        def add(name: str, grad: torch.Tensor) -> None:
+            scores[name] += grad.float().abs() if kind == "grad" else grad.float().pow(2)
+
+        handles = [
+            m.register_forward_hook(_weight_gradient_hook(functools.partial(add, n)))
+            for n, m in modules.items()
+            if n not in plain
+        ]
         try:
             for b in data:
                 loss, n_tok = target_loss(model, b)
                 (loss / max(n_tok, 1)).backward()
-                for n, m in modules.items():
+                for n, m in plain.items():
                     grad = m.weight.grad
                     if grad is not None:
-                        scores[n] += grad.float().abs() if kind == "grad" else grad.float().pow(2)
+                        add(n, grad)
                         m.weight.grad = None
                 if bar:
                     bar.update(1)
         finally:
-            for n, m in modules.items():
+            for h in handles:
+                h.remove()
+            for n, m in plain.items():
                 m.weight.requires_grad_(flags[n])
                 m.weight.grad = None
         return scores
@@ -112,6 +130,25 @@ def importance_scores(
         model.train(was_training)
         if bar:
             bar.close()
+
+
+def _weight_gradient_hook(add: Callable[[torch.Tensor], None]):
+    """A forward hook handing ``add`` the gradient a layer's weight would get, ``g^T x``,
+    once backward reaches its output: for weights that take no gradient (quantized)."""
+
+    def hook(_m: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+        x = inputs[0].detach()
+        if not out.requires_grad:  # nothing below trains: make the output a leaf that does
+            out = out.detach().requires_grad_(True)
+
+        def on_grad(g: torch.Tensor) -> None:
+            g2, x2 = g.reshape(-1, g.shape[-1]).float(), x.reshape(-1, x.shape[-1]).float()
+            add(g2.t() @ x2)
+
+        out.register_hook(on_grad)
+        return out
+
+    return hook
 
 
 def column_indices(cols: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:

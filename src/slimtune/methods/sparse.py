@@ -27,6 +27,12 @@ Un-merging writes ``base_values`` back: bit for bit the original weights. The de
 holds, per module, ``indices`` (int32 where they fit) and ``values``; applying it to a base
 scatter-adds the values, removing it restores the saved entries.
 
+On a quantized base (``--quantize``) the entries cannot be written into the weights: the
+delta runs beside them, ``y = base_q(x) + x S^T`` (as SpIEL's 4-bit variant does), with
+``S`` the (out, in) matrix holding the values at the indices: ``x[..., cols] V^T`` for whole
+columns, a scattered dense ``S`` (one transient matrix per layer) for entries. The stored
+delta is the same, so it applies to the full-precision base as well.
+
 Optional drop-and-regrow (as in SpIEL): every ``regrow_every`` steps each tensor drops the
 ``regrow_fraction`` of its entries with the smallest |value| and grows as many new ones
 where that step's dense gradient is largest, keeping the density fixed.
@@ -47,6 +53,7 @@ from torch import nn
 from ..errors import DeltaError, UserInputError
 from ..fileio import write_safetensors
 from ..model.anatomy import canonical_name, decoder_layers, linear_modules, target_module_names
+from ..model.quantize import is_quantized, quantization_of, weight_shape
 from .base import Attachment, Method, MethodConfig, option, register_method
 from .importance import (
     SCORERS,
@@ -86,13 +93,26 @@ class SparseDelta(nn.Module):
     cols: torch.Tensor | None  # not saved: derived from indices by find_layout()
 
     def __init__(
-        self, weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor | None = None
+        self,
+        weight: torch.Tensor,
+        indices: torch.Tensor,
+        values: torch.Tensor | None = None,
+        *,
+        beside: tuple[int, int] | None = None,
     ) -> None:
+        """``beside``: the (out, in) shape of a quantized weight the delta runs beside
+        (never written, so no base entries are kept)."""
         super().__init__()
         idx = indices.to(device=weight.device, dtype=torch.long)
-        self.weight_shape = tuple(weight.shape)
+        self.beside = beside is not None
+        self.weight_shape = beside if beside is not None else tuple(weight.shape)
         self.register_buffer("indices", idx)
-        self.register_buffer("base_values", weight.detach().view(-1)[idx].clone())
+        base = (
+            torch.zeros(0, device=weight.device)
+            if beside is not None
+            else weight.detach().view(-1)[idx].clone()
+        )
+        self.register_buffer("base_values", base)
         v = (
             torch.zeros(idx.numel(), dtype=torch.float32, device=weight.device)
             if values is None
@@ -118,6 +138,16 @@ class SparseDelta(nn.Module):
         """``W[idx] = base``: the exact original entries."""
         with torch.no_grad():
             weight.view(-1).index_copy_(0, self.indices, self.base_values)
+
+    def side_output(self, x: torch.Tensor) -> torch.Tensor:
+        """``x S^T``: the delta's share of the output, beside a quantized weight."""
+        out, width = self.weight_shape
+        if self.cols is not None:  # whole columns: (out, ncols) row-major, as the indices
+            v = self.values.view(out, self.cols.numel()).to(x.dtype)
+            return F.linear(x.index_select(-1, self.cols), v)
+        dense = torch.zeros(out * width, dtype=x.dtype, device=x.device)
+        dense = dense.index_put((self.indices,), self.values.to(x.dtype))
+        return F.linear(x, dense.view(out, width))
 
     def observe(self, grad_w: torch.Tensor) -> None:
         scores = grad_w.detach().abs().float().view(-1).clone()
@@ -170,20 +200,31 @@ def _sparse_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return _SparseDeltaLinear.apply(x, module.weight, module.bias, delta.values, delta)
 
 
+def _beside_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A quantized layer's own forward plus the delta's share (autograd does the rest)."""
+    return type(module).forward(module, x) + delta_of(module).side_output(x)
+
+
 def attach(
     module: nn.Linear, indices: torch.Tensor, values: torch.Tensor | None = None
 ) -> SparseDelta:
-    delta = SparseDelta(module.weight, indices, values)
+    beside = weight_shape(module) if is_quantized(module) else None
+    delta = SparseDelta(module.weight, indices, values, beside=beside)
     module.sparse_delta = delta
     # a per-instance forward (detach_delta pops it again)
-    module.forward = functools.partial(_sparse_forward, module)  # type: ignore[method-assign]
+    forward = _beside_forward if beside else _sparse_forward
+    module.forward = functools.partial(forward, module)  # type: ignore[method-assign]
     return delta
 
 
 def detach_delta(module: nn.Linear, *, keep_merged: bool) -> None:
     """Remove the delta; leave the weight merged (base + values) or restore the base."""
     delta = delta_of(module)
-    delta.write(module.weight) if keep_merged else delta.restore(module.weight)
+    if delta.beside:
+        if keep_merged:
+            raise DeltaError("a sparse delta cannot be merged into quantized weights")
+    else:
+        delta.write(module.weight) if keep_merged else delta.restore(module.weight)
     del module.sparse_delta
     module.__dict__.pop("forward", None)
 
@@ -206,7 +247,8 @@ def candidate_modules(
     inside = {id(m) for i in layers for m in all_layers[i].modules()}
     out = {}
     for name, m in model.named_modules():
-        if type(m) is not nn.Linear or id(m) not in inside:
+        # plain or quantized (bitsandbytes' layers are nn.Linear subclasses), not peft's
+        if not isinstance(m, nn.Linear) or hasattr(m, "base_layer") or id(m) not in inside:
             continue
         canon = canonical_name(name)
         if canon.rsplit(".", 1)[-1] in targets:
@@ -219,9 +261,10 @@ def save_sparse(model: nn.Module, path: Path, meta: dict[str, str] | None = None
     for name, m in sparse_modules(model).items():
         d = delta_of(m)
         idx = d.indices
-        tensors[f"{name}.indices"] = idx.to(torch.int32) if m.weight.numel() < 2**31 else idx
+        rows, width = d.weight_shape
+        tensors[f"{name}.indices"] = idx.to(torch.int32) if rows * width < 2**31 else idx
         tensors[f"{name}.values"] = d.values.detach().float()
-        metadata[f"{name}.shape"] = ",".join(map(str, m.weight.shape))
+        metadata[f"{name}.shape"] = f"{rows},{width}"
     write_safetensors(path, tensors, metadata)
 
 
@@ -252,19 +295,19 @@ def check_against(model: nn.Module, entries: dict, meta: dict, where: Path) -> d
         if name not in modules:
             raise DeltaError(f"{where}: module {name!r} is not in the model")
         m = modules[name]
-        shape = meta.get(f"{name}.shape")
-        if shape is not None and tuple(int(s) for s in shape.split(",")) != tuple(m.weight.shape):
+        shape, (rows, width) = meta.get(f"{name}.shape"), weight_shape(m)
+        if shape is not None and tuple(int(s) for s in shape.split(",")) != (rows, width):
             raise DeltaError(
                 f"{where}: {name} was trained on a weight of shape ({shape}), the "
-                f"model's is {tuple(m.weight.shape)}"
+                f"model's is {(rows, width)}"
             )
         if idx.numel() != values.numel():
             raise DeltaError(
                 f"{where}: {name} has {idx.numel()} indices but {values.numel()} values"
             )
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= m.weight.numel()):
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= rows * width):
             raise DeltaError(
-                f"{where}: {name} has indices outside its weight (0..{m.weight.numel() - 1})"
+                f"{where}: {name} has indices outside its weight (0..{rows * width - 1})"
             )
         if torch.unique(idx).numel() != idx.numel():
             raise DeltaError(f"{where}: {name} repeats an index")
@@ -340,6 +383,11 @@ class SparseMethod(Method):
     def prepare(self, model: nn.Module, layers: list[int], batches=None) -> nn.Module:
         if not layers:
             raise UserInputError("sparse: no layer left to train (everything is frozen)")
+        if self.config.regrow_every and quantization_of(model) != "none":
+            raise UserInputError(
+                "drop-and-regrow (--regrow-every) is not supported on a quantized base "
+                "(it moves entries of the weights); drop --quantize or --regrow-every"
+            )
         model.requires_grad_(False)
         self.attach_selected(model, layers, batches)
         return model
@@ -420,7 +468,14 @@ class SparseMethod(Method):
         cls, model: nn.Module, folder: Path, manifest: dict[str, Any], *, merge: bool
     ) -> Attachment:
         """Scatter-add the values into the weights (always merged); undo puts the original
-        entries back."""
+        entries back. On a quantized base the delta runs beside the weights instead."""
+        if quantization_of(model) != "none":
+            if merge:
+                raise DeltaError(
+                    f"{folder}: a sparse delta cannot be merged into a quantized base; "
+                    "apply it unmerged, or load the base without --quantize"
+                )
+            return attach_beside(model, folder / SPARSE_FILE)
         apply_sparse(model, folder / SPARSE_FILE)
         return Attachment(model, True, lambda: remove_sparse(model))
 
@@ -458,6 +513,21 @@ def apply_sparse(model: nn.Module, path: Path) -> dict[str, tuple[torch.Tensor, 
     registry = model.__dict__.setdefault("_slimtune_sparse_undo", [])
     registry.append(undo)
     return undo
+
+
+def attach_beside(model: nn.Module, path: Path) -> Attachment:
+    """A sparse delta file on a quantized ``model``, each module's delta running beside its
+    weight (unmerged); undo takes them off (the quantized weights were never written)."""
+    entries, meta = read_sparse(path)
+    modules = check_against(model, entries, meta, path)
+    for name, (idx, values) in entries.items():
+        attach(modules[name], idx, values).requires_grad_(False)
+
+    def undo() -> None:
+        for name in entries:
+            detach_delta(modules[name], keep_merged=False)
+
+    return Attachment(model, False, undo)
 
 
 def remove_sparse(model: nn.Module) -> None:

@@ -137,6 +137,11 @@ def is_quantized(module: nn.Module) -> bool:
     return cls in ("Params4bit", "Int8Params")
 
 
+def weight_shape(module: nn.Module) -> tuple[int, int]:
+    """(out, in) of a linear layer, quantized or not (a packed weight has another shape)."""
+    return (int(module.out_features), int(module.in_features))
+
+
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """``module``'s weight as a float matrix (out, in): the weight itself, or a dequantized
     copy of a quantized one (what its matmul computes with)."""

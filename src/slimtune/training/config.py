@@ -133,7 +133,7 @@ class TrainConfig:
         about = f"{where}: method options" if where else "method options"
         cls(cls.config_class.from_dict(self.method_options, about))
         need(
-            self.quantize == "none" or cls.quantized_base,
+            self.quantize == "none" or self.quantize in cls.quantizations,
             f"--method {self.method} cannot train on a quantized base (--quantize "
             f"{self.quantize}): {cls.why_not_quantized}",
         )
