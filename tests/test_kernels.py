@@ -241,3 +241,41 @@ def test_a_bad_slimtune_kernels_value_is_a_clear_error_before_training(
     with pytest.raises(UserInputError, match="SLIMTUNE_KERNELS='of': use one of auto, off"):
         train_tiny(tiny_dir, intent_file, tmp_path / "run", max_steps=1)
     assert not (tmp_path / "run" / "delta").exists()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_fused_lora_on_a_4bit_base_matches_peft(dropout):
+    """On bitsandbytes' 4-bit layers (--quantize nf4) the fused function dequantizes the
+    base for the GEMMs and gives peft's outputs and gradients."""
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+
+    from slimtune.methods.lora_fused import fused_lora
+    from slimtune.model.quantize import _quantized_linear
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(
+        *(
+            _quantized_linear(lin, "nf4", torch.float32).to("cpu")
+            for lin in (torch.nn.Linear(64, 64), torch.nn.Linear(64, 8, bias=False))
+        )
+    )
+    base.is_loaded_in_4bit = True  # what peft reads to use its bitsandbytes LoRA layers
+    model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["0", "1"])
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    model.train()
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(1))
+    ref = _run(model, x, seed=7)
+    with fused_lora(model) as switched:
+        fused = _run(model, x, seed=7)
+    assert switched == 2
+    torch.testing.assert_close(fused[0], ref[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused[1], ref[1], rtol=1e-4, atol=1e-4)
+    assert fused[2].keys() == ref[2].keys() and len(ref[2]) == 4
+    for name in ref[2]:
+        torch.testing.assert_close(fused[2][name], ref[2][name], rtol=1e-4, atol=1e-4)
