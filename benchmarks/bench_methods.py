@@ -9,7 +9,11 @@ peak RSS), plus ratios against the baseline configuration of the same run.
     python benchmarks/bench_methods.py --device cuda --model llama-1.2b --batch 4 --seq 2048
 
 ``llama-1.2b`` is Llama-3.2-1B-shaped (16 layers, hidden 2048, vocab 128256, tied
-embeddings) with random weights, built from its config: no download.
+embeddings) with random weights, built from its config: no download. QLoRA rows (``*-nf4``,
+``peft-qlora*``) run on a base whose block linears are quantized (see _build_quantized):
+
+    python benchmarks/bench_methods.py --device cuda --model llama-8b --batch 1 --seq 2048 \
+        --configs peft-qlora-liger,lora-nf4,lora-nf4-ckpt
 """
 
 from __future__ import annotations
@@ -37,12 +41,19 @@ def _cfg(
     liger: str | None = None,
     options: dict | None = None,
     fast: bool = True,
+    quantize: str = "none",
+    checkpointing: bool = False,
 ) -> dict:
     """impl: "hf" (plain transformers / peft loop) or "slimtune" (what ``slimtune train``
     runs: its fused kernels where installed, the method's compute context under autocast,
     accumulate_gradients); freeze: share of the bottom layers frozen; liger (peers only):
     None or "all" (its patched model incl. fused linear cross-entropy); fast=False: slimtune
-    as v0.1 ran it (no fused kernels, peft's fp32 copies of each adapter input)."""
+    as v0.1 ran it (no fused kernels, peft's fp32 copies of each adapter input);
+    quantize: "none", "nf4" or "int8", the base's block linears (see build_model); an "hf"
+    row on a quantized base runs the usual QLoRA recipe (peft's
+    prepare_model_for_kbit_training); checkpointing: gradient checkpointing (a quantized
+    "hf" row: prepare_model_for_kbit_training's; slimtune: as ``train
+    --gradient-checkpointing`` enables it)."""
     return {
         "impl": impl,
         "method": method,
@@ -51,6 +62,8 @@ def _cfg(
         "liger": liger,
         "options": options or {},
         "fast": fast,
+        "quantize": quantize,
+        "checkpointing": checkpointing,
     }
 
 
@@ -94,14 +107,30 @@ CONFIGS = {
     "experts-routed": _cfg("slimtune", "experts", options={**EXPERTS, "dispatch": "routed"}),
     # ... or by single expert (CUDA)
     "experts-by-expert": _cfg("slimtune", "experts", options={**EXPERTS, "dispatch": "routed"}),
+    # QLoRA (issue 15): the base's block linears in 4-bit NF4, LoRA r16 beside them. The peer
+    # is the usual recipe: prepare_model_for_kbit_training (norms, embeddings and head cast
+    # to fp32, checkpointing on), LoRA on every block linear, Liger's kernels
+    "peft-qlora-liger": _cfg("hf", "lora", liger="all", quantize="nf4", checkpointing=True),
+    "peft-qlora-liger-nockpt": _cfg("hf", "lora", liger="all", quantize="nf4"),
+    # the same recipe without Liger (runs on the CPU too: Liger does not)
+    "peft-qlora": _cfg("hf", "lora", quantize="nf4", checkpointing=True),
+    # what `slimtune train --quantize nf4` runs (no checkpointing unless asked) ...
+    "lora-nf4": _cfg("slimtune", "lora", quantize="nf4"),
+    # ... and with --gradient-checkpointing
+    "lora-nf4-ckpt": _cfg("slimtune", "lora", quantize="nf4", checkpointing=True),
+    "lora-int8": _cfg("slimtune", "lora", quantize="int8"),
+    "sparse-nf4": _cfg("slimtune", "sparse", options=SPARSE, quantize="nf4"),
+    "experts-nf4": _cfg("slimtune", "experts", options=EXPERTS, quantize="nf4"),
 }
 
 
-def build_model(name: str, device: str):
+def build_model(name: str, device: str, quantize: str = "none"):
+    """The named model on ``device``; ``quantize`` ("nf4", "int8"): its block linears
+    quantized, the rest in the device's dtype (see _build_quantized)."""
     from slimtune.model.loading import load_model
 
     if name == "default":
-        return load_model("default", device=device).model
+        return load_model("default", device=device, quantize=quantize).model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     shapes = {
@@ -141,6 +170,8 @@ def build_model(name: str, device: str):
     cfg = LlamaConfig(**shapes[name])
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     torch.manual_seed(0)
+    if quantize != "none":
+        return _build_quantized(cfg, dtype, device, quantize)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in its dtype: an 8B model never exists in fp32
     try:
@@ -151,10 +182,57 @@ def build_model(name: str, device: str):
     return model
 
 
+def _build_quantized(cfg, dtype: torch.dtype, device: str, kind: str):
+    """A random Llama of ``cfg`` with its block linears quantized on ``device``, which never
+    holds them in ``dtype``: built on the CPU in ``dtype`` (bf16 for a GPU), then the
+    library's quantize_model moves them to ``device`` quantized one by one, and the rest
+    (embeddings, norms, head) follows in ``dtype``. Peer and slimtune rows get this one
+    base: for nf4, bitsandbytes Linear4bit layers, NF4 with double quantization computing in
+    bf16, the layers transformers' BitsAndBytesConfig(load_in_4bit=True,
+    bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+    bnb_4bit_compute_dtype=torch.bfloat16) builds (int8: Linear8bitLt, threshold 6, as
+    load_in_8bit=True)."""
+    from transformers import LlamaForCausalLM
+
+    try:
+        from transformers.initialization import no_init_weights  # transformers 5
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights
+
+    from slimtune.model.quantize import quantize_model
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # an 8B model never exists in fp32 (32 GB) either
+    try:
+        with no_init_weights():  # torch's inits take minutes for 8B on a CPU ...
+            model = LlamaForCausalLM(cfg).to(dtype)
+    finally:
+        torch.set_default_dtype(default)
+    model.tie_weights()  # skipped with the inits (llama-1.2b and llama-tiny tie the head)
+    _normal_init(model)  # ... this about 45 core-seconds, spread over the cores
+    quantize_model(model, kind, device)
+    return model.to(device)
+
+
+def _normal_init(model: torch.nn.Module, std: float = 0.02) -> None:
+    """Every weight matrix (linears, embeddings) ~ N(0, std); norms keep their ones. CPU
+    normal_ runs on one core, so chunks fill in threads, each chunk with its own seeded
+    generator (reproducible, no shared generator lock)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    chunks = [c for p in model.parameters() if p.dim() >= 2 for c in p.data.view(-1).split(1 << 24)]
+
+    def fill(i: int) -> None:
+        chunks[i].normal_(0.0, std, generator=torch.Generator().manual_seed(i))
+
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # p.data: no autograd
+        list(pool.map(fill, range(len(chunks))))
+
+
 def run_one(args) -> dict:
     from slimtune.eval.cost import PeakMemory
     from slimtune.methods import get_method
-    from slimtune.model.anatomy import count_parameters, decoder_layers
+    from slimtune.model.anatomy import base_model, count_parameters, decoder_layers
     from slimtune.model.kernels import apply_fused_kernels
     from slimtune.salf.freezing import freeze_below
     from slimtune.training.step import accumulate_gradients
@@ -174,7 +252,9 @@ def run_one(args) -> dict:
     if not c["fast"]:
         os.environ["SLIMTUNE_KERNELS"] = "off"
     device = torch.device(args.device)
-    model = build_model(args.model, args.device)
+    t0 = time.perf_counter()
+    model = build_model(args.model, args.device, c["quantize"])
+    build_s = time.perf_counter() - t0
     n_layers = len(decoder_layers(model))
     k = round(freeze * n_layers) if args.freeze_below is None else args.freeze_below
     lora_opts = {
@@ -190,6 +270,10 @@ def run_one(args) -> dict:
         kernels = apply_fused_kernels(model, device)
         m = get_method(method, lora_opts if method == "lora" else c["options"])
         model = m.prepare(model, list(range(k, n_layers)))
+        if c["checkpointing"]:
+            base_model(model).gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         freeze_below(model, k)
         if device.type == "cuda" and c["fast"]:
             compute = lambda: m.compute_context(model)  # noqa: E731
@@ -197,24 +281,35 @@ def run_one(args) -> dict:
                 from peft.helpers import disable_input_dtype_casting
 
                 compute = lambda: disable_input_dtype_casting(model)  # noqa: E731
-    elif method == "lora":
-        from peft import LoraConfig, get_peft_model
+    else:  # the peers
+        if c["quantize"] != "none":  # the usual QLoRA recipe: base frozen, non-quantized
+            from peft import prepare_model_for_kbit_training  # weights in fp32, checkpointing
 
-        from slimtune.model.anatomy import linear_module_names
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=c["checkpointing"]
+            )
+        elif c["checkpointing"]:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        if method == "lora":
+            from peft import LoraConfig, get_peft_model
 
-        top = None if k == 0 else list(range(k, n_layers))
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=args.lora_r,
-                lora_alpha=2 * args.lora_r,
-                lora_dropout=0.0,
-                target_modules=linear_module_names(model),
-                layers_to_transform=top,
-                task_type="CAUSAL_LM",
-            ),
-            autocast_adapter_dtype=not bf16_adapters,
-        )
+            from slimtune.model.anatomy import linear_module_names
+
+            top = None if k == 0 else list(range(k, n_layers))
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=args.lora_r,
+                    lora_alpha=2 * args.lora_r,
+                    lora_dropout=0.0,
+                    target_modules=linear_module_names(model),
+                    layers_to_transform=top,
+                    task_type="CAUSAL_LM",
+                ),
+                autocast_adapter_dtype=not bf16_adapters,
+            )
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     trainable, total = count_parameters(model)
@@ -289,6 +384,9 @@ def run_one(args) -> dict:
         "trainable": trainable,
         "total": total,
         "fused_kernels": kernels,
+        "quantize": c["quantize"],
+        "checkpointing": c["checkpointing"],
+        "build_s": build_s,
     }
 
 
