@@ -17,6 +17,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:1 ... (default: auto)")
 
 
+def add_quantize_arg(p: argparse.ArgumentParser) -> None:
+    """``--quantize`` of a command that runs a base (+ delta): a delta is one of the
+    full-precision base, so it runs on the base loaded either way."""
+    p.add_argument(
+        "--quantize",
+        default="none",
+        help="load the base's block linears in nf4 (4-bit) or int8 (bitsandbytes); a delta "
+        "trained on either base runs on either, attached. Default none",
+    )
+
+
 def device_of(args: argparse.Namespace) -> str:
     """The device ``--device`` names (auto: a GPU when there is one)."""
     from ..model.loading import resolve_device

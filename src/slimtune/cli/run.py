@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .common import add_model_args
+from .common import add_model_args, add_quantize_arg
 
 
 def eval_parser(sub) -> None:
@@ -24,6 +24,7 @@ def eval_parser(sub) -> None:
         help="delta to apply: a folder, or a store id / tag (refused if trained on another base)",
     )
     p.add_argument("--store", help="delta store for ids and tags")
+    add_quantize_arg(p)
     p.add_argument("--task", default="auto", help="auto, classification, generation or lm")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=512)
@@ -43,6 +44,7 @@ def generate_parser(sub) -> None:
     add_model_args(p)
     p.add_argument("--delta", help="delta to apply: a folder, or a store id / tag")
     p.add_argument("--store", help="delta store for ids and tags")
+    add_quantize_arg(p)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
 
@@ -75,17 +77,23 @@ def fetch_parser(sub) -> None:
 
 
 def _load_with_delta(
-    model_spec: str | None, device: str, delta: str | None, store: str | None = None
+    model_spec: str | None,
+    device: str,
+    delta: str | None,
+    store: str | None = None,
+    quantize: str = "none",
 ) -> tuple[Any, dict | None, str]:
     """The base with ``delta`` (a folder, or a store id / tag) attached; (loaded, manifest, label).
 
-    Without ``model_spec`` the base is the one the delta's manifest records (else default).
+    Without ``model_spec`` the base is the one the delta's manifest records (else default);
+    ``quantize`` loads it quantized (the delta's fingerprint check still passes).
     """
     from ..delta import DeltaSwitcher
     from ..model.loading import load_model, resolve_device
 
     if not delta:
-        return load_model(model_spec or "default", device=resolve_device(device)), None, "base"
+        dev = resolve_device(device)
+        return load_model(model_spec or "default", device=dev, quantize=quantize), None, "base"
     from ..delta import DeltaStore
     from ..delta.store import is_folder_ref
 
@@ -93,6 +101,7 @@ def _load_with_delta(
         delta,
         None if is_folder_ref(delta) else DeltaStore(store),
         model_spec,
+        quantize=quantize,
         device=resolve_device(device),
     )
     loaded = sw.loaded
@@ -107,11 +116,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..eval.evaluate import evaluate
     from ..eval.report import comparison_rows, print_table
     from ..fileio import write_json
+    from ..model.quantize import quantization_of
 
     model_spec = getattr(args, "model", None)  # None: the delta's own base, else default
     loaded, manifest, label = _load_with_delta(
-        model_spec, getattr(args, "device", "auto"), args.delta, getattr(args, "store", None)
+        model_spec,
+        getattr(args, "device", "auto"),
+        args.delta,
+        getattr(args, "store", None),
+        getattr(args, "quantize", "none"),
     )
+    quantize = quantization_of(loaded.model)
     ds = load_dataset(args.data, loaded.tokenizer, max_length=args.max_length)
     if args.limit:
         ds.records, ds.examples = ds.records[: args.limit], ds.examples[: args.limit]
@@ -129,7 +144,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     row["peak_memory_bytes"] = mem.peak_bytes
     if manifest:
         row["delta_bytes"] = delta_bytes(manifest)
-    name = loaded.name + (f" + {label}" if args.delta else "")
+    name = loaded.name + (f" ({quantize})" if quantize != "none" else "")
+    name += f" + {label}" if args.delta else ""
     print_table(
         f"slimtune eval: {name} on {Path(ds.path).name} ({metrics['task']})",
         ["metric", "value"],
@@ -141,6 +157,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             {
                 "model": model_spec or loaded.source,
                 "delta": args.delta,
+                "quantize": quantize,  # how the base's weights were stored
                 "data": ds.path,
                 **metrics,
                 "peak_memory_bytes": mem.peak_bytes,
@@ -157,6 +174,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         getattr(args, "device", "auto"),
         args.delta,
         getattr(args, "store", None),
+        getattr(args, "quantize", "none"),
     )
     tok = loaded.tokenizer
     prompts = chat_prompts(tok, [args.prompt], raw=args.raw)

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from ..errors import DeltaError
+from .common import add_quantize_arg
 
 
 def add_store_arg(p: argparse.ArgumentParser) -> None:
@@ -62,8 +63,9 @@ def build(sub) -> None:
     p.add_argument(
         "--dtype",
         choices=["bf16", "fp16", "fp32"],
-        help="dtype of the written weights (merged in fp32, then cast; default: "
-        "the base's own as its config records it, else fp32)",
+        help="dtype of the written weights (merged in fp32 into the full-precision base, "
+        "then cast; default: bf16 for a delta trained with --quantize, else the base's own "
+        "as its config records it, else fp32)",
     )
     p = ds.add_parser("export", help="export a lora or shira version in peft's own format")
     p.add_argument("ref")
@@ -99,6 +101,7 @@ def build(sub) -> None:
     ab.add_argument("--data", required=True)
     ab.add_argument("--model", help="the base (default: the one delta A's manifest records)")
     ab.add_argument("--device", default="auto")
+    add_quantize_arg(ab)
     ab.add_argument("--task", default="auto")
     ab.add_argument("--limit", type=int)
     ab.add_argument("--output", help="write the result as JSON here")
@@ -236,15 +239,21 @@ def cmd_ab(args) -> int:
     from ..eval.report import fmt, print_table
     from ..fileio import write_json
     from ..model.loading import resolve_device
+    from ..model.quantize import quantization_of
 
     sw = DeltaSwitcher.with_delta(
-        args.a, _store(args), args.model, device=resolve_device(args.device)
+        args.a,
+        _store(args),
+        args.model,
+        quantize=args.quantize,
+        device=resolve_device(args.device),
     )
     loaded = sw.loaded
     ds = load_dataset(args.data, loaded.tokenizer)
     if args.limit:
         ds.records, ds.examples = ds.records[: args.limit], ds.examples[: args.limit]
     r = run_ab(sw, args.a, args.b, ds, task=args.task)
+    r["quantize"] = quantization_of(sw.base)  # how the base's weights were stored
     metric = r["metric"]
     rows = []
     for key, label, kind in [
@@ -267,7 +276,7 @@ def cmd_ab(args) -> int:
     )
     print_table(
         f"slimtune ab: {r['A']['ref']} vs {r['B']['ref']} on {r['examples']} examples "
-        f"({r['task']})",
+        f"({r['task']}" + (f", {r['quantize']} base)" if r["quantize"] != "none" else ")"),
         ["", f"A: {r['A']['ref']}", f"B: {r['B']['ref']}"],
         rows,
     )

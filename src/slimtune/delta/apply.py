@@ -65,6 +65,8 @@ def apply_delta(
     label = ref or str(folder)
     if merge and not method.mergeable:
         raise DeltaError(_merge_refusal(label, method))
+    if merge:
+        _refuse_quantized_merge(model, label)
     attached = method.attach(model, folder, manifest, merge=merge)
     return Applied(attached.model, manifest, label, attached.merged, [attached.undo])
 
@@ -76,6 +78,20 @@ def _merge_refusal(ref: str, method: type[Method]) -> str:
         else ""
     )
     return f"{ref} ({method.name}) cannot be merged into the base{why}"
+
+
+def _refuse_quantized_merge(model: nn.Module, ref: str) -> None:
+    """A delta cannot be written into quantized weights (it would be rounded away, and
+    nothing could undo it): it runs attached, or merges into the full-precision base."""
+    from ..model.quantize import quantization_of
+
+    kind = quantization_of(model)
+    if kind != "none":
+        raise DeltaError(
+            f"{ref} cannot be merged into a quantized base ({kind} weights cannot hold it); "
+            f"run it attached (--delta {ref}), or merge it into the full-precision base "
+            "(delta apply --out)"
+        )
 
 
 def load_delta(
@@ -103,17 +119,19 @@ def recorded_base(manifest: dict) -> str:
     return str(source)
 
 
-def load_base(manifest: dict, model: str | None = None, **kwargs):
+def load_base(manifest: dict, model: str | None = None, *, quantize: str = "none", **kwargs):
     """``model`` when given (the fingerprint check still guards it), else the base the
-    manifest records; ``kwargs`` go to :func:`~slimtune.model.loading.load_model`."""
+    manifest records; ``quantize`` (``nf4``, ``int8``) loads its block linears quantized,
+    whatever base the delta was trained on (the fingerprint is the full-precision one's);
+    ``kwargs`` go to :func:`~slimtune.model.loading.load_model`."""
     from ..errors import ModelLoadError
     from ..model.loading import load_model
 
     if model is not None:
-        return load_model(model, **kwargs)
+        return load_model(model, quantize=quantize, **kwargs)
     spec = recorded_base(manifest)
     try:
-        return load_model(spec, **kwargs)
+        return load_model(spec, quantize=quantize, **kwargs)
     except ModelLoadError as e:
         raise ModelLoadError(
             f"the delta's base, {spec} (from its manifest), does not load here ({e}); pass --model"
@@ -146,6 +164,20 @@ def _recorded_dtype(source: str) -> str | None:
     return names.get(str(cfg.get("dtype") or cfg.get("torch_dtype")))
 
 
+def _default_merge_dtype(manifest: dict, source: str) -> tuple[str, str]:
+    """(dtype, why) of a merged folder when none is asked: bf16 for a delta trained on a
+    quantized base (its training computed in 16 bits at most, and fp32 would write the
+    model it was meant to shrink at twice bf16's size), else the base's own dtype as its
+    config records it, else fp32."""
+    trained_on = str((manifest.get("training") or {}).get("quantize") or "none")
+    if trained_on != "none":
+        return "bf16", f"the delta was trained on a {trained_on}-quantized base"
+    recorded = _recorded_dtype(source)
+    if recorded:
+        return recorded, "the base's own"
+    return "fp32", "the base's dtype is not recorded"
+
+
 @dataclass
 class Merged:
     out: Path
@@ -164,9 +196,11 @@ def merge_to_folder(
 ) -> Merged:
     """Write base + delta as one model folder that transformers loads without slimtune.
 
-    Refuses a delta that cannot merge before loading anything. The merge runs in fp32;
-    the folder is then cast to ``dtype`` (default: the base's own dtype as its config
-    records it, else fp32), so a bf16 base does not come back twice its size.
+    Refuses a delta that cannot merge before loading anything. The merge runs in fp32 on
+    the full-precision base (also for a delta trained on a quantized one); the folder is
+    then cast to ``dtype`` (default: bf16 for a delta trained with ``quantize``, else the
+    base's own dtype as its config records it, else fp32), so a bf16 base does not come
+    back twice its size.
     """
     from ..fileio import atomic_dir, write_json
     from ..methods import METHODS
@@ -186,9 +220,7 @@ def merge_to_folder(
         raise UserInputError(f"{out} already exists; choose a new --out folder")
     loaded = load_base(manifest, model, dtype=torch.float32)
     if dtype is None:
-        dtype = _recorded_dtype(loaded.source)
-        reason = "the base's own" if dtype else "the base's dtype is not recorded"
-        dtype = dtype or "fp32"
+        dtype, reason = _default_merge_dtype(manifest, loaded.source)
     else:
         reason = "as asked"
     applied = apply_delta(loaded.model, folder, fingerprint(loaded.model), merge=True, ref=ref)
@@ -244,15 +276,23 @@ class DeltaSwitcher:
 
     @classmethod
     def with_delta(
-        cls, ref: str, store=None, model: str | None = None, **load_kwargs
+        cls,
+        ref: str,
+        store=None,
+        model: str | None = None,
+        *,
+        quantize: str = "none",
+        **load_kwargs,
     ) -> DeltaSwitcher:
         """A switcher with ``ref`` switched on, over ``model`` when given, else over the
         base that ``ref``'s manifest records (a delta of another base then loads its own
-        instead of failing the fingerprint check against the default model)."""
+        instead of failing the fingerprint check against the default model); ``quantize``
+        as for :func:`load_base`."""
         from .format import read_manifest
 
         folder, _, store = resolve_ref(ref, store)
-        sw = cls(load_base(read_manifest(folder), model, **load_kwargs), store)
+        loaded = load_base(read_manifest(folder), model, quantize=quantize, **load_kwargs)
+        sw = cls(loaded, store)
         sw.switch(ref)
         return sw
 

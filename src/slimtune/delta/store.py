@@ -797,6 +797,9 @@ class DeltaStore:
             "method_config": m.get("method_config"),
             "layers": m.get("layers"),
             "base": m.get("base"),
+            # how the base's weights were stored while training (the delta is the
+            # full-precision base's either way)
+            "quantize": (m.get("training") or {}).get("quantize") or "none",
             "dataset": m.get("dataset"),
             "metrics": m.get("metrics"),
             "created": v.created,

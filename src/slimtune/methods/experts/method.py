@@ -264,12 +264,22 @@ def load_experts(model: nn.Module, folder: Path, manifest: dict) -> Attached:
     for r in att.routers.values():
         r.weight.requires_grad_(False)
     for lin in att.linears.values():  # serve in the base's dtype (bf16 on GPU): no cast per pass
-        dtype = lin.base_layer.weight.dtype
+        dtype = _serving_dtype(lin.base_layer, lin.lora_A.dtype)
         lin.lora_A.data = lin.lora_A.data.to(dtype)
         lin.lora_B.data = lin.lora_B.data.to(dtype)
         lin.lora_A.requires_grad_(False)
         lin.lora_B.requires_grad_(False)
     return att
+
+
+def _serving_dtype(base_layer: nn.Module, default: torch.dtype) -> torch.dtype:
+    """The dtype ``base_layer`` computes in: its weight's, or for a quantized layer (packed
+    integer weights) bitsandbytes' 4-bit compute dtype, else ``default``."""
+    w = base_layer.weight.dtype
+    if w.is_floating_point:
+        return w
+    compute = getattr(base_layer, "compute_dtype", None)
+    return compute if isinstance(compute, torch.dtype) else default
 
 
 def center_routers(model: nn.Module, att: Attached, batches: list[dict]) -> None:
