@@ -6,6 +6,16 @@ shape (``bench_methods.py``, its own subprocess, median of timed steps, peak mem
 
     python benchmarks/plan_accuracy.py --device cpu --model default --batch 4 --seq 256
     python benchmarks/plan_accuracy.py --device cuda --model llama-1.2b --batch 4 --seq 2048
+
+A quantized base (issue 15: within 15% of measurement): ``--quantize nf4`` (or int8)
+estimates and measures each method on a base whose block linears are stored that way (the
+measured configs are bench_methods' ``METHOD-nf4``). By default the estimating process
+holds the model quantized too, so its resident memory is measured; ``--plan-from-full``
+holds it at full precision instead and converts the resident weights from parameter counts
+(what plan does when the unquantized model fits):
+
+    python benchmarks/plan_accuracy.py --device cuda --model llama-8b --batch 4 --seq 2048 \
+        --methods lora --quantize nf4
 """
 
 from __future__ import annotations
@@ -38,15 +48,28 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", help="JSON results")
+    ap.add_argument(
+        "--quantize",
+        default="none",
+        choices=["none", "nf4", "int8"],
+        help="the base's block linears, estimated and measured (bench config METHOD-QUANT)",
+    )
+    ap.add_argument(
+        "--plan-from-full",
+        action="store_true",
+        help="estimate from the model held at full precision (resident weights converted "
+        "from parameter counts) rather than from the model loaded quantized",
+    )
     args = ap.parse_args()
 
-    from bench_methods import build_model, measure
+    from bench_methods import CONFIGS, build_model, measure
 
     from slimtune.model.anatomy import decoder_layers
     from slimtune.salf.plan import calibrate, estimate, synthetic_batch
 
     device = torch.device(args.device)
-    model = build_model(args.model, args.device)
+    q = args.quantize
+    model = build_model(args.model, args.device, "none" if args.plan_from_full else q)
     L = len(decoder_layers(model))
     vocab = model.get_output_embeddings().weight.shape[0]
     batch = synthetic_batch(vocab, args.batch, args.seq)
@@ -59,19 +82,25 @@ def main() -> None:
     ks = [names[x] if x in names else int(x) for x in args.freeze_below.split(",")]
     rows = []
     for method in args.methods.split(","):
+        config = method if q == "none" else f"{method}-{q}"  # bench_methods' config names
+        if config not in CONFIGS:
+            sys.exit(f"bench_methods has no config {config!r} to measure {method} on {q}")
         opts = (
-            {"r": args.lora_r, "alpha": 2 * args.lora_r, "dropout": 0.0} if method == "lora" else {}
+            {"r": args.lora_r, "alpha": 2 * args.lora_r, "dropout": 0.0}
+            if method == "lora"
+            else CONFIGS[config]["options"]  # what the measured run trains
         )
-        costs = calibrate(model, method, opts, batch, autocast=autocast)
+        costs = calibrate(model, method, opts, batch, autocast=autocast, quantize=q)
         for k in ks:
             e = estimate(costs, k)
-            m, stderr = measure(method, args, freeze_below=k)
+            m, stderr = measure(config, args, freeze_below=k)
             if m is None:
                 print(stderr[-2000:], file=sys.stderr)
                 continue
             rows.append(
                 {
                     "method": method,
+                    "quantize": q,
                     "freeze_below": k,
                     "est_step_s": e.step_time_s,
                     "meas_step_s": m["step_s"],
@@ -83,8 +112,10 @@ def main() -> None:
             )
             r = rows[-1]
             print(json.dumps(r), file=sys.stderr, flush=True)
+    held = "full precision, resident converted" if args.plan_from_full else q
     print(
         f"\ndevice {args.device}; model {args.model}; batch {args.batch} x {args.seq}; "
+        f"base {q} (estimated with the model held {held}); "
         f"measured: median of {args.steps} steps\n"
     )
     print(

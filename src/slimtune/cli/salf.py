@@ -62,6 +62,12 @@ def plan_parser(sub) -> None:
         default=0.99,
         help="share of the expected gain the analysis' freeze-below keeps (default 0.99)",
     )
+    p.add_argument(
+        "--quantize",
+        default="auto",
+        help="how the frozen base may be stored: auto (unquantized, and nf4 where needed to "
+        "fit or to train more layers), none, nf4, int8, or a list such as none,int8",
+    )
     p.add_argument("--output", help="write the plan as JSON to this file")
 
 
@@ -123,19 +129,86 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def plan_quantizations(spec: str, device: str) -> list[str]:
+    """The base quantizations ``plan --quantize`` considers. ``auto``: the unquantized base
+    and nf4, or only the unquantized one (said) where bitsandbytes is missing or does not
+    run on ``device``."""
+    from ..log import info
+    from ..model.quantize import QUANTIZATIONS, check_quantize
+
+    if spec == "auto":
+        try:
+            check_quantize("nf4", device)
+        except UserInputError as e:
+            info(f"plan --quantize auto: only the unquantized base ({e})")
+            return ["none"]
+        return ["none", "nf4"]
+    kinds = [q.strip() for q in spec.split(",") if q.strip()]
+    if not kinds or any(q not in QUANTIZATIONS for q in kinds):
+        raise UserInputError(
+            f"--quantize {spec!r}: use auto, or one or more of {', '.join(QUANTIZATIONS)}"
+        )
+    for q in kinds:
+        check_quantize(q, device)
+    return list(dict.fromkeys(kinds))
+
+
+def load_for_plan(spec: str, device: str, quantizations: list[str], memory: int | None):
+    """The model to plan on, loaded without needing its full-precision weights on ``device``.
+
+    Plan only needs the model's shape, its resident memory and a few analysis passes, and
+    the cost model converts the resident memory between quantizations. So the model is read
+    at full precision on the CPU (as ``load_model`` does anyway) in the device's dtype; it
+    goes to ``device`` at full precision when its weights fit the memory budget (and the
+    free device memory), else with the first quantization the plan considers, the way
+    ``--quantize`` loads it. With only the unquantized base considered and weights that
+    exceed the free device memory, a clear error names ``--quantize``.
+    """
+    from ..eval.cost import format_bytes
+    from ..log import info
+    from ..model.loading import load_model
+    from ..model.quantize import quantize_model
+    from ..salf.plan import DTYPE_NAMES, weight_bytes
+
+    loaded = load_model(spec, device="cpu", dtype="bf16" if device.startswith("cuda") else None)
+    model = loaded.model
+    full = weight_bytes(model, "none")
+    free = None
+    if device.startswith("cuda"):
+        import torch
+
+        free = int(torch.cuda.mem_get_info(torch.device(device))[0])
+    dtype = DTYPE_NAMES.get(next(model.parameters()).dtype, "full precision")
+    quantized = [q for q in quantizations if q != "none"]
+    rooms = [r for r in (memory, free) if r is not None]
+    if quantized and rooms and full > min(rooms):
+        info(
+            f"{loaded.name}: its {dtype} weights ({format_bytes(full)}) exceed "
+            f"{format_bytes(min(rooms))}; loading it as {quantized[0]} to plan"
+        )
+        quantize_model(model, quantized[0], device)
+    elif free is not None and full > free:
+        raise UserInputError(
+            f"{loaded.name}'s weights need {format_bytes(full)} in {dtype}, more than the "
+            f"{format_bytes(free)} free on {device}: plan with --quantize auto or nf4"
+        )
+    model.to(device).eval()
+    return loaded
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from ..data import load_dataset
     from ..eval.cost import format_bytes
     from ..eval.report import print_table
     from ..fileio import write_json
     from ..log import info
-    from ..model.loading import load_model
     from ..salf.analysis import analyze
     from ..salf.plan import calibration_batch, make_plan, parse_duration, parse_size
 
     memory, step = parse_size(args.budget_memory), parse_duration(args.budget_time)
     dev = device_of(args)
-    loaded = load_model(getattr(args, "model", "default"), device=dev)
+    kinds = plan_quantizations(getattr(args, "quantize", "auto"), dev)
+    loaded = load_for_plan(getattr(args, "model", "default"), dev, kinds, memory)
     ds = load_dataset(args.data, loaded.tokenizer, max_length=args.max_length)
     a = analyze(loaded.model, ds, keep=args.keep, progress=False)
     batch = calibration_batch(ds.examples, args.batch_size, loaded.tokenizer.pad_token_id)
@@ -155,10 +228,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         recommended_freeze_below=a.freeze_below,
         autocast=autocast,
         progress=info,
+        quantizations=kinds,
     )
     rows = [
         [
             c.method + (f" r={c.options['r']}" if "r" in c.options else ""),
+            c.quantize,
             str(c.freeze_below),
             f"{c.trainable_params:,}",
             format_bytes(c.peak_bytes),
@@ -174,6 +249,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         f"{batch['input_ids'].shape[1]} (the longest examples)",
         [
             "method",
+            "quantize",
             "freeze-below",
             "trainable",
             "peak memory",

@@ -23,6 +23,14 @@ memory resident before training (weights, runtime).
 
 The budget policy unfreezes from the deepest layer towards the shallow ones while the
 estimate stays within the budget.
+
+A *quantized base* (``nf4``, ``int8``: the decoder blocks' linear weights stored by
+bitsandbytes) is costed the same way: the mini models get their block linears quantized
+as ``--quantize`` does it, so the measured activations, transients and step times are those
+of the quantized layers. The real model's resident memory is measured once as loaded and
+converted between quantizations from parameter counts (:func:`resident_bytes`): the block
+linears at :data:`BYTES_PER_WEIGHT`, the rest at its dtype. A model loaded quantized is
+thus measured as it is, and its unquantized estimate adds back what quantizing saved.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from ..errors import UserInputError
 from ..eval.cost import PeakMemory, format_bytes
 from ..methods import get_method, method_class
 from ..model.anatomy import base_model, decoder_layers
+from ..model.quantize import BYTES_PER_WEIGHT, is_quantized, quantization_of, quantize_model
 from .freezing import freeze_below
 
 
@@ -69,6 +78,7 @@ class LayerCosts:
     trainable_embeddings: int
     flops_forward_per_layer: float
     flops_backward_per_trained_layer: float
+    quantize: str = "none"  # how the base's block linears are stored (none, nf4, int8)
 
 
 @dataclass
@@ -83,6 +93,7 @@ class Estimate:
     predicted_gain: float | None = None
     fits: bool = True
     notes: list[str] = field(default_factory=list)
+    quantize: str = "none"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,18 +119,75 @@ def _resident(device: torch.device, model: nn.Module | None = None) -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def _mini_model(model: nn.Module, layers: int, device: torch.device) -> nn.Module:
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model computes in (a quantized model's packed weights are uint8)."""
+    return base_model(model).get_input_embeddings().weight.dtype
+
+
+def _mini_model(
+    model: nn.Module, layers: int, device: torch.device, quantize: str | None = None
+) -> nn.Module:
+    """A random copy of ``model``'s architecture with ``layers`` decoder layers, its block
+    linears stored as ``quantize`` (default: as ``model``'s are)."""
     from transformers import AutoModelForCausalLM
 
+    quantize = quantization_of(model) if quantize is None else quantize
     cfg = copy.deepcopy(base_model(model).config)
     cfg.num_hidden_layers = layers
     if isinstance(getattr(cfg, "layer_types", None), list):
         cfg.layer_types = cfg.layer_types[:layers]
-    dtype = next(model.parameters()).dtype
     torch.manual_seed(0)
-    with torch.device(device):
-        mini = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    with torch.device(device):  # initialised where it is fast
+        mini = AutoModelForCausalLM.from_config(cfg, dtype=_float_dtype(model))
+    if quantize != "none":  # as load_model(quantize=...) does: from the CPU, layer by layer
+        quantize_model(mini.to("cpu"), quantize, device)
+        mini.to(device)
     return mini
+
+
+def _weight_counts(model: nn.Module) -> tuple[int, int]:
+    """(weights of the decoder blocks' linear layers, bytes of every other parameter): what
+    ``--quantize`` stores quantized, counted dense, and what it leaves at the model's dtype."""
+    block, ids = 0, set()
+    for layer in decoder_layers(model):
+        for m in layer.modules():
+            if type(m) is nn.Linear or is_quantized(m):
+                block += int(m.in_features) * int(m.out_features)
+                ids.add(id(m.weight))
+    rest = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in ids)
+    return block, rest
+
+
+def weight_bytes(model: nn.Module, quantize: str = "none") -> int:
+    """Bytes of ``model``'s weights with its block linears stored as ``quantize``, from
+    parameter counts (:data:`BYTES_PER_WEIGHT`; the rest, and ``none``, at the model's dtype)."""
+    block, rest = _weight_counts(model)
+    per_weight = BYTES_PER_WEIGHT.get(quantize) or _float_dtype(model).itemsize
+    return int(block * per_weight) + rest
+
+
+def _measure_resident(device: torch.device, model: nn.Module, quantizations: list[str]) -> int:
+    """What is resident with ``model`` loaded, the quantization backend's code included when
+    a quantized base is costed (on the CPU, bitsandbytes' libraries add to the RSS of such a
+    run whether or not the loaded model uses them yet)."""
+    if any(q != "none" for q in quantizations):
+        import bitsandbytes  # noqa: F401
+    return _resident(device, model)
+
+
+def resident_bytes(model: nn.Module, quantize: str, measured: int) -> int:
+    """Memory resident before training with the base stored as ``quantize``, from what is
+    ``measured`` with the model as loaded: the same when it is loaded that way, else that
+    minus its weights as stored plus its weights as ``quantize`` stores them."""
+    loaded_as = quantization_of(model)
+    if quantize == loaded_as:
+        return measured
+    return measured - weight_bytes(model, loaded_as) + weight_bytes(model, quantize)
+
+
+def takes_quantization(method: str, quantize: str) -> bool:
+    """Whether ``method`` trains on a base stored as ``quantize`` (full fine-tuning does not)."""
+    return quantize == "none" or quantize in method_class(method).quantizations
 
 
 def _costing_method(method: str, options: dict | None):
@@ -132,18 +200,26 @@ def _costing_method(method: str, options: dict | None):
 
 
 def _trained_layer_params(
-    model: nn.Module, method: str, options: dict | None, device: torch.device
+    model: nn.Module,
+    method: str,
+    options: dict | None,
+    device: torch.device,
+    quantize: str | None = None,
 ) -> list[nn.Parameter]:
     """The parameters ``method`` trains inside one decoder layer (not the embeddings or the
     final norm, which a method training *every* layer may also take)."""
-    probe = _costing_method(method, options).prepare(_mini_model(model, 2, device), [1])
+    mini = _mini_model(model, 2, device, quantize)
+    probe = _costing_method(method, options).prepare(mini, [1])
     return [p for p in decoder_layers(probe)[1].parameters() if p.requires_grad]
 
 
 def _flops_per_token_layer(model: nn.Module, seq_len: int) -> float:
     """Forward FLOPs per token of one decoder layer: matmuls + attention scores."""
     layer = decoder_layers(model)[0]
-    linear = sum(m.weight.numel() for m in layer.modules() if isinstance(m, nn.Linear))
+    # in x out, not weight.numel(): a quantized weight is packed
+    linear = sum(
+        m.in_features * m.out_features for m in layer.modules() if isinstance(m, nn.Linear)
+    )
     cfg = base_model(model).config
     heads = getattr(cfg, "num_attention_heads", 1)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -242,12 +318,22 @@ def calibrate(
     *,
     autocast=contextlib.nullcontext,
     steps: int = 3,
+    quantize: str | None = None,
+    measured_resident: int | None = None,
 ) -> LayerCosts:
-    """Measure the cost model of ``method`` for this model's architecture and ``batch``."""
+    """Measure the cost model of ``method`` for this model's architecture and ``batch``, on
+    a base stored as ``quantize`` (default: as ``model`` is loaded). ``measured_resident``:
+    the model's resident memory as loaded, when the caller measured it once for several
+    calibrations (so that their estimates differ only by what they cost)."""
     options = dict(options or {})
+    quantize = quantization_of(model) if quantize is None else quantize
+    if not takes_quantization(method, quantize):
+        raise UserInputError(f"{method} cannot train on a quantized base ({quantize})")
     device = next(model.parameters()).device
     L = len(decoder_layers(model))
-    resident = _resident(device, model)
+    if measured_resident is None:
+        measured_resident = _measure_resident(device, model, [quantize])
+    resident = resident_bytes(model, quantize, measured_resident)
     # wide spreads of frozen / trained layer counts keep timing noise small against the slopes
     mixes = [(1, 1, False), (1, 4, False), (4, 1, False), (2, 2, False)]
     declared = method_class(method)
@@ -255,7 +341,7 @@ def calibrate(
         mixes.append((0, 2, True))
     points = {}
     for n_frozen, n_trained, emb in mixes:
-        mini = _mini_model(model, n_frozen + n_trained, device)
+        mini = _mini_model(model, n_frozen + n_trained, device, quantize)
         points[(n_frozen, n_trained, emb)] = _measure(
             mini, method, options, n_frozen, batch, device, autocast, steps, emb
         )
@@ -268,7 +354,7 @@ def calibrate(
     if (0, 2, True) in points:
         t_emb = max(points[(0, 2, True)][0] - (t_fixed + 2 * t_tr), 0.0)
 
-    layer_params = _trained_layer_params(model, method, options, device)
+    layer_params = _trained_layer_params(model, method, options, device, quantize)
     trainable_layer = sum(p.numel() for p in layer_params)
     trainable_layer_bytes = sum(p.numel() * p.element_size() for p in layer_params)
     del layer_params
@@ -294,6 +380,7 @@ def calibrate(
         flops_forward_per_layer=_flops_per_token_layer(model, batch["input_ids"].shape[1])
         * batch["input_ids"].numel(),
         flops_backward_per_trained_layer=0.0,
+        quantize=quantize,
     )
     costs.flops_backward_per_trained_layer = (
         2.0 if declared.weight_grads else 1.0
@@ -342,6 +429,7 @@ def estimate(costs: LayerCosts, k: int) -> Estimate:
         max(t, 0.0),
         int(peak),
         n * costs.flops_backward_per_trained_layer,
+        quantize=costs.quantize,
     )
 
 
@@ -413,8 +501,9 @@ def parse_duration(text: str | float | None) -> float | None:
 
 
 def describe(e: Estimate) -> str:
+    on = f" on {e.quantize}" if e.quantize != "none" else ""
     return (
-        f"{e.method} {e.options or ''} freeze-below {e.freeze_below}: "
+        f"{e.method} {e.options or ''}{on} freeze-below {e.freeze_below}: "
         f"~{format_bytes(e.peak_bytes)}, ~{e.step_time_s:.2f} s/step"
     )
 
@@ -464,6 +553,8 @@ class Plan:
     reason: str
     budget_memory: int | None
     budget_step_time: float | None
+    quantizations: list[str] = field(default_factory=lambda: ["none"])
+    weight_bytes: dict[str, int] = field(default_factory=dict)  # per quantization considered
 
     def to_dict(self) -> dict:
         return {
@@ -472,10 +563,58 @@ class Plan:
             "reason": self.reason,
             "budget_memory": self.budget_memory,
             "budget_step_time": self.budget_step_time,
+            "quantizations": self.quantizations,
+            "weight_bytes": self.weight_bytes,
         }
 
 
 DEFAULT_CANDIDATES: list[tuple[str, dict]] = [("full", {}), ("lora", {"r": 8}), ("lora", {"r": 16})]
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def _size_name(n: int) -> str:
+    """8030261248 -> '8.03B' (parameters)."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
+def _quantization_reason(
+    model: nn.Module, best: Estimate, rows: list[Estimate], resident_none: int
+) -> str:
+    """Why the choice's base is (not) quantized, in bytes: '' when only one was considered."""
+    kinds = {e.quantize for e in rows}
+    if len(kinds) == 1 and best.quantize == "none":
+        return ""
+    block, rest = _weight_counts(model)
+    dtype = _float_dtype(model)
+    size = _size_name(block + rest // dtype.itemsize)
+    dtype_name = DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    if best.quantize == "none":
+        others = ", ".join(
+            f"{q} would bring the weights to {format_bytes(weight_bytes(model, q))}"
+            for q in sorted(kinds - {"none"})
+        )
+        return f"; the unquantized base fits with this gain, so it stays in {dtype_name} ({others})"
+    head = (
+        f"{size} in {dtype_name} needs ~{format_bytes(resident_none)} resident; "
+        f"{best.quantize} brings the weights to "
+        f"{format_bytes(weight_bytes(model, best.quantize))} "
+        f"(from {format_bytes(weight_bytes(model, 'none'))}): "
+    )
+    plain = [e for e in rows if e.quantize == "none"]
+    plain_fits = [e for e in plain if e.fits]
+    if not plain:
+        return head + f"{best.quantize} as asked (--quantize {best.quantize}); "
+    if not plain_fits:
+        return head + "nothing on the unquantized base fits the budget; "
+    top = max(plain_fits, key=lambda e: e.predicted_gain or 0)
+    return head + (
+        f"it fits with more layers trained (freeze-below {best.freeze_below}, gain "
+        f"{best.predicted_gain or 0:.2f}) than the unquantized base (freeze-below "
+        f"{top.freeze_below}, gain {top.predicted_gain or 0:.2f}); "
+    )
 
 
 def make_plan(
@@ -489,59 +628,96 @@ def make_plan(
     recommended_freeze_below: int | None = None,
     autocast=contextlib.nullcontext,
     progress=None,
+    quantizations: list[str] | None = None,
 ) -> Plan:
-    """Estimate every (method, freeze_below) worth considering and pick one under the budget.
+    """Estimate every (method, base quantization, freeze_below) worth considering and pick
+    one under the budget.
 
-    For each method the freeze_below values considered are: every layer trained (0), the analysis'
-    recommendation, and the shallowest freeze_below the budget allows (deepest-first unfreezing).
-    The pick is the fitting candidate with the highest predicted gain, then the shortest
-    estimated step.
+    ``quantizations``: how the base may be stored (default: as ``model`` is loaded); a
+    method that cannot train on a quantized base is costed only on the unquantized one.
+    For each method and quantization the freeze_below values considered are: every layer
+    trained (0), the analysis' recommendation, and the shallowest freeze_below the budget
+    allows (deepest-first unfreezing). The pick is the fitting candidate with the highest
+    predicted gain, then the unquantized base (quantizing costs accuracy and step time, so
+    it is chosen only to fit, or to fit more trained layers), then the shortest step.
     """
+    quantizations = list(quantizations or [quantization_of(model)])
+    device = next(model.parameters()).device
+    # once: the estimates differ only by what they cost
+    measured = _measure_resident(device, model, quantizations)
     rows: list[Estimate] = []
-    for method, options in candidates or DEFAULT_CANDIDATES:
-        if progress:
-            progress(f"calibrating {method} {options or ''}")
-        costs = calibrate(model, method, options, batch, autocast=autocast)
-        ks = {0}
-        if recommended_freeze_below is not None:
-            ks.add(recommended_freeze_below)
-        kb = budget_freeze_below(costs, memory=budget_memory, step_time=budget_step_time)
-        if kb is not None:
-            ks.add(kb)
-        for k in sorted(ks):
-            e = estimate(costs, k)
-            e.predicted_gain = gain[k]
-            e.fits = (budget_memory is None or e.peak_bytes <= budget_memory) and (
-                budget_step_time is None or e.step_time_s <= budget_step_time
+    for quantize in quantizations:
+        for method, options in candidates or DEFAULT_CANDIDATES:
+            if not takes_quantization(method, quantize):
+                continue
+            if progress:
+                on = f" on {quantize}" if quantize != "none" else ""
+                progress(f"calibrating {method} {options or ''}{on}")
+            costs = calibrate(
+                model,
+                method,
+                options,
+                batch,
+                autocast=autocast,
+                quantize=quantize,
+                measured_resident=measured,
             )
-            if k == kb and (budget_memory or budget_step_time):
-                e.notes.append("budget policy")
-            if k == recommended_freeze_below:
-                e.notes.append("analysis' choice")
-            rows.append(e)
+            ks = {0}
+            if recommended_freeze_below is not None:
+                ks.add(recommended_freeze_below)
+            kb = budget_freeze_below(costs, memory=budget_memory, step_time=budget_step_time)
+            if kb is not None:
+                ks.add(kb)
+            for k in sorted(ks):
+                e = estimate(costs, k)
+                e.predicted_gain = gain[k]
+                e.fits = (budget_memory is None or e.peak_bytes <= budget_memory) and (
+                    budget_step_time is None or e.step_time_s <= budget_step_time
+                )
+                if k == kb and (budget_memory or budget_step_time):
+                    e.notes.append("budget policy")
+                if k == recommended_freeze_below:
+                    e.notes.append("analysis' choice")
+                rows.append(e)
+    weights = {q: weight_bytes(model, q) for q in quantizations}
+
+    def plan(choice: Estimate | None, reason: str) -> Plan:
+        return Plan(
+            rows, choice, reason, budget_memory, budget_step_time, quantizations, weights
+        )
+
+    if not rows:
+        raise UserInputError(
+            f"no candidate method trains on the base as {'/'.join(quantizations)}"
+        )
     fitting = [e for e in rows if e.fits]
     if not fitting:
         smallest = min(rows, key=lambda e: e.peak_bytes)
-        return Plan(
-            rows,
-            None,
-            "nothing fits the budget; the smallest estimate is " + describe(smallest),
-            budget_memory,
-            budget_step_time,
-        )
-    best = max(fitting, key=lambda e: (round(e.predicted_gain or 0, 3), -e.step_time_s))
+        return plan(None, "nothing fits the budget; the smallest estimate is " + describe(smallest))
+    best = max(
+        fitting,
+        key=lambda e: (round(e.predicted_gain or 0, 3), e.quantize == "none", -e.step_time_s),
+    )
     budget = []
     if budget_memory:
         budget.append(f"memory {format_bytes(budget_memory)}")
     if budget_step_time:
         budget.append(f"step time {budget_step_time:.2f} s")
+    why_q = _quantization_reason(model, best, rows, resident_bytes(model, "none", measured))
+    prefix, suffix = (why_q, "") if best.quantize != "none" else ("", why_q)
     reason = (
-        f"{describe(best)} keeps {100 * (best.predicted_gain or 0):.0f}% of the expected "
+        prefix
+        + f"{describe(best)} keeps {100 * (best.predicted_gain or 0):.0f}% of the expected "
         f"gain"
         + (f" within the budget ({', '.join(budget)})" if budget else "")
-        + "; among equal gains it has the shortest estimated step"
+        + (
+            "; among equal gains the unquantized base, then the shortest estimated step, wins"
+            if len(quantizations) > 1
+            else "; among equal gains it has the shortest estimated step"
+        )
+        + suffix
     )
-    return Plan(rows, best, reason, budget_memory, budget_step_time)
+    return plan(best, reason)
 
 
 def estimate_static(

@@ -277,6 +277,7 @@ class Trainer:
                 cfg.method_options,
                 batch,
                 autocast=self.accelerator.autocast,
+                quantize=cfg.quantize,  # the mini models quantized as the run's base
             )
             costs.t_fixed *= cfg.grad_accum
             costs.t_frozen *= cfg.grad_accum
