@@ -227,15 +227,20 @@ def _flops_per_token_layer(model: nn.Module, seq_len: int) -> float:
 
 
 class _SavedBytes:
-    """Bytes autograd saves for backward during a forward pass (each storage counted once)."""
+    """Bytes autograd saves for backward during a forward pass (each storage counted once),
+    leaving out ``model``'s own parameters and buffers: a frozen weight saved for the input
+    gradient (a 4-bit one packed) is resident already, not an activation."""
 
-    def __init__(self) -> None:
+    def __init__(self, model: nn.Module | None = None) -> None:
         self.seen: dict[int, int] = {}
+        tensors = [] if model is None else [*model.parameters(), *model.buffers()]
+        self.resident = {t.untyped_storage().data_ptr() for t in tensors}
 
     def pack(self, t: torch.Tensor):
         with contextlib.suppress(RuntimeError, NotImplementedError):
             st = t.untyped_storage()
-            self.seen.setdefault(st.data_ptr(), st.nbytes())
+            if st.data_ptr() not in self.resident:
+                self.seen.setdefault(st.data_ptr(), st.nbytes())
         return t
 
     @property
@@ -270,7 +275,7 @@ def _measure(
     opt = torch.optim.AdamW(params, lr=1e-6)
     model.train()
     times = []
-    saved = _SavedBytes()
+    saved = _SavedBytes(model)
     if device.type != "cuda":
         _trim_heap()
     # and, on a GPU (bf16 autocast), the method's own compute path (e.g. fused LoRA)
@@ -524,7 +529,7 @@ def activation_bytes_per_layer(
         mini = _mini_model(model, 1 + n_trained, device)
         m = _costing_method(method, options).prepare(mini, list(range(1, 1 + n_trained)))
         freeze_below(m, 1)
-        saved = _SavedBytes()
+        saved = _SavedBytes(m)
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), autocast():
             target_loss(m, {k: v.to(device) for k, v in batch.items()})
         totals.append(saved.total)
