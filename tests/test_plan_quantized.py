@@ -131,7 +131,8 @@ def test_plan_keeps_the_unquantized_base_unless_nf4_is_needed(tiny, fixed_measur
 def test_plan_loads_quantized_only_when_the_weights_exceed_the_budget(tiny_dir):
     from slimtune.cli.salf import load_for_plan, plan_quantizations
 
-    assert plan_quantizations("auto", "cpu") == ["none", "nf4"]
+    assert plan_quantizations("auto", "cpu", memory=2**30) == ["none", "nf4"]
+    assert plan_quantizations("auto", "cpu") == ["none"]  # no memory budget: nothing to buy
     assert plan_quantizations("none,int8", "cpu") == ["none", "int8"]
     with pytest.raises(UserInputError, match="--quantize 'int4'"):
         plan_quantizations("int4", "cpu")

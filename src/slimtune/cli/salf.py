@@ -65,8 +65,9 @@ def plan_parser(sub) -> None:
     p.add_argument(
         "--quantize",
         default="auto",
-        help="how the frozen base may be stored: auto (unquantized, and nf4 where needed to "
-        "fit or to train more layers), none, nf4, int8, or a list such as none,int8",
+        help="how the frozen base may be stored: auto (unquantized; with --budget-memory also "
+        "nf4, chosen where needed to fit or to train more layers), none, nf4, int8, or a "
+        "list such as none,int8",
     )
     p.add_argument("--output", help="write the plan as JSON to this file")
 
@@ -129,14 +130,17 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def plan_quantizations(spec: str, device: str) -> list[str]:
-    """The base quantizations ``plan --quantize`` considers. ``auto``: the unquantized base
-    and nf4, or only the unquantized one (said) where bitsandbytes is missing or does not
-    run on ``device``."""
+def plan_quantizations(spec: str, device: str, memory: int | None = None) -> list[str]:
+    """The base quantizations ``plan --quantize`` considers. ``auto``: with a memory budget,
+    the unquantized base and nf4 (or only the unquantized one, said, where bitsandbytes is
+    missing or does not run on ``device``); without one only the unquantized base, since
+    quantizing the base buys memory and nothing else (costing nf4 too doubles the plan)."""
     from ..log import info
     from ..model.quantize import QUANTIZATIONS, check_quantize
 
     if spec == "auto":
+        if memory is None:
+            return ["none"]
         try:
             check_quantize("nf4", device)
         except UserInputError as e:
@@ -207,7 +211,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     memory, step = parse_size(args.budget_memory), parse_duration(args.budget_time)
     dev = device_of(args)
-    kinds = plan_quantizations(getattr(args, "quantize", "auto"), dev)
+    kinds = plan_quantizations(getattr(args, "quantize", "auto"), dev, memory)
     loaded = load_for_plan(getattr(args, "model", "default"), dev, kinds, memory)
     ds = load_dataset(args.data, loaded.tokenizer, max_length=args.max_length)
     a = analyze(loaded.model, ds, keep=args.keep, progress=False)
