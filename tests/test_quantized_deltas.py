@@ -162,7 +162,16 @@ def test_apply_out_writes_bf16_by_default_and_the_dtype_asked(lora_nf4, tiny_dir
     m16 = load_file(tmp_path / "m16" / "model.safetensors")
     assert {t.dtype for t in m16.values()} == {torch.bfloat16}
     code, out = run(
-        capsys, "delta", "--store", store, "apply", vid, "--dtype", "fp32", "--out", tmp_path / "m32"
+        capsys,
+        "delta",
+        "--store",
+        store,
+        "apply",
+        vid,
+        "--dtype",
+        "fp32",
+        "--out",
+        tmp_path / "m32",
     )
     assert code == 0 and "fp32: as asked" in out
     m32 = load_file(tmp_path / "m32" / "model.safetensors")

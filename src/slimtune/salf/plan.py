@@ -687,14 +687,10 @@ def make_plan(
     weights = {q: weight_bytes(model, q) for q in quantizations}
 
     def plan(choice: Estimate | None, reason: str) -> Plan:
-        return Plan(
-            rows, choice, reason, budget_memory, budget_step_time, quantizations, weights
-        )
+        return Plan(rows, choice, reason, budget_memory, budget_step_time, quantizations, weights)
 
     if not rows:
-        raise UserInputError(
-            f"no candidate method trains on the base as {'/'.join(quantizations)}"
-        )
+        raise UserInputError(f"no candidate method trains on the base as {'/'.join(quantizations)}")
     fitting = [e for e in rows if e.fits]
     if not fitting:
         smallest = min(rows, key=lambda e: e.peak_bytes)
@@ -711,8 +707,7 @@ def make_plan(
     why_q = _quantization_reason(model, best, rows, resident_bytes(model, "none", measured))
     prefix, suffix = (why_q, "") if best.quantize != "none" else ("", why_q)
     reason = (
-        prefix
-        + f"{describe(best)} keeps {100 * (best.predicted_gain or 0):.0f}% of the expected "
+        prefix + f"{describe(best)} keeps {100 * (best.predicted_gain or 0):.0f}% of the expected "
         f"gain"
         + (f" within the budget ({', '.join(budget)})" if budget else "")
         + (
