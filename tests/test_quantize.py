@@ -193,3 +193,24 @@ def test_sparse_trained_on_a_quantized_base_applies_to_both_bases(
     back = applied.remove()
     assert not any(hasattr(m, "sparse_delta") for m in back.modules())
     torch.testing.assert_close(back(ids).logits, q_logits)
+
+
+def test_cli_quantize_errors_and_analyze_on_a_quantized_base(
+    tiny_dir, intent_file, tmp_path, capsys
+):
+    import json
+
+    from slimtune.cli import main
+
+    code = main(["train", "--data", str(intent_file), "--model", str(tiny_dir), "--quantize",
+                 "int4", "--output-dir", str(tmp_path / "r")])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == UserInputError.exit_code
+    assert any("quantize must be one of none, nf4, int8" in line for line in err)
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+    out = tmp_path / "a"
+    code = main(["analyze", "--data", str(intent_file), "--model", str(tiny_dir), "--device",
+                 "cpu", "--quantize", "nf4", "--max-examples", "8", "--output-dir", str(out)])  # fmt: skip
+    assert code == 0
+    a = json.loads((out / "analysis.json").read_text())
+    assert 0 <= a["freeze_below"] <= 4 and a["quantize"] == "nf4"

@@ -32,6 +32,12 @@ def analyze_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument(
+        "--quantize",
+        default="none",
+        help="analyze the base as `train --quantize` would hold it: nf4 or int8 block "
+        "linears (bitsandbytes), e.g. a model whose 16-bit weights do not fit. Default none",
+    )
+    p.add_argument(
         "--output-dir", default="runs/analyze", help="where analysis.json and analysis.png go"
     )
 
@@ -81,7 +87,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from ..salf.analysis import analyze, plot_analysis
     from ..salf.plan import freeze_costs
 
-    loaded = load_model(getattr(args, "model", "default"), device=device_of(args))
+    loaded = load_model(
+        getattr(args, "model", "default"),
+        device=device_of(args),
+        quantize=getattr(args, "quantize", "none"),
+    )
     ds = load_dataset(args.data, loaded.tokenizer, max_length=args.max_length)
     a = analyze(
         loaded.model, ds, keep=args.keep, max_examples=args.max_examples, batch_size=args.batch_size
@@ -123,7 +133,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         rows,
     )
     out = Path(args.output_dir)
-    write_json(out / "analysis.json", a.to_dict())
+    from ..model.quantize import quantization_of
+
+    # the base analyzed, as stored: a quantized one reads its hidden states a little apart
+    write_json(out / "analysis.json", {**a.to_dict(), "quantize": quantization_of(loaded.model)})
     plot_analysis(a, out / "analysis.png")
     print(f"recommended freeze-below: {a.freeze_below} ({a.reason})")
     print(f"wrote {out / 'analysis.json'} and {out / 'analysis.png'}")
