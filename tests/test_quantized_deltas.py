@@ -223,3 +223,40 @@ def test_eval_and_generate_run_a_delta_on_a_quantized_base(lora_nf4, tiny_dir, t
     )  # fmt: skip
     assert code == 0 and "nf4 base" in out
     assert json.loads((tmp_path / "ab.json").read_text())["quantize"] == "nf4"
+
+
+@pytest.mark.parametrize(("method", "kind"), [("full", "int8"), ("full", "nf4"), ("dora", "int8")])
+def test_a_delta_its_method_cannot_run_quantized_is_refused_before_writing(
+    tiny_dir, tmp_path, method, kind
+):
+    """A full delta copied into int8 weights truncated them to zeros (and the logits moved:
+    it 'applied'); on nf4 its packed shape gave a shape error; DoRA failed inside peft. Each
+    is refused in one line naming --quantize, with the base untouched."""
+    data = write_jsonl(tmp_path / "intents.jsonl", intent_rows())
+    res = train_tiny(tiny_dir, data, tmp_path / "run", method=method, max_steps=1)
+    base = load_model(str(tiny_dir), quantize=kind).model
+    before = _state(base)
+    with pytest.raises(DeltaError) as e:
+        apply_delta(base, res.delta_dir, res.manifest["base"]["fingerprint"], ref="v1")
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert f"v1 ({method}) cannot run on an {kind}-quantized base" in msg and "--quantize" in msg
+    assert _same(before, _state(base))
+
+
+@pytest.mark.parametrize(("loaded_as", "asked"), [("none", "nf4"), ("nf4", "none")])
+def test_a_preloaded_model_must_be_stored_as_the_run_asks(tiny_dir, tmp_path, loaded_as, asked):
+    """Trainer(cfg, loaded) used the preloaded model as it was while the manifest and
+    checkpoints recorded cfg.quantize (a run on the bf16 base labelled nf4, or the reverse)."""
+    from slimtune.errors import UserInputError
+    from slimtune.training.config import TrainConfig
+    from slimtune.training.trainer import Trainer
+
+    data = write_jsonl(tmp_path / "intents.jsonl", intent_rows())
+    loaded = load_model(str(tiny_dir), quantize=loaded_as)
+    cfg = TrainConfig(
+        model=str(tiny_dir), data=str(data), output_dir=str(tmp_path / "run"), max_steps=1,
+        device="cpu", progress=False, quantize=asked,
+    )  # fmt: skip
+    with pytest.raises(UserInputError, match=f"stored as '{loaded_as}'.*--quantize {asked}"):
+        Trainer(cfg, loaded=loaded)

@@ -65,6 +65,7 @@ def apply_delta(
     label = ref or str(folder)
     if merge and not method.mergeable:
         raise DeltaError(_merge_refusal(label, method))
+    _refuse_quantized_base(model, label, method)
     if merge:
         _refuse_quantized_merge(model, label)
     attached = method.attach(model, folder, manifest, merge=merge)
@@ -78,6 +79,26 @@ def _merge_refusal(ref: str, method: type[Method]) -> str:
         else ""
     )
     return f"{ref} ({method.name}) cannot be merged into the base{why}"
+
+
+def _refuse_quantized_base(model: nn.Module, ref: str, method: type[Method]) -> None:
+    """A delta whose method has no way to run on this quantized base (``full`` writes the
+    base weights: into int8 ones it would be truncated to garbage; peft's DoRA fails on
+    8-bit layers) is refused in one line before anything is written."""
+    from ..model.quantize import quantization_of
+
+    kind = quantization_of(model)
+    if kind == "none" or kind in method.quantizations:
+        return
+    takes = method.quantizations
+    why = (
+        f"{method.name} runs on {' or '.join(takes)} only; load the base with --quantize "
+        f"{takes[0]} or without --quantize"
+        if takes
+        else "its delta replaces base weights, which quantized ones cannot hold; load the "
+        "base without --quantize"
+    )
+    raise DeltaError(f"{ref} ({method.name}) cannot run on an {kind}-quantized base: {why}")
 
 
 def _refuse_quantized_merge(model: nn.Module, ref: str) -> None:

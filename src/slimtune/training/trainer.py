@@ -57,6 +57,7 @@ from ..methods import Method, get_method
 from ..model.anatomy import base_model, count_parameters, decoder_layers
 from ..model.kernels import apply_fused_kernels
 from ..model.loading import LoadedModel, fingerprint, load_model, resolve_device
+from ..model.quantize import quantization_of
 from ..salf.freezing import freeze_below
 from . import trackers
 from .config import TrainConfig
@@ -186,6 +187,13 @@ class Trainer:
         self.loaded = loaded or load_model(
             cfg.model, device=str(self.device), dtype=dtype, quantize=cfg.quantize
         )
+        held = quantization_of(self.loaded.model)
+        if held != cfg.quantize:  # the manifest and checkpoints record cfg.quantize
+            raise UserInputError(
+                f"the preloaded model's base is stored as {held!r} but the run asks for "
+                f"--quantize {cfg.quantize}; load it with load_model(..., "
+                f"quantize={cfg.quantize!r}) or set quantize={held!r}"
+            )
         self.loaded.model.to(self.device)
         self.base_fingerprint = fingerprint(self.loaded.model)
         info(
