@@ -123,6 +123,41 @@ def test_sparse_delta_beside_a_quantized_weight(kind, structure):
     torch.testing.assert_close(q(x).detach(), base_out)  # the quantized weight never changed
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_scattered_entries_beside_a_quantized_weight_save_no_dense_matrix(autocast):
+    """Entries beside a quantized weight (RoSA's default structure): autograd through a
+    dense S saved that (out, in) matrix per layer until backward, a full-size copy of every
+    trained weight on top of the quantized base. Only the input is saved now, and the
+    input's and values' gradients are still exact (bf16 autocast as on a GPU, too)."""
+    torch.manual_seed(0)
+    q = _one_quantized_layer("nf4")
+    idx = torch.tensor([0, 70, 129, 300, 511])
+    d = attach(q, idx, torch.randn(idx.numel()))
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    saved: list[int] = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with (
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+    ):
+        side = d.side_output(x)
+    assert saved and 8 * 64 not in saved  # x (2 x 5 x 64), the values and indices, not S
+    g = torch.randn_like(side)
+    side.backward(g)
+    s = torch.zeros(8 * 64).index_put((idx,), d.values.detach()).view(8, 64)
+    tol = {"rtol": 2e-2, "atol": 5e-2} if autocast else {"rtol": 1e-5, "atol": 1e-5}
+    g2 = g.float().reshape(-1, 8)
+    torch.testing.assert_close(side.float(), x.detach() @ s.t(), **tol)
+    torch.testing.assert_close(x.grad, (g2 @ s).view(x.shape), **tol)
+    want = (g2.t() @ x.detach().reshape(-1, 64)).view(-1)[idx]
+    torch.testing.assert_close(d.values.grad, want, **tol)
+    assert d.values.grad.dtype == torch.float32 and x.grad.dtype == x.dtype
+
+
 def test_importance_hook_gives_the_weight_gradient():
     """The gradient importance of a quantized layer is built from hooks: on a plain layer the
     same hook must give exactly autograd's weight gradient."""

@@ -145,9 +145,7 @@ class SparseDelta(nn.Module):
         if self.cols is not None:  # whole columns: (out, ncols) row-major, as the indices
             v = self.values.view(out, self.cols.numel()).to(x.dtype)
             return F.linear(x.index_select(-1, self.cols), v)
-        dense = torch.zeros(out * width, dtype=x.dtype, device=x.device)
-        dense = dense.index_put((self.indices,), self.values.to(x.dtype))
-        return F.linear(x, dense.view(out, width))
+        return _BesideEntries.apply(x, self.values, self.indices, (out, width))
 
     def observe(self, grad_w: torch.Tensor) -> None:
         scores = grad_w.detach().abs().float().view(-1).clone()
@@ -186,6 +184,39 @@ class _SparseDeltaLinear(torch.autograd.Function):
             delta.observe(grad_w)
         grad_values = grad_w.view(-1).index_select(0, delta.indices).float()
         return grad_x, None, None, grad_values, None
+
+
+def _scattered(values: torch.Tensor, indices: torch.Tensor, shape, dtype) -> torch.Tensor:
+    """The dense (out, in) matrix holding ``values`` at ``indices`` (a transient)."""
+    dense = torch.zeros(shape[0] * shape[1], dtype=dtype, device=values.device)
+    return dense.index_copy_(0, indices, values.detach().to(dtype)).view(shape)
+
+
+class _BesideEntries(torch.autograd.Function):
+    """``x S^T`` for scattered entries beside a quantized weight. Autograd through a dense
+    ``S`` would save that (out, in) matrix for backward, one per trained layer: a 16-bit
+    copy of every trained weight held across the step, what quantizing the base saves.
+    Only ``x`` is saved; ``S`` is scattered again in backward, and the values' gradient
+    is read off the dense ``g^T x`` there (as the full-precision path does)."""
+
+    @staticmethod
+    def forward(ctx, x, values, indices, shape):
+        ctx.save_for_backward(x, values, indices)
+        ctx.shape = shape
+        return F.linear(x, _scattered(values, indices, shape, x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, values, indices = ctx.saved_tensors
+        g = grad_out.reshape(-1, ctx.shape[0])
+        grad_x = grad_values = None
+        if ctx.needs_input_grad[0]:
+            s = _scattered(values, indices, ctx.shape, g.dtype)
+            grad_x = (g @ s).reshape(x.shape).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = g.t() @ x.reshape(-1, ctx.shape[1]).to(g.dtype)  # dense, lives only here
+            grad_values = grad_w.view(-1).index_select(0, indices).to(values.dtype)
+        return grad_x, grad_values, None, None
 
 
 def delta_of(module: nn.Module) -> SparseDelta:
