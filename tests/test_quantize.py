@@ -72,15 +72,17 @@ def test_methods_that_write_base_weights_refuse_a_quantized_base(tiny_dir, inten
         train_tiny(tiny_dir, intent_file, tmp_path / "f", method="full", quantize="nf4")
     with pytest.raises(UserInputError, match=r"dora cannot .* int8"):
         train_tiny(tiny_dir, intent_file, tmp_path / "d", method="dora", quantize="int8")
-    with pytest.raises(UserInputError, match="not supported on a quantized base"):
-        train_tiny(
-            tiny_dir,
-            intent_file,
-            tmp_path / "s",
-            method="sparse",
-            quantize="nf4",
-            method_options={"structure": "entries", "regrow_every": 2, "importance": "random"},
-        )
+    # RoSA too: its sparse part never saw the dense gradient, so the regrow silently never ran
+    for method in ("sparse", "rosa"):
+        with pytest.raises(UserInputError, match="not supported on a quantized base"):
+            train_tiny(
+                tiny_dir,
+                intent_file,
+                tmp_path / method,
+                method=method,
+                quantize="nf4",
+                method_options={"structure": "entries", "regrow_every": 2, "importance": "random"},
+            )
     assert not (tmp_path / "f" / "delta").exists()
 
 

@@ -34,7 +34,14 @@ from ..errors import UserInputError
 from .base import Attachment, Method, MethodConfig, option, register_method
 from .importance import SCORERS, SELECTIONS
 from .lora import LoraMethod, attach_peft
-from .sparse import SPARSE_FILE, STRUCTURE_HELP, SparseMethod, check_structure, save_sparse
+from .sparse import (
+    SPARSE_FILE,
+    STRUCTURE_HELP,
+    SparseMethod,
+    check_regrow_base,
+    check_structure,
+    save_sparse,
+)
 
 # peft's file name -> the name the LoRA part of a rosa delta has.
 LORA_FILES = {
@@ -117,6 +124,7 @@ class RosaMethod(Method):
     def prepare(self, model: nn.Module, layers: list[int], batches=None) -> nn.Module:
         if not layers:
             raise UserInputError("rosa: no layer left to train (everything is frozen)")
+        check_regrow_base(model, self.config.regrow_every)
         model.requires_grad_(False)
         self.sparse.progress = self.progress
         chosen = self.sparse.choose(model, layers, batches)

@@ -352,6 +352,17 @@ STRUCTURE_HELP = (
 )
 
 
+def check_regrow_base(model: nn.Module, regrow_every: int) -> None:
+    """Drop-and-regrow moves entries of the base weights and grows from their dense
+    gradient: neither exists beside a quantized weight (the regrow would silently never
+    happen), so it is refused there."""
+    if regrow_every and quantization_of(model) != "none":
+        raise UserInputError(
+            "drop-and-regrow (--regrow-every) is not supported on a quantized base "
+            "(it moves entries of the weights); drop --quantize or --regrow-every"
+        )
+
+
 def check_structure(structure: str, regrow_every: int) -> None:
     """The ``structure`` option, for sparse and RoSA alike."""
     if structure not in STRUCTURES:
@@ -414,11 +425,7 @@ class SparseMethod(Method):
     def prepare(self, model: nn.Module, layers: list[int], batches=None) -> nn.Module:
         if not layers:
             raise UserInputError("sparse: no layer left to train (everything is frozen)")
-        if self.config.regrow_every and quantization_of(model) != "none":
-            raise UserInputError(
-                "drop-and-regrow (--regrow-every) is not supported on a quantized base "
-                "(it moves entries of the weights); drop --quantize or --regrow-every"
-            )
+        check_regrow_base(model, self.config.regrow_every)
         model.requires_grad_(False)
         self.attach_selected(model, layers, batches)
         return model
