@@ -10,6 +10,7 @@ takes for its flags, their YAML keys and its sweep grid.
 from __future__ import annotations
 
 import argparse
+import os
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -360,15 +361,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..training.trainer import finished_delta, train
 
     cfg, store = train_options_from_args(args)
-    if not store.no_store:  # a bad or read-only --store fails now, not after the training
+    # under torchrun / accelerate launch only rank 0 (the main process) touches the store
+    main = not int(os.environ.get("RANK", "0"))
+    if not store.no_store and main:  # a bad or read-only --store fails now, not after training
         from ..delta import DeltaStore
 
         DeltaStore(store.store).require_writable("train (to store its result)")
     delta_dir = finished_delta(cfg.output_dir) if cfg.resume else None
     if delta_dir is not None:  # e.g. killed during the store add below: finish only that
+        if not main:
+            return 0
         print(f"{cfg.output_dir} holds a finished run: nothing to train")
     else:
         result = train(cfg)
+        if not result.main_process:  # one of several processes: the main one reports, stores
+            return 0
         report_train(cfg, result)
         delta_dir = result.delta_dir
     print(f"delta: {delta_dir}")

@@ -82,9 +82,16 @@ def accumulate_gradients(
         loss_sum += value
         tokens += int(b["attention_mask"].sum())
     if world > 1:
-        for p in params:
-            if p.grad is not None:
-                p.grad = reduce(p.grad, "mean")
+        # every process must all-reduce the same tensors: one that a process did not use
+        # (no examples in an epoch's short last batch, an expert no token chose) joins with
+        # zeros wherever another process has its gradient; one no process used keeps None,
+        # as it would in one process
+        used = torch.tensor([p.grad is not None for p in params], device=device)
+        used = reduce(used.to(torch.int32), "sum").tolist()
+        for p, anywhere in zip(params, used):
+            if anywhere:
+                grad = p.grad if p.grad is not None else torch.zeros_like(p)
+                p.grad = reduce(grad, "mean")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     if not torch.isfinite(grad_norm):
         raise NonFiniteError("gradient norm", float(grad_norm))

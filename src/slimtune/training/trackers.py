@@ -76,7 +76,7 @@ def accelerator_options(names: list[str], run_dir: Path) -> dict[str, Any]:
 
 def start(accelerator, names: list[str], run_dir: Path, options: dict[str, Any]) -> None:
     """Open the trackers of an accelerator made with :func:`accelerator_options`."""
-    if not names:
+    if not names or not accelerator.is_main_process:  # the main process alone logs
         return
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,10 @@ What slimtune adds over a plain loop, and why:
   and the last good checkpoint is left in place.
 * Loss is averaged over the target tokens of the whole accumulated step, so gradient
   accumulation changes memory, not the result.
+* Under torchrun / accelerate launch, N processes of batch B train on the examples one
+  process of batch N x B does (gradients all-reduced, loss averaged over all processes'
+  tokens); the main process alone evaluates and writes the folder, the delta and the store
+  entry, so the run's files are those of one process.
 """
 
 from __future__ import annotations
@@ -81,6 +85,9 @@ class TrainResult:
     eval_dataset: Dataset | None
     eval_details: dict | None = None
     run_summary: RunSummary = field(kw_only=True)
+    # False on the other processes of a multi-process run: only the main one evaluated and
+    # wrote the delta (``manifest`` is empty there), so only it reports and stores
+    main_process: bool = field(default=True, kw_only=True)
 
 
 def _accelerator(cfg: TrainConfig):
@@ -164,11 +171,32 @@ class Trainer:
         self.device = self.accelerator.device
         self._lock = contextlib.ExitStack()  # the output folder's lock, held until close()
         try:
-            self._prepare_output()  # a refusal here must release the lock it just took
+            # a refusal here must release the lock it just took; only the main process
+            # prepares (and locks) the folder, the others wait and share its verdict
+            self._on_main(self._prepare_output)
             self._setup(loaded)
         except BaseException:
             self.close()
             raise
+
+    def _on_main(self, fn) -> None:
+        """Run ``fn`` on the main process only while the others wait; a refusal there
+        (``UserInputError``) is raised on every process, so none is left waiting."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            fn()
+            return
+        from accelerate.utils import broadcast_object_list
+
+        error = [None]
+        if acc.is_main_process:
+            try:
+                fn()
+            except UserInputError as e:
+                error = [str(e)]
+        broadcast_object_list(error)  # also the barrier: the others wait for fn here
+        if error[0] is not None:
+            raise UserInputError(error[0])
 
     def close(self) -> None:
         """Release the output folder (``run`` does this when it ends)."""
@@ -313,9 +341,13 @@ class Trainer:
         return k
 
     def _calibration_batches(self, n: int) -> list[dict[str, torch.Tensor]]:
-        """The first ``n`` batches of the training data in file order, on the device."""
+        """The first ``n`` batches of the training data in file order, on the device.
+
+        Batches of the global batch size (``batch_size x processes``), the same on every
+        process: each scores and selects what a one-process run of that batch would, so the
+        trained weights are the same on all (and the same as that run's)."""
         pad = self.loaded.tokenizer.pad_token_id
-        bs = self.cfg.batch_size
+        bs = self.cfg.batch_size * self.accelerator.num_processes
         out = []
         for s in range(0, min(n * bs, len(self.examples)), bs):
             b = collate(self.examples[s : s + bs], pad)
@@ -376,6 +408,10 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
+        """Written by the main process only: every process holds the same trainable tensors
+        and optimizer state (their gradients are all-reduced before each step)."""
+        if not self.accelerator.is_main_process:
+            return
         with atomic_dir(self.ckpt_dir, replace=True) as tmp:
             write_safetensors(
                 tmp / "trainable.safetensors", self.method.trainable_state(self.model)
@@ -485,7 +521,8 @@ class Trainer:
                 if rec.get("step", 0) <= self.step and not stale:
                     kept.append(rec)
             self.history = kept
-            write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+            if self.accelerator.is_main_process:  # the others read it too: same records
+                write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
         info(f"resumed from {ckpt} at step {self.step}")
         if lowered:
             changed = ", ".join(f"{k} {old:g} -> {new:g}" for k, (old, new) in lowered.items())
@@ -510,14 +547,24 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------
 
     def _micro_batch(self, index: int) -> list[int]:
-        per_epoch = math.ceil(len(self.examples) / self.cfg.batch_size)
+        """This process' share of global micro-batch ``index``.
+
+        The global micro-batch is the one a single process with ``batch_size x processes``
+        would take; each process gets a contiguous part (``batch_size`` examples, fewer or
+        none in an epoch's short last batch). So N processes of batch B train on exactly
+        the examples one process of batch N x B does, in the same steps and epochs.
+        """
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        size = self.cfg.batch_size * world
+        per_epoch = math.ceil(len(self.examples) / size)
         epoch, pos = divmod(index, per_epoch)
         if getattr(self, "_epoch", None) != epoch:
             self._epoch = epoch
-            self._epoch_batches = epoch_batches(
-                len(self.examples), self.cfg.batch_size, self.cfg.seed, epoch
-            )
-        return self._epoch_batches[pos]
+            self._epoch_batches = epoch_batches(len(self.examples), size, self.cfg.seed, epoch)
+        batch = self._epoch_batches[pos]
+        share, extra = divmod(len(batch), world)
+        start = rank * share + min(rank, extra)
+        return batch[start : start + share + (rank < extra)]
 
     def _log(self, record: dict) -> None:
         self.history.append(record)
@@ -556,7 +603,7 @@ class Trainer:
             {f.name: getattr(cfg, f.name) for f in fields(cfg)},
         )
         pad = self.loaded.tokenizer.pad_token_id
-        world, rank = acc.num_processes, acc.process_index
+        world = acc.num_processes
         self.model.train()
         step_times: list[float] = []
         tokens = 0
@@ -582,10 +629,10 @@ class Trainer:
             while self.step < cfg.max_steps:
                 t0 = time.perf_counter()
                 micro = [
-                    self._micro_batch((self.step * cfg.grad_accum + j) * world + rank)
-                    for j in range(cfg.grad_accum)
+                    self._micro_batch(self.step * cfg.grad_accum + j) for j in range(cfg.grad_accum)
                 ]
-                batches = [collate([self.examples[i] for i in idx], pad) for idx in micro]
+                # a process may get no examples of an epoch's short last batch
+                batches = [collate([self.examples[i] for i in idx], pad) for idx in micro if idx]
                 lines = [self.examples[i].line for idx in micro for i in idx]
                 try:
                     loss_sum, grad_norm, n_tokens, n_target = accumulate_gradients(
@@ -601,7 +648,12 @@ class Trainer:
                     )
                 except NonFiniteError as e:
                     raise self._diverged(e.what, e.value, lines) from None
-                tokens += n_tokens
+                if world > 1:  # the loss and tokens of all processes: the loss token-weighted
+                    totals = torch.tensor(
+                        [loss_sum, n_target, n_tokens], dtype=torch.float64, device=self.device
+                    )
+                    loss_sum, n_target, n_tokens = acc.reduce(totals, "sum").tolist()
+                tokens += int(n_tokens)
                 lr = self.scheduler.get_last_lr()[0]
                 self.optimizer.step()
                 self.method.on_step_end(self.model, self.optimizer, self.step)
@@ -626,7 +678,8 @@ class Trainer:
                     "tokens_per_s": tokens / train_time if train_time else 0.0,
                     **self.method.step_metrics(self.model),
                 }
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.eval_ds:
+                evaluate_now = cfg.eval_every and self.step % cfg.eval_every == 0
+                if evaluate_now and self.eval_ds and acc.is_main_process:
                     rec["eval_loss"] = self._eval_loss()
                 self._log(rec)
                 if bar:
@@ -642,6 +695,9 @@ class Trainer:
         return self._finish(mem, train_time, tokens, step_times)
 
     def _eval_loss(self) -> float:
+        """The eval set's loss. With several processes only the main one evaluates (the
+        model is the same on each, so the numbers are a one-process run's); the others go on
+        to the next step and wait for it in its gradient all-reduce."""
         from ..eval.evaluate import eval_loss
 
         return eval_loss(
@@ -658,8 +714,9 @@ class Trainer:
         from ..eval.evaluate import detect_task, evaluate, label_set
 
         cfg = self.cfg
+        main = self.accelerator.is_main_process
         eval_metrics, details = {}, None
-        if self.eval_ds is not None:
+        if self.eval_ds is not None and main:  # see _eval_loss: main process only
             task = detect_task(self.train_ds) if cfg.task == "auto" else cfg.task
             labels = (
                 label_set(self.train_ds.records + self.eval_ds.records)
@@ -695,6 +752,22 @@ class Trainer:
         )
         summary.update({f"eval_{k}": v for k, v in eval_metrics.items() if k != "task"})
         summary.update(self.method.summary(self.model))
+        if not main:  # the main process writes the delta, the summary and the reports
+            self.accelerator.wait_for_everyone()
+            return TrainResult(
+                self.out,
+                self.out / "delta",
+                {},
+                summary.to_dict(),
+                self.history,
+                self.model,
+                self.loaded,
+                self.method,
+                self.eval_ds,
+                None,
+                run_summary=summary,
+                main_process=False,
+            )
         base = {
             "fingerprint": self.base_fingerprint,
             "name": self.loaded.name,
@@ -736,6 +809,8 @@ class Trainer:
         if not cfg.keep_checkpoint:
             for p in (self.ckpt_dir, self.ckpt_dir.with_name("checkpoint.old")):
                 shutil.rmtree(p, ignore_errors=True)
+        if self.accelerator.num_processes > 1:
+            self.accelerator.wait_for_everyone()  # the others end once all is written
         return TrainResult(
             self.out,
             delta_dir,

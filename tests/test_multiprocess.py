@@ -1,0 +1,138 @@
+"""Several processes on the CPU (gloo): torchrun and accelerate launch.
+
+Two processes of batch 2 must train the weights one process of batch 4 trains (the global
+batch is the same), write every file once and add one store version.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from slimtune.cli.app import main
+from slimtune.delta import DeltaStore
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+# accelerate launch --cpu runs one process whatever --num_processes says (accelerate starts
+# several CPU processes only through mpirun with a hostfile); --multi_gpu goes through
+# torchrun, and --device cpu makes the processes gloo ones
+ACCELERATE = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]
+
+
+def _train_args(model: Path, data: Path, out: Path, store: Path, method: str, batch: int):
+    args = ["train", "--model", str(model), "--data", str(data), "--method", method]
+    # 37 training examples: the epoch's last global batch holds one, so the second process
+    # gets none at step 10, and step 11 starts the next epoch
+    args += ["--device", "cpu", "--max-steps", "11", "--batch-size", str(batch), "--seed", "3"]
+    args += ["--eval-fraction", "0.23", "--save-every", "0", "--no-progress"]
+    args += ["--output-dir", str(out), "--store", str(store)]
+    return args + (["--lora-dropout", "0"] if method == "lora" else [])
+
+
+def _launch(launcher: list[str], args: list[str], port: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    if launcher is TORCHRUN:
+        launcher = [*launcher, "--master_port", str(port)]
+    else:
+        launcher = [*launcher, "--main_process_port", str(port)]
+    return subprocess.run(
+        [*launcher, "-m", "slimtune", *args], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def _weights(delta: Path) -> dict[str, torch.Tensor]:
+    files = sorted(delta.glob("*.safetensors"))
+    assert files, f"no weights in {delta}"
+    return {f"{f.name}:{k}": v for f in files for k, v in load_file(f).items()}
+
+
+def _losses(run: Path) -> list[float]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines]
+
+
+@pytest.mark.parametrize(
+    "launcher,method",
+    [(TORCHRUN, "lora"), (TORCHRUN, "sparse"), (TORCHRUN, "full"), (ACCELERATE, "lora")],
+    ids=["torchrun-lora", "torchrun-sparse", "torchrun-full", "accelerate-lora"],
+)
+def test_two_processes_train_what_one_does(tiny_dir, intent_file, tmp_path, launcher, method):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(_train_args(tiny_dir, intent_file, one, tmp_path / "s1", method, 4)) == 0
+    port = 29500 + (os.getpid() + len(method) + len(launcher)) % 1000
+    args = _train_args(tiny_dir, intent_file, two, tmp_path / "s2", method, 2)
+    proc = _launch(launcher, args, port)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    # the main process alone reports and stores: one table, one version, one delta
+    assert proc.stdout.count(f"slimtune train: {method} on") == 1
+    assert proc.stdout.count("stored as") == 1
+    assert len(DeltaStore(tmp_path / "s2").list()) == 1
+    assert [p.name for p in two.glob("*delta*")] == ["delta"]
+    assert not list(two.glob(".*.tmp"))
+    a, b = _weights(one / "delta"), _weights(two / "delta")
+    assert a.keys() == b.keys()
+    for k in a:
+        if a[k].is_floating_point():
+            rel = float((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12))
+            assert rel <= 1e-5, (k, rel)
+        else:  # sparse indices: the same entries chosen
+            assert torch.equal(a[k], b[k]), k
+    # the logged loss is the global one: the one-process run's, step by step
+    assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)
+    s1, s2 = (json.loads((r / "summary.json").read_text()) for r in (one, two))
+    assert s2["final_train_loss"] == pytest.approx(s1["final_train_loss"], rel=1e-5)
+    assert s2["eval_loss"] == pytest.approx(s1["eval_loss"], rel=1e-5)
+
+
+def test_a_refusal_on_the_main_process_ends_every_process(tiny_dir, intent_file, tmp_path):
+    """The main process prepares the output folder; its refusal (a finished run there) is
+    every process' error, not a hang of the others at the next barrier."""
+    out = tmp_path / "run"
+    (out / "delta").mkdir(parents=True)
+    (out / "delta" / "manifest.json").write_text("{}")
+    args = _train_args(tiny_dir, intent_file, out, tmp_path / "s", "lora", 2)
+    proc = _launch(TORCHRUN, args, 29500 + os.getpid() % 1000 + 7)
+    assert proc.returncode != 0
+    assert "already holds a finished run" in proc.stderr
+    assert not DeltaStore(tmp_path / "s").list()
+
+
+def test_two_processes_resume_the_main_process_checkpoint(tiny_dir, intent_file, tmp_path):
+    """The main process writes the checkpoint once; every process resumes from it and the
+    run ends with the weights of the run that was never stopped."""
+    out = tmp_path / "run"
+    args = _train_args(tiny_dir, intent_file, out, tmp_path / "s", "lora", 2)
+    args[args.index("--max-steps") + 1] = "4"
+    args[args.index("--save-every") + 1] = "2"  # one checkpoint, at step 2
+    args += ["--keep-checkpoint", "--no-store"]
+    port = 29500 + os.getpid() % 1000 + 11
+    proc = _launch(TORCHRUN, args, port)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    whole = _weights(out / "delta")
+    assert json.loads((out / "checkpoint" / "checkpoint.json").read_text())["step"] == 2
+    shutil.rmtree(out / "delta")  # as if killed after the checkpoint
+    proc = _launch(TORCHRUN, [*args, "--resume"], port + 1)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stderr.count("resumed from") == 1
+    resumed = _weights(out / "delta")
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").open())] == [1, 2, 3, 4]
