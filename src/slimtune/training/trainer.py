@@ -23,6 +23,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -95,6 +96,11 @@ def _accelerator(cfg: TrainConfig):
 
     device = resolve_device(cfg.device)  # an explicit device must exist: no silent CPU run
     cpu = device == "cpu"
+    if device.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserInputError(
+            f"--device {device} with several processes: each takes its own GPU (its "
+            "LOCAL_RANK); use --device cuda (or auto) and CUDA_VISIBLE_DEVICES to choose them"
+        )
     if device.startswith("cuda:"):
         torch.cuda.set_device(device)  # the Accelerator trains on the current GPU
     if cfg.precision == "auto":
