@@ -175,7 +175,7 @@ class DeltaStore:
             )
         if not self.root.exists():
             try:
-                self.root.mkdir(parents=True)
+                self.root.mkdir(parents=True, exist_ok=True)  # another process may race us
             except OSError as e:
                 if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                     raise UserInputError(
