@@ -275,9 +275,10 @@ def load_experts(model: nn.Module, folder: Path, manifest: dict) -> Attached:
 def _serving_dtype(base_layer: nn.Module, default: torch.dtype) -> torch.dtype:
     """The dtype ``base_layer`` computes in: its weight's, or for a quantized layer (packed
     integer weights) bitsandbytes' 4-bit compute dtype, else ``default``."""
-    w = base_layer.weight.dtype
-    if w.is_floating_point:
-        return w
+    w = base_layer.weight
+    assert isinstance(w, torch.Tensor)
+    if w.dtype.is_floating_point:
+        return w.dtype
     compute = getattr(base_layer, "compute_dtype", None)
     return compute if isinstance(compute, torch.dtype) else default
 
