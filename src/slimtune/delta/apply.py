@@ -65,9 +65,7 @@ def apply_delta(
     label = ref or str(folder)
     if merge and not method.mergeable:
         raise DeltaError(_merge_refusal(label, method))
-    _refuse_quantized_base(model, label, method)
-    if merge:
-        _refuse_quantized_merge(model, label)
+    _refuse_quantized_base(model, label, method, merge)
     attached = method.attach(model, folder, manifest, merge=merge)
     return Applied(attached.model, manifest, label, attached.merged, [attached.undo])
 
@@ -81,14 +79,23 @@ def _merge_refusal(ref: str, method: type[Method]) -> str:
     return f"{ref} ({method.name}) cannot be merged into the base{why}"
 
 
-def _refuse_quantized_base(model: nn.Module, ref: str, method: type[Method]) -> None:
-    """A delta whose method has no way to run on this quantized base (``full`` writes the
-    base weights: into int8 ones it would be truncated to garbage; peft's DoRA fails on
-    8-bit layers) is refused in one line before anything is written."""
+def _refuse_quantized_base(model: nn.Module, ref: str, method: type[Method], merge: bool) -> None:
+    """On a quantized base, refuse in one line before anything is written: a merge (the
+    delta would be rounded away in the quantized weights, and nothing could undo it), and
+    a delta whose method has no way to run there (``full`` writes the base weights: into
+    int8 ones it would be truncated to garbage; peft's DoRA fails on 8-bit layers)."""
     from ..model.quantize import quantization_of
 
     kind = quantization_of(model)
-    if kind == "none" or kind in method.quantizations:
+    if kind == "none":
+        return
+    if merge:
+        raise DeltaError(
+            f"{ref} cannot be merged into a quantized base ({kind} weights cannot hold it); "
+            f"run it attached (--delta {ref}), or merge it into the full-precision base "
+            "(delta apply --out)"
+        )
+    if kind in method.quantizations:
         return
     takes = method.quantizations
     why = (
@@ -99,20 +106,6 @@ def _refuse_quantized_base(model: nn.Module, ref: str, method: type[Method]) -> 
         "base without --quantize"
     )
     raise DeltaError(f"{ref} ({method.name}) cannot run on an {kind}-quantized base: {why}")
-
-
-def _refuse_quantized_merge(model: nn.Module, ref: str) -> None:
-    """A delta cannot be written into quantized weights (it would be rounded away, and
-    nothing could undo it): it runs attached, or merges into the full-precision base."""
-    from ..model.quantize import quantization_of
-
-    kind = quantization_of(model)
-    if kind != "none":
-        raise DeltaError(
-            f"{ref} cannot be merged into a quantized base ({kind} weights cannot hold it); "
-            f"run it attached (--delta {ref}), or merge it into the full-precision base "
-            "(delta apply --out)"
-        )
 
 
 def load_delta(

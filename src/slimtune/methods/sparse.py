@@ -506,13 +506,9 @@ class SparseMethod(Method):
         cls, model: nn.Module, folder: Path, manifest: dict[str, Any], *, merge: bool
     ) -> Attachment:
         """Scatter-add the values into the weights (always merged); undo puts the original
-        entries back. On a quantized base the delta runs beside the weights instead."""
+        entries back. On a quantized base the delta runs beside the weights instead, never
+        merged (apply_delta refuses a merge there before calling this)."""
         if quantization_of(model) != "none":
-            if merge:
-                raise DeltaError(
-                    f"{folder}: a sparse delta cannot be merged into a quantized base; "
-                    "apply it unmerged, or load the base without --quantize"
-                )
             return attach_beside(model, folder / SPARSE_FILE)
         apply_sparse(model, folder / SPARSE_FILE)
         return Attachment(model, True, lambda: remove_sparse(model))
