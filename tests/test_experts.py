@@ -140,6 +140,27 @@ def test_dense_training_gives_the_routed_outputs_and_gradients():
         torch.testing.assert_close(rt_d[i], g, rtol=1e-4, atol=1e-6)
 
 
+def test_the_training_loss_routes_the_tokens_of_its_own_batch():
+    """The loss runs the decoder stack without the model's forward: the routers must still
+    see this batch's padding, not the mask of the batch before (here: one with a padded
+    row of the same shape, which would leave a real token unrouted)."""
+    from slimtune.training.loss import target_loss
+
+    model, vocab = _with_experts(experts=4, top_k=2)
+    router = attached(model).routers[0]
+    ids = torch.randint(0, vocab, (2, 6), generator=torch.Generator().manual_seed(0))
+    padded = torch.ones_like(ids)
+    padded[0, :2] = 0
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=padded)  # an earlier batch: 10 real tokens
+    full = torch.ones_like(ids)
+    target_loss(model, {"input_ids": ids, "attention_mask": full, "labels": ids})
+    assert int(router.current.counts_t.sum()) == 12 * 2  # every token, top 2 each
+    padded_batch = {"input_ids": ids, "attention_mask": padded, "labels": ids}
+    target_loss(model, padded_batch)
+    assert int(router.current.counts_t.sum()) == 10 * 2
+
+
 def test_dense_dispatch_is_chosen_on_cuda_for_narrow_experts_only():
     model, _ = _with_experts(experts=8, top_k=2, rank=4, layers=(0,))
     lin = next(iter(attached(model).linears.values()))
@@ -191,7 +212,9 @@ def test_training_experts_lowers_the_loss_and_reports_usage(tiny_dir, intent_fil
     )
     losses = [h["loss"] for h in res.history]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.25
-    assert all("balance_loss" in h and h["balance_loss"] >= 1.0 - 1e-6 for h in res.history)
+    # E * sum f_e P_e: 1 for uniform routing, at most E (4); top-k routing makes it about
+    # 1 or more (the chosen experts are the likelier ones), though one batch may dip below
+    assert all("balance_loss" in h and 0.95 <= h["balance_loss"] <= 4 for h in res.history)
     s = res.summary
     # experts only above the freeze point, and usage counted per routing slot
     assert sorted(s["expert_usage"]) == ["2", "3"]

@@ -50,6 +50,7 @@ and applying it attaches these modules (``attach_experts``); removing them puts 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +60,7 @@ from torch import nn
 
 from ...errors import DeltaError, UserInputError
 from ...fileio import write_safetensors
-from ...model.anatomy import decoder_layers, target_module_names
+from ...model.anatomy import base_model, decoder_layers, target_module_names
 from ..base import Attachment, Method, MethodConfig, option, register_method
 from .layer import DENSE_MAX_WIDTH, DISPATCH, ExpertLinear, _mask_hook, _release_hook, _route_hook
 from .routing import ExpertRouter
@@ -164,7 +165,11 @@ def attach_experts(model: nn.Module, layers: list[int], cfg: ExpertsOptions) -> 
         undo.append(handle.remove)
         undo.append(block.register_forward_hook(_release_hook(router)).remove)
         undo.append(lambda b=block: delattr(b, "expert_router"))
-    handle = model.register_forward_pre_hook(_mask_hook(list(routers.values())), with_kwargs=True)
+    # on the decoder stack, which the training loss runs without the model's own forward
+    # (training/loss.py): a hook on the model would leave the routers an older batch's mask
+    stack = getattr(base_model(model), "model", None)
+    hooked = stack if isinstance(stack, nn.Module) else model
+    handle = hooked.register_forward_pre_hook(_mask_hook(list(routers.values())), with_kwargs=True)
     undo.append(handle.remove)
     att = Attached(routers, linears, undo)
     model.__dict__["_slimtune_experts"] = att  # where attached() finds it
@@ -315,6 +320,8 @@ class ExpertsMethod(Method):
     why_not_mergeable = "its experts are routed per token"
     default_lr = 5e-4
     delta_files = (EXPERTS_FILE,)
+    why_not_sharded = "its experts are stacked per layer and routed per token"
+    unused_parameters = True  # an expert no token of a process' batch chose
 
     def __init__(self, config=None) -> None:
         super().__init__(config)
@@ -340,6 +347,13 @@ class ExpertsMethod(Method):
         aux = torch.stack(values).mean()
         self._aux_seen.append(float(aux.detach()))
         return self.config.aux_weight * aux
+
+    def gather_statistics(
+        self, model: nn.Module, total: Callable[[torch.Tensor], torch.Tensor], main: bool
+    ) -> None:
+        for r in attached(model).routers.values():
+            usage = total(r.usage)
+            r.usage.copy_(usage if main else torch.zeros_like(usage))
 
     def step_metrics(self, model: nn.Module) -> dict:
         seen, self._aux_seen = self._aux_seen, []
