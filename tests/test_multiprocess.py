@@ -71,15 +71,36 @@ def _losses(run: Path) -> list[float]:
 
 
 @pytest.mark.parametrize(
-    "launcher,method",
-    [(TORCHRUN, "lora"), (TORCHRUN, "sparse"), (TORCHRUN, "full"), (ACCELERATE, "lora")],
-    ids=["torchrun-lora", "torchrun-sparse", "torchrun-full", "accelerate-lora"],
+    "launcher,method,extra",
+    [
+        (TORCHRUN, "lora", []),
+        (TORCHRUN, "sparse", []),
+        (TORCHRUN, "sparse", ["--regrow-every", "3"]),
+        (TORCHRUN, "full", []),
+        (ACCELERATE, "lora", []),
+        (TORCHRUN, "full", ["--fsdp"]),
+        (TORCHRUN, "lora", ["--fsdp"]),
+    ],
+    ids=[
+        "torchrun-lora",
+        "torchrun-sparse",
+        "torchrun-sparse-regrow",
+        "torchrun-full",
+        "accelerate-lora",
+        "fsdp-full",
+        "fsdp-lora",
+    ],
 )
-def test_two_processes_train_what_one_does(tiny_dir, intent_file, tmp_path, launcher, method):
+def test_two_processes_train_what_one_does(
+    tiny_dir, intent_file, tmp_path, launcher, method, extra
+):
+    """DDP (through accelerate) and FSDP2: the weights, the logged loss and the eval
+    metrics (each process evaluates a share) are those of one process; a sparse regrow
+    grows the entries one process would (from the gradient of the whole batch)."""
     one, two = tmp_path / "one", tmp_path / "two"
-    assert main(_train_args(tiny_dir, intent_file, one, tmp_path / "s1", method, 4)) == 0
-    port = 29500 + (os.getpid() + len(method) + len(launcher)) % 1000
-    args = _train_args(tiny_dir, intent_file, two, tmp_path / "s2", method, 2)
+    assert main(_train_args(tiny_dir, intent_file, one, tmp_path / "s1", method, 4) + extra) == 0
+    port = 29500 + (os.getpid() + len(method) + len(launcher) + 3 * len(extra)) % 1000
+    args = _train_args(tiny_dir, intent_file, two, tmp_path / "s2", method, 2) + extra
     proc = _launch(launcher, args, port)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     # the main process alone reports and stores: one table, one version, one delta
@@ -101,6 +122,8 @@ def test_two_processes_train_what_one_does(tiny_dir, intent_file, tmp_path, laun
     s1, s2 = (json.loads((r / "summary.json").read_text()) for r in (one, two))
     assert s2["final_train_loss"] == pytest.approx(s1["final_train_loss"], rel=1e-5)
     assert s2["eval_loss"] == pytest.approx(s1["eval_loss"], rel=1e-5)
+    assert s2["eval_accuracy"] == s1["eval_accuracy"]
+    assert s2["eval_examples"] == s1["eval_examples"]
 
 
 def test_a_refusal_on_the_main_process_ends_every_process(tiny_dir, intent_file, tmp_path):
@@ -136,3 +159,51 @@ def test_two_processes_resume_the_main_process_checkpoint(tiny_dir, intent_file,
     resumed = _weights(out / "delta")
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").open())] == [1, 2, 3, 4]
+
+
+def test_an_fsdp_checkpoint_resumes_in_one_process(tiny_dir, intent_file, tmp_path):
+    """A sharded run's checkpoint holds whole tensors: one process (the same global batch,
+    no --fsdp) resumes it and ends with the weights of the sharded run that never stopped."""
+    out = tmp_path / "run"
+    args = _train_args(tiny_dir, intent_file, out, tmp_path / "s", "full", 2)
+    args[args.index("--max-steps") + 1] = "4"
+    args[args.index("--save-every") + 1] = "2"  # one checkpoint, at step 2
+    args += ["--keep-checkpoint", "--no-store"]
+    proc = _launch(TORCHRUN, [*args, "--fsdp"], 29500 + os.getpid() % 1000 + 13)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    whole = _weights(out / "delta")
+    shutil.rmtree(out / "delta")  # as if killed after the checkpoint
+    args[args.index("--batch-size") + 1] = "4"
+    assert main([*args, "--resume"]) == 0
+    resumed = _weights(out / "delta")
+    assert whole.keys() == resumed.keys()
+    for k in whole:
+        rel = float((whole[k] - resumed[k]).norm() / whole[k].norm().clamp_min(1e-12))
+        assert rel <= 1e-5, (k, rel)
+    # a different global batch is another run: refused by name
+    args[args.index("--batch-size") + 1] = "2"
+    shutil.rmtree(out / "delta")
+    assert main([*args, "--resume"]) == 2
+
+
+def test_experts_train_with_two_processes(tiny_dir, intent_file, tmp_path):
+    """Experts leave some tensors without a gradient on a process (an expert none of its
+    tokens chose): DDP looks for them, and the weights are one process'. (The router's
+    balancing loss is computed on each process' share of the batch, so with it on the
+    weights are close to one process', not equal: it is off here.) The expert usage the
+    delta records counts the tokens of every process."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    extra = ["--aux-weight", "0"]
+    assert main(_train_args(tiny_dir, intent_file, one, tmp_path / "s1", "experts", 4) + extra) == 0
+    args = _train_args(tiny_dir, intent_file, two, tmp_path / "s2", "experts", 2) + extra
+    proc = _launch(TORCHRUN, args, 29500 + os.getpid() % 1000 + 17)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert len(DeltaStore(tmp_path / "s2").list()) == 1
+    a, b = _weights(one / "delta"), _weights(two / "delta")
+    assert a.keys() == b.keys()
+    for k in a:
+        if k.endswith(".usage"):  # token counts, summed over the processes
+            assert torch.equal(a[k], b[k]), k
+        else:
+            rel = float((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12))
+            assert rel <= 1e-5, (k, rel)

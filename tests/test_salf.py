@@ -150,6 +150,38 @@ def test_plan_choice_fits_and_estimates_are_monotone(tiny):
     assert none.choice is None and "nothing fits the budget" in none.reason
 
 
+def test_plan_per_device_memory_under_ddp_and_fsdp(tiny):
+    """DDP: each device holds what one process does. FSDP2: the weights, gradients and
+    AdamW state shrink with the devices, down to what is gathered whole (two layers and
+    the embeddings/head); only shardable methods are costed."""
+    batch = synthetic_batch(len(tiny.tokenizer), 2, 32)
+    costs = calibrate(tiny.model, "full", {}, batch, steps=1)
+    one = estimate(costs, 0)
+    assert estimate(costs, 0, devices=4).peak_bytes == one.peak_bytes
+    two, four = (estimate(costs, 0, devices=n, fsdp=True) for n in (2, 4))
+    assert one.peak_bytes > two.peak_bytes > four.peak_bytes
+    assert (two.devices, two.fsdp, one.fsdp) == (2, True, False)
+    weights = sum(p.numel() * p.element_size() for p in tiny.model.parameters())
+    assert costs.weight_bytes == weights
+    # sharding 4 ways instead of 2 saves a quarter of the weights and AdamW states, and
+    # of the gradients where they, not the activations, set the peak; no more
+    states = costs.num_layers * costs.state_bytes_per_layer + 2 * costs.embedding_train_bytes // 3
+    grads = costs.num_layers * costs.grad_bytes_per_layer + costs.embedding_train_bytes // 3
+    saved = two.peak_bytes - four.peak_bytes
+    assert (weights + states) / 4 - 4 <= saved <= (weights + states + 2 * grads) / 4 + 4
+    plan = make_plan(
+        tiny.model,
+        batch,
+        [1.0, 0.8, 0.5, 0.2, 0.0],
+        candidates=[("lora", {"r": 4}), ("sparse", {"density": 0.05}), ("full", {})],
+        devices=2,
+        fsdp=True,
+    )
+    assert {c.method for c in plan.candidates} == {"lora", "full"}  # sparse cannot shard
+    assert all(c.devices == 2 and c.fsdp for c in plan.candidates)
+    assert "per device of 2 (FSDP2)" in plan.reason
+
+
 def test_train_freeze_auto_uses_the_analysis(tiny_dir, intent_file, tmp_path):
     res = train_tiny(tiny_dir, intent_file, tmp_path / "r", freeze="auto", max_steps=2)
     auto = res.manifest["auto_freeze"]

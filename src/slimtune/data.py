@@ -514,6 +514,17 @@ def split_dataset(ds: Dataset, eval_fraction: float, seed: int) -> tuple[Dataset
     return part(tr), part(ev)
 
 
+def shard_dataset(ds: Dataset, rank: int, world: int) -> Dataset:
+    """Part ``rank`` of ``world`` contiguous parts of ``ds`` (by record, with their
+    examples), as even as they come: each process evaluates one."""
+    share, extra = divmod(len(ds.records), world)
+    start = rank * share + min(rank, extra)
+    records = ds.records[start : start + share + (rank < extra)]
+    lines = {r.line for r in records}
+    exs = [e for e in ds.examples if e.line in lines]
+    return Dataset(ds.path, ds.shape, records, exs, ds.max_length)
+
+
 def dataset_fingerprint(records: Sequence[Record]) -> str:
     h = hashlib.sha256()
     for r in records:

@@ -60,8 +60,21 @@ def plan_parser(sub) -> None:
         dest="budget_time",
         help="time per optimizer step, e.g. 1.5s",
     )
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="per device (default 8)")
     p.add_argument("--max-length", type=int, default=512)
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="processes of the run, one device each (torchrun / accelerate launch); memory "
+        "is then per device (default 1)",
+    )
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="with --devices > 1: the run shards weights, gradients and optimizer state "
+        "(train --fsdp); only methods that can (full, lora) are costed",
+    )
     p.add_argument(
         "--keep",
         type=float,
@@ -223,6 +236,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from ..salf.plan import calibration_batch, make_plan, parse_duration, parse_size
 
     memory, step = parse_size(args.budget_memory), parse_duration(args.budget_time)
+    if args.devices < 1:
+        raise UserInputError(f"--devices must be >= 1, got {args.devices}")
+    if args.fsdp:  # as train refuses --fsdp --quantize
+        if args.quantize not in ("auto", "none"):
+            raise UserInputError("--fsdp with --quantize: a sharded run's base is not quantized")
+        args.quantize = "none"
     dev = device_of(args)
     kinds = plan_quantizations(getattr(args, "quantize", "auto"), dev, memory)
     loaded = load_for_plan(getattr(args, "model", "default"), dev, kinds, memory)
@@ -246,6 +265,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         autocast=autocast,
         progress=info,
         quantizations=kinds,
+        devices=args.devices,
+        fsdp=args.fsdp,
     )
     rows = [
         [
@@ -261,9 +282,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         ]
         for c in p.candidates
     ]
+    on = ""
+    if args.devices > 1:
+        on = f" per device, {args.devices} devices ({'FSDP2' if args.fsdp else 'DDP'})"
     print_table(
         f"slimtune plan: {loaded.name}, batch {args.batch_size} x "
-        f"{batch['input_ids'].shape[1]} (the longest examples)",
+        f"{batch['input_ids'].shape[1]} (the longest examples){on}",
         [
             "method",
             "quantize",

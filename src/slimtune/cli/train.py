@@ -264,6 +264,15 @@ def add_train_options(p: argparse.ArgumentParser, grid: bool) -> None:
         "the delta beside them (needs bitsandbytes: pip install 'slimtune[quant]'); "
         "default none",
     )
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        default=S,
+        help="with several processes (torchrun, accelerate launch): shard the weights, "
+        "gradients and optimizer state across them (FSDP2), for a model whose training "
+        "does not fit one device; full and lora (default: each process holds the whole "
+        "model, DDP)",
+    )
     p.add_argument("--task", default=S, help="auto, classification, generation or lm")
     p.add_argument(
         "--no-progress", dest="progress", action="store_false", default=S, help="no progress bar"

@@ -490,3 +490,36 @@ def evaluate(
             )
         )
     return metrics, details
+
+
+def merge_evaluations(parts: Sequence[tuple[dict, dict | None]]) -> tuple[dict, dict | None]:
+    """One :func:`evaluate` result from those of contiguous shares of a dataset, in order
+    (each process of a run evaluates one): the counts summed, the losses weighted by
+    their target tokens, the per-example details joined. Latency is the first share's."""
+    parts = [p for p in parts if p[0]]  # a process with no share of a small eval set
+    if len(parts) == 1:
+        return parts[0]
+    metrics = dict(parts[0][0])
+    metrics["examples"] = sum(m["examples"] for m, _ in parts)
+    tokens = sum(m["target_tokens"] for m, _ in parts)
+    mean = sum(m["loss"] * m["target_tokens"] for m, _ in parts) / max(tokens, 1)
+    metrics.update(loss=mean, perplexity=math.exp(min(mean, 50.0)), target_tokens=tokens)
+    shares = [d for _, d in parts]
+    if any(d is None for d in shares):
+        return metrics, None
+    details = {**shares[0]}
+    for key in ("predictions", "correct", "gold_tokens"):
+        if key in details:
+            details[key] = [x for d in shares for x in d[key]]
+    details["n"] = len(details["correct"])
+    score = "accuracy" if "accuracy" in details else "exact_match"
+    details[score] = metrics[score] = sum(details["correct"]) / max(details["n"], 1)
+    if "gold_loss" in details:
+        gold = [d["gold_loss"] for d in shares]
+        details["gold_loss"] = (
+            None
+            if any(g is None for g in gold)
+            else sum(g * sum(d["gold_tokens"]) for g, d in zip(gold, shares))
+            / max(sum(details["gold_tokens"]), 1)
+        )
+    return metrics, details

@@ -153,6 +153,13 @@ class Method(ABC):
     # quantized weights; a method that writes into the base weights takes none.
     quantizations: ClassVar[tuple[str, ...]] = ("nf4", "int8")
     why_not_quantized: ClassVar[str] = ""  # said when --quantize is refused
+    # --fsdp: its trained tensors can be sharded like the base's (FSDP2 gathers them
+    # layer by layer); methods that index or route into a layer's weights cannot
+    shardable: ClassVar[bool] = False
+    why_not_sharded: ClassVar[str] = "its delta indexes into whole weights"
+    # a step may leave some trainable tensors without a gradient (an expert no token
+    # chose): DDP must look for them after each forward
+    unused_parameters: ClassVar[bool] = False
     # The learning rate when the run does not set one.
     default_lr: ClassVar[float] = 1e-4
     # Whether the delta folder is peft's own adapter format (exports to / imports from peft).
@@ -229,6 +236,14 @@ class Method(ABC):
     def extra_state(self, model: nn.Module) -> dict:
         """Non-parameter tensors that change during training (none for most methods)."""
         return {}
+
+    def gather_statistics(  # noqa: B027
+        self, model: nn.Module, total: Callable[[torch.Tensor], torch.Tensor], main: bool
+    ) -> None:
+        """With several processes, called on each before anything is written: statistics
+        each counted on its share of the data (e.g. expert usage) summed (``total``) into
+        the main process' copy, which alone writes; the others restart from zero, so a
+        later sum counts every token once. Nothing for most methods."""
 
     def state_dict(self, model: nn.Module) -> dict[str, Any]:
         """Training state outside tensors that a checkpoint must keep for a bit-identical

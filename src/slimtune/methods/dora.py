@@ -28,6 +28,8 @@ class DoraMethod(LoraMethod):
     config_class = DoraOptions
     quantizations = ("nf4",)
     why_not_quantized = "peft's DoRA fails on bitsandbytes' 8-bit layers; use --quantize nf4"
+    shardable = False
+    why_not_sharded = "DoRA under FSDP2 is not tested yet (lora is)"
 
     def peft_config(self, model: nn.Module, layers: list[int]):
         cfg = super().peft_config(model, layers)

@@ -29,6 +29,7 @@ class FullMethod(Method):
     delta_files = (WEIGHTS_FILE,)
     trains_embeddings = True
     weight_grads = True
+    shardable = True
     quantizations = ()
     why_not_quantized = (
         "full fine-tuning trains the base weights themselves, and quantized weights take no "

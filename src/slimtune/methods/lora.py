@@ -103,8 +103,11 @@ class PeftAdapterMethod(Method):
     delta_files = PEFT_WEIGHT_FILES
 
     def save(self, model: nn.Module, folder: Path) -> None:
+        # the tensors as the model holds them now, not its state_dict(): under FSDP2
+        # (weights gathered for the write) state_dict() hands back this process' shards
+        state = {**dict(model.named_buffers()), **dict(model.named_parameters())}
         # the PeftModel that prepare returned; nn.Module's __getattr__ types it Tensor | Module
-        model.save_pretrained(str(folder))  # type: ignore[operator]
+        model.save_pretrained(str(folder), state_dict=state)  # type: ignore[operator]
 
     @classmethod
     def attach(
@@ -146,6 +149,7 @@ class LoraMethod(PeftAdapterMethod):
     config: LoraOptions
     default_lr = 2e-4
     peft_type = "LORA"
+    shardable = True
 
     def peft_config(self, model: nn.Module, layers: list[int]):
         from peft import LoraConfig

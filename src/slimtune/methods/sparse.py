@@ -148,7 +148,13 @@ class SparseDelta(nn.Module):
         return _BesideEntries.apply(x, self.values, self.indices, (out, width))
 
     def observe(self, grad_w: torch.Tensor) -> None:
-        scores = grad_w.detach().abs().float().view(-1).clone()
+        """Choose the regrow candidates from this backward's dense weight gradient. With
+        several processes it is summed over them first (each holds its share of the
+        batch), so every process grows the same entries."""
+        scores = grad_w.detach().float().view(-1).clone()
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(scores)
+        scores.abs_()
         scores[self.indices] = -1.0
         self.regrow_candidates = torch.topk(scores, self.regrow_count).indices
         self.regrow_count = 0

@@ -79,6 +79,9 @@ class LayerCosts:
     flops_forward_per_layer: float
     flops_backward_per_trained_layer: float
     quantize: str = "none"  # how the base's block linears are stored (none, nf4, int8)
+    # the base's weights as stored, all and one decoder layer's: what FSDP2 shards
+    weight_bytes: int = 0
+    layer_weight_bytes: int = 0
 
 
 @dataclass
@@ -94,6 +97,8 @@ class Estimate:
     fits: bool = True
     notes: list[str] = field(default_factory=list)
     quantize: str = "none"
+    devices: int = 1  # processes, one device each; peak_bytes is per device
+    fsdp: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -156,6 +161,12 @@ def _weight_counts(model: nn.Module) -> tuple[int, int]:
                 ids.add(id(m.weight))
     rest = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in ids)
     return block, rest
+
+
+def _root_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the weights outside the decoder layers (embeddings, final norm, head)."""
+    inside = {id(p) for layer in decoder_layers(model) for p in layer.parameters()}
+    return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in inside)
 
 
 def weight_bytes(model: nn.Module, quantize: str = "none") -> int:
@@ -386,6 +397,9 @@ def calibrate(
         * batch["input_ids"].numel(),
         flops_backward_per_trained_layer=0.0,
         quantize=quantize,
+        weight_bytes=weight_bytes(model, quantize),
+        layer_weight_bytes=weight_bytes(model, quantize) // max(L, 1)
+        - _root_weight_bytes(model) // max(L, 1),
     )
     costs.flops_backward_per_trained_layer = (
         2.0 if declared.weight_grads else 1.0
@@ -396,7 +410,7 @@ def calibrate(
     return costs
 
 
-def _extra_bytes(costs: LayerCosts, trained: int, embeddings: bool = False) -> int:
+def _extra_bytes(costs: LayerCosts, trained: int, embeddings: bool = False, shards: int = 1) -> int:
     """Bytes training adds for ``trained`` layers, before the fixed transient.
 
     Peak is reached either at the start of backward (all saved activations alive) or in the
@@ -408,11 +422,18 @@ def _extra_bytes(costs: LayerCosts, trained: int, embeddings: bool = False) -> i
     if embeddings:
         states += 2 * costs.embedding_train_bytes // 3
         grads += costs.embedding_train_bytes // 3
-    return states + max(acts, 2 * grads)
+    return (states + max(acts * shards, 2 * grads)) // shards  # states, grads: sharded
 
 
-def estimate(costs: LayerCosts, k: int) -> Estimate:
-    """Step time, peak memory, trainable parameters and backward FLOPs at ``freeze_below=k``."""
+def estimate(costs: LayerCosts, k: int, *, devices: int = 1, fsdp: bool = False) -> Estimate:
+    """Step time, peak memory, trainable parameters and backward FLOPs at ``freeze_below=k``.
+
+    With ``devices`` processes (one device each, the batch per device) the peak is per
+    device. Under DDP it is one device's (its gradients are views into DDP's buckets, no
+    second copy). Under FSDP2 the weights, gradients and optimizer state are divided by
+    ``devices``, plus what is gathered whole: two decoder layers (the one running and the
+    next, prefetched) and the root's weights (embeddings, final norm, head), held from
+    forward to backward. The step time is one device's; communication is not modelled."""
     L = costs.num_layers
     if not 0 <= k < L:
         raise UserInputError(f"freeze_below must be in [0, {L - 1}], got {k}")
@@ -424,7 +445,13 @@ def estimate(costs: LayerCosts, k: int) -> Estimate:
         + n * costs.t_trained
         + (costs.t_embeddings if emb else 0)
     )
-    peak = costs.resident_bytes + costs.transient_bytes + _extra_bytes(costs, n, emb)
+    shards = devices if fsdp and devices > 1 else 1
+    resident = costs.resident_bytes
+    if shards > 1:
+        root = costs.weight_bytes - L * costs.layer_weight_bytes
+        gathered = 2 * costs.layer_weight_bytes + root
+        resident += costs.weight_bytes // shards + gathered - costs.weight_bytes
+    peak = resident + costs.transient_bytes + _extra_bytes(costs, n, emb, shards)
     trainable = n * costs.trainable_per_layer + (costs.trainable_embeddings if emb else 0)
     return Estimate(
         costs.method,
@@ -435,11 +462,18 @@ def estimate(costs: LayerCosts, k: int) -> Estimate:
         int(peak),
         n * costs.flops_backward_per_trained_layer,
         quantize=costs.quantize,
+        devices=devices,
+        fsdp=shards > 1,
     )
 
 
 def budget_freeze_below(
-    costs: LayerCosts, *, memory: int | None = None, step_time: float | None = None
+    costs: LayerCosts,
+    *,
+    memory: int | None = None,
+    step_time: float | None = None,
+    devices: int = 1,
+    fsdp: bool = False,
 ) -> int | None:
     """Unfreeze from the deepest layer towards the shallow ones while within the budget.
 
@@ -447,7 +481,7 @@ def budget_freeze_below(
     """
     chosen = None
     for k in range(costs.num_layers - 1, -1, -1):
-        e = estimate(costs, k)
+        e = estimate(costs, k, devices=devices, fsdp=fsdp)
         if (memory is not None and e.peak_bytes > memory) or (
             step_time is not None and e.step_time_s > step_time
         ):
@@ -507,9 +541,12 @@ def parse_duration(text: str | float | None) -> float | None:
 
 def describe(e: Estimate) -> str:
     on = f" on {e.quantize}" if e.quantize != "none" else ""
+    per = ""
+    if e.devices > 1:
+        per = f" per device of {e.devices} ({'FSDP2' if e.fsdp else 'DDP'})"
     return (
         f"{e.method} {e.options or ''}{on} freeze-below {e.freeze_below}: "
-        f"~{format_bytes(e.peak_bytes)}, ~{e.step_time_s:.2f} s/step"
+        f"~{format_bytes(e.peak_bytes)}{per}, ~{e.step_time_s:.2f} s/step"
     )
 
 
@@ -634,6 +671,8 @@ def make_plan(
     autocast=contextlib.nullcontext,
     progress=None,
     quantizations: list[str] | None = None,
+    devices: int = 1,
+    fsdp: bool = False,
 ) -> Plan:
     """Estimate every (method, base quantization, freeze_below) worth considering and pick
     one under the budget.
@@ -645,6 +684,8 @@ def make_plan(
     allows (deepest-first unfreezing). The pick is the fitting candidate with the highest
     predicted gain, then the unquantized base (quantizing costs accuracy and step time, so
     it is chosen only to fit, or to fit more trained layers), then the shortest step.
+    ``devices``/``fsdp``: the run's processes (one device each, ``batch`` per device) and
+    whether it shards (methods that cannot are left out); memory is per device.
     """
     quantizations = list(quantizations or [quantization_of(model)])
     device = next(model.parameters()).device
@@ -654,6 +695,8 @@ def make_plan(
     for quantize in quantizations:
         for method, options in candidates or DEFAULT_CANDIDATES:
             if not takes_quantization(method, quantize):
+                continue
+            if fsdp and (quantize != "none" or not method_class(method).shardable):
                 continue
             if progress:
                 on = f" on {quantize}" if quantize != "none" else ""
@@ -670,11 +713,17 @@ def make_plan(
             ks = {0}
             if recommended_freeze_below is not None:
                 ks.add(recommended_freeze_below)
-            kb = budget_freeze_below(costs, memory=budget_memory, step_time=budget_step_time)
+            kb = budget_freeze_below(
+                costs,
+                memory=budget_memory,
+                step_time=budget_step_time,
+                devices=devices,
+                fsdp=fsdp,
+            )
             if kb is not None:
                 ks.add(kb)
             for k in sorted(ks):
-                e = estimate(costs, k)
+                e = estimate(costs, k, devices=devices, fsdp=fsdp)
                 e.predicted_gain = gain[k]
                 e.fits = (budget_memory is None or e.peak_bytes <= budget_memory) and (
                     budget_step_time is None or e.step_time_s <= budget_step_time
@@ -690,7 +739,10 @@ def make_plan(
         return Plan(rows, choice, reason, budget_memory, budget_step_time, quantizations, weights)
 
     if not rows:
-        raise UserInputError(f"no candidate method trains on the base as {'/'.join(quantizations)}")
+        sharded = " sharded (--fsdp)" if fsdp else ""
+        raise UserInputError(
+            f"no candidate method trains{sharded} on the base as {'/'.join(quantizations)}"
+        )
     fitting = [e for e in rows if e.fits]
     if not fitting:
         smallest = min(rows, key=lambda e: e.peak_bytes)

@@ -58,6 +58,7 @@ class TrainConfig:
     overwrite: bool = False
     precision: str = "auto"
     quantize: str = "none"  # nf4 or int8: the frozen base's block linears (model.quantize)
+    fsdp: bool = False  # several processes: shard weights, gradients, optimizer (FSDP2)
     device: str = "auto"
     eval_batch_size: int = 16
     task: str = "auto"
@@ -136,6 +137,16 @@ class TrainConfig:
             self.quantize == "none" or self.quantize in cls.quantizations,
             f"--method {self.method} cannot train on a quantized base (--quantize "
             f"{self.quantize}): {cls.why_not_quantized}",
+        )
+        need(
+            not self.fsdp or cls.shardable,
+            f"--method {self.method} cannot be sharded (--fsdp): {cls.why_not_sharded}; "
+            "without --fsdp each process holds the whole model (DDP)",
+        )
+        need(
+            not (self.fsdp and self.quantize != "none"),
+            "--fsdp with --quantize is not supported: a quantized base is small enough to "
+            "be held whole by each process (drop --fsdp)",
         )
         return self
 

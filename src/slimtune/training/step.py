@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .config import TrainConfig
-from .loss import target_loss
+from .parallel import Parallel, StepLoss, whole
 
 
 def warmup_steps(cfg: TrainConfig) -> int:
@@ -42,67 +42,65 @@ class NonFiniteError(ArithmeticError):
 
 
 def accumulate_gradients(
-    model: nn.Module,
+    model: nn.Module | Parallel,
     params: list[nn.Parameter],
     batches: list[dict[str, torch.Tensor]],
     device: torch.device,
     autocast=contextlib.nullcontext,
     max_grad_norm: float = 1.0,
     *,
-    world: int = 1,
-    reduce=None,
     aux_loss=None,
+    targets: int | None = None,
 ) -> tuple[float, torch.Tensor, int, int]:
     """Forward and backward over the micro-batches of one optimizer step, then clip.
 
-    The loss is normalised by the target tokens of the whole step (all micro-batches, all
-    processes). ``aux_loss()``, when given, returns a method's extra loss term of the last
-    forward (e.g. router load balancing); it is weighted per micro-batch by that batch's
-    target tokens, so it too is a per-token average, and it is not part of the reported
-    loss. Returns (summed loss, gradient norm, input tokens, this process' target
-    tokens). The benchmarks time exactly this function, so what they measure is what
-    ``slimtune train`` runs.
+    ``model`` is the model, or with several processes its :class:`Parallel` wrapping
+    (DDP or FSDP2; ``aux_loss`` is then part of it). The loss is normalised by the target
+    tokens of the whole step (all micro-batches, all processes): ``targets`` when the
+    caller knows it (the trainer counts it from the global batch), else summed across the
+    processes here. ``aux_loss()``, when given, returns a method's extra loss term of the
+    last forward (e.g. router load balancing); it is weighted per micro-batch by that
+    batch's target tokens, so it too is a per-token average, and it is not part of the
+    reported loss. A batch with ``"ghost": True`` (a process' share of an epoch's short
+    last batch, when it has none) runs with no targets and in eval mode: every process
+    must run as many forwards and backwards as the others, and this one must change
+    nothing. Returns (summed loss, gradient norm, input tokens, target tokens), all
+    processes together, after one wait for the device (every host sync in a step is a
+    barrier of all processes). The benchmarks time exactly this function, so what they
+    measure is what ``slimtune train`` runs.
     """
-    local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-    n_target = torch.tensor(float(local_targets), device=device)
-    if world > 1:
-        n_target = reduce(n_target, "sum")
-    loss_sum, tokens = 0.0, 0
-    for b in batches:
-        b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+    par = model if isinstance(model, Parallel) else Parallel("none", StepLoss(model, aux_loss))
+    counts = [int((b["labels"][:, 1:] != -100).sum()) for b in batches]  # on the host
+    if targets is None:
+        n_target = par.sum(torch.tensor(float(sum(counts)), device=device))
+    else:
+        n_target = torch.tensor(float(targets), device=device)
+    scale = par.world / n_target.clamp(min=1)
+    loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+    tokens = 0
+    for i, (b, n_batch) in enumerate(zip(batches, counts)):
+        ghost = bool(b.get("ghost", False))
+        if not ghost:
+            tokens += int(b["attention_mask"].sum())
+        b = {k: v.to(device, non_blocking=True) for k, v in b.items() if k != "ghost"}
+        if ghost:  # in eval mode: no dropout draws, no statistics (e.g. expert usage)
+            par.module.train(False)
         with autocast():
-            loss, n_batch = target_loss(model, b)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise NonFiniteError("loss", value)
-        extra = aux_loss() if aux_loss is not None else None
+            loss, extra = par.loss(b, sync=i == len(batches) - 1)
+        if ghost:
+            par.module.train(True)
         if extra is not None:
             loss = loss + extra.float() * n_batch
-        (loss * world / n_target).backward()
-        loss_sum += value
-        tokens += int(b["attention_mask"].sum())
-    if world > 1:
-        # every process must all-reduce the same tensors: one that a process did not use
-        # (no examples in an epoch's short last batch, an expert no token chose) joins with
-        # zeros wherever another process has its gradient; one no process used keeps None,
-        # as it would in one process
-        used = torch.tensor([p.grad is not None for p in params], device=device)
-        used = reduce(used.to(torch.int32), "sum").tolist()
-        for p, anywhere in zip(params, used):
-            if anywhere:
-                grad = p.grad if p.grad is not None else torch.zeros_like(p)
-                p.grad = reduce(grad, "mean")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    if not torch.isfinite(grad_norm):
-        raise NonFiniteError("gradient norm", float(grad_norm))
-    return loss_sum, grad_norm, tokens, local_targets
-
-
-def nonfinite_norm(params: list[nn.Parameter]) -> float | None:
-    """The norm of ``params`` if it is NaN/inf (some entry is), else None: one fused
-    reduction and one sync per step."""
-    norm = torch.linalg.vector_norm(
-        torch.stack(torch._foreach_norm([p.detach() for p in params], 2, dtype=torch.float32))
-    )
-    value = float(norm)
-    return None if math.isfinite(value) else value
+        if ghost:  # the graph of a real batch, gradients of zero
+            loss = loss * 0.0
+        (loss * scale).backward()
+        loss_sum += loss.detach().float()
+    grad_norm = whole(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    totals = par.sum(torch.stack([loss_sum, loss_sum.new_tensor(float(tokens))]))
+    # the step's one host read: a NaN on any process ends every one, not only its own
+    loss_value, all_tokens, norm = torch.cat([totals, grad_norm.reshape(1).float()]).tolist()
+    if not math.isfinite(loss_value):
+        raise NonFiniteError("loss", loss_value)
+    if not math.isfinite(norm):
+        raise NonFiniteError("gradient norm", norm)
+    return loss_value, grad_norm, int(all_tokens), int(n_target)

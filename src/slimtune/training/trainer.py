@@ -12,9 +12,10 @@ What slimtune adds over a plain loop, and why:
 * Loss is averaged over the target tokens of the whole accumulated step, so gradient
   accumulation changes memory, not the result.
 * Under torchrun / accelerate launch, N processes of batch B train on the examples one
-  process of batch N x B does (gradients all-reduced, loss averaged over all processes'
-  tokens); the main process alone evaluates and writes the folder, the delta and the store
-  entry, so the run's files are those of one process.
+  process of batch N x B does (DDP through accelerate, or FSDP2 with ``--fsdp``: see
+  ``parallel.py``; loss averaged over all processes' tokens). Each evaluates a share of
+  the eval set; the main process alone writes the folder, the checkpoints, the delta and
+  the store entry, so the run's files are those of one process.
 """
 
 from __future__ import annotations
@@ -37,11 +38,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..data import (
+    IGNORE_INDEX,
     Dataset,
     collate,
     epoch_batches,
     load_dataset,
     pack_examples,
+    shard_dataset,
     split_dataset,
 )
 from ..delta import MANIFEST, delta_bytes, save_delta
@@ -58,7 +61,7 @@ from ..fileio import (
     write_text,
 )
 from ..log import info
-from ..methods import Method, get_method
+from ..methods import Method, get_method, method_class
 from ..model.anatomy import base_model, count_parameters, decoder_layers
 from ..model.kernels import apply_fused_kernels
 from ..model.loading import LoadedModel, fingerprint, load_model, resolve_device
@@ -66,7 +69,8 @@ from ..model.quantize import quantization_of
 from ..salf.freezing import freeze_below
 from . import trackers
 from .config import TrainConfig
-from .step import NonFiniteError, accumulate_gradients, lr_factor, nonfinite_norm, warmup_steps
+from .parallel import Parallel
+from .step import NonFiniteError, accumulate_gradients, lr_factor, warmup_steps
 from .summary import RunSummary
 
 
@@ -107,9 +111,17 @@ def _accelerator(cfg: TrainConfig):
         mp = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "no"
     else:
         mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision]
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    ddp = DistributedDataParallelKwargs(
+        find_unused_parameters=method_class(cfg.method).unused_parameters,
+        broadcast_buffers=False,  # the same on every process; a sparse delta's are large
+        gradient_as_bucket_view=True,  # no second copy of the gradients
+    )
     return Accelerator(
         cpu=cpu,
         mixed_precision=mp,
+        kwargs_handlers=[ddp],
         **trackers.accelerator_options(
             trackers.parse_report_to(cfg.report_to), Path(cfg.output_dir)
         ),
@@ -252,6 +264,9 @@ class Trainer:
         )
         if not self.examples:
             raise UserInputError(f"{cfg.data}: no training examples left after the eval split")
+        # each example's target tokens as the loss counts them (labels shifted by one):
+        # a step's total is known to every process without asking the others
+        self._targets = [sum(t != IGNORE_INDEX for t in e.labels[1:]) for e in self.examples]
 
         n_layers = self.loaded.num_layers
         self.auto_freeze: dict | None = None
@@ -274,10 +289,20 @@ class Trainer:
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
         freeze_below(self.model, self.freeze_k)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        if not self.params:
+        if not any(p.requires_grad for p in self.model.parameters()):
             raise UserInputError("nothing to train: every parameter is frozen")
         self.trainable, self.total = count_parameters(self.model)
+        if cfg.fsdp and self.accelerator.num_processes == 1:
+            info("--fsdp with one process: nothing to shard, the model stays whole")
+        self.parallel = Parallel.build(
+            self.model,
+            decoder_layers(self.model),
+            self.accelerator,
+            fsdp=cfg.fsdp,
+            aux_loss=lambda: self.method.auxiliary_loss(self.model),
+        )
+        # after sharding: under FSDP2 the parameters are this process' shards
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
 
         self.optimizer = torch.optim.AdamW(
             self.method.param_groups(self.params, cfg.weight_decay), lr=cfg.learning_rate
@@ -403,8 +428,12 @@ class Trainer:
             self.metrics_path.unlink(missing_ok=True)
 
     def _identity(self) -> dict[str, Any]:
+        identity = self.cfg.identity()
+        # the global batch, not the per-process one: a run resumes with another number of
+        # processes as long as batch_size x processes is the same
+        identity["global_batch_size"] = identity.pop("batch_size") * self.accelerator.num_processes
         return {
-            **self.cfg.identity(),
+            **identity,
             "lr": self.cfg.learning_rate,
             # the options as resolved (defaults filled in): a default that changed between
             # versions shows here, not as tensors of the wrong shape
@@ -414,10 +443,22 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        """Written by the main process only: every process holds the same trainable tensors
-        and optimizer state (their gradients are all-reduced before each step)."""
-        if not self.accelerator.is_main_process:
-            return
+        """Called on every process, written by the main one: under DDP every process holds
+        the same trainable tensors and optimizer state; under FSDP2 they are gathered
+        whole first, so any number of processes resumes the checkpoint."""
+        self._gather_statistics()
+        optimizer = self.parallel.optimizer_state(self.optimizer)  # of the shards: before
+        with self.parallel.gathered():
+            if self.accelerator.is_main_process:
+                self._write_checkpoint(optimizer)
+
+    def _gather_statistics(self) -> None:
+        if self.parallel.world > 1:
+            self.method.gather_statistics(
+                self.model, self.parallel.sum, self.accelerator.is_main_process
+            )
+
+    def _write_checkpoint(self, optimizer: dict[str, Any]) -> None:
         with atomic_dir(self.ckpt_dir, replace=True) as tmp:
             write_safetensors(
                 tmp / "trainable.safetensors", self.method.trainable_state(self.model)
@@ -425,7 +466,7 @@ class Trainer:
             # tensors and plain values only: --resume loads it with weights_only=True
             torch.save(
                 {
-                    "optimizer": self.optimizer.state_dict(),
+                    "optimizer": optimizer,
                     "scheduler": self.scheduler.state_dict(),
                     "rng": _rng_state(),
                 },
@@ -465,6 +506,8 @@ class Trainer:
         ):
             raise unreadable("checkpoint.json lacks a valid step and identity")
         had = {**IDENTITY_BEFORE, **meta["identity"]}
+        if "global_batch_size" not in had:  # before it was recorded: one process' batch
+            had["global_batch_size"] = had.get("batch_size")
         want = json.loads(json.dumps(self._identity()))
         if "method_config" not in had:  # a checkpoint of an older slimtune, before it recorded them
             want.pop("method_config")
@@ -504,8 +547,8 @@ class Trainer:
                         "(a checkpoint of an older slimtune may need the old defaults, e.g. "
                         "-o structure=entries for sparse)"
                     )
-                targets[name].data.copy_(value)
-            self.optimizer.load_state_dict(state["optimizer"])
+                self.parallel.copy_into(targets[name], value)
+            self.parallel.load_optimizer_state(self.optimizer, state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             _set_rng_state(state["rng"])
             self.method.load_state_dict(self.model, meta.get("method_state") or {})
@@ -552,25 +595,51 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------
 
-    def _micro_batch(self, index: int) -> list[int]:
-        """This process' share of global micro-batch ``index``.
-
-        The global micro-batch is the one a single process with ``batch_size x processes``
-        would take; each process gets a contiguous part (``batch_size`` examples, fewer or
-        none in an epoch's short last batch). So N processes of batch B train on exactly
-        the examples one process of batch N x B does, in the same steps and epochs.
-        """
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        size = self.cfg.batch_size * world
+    def _global_batch(self, index: int) -> list[int]:
+        """Global micro-batch ``index``: the one a single process with ``batch_size x
+        processes`` would take (a pure function of seed and epoch)."""
+        size = self.cfg.batch_size * self.accelerator.num_processes
         per_epoch = math.ceil(len(self.examples) / size)
         epoch, pos = divmod(index, per_epoch)
         if getattr(self, "_epoch", None) != epoch:
             self._epoch = epoch
             self._epoch_batches = epoch_batches(len(self.examples), size, self.cfg.seed, epoch)
-        batch = self._epoch_batches[pos]
+        return self._epoch_batches[pos]
+
+    def _micro_batch(self, index: int) -> list[int]:
+        """This process' share of global micro-batch ``index``: a contiguous part
+        (``batch_size`` examples, fewer or none in an epoch's short last batch). So N
+        processes of batch B train on exactly the examples one process of batch N x B
+        does, in the same steps and epochs."""
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        batch = self._global_batch(index)
         share, extra = divmod(len(batch), world)
         start = rank * share + min(rank, extra)
         return batch[start : start + share + (rank < extra)]
+
+    def _check_weights(self, lines: list[int]) -> None:
+        """Before a checkpoint or the delta is written: a NaN/inf weight stops the run
+        (checked then, not every step: each check waits for the device, on every
+        process; a finite loss and gradient norm make one rare)."""
+        bad = self.parallel.nonfinite_norm(self.params)
+        if bad is not None:
+            self.step -= 1  # reported as the step that produced it
+            raise self._diverged("weights", bad, lines)
+
+    def _collate(self, idx: list[int], j: int) -> dict[str, torch.Tensor] | None:
+        """The batch of examples ``idx``. A process with none (its share of an epoch's
+        short last batch) runs a ghost: the global batch's first example with no targets,
+        as every process must run each forward and backward the others run. With one
+        process an empty micro-batch is skipped (None)."""
+        pad = self.loaded.tokenizer.pad_token_id
+        if idx:
+            return collate([self.examples[i] for i in idx], pad)
+        if self.accelerator.num_processes == 1:
+            return None
+        first = self._global_batch(self.step * self.cfg.grad_accum + j)[0]
+        batch = collate([self.examples[first]], pad)
+        batch["labels"] = torch.full_like(batch["labels"], -100)
+        return {**batch, "ghost": True}
 
     def _log(self, record: dict) -> None:
         self.history.append(record)
@@ -608,8 +677,6 @@ class Trainer:
             self.out,
             {f.name: getattr(cfg, f.name) for f in fields(cfg)},
         )
-        pad = self.loaded.tokenizer.pad_token_id
-        world = acc.num_processes
         self.model.train()
         step_times: list[float] = []
         tokens = 0
@@ -631,41 +698,33 @@ class Trainer:
             if acc.mixed_precision != "no"
             else contextlib.nullcontext()
         )
+        lines: list[int] = []  # the last step's data lines, for a divergence message
         with PeakMemory(self.device) as mem, compute:
             while self.step < cfg.max_steps:
                 t0 = time.perf_counter()
                 micro = [
                     self._micro_batch(self.step * cfg.grad_accum + j) for j in range(cfg.grad_accum)
                 ]
-                # a process may get no examples of an epoch's short last batch
-                batches = [collate([self.examples[i] for i in idx], pad) for idx in micro if idx]
+                batches = [self._collate(idx, j) for j, idx in enumerate(micro)]
                 lines = [self.examples[i].line for idx in micro for i in idx]
+                step_batches = range(self.step * cfg.grad_accum, (self.step + 1) * cfg.grad_accum)
+                targets = sum(self._targets[i] for j in step_batches for i in self._global_batch(j))
                 try:
                     loss_sum, grad_norm, n_tokens, n_target = accumulate_gradients(
-                        self.model,
+                        self.parallel,
                         self.params,
-                        batches,
+                        [b for b in batches if b is not None],
                         self.device,
                         acc.autocast,
                         cfg.max_grad_norm,
-                        world=world,
-                        reduce=acc.reduce,
-                        aux_loss=lambda: self.method.auxiliary_loss(self.model),
+                        targets=targets,
                     )
                 except NonFiniteError as e:
                     raise self._diverged(e.what, e.value, lines) from None
-                if world > 1:  # the loss and tokens of all processes: the loss token-weighted
-                    totals = torch.tensor(
-                        [loss_sum, n_target, n_tokens], dtype=torch.float64, device=self.device
-                    )
-                    loss_sum, n_target, n_tokens = acc.reduce(totals, "sum").tolist()
-                tokens += int(n_tokens)
+                tokens += n_tokens
                 lr = self.scheduler.get_last_lr()[0]
                 self.optimizer.step()
                 self.method.on_step_end(self.model, self.optimizer, self.step)
-                bad = nonfinite_norm(self.params)
-                if bad is not None:  # checked before any checkpoint or delta is written
-                    raise self._diverged("weights", bad, lines)
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.device.type == "cuda":
@@ -685,7 +744,7 @@ class Trainer:
                     **self.method.step_metrics(self.model),
                 }
                 evaluate_now = cfg.eval_every and self.step % cfg.eval_every == 0
-                if evaluate_now and self.eval_ds and acc.is_main_process:
+                if evaluate_now and self.eval_ds:
                     rec["eval_loss"] = self._eval_loss()
                 self._log(rec)
                 if bar:
@@ -695,50 +754,86 @@ class Trainer:
                     bar.set_postfix(post, refresh=False)
                     bar.update(1)
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                    self._check_weights(lines)
                     self.save_checkpoint()
         if bar:
             bar.close()
+        self._check_weights(lines)
         return self._finish(mem, train_time, tokens, step_times)
 
+    def _eval_share(self) -> Dataset:
+        """This process' share of the eval set (all of it with one process)."""
+        assert self.eval_ds is not None
+        acc = self.accelerator
+        return shard_dataset(self.eval_ds, acc.process_index, acc.num_processes)
+
     def _eval_loss(self) -> float:
-        """The eval set's loss. With several processes only the main one evaluates (the
-        model is the same on each, so the numbers are a one-process run's); the others go on
-        to the next step and wait for it in its gradient all-reduce."""
+        """The eval set's loss, each process scoring its share (the model is the same on
+        each, so the number is a one-process run's)."""
         from ..eval.evaluate import eval_loss
 
-        return eval_loss(
-            self.model,
-            self.eval_ds.examples,
-            self.loaded.tokenizer.pad_token_id,
-            batch_size=self.cfg.eval_batch_size,
-            autocast=self.accelerator.autocast,
-        )["loss"]
+        with self.parallel.gathered():
+            share = eval_loss(
+                self.model,
+                self._eval_share().examples,
+                self.loaded.tokenizer.pad_token_id,
+                batch_size=self.cfg.eval_batch_size,
+                autocast=self.accelerator.autocast,
+            )
+        total = torch.tensor(
+            [share["loss"] * share["target_tokens"], share["target_tokens"]],
+            dtype=torch.float64,
+            device=self.device,
+        )
+        loss_sum, count = self.parallel.sum(total).tolist()
+        return loss_sum / max(count, 1)
 
     def _finish(
         self, mem: PeakMemory, train_time: float, tokens: int, step_times: list[float]
     ) -> TrainResult:
-        from ..eval.evaluate import detect_task, evaluate, label_set
+        self._gather_statistics()
+        with self.parallel.gathered():  # whole weights on each process (FSDP2) until written
+            return self._evaluate_and_write(mem, train_time, tokens, step_times)
+
+    def _evaluate(self) -> tuple[dict, dict | None]:
+        """The eval set's metrics, each process evaluating its share (the main one also the
+        decode latency), gathered on every process."""
+        from ..eval.evaluate import detect_task, evaluate, label_set, merge_evaluations
 
         cfg = self.cfg
-        main = self.accelerator.is_main_process
-        eval_metrics, details = {}, None
-        if self.eval_ds is not None and main:  # see _eval_loss: main process only
-            task = detect_task(self.train_ds) if cfg.task == "auto" else cfg.task
-            labels = (
-                label_set(self.train_ds.records + self.eval_ds.records)
-                if task == "classification"
-                else None
-            )
-            eval_metrics, details = evaluate(
+        task = detect_task(self.train_ds) if cfg.task == "auto" else cfg.task
+        assert self.eval_ds is not None
+        labels = (
+            label_set(self.train_ds.records + self.eval_ds.records)
+            if task == "classification"
+            else None
+        )
+        share = self._eval_share()
+        result: tuple[dict, dict | None] = ({}, None)
+        if share.records:
+            result = evaluate(
                 self.model,
                 self.loaded.tokenizer,
-                self.eval_ds,
+                share,
                 task=task,
                 labels=labels,
                 batch_size=cfg.eval_batch_size,
+                latency=self.accelerator.is_main_process,
                 autocast=self.accelerator.autocast,
-                progress=cfg.progress,
+                progress=cfg.progress and self.accelerator.is_main_process,
             )
+        if self.accelerator.num_processes == 1:
+            return result
+        from accelerate.utils import gather_object
+
+        return merge_evaluations(gather_object([result]))
+
+    def _evaluate_and_write(
+        self, mem: PeakMemory, train_time: float, tokens: int, step_times: list[float]
+    ) -> TrainResult:
+        cfg = self.cfg
+        main = self.accelerator.is_main_process
+        eval_metrics, details = self._evaluate() if self.eval_ds is not None else ({}, None)
         losses = [h["loss"] for h in self.history if "loss" in h]
         summary = RunSummary(
             method=cfg.method,

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Several GPUs (issue 16) on a lent multi-GPU host, one part per call (carry .whl: its
+# wheels, liger-kernel among them, install under /tmp/site):
+#   PART=smoke bash benchmarks/gpu_distributed.sh OUTDIR   # slimtune train under torchrun:
+#                                    # DDP lora and FSDP2 full, a tiny model, 2 GPUs
+#   PART=ddp   bash benchmarks/gpu_distributed.sh OUTDIR   # 1.24B shape, 4 x 2048 per GPU:
+#                                    # lora, sparse 1%, peft + Liger + DDP on 1, 2, 4 GPUs
+#   PART=fsdp  bash benchmarks/gpu_distributed.sh OUTDIR   # Llama-3-8B shape, 1 x 2048 per
+#                                    # GPU, checkpointing: full and lora under FSDP2
+# GPUS overrides the GPU counts (default 1,2,4); CONFIGS the rows.
+set -u
+out=${1:-${OUT:-/tmp/out}}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore NCCL_NVLS_ENABLE=0
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>/dev/null
+export PYTHONPATH=src:/tmp/site
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python3 -c "import peft, transformers, accelerate, liger_kernel, torch; print('torch', torch.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
+gpus=${GPUS:-1,2,4}
+case "${PART:-ddp}" in
+smoke)
+  python3 -c "from slimtune.testing import tiny_model_dir; tiny_model_dir('/tmp/tiny')"
+  common="--model /tmp/tiny --data builtin:support_intents_train --max-steps 30 --batch-size 4"
+  common="$common --no-progress --no-store --save-every 10 --keep-checkpoint"
+  for run in "lora" "full --fsdp"; do
+    name=${run// /}
+    python3 -m torch.distributed.run --nproc_per_node 2 -m slimtune train --method $run \
+      $common --output-dir "/tmp/smoke-$name" > "$out/smoke-$name.txt" 2>&1
+    echo "$run: rc $?"; tail -16 "$out/smoke-$name.txt"
+    cp "/tmp/smoke-$name/summary.json" "$out/smoke-$name-summary.json" 2>/dev/null
+  done
+  ;;
+ddp)
+  python3 benchmarks/bench_distributed.py --model llama-1.2b --batch 4 --seq 2048 \
+    --gpus "$gpus" --configs "${CONFIGS:-lora,peft-lora-liger,sparse}" --out "$out/ddp.json" ${PROFILE:+--profile} \
+    > "$out/ddp.md" 2> "$out/ddp.err"
+  cat "$out/ddp.md"; grep -i "error\|Traceback" "$out/ddp.err" | head -8
+  ;;
+fsdp)
+  python3 benchmarks/bench_distributed.py --model llama-8b --batch 1 --seq 2048 --steps 4 \
+    --gpus "$gpus" --configs "${CONFIGS:-full-fsdp,lora-fsdp}" --checkpointing \
+    --out "$out/fsdp.json" > "$out/fsdp.md" 2> "$out/fsdp.err"
+  cat "$out/fsdp.md"; grep -i "error\|Traceback" "$out/fsdp.err" | head -8
+  ;;
+esac
+echo "elapsed ${SECONDS}s"
