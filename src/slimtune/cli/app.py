@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from ..errors import EXIT_CODES, SlimtuneError, UserInputError
-from . import run, salf, store, train
+from . import run, salf, serve, store, train
 from .train import (  # re-exported: tests and callers import them from here
     StoreOptions,
     train_config_from_args,
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         run.demo_parser,
         run.fetch_parser,
         store.build,
+        serve.serve_parser,
     ):
         add(sub)
     return parser
@@ -67,6 +68,7 @@ COMMANDS = {
     "fetch": run.cmd_fetch,
     "delta": store.cmd_delta,
     "ab": store.cmd_ab,
+    "serve": serve.cmd_serve,
 }
 
 

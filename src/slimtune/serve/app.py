@@ -1,0 +1,271 @@
+"""The HTTP API of ``slimtune serve``: OpenAI's shapes on FastAPI, Prometheus metrics.
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream``),
+``GET /v1/models``, ``GET /healthz``, ``GET /metrics``. The request's ``model`` is
+``base``, a store version id or a tag; every response names the version that served it
+(``slimtune.delta`` in the body, ``x-slimtune-delta`` in the headers). Errors have
+OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, and an HTTP status.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .engine import Engine, Finished, Job, UnknownModel
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str = ""):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def _error(status: int, message: str, param: str | None = None, code: str | None = None):
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+class Message(BaseModel):
+    role: str
+    content: str
+
+
+class _Sampling(BaseModel):
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stream: bool = False
+    user: str | None = None
+    n: int = Field(default=1, ge=1, le=1)  # one choice per request
+
+
+class CompletionRequest(_Sampling):
+    prompt: str
+
+
+class ChatRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+
+
+class Metrics:
+    """Prometheus counters and histograms per served version (one registry per app)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "slimtune_requests",
+            "Requests answered, by version served and outcome",
+            ["delta", "status"],
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "slimtune_request_errors",
+            "Requests refused or failed, by HTTP status",
+            ["status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "slimtune_request_latency_seconds",
+            "Time from request to last token, by version served",
+            ["delta"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64),
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "slimtune_generated_tokens",
+            "Completion tokens generated, by version served",
+            ["delta"],
+            registry=self.registry,
+        )
+        self.speed = Gauge(
+            "slimtune_tokens_per_second",
+            "Completion tokens per second of the last batch, by version served",
+            ["delta"],
+            registry=self.registry,
+        )
+
+    def finished(self, done: Finished, started: float) -> None:
+        self.requests.labels(done.delta, "ok").inc()
+        self.latency.labels(done.delta).observe(time.perf_counter() - started)
+        self.tokens.labels(done.delta).inc(done.completion_tokens)
+        if done.seconds > 0:
+            self.speed.labels(done.delta).set(done.completion_tokens / done.seconds)
+
+
+def create_app(engine: Engine, *, default_max_tokens: int = 128) -> FastAPI:
+    app = FastAPI(title="slimtune serve", version="1")
+    metrics = Metrics()
+    app.state.engine, app.state.metrics = engine, metrics
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        metrics.errors.labels(str(e.status)).inc()
+        return _error(e.status, e.message, e.param, e.code or None)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        metrics.errors.labels("400").inc()
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        if first.get("type") == "json_invalid":
+            return _error(400, "the request body is not valid JSON", None, "invalid_json")
+        return _error(400, f"{where or 'body'}: {first.get('msg', 'invalid')}", where)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        metrics.errors.labels(str(e.status_code)).inc()
+        return _error(e.status_code, str(e.detail))
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok", "serving": engine._on}
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        data = [
+            {
+                "id": m["id"],
+                "object": "model",
+                "created": 0,
+                "owned_by": "slimtune",
+                "slimtune": {"serves": m["serves"]},
+            }
+            for m in engine.models()
+        ]
+        return {"object": "list", "data": data}
+
+    def _job(body: _Sampling, prompt_ids: list[int]) -> Job:
+        try:
+            engine.resolve(body.model)
+        except UnknownModel as e:
+            raise ApiError(
+                404, f"model {body.model!r}: {e}", param="model", code="model_not_found"
+            ) from None
+        max_tokens = body.max_tokens or default_max_tokens
+        if len(prompt_ids) + max_tokens > engine.context:
+            raise ApiError(
+                400,
+                f"the prompt is {len(prompt_ids)} tokens and max_tokens {max_tokens}: more "
+                f"than the model's context of {engine.context} tokens",
+                param="messages" if isinstance(body, ChatRequest) else "prompt",
+                code="context_length_exceeded",
+            )
+        return Job(
+            model=body.model,
+            prompt_ids=prompt_ids,
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            user=body.user,
+        )
+
+    async def _answer(job: Job, chat: bool, stream: bool):
+        started = time.perf_counter()
+        events = engine.submit(job)
+        kind = "chat.completion" if chat else "text_completion"
+        base = {"id": ("chatcmpl-" if chat else "cmpl-") + job.id, "model": job.model}
+
+        def choice(text: str | None, finish: str | None, delta: bool) -> dict:
+            if not chat:
+                return {"index": 0, "text": text or "", "finish_reason": finish}
+            key = "delta" if delta else "message"
+            msg = {"role": "assistant", "content": text} if text is not None else {}
+            return {"index": 0, key: msg, "finish_reason": finish}
+
+        if not stream:
+            while True:
+                kind_, value = await events.get()
+                if kind_ == "error":
+                    metrics.requests.labels(job.delta or "?", "error").inc()
+                    raise ApiError(500, value, code="generation_failed")
+                if kind_ == "done":
+                    break
+            done: Finished = value
+            metrics.finished(done, started)
+            body = {
+                **base,
+                "object": kind,
+                "created": int(job.created),
+                "choices": [choice(done.text, done.finish_reason, False)],
+                "usage": {
+                    "prompt_tokens": done.prompt_tokens,
+                    "completion_tokens": done.completion_tokens,
+                    "total_tokens": done.prompt_tokens + done.completion_tokens,
+                },
+                "slimtune": {"delta": done.delta},
+            }
+            return JSONResponse(body, headers={"x-slimtune-delta": done.delta})
+
+        first = await events.get()  # the version is known once the job's batch starts
+
+        async def sse() -> AsyncIterator[str]:
+            chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+            event = first
+            while True:
+                kind_, value = event
+                if kind_ == "error":
+                    err = {"error": {"message": value, "type": "server_error"}}
+                    yield f"data: {json.dumps(err)}\n\n"
+                    break
+                if kind_ == "delta":
+                    chunk = {
+                        **base,
+                        "object": chunk_kind,
+                        "created": int(job.created),
+                        "choices": [choice(value, None, True)],
+                        "slimtune": {"delta": job.delta},
+                    }
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                if kind_ == "done":
+                    metrics.finished(value, started)
+                    chunk = {
+                        **base,
+                        "object": chunk_kind,
+                        "created": int(job.created),
+                        "choices": [choice(None, value.finish_reason, True)],
+                        "slimtune": {"delta": value.delta},
+                    }
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                    yield "data: [DONE]\n\n"
+                    break
+                event = await events.get()
+
+        headers = {"x-slimtune-delta": job.delta or ""}
+        return StreamingResponse(sse(), media_type="text/event-stream", headers=headers)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        ids = list(engine.tokenizer(body.prompt, add_special_tokens=True)["input_ids"])
+        return await _answer(_job(body, ids), chat=False, stream=body.stream)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest):
+        tok = engine.tokenizer
+        messages: list[dict[str, Any]] = [m.model_dump() for m in body.messages]
+        if getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:  # a tokenizer without a template: the turns as plain lines
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+        ids = list(tok(text, add_special_tokens=False)["input_ids"])
+        return await _answer(_job(body, ids), chat=True, stream=body.stream)
+
+    return app
