@@ -226,6 +226,23 @@ def test_training_experts_lowers_the_loss_and_reports_usage(tiny_dir, intent_fil
     assert names and all(".layers.2." in n or ".layers.3." in n for n in names)
 
 
+def test_the_logged_loss_leaves_out_the_balancing_term(tiny_dir, intent_file, tmp_path):
+    """The router's balancing loss trains the router but is not part of the reported
+    loss: the first step (before any update) logs the same loss whatever its weight."""
+    first = []
+    for aux in (0.0, 10.0):
+        res = train_tiny(
+            tiny_dir,
+            intent_file,
+            tmp_path / f"aux{aux}",
+            method="experts",
+            max_steps=1,
+            method_options={"experts": 4, "top_k": 2, "rank": 4, "aux_weight": aux},
+        )
+        first.append(res.history[0]["loss"])
+    assert first[0] == pytest.approx(first[1], rel=1e-6)
+
+
 def test_experts_delta_round_trips_and_comes_off_bit_for_bit(tiny_dir, intent_file, tmp_path):
     res = train_tiny(
         tiny_dir,

@@ -15,36 +15,14 @@ import time
 
 import httpx
 import pytest
-import torch
 
 from slimtune.cli.app import main
-from slimtune.delta import DeltaStore, save_delta
-from slimtune.methods import get_method
-from slimtune.model.loading import fingerprint, load_model
+from slimtune.delta import DeltaStore
+from slimtune.testing import random_lora_delta
 
 pytestmark = pytest.mark.default_model
 
 PROBE = "Name a colour."
-
-
-def _lora_delta(folder, seed: int):
-    loaded = load_model("default")
-    base = {
-        "fingerprint": fingerprint(loaded.model),
-        "name": loaded.name,
-        "source": loaded.source,
-        "architecture": type(loaded.model).__name__,
-        "num_layers": loaded.num_layers,
-    }
-    layers = [loaded.num_layers - 2, loaded.num_layers - 1]
-    method = get_method("lora", {"r": 4, "alpha": 8, "dropout": 0.0})
-    model = method.prepare(loaded.model, layers)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    return save_delta(folder, method, model, base=base, layers=layers)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +31,7 @@ def server(tmp_path_factory):
     store = DeltaStore(root / "store")
     versions = []
     for seed in (1, 2):
-        _lora_delta(root / f"d{seed}", seed)
+        random_lora_delta(root / f"d{seed}", seed)
         versions.append(store.add(root / f"d{seed}").id)
     store.tag("prod", versions[0])
     with socket.socket() as s:

@@ -82,3 +82,30 @@ def tiny_model_dir(path: str | Path, *, layers: int = 4, hidden: int = 32, seed:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def random_lora_delta(folder: str | Path, seed: int, model: str = "default") -> dict:
+    """A LoRA delta of ``model`` with seeded random adapters (rank 4, the top two layers),
+    written to ``folder``; returns its manifest. Each seed answers a prompt its own way:
+    what serving tests and benchmarks need, without training."""
+    from .delta import save_delta
+    from .methods import get_method
+    from .model.loading import fingerprint, load_model
+
+    loaded = load_model(model, device="cpu")
+    base = {
+        "fingerprint": fingerprint(loaded.model),
+        "name": loaded.name,
+        "source": loaded.source,
+        "architecture": type(loaded.model).__name__,
+        "num_layers": loaded.num_layers,
+    }
+    layers = [loaded.num_layers - 2, loaded.num_layers - 1]
+    method = get_method("lora", {"r": 4, "alpha": 8, "dropout": 0.0})
+    wrapped = method.prepare(loaded.model, layers)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return save_delta(folder, method, wrapped, base=base, layers=layers)

@@ -433,7 +433,9 @@ def estimate(costs: LayerCosts, k: int, *, devices: int = 1, fsdp: bool = False)
     second copy). Under FSDP2 the weights, gradients and optimizer state are divided by
     ``devices``, plus what is gathered whole: two decoder layers (the one running and the
     next, prefetched) and the root's weights (embeddings, final norm, head), held from
-    forward to backward. The step time is one device's; communication is not modelled."""
+    forward to backward; evaluation and writing the delta gather all the weights at once
+    (beside the sharded optimizer state), so the peak is at least that. The step time is
+    one device's; communication is not modelled."""
     L = costs.num_layers
     if not 0 <= k < L:
         raise UserInputError(f"freeze_below must be in [0, {L - 1}], got {k}")
@@ -452,6 +454,11 @@ def estimate(costs: LayerCosts, k: int, *, devices: int = 1, fsdp: bool = False)
         gathered = 2 * costs.layer_weight_bytes + root
         resident += costs.weight_bytes // shards + gathered - costs.weight_bytes
     peak = resident + costs.transient_bytes + _extra_bytes(costs, n, emb, shards)
+    if shards > 1:  # evaluation and writes gather the whole weights (beside the state)
+        states = n * costs.state_bytes_per_layer + (
+            2 * costs.embedding_train_bytes // 3 if emb else 0
+        )
+        peak = max(peak, costs.resident_bytes + states // shards)
     trainable = n * costs.trainable_per_layer + (costs.trainable_embeddings if emb else 0)
     return Estimate(
         costs.method,

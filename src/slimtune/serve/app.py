@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, Field
@@ -124,13 +125,20 @@ def create_app(engine: Engine, *, default_max_tokens: int = 128) -> FastAPI:
             return _error(400, "the request body is not valid JSON", None, "invalid_json")
         return _error(400, f"{where or 'body'}: {first.get('msg', 'invalid')}", where)
 
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception):
+        metrics.errors.labels("500").inc()
+        return _error(500, f"{type(e).__name__}: {e}", None, "internal_error")
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
         metrics.errors.labels(str(e.status_code)).inc()
         return _error(e.status_code, str(e.detail))
 
     @app.get("/healthz")
-    async def healthz() -> dict:
+    async def healthz():
+        if not engine.alive:  # the worker that owns the model has stopped
+            return JSONResponse({"status": "down"}, status_code=503)
         return {"status": "ok", "serving": engine._on}
 
     @app.get("/metrics")
@@ -149,13 +157,16 @@ def create_app(engine: Engine, *, default_max_tokens: int = 128) -> FastAPI:
                 "owned_by": "slimtune",
                 "slimtune": {"serves": m["serves"]},
             }
-            for m in engine.models()
+            for m in await run_in_threadpool(engine.models)
         ]
         return {"object": "list", "data": data}
 
-    def _job(body: _Sampling, prompt_ids: list[int]) -> Job:
-        try:
-            engine.resolve(body.model)
+    async def _job(body: _Sampling, prompt_ids: list[int]) -> Job:
+        param = "messages" if isinstance(body, ChatRequest) else "prompt"
+        if not prompt_ids:
+            raise ApiError(400, "the prompt is empty", param=param)
+        try:  # a store read: off the event loop
+            await run_in_threadpool(engine.resolve, body.model)
         except UnknownModel as e:
             raise ApiError(
                 404, f"model {body.model!r}: {e}", param="model", code="model_not_found"
@@ -166,7 +177,7 @@ def create_app(engine: Engine, *, default_max_tokens: int = 128) -> FastAPI:
                 400,
                 f"the prompt is {len(prompt_ids)} tokens and max_tokens {max_tokens}: more "
                 f"than the model's context of {engine.context} tokens",
-                param="messages" if isinstance(body, ChatRequest) else "prompt",
+                param=param,
                 code="context_length_exceeded",
             )
         return Job(
@@ -191,14 +202,25 @@ def create_app(engine: Engine, *, default_max_tokens: int = 128) -> FastAPI:
             msg = {"role": "assistant", "content": text} if text is not None else {}
             return {"index": 0, key: msg, "finish_reason": finish}
 
+        def failed(value: tuple[int, str]) -> ApiError:
+            status, message = value
+            metrics.requests.labels(job.delta or "?", "error").inc()
+            if status == 404:
+                return ApiError(404, message, param="model", code="model_not_found")
+            return ApiError(status, message, code="generation_failed")
+
         if not stream:
-            while True:
-                kind_, value = await events.get()
-                if kind_ == "error":
-                    metrics.requests.labels(job.delta or "?", "error").inc()
-                    raise ApiError(500, value, code="generation_failed")
-                if kind_ == "done":
-                    break
+            answered = False
+            try:
+                while True:
+                    kind_, value = await events.get()
+                    if kind_ == "error":
+                        raise failed(value)
+                    if kind_ == "done":
+                        answered = True
+                        break
+            finally:  # the client went away (this coroutine cancelled): stop its rows
+                job.cancelled = not answered
             done: Finished = value
             metrics.finished(done, started)
             body = {
@@ -215,15 +237,30 @@ def create_app(engine: Engine, *, default_max_tokens: int = 128) -> FastAPI:
             }
             return JSONResponse(body, headers={"x-slimtune-delta": done.delta})
 
-        first = await events.get()  # the version is known once the job's batch starts
+        try:
+            first = await events.get()  # the version is known once the job's batch starts
+        except BaseException:
+            job.cancelled = True
+            raise
+        if first[0] == "error":  # nothing sent yet: an HTTP error, not a stream
+            raise failed(first[1])
 
         async def sse() -> AsyncIterator[str]:
+            finished = False
+            try:
+                async for text in _events(first):
+                    yield text
+                finished = True
+            finally:
+                job.cancelled = not finished
+
+        async def _events(event) -> AsyncIterator[str]:
             chunk_kind = "chat.completion.chunk" if chat else "text_completion"
-            event = first
             while True:
                 kind_, value = event
                 if kind_ == "error":
-                    err = {"error": {"message": value, "type": "server_error"}}
+                    metrics.requests.labels(job.delta or "?", "error").inc()
+                    err = {"error": {"message": value[1], "type": "server_error"}}
                     yield f"data: {json.dumps(err)}\n\n"
                     break
                 if kind_ == "delta":
@@ -255,7 +292,7 @@ def create_app(engine: Engine, *, default_max_tokens: int = 128) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
         ids = list(engine.tokenizer(body.prompt, add_special_tokens=True)["input_ids"])
-        return await _answer(_job(body, ids), chat=False, stream=body.stream)
+        return await _answer(await _job(body, ids), chat=False, stream=body.stream)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest):
@@ -266,6 +303,6 @@ def create_app(engine: Engine, *, default_max_tokens: int = 128) -> FastAPI:
         else:  # a tokenizer without a template: the turns as plain lines
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
         ids = list(tok(text, add_special_tokens=False)["input_ids"])
-        return await _answer(_job(body, ids), chat=True, stream=body.stream)
+        return await _answer(await _job(body, ids), chat=True, stream=body.stream)
 
     return app

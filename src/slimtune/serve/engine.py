@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..errors import DeltaError
 
@@ -49,6 +50,7 @@ class Job:
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
     delta: str | None = None  # the version id that served it ("base" for the base)
+    cancelled: bool = False  # the client went away: stop generating for it
 
 
 @dataclass
@@ -81,6 +83,8 @@ class _RowStreamer:
             self.prompt_seen = True
             return
         for i, tok in enumerate(value.reshape(-1).tolist()):
+            if self.done[i] is None and self.jobs[i].cancelled:
+                self.done[i] = "cancelled"
             if self.done[i] is not None:
                 continue
             if tok in self.eos:
@@ -96,6 +100,18 @@ class _RowStreamer:
 
     def end(self) -> None:
         pass
+
+
+class _AllDone(StoppingCriteria):
+    """Stop ``generate`` once every row has ended (its end token, its own max_tokens, or
+    its client gone), not at the batch's largest max_tokens."""
+
+    def __init__(self, streamer: _RowStreamer) -> None:
+        self.streamer = streamer
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        done = all(d is not None for d in self.streamer.done)
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
 class Engine:
@@ -115,7 +131,7 @@ class Engine:
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._waiting: list[Job] = []
         self._thread = threading.Thread(target=self._run, name="slimtune-serve", daemon=True)
-        self._lock = threading.Lock()  # the store's reads and the switch, one at a time
+        self._lock = threading.Lock()  # the store's reads, one at a time (never a switch)
         self._on = switcher.current.ref if switcher.current is not None else BASE
         config = getattr(switcher.base, "config", None)
         self.context = int(getattr(config, "max_position_embeddings", 0) or 2048)
@@ -158,7 +174,7 @@ class Engine:
 
     def submit(self, job: Job) -> asyncio.Queue:
         """Queue ``job``; its events arrive on the returned queue: ("delta", text) while it
-        runs, then ("done", Finished) or ("error", message)."""
+        runs, then ("done", Finished) or ("error", (HTTP status, message))."""
         job.loop = asyncio.get_running_loop()
         job.events = asyncio.Queue()
         self._queue.put(job)
@@ -166,7 +182,12 @@ class Engine:
 
     def _emit(self, job: Job, event: tuple) -> None:
         assert job.loop is not None and job.events is not None
-        job.loop.call_soon_threadsafe(job.events.put_nowait, event)
+        with contextlib.suppress(RuntimeError):  # the server's loop has closed: no one waits
+            job.loop.call_soon_threadsafe(job.events.put_nowait, event)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     # -- the worker ----------------------------------------------------------------------
 
@@ -194,7 +215,7 @@ class Engine:
                     resolved[j.model] = self.resolve(j.model)
                 except UnknownModel as e:  # a tag removed while the job waited
                     self._waiting.remove(j)
-                    self._emit(j, ("error", str(e)))
+                    self._emit(j, ("error", (404, str(e))))
                     return None
             return resolved[j.model]
 
@@ -202,6 +223,8 @@ class Engine:
         if key is None:
             return []
         batch = []
+        for j in [j for j in self._waiting if j.cancelled]:  # gone before their turn
+            self._waiting.remove(j)
         for j in list(self._waiting):
             if len(batch) == self.max_batch:
                 break
@@ -216,16 +239,19 @@ class Engine:
 
     def _run(self) -> None:
         while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            if not batch:
-                continue
+            batch: list[Job] | None = []
             try:
-                self._generate(batch)
-            except Exception as e:  # the request fails, the server stays up
-                for j in batch:
-                    self._emit(j, ("error", f"{type(e).__name__}: {e}"))
+                batch = self._next_batch()
+                if batch is None:
+                    return
+                if batch:
+                    self._generate(batch)
+            except Exception as e:  # those requests fail, the server stays up
+                failed = batch or list(self._waiting[:1])  # a store error before the batch
+                for j in failed:
+                    with contextlib.suppress(ValueError):
+                        self._waiting.remove(j)
+                    self._emit(j, ("error", (500, f"{type(e).__name__}: {e}")))
 
     @torch.no_grad()
     def _generate(self, jobs: list[Job]) -> None:
@@ -234,8 +260,7 @@ class Engine:
         assert version is not None
         if version != self._on:
             self._on = BASE  # until the switch below has finished
-            with self._lock:
-                self.switcher.switch(None if version == BASE else version)
+            self.switcher.switch(None if version == BASE else version)
             self._on = version
         model = self.switcher.model
         model.eval()
@@ -248,7 +273,10 @@ class Engine:
         for i, j in enumerate(jobs):  # left padding: every row's next token is at the end
             ids[i, width - len(j.prompt_ids) :] = torch.tensor(j.prompt_ids)
             mask[i, width - len(j.prompt_ids) :] = 1
-        eos = tok.eos_token_id
+        # the model's own end tokens (a chat model's end-of-turn among them), else the
+        # tokenizer's
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos = eos if eos is not None else tok.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
         streamer = _RowStreamer(self, jobs, eos_ids)
         sample = jobs[0].temperature > 0
@@ -262,6 +290,7 @@ class Engine:
             pad_token_id=pad,
             eos_token_id=eos,
             streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([_AllDone(streamer)]),
             **kwargs,
         )
         seconds = time.perf_counter() - t0

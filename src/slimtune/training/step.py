@@ -89,12 +89,13 @@ def accumulate_gradients(
             loss, extra = par.loss(b, sync=i == len(batches) - 1)
         if ghost:
             par.module.train(True)
+        reported = loss.detach().float()  # the target loss: without the auxiliary term
         if extra is not None:
             loss = loss + extra.float() * n_batch
         if ghost:  # the graph of a real batch, gradients of zero
-            loss = loss * 0.0
+            loss, reported = loss * 0.0, reported * 0.0
         (loss * scale).backward()
-        loss_sum += loss.detach().float()
+        loss_sum += reported
     grad_norm = whole(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
     totals = par.sum(torch.stack([loss_sum, loss_sum.new_tensor(float(tokens))]))
     # the step's one host read: a NaN on any process ends every one, not only its own

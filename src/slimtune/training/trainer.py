@@ -198,23 +198,31 @@ class Trainer:
             raise
 
     def _on_main(self, fn) -> None:
-        """Run ``fn`` on the main process only while the others wait; a refusal there
-        (``UserInputError``) is raised on every process, so none is left waiting."""
+        """Run ``fn`` on the main process only while the others wait; a failure there is
+        raised on every process (a refusal as the same ``UserInputError``), so none is
+        left waiting in a collective for a process that has stopped."""
         acc = self.accelerator
         if acc.num_processes == 1:
             fn()
             return
         from accelerate.utils import broadcast_object_list
 
-        error = [None]
+        error: list[Any] = [None]
+        failure: BaseException | None = None
         if acc.is_main_process:
             try:
                 fn()
-            except UserInputError as e:
-                error = [str(e)]
+            except Exception as e:
+                failure = e
+                error = [(isinstance(e, UserInputError), f"{type(e).__name__}: {e}", str(e))]
         broadcast_object_list(error)  # also the barrier: the others wait for fn here
+        if failure is not None:
+            raise failure
         if error[0] is not None:
-            raise UserInputError(error[0])
+            refusal, described, message = error[0]
+            if refusal:
+                raise UserInputError(message)
+            raise RuntimeError(f"the main process failed: {described}")
 
     def close(self) -> None:
         """Release the output folder (``run`` does this when it ends)."""
@@ -449,8 +457,7 @@ class Trainer:
         self._gather_statistics()
         optimizer = self.parallel.optimizer_state(self.optimizer)  # of the shards: before
         with self.parallel.gathered():
-            if self.accelerator.is_main_process:
-                self._write_checkpoint(optimizer)
+            self._on_main(lambda: self._write_checkpoint(optimizer))
 
     def _gather_statistics(self) -> None:
         if self.parallel.world > 1:
@@ -555,6 +562,9 @@ class Trainer:
         except Exception as e:
             raise unreadable(e) from e
         self.step = meta["step"]
+        if self.accelerator.num_processes > 1:  # the checkpoint holds the totals: the main
+            # process keeps them, the others count from zero (see gather_statistics)
+            self.method.gather_statistics(self.model, lambda t: t, self.accelerator.is_main_process)
         if "lr" in lowered:
             self._scale_lr(lowered["lr"][1] / lowered["lr"][0])
         if self.metrics_path.exists():
@@ -853,22 +863,31 @@ class Trainer:
         )
         summary.update({f"eval_{k}": v for k, v in eval_metrics.items() if k != "task"})
         summary.update(self.method.summary(self.model))
-        if not main:  # the main process writes the delta, the summary and the reports
-            self.accelerator.wait_for_everyone()
-            return TrainResult(
-                self.out,
-                self.out / "delta",
-                {},
-                summary.to_dict(),
-                self.history,
-                self.model,
-                self.loaded,
-                self.method,
-                self.eval_ds,
-                None,
-                run_summary=summary,
-                main_process=False,
-            )
+        written: dict[str, Any] = {}
+        manifest: dict[str, Any] = {}
+        # the main process writes the delta, the summary and the reports; a failure there
+        # ends the others too (they wait for it in _on_main)
+        self._on_main(lambda: written.update(self._write_delta(summary, manifest)))
+        delta_dir = self.out / "delta"
+        return TrainResult(
+            self.out,
+            delta_dir,
+            manifest,
+            written or summary.to_dict(),
+            self.history,
+            self.model,
+            self.loaded,
+            self.method,
+            self.eval_ds,
+            details if main else None,
+            run_summary=summary,
+            main_process=main,
+        )
+
+    def _write_delta(self, summary: RunSummary, manifest_out: dict[str, Any]) -> dict[str, Any]:
+        """Save the delta and summary.json (main process); fill ``manifest_out``, return
+        the summary as written."""
+        cfg = self.cfg
         base = {
             "fingerprint": self.base_fingerprint,
             "name": self.loaded.name,
@@ -888,10 +907,10 @@ class Trainer:
             "auto_freeze": self.auto_freeze,
             # options lowered on --resume (after a divergence), by the step they took effect
             "resume_changes": [r for r in self.history if r.get("event") == "resumed"],
+            "processes": {"count": self.parallel.world, "strategy": self.parallel.kind},
         }
-        delta_dir = self.out / "delta"
         manifest = save_delta(
-            delta_dir,
+            self.out / "delta",
             self.method,
             self.model,
             base=base,
@@ -899,6 +918,7 @@ class Trainer:
             extra=extra,
             replace=True,
         )
+        manifest_out.update(manifest)
         summary.delta_bytes = delta_bytes(manifest)
         written = summary.to_dict()
         write_json(self.out / "summary.json", written)
@@ -910,21 +930,7 @@ class Trainer:
         if not cfg.keep_checkpoint:
             for p in (self.ckpt_dir, self.ckpt_dir.with_name("checkpoint.old")):
                 shutil.rmtree(p, ignore_errors=True)
-        if self.accelerator.num_processes > 1:
-            self.accelerator.wait_for_everyone()  # the others end once all is written
-        return TrainResult(
-            self.out,
-            delta_dir,
-            manifest,
-            written,
-            self.history,
-            self.model,
-            self.loaded,
-            self.method,
-            self.eval_ds,
-            details,
-            run_summary=summary,
-        )
+        return written
 
 
 def train(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainResult:

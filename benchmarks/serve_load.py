@@ -1,0 +1,143 @@
+"""slimtune serve under load: throughput and latency for the base, one delta, and several
+LoRA deltas mixed, in one run against one server process.
+
+    python benchmarks/serve_load.py --device cpu --requests 32 --clients 8 --deltas 4
+
+Builds ``--deltas`` LoRA deltas of the default model (seeded random adapters on the top two
+layers, rank 4: the cost of serving does not depend on what they learned) in a temporary
+store, starts ``slimtune serve`` on it, and for each scenario sends ``--requests`` chat
+requests from ``--clients`` concurrent clients (``max_tokens`` fixed, greedy):
+
+* ``base``: every request asks for the base;
+* ``1 delta``: every request asks for the first delta;
+* ``N deltas mixed``: requests cycle through the N deltas (the server groups them by delta
+  and switches between groups).
+
+Reports requests/s, completion tokens/s, p50/p95 latency, and ratios against ``base``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+
+def _deltas(root: Path, n: int) -> list[str]:
+    from slimtune.delta import DeltaStore
+    from slimtune.testing import random_lora_delta
+
+    store = DeltaStore(root / "store")
+    out = []
+    for seed in range(1, n + 1):
+        random_lora_delta(root / f"d{seed}", seed)
+        out.append(store.add(root / f"d{seed}").id)
+    return out
+
+
+def _start(root: Path, device: str, max_batch: int) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "slimtune", "serve", "--model", "default", "--device", device]
+    cmd += ["--store", str(root / "store"), "--port", str(port), "--max-batch", str(max_batch)]
+    env = {
+        **os.environ,
+        "PYTHONWARNINGS": "ignore",
+        "PYTHONPATH": str(Path(__file__).parents[1] / "src"),
+    }
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(360):
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("the server did not start")
+
+
+def _scenario(url: str, models: list[str], clients: int, max_tokens: int) -> dict:
+    import httpx
+
+    def ask(model: str) -> tuple[float, int]:
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": "Write one sentence about the sea."}],
+            "max_tokens": max_tokens,
+        }
+        t0 = time.perf_counter()
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=600)
+        r.raise_for_status()
+        return time.perf_counter() - t0, r.json()["usage"]["completion_tokens"]
+
+    ask(models[0])  # warm
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(ask, models))
+    wall = time.perf_counter() - t0
+    lat = sorted(r[0] for r in results)
+    return {
+        "requests_per_s": len(models) / wall,
+        "tokens_per_s": sum(r[1] for r in results) / wall,
+        "p50_s": statistics.median(lat),
+        "p95_s": lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--deltas", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--max-batch", type=int, default=8)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        versions = _deltas(root, args.deltas)
+        proc, url = _start(root, args.device, args.max_batch)
+        try:
+            n = args.requests
+            rows = {
+                "base": _scenario(url, ["base"] * n, args.clients, args.max_tokens),
+                "1 delta": _scenario(url, [versions[0]] * n, args.clients, args.max_tokens),
+                f"{args.deltas} deltas mixed": _scenario(
+                    url,
+                    [versions[i % len(versions)] for i in range(n)],
+                    args.clients,
+                    args.max_tokens,
+                ),
+            }
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    base = rows["base"]
+    print(
+        f"slimtune serve, default model, {args.device}, {args.requests} requests, "
+        f"{args.clients} clients, max_tokens {args.max_tokens}, --max-batch {args.max_batch}"
+    )
+    print("| scenario | requests/s | tokens/s | p50 s | p95 s | tokens/s vs base |")
+    print("|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(
+            f"| {name} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
+            f"{r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x |"
+        )
+
+
+if __name__ == "__main__":
+    main()
