@@ -52,21 +52,23 @@ def _start(root: Path, device: str, max_batch: int) -> tuple[subprocess.Popen, s
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "slimtune", "serve", "--model", "default", "--device", device]
     cmd += ["--store", str(root / "store"), "--port", str(port), "--max-batch", str(max_batch)]
-    env = {
-        **os.environ,
-        "PYTHONWARNINGS": "ignore",
-        "PYTHONPATH": str(Path(__file__).parents[1] / "src"),
-    }
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    path = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": path}
+    log = root / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     for _ in range(360):
+        if proc.poll() is not None:
+            break
         try:
             if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
                 return proc, url
         except httpx.TransportError:
             time.sleep(0.5)
     proc.kill()
-    raise SystemExit("the server did not start")
+    raise SystemExit("the server did not start:\n" + log.read_text()[-2000:])
 
 
 def _scenario(url: str, models: list[str], clients: int, max_tokens: int) -> dict:
