@@ -59,7 +59,7 @@ def run_one(args) -> dict | None:
     impl, method, options, fsdp = CONFIGS[args.run_one]
     acc = _accelerator(TrainConfig(data="-", method=method, device="cuda"))  # the trainer's
     device = acc.device
-    from bench_methods import build_model
+    from bench_methods import build_model, timed_steps
 
     if impl == "peft":
         from liger_kernel.transformers import apply_liger_kernel_to_llama
@@ -136,15 +136,8 @@ def run_one(args) -> dict | None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    times = []
     with PeakMemory(device) as mem, compute():
-        for i in range(args.warmup + args.steps):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            step()
-            torch.cuda.synchronize()
-            if i >= args.warmup:
-                times.append(time.perf_counter() - t0)
+        times = timed_steps(step, device, args.warmup, args.steps)
     if args.profile and acc.is_main_process and acc.num_processes == max(args.gpu_list):
         from torch.profiler import ProfilerActivity, profile
 

@@ -229,6 +229,22 @@ def _normal_init(model: torch.nn.Module, std: float = 0.02) -> None:
         list(pool.map(fill, range(len(chunks))))
 
 
+def timed_steps(step, device: torch.device, warmup: int, steps: int) -> list[float]:
+    """Seconds of each of ``steps`` calls of ``step`` after ``warmup`` untimed ones (the
+    device drained before and after each)."""
+    times = []
+    for i in range(warmup + steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
 def run_one(args) -> dict:
     from slimtune.eval.cost import PeakMemory
     from slimtune.methods import get_method
@@ -344,17 +360,8 @@ def run_one(args) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    times = []
     with PeakMemory(device) as mem, compute():
-        for i in range(args.warmup + args.steps):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= args.warmup:
-                times.append(time.perf_counter() - t0)
+        times = timed_steps(step, device, args.warmup, args.steps)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
