@@ -325,7 +325,7 @@ class ExpertsMethod(Method):
 
     def __init__(self, config=None) -> None:
         super().__init__(config)
-        self._aux_seen: list[float] = []
+        self._aux_seen: list[torch.Tensor] = []  # read once per step (one device sync)
 
     def prepare(self, model: nn.Module, layers: list[int], batches=None) -> nn.Module:
         if not layers:
@@ -345,7 +345,7 @@ class ExpertsMethod(Method):
         if not values or self.config.aux_weight == 0:
             return None
         aux = torch.stack(values).mean()
-        self._aux_seen.append(float(aux.detach()))
+        self._aux_seen.append(aux.detach())
         return self.config.aux_weight * aux
 
     def gather_statistics(
@@ -357,7 +357,7 @@ class ExpertsMethod(Method):
 
     def step_metrics(self, model: nn.Module) -> dict:
         seen, self._aux_seen = self._aux_seen, []
-        return {"balance_loss": sum(seen) / len(seen)} if seen else {}
+        return {"balance_loss": float(torch.stack(seen).float().mean())} if seen else {}
 
     def extra_state(self, model: nn.Module) -> dict:
         return {

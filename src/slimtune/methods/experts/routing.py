@@ -241,7 +241,8 @@ class ExpertRouter(nn.Module):
         # the top-k probabilities renormalised = a softmax over the top-k logits
         top_logits, top_i = logits.topk(self.top_k, dim=-1)
         routing = Routing(top_i, torch.softmax(top_logits, dim=-1), kept, self.experts)
-        if torch.is_grad_enabled() and self.weight.requires_grad:
+        # training only: a ghost batch (eval mode, see training/step.py) adds no term
+        if self.training and torch.is_grad_enabled() and self.weight.requires_grad:
             probs = torch.softmax(logits, dim=-1)
             self.last_aux = load_balancing_loss(probs, top_i, self.experts)
         if self.training:
