@@ -21,6 +21,7 @@ FSDP), so a run resumes with any number of processes.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -28,8 +29,6 @@ import torch
 from torch import nn
 
 from .loss import target_loss
-
-STRATEGIES = ("ddp", "fsdp")
 
 
 class StepLoss(nn.Module):
@@ -133,14 +132,7 @@ class Parallel:
         keyed by the model's parameter names, whatever the sharding, so a run resumes
         with or without FSDP and with any number of processes."""
         if self.kind != "fsdp":
-            state = optimizer.state_dict()
-            names = self._names_by_index(optimizer)
-            return {
-                "state": {names[i]: v for i, v in state["state"].items()},
-                "param_groups": [
-                    {**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]
-                ],
-            }
+            return _renamed(optimizer.state_dict(), self._names_by_index(optimizer).__getitem__)
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_optimizer_state_dict,
@@ -206,7 +198,7 @@ class Parallel:
         if self.kind == "fsdp":  # each process holds a shard: the squares sum across them
             norm = self.sum(norm.square()).sqrt()
         value = float(norm)
-        return None if torch.isfinite(torch.tensor(value)) else value
+        return None if math.isfinite(value) else value
 
 
 def whole(t: torch.Tensor) -> torch.Tensor:

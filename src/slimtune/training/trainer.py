@@ -636,9 +636,10 @@ class Trainer:
             self.step -= 1  # reported as the step that produced it
             raise self._diverged("weights", bad, lines)
 
-    def _collate(self, idx: list[int], j: int) -> dict[str, torch.Tensor] | None:
-        """The batch of examples ``idx``. A process with none (its share of an epoch's
-        short last batch) runs a ghost: the global batch's first example with no targets,
+    def _collate(self, idx: list[int], index: int) -> dict[str, torch.Tensor] | None:
+        """The batch of examples ``idx``, this process' share of global micro-batch
+        ``index``. A process with none (its share of an epoch's short last batch) runs a
+        ghost: the global batch's first example with no targets,
         as every process must run each forward and backward the others run. With one
         process an empty micro-batch is skipped (None)."""
         pad = self.loaded.tokenizer.pad_token_id
@@ -646,9 +647,9 @@ class Trainer:
             return collate([self.examples[i] for i in idx], pad)
         if self.accelerator.num_processes == 1:
             return None
-        first = self._global_batch(self.step * self.cfg.grad_accum + j)[0]
+        first = self._global_batch(index)[0]
         batch = collate([self.examples[first]], pad)
-        batch["labels"] = torch.full_like(batch["labels"], -100)
+        batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
         return {**batch, "ghost": True}
 
     def _log(self, record: dict) -> None:
@@ -712,13 +713,13 @@ class Trainer:
         with PeakMemory(self.device) as mem, compute:
             while self.step < cfg.max_steps:
                 t0 = time.perf_counter()
-                micro = [
-                    self._micro_batch(self.step * cfg.grad_accum + j) for j in range(cfg.grad_accum)
-                ]
-                batches = [self._collate(idx, j) for j, idx in enumerate(micro)]
+                indices = range(self.step * cfg.grad_accum, (self.step + 1) * cfg.grad_accum)
+                micro = [self._micro_batch(index) for index in indices]
+                batches = [self._collate(idx, index) for idx, index in zip(micro, indices)]
                 lines = [self.examples[i].line for idx in micro for i in idx]
-                step_batches = range(self.step * cfg.grad_accum, (self.step + 1) * cfg.grad_accum)
-                targets = sum(self._targets[i] for j in step_batches for i in self._global_batch(j))
+                targets = sum(
+                    self._targets[i] for index in indices for i in self._global_batch(index)
+                )
                 try:
                     loss_sum, grad_norm, n_tokens, n_target = accumulate_gradients(
                         self.parallel,
