@@ -207,3 +207,27 @@ def test_experts_train_with_two_processes(tiny_dir, intent_file, tmp_path):
         else:
             rel = float((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12))
             assert rel <= 1e-5, (k, rel)
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"method": "sparse", "fsdp": True}, "cannot be sharded (--fsdp)"),
+        ({"method": "experts", "fsdp": True}, "routed per token"),
+        ({"method": "lora", "fsdp": True, "quantize": "nf4"}, "--fsdp with --quantize"),
+    ],
+)
+def test_fsdp_refusals_name_the_reason(options, message):
+    from slimtune.errors import UserInputError
+    from slimtune.training.config import TrainConfig
+
+    with pytest.raises(UserInputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        TrainConfig(data="x.jsonl", **options).validated()
+
+
+def test_plan_refuses_a_bad_device_count(tiny_dir, intent_file, capsys):
+    args = ["plan", "--model", str(tiny_dir), "--data", str(intent_file), "--device", "cpu"]
+    assert main([*args, "--devices", "0"]) == 2
+    assert "--devices must be >= 1" in capsys.readouterr().err
+    assert main([*args, "--fsdp", "--quantize", "nf4"]) == 2
+    assert "--fsdp with --quantize" in capsys.readouterr().err
