@@ -1,8 +1,9 @@
 """slimtune serve: a real server process on the default model, real HTTP clients.
 
-Two LoRA deltas (built here: seeded random adapters on the top layers, so that each
-answers the probe its own way) in a store; the server picks one per request by version
-id or tag, and a tag moved under load serves its new version at once."""
+Two LoRA deltas and a sparse one (built here: seeded random values on the top layers, so
+that each answers the probe its own way) in a store; the server picks one per request by
+version id, tag or split, LoRA requests of different versions share batches, and a tag
+moved under load serves its new version at once."""
 
 import concurrent.futures
 import json
@@ -18,7 +19,7 @@ import pytest
 
 from slimtune.cli.app import main
 from slimtune.delta import DeltaStore
-from slimtune.testing import random_lora_delta
+from slimtune.testing import random_delta
 
 pytestmark = pytest.mark.default_model
 
@@ -30,8 +31,8 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     store = DeltaStore(root / "store")
     versions = []
-    for seed in (1, 2):
-        random_lora_delta(root / f"d{seed}", seed)
+    for seed, method in ((1, "lora"), (2, "lora"), (3, "sparse")):
+        random_delta(root / f"d{seed}", seed, method=method)
         versions.append(store.add(root / f"d{seed}").id)
     store.tag("prod", versions[0])
     with socket.socket() as s:
@@ -40,6 +41,7 @@ def server(tmp_path_factory):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "slimtune", "serve", "--model", "default", "--device", "cpu"]
     cmd += ["--store", str(root / "store"), "--port", str(port), "--max-tokens", "8"]
+    cmd += ["--split", f"exp:prod=50,{versions[1]}=50", "--log", str(root / "requests.jsonl")]
     log = open(root / "server.log", "w")  # noqa: SIM115 - open for the server's lifetime
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -54,20 +56,25 @@ def server(tmp_path_factory):
             proc.kill()
             raise AssertionError((root / "server.log").read_text()[-3000:])
         time.sleep(0.5)
-    yield url, root / "store", versions
+    yield url, root / "store", versions[:2]
     proc.terminate()
     proc.wait(timeout=30)
     log.close()
 
 
-def _ask(url: str, model: str, *, client=None) -> tuple[str, str]:
+def _ask(url: str, model: str, *, client=None, **extra) -> tuple[str, str]:
+    data = _chat(url, model, client=client, **extra)
+    return data["slimtune"]["delta"], data["choices"][0]["message"]["content"]
+
+
+def _chat(url: str, model: str, *, client=None, **extra) -> dict:
     body = {"model": model, "messages": [{"role": "user", "content": PROBE}], "max_tokens": 8}
-    r = (client or httpx).post(f"{url}/v1/chat/completions", json=body, timeout=120)
+    r = (client or httpx).post(f"{url}/v1/chat/completions", json={**body, **extra}, timeout=120)
     assert r.status_code == 200, r.text
     data = r.json()
     assert data["object"] == "chat.completion"
     assert r.headers["x-slimtune-delta"] == data["slimtune"]["delta"]
-    return data["slimtune"]["delta"], data["choices"][0]["message"]["content"]
+    return data
 
 
 def test_models_lists_the_base_versions_and_tags(server):
@@ -80,15 +87,23 @@ def test_models_lists_the_base_versions_and_tags(server):
 
 
 def test_concurrent_clients_each_get_the_delta_they_asked_for(server):
-    url, _, (v1, v2) = server
-    reference = {m: _ask(url, m)[1] for m in ("base", v1, v2)}
-    assert len(set(reference.values())) == 3, reference  # the probe tells them apart
-    asks = ["base", v1, v2, "prod"] * 6  # interleaved, 8 clients at a time
+    """LoRA versions and the base share batches (each row through its own adapter); the
+    sparse version, merged into the base, runs in batches of its own between them."""
+    url, store, (v1, v2) = server
+    v3 = DeltaStore(store).resolve("v3").id  # the sparse one
+    reference = {m: _ask(url, m)[1] for m in ("base", v1, v2, v3)}
+    assert len(set(reference.values())) == 4, reference  # the probe tells them apart
+    asks = ["base", v1, v2, "prod", v3, v1, v2, "base"] * 4  # interleaved, 8 clients
     with httpx.Client() as client, concurrent.futures.ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda m: (m, *_ask(url, m, client=client)), asks))
     for model, served, text in answers:
         want = v1 if model == "prod" else model
         assert served == want and text == reference[want], (model, served, text)
+    metrics = httpx.get(f"{url}/metrics").text
+    mixed = [
+        ln for ln in metrics.splitlines() if ln.startswith('slimtune_batches_total{kind="mixed"')
+    ]
+    assert mixed and float(mixed[0].split()[-1]) >= 1, metrics  # rows of versions did mix
 
 
 def test_a_tag_moved_and_rolled_back_under_load_fails_no_request(server):
@@ -175,3 +190,50 @@ def test_bad_requests_get_the_api_error_shape(server):
     metrics = httpx.get(f"{url}/metrics").text
     assert 'slimtune_request_errors_total{status="404"}' in metrics
     assert "slimtune_request_latency_seconds_bucket" in metrics
+
+
+def test_a_split_is_sticky_per_user_and_its_outcomes_reach_ab(server, tmp_path, capsys):
+    url, store, (v1, v2) = server
+    arms: dict[str, set[str]] = {}
+    ids = {}
+    with httpx.Client() as client:
+        for round_ in range(2):
+            for u in range(16):
+                data = _chat(url, "exp", client=client, user=f"user{u}")
+                info = data["slimtune"]
+                assert data["model"] == "exp" and info["split"] == "exp"
+                assert info["delta"] == {"prod": v1, v2: v2}[info["arm"]]
+                arms.setdefault(f"user{u}", set()).add(info["arm"])
+                ids[(u, round_)] = (data["id"], info["delta"])
+        assert all(len(a) == 1 for a in arms.values()), arms  # sticky
+        assert {next(iter(a)) for a in arms.values()} == {"prod", v2}  # both arms drawn
+        for rid, delta in ids.values():  # v2 answers well, v1 not
+            r = client.post(f"{url}/v1/outcomes", json={"id": rid, "value": delta == v2})
+            assert r.status_code == 200 and r.json()["delta"] == delta
+        r = client.post(f"{url}/v1/outcomes", json={"id": "cmpl-nothing", "value": 1})
+        assert r.status_code == 404 and r.json()["error"]["param"] == "id"
+    out = tmp_path / "ab.json"
+    log = store.parent / "requests.jsonl"
+    assert main(["ab", "--log", str(log), "--split", "exp", "--output", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert (r["A"]["ref"], r["B"]["ref"]) == (v1, v2)
+    assert r["A"]["outcomes"] + r["B"]["outcomes"] == 32
+    assert r["A"]["mean_outcome"] == 0 and r["B"]["mean_outcome"] == 1
+    assert r["winner"] == "B" and r["significant"] and r["fisher"]["p_value"] < 1e-6
+    assert "winner: " + v2 in capsys.readouterr().out
+
+
+def test_stop_strings_end_the_answer_before_them(server):
+    url, _, (v1, _) = server
+    whole = _ask(url, v1)[1]
+    stop = whole[4:7]
+    cut = whole[: whole.find(stop)]
+    data = _chat(url, v1, stop=[stop, "never appears"])
+    assert data["choices"][0]["message"]["content"] == cut
+    assert data["choices"][0]["finish_reason"] == "stop"
+    body = {"model": v1, "messages": [{"role": "user", "content": PROBE}], "stop": stop}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}) as r:
+        events = [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: {")]
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == cut
+    r = httpx.post(f"{url}/v1/chat/completions", json={**body, "stop": ["a"] * 5})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop"

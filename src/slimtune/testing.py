@@ -84,10 +84,13 @@ def tiny_model_dir(path: str | Path, *, layers: int = 4, hidden: int = 32, seed:
     return path
 
 
-def random_lora_delta(folder: str | Path, seed: int, model: str = "default") -> dict:
-    """A LoRA delta of ``model`` with seeded random adapters (rank 4, the top two layers),
-    written to ``folder``; returns its manifest. Each seed answers a prompt its own way:
-    what serving tests and benchmarks need, without training."""
+def random_delta(
+    folder: str | Path, seed: int, model: str = "default", *, method: str = "lora"
+) -> dict:
+    """A delta of ``model`` with seeded random values on the top two layers, written to
+    ``folder``; returns its manifest. ``lora``: rank-4 adapters; ``sparse``: 1% of each
+    weight's entries, chosen at random. Each seed answers a prompt its own way: what
+    serving tests and benchmarks need, without training."""
     from .delta import save_delta
     from .methods import get_method
     from .model.loading import fingerprint, load_model
@@ -101,11 +104,22 @@ def random_lora_delta(folder: str | Path, seed: int, model: str = "default") -> 
         "num_layers": loaded.num_layers,
     }
     layers = [loaded.num_layers - 2, loaded.num_layers - 1]
-    method = get_method("lora", {"r": 4, "alpha": 8, "dropout": 0.0})
-    wrapped = method.prepare(loaded.model, layers)
+    options: dict = {
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "sparse": {"density": 0.01, "importance": "random", "seed": seed},
+    }[method]
+    m = get_method(method, options)
+    with torch.random.fork_rng():  # peft's initial A: seeded too, the caller's RNG untouched
+        torch.manual_seed(seed)
+        wrapped = m.prepare(loaded.model, layers)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in wrapped.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    return save_delta(folder, method, wrapped, base=base, layers=layers)
+            if p.requires_grad and (method != "lora" or "lora_B" in name):
+                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    return save_delta(folder, m, wrapped, base=base, layers=layers)
+
+
+def random_lora_delta(folder: str | Path, seed: int, model: str = "default") -> dict:
+    """:func:`random_delta` of a LoRA."""
+    return random_delta(folder, seed, model)

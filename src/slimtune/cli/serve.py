@@ -31,6 +31,27 @@ def serve_parser(sub) -> None:
         default=128,
         help="completion tokens when a request does not say (default 128)",
     )
+    p.add_argument(
+        "--adapters",
+        type=int,
+        default=16,
+        help="LoRA deltas kept loaded side by side, whose requests share batches "
+        "(default 16; 0: each delta is switched on for batches of its own)",
+    )
+    p.add_argument(
+        "--split",
+        action="append",
+        default=[],
+        metavar="[NAME:]ARM=W,ARM=W",
+        help="A/B traffic: requests for NAME (default: the first arm) go to each arm in "
+        "proportion to its weight, the same arm for the same `user`; e.g. prod=90,v5=10. "
+        "Repeatable",
+    )
+    p.add_argument(
+        "--log",
+        help="append every request and every outcome posted to /v1/outcomes to this JSON "
+        "Lines file (read by `slimtune ab --log`)",
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -44,21 +65,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ) from None
     if args.max_batch < 1 or args.max_tokens < 1:
         raise UserInputError("--max-batch and --max-tokens must be >= 1")
+    if args.adapters < 0:
+        raise UserInputError("--adapters must be >= 0")
+    from ..serve.traffic import RequestLog, parse_splits
+
+    splits = parse_splits(args.split)
     from ..delta import DeltaSwitcher
     from ..delta.store import DeltaStore
     from ..log import info
     from ..model.loading import load_model
     from ..serve.app import create_app
-    from ..serve.engine import Engine
+    from ..serve.engine import Engine, UnknownModel
 
     model = getattr(args, "model", None) or "default"
     loaded = load_model(model, device=device_of(args), quantize=getattr(args, "quantize", "none"))
     store = DeltaStore(getattr(args, "store", None))
-    engine = Engine(DeltaSwitcher(loaded, store), max_batch=args.max_batch).start()
-    app = create_app(engine, default_max_tokens=args.max_tokens)
+    engine = Engine(DeltaSwitcher(loaded, store), max_batch=args.max_batch, adapters=args.adapters)
+    for split in splits.values():  # every arm must serve something now (a typo is not a 404)
+        for arm, _ in split.arms:
+            try:
+                engine.resolve(arm)
+            except UnknownModel as e:
+                raise UserInputError(f"--split {split}: arm {arm!r}: {e}") from None
+    log = RequestLog(args.log) if args.log else None
+    app = create_app(engine.start(), default_max_tokens=args.max_tokens, splits=splits, log=log)
     info(f"serving {loaded.name} and the deltas of {store.root} on http://{args.host}:{args.port}")
+    for split in splits.values():
+        info(f"split {split}")
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
         engine.stop()
+        if log is not None:
+            log.close()
     return 0

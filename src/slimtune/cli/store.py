@@ -89,16 +89,19 @@ def build(sub) -> None:
 
     ab = sub.add_parser(
         "ab",
-        help="A/B-test two deltas on the same examples",
-        description="Evaluates two deltas (ids, tags or folders) on one loaded "
-        "base with the same examples; reports the paired "
-        "difference (bootstrap CI, McNemar for accuracy), the "
-        "winner, and cost figures side by side.",
+        help="A/B-test two deltas on the same examples, or on live traffic (--log)",
+        description="With --data: evaluates two deltas (ids, tags or folders) on one "
+        "loaded base with the same examples; reports the paired difference (bootstrap CI, "
+        "McNemar for accuracy), the winner, and cost figures side by side. With --log: "
+        "compares the outcomes `slimtune serve --log` recorded for two versions (or split "
+        "arms): unpaired bootstrap CI, Fisher's exact test for 0/1 outcomes.",
     )
     add_store_arg(ab)
-    ab.add_argument("a")
-    ab.add_argument("b")
-    ab.add_argument("--data", required=True)
+    ab.add_argument("a", nargs="?", help="delta A (with --log: default, the two most rated)")
+    ab.add_argument("b", nargs="?")
+    ab.add_argument("--data", help="examples both deltas are evaluated on")
+    ab.add_argument("--log", help="a request log of slimtune serve --log")
+    ab.add_argument("--split", help="with --log: only the requests of this split")
     ab.add_argument("--model", help="the base (default: the one delta A's manifest records)")
     ab.add_argument("--device", default="auto")
     add_quantize_arg(ab)
@@ -232,7 +235,65 @@ def _import_peft(store, args):
     return r.version
 
 
+def _ab_log(args) -> int:
+    from ..errors import UserInputError
+    from ..eval.abtest import ab_from_log
+    from ..eval.report import fmt, print_table
+    from ..fileio import write_json
+    from ..log import info
+    from ..serve.traffic import read_log
+
+    requests, warnings = read_log(args.log)
+    for w in warnings:
+        info(f"warning: {w}")
+    try:
+        r = ab_from_log(requests, args.a, args.b, split=args.split)
+    except ValueError as e:
+        raise UserInputError(f"{args.log}: {e}") from None
+    A, B = r["A"], r["B"]
+    rows = [
+        ["requests", fmt(A["requests"], "int"), fmt(B["requests"], "int")],
+        ["outcomes", fmt(A["outcomes"], "int"), fmt(B["outcomes"], "int")],
+        ["mean outcome", f"{A['mean_outcome']:.3f}", f"{B['mean_outcome']:.3f}"],
+        ["latency p50", fmt(A["latency_p50_ms"], "ms"), fmt(B["latency_p50_ms"], "ms")],
+        ["latency p95", fmt(A["latency_p95_ms"], "ms"), fmt(B["latency_p95_ms"], "ms")],
+        ["served by", ", ".join(A["served_by"]), ", ".join(B["served_by"])],
+    ]
+    where = f"split {args.split}, " if args.split else ""
+    print_table(
+        f"slimtune ab (live traffic, {where}{args.log}): {A['ref']} vs {B['ref']}",
+        ["", f"A: {A['ref']}", f"B: {B['ref']}"],
+        rows,
+    )
+    b = r["bootstrap"]
+    line = f"B - A = {b['mean_diff']:+.3f} (95% CI {b['ci_low']:+.3f} .. {b['ci_high']:+.3f})"
+    if "fisher" in r:
+        line += f"; Fisher's exact test: p = {r['fisher']['p_value']:.3g}"
+    print(line)
+    winner = {"A": A["ref"], "B": B["ref"]}.get(r["winner"], "neither (tie)")
+    print(f"winner: {winner}, {'significant' if r['significant'] else 'not significant'} at 5%")
+    if args.output:
+        write_json(args.output, r)
+    return 0
+
+
 def cmd_ab(args) -> int:
+    from ..errors import UserInputError
+
+    if (args.data is None) == (args.log is None):
+        raise UserInputError("ab: give --data (offline examples) or --log (live traffic)")
+    if args.log:
+        if (args.a is None) != (args.b is None):
+            raise UserInputError("ab --log: name both A and B, or neither")
+        return _ab_log(args)
+    if args.a is None or args.b is None:
+        raise UserInputError("ab --data: name the two deltas, A and B")
+    if args.split:
+        raise UserInputError("ab: --split reads a --log")
+    return _ab_data(args)
+
+
+def _ab_data(args) -> int:
     from ..data import load_dataset
     from ..delta import DeltaSwitcher
     from ..eval.abtest import run_ab

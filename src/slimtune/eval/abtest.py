@@ -1,10 +1,15 @@
-"""A/B tests of two deltas on the same examples: paired statistics, a winner, and costs.
+"""A/B tests of two deltas: paired statistics on the same examples, or unpaired ones on
+live traffic, a winner, and costs.
 
-Per example, each side is correct or not (classification, exact match) or has a loss
-(language modelling). The difference B - A is reported with a paired bootstrap 95%
+Offline, per example, each side is correct or not (classification, exact match) or has a
+loss (language modelling). The difference B - A is reported with a paired bootstrap 95%
 confidence interval (resampling examples), and, for correctness, McNemar's exact test on
 the discordant pairs. A side wins when it scores better; the result is *significant* when
 the test's p < 0.05 (correctness) or the interval excludes 0 (loss).
+
+On live traffic (``slimtune serve``'s log) each request saw one side only: the difference
+of the mean outcomes gets a bootstrap interval resampling each side on its own, and 0/1
+outcomes Fisher's exact test instead of McNemar's.
 """
 
 from __future__ import annotations
@@ -64,6 +69,66 @@ def paired_bootstrap(
         "ci_high": float(means[int(0.975 * samples) - 1]),
         "samples": samples,
     }
+
+
+def _log_factorials(n: int) -> np.ndarray:
+    return np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n + 1)))])
+
+
+def fisher_exact(a_yes: int, a_n: int, b_yes: int, b_n: int) -> float:
+    """Two-sided p of Fisher's exact test on the 2x2 table (yes/no by side): the
+    probability, with the margins fixed, of a table no more likely than the one seen."""
+    yes, n = a_yes + b_yes, a_n + b_n
+    lf = _log_factorials(n)
+    lo, hi = max(0, yes - b_n), min(yes, a_n)
+    k = np.arange(lo, hi + 1)
+    log_p = (
+        lf[yes] + lf[n - yes] + lf[a_n] + lf[b_n] - lf[n]
+        - lf[k] - lf[yes - k] - lf[a_n - k] - lf[b_n - yes + k]
+    )  # fmt: skip
+    seen = log_p[a_yes - lo]
+    return float(min(1.0, np.exp(log_p[log_p <= seen + 1e-7]).sum()))
+
+
+def unpaired_bootstrap(
+    a: Sequence[float], b: Sequence[float], *, samples: int = 2000, seed: int = 0
+) -> dict:
+    """Mean of b minus mean of a and a percentile 95% interval, each side resampled with
+    replacement on its own (its requests are not the other side's)."""
+    a_, b_ = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = np.empty(samples)
+    for s in range(0, samples, _BOOTSTRAP_CHUNK):
+        m = min(_BOOTSTRAP_CHUNK, samples - s)
+        ma = a_[rng.integers(0, len(a_), size=(m, len(a_)))].mean(axis=1)
+        mb = b_[rng.integers(0, len(b_), size=(m, len(b_)))].mean(axis=1)
+        means[s : s + m] = mb - ma
+    means.sort()
+    return {
+        "mean_diff": float(b_.mean() - a_.mean()),
+        "ci_low": float(means[int(0.025 * samples)]),
+        "ci_high": float(means[int(0.975 * samples) - 1]),
+        "samples": samples,
+    }
+
+
+def compare_unpaired(a: Sequence[float], b: Sequence[float], *, higher_is_better: bool) -> dict:
+    """The verdict on outcomes of two groups of requests (each answered by one side)."""
+    if not len(a) or not len(b):
+        raise ValueError("A and B need at least one outcome each")
+    boot = unpaired_bootstrap(a, b)
+    out: dict = {"bootstrap": boot}
+    if boot["mean_diff"] == 0:
+        out["winner"] = "tie"
+    else:
+        out["winner"] = "B" if (boot["mean_diff"] > 0) == higher_is_better else "A"
+    if set(a) <= {0.0, 1.0} and set(b) <= {0.0, 1.0}:
+        p = fisher_exact(int(sum(a)), len(a), int(sum(b)), len(b))
+        out["fisher"] = {"a_yes": int(sum(a)), "b_yes": int(sum(b)), "p_value": p}
+        out["significant"] = p < 0.05
+    else:
+        out["significant"] = boot["ci_low"] > 0 or boot["ci_high"] < 0
+    return out
 
 
 def compare(
@@ -140,6 +205,62 @@ def run_ab(
         "task": task,
         "metric": metric,
         "examples": len(sides["A"]["scores"]),
+        "A": {k: v for k, v in sides["A"].items() if k != "scores"},
+        "B": {k: v for k, v in sides["B"].items() if k != "scores"},
+        **verdict,
+    }
+
+
+def ab_from_log(
+    requests: list, a: str | None = None, b: str | None = None, *, split: str | None = None
+) -> dict:
+    """Compare two sides of live traffic (``serve.traffic.read_log``'s requests): each side
+    is named by the version that served it or the split arm that chose it; by default the
+    two versions that got the most outcomes."""
+    if split is not None:
+        requests = [r for r in requests if r.split == split]
+        if not requests:
+            raise ValueError(f"the log holds no request of split {split!r}")
+    rated = [r for r in requests if r.outcome is not None]
+
+    def side(name: str) -> list:
+        return [r for r in requests if name in (r.delta, r.arm)]
+
+    if a is None or b is None:
+        counts: dict[str, int] = {}
+        for r in rated:
+            counts[r.delta] = counts.get(r.delta, 0) + 1
+        top = sorted(counts, key=lambda d: -counts[d])
+        if len(top) < 2:
+            raise ValueError(
+                "the log has outcomes for fewer than two versions; name A and B, or post "
+                "outcomes (POST /v1/outcomes)"
+            )
+        a, b = sorted(top[:2], key=lambda d: (len(d), d))
+    sides = {}
+    for key, name in (("A", a), ("B", b)):
+        got = side(name)
+        if not got:
+            raise ValueError(f"no request in the log was answered by or chosen as {name!r}")
+        outcomes = [r.outcome for r in got if r.outcome is not None]
+        if not outcomes:
+            raise ValueError(f"{name!r} served {len(got)} requests but none has an outcome")
+        lat = [r.latency_s for r in got if r.latency_s is not None]
+        sides[key] = {
+            "ref": name,
+            "served_by": sorted({r.delta for r in got}),
+            "requests": len(got),
+            "outcomes": len(outcomes),
+            "mean_outcome": float(np.mean(outcomes)),
+            "latency_p50_ms": 1000 * float(np.percentile(lat, 50)) if lat else None,
+            "latency_p95_ms": 1000 * float(np.percentile(lat, 95)) if lat else None,
+            "scores": outcomes,
+        }
+    verdict = compare_unpaired(sides["A"]["scores"], sides["B"]["scores"], higher_is_better=True)
+    return {
+        "source": "log",
+        "split": split,
+        "metric": "mean_outcome",
         "A": {k: v for k, v in sides["A"].items() if k != "scores"},
         "B": {k: v for k, v in sides["B"].items() if k != "scores"},
         **verdict,

@@ -160,6 +160,9 @@ class Method(ABC):
     # a step may leave some trainable tensors without a gradient (an expert no token
     # chose): DDP must look for them after each forward
     unused_parameters: ClassVar[bool] = False
+    # Serving: rows of different deltas of this method run in one forward over the base
+    # (peft's per-row ``adapter_names``; the delta sits beside the base weights, unmerged)
+    mixes_in_batch: ClassVar[bool] = False
     # The learning rate when the run does not set one.
     default_lr: ClassVar[float] = 1e-4
     # Whether the delta folder is peft's own adapter format (exports to / imports from peft).

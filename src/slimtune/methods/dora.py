@@ -30,6 +30,7 @@ class DoraMethod(LoraMethod):
     why_not_quantized = "peft's DoRA fails on bitsandbytes' 8-bit layers; use --quantize nf4"
     shardable = False
     why_not_sharded = "DoRA under FSDP2 is not tested yet (lora is)"
+    mixes_in_batch = False  # peft refuses adapter_names with DoRA layers
 
     def peft_config(self, model: nn.Module, layers: list[int]):
         cfg = super().peft_config(model, layers)

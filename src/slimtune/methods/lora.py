@@ -150,6 +150,7 @@ class LoraMethod(PeftAdapterMethod):
     default_lr = 2e-4
     peft_type = "LORA"
     shardable = True
+    mixes_in_batch = True
 
     def peft_config(self, model: nn.Module, layers: list[int]):
         from peft import LoraConfig

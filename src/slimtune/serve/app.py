@@ -1,10 +1,11 @@
 """The HTTP API of ``slimtune serve``: OpenAI's shapes on FastAPI, Prometheus metrics.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream``),
-``GET /v1/models``, ``GET /healthz``, ``GET /metrics``. The request's ``model`` is
-``base``, a store version id or a tag; every response names the version that served it
-(``slimtune.delta`` in the body, ``x-slimtune-delta`` in the headers). Errors have
-OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, and an HTTP status.
+``POST /v1/outcomes``, ``GET /v1/models``, ``GET /healthz``, ``GET /metrics``. The
+request's ``model`` is ``base``, a store version id, a tag or a split's name; every
+response names the version that served it (``slimtune.delta`` in the body,
+``x-slimtune-delta`` in the headers) and, for a split, the arm. Errors have OpenAI's
+shape, ``{"error": {"message", "type", "param", "code"}}``, and an HTTP status.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Engine, Finished, Job, UnknownModel
+from .traffic import RequestLog, Split
 
 
 class ApiError(Exception):
@@ -49,6 +51,13 @@ class _Sampling(BaseModel):
     stream: bool = False
     user: str | None = None
     n: int = Field(default=1, ge=1, le=1)  # one choice per request
+    stop: str | list[str] | None = None
+
+    def stops(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4 or not all(stops):
+            raise ApiError(400, "stop: up to 4 non-empty strings", param="stop")
+        return tuple(stops)
 
 
 class CompletionRequest(_Sampling):
@@ -57,6 +66,11 @@ class CompletionRequest(_Sampling):
 
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
+
+
+class Outcome(BaseModel):
+    id: str  # the response's id
+    value: float  # e.g. 1 for a good answer, 0 for a bad one (true/false are read so)
 
 
 class Metrics:
@@ -98,6 +112,23 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.batches = Counter(
+            "slimtune_batches",
+            "Batches generated: mixed (rows of several versions in one forward) or single",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "slimtune_batch_size",
+            "Requests per generated batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=self.registry,
+        )
+
+    def batch(self, kind: str, size: int) -> None:
+        self.batches.labels(kind).inc()
+        self.batch_size.observe(size)
+
     def finished(self, done: Finished, started: float) -> None:
         self.requests.labels(done.delta, "ok").inc()
         self.latency.labels(done.delta).observe(time.perf_counter() - started)
@@ -106,10 +137,20 @@ class Metrics:
             self.speed.labels(done.delta).set(done.completion_tokens / done.seconds)
 
 
-def create_app(engine: Engine, *, default_max_tokens: int = 128) -> FastAPI:
+def create_app(
+    engine: Engine,
+    *,
+    default_max_tokens: int = 128,
+    splits: dict[str, Split] | None = None,
+    log: RequestLog | None = None,
+) -> FastAPI:
+    """The app over ``engine``; ``splits`` by name (a request for that name gets one of its
+    arms); ``log`` records every request and the outcomes posted back."""
     app = FastAPI(title="slimtune serve", version="1")
     metrics = Metrics()
-    app.state.engine, app.state.metrics = engine, metrics
+    splits = dict(splits or {})
+    app.state.engine, app.state.metrics, app.state.log = engine, metrics, log
+    engine.on_batch = metrics.batch
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
@@ -139,7 +180,7 @@ def create_app(engine: Engine, *, default_max_tokens: int = 128) -> FastAPI:
     async def healthz():
         if not engine.alive:  # the worker that owns the model has stopped
             return JSONResponse({"status": "down"}, status_code=503)
-        return {"status": "ok", "serving": engine._on}
+        return {"status": "ok", "serving": engine.serving}
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
@@ -158,19 +199,65 @@ def create_app(engine: Engine, *, default_max_tokens: int = 128) -> FastAPI:
                 "slimtune": {"serves": m["serves"]},
             }
             for m in await run_in_threadpool(engine.models)
+            if m["id"] not in splits  # a split's name serves the split
+        ]
+        data += [
+            {
+                "id": name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "slimtune",
+                "slimtune": {"split": {arm: share for arm, share in split.arms}},
+            }
+            for name, split in splits.items()
         ]
         return {"object": "list", "data": data}
+
+    @app.post("/v1/outcomes")
+    async def outcomes(body: Outcome) -> dict:
+        if log is None:
+            raise ApiError(400, "this server keeps no log of requests: start it with --log")
+        answered = log.answered(body.id)
+        if answered is None:
+            raise ApiError(
+                404,
+                f"no recent request with id {body.id!r} (use the id of the response)",
+                param="id",
+            )
+        await run_in_threadpool(log.outcome, body.id, body.value)
+        return {"id": body.id, "delta": answered["delta"], "arm": answered.get("arm")}
+
+    def record(job: Job, response_id: str, started: float, done: Finished | None) -> None:
+        if log is None:
+            return
+        log.request(
+            {
+                "id": response_id,
+                "model": job.split or job.model,
+                "split": job.split,
+                "arm": job.model if job.split else None,
+                "user": job.user,
+                "delta": done.delta if done else (job.target.version if job.target else None),
+                "status": "ok" if done else "error",
+                "finish_reason": done.finish_reason if done else None,
+                "prompt_tokens": len(job.prompt_ids),
+                "completion_tokens": done.completion_tokens if done else 0,
+                "latency_s": round(time.perf_counter() - started, 6),
+            }
+        )
 
     async def _job(body: _Sampling, prompt_ids: list[int]) -> Job:
         param = "messages" if isinstance(body, ChatRequest) else "prompt"
         if not prompt_ids:
             raise ApiError(400, "the prompt is empty", param=param)
+        stops = body.stops()
+        split = splits.get(body.model)
+        model = split.choose(body.user) if split else body.model
         try:  # a store read: off the event loop
-            await run_in_threadpool(engine.resolve, body.model)
+            await run_in_threadpool(engine.resolve, model)
         except UnknownModel as e:
-            raise ApiError(
-                404, f"model {body.model!r}: {e}", param="model", code="model_not_found"
-            ) from None
+            what = f"model {body.model!r}" + (f" (split arm {model!r})" if split else "")
+            raise ApiError(404, f"{what}: {e}", param="model", code="model_not_found") from None
         max_tokens = body.max_tokens or default_max_tokens
         if len(prompt_ids) + max_tokens > engine.context:
             raise ApiError(
@@ -181,19 +268,34 @@ def create_app(engine: Engine, *, default_max_tokens: int = 128) -> FastAPI:
                 code="context_length_exceeded",
             )
         return Job(
-            model=body.model,
+            model=model,
             prompt_ids=prompt_ids,
             max_tokens=max_tokens,
             temperature=body.temperature,
             top_p=body.top_p,
+            stop=stops,
             user=body.user,
+            split=split.name if split else None,
         )
 
     async def _answer(job: Job, chat: bool, stream: bool):
         started = time.perf_counter()
         events = engine.submit(job)
         kind = "chat.completion" if chat else "text_completion"
-        base = {"id": ("chatcmpl-" if chat else "cmpl-") + job.id, "model": job.model}
+        response_id = ("chatcmpl-" if chat else "cmpl-") + job.id
+        base = {"id": response_id, "model": job.split or job.model}
+
+        def served(version: str | None) -> dict:
+            out: dict[str, Any] = {"delta": version}
+            if job.split:
+                out.update(split=job.split, arm=job.model)
+            return out
+
+        def headers(version: str | None) -> dict[str, str]:
+            h = {"x-slimtune-delta": version or ""}
+            if job.split:
+                h["x-slimtune-arm"] = job.model
+            return h
 
         def choice(text: str | None, finish: str | None, delta: bool) -> dict:
             if not chat:
@@ -204,7 +306,8 @@ def create_app(engine: Engine, *, default_max_tokens: int = 128) -> FastAPI:
 
         def failed(value: tuple[int, str]) -> ApiError:
             status, message = value
-            metrics.requests.labels(job.delta or "?", "error").inc()
+            metrics.requests.labels(job.target.version if job.target else "?", "error").inc()
+            record(job, response_id, started, None)
             if status == 404:
                 return ApiError(404, message, param="model", code="model_not_found")
             return ApiError(status, message, code="generation_failed")
@@ -223,6 +326,7 @@ def create_app(engine: Engine, *, default_max_tokens: int = 128) -> FastAPI:
                 job.cancelled = not answered
             done: Finished = value
             metrics.finished(done, started)
+            record(job, response_id, started, done)
             body = {
                 **base,
                 "object": kind,
@@ -233,9 +337,9 @@ def create_app(engine: Engine, *, default_max_tokens: int = 128) -> FastAPI:
                     "completion_tokens": done.completion_tokens,
                     "total_tokens": done.prompt_tokens + done.completion_tokens,
                 },
-                "slimtune": {"delta": done.delta},
+                "slimtune": served(done.delta),
             }
-            return JSONResponse(body, headers={"x-slimtune-delta": done.delta})
+            return JSONResponse(body, headers=headers(done.delta))
 
         try:
             first = await events.get()  # the version is known once the job's batch starts
@@ -259,7 +363,10 @@ def create_app(engine: Engine, *, default_max_tokens: int = 128) -> FastAPI:
             while True:
                 kind_, value = event
                 if kind_ == "error":
-                    metrics.requests.labels(job.delta or "?", "error").inc()
+                    metrics.requests.labels(
+                        job.target.version if job.target else "?", "error"
+                    ).inc()
+                    record(job, response_id, started, None)
                     err = {"error": {"message": value[1], "type": "server_error"}}
                     yield f"data: {json.dumps(err)}\n\n"
                     break
@@ -269,25 +376,29 @@ def create_app(engine: Engine, *, default_max_tokens: int = 128) -> FastAPI:
                         "object": chunk_kind,
                         "created": int(job.created),
                         "choices": [choice(value, None, True)],
-                        "slimtune": {"delta": job.delta},
+                        "slimtune": served(job.target.version if job.target else None),
                     }
                     yield f"data: {json.dumps(chunk)}\n\n"
                 if kind_ == "done":
                     metrics.finished(value, started)
+                    record(job, response_id, started, value)
                     chunk = {
                         **base,
                         "object": chunk_kind,
                         "created": int(job.created),
                         "choices": [choice(None, value.finish_reason, True)],
-                        "slimtune": {"delta": value.delta},
+                        "slimtune": served(value.delta),
                     }
                     yield f"data: {json.dumps(chunk)}\n\n"
                     yield "data: [DONE]\n\n"
                     break
                 event = await events.get()
 
-        headers = {"x-slimtune-delta": job.delta or ""}
-        return StreamingResponse(sse(), media_type="text/event-stream", headers=headers)
+        return StreamingResponse(
+            sse(),
+            media_type="text/event-stream",
+            headers=headers(job.target.version if job.target else None),
+        )
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):

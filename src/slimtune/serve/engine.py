@@ -3,15 +3,20 @@
 Requests go into one queue; a single worker thread owns the model. It takes the oldest
 request, resolves its ``model`` name (``base``, a version id or a tag) against the store
 *at that moment* (so a moved tag serves its new version from the next batch on, with no
-restart), collects the waiting requests that resolve to the same version and sampling
-settings (up to ``max_batch``), switches the delta on if another one is on, and
-generates for the batch in one ``generate`` call. Tokens go back to each request as they
-are produced (streaming) and the whole answer at the end, with the version that served it.
+restart), collects the waiting requests that can run with it (up to ``max_batch``, same
+sampling settings) and generates for them in one ``generate`` call. Tokens go back to each
+request as they are produced (streaming) and the whole answer at the end, with the version
+that served it.
 
-Why one thread and groups per delta: a delta is applied to the one base in memory (merged
-in place for full, sparse and rosa's sparse part; routed for experts; peft layers for
-LoRA), so two deltas cannot run in one forward of this model. Switching costs one apply
-and one remove (BENCHMARKS.md); grouping pays it once per batch, not per request.
+What can share a batch depends on how a delta sits on the base:
+
+- LoRA deltas sit beside the base weights: any mix of them and the base runs in one batch,
+  each row through its own adapter (:class:`~slimtune.serve.bank.LoraBank`, peft's
+  ``adapter_names``).
+- Deltas that write the base weights (full, sparse, rosa's sparse part, merged in place),
+  route through it (experts) or are DoRA/SHiRA layers run one version per batch: the
+  worker switches the base to that delta (one apply and one remove, BENCHMARKS.md) and
+  groups the waiting requests for it, so the switch is paid once per batch.
 """
 
 from __future__ import annotations
@@ -24,14 +29,26 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..errors import DeltaError
+from .bank import LoraBank
 
 BASE = "base"
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a request's ``model`` names now: a store version (its method and folder), or
+    the base (``version`` "base", no method)."""
+
+    version: str
+    method: str | None = None
+    path: Path | None = None
 
 
 @dataclass
@@ -43,20 +60,22 @@ class Job:
     max_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
+    stop: tuple[str, ...] = ()  # strings that end the answer (not included in it)
     user: str | None = None
+    split: str | None = None  # the split that chose ``model`` (an arm of it)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: float = field(default_factory=time.time)
     # filled by the engine
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
-    delta: str | None = None  # the version id that served it ("base" for the base)
+    target: Target | None = None  # what serves it, resolved when its batch is formed
     cancelled: bool = False  # the client went away: stop generating for it
 
 
 @dataclass
 class Finished:
     text: str
-    finish_reason: str  # "stop" (end token) or "length" (max_tokens)
+    finish_reason: str  # "stop" (end token or a stop string) or "length" (max_tokens)
     prompt_tokens: int
     completion_tokens: int
     delta: str
@@ -67,14 +86,27 @@ class UnknownModel(LookupError):
     pass
 
 
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many characters at the end of ``text`` could begin a stop string (not sent yet:
+    the next token may complete it)."""
+    held = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), held, -1):
+            if text.endswith(stop[:n]):
+                held = n
+                break
+    return held
+
+
 class _RowStreamer:
     """``generate``'s streamer for a batch: each row's new text goes to its job as it is
-    decoded; a row stops at its end token or its own ``max_tokens``."""
+    decoded; a row stops at its end token, a stop string or its own ``max_tokens``."""
 
     def __init__(self, engine: Engine, jobs: list[Job], eos: set[int]) -> None:
         self.engine, self.jobs, self.eos = engine, jobs, eos
         self.tokens: list[list[int]] = [[] for _ in jobs]
-        self.sent = [""] * len(jobs)
+        self.text = [""] * len(jobs)  # each row's answer so far (cut at a stop string)
+        self.sent = [0] * len(jobs)  # characters of it already sent
         self.done: list[str | None] = [None] * len(jobs)
         self.prompt_seen = False
 
@@ -91,20 +123,42 @@ class _RowStreamer:
                 self.done[i] = "stop"
                 continue
             self.tokens[i].append(tok)
-            text = self.engine.tokenizer.decode(self.tokens[i], skip_special_tokens=True)
-            if not text.endswith("\ufffd") and len(text) > len(self.sent[i]):
-                self.engine._emit(self.jobs[i], ("delta", text[len(self.sent[i]) :]))
-                self.sent[i] = text
-            if len(self.tokens[i]) >= self.jobs[i].max_tokens:
+            self._update(i)
+            if self.done[i] is None and len(self.tokens[i]) >= self.jobs[i].max_tokens:
                 self.done[i] = "length"
+
+    def _update(self, i: int) -> None:
+        text = self.engine.tokenizer.decode(self.tokens[i], skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
+            return
+        stops = self.jobs[i].stop
+        cut = min((c for c in (text.find(s) for s in stops) if c >= 0), default=-1)
+        if cut >= 0:
+            text, self.done[i] = text[:cut], "stop"
+        self.text[i] = text
+        ready = len(text) if cut >= 0 else len(text) - _held_back(text, stops)
+        if ready > self.sent[i]:
+            self.engine._emit(self.jobs[i], ("delta", text[self.sent[i] : ready]))
+            self.sent[i] = ready
+
+    def finish(self, i: int) -> str:
+        """Row ``i``'s whole answer; what was still held back is sent now."""
+        if self.done[i] != "stop" and self.tokens[i]:
+            text = self.engine.tokenizer.decode(self.tokens[i], skip_special_tokens=True)
+            if not any(s in text for s in self.jobs[i].stop):
+                self.text[i] = text
+        if len(self.text[i]) > self.sent[i]:
+            self.engine._emit(self.jobs[i], ("delta", self.text[i][self.sent[i] :]))
+            self.sent[i] = len(self.text[i])
+        return self.text[i]
 
     def end(self) -> None:
         pass
 
 
 class _AllDone(StoppingCriteria):
-    """Stop ``generate`` once every row has ended (its end token, its own max_tokens, or
-    its client gone), not at the batch's largest max_tokens."""
+    """Stop ``generate`` once every row has ended (its end token, a stop string, its own
+    max_tokens, or its client gone), not at the batch's largest max_tokens."""
 
     def __init__(self, streamer: _RowStreamer) -> None:
         self.streamer = streamer
@@ -115,24 +169,38 @@ class _AllDone(StoppingCriteria):
 
 
 class Engine:
-    """The serving loop over ``switcher`` (a :class:`~slimtune.delta.DeltaSwitcher`)."""
+    """The serving loop over ``switcher`` (a :class:`~slimtune.delta.DeltaSwitcher`).
+
+    ``adapters``: how many LoRA deltas stay loaded side by side for mixed batches (0: none;
+    every delta is then switched on for its own batches).
+    """
 
     def __init__(
         self,
         switcher,
         *,
         max_batch: int = 8,
+        adapters: int = 16,
         on_finished: Callable[[Job, Finished], None] | None = None,
+        on_batch: Callable[[str, int], None] | None = None,
     ) -> None:
         self.switcher = switcher
         self.tokenizer = switcher.loaded.tokenizer
         self.max_batch = max_batch
         self.on_finished = on_finished
+        # told each batch's kind ("mixed": rows of several versions in one forward, else
+        # "single") and size
+        self.on_batch = on_batch
+        self.bank = (
+            LoraBank(switcher.base, switcher.fingerprint, capacity=adapters) if adapters else None
+        )
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._waiting: list[Job] = []
         self._thread = threading.Thread(target=self._run, name="slimtune-serve", daemon=True)
         self._lock = threading.Lock()  # the store's reads, one at a time (never a switch)
-        self._on = switcher.current.ref if switcher.current is not None else BASE
+        self._on = BASE  # the version switched onto the base (not the bank's adapters)
+        if switcher.current is not None:
+            self._on = switcher.current.manifest.get("version") or switcher.current.ref
         config = getattr(switcher.base, "config", None)
         self.context = int(getattr(config, "max_position_embeddings", 0) or 2048)
 
@@ -144,20 +212,28 @@ class Engine:
         self._queue.put(None)
         self._thread.join(timeout=30)
 
+    @property
+    def serving(self) -> list[str]:
+        """What is on the base now: the version switched on, or the bank's adapters."""
+        if self.bank is not None and self.bank.active:
+            return [BASE, *self.bank.loaded()]
+        return [self._on]
+
     # -- names ---------------------------------------------------------------------------
 
-    def resolve(self, name: str) -> str:
-        """The version id ``name`` serves now ("base" for the base); UnknownModel if none."""
+    def resolve(self, name: str) -> Target:
+        """What ``name`` serves now; UnknownModel if nothing."""
         if name == BASE:
-            return BASE
+            return Target(BASE)
         store = self.switcher.store
         if store is None:
             raise UnknownModel(f"no delta store: only {BASE!r} is served")
         try:
             with self._lock:
-                return store.resolve(name).id
+                v = store.resolve(name)
         except DeltaError as e:
             raise UnknownModel(str(e)) from None
+        return Target(v.id, v.method, v.path)
 
     def models(self) -> list[dict[str, Any]]:
         """The base, every version and every tag, as ``/v1/models`` lists them."""
@@ -169,6 +245,15 @@ class Engine:
             out += [{"id": v.id, "serves": v.id, "created": v.created} for v in versions]
             out += [{"id": t, "serves": vid} for t, vid in sorted(tags.items())]
         return out
+
+    def mixes(self, target: Target) -> bool:
+        """Whether ``target`` runs in a batch with the base and LoRA deltas (the bank)."""
+        if target.version == BASE:
+            return True
+        from ..methods import METHODS
+
+        method = METHODS.get(target.method or "")
+        return self.bank is not None and method is not None and method.mixes_in_batch
 
     # -- requests ------------------------------------------------------------------------
 
@@ -192,7 +277,8 @@ class Engine:
     # -- the worker ----------------------------------------------------------------------
 
     def _next_batch(self) -> list[Job] | None:
-        """The oldest job and those waiting that run with it (same version and sampling)."""
+        """The oldest job and those waiting that run with it: the same sampling, and the same
+        version, or (LoRA deltas and the base) any mix the bank can hold."""
         if not self._waiting:
             job = self._queue.get()
             if job is None:
@@ -206,10 +292,13 @@ class Engine:
             if job is None:
                 return None
             self._waiting.append(job)
-        first = self._waiting[0]
-        resolved: dict[str, str] = {}
+        for j in [j for j in self._waiting if j.cancelled]:  # gone before their turn
+            self._waiting.remove(j)
+        if not self._waiting:
+            return []
+        resolved: dict[str, Target] = {}
 
-        def version(j: Job) -> str | None:
+        def target(j: Job) -> Target | None:
             if j.model not in resolved:
                 try:
                     resolved[j.model] = self.resolve(j.model)
@@ -219,20 +308,32 @@ class Engine:
                     return None
             return resolved[j.model]
 
-        key = version(first)
+        first = self._waiting[0]
+        key = target(first)
         if key is None:
             return []
-        batch = []
-        for j in [j for j in self._waiting if j.cancelled]:  # gone before their turn
-            self._waiting.remove(j)
+        mixed = self.mixes(key)
+        batch: list[Job] = []
+        adapters: set[str] = set()
         for j in list(self._waiting):
             if len(batch) == self.max_batch:
                 break
             if (j.temperature, j.top_p) != (first.temperature, first.top_p):
                 continue
-            if version(j) == key:
-                j.delta = key
-                batch.append(j)
+            t = target(j)
+            if t is None:
+                continue
+            if mixed and self.mixes(t):
+                assert self.bank is not None or t.version == BASE
+                new = t.version != BASE and t.version not in adapters
+                if new and self.bank is not None and len(adapters) == self.bank.capacity:
+                    continue  # the bank is full for this batch: it waits for the next
+                if new:
+                    adapters.add(t.version)
+            elif t != key:
+                continue
+            j.target = t
+            batch.append(j)
         for j in batch:
             self._waiting.remove(j)
         return batch
@@ -253,16 +354,37 @@ class Engine:
                         self._waiting.remove(j)
                     self._emit(j, ("error", (500, f"{type(e).__name__}: {e}")))
 
+    def _model_for(self, targets: list[Target]) -> tuple[torch.nn.Module, dict[str, Any]]:
+        """Put on the base what the batch needs; (model to run, extra generate kwargs)."""
+        bank, sw = self.bank, self.switcher
+        adapters = {t.version: t.path for t in targets if t.version != BASE}
+        if self.mixes(targets[0]) and (adapters or (bank is not None and bank.active)):
+            assert bank is not None
+            if sw.current is not None:  # a delta that writes the base: off first
+                self._on = BASE
+                bank.base = sw.switch(None)
+            model = bank.ready({v: p for v, p in adapters.items() if p is not None})
+            rows = bank.rows([None if t.version == BASE else t.version for t in targets])
+            return model, {"adapter_names": rows}
+        if bank is not None and bank.active:
+            sw.base = bank.release()
+        version = targets[0].version
+        if version != self._on:
+            self._on = BASE  # until the switch below has finished
+            sw.switch(None if version == BASE else version)
+            self._on = version
+        return sw.model, {}
+
     @torch.no_grad()
     def _generate(self, jobs: list[Job]) -> None:
         t0 = time.perf_counter()
-        version = jobs[0].delta
-        assert version is not None
-        if version != self._on:
-            self._on = BASE  # until the switch below has finished
-            self.switcher.switch(None if version == BASE else version)
-            self._on = version
-        model = self.switcher.model
+        targets = [j.target for j in jobs]
+        assert all(t is not None for t in targets)
+        model, kwargs = self._model_for(targets)  # type: ignore[arg-type]
+        if self.on_batch is not None:
+            kind = "mixed" if len({t.version for t in targets if t}) > 1 else "single"
+            with contextlib.suppress(Exception):
+                self.on_batch(kind, len(jobs))
         model.eval()
         tok = self.tokenizer
         device = next(model.parameters()).device
@@ -280,10 +402,10 @@ class Engine:
         eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
         streamer = _RowStreamer(self, jobs, eos_ids)
         sample = jobs[0].temperature > 0
-        kwargs: dict[str, Any] = {"do_sample": sample}
+        kwargs["do_sample"] = sample
         if sample:
             kwargs.update(temperature=jobs[0].temperature, top_p=jobs[0].top_p)
-        model.generate(
+        model.generate(  # type: ignore[operator]
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             max_new_tokens=max(j.max_tokens for j in jobs),
@@ -295,15 +417,14 @@ class Engine:
         )
         seconds = time.perf_counter() - t0
         for i, j in enumerate(jobs):
-            text = tok.decode(streamer.tokens[i], skip_special_tokens=True)
-            if len(text) > len(streamer.sent[i]):  # the tail held back as incomplete
-                self._emit(j, ("delta", text[len(streamer.sent[i]) :]))
+            text = streamer.finish(i)
+            assert j.target is not None
             done = Finished(
                 text=text,
                 finish_reason=streamer.done[i] or "length",
                 prompt_tokens=len(j.prompt_ids),
                 completion_tokens=len(streamer.tokens[i]),
-                delta=version,
+                delta=j.target.version,
                 seconds=seconds,
             )
             if self.on_finished is not None:

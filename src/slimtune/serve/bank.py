@@ -1,0 +1,106 @@
+"""LoRA deltas side by side on one base, chosen per row of a batch.
+
+A LoRA delta never writes the base weights: peft puts its ``A``/``B`` beside each adapted
+linear. Many of them can therefore sit on the base at once, and peft's ``adapter_names``
+(one name per row, ``__base__`` for the base) runs each row of one forward through its own
+adapter. Requests for different LoRA versions and for the base then share a batch: one
+pass over the base weights for all of them, plus each adapter's small matmuls on its rows.
+
+The bank keeps up to ``capacity`` adapters loaded (least recently used go first). A delta
+that writes the base (full, sparse, rosa's sparse part) or routes it (experts) cannot
+share the base with them: before such a batch the bank :meth:`release` s the base (peft's
+``unload``; the base weights were never written, so it comes back bit for bit) and loads
+its adapters again, from disk, when LoRA traffic returns.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from pathlib import Path
+
+from torch import nn
+
+from ..delta.format import check_base, verify_delta
+from ..errors import DeltaError
+
+BASE_ROW = "__base__"  # peft's name for "no adapter on this row"
+
+
+def adapter_name(version: str) -> str:
+    """A name peft accepts as a module key for a store version id."""
+    return "v_" + re.sub(r"\W", "_", version)
+
+
+class LoraBank:
+    """Loaded LoRA adapters over ``base`` (whose fingerprint is ``fingerprint``)."""
+
+    def __init__(self, base: nn.Module, fingerprint: str, *, capacity: int = 16) -> None:
+        if capacity < 1:
+            raise ValueError("the bank holds at least one adapter")
+        self.base, self.fingerprint, self.capacity = base, fingerprint, capacity
+        self.model: nn.Module | None = None  # the PeftModel while any adapter is loaded
+        self._loaded: OrderedDict[str, str] = OrderedDict()  # version -> adapter name
+
+    @property
+    def active(self) -> bool:
+        return self.model is not None
+
+    def loaded(self) -> list[str]:
+        return list(self._loaded)
+
+    def ready(self, folders: dict[str, Path]) -> nn.Module:
+        """The model with every version in ``folders`` (id -> delta folder) loaded; adapters
+        not asked for make room when the bank is full."""
+        if len(folders) > self.capacity:
+            raise ValueError(f"{len(folders)} adapters asked for; the bank holds {self.capacity}")
+        for version in folders:  # in use now: the last to be evicted
+            if version in self._loaded:
+                self._loaded.move_to_end(version)
+        for version, folder in folders.items():
+            if version not in self._loaded:
+                self._evict(keep=set(folders))
+                self._load(version, Path(folder))
+        assert self.model is not None or not folders
+        return self.model if self.model is not None else self.base
+
+    def rows(self, versions: list[str | None]) -> list[str]:
+        """peft's ``adapter_names`` for a batch whose row i is served by ``versions[i]``
+        (None: the base)."""
+        return [BASE_ROW if v is None else self._loaded[v] for v in versions]
+
+    def release(self) -> nn.Module:
+        """Take every adapter off; the base as it was (its weights were never written)."""
+        if self.model is not None:
+            self.base = self.model.unload()  # type: ignore[operator]
+            self.model = None
+            self._loaded.clear()
+        return self.base
+
+    def _load(self, version: str, folder: Path) -> None:
+        from peft import PeftModel
+
+        manifest = verify_delta(folder)
+        check_base(manifest, self.fingerprint, folder)
+        name = adapter_name(version)
+        try:
+            if self.model is None:
+                self.model = PeftModel.from_pretrained(self.base, str(folder), adapter_name=name)
+            else:
+                self.model.load_adapter(str(folder), adapter_name=name)  # type: ignore[operator]
+        except Exception as e:
+            raise DeltaError(f"{folder}: peft could not load the adapter ({e})") from e
+        self.model.eval()
+        self._loaded[version] = name
+
+    def _evict(self, keep: set[str]) -> None:
+        while len(self._loaded) >= self.capacity:
+            victim = next((v for v in self._loaded if v not in keep), None)
+            if victim is None:
+                return
+            name = self._loaded.pop(victim)
+            if not self._loaded:  # peft keeps at least one adapter: drop the wrapper
+                self._loaded[victim] = name
+                self.release()
+                return
+            self.model.delete_adapter(name)  # type: ignore[union-attr,operator]

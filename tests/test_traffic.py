@@ -1,0 +1,161 @@
+"""Serving's parts without a server: the LoRA bank (rows of several deltas in one forward),
+A/B splits, the request log and the live-traffic statistics of ``slimtune ab --log``."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from slimtune.cli.app import main
+from slimtune.delta import apply_delta
+from slimtune.errors import UserInputError
+from slimtune.eval.abtest import ab_from_log, fisher_exact
+from slimtune.model.loading import fingerprint, load_model
+from slimtune.serve.bank import LoraBank
+from slimtune.serve.traffic import RequestLog, Split, parse_splits, read_log
+from slimtune.testing import random_delta
+
+
+def test_bank_runs_each_row_through_its_own_adapter_and_gives_the_base_back(tiny_dir, tmp_path):
+    folders = {}
+    for seed in (1, 2, 3):
+        random_delta(tmp_path / f"d{seed}", seed, str(tiny_dir))
+        folders[f"v{seed}"] = tmp_path / f"d{seed}"
+    loaded = load_model(str(tiny_dir), device="cpu")
+    base = loaded.model.eval()
+    fp = fingerprint(base)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    ids = torch.tensor([[5, 17, 42, 9, 3, 28]] * 3)
+    alone = {}
+    with torch.no_grad():
+        alone[None] = base(ids[:1]).logits
+        for v in ("v1", "v2"):
+            applied = apply_delta(base, folders[v], fp)
+            alone[v] = applied.model(ids[:1]).logits
+            base = applied.remove()
+    assert not torch.allclose(alone["v1"], alone["v2"])
+
+    bank = LoraBank(base, fp, capacity=2)
+    model = bank.ready({"v1": folders["v1"], "v2": folders["v2"]})
+    rows = ["v2", None, "v1"]
+    with torch.no_grad():
+        out = model(ids, adapter_names=bank.rows(rows)).logits
+    for i, v in enumerate(rows):
+        torch.testing.assert_close(out[i : i + 1], alone[v], rtol=1e-5, atol=1e-5)
+
+    bank.ready({"v1": folders["v1"]})  # v1 used last: v2 is the one to make room
+    bank.ready({"v3": folders["v3"]})
+    assert bank.loaded() == ["v1", "v3"]
+    base = bank.release()
+    assert not bank.active
+    after = base.state_dict()
+    assert set(after) == set(before)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # bit for bit
+    with pytest.raises(ValueError, match="holds 2"):
+        bank.ready({v: folders[v] for v in ("v1", "v2", "v3")})
+
+
+def test_bank_refuses_a_delta_of_another_base(tiny_dir, tmp_path):
+    from slimtune.errors import DeltaError
+    from slimtune.testing import tiny_model_dir
+
+    other = tiny_model_dir(tmp_path / "other", seed=7)
+    random_delta(tmp_path / "d", 1, str(other))
+    loaded = load_model(str(tiny_dir), device="cpu")
+    bank = LoraBank(loaded.model, fingerprint(loaded.model))
+    with pytest.raises(DeltaError, match="different base"):
+        bank.ready({"v1": tmp_path / "d"})
+    assert not bank.active
+
+
+def test_split_parses_normalises_and_is_sticky_per_user():
+    s = Split.parse("prod=90,v5=10")
+    assert s.name == "prod" and s.arms == (("prod", 0.9), ("v5", 0.1))
+    named = Split.parse("exp:a=1,b=1,c=2")
+    assert named.name == "exp" and [w for _, w in named.arms] == [0.25, 0.25, 0.5]
+    assert all(named.choose(f"u{i}") == named.choose(f"u{i}") for i in range(50))
+    drawn = [named.choose(f"user-{i}") for i in range(4000)]
+    assert abs(drawn.count("c") / 4000 - 0.5) < 0.04  # the weights hold over users
+    assert abs(drawn.count("a") / 4000 - 0.25) < 0.04
+    # another split name draws users independently
+    other = Split.parse("exp2:a=1,b=1,c=2")
+    assert [other.choose(f"user-{i}") for i in range(200)] != drawn[:200]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("prod", "not ARM=WEIGHT"),
+        ("prod=90", "at least two arms"),
+        ("prod=90,v5", "not ARM=WEIGHT"),
+        ("prod=90,v5=x", "must be > 0"),
+        ("prod=90,v5=0", "must be > 0"),
+        ("prod=1,prod=2", "named twice"),
+        ("bad name:a=1,b=1", "not a valid split name"),
+    ],
+)
+def test_split_errors_name_the_problem(text, message):
+    with pytest.raises(UserInputError, match=message):
+        Split.parse(text)
+
+
+def test_two_splits_with_one_name_are_refused():
+    with pytest.raises(UserInputError, match="two splits"):
+        parse_splits(["prod=1,v2=1", "prod:v3=1,v4=1"])
+
+
+def test_fisher_exact_matches_known_tables():
+    # R's fisher.test(matrix(c(1,3,3,1),2)) and (c(8,2,2,8))
+    assert math.isclose(fisher_exact(1, 4, 3, 4), 0.4857142857, rel_tol=1e-8)
+    assert math.isclose(fisher_exact(8, 10, 2, 10), 0.02301413757, rel_tol=1e-8)
+    assert math.isclose(fisher_exact(3, 7, 3, 7), 1.0, rel_tol=1e-9)
+
+
+def _write_log(path, sides):
+    log = RequestLog(path)
+    n = 0
+    for delta, outcomes in sides.items():
+        for value in outcomes:
+            rid = f"cmpl-{n}"
+            n += 1
+            log.request(
+                {"id": rid, "model": "exp", "split": "exp", "arm": delta, "delta": delta,
+                 "status": "ok", "latency_s": 0.1}
+            )  # fmt: skip
+            if value is not None:
+                log.outcome(rid, value)
+    log.close()
+
+
+def test_ab_reads_the_log_and_tolerates_a_torn_last_line(tmp_path, capsys):
+    path = tmp_path / "log.jsonl"
+    _write_log(path, {"v1": [1, 0] * 20, "v2": [1] * 36 + [0] * 4 + [None] * 3})
+    with open(path, "a") as f:
+        f.write('{"type": "outcome", "id": "cmpl-1", "va')  # killed mid-write
+    requests, warnings = read_log(path)
+    assert len(requests) == 83 and len(warnings) == 1 and "incomplete last line" in warnings[0]
+    r = ab_from_log(requests)
+    assert (r["A"]["ref"], r["B"]["ref"]) == ("v1", "v2")
+    assert (r["A"]["outcomes"], r["B"]["outcomes"], r["B"]["requests"]) == (40, 40, 43)
+    assert math.isclose(r["bootstrap"]["mean_diff"], 0.9 - 0.5)
+    assert r["bootstrap"]["ci_low"] > 0 and r["winner"] == "B" and r["significant"]
+    assert math.isclose(r["fisher"]["p_value"], fisher_exact(20, 40, 36, 40))
+    out = tmp_path / "r.json"
+    assert main(["ab", "--log", str(path), "v2", "v1", "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["winner"] == "A"  # v2 named first this time
+
+
+def test_ab_log_errors_exit_2_with_the_reason(tmp_path, capsys):
+    path = tmp_path / "log.jsonl"
+    _write_log(path, {"v1": [1, 0], "v2": [None]})
+    assert main(["ab", "--log", str(path)]) == 2
+    assert "fewer than two versions" in capsys.readouterr().err
+    assert main(["ab", "--log", str(path), "v1", "v2"]) == 2
+    assert "none has an outcome" in capsys.readouterr().err
+    assert main(["ab", "v1", "v2"]) == 2
+    assert "--data" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"type": "request"}\n{"type": "outcome", "id": "x", "value": 1}\n')
+    assert main(["ab", "--log", str(bad)]) == 2
+    assert f"{bad}:1" in capsys.readouterr().err
