@@ -622,3 +622,53 @@ def test_everything_written_is_shared_as_the_umask_says(
     ):
         assert modes(root) <= {(False, 0o644), (True, 0o755)}, root
         assert (False, 0o644) in modes(root)
+
+
+def test_export_rosa_as_a_merged_sparse_base_and_its_peft_lora(
+    tiny_dir, intent_file, tmp_path, store_dir, capsys
+):
+    """vLLM and LoRAX serve base + LoRA: a rosa version becomes both, and plain
+    transformers + peft then give slimtune's logits; ``--format merged`` writes one model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from slimtune.delta import DeltaSwitcher
+    from slimtune.model.loading import load_model
+
+    args = ["train", "--model", str(tiny_dir), "--data", str(intent_file), "--method", "rosa"]
+    args += ["--max-steps", "3", "--batch-size", "4", "--lr", "0.01", "--no-progress"]
+    args += ["--store", store_dir, "--output-dir", str(tmp_path / "r"), "-o", "density=0.05"]
+    assert run(capsys, *args)[0] == 0
+    out = tmp_path / "export"
+    code, said, _ = run(
+        capsys, "delta", "--store", store_dir, "export", "v1", str(out), "--dtype", "fp32"
+    )
+    assert code == 0 and f"--lora-modules v1={out}/adapter" in said
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((out / "base").resolve())
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    sw = DeltaSwitcher(load_model(str(tiny_dir)), DeltaStore(store_dir))
+    with torch.no_grad():
+        ours = sw.switch("v1").eval()(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32)
+        plain = PeftModel.from_pretrained(base, str(out / "adapter")).eval()(input_ids=ids).logits
+        without_sparse = (
+            PeftModel.from_pretrained(
+                AutoModelForCausalLM.from_pretrained(tiny_dir), str(out / "adapter")
+            )
+            .eval()(input_ids=ids)
+            .logits
+        )
+    torch.testing.assert_close(plain, ours, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(without_sparse, ours, atol=1e-4)  # the sparse part mattered
+
+    merged = tmp_path / "merged"
+    code, said, _ = run(
+        capsys, "delta", "--store", store_dir, "export", "v1", str(merged), "--format", "merged",
+        "--dtype", "bf16",
+    )  # fmt: skip
+    assert code == 0 and "bf16" in said
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    assert model.dtype == torch.bfloat16
+    with torch.no_grad():
+        torch.testing.assert_close(model.float()(input_ids=ids).logits, ours, rtol=0.05, atol=0.05)

@@ -67,10 +67,23 @@ def build(sub) -> None:
         "then cast; default: bf16 for a delta trained with --quantize, else the base's own "
         "as its config records it, else fp32)",
     )
-    p = ds.add_parser("export", help="export a lora or shira version in peft's own format")
+    p = ds.add_parser(
+        "export",
+        help="export a version for serving engines: peft's format, or merged",
+        description="--format peft: a lora, dora or shira version as a plain peft adapter "
+        "folder; a rosa version as DIR/base (the base with its sparse part merged) and "
+        "DIR/adapter (its LoRA part), which vLLM serves as base + LoRA. --format merged: "
+        "base + delta as one model folder (as `delta apply --out`).",
+    )
     p.add_argument("ref")
     p.add_argument("dir")
-    p.add_argument("--format", default="peft", choices=["peft"])
+    p.add_argument("--format", default="peft", choices=["peft", "merged"])
+    p.add_argument("--model", help="the base (default: the one the delta's manifest records)")
+    p.add_argument(
+        "--dtype",
+        choices=["bf16", "fp16", "fp32"],
+        help="dtype of written model weights (merged, or rosa's base); default as for apply",
+    )
     p = ds.add_parser(
         "import",
         help="import a peft LoRA or SHiRA adapter folder as a new "
@@ -184,6 +197,9 @@ def cmd_delta(args) -> int:
         print(v.id)
     elif a == "apply":
         _apply_to_folder(store, args)
+    elif a == "export" and args.format == "merged":
+        args.out = args.dir
+        _apply_to_folder(store, args)
     elif a == "export":
         _export_peft(store, args)
     elif a == "import":
@@ -217,8 +233,16 @@ def _apply_to_folder(store, args) -> None:
 def _export_peft(store, args) -> None:
     from ..delta.peft_io import export_peft
 
-    out = export_peft(store.resolve(args.ref), args.dir)
-    print(f"wrote {out}: load it with peft.PeftModel.from_pretrained(base, {str(out)!r})")
+    v = store.resolve(args.ref)
+    out = export_peft(v, args.dir, model=args.model, dtype=args.dtype)
+    if (out / "adapter").is_dir():
+        print(
+            f"wrote {out}/base (the base with {v.id}'s sparse part merged) and {out}/adapter "
+            f"(its LoRA part): vllm serve {out}/base --enable-lora --lora-modules "
+            f"{v.id}={out}/adapter"
+        )
+    else:
+        print(f"wrote {out}: load it with peft.PeftModel.from_pretrained(base, {str(out)!r})")
 
 
 def _import_peft(store, args):

@@ -61,14 +61,20 @@ class Imported:
     adapter_base: str | None  # the adapter's own base_model_name_or_path
 
 
-def export_peft(version, out: str | Path) -> Path:
+def export_peft(
+    version, out: str | Path, *, model: str | None = None, dtype: str | None = None
+) -> Path:
     """Copy a version of a peft-format method (lora, dora, shira) to ``out`` as a plain peft
-    adapter folder."""
+    adapter folder. A delta with a peft part and a part peft cannot hold (rosa) becomes
+    ``out/base`` (the base with that part merged, in ``dtype``) and ``out/adapter`` (the
+    peft part, naming that base), which serving engines load as base + LoRA."""
     from ..fileio import atomic_dir
     from ..methods import METHODS
     from .format import verify_delta
 
     method = METHODS.get(version.method)
+    if method is not None and method.peft_part:
+        return _export_split(version, method, Path(out), model=model, dtype=dtype)
     if method is None or not method.peft_format:
         why = f": {method.why_not_peft}" if method is not None and method.why_not_peft else ""
         raise UserInputError(
@@ -82,6 +88,38 @@ def export_peft(version, out: str | Path) -> Path:
     with atomic_dir(out) as tmp:
         for name in (PEFT_CONFIG, PEFT_WEIGHTS):
             shutil.copyfile(version.path / name, tmp / name)
+    return out
+
+
+def _export_split(
+    version, method: type[Method], out: Path, *, model: str | None, dtype: str | None
+) -> Path:
+    from ..fileio import atomic_dir, write_json
+    from ..model.loading import fingerprint
+    from .apply import MERGE_DTYPES, _default_merge_dtype, load_base
+    from .format import check_base, verify_delta
+
+    if dtype is not None and dtype not in MERGE_DTYPES:
+        raise UserInputError(f"dtype {dtype!r}: use one of {', '.join(MERGE_DTYPES)}")
+    if out.exists():
+        raise UserInputError(f"{out} already exists; choose a new folder")
+    manifest = verify_delta(version.path)
+    loaded = load_base(manifest, model, dtype=torch.float32)
+    check_base(manifest, fingerprint(loaded.model), version.path)
+    method.merge_besides_peft(loaded.model, version.path, manifest)
+    dtype = dtype or _default_merge_dtype(manifest, loaded.source)[0]
+    loaded.model.to(MERGE_DTYPES[dtype])
+    files = manifest.get("files") or {}
+    with atomic_dir(out) as tmp:
+        loaded.model.save_pretrained(tmp / "base")  # type: ignore[operator]
+        loaded.tokenizer.save_pretrained(tmp / "base")
+        (tmp / "adapter").mkdir()
+        for peft_name, ours in method.peft_part.items():
+            src = version.path / (ours if ours in files else peft_name)  # format 1: peft's
+            shutil.copyfile(src, tmp / "adapter" / peft_name)
+        config = json.loads((tmp / "adapter" / PEFT_CONFIG).read_text(encoding="utf-8"))
+        config["base_model_name_or_path"] = str((out / "base").resolve())
+        write_json(tmp / "adapter" / PEFT_CONFIG, config)
     return out
 
 

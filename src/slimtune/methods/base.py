@@ -169,6 +169,10 @@ class Method(ABC):
     peft_format: ClassVar[bool] = False
     why_not_peft: ClassVar[str] = ""  # said when an export to peft is refused
     peft_type: ClassVar[str | None] = None  # peft's ``peft_type`` this method imports
+    # A delta that is a peft adapter *plus* a part peft cannot hold (rosa: LoRA + sparse):
+    # the adapter part's files (peft's name -> ours). ``delta export --format peft`` then
+    # writes the rest merged into a base (:meth:`merge_besides_peft`) and the adapter.
+    peft_part: ClassVar[dict[str, str]] = {}
     # Files a delta cannot be applied without (one of them suffices); checked by verify.
     delta_files: ClassVar[tuple[str, ...]] = ()
     # For the planner's cost model: whether a run with no layer frozen also trains the
@@ -211,6 +215,11 @@ class Method(ABC):
         that runs unmerged otherwise (e.g. peft) merges only then. The undo must restore the
         base bit for bit, so hot swapping never drifts.
         """
+
+    @classmethod
+    def merge_besides_peft(cls, model: nn.Module, folder: Path, manifest: dict[str, Any]) -> None:
+        """Merge into ``model`` the part of the delta that is not in :attr:`peft_part`."""
+        raise NotImplementedError(f"{cls.name} has no peft part")
 
     @classmethod
     def imports_peft(cls, config: dict[str, Any]) -> bool:

@@ -114,6 +114,7 @@ class RosaMethod(Method):
     config: RosaOptions
     default_lr = 2e-4
     why_not_peft = "its sparse part has no place in peft's format"
+    peft_part = LORA_FILES
     delta_files = (SPARSE_FILE,)
 
     def __init__(self, config=None) -> None:
@@ -155,6 +156,10 @@ class RosaMethod(Method):
         for peft_name, ours in LORA_FILES.items():
             (folder / peft_name).rename(folder / ours)
         save_sparse(model, folder / SPARSE_FILE, {"importance": self.config.importance})
+
+    @classmethod
+    def merge_besides_peft(cls, model: nn.Module, folder: Path, manifest: dict[str, Any]) -> None:
+        SparseMethod.attach(model, folder, manifest, merge=True)
 
     @classmethod
     def attach(
