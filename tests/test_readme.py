@@ -1,5 +1,6 @@
 """The README's examples are run as written (blocks marked ``<!-- readme-test -->``)."""
 
+import json
 import os
 import re
 import subprocess
@@ -43,6 +44,8 @@ def test_readme_examples_run_as_written(tmp_path):
     assert "prod: v2 -> v1" in text and "winner:" in text and "[prod (v1)]" in text
     assert (tmp_path / "exported-v2" / "adapter_config.json").exists()
     assert (tmp_path / "merged-v2" / "config.json").exists()
+    ab = json.loads((tmp_path / "ab.json").read_text())  # live traffic through a split
+    assert ab["source"] == "log" and ab["A"]["outcomes"] + ab["B"]["outcomes"] == 8
     assert "('v1', " in text and "('v2', " in text and "('base', " in text
     for run in ("quick", "top-half", "yaml", "api", "sparse", "s1", "s2", "experts"):
         assert (tmp_path / "runs" / run / "delta" / "manifest.json").exists(), run
