@@ -237,3 +237,24 @@ def test_stop_strings_end_the_answer_before_them(server):
     assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == cut
     r = httpx.post(f"{url}/v1/chat/completions", json={**body, "stop": ["a"] * 5})
     assert r.status_code == 400 and r.json()["error"]["param"] == "stop"
+
+
+def test_a_split_set_in_the_store_is_live_and_removed_live(server, capsys):
+    url, store, (_, v2) = server
+    cli = ["delta", "--store", str(store)]
+    assert main([*cli, "split", "canary", f"prod=50,{v2}=50"]) == 0
+    assert f"{v2}=50" in capsys.readouterr().out
+    served = {_chat(url, "canary", user=f"u{i}")["slimtune"]["arm"] for i in range(12)}
+    assert served == {"prod", v2}  # no restart: the next request reads the store
+    listed = {m["id"]: m for m in httpx.get(f"{url}/v1/models").json()["data"]}
+    assert listed["canary"]["slimtune"]["split"] == {"prod": 0.5, v2: 0.5}
+    assert main([*cli, "rm", v2]) == 2  # a split still sends traffic there
+    assert "split canary" in capsys.readouterr().err
+    assert main([*cli, "split", "canary", "--rm"]) == 0
+    r = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={"model": "canary", "messages": [{"role": "user", "content": PROBE}]},
+    )
+    assert r.status_code == 404
+    assert main([*cli, "split", "typo", "prod=1,v99=1"]) != 0  # an arm that does not resolve
+    assert "v99" in capsys.readouterr().err

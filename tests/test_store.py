@@ -229,3 +229,21 @@ def test_hot_swap_switches_deltas_on_one_base(deltas, tiny_dir, tmp_path):
     torch.testing.assert_close(outs["None"], base_logits, rtol=0, atol=0)
     after = _snapshot(sw.base)
     assert all(torch.equal(after[n], before[n]) for n in before)
+
+
+def test_splits_are_stored_listed_and_guard_their_versions(deltas, tmp_path):
+    store = DeltaStore(tmp_path / "s")
+    store.add(deltas["lora"])
+    store.add(deltas["sparse"])
+    store.tag("prod", "v1")
+    assert store.set_split("exp", "prod=3,v2=1") == (None, "prod=75,v2=25")
+    assert store.set_split("exp", "prod=1,v2=1") == ("prod=75,v2=25", "prod=50,v2=50")
+    assert DeltaStore(tmp_path / "s").splits() == {"exp": "prod=50,v2=50"}
+    with pytest.raises(DeltaError, match="v7"):
+        store.set_split("bad", "prod=1,v7=1")
+    with pytest.raises(UserInputError, match="split exp"):
+        store.remove("v2")
+    store.remove("v2", force=True)  # as with tags: the split goes with it
+    assert store.splits() == {}
+    with pytest.raises(UserInputError, match="no split"):
+        store.remove_split("exp")

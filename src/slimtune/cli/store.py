@@ -18,7 +18,7 @@ def add_store_arg(p: argparse.ArgumentParser) -> None:
 def build(sub) -> None:
     d = sub.add_parser(
         "delta",
-        help="the versioned delta store: list, show, tag, diff, verify, "
+        help="the versioned delta store: list, show, tag, split, diff, verify, "
         "rm, gc, reindex, apply, rollback, export, import, add",
         description="Versions of fine-tuned deltas with an SQLite index. IDs are "
         "v1, v2, ...; tags (e.g. prod) name versions and move "
@@ -32,6 +32,17 @@ def build(sub) -> None:
     p = ds.add_parser("tag", help="point a tag at a version (atomically)")
     p.add_argument("ref")
     p.add_argument("name")
+    p = ds.add_parser(
+        "split",
+        help="set, remove or list A/B splits that slimtune serve reads per request",
+        description="`split NAME ARM=W,ARM=W`: requests for NAME go to each arm (a tag, a "
+        "version or base) in proportion to its weight, the same arm for the same user, "
+        "from the next request on (no restart). `split NAME --rm` removes it; `split` "
+        "lists them.",
+    )
+    p.add_argument("name", nargs="?")
+    p.add_argument("arms", nargs="?", help="e.g. prod=90,v5=10")
+    p.add_argument("--rm", action="store_true", help="remove the split NAME")
     p = ds.add_parser("diff", help="what differs between two versions")
     p.add_argument("a")
     p.add_argument("b")
@@ -171,6 +182,8 @@ def cmd_delta(args) -> int:
     elif a == "rollback":
         old, new = store.rollback(args.tag)
         print(f"{args.tag}: {old} -> {new}")
+    elif a == "split":
+        _split(store, args)
     elif a == "diff":
         from ..delta.store import diff
 
@@ -220,6 +233,24 @@ def _reindex(args) -> int:
     for folder, why in skipped:
         print(f"  skipped {folder}: {why}")
     return 0
+
+
+def _split(store, args) -> None:
+    from ..errors import UserInputError
+
+    if args.name is None:
+        for name, arms in store.splits().items():
+            print(f"{name}: {arms}")
+        return
+    if args.rm:
+        if args.arms:
+            raise UserInputError("split NAME --rm takes no arms")
+        print(f"removed split {args.name} ({store.remove_split(args.name)})")
+        return
+    if not args.arms:
+        raise UserInputError(f"split {args.name}: give its arms, e.g. prod=90,v5=10 (or --rm)")
+    old, new = store.set_split(args.name, args.arms)
+    print(f"split {args.name}: {old or '(new)'} -> {new}")
 
 
 def _apply_to_folder(store, args) -> None:

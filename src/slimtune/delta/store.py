@@ -45,7 +45,7 @@ from ..errors import DeltaError, UserInputError
 from ..fileio import LockHeld, file_lock, fsync_dir, sha256_file
 from .format import MANIFEST, delta_bytes, read_manifest, verify_delta
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 TAG_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 _TABLES = {"meta", "versions", "tags", "tag_history"}
 _FOLDER_SEQ = re.compile(r"v(\d+)(?:\.\d+)?")  # objects/v7, quarantine/v7, quarantine/v7.2
@@ -154,6 +154,10 @@ _MIGRATIONS = {
         ALTER TABLE versions ADD COLUMN manifest_sha256 TEXT;
         INSERT OR REPLACE INTO meta (key, value)
             SELECT 'max_seq', CAST(COALESCE(MAX(seq), 0) AS TEXT) FROM versions;
+    """,
+    # A/B splits that `slimtune serve` reads per request: name -> "arm=share,arm=share"
+    3: """
+        CREATE TABLE splits (name TEXT PRIMARY KEY, arms TEXT NOT NULL, updated TEXT NOT NULL);
     """,
 }
 
@@ -445,6 +449,43 @@ class DeltaStore:
         with self._read() as conn:
             return {r["name"]: r["version"] for r in conn.execute("SELECT * FROM tags")}
 
+    def splits(self) -> dict[str, str]:
+        """A/B splits by name: their arms as ``arm=share,...`` (see ``serve.traffic``)."""
+        with self._read() as conn:
+            try:
+                rows = conn.execute("SELECT name, arms FROM splits ORDER BY name").fetchall()
+            except sqlite3.OperationalError:  # a read-only index from before schema 4
+                return {}
+        return {r["name"]: r["arms"] for r in rows}
+
+    def set_split(self, name: str, arms: str) -> tuple[str | None, str]:
+        """Set split ``name`` (``[name:]``-less ``arm=weight,...``; every arm must resolve
+        now); return (previous arms, new arms), the weights written as shares."""
+        from ..serve.traffic import Split
+
+        split = Split.parse(f"{name}:{arms}")
+        self.require_writable("setting a split")
+        for arm, _ in split.arms:
+            if arm != "base":
+                self.resolve(arm)  # a typo is refused here, not a 404 on live traffic
+        spec = str(split).split(":", 1)[1]
+        with self._write() as conn:
+            old = conn.execute("SELECT arms FROM splits WHERE name=?", (name,)).fetchone()
+            conn.execute(
+                "INSERT OR REPLACE INTO splits (name, arms, updated) VALUES (?,?,?)",
+                (name, spec, _now()),
+            )
+        return (old["arms"] if old else None), spec
+
+    def remove_split(self, name: str) -> str:
+        self.require_writable("removing a split")
+        with self._write() as conn:
+            old = conn.execute("SELECT arms FROM splits WHERE name=?", (name,)).fetchone()
+            if old is None:
+                raise UserInputError(f"no split {name!r} in the store {self.root}")
+            conn.execute("DELETE FROM splits WHERE name=?", (name,))
+        return old["arms"]
+
     def resolve(self, ref: str, *, check: bool = True) -> Version:
         """A version by id (``v3``), by tag (``prod``), or ``latest``.
 
@@ -638,12 +679,20 @@ class DeltaStore:
             children = [
                 r["id"] for r in conn.execute("SELECT id FROM versions WHERE parent=?", (v.id,))
             ]
-            if (tags or children) and not force:
+            splits = [
+                r["name"]
+                for r in conn.execute("SELECT name, arms FROM splits")
+                if v.id in {a.split("=")[0] for a in r["arms"].split(",")}
+            ]
+            if (tags or children or splits) and not force:
                 deps = [f"tag {t}" for t in tags] + [f"version {c} (its parent)" for c in children]
+                deps += [f"split {s}" for s in splits]
                 raise UserInputError(
                     f"{v.id} is still used by {', '.join(deps)}; pass --force to remove it anyway"
                 )
             conn.execute("DELETE FROM tags WHERE version=?", (v.id,))
+            for name in splits:  # as its tags: a split that would answer 404s goes too
+                conn.execute("DELETE FROM splits WHERE name=?", (name,))
             conn.execute("UPDATE versions SET parent=NULL WHERE parent=?", (v.id,))
             conn.execute("DELETE FROM versions WHERE id=?", (v.id,))
         shutil.rmtree(v.path, ignore_errors=True)  # after the commit: at worst an orphan

@@ -145,7 +145,8 @@ def create_app(
     log: RequestLog | None = None,
 ) -> FastAPI:
     """The app over ``engine``; ``splits`` by name (a request for that name gets one of its
-    arms); ``log`` records every request and the outcomes posted back."""
+    arms; they take precedence over the store's, which are read per request); ``log``
+    records every request and the outcomes posted back."""
     app = FastAPI(title="slimtune serve", version="1")
     metrics = Metrics()
     splits = dict(splits or {})
@@ -188,8 +189,12 @@ def create_app(
 
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    async def all_splits() -> dict[str, Split]:
+        return {**await run_in_threadpool(engine.splits), **splits}
+
     @app.get("/v1/models")
     async def models() -> dict:
+        live = await all_splits()
         data = [
             {
                 "id": m["id"],
@@ -199,7 +204,7 @@ def create_app(
                 "slimtune": {"serves": m["serves"]},
             }
             for m in await run_in_threadpool(engine.models)
-            if m["id"] not in splits  # a split's name serves the split
+            if m["id"] not in live  # a split's name serves the split
         ]
         data += [
             {
@@ -209,7 +214,7 @@ def create_app(
                 "owned_by": "slimtune",
                 "slimtune": {"split": {arm: share for arm, share in split.arms}},
             }
-            for name, split in splits.items()
+            for name, split in live.items()
         ]
         return {"object": "list", "data": data}
 
@@ -251,7 +256,7 @@ def create_app(
         if not prompt_ids:
             raise ApiError(400, "the prompt is empty", param=param)
         stops = body.stops()
-        split = splits.get(body.model)
+        split = splits.get(body.model) or (await all_splits()).get(body.model)
         model = split.choose(body.user) if split else body.model
         try:  # a store read: off the event loop
             await run_in_threadpool(engine.resolve, model)

@@ -37,6 +37,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..errors import DeltaError
 from .bank import LoraBank
+from .traffic import Split
 
 BASE = "base"
 
@@ -234,6 +235,15 @@ class Engine:
         except DeltaError as e:
             raise UnknownModel(str(e)) from None
         return Target(v.id, v.method, v.path)
+
+    def splits(self) -> dict[str, Split]:
+        """The store's A/B splits now (``slimtune delta split``), by name."""
+        store = self.switcher.store
+        if store is None:
+            return {}
+        with self._lock:
+            stored = store.splits()
+        return {name: Split.parse(f"{name}:{arms}") for name, arms in stored.items()}
 
     def models(self) -> list[dict[str, Any]]:
         """The base, every version and every tag, as ``/v1/models`` lists them."""
