@@ -150,6 +150,11 @@ def _tag_switch(root: Path, url: str, a: str, b: str, moves: int, max_tokens: in
             store.tag("prod", new)
             moved = time.perf_counter()
             while not any(t > moved and v == new for t, _, v in seen):
+                if any(r.done() for r in runs) or time.perf_counter() - moved > 120:
+                    stop.set()
+                    for r in runs:
+                        r.result()  # a client's error, raised here
+                    raise SystemExit(f"no answer from {new} within 120 s of the tag move")
                 time.sleep(0.005)
             waits.append(min(t for t, _, v in seen if t > moved and v == new) - moved)
             time.sleep(1)

@@ -212,6 +212,13 @@ def test_a_split_is_sticky_per_user_and_its_outcomes_reach_ab(server, tmp_path, 
             assert r.status_code == 200 and r.json()["delta"] == delta
         r = client.post(f"{url}/v1/outcomes", json={"id": "cmpl-nothing", "value": 1})
         assert r.status_code == 404 and r.json()["error"]["param"] == "id"
+        rid = ids[(0, 0)][0]
+        r = client.post(
+            f"{url}/v1/outcomes",
+            content=b'{"id": "' + rid.encode() + b'", "value": NaN}',
+            headers={"content-type": "application/json"},
+        )
+        assert r.status_code == 400 and r.json()["error"]["param"] == "value"
     out = tmp_path / "ab.json"
     log = store.parent / "requests.jsonl"
     assert main(["ab", "--log", str(log), "--split", "exp", "--output", str(out)]) == 0
@@ -219,7 +226,8 @@ def test_a_split_is_sticky_per_user_and_its_outcomes_reach_ab(server, tmp_path, 
     assert (r["A"]["ref"], r["B"]["ref"]) == (v1, v2)
     assert r["A"]["outcomes"] + r["B"]["outcomes"] == 32
     assert r["A"]["mean_outcome"] == 0 and r["B"]["mean_outcome"] == 1
-    assert r["winner"] == "B" and r["significant"] and r["fisher"]["p_value"] < 1e-6
+    assert r["A"]["units"] + r["B"]["units"] == 16 and r["B"]["unit"] == "users"  # once each
+    assert r["winner"] == "B" and r["significant"] and r["fisher"]["p_value"] < 0.01
     assert "winner: " + v2 in capsys.readouterr().out
 
 

@@ -243,7 +243,9 @@ def test_splits_are_stored_listed_and_guard_their_versions(deltas, tmp_path):
         store.set_split("bad", "prod=1,v7=1")
     with pytest.raises(UserInputError, match="split exp"):
         store.remove("v2")
-    store.remove("v2", force=True)  # as with tags: the split goes with it
+    store.tag("cand", "v2")
+    store.set_split("canary", "prod=9,cand=1")  # an arm that is a tag on v2
+    store.remove("v2", force=True)  # as with tags: the splits go with it
     assert store.splits() == {}
     with pytest.raises(UserInputError, match="no split"):
         store.remove_split("exp")

@@ -37,7 +37,8 @@ def test_bank_runs_each_row_through_its_own_adapter_and_gives_the_base_back(tiny
     assert not torch.allclose(alone["v1"], alone["v2"])
 
     bank = LoraBank(base, fp, capacity=2)
-    model = bank.ready({"v1": folders["v1"], "v2": folders["v2"]})
+    model, failed = bank.ready({"v1": folders["v1"], "v2": folders["v2"]})
+    assert failed == {}
     rows = ["v2", None, "v1"]
     with torch.no_grad():
         out = model(ids, adapter_names=bank.rows(rows)).logits
@@ -64,8 +65,8 @@ def test_bank_refuses_a_delta_of_another_base(tiny_dir, tmp_path):
     random_delta(tmp_path / "d", 1, str(other))
     loaded = load_model(str(tiny_dir), device="cpu")
     bank = LoraBank(loaded.model, fingerprint(loaded.model))
-    with pytest.raises(DeltaError, match="different base"):
-        bank.ready({"v1": tmp_path / "d"})
+    _, failed = bank.ready({"v1": tmp_path / "d"})
+    assert isinstance(failed["v1"], DeltaError) and "different base" in str(failed["v1"])
     assert not bank.active
 
 
@@ -112,12 +113,12 @@ def test_fisher_exact_matches_known_tables():
     assert math.isclose(fisher_exact(3, 7, 3, 7), 1.0, rel_tol=1e-9)
 
 
-def _write_log(path, sides):
+def _write_log(path, sides, prefix="cmpl-"):
     log = RequestLog(path)
     n = 0
     for delta, outcomes in sides.items():
         for value in outcomes:
-            rid = f"cmpl-{n}"
+            rid = f"{prefix}{n}"
             n += 1
             log.request(
                 {"id": rid, "model": "exp", "split": "exp", "arm": delta, "delta": delta,
@@ -134,7 +135,7 @@ def test_ab_reads_the_log_and_tolerates_a_torn_last_line(tmp_path, capsys):
     with open(path, "a") as f:
         f.write('{"type": "outcome", "id": "cmpl-1", "va')  # killed mid-write
     requests, warnings = read_log(path)
-    assert len(requests) == 83 and len(warnings) == 1 and "incomplete last line" in warnings[0]
+    assert len(requests) == 83 and len(warnings) == 1 and "incomplete line" in warnings[0]
     r = ab_from_log(requests)
     assert (r["A"]["ref"], r["B"]["ref"]) == ("v1", "v2")
     assert (r["A"]["outcomes"], r["B"]["outcomes"], r["B"]["requests"]) == (40, 40, 43)
@@ -159,3 +160,118 @@ def test_ab_log_errors_exit_2_with_the_reason(tmp_path, capsys):
     bad.write_text('{"type": "request"}\n{"type": "outcome", "id": "x", "value": 1}\n')
     assert main(["ab", "--log", str(bad)]) == 2
     assert f"{bad}:1" in capsys.readouterr().err
+
+
+def _lora_store(tiny_dir, tmp_path, n=2):
+    from slimtune.delta import DeltaStore
+
+    store = DeltaStore(tmp_path / "store")
+    for seed in range(1, n + 1):
+        random_delta(tmp_path / f"d{seed}", seed, str(tiny_dir))
+        store.add(tmp_path / f"d{seed}")
+    return store
+
+
+def test_a_version_that_fails_to_load_fails_only_its_own_requests(tiny_dir, tmp_path):
+    import asyncio
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from slimtune.delta import DeltaSwitcher
+    from slimtune.serve.engine import Engine, Job
+
+    store = _lora_store(tiny_dir, tmp_path)
+    weights = store.resolve("v1").path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)  # one flipped tail
+    engine = Engine(DeltaSwitcher(load_model(str(tiny_dir), device="cpu"), store)).start()
+
+    async def ask(model):
+        events = engine.submit(Job(model=model, prompt_ids=[5, 17, 42], max_tokens=3))
+        while True:
+            kind, value = await events.get()
+            if kind in ("done", "error"):
+                return kind, value
+
+    async def main():
+        return await asyncio.gather(*[ask(m) for m in ("v1", "v2", "base", "v1", "v2")])
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        engine.stop()
+    kinds = [k for k, _ in results]
+    assert kinds == ["error", "done", "done", "error", "done"], results
+    assert "adapter_model.safetensors" in results[0][1][1]  # the file is named
+    assert {v.delta for k, v in results if k == "done"} == {"v2", "base"}
+    assert engine.bank.loaded() == ["v2"]
+    base = engine.bank.release()
+    assert not any(isinstance(m, BaseTunerLayer) for m in base.modules())
+
+
+def test_a_failed_first_load_leaves_no_adapter_layers_on_the_base(tiny_dir, tmp_path, monkeypatch):
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from slimtune.errors import DeltaError
+
+    random_delta(tmp_path / "d", 1, str(tiny_dir))
+    loaded = load_model(str(tiny_dir), device="cpu")
+    bank = LoraBank(loaded.model, fingerprint(loaded.model))
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(PeftModel, "load_adapter", fail)  # after peft injected the layers
+    model, failed = bank.ready({"v1": tmp_path / "d"})
+    assert isinstance(failed["v1"], DeltaError) and "out of memory" in str(failed["v1"])
+    assert not bank.active and model is bank.base
+    assert not any(isinstance(m, BaseTunerLayer) for m in bank.base.modules())
+
+
+def test_only_plain_lora_adapters_share_the_base(tmp_path):
+    from slimtune.serve.bank import can_hold
+
+    for name, config, holds in [
+        ("plain", {"peft_type": "LORA", "bias": "none"}, True),
+        ("bias", {"peft_type": "LORA", "bias": "all"}, False),
+        ("dora", {"peft_type": "LORA", "use_dora": True}, False),
+        ("shira", {"peft_type": "SHIRA"}, False),
+    ]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps(config))
+        assert can_hold(tmp_path / name) is holds, name
+
+
+def test_a_log_cut_by_a_crash_stays_readable_after_a_restart(tmp_path):
+    path = tmp_path / "log.jsonl"
+    _write_log(path, {"v1": [1, 0]})
+    with open(path, "a") as f:
+        f.write('{"type": "outcome", "id": "cmpl-0", "va')  # killed mid-write
+    _write_log(path, {"v2": [1, 1]}, prefix="again-")  # the server again, appending
+    requests, warnings = read_log(path)
+    assert [w.split(": ", 1)[1] for w in warnings] == ["skipped an incomplete line"]
+    assert sorted(r.delta for r in requests) == ["v1", "v1", "v2", "v2"]
+    with open(path, "a") as f:
+        f.write('{"type": "outcome", "id": "cmpl-0", "value": NaN}\n')
+    with pytest.raises(UserInputError, match=r"log.jsonl:\d+: .*not a finite number"):
+        read_log(path)
+
+
+def test_ab_log_counts_each_user_once_and_puts_the_base_first(tmp_path):
+    log = RequestLog(tmp_path / "log.jsonl")
+    n = 0
+    for delta, users in {"v3": ["ann"] * 5 + ["bob"] * 5, "base": ["cy", "dee", "eve"]}.items():
+        for user in users:
+            log.request({"id": f"c{n}", "model": "exp", "split": "exp", "arm": delta,
+                         "delta": delta, "user": user, "status": "ok", "latency_s": 0.1})  # fmt: skip
+            log.outcome(f"c{n}", 1.0 if user == "ann" else 0.0)
+            n += 1
+    log.close()
+    requests, _ = read_log(tmp_path / "log.jsonl")
+    r = ab_from_log(requests, split="exp")
+    assert (r["A"]["ref"], r["B"]["ref"]) == ("base", "v3")
+    assert (r["B"]["outcomes"], r["B"]["units"], r["B"]["unit"]) == (10, 2, "users")
+    assert (r["A"]["units"], r["A"]["unit"]) == (3, "requests")
+    assert not r["significant"]  # 2 users, not 10 requests: no evidence either way
+    with pytest.raises(ValueError, match="share 10 requests"):
+        ab_from_log(requests, "v3", "v3")

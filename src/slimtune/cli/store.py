@@ -309,6 +309,11 @@ def _ab_log(args) -> int:
     rows = [
         ["requests", fmt(A["requests"], "int"), fmt(B["requests"], "int")],
         ["outcomes", fmt(A["outcomes"], "int"), fmt(B["outcomes"], "int")],
+        [
+            "independent units",
+            f"{A['units']} {A['unit']}",
+            f"{B['units']} {B['unit']}",
+        ],
         ["mean outcome", f"{A['mean_outcome']:.3f}", f"{B['mean_outcome']:.3f}"],
         ["latency p50", fmt(A["latency_p50_ms"], "ms"), fmt(B["latency_p50_ms"], "ms")],
         ["latency p95", fmt(A["latency_p95_ms"], "ms"), fmt(B["latency_p95_ms"], "ms")],
@@ -327,6 +332,11 @@ def _ab_log(args) -> int:
     print(line)
     winner = {"A": A["ref"], "B": B["ref"]}.get(r["winner"], "neither (tie)")
     print(f"winner: {winner}, {'significant' if r['significant'] else 'not significant'} at 5%")
+    if not r["randomised"]:
+        print(
+            "note: not restricted to a split (--split NAME): who saw which side was not "
+            "randomised, so the difference may not be the deltas'"
+        )
     if args.output:
         write_json(args.output, r)
     return 0

@@ -679,10 +679,11 @@ class DeltaStore:
             children = [
                 r["id"] for r in conn.execute("SELECT id FROM versions WHERE parent=?", (v.id,))
             ]
+            names = {v.id, *tags}  # an arm names the version or a tag on it
             splits = [
                 r["name"]
                 for r in conn.execute("SELECT name, arms FROM splits")
-                if v.id in {a.split("=")[0] for a in r["arms"].split(",")}
+                if names & {a.split("=")[0] for a in r["arms"].split(",")}
             ]
             if (tags or children or splits) and not force:
                 deps = [f"tag {t}" for t in tags] + [f"version {c} (its parent)" for c in children]

@@ -211,12 +211,25 @@ def run_ab(
     }
 
 
+def _per_unit(requests: list) -> tuple[list[float], str]:
+    """The outcomes of one side, one score per independent unit: a user's requests are
+    not independent (a split is sticky per user), so each user counts once, with the
+    mean of their outcomes; a request without a user is its own unit."""
+    by_unit: dict[str, list[float]] = {}
+    for r in requests:
+        if r.outcome is not None:
+            by_unit.setdefault(f"user:{r.user}" if r.user else f"id:{r.id}", []).append(r.outcome)
+    repeated = any(len(v) > 1 for v in by_unit.values())
+    return [float(np.mean(v)) for v in by_unit.values()], "users" if repeated else "requests"
+
+
 def ab_from_log(
     requests: list, a: str | None = None, b: str | None = None, *, split: str | None = None
 ) -> dict:
     """Compare two sides of live traffic (``serve.traffic.read_log``'s requests): each side
     is named by the version that served it or the split arm that chose it; by default the
-    two versions that got the most outcomes."""
+    two versions that got the most outcomes (``base`` as A when it is one of them). The
+    unit is the user where users send several rated requests (see :func:`_per_unit`)."""
     if split is not None:
         requests = [r for r in requests if r.split == split]
         if not requests:
@@ -236,30 +249,39 @@ def ab_from_log(
                 "the log has outcomes for fewer than two versions; name A and B, or post "
                 "outcomes (POST /v1/outcomes)"
             )
-        a, b = sorted(top[:2], key=lambda d: (len(d), d))
+        a, b = sorted(top[:2], key=lambda d: (d != "base", len(d), d))
+    got = {"A": side(a), "B": side(b)}
+    shared = {r.id for r in got["A"]} & {r.id for r in got["B"]}
+    if shared:
+        raise ValueError(
+            f"{a!r} and {b!r} share {len(shared)} requests (an arm served by that version?); "
+            "name two sides that do not overlap"
+        )
     sides = {}
     for key, name in (("A", a), ("B", b)):
-        got = side(name)
-        if not got:
+        if not got[key]:
             raise ValueError(f"no request in the log was answered by or chosen as {name!r}")
-        outcomes = [r.outcome for r in got if r.outcome is not None]
-        if not outcomes:
-            raise ValueError(f"{name!r} served {len(got)} requests but none has an outcome")
-        lat = [r.latency_s for r in got if r.latency_s is not None]
+        scores, unit = _per_unit(got[key])
+        if not scores:
+            raise ValueError(f"{name!r} served {len(got[key])} requests but none has an outcome")
+        lat = [r.latency_s for r in got[key] if r.latency_s is not None]
         sides[key] = {
             "ref": name,
-            "served_by": sorted({r.delta for r in got}),
-            "requests": len(got),
-            "outcomes": len(outcomes),
-            "mean_outcome": float(np.mean(outcomes)),
+            "served_by": sorted({r.delta for r in got[key]}),
+            "requests": len(got[key]),
+            "outcomes": sum(r.outcome is not None for r in got[key]),
+            "units": len(scores),
+            "unit": unit,
+            "mean_outcome": float(np.mean([r.outcome for r in got[key] if r.outcome is not None])),
             "latency_p50_ms": 1000 * float(np.percentile(lat, 50)) if lat else None,
             "latency_p95_ms": 1000 * float(np.percentile(lat, 95)) if lat else None,
-            "scores": outcomes,
+            "scores": scores,
         }
     verdict = compare_unpaired(sides["A"]["scores"], sides["B"]["scores"], higher_is_better=True)
     return {
         "source": "log",
         "split": split,
+        "randomised": split is not None,
         "metric": "mean_outcome",
         "A": {k: v for k, v in sides["A"].items() if k != "scores"},
         "B": {k: v for k, v in sides["B"].items() if k != "scores"},

@@ -70,7 +70,8 @@ class ChatRequest(_Sampling):
 
 class Outcome(BaseModel):
     id: str  # the response's id
-    value: float  # e.g. 1 for a good answer, 0 for a bad one (true/false are read so)
+    # e.g. 1 for a good answer, 0 for a bad one (true/false are read so); finite
+    value: float = Field(allow_inf_nan=False)
 
 
 class Metrics:

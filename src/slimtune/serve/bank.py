@@ -15,6 +15,7 @@ its adapters again, from disk, when LoRA traffic returns.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import OrderedDict
 from pathlib import Path
@@ -30,6 +31,22 @@ BASE_ROW = "__base__"  # peft's name for "no adapter on this row"
 def adapter_name(version: str) -> str:
     """A name peft accepts as a module key for a store version id."""
     return "v_" + re.sub(r"\W", "_", version)
+
+
+def can_hold(folder: Path) -> bool:
+    """Whether the LoRA adapter in ``folder`` can sit beside others on the base: not one
+    that trains the base's biases (peft writes them into the base layers, under every
+    row, and holds one such adapter at most), nor DoRA or aLoRA (no per-row names)."""
+    try:
+        config = json.loads((Path(folder) / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (
+        config.get("peft_type") == "LORA"
+        and config.get("bias", "none") == "none"
+        and not config.get("use_dora")
+        and not config.get("alora_invocation_tokens")
+    )
 
 
 class LoraBank:
@@ -49,20 +66,24 @@ class LoraBank:
     def loaded(self) -> list[str]:
         return list(self._loaded)
 
-    def ready(self, folders: dict[str, Path]) -> nn.Module:
-        """The model with every version in ``folders`` (id -> delta folder) loaded; adapters
-        not asked for make room when the bank is full."""
+    def ready(self, folders: dict[str, Path]) -> tuple[nn.Module, dict[str, Exception]]:
+        """The model with every version in ``folders`` (id -> delta folder) loaded, and the
+        versions that failed to load (with why: their requests fail, the others run);
+        adapters not asked for make room when the bank is full."""
         if len(folders) > self.capacity:
             raise ValueError(f"{len(folders)} adapters asked for; the bank holds {self.capacity}")
         for version in folders:  # in use now: the last to be evicted
             if version in self._loaded:
                 self._loaded.move_to_end(version)
+        failed: dict[str, Exception] = {}
         for version, folder in folders.items():
             if version not in self._loaded:
                 self._evict(keep=set(folders))
-                self._load(version, Path(folder))
-        assert self.model is not None or not folders
-        return self.model if self.model is not None else self.base
+                try:
+                    self._load(version, Path(folder))
+                except Exception as e:
+                    failed[version] = e
+        return (self.model if self.model is not None else self.base), failed
 
     def rows(self, versions: list[str | None]) -> list[str]:
         """peft's ``adapter_names`` for a batch whose row i is served by ``versions[i]``
@@ -78,19 +99,30 @@ class LoraBank:
         return self.base
 
     def _load(self, version: str, folder: Path) -> None:
-        from peft import PeftModel
+        """Load one adapter; on any failure the base is left as it was before (peft adds an
+        adapter's layers before it reads its weights: those come off again)."""
+        from peft import PeftConfig, PeftModel
 
         manifest = verify_delta(folder)
         check_base(manifest, self.fingerprint, folder)
+        if not can_hold(folder):
+            raise DeltaError(f"{folder}: not a LoRA adapter that can share the base with others")
         name = adapter_name(version)
+        fresh = self.model is None
         try:
-            if self.model is None:
-                self.model = PeftModel.from_pretrained(self.base, str(folder), adapter_name=name)
-            else:
-                self.model.load_adapter(str(folder), adapter_name=name)  # type: ignore[operator]
+            if fresh:
+                config = PeftConfig.from_pretrained(str(folder))
+                config.inference_mode = True
+                self.model = PeftModel(self.base, config, adapter_name=name)
+            self.model.load_adapter(str(folder), adapter_name=name)  # type: ignore[union-attr,operator]
         except Exception as e:
+            if fresh and self.model is not None:
+                self.base = self.model.unload()  # type: ignore[operator]
+                self.model = None
+            elif self.model is not None and name in self.model.peft_config:
+                self.model.delete_adapter(name)  # type: ignore[operator]
             raise DeltaError(f"{folder}: peft could not load the adapter ({e})") from e
-        self.model.eval()
+        self.model.eval()  # type: ignore[union-attr]
         self._loaded[version] = name
 
     def _evict(self, keep: set[str]) -> None:

@@ -36,7 +36,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..errors import DeltaError
-from .bank import LoraBank
+from .bank import LoraBank, can_hold
 from .traffic import Split
 
 BASE = "base"
@@ -87,6 +87,12 @@ class UnknownModel(LookupError):
     pass
 
 
+def _cut(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    """``text`` up to the first stop string in it, and whether there was one."""
+    cut = min((c for c in (text.find(s) for s in stops) if c >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
 def _held_back(text: str, stops: tuple[str, ...]) -> int:
     """How many characters at the end of ``text`` could begin a stop string (not sent yet:
     the next token may complete it)."""
@@ -132,22 +138,22 @@ class _RowStreamer:
         text = self.engine.tokenizer.decode(self.tokens[i], skip_special_tokens=True)
         if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
             return
-        stops = self.jobs[i].stop
-        cut = min((c for c in (text.find(s) for s in stops) if c >= 0), default=-1)
-        if cut >= 0:
-            text, self.done[i] = text[:cut], "stop"
+        text, stopped = _cut(text, self.jobs[i].stop)
+        if stopped:
+            self.done[i] = "stop"
         self.text[i] = text
-        ready = len(text) if cut >= 0 else len(text) - _held_back(text, stops)
+        ready = len(text) if stopped else len(text) - _held_back(text, self.jobs[i].stop)
         if ready > self.sent[i]:
             self.engine._emit(self.jobs[i], ("delta", text[self.sent[i] : ready]))
             self.sent[i] = ready
 
     def finish(self, i: int) -> str:
         """Row ``i``'s whole answer; what was still held back is sent now."""
-        if self.done[i] != "stop" and self.tokens[i]:
+        if self.done[i] != "stop" and self.tokens[i]:  # the last tokens may not be decoded yet
             text = self.engine.tokenizer.decode(self.tokens[i], skip_special_tokens=True)
-            if not any(s in text for s in self.jobs[i].stop):
-                self.text[i] = text
+            self.text[i], stopped = _cut(text, self.jobs[i].stop)
+            if stopped:
+                self.done[i] = "stop"
         if len(self.text[i]) > self.sent[i]:
             self.engine._emit(self.jobs[i], ("delta", self.text[i][self.sent[i] :]))
             self.sent[i] = len(self.text[i])
@@ -199,9 +205,10 @@ class Engine:
         self._waiting: list[Job] = []
         self._thread = threading.Thread(target=self._run, name="slimtune-serve", daemon=True)
         self._lock = threading.Lock()  # the store's reads, one at a time (never a switch)
+        if switcher.current is not None:  # the engine switches by version id from here on
+            switcher.switch(None)
         self._on = BASE  # the version switched onto the base (not the bank's adapters)
-        if switcher.current is not None:
-            self._on = switcher.current.manifest.get("version") or switcher.current.ref
+        self._holdable: dict[str, bool] = {}  # version -> whether the bank can hold it
         config = getattr(switcher.base, "config", None)
         self.context = int(getattr(config, "max_position_embeddings", 0) or 2048)
 
@@ -263,7 +270,11 @@ class Engine:
         from ..methods import METHODS
 
         method = METHODS.get(target.method or "")
-        return self.bank is not None and method is not None and method.mixes_in_batch
+        if self.bank is None or method is None or not method.mixes_in_batch:
+            return False
+        if target.version not in self._holdable:  # e.g. an imported adapter that trains biases
+            self._holdable[target.version] = target.path is not None and can_hold(target.path)
+        return self._holdable[target.version]
 
     # -- requests ------------------------------------------------------------------------
 
@@ -364,35 +375,50 @@ class Engine:
                         self._waiting.remove(j)
                     self._emit(j, ("error", (500, f"{type(e).__name__}: {e}")))
 
-    def _model_for(self, targets: list[Target]) -> tuple[torch.nn.Module, dict[str, Any]]:
-        """Put on the base what the batch needs; (model to run, extra generate kwargs)."""
+    def _model_for(self, jobs: list[Job]) -> tuple[torch.nn.Module, dict[str, Any], list[Job]]:
+        """Put on the base what the batch needs; (model to run, extra generate kwargs, the
+        jobs it runs: those of a LoRA version that failed to load get their error here)."""
         bank, sw = self.bank, self.switcher
-        adapters = {t.version: t.path for t in targets if t.version != BASE}
-        if self.mixes(targets[0]) and (adapters or (bank is not None and bank.active)):
+        targets = [j.target for j in jobs]
+        assert all(t is not None for t in targets)
+        adapters = {t.version: t.path for t in targets if t and t.version != BASE}
+        if self.mixes(targets[0]) and (adapters or (bank is not None and bank.active)):  # type: ignore[arg-type]
             assert bank is not None
             if sw.current is not None:  # a delta that writes the base: off first
-                self._on = BASE
-                bank.base = sw.switch(None)
-            model = bank.ready({v: p for v, p in adapters.items() if p is not None})
-            rows = bank.rows([None if t.version == BASE else t.version for t in targets])
-            return model, {"adapter_names": rows}
+                try:
+                    bank.base = sw.switch(None)
+                finally:
+                    self._on = self._switched()
+            model, failed = bank.ready({v: p for v, p in adapters.items() if p is not None})
+            for j in [j for j in jobs if j.target and j.target.version in failed]:
+                e = failed[j.target.version]  # type: ignore[union-attr]
+                self._emit(j, ("error", (500, f"{type(e).__name__}: {e}")))
+            jobs = [j for j in jobs if not (j.target and j.target.version in failed)]
+            rows = bank.rows([None if j.target.version == BASE else j.target.version for j in jobs])  # type: ignore[union-attr]
+            return model, ({"adapter_names": rows} if bank.active else {}), jobs
         if bank is not None and bank.active:
             sw.base = bank.release()
-        version = targets[0].version
+        version = targets[0].version  # type: ignore[union-attr]
         if version != self._on:
-            self._on = BASE  # until the switch below has finished
-            sw.switch(None if version == BASE else version)
-            self._on = version
-        return sw.model, {}
+            try:
+                sw.switch(None if version == BASE else version)
+            finally:
+                self._on = self._switched()
+        return sw.model, {}, jobs
+
+    def _switched(self) -> str:
+        """The version the switcher has on the base (it switches by version id)."""
+        current = self.switcher.current
+        return BASE if current is None else current.ref
 
     @torch.no_grad()
     def _generate(self, jobs: list[Job]) -> None:
         t0 = time.perf_counter()
-        targets = [j.target for j in jobs]
-        assert all(t is not None for t in targets)
-        model, kwargs = self._model_for(targets)  # type: ignore[arg-type]
+        model, kwargs, jobs = self._model_for(jobs)
+        if not jobs:
+            return
         if self.on_batch is not None:
-            kind = "mixed" if len({t.version for t in targets if t}) > 1 else "single"
+            kind = "mixed" if len({j.target.version for j in jobs if j.target}) > 1 else "single"
             with contextlib.suppress(Exception):
                 self.on_batch(kind, len(jobs))
         model.eval()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -99,7 +100,11 @@ class RequestLog:
     def __init__(self, path: str | Path, *, remember: int = 100_000) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (kept open)
+        self._file = open(self.path, "a+b")  # noqa: SIM115 (kept open)
+        if self._file.tell() > 0:  # a crash cut the last line: end it, so ours start clean
+            self._file.seek(-1, os.SEEK_END)
+            if self._file.read(1) != b"\n":
+                self._file.write(b"\n")
         self._lock = threading.Lock()
         self._recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._remember = remember
@@ -121,7 +126,7 @@ class RequestLog:
             self._write({"type": "outcome", "time": time.time(), "id": request_id, "value": value})
 
     def _write(self, line: dict[str, Any]) -> None:
-        self._file.write(json.dumps(line, separators=(",", ":")) + "\n")
+        self._file.write((json.dumps(line, separators=(",", ":")) + "\n").encode())
         self._file.flush()
 
     def close(self) -> None:
@@ -140,11 +145,13 @@ class LoggedRequest:
     delta: str  # the version that served it
     latency_s: float | None
     outcome: float | None  # the last outcome posted for it
+    user: str | None = None
 
 
 def read_log(path: str | Path) -> tuple[list[LoggedRequest], list[str]]:
     """The answered requests of a log with their outcomes, and warnings (lines skipped:
-    a torn last line, an outcome for a request not in the log)."""
+    one torn by a crash, an outcome for a request not in the log). A line that is JSON
+    but not a request or an outcome is an error naming it."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -160,6 +167,10 @@ def read_log(path: str | Path) -> tuple[list[LoggedRequest], list[str]]:
             continue
         try:
             rec = json.loads(line)
+        except ValueError:  # a write cut short by a crash
+            warnings.append(f"{path}:{n}: skipped an incomplete line")
+            continue
+        try:
             kind = rec["type"]
             if kind == "request":
                 if rec.get("status", "ok") != "ok":
@@ -172,13 +183,14 @@ def read_log(path: str | Path) -> tuple[list[LoggedRequest], list[str]]:
                     rec["delta"],
                     rec.get("latency_s"),
                     None,
+                    rec.get("user"),
                 )
             elif kind == "outcome":
-                outcomes.append((n, str(rec["id"]), float(rec["value"])))
+                value = float(rec["value"])
+                if not math.isfinite(value):
+                    raise ValueError(f"outcome {value} is not a finite number")
+                outcomes.append((n, str(rec["id"]), value))
         except (ValueError, KeyError, TypeError) as e:
-            if n == len(lines):  # a crash in the middle of the last write
-                warnings.append(f"{path}:{n}: skipped an incomplete last line")
-                continue
             raise UserInputError(f"{path}:{n}: not a request or outcome line ({e})") from None
     for n, rid, value in outcomes:
         if rid in requests:

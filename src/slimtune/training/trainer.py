@@ -376,6 +376,7 @@ class Trainer:
             "expected_gain": a.gain[k],
             "fit": a.fit,
             "estimate": est.to_dict() if est else None,
+            "analysis": a.to_dict(),  # per-layer curves, gain and costs: the dashboard's
         }
         return k
 
@@ -909,6 +910,7 @@ class Trainer:
             # options lowered on --resume (after a divergence), by the step they took effect
             "resume_changes": [r for r in self.history if r.get("event") == "resumed"],
             "processes": {"count": self.parallel.world, "strategy": self.parallel.kind},
+            "curve": loss_curve(self.history),  # for comparing versions without their runs
         }
         manifest = save_delta(
             self.out / "delta",
@@ -932,6 +934,14 @@ class Trainer:
             for p in (self.ckpt_dir, self.ckpt_dir.with_name("checkpoint.old")):
                 shutil.rmtree(p, ignore_errors=True)
         return written
+
+
+def loss_curve(history: list[dict], points: int = 400) -> dict[str, list]:
+    """The training loss by step, thinned to about ``points`` (the last step always kept)."""
+    rows = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+    stride = max(1, -(-len(rows) // points))
+    kept = rows[::stride] + ([rows[-1]] if rows and (len(rows) - 1) % stride else [])
+    return {"step": [s for s, _ in kept], "loss": [round(float(v), 6) for _, v in kept]}
 
 
 def train(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainResult:
