@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup fetch demo test test-fast lint typecheck hooks bench-cpu clean
+.PHONY: setup fetch browser demo test test-fast lint typecheck hooks bench-cpu clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,14 @@ fetch: setup
 demo: fetch
 	$(BIN)/slimtune demo
 
-test: fetch
+# the dashboard's tests drive Debian's Chromium headless (packages chromium, chromium-driver)
+APT := $(shell [ "$$(id -u)" = 0 ] || echo sudo) env DEBIAN_FRONTEND=noninteractive apt-get -y -q
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  $(APT) install chromium chromium-driver >/dev/null || \
+	  ($(APT) update >/dev/null && $(APT) install chromium chromium-driver >/dev/null)
+
+test: fetch browser
 	$(BIN)/python -m pytest -q
 
 # the inner loop: everything but the tests on the real default model (CI runs `make test`)

@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         run.fetch_parser,
         store.build,
         serve.serve_parser,
+        serve.dashboard_parser,
     ):
         add(sub)
     return parser
@@ -69,6 +70,7 @@ COMMANDS = {
     "delta": store.cmd_delta,
     "ab": store.cmd_ab,
     "serve": serve.cmd_serve,
+    "dashboard": serve.cmd_dashboard,
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..errors import UserInputError
 from .common import S, add_model_args, add_quantize_arg, device_of
@@ -52,9 +53,40 @@ def serve_parser(sub) -> None:
         help="append every request and every outcome posted to /v1/outcomes to this JSON "
         "Lines file (read by `slimtune ab --log`)",
     )
+    add_dashboard_args(p)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def add_dashboard_args(p) -> None:
+    p.add_argument(
+        "--allow-writes",
+        action="store_true",
+        help="let the dashboard at / move and roll back tags and remove versions "
+        "(default: read-only)",
+    )
+    p.add_argument(
+        "--runs",
+        help="a folder the dashboard searches for `slimtune analyze` outputs and "
+        "`slimtune ab --output` results",
+    )
+
+
+def dashboard_parser(sub) -> None:
+    p = sub.add_parser(
+        "dashboard",
+        help="the web dashboard over a delta store, without a model (read-only by default)",
+        description="Serves the dashboard's page at / over a store: versions, lineage, "
+        "tags, comparisons, each version's run and SALF analysis, A/B results. No model is "
+        "loaded, so no playground: `slimtune serve` serves the same page with one. Needs "
+        "the serve extra: pip install 'slimtune[serve]'.",
+    )
+    p.add_argument("--store", default=S, help="delta store (default: the usual place)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--log", help="a request log of `slimtune serve --log`, for live A/B results")
+    add_dashboard_args(p)
+
+
+def _server_stack():
     try:
         import fastapi  # noqa: F401
         import prometheus_client  # noqa: F401
@@ -63,6 +95,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UserInputError(
             f"slimtune serve needs {e.name}: pip install 'slimtune[serve]'"
         ) from None
+    return uvicorn
+
+
+def _runs(args) -> Path | None:
+    if not args.runs:
+        return None
+    runs = Path(args.runs).expanduser()
+    if not runs.is_dir():
+        raise UserInputError(f"--runs {args.runs}: no such folder")
+    return runs
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    uvicorn = _server_stack()
+    from fastapi import FastAPI
+
+    from ..delta.store import DeltaStore
+    from ..log import info
+    from ..serve.dashboard import add_dashboard
+
+    store = DeltaStore(getattr(args, "store", None))
+    app = FastAPI(title="slimtune dashboard")
+    log = Path(args.log).expanduser() if args.log else None
+    add_dashboard(app, store, writable=args.allow_writes, runs=_runs(args), log_path=log)
+    mode = "read-write" if args.allow_writes else "read-only"
+    info(f"dashboard of {store.root} ({mode}) on http://{args.host}:{args.port}")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    uvicorn = _server_stack()
     if args.max_batch < 1 or args.max_tokens < 1:
         raise UserInputError("--max-batch and --max-tokens must be >= 1")
     if args.adapters < 0:
@@ -75,6 +139,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..log import info
     from ..model.loading import load_model
     from ..serve.app import create_app
+    from ..serve.dashboard import add_dashboard
     from ..serve.engine import Engine, UnknownModel
 
     model = getattr(args, "model", None) or "default"
@@ -87,8 +152,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 engine.resolve(arm)
             except UnknownModel as e:
                 raise UserInputError(f"--split {split}: arm {arm!r}: {e}") from None
+    runs = _runs(args)
     log = RequestLog(args.log) if args.log else None
     app = create_app(engine.start(), default_max_tokens=args.max_tokens, splits=splits, log=log)
+    add_dashboard(
+        app,
+        store,
+        writable=args.allow_writes,
+        runs=runs,
+        log_path=log.path if log else None,
+        serving=app.state.metrics,
+        model_name=loaded.name,
+    )
     info(f"serving {loaded.name} and the deltas of {store.root} on http://{args.host}:{args.port}")
     for split in splits.values():
         info(f"split {split}")

@@ -449,6 +449,15 @@ class DeltaStore:
         with self._read() as conn:
             return {r["name"]: r["version"] for r in conn.execute("SELECT * FROM tags")}
 
+    def tag_history(self) -> dict[str, builtins.list[dict[str, str]]]:
+        """Each tag's moves, oldest first: [{"version", "at"}] (rollbacks drop the entry
+        they undo, as ``rollback`` walks this history back)."""
+        out: dict[str, builtins.list[dict[str, str]]] = {}
+        with self._read() as conn:
+            for r in conn.execute("SELECT name, version, at FROM tag_history ORDER BY seq"):
+                out.setdefault(r["name"], []).append({"version": r["version"], "at": r["at"]})
+        return out
+
     def splits(self) -> dict[str, str]:
         """A/B splits by name: their arms as ``arm=share,...`` (see ``serve.traffic``)."""
         with self._read() as conn:

@@ -333,12 +333,22 @@ class Trainer:
             calibration_batch,
             describe,
             estimate,
+            freeze_costs,
             parse_duration,
             parse_size,
         )
 
         cfg = self.cfg
         a = analyze(self.loaded.model, self.train_ds, keep=cfg.keep, progress=cfg.progress)
+        # what each cut costs, as `slimtune analyze` shows it (kept in the manifest)
+        a.costs = freeze_costs(
+            self.loaded.model,
+            cfg.method,
+            self.examples,
+            cfg.batch_size,
+            self.loaded.tokenizer.pad_token_id,
+            cfg.method_options,
+        )
         info(f"--freeze auto: {a.reason}")
         k, est = a.freeze_below, None
         memory, step = parse_size(cfg.budget_memory), parse_duration(cfg.budget_step_time)
