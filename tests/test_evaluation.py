@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -219,5 +221,67 @@ def test_conversational_prompt_completion_evaluates_as_a_chat(tiny, tmp_path):
         for i in range(3)
     ]
     ds = load_dataset(write_jsonl(tmp_path / "c.jsonl", rows), tiny.tokenizer)
-    metrics, _ = evaluate(tiny.model, tiny.tokenizer, ds)  # the prompt is a list, not text
-    assert metrics["task"] == "lm" and metrics["latency_p50_ms"] > 0
+    metrics, details = evaluate(tiny.model, tiny.tokenizer, ds)  # the prompt is a list
+    assert metrics["task"] == "chat" and metrics["latency_p50_ms"] > 0
+    assert details["references"] == ["answer 0", "answer 1", "answer 2"]
+
+
+def test_chats_are_scored_by_generating_their_last_assistant_turn(tiny, tmp_path):
+    """The context is every turn before the last assistant one (an earlier answer among
+    them), rendered by the chat template; the score compares the generated turn."""
+    from slimtune.eval.evaluate import chat_match, evaluate
+
+    tok = tiny.tokenizer
+    turns = [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "hi"},
+        {"role": "user", "content": "where is my parcel"},
+    ]
+    rows = [{"messages": [*turns, {"role": "assistant", "content": "in transit"}]}]
+    ds = load_dataset(write_jsonl(tmp_path / "a.jsonl", rows), tok)
+    first = chat_match(tiny.model, tok, ds.records, max_new_tokens=6)
+    prompt = tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        out = tiny.model.generate(
+            input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id
+        )
+    assert first["predictions"] == [tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)]
+    assert first["references"] == ["in transit"] and first["exact_match"] == 0.0
+    # the model's own answer as the reference: an exact match
+    said = first["predictions"][0]
+    rows = [{"messages": [*turns, {"role": "assistant", "content": said}]}]
+    ds = load_dataset(write_jsonl(tmp_path / "b.jsonl", rows), tok)
+    metrics, details = evaluate(tiny.model, tok, ds, max_new_tokens=6, latency=False)
+    assert metrics["task"] == "chat" and details["predictions"] == [said]
+    assert metrics["exact_match"] == metrics["normalized_match"] == 1.0
+
+
+def test_a_normalized_match_forgives_case_punctuation_and_articles():
+    from slimtune.eval.evaluate import _scored, normalize_answer
+
+    assert normalize_answer("The  Paris.") == normalize_answer("paris") == "paris"
+    r = _scored(["Paris.", "in transit", "Lyon"], ["paris", "In transit!", "Paris"])
+    assert r["correct"] == [0, 0, 0] and r["normalized"] == [1, 1, 0]
+    assert (r["exact_match"], round(r["normalized_match"], 3)) == (0.0, 0.667)
+
+
+def test_a_chat_run_reports_its_matches_and_samples_beside_references(tiny_dir, tmp_path):
+    from slimtune.cli.app import main
+
+    rows = [
+        {"messages": [{"role": "user", "content": f"code {i}?"},
+                      {"role": "assistant", "content": f"it is {i % 3}"}]}
+        for i in range(24)
+    ]  # fmt: skip
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    out = tmp_path / "run"
+    args = ["train", "--model", str(tiny_dir), "--data", str(data), "--max-steps", "2"]
+    args += ["--batch-size", "4", "--no-progress", "--no-store", "--output-dir", str(out)]
+    assert main([*args, "--eval-fraction", "0.25"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "chat"
+    assert 0 <= summary["eval_exact_match"] <= summary["eval_normalized_match"] <= 1
+    report = (out / "report.md").read_text()
+    assert "normalized match" in report and "generated | reference" in report
+    assert "'it is " in report  # a reference beside its generated answer

@@ -25,7 +25,7 @@ def eval_parser(sub) -> None:
     )
     p.add_argument("--store", help="delta store for ids and tags")
     add_quantize_arg(p)
-    p.add_argument("--task", default="auto", help="auto, classification, generation or lm")
+    p.add_argument("--task", default="auto", help="auto, classification, generation, chat or lm")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--limit", type=int, help="evaluate only the first N examples")

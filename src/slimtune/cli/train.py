@@ -273,7 +273,7 @@ def add_train_options(p: argparse.ArgumentParser, grid: bool) -> None:
         "does not fit one device; full and lora (default: each process holds the whole "
         "model, DDP)",
     )
-    p.add_argument("--task", default=S, help="auto, classification, generation or lm")
+    p.add_argument("--task", default=S, help="auto, classification, generation, chat or lm")
     p.add_argument(
         "--no-progress", dest="progress", action="store_false", default=S, help="no progress bar"
     )
@@ -401,6 +401,11 @@ def _store_delta(delta_dir: Path, opts: StoreOptions) -> None:
     print(f"{'stored' if added else 'already stored'} as {v.id} in {store.root}")
 
 
+def _one_line(text: str, width: int = 120) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def report_train(cfg: Any, result: Any) -> None:
     """The run's table, plots and report.md."""
     from ..eval.report import (
@@ -441,6 +446,11 @@ def report_train(cfg: Any, result: Any) -> None:
             f"active adapter params per token {s['active_params_per_token']:,} of "
             f"{s['adapter_params']:,}; expert usage heat map: {png.name}"
         )
+    details = result.eval_details or {}
+    if details.get("references"):  # generated answers: a few beside what was expected
+        notes.append("samples of the eval set (generated | reference):")
+        for out, ref in list(zip(details["predictions"], details["references"]))[:5]:
+            notes.append(f"  {_one_line(out)!r} | {_one_line(ref)!r}")
     write_report(
         result.output_dir,
         f"Training run: {cfg.method}",

@@ -180,7 +180,7 @@ def run_ab(
             batch_size=batch_size,
             latency=latency,
         )
-        if task in ("classification", "generation"):
+        if task in ("classification", "generation", "chat"):
             scores = [float(c) for c in details["correct"]]
         else:
             scores = per_example_loss(
@@ -196,11 +196,13 @@ def run_ab(
             "delta_bytes": delta_bytes(manifest) if manifest else 0,
         }
     switcher.switch(None)
-    binary = task in ("classification", "generation")
+    binary = task in ("classification", "generation", "chat")
     verdict = compare(
         sides["A"]["scores"], sides["B"]["scores"], higher_is_better=binary, binary=binary
     )
-    metric = {"classification": "accuracy", "generation": "exact_match"}.get(task, "loss")
+    metric = {"classification": "accuracy", "generation": "exact_match", "chat": "exact_match"}.get(
+        task, "loss"
+    )
     return {
         "task": task,
         "metric": metric,

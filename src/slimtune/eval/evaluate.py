@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
+import string
 import time
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from ..data import Dataset, Example, Record, collate, prompt_ids
+from ..data import Dataset, Example, Record, chat_turns, collate, prompt_ids
 from ..model.anatomy import backbone_and_head, with_cache
 from ..training.loss import target_loss
 from .cost import percentile
@@ -93,7 +95,10 @@ def per_example_loss(
 
 
 def detect_task(dataset: Dataset, max_labels: int = 50) -> str:
-    """``classification``, ``generation`` or ``lm`` from the data's shape and completions."""
+    """``classification``, ``generation``, ``chat`` or ``lm`` from the data's shape and
+    completions."""
+    if dataset.shape == "messages":
+        return "chat"
     if dataset.shape != "prompt_completion":
         return "lm"
     labels = {r.fields["completion"] for r in dataset.records}
@@ -290,15 +295,40 @@ def generate(
 ) -> list[str]:
     """Greedy completions of ``prompts`` (left-padded batches); with ``max_length``, each
     prompt keeps its last ``max_length - max_new_tokens`` tokens."""
+    budget = max_length - max_new_tokens if max_length else None
+    seqs = [_prompt_ids(tokenizer, p, budget) for p in prompts]
+    return generate_ids(
+        model,
+        tokenizer,
+        seqs,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        autocast=autocast,
+        progress=progress,
+    )
+
+
+@torch.no_grad()
+def generate_ids(
+    model: nn.Module,
+    tokenizer,
+    seqs: Sequence[list[int]],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    autocast=contextlib.nullcontext,
+    progress: bool = False,
+    eos_token_id=None,
+) -> list[str]:
+    """Greedy completions of prompts given as token ids (left-padded batches), ending at
+    ``eos_token_id`` (default: the tokenizer's end of sequence)."""
     was_training = model.training
     model.eval()
     dev = _device(model)
-    budget = max_length - max_new_tokens if max_length else None
     outs = []
-    bar = _bar(len(prompts), "eval generation", progress)
-    for chunk in _batches(list(prompts), batch_size):
-        seqs = [_prompt_ids(tokenizer, p, budget) for p in chunk]
-        ids, mask = _left_pad(seqs, tokenizer.pad_token_id, dev)
+    bar = _bar(len(seqs), "eval generation", progress)
+    for chunk in _batches(list(seqs), batch_size):
+        ids, mask = _left_pad(chunk, tokenizer.pad_token_id, dev)
         with autocast():
             gen = model.generate(
                 input_ids=ids,
@@ -306,7 +336,7 @@ def generate(
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=eos_token_id if eos_token_id is not None else tokenizer.eos_token_id,
             )
         for row in gen[:, ids.shape[1] :]:
             outs.append(tokenizer.decode(row, skip_special_tokens=True))
@@ -314,6 +344,38 @@ def generate(
     bar.close()
     model.train(was_training)
     return outs
+
+
+def _end_tokens(model: nn.Module, tokenizer):
+    """The model's own end tokens (a chat model's end of turn among them), else the
+    tokenizer's end of sequence."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return eos if eos is not None else tokenizer.eos_token_id
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's answer normalisation: lower case, no punctuation, no articles, single
+    spaces; a normalised match forgives "Paris." for "paris"."""
+    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def _scored(outs: list[str], references: list[str]) -> dict:
+    correct = [int(o.strip() == r.strip()) for o, r in zip(outs, references)]
+    normalized = [int(normalize_answer(o) == normalize_answer(r)) for o, r in zip(outs, references)]
+    n = max(len(correct), 1)
+    return {
+        "exact_match": sum(correct) / n,
+        "normalized_match": sum(normalized) / n,
+        "n": len(correct),
+        "predictions": outs,
+        "references": references,
+        "correct": correct,
+        "normalized": normalized,
+    }
 
 
 def exact_match(
@@ -337,13 +399,48 @@ def exact_match(
         max_length=max_length,
         progress=progress,
     )
-    correct = [int(o.strip() == r.fields["completion"].strip()) for o, r in zip(outs, records)]
-    return {
-        "exact_match": sum(correct) / len(correct),
-        "n": len(correct),
-        "predictions": outs,
-        "correct": correct,
-    }
+    return _scored(outs, [r.fields["completion"] for r in records])
+
+
+def chat_reply(rec: Record, tokenizer, budget: int | None) -> tuple[list[int], str]:
+    """A chat's context up to its last assistant turn, rendered by the chat template with
+    the generation prompt (token ids, its last ``budget``), and that turn's text: what
+    the model is asked and what it should answer."""
+    turns, _ = chat_turns(rec)
+    last = max(i for i, m in enumerate(turns) if m["role"] == "assistant")
+    prompt = tokenizer.apply_chat_template(turns[:last], tokenize=False, add_generation_prompt=True)
+    ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if budget is not None:
+        ids = ids[max(0, len(ids) - max(budget, 1)) :]
+    return ids, turns[last]["content"]
+
+
+def chat_match(
+    model: nn.Module,
+    tokenizer,
+    records: Sequence[Record],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    autocast=contextlib.nullcontext,
+    max_length: int | None = None,
+    progress: bool = False,
+) -> dict:
+    """Chats scored by generating each one's last assistant turn from the turns before it:
+    exact and normalised match against the recorded turn."""
+    budget = max_length - max_new_tokens if max_length else None
+    pairs = [chat_reply(r, tokenizer, budget) for r in records]
+    outs = generate_ids(
+        model,
+        tokenizer,
+        [ids for ids, _ in pairs],
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        autocast=autocast,
+        progress=progress,
+        eos_token_id=_end_tokens(model, tokenizer),  # a chat turn ends at end of turn
+    )
+    return _scored(outs, [ref for _, ref in pairs])
 
 
 @torch.no_grad()
@@ -461,8 +558,8 @@ def evaluate(
                 progress=progress,
             )
         )
-    if task == "generation":
-        details = exact_match(
+    if task in ("generation", "chat"):
+        details = (exact_match if task == "generation" else chat_match)(
             model,
             tokenizer,
             dataset.records,
@@ -473,6 +570,7 @@ def evaluate(
             progress=progress,
         )
         metrics["exact_match"] = details["exact_match"]
+        metrics["normalized_match"] = details["normalized_match"]
     if latency:
         first = dataset.records[0].fields  # a chat's prompt is a list: latency on "Hello"
         prompt = next(
@@ -508,12 +606,15 @@ def merge_evaluations(parts: Sequence[tuple[dict, dict | None]]) -> tuple[dict, 
     if any(d is None for d in shares):
         return metrics, None
     details = {**shares[0]}
-    for key in ("predictions", "correct", "gold_tokens"):
+    for key in ("predictions", "correct", "gold_tokens", "references", "normalized"):
         if key in details:
             details[key] = [x for d in shares for x in d[key]]
     details["n"] = len(details["correct"])
     score = "accuracy" if "accuracy" in details else "exact_match"
     details[score] = metrics[score] = sum(details["correct"]) / max(details["n"], 1)
+    if "normalized" in details:
+        share = sum(details["normalized"]) / max(details["n"], 1)
+        details["normalized_match"] = metrics["normalized_match"] = share
     if "gold_loss" in details:
         gold = [d["gold_loss"] for d in shares]
         details["gold_loss"] = (

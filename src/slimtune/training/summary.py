@@ -75,6 +75,9 @@ class RunSummary:
     eval_exact_match: float | None = field(
         default=None, metadata=shown(20, "exact match", "pct", omit_none=True)
     )
+    eval_normalized_match: float | None = field(
+        default=None, metadata=shown(25, "normalized match", "pct", omit_none=True)
+    )
     eval_latency_p50_ms: float | None = field(
         default=None, metadata=shown(90, "decode latency p50", "ms", omit_none=True)
     )
