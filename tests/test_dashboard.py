@@ -227,19 +227,14 @@ def test_a_tag_moved_from_the_page_is_what_delta_list_shows(site, browser, capsy
         Select(_css(d, "#tag-version")[0]).select_by_value("v2")
         _css(d, "#tag-move")[0].click()
         d.switch_to.alert.accept()  # the confirmation
-        WebDriverWait(d, 30).until(
-            lambda d: (
-                _css(d, '[data-tag-version="prod"]')
-                and _css(d, '[data-tag-version="prod"]')[0].text == "v2"
-            )
-        )
+        WebDriverWait(d, 30).until(lambda d: _text(d, '[data-tag-version="prod"]') == "v2")
         capsys.readouterr()
         assert main(["delta", "--store", str(store), "list"]) == 0
         listed = [ln for ln in capsys.readouterr().out.splitlines() if "prod" in ln]
         assert len(listed) == 1 and "v2" in listed[0]
         _css(d, '[data-rollback="prod"]')[0].click()
         d.switch_to.alert.accept()
-        WebDriverWait(d, 30).until(lambda d: _css(d, '[data-tag-version="prod"]')[0].text == "v1")
+        WebDriverWait(d, 30).until(lambda d: _text(d, '[data-tag-version="prod"]') == "v1")
         assert DeltaStore(store).tags()["prod"] == "v1"
     finally:
         proc.terminate()
@@ -265,9 +260,7 @@ def test_the_playground_answers_from_the_two_deltas_asked_for(site, browser, tin
         max_tokens.send_keys("6")
         _css(d, "#pg-send")[0].click()
         WebDriverWait(d, 60).until(
-            lambda d: (
-                _css(d, "#pg-served-a")[0].text != "-" and _css(d, "#pg-served-b")[0].text != "-"
-            )
+            lambda d: _text(d, "#pg-served-a") != "-" and _text(d, "#pg-served-b") != "-"
         )
         assert _css(d, "#pg-served-a")[0].text == "v1"
         assert _css(d, "#pg-served-b")[0].text == "v3"

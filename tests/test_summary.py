@@ -47,6 +47,7 @@ def test_report_rows_and_sweep_columns_are_read_off_run_summary():
     assert [label for _, label, _ in METRICS] == [
         "accuracy",
         "exact match",
+        "normalized match",
         "eval loss",
         "perplexity",
         "train wall time",
