@@ -182,8 +182,14 @@ def test_a_version_page_shows_its_run_and_its_salf_analysis(readonly, browser, s
     assert f"layer {manifest['auto_freeze']['freeze_below']}" in salf.text
     rows = _css(d, '[data-table="costs"] tr')
     assert len(rows) - 1 == len(manifest["auto_freeze"]["analysis"]["costs"])
-    img = _css(d, 'img[alt="loss.png"]')[0]
-    assert d.execute_script("return arguments[0].naturalWidth", img) > 0  # the run's plot
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(d, 30).until(  # the run's plot, loaded
+        lambda d: d.execute_script(
+            "const i = document.querySelector('img[alt=\"loss.png\"]');"
+            "return i && i.complete && i.naturalWidth > 0"
+        )
+    )
 
 
 def test_analyses_and_ab_results_from_the_runs_folder(readonly, browser, site):
@@ -209,7 +215,7 @@ def test_nothing_on_a_read_only_dashboard_changes_the_store(readonly, browser, s
         ("/api/tags/prod/rollback", None),
         ("/api/versions/v3/rm", None),
     ):
-        r = httpx.post(readonly + path, json=body)
+        r = httpx.post(readonly + path, json=body, headers={"x-slimtune-write": "1"})
         assert r.status_code == 403 and "--allow-writes" in r.json()["error"]["message"]
     assert (DeltaStore(store).tags(), [v.id for v in DeltaStore(store).list()]) == before
 
@@ -236,6 +242,13 @@ def test_a_tag_moved_from_the_page_is_what_delta_list_shows(site, browser, capsy
         d.switch_to.alert.accept()
         WebDriverWait(d, 30).until(lambda d: _text(d, '[data-tag-version="prod"]') == "v1")
         assert DeltaStore(store).tags()["prod"] == "v1"
+        # another site's page cannot send the header (no forged changes), nor reach the
+        # app under another host name (no DNS rebinding)
+        r = httpx.post(f"{url}/api/versions/v3/rm")
+        assert r.status_code == 403 and "x-slimtune-write" in r.json()["error"]["message"]
+        r = httpx.get(f"{url}/api/versions", headers={"host": "attacker.example"})
+        assert r.status_code == 400
+        assert [v.id for v in DeltaStore(store).list()] == ["v1", "v2", "v3"]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -272,9 +285,28 @@ def test_the_playground_answers_from_the_two_deltas_asked_for(site, browser, tin
                 _css(d, f"#pg-out-{side}")[0].text == r["choices"][0]["message"]["content"].strip()
             )
         d = _open(browser, url, "serving")
-        served = {r.get_attribute("data-delta") for r in _css(d, "tr[data-delta]")}
-        assert {"v1", "v3"} <= served  # the live metrics saw both
+        served = d.execute_script(  # read in the page: the view re-draws every 2 s
+            "return [...document.querySelectorAll('tr[data-delta]')].map(r => r.dataset.delta)"
+        )
+        assert {"v1", "v3"} <= set(served)  # the live metrics saw both
     finally:
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+def test_a_run_folder_reused_by_a_later_run_is_not_shown_as_the_earlier_ones(site, readonly):
+    _, store, _ = site
+    v2 = DeltaStore(store).resolve("v2")
+    run = Path(v2.manifest()["training"]["output_dir"])
+    page = httpx.get(f"{readonly}/api/versions/v2").json()
+    assert page["run"]["folder"] == str(run) and "loss.png" in page["run"]["files"]
+    manifest = run / "delta" / "manifest.json"
+    saved = manifest.read_bytes()
+    manifest.write_bytes(saved.replace(b'"lora"', b'"lora" '))  # another run's delta now
+    try:
+        page = httpx.get(f"{readonly}/api/versions/v2").json()
+        assert page["run"] == {"folder": None, "files": [], "report": None}
+        assert httpx.get(f"{readonly}/api/versions/v2/run/loss.png").status_code == 404
+    finally:
+        manifest.write_bytes(saved)

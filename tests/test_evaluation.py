@@ -285,3 +285,17 @@ def test_a_chat_run_reports_its_matches_and_samples_beside_references(tiny_dir, 
     report = (out / "report.md").read_text()
     assert "normalized match" in report and "generated | reference" in report
     assert "'it is " in report  # a reference beside its generated answer
+
+
+def test_a_chat_turn_ends_at_the_templates_end_of_turn_even_when_eos_is_another(tiny):
+    """A base model's config may name <|endoftext|> as its end; its chat template closes an
+    assistant turn with <|im_end|>: generation must stop there too."""
+    from slimtune.eval.evaluate import _end_tokens
+
+    tok = tiny.tokenizer
+    im_end, endoftext = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    tok.eos_token = "<|endoftext|>"
+    tiny.model.generation_config.eos_token_id = endoftext
+    assert _end_tokens(tiny.model, tok) == [endoftext, im_end]
+    tok.chat_template = None  # no template: the configured end only
+    assert _end_tokens(tiny.model, tok) == [endoftext]

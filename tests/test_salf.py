@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from slimtune.data import load_dataset
 from slimtune.errors import UserInputError
@@ -238,3 +239,22 @@ def test_plan_costs_importance_scored_methods(tiny, method):
     costs = calibrate(tiny.model, method, {"density": 0.05, "importance": "fisher"}, batch, steps=1)
     e = estimate(costs, 0)
     assert e.trainable_params >= costs.trainable_per_layer * tiny.num_layers > 0
+
+
+def test_freeze_auto_keeps_the_seed_in_force_and_records_the_cost_of_each_cut(
+    tiny_dir, intent_file, tmp_path
+):
+    """The cost of each cut is measured on mini models that seed their own RNG; the run's
+    own initialisation must still follow --seed."""
+    from safetensors.torch import load_file
+
+    runs = [
+        train_tiny(tiny_dir, intent_file, tmp_path / f"r{i}", freeze="auto", max_steps=1, seed=s)
+        for i, s in enumerate((1, 2, 1))
+    ]
+    weights = [load_file(str(r.delta_dir / "adapter_model.safetensors")) for r in runs]
+    a_keys = [k for k in weights[0] if "lora_A" in k]
+    assert all(torch.equal(weights[0][k], weights[2][k]) for k in a_keys)  # same seed
+    assert not all(torch.equal(weights[0][k], weights[1][k]) for k in a_keys)  # another
+    analysis = runs[0].manifest["auto_freeze"]["analysis"]
+    assert [c["freeze_below"] for c in analysis["costs"]] == list(range(analysis["num_layers"]))

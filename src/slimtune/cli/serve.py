@@ -113,10 +113,11 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
     from ..delta.store import DeltaStore
     from ..log import info
-    from ..serve.dashboard import add_dashboard
+    from ..serve.dashboard import add_dashboard, guard_loopback
 
     store = DeltaStore(getattr(args, "store", None))
     app = FastAPI(title="slimtune dashboard")
+    guard_loopback(app, args.host)
     log = Path(args.log).expanduser() if args.log else None
     add_dashboard(app, store, writable=args.allow_writes, runs=_runs(args), log_path=log)
     mode = "read-write" if args.allow_writes else "read-only"
@@ -139,7 +140,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..log import info
     from ..model.loading import load_model
     from ..serve.app import create_app
-    from ..serve.dashboard import add_dashboard
+    from ..serve.dashboard import add_dashboard, guard_loopback
     from ..serve.engine import Engine, UnknownModel
 
     model = getattr(args, "model", None) or "default"
@@ -155,6 +156,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     runs = _runs(args)
     log = RequestLog(args.log) if args.log else None
     app = create_app(engine.start(), default_max_tokens=args.max_tokens, splits=splits, log=log)
+    guard_loopback(app, args.host)
     add_dashboard(
         app,
         store,

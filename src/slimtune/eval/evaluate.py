@@ -346,11 +346,29 @@ def generate_ids(
     return outs
 
 
-def _end_tokens(model: nn.Module, tokenizer):
-    """The model's own end tokens (a chat model's end of turn among them), else the
-    tokenizer's end of sequence."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    return eos if eos is not None else tokenizer.eos_token_id
+def _end_tokens(model: nn.Module, tokenizer) -> list[int]:
+    """Where a generated chat turn ends: the model's own end tokens (generation config),
+    the tokenizer's end of sequence, and the token the chat template closes an assistant
+    turn with when that is a special token (``<|im_end|>``, ``<|eot_id|>``: a base model's
+    config may name only ``<|endoftext|>``)."""
+    ends: list[int] = []
+    for eos in (
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+        tokenizer.eos_token_id,
+    ):
+        ends += eos if isinstance(eos, list) else [eos] if eos is not None else []
+    if getattr(tokenizer, "chat_template", None):
+        marker = "\u2063slimtune\u2063"
+        turn = [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}]
+        try:
+            text = tokenizer.apply_chat_template(turn, tokenize=False)
+        except Exception:  # a template that wants other roles: the configured ends only
+            text = ""
+        after = text.split(marker, 1)[1] if marker in text else ""
+        ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+        if ids and ids[0] in set(tokenizer.all_special_ids):
+            ends.append(ids[0])
+    return list(dict.fromkeys(ends))
 
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")

@@ -78,11 +78,12 @@ class LoraBank:
         failed: dict[str, Exception] = {}
         for version, folder in folders.items():
             if version not in self._loaded:
-                self._evict(keep=set(folders))
-                try:
+                try:  # loaded first: one that fails to load evicts nobody
                     self._load(version, Path(folder))
                 except Exception as e:
                     failed[version] = e
+                else:
+                    self._evict(keep=set(folders))
         return (self.model if self.model is not None else self.base), failed
 
     def rows(self, versions: list[str | None]) -> list[str]:
@@ -126,7 +127,7 @@ class LoraBank:
         self._loaded[version] = name
 
     def _evict(self, keep: set[str]) -> None:
-        while len(self._loaded) >= self.capacity:
+        while len(self._loaded) > self.capacity:
             victim = next((v for v in self._loaded if v not in keep), None)
             if victim is None:
                 return

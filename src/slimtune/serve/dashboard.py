@@ -10,7 +10,10 @@ files under ``--runs``, and the request log for live A/B results.
 
 Read-only unless started with ``--allow-writes``: moving a tag, rolling one back and
 removing a version then go through the store's own methods (the CLI's), and are refused
-with 403 otherwise.
+with 403 otherwise. Those POSTs must carry the ``x-slimtune-write`` header, which the page
+sends and which another site's page cannot make a browser send (no cross-site request
+forgery); bound to a loopback address, the app answers only requests whose Host is one
+(no DNS rebinding).
 """
 
 from __future__ import annotations
@@ -18,16 +21,18 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 
 from ..errors import DeltaError, UserInputError
+from ..fileio import sha256_file
 
 # files of a run folder the page may show (nothing else is served from it)
 RUN_FILES = {
@@ -46,6 +51,19 @@ TABLE_METRICS = (
     "tokens_per_s",
     "peak_memory_bytes",
 )
+
+
+WRITE_HEADER = "x-slimtune-write"
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def guard_loopback(app: FastAPI, host: str) -> None:
+    """Bound to a loopback address, answer only requests addressed to one: a page of another
+    site whose name was made to resolve to 127.0.0.1 (DNS rebinding) gets 400."""
+    if host in LOOPBACK:
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "[::1]"])
 
 
 class TagMove(BaseModel):
@@ -155,7 +173,7 @@ def add_dashboard(
             curve=m.get("curve"),
             auto_freeze=m.get("auto_freeze"),
             files=m.get("files"),
-            run=_run_files(m),
+            run=_run_files(_run_folder(v)),
         )
         return _finite(out)
 
@@ -169,10 +187,10 @@ def add_dashboard(
     @app.get("/api/versions/{ref}/run/{name}")
     async def run_file(ref: str, name: str):
         try:
-            m = (await run_in_threadpool(store.resolve, ref, check=False)).manifest()
+            v = await run_in_threadpool(store.resolve, ref, check=False)
         except (DeltaError, UserInputError) as e:
             return _refused(404, str(e))
-        folder = _run_folder(m)
+        folder = await run_in_threadpool(_run_folder, v)
         if name not in RUN_FILES or folder is None or not (folder / name).is_file():
             return _refused(404, f"{ref}'s run has no {name} here")
         return FileResponse(folder / name, media_type=RUN_FILES[name])
@@ -198,7 +216,9 @@ def add_dashboard(
                 "move tags, roll back or remove versions"
             )
 
-    async def act(fn, *args) -> JSONResponse:
+    async def act(request: Request, fn, *args) -> JSONResponse:
+        if request.headers.get(WRITE_HEADER) != "1":
+            return _refused(403, f"a change to the store needs the {WRITE_HEADER}: 1 header")
         try:
             require_writes()
             return JSONResponse({"ok": True, **(await run_in_threadpool(fn, *args))})
@@ -208,34 +228,45 @@ def add_dashboard(
             return _refused(400, str(e))
 
     @app.post("/api/tags")
-    async def move_tag(body: TagMove) -> JSONResponse:
+    async def move_tag(body: TagMove, request: Request) -> JSONResponse:
         def move() -> dict:
             old, new = store.tag(body.name, body.version)
             return {"tag": body.name, "from": old, "to": new}
 
-        return await act(move)
+        return await act(request, move)
 
     @app.post("/api/tags/{name}/rollback")
-    async def rollback(name: str) -> JSONResponse:
+    async def rollback(name: str, request: Request) -> JSONResponse:
         def back() -> dict:
             old, new = store.rollback(name)
             return {"tag": name, "from": old, "to": new}
 
-        return await act(back)
+        return await act(request, back)
 
     @app.post("/api/versions/{ref}/rm")
-    async def remove(ref: str) -> JSONResponse:
-        return await act(lambda: {"removed": store.remove(ref)})
+    async def remove(ref: str, request: Request) -> JSONResponse:
+        return await act(request, lambda: {"removed": store.remove(ref)})
 
 
-def _run_folder(manifest: dict) -> Path | None:
-    out = (manifest.get("training") or {}).get("output_dir")
+def _run_folder(version) -> Path | None:
+    """The run folder the version's manifest names, if it is on this machine and still
+    holds this version's run (its delta's manifest is the stored one: a later run into the
+    same folder is another version's)."""
+    try:
+        out = (version.manifest().get("training") or {}).get("output_dir")
+    except (DeltaError, OSError, ValueError):
+        return None
     folder = Path(out).expanduser() if out else None
-    return folder if folder is not None and folder.is_dir() else None
+    if folder is None or not folder.is_dir():
+        return None
+    try:
+        held = sha256_file(folder / "delta" / "manifest.json")
+    except OSError:
+        return None
+    return folder if held == version.manifest_sha256 else None
 
 
-def _run_files(manifest: dict) -> dict:
-    folder = _run_folder(manifest)
+def _run_files(folder: Path | None) -> dict:
     if folder is None:
         return {"folder": None, "files": [], "report": None}
     files = [n for n in RUN_FILES if n.endswith(".png") and (folder / n).is_file()]
@@ -252,23 +283,31 @@ def _is_ab(data: dict) -> bool:
     return {"A", "B", "bootstrap", "winner"} <= set(data)
 
 
-def _found(root: Path | None, kind, limit: int = 200) -> list[dict]:
-    """JSON files under ``root`` (4 folders deep at most) that ``kind`` recognises."""
+def _found(root: Path | None, kind, limit: int = 200, depth: int = 4) -> list[dict]:
+    """JSON files under ``root`` (``depth`` folders down at most, run folders' deltas and
+    checkpoints skipped) that ``kind`` recognises."""
     if root is None or not root.is_dir():
         return []
-    out = []
-    for path in sorted(root.glob("**/*.json")):
-        if len(path.relative_to(root).parts) > 5 or path.stat().st_size > 5_000_000:
-            continue
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict) and kind(data):
-            out.append({"path": str(path.relative_to(root)), **_finite(data)})
-            if len(out) == limit:
-                break
+    out: list[dict] = []
+    for folder, dirs, files in os.walk(root):
+        rel = Path(folder).relative_to(root)
+        dirs[:] = sorted(d for d in dirs if len(rel.parts) < depth and d not in SKIP_DIRS)
+        for name in sorted(f for f in files if f.endswith(".json")):
+            path = Path(folder) / name
+            try:
+                if path.stat().st_size > 5_000_000:
+                    continue
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(data, dict) and kind(data):
+                out.append({"path": str(path.relative_to(root)), **_finite(data)})
+                if len(out) == limit:
+                    return out
     return out
+
+
+SKIP_DIRS = {"delta", "checkpoint", "checkpoint.old", "logs"}
 
 
 def _live_ab(log_path: Path | None, store) -> list[dict]:
@@ -278,7 +317,10 @@ def _live_ab(log_path: Path | None, store) -> list[dict]:
     from ..eval.abtest import ab_from_log
     from .traffic import read_log
 
-    requests, _ = read_log(log_path)
+    try:
+        requests, _ = read_log(log_path)
+    except UserInputError as e:  # a damaged log: said, the offline results still shown
+        return [{"split": None, "error": str(e)}]
     out = []
     for split in sorted({r.split for r in requests if r.split}):
         try:

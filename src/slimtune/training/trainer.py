@@ -340,15 +340,22 @@ class Trainer:
 
         cfg = self.cfg
         a = analyze(self.loaded.model, self.train_ds, keep=cfg.keep, progress=cfg.progress)
-        # what each cut costs, as `slimtune analyze` shows it (kept in the manifest)
-        a.costs = freeze_costs(
-            self.loaded.model,
-            cfg.method,
-            self.examples,
-            cfg.batch_size,
-            self.loaded.tokenizer.pad_token_id,
-            cfg.method_options,
-        )
+        # what each cut costs, as `slimtune analyze` shows it (kept in the manifest, for
+        # the dashboard): informative only, so a failure is a warning, and its mini models
+        # draw from a forked RNG (they seed their own; the run's --seed stays in force)
+        devices = [self.device] if self.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                a.costs = freeze_costs(
+                    self.loaded.model,
+                    cfg.method,
+                    self.examples,
+                    cfg.batch_size,
+                    self.loaded.tokenizer.pad_token_id,
+                    cfg.method_options,
+                )
+        except Exception as e:  # e.g. out of memory next to the full model
+            info(f"warning: the cost of each cut was not measured ({type(e).__name__}: {e})")
         info(f"--freeze auto: {a.reason}")
         k, est = a.freeze_below, None
         memory, step = parse_size(cfg.budget_memory), parse_duration(cfg.budget_step_time)

@@ -21,6 +21,9 @@ function el(tag, attrs = {}, ...children) {
 }
 
 async function api(path, options = {}) {
+  if (options.method === "POST" && path.startsWith("/api/")) {  // a change to the store
+    options = { ...options, headers: { ...(options.headers || {}), "x-slimtune-write": "1" } };
+  }
   const r = await fetch(path, options);
   const body = await r.json().catch(() => ({}));
   if (!r.ok) throw new Error((body.error && body.error.message) || `${path}: HTTP ${r.status}`);
@@ -68,7 +71,7 @@ function ticks(lo, hi, n = 5) {
   const mult = [1, 2, 5, 10].find((m) => (hi - lo) / (m * step) <= n) || 10;
   const s = mult * step;
   const out = [];
-  for (let t = Math.ceil(lo / s) * s; t <= hi + 1e-12; t += s) out.push(+t.toPrecision(12));
+  for (let t = Math.ceil(lo / s) * s; t <= hi + 1e-12 && out.length < 20; t += s) out.push(+t.toPrecision(12));
   return out;
 }
 
@@ -375,7 +378,7 @@ function abRow(r, kind) {
   const b = r.bootstrap || {};
   const points = r.metric === "accuracy" || r.metric === "exact_match";
   const scale = points ? 100 : 1;
-  const num = (x) => `${x >= 0 ? "+" : ""}${(scale * x).toFixed(points ? 2 : 3)}`;
+  const num = (x) => (x === null || x === undefined ? "-" : `${x >= 0 ? "+" : ""}${(scale * x).toFixed(points ? 2 : 3)}`);
   const test = r.mcnemar ? `McNemar p = ${r.mcnemar.p_value.toPrecision(3)}` : r.fisher ? `Fisher p = ${r.fisher.p_value.toPrecision(3)}` : "bootstrap";
   const winner = r.winner === "A" ? r.A.ref : r.winner === "B" ? r.B.ref : "tie";
   return el("tr", { "data-ab": kind },
@@ -397,7 +400,8 @@ async function viewAb() {
 }
 
 let servingTimer = null;
-async function viewServing() {
+let routeGeneration = 0;  // a view still loading when the user moved on must not act
+async function viewServing(generation) {
   const draw = async () => {
     const s = await api("/api/serving");
     const rows = Object.entries(s.deltas);
@@ -413,7 +417,7 @@ async function viewServing() {
       el("div", { class: "note" }, "Refreshed every 2 s; Prometheus text at /metrics.")));
   };
   await draw();
-  servingTimer = setInterval(() => draw().catch(showError), 2000);
+  if (generation === routeGeneration) servingTimer = setInterval(() => draw().catch(showError), 2000);
 }
 
 async function viewPlayground() {
@@ -462,15 +466,19 @@ async function sendBoth() {
 
 async function route() {
   clearInterval(servingTimer);
+  const generation = ++routeGeneration;
   document.body.dataset.ready = "";
-  const [view, ...args] = (location.hash.slice(1) || "versions").split("/").map(decodeURIComponent);
+  let view = "versions", args = [];
+  try {
+    [view, ...args] = (location.hash.slice(1) || "versions").split("/").map(decodeURIComponent);
+  } catch (e) { showError(`bad address: ${location.hash}`); }
   const views = { versions: viewVersions, version: viewVersion, compare: viewCompare, analyses: viewAnalyses, ab: viewAb, serving: viewServing, playground: viewPlayground };
   const show = views[view] ? view : "versions";
   document.querySelectorAll(".view").forEach((s) => s.classList.toggle("shown", s.id === `view-${show}`));
   document.querySelectorAll("nav a").forEach((a) => a.classList.toggle("active", a.dataset.view === show || (show === "version" && a.dataset.view === "versions") || (show === "compare" && a.dataset.view === "versions")));
   try {
-    await views[show](...args);
-    document.body.dataset.ready = show;  // tests wait for this
+    await (show === "serving" ? viewServing(generation) : views[show](...args));
+    if (generation === routeGeneration) document.body.dataset.ready = show;  // tests wait for this
   } catch (e) { showError(e); }
 }
 
