@@ -111,7 +111,7 @@ def _export_split(
     loaded.model.to(MERGE_DTYPES[dtype])
     files = manifest.get("files") or {}
     with atomic_dir(out) as tmp:
-        loaded.model.save_pretrained(tmp / "base")  # type: ignore[operator]
+        loaded.model.save_pretrained(tmp / "base")
         loaded.tokenizer.save_pretrained(tmp / "base")
         (tmp / "adapter").mkdir()
         for peft_name, ours in method.peft_part.items():
