@@ -75,21 +75,25 @@ function ticks(lo, hi, n = 5) {
   return out;
 }
 
-// series: [{name, xs, ys}]; opts: {xLabel, yLabel, markX, markLabel}
-function lineChart(series, opts = {}) {
-  const W = opts.width || 520, H = opts.height || 240, L = 52, R = 12, T = 12, B = 36;
+// an <svg> of the given size and attributes, and add(tag, attrs, text) to draw into it
+function canvas(width, height, attrs) {
   const ns = "http://www.w3.org/2000/svg";
   const svg = document.createElementNS(ns, "svg");
-  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
-  svg.setAttribute("width", "100%");
-  svg.setAttribute("class", "chart");
-  const add = (tag, attrs, text) => {
+  for (const [k, v] of Object.entries({ viewBox: `0 0 ${width} ${height}`, width: "100%", ...attrs })) svg.setAttribute(k, v);
+  const add = (tag, a, text) => {
     const n = document.createElementNS(ns, tag);
-    for (const [k, v] of Object.entries(attrs)) n.setAttribute(k, v);
+    for (const [k, v] of Object.entries(a)) n.setAttribute(k, v);
     if (text !== undefined) n.textContent = text;
     svg.append(n);
     return n;
   };
+  return { svg, add };
+}
+
+// series: [{name, xs, ys}]; opts: {xLabel, yLabel, markX, markLabel}
+function lineChart(series, opts = {}) {
+  const W = opts.width || 520, H = opts.height || 240, L = 52, R = 12, T = 12, B = 36;
+  const { svg, add } = canvas(W, H, { class: "chart" });
   const pts = series.flatMap((s) => s.xs.map((x, i) => [x, s.ys[i]])).filter((p) => p[1] !== null);
   if (!pts.length) {
     add("text", { x: W / 2, y: H / 2, "text-anchor": "middle" }, "no data");
@@ -136,7 +140,6 @@ function lineChart(series, opts = {}) {
 
 // parent -> child graph: one column per generation, one row per version in its column
 function lineage(versions, tags) {
-  const ns = "http://www.w3.org/2000/svg";
   const depth = {};
   const byId = Object.fromEntries(versions.map((v) => [v.id, v]));
   const d = (v) => (depth[v.id] ??= v.parent && byId[v.parent] ? d(byId[v.parent]) + 1 : 0);
@@ -146,17 +149,7 @@ function lineage(versions, tags) {
   const pos = {};
   Object.entries(cols).forEach(([c, vs]) => vs.forEach((v, r) => (pos[v.id] = [40 + c * 120, 30 + r * 46])));
   const W = 40 + (Object.keys(cols).length) * 120, H = 30 + Math.max(...Object.values(cols).map((v) => v.length)) * 46;
-  const svg = document.createElementNS(ns, "svg");
-  svg.setAttribute("viewBox", `0 0 ${Math.max(W, 200)} ${Math.max(H, 60)}`);
-  svg.setAttribute("width", "100%");
-  svg.setAttribute("id", "lineage-svg");
-  const add = (tag, attrs, text) => {
-    const n = document.createElementNS(ns, tag);
-    for (const [k, v] of Object.entries(attrs)) n.setAttribute(k, v);
-    if (text !== undefined) n.textContent = text;
-    svg.append(n);
-    return n;
-  };
+  const { svg, add } = canvas(Math.max(W, 200), Math.max(H, 60), { id: "lineage-svg" });
   for (const v of versions) {
     if (v.parent && pos[v.parent]) {
       const [a, b] = [pos[v.parent], pos[v.id]];
