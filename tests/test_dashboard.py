@@ -22,7 +22,10 @@ from slimtune.delta import DeltaStore
 
 from .conftest import intent_rows, write_jsonl
 
-CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+CHROMIUM = next(
+    filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None
+)
+DRIVER = shutil.which("chromedriver")
 
 
 @pytest.fixture(scope="module")
