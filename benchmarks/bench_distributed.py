@@ -44,6 +44,10 @@ CONFIGS: dict[str, tuple[str, str, dict, bool]] = {
     "full-fsdp": ("slimtune", "full", {}, True),
     "peft-lora-liger": ("peft", "lora", {}, False),
 }
+# DDP variants of a config, measured beside it: "sparse+static" builds DDP with
+# static_graph=True (its per-step search of the autograd graph done once), "sparse+bucket100"
+# with 100 MB buckets (fewer all-reduce launches)
+DDP_VARIANTS = {"static": {"static_graph": True}, "bucket100": {"bucket_cap_mb": 100}}
 
 
 def run_one(args) -> dict | None:
@@ -56,8 +60,12 @@ def run_one(args) -> dict | None:
     from slimtune.training.step import accumulate_gradients
     from slimtune.training.trainer import _accelerator
 
-    impl, method, options, fsdp = CONFIGS[args.run_one]
+    name, *variants = args.run_one.split("+")
+    impl, method, options, fsdp = CONFIGS[name]
     acc = _accelerator(TrainConfig(data="-", method=method, device="cuda"))  # the trainer's
+    for v in variants:
+        for key, value in DDP_VARIANTS[v].items():
+            setattr(acc.ddp_handler, key, value)
     device = acc.device
     from bench_methods import build_model, timed_steps
 
