@@ -72,11 +72,45 @@ def tiny_llama(
     return LlamaForCausalLM(cfg)
 
 
-def tiny_model_dir(path: str | Path, *, layers: int = 4, hidden: int = 32, seed: int = 0) -> Path:
-    """Write a tiny model folder that :func:`slimtune.model.loading.load_model` loads like any other."""
+# architectures tiny_model_dir builds besides Llama: transformers' config and model class
+ARCHITECTURES = {
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+}
+
+
+def tiny_model_dir(
+    path: str | Path, *, layers: int = 4, hidden: int = 32, seed: int = 0, arch: str = "llama"
+) -> Path:
+    """Write a tiny model folder that :func:`slimtune.model.loading.load_model` loads like
+    any other; ``arch``: ``llama`` or one of :data:`ARCHITECTURES` (random weights)."""
     path = Path(path)
     tok = tiny_tokenizer()
-    model = tiny_llama(len(tok), layers=layers, hidden=hidden, seed=seed)
+    if arch == "llama":
+        model = tiny_llama(len(tok), layers=layers, hidden=hidden, seed=seed)
+    else:
+        import transformers
+
+        config_name, model_name = ARCHITECTURES[arch]
+        config = getattr(transformers, config_name)(
+            vocab_size=len(tok),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=hidden // 4,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            bos_token_id=None,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,  # Phi3's default lies outside this vocabulary
+        )
+        torch.manual_seed(seed)
+        model = getattr(transformers, model_name)(config)
     model.config.eos_token_id = tok.eos_token_id
     model.config.pad_token_id = tok.pad_token_id
     model.save_pretrained(path)
