@@ -229,7 +229,7 @@ def test_conversational_prompt_completion_evaluates_as_a_chat(tiny, tmp_path):
 def test_chats_are_scored_by_generating_their_last_assistant_turn(tiny, tmp_path):
     """The context is every turn before the last assistant one (an earlier answer among
     them), rendered by the chat template; the score compares the generated turn."""
-    from slimtune.eval.evaluate import chat_match, evaluate
+    from slimtune.eval.evaluate import evaluate, exact_match
 
     tok = tiny.tokenizer
     turns = [
@@ -239,7 +239,7 @@ def test_chats_are_scored_by_generating_their_last_assistant_turn(tiny, tmp_path
     ]
     rows = [{"messages": [*turns, {"role": "assistant", "content": "in transit"}]}]
     ds = load_dataset(write_jsonl(tmp_path / "a.jsonl", rows), tok)
-    first = chat_match(tiny.model, tok, ds.records, max_new_tokens=6)
+    first = exact_match(tiny.model, tok, ds.records, chat=True, max_new_tokens=6)
     prompt = tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
     ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():

@@ -396,30 +396,6 @@ def _scored(outs: list[str], references: list[str]) -> dict:
     }
 
 
-def exact_match(
-    model: nn.Module,
-    tokenizer,
-    records: Sequence[Record],
-    *,
-    max_new_tokens: int = 64,
-    batch_size: int = 8,
-    autocast=contextlib.nullcontext,
-    max_length: int | None = None,
-    progress: bool = False,
-) -> dict:
-    outs = generate(
-        model,
-        tokenizer,
-        [r.fields["prompt"] for r in records],
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        autocast=autocast,
-        max_length=max_length,
-        progress=progress,
-    )
-    return _scored(outs, [r.fields["completion"] for r in records])
-
-
 def chat_reply(rec: Record, tokenizer, budget: int | None) -> tuple[list[int], str]:
     """A chat's context up to its last assistant turn, rendered by the chat template with
     the generation prompt (token ids, its last ``budget``), and that turn's text: what
@@ -433,21 +409,29 @@ def chat_reply(rec: Record, tokenizer, budget: int | None) -> tuple[list[int], s
     return ids, turns[last]["content"]
 
 
-def chat_match(
+def exact_match(
     model: nn.Module,
     tokenizer,
     records: Sequence[Record],
     *,
+    chat: bool = False,
     max_new_tokens: int = 64,
     batch_size: int = 8,
     autocast=contextlib.nullcontext,
     max_length: int | None = None,
     progress: bool = False,
 ) -> dict:
-    """Chats scored by generating each one's last assistant turn from the turns before it:
-    exact and normalised match against the recorded turn."""
+    """Greedy answers scored by exact and normalised match: a prompt/completion record's
+    completion from its prompt, or (``chat``) a chat's last assistant turn from the turns
+    before it, ending where the template ends a turn."""
     budget = max_length - max_new_tokens if max_length else None
-    pairs = [chat_reply(r, tokenizer, budget) for r in records]
+    if chat:
+        pairs = [chat_reply(r, tokenizer, budget) for r in records]
+    else:
+        pairs = [
+            (_prompt_ids(tokenizer, r.fields["prompt"], budget), r.fields["completion"])
+            for r in records
+        ]
     outs = generate_ids(
         model,
         tokenizer,
@@ -456,7 +440,7 @@ def chat_match(
         batch_size=batch_size,
         autocast=autocast,
         progress=progress,
-        eos_token_id=_end_tokens(model, tokenizer),  # a chat turn ends at end of turn
+        eos_token_id=_end_tokens(model, tokenizer) if chat else None,
     )
     return _scored(outs, [ref for _, ref in pairs])
 
@@ -577,10 +561,11 @@ def evaluate(
             )
         )
     if task in ("generation", "chat"):
-        details = (exact_match if task == "generation" else chat_match)(
+        details = exact_match(
             model,
             tokenizer,
             dataset.records,
+            chat=task == "chat",
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
             autocast=autocast,
