@@ -25,6 +25,30 @@ _BOOTSTRAP_CHUNK = 256
 _FEW_VALUES = 64
 
 
+def _log_factorials(n: int) -> np.ndarray:
+    """log(k!) for k = 0..n, by cumulative sum: exact tests stay in log space."""
+    return np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n + 1)))])
+
+
+def _interval(mean_diff: float, means: np.ndarray) -> dict:
+    """The bootstrap's verdict: the observed difference and the percentile 95% interval
+    of the resampled ones."""
+    means = np.sort(means)
+    samples = len(means)
+    return {
+        "mean_diff": float(mean_diff),
+        "ci_low": float(means[int(0.025 * samples)]),
+        "ci_high": float(means[int(0.975 * samples) - 1]),
+        "samples": samples,
+    }
+
+
+def _winner(mean_diff: float, higher_is_better: bool) -> str:
+    if mean_diff == 0:
+        return "tie"
+    return "B" if (mean_diff > 0) == higher_is_better else "A"
+
+
 def mcnemar_exact(a: Sequence[int], b: Sequence[int]) -> dict:
     """Exact two-sided McNemar test: only examples where exactly one side is right count.
 
@@ -37,7 +61,7 @@ def mcnemar_exact(a: Sequence[int], b: Sequence[int]) -> dict:
     if n == 0:
         return {"only_a": 0, "only_b": 0, "p_value": 1.0}
     k = min(only_a, only_b)
-    log_fact = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n + 1)))])
+    log_fact = _log_factorials(n)
     i = np.arange(k + 1)
     log_pmf = log_fact[n] - log_fact[i] - log_fact[n - i] - n * np.log(2.0)
     top = log_pmf.max()
@@ -62,17 +86,7 @@ def paired_bootstrap(
         for s in range(0, samples, _BOOTSTRAP_CHUNK):
             m = min(_BOOTSTRAP_CHUNK, samples - s)
             means[s : s + m] = diffs[rng.integers(0, n, size=(m, n))].mean(axis=1)
-    means.sort()
-    return {
-        "mean_diff": float(diffs.mean()),
-        "ci_low": float(means[int(0.025 * samples)]),
-        "ci_high": float(means[int(0.975 * samples) - 1]),
-        "samples": samples,
-    }
-
-
-def _log_factorials(n: int) -> np.ndarray:
-    return np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n + 1)))])
+    return _interval(diffs.mean(), means)
 
 
 def fisher_exact(a_yes: int, a_n: int, b_yes: int, b_n: int) -> float:
@@ -103,13 +117,7 @@ def unpaired_bootstrap(
         ma = a_[rng.integers(0, len(a_), size=(m, len(a_)))].mean(axis=1)
         mb = b_[rng.integers(0, len(b_), size=(m, len(b_)))].mean(axis=1)
         means[s : s + m] = mb - ma
-    means.sort()
-    return {
-        "mean_diff": float(b_.mean() - a_.mean()),
-        "ci_low": float(means[int(0.025 * samples)]),
-        "ci_high": float(means[int(0.975 * samples) - 1]),
-        "samples": samples,
-    }
+    return _interval(b_.mean() - a_.mean(), means)
 
 
 def compare_unpaired(a: Sequence[float], b: Sequence[float], *, higher_is_better: bool) -> dict:
@@ -117,11 +125,7 @@ def compare_unpaired(a: Sequence[float], b: Sequence[float], *, higher_is_better
     if not len(a) or not len(b):
         raise ValueError("A and B need at least one outcome each")
     boot = unpaired_bootstrap(a, b)
-    out: dict = {"bootstrap": boot}
-    if boot["mean_diff"] == 0:
-        out["winner"] = "tie"
-    else:
-        out["winner"] = "B" if (boot["mean_diff"] > 0) == higher_is_better else "A"
+    out: dict = {"bootstrap": boot, "winner": _winner(boot["mean_diff"], higher_is_better)}
     if set(a) <= {0.0, 1.0} and set(b) <= {0.0, 1.0}:
         p = fisher_exact(int(sum(a)), len(a), int(sum(b)), len(b))
         out["fisher"] = {"a_yes": int(sum(a)), "b_yes": int(sum(b)), "p_value": p}
@@ -138,12 +142,7 @@ def compare(
     if len(a_scores) != len(b_scores) or len(a_scores) == 0:
         raise ValueError("A and B need scores for the same, non-empty list of examples")
     boot = paired_bootstrap(a_scores, b_scores)
-    out = {"bootstrap": boot}
-    better = boot["mean_diff"] > 0 if higher_is_better else boot["mean_diff"] < 0
-    if boot["mean_diff"] == 0:
-        out["winner"] = "tie"
-    else:
-        out["winner"] = "B" if better else "A"
+    out: dict = {"bootstrap": boot, "winner": _winner(boot["mean_diff"], higher_is_better)}
     if binary:
         out["mcnemar"] = mcnemar_exact([int(x) for x in a_scores], [int(y) for y in b_scores])
         out["significant"] = out["mcnemar"]["p_value"] < 0.05
