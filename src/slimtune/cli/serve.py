@@ -19,10 +19,8 @@ def serve_parser(sub) -> None:
         "pip install 'slimtune[serve]'.",
     )
     add_model_args(p)
-    p.add_argument("--store", default=S, help="delta store (default: the usual place)")
     add_quantize_arg(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    add_server_args(p)
     p.add_argument(
         "--max-batch", type=int, default=8, help="requests of one delta run together (default 8)"
     )
@@ -53,10 +51,13 @@ def serve_parser(sub) -> None:
         help="append every request and every outcome posted to /v1/outcomes to this JSON "
         "Lines file (read by `slimtune ab --log`)",
     )
-    add_dashboard_args(p)
 
 
-def add_dashboard_args(p) -> None:
+def add_server_args(p) -> None:
+    """What serve and dashboard both take: the store, the address, the dashboard's mode."""
+    p.add_argument("--store", default=S, help="delta store (default: the usual place)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument(
         "--allow-writes",
         action="store_true",
@@ -79,11 +80,8 @@ def dashboard_parser(sub) -> None:
         "loaded, so no playground: `slimtune serve` serves the same page with one. Needs "
         "the serve extra: pip install 'slimtune[serve]'.",
     )
-    p.add_argument("--store", default=S, help="delta store (default: the usual place)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    add_server_args(p)
     p.add_argument("--log", help="a request log of `slimtune serve --log`, for live A/B results")
-    add_dashboard_args(p)
 
 
 def _server_stack():

@@ -173,7 +173,7 @@ def add_dashboard(
             curve=m.get("curve"),
             auto_freeze=m.get("auto_freeze"),
             files=m.get("files"),
-            run=_run_files(_run_folder(v)),
+            run=_run_files(_run_folder(v, m)),
         )
         return _finite(out)
 
@@ -202,28 +202,24 @@ def add_dashboard(
     @app.get("/api/ab")
     async def ab() -> dict:
         offline = await run_in_threadpool(_found, runs, _is_ab)
-        live = await run_in_threadpool(_live_ab, log_path, store)
+        live = await run_in_threadpool(_live_ab, log_path)
         return _finite({"offline": offline, "live": live})
 
     @app.get("/api/serving")
     async def live_metrics() -> dict:
         return {"available": serving is not None, "deltas": _serving(serving)}
 
-    def require_writes() -> None:
-        if not writable:
-            raise PermissionError(
-                "this dashboard was started read-only; restart it with --allow-writes to "
-                "move tags, roll back or remove versions"
-            )
-
-    async def act(request: Request, fn, *args) -> JSONResponse:
+    async def act(request: Request, fn) -> JSONResponse:
         if request.headers.get(WRITE_HEADER) != "1":
             return _refused(403, f"a change to the store needs the {WRITE_HEADER}: 1 header")
+        if not writable:
+            return _refused(
+                403,
+                "this dashboard was started read-only; restart it with --allow-writes to "
+                "move tags, roll back or remove versions",
+            )
         try:
-            require_writes()
-            return JSONResponse({"ok": True, **(await run_in_threadpool(fn, *args))})
-        except PermissionError as e:
-            return _refused(403, str(e))
+            return JSONResponse({"ok": True, **(await run_in_threadpool(fn))})
         except (DeltaError, UserInputError) as e:
             return _refused(400, str(e))
 
@@ -248,14 +244,15 @@ def add_dashboard(
         return await act(request, lambda: {"removed": store.remove(ref)})
 
 
-def _run_folder(version) -> Path | None:
-    """The run folder the version's manifest names, if it is on this machine and still
-    holds this version's run (its delta's manifest is the stored one: a later run into the
-    same folder is another version's)."""
+def _run_folder(version, manifest: dict | None = None) -> Path | None:
+    """The run folder the version's manifest (read here unless given) names, if it is on
+    this machine and still holds this version's run (its delta's manifest is the stored
+    one: a later run into the same folder is another version's)."""
     try:
-        out = (version.manifest().get("training") or {}).get("output_dir")
+        manifest = manifest if manifest is not None else version.manifest()
     except (DeltaError, OSError, ValueError):
         return None
+    out = (manifest.get("training") or {}).get("output_dir")
     folder = Path(out).expanduser() if out else None
     if folder is None or not folder.is_dir():
         return None
@@ -310,7 +307,7 @@ def _found(root: Path | None, kind, limit: int = 200, depth: int = 4) -> list[di
 SKIP_DIRS = {"delta", "checkpoint", "checkpoint.old", "logs"}
 
 
-def _live_ab(log_path: Path | None, store) -> list[dict]:
+def _live_ab(log_path: Path | None) -> list[dict]:
     """One comparison per split seen in the log (its two most rated versions)."""
     if log_path is None or not Path(log_path).is_file():
         return []
