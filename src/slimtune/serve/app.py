@@ -310,10 +310,13 @@ def create_app(
             msg = {"role": "assistant", "content": text} if text is not None else {}
             return {"index": 0, key: msg, "finish_reason": finish}
 
-        def failed(value: tuple[int, str]) -> ApiError:
-            status, message = value
+        def errored() -> None:  # counted and logged once, streamed or not
             metrics.requests.labels(job.target.version if job.target else "?", "error").inc()
             record(job, response_id, started, None)
+
+        def failed(value: tuple[int, str]) -> ApiError:
+            status, message = value
+            errored()
             if status == 404:
                 return ApiError(404, message, param="model", code="model_not_found")
             return ApiError(status, message, code="generation_failed")
@@ -369,10 +372,7 @@ def create_app(
             while True:
                 kind_, value = event
                 if kind_ == "error":
-                    metrics.requests.labels(
-                        job.target.version if job.target else "?", "error"
-                    ).inc()
-                    record(job, response_id, started, None)
+                    errored()
                     err = {"error": {"message": value[1], "type": "server_error"}}
                     yield f"data: {json.dumps(err)}\n\n"
                     break
