@@ -275,3 +275,18 @@ def test_ab_log_counts_each_user_once_and_puts_the_base_first(tmp_path):
     assert not r["significant"]  # 2 users, not 10 requests: no evidence either way
     with pytest.raises(ValueError, match="share 10 requests"):
         ab_from_log(requests, "v3", "v3")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["serve", "--split", "prod=90"], "at least two arms"),
+        (["serve", "--split", "a=1,b=1", "--split", "a:c=1,d=1"], "two splits"),
+        (["serve", "--adapters", "-1"], "--adapters must be >= 0"),
+        (["serve", "--max-batch", "0"], "--max-batch"),
+        (["dashboard", "--runs", "/nonexistent/runs"], "no such folder"),
+    ],
+)
+def test_server_options_are_checked_before_anything_loads(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
