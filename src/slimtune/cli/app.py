@@ -84,6 +84,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        return _run(args)
+    finally:
+        _end_process_group()
+
+
+def _end_process_group() -> None:
+    """Under torchrun / accelerate launch, end the process group a command started before
+    the interpreter exits: left to static destructors, gloo's threads can abort a process
+    that finished its work ("terminate called without an active exception", exit -6)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _run(args) -> int:
+    try:
         return COMMANDS[args.command](args)
     except SlimtuneError as e:
         print(f"slimtune: error: {e}", file=sys.stderr)
