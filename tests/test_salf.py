@@ -15,6 +15,7 @@ from slimtune.salf.analysis import (
     choose_freeze_below,
     expected_gain,
     fit_transition,
+    recommend,
     remaining_deviation,
 )
 from slimtune.salf.plan import (
@@ -70,6 +71,54 @@ def test_fit_recovers_a_logistic_transition():
     k = choose_freeze_below(gain, 0.9)
     assert gain[k] >= 0.9 > gain[k + 1]
     assert 15 <= k < 24
+
+
+# the default model's logit-lens trace on the bundled task (`slimtune analyze`): flat, rising
+# through the middle, then a steep fall in the top layers with the steepest at the last one
+DEFAULT_MODEL_TRACE = [102.9, 28.8, 36.7, 34.8, 34.0, 33.0, 33.8, 33.9, 36.8, 44.4, 45.0, 46.8,
+                       45.8, 41.9, 41.6, 44.1, 48.2, 45.4, 45.8, 45.5, 41.6, 43.0, 44.8, 43.6,
+                       39.6, 31.2, 28.8, 27.6, 24.2, 22.0, 8.7]  # fmt: skip
+
+
+def test_fit_stays_inside_the_data_and_recommends_the_transitions_onset():
+    envelope = remaining_deviation(DEFAULT_MODEL_TRACE)[1:]
+    fit = fit_transition(DEFAULT_MODEL_TRACE)
+    L = len(DEFAULT_MODEL_TRACE) - 1
+    # unbounded, this trace gave a centre past layer 29 and an end value of -19 nats
+    assert min(envelope) - 1e-6 <= fit["R_end"] <= fit["R_start"] <= max(envelope) + 1e-6
+    assert 1 <= fit["center"] <= L - 1 and fit["degenerate"] is None
+    k, reason = recommend(fit, expected_gain(fit, L), 0.999)
+    assert 0 < k < fit["center"] - 3 * fit["width"] and f"train {k}-{L - 1}" in reason
+
+
+def test_recommendation_moves_with_the_transition():
+    L = 30
+    x = np.arange(L + 1)
+    ks = []
+    for centre in (12, 18, 24):
+        fit = fit_transition(list(4 + 40 / (1 + np.exp((x - centre) / 1.5))))
+        assert fit["center"] == pytest.approx(centre, abs=0.5) and fit["degenerate"] is None
+        ks.append(recommend(fit, expected_gain(fit, L), 0.999)[0])
+    assert ks[0] < ks[1] < ks[2] and ks[2] - ks[0] == pytest.approx(12, abs=2)
+
+
+@pytest.mark.parametrize(
+    ("trace", "why"),
+    [
+        ([50.0] + [20.0 + 0.01 * (i % 2) for i in range(18)], "hardly changes"),
+        # another architecture's trace (18 layers): the fall is all in the first layer
+        ([300, 134, 32, 28, 25, 22, 20, 19, 18, 16, 15, 14, 13, 12, 11, 10, 9, 8.5, 8], "first"),
+        (list(40 - 1.5 * np.arange(25)), "whole network"),
+    ],
+)
+def test_a_degenerate_fit_trains_every_layer_and_says_why(trace, why):
+    fit = fit_transition(trace)
+    assert why in fit["degenerate"]
+    L = len(trace) - 1
+    gain = expected_gain(fit, L)
+    assert gain == pytest.approx([1 - k / L for k in range(L + 1)])
+    k, reason = recommend(fit, gain, 0.9)  # a low keep would otherwise pick a cut
+    assert k == 0 and "train every layer" in reason and why in reason
 
 
 def test_remaining_deviation_is_a_non_increasing_envelope():

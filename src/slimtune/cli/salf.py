@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import UserInputError
+from ..salf.analysis import DEFAULT_KEEP
 from .common import add_model_args, device_of
 
 
@@ -25,8 +26,8 @@ def analyze_parser(sub) -> None:
     p.add_argument(
         "--keep",
         type=float,
-        default=0.99,
-        help="share of the expected gain the recommended freeze-below keeps (default 0.99)",
+        default=DEFAULT_KEEP,
+        help="share of the expected gain the recommended freeze-below keeps (default %(default)s)",
     )
     p.add_argument("--max-examples", type=int, default=64, help="calibration examples (64)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -78,8 +79,8 @@ def plan_parser(sub) -> None:
     p.add_argument(
         "--keep",
         type=float,
-        default=0.99,
-        help="share of the expected gain the analysis' freeze-below keeps (default 0.99)",
+        default=DEFAULT_KEEP,
+        help="share of the expected gain the analysis' freeze-below keeps (default %(default)s)",
     )
     p.add_argument(
         "--quantize",

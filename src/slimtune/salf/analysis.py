@@ -19,15 +19,18 @@ target than the embeddings' next layer (the trace rises, then falls steeply near
 so the deviation still to be removed above space ``l`` is taken as the envelope
 ``R_l = max_{j >= l} D_j`` over spaces 1..L (space 0, the token embedding itself, is left
 out). ``R`` is fitted over depth by a logistic descent
-``R(l) = R_end + (R_start - R_end) / (1 + exp((l - c) / w))``: the *semantic transition*
-is centred at layer ``c`` with width ``w``. Training the layers above an end-of-freezing
-layer ``k`` can reshape the part of the transition that happens above ``k``, so the
-expected quality gain of freezing below ``k``, relative to training every layer, is
-``G(k) = (R(k) - R(L)) / (R(1) - R(L))`` on the fitted curve (``G(0) = 1``). The
-recommended ``freeze_below`` is the deepest ``k`` whose ``G(k)`` keeps at least ``keep`` of the gain:
-the point after which freezing starts to cut into the transition. ``DEFAULT_KEEP`` was set
-from a measurement, not derived: on the default model and the bundled task, measured
-quality fell about 2.5 times faster than ``1 - G(k)`` (BENCHMARKS.md, SALF validation).
+``R(l) = R_end + (R_start - R_end) / (1 + exp((l - c) / w))``, bounded to the data (``R_start``
+and ``R_end`` inside the measured range, ``c`` inside 1..L): the *semantic transition* is
+centred at layer ``c`` with width ``w``. Training the layers above an end-of-freezing layer
+``k`` can reshape the part of the transition that happens above ``k``, so the expected
+quality gain of freezing below ``k``, relative to training every layer, is
+``G(k) = (R(k) - R(L)) / (R(1) - R(L))`` on the fitted curve (``G(0) = 1``). The recommended
+``freeze_below`` is the deepest ``k`` whose ``G(k)`` keeps at least ``keep`` of the gain: the
+onset of the transition (``keep`` 0.999 is about ``c - 7 w``). ``DEFAULT_KEEP`` was set from a
+measurement, not derived: on the default model and the bundled task, three seeds on a GPU
+(BENCHMARKS.md, SALF validation) put freeze-below 10 within a point of training every layer
+and 13 and deeper beyond it. A fit that locates no transition (:func:`degenerate_fit`) gives
+no recommendation: every layer is trained, and the reason says why.
 
 Only forward passes under ``torch.no_grad()`` run; hidden states are reduced to the target
 positions inside forward hooks, so the model is never copied.
@@ -48,7 +51,7 @@ from ..data import IGNORE_INDEX, Dataset, collate
 from ..errors import UserInputError
 from ..model.anatomy import base_model, decoder_layers, final_norm
 
-DEFAULT_KEEP = 0.99
+DEFAULT_KEEP = 0.999
 
 
 @dataclass
@@ -206,24 +209,48 @@ def remaining_deviation(deviation: list[float]) -> list[float]:
     return out
 
 
+def _box_lstsq(A: np.ndarray, y: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Least squares for two coefficients, each held in ``[lo, hi]``: the problem is
+    convex, so the optimum is the unconstrained one when that lies in the box, else it
+    lies on an edge (one coefficient at a bound, the other solved and clipped)."""
+    coef, *_ = np.linalg.lstsq(A, y, rcond=None)
+    if np.all((coef >= lo) & (coef <= hi)):
+        return coef
+    best, best_err = None, math.inf
+    for i in range(2):
+        j = 1 - i
+        for bound in (lo, hi):
+            c = np.empty(2)
+            c[i] = bound
+            den = float(A[:, j] @ A[:, j])
+            c[j] = np.clip((A[:, j] @ (y - A[:, i] * bound)) / den if den > 0 else lo, lo, hi)
+            err = float(np.sum((A @ c - y) ** 2))
+            if err < best_err:
+                best, best_err = c, err
+    return best
+
+
 def fit_transition(deviation: list[float]) -> dict:
-    """Least-squares logistic descent of the remaining deviation over spaces 1..L."""
+    """Least-squares logistic descent of the remaining deviation over spaces 1..L, bounded
+    to the data: start and end values inside the measured range, centre inside 1..L (an
+    unbounded fit put its end below zero nats and its centre past the last layer)."""
     r = np.asarray(remaining_deviation(deviation), dtype=float)
     L = len(r) - 1
     x = np.arange(1, L + 1, dtype=float)
     y = r[1:]
+    lo, hi = float(y.min()), float(y.max())
     best = None
-    # grid over centre and width; R_start/R_end in closed form for each (linear least squares)
-    for c in np.linspace(0.0, float(L), 4 * L + 1):
+    # grid over centre and width; R_end/R_start by bounded linear least squares for each
+    for c in np.linspace(1.0, float(L), 4 * (L - 1) + 1 if L > 1 else 1):
         for w in np.geomspace(0.25, max(L / 2, 1.0), 40):
             sig = 1.0 / (1.0 + np.exp(np.clip((x - c) / w, -50, 50)))
-            A = np.stack([np.ones_like(x), sig], 1)
-            coef, *_ = np.linalg.lstsq(A, y, rcond=None)
+            A = np.stack([1.0 - sig, sig], 1)  # columns: R_end, R_start
+            coef = _box_lstsq(A, y, lo, hi)
             rmse = float(np.sqrt(np.mean((A @ coef - y) ** 2)))
-            if best is None or rmse < best[0]:
-                best = (rmse, float(c), float(w), float(coef[0]), float(coef[0] + coef[1]))
+            if best is None or rmse < best[0] - 1e-12:
+                best = (rmse, float(c), float(w), float(coef[0]), float(coef[1]))
     rmse, c, w, r_end, r_start = best
-    return {
+    fit = {
         "R_start": r_start,
         "R_end": r_end,
         "center": c,
@@ -231,6 +258,31 @@ def fit_transition(deviation: list[float]) -> dict:
         "rmse": rmse,
         "fitted_to": "envelope of the logit-lens target loss over latent spaces 1..L",
     }
+    fit["degenerate"] = degenerate_fit(fit, lo, hi, L)
+    return fit
+
+
+def degenerate_fit(fit: dict, lo: float, hi: float, L: int) -> str | None:
+    """Why the fit locates no transition worth trusting, or None. Each case was seen on a
+    real model or is the limit of one: a flat trace, a transition at an end of the network
+    (where the logit lens reads the first layers poorly), one spread over all of it, or a
+    curve that does not follow the data."""
+    span = hi - lo
+    c, w = fit["center"], fit["width"]
+    if L < 3 or span <= 0.05 * max(abs(hi), 1e-9):
+        return f"the target loss hardly changes over depth ({hi:.2f} to {lo:.2f} nats)"
+    if c - 1 < w or c < 2:
+        return f"the fitted transition sits at the first layers (centre {c:.1f}, width {w:.1f})"
+    if L - c < min(w, 1.0):
+        return f"the fitted transition sits past the last layer (centre {c:.1f} of {L})"
+    if 4.4 * w > L / 2:  # the central 80% of the descent covers over half the layers
+        return f"the fitted transition spreads over the whole network (width {w:.1f} of {L})"
+    if fit["rmse"] > 0.25 * span:
+        return (
+            f"the logistic follows the trace poorly (rmse {fit['rmse']:.2f} nats on a span of "
+            f"{span:.2f})"
+        )
+    return None
 
 
 def fitted_curve(fit: dict, L: int) -> np.ndarray:
@@ -240,10 +292,11 @@ def fitted_curve(fit: dict, L: int) -> np.ndarray:
 
 
 def expected_gain(fit: dict, L: int) -> list[float]:
-    """G(k) for k = 0..L: share of the fitted transition that happens above layer k."""
+    """G(k) for k = 0..L: share of the fitted transition that happens above layer k; with
+    no trustworthy transition, every layer equally useful."""
     curve = fitted_curve(fit, L)
     span = curve[min(1, L)] - curve[L]
-    if not math.isfinite(span) or span <= 1e-9:  # no transition: every layer equally useful
+    if fit.get("degenerate") or not math.isfinite(span) or span <= 1e-9:
         return [1.0 - k / L for k in range(L + 1)]
     gain = [float(np.clip((curve[k] - curve[L]) / span, 0.0, 1.0)) for k in range(L + 1)]
     gain[0] = 1.0
@@ -255,6 +308,31 @@ def choose_freeze_below(gain: list[float], keep: float) -> int:
     L = len(gain) - 1
     ok = [k for k in range(L) if gain[k] >= keep]
     return max(ok) if ok else 0
+
+
+def recommend(fit: dict, gain: list[float], keep: float) -> tuple[int, str]:
+    """The end-of-freezing layer and why; no freezing where the fit is degenerate."""
+    L = len(gain) - 1
+    k = choose_freeze_below(gain, keep)
+    if fit["degenerate"]:
+        k = 0
+        reason = (
+            f"train every layer: the gain model found no transition to cut below "
+            f"({fit['degenerate']}); the logit lens reads this model and data poorly"
+        )
+    elif k > 0:
+        reason = (
+            f"freeze layers 0-{k - 1} and train {k}-{L - 1}: the fitted semantic "
+            f"transition is centred at layer {fit['center']:.1f} (width {fit['width']:.1f}), so "
+            f"{100 * gain[k]:.1f}% of the expected gain lies above layer {k}, the deepest "
+            f"cut that keeps at least {100 * keep:.1f}%"
+        )
+    else:
+        reason = (
+            f"train every layer: less than {100 * keep:.1f}% of the fitted semantic transition "
+            f"would remain above any cut"
+        )
+    return k, reason
 
 
 def analyze(
@@ -282,16 +360,7 @@ def analyze(
     L = len(spaces) - 1
     fit = fit_transition([s.loss for s in spaces])
     gain = expected_gain(fit, L)
-    k = choose_freeze_below(gain, keep)
-    reason = (
-        f"freeze layers 0-{k - 1} and train {k}-{L - 1}: the fitted semantic "
-        f"transition is centred at layer {fit['center']:.1f} (width {fit['width']:.1f}), so "
-        f"{100 * gain[k]:.0f}% of the expected gain lies above layer {k}, the deepest "
-        f"cut that keeps at least {100 * keep:.0f}%"
-        if k > 0
-        else f"train every layer: less than {100 * keep:.0f}% of the fitted semantic transition "
-        f"would remain above any cut"
-    )
+    k, reason = recommend(fit, gain, keep)
     return Analysis(L, len(targets), spaces, fit, gain, k, keep, reason)
 
 

@@ -16,6 +16,7 @@ from ..methods import METHODS, Method, method_class
 from ..methods.base import reserve_flags
 from ..model.quantize import QUANTIZATIONS
 from ..options import check_types
+from ..salf.analysis import DEFAULT_KEEP
 
 # Flags that switch a TrainConfig field off: flag name -> field name.
 NEGATED_FLAGS = {"no_progress": "progress"}
@@ -38,7 +39,7 @@ class TrainConfig:
         None  # e.g. "6GiB": with freeze auto, unfreeze while it fits
     )
     budget_step_time: str | float | None = None  # e.g. "1.5s" per optimizer step
-    keep: float = 0.99  # share of the expected gain --freeze auto keeps (analysis.DEFAULT_KEEP)
+    keep: float = DEFAULT_KEEP  # share of the expected gain --freeze auto keeps
     max_steps: int = 100
     batch_size: int = 8
     grad_accum: int = 1

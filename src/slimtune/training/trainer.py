@@ -356,7 +356,7 @@ class Trainer:
                 )
         except Exception as e:  # e.g. out of memory next to the full model
             info(f"warning: the cost of each cut was not measured ({type(e).__name__}: {e})")
-        info(f"--freeze auto: {a.reason}")
+        info(f"{'warning: ' if a.fit['degenerate'] else ''}--freeze auto: {a.reason}")
         k, est = a.freeze_below, None
         memory, step = parse_size(cfg.budget_memory), parse_duration(cfg.budget_step_time)
         if memory or step:
