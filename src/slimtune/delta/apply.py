@@ -119,17 +119,19 @@ def load_delta(
 
 def recorded_base(manifest: dict) -> str:
     """The model spec (for :func:`~slimtune.model.loading.load_model`) of the base the delta was
-    trained on, as its manifest records it: ``base.source``; ``default`` for the default
-    model's cache folder, wherever that cache lives on this machine."""
-    from ..model.loading import DEFAULT_MODEL_NAME, default_model_dir
+    trained on, as its manifest records it: ``base.source``; for a packaged model's cache folder
+    its spec (``default``, ``gemma3-270m``), wherever that cache lives on this machine."""
+    from ..model.loading import PACKAGED_MODELS, packaged_model_dir
 
     base = manifest.get("base") or {}
     source = base.get("source")
-    if not source or (
-        base.get("name") == DEFAULT_MODEL_NAME
-        and (Path(source) == default_model_dir() or not Path(source).exists())
-    ):
+    if not source:
         return "default"
+    for spec, packaged in PACKAGED_MODELS.items():
+        if base.get("name") == packaged.name and (
+            Path(source) == packaged_model_dir(spec) or not Path(source).exists()
+        ):
+            return spec
     return str(source)
 
 

