@@ -31,10 +31,10 @@ def fixed_measure(monkeypatch):
     (the cost model around it, quantized minis included, runs as is)."""
     seen = []
 
-    def fake(mini, method, options, n_frozen, batch, device, autocast, steps, emb=False):
+    def fake(mini, method, options, n_frozen, batch, device, autocast, steps, emb=False, typ=None):
         seen.append(any(is_quantized(m) for m in mini.modules()))
         trained = len(decoder_layers(mini)) - n_frozen
-        return 0.01 + 0.01 * trained, 4096, 1000 * trained
+        return 0.01 + 0.01 * trained, 4096, 1000 * trained, 0.01 + 0.01 * trained
 
     monkeypatch.setattr(P, "_measure", fake)
     monkeypatch.setattr(P, "_resident", lambda device, model=None: 10**9)  # RSS moves

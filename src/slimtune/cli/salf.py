@@ -48,9 +48,11 @@ def plan_parser(sub) -> None:
         "plan",
         help="estimate memory and step time per method and frozen depth; pick one",
         description="Calibrates each method on small copies of the model's own "
-        "architecture with your batch shape on this machine, "
-        "estimates peak memory and step time for every layer "
-        "choice worth considering, and picks one under the budget.",
+        "architecture with your batches on this machine, estimates peak memory (the "
+        "longest examples) and step time (a typical batch, and the longest) for every "
+        "layer choice worth considering, and picks the one of the highest expected "
+        "quality (the method's measured accuracy x the analysis' gain) under the "
+        "budget, the shortest step among those the evidence cannot tell apart.",
     )
     p.add_argument("--data", required=True, help="data file or builtin:NAME")
     add_model_args(p)
@@ -59,7 +61,12 @@ def plan_parser(sub) -> None:
         "--budget-time",
         "--budget-step-time",
         dest="budget_time",
-        help="time per optimizer step, e.g. 1.5s",
+        help="time per optimizer step of a typical batch, e.g. 1.5s",
+    )
+    p.add_argument(
+        "--methods",
+        help="candidates, comma-separated: a method name, LoRA as lora-rN (e.g. "
+        "full,lora-r8,lora-r16,sparse,rosa); default full,lora-r8,lora-r16",
     )
     p.add_argument("--batch-size", type=int, default=8, help="per device (default 8)")
     p.add_argument("--max-length", type=int, default=512)
@@ -227,6 +234,46 @@ def load_for_plan(spec: str, device: str, quantizations: list[str], memory: int 
     return loaded
 
 
+def plan_candidates(spec: str) -> list[tuple[str, dict]]:
+    """``--methods full,lora-r16,sparse`` -> the candidates make_plan costs. LoRA r=16 is
+    costed with alpha 32, as the evidence measured it; other ranks with alpha 2r."""
+    from ..methods import METHODS
+
+    out: list[tuple[str, dict]] = []
+    for name in (x.strip() for x in spec.split(",") if x.strip()):
+        method, _, rank = name.partition("-r")
+        if method not in METHODS or (rank and not rank.isdigit()):
+            raise UserInputError(
+                f"--methods: {name!r} is no method; use e.g. full, lora-r8, lora-r16, sparse, "
+                f"rosa (known: {', '.join(sorted(METHODS))})"
+            )
+        options = {"r": int(rank), "alpha": 2 * int(rank)} if rank else {}
+        out.append((method, options))
+    if not out:
+        raise UserInputError("--methods: name at least one method")
+    return out
+
+
+def train_command(args: argparse.Namespace, e) -> str:
+    """The ``slimtune train`` line that runs the plan's choice ``e``."""
+    from ..methods import method_class
+
+    flags = {o.name: o.flag for o in method_class(e.method).config_class.cli_options()}
+    parts = ["slimtune train"]
+    if getattr(args, "model", "default") != "default":
+        parts.append(f"--model {args.model}")
+    parts += [f"--data {args.data}", f"--method {e.method}"]
+    parts += [f"--{flags.get(k, k.replace('_', '-'))} {v}" for k, v in e.options.items()]
+    if e.lr is not None:
+        parts.append(f"--lr {e.lr:g}")
+    if e.freeze_below:
+        parts.append(f"--freeze-below {e.freeze_below}")
+    if e.quantize != "none":
+        parts.append(f"--quantize {e.quantize}")
+    parts.append(f"--batch-size {args.batch_size}")
+    return " ".join(parts)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from ..data import load_dataset
     from ..eval.cost import format_bytes
@@ -234,7 +281,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from ..fileio import write_json
     from ..log import info
     from ..salf.analysis import analyze
-    from ..salf.plan import calibration_batch, make_plan, parse_duration, parse_size
+    from ..salf.plan import (
+        calibration_batch,
+        make_plan,
+        parse_duration,
+        parse_size,
+        typical_batch,
+    )
 
     memory, step = parse_size(args.budget_memory), parse_duration(args.budget_time)
     if args.devices < 1:
@@ -248,7 +301,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     loaded = load_for_plan(getattr(args, "model", "default"), dev, kinds, memory)
     ds = load_dataset(args.data, loaded.tokenizer, max_length=args.max_length)
     a = analyze(loaded.model, ds, keep=args.keep, progress=False)
+    candidates = plan_candidates(args.methods) if getattr(args, "methods", None) else None
     batch = calibration_batch(ds.examples, args.batch_size, loaded.tokenizer.pad_token_id)
+    typical = typical_batch(ds.examples, args.batch_size, loaded.tokenizer.pad_token_id)
     import torch
 
     autocast = (
@@ -268,6 +323,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         quantizations=kinds,
         devices=args.devices,
         fsdp=args.fsdp,
+        candidates=candidates,
+        typical_batch=typical,
     )
     rows = [
         [
@@ -277,7 +334,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f"{c.trainable_params:,}",
             format_bytes(c.peak_bytes),
             f"{c.step_time_s:.2f} s",
-            f"{c.predicted_gain:.2f}",
+            f"{c.worst_step_time_s or c.step_time_s:.2f} s",
+            f"{c.predicted_gain:.3f}",
+            f"{c.prior:.3f}" if c.prior is not None else "-",
+            f"{c.expected_quality:.3f}" if c.expected_quality is not None else "-",
             "yes" if c.fits else "no",
             ("<- chosen; " if c is p.choice else "") + "; ".join(c.notes),
         ]
@@ -287,22 +347,29 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.devices > 1:
         on = f" per device, {args.devices} devices ({'FSDP2' if args.fsdp else 'DDP'})"
     print_table(
-        f"slimtune plan: {loaded.name}, batch {args.batch_size} x "
-        f"{batch['input_ids'].shape[1]} (the longest examples){on}",
+        f"slimtune plan: {loaded.name}, batch {args.batch_size}: typical "
+        f"{args.batch_size} x {typical['input_ids'].shape[1]} (the median padded width), "
+        f"longest {args.batch_size} x {batch['input_ids'].shape[1]} (peak memory){on}; "
+        "expected = prior (measured accuracy / LoRA r16's) x gain G",
         [
             "method",
             "quantize",
             "freeze-below",
             "trainable",
             "peak memory",
-            "step time",
+            "typical step",
+            "longest step",
             "gain G",
+            "prior",
+            "expected",
             "fits",
             "note",
         ],
         rows,
     )
     print(("choice: " if p.choice else "no choice: ") + p.reason)
+    if p.choice:
+        print("run it: " + train_command(args, p.choice))
     if args.output:
         write_json(args.output, p.to_dict())
     return 0 if p.choice else UserInputError.exit_code

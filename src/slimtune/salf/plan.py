@@ -10,7 +10,13 @@ are linear in the number of frozen and trained layers:
 
 fitted by least squares over four (frozen, trained) mixes; ``t_frozen`` is a frozen
 layer's forward, ``t_trained`` a trained layer's forward + backward + optimizer, ``a`` the
-embeddings, head, loss and fixed overheads. Memory above what is resident is
+embeddings, head, loss and fixed overheads. It is fitted twice, on two batches of the
+user's data timed in turn on the same mini models: the *worst case* (the ``batch_size``
+longest examples, :func:`calibration_batch`) and the *typical* batch (a random batch of the
+median padded width, :func:`typical_batch`). The trainer pads each random batch to its
+longest example, so a run's median step is the typical batch's step: time budgets and the
+step time shown use it, while memory must fit the worst case. Memory above what is
+resident is
 
     M(k) = state(n) + max(activations(n), 2 * gradients(n)) + transient,   n = L - k
 
@@ -56,6 +62,22 @@ from .freezing import freeze_below
 
 
 @dataclass
+class StepTimes:
+    """Seconds per optimizer step of one batch shape: fixed + per frozen layer + per
+    trained layer (+ the embeddings when a full fine-tune trains them, at k = 0)."""
+
+    fixed: float
+    frozen: float
+    trained: float
+    embeddings: float = 0.0
+
+    def at(self, num_layers: int, k: int, embeddings: bool) -> float:
+        n = num_layers - k
+        t = self.fixed + k * self.frozen + n * self.trained
+        return max(t + (self.embeddings if embeddings else 0.0), 0.0)
+
+
+@dataclass
 class LayerCosts:
     """Measured cost model of one method at one batch shape on this machine."""
 
@@ -82,6 +104,23 @@ class LayerCosts:
     # the base's weights as stored, all and one decoder layer's: what FSDP2 shards
     weight_bytes: int = 0
     layer_weight_bytes: int = 0
+    # step times of the typical batch (the t_* above are the worst case's); None: the same
+    typical: StepTimes | None = None
+
+    def times(self, which: str = "typical") -> StepTimes:
+        """The step-time model of the ``typical`` or the ``worst`` batch."""
+        worst = StepTimes(self.t_fixed, self.t_frozen, self.t_trained, self.t_embeddings)
+        return self.typical if which == "typical" and self.typical is not None else worst
+
+    def scale_times(self, factor: float) -> None:
+        """Multiply every step time by ``factor`` (e.g. micro-batches per optimizer step)."""
+        self.t_fixed *= factor
+        self.t_frozen *= factor
+        self.t_trained *= factor
+        self.t_embeddings *= factor
+        if self.typical is not None:
+            t = self.typical
+            self.typical = StepTimes(*(factor * v for v in asdict(t).values()))
 
 
 @dataclass
@@ -90,8 +129,8 @@ class Estimate:
     options: dict
     freeze_below: int
     trainable_params: int
-    step_time_s: float
-    peak_bytes: int
+    step_time_s: float  # the typical step (median padded width): what time budgets use
+    peak_bytes: int  # the worst case (the longest examples)
     backward_flops: float
     predicted_gain: float | None = None
     fits: bool = True
@@ -99,6 +138,11 @@ class Estimate:
     quantize: str = "none"
     devices: int = 1  # processes, one device each; peak_bytes is per device
     fsdp: bool = False
+    worst_step_time_s: float | None = None  # the step of the longest examples
+    prior: float | None = None  # measured accuracy relative to LoRA r16 (evidence.py)
+    expected_quality: float | None = None  # prior x predicted_gain
+    lr: float | None = None  # the learning rate the evidence measured the method at
+    evidence: str | None = None  # the measurements behind the prior
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -269,8 +313,11 @@ def _measure(
     autocast,
     steps: int,
     train_embeddings: bool = False,
-) -> tuple[float, int, int]:
-    """(median step time, peak memory above what was resident, bytes saved for backward)."""
+    typical: dict[str, torch.Tensor] | None = None,
+) -> tuple[float, int, int, float]:
+    """(median step time, peak memory above what was resident, bytes saved for backward,
+    median step time of ``typical``). With ``typical`` the two batches are timed in turn
+    after one warm-up step each, so a change of load on the machine hits both alike."""
     from ..model.kernels import apply_fused_kernels
     from ..training.step import accumulate_gradients
 
@@ -285,7 +332,8 @@ def _measure(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-6)
     model.train()
-    times = []
+    batches = [batch] if typical is None else [batch, typical]
+    times: list[list[float]] = [[] for _ in batches]
     saved = _SavedBytes(model)
     if device.type != "cuda":
         _trim_heap()
@@ -293,25 +341,27 @@ def _measure(
     compute = m.compute_context(model) if device.type == "cuda" else contextlib.nullcontext()
     with PeakMemory(device) as mem, compute:
         for i in range(steps + 1):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            hooks = (
-                torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t)
-                if i == 0
-                else contextlib.nullcontext()
-            )
-            with hooks:
-                accumulate_gradients(model, params, [batch], device, autocast, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i:
-                times.append(time.perf_counter() - t0)
+            for j, b in enumerate(batches):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                hooks = (
+                    torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t)
+                    if i == j == 0
+                    else contextlib.nullcontext()
+                )
+                with hooks:
+                    accumulate_gradients(model, params, [b], device, autocast, 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if i:
+                    times[j].append(time.perf_counter() - t0)
     peak = mem.peak_bytes - before
     del model, opt, params
-    return statistics.median(times), peak, saved.total
+    worst = statistics.median(times[0])
+    return worst, peak, saved.total, statistics.median(times[-1])
 
 
 def _least_squares(points: list[tuple[int, int, float]]) -> tuple[float, float, float]:
@@ -336,11 +386,14 @@ def calibrate(
     steps: int = 3,
     quantize: str | None = None,
     measured_resident: int | None = None,
+    typical_batch: dict[str, torch.Tensor] | None = None,
 ) -> LayerCosts:
     """Measure the cost model of ``method`` for this model's architecture and ``batch``, on
     a base stored as ``quantize`` (default: as ``model`` is loaded). ``measured_resident``:
     the model's resident memory as loaded, when the caller measured it once for several
-    calibrations (so that their estimates differ only by what they cost)."""
+    calibrations (so that their estimates differ only by what they cost).
+    ``typical_batch``: a batch of the run's typical width, timed beside ``batch`` (the
+    worst case, which alone sets memory) so that step times are estimated for both."""
     options = dict(options or {})
     quantize = quantization_of(model) if quantize is None else quantize
     if not takes_quantization(method, quantize):
@@ -359,16 +412,21 @@ def calibrate(
     for n_frozen, n_trained, emb in mixes:
         mini = _mini_model(model, n_frozen + n_trained, device, quantize)
         points[(n_frozen, n_trained, emb)] = _measure(
-            mini, method, options, n_frozen, batch, device, autocast, steps, emb
+            mini, method, options, n_frozen, batch, device, autocast, steps, emb, typical_batch
         )
         del mini
         _trim_heap()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    t_fixed, t_fr, t_tr = _least_squares([(f, t, v[0]) for (f, t, e), v in points.items() if not e])
-    t_emb = 0.0
-    if (0, 2, True) in points:
-        t_emb = max(points[(0, 2, True)][0] - (t_fixed + 2 * t_tr), 0.0)
+
+    def fit(i: int) -> StepTimes:
+        """The step-time model of the batch whose times are at ``i`` in each point."""
+        a, b, c = _least_squares([(f, t, v[i]) for (f, t, e), v in points.items() if not e])
+        emb = points.get((0, 2, True))
+        return StepTimes(a, b, c, max(emb[i] - (a + 2 * c), 0.0) if emb else 0.0)
+
+    worst = fit(0)
+    t_fixed, t_fr, t_tr, t_emb = worst.fixed, worst.frozen, worst.trained, worst.embeddings
 
     layer_params = _trained_layer_params(model, method, options, device, quantize)
     trainable_layer = sum(p.numel() for p in layer_params)
@@ -400,6 +458,7 @@ def calibrate(
         weight_bytes=weight_bytes(model, quantize),
         layer_weight_bytes=weight_bytes(model, quantize) // max(L, 1)
         - _root_weight_bytes(model) // max(L, 1),
+        typical=fit(3) if typical_batch is not None else None,
     )
     costs.flops_backward_per_trained_layer = (
         2.0 if declared.weight_grads else 1.0
@@ -435,18 +494,15 @@ def estimate(costs: LayerCosts, k: int, *, devices: int = 1, fsdp: bool = False)
     next, prefetched) and the root's weights (embeddings, final norm, head), held from
     forward to backward; evaluation and writing the delta gather all the weights at once
     (beside the sharded optimizer state), so the peak is at least that. The step time is
-    one device's; communication is not modelled."""
+    one device's, of the typical batch (``worst_step_time_s``: of the longest examples);
+    communication is not modelled."""
     L = costs.num_layers
     if not 0 <= k < L:
         raise UserInputError(f"freeze_below must be in [0, {L - 1}], got {k}")
     n = L - k
     emb = k == 0 and costs.trainable_embeddings > 0
-    t = (
-        costs.t_fixed
-        + k * costs.t_frozen
-        + n * costs.t_trained
-        + (costs.t_embeddings if emb else 0)
-    )
+    worst = costs.times("worst").at(L, k, emb)
+    t = min(costs.times("typical").at(L, k, emb), worst)  # a narrower batch is not slower
     shards = devices if fsdp and devices > 1 else 1
     resident = costs.resident_bytes
     if shards > 1:
@@ -465,12 +521,13 @@ def estimate(costs: LayerCosts, k: int, *, devices: int = 1, fsdp: bool = False)
         costs.options,
         k,
         trainable,
-        max(t, 0.0),
+        t,
         int(peak),
         n * costs.flops_backward_per_trained_layer,
         quantize=costs.quantize,
         devices=devices,
         fsdp=shards > 1,
+        worst_step_time_s=worst,
     )
 
 
@@ -551,9 +608,12 @@ def describe(e: Estimate) -> str:
     per = ""
     if e.devices > 1:
         per = f" per device of {e.devices} ({'FSDP2' if e.fsdp else 'DDP'})"
+    worst = ""
+    if e.worst_step_time_s is not None and e.worst_step_time_s > e.step_time_s * 1.005:
+        worst = f" typical, ~{e.worst_step_time_s:.2f} s on the longest examples"
     return (
         f"{e.method} {e.options or ''}{on} freeze-below {e.freeze_below}: "
-        f"~{format_bytes(e.peak_bytes)}{per}, ~{e.step_time_s:.2f} s/step"
+        f"~{format_bytes(e.peak_bytes)}{per}, ~{e.step_time_s:.2f} s/step{worst}"
     )
 
 
@@ -589,6 +649,40 @@ def calibration_batch(examples, batch_size: int, pad_id: int) -> dict[str, torch
     return collate(longest, pad_id)
 
 
+def sampled_batches(n: int, batch_size: int, draws: int = 512) -> list[list[int]]:
+    """The full batches of the first epochs the trainer draws with seed 0
+    (:func:`~slimtune.data.epoch_batches`), at least ``draws`` of them or one epoch's."""
+    from ..data import epoch_batches
+
+    epochs = max(1, -(-draws * batch_size // max(n, 1)))
+    out = [
+        b
+        for epoch in range(epochs)
+        for b in epoch_batches(n, batch_size, 0, epoch)
+        if len(b) == batch_size
+    ]
+    return out or [list(range(n))]
+
+
+def typical_batch(
+    examples, batch_size: int, pad_id: int, draws: int = 512
+) -> dict[str, torch.Tensor]:
+    """A batch the trainer would draw, of the median padded width over random batches.
+
+    A step's time grows with its batch's width, so the median width's step is the median
+    step of a run; the worst case (:func:`calibration_batch`) is what memory must fit, but
+    on data with a long tail of lengths it is far from what most steps cost.
+    """
+    from ..data import collate
+
+    batches = sampled_batches(len(examples), batch_size, draws)
+    lengths = [len(e.input_ids) for e in examples]
+    widths = [max(lengths[i] for i in b) for b in batches]
+    median = statistics.median_low(widths)
+    chosen = batches[widths.index(median)]
+    return collate([examples[i] for i in chosen], pad_id)
+
+
 def synthetic_batch(vocab: int, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g)
@@ -604,9 +698,15 @@ class Plan:
     budget_step_time: float | None
     quantizations: list[str] = field(default_factory=lambda: ["none"])
     weight_bytes: dict[str, int] = field(default_factory=dict)  # per quantization considered
+    shapes: dict[str, list[int]] = field(default_factory=dict)  # worst / typical batch shape
 
     def to_dict(self) -> dict:
+        from .evidence import NEAR_TIE, SOURCES
+
         return {
+            "shapes": self.shapes,
+            "near_tie": NEAR_TIE,
+            "evidence_sources": SOURCES,
             "candidates": [c.to_dict() for c in self.candidates],
             "choice": self.choice.to_dict() if self.choice else None,
             "reason": self.reason,
@@ -617,7 +717,12 @@ class Plan:
         }
 
 
-DEFAULT_CANDIDATES: list[tuple[str, dict]] = [("full", {}), ("lora", {"r": 8}), ("lora", {"r": 16})]
+# the methods as the evidence measured them (evidence.py): LoRA r=16 with alpha 32
+DEFAULT_CANDIDATES: list[tuple[str, dict]] = [
+    ("full", {}),
+    ("lora", {"r": 8}),
+    ("lora", {"r": 16, "alpha": 32}),
+]
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
@@ -645,7 +750,10 @@ def _quantization_reason(
             f"{q} would bring the weights to {format_bytes(weight_bytes(model, q))}"
             for q in sorted(kinds - {"none"})
         )
-        return f"; the unquantized base fits with this gain, so it stays in {dtype_name} ({others})"
+        return (
+            f"the unquantized base fits at this expected quality, so it stays in {dtype_name} "
+            f"({others})"
+        )
     head = (
         f"{size} in {dtype_name} needs ~{format_bytes(resident_none)} resident; "
         f"{best.quantize} brings the weights to "
@@ -655,15 +763,110 @@ def _quantization_reason(
     plain = [e for e in rows if e.quantize == "none"]
     plain_fits = [e for e in plain if e.fits]
     if not plain:
-        return head + f"{best.quantize} as asked (--quantize {best.quantize}); "
+        return head + f"{best.quantize} as asked (--quantize {best.quantize})"
     if not plain_fits:
-        return head + "nothing on the unquantized base fits the budget; "
-    top = max(plain_fits, key=lambda e: e.predicted_gain or 0)
+        return head + "nothing on the unquantized base fits the budget"
+    top = max(plain_fits, key=lambda e: e.expected_quality or e.predicted_gain or 0)
     return head + (
         f"it fits with more layers trained (freeze-below {best.freeze_below}, gain "
-        f"{best.predicted_gain or 0:.2f}) than the unquantized base (freeze-below "
-        f"{top.freeze_below}, gain {top.predicted_gain or 0:.2f}); "
+        f"{best.predicted_gain or 0:.2f}) than the unquantized base (at best {_label(top)} "
+        f"freeze-below {top.freeze_below}, gain {top.predicted_gain or 0:.2f})"
     )
+
+
+def _label(e: Estimate) -> str:
+    """'lora r16', 'full': the method as the evidence names it."""
+    return e.method + (f" r{e.options['r']}" if "r" in e.options else "")
+
+
+def _layers(e: Estimate) -> str:
+    on = f" on {e.quantize}" if e.quantize != "none" else ""
+    frozen = f"layers 0-{e.freeze_below - 1} frozen" if e.freeze_below else "every layer trained"
+    return f"{_label(e)}{on}, {frozen}"
+
+
+def _weigh_quality(rows: list[Estimate]) -> None:
+    """Each row's prior (measured accuracy relative to LoRA r16, :mod:`.evidence`) and
+    expected quality ``prior x G(k)``. A method without measurements is ranked as the
+    weakest measured method of the table (1.0 when none is measured), and says so."""
+    from .evidence import prior
+
+    priors = {id(e): prior(e.method, e.options) for e in rows}
+    known = [p.relative for p in priors.values() if p is not None]
+    fallback = min(known) if known else 1.0
+    for e in rows:
+        p = priors[id(e)]
+        if p is not None:
+            e.prior, e.lr, e.evidence = p.relative, p.lr, p.cite()
+        else:
+            e.prior = fallback
+            e.notes.append("no evidence: ranked as the weakest measured method")
+        e.expected_quality = e.prior * (e.predicted_gain if e.predicted_gain is not None else 1.0)
+
+
+def choose(fitting: list[Estimate]) -> tuple[Estimate, Estimate]:
+    """(the choice, the highest expected quality) among ``fitting`` candidates.
+
+    Expected quality decides; differences under :data:`~.evidence.NEAR_TIE` are within
+    the evidence's noise, so among those the unquantized base (quantizing cost accuracy
+    in every measurement), then a measured method (an unmeasured one's prior is a
+    stand-in), then the shortest typical step wins.
+    """
+    from .evidence import NEAR_TIE
+
+    def quality(e: Estimate) -> float:
+        return e.expected_quality if e.expected_quality is not None else e.predicted_gain or 0.0
+
+    best = max(fitting, key=lambda e: (quality(e), e.quantize == "none", -e.step_time_s))
+    near = [e for e in fitting if quality(e) >= quality(best) - NEAR_TIE]
+    return min(near, key=lambda e: (e.quantize != "none", e.evidence is None, e.step_time_s)), best
+
+
+def explain(
+    choice: Estimate, best: Estimate, fitting: list[Estimate], budget: list[str], why_q: str = ""
+) -> str:
+    """Why ``choice``, one line each: what it is and costs, its expected quality against the
+    best and the fastest candidates, the evidence behind its prior, and what that is worth.
+    ``why_q``: why its base is (not) quantized, when that was a question."""
+    from .evidence import NEAR_TIE
+
+    q = choice.expected_quality or 0.0
+    g = choice.predicted_gain if choice.predicted_gain is not None else 1.0
+    head = f"{_layers(choice)} ({describe(choice)})"
+    lines = [head + (f", within the budget ({', '.join(budget)})" if budget else "")]
+    quality = (
+        f"quality: expected {q:.3f} x LoRA r16's accuracy (method prior {choice.prior or 0:.3f} "
+        f"x gain G({choice.freeze_below}) {g:.3f}), "
+    )
+    if best is choice:
+        lines.append(quality + "the highest of the candidates that fit")
+    else:
+        lines.append(
+            quality + f"within {100 * NEAR_TIE:.0f}% (the evidence's noise) of the highest, "
+            f"{_layers(best)} ({best.expected_quality or 0:.3f}), at "
+            f"{choice.step_time_s / best.step_time_s:.2f}x its typical step"
+        )
+    fastest = min(fitting, key=lambda e: e.step_time_s)
+    if fastest is not choice:
+        fq = fastest.expected_quality or 0.0
+        lines.append(
+            f"cost: the fastest that fits, {_layers(fastest)} (~{fastest.step_time_s:.2f} s "
+            f"against ~{choice.step_time_s:.2f} s), expects {fq:.3f}, {100 * (q - fq):.1f}% less"
+        )
+    lowest = min(fitting, key=lambda e: e.expected_quality or 0.0)
+    if _label(lowest) != _label(choice):
+        lines.append(f"the lowest expected: {_layers(lowest)}, {lowest.expected_quality or 0:.3f}")
+    if choice.evidence:
+        lines.append(f"evidence for {_label(choice)}: {choice.evidence}")
+    if choice.lr is not None:
+        lines.append(f"train it at --lr {choice.lr:g}, the rate behind that evidence")
+    if why_q:
+        lines.append(why_q.strip("; "))
+    lines.append(
+        "the priors are measured on the default model and two 6-class tasks, one seed each "
+        "(salf/evidence.py): for another model or task they are a guess"
+    )
+    return "\n  ".join(lines)
 
 
 def make_plan(
@@ -680,22 +883,28 @@ def make_plan(
     quantizations: list[str] | None = None,
     devices: int = 1,
     fsdp: bool = False,
+    typical_batch: dict[str, torch.Tensor] | None = None,
 ) -> Plan:
     """Estimate every (method, base quantization, freeze_below) worth considering and pick
     one under the budget.
 
-    ``quantizations``: how the base may be stored (default: as ``model`` is loaded); a
-    method that cannot train on a quantized base is costed only on the unquantized one.
-    For each method and quantization the freeze_below values considered are: every layer
-    trained (0), the analysis' recommendation, and the shallowest freeze_below the budget
-    allows (deepest-first unfreezing). The pick is the fitting candidate with the highest
-    predicted gain, then the unquantized base (quantizing costs accuracy and step time, so
-    it is chosen only to fit, or to fit more trained layers), then the shortest step.
-    ``devices``/``fsdp``: the run's processes (one device each, ``batch`` per device) and
-    whether it shards (methods that cannot are left out); memory is per device.
+    ``batch`` is the worst case (the longest examples: memory must fit it),
+    ``typical_batch`` a batch of the run's median width (step times, and so time budgets,
+    are of it; default: ``batch``). ``quantizations``: how the base may be stored
+    (default: as ``model`` is loaded); a method that cannot train on a quantized base is
+    costed only on the unquantized one. For each method and quantization the freeze_below
+    values considered are: every layer trained (0), the analysis' recommendation, and the
+    shallowest freeze_below the budget allows (deepest-first unfreezing). The pick
+    (:func:`choose`) is the fitting candidate of the highest expected quality, the
+    method's measured prior times the analysis' gain ``G(k)``; within the evidence's noise
+    the unquantized base, then the shortest typical step. ``devices``/``fsdp``: the run's
+    processes (one device each, ``batch`` per device) and whether it shards (methods that
+    cannot are left out); memory is per device.
     """
     quantizations = list(quantizations or [quantization_of(model)])
     device = next(model.parameters()).device
+    if typical_batch is not None and typical_batch["input_ids"].shape == batch["input_ids"].shape:
+        typical_batch = None  # no narrower: the worst case's times are the typical ones
     # once: the estimates differ only by what they cost
     measured = _measure_resident(device, model, quantizations)
     rows: list[Estimate] = []
@@ -716,6 +925,7 @@ def make_plan(
                 autocast=autocast,
                 quantize=quantize,
                 measured_resident=measured,
+                typical_batch=typical_batch,
             )
             ks = {0}
             if recommended_freeze_below is not None:
@@ -741,9 +951,15 @@ def make_plan(
                     e.notes.append("analysis' choice")
                 rows.append(e)
     weights = {q: weight_bytes(model, q) for q in quantizations}
+    _weigh_quality(rows)
+
+    shapes = {"worst": list(batch["input_ids"].shape)}
+    shapes["typical"] = list((typical_batch or batch)["input_ids"].shape)
 
     def plan(choice: Estimate | None, reason: str) -> Plan:
-        return Plan(rows, choice, reason, budget_memory, budget_step_time, quantizations, weights)
+        return Plan(
+            rows, choice, reason, budget_memory, budget_step_time, quantizations, weights, shapes
+        )
 
     if not rows:
         sharded = " sharded (--fsdp)" if fsdp else ""
@@ -754,29 +970,14 @@ def make_plan(
     if not fitting:
         smallest = min(rows, key=lambda e: e.peak_bytes)
         return plan(None, "nothing fits the budget; the smallest estimate is " + describe(smallest))
-    best = max(
-        fitting,
-        key=lambda e: (round(e.predicted_gain or 0, 3), e.quantize == "none", -e.step_time_s),
-    )
+    choice, best = choose(fitting)
     budget = []
     if budget_memory:
-        budget.append(f"memory {format_bytes(budget_memory)}")
+        budget.append(f"memory {format_bytes(budget_memory)}, the longest examples")
     if budget_step_time:
-        budget.append(f"step time {budget_step_time:.2f} s")
-    why_q = _quantization_reason(model, best, rows, resident_bytes(model, "none", measured))
-    prefix, suffix = (why_q, "") if best.quantize != "none" else ("", why_q)
-    reason = (
-        prefix + f"{describe(best)} keeps {100 * (best.predicted_gain or 0):.0f}% of the expected "
-        f"gain"
-        + (f" within the budget ({', '.join(budget)})" if budget else "")
-        + (
-            "; among equal gains the unquantized base, then the shortest estimated step, wins"
-            if len(quantizations) > 1
-            else "; among equal gains it has the shortest estimated step"
-        )
-        + suffix
-    )
-    return plan(best, reason)
+        budget.append(f"typical step {budget_step_time:.2f} s")
+    why_q = _quantization_reason(model, choice, rows, resident_bytes(model, "none", measured))
+    return plan(choice, explain(choice, best, fitting, budget, why_q))
 
 
 def estimate_static(

@@ -336,6 +336,7 @@ class Trainer:
             freeze_costs,
             parse_duration,
             parse_size,
+            typical_batch,
         )
 
         cfg = self.cfg
@@ -360,9 +361,10 @@ class Trainer:
         k, est = a.freeze_below, None
         memory, step = parse_size(cfg.budget_memory), parse_duration(cfg.budget_step_time)
         if memory or step:
-            batch = calibration_batch(
-                self.examples, cfg.batch_size, self.loaded.tokenizer.pad_token_id
-            )
+            pad = self.loaded.tokenizer.pad_token_id
+            batch = calibration_batch(self.examples, cfg.batch_size, pad)
+            # the step budget bounds the typical step (wall time), memory the longest batch
+            typical = typical_batch(self.examples, cfg.batch_size, pad)
             costs = calibrate(
                 self.loaded.model,
                 cfg.method,
@@ -370,11 +372,11 @@ class Trainer:
                 batch,
                 autocast=self.accelerator.autocast,
                 quantize=cfg.quantize,  # the mini models quantized as the run's base
+                typical_batch=None
+                if typical["input_ids"].shape == batch["input_ids"].shape
+                else typical,
             )
-            costs.t_fixed *= cfg.grad_accum
-            costs.t_frozen *= cfg.grad_accum
-            costs.t_trained *= cfg.grad_accum
-            costs.t_embeddings *= cfg.grad_accum
+            costs.scale_times(cfg.grad_accum)
             kb = budget_freeze_below(costs, memory=memory, step_time=step)
             top = estimate(costs, costs.num_layers - 1)
             if kb is None:

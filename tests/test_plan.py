@@ -1,0 +1,204 @@
+"""The planner weighs measured quality against cost (issue 18): the typical step beside the
+worst case, a prior per method from the benchmarks, and a choice it explains."""
+
+import json
+
+import pytest
+
+from slimtune.data import Example
+from slimtune.errors import UserInputError
+from slimtune.model.anatomy import decoder_layers
+from slimtune.salf import plan as P
+from slimtune.salf.evidence import NEAR_TIE, prior
+
+# relative step cost per method in the fake calibration: full is the cheapest, so a
+# planner that looked at cost alone (as before issue 18) would pick it
+COST = {"full": 1.0, "lora": 1.1, "sparse": 1.05, "rosa": 1.4, "dora": 0.9}
+
+
+@pytest.fixture
+def fake_measure(monkeypatch):
+    """Calibration without timing noise: a step costs ``COST[method]`` per token-layer, so
+    the typical batch's step is shorter than the worst case's by their width ratio."""
+
+    def fake(mini, method, options, n_frozen, batch, device, autocast, steps, emb=False, typ=None):
+        layers = len(decoder_layers(mini))
+        trained = layers - n_frozen
+
+        def t(b):
+            return COST[method] * b["input_ids"].numel() * (0.01 + 1e-4 * (trained + layers))
+
+        return t(batch), 4096, 1000 * trained, t(typ if typ is not None else batch)
+
+    monkeypatch.setattr(P, "_measure", fake)
+    monkeypatch.setattr(P, "_resident", lambda device, model=None: 10**9)
+
+
+def _examples(lengths):
+    return [Example(list(range(1, n + 1)), [-100] * (n - 1) + [n]) for n in lengths]
+
+
+def test_typical_batch_has_the_median_width_of_the_trainers_batches():
+    # a long tail: most messages ~20 tokens, one in twenty 300
+    lengths = [300 if i % 20 == 0 else 15 + i % 10 for i in range(400)]
+    examples = _examples(lengths)
+    typical = P.typical_batch(examples, 8, pad_id=0)
+    worst = P.calibration_batch(examples, 8, pad_id=0)
+    widths = sorted(max(lengths[i] for i in b) for b in P.sampled_batches(400, 8))
+    assert typical["input_ids"].shape == (8, widths[(len(widths) - 1) // 2])
+    assert worst["input_ids"].shape == (8, 300)
+    assert typical["input_ids"].shape[1] < 300  # most batches hold no long message
+    # the batches are the trainer's own (seed 0): every example of an epoch once
+    first_epoch = P.sampled_batches(400, 8, draws=1)
+    assert sorted(i for b in first_epoch for i in b) == list(range(400))
+
+
+def test_typical_estimate_is_below_the_worst_case_on_a_long_tail(tiny):
+    """Real timing on the tiny model: a batch 32x narrower costs clearly less."""
+    V = len(tiny.tokenizer)
+    worst, typical = P.synthetic_batch(V, 4, 256), P.synthetic_batch(V, 4, 8)
+    costs = P.calibrate(tiny.model, "lora", {"r": 4}, worst, steps=1, typical_batch=typical)
+    e = P.estimate(costs, 0)
+    assert e.step_time_s < e.worst_step_time_s
+    assert costs.times("worst").trained == costs.t_trained
+    # without a typical batch both are the worst case
+    alone = P.calibrate(tiny.model, "lora", {"r": 4}, worst, steps=1)
+    assert P.estimate(alone, 0).step_time_s == P.estimate(alone, 0).worst_step_time_s
+
+
+def test_time_budget_uses_the_typical_step_and_memory_the_worst_case(tiny, fake_measure):
+    V = len(tiny.tokenizer)
+    worst, typical = P.synthetic_batch(V, 2, 64), P.synthetic_batch(V, 2, 16)
+    costs = P.calibrate(tiny.model, "lora", {"r": 4}, worst, steps=1, typical_batch=typical)
+    e = P.estimate(costs, 0)
+    assert e.step_time_s == pytest.approx(e.worst_step_time_s / 4)  # 16 vs 64 tokens wide
+    between = (e.step_time_s + e.worst_step_time_s) / 2
+    assert P.budget_freeze_below(costs, step_time=between) == 0
+    costs.scale_times(2.0)  # two micro-batches per step: both models double
+    assert P.estimate(costs, 0).step_time_s == pytest.approx(2 * e.step_time_s)
+    assert P.estimate(costs, 0).worst_step_time_s == pytest.approx(2 * e.worst_step_time_s)
+
+
+def test_priors_come_from_the_measurements_and_cite_them():
+    r16, r8, full, rosa = (
+        prior("lora", {"r": 16}),
+        prior("lora", {"r": 8}),
+        prior("full"),
+        prior("rosa"),
+    )
+    assert r16.relative == 1.0  # the reference
+    assert full.relative < r16.relative and r8.relative < r16.relative < rosa.relative
+    assert full.low < 0.95 < 1.0 < full.high  # full led on one task and trailed on the other
+    assert prior("lora", {"r": 4}).rows == r8.rows  # an unmeasured rank: the nearest one
+    assert prior("dora") is None
+    assert "support-intents 97.9% vs 96.7% (lr 0.0001)" in full.cite()
+    assert "issue-18 task 85.0% vs 90.4%" in full.cite()
+
+
+def _plan(tiny, candidates, gain=None, **kw):
+    V = len(tiny.tokenizer)
+    return P.make_plan(
+        tiny.model,
+        P.synthetic_batch(V, 2, 64),
+        gain or [1.0, 0.8, 0.5, 0.2, 0.0],
+        candidates=candidates,
+        typical_batch=P.synthetic_batch(V, 2, 16),
+        **kw,
+    )
+
+
+def test_choice_is_not_the_cheapest_method_when_a_better_one_fits(tiny, fake_measure):
+    """Issue 18: every candidate trains every layer (G = 1), full is the cheapest and the
+    lowest in the evidence; the plan picks the best measured method instead."""
+    plan = _plan(tiny, [("full", {}), ("lora", {"r": 8}), ("lora", {"r": 16, "alpha": 32})])
+    choice = plan.choice
+    assert (choice.method, choice.options["r"], choice.freeze_below) == ("lora", 16, 0)
+    cheapest = min(plan.candidates, key=lambda c: c.step_time_s)
+    assert cheapest.method == "full" and cheapest is not choice
+    lowest = min(plan.candidates, key=lambda c: c.expected_quality)
+    assert lowest is not choice
+    assert choice.expected_quality == pytest.approx(choice.prior * choice.predicted_gain)
+    assert choice.lr == 1e-3
+    # the reason weighs quality against cost, names the evidence and says what it is
+    assert "quality: expected 1.000 x LoRA r16's accuracy" in plan.reason
+    assert "the highest of the candidates that fit" in plan.reason
+    assert "the fastest that fits, full, every layer trained" in plan.reason
+    assert "evidence for lora r16: support-intents 96.7% (lr 0.001)" in plan.reason
+    assert "priors are measured on the default model" in plan.reason
+    assert "--lr 0.001" in plan.reason
+
+
+def test_near_ties_go_to_the_shorter_step(tiny, fake_measure):
+    """Within the evidence's noise the faster candidate wins: the analysis' freeze-below
+    keeps 99.9% of the gain, and sparse is within a point of LoRA r16 at a shorter step."""
+    gain = [1.0, 0.999, 0.9, 0.5, 0.0]
+    plan = _plan(tiny, [("lora", {"r": 16, "alpha": 32})], gain, recommended_freeze_below=1)
+    assert plan.choice.freeze_below == 1  # 0.999 of the gain at a shorter step
+    assert "within 1% (the evidence's noise) of the highest, lora r16, every layer" in plan.reason
+    both = _plan(tiny, [("lora", {"r": 16, "alpha": 32}), ("sparse", {})])
+    assert prior("lora", {"r": 16}).relative - prior("sparse").relative < NEAR_TIE
+    assert both.choice.method == "sparse" and both.choice.freeze_below == 0
+    # a memory budget that only the frozen candidates fit: still the best of those
+    rows = {(c.method, c.freeze_below): c for c in both.candidates}
+    tight = _plan(
+        tiny,
+        [("full", {}), ("lora", {"r": 16, "alpha": 32})],
+        gain,
+        recommended_freeze_below=1,
+        budget_memory=rows[("lora", 0)].peak_bytes - 1,
+    )
+    assert tight.choice.fits and tight.choice.peak_bytes <= tight.budget_memory
+
+
+def test_a_method_without_evidence_is_ranked_as_the_weakest(tiny, fake_measure):
+    plan = _plan(tiny, [("dora", {"r": 8}), ("lora", {"r": 8})])
+    dora = next(c for c in plan.candidates if c.method == "dora" and c.freeze_below == 0)
+    assert dora.prior == prior("lora", {"r": 8}).relative
+    assert "no evidence" in " ".join(dora.notes)
+    assert dora.step_time_s < plan.choice.step_time_s  # cheaper, and tied on quality, but
+    assert plan.choice.method == "lora"  # a tie goes to the measured method first
+
+
+def test_plan_candidates_and_train_command():
+    from argparse import Namespace
+
+    from slimtune.cli.salf import plan_candidates, train_command
+
+    assert plan_candidates("full,lora-r16,sparse") == [
+        ("full", {}),
+        ("lora", {"r": 16, "alpha": 32}),
+        ("sparse", {}),
+    ]
+    for bad in ("lora-rx", "fancy", ","):
+        with pytest.raises(UserInputError, match="--methods"):
+            plan_candidates(bad)
+    e = P.Estimate("lora", {"r": 16, "alpha": 32}, 13, 1, 1.0, 1, 0.0, lr=1e-3)
+    args = Namespace(data="builtin:support_intents_train", model="default", batch_size=8)
+    assert train_command(args, e) == (
+        "slimtune train --data builtin:support_intents_train --method lora --lora-r 16 "
+        "--lora-alpha 32 --lr 0.001 --freeze-below 13 --batch-size 8"
+    )
+
+
+def test_cli_plan_shows_typical_and_longest_steps_and_the_evidence(
+    tiny_dir, intent_file, tmp_path, capsys, fake_measure
+):
+    from slimtune.cli.app import main
+
+    out = tmp_path / "plan.json"
+    code = main(
+        f"plan --data {intent_file} --model {tiny_dir} --device cpu --batch-size 4 "
+        f"--max-length 32 --methods full,lora-r16 --output {out}".split()
+    )
+    assert code == 0
+    text = capsys.readouterr().out
+    for column in ("typical step", "longest step", "prior", "expected"):
+        assert column in text
+    assert "the median padded width" in text
+    assert "run it: slimtune train" in text and "--data" in text and "--method lora --lora-r 16" in text
+    d = json.loads(out.read_text())
+    assert d["choice"]["method"] == "lora" and d["choice"]["lr"] == 1e-3
+    assert d["shapes"]["typical"][0] == d["shapes"]["worst"][0] == 4
+    assert d["shapes"]["typical"][1] <= d["shapes"]["worst"][1]
+    assert all(c["worst_step_time_s"] >= c["step_time_s"] for c in d["candidates"])
+    assert d["near_tie"] == NEAR_TIE and "support-intents" in d["evidence_sources"]
