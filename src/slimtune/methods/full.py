@@ -25,7 +25,7 @@ WEIGHTS_FILE = "weights.safetensors"
 class FullMethod(Method):
     name = "full"
     config_class = MethodConfig
-    default_lr = 2e-5
+    default_lr = 1e-4  # benchmarks/lr_sweep.py (BENCHMARKS.md)
     delta_files = (WEIGHTS_FILE,)
     trains_embeddings = True
     weight_grads = True

@@ -147,7 +147,7 @@ class LoraMethod(PeftAdapterMethod):
     name = "lora"
     config_class = LoraOptions
     config: LoraOptions
-    default_lr = 2e-4
+    default_lr = 1e-3  # benchmarks/lr_sweep.py (BENCHMARKS.md)
     peft_type = "LORA"
     shardable = True
     mixes_in_batch = True

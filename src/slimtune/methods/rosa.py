@@ -112,7 +112,7 @@ class RosaMethod(Method):
     name = "rosa"
     config_class = RosaOptions
     config: RosaOptions
-    default_lr = 2e-4
+    default_lr = 1e-3  # benchmarks/lr_sweep.py (BENCHMARKS.md)
     why_not_peft = "its sparse part has no place in peft's format"
     peft_part = LORA_FILES
     delta_files = (SPARSE_FILE,)

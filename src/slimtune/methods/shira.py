@@ -42,7 +42,7 @@ class ShiraMethod(PeftAdapterMethod):
     name = "shira"
     config_class = ShiraOptions
     config: ShiraOptions
-    default_lr = 2e-4
+    default_lr = 3e-3  # benchmarks/lr_sweep.py (BENCHMARKS.md)
     peft_type = "SHIRA"
 
     def prepare(self, model: nn.Module, layers: list[int], batches=None) -> nn.Module:

@@ -425,7 +425,7 @@ class SparseMethod(Method):
     name = "sparse"
     config_class = SparseOptions
     config: SparseOptions
-    default_lr = 2e-4
+    default_lr = 1e-3  # benchmarks/lr_sweep.py (BENCHMARKS.md)
     delta_files = (SPARSE_FILE,)
 
     def prepare(self, model: nn.Module, layers: list[int], batches=None) -> nn.Module:

@@ -1,0 +1,155 @@
+"""Learning-rate sweep of every method on both bundled tasks and both packaged models.
+
+Each run is one `slimtune train` process with the default options but `--lr` (`default`
+stands for the method's current default, recorded as its number), scored on the task's test
+split: accuracy for support-intents, exact match for support-extract. Runs go `--jobs` at a
+time (a 135M-270M model leaves a GPU mostly idle), results are appended to
+`OUT/results.jsonl` as they finish, and a rerun skips what is there, so a sweep longer than
+one sitting resumes.
+
+    python benchmarks/lr_sweep.py --device cuda --jobs 8 --out runs/lr_sweep
+    python benchmarks/lr_sweep.py --table runs/lr_sweep/results.jsonl   # tables only
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+from slimtune.methods import METHODS as METHOD_CLASSES
+
+TASKS = {
+    "intents": ("builtin:support_intents_train", "builtin:support_intents_test", "eval_accuracy"),
+    "extract": (
+        "builtin:support_extract_train",
+        "builtin:support_extract_test",
+        "eval_exact_match",
+    ),
+}
+METHODS = ["lora", "sparse", "rosa", "shira", "experts", "full"]
+LRS = "1e-4,3e-4,1e-3,3e-3"
+FULL_LRS = "1e-5,3e-5,1e-4,3e-4"
+
+
+def run_one(job: dict, out: Path, device: str, steps: int | None) -> dict:
+    data, eval_data, metric = TASKS[job["task"]]
+    folder = out / "runs" / "-".join(str(v) for v in job.values())
+    cmd = [sys.executable, "-m", "slimtune", "train", "--model", job["model"], "--data", data]
+    cmd += ["--eval-data", eval_data, "--method", job["method"], "--seed", str(job["seed"])]
+    cmd += ["--device", device, "--output-dir", str(folder), "--overwrite", "--no-progress"]
+    cmd += ["--save-every", "0"]
+    cmd += ["--lr", job["lr"]]
+    if steps:
+        cmd += ["--max-steps", str(steps)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "2"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    row = {**job, "wall_s": round(time.perf_counter() - t0, 1)}
+    if proc.returncode != 0:
+        return {**row, "error": proc.stderr.strip().splitlines()[-1:]}
+    s = json.loads((folder / "summary.json").read_text())
+    return {**row, "score": s.get(metric), "eval_loss": s.get("eval_loss"),
+            "step_time_p50_s": s.get("step_time_p50_s")}  # fmt: skip
+
+
+def table(rows: list[dict]) -> str:
+    """Per model and task: the mean score (and spread over seeds) at each learning rate."""
+    lines = []
+    ok = [r for r in rows if r.get("score") is not None]
+    for model, task in sorted({(r["model"], r["task"]) for r in ok}):
+        sel = [r for r in ok if r["model"] == model and r["task"] == task]
+        lrs = sorted({r["lr"] for r in sel}, key=float)
+        lines += [f"\n{model}, {task} ({TASKS[task][2].removeprefix('eval_')}, %)\n"]
+        lines += ["| method | " + " | ".join(lrs) + " | default (lr) | best - default |"]
+        lines += ["|---" * (len(lrs) + 3) + "|"]
+        for method in [m for m in METHODS if any(r["method"] == m for r in sel)]:
+            cells, means = [], {}
+            default = METHOD_CLASSES[method].default_lr
+            for lr in [*lrs, "default"]:
+                got = [
+                    100 * r["score"]
+                    for r in sel
+                    if r["method"] == method
+                    and (float(r["lr"]) == default if lr == "default" else r["lr"] == lr)
+                ]
+                if not got:
+                    cells.append("-")
+                    continue
+                means[lr] = statistics.mean(got)
+                sd = f" ± {statistics.stdev(got):.1f}" if len(got) > 1 else ""
+                cells.append(f"{means[lr]:.1f}{sd}")
+            if cells[-1] != "-":
+                cells[-1] += f" ({default:g})"
+            swept = [means[lr] for lr in lrs if lr in means]
+            gap = f"{max(swept) - means['default']:+.1f}" if swept and "default" in means else "-"
+            lines.append(f"| {method} | " + " | ".join(cells) + f" | {gap} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--models", default="default,gemma3-270m")
+    ap.add_argument("--tasks", default="intents,extract")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--lrs", default=LRS + ",default", help="'default' omits --lr")
+    ap.add_argument("--full-lrs", default=FULL_LRS + ",default", help="for the full method")
+    ap.add_argument(
+        "--method-lrs",
+        default="",
+        help="per-method learning rates instead, e.g. 'lora=1e-3,3e-4;full=1e-4'",
+    )
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--steps", type=int, default=None, help="default: train's own")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--out", default="runs/lr_sweep")
+    ap.add_argument("--table", help="print the tables of this results.jsonl and exit")
+    args = ap.parse_args()
+    if args.table:
+        print(table([json.loads(line) for line in Path(args.table).read_text().splitlines()]))
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    done = []
+    if results.exists():
+        done = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    keys = ("model", "task", "method", "lr", "seed")
+    have = {tuple(r[k] for k in keys) for r in done if "error" not in r}
+    jobs = []
+    for model, task, method, seed in itertools.product(
+        args.models.split(","), args.tasks.split(","), args.methods.split(","),
+        [int(s) for s in args.seeds.split(",")],
+    ):  # fmt: skip
+        lrs = args.full_lrs if method == "full" else args.lrs
+        lrs = dict(kv.split("=", 1) for kv in args.method_lrs.split(";") if kv).get(method, lrs)
+        for lr in lrs.split(","):
+            if lr == "default":  # recorded as the number, so results outlive a changed default
+                lr = f"{METHOD_CLASSES[method].default_lr:g}"
+            job = dict(zip(keys, (model, task, method, lr, seed), strict=True))
+            if tuple(job.values()) not in have:
+                jobs.append(job)
+    print(f"{len(jobs)} runs to do ({len(have)} done)", file=sys.stderr, flush=True)
+    # the larger model's runs first, so the pool does not end on them alone
+    jobs.sort(key=lambda j: j["model"] == "default")
+    with ThreadPoolExecutor(args.jobs) as pool, results.open("a") as f:
+        futures = [pool.submit(run_one, j, out, args.device, args.steps) for j in jobs]
+        for future in as_completed(futures):
+            row = future.result()
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            done.append(row)
+    print(table(done))
+
+
+if __name__ == "__main__":
+    main()
