@@ -25,7 +25,12 @@ import argparse
 import json
 import random
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+Pools = Mapping[str, Sequence[str]]
 
 SEED = 20240611
 LABELS = ("billing", "shipping", "returns", "account", "technical", "product")
@@ -552,17 +557,22 @@ def order_no(rng: random.Random) -> str:
     return rng.choice([f"#{n}", str(n), f"ORD-{n}", f"no. {n}"])
 
 
-def slot_value(slot: str, rng: random.Random, used: dict[str, str]) -> str:
+def slot_value(
+    slot: str, rng: random.Random, used: dict[str, str], pools: Pools | None = None
+) -> str:
+    """A value for ``slot``; ``pools`` replaces some slots' value lists (support-extract
+    keeps some products out of training this way)."""
     base = slot.rstrip("2")
+    listed = (pools or {}).get(base) or PRODUCTS.get(base) or SLOTS.get(base)
     if slot.endswith("2") and base in used:  # a second, different value of the same slot
-        if base in PRODUCTS or base in SLOTS:
-            return rng.choice([v for v in PRODUCTS.get(base, SLOTS.get(base)) if v != used[base]])
+        if listed:
+            return rng.choice([v for v in listed if v != used[base]])
         value = slot_value(base, rng, {})
         while value == used[base]:
             value = slot_value(base, rng, {})
         return value
-    if base in PRODUCTS:
-        return rng.choice(PRODUCTS[base])
+    if listed:
+        return rng.choice(listed)
     if base == "amount":
         return money(rng)
     if base == "order":
@@ -573,21 +583,29 @@ def slot_value(slot: str, rng: random.Random, used: dict[str, str]) -> str:
         return str(rng.randint(10, 99))
     if base == "email":
         return f"{rng.choice(SLOTS['name']).lower()}.{rng.choice(SURNAMES)}@{rng.choice(DOMAINS)}"
-    return rng.choice(SLOTS[base])
+    raise KeyError(f"unknown slot {slot!r}")
 
 
-def fill(template: str, rng: random.Random) -> str:
+def fill_slots(
+    template: str, rng: random.Random, pools: Pools | None = None
+) -> tuple[str, dict[str, str]]:
+    """``template`` with its alternatives chosen and slots filled, and the value of each
+    slot it used (support-extract's answers are made of them)."""
     text = ALT_RE.sub(lambda m: rng.choice(m.group(1).split("|")), template)
     used: dict[str, str] = {}
 
     def sub(m: re.Match) -> str:
         slot = m.group(1)
         if slot not in used:  # a slot named twice keeps its value
-            used[slot] = slot_value(slot, rng, used)
+            used[slot] = slot_value(slot, rng, used, pools)
         return used[slot]
 
     text = SLOT_RE.sub(sub, text)
-    return re.sub(r" ([?.!,])", r"\1", re.sub(r" {2,}", " ", text)).strip()
+    return re.sub(r" ([?.!,])", r"\1", re.sub(r" {2,}", " ", text)).strip(), used
+
+
+def fill(template: str, rng: random.Random) -> str:
+    return fill_slots(template, rng)[0]
 
 
 def typo(text: str, rng: random.Random) -> str:
@@ -648,6 +666,16 @@ def norm_key(text: str) -> str:
     return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
 
 
+def cycle(pool: list[T], count: int, rng: random.Random) -> list[T]:
+    """``count`` items of ``pool`` in shuffled rounds, so each is used about equally often."""
+    order: list[T] = []
+    while len(order) < count:
+        batch = pool[:]
+        rng.shuffle(batch)
+        order.extend(batch)
+    return order[:count]
+
+
 def split_phrasings(label: str) -> tuple[list[str], list[str]]:
     pool = PHRASINGS[label]
     train = [p for i, p in enumerate(pool) if i % HOLDOUT_EVERY != HOLDOUT_EVERY - 1]
@@ -659,13 +687,8 @@ def generate(
     rng: random.Random, label: str, pool: list[str], count: int, seen: set[str]
 ) -> list[str]:
     """``count`` unique messages, using every phrasing of ``pool`` about equally often."""
-    order: list[str] = []
-    while len(order) < count:
-        batch = pool[:]
-        rng.shuffle(batch)
-        order.extend(batch)
     out: list[str] = []
-    for template in order[:count]:
+    for template in cycle(pool, count, rng):
         for _ in range(200):
             complaint = template.startswith("!")
             core = fill(template.lstrip("!"), rng)
