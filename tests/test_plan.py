@@ -195,10 +195,45 @@ def test_cli_plan_shows_typical_and_longest_steps_and_the_evidence(
     for column in ("typical step", "longest step", "prior", "expected"):
         assert column in text
     assert "the median padded width" in text
-    assert "run it: slimtune train" in text and "--data" in text and "--method lora --lora-r 16" in text
+    assert (
+        "run it: slimtune train" in text
+        and "--data" in text
+        and "--method lora --lora-r 16" in text
+    )
     d = json.loads(out.read_text())
     assert d["choice"]["method"] == "lora" and d["choice"]["lr"] == 1e-3
     assert d["shapes"]["typical"][0] == d["shapes"]["worst"][0] == 4
     assert d["shapes"]["typical"][1] <= d["shapes"]["worst"][1]
     assert all(c["worst_step_time_s"] >= c["step_time_s"] for c in d["candidates"])
     assert d["near_tie"] == NEAR_TIE and "support-intents" in d["evidence_sources"]
+
+
+def test_mixes_slowed_by_other_work_are_timed_again(tiny, monkeypatch):
+    def linear(f, t):
+        return 0.2 + 0.03 * f + 0.08 * t
+
+    clean = {(f, t): linear(f, t) for f, t in [(1, 1), (1, 4), (4, 1), (2, 2)]}
+    assert not P.disturbed(clean)
+    assert not P.disturbed({**clean, (2, 2): 1.03 * linear(2, 2)})  # a quiet machine's jitter
+    assert P.disturbed({**clean, (1, 4): 1.4 * linear(1, 4)})
+    assert P.disturbed({**clean, (2, 2): 1.4 * linear(2, 2)})
+    # a burst through the first mix tilts the fit to no cost per trained layer
+    assert P.disturbed({**clean, (1, 1): 4 * linear(1, 1)})
+
+    # calibrate times every mix again and keeps each one's faster reading
+    calls, bursts = [], [5.0]
+
+    def burst(mini, method, options, n_frozen, batch, device, autocast, steps, emb=False, typ=None):
+        trained = len(decoder_layers(mini)) - n_frozen
+        calls.append((n_frozen, trained))
+        slow = bursts.pop() if bursts and (n_frozen, trained) == (1, 1) else 1.0
+        t = slow * linear(n_frozen, trained)
+        return t, 4096, 1000 * trained, t
+
+    monkeypatch.setattr(P, "_measure", burst)
+    costs = P.calibrate(tiny.model, "lora", {"r": 4}, P.synthetic_batch(8, 1, 4), steps=1)
+    assert calls == [(1, 1), (1, 4), (4, 1), (2, 2)] * 2
+    assert costs.t_trained == pytest.approx(0.08) and costs.t_frozen == pytest.approx(0.03)
+    calls.clear()
+    P.calibrate(tiny.model, "lora", {"r": 4}, P.synthetic_batch(8, 1, 4), steps=1)
+    assert len(calls) == 4  # undisturbed: timed once
