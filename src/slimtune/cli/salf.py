@@ -51,7 +51,7 @@ def plan_parser(sub) -> None:
         "architecture with your batches on this machine, estimates peak memory (the "
         "longest examples) and step time (a typical batch, and the longest) for every "
         "layer choice worth considering, and picks the one of the highest expected "
-        "quality (the method's measured accuracy x the analysis' gain) under the "
+        "quality (the method's measured score x the analysis' gain) under the "
         "budget, the shortest step among those the evidence cannot tell apart.",
     )
     p.add_argument("--data", required=True, help="data file or builtin:NAME")
@@ -325,6 +325,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         fsdp=args.fsdp,
         candidates=candidates,
         typical_batch=typical,
+        model_name=getattr(args, "model", "default"),
     )
     rows = [
         [
@@ -350,7 +351,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         f"slimtune plan: {loaded.name}, batch {args.batch_size}: typical "
         f"{args.batch_size} x {typical['input_ids'].shape[1]} (the median padded width), "
         f"longest {args.batch_size} x {batch['input_ids'].shape[1]} (peak memory){on}; "
-        "expected = prior (measured accuracy / LoRA r16's) x gain G",
+        "expected = prior (measured score / LoRA r8's) x gain G",
         [
             "method",
             "quantize",

@@ -139,7 +139,7 @@ class Estimate:
     devices: int = 1  # processes, one device each; peak_bytes is per device
     fsdp: bool = False
     worst_step_time_s: float | None = None  # the step of the longest examples
-    prior: float | None = None  # measured accuracy relative to LoRA r16 (evidence.py)
+    prior: float | None = None  # measured score relative to LoRA r8's (evidence.py)
     expected_quality: float | None = None  # prior x predicted_gain
     lr: float | None = None  # the learning rate the evidence measured the method at
     evidence: str | None = None  # the measurements behind the prior
@@ -822,13 +822,14 @@ def _layers(e: Estimate) -> str:
     return f"{_label(e)}{on}, {frozen}"
 
 
-def _weigh_quality(rows: list[Estimate]) -> None:
-    """Each row's prior (measured accuracy relative to LoRA r16, :mod:`.evidence`) and
-    expected quality ``prior x G(k)``. A method without measurements is ranked as the
-    weakest measured method of the table (1.0 when none is measured), and says so."""
+def _weigh_quality(rows: list[Estimate], model_name: str | None) -> bool:
+    """Each row's prior (its method's measured score relative to LoRA r8's on
+    ``model_name``, :mod:`.evidence`) and expected quality ``prior x G(k)``. A method
+    without measurements is ranked as the weakest measured method of the table (1.0 when
+    none is measured), and says so. Returns whether the priors come from other models."""
     from .evidence import prior
 
-    priors = {id(e): prior(e.method, e.options) for e in rows}
+    priors = {id(e): prior(e.method, e.options, model_name) for e in rows}
     known = [p.relative for p in priors.values() if p is not None]
     fallback = min(known) if known else 1.0
     for e in rows:
@@ -839,6 +840,7 @@ def _weigh_quality(rows: list[Estimate]) -> None:
             e.prior = fallback
             e.notes.append("no evidence: ranked as the weakest measured method")
         e.expected_quality = e.prior * (e.predicted_gain if e.predicted_gain is not None else 1.0)
+    return any(p is not None and p.other_models for p in priors.values())
 
 
 def choose(fitting: list[Estimate]) -> tuple[Estimate, Estimate]:
@@ -860,11 +862,17 @@ def choose(fitting: list[Estimate]) -> tuple[Estimate, Estimate]:
 
 
 def explain(
-    choice: Estimate, best: Estimate, fitting: list[Estimate], budget: list[str], why_q: str = ""
+    choice: Estimate,
+    best: Estimate,
+    fitting: list[Estimate],
+    budget: list[str],
+    why_q: str = "",
+    other_models: bool = False,
 ) -> str:
     """Why ``choice``, one line each: what it is and costs, its expected quality against the
     best and the fastest candidates, the evidence behind its prior, and what that is worth.
-    ``why_q``: why its base is (not) quantized, when that was a question."""
+    ``why_q``: why its base is (not) quantized, when that was a question;
+    ``other_models``: the priors were measured on other models than the one planned."""
     from .evidence import NEAR_TIE
 
     q = choice.expected_quality or 0.0
@@ -872,7 +880,7 @@ def explain(
     head = f"{_layers(choice)} ({describe(choice)})"
     lines = [head + (f", within the budget ({', '.join(budget)})" if budget else "")]
     quality = (
-        f"quality: expected {q:.3f} x LoRA r16's accuracy (method prior {choice.prior or 0:.3f} "
+        f"quality: expected {q:.3f} x LoRA r8's score (method prior {choice.prior or 0:.3f} "
         f"x gain G({choice.freeze_below}) {g:.3f}), "
     )
     if best is choice:
@@ -900,8 +908,9 @@ def explain(
     if why_q:
         lines.append(why_q.strip("; "))
     lines.append(
-        "the priors are measured on the default model and two 6-class tasks, one seed each "
-        "(salf/evidence.py): for another model or task they are a guess"
+        "the priors are scores measured on the bundled tasks (salf/evidence.py)"
+        + (", on other models than this one" if other_models else "")
+        + ": for a task of another kind they are a guess"
     )
     return "\n  ".join(lines)
 
@@ -921,6 +930,7 @@ def make_plan(
     devices: int = 1,
     fsdp: bool = False,
     typical_batch: dict[str, torch.Tensor] | None = None,
+    model_name: str | None = None,
 ) -> Plan:
     """Estimate every (method, base quantization, freeze_below) worth considering and pick
     one under the budget.
@@ -933,10 +943,11 @@ def make_plan(
     values considered are: every layer trained (0), the analysis' recommendation, and the
     shallowest freeze_below the budget allows (deepest-first unfreezing). The pick
     (:func:`choose`) is the fitting candidate of the highest expected quality, the
-    method's measured prior times the analysis' gain ``G(k)``; within the evidence's noise
+    method's measured prior (:mod:`.evidence`) times the analysis' gain ``G(k)``; within the evidence's noise
     the unquantized base, then the shortest typical step. ``devices``/``fsdp``: the run's
     processes (one device each, ``batch`` per device) and whether it shards (methods that
-    cannot are left out); memory is per device.
+    cannot are left out); memory is per device. ``model_name``: the packaged model's spec
+    (e.g. ``default``), whose own measurements the priors use where there are some.
     """
     quantizations = list(quantizations or [quantization_of(model)])
     device = next(model.parameters()).device
@@ -988,7 +999,7 @@ def make_plan(
                     e.notes.append("analysis' choice")
                 rows.append(e)
     weights = {q: weight_bytes(model, q) for q in quantizations}
-    _weigh_quality(rows)
+    other_models = _weigh_quality(rows, model_name)
 
     shapes = {"worst": list(batch["input_ids"].shape)}
     shapes["typical"] = list((typical_batch or batch)["input_ids"].shape)
@@ -1014,7 +1025,7 @@ def make_plan(
     if budget_step_time:
         budget.append(f"typical step {budget_step_time:.2f} s")
     why_q = _quantization_reason(model, choice, rows, resident_bytes(model, "none", measured))
-    return plan(choice, explain(choice, best, fitting, budget, why_q))
+    return plan(choice, explain(choice, best, fitting, budget, why_q, other_models))
 
 
 def estimate_static(
