@@ -299,3 +299,25 @@ def test_a_chat_turn_ends_at_the_templates_end_of_turn_even_when_eos_is_another(
     assert _end_tokens(tiny.model, tok) == [endoftext, im_end]
     tok.chat_template = None  # no template: the configured end only
     assert _end_tokens(tiny.model, tok) == [endoftext]
+
+
+def test_one_line_answers_are_read_from_the_first_line_only(tiny, tmp_path, monkeypatch):
+    """A model that has not learnt where an answer ends writes on after a line break
+    (zero-shot, every answer missed); with one-line references only the first line counts,
+    and a multi-line reference keeps the whole output."""
+    from slimtune.eval import evaluate as ev
+
+    said = [" 2559718 | Apple Watch SE\n\nThe answer is above.", "none | Kindle\nMore"]
+    monkeypatch.setattr(ev, "generate_ids", lambda *a, **k: list(said))
+    rows = [
+        {"prompt": "Extract: order 2559718, apple wach se\nAnswer:", "completion": " 2559718 | Apple Watch SE"},
+        {"prompt": "Extract: my kindle\nAnswer:", "completion": " none | Kindle"},
+    ]  # fmt: skip
+    ds = load_dataset(write_jsonl(tmp_path / "one.jsonl", rows), tiny.tokenizer)
+    got = ev.exact_match(tiny.model, tiny.tokenizer, ds.records)
+    assert got["predictions"] == [" 2559718 | Apple Watch SE", "none | Kindle"]
+    assert got["exact_match"] == 1.0
+    rows[1]["completion"] = " none\n| Kindle"
+    ds = load_dataset(write_jsonl(tmp_path / "two.jsonl", rows), tiny.tokenizer)
+    got = ev.exact_match(tiny.model, tiny.tokenizer, ds.records)
+    assert got["predictions"] == said and got["exact_match"] == 0.0

@@ -442,7 +442,17 @@ def exact_match(
         progress=progress,
         eos_token_id=_end_tokens(model, tokenizer) if chat else None,
     )
-    return _scored(outs, [ref for _, ref in pairs])
+    references = [ref for _, ref in pairs]
+    if not any("\n" in ref.strip() for ref in references):
+        # one-line answers: after a line break a model that has not learnt where an answer
+        # ends (a base model, zero-shot) goes on writing; the answer is its first line
+        outs = [_first_line(o) for o in outs]
+    return _scored(outs, references)
+
+
+def _first_line(text: str) -> str:
+    stripped = text.lstrip()
+    return text[: len(text) - len(stripped)] + stripped.split("\n", 1)[0]
 
 
 @torch.no_grad()
