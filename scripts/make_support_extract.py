@@ -27,10 +27,8 @@ byte-identical files.
 
 from __future__ import annotations
 
-import argparse
 import random
 import re
-from pathlib import Path
 
 from make_support_intents import (
     HOLDOUT_EVERY,
@@ -42,11 +40,11 @@ from make_support_intents import (
     Pools,
     cycle,
     fill_slots,
+    generator_main,
     norm_key,
     split_phrasings,
     stylize,
     typo,
-    write_jsonl,
 )
 
 SEED = 20240612
@@ -275,15 +273,7 @@ def build(seed: int = SEED) -> tuple[list[dict[str, str]], list[dict[str, str]]]
 
 
 def main() -> None:
-    root = Path(__file__).resolve().parent.parent
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", type=Path, default=root / "src" / "slimtune" / "datasets")
-    parser.add_argument("--seed", type=int, default=SEED)
-    args = parser.parse_args()
-    train, test = build(args.seed)
-    write_jsonl(args.out_dir / "support_extract_train.jsonl", train)
-    write_jsonl(args.out_dir / "support_extract_test.jsonl", test)
-    print(f"wrote {len(train)} train and {len(test)} test records to {args.out_dir}")
+    generator_main("support_extract", build, SEED, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

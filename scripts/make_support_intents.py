@@ -728,16 +728,22 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def main() -> None:
+def generator_main(name: str, build, seed: int, description: str) -> None:
+    """The command line every bundled-data generator shares: ``--out-dir``, ``--seed``,
+    and ``NAME_train.jsonl`` / ``NAME_test.jsonl`` from ``build(seed)``."""
     root = Path(__file__).resolve().parent.parent
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out-dir", type=Path, default=root / "src" / "slimtune" / "datasets")
-    parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--seed", type=int, default=seed)
     args = parser.parse_args()
     train, test = build(args.seed)
-    write_jsonl(args.out_dir / "support_intents_train.jsonl", train)
-    write_jsonl(args.out_dir / "support_intents_test.jsonl", test)
+    write_jsonl(args.out_dir / f"{name}_train.jsonl", train)
+    write_jsonl(args.out_dir / f"{name}_test.jsonl", test)
     print(f"wrote {len(train)} train and {len(test)} test records to {args.out_dir}")
+
+
+def main() -> None:
+    generator_main("support_intents", build, SEED, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -41,8 +41,8 @@ def test_generators_reproduce_the_committed_files(gen, tmp_path):
     import make_support_intents
 
     train, test = gen.build()
-    gen.write_jsonl(tmp_path / "train.jsonl", train)
-    gen.write_jsonl(tmp_path / "test.jsonl", test)
+    make_support_intents.write_jsonl(tmp_path / "train.jsonl", train)
+    make_support_intents.write_jsonl(tmp_path / "test.jsonl", test)
     assert (tmp_path / "train.jsonl").read_bytes() == resolve_path(
         "builtin:support_extract_train"
     ).read_bytes()
