@@ -51,7 +51,7 @@ def test_generators_reproduce_the_committed_files(gen, tmp_path):
     ).read_bytes()
     # the helpers support-extract shares with support-intents leave that file as it was
     train, test = make_support_intents.build()
-    gen.write_jsonl(tmp_path / "intents.jsonl", train + test)
+    make_support_intents.write_jsonl(tmp_path / "intents.jsonl", train + test)
     committed = b"".join(
         resolve_path(f"builtin:support_intents_{s}").read_bytes() for s in ("train", "test")
     )
