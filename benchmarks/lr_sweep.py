@@ -60,10 +60,15 @@ def run_one(job: dict, out: Path, device: str, steps: int | None) -> dict:
             "step_time_p50_s": s.get("step_time_p50_s")}  # fmt: skip
 
 
+def _rate(lr: str | float) -> str:
+    """One spelling per rate ("1e-3", "0.001" and 1e-3 are the same run)."""
+    return f"{float(lr):.0e}".replace("e-0", "e-") if float(lr) < 0.1 else f"{float(lr):g}"
+
+
 def table(rows: list[dict]) -> str:
     """Per model and task: the mean score (and spread over seeds) at each learning rate."""
     lines = []
-    ok = [r for r in rows if r.get("score") is not None]
+    ok = [{**r, "lr": _rate(r["lr"])} for r in rows if r.get("score") is not None]
     for model, task in sorted({(r["model"], r["task"]) for r in ok}):
         sel = [r for r in ok if r["model"] == model and r["task"] == task]
         lrs = sorted({r["lr"] for r in sel}, key=float)
@@ -99,7 +104,9 @@ def main() -> None:
     ap.add_argument("--models", default="default,gemma3-270m")
     ap.add_argument("--tasks", default="intents,extract")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--lrs", default=LRS + ",default", help="'default' omits --lr")
+    ap.add_argument(
+        "--lrs", default=LRS + ",default", help="'default': the method's current default"
+    )
     ap.add_argument("--full-lrs", default=FULL_LRS + ",default", help="for the full method")
     ap.add_argument(
         "--method-lrs",
@@ -123,7 +130,9 @@ def main() -> None:
     if results.exists():
         done = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
     keys = ("model", "task", "method", "lr", "seed")
-    have = {tuple(r[k] for k in keys) for r in done if "error" not in r}
+    have = {
+        tuple(_rate(r[k]) if k == "lr" else r[k] for k in keys) for r in done if "error" not in r
+    }
     jobs = []
     for model, task, method, seed in itertools.product(
         args.models.split(","), args.tasks.split(","), args.methods.split(","),
@@ -132,8 +141,8 @@ def main() -> None:
         lrs = args.full_lrs if method == "full" else args.lrs
         lrs = dict(kv.split("=", 1) for kv in args.method_lrs.split(";") if kv).get(method, lrs)
         for lr in lrs.split(","):
-            if lr == "default":  # recorded as the number, so results outlive a changed default
-                lr = f"{METHOD_CLASSES[method].default_lr:g}"
+            # recorded as the number (so results outlive a changed default), in one spelling
+            lr = _rate(METHOD_CLASSES[method].default_lr if lr == "default" else lr)
             job = dict(zip(keys, (model, task, method, lr, seed), strict=True))
             if tuple(job.values()) not in have:
                 jobs.append(job)

@@ -317,7 +317,8 @@ def test_one_line_answers_are_read_from_the_first_line_only(tiny, tmp_path, monk
     got = ev.exact_match(tiny.model, tiny.tokenizer, ds.records)
     assert got["predictions"] == [" 2559718 | Apple Watch SE", "none | Kindle"]
     assert got["exact_match"] == 1.0
-    rows[1]["completion"] = " none\n| Kindle"
+    rows[1]["completion"] = " none\n| Kindle"  # decided per record: this one keeps every line
     ds = load_dataset(write_jsonl(tmp_path / "two.jsonl", rows), tiny.tokenizer)
     got = ev.exact_match(tiny.model, tiny.tokenizer, ds.records)
-    assert got["predictions"] == said and got["exact_match"] == 0.0
+    assert got["predictions"] == [" 2559718 | Apple Watch SE", said[1]]
+    assert got["correct"] == [1, 0]

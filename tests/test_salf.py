@@ -109,6 +109,8 @@ def test_recommendation_moves_with_the_transition():
         # another architecture's trace (18 layers): the fall is all in the first layer
         ([300, 134, 32, 28, 25, 22, 20, 19, 18, 16, 15, 14, 13, 12, 11, 10, 9, 8.5, 8], "first"),
         (list(40 - 1.5 * np.arange(25)), "whole network"),
+        # all of the fall in the last layer: a cut below it would freeze almost everything
+        ([60.0] + [40.0] * 23 + [5.0], "last layers"),
     ],
 )
 def test_a_degenerate_fit_trains_every_layer_and_says_why(trace, why):

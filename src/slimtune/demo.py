@@ -20,7 +20,7 @@ from .training.trainer import train
 TRAIN_DATA = "builtin:support_intents_train"
 TEST_DATA = "builtin:support_intents_test"
 DEMO_STEPS = 80
-DEMO_LR = 5e-4  # measured: 91.7% test accuracy at 80 steps, against 81.7% at the generic 2e-4
+DEMO_LR = 5e-4  # measured: 91.7% at 80 steps vs 81.7% at 2e-4 (the old default; now 1e-3)
 
 
 def run_demo(

