@@ -896,7 +896,7 @@ def explain(
         fq = fastest.expected_quality or 0.0
         lines.append(
             f"cost: the fastest that fits, {_layers(fastest)} (~{fastest.step_time_s:.2f} s "
-            f"against ~{choice.step_time_s:.2f} s), expects {fq:.3f}, {100 * (q - fq):.1f}% less"
+            f"against ~{choice.step_time_s:.2f} s), expects {fq:.3f}, {q - fq:.3f} less"
         )
     lowest = min(fitting, key=lambda e: e.expected_quality or 0.0)
     if _label(lowest) != _label(choice):
