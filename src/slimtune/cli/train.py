@@ -117,7 +117,20 @@ def _lr_help() -> str:
     from ..methods import METHODS
 
     by_method = ", ".join(f"{m} {METHODS[m].default_lr:g}" for m in sorted(METHODS))
-    return f"peak learning rate (default: the method's own: {by_method})"
+    return (
+        f"peak learning rate, or auto: a short range test on the data chooses it "
+        f"(default: the method's own: {by_method})"
+    )
+
+
+def _lr(text: str) -> float | str:
+    """``--lr``: a positive number or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number or auto, got {text!r}") from None
 
 
 def train_parser(sub) -> None:
@@ -220,7 +233,7 @@ def add_train_options(p: argparse.ArgumentParser, grid: bool) -> None:
     p.add_argument("--max-steps", type=int, default=S, help="optimizer steps (default 100)")
     p.add_argument("--batch-size", type=int, default=S, help="examples per micro-batch (default 8)")
     p.add_argument("--grad-accum", type=int, default=S, help="micro-batches per step (default 1)")
-    p.add_argument("--lr", type=float, default=S, help=_lr_help())
+    p.add_argument("--lr", type=_lr, default=S, help=_lr_help())
     p.add_argument("--weight-decay", type=float, default=S, help="AdamW weight decay (default 0)")
     p.add_argument("--warmup-ratio", type=float, default=S, help="warmup share of steps (0.1)")
     p.add_argument("--max-grad-norm", type=float, default=S, help="gradient clipping (1.0)")
@@ -413,6 +426,7 @@ def report_train(cfg: Any, result: Any) -> None:
         expert_usage_rows,
         plot_expert_usage,
         plot_loss,
+        plot_lr_search,
         print_table,
         write_report,
     )
@@ -430,6 +444,11 @@ def report_train(cfg: Any, result: Any) -> None:
             f"({result.manifest['auto_freeze']['reason']})"
         )
         print(notes[-1])
+    search = result.manifest.get("lr_search")
+    if search:
+        png = plot_lr_search(search, result.output_dir / "lr_search.png")
+        notes.append(f"lr auto: {search['chosen']:.3g} ({search['reason']})")
+        print(notes[-1] + (f"; curve: {png}" if png else ""))
     if s.get("expert_usage"):
         headers, usage_rows = expert_usage_rows(s["expert_usage"])
         print_table(

@@ -80,6 +80,7 @@ class Manifest:
     # the run summary (training.summary.RunSummary)
     metrics: dict[str, Any] | _Absent | None = ABSENT
     auto_freeze: dict[str, Any] | _Absent | None = ABSENT
+    lr_search: dict[str, Any] | _Absent | None = ABSENT  # --lr auto's range test
     resume_changes: list[dict[str, Any]] | _Absent | None = ABSENT
     # added by importing a PEFT adapter
     imported_from: str | _Absent | None = ABSENT

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,32 @@ def plot_loss(history: Sequence[dict], path: str | Path, title: str = "loss") ->
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return save_png(fig, path)
+
+
+def plot_lr_search(search: dict, path: str | Path) -> Path | None:
+    """``--lr auto``'s range test: the probe loss after each rate, and the rate chosen."""
+    lrs, losses = search.get("lrs") or [], search.get("losses") or []
+    points = [(lr, loss) for lr, loss in zip(lrs, losses) if math.isfinite(loss)]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot(*zip(*points), "o-", ms=3, lw=1.2, label="probe loss after the step")
+    ax.axhline(search["start_loss"], color="grey", lw=0.8, ls=":", label="before")
+    ax.axvline(
+        search["chosen"], color="C3", lw=1.2, ls="--", label=f"chosen {search['chosen']:.2g}"
+    )
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("--lr auto: range test")
     ax.grid(alpha=0.3)
     ax.legend()
     return save_png(fig, path)

@@ -43,7 +43,7 @@ class TrainConfig:
     max_steps: int = 100
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float | None = None
+    lr: float | str | None = None  # "auto": a range test on the data (training/lr_search.py)
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
@@ -95,7 +95,10 @@ class TrainConfig:
         need(self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
-        need(self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(
+            self.lr is None or self.lr == "auto" or (isinstance(self.lr, float) and self.lr > 0),
+            f"lr must be a number > 0 or 'auto', got {self.lr!r}",
+        )
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         need(self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         need(
@@ -153,8 +156,10 @@ class TrainConfig:
 
     @property
     def learning_rate(self) -> float:
-        """``lr`` when set, else the method's own default (full fine-tuning wants less)."""
-        if self.lr is not None:
+        """``lr`` when set, else the method's own default (full fine-tuning wants less).
+        With ``lr="auto"`` the default too: the centre of the range test, whose choice
+        the trainer then holds (``Trainer.lr``)."""
+        if isinstance(self.lr, float):
             return self.lr
         method = METHODS.get(self.method)
         return method.default_lr if method is not None else Method.default_lr

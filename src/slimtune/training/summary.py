@@ -58,6 +58,7 @@ class RunSummary:
     peak_memory_kind: str
     final_train_loss: float | None
     device: str
+    lr: float | None = field(default=None, metadata=OPTIONAL)  # the peak rate trained with
     # the fused GPU kernels the run used (model.kernels; absent when none ran)
     fused_kernels: list[str] | None = field(default=None, metadata=OPTIONAL)
     # evaluation on the eval set (absent without one); the keys of eval.evaluate.evaluate

@@ -69,6 +69,7 @@ from ..model.quantize import quantization_of
 from ..salf.freezing import freeze_below
 from . import trackers
 from .config import TrainConfig
+from .lr_search import PROBE_BATCHES, LRSearch, search_lr
 from .parallel import Parallel
 from .step import NonFiniteError, accumulate_gradients, lr_factor, warmup_steps
 from .summary import RunSummary
@@ -312,17 +313,83 @@ class Trainer:
         # after sharding: under FSDP2 the parameters are this process' shards
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
-        self.optimizer = torch.optim.AdamW(
-            self.method.param_groups(self.params, cfg.weight_decay), lr=cfg.learning_rate
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            functools.partial(lr_factor, warmup=warmup_steps(cfg), total=cfg.max_steps),
-        )
+        # the peak learning rate: --lr, the method's default, or (--lr auto) the range
+        # test's choice, made below unless a checkpoint holds it
+        self.lr = cfg.learning_rate
+        self.lr_search: LRSearch | None = None
+        self._build_optimizer()
         self.step = 0
         self.history: list[dict] = []
         if cfg.resume:
             self._load_checkpoint()
+        if cfg.lr == "auto" and self.step == 0:
+            self._search_lr()
+
+    def _build_optimizer(self) -> None:
+        self.optimizer = torch.optim.AdamW(
+            self.method.param_groups(self.params, self.cfg.weight_decay), lr=self.lr
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            functools.partial(lr_factor, warmup=warmup_steps(self.cfg), total=self.cfg.max_steps),
+        )
+
+    def _search_lr(self) -> None:
+        """``--lr auto``: the range test on this run's first batches (lr_search.py); the
+        model, optimizer and RNG are as before it, so the run is the one ``--lr <chosen>``
+        runs."""
+        cfg = self.cfg
+        ga = cfg.grad_accum
+
+        def step_batches(i: int) -> list[dict[str, torch.Tensor]]:
+            indices = range(i * ga, (i + 1) * ga)
+            batches = [self._collate(self._micro_batch(j), j) for j in indices]
+            return [b for b in batches if b is not None]
+
+        def step_targets(i: int) -> int:
+            indices = range(i * ga, (i + 1) * ga)
+            return sum(self._targets[k] for j in indices for k in self._global_batch(j))
+
+        # the probe: the same few training examples on every process (a fixed draw)
+        g = torch.Generator().manual_seed(cfg.seed)
+        size = PROBE_BATCHES * cfg.batch_size
+        drawn = torch.randperm(len(self.examples), generator=g)[:size].tolist()
+        examples = [self.examples[i] for i in sorted(drawn)]
+        pad = self.loaded.tokenizer.pad_token_id
+        probe = [
+            {
+                k: v.to(self.device)
+                for k, v in collate(examples[s : s + cfg.batch_size], pad).items()
+            }
+            for s in range(0, len(examples), cfg.batch_size)
+        ]
+        groups = self.method.param_groups(self.params, cfg.weight_decay)
+        with (
+            self.method.compute_context(self.model)
+            if (self.accelerator.mixed_precision != "no")
+            else contextlib.nullcontext()
+        ):
+            search = search_lr(
+                parallel=self.parallel,
+                params=self.params,
+                make_optimizer=lambda lr: torch.optim.AdamW(groups, lr=lr),
+                step_batches=step_batches,
+                step_targets=step_targets,
+                probe=probe,
+                state=self.method.trainable_state(self.model),
+                device=self.device,
+                autocast=self.accelerator.autocast,
+                max_grad_norm=cfg.max_grad_norm,
+                default_lr=cfg.learning_rate,
+                progress=cfg.progress and self.accelerator.is_main_process,
+                after_step=lambda: self.method.step_metrics(self.model),  # not logged
+            )
+        self.lr_search, self.lr = search, search.chosen
+        self._build_optimizer()
+        info(
+            f"--lr auto: {search.chosen:.3g} ({search.reason}; {search.steps} steps, "
+            f"{search.seconds:.1f}s)"
+        )
 
     def _auto_freeze(self) -> int:
         """SALF: the analysis' freeze_below, or with a budget the shallowest that fits it."""
@@ -462,7 +529,7 @@ class Trainer:
         identity["global_batch_size"] = identity.pop("batch_size") * self.accelerator.num_processes
         return {
             **identity,
-            "lr": self.cfg.learning_rate,
+            "lr": self.lr,
             # the options as resolved (defaults filled in): a default that changed between
             # versions shows here, not as tensors of the wrong shape
             "method_config": self.method.config.to_dict(),
@@ -505,6 +572,7 @@ class Trainer:
                     "step": self.step,
                     "identity": self._identity(),
                     "method_state": self.method.state_dict(self.model),
+                    "lr_search": self.lr_search.to_dict() if self.lr_search else None,
                 },
             )
 
@@ -536,6 +604,11 @@ class Trainer:
         if "global_batch_size" not in had:  # before it was recorded: one process' batch
             had["global_batch_size"] = had.get("batch_size")
         want = json.loads(json.dumps(self._identity()))
+        if self.cfg.lr == "auto" and isinstance(had.get("lr"), (int, float)):
+            # the rate chosen (or given) when the run started: no second range test
+            want["lr"] = self.lr = float(had["lr"])
+            found = meta.get("lr_search")
+            self.lr_search = LRSearch.from_dict(found) if isinstance(found, dict) else None
         if "method_config" not in had:  # a checkpoint of an older slimtune, before it recorded them
             want.pop("method_config")
         diff = sorted(k for k in want if had.get(k) != want[k])
@@ -879,6 +952,7 @@ class Trainer:
             peak_memory_kind=mem.kind,
             final_train_loss=float(np.mean(losses[-10:])) if losses else None,
             device=str(self.device),
+            lr=self.lr,
             fused_kernels=self.fused_kernels or None,
             task=eval_metrics.get("task"),
         )
@@ -926,6 +1000,7 @@ class Trainer:
             "training": asdict(cfg),
             "metrics": summary.to_dict(),  # no delta_bytes: the delta is being written
             "auto_freeze": self.auto_freeze,
+            "lr_search": self.lr_search.to_dict() if self.lr_search else None,
             # options lowered on --resume (after a divergence), by the step they took effect
             "resume_changes": [r for r in self.history if r.get("event") == "resumed"],
             "processes": {"count": self.parallel.world, "strategy": self.parallel.kind},
