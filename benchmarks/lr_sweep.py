@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -39,9 +40,9 @@ LRS = "1e-4,3e-4,1e-3,3e-3"
 FULL_LRS = "1e-5,3e-5,1e-4,3e-4"
 
 
-def run_one(job: dict, out: Path, device: str, steps: int | None) -> dict:
+def run_one(job: dict, out: Path, device: str, steps: int | None, flags: str = "") -> dict:
     data, eval_data, metric = TASKS[job["task"]]
-    folder = out / "runs" / "-".join(str(v) for v in job.values())
+    folder = out / "runs" / "-".join(str(v) for v in job.values() if v != "")
     cmd = [sys.executable, "-m", "slimtune", "train", "--model", job["model"], "--data", data]
     cmd += ["--eval-data", eval_data, "--method", job["method"], "--seed", str(job["seed"])]
     cmd += ["--device", device, "--output-dir", str(folder), "--overwrite", "--no-progress"]
@@ -49,6 +50,7 @@ def run_one(job: dict, out: Path, device: str, steps: int | None) -> dict:
     cmd += ["--lr", job["lr"]]
     if steps:
         cmd += ["--max-steps", str(steps)]
+    cmd += flags.split()
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "2"}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -56,22 +58,36 @@ def run_one(job: dict, out: Path, device: str, steps: int | None) -> dict:
     if proc.returncode != 0:
         return {**row, "error": proc.stderr.strip().splitlines()[-1:]}
     s = json.loads((folder / "summary.json").read_text())
+    search = json.loads((folder / "delta" / "manifest.json").read_text()).get("lr_search")
+    if search:  # --lr auto: the range test's curve, for choosing its rule afresh
+        row["lr_search"] = {k: search[k] for k in ("lrs", "losses", "start_loss", "chosen")}
     return {**row, "score": s.get(metric), "eval_loss": s.get("eval_loss"),
-            "step_time_p50_s": s.get("step_time_p50_s")}  # fmt: skip
+            "step_time_p50_s": s.get("step_time_p50_s"), "lr_used": s.get("lr")}  # fmt: skip
 
 
 def _rate(lr: str | float) -> str:
-    """One spelling per rate ("1e-3", "0.001" and 1e-3 are the same run)."""
+    """One spelling per rate ("1e-3", "0.001" and 1e-3 are the same run); "auto" as is."""
+    if lr == "auto":
+        return lr
     return f"{float(lr):.0e}".replace("e-0", "e-") if float(lr) < 0.1 else f"{float(lr):g}"
 
 
-def table(rows: list[dict]) -> str:
-    """Per model and task: the mean score (and spread over seeds) at each learning rate."""
+def _order(lr: str) -> float:
+    return math.inf if lr == "auto" else float(lr)
+
+
+def table(rows: list[dict], tag: str = "") -> str:
+    """Per model and task: the mean score (and spread over seeds) at each learning rate
+    (``auto``: ``--lr auto``), of the runs tagged ``tag``."""
     lines = []
-    ok = [{**r, "lr": _rate(r["lr"])} for r in rows if r.get("score") is not None]
+    ok = [
+        {**r, "lr": _rate(r["lr"])}
+        for r in rows
+        if r.get("score") is not None and r.get("tag", "") == tag
+    ]
     for model, task in sorted({(r["model"], r["task"]) for r in ok}):
         sel = [r for r in ok if r["model"] == model and r["task"] == task]
-        lrs = sorted({r["lr"] for r in sel}, key=float)
+        lrs = sorted({r["lr"] for r in sel}, key=_order)
         lines += [f"\n{model}, {task} ({TASKS[task][2].removeprefix('eval_')}, %)\n"]
         lines += ["| method | " + " | ".join(lrs) + " | default (lr) | best - default |"]
         lines += ["|---" * (len(lrs) + 3) + "|"]
@@ -83,7 +99,7 @@ def table(rows: list[dict]) -> str:
                     100 * r["score"]
                     for r in sel
                     if r["method"] == method
-                    and (float(r["lr"]) == default if lr == "default" else r["lr"] == lr)
+                    and (r["lr"] == _rate(default) if lr == "default" else r["lr"] == lr)
                 ]
                 if not got:
                     cells.append("-")
@@ -93,7 +109,7 @@ def table(rows: list[dict]) -> str:
                 cells.append(f"{means[lr]:.1f}{sd}")
             if cells[-1] != "-":
                 cells[-1] += f" ({default:g})"
-            swept = [means[lr] for lr in lrs if lr in means]
+            swept = [means[lr] for lr in lrs if lr in means and lr != "auto"]
             gap = f"{max(swept) - means['default']:+.1f}" if swept and "default" in means else "-"
             lines.append(f"| {method} | " + " | ".join(cells) + f" | {gap} |")
     return "\n".join(lines)
@@ -118,10 +134,15 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--out", default="runs/lr_sweep")
+    ap.add_argument(
+        "--flags", default="", help="more train flags for every run, e.g. '--quantize nf4'"
+    )
+    ap.add_argument("--tag", default="", help="names the runs with --flags (their own tables)")
     ap.add_argument("--table", help="print the tables of this results.jsonl and exit")
     args = ap.parse_args()
     if args.table:
-        print(table([json.loads(line) for line in Path(args.table).read_text().splitlines()]))
+        rows = [json.loads(line) for line in Path(args.table).read_text().splitlines()]
+        print(table(rows, args.tag))
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -129,9 +150,11 @@ def main() -> None:
     done = []
     if results.exists():
         done = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-    keys = ("model", "task", "method", "lr", "seed")
+    keys = ("model", "task", "method", "lr", "seed", "tag")
     have = {
-        tuple(_rate(r[k]) if k == "lr" else r[k] for k in keys) for r in done if "error" not in r
+        tuple(_rate(r[k]) if k == "lr" else r.get(k, "") for k in keys)
+        for r in done
+        if "error" not in r
     }
     jobs = []
     for model, task, method, seed in itertools.product(
@@ -143,21 +166,21 @@ def main() -> None:
         for lr in lrs.split(","):
             # recorded as the number (so results outlive a changed default), in one spelling
             lr = _rate(METHOD_CLASSES[method].default_lr if lr == "default" else lr)
-            job = dict(zip(keys, (model, task, method, lr, seed), strict=True))
+            job = dict(zip(keys, (model, task, method, lr, seed, args.tag), strict=True))
             if tuple(job.values()) not in have:
                 jobs.append(job)
     print(f"{len(jobs)} runs to do ({len(have)} done)", file=sys.stderr, flush=True)
     # the larger model's runs first, so the pool does not end on them alone
     jobs.sort(key=lambda j: j["model"] == "default")
     with ThreadPoolExecutor(args.jobs) as pool, results.open("a") as f:
-        futures = [pool.submit(run_one, j, out, args.device, args.steps) for j in jobs]
+        futures = [pool.submit(run_one, j, out, args.device, args.steps, args.flags) for j in jobs]
         for future in as_completed(futures):
             row = future.result()
             f.write(json.dumps(row) + "\n")
             f.flush()
             print(json.dumps(row), file=sys.stderr, flush=True)
             done.append(row)
-    print(table(done))
+    print(table(done, args.tag))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ the scores slimtune's own benchmarks measured for each method and turns them int
 the same task in the same benchmark, averaged over the tasks measured, with the lowest and
 highest ratio kept as its spread.
 
-What the prior is, and is not: measurements of the two packaged models on the two bundled
+What the prior is, and is not: measurements of the default model on the two bundled
 tasks (6-class support intents, accuracy; support extraction, exact match), mostly three
 seeds, each method at its default learning rate, the one ``slimtune train`` uses, plus one
 CPU table for LoRA r=16 against r=8. A plan for a model measured here uses that model's
@@ -90,30 +90,10 @@ EVIDENCE: tuple[Measured, ...] = (
             "full": (66.0, 3),
         },
     ),
-    *_sweep(
-        "gemma3-270m",
-        INTENTS,  # weak and noisy at 100 steps (sd up to 18 points; chance 16.7%)
-        {
-            "lora": (36.5, 3),
-            "sparse": (33.1, 3),
-            "rosa": (39.6, 3),
-            "shira": (40.1, 3),
-            "experts": (43.3, 3),
-            "full": (51.4, 3),
-        },
-    ),
-    *_sweep(
-        "gemma3-270m",
-        EXTRACT,
-        {
-            "lora": (67.6, 3),
-            "sparse": (65.0, 3),
-            "rosa": (65.8, 1),
-            "shira": (72.1, 1),
-            "experts": (69.6, 1),
-            "full": (71.7, 1),
-        },
-    ),
+    # Gemma 3 270M's sweep rows are withdrawn: the lent GPU's transformers (5.17) had
+    # converted its tokenizer wrongly (other ids, no <bos>; model.loading.check_tokenizer),
+    # so they measured a model that could not read its input. A plan for it uses the
+    # default model's rows and says so.
     Measured(CPU, "default", INTENTS, "lora", {"r": 8}, 1e-3, 94.2),
     Measured(CPU, "default", INTENTS, "lora", {"r": 16, "alpha": 32}, 1e-3, 96.7),
 )
