@@ -209,7 +209,7 @@ def test_yaml_values_are_type_checked(tmp_path):
     assert load("lr: 1e-3\n").lr == 0.001  # a string to YAML 1.1
     assert load("max_grad_norm: 2\n").max_grad_norm == 2.0
     for text, message in [
-        ("lr: abc\n", r"t\.yaml: field 'lr' must be a number, got 'abc'"),
+        ("lr: abc\n", r"t\.yaml: field 'lr' must be a number or 'auto', got 'abc'"),
         ('overwrite: "false"\n', r"t\.yaml: field 'overwrite' must be true or false, got 'false'"),
         ("max_steps: 1e3\n", r"field 'max_steps' must be an integer, got '1e3'"),
         ("pack: 1\n", r"field 'pack' must be true or false, got 1"),

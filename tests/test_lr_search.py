@@ -129,5 +129,19 @@ def test_resume_may_lower_the_chosen_rate_not_raise_it(tiny_dir, intent_file, tm
 
 @pytest.mark.parametrize("value", ["fast", -1.0, 0.0])
 def test_bad_lr_values_are_refused(value):
-    with pytest.raises(UserInputError, match="lr must be a number > 0 or 'auto'"):
+    with pytest.raises(UserInputError, match=r"lr'? must be a number( > 0)? or 'auto'"):
         TrainConfig(data="x.jsonl", lr=value).validated()
+
+
+def test_full_fine_tuning_chooses_its_rate_unless_one_is_given(tiny_dir, intent_file, tmp_path):
+    """Full fine-tuning's default is the range test (its best rate moves with the model);
+    an explicit rate skips it, and the other methods keep their fixed defaults."""
+    from slimtune.methods import METHODS
+
+    auto = train_tiny(tiny_dir, intent_file, tmp_path / "a", method="full", lr=None, max_steps=2)
+    assert auto.manifest["lr_search"]["chosen"] == auto.summary["lr"]
+    given = train_tiny(tiny_dir, intent_file, tmp_path / "g", method="full", lr=1e-3, max_steps=2)
+    assert given.manifest.get("lr_search") is None and given.summary["lr"] == 1e-3
+    lora = train_tiny(tiny_dir, intent_file, tmp_path / "l", method="lora", lr=None, max_steps=2)
+    assert lora.manifest.get("lr_search") is None
+    assert lora.summary["lr"] == METHODS["lora"].default_lr

@@ -45,6 +45,7 @@ def _train_args(model: Path, data: Path, out: Path, store: Path, method: str, ba
     args += ["--device", "cpu", "--max-steps", "11", "--batch-size", str(batch), "--seed", "3"]
     args += ["--eval-fraction", "0.23", "--save-every", "0", "--no-progress"]
     args += ["--output-dir", str(out), "--store", str(store)]
+    args += ["--lr", "1e-4"] if method == "full" else []  # not a range test: a rate
     return args + (["--lora-dropout", "0"] if method == "lora" else [])
 
 

@@ -79,6 +79,8 @@ def _coerce(value: Any, kind: Any) -> tuple[bool, Any]:
                 if ok:
                     return True, v
         return False, value
+    if origin is typing.Literal:  # e.g. lr: "auto"
+        return value in args, value
     if origin is not None:  # dict[str, Any], list[str]
         if not isinstance(value, origin):
             return False, value
@@ -106,6 +108,8 @@ def _coerce(value: Any, kind: Any) -> tuple[bool, Any]:
 
 
 def _describe(kind: Any) -> str:
+    if typing.get_origin(kind) is typing.Literal:
+        return " or ".join(repr(a) for a in typing.get_args(kind))
     names = [_describe(a) for a in typing.get_args(kind) if a is not type(None)]
     if typing.get_origin(kind) in (typing.Union, types.UnionType):
         return " or ".join(names)

@@ -116,7 +116,15 @@ def _method_help() -> str:
 def _lr_help() -> str:
     from ..methods import METHODS
 
-    by_method = ", ".join(f"{m} {METHODS[m].default_lr:g}" for m in sorted(METHODS))
+    by_method = ", ".join(
+        f"{m} "
+        + (
+            f"auto (around {METHODS[m].default_lr:g})"
+            if METHODS[m].auto_lr
+            else f"{METHODS[m].default_lr:g}"
+        )
+        for m in sorted(METHODS)
+    )
     return (
         f"peak learning rate, or auto: a short range test on the data chooses it "
         f"(default: the method's own: {by_method})"

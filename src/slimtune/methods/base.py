@@ -163,8 +163,10 @@ class Method(ABC):
     # Serving: rows of different deltas of this method run in one forward over the base
     # (peft's per-row ``adapter_names``; the delta sits beside the base weights, unmerged)
     mixes_in_batch: ClassVar[bool] = False
-    # The learning rate when the run does not set one.
+    # The learning rate when the run does not set one; with ``auto_lr`` the centre of the
+    # range test (training/lr_search.py) that then chooses it, as ``--lr auto`` does.
     default_lr: ClassVar[float] = 1e-4
+    auto_lr: ClassVar[bool] = False
     # Whether the delta folder is peft's own adapter format (exports to / imports from peft).
     peft_format: ClassVar[bool] = False
     why_not_peft: ClassVar[str] = ""  # said when an export to peft is refused

@@ -25,7 +25,11 @@ WEIGHTS_FILE = "weights.safetensors"
 class FullMethod(Method):
     name = "full"
     config_class = MethodConfig
-    default_lr = 1e-4  # benchmarks/lr_sweep.py (BENCHMARKS.md)
+    # Without --lr the range test chooses (BENCHMARKS.md, "--lr auto"): full fine-tuning's
+    # best rate moves with the model by more than any fixed default can follow (3e-4 on the
+    # 135M default model, 12-16 points over 1e-4; multi-billion models take ~1e-5)
+    default_lr = 1e-4
+    auto_lr = True
     delta_files = (WEIGHTS_FILE,)
     trains_embeddings = True
     weight_grads = True

@@ -8,7 +8,7 @@ package is still being imported.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
 from ..data import in_memory
 from ..errors import UserInputError
@@ -43,7 +43,7 @@ class TrainConfig:
     max_steps: int = 100
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float | str | None = None  # "auto": a range test on the data (training/lr_search.py)
+    lr: float | Literal["auto"] | None = None  # auto: a range test (training/lr_search.py)
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
@@ -163,6 +163,15 @@ class TrainConfig:
             return self.lr
         method = METHODS.get(self.method)
         return method.default_lr if method is not None else Method.default_lr
+
+    @property
+    def lr_auto(self) -> bool:
+        """Whether a range test chooses the rate: ``lr="auto"``, or no ``lr`` for a method
+        whose default is to (``Method.auto_lr``: full fine-tuning)."""
+        if self.lr == "auto":
+            return True
+        method = METHODS.get(self.method)
+        return self.lr is None and method is not None and method.auto_lr
 
     def identity(self) -> dict[str, Any]:
         """The options a resumed run must share with the run it continues."""

@@ -322,7 +322,7 @@ class Trainer:
         self.history: list[dict] = []
         if cfg.resume:
             self._load_checkpoint()
-        if cfg.lr == "auto" and self.step == 0:
+        if cfg.lr_auto and self.step == 0:
             self._search_lr()
 
     def _build_optimizer(self) -> None:
@@ -604,7 +604,7 @@ class Trainer:
         if "global_batch_size" not in had:  # before it was recorded: one process' batch
             had["global_batch_size"] = had.get("batch_size")
         want = json.loads(json.dumps(self._identity()))
-        if self.cfg.lr == "auto" and isinstance(had.get("lr"), (int, float)):
+        if self.cfg.lr_auto and isinstance(had.get("lr"), (int, float)):
             # the rate chosen (or given) when the run started: no second range test
             want["lr"] = self.lr = float(had["lr"])
             found = meta.get("lr_search")
