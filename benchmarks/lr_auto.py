@@ -90,7 +90,8 @@ def _sweep_means(path: Path) -> dict:
     scores: dict = defaultdict(lambda: defaultdict(list))
     for line in path.read_text().splitlines():
         r = json.loads(line)
-        if r.get("score") is not None:
+        # the swept rates only: not --lr auto's own runs, nor runs with other flags (--tag)
+        if r.get("score") is not None and r["lr"] != "auto" and not r.get("tag"):
             scores[(r["model"], r["task"], r["method"])][float(r["lr"])].append(100 * r["score"])
     return {k: {lr: statistics.mean(v) for lr, v in d.items()} for k, d in scores.items()}
 

@@ -93,13 +93,14 @@ def table(rows: list[dict], tag: str = "") -> str:
         lines += ["|---" * (len(lrs) + 3) + "|"]
         for method in [m for m in METHODS if any(r["method"] == m for r in sel)]:
             cells, means = [], {}
-            default = METHOD_CLASSES[method].default_lr
+            cls = METHOD_CLASSES[method]
+            default = "auto" if cls.auto_lr else _rate(cls.default_lr)
             for lr in [*lrs, "default"]:
                 got = [
                     100 * r["score"]
                     for r in sel
                     if r["method"] == method
-                    and (r["lr"] == _rate(default) if lr == "default" else r["lr"] == lr)
+                    and (r["lr"] == default if lr == "default" else r["lr"] == lr)
                 ]
                 if not got:
                     cells.append("-")
@@ -108,7 +109,7 @@ def table(rows: list[dict], tag: str = "") -> str:
                 sd = f" ± {statistics.stdev(got):.1f}" if len(got) > 1 else ""
                 cells.append(f"{means[lr]:.1f}{sd}")
             if cells[-1] != "-":
-                cells[-1] += f" ({default:g})"
+                cells[-1] += f" ({default})"
             swept = [means[lr] for lr in lrs if lr in means and lr != "auto"]
             gap = f"{max(swept) - means['default']:+.1f}" if swept and "default" in means else "-"
             lines.append(f"| {method} | " + " | ".join(cells) + f" | {gap} |")
@@ -165,7 +166,10 @@ def main() -> None:
         lrs = dict(kv.split("=", 1) for kv in args.method_lrs.split(";") if kv).get(method, lrs)
         for lr in lrs.split(","):
             # recorded as the number (so results outlive a changed default), in one spelling
-            lr = _rate(METHOD_CLASSES[method].default_lr if lr == "default" else lr)
+            if lr == "default":  # full's default is its range test (Method.auto_lr)
+                cls = METHOD_CLASSES[method]
+                lr = "auto" if cls.auto_lr else cls.default_lr
+            lr = _rate(lr)
             job = dict(zip(keys, (model, task, method, lr, seed, args.tag), strict=True))
             if tuple(job.values()) not in have:
                 jobs.append(job)

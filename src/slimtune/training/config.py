@@ -81,11 +81,11 @@ class TrainConfig:
 
     def validated(self, where: str | None = None) -> TrainConfig:
         """Check every field and the method's options; ``where`` (a YAML file, "command
-        line") names the source in an error of the method options, as in the others."""
+        line") names the source in every error."""
 
         def need(ok: bool, msg: str) -> None:
             if not ok:
-                raise UserInputError(msg)
+                raise UserInputError(f"{where}: {msg}" if where else msg)
 
         current = {f.name: getattr(self, f.name) for f in fields(self)}
         for k, v in check_types(type(self), current, "training options").items():

@@ -2,9 +2,11 @@
 
 Why: the best peak learning rate moves with the method, the model and the data. The
 swept defaults (BENCHMARKS.md, "Default learning rates") are within a point of the best
-for most pairs, but not everywhere: full fine-tuning wants 3e-4 on SmolLM2 and collapses
-there on Gemma 3, which wants 1e-4. A range test (Smith, "Cyclical Learning Rates",
-2017) reads that off a few steps of the run itself.
+for most method-task pairs on the default model, but full fine-tuning's best rate moves
+with the model by an order of magnitude (3e-4 on the 135M default model; multi-billion
+models are fully fine-tuned near 1e-5), so it runs this test by default. A range test
+(Smith, "Cyclical Learning Rates", 2017) reads the rate off a few steps of the run
+itself.
 
 How: starting from the prepared model (method attached, layers frozen), the run's first
 ``steps`` batches are trained with a learning rate that grows geometrically from
@@ -98,10 +100,17 @@ def choose(
     )
 
 
+def _keep(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` kept off the accelerator (full fine-tuning's copy would add the
+    model's size to the peak); a sharded (DTensor) one stays where it is, 1/N of it."""
+    t = t.detach()
+    return t.clone() if hasattr(t, "to_local") else t.to("cpu", copy=True)
+
+
 @contextlib.contextmanager
 def restored(tensors: dict[str, torch.Tensor], devices: list[torch.device]) -> Iterator[None]:
     """Run the block, then put ``tensors`` (the trainable state) and the RNG states back."""
-    saved = {name: t.detach().clone() for name, t in tensors.items()}
+    saved = {name: _keep(t) for name, t in tensors.items()}
     with torch.random.fork_rng(devices=[d for d in devices if d.type == "cuda"]):
         try:
             yield
@@ -112,22 +121,26 @@ def restored(tensors: dict[str, torch.Tensor], devices: list[torch.device]) -> I
 
 
 @torch.no_grad()
-def probe_loss(step: nn.Module, batches: Sequence[dict[str, torch.Tensor]], autocast) -> float:
-    """Mean target loss of ``batches`` in eval mode; ``step`` is the run's
-    :class:`~.parallel.StepLoss` as its processes wrap it (under FSDP2 its forward gathers
-    the shards)."""
+def probe_loss(parallel, batches: Sequence[dict[str, torch.Tensor]], autocast) -> float:
+    """Mean target loss of ``batches`` in eval mode, through ``parallel.module`` (the run's
+    :class:`~.parallel.StepLoss` as its processes wrap it: under FSDP2 its forward gathers
+    the shards). Summed over the processes, which all probe the same batches: every
+    process reads the same number, so all stop and choose together (none can leave the
+    test a step before the others and wait alone in a collective)."""
+    step = parallel.module
     was = step.training
     step.train(False)
-    total, count = 0.0, 0
+    total, count = None, 0
     try:
         for b in batches:
             with autocast():
                 loss, _ = step(b)
-            total += float(loss)
+            total = loss.detach().float() if total is None else total + loss.detach().float()
             count += int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
     finally:
         step.train(was)
-    return total / max(count, 1)
+    assert total is not None, "an empty probe"
+    return float(parallel.sum(total)) / (max(count, 1) * parallel.world)
 
 
 def search_lr(
@@ -166,7 +179,7 @@ def search_lr(
 
         bar = tqdm(total=steps, desc="lr range test", unit="step", dynamic_ncols=True)
     with restored(state, [device]):
-        start = probe_loss(parallel.module, probe, autocast)
+        start = probe_loss(parallel, probe, autocast)
         best = start
         optimizer = make_optimizer(lrs[0])
         for i, lr in enumerate(lrs):
@@ -183,7 +196,7 @@ def search_lr(
                     targets=step_targets(i),
                 )
                 optimizer.step()
-                loss = probe_loss(parallel.module, probe, autocast)
+                loss = probe_loss(parallel, probe, autocast)
             except NonFiniteError:
                 loss = math.inf
             optimizer.zero_grad(set_to_none=True)

@@ -604,11 +604,15 @@ class Trainer:
         if "global_batch_size" not in had:  # before it was recorded: one process' batch
             had["global_batch_size"] = had.get("batch_size")
         want = json.loads(json.dumps(self._identity()))
-        if self.cfg.lr_auto and isinstance(had.get("lr"), (int, float)):
-            # the rate chosen (or given) when the run started: no second range test
+        found = meta.get("lr_search")
+        searched = isinstance(found, dict)
+        # --lr auto, or no --lr on a run whose rate a range test chose: the rate chosen (or
+        # given) when the run started, with no second range test
+        keep = self.cfg.lr_auto or (self.cfg.lr is None and searched)
+        if keep and isinstance(had.get("lr"), (int, float)):
             want["lr"] = self.lr = float(had["lr"])
-            found = meta.get("lr_search")
-            self.lr_search = LRSearch.from_dict(found) if isinstance(found, dict) else None
+        if searched:
+            self.lr_search = LRSearch.from_dict(found)
         if "method_config" not in had:  # a checkpoint of an older slimtune, before it recorded them
             want.pop("method_config")
         diff = sorted(k for k in want if had.get(k) != want[k])
@@ -626,8 +630,13 @@ class Trainer:
         }
         diff = [k for k in diff if k not in lowered]
         if diff:
+            hint = (
+                f" (its rate, {had['lr']:g}, was chosen by --lr auto: resume with --lr auto)"
+                if "lr" in diff and searched
+                else ""
+            )
             raise UserInputError(
-                f"{ckpt}: cannot resume, the run differs in {diff}; "
+                f"{ckpt}: cannot resume, the run differs in {diff}{hint}; "
                 "use the original options (a lower lr or max_grad_norm is "
                 "allowed) or --overwrite"
             )
