@@ -194,6 +194,11 @@ def test_plan_candidates_and_train_command():
         "slimtune train --data builtin:support_intents_train --method lora --lora-r 16 "
         "--lora-alpha 32 --lr 0.001 --freeze-below 13 --batch-size 8"
     )
+    # full fine-tuning: no --lr, its default range test chooses
+    full = P.Estimate("full", {}, 0, 1, 1.0, 1, 0.0, lr=3e-4)
+    assert train_command(args, full) == (
+        "slimtune train --data builtin:support_intents_train --method full --batch-size 8"
+    )
 
 
 def test_cli_plan_shows_typical_and_longest_steps_and_the_evidence(
@@ -253,3 +258,12 @@ def test_mixes_slowed_by_other_work_are_timed_again(tiny, monkeypatch):
     calls.clear()
     P.calibrate(tiny.model, "lora", {"r": 4}, P.synthetic_batch(8, 1, 4), steps=1)
     assert len(calls) == 4  # undisturbed: timed once
+
+
+def test_full_fine_tuning_is_left_to_its_range_test(tiny, fake_measure):
+    """Full's default rate is the range test: the plan cites the evidence's rate but does
+    not pin it (a 3e-4 measured on the 135M default model would be wrong for an 8B one)."""
+    plan = _plan(tiny, [("full", {})])
+    assert plan.choice.method == "full" and plan.choice.lr == 3e-4
+    assert "train it at --lr" not in plan.reason
+    assert "range test (--lr auto) chooses the rate" in plan.reason
