@@ -606,7 +606,9 @@ def test_everything_written_is_shared_as_the_umask_says(
         monkeypatch.setitem(
             models.PACKAGED_MODELS,
             "default",
-            dataclasses.replace(default, sha256=hashlib.sha256(b"stand-in gguf").hexdigest()),
+            dataclasses.replace(
+                default, sha256=hashlib.sha256(b"stand-in gguf").hexdigest(), token_probe=None
+            ),
         )
         monkeypatch.setattr(models, "_load_gguf", lambda path, dtype: load_model(str(tiny_dir)))
         cached = models.fetch_default_model(wheel=wheel)
