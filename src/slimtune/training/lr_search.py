@@ -148,8 +148,7 @@ def search_lr(
     parallel,
     params: list[nn.Parameter],
     make_optimizer: Callable[[float], torch.optim.Optimizer],
-    step_batches: Callable[[int], list[dict[str, torch.Tensor]]],
-    step_targets: Callable[[int], int],
+    step_data: Callable[[int], tuple[list[dict[str, torch.Tensor]], int]],
     probe: Sequence[dict[str, torch.Tensor]],
     state: dict[str, torch.Tensor],
     device: torch.device,
@@ -164,8 +163,8 @@ def search_lr(
 ) -> LRSearch:
     """Run the range test; the model's ``state`` tensors are restored afterwards.
 
-    ``step_batches(i)`` gives this process' micro-batches of training step ``i`` and
-    ``step_targets(i)`` the step's target tokens over all processes (as the trainer's
+    ``step_data(i)`` gives this process' micro-batches of training step ``i`` and the
+    step's target tokens over all processes (as the trainer's
     loop has them); ``probe`` holds the same few examples on every process, so every
     process measures the same losses and chooses the same rate. ``after_step`` runs
     after each step (the trainer drains the method's per-step metrics there).
@@ -185,15 +184,16 @@ def search_lr(
         for i, lr in enumerate(lrs):
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            batches, targets = step_data(i)
             try:
                 accumulate_gradients(
                     parallel,
                     params,
-                    step_batches(i),
+                    batches,
                     device,
                     autocast,
                     max_grad_norm,
-                    targets=step_targets(i),
+                    targets=targets,
                 )
                 optimizer.step()
                 loss = probe_loss(parallel, probe, autocast)

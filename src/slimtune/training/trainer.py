@@ -339,16 +339,10 @@ class Trainer:
         model, optimizer and RNG are as before it, so the run is the one ``--lr <chosen>``
         runs."""
         cfg = self.cfg
-        ga = cfg.grad_accum
 
-        def step_batches(i: int) -> list[dict[str, torch.Tensor]]:
-            indices = range(i * ga, (i + 1) * ga)
-            batches = [self._collate(self._micro_batch(j), j) for j in indices]
-            return [b for b in batches if b is not None]
-
-        def step_targets(i: int) -> int:
-            indices = range(i * ga, (i + 1) * ga)
-            return sum(self._targets[k] for j in indices for k in self._global_batch(j))
+        def step_data(i: int) -> tuple[list[dict[str, torch.Tensor]], int]:
+            batches, _, targets = self._step_batches(i)
+            return batches, targets
 
         # the probe: the same few training examples on every process (a fixed draw)
         g = torch.Generator().manual_seed(cfg.seed)
@@ -364,17 +358,12 @@ class Trainer:
             for s in range(0, len(examples), cfg.batch_size)
         ]
         groups = self.method.param_groups(self.params, cfg.weight_decay)
-        with (
-            self.method.compute_context(self.model)
-            if (self.accelerator.mixed_precision != "no")
-            else contextlib.nullcontext()
-        ):
+        with self._compute_context():
             search = search_lr(
                 parallel=self.parallel,
                 params=self.params,
                 make_optimizer=lambda lr: torch.optim.AdamW(groups, lr=lr),
-                step_batches=step_batches,
-                step_targets=step_targets,
+                step_data=step_data,
                 probe=probe,
                 state=self.method.trainable_state(self.model),
                 device=self.device,
@@ -707,6 +696,25 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------
 
+    def _compute_context(self) -> contextlib.AbstractContextManager:
+        """Under autocast a method may compute in its dtype (e.g. peft adapters on bf16
+        input); nothing without it."""
+        if self.accelerator.mixed_precision != "no":
+            return self.method.compute_context(self.model)
+        return contextlib.nullcontext()
+
+    def _step_batches(self, step: int) -> tuple[list[dict[str, torch.Tensor]], list[int], int]:
+        """Optimizer step ``step``'s micro-batches on this process (empty ones left out),
+        their data lines (for a divergence message) and the step's target tokens over all
+        processes: the training loop's and the range test's steps alike."""
+        ga = self.cfg.grad_accum
+        indices = range(step * ga, (step + 1) * ga)
+        micro = [self._micro_batch(index) for index in indices]
+        batches = [self._collate(idx, index) for idx, index in zip(micro, indices)]
+        lines = [self.examples[i].line for idx in micro for i in idx]
+        targets = sum(self._targets[i] for index in indices for i in self._global_batch(index))
+        return [b for b in batches if b is not None], lines, targets
+
     def _global_batch(self, index: int) -> list[int]:
         """Global micro-batch ``index``: the one a single process with ``batch_size x
         processes`` would take (a pure function of seed and epoch)."""
@@ -805,28 +813,17 @@ class Trainer:
                 unit="step",
                 dynamic_ncols=True,
             )
-        # under autocast a method may compute in its dtype (e.g. peft adapters on bf16 input)
-        compute = (
-            self.method.compute_context(self.model)
-            if acc.mixed_precision != "no"
-            else contextlib.nullcontext()
-        )
+        compute = self._compute_context()
         lines: list[int] = []  # the last step's data lines, for a divergence message
         with PeakMemory(self.device) as mem, compute:
             while self.step < cfg.max_steps:
                 t0 = time.perf_counter()
-                indices = range(self.step * cfg.grad_accum, (self.step + 1) * cfg.grad_accum)
-                micro = [self._micro_batch(index) for index in indices]
-                batches = [self._collate(idx, index) for idx, index in zip(micro, indices)]
-                lines = [self.examples[i].line for idx in micro for i in idx]
-                targets = sum(
-                    self._targets[i] for index in indices for i in self._global_batch(index)
-                )
+                batches, lines, targets = self._step_batches(self.step)
                 try:
                     loss_sum, grad_norm, n_tokens, n_target = accumulate_gradients(
                         self.parallel,
                         self.params,
-                        [b for b in batches if b is not None],
+                        batches,
                         self.device,
                         acc.autocast,
                         cfg.max_grad_norm,
