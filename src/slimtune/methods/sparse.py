@@ -40,7 +40,7 @@ where that step's dense gradient is largest, keeping the density fixed.
 
 from __future__ import annotations
 
-import functools
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -248,9 +248,10 @@ def attach(
     beside = weight_shape(module) if is_quantized(module) else None
     delta = SparseDelta(module.weight, indices, values, beside=beside)
     module.sparse_delta = delta
-    # a per-instance forward (detach_delta pops it again)
+    # a per-instance forward (detach_delta pops it again); a bound method, not a partial:
+    # torch.compile guards on the function, shared by every layer, not on each partial
     forward = _beside_forward if beside else _sparse_forward
-    module.forward = functools.partial(forward, module)  # type: ignore[method-assign]
+    module.forward = types.MethodType(forward, module)  # type: ignore[method-assign]
     return delta
 
 

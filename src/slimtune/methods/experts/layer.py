@@ -16,7 +16,7 @@ from torch import nn
 
 from ...model.kernels import compute_dtype
 from . import cpu_kernel, cuda_kernel
-from .routing import ExpertRouter, ExpertSets, Routing
+from .routing import ExpertRouter, ExpertSets, Routing, kept_rows
 
 # Use torch's grouped GEMM where it runs (CUDA SM90+); False forces the per-expert loop.
 GROUPED_MM = True
@@ -197,7 +197,6 @@ class ExpertLinear(nn.Module):
         return x.is_cuda and self.lora_A.shape[0] * self.lora_A.shape[1] <= DENSE_MAX_WIDTH
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
         routing = self.router.current
         if routing is None:
             raise RuntimeError(
@@ -207,10 +206,34 @@ class ExpertLinear(nn.Module):
         b: torch.Tensor = self.lora_B
         if not torch.is_autocast_enabled(x.device.type) and a.dtype != x.dtype:
             a, b = a.to(x.dtype), b.to(x.dtype)
-        flat_out = out.view(-1, out.shape[-1])
         inference = not (
             torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad)
         )
+        if not inference and self.trains_densely(x):
+            out = self.base_layer(x)
+            gates = routing.dense_gates(
+                out.numel() // out.shape[-1], a.shape[1], self.scaling, compute_dtype(x)
+            )
+            h = dense_lowrank(x.reshape(-1, x.shape[-1]), a, b, gates)
+            # out of place: an in-place add into a view of ``out`` costs autograd a copy
+            return out + h.view(out.shape).to(out.dtype)
+        return self._routed(x, a, b, routing, inference)
+
+    # The routed paths index and add rows by data-dependent counts, which torch.compile
+    # cannot trace (--compile): they run eagerly between the compiled parts of the layer,
+    # the base linear too (its output is added into in place, which autograd forbids on
+    # the output of a compiled graph).
+    @torch.compiler.disable
+    def _routed(
+        self,
+        x: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        routing,
+        inference: bool,
+    ) -> torch.Tensor:
+        out = self.base_layer(x)
+        flat_out = out.view(-1, out.shape[-1])
         if inference and FUSED_KERNEL:
             k = routing.chosen.shape[1]
             kernel = (
@@ -228,13 +251,6 @@ class ExpertLinear(nn.Module):
                     return out
                 except Exception as e:  # fails before it writes: out is untouched
                     _disable_fused_kernel(e)
-        if not inference and self.trains_densely(x):
-            gates = routing.dense_gates(
-                flat_out.shape[0], a.shape[1], self.scaling, compute_dtype(x)
-            )
-            h = dense_lowrank(x.reshape(-1, x.shape[-1]), a, b, gates)
-            # out of place: an in-place add into a view of ``out`` costs autograd a copy
-            return out + h.view(out.shape).to(out.dtype)
         sets = (
             routing.expert_sets(a.shape[1])
             if x.device.type in EXPERT_SET_DEVICES and _grouped_ok(x, inference)
@@ -274,8 +290,9 @@ def _mask_hook(routers: list[ExpertRouter]):
     def hook(module, args, kwargs):
         mask = kwargs.get("attention_mask")
         mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        rows = kept_rows(mask) if mask is not None else None
         cache: dict = {}
         for r in routers:
-            r.token_mask, r.kept_cache = mask, cache
+            r.token_mask, r.kept_rows, r.kept_cache = mask, rows, cache
 
     return hook

@@ -17,11 +17,25 @@ from torch import nn
 from . import cuda_kernel
 
 
+def expert_counts(chosen: torch.Tensor, experts: int) -> torch.Tensor:
+    """(E,) int64: how many of ``chosen``'s slots each expert got. A scatter into E counters,
+    not ``bincount``, whose output size depends on the data (torch.compile cannot trace it)."""
+    flat = chosen.reshape(-1)
+    counts = torch.zeros(experts, dtype=torch.int64, device=flat.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def load_balancing_loss(probs: torch.Tensor, chosen: torch.Tensor, experts: int) -> torch.Tensor:
     """``E * sum_e f_e * P_e`` for router probabilities ``probs`` (N, E) and the chosen
     experts ``chosen`` (N, k). Minimal (1) when routing is uniform."""
-    f = torch.bincount(chosen.reshape(-1), minlength=experts).to(probs.dtype) / chosen.numel()
+    f = expert_counts(chosen, experts).to(probs.dtype) / chosen.numel()
     return experts * (f * probs.mean(0)).sum()
+
+
+def kept_rows(mask: torch.Tensor) -> torch.Tensor | None:
+    """Flat rows of a (B, T) attention mask's tokens; None when it keeps every one."""
+    m = mask.reshape(-1).bool()
+    return None if bool(m.all()) else m.nonzero().squeeze(1)
 
 
 @dataclass
@@ -44,7 +58,7 @@ class Routing:
     # gathered input rows per layout ("slots" / "sets"): (the input they came from, rows);
     # linears that share an input (q, k, v; gate, up) share one gather
     _gathered: dict = field(default_factory=dict)
-    _dense: dict = field(default_factory=dict)  # (rows, rank, scaling, dtype) -> dense gates
+    _dense: dict = field(default_factory=dict)  # (rank, scaling, dtype) -> dense gates
 
     def _grouped(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._slots is None:
@@ -53,7 +67,7 @@ class Routing:
             tokens = order // self.chosen.shape[1]
             if self.kept is not None:
                 tokens = self.kept[tokens]
-            counts = torch.bincount(slots, minlength=self.experts)
+            counts = expert_counts(slots, self.experts)
             self._slots = (tokens, self.weights.reshape(-1)[order], counts)
         return self._slots
 
@@ -107,7 +121,9 @@ class Routing:
         rank, 0 for the experts it did not choose and for unrouted (padding) rows: the mask
         of the dense path, in the matmuls' dtype (cast once per layer, not per linear).
         Differentiable in the gates, so the router still learns."""
-        key = (rows, rank, scaling, dtype)
+        # rows are the routing's own (one forward's): not part of the key, which under
+        # torch.compile would make the length a constant of the graph
+        key = (rank, scaling, dtype)
         if key not in self._dense:
             g = self.weights.new_zeros(self.weights.shape[0], self.experts)
             g = g.scatter(1, self.chosen, self.weights * scaling)
@@ -196,20 +212,30 @@ class ExpertRouter(nn.Module):
         self.calibration: list | None = None  # [sum, count] while calibrating
         self.current: Routing | None = None
         self.token_mask: torch.Tensor | None = None  # (B, T) of the running forward, if known
+        self.kept_rows: torch.Tensor | None = None  # _kept of the whole token_mask
         self.kept_cache: dict | None = None  # shared by the model's routers for one forward
         self._cached: tuple | None = None  # see _projection
         self.last_aux: torch.Tensor | None = None
 
     def _kept(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """Flat rows of the non-padding tokens (None: all of them). One host sync per model
-        forward: the layers share the answer through ``kept_cache``."""
+        """Flat rows of the non-padding tokens (None: all of them). For a whole sequence
+        (training, a prompt) the model's forward found them once for every layer
+        (``kept_rows``: one host sync, outside the compiled layers of ``--compile``);
+        decoding with a cache reads the mask's last ``n`` positions."""
         mask, n = self.token_mask, hidden.shape[1]
         if mask is None or mask.shape[0] != hidden.shape[0] or mask.shape[1] < n:
             return None
+        if mask.shape[1] == n:
+            return self.kept_rows
+        return self._kept_tail(mask, n)
+
+    # a host-side decision keyed by the length: traced by torch.compile, it would
+    # recompile the layer for every length
+    @torch.compiler.disable
+    def _kept_tail(self, mask: torch.Tensor, n: int) -> torch.Tensor | None:
         cache = self.kept_cache if self.kept_cache is not None else {}
         if n not in cache:
-            m = mask[:, -n:].reshape(-1).bool()
-            cache[n] = None if bool(m.all()) else m.nonzero().squeeze(1)
+            cache[n] = kept_rows(mask[:, -n:])
         return cache[n]
 
     def _projection(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,6 +271,6 @@ class ExpertRouter(nn.Module):
         if self.training and torch.is_grad_enabled() and self.weight.requires_grad:
             probs = torch.softmax(logits, dim=-1)
             self.last_aux = load_balancing_loss(probs, top_i, self.experts)
-        if self.training:
-            self.usage += routing.counts_t.to(self.usage.dtype)
+        if self.training:  # counted apart from the slots: the dense path never sorts them
+            self.usage += expert_counts(top_i, self.experts).to(self.usage.dtype)
         return routing
