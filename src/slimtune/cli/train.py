@@ -255,6 +255,14 @@ def add_train_options(p: argparse.ArgumentParser, grid: bool) -> None:
         default=S,
         help="recompute activations in backward (less memory, more time)",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        default=S,
+        help="torch.compile each decoder layer for training: faster steps where the host "
+        "bounds them (small models, experts, sparse) after a one-time compile of tens of "
+        "seconds; see README, 'The GPU path'",
+    )
     p.add_argument("--eval-every", type=int, default=S, help="eval loss every N steps (0: at end)")
     p.add_argument("--save-every", type=int, default=S, help="checkpoint every N steps (50)")
     p.add_argument(

@@ -61,10 +61,16 @@ def _supported_type(model: nn.Module) -> str | None:
     return model_type if model_type in MODEL_TYPE_TO_APPLY_LIGER_FN else None
 
 
-def apply_fused_kernels(model: nn.Module, device: torch.device | str) -> list[str]:
+def apply_fused_kernels(
+    model: nn.Module, device: torch.device | str, *, elementwise: bool = True
+) -> list[str]:
     """Patch Liger's RMSNorm/SwiGLU/RoPE kernels onto ``model`` when it trains on CUDA;
-    returns the kernels applied (empty when none). Call before a method wraps the model."""
+    returns the kernels applied (empty when none). Call before a method wraps the model.
+    ``elementwise=False`` (``--compile``: inductor fuses those itself) patches none; the
+    loss still takes Liger's fused linear cross-entropy."""
     if mode() == "off" or torch.device(device).type != "cuda":  # a bad value fails on CPU too
+        return []
+    if not elementwise:
         return []
     if not liger_installed():
         _say_once(

@@ -50,6 +50,7 @@ class TrainConfig:
     max_length: int = 512
     pack: bool = False
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile each decoder layer for training (model/compile.py)
     eval_every: int = 0
     save_every: int = 50
     keep_checkpoint: bool = False

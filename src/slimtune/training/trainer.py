@@ -28,6 +28,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ from ..fileio import (
 from ..log import info
 from ..methods import Method, get_method, method_class
 from ..model.anatomy import base_model, count_parameters, decoder_layers
+from ..model.compile import compiled_layers
 from ..model.kernels import apply_fused_kernels
 from ..model.loading import LoadedModel, fingerprint, load_model, resolve_device
 from ..model.quantize import quantization_of
@@ -286,8 +288,13 @@ class Trainer:
             )
         self.layers = list(range(self.freeze_k, n_layers))
         # Liger's RMSNorm/SwiGLU/RoPE kernels on CUDA where installed, before a method wraps
-        # the model (the loss takes Liger's fused linear cross-entropy on its own)
-        self.fused_kernels = apply_fused_kernels(self.loaded.model, self.device)
+        # the model (the loss takes Liger's fused linear cross-entropy on its own); with
+        # --compile inductor fuses those itself
+        self.fused_kernels = apply_fused_kernels(
+            self.loaded.model, self.device, elementwise=not cfg.compile
+        )
+        if cfg.compile:
+            self.fused_kernels.append("torch.compile")
         self.method = get_method(cfg.method, cfg.method_options)
         self.method.progress = cfg.progress
         self.model = self.method.prepare(
@@ -696,12 +703,17 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------
 
-    def _compute_context(self) -> contextlib.AbstractContextManager:
-        """Under autocast a method may compute in its dtype (e.g. peft adapters on bf16
-        input); nothing without it."""
-        if self.accelerator.mixed_precision != "no":
-            return self.method.compute_context(self.model)
-        return contextlib.nullcontext()
+    @contextlib.contextmanager
+    def _compute_context(self) -> Iterator[None]:
+        """How training steps compute: under autocast a method may compute in its dtype
+        (e.g. peft adapters on bf16 input); with ``--compile`` the decoder layers run
+        compiled (the range test's steps too, so the compile is paid once)."""
+        with contextlib.ExitStack() as stack:
+            if self.accelerator.mixed_precision != "no":
+                stack.enter_context(self.method.compute_context(self.model))
+            if self.cfg.compile:
+                stack.enter_context(compiled_layers(self.model))
+            yield
 
     def _step_batches(self, step: int) -> tuple[list[dict[str, torch.Tensor]], list[int], int]:
         """Optimizer step ``step``'s micro-batches on this process (empty ones left out),

@@ -1,0 +1,95 @@
+"""``torch.compile`` of each decoder layer for the training step (``train --compile``).
+
+A step of a mid-sized model on a fast GPU is bound by the host as much as by the GPU: every
+adapted linear costs Python (peft's forward, a method's autograd function, casts) and a
+handful of kernel launches, forward and backward. Compiling each decoder layer's forward
+(regional compilation, as torchtune and torchtitan do) turns it and its backward into a few
+generated kernels with the elementwise work fused. The compile is paid once per run (tens
+of seconds; on a fresh machine up to two minutes) and shared by every layer: the layers
+are one code object, their weights are inputs, not constants. Shapes are dynamic, so
+batches of every padded length run one graph.
+
+What it buys is measured in BENCHMARKS.md ("train --compile"): a lot where the host bounds
+the step (routed experts 1.7x, LoRA on a 4-bit 8B base at batch 1 1.6x), little where the
+GPU does (LoRA on a 1.2B model 1.1x, sparse none). Without gradient checkpointing on a
+4-bit base it costs memory: the compiled backward keeps the dequantized weights rather
+than dequantizing again (BENCHMARKS.md), so use it there with ``--gradient-checkpointing``.
+
+Only the decoder layers' forwards are compiled: the embeddings, the head and the loss
+(Liger's fused linear cross-entropy, or the chunked one) keep their own kernels, and a
+layer's module hooks (FSDP2's, the expert routers') run as they are. Inductor generates the
+RMSNorm, SwiGLU and RoPE fusions itself, so Liger's versions of those are not patched in
+(``kernels.apply_fused_kernels(elementwise=False)``). What torch cannot trace (SHiRA's
+sparse tensors, the routed expert paths on CPU, bitsandbytes' dequantization) runs eagerly
+between compiled parts.
+
+The layers run compiled only inside :func:`compiled_layers`, in training mode with
+gradients: an evaluation inside the loop, and generation, run the layers as they are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from torch import nn
+
+from .anatomy import decoder_layers
+
+# How many variants of one compiled frame torch may make before it runs it eagerly: a
+# layer has two (the first layer's input, from frozen embeddings, needs no gradient; the
+# others' does); where a method's linear runs eagerly inside (routed experts, SHiRA), that
+# linear's forward is a frame of its own, one variant per weight shape.
+RECOMPILE_LIMIT = 16
+# inductor generates the kernels; the tests trace with "aot_eager" (same graphs, no codegen)
+BACKEND = "inductor"
+
+
+@contextlib.contextmanager
+def compiled_layers(model: nn.Module, *, backend: str | None = None) -> Iterator[int]:
+    """Within the block, ``model``'s decoder layers run compiled; yields how many. The first
+    step inside pays the compile (tens of seconds for a billion-parameter model); later
+    blocks on the same model reuse it. A layer's module hooks (FSDP2's, the expert
+    routers') stay outside the compiled forward, run as they are."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    limit = getattr(config, "recompile_limit", None)
+    name = "recompile_limit" if limit is not None else "cache_size_limit"
+    before = getattr(config, name)
+    setattr(config, name, max(before, RECOMPILE_LIMIT))
+    layers = decoder_layers(model)
+    own = [layer.__dict__.get("forward") for layer in layers]  # a per-instance forward
+    for layer in layers:
+        layer.forward = _compiled_forward(layer, backend or BACKEND)
+    try:
+        yield len(layers)
+    finally:
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.forward = forward
+        setattr(config, name, before)
+
+
+def _compiled_forward(layer: nn.Module, backend: str):
+    """The layer's forward: compiled for training (made once per layer and backend, kept on
+    it); as it is in eval mode or without gradients (an evaluation inside the training
+    loop), which would otherwise compile graphs of their own."""
+    import torch
+
+    forward = layer.forward  # the instance's own, else its class's
+    cache = layer.__dict__.setdefault("_slimtune_compiled", {})
+    if backend not in cache:
+        # dynamic: batches are padded to their longest example, so lengths vary; one
+        # graph for all of them, not one per length (nor a first static one)
+        cache[backend] = torch.compile(forward, backend=backend, dynamic=True)
+    compiled = cache[backend]
+
+    def call(*args, **kwargs):
+        if layer.training and torch.is_grad_enabled():
+            return compiled(*args, **kwargs)
+        return forward(*args, **kwargs)
+
+    return call

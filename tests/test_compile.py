@@ -1,0 +1,98 @@
+"""--compile: the decoder layers run through torch.compile for training, with the same
+results as eager and one graph for every sequence length."""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from slimtune.model import compile as compile_mod
+
+from .conftest import train_tiny
+
+
+@pytest.fixture
+def traced(monkeypatch):
+    """Trace with aot_eager (dynamo + AOTAutograd, the graphs inductor would get, no code
+    generation: seconds, not minutes, on the CI's CPU); a clean dynamo cache and counters."""
+    monkeypatch.setattr(compile_mod, "BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    yield counters
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("lora", {}),
+        ("sparse", {}),
+        ("experts", {"dispatch": "dense"}),  # the GPU's training path
+        ("experts", {"dispatch": "routed"}),  # partly eager: data-dependent row counts
+        ("full", {}),
+    ],
+)
+def test_compiled_training_equals_eager(tiny_dir, intent_file, tmp_path, traced, method, options):
+    common = dict(method=method, method_options=options, max_steps=5, lr=1e-3, seed=3)
+    eager = train_tiny(tiny_dir, intent_file, tmp_path / "eager", **common)
+    compiled = train_tiny(tiny_dir, intent_file, tmp_path / "compiled", compile=True, **common)
+    assert traced["stats"]["unique_graphs"] > 0  # it did compile
+    got = [h["loss"] for h in compiled.history]
+    want = [h["loss"] for h in eager.history]
+    assert got == pytest.approx(want, rel=1e-5)
+    # the eval runs eagerly inside the loop's context, on the trained weights
+    assert compiled.summary["eval_loss"] == pytest.approx(eager.summary["eval_loss"], rel=1e-5)
+    assert "torch.compile" in compiled.summary["fused_kernels"]
+    assert not eager.summary.get("fused_kernels")
+
+
+@pytest.mark.parametrize("method, options", [("lora", {}), ("experts", {"dispatch": "dense"})])
+def test_one_graph_for_every_length(tiny_dir, tmp_path, traced, method, options):
+    from .conftest import write_jsonl
+
+    # prompts of 1 to 12 words: every batch pads to another length
+    rows = [
+        {"prompt": "word " * (1 + i % 12) + "Intent:", "completion": " billing"} for i in range(48)
+    ]
+    data = write_jsonl(tmp_path / "lengths.jsonl", rows)
+    train_tiny(
+        tiny_dir,
+        data,
+        tmp_path / "run",
+        method=method,
+        method_options=options,
+        compile=True,
+        max_steps=8,
+        eval_fraction=0.0,
+    )
+    # two graphs: the first layer's input needs no gradient (frozen embeddings), the
+    # others' does; no graph per length, none for evaluation
+    assert traced["stats"]["unique_graphs"] <= 2
+    assert not traced["graph_break"] or method != "lora"
+
+
+def test_inductor_compiles_the_lora_step_on_cpu(tiny_dir, intent_file, tmp_path):
+    """The real backend once: inductor's generated kernels train as eager does."""
+    torch._dynamo.reset()
+    common = dict(method="lora", max_steps=3, lr=1e-3, eval_fraction=0.0)
+    eager = train_tiny(tiny_dir, intent_file, tmp_path / "eager", **common)
+    compiled = train_tiny(tiny_dir, intent_file, tmp_path / "compiled", compile=True, **common)
+    got = [h["loss"] for h in compiled.history]
+    want = [h["loss"] for h in eager.history]
+    assert got[0] == pytest.approx(want[0], rel=1e-5)  # the same weights: one forward apart
+    # inductor reorders float sums; Adam's first steps magnify that a little
+    assert got == pytest.approx(want, rel=1e-3)
+    torch._dynamo.reset()
+
+
+def test_leaving_the_block_restores_the_layers(tiny, traced):
+    from slimtune.model.anatomy import decoder_layers
+    from slimtune.model.compile import compiled_layers
+
+    layers = decoder_layers(tiny.model)
+    own = lambda *a, **k: None  # noqa: E731  (a per-instance forward someone else set)
+    layers[1].forward = own
+    with compiled_layers(tiny.model) as n:
+        assert n == len(layers)
+        assert all("forward" in layer.__dict__ for layer in layers)
+    assert "forward" not in layers[0].__dict__
+    assert layers[1].forward is own
