@@ -220,6 +220,7 @@ def test_experts_train_with_two_processes(tiny_dir, intent_file, tmp_path):
         ({"method": "sparse", "fsdp": True}, "cannot be sharded (--fsdp)"),
         ({"method": "experts", "fsdp": True}, "routed per token"),
         ({"method": "lora", "fsdp": True, "quantize": "nf4"}, "--fsdp with --quantize"),
+        ({"method": "lora", "fsdp": True, "compile": True}, "--compile with --fsdp"),
     ],
 )
 def test_fsdp_refusals_name_the_reason(options, message):

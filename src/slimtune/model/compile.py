@@ -10,14 +10,16 @@ are one code object, their weights are inputs, not constants. Shapes are dynamic
 batches of every padded length run one graph.
 
 What it buys is measured in BENCHMARKS.md ("train --compile"): a lot where the host bounds
-the step (routed experts 1.7x, LoRA on a 4-bit 8B base at batch 1 1.6x), little where the
-GPU does (LoRA on a 1.2B model 1.1x, sparse none). Without gradient checkpointing on a
+the step (experts 1.6x, LoRA on a 4-bit 8B base at batch 1 1.6x), little where the GPU
+does (LoRA on a 1.2B model 1.0-1.2x, sparse none). Without gradient checkpointing on a
 4-bit base it costs memory: the compiled backward keeps the dequantized weights rather
 than dequantizing again (BENCHMARKS.md), so use it there with ``--gradient-checkpointing``.
 
-Only the decoder layers' forwards are compiled: the embeddings, the head and the loss
-(Liger's fused linear cross-entropy, or the chunked one) keep their own kernels, and a
-layer's module hooks (FSDP2's, the expert routers') run as they are. Inductor generates the
+Only the decoder layers are compiled, with their module hooks (the expert router's
+routing is one: compiled, it is a large part of the gain for experts): the embeddings, the
+head and the loss (Liger's fused linear cross-entropy, or the chunked one) keep their own
+kernels. FSDP2's hooks on the layers are not traced: ``--compile`` with ``--fsdp`` is
+refused (untested). Inductor generates the
 RMSNorm, SwiGLU and RoPE fusions itself, so Liger's versions of those are not patched in
 (``kernels.apply_fused_kernels(elementwise=False)``). What torch cannot trace (SHiRA's
 sparse tensors, the routed expert paths on CPU, bitsandbytes' dequantization) runs eagerly
@@ -30,6 +32,7 @@ gradients: an evaluation inside the loop, and generation, run the layers as they
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 from torch import nn
@@ -41,16 +44,17 @@ from .anatomy import decoder_layers
 # others' does); where a method's linear runs eagerly inside (routed experts, SHiRA), that
 # linear's forward is a frame of its own, one variant per weight shape.
 RECOMPILE_LIMIT = 16
-# inductor generates the kernels; the tests trace with "aot_eager" (same graphs, no codegen)
-BACKEND = "inductor"
+# inductor generates the kernels; "aot_eager" traces the same graphs without generating
+# code (the tests; SLIMTUNE_COMPILE_BACKEND=aot_eager to tell inductor's faults from tracing's)
+BACKEND = os.environ.get("SLIMTUNE_COMPILE_BACKEND", "inductor")
 
 
 @contextlib.contextmanager
 def compiled_layers(model: nn.Module, *, backend: str | None = None) -> Iterator[int]:
-    """Within the block, ``model``'s decoder layers run compiled; yields how many. The first
-    step inside pays the compile (tens of seconds for a billion-parameter model); later
-    blocks on the same model reuse it. A layer's module hooks (FSDP2's, the expert
-    routers') stay outside the compiled forward, run as they are."""
+    """Within the block, ``model``'s decoder layers run compiled, their module hooks
+    included (the expert routers'); yields how many. The first step inside pays the
+    compile (tens of seconds for a billion-parameter model); later blocks on the same model
+    reuse it."""
     import torch._dynamo
 
     config = torch._dynamo.config
@@ -59,37 +63,35 @@ def compiled_layers(model: nn.Module, *, backend: str | None = None) -> Iterator
     before = getattr(config, name)
     setattr(config, name, max(before, RECOMPILE_LIMIT))
     layers = decoder_layers(model)
-    own = [layer.__dict__.get("forward") for layer in layers]  # a per-instance forward
     for layer in layers:
-        layer.forward = _compiled_forward(layer, backend or BACKEND)
+        # nn.Module.compile's slot: __call__ runs it in place of hooks + forward
+        layer._compiled_call_impl = _compiled_call(layer, backend or BACKEND)
     try:
         yield len(layers)
     finally:
-        for layer, forward in zip(layers, own):
-            if forward is None:
-                layer.__dict__.pop("forward", None)
-            else:
-                layer.forward = forward
+        for layer in layers:
+            layer._compiled_call_impl = None
         setattr(config, name, before)
 
 
-def _compiled_forward(layer: nn.Module, backend: str):
-    """The layer's forward: compiled for training (made once per layer and backend, kept on
-    it); as it is in eval mode or without gradients (an evaluation inside the training
-    loop), which would otherwise compile graphs of their own."""
+def _compiled_call(layer: nn.Module, backend: str):
+    """The layer's call, its module hooks included: compiled for training (made once per
+    layer and backend, kept on it); as it is in eval mode or without gradients (an
+    evaluation inside the training loop), which would otherwise compile graphs of their
+    own."""
     import torch
 
-    forward = layer.forward  # the instance's own, else its class's
+    call_impl = layer._call_impl
     cache = layer.__dict__.setdefault("_slimtune_compiled", {})
     if backend not in cache:
         # dynamic: batches are padded to their longest example, so lengths vary; one
         # graph for all of them, not one per length (nor a first static one)
-        cache[backend] = torch.compile(forward, backend=backend, dynamic=True)
+        cache[backend] = torch.compile(call_impl, backend=backend, dynamic=True)
     compiled = cache[backend]
 
     def call(*args, **kwargs):
         if layer.training and torch.is_grad_enabled():
             return compiled(*args, **kwargs)
-        return forward(*args, **kwargs)
+        return call_impl(*args, **kwargs)
 
     return call

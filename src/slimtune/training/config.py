@@ -149,6 +149,11 @@ class TrainConfig:
             "without --fsdp each process holds the whole model (DDP)",
         )
         need(
+            not (self.fsdp and self.compile),
+            "--compile with --fsdp is not supported (FSDP2's hooks on the compiled layers "
+            "are untested); drop one of them",
+        )
+        need(
             not (self.fsdp and self.quantize != "none"),
             "--fsdp with --quantize is not supported: a quantized base is small enough to "
             "be held whole by each process (drop --fsdp)",
