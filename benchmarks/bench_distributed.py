@@ -65,6 +65,8 @@ def run_one(args) -> dict | None:
     acc = _accelerator(TrainConfig(data="-", method=method, device="cuda"))  # the trainer's
     compile_ = "compile" in variants  # the decoder layers compiled, as train --compile
     for v in variants:
+        if v not in DDP_VARIANTS and v != "compile":
+            raise SystemExit(f"unknown variant {v!r}: {', '.join(DDP_VARIANTS)} or compile")
         for key, value in DDP_VARIANTS.get(v, {}).items():
             setattr(acc.ddp_handler, key, value)
     device = acc.device

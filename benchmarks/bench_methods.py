@@ -274,7 +274,7 @@ def run_one(args) -> dict:
 
     c = config(args.run_one)
     impl, method, freeze, bf16_adapters = c["impl"], c["method"], c["freeze"], c["bf16_adapters"]
-    if args.run_one == "experts-by-expert":
+    if args.run_one.split("+")[0] == "experts-by-expert":
         from slimtune.methods.experts import layer as experts
 
         experts.EXPERT_SET_DEVICES = set()

@@ -32,14 +32,19 @@ def traced(monkeypatch):
     ],
 )
 def test_compiled_training_equals_eager(tiny_dir, intent_file, tmp_path, traced, method, options):
-    common = dict(method=method, method_options=options, max_steps=5, lr=1e-3, seed=3)
+    common = dict(method=method, method_options=options, max_steps=5, lr=1e-3, seed=3, eval_every=2)
     eager = train_tiny(tiny_dir, intent_file, tmp_path / "eager", **common)
     compiled = train_tiny(tiny_dir, intent_file, tmp_path / "compiled", compile=True, **common)
     assert traced["stats"]["unique_graphs"] > 0  # it did compile
+    if method in ("lora", "sparse", "full") or options.get("dispatch") == "dense":
+        assert not traced["graph_break"]  # whole layers, nothing left to eager
     got = [h["loss"] for h in compiled.history]
     want = [h["loss"] for h in eager.history]
     assert got == pytest.approx(want, rel=1e-5)
-    # the eval runs eagerly inside the loop's context, on the trained weights
+    # the evals inside the loop (eval_every) run eagerly, on the same weights
+    inside = [h["eval_loss"] for h in compiled.history if "eval_loss" in h]
+    assert len(inside) == 2
+    assert inside == pytest.approx([h["eval_loss"] for h in eager.history if "eval_loss" in h])
     assert compiled.summary["eval_loss"] == pytest.approx(eager.summary["eval_loss"], rel=1e-5)
     assert "torch.compile" in compiled.summary["fused_kernels"]
     assert not eager.summary.get("fused_kernels")
@@ -76,18 +81,26 @@ def test_one_graph_for_every_length(tiny_dir, tmp_path, traced, method, options,
     assert not traced["graph_break"] or method != "lora"
 
 
-def test_inductor_compiles_the_lora_step_on_cpu(tiny_dir, intent_file, tmp_path):
-    """The real backend once: inductor's generated kernels train as eager does."""
+@pytest.fixture
+def inductor():
     torch._dynamo.reset()
+    counters.clear()
+    yield counters
+    torch._dynamo.reset()
+
+
+def test_inductor_compiles_the_lora_step_on_cpu(tiny_dir, intent_file, tmp_path, inductor):
+    """The real backend once, LoRA with its default dropout: inductor's generated kernels
+    train as eager does, with the same dropout masks."""
     common = dict(method="lora", max_steps=3, lr=1e-3, eval_fraction=0.0)
     eager = train_tiny(tiny_dir, intent_file, tmp_path / "eager", **common)
     compiled = train_tiny(tiny_dir, intent_file, tmp_path / "compiled", compile=True, **common)
+    assert inductor["stats"]["unique_graphs"] > 0
     got = [h["loss"] for h in compiled.history]
     want = [h["loss"] for h in eager.history]
     assert got[0] == pytest.approx(want[0], rel=1e-5)  # the same weights: one forward apart
     # inductor reorders float sums; Adam's first steps magnify that a little
     assert got == pytest.approx(want, rel=1e-3)
-    torch._dynamo.reset()
 
 
 def test_leaving_the_block_restores_the_layers(tiny, traced):

@@ -115,10 +115,18 @@ def test_two_processes_train_what_one_does(
     assert not list(two.glob(".*.tmp"))
     a, b = _weights(one / "delta"), _weights(two / "delta")
     assert a.keys() == b.keys()
+    # --lr auto: the very rate one process chose; it trains at a higher rate than the
+    # default, which magnifies the two runs' float differences (the gradient summed in
+    # halves across processes): 1.7e-5 on one CPU type, under 1e-5 on another
+    tolerance = 1e-5
+    if "auto" in extra:
+        lr = [json.loads((run / "summary.json").read_text())["lr"] for run in (one, two)]
+        assert lr[0] == lr[1]
+        tolerance = 1e-4
     for k in a:
         if a[k].is_floating_point():
             rel = float((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12))
-            assert rel <= 1e-5, (k, rel)
+            assert rel <= tolerance, (k, rel)
         else:  # sparse indices: the same entries chosen
             assert torch.equal(a[k], b[k]), k
     # the logged loss is the global one: the one-process run's, step by step

@@ -260,8 +260,8 @@ def add_train_options(p: argparse.ArgumentParser, grid: bool) -> None:
         action="store_true",
         default=S,
         help="torch.compile each decoder layer for training: faster steps where the host "
-        "bounds them (small models, experts, sparse) after a one-time compile of tens of "
-        "seconds; see README, 'The GPU path'",
+        "bounds them (experts, a 4-bit base at small batches) after a one-time compile of "
+        "tens of seconds; see README, '--compile'",
     )
     p.add_argument("--eval-every", type=int, default=S, help="eval loss every N steps (0: at end)")
     p.add_argument("--save-every", type=int, default=S, help="checkpoint every N steps (50)")

@@ -149,6 +149,11 @@ class TrainConfig:
             "without --fsdp each process holds the whole model (DDP)",
         )
         need(
+            not self.compile or _torch_at_least(2, 5),
+            "--compile needs torch >= 2.5 (its decoder layers share one compiled graph "
+            "there, not one each)",
+        )
+        need(
             not (self.fsdp and self.compile),
             "--compile with --fsdp is not supported (FSDP2's hooks on the compiled layers "
             "are untested); drop one of them",
@@ -215,6 +220,13 @@ class StoreOptions:
     no_store: bool = False
     parent: str | None = None
     note: str | None = None
+
+
+def _torch_at_least(major: int, minor: int) -> bool:
+    import torch
+
+    found = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    return found >= (major, minor)
 
 
 def reserved_keys() -> set[str]:

@@ -217,13 +217,14 @@ class ExpertLinear(nn.Module):
             h = dense_lowrank(x.reshape(-1, x.shape[-1]), a, b, gates)
             # out of place: an in-place add into a view of ``out`` costs autograd a copy
             return out + h.view(out.shape).to(out.dtype)
+        if torch.compiler.is_compiling():
+            # The routed paths index and add rows by data-dependent counts, which
+            # torch.compile cannot trace (--compile): they run eagerly between the compiled
+            # parts of the layer, the base linear too (its output is added into in place,
+            # which autograd forbids on the output of a compiled graph).
+            return torch.compiler.disable(self._routed)(x, a, b, routing, inference)
         return self._routed(x, a, b, routing, inference)
 
-    # The routed paths index and add rows by data-dependent counts, which torch.compile
-    # cannot trace (--compile): they run eagerly between the compiled parts of the layer,
-    # the base linear too (its output is added into in place, which autograd forbids on
-    # the output of a compiled graph).
-    @torch.compiler.disable
     def _routed(
         self,
         x: torch.Tensor,
@@ -290,7 +291,13 @@ def _mask_hook(routers: list[ExpertRouter]):
     def hook(module, args, kwargs):
         mask = kwargs.get("attention_mask")
         mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        rows = kept_rows(mask) if mask is not None else None
+        # the rows of a whole sequence (training, a prompt), found once for every layer;
+        # decoding with a cache (a mask longer than the input) reads the mask's tail
+        tokens = args[0] if args else kwargs.get("input_ids")
+        tokens = kwargs.get("inputs_embeds") if tokens is None else tokens
+        known = isinstance(tokens, torch.Tensor) and tokens.dim() >= 2
+        whole = mask is not None and (not known or tokens.shape[1] == mask.shape[1])
+        rows = kept_rows(mask) if whole and mask is not None else None
         cache: dict = {}
         for r in routers:
             r.token_mask, r.kept_rows, r.kept_cache = mask, rows, cache

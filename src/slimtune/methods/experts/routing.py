@@ -227,11 +227,10 @@ class ExpertRouter(nn.Module):
             return None
         if mask.shape[1] == n:
             return self.kept_rows
+        if torch.compiler.is_compiling():  # keyed by the length: traced, it would
+            return torch.compiler.disable(self._kept_tail)(mask, n)  # recompile per length
         return self._kept_tail(mask, n)
 
-    # a host-side decision keyed by the length: traced by torch.compile, it would
-    # recompile the layer for every length
-    @torch.compiler.disable
     def _kept_tail(self, mask: torch.Tensor, n: int) -> torch.Tensor | None:
         cache = self.kept_cache if self.kept_cache is not None else {}
         if n not in cache:
