@@ -68,9 +68,8 @@ def apply_fused_kernels(
     returns the kernels applied (empty when none). Call before a method wraps the model.
     ``elementwise=False`` (``--compile``: inductor fuses those itself) patches none; the
     loss still takes Liger's fused linear cross-entropy."""
-    if mode() == "off" or torch.device(device).type != "cuda":  # a bad value fails on CPU too
-        return []
-    if not elementwise:
+    # mode() first: a bad SLIMTUNE_KERNELS fails on CPU too
+    if mode() == "off" or torch.device(device).type != "cuda" or not elementwise:
         return []
     if not liger_installed():
         _say_once(

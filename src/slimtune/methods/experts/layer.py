@@ -296,8 +296,9 @@ def _mask_hook(routers: list[ExpertRouter]):
         tokens = args[0] if args else kwargs.get("input_ids")
         tokens = kwargs.get("inputs_embeds") if tokens is None else tokens
         known = isinstance(tokens, torch.Tensor) and tokens.dim() >= 2
-        whole = mask is not None and (not known or tokens.shape[1] == mask.shape[1])
-        rows = kept_rows(mask) if whole and mask is not None else None
+        rows = None
+        if mask is not None and (not known or tokens.shape[1] == mask.shape[1]):
+            rows = kept_rows(mask)
         cache: dict = {}
         for r in routers:
             r.token_mask, r.kept_rows, r.kept_cache = mask, rows, cache
