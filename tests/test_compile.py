@@ -112,3 +112,19 @@ def test_leaving_the_block_restores_the_layers(tiny, traced):
         assert n == len(layers)
         assert all(layer._compiled_call_impl is not None for layer in layers)
     assert all(layer._compiled_call_impl is None for layer in layers)
+
+
+def test_a_bad_backend_or_an_old_torch_is_refused(tiny, monkeypatch):
+    from slimtune.errors import UserInputError
+    from slimtune.model.anatomy import decoder_layers
+    from slimtune.model.compile import compiled_layers
+    from slimtune.training.config import TrainConfig
+
+    monkeypatch.setattr(compile_mod, "BACKEND", "inductr")
+    refused = pytest.raises(UserInputError, match="SLIMTUNE_COMPILE_BACKEND='inductr'")
+    with refused, compiled_layers(tiny.model):
+        pass
+    assert all(layer._compiled_call_impl is None for layer in decoder_layers(tiny.model))
+    monkeypatch.setattr(torch, "__version__", "2.4.1+cu121")
+    with pytest.raises(UserInputError, match=r"--compile needs torch >= 2\.5"):
+        TrainConfig(data="x.jsonl", compile=True).validated()

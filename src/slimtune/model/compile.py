@@ -38,6 +38,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from ..errors import UserInputError
 from .anatomy import decoder_layers
 
 # How many variants of one compiled frame torch may make before it runs it eagerly. A
@@ -62,6 +63,12 @@ def compiled_layers(model: nn.Module, *, backend: str | None = None) -> Iterator
     import torch._dynamo
     import torch._inductor.config
 
+    backend = backend or BACKEND
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise UserInputError(
+            f"SLIMTUNE_COMPILE_BACKEND={backend!r} is not a torch.compile backend; "
+            "use inductor (the default) or aot_eager"
+        )
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     before = getattr(config, name), torch._inductor.config.fallback_random
@@ -71,7 +78,7 @@ def compiled_layers(model: nn.Module, *, backend: str | None = None) -> Iterator
         torch._inductor.config.fallback_random = True
         for layer in layers:
             # nn.Module.compile's slot: __call__ runs it in place of hooks + forward
-            layer._compiled_call_impl = _compiled_call(layer, backend or BACKEND)
+            layer._compiled_call_impl = _compiled_call(layer, backend)
         yield len(layers)
     finally:
         for layer in layers:
