@@ -83,20 +83,31 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
     parser = build_parser()
     args = parser.parse_args(argv)
+    finished = False
     try:
-        return _run(args)
+        code = _run(args)
+        finished = code == 0
+        return code
     finally:
-        _end_process_group()
+        _end_process_group(finished)
 
 
-def _end_process_group() -> None:
+def _end_process_group(finished: bool) -> None:
     """Under torchrun / accelerate launch, end the process group a command started before
-    the interpreter exits: left to static destructors, gloo's threads can abort a process
-    that finished its work ("terminate called without an active exception", exit -6)."""
+    the interpreter exits. A gloo worker thread releases a collective's tensors after the
+    caller has its result, which takes the GIL; if the interpreter is finalizing by then the
+    thread is torn down inside a destructor and the finished process aborts ("terminate
+    called without an active exception", exit -6; seen on a rank whose last collective was
+    the main process' broadcast). A barrier first gives those threads the GIL while it waits
+    and keeps every process alive until all are done. After a failure or a refusal there is
+    no barrier: the others may never reach it (the launcher stops them)."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if finished and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def _run(args) -> int:
