@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
-# SALF validation on a lent GPU: LoRA on the default model at several freeze-below values,
-# three seeds each (see gpu_default_model.sh for the calls it takes).
-source benchmarks/gpu_default_model.sh
-for seed in 0 1 2; do
-  python3 benchmarks/salf_validation.py --freeze-below "${KS:-0,10,13,15,17,20}" --lr 1e-3 \
-    --seed $seed --steps 80 --out "/tmp/salf-s$seed" 2>&1 | grep -v "kernels-community" \
-    | tail -14
-  cp "/tmp/salf-s$seed/salf_validation.json" "$out/salf-s$seed.json"
+# SALF validation on a lent GPU (see gpu_models.sh for the calls that bring both packaged
+# models and transformers 5.24 first): LoRA at its default rate, several freeze-below
+# values, three seeds each, runs side by side, then each freeze-below timed alone.
+#   COMBOS="default:intents default:extract gemma3-270m:intents gemma3-270m:extract"
+#   KS_default=0,5,10,13,15,20  KS_gemma3-270m (KS_gemma): 0,3,6,9,12,15
+source benchmarks/gpu_models.sh
+for combo in ${COMBOS:-default:extract gemma3-270m:intents gemma3-270m:extract}; do
+  model=${combo%%:*} task=${combo##*:}
+  if [ "$model" = default ]; then ks=${KS_default:-0,5,10,13,15,20}; else ks=${KS_gemma:-0,3,6,9,12,15}; fi
+  dir=/tmp/salf-$model-$task
+  timeout "${BUDGET_S:-560}" python3 benchmarks/salf_validation.py --model "$model" --task "$task" \
+    --freeze-below "$ks" --seeds "${SEEDS:-0,1,2}" --steps "${STEPS:-100}" --device cuda \
+    --jobs "${JOBS:-12}" --timing-steps "${TIMING_STEPS:-30}" --out "$dir" 2>"$dir.log" \
+    | tail -14 || { echo "$combo stopped"; tail -3 "$dir.log"; }
+  cp "$dir/salf_validation.json" "$out/salf-$model-$task.json" 2>/dev/null || true
 done

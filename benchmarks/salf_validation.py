@@ -1,23 +1,33 @@
 """Does the SALF analysis rank end-of-freezing layers the way fine-tuning does?
 
-Runs the analysis on the training data, then fine-tunes the same method, steps, data and
-seed with several freeze-below values, and reports for each: measured quality
-(accuracy, eval loss), step time, the predicted gain G(k); the Spearman rank
-correlation between G(k) and the measured accuracy; and how the recommended freeze-below does
-against training every layer.
+Runs the analysis on the task's training data, then fine-tunes the same method, steps and
+data at several freeze-below values (the recommended one always among them) and seeds,
+and reports for each: measured quality (the task's score, eval loss; mean and spread over
+seeds), step time, the predicted gain G(k); the Spearman rank correlation between G(k) and
+the mean score; and how the recommended freeze-below does against training every layer.
+
+Each run is one `slimtune train` process (lr_sweep.run_one) with the method's default rate
+unless --lr says otherwise; --jobs runs them side by side (a 135M-270M model leaves a GPU
+mostly idle), and then step times, which runs sharing a device distort, come from a timing
+pass: each freeze-below alone for --timing-steps steps.
 
     python benchmarks/salf_validation.py --freeze-below 0,5,10,15,20,25,28 --steps 80
+    python benchmarks/salf_validation.py --model gemma3-270m --task extract --seeds 0,1,2 \
+        --freeze-below 0,3,6,9,12,15 --device cuda --jobs 12 --timing-steps 30
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from lr_sweep import TASKS, _rate, run_one  # benchmarks/, the script's folder
 
 
 def ranks(values: list[float]) -> list[float]:
@@ -47,99 +57,120 @@ def spearman(a: list[float], b: list[float]) -> float:
 def main() -> None:
     warnings.filterwarnings("ignore")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--data", default="builtin:support_intents_train")
-    ap.add_argument("--eval-data", default="builtin:support_intents_test")
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--task", default="intents", choices=sorted(TASKS))
     ap.add_argument("--method", default="lora")
     ap.add_argument("--freeze-below", default="0,5,10,15,20,25,28")
     ap.add_argument("--steps", type=int, default=80)
-    ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="runs/salf-validation")
+    ap.add_argument("--lr", default="default", help="'default': the method's default rate")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument(
-        "--merge",
-        help="rows of an earlier run (its salf_validation.json) to "
-        "report with these; ks already there are not rerun",
+        "--timing-steps",
+        type=int,
+        default=0,
+        help="time each freeze-below alone for this many steps (0: the quality runs' "
+        "step times, right only with --jobs 1)",
     )
+    ap.add_argument("--out", default="runs/salf-validation")
     args = ap.parse_args()
 
     from slimtune.data import load_dataset
+    from slimtune.methods import METHODS
     from slimtune.model.loading import load_model
     from slimtune.salf.analysis import analyze
-    from slimtune.training.config import TrainConfig
-    from slimtune.training.trainer import train
 
-    base = load_model("default")
-    analysis = analyze(base.model, load_dataset(args.data, base.tokenizer), progress=False)
-    rows = json.loads(Path(args.merge).read_text())["rows"] if args.merge else []
-    done = {r["freeze_below"] for r in rows}
-    ks = sorted(({int(x) for x in args.freeze_below.split(",")} | {analysis.freeze_below}) - done)
-    for k in ks:
-        res = train(
-            TrainConfig(
-                data=args.data,
-                eval_data=args.eval_data,
-                method=args.method,
-                freeze_below=k,
-                max_steps=args.steps,
-                lr=args.lr,
-                batch_size=args.batch_size,
-                output_dir=f"{args.out}/freeze{k}",
-                overwrite=True,
-                progress=False,
-                save_every=0,
-                seed=args.seed,
+    data, _, metric = TASKS[args.task]
+    base = load_model(args.model)
+    analysis = analyze(base.model, load_dataset(data, base.tokenizer), progress=False)
+    del base
+    cls = METHODS[args.method]
+    if args.lr != "default":
+        lr = _rate(args.lr)
+    else:  # full's default is its range test
+        lr = "auto" if cls.auto_lr else _rate(cls.default_lr)
+    ks = sorted({int(x) for x in args.freeze_below.split(",")} | {analysis.freeze_below})
+    seeds = [int(x) for x in args.seeds.split(",")]
+    out = Path(args.out)
+
+    def job(k: int, seed: int, steps: int, tag: str) -> dict:
+        spec = {"model": args.model, "task": args.task, "method": args.method, "lr": lr}
+        spec |= {"seed": seed, "tag": f"{tag}{k}"}
+        row = run_one(spec, out, args.device, steps, f"--freeze-below {k}")
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        if "error" in row:
+            raise RuntimeError(f"freeze-below {k}, seed {seed}: {row['error']}")
+        return row
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        runs = list(
+            pool.map(
+                lambda ks_: job(*ks_, args.steps, "freeze"), [(k, s) for k in ks for s in seeds]
             )
         )
-        s = res.summary
+    timed = {}
+    if args.timing_steps:
+        timed = {k: job(k, seeds[0], args.timing_steps, "time")["step_time_p50_s"] for k in ks}
+    rows = []
+    for k in ks:
+        mine = [r for r in runs if r["tag"] == f"freeze{k}"]
+        scores = [r["score"] for r in mine]
         rows.append(
             {
                 "freeze_below": k,
                 "predicted_gain": analysis.gain[k],
-                "accuracy": s["eval_accuracy"],
-                "eval_loss": s["eval_loss"],
-                "step_time_s": s["step_time_p50_s"],
-                "trainable": s["trainable_params"],
+                "scores": scores,
+                "score": statistics.mean(scores),
+                "score_sd": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+                "eval_loss": statistics.mean(r["eval_loss"] for r in mine),
+                "step_time_s": timed.get(k)
+                or statistics.median(r["step_time_p50_s"] for r in mine),
             }
         )
-        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    for r in rows:  # the gain of merged rows follows the current analysis
-        r["predicted_gain"] = analysis.gain[r["freeze_below"]]
-    rows.sort(key=lambda r: r["freeze_below"])
-    rho = spearman([r["predicted_gain"] for r in rows], [r["accuracy"] for r in rows])
+    rho = spearman([r["predicted_gain"] for r in rows], [r["score"] for r in rows])
     rho_loss = spearman([r["predicted_gain"] for r in rows], [-r["eval_loss"] for r in rows])
     full = next(r for r in rows if r["freeze_below"] == 0)
     rec = next(r for r in rows if r["freeze_below"] == analysis.freeze_below)
+    name = metric.removeprefix("eval_")
+    print(
+        f"{args.model}, {args.task}, {args.method} at lr {lr}, {args.steps} steps, seeds {args.seeds}"
+    )
     print(f"analysis: {analysis.reason}\n")
     print(
-        "| freeze-below | predicted gain G(k) | accuracy | eval loss | step time (s) "
-        "| step time vs 0 | trainable params |"
+        f"| freeze-below | predicted gain G(k) | {name}, per seed | mean ± sd | eval loss (mean) "
+        "| step time vs 0 |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         mark = " (recommended)" if r["freeze_below"] == analysis.freeze_below else ""
         print(
-            f"| {r['freeze_below']}{mark} | {r['predicted_gain']:.3f} | {100 * r['accuracy']:.1f}% | "
-            f"{r['eval_loss']:.3f} | {r['step_time_s']:.3f} | "
-            f"{r['step_time_s'] / full['step_time_s']:.2f}x | {r['trainable']:,} |"
+            f"| {r['freeze_below']}{mark} | {r['predicted_gain']:.3f} | "
+            + " / ".join(f"{100 * x:.1f}" for x in r["scores"])
+            + f" | {100 * r['score']:.1f} ± {100 * r['score_sd']:.1f} | {r['eval_loss']:.3f} | "
+            f"{r['step_time_s'] / full['step_time_s']:.2f}x |"
         )
     print(
-        f"\nSpearman(predicted gain, accuracy) = {rho:.3f}; "
+        f"\nSpearman(predicted gain, mean {name}) = {rho:.3f}; "
         f"Spearman(predicted gain, -eval loss) = {rho_loss:.3f}"
     )
     print(
-        f"recommended freeze-below {analysis.freeze_below}: accuracy {100 * rec['accuracy']:.1f}% against "
-        f"{100 * full['accuracy']:.1f}% with every layer "
-        f"({100 * (rec['accuracy'] - full['accuracy']):+.1f} points), step time "
-        f"{100 * (1 - rec['step_time_s'] / full['step_time_s']):.0f}% shorter"
+        f"recommended freeze-below {analysis.freeze_below}: {name} {100 * rec['score']:.1f} "
+        f"against {100 * full['score']:.1f} with every layer "
+        f"({100 * (rec['score'] - full['score']):+.1f} points), step time "
+        f"{rec['step_time_s'] / full['step_time_s']:.2f}x"
     )
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    Path(args.out, "salf_validation.json").write_text(
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "salf_validation.json").write_text(
         json.dumps(
             {
+                "model": args.model,
+                "task": args.task,
+                "method": args.method,
+                "lr": lr,
                 "analysis": analysis.to_dict(),
                 "rows": rows,
-                "spearman_accuracy": rho,
+                "spearman_score": rho,
                 "spearman_loss": rho_loss,
             },
             indent=2,

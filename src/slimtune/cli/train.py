@@ -18,6 +18,7 @@ from typing import Any
 
 from ..errors import UserInputError
 from ..options import check_types, parse_key_values, read_yaml_config
+from ..salf.analysis import DEFAULT_KEEP
 from ..training.config import NEGATED_FLAGS, StoreOptions
 from .common import S, add_model_args
 
@@ -236,7 +237,7 @@ def add_train_options(p: argparse.ArgumentParser, grid: bool) -> None:
         "--keep",
         type=float,
         default=S,
-        help="share of the expected gain --freeze auto keeps (default 0.99)",
+        help=f"share of the expected gain --freeze auto keeps (default {DEFAULT_KEEP})",
     )
     p.add_argument("--max-steps", type=int, default=S, help="optimizer steps (default 100)")
     p.add_argument("--batch-size", type=int, default=S, help="examples per micro-batch (default 8)")
