@@ -5,37 +5,73 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCK = re.compile(r"<!-- readme-test -->\n```(bash|python)\n(.*?)```", re.S)
+# <!-- readme-test --> marks an example that runs on its own; <!-- readme-test NAME --> one
+# that runs after the earlier examples marked NAME, in the README's order (they share files)
+BLOCK = re.compile(r"<!-- readme-test(?: (\w+))? -->\n```(bash|python)\n(.*?)```", re.S)
 
 
-def blocks():
+def blocks() -> list[tuple[str, str, str]]:
     found = BLOCK.findall(README.read_text())
     assert len(found) >= 4, "README lost its tested examples"
     return found
 
 
+def sequences(found: list[tuple[str, str, str]]) -> list[list[tuple[str, str]]]:
+    """The examples grouped into what must run in order: one group per name, in the
+    README's order, and each unnamed example alone."""
+    named: dict[str, list[tuple[str, str]]] = {}
+    groups: list[list[tuple[str, str]]] = []
+    for name, lang, code in found:
+        if not name:
+            groups.append([(lang, code)])
+            continue
+        if name not in named:
+            named[name] = []
+            groups.append(named[name])
+        named[name].append((lang, code))
+    return groups
+
+
+def test_named_examples_keep_their_order_and_the_rest_stand_alone():
+    found = [("", "bash", "a"), ("store", "bash", "b"), ("", "python", "c"), ("store", "bash", "d")]
+    assert sequences(found) == [[("bash", "a")], [("bash", "b"), ("bash", "d")], [("python", "c")]]
+
+
 @pytest.mark.default_model
 def test_readme_examples_run_as_written(tmp_path):
+    # the examples are mostly process start-up, loading and short single-threaded work:
+    # two at a time, a thread of torch each, take about half the time of one at a time
+    workers = min(4, max(2, (os.cpu_count() or 1) // 2))
     env = {
         **os.environ,
         "PYTHONWARNINGS": "ignore",
+        "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers)),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
-    outputs = []
-    for lang, code in blocks():
-        cmd = (
-            ["bash", "-euo", "pipefail", "-c", code]
-            if lang == "bash"
-            else [sys.executable, "-c", code]
-        )
-        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
-        assert proc.returncode == 0, f"README block failed:\n{code}\n{proc.stdout}\n{proc.stderr}"
-        outputs.append(proc.stdout + proc.stderr)
+
+    def run(group: list[tuple[str, str]]) -> list[str]:
+        outputs = []
+        for lang, code in group:
+            cmd = (
+                ["bash", "-euo", "pipefail", "-c", code]
+                if lang == "bash"
+                else [sys.executable, "-c", code]
+            )
+            proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise AssertionError(f"README block failed:\n{code}\n{proc.stdout}\n{proc.stderr}")
+            outputs.append(proc.stdout + proc.stderr)
+        return outputs
+
+    groups = sorted(sequences(blocks()), key=len, reverse=True)  # the longest first
+    with ThreadPoolExecutor(workers) as pool:
+        outputs = [out for group in pool.map(run, groups) for out in group]
     text = "\n".join(outputs)
     # what the README says these examples print
     assert "bad.jsonl:2: has 'prompt' or 'completion' but is missing field 'completion'" in text
