@@ -9,12 +9,14 @@ import os
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import slimtune.model.compile as compile_mod
 from slimtune.cli.app import main
 from slimtune.delta import DeltaStore
 
@@ -82,6 +84,7 @@ def _losses(run: Path) -> list[float]:
         (TORCHRUN, "full", ["--fsdp"]),
         (TORCHRUN, "lora", ["--fsdp"]),
         (TORCHRUN, "lora", ["--lr", "auto"]),
+        (TORCHRUN, "lora", ["--compile"]),
     ],
     ids=[
         "torchrun-lora",
@@ -92,18 +95,24 @@ def _losses(run: Path) -> list[float]:
         "fsdp-full",
         "fsdp-lora",
         "torchrun-lora-lr-auto",
+        "torchrun-lora-compile",
     ],
 )
 def test_two_processes_train_what_one_does(
-    tiny_dir, intent_file, tmp_path, launcher, method, extra
+    tiny_dir, intent_file, tmp_path, monkeypatch, launcher, method, extra
 ):
     """DDP (through accelerate) and FSDP2: the weights, the logged loss and the eval
     metrics (each process evaluates a share) are those of one process; a sparse regrow
     grows the entries one process would (from the gradient of the whole batch); --lr auto
-    chooses the rate one process does (every process the same)."""
+    chooses the rate one process does (every process the same); --compile's layers under
+    DDP train what they do in one process (traced by aot_eager: inductor's C++ compile
+    takes minutes on two cores)."""
+    if "--compile" in extra:
+        monkeypatch.setattr(compile_mod, "BACKEND", "aot_eager")
+        monkeypatch.setenv("SLIMTUNE_COMPILE_BACKEND", "aot_eager")
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(_train_args(tiny_dir, intent_file, one, tmp_path / "s1", method, 4) + extra) == 0
-    port = 29500 + (os.getpid() + len(method) + len(launcher) + 3 * len(extra)) % 1000
+    port = 29500 + (os.getpid() + zlib.crc32(f"{launcher[2]} {method} {extra}".encode())) % 1000
     args = _train_args(tiny_dir, intent_file, two, tmp_path / "s2", method, 2) + extra
     proc = _launch(launcher, args, port)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
