@@ -33,7 +33,7 @@ browser:
 	  ($(APT) update >/dev/null && $(APT) install chromium chromium-driver >/dev/null)
 
 test: fetch browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # the inner loop: everything but the tests on the real default model (CI runs `make test`)
 test-fast: setup

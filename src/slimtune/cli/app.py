@@ -75,12 +75,16 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    import logging
     import warnings
 
     # Deprecation chatter between transformers and peft versions is not the user's to act on.
     for module in ("transformers", "peft", "accelerate", "torch"):
         warnings.filterwarnings("ignore", category=FutureWarning, module=module)
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+    # bitsandbytes (imported by peft where installed) asks CPUs with AVX512-BF16 to install
+    # `kernels` and fetch a 4-bit kernel from the Hub; slimtune's 4-bit path needs neither
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
     finished = False
