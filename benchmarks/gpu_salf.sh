@@ -2,16 +2,19 @@
 # SALF validation on a lent GPU (see gpu_models.sh for the calls that bring both packaged
 # models and transformers 5.24 first): LoRA at its default rate, several freeze-below
 # values, three seeds each, runs side by side, then each freeze-below timed alone.
-#   COMBOS="default:intents default:extract gemma3-270m:intents gemma3-270m:extract"
-#   KS_default=0,5,10,13,15,20  KS_gemma3-270m (KS_gemma): 0,3,6,9,12,15
+# One model and task per call fits the 10-minute limit:
+#   COMBOS=default:extract bash benchmarks/gpu_salf.sh      (also gemma3-270m:intents, ...)
+#   KS_default=0,5,10,13,15,20 (30 layers)  KS_gemma=0,3,6,9,12,15 (18 layers)
 source benchmarks/gpu_models.sh
-for combo in ${COMBOS:-default:extract gemma3-270m:intents gemma3-270m:extract}; do
+for combo in ${COMBOS:-default:extract}; do
   model=${combo%%:*} task=${combo##*:}
   if [ "$model" = default ]; then ks=${KS_default:-0,5,10,13,15,20}; else ks=${KS_gemma:-0,3,6,9,12,15}; fi
   dir=/tmp/salf-$model-$task
-  timeout "${BUDGET_S:-560}" python3 benchmarks/salf_validation.py --model "$model" --task "$task" \
+  left=$(( ${CALL_S:-590} - SECONDS ))  # what the call has left, its start and the fetch paid
+  timeout "$left" python3 benchmarks/salf_validation.py --model "$model" --task "$task" \
     --freeze-below "$ks" --seeds "${SEEDS:-0,1,2}" --steps "${STEPS:-100}" --device cuda \
     --jobs "${JOBS:-12}" --timing-steps "${TIMING_STEPS:-30}" --out "$dir" 2>"$dir.log" \
     | tail -14 || { echo "$combo stopped"; tail -3 "$dir.log"; }
+  cp "$dir.log" "$out/salf-$model-$task.log"  # every run's row, finished or not
   cp "$dir/salf_validation.json" "$out/salf-$model-$task.json" 2>/dev/null || true
 done

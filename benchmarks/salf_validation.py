@@ -19,6 +19,7 @@ pass: each freeze-below alone for --timing-steps steps.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -90,7 +91,10 @@ def main() -> None:
         lr = _rate(args.lr)
     else:  # full's default is its range test
         lr = "auto" if cls.auto_lr else _rate(cls.default_lr)
-    ks = sorted({int(x) for x in args.freeze_below.split(",")} | {analysis.freeze_below})
+    asked = {int(x) for x in args.freeze_below.split(",")}
+    if bad := sorted(k for k in asked if not 0 <= k < len(analysis.gain) - 1):
+        ap.error(f"--freeze-below {bad}: {args.model} has {len(analysis.gain) - 1} layers")
+    ks = sorted(asked | {0, analysis.freeze_below})  # 0: the run every cut is compared with
     seeds = [int(x) for x in args.seeds.split(",")]
     out = Path(args.out)
 
@@ -99,22 +103,23 @@ def main() -> None:
         spec |= {"seed": seed, "tag": f"{tag}{k}"}
         row = run_one(spec, out, args.device, steps, f"--freeze-below {k}")
         print(json.dumps(row), file=sys.stderr, flush=True)
-        if "error" in row:
-            raise RuntimeError(f"freeze-below {k}, seed {seed}: {row['error']}")
         return row
 
-    with ThreadPoolExecutor(args.jobs) as pool:
-        runs = list(
-            pool.map(
-                lambda ks_: job(*ks_, args.steps, "freeze"), [(k, s) for k in ks for s in seeds]
-            )
-        )
+    with ThreadPoolExecutor(args.jobs) as pool:  # a failed run is reported, not fatal
+        done = list(pool.map(lambda a: job(*a, args.steps, "freeze"), itertools.product(ks, seeds)))
+    failed = [r for r in done if "error" in r]
+    runs = [r for r in done if "error" not in r]
     timed = {}
     if args.timing_steps:
-        timed = {k: job(k, seeds[0], args.timing_steps, "time")["step_time_p50_s"] for k in ks}
+        for k in ks:
+            row = job(k, seeds[0], args.timing_steps, "time")
+            failed += [row] if "error" in row else []
+            timed[k] = row.get("step_time_p50_s")
     rows = []
     for k in ks:
         mine = [r for r in runs if r["tag"] == f"freeze{k}"]
+        if not mine:
+            continue
         scores = [r["score"] for r in mine]
         rows.append(
             {
@@ -128,6 +133,11 @@ def main() -> None:
                 or statistics.median(r["step_time_p50_s"] for r in mine),
             }
         )
+    for r in failed:
+        print(f"failed: freeze-below {r['tag']}, seed {r['seed']}: {r['error']}", file=sys.stderr)
+    have = {r["freeze_below"] for r in rows}
+    if not {0, analysis.freeze_below} <= have:
+        sys.exit("no run without freezing or at the recommended freeze-below finished")
     rho = spearman([r["predicted_gain"] for r in rows], [r["score"] for r in rows])
     rho_loss = spearman([r["predicted_gain"] for r in rows], [-r["eval_loss"] for r in rows])
     full = next(r for r in rows if r["freeze_below"] == 0)
@@ -172,6 +182,7 @@ def main() -> None:
                 "rows": rows,
                 "spearman_score": rho,
                 "spearman_loss": rho_loss,
+                "failed": failed,
             },
             indent=2,
         )

@@ -9,6 +9,7 @@ plan; store.py: delta and ab); they parse, call the library and print.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from ..errors import EXIT_CODES, SlimtuneError, UserInputError
@@ -102,15 +103,18 @@ def _end_process_group(finished: bool) -> None:
     caller has its result, which takes the GIL; if the interpreter is finalizing by then the
     thread is torn down inside a destructor and the finished process aborts ("terminate
     called without an active exception", exit -6; seen on a rank whose last collective was
-    the main process' broadcast). A barrier first gives those threads the GIL while it waits
-    and keeps every process alive until all are done. After a failure or a refusal there is
-    no barrier: the others may never reach it (the launcher stops them)."""
+    the main process' broadcast). A barrier first gives those threads the GIL while it waits.
+    Only after a successful command (after a failure or a refusal the others may never reach
+    it; the launcher stops them), and its own failure is not the command's: the main process
+    may have failed after the last collective (storing the delta), or outlasted the group's
+    timeout."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return
-    if finished and dist.get_world_size() > 1:
-        dist.barrier()
+    if finished and dist.get_world_size() > 1 and dist.get_backend() == "gloo":
+        with contextlib.suppress(RuntimeError):
+            dist.barrier()
     dist.destroy_process_group()
 
 
