@@ -65,6 +65,13 @@ def run_one(job: dict, out: Path, device: str, steps: int | None, flags: str = "
             "step_time_p50_s": s.get("step_time_p50_s"), "lr_used": s.get("lr")}  # fmt: skip
 
 
+def default_rate(method: str) -> str:
+    """The method's current default rate, spelt as a run records it ("auto" for a method
+    whose default is its range test, as full's is)."""
+    cls = METHOD_CLASSES[method]
+    return "auto" if cls.auto_lr else _rate(cls.default_lr)
+
+
 def _rate(lr: str | float) -> str:
     """One spelling per rate ("1e-3", "0.001" and 1e-3 are the same run); "auto" as is."""
     if lr == "auto":
@@ -93,8 +100,7 @@ def table(rows: list[dict], tag: str = "") -> str:
         lines += ["|---" * (len(lrs) + 3) + "|"]
         for method in [m for m in METHODS if any(r["method"] == m for r in sel)]:
             cells, means = [], {}
-            cls = METHOD_CLASSES[method]
-            default = "auto" if cls.auto_lr else _rate(cls.default_lr)
+            default = default_rate(method)
             for lr in [*lrs, "default"]:
                 got = [
                     100 * r["score"]
@@ -166,10 +172,7 @@ def main() -> None:
         lrs = dict(kv.split("=", 1) for kv in args.method_lrs.split(";") if kv).get(method, lrs)
         for lr in lrs.split(","):
             # recorded as the number (so results outlive a changed default), in one spelling
-            if lr == "default":  # full's default is its range test (Method.auto_lr)
-                cls = METHOD_CLASSES[method]
-                lr = "auto" if cls.auto_lr else cls.default_lr
-            lr = _rate(lr)
+            lr = default_rate(method) if lr == "default" else _rate(lr)
             job = dict(zip(keys, (model, task, method, lr, seed, args.tag), strict=True))
             if tuple(job.values()) not in have:
                 jobs.append(job)

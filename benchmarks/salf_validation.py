@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from lr_sweep import TASKS, _rate, run_one  # benchmarks/, the script's folder
+from lr_sweep import TASKS, _rate, default_rate, run_one  # benchmarks/, the script's folder
 
 
 def ranks(values: list[float]) -> list[float]:
@@ -78,7 +78,6 @@ def main() -> None:
     args = ap.parse_args()
 
     from slimtune.data import load_dataset
-    from slimtune.methods import METHODS
     from slimtune.model.loading import load_model
     from slimtune.salf.analysis import analyze
 
@@ -86,11 +85,7 @@ def main() -> None:
     base = load_model(args.model)
     analysis = analyze(base.model, load_dataset(data, base.tokenizer), progress=False)
     del base
-    cls = METHODS[args.method]
-    if args.lr != "default":
-        lr = _rate(args.lr)
-    else:  # full's default is its range test
-        lr = "auto" if cls.auto_lr else _rate(cls.default_lr)
+    lr = default_rate(args.method) if args.lr == "default" else _rate(args.lr)
     asked = {int(x) for x in args.freeze_below.split(",")}
     if bad := sorted(k for k in asked if not 0 <= k < len(analysis.gain) - 1):
         ap.error(f"--freeze-below {bad}: {args.model} has {len(analysis.gain) - 1} layers")
