@@ -40,11 +40,17 @@ LRS = "1e-4,3e-4,1e-3,3e-3"
 FULL_LRS = "1e-5,3e-5,1e-4,3e-4"
 
 
-def run_one(job: dict, out: Path, device: str, steps: int | None, flags: str = "") -> dict:
+def run_one(
+    job: dict, out: Path, device: str, steps: int | None, flags: str = "", evaluate: bool = True
+) -> dict:
+    """One ``slimtune train`` process; ``evaluate=False`` (a timing run) skips the test
+    split, whose generation would outlast a short run's steps."""
     data, eval_data, metric = TASKS[job["task"]]
-    folder = out / "runs" / "-".join(str(v) for v in job.values() if v != "")
+    name = "-".join(str(v) for v in job.values() if v != "")
+    folder = out / "runs" / name.strip("/").replace("/", "_")  # a model given as a path
     cmd = [sys.executable, "-m", "slimtune", "train", "--model", job["model"], "--data", data]
-    cmd += ["--eval-data", eval_data, "--method", job["method"], "--seed", str(job["seed"])]
+    cmd += ["--eval-data", eval_data] if evaluate else ["--eval-fraction", "0"]
+    cmd += ["--method", job["method"], "--seed", str(job["seed"])]
     cmd += ["--device", device, "--output-dir", str(folder), "--overwrite", "--no-progress"]
     cmd += ["--save-every", "0"]
     cmd += ["--lr", job["lr"]]
