@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # Several GPUs (issue 16) on a lent multi-GPU host, one part per call (carry .whl: its
-# wheels, liger-kernel among them, install under /tmp/site):
+# wheels, liger-kernel among them, install under /tmp/site; WHEELS=.whl2 takes another
+# folder, e.g. one without bitsandbytes, which these parts do not use):
 #   PART=smoke bash benchmarks/gpu_distributed.sh OUTDIR   # slimtune train under torchrun:
 #                                    # DDP lora and FSDP2 full, a tiny model, 2 GPUs
 #   PART=ddp   bash benchmarks/gpu_distributed.sh OUTDIR   # 1.24B shape, 4 x 2048 per GPU:
 #                                    # lora, sparse 1%, peft + Liger + DDP on 1, 2, 4 GPUs
 #   PART=fsdp  bash benchmarks/gpu_distributed.sh OUTDIR   # Llama-3-8B shape, 1 x 2048 per
 #                                    # GPU, checkpointing: full and lora under FSDP2
-# GPUS overrides the GPU counts (default 1,2,4); CONFIGS the rows.
+# GPUS overrides the GPU counts (default 1,2,4); CONFIGS the rows; STEPS the timed steps (ddp).
 set -u
 out=${1:-${OUT:-/tmp/out}}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore NCCL_NVLS_ENABLE=0
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>/dev/null
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+# NVLink multicast off on the shared hosts
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "${WHEELS:-.whl}"/*.whl 2>/dev/null
 export PYTHONPATH=src:/tmp/site
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import peft, transformers, accelerate, liger_kernel, torch; print('torch', torch.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
@@ -32,7 +35,7 @@ smoke)
   ;;
 ddp)
   python3 benchmarks/bench_distributed.py --model llama-1.2b --batch 4 --seq 2048 \
-    --gpus "$gpus" --configs "${CONFIGS:-lora,peft-lora-liger,sparse}" --out "$out/ddp.json" ${PROFILE:+--profile} \
+    --gpus "$gpus" --configs "${CONFIGS:-lora,peft-lora-liger,sparse}" --steps "${STEPS:-6}" --out "$out/ddp.json" ${PROFILE:+--profile} \
     > "$out/ddp.md" 2> "$out/ddp.err"
   cat "$out/ddp.md"; grep -i "error\|Traceback" "$out/ddp.err" | head -8
   ;;

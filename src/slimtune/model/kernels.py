@@ -25,6 +25,16 @@ from ..errors import UserInputError
 from ..log import info
 from .anatomy import base_model
 
+# Architectures whose Liger patch trains but breaks what is generated afterwards, measured:
+# Gemma 3 270M, LoRA on support_extract, one H200, Liger 0.8.5, transformers 5.24: eval loss
+# 0.05-0.07 as without Liger, but 3-9% exact match against 87-90% without Liger (GPU) and
+# 87% on the CPU at the same rate (BENCHMARKS.md, SALF at --lr auto). Until a GPU run shows
+# which kernel it is, they train on torch's own operations (the fused loss still applies).
+UNSAFE = {
+    "gemma3_text": "Liger's Gemma 3 kernels broke generation after training in our runs",
+    "gemma3": "Liger's Gemma 3 kernels broke generation after training in our runs",
+}
+
 # "auto": Liger where it runs (CUDA, installed, architecture covered); "off": torch only.
 # SLIMTUNE_KERNELS=off turns them off for a process (e.g. to compare).
 MODES = ("auto", "off")
@@ -76,6 +86,10 @@ def apply_fused_kernels(
             "fused GPU kernels off: Liger is not installed (pip install 'slimtune[gpu]'); "
             "training runs on torch's own RMSNorm/SwiGLU/RoPE and chunked loss"
         )
+        return []
+    arch = getattr(getattr(base_model(model), "config", None), "model_type", None)
+    if arch in UNSAFE:
+        _say_once(f"fused GPU kernels off for {arch}: {UNSAFE[arch]} (BENCHMARKS.md)")
         return []
     model_type = _supported_type(model)
     if model_type is None:
