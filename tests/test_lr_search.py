@@ -134,3 +134,26 @@ def test_full_fine_tuning_chooses_its_rate_unless_one_is_given(tiny_dir, intent_
     lora = train_tiny(tiny_dir, intent_file, tmp_path / "l", method="lora", lr=None, max_steps=2)
     assert lora.manifest.get("lr_search") is None
     assert lora.summary["lr"] == METHODS["lora"].default_lr
+
+
+def test_a_frozen_run_at_the_default_rate_is_pointed_to_lr_auto(
+    tiny_dir, intent_file, tmp_path, monkeypatch
+):
+    """Frozen runs scored 5-6 points more at --lr auto on extraction (BENCHMARKS.md): a
+    frozen run left at the default rate says so; one with a rate, auto, or no freezing not."""
+    from slimtune.training import trainer as trainer_module
+
+    said: list[str] = []
+    monkeypatch.setattr(trainer_module, "info", said.append)
+
+    def notes(**overrides) -> list[str]:
+        said.clear()
+        out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"  # a Trainer locks its folder
+        cfg = TrainConfig(**{**tiny_cfg(tiny_dir, intent_file, out).__dict__, **overrides})
+        Trainer(cfg)  # the setup decides (nothing is trained)
+        return [s for s in said if "--lr auto" in s]
+
+    (note,) = notes(lr=None, freeze_below=2)
+    assert "2 of 4 layers" in note
+    assert notes(lr=3e-3, freeze_below=2) == []
+    assert notes(lr=None, freeze_below=0) == []
