@@ -17,8 +17,8 @@ export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "${WHEELS:-.whl}"/*.whl 2>/dev/null
 export PYTHONPATH=src:/tmp/site
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 -c "import peft, transformers, accelerate, liger_kernel, torch; print('torch', torch.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/versions.txt"
+python3 -c "import peft, transformers, accelerate, liger_kernel, torch; print('torch', torch.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)" | tee -a "$out/versions.txt"
 gpus=${GPUS:-1,2,4}
 case "${PART:-ddp}" in
 smoke)

@@ -292,6 +292,7 @@ def test_an_architecture_whose_kernels_broke_generation_trains_without_them(monk
         num_attention_heads=4, num_key_value_heads=2, head_dim=8,
     )  # fmt: skip
     model = getattr(transformers, model_name)(config)
+    monkeypatch.delenv("SLIMTUNE_KERNELS", raising=False)
     monkeypatch.setattr(kernels, "liger_installed", lambda: True)
     monkeypatch.setattr(kernels, "_supported_type", lambda m: pytest.fail("liger consulted"))
     assert kernels.apply_fused_kernels(model, "cuda") == []

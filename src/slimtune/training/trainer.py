@@ -287,10 +287,10 @@ class Trainer:
                 f"--freeze-below {self.freeze_k}: the model has only {n_layers} layers"
             )
         self.layers = list(range(self.freeze_k, n_layers))
-        if self.freeze_k and cfg.lr is None and not cfg.lr_auto:
-            info(
+        if self.freeze_k and cfg.lr is None and not cfg.lr_auto and not cfg.resume:
+            info(  # a resumed run keeps its rate: the advice is for the next run
                 f"note: training {len(self.layers)} of {n_layers} layers at the default rate; "
-                "a frozen run usually wants a higher one: --lr auto measures it "
+                "a frozen run may want a higher one: --lr auto measures it "
                 "(BENCHMARKS.md, SALF at --lr auto)"
             )
         # Liger's RMSNorm/SwiGLU/RoPE kernels on CUDA where installed, before a method wraps
