@@ -132,7 +132,6 @@ def main() -> None:
         if not mine:
             continue
         scores = [r["score"] for r in mine]
-        shared = statistics.median(r["step_time_p50_s"] for r in mine)
         rows.append(
             {
                 "freeze_below": k,
@@ -142,7 +141,9 @@ def main() -> None:
                 "score_sd": statistics.stdev(scores) if len(scores) > 1 else 0.0,
                 "eval_loss": statistics.mean(r["eval_loss"] for r in mine),
                 # one kind of measurement per table: a cut the timing pass missed gets none
-                "step_time_s": timed.get(k) if args.timing_steps else shared,
+                "step_time_s": timed.get(k)
+                if args.timing_steps
+                else statistics.median(r["step_time_p50_s"] for r in mine),
             }
         )
     for r in failed:

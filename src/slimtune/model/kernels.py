@@ -31,10 +31,8 @@ from .anatomy import base_model
 # 1e-3) and 87% on the CPU at the Liger runs' own rate (BENCHMARKS.md, SALF at --lr auto).
 # Until a GPU run settles it (and which kernel), they train on torch's own RMSNorm, MLP and
 # RoPE; the fused loss, a separate switch, is neither implicated nor cleared.
-UNSAFE = {
-    "gemma3_text": "with Liger's Gemma 3 kernels, generation after training broke in our runs",
-    "gemma3": "with Liger's Gemma 3 kernels, generation after training broke in our runs",
-}
+UNSAFE = frozenset({"gemma3_text", "gemma3"})
+UNSAFE_REASON = "with Liger's Gemma 3 kernels, generation after training broke in our runs"
 
 # "auto": Liger where it runs (CUDA, installed, architecture covered); "off": torch only.
 # SLIMTUNE_KERNELS=off turns them off for a process (e.g. to compare).
@@ -65,10 +63,14 @@ def _say_once(message: str) -> None:
     info(message)
 
 
+def _model_type(model: nn.Module) -> str | None:
+    return getattr(getattr(base_model(model), "config", None), "model_type", None)
+
+
 def _supported_type(model: nn.Module) -> str | None:
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
-    model_type = getattr(getattr(base_model(model), "config", None), "model_type", None)
+    model_type = _model_type(model)
     return model_type if model_type in MODEL_TYPE_TO_APPLY_LIGER_FN else None
 
 
@@ -88,9 +90,8 @@ def apply_fused_kernels(
             "training runs on torch's own RMSNorm/SwiGLU/RoPE and chunked loss"
         )
         return []
-    arch = getattr(getattr(base_model(model), "config", None), "model_type", None)
-    if arch in UNSAFE:
-        _say_once(f"fused GPU kernels off for {arch}: {UNSAFE[arch]} (BENCHMARKS.md)")
+    if (arch := _model_type(model)) in UNSAFE:
+        _say_once(f"fused GPU kernels off for {arch}: {UNSAFE_REASON} (BENCHMARKS.md)")
         return []
     model_type = _supported_type(model)
     if model_type is None:
