@@ -286,6 +286,12 @@ def run_one(args) -> dict:
         )
     if not c["fast"]:
         os.environ["SLIMTUNE_KERNELS"] = "off"
+    if impl == "hf":  # the peers attend as torch chooses (cuDNN's attention on Hopper)
+        os.environ["SLIMTUNE_ATTENTION"] = "torch"
+    else:  # as slimtune's load_model does (SLIMTUNE_ATTENTION=torch keeps torch's choice)
+        from slimtune.model.kernels import choose_attention
+
+        choose_attention(args.device)
     device = torch.device(args.device)
     t0 = time.perf_counter()
     model = build_model(args.model, args.device, c["quantize"])

@@ -46,6 +46,29 @@ def mode() -> str:
     return value
 
 
+# Attention on CUDA (SDPA). torch prefers cuDNN's attention on Hopper GPUs; it builds an
+# execution graph per input shape, milliseconds of host time, and a run pays that for every
+# new batch width in training and every new key length in generation. On a small model that
+# was a third of a LoRA step (benchmarks/gpu_attention.sh). "auto": flash and memory-
+# efficient attention only (torch's math as the fallback); "torch": torch's own order.
+ATTENTION_MODES = ("auto", "torch")
+
+
+def choose_attention(device: torch.device | str) -> bool:
+    """Take cuDNN's attention out of torch's SDPA choice for this process when ``device`` is
+    CUDA (``SLIMTUNE_ATTENTION=torch`` leaves it); returns whether it did. Process-wide, as
+    torch's switch is: every model the process runs afterwards attends the same way."""
+    value = os.environ.get("SLIMTUNE_ATTENTION", "auto")
+    if value not in ATTENTION_MODES:
+        raise UserInputError(
+            f"SLIMTUNE_ATTENTION={value!r}: use one of {', '.join(ATTENTION_MODES)}"
+        )
+    if value == "torch" or torch.device(device).type != "cuda":
+        return False
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    return True
+
+
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype a matmul on ``t`` runs in: autocast's where it is on, else ``t``'s own (for
     hand-written ops that cast explicitly, as autocast would)."""

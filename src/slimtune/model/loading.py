@@ -437,10 +437,12 @@ def load_model(
     (:mod:`.quantize`); the model is fingerprinted at full precision on the CPU first, and
     :func:`fingerprint` returns that, the original base's identity.
     """
+    from .kernels import choose_attention
     from .quantize import check_quantize, quantize_model
 
     _quiet_transformers()
     check_quantize(quantize, device)
+    choose_attention(device)  # before any forward: cuDNN's attention off on CUDA
     torch_dtype = _resolve_dtype(dtype, device)
     target, device = device, device if quantize == "none" else "cpu"
     if spec in PACKAGED_MODELS:
