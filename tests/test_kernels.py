@@ -298,3 +298,45 @@ def test_an_architecture_whose_kernels_broke_generation_trains_without_them(monk
     assert kernels.apply_fused_kernels(model, "cuda") == []
     assert kernels.apply_fused_kernels(model, "cuda") == []
     assert len(said) == 1 and "gemma3_text" in said[0] and "generation" in said[0]
+
+
+@pytest.fixture
+def cudnn_flag():
+    """torch's process-wide cuDNN-attention switch, put back after the test."""
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    yield
+    torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+def test_cudnn_attention_leaves_sdpa_only_for_cuda_runs(monkeypatch, cudnn_flag):
+    """cuDNN's attention builds a graph per input shape (BENCHMARKS.md, where a small
+    model's GPU step goes): CUDA runs attend without it; CPU runs leave torch's switch as
+    it is, and SLIMTUNE_ATTENTION=torch keeps torch's own choice on CUDA."""
+    monkeypatch.delenv("SLIMTUNE_ATTENTION", raising=False)
+    assert kernels.choose_attention("cpu") is False
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    monkeypatch.setenv("SLIMTUNE_ATTENTION", "torch")
+    assert kernels.choose_attention(torch.device("cuda")) is False
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    monkeypatch.setenv("SLIMTUNE_ATTENTION", "auto")
+    assert kernels.choose_attention("cuda:1") is True
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+    # the other backends stay as they were
+    assert (
+        torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    )
+
+
+def test_a_bad_slimtune_attention_value_is_a_clear_error_before_loading(
+    monkeypatch, tiny_dir, intent_file, tmp_path, cudnn_flag
+):
+    from slimtune.errors import UserInputError
+
+    from .conftest import train_tiny
+
+    monkeypatch.setenv("SLIMTUNE_ATTENTION", "cudnn")
+    with pytest.raises(UserInputError, match="SLIMTUNE_ATTENTION='cudnn': use one of auto, torch"):
+        train_tiny(tiny_dir, intent_file, tmp_path / "run", max_steps=1)
+    assert not (tmp_path / "run" / "delta").exists()
+    assert torch.backends.cuda.cudnn_sdp_enabled()

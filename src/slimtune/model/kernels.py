@@ -6,6 +6,9 @@ fused linear cross-entropy that the training loss uses on CUDA. Without it (or o
 for an architecture Liger does not cover) the same code runs on torch's own operations,
 slower, and says so once.
 
+Attention on CUDA leaves out cuDNN's SDPA kernel (:func:`choose_attention`): its host
+time per call, not the GPU, set the pace of a small model's step.
+
 Liger's patch is process-wide in part: besides the model instance's modules it replaces the
 architecture's rotary function (and, depending on the architecture, its norm and MLP classes)
 in its transformers module, so models of that architecture built later in the process get
@@ -25,12 +28,12 @@ from ..errors import UserInputError
 from ..log import info
 from .anatomy import base_model
 
-# Architectures whose Liger patch most likely trains but breaks what is generated after:
-# Gemma 3 270M, LoRA on support_extract, one H200, Liger 0.8.5, transformers 5.24: eval loss
-# 0.05-0.07 as without Liger, but 3-9% exact match against 80-91% without Liger (GPU, rate
-# 1e-3) and 87% on the CPU at the Liger runs' own rate (BENCHMARKS.md, SALF at --lr auto).
-# Until a GPU run settles it (and which kernel), they train on torch's own RMSNorm, MLP and
-# RoPE; the fused loss, a separate switch, is neither implicated nor cleared.
+# Architectures whose Liger patch trains but breaks what is generated after: Gemma 3 270M,
+# LoRA on support_extract, Liger 0.8.5, transformers 5.24, --lr auto, 3 seeds at each of
+# three cuts: with the kernels (one H200) eval loss 0.05-0.07 but 3-9% exact match; without
+# them (one H100, the same command) 81-90% (BENCHMARKS.md, SALF at --lr auto). Which kernel
+# is not isolated, so none of them is applied; the fused loss, a separate switch, is
+# neither implicated nor cleared.
 UNSAFE = frozenset({"gemma3_text", "gemma3"})
 UNSAFE_REASON = "with Liger's Gemma 3 kernels, generation after training broke in our runs"
 
