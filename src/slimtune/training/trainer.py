@@ -290,8 +290,8 @@ class Trainer:
         if self.freeze_k and cfg.lr is None and not cfg.lr_auto and not cfg.resume:
             info(  # a resumed run keeps its rate: the advice is for the next run
                 f"note: training {len(self.layers)} of {n_layers} layers at the default rate; "
-                "a frozen run may want a higher one: --lr auto measures it "
-                "(BENCHMARKS.md, SALF at --lr auto)"
+                "a frozen run may train better at another rate: --lr auto measures one on "
+                "this data (BENCHMARKS.md, SALF at --lr auto)"
             )
         # Liger's RMSNorm/SwiGLU/RoPE kernels on CUDA where installed, before a method wraps
         # the model (the loss takes Liger's fused linear cross-entropy on its own); with
