@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     # bitsandbytes (imported by peft where installed) asks CPUs with AVX512-BF16 to install
     # `kernels` and fetch a 4-bit kernel from the Hub; slimtune's 4-bit path needs neither
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # Liger 0.8.5 warns, twice a run, that its backends for other hardware (CuTe DSL,
+    # Ascend) did not import; its Triton kernels, the ones slimtune uses, are unaffected
+    logging.getLogger("liger_kernel.backends.registry").setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
     finished = False
