@@ -65,7 +65,7 @@ from ..log import info
 from ..methods import Method, get_method, method_class
 from ..model.anatomy import base_model, count_parameters, decoder_layers
 from ..model.compile import compiled_layers
-from ..model.kernels import apply_fused_kernels
+from ..model.kernels import apply_fused_kernels, choose_attention
 from ..model.loading import LoadedModel, fingerprint, load_model, resolve_device
 from ..model.quantize import quantization_of
 from ..salf.freezing import freeze_below
@@ -299,6 +299,7 @@ class Trainer:
         self.fused_kernels = apply_fused_kernels(
             self.loaded.model, self.device, elementwise=not cfg.compile
         )
+        choose_attention(self.device)  # as load_model does, for a model loaded elsewhere
         if cfg.compile:
             self.fused_kernels.append("torch.compile")
         self.method = get_method(cfg.method, cfg.method_options)
