@@ -5,13 +5,15 @@ steps: the question is what sets the pace of a small model's generation on a GPU
 
     python benchmarks/decode_profile.py [--device cuda] [--tokens 32]
 
-Uses slimtune's own ``decode_latency`` (KV cache, greedy, batch 1).
+Times decode as slimtune's ``decode_latency`` does (KV cache, greedy, batch 1), but each
+timed round on a new prompt length (see ``decode_rounds``).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -30,13 +32,6 @@ SMOLLM2_135M = dict(  # SmolLM2-135M's config.json
     max_position_embeddings=8192,
     rope_theta=100000.0,
 )
-
-
-class Tokenizer:
-    """The little of a tokenizer ``decode_latency`` needs: fixed ids for the prompt."""
-
-    def __call__(self, text: str, **kwargs):
-        return {"input_ids": [(7 * i + 11) % 4000 + 100 for i in range(48)]}
 
 
 def main() -> None:
@@ -63,23 +58,65 @@ def main() -> None:
         print(f"\n-- {name}: 4 decode steps, no cuDNN; {text}")
 
 
+def decode_rounds(m: torch.nn.Module, tokens: int) -> dict[str, float]:
+    """Per-token decode time, greedy, batch 1, KV cache, as ``evaluate.decode_latency``
+    times it, but every timed round on a prompt length the warm-up did not see: generation
+    in an evaluation meets new prompt and key lengths all the time, and a kernel that pays
+    per shape (cuDNN's graph build) pays then, which a warm-up on the same prompt hides."""
+    from transformers import DynamicCache
+
+    from slimtune.eval.evaluate import percentile, with_cache
+
+    dev = next(m.parameters()).device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    steps: list[float] = []
+    prefill: list[float] = []
+    for i, length in enumerate((40, 48, 61, 77)):  # the first warms up
+        ids = torch.tensor([prompt_ids(length)], device=dev)
+        cache = DynamicCache()
+        with torch.no_grad():
+            sync()
+            t0 = time.perf_counter()
+            out = m(input_ids=ids, use_cache=True, **with_cache(m, cache))
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            sync()
+            if i:
+                prefill.append(time.perf_counter() - t0)
+            for _ in range(tokens):
+                t0 = time.perf_counter()
+                out = m(input_ids=nxt, use_cache=True, **with_cache(m, cache))
+                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+                sync()
+                if i:
+                    steps.append(time.perf_counter() - t0)
+    return {
+        "p50": 1000 * percentile(steps, 50),
+        "p95": 1000 * percentile(steps, 95),
+        "prefill": 1000 * percentile(prefill, 50),
+    }
+
+
+def prompt_ids(length: int) -> list[int]:
+    return [(7 * i + 11) % 4000 + 100 for i in range(length)]
+
+
 def latency_rows(name: str, m: torch.nn.Module, cuda: bool, tokens: int) -> str:
     """Print ``m``'s decode rows (each attention setting); return a profile of 4 steps."""
     from transformers import DynamicCache
 
-    from slimtune.eval.evaluate import decode_latency, with_cache
+    from slimtune.eval.evaluate import with_cache
 
     for cudnn in (True, False) if cuda else (False,):
         torch.backends.cuda.enable_cudnn_sdp(cudnn)
-        r = decode_latency(m, Tokenizer(), "", new_tokens=tokens, repeats=3)
+        r = decode_rounds(m, tokens)
         print(
             f"| {name} | {'torch (cuDNN)' if cudnn else 'no cuDNN'} | "
-            f"{r['latency_p50_ms']:.2f} | {r['latency_p95_ms']:.2f} | {r['prefill_ms']:.2f} |",
+            f"{r['p50']:.2f} | {r['p95']:.2f} | {r['prefill']:.2f} |",
             flush=True,
         )
     torch.backends.cuda.enable_cudnn_sdp(False)
     dev = next(m.parameters()).device
-    ids = torch.tensor([Tokenizer()("")["input_ids"]], device=dev)
+    ids = torch.tensor([prompt_ids(48)], device=dev)
     cache = DynamicCache()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with torch.no_grad():

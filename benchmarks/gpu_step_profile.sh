@@ -27,6 +27,7 @@ profile_run lora13 - --method lora --freeze-below 13 --lr 1e-3
 profile_run lora-nokernels SLIMTUNE_KERNELS=off --method lora --lr 1e-3
 profile_run lora-nodropout - --method lora --lr 1e-3 --lora-dropout 0
 left=$(( ${CALL_S:-590} - SECONDS - 10 ))
+[ "$left" -gt 60 ] || { echo "bench: no time left"; exit 0; }
 timeout "$left" python3 benchmarks/bench_methods.py --model default --device cuda --batch 8 \
   --seq 96 --steps 10 --configs "${BENCH:-full,lora,lora-freeze-half,lora-dropout0.05,peft-lora}" \
   --out "$out/bench.json" 2>"$out/bench.log" | tee "$out/bench.md" || echo "bench stopped"

@@ -35,9 +35,9 @@ LAUNCH_EVENTS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "c
 
 
 class StepWindow:
-    """Starts ``prof`` when the optimizer has taken ``skip`` steps, stops it ``active`` steps
-    later; counts steps of every optimizer (the trainer has one; ``--lr auto``'s range test
-    steps count too, so leave it off here)."""
+    """Starts ``prof`` when the trainer's optimizer has taken ``skip`` steps, stops it
+    ``active`` steps later. A range test's steps (``--lr auto``, full fine-tuning's default)
+    are not counted: :func:`main` pauses the window while it runs."""
 
     def __init__(self, prof: profile, skip: int, active: int, cuda: bool) -> None:
         self.prof, self.skip, self.active, self.cuda = prof, skip, active, cuda
@@ -45,8 +45,11 @@ class StepWindow:
         self.walls: list[float] = []
         self._t = 0.0
         self.done = False
+        self.paused = False
 
     def __call__(self, optimizer, args, kwargs) -> None:
+        if self.paused:
+            return
         self.steps += 1
         if self.cuda:
             torch.cuda.synchronize()
@@ -69,7 +72,8 @@ def summarize(prof: profile, walls: list[float], cuda: bool) -> str:
     n = max(len(walls), 1)
     events = prof.events()
     kernel_us = sum(_device_us(e) for e in events if e.device_type.name == "CUDA") if cuda else 0.0
-    syncs = sum(1 for e in events if e.name in SYNC_EVENTS)
+    # less the window's own synchronize at the end of each profiled step
+    syncs = sum(1 for e in events if e.name in SYNC_EVENTS) - (n if cuda else 0)
     d2h = sum(1 for e in events if e.name == "aten::_local_scalar_dense")
     launches = sum(1 for e in events if e.name in LAUNCH_EVENTS)
     wall = sum(walls) / n
@@ -109,14 +113,28 @@ def main() -> int:
     ap.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then slimtune train's")
     args = ap.parse_args()
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
-    if "--lr" in train_args and train_args[train_args.index("--lr") + 1] == "auto":
-        raise SystemExit("--lr auto's range test steps would count: give a rate")
-    cuda = "cuda" in " ".join(train_args) or (
-        "--device" not in train_args and torch.cuda.is_available()
-    )
+    if args.skip < 1 or args.active < 1:
+        raise SystemExit("--skip and --active must be at least 1")
+    device_arg = argparse.ArgumentParser(add_help=False)
+    device_arg.add_argument("--device", default="auto")
+    from slimtune.model.loading import resolve_device
+    from slimtune.training import trainer
+
+    device = resolve_device(device_arg.parse_known_args(train_args)[0].device)
+    cuda = torch.device(device).type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     prof = profile(activities=acts)
     window = StepWindow(prof, args.skip, args.active, cuda)
+    search_lr = trainer.Trainer._search_lr
+
+    def paused_search(self) -> None:  # the range test's steps are not the trainer's
+        window.paused = True
+        try:
+            search_lr(self)
+        finally:
+            window.paused = False
+
+    trainer.Trainer._search_lr = paused_search
     hook = register_optimizer_step_post_hook(window)
     from slimtune.cli.app import main as slimtune_main
 
@@ -124,6 +142,9 @@ def main() -> int:
         code = slimtune_main(["train", *train_args])
     finally:
         hook.remove()
+        trainer.Trainer._search_lr = search_lr
+    if code != 0:
+        return code
     if not window.done:
         raise SystemExit(
             f"the run took {window.steps} optimizer steps; --skip {args.skip} --active "

@@ -309,7 +309,7 @@ def cudnn_flag():
     torch.backends.cuda.enable_cudnn_sdp(before)
 
 
-def test_cudnn_attention_leaves_sdpa_only_for_cuda_runs(monkeypatch, cudnn_flag):
+def test_cudnn_attention_leaves_sdpa_only_for_cuda_runs(monkeypatch, cudnn_flag, said):
     """cuDNN's attention builds a graph per input shape (BENCHMARKS.md, where a small
     model's GPU step goes): CUDA runs attend without it; CPU runs leave torch's switch as
     it is, and SLIMTUNE_ATTENTION=torch keeps torch's own choice on CUDA."""
@@ -321,7 +321,9 @@ def test_cudnn_attention_leaves_sdpa_only_for_cuda_runs(monkeypatch, cudnn_flag)
     assert torch.backends.cuda.cudnn_sdp_enabled()
     monkeypatch.setenv("SLIMTUNE_ATTENTION", "auto")
     assert kernels.choose_attention("cuda:1") is True
+    assert kernels.choose_attention("cuda") is True
     assert not torch.backends.cuda.cudnn_sdp_enabled()
+    assert len(said) == 1 and "cuDNN" in said[0] and "SLIMTUNE_ATTENTION=torch" in said[0]
     # the other backends stay as they were
     assert (
         torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()

@@ -204,10 +204,12 @@ def load_for_plan(spec: str, device: str, quantizations: list[str], memory: int 
     """
     from ..eval.cost import format_bytes
     from ..log import info
+    from ..model.kernels import choose_attention
     from ..model.loading import load_model
     from ..model.quantize import quantize_model
     from ..salf.plan import DTYPE_NAMES, weight_bytes
 
+    choose_attention(device)  # the calibration attends as `train` will (read on the CPU first)
     loaded = load_model(spec, device="cpu", dtype="bf16" if device.startswith("cuda") else None)
     model = loaded.model
     full = weight_bytes(model, "none")

@@ -49,10 +49,11 @@ def mode() -> str:
     return value
 
 
-# Attention on CUDA (SDPA). torch prefers cuDNN's attention on Hopper GPUs; it builds an
-# execution graph per input shape, milliseconds of host time, and a run pays that for every
-# new batch width in training and every new key length in generation. On a small model that
-# was a third of a LoRA step (benchmarks/gpu_attention.sh). "auto": flash and memory-
+# Attention on CUDA (SDPA). torch prefers cuDNN's attention on Hopper GPUs, which builds an
+# execution graph per input shape; in a profile of the default model's training on real data
+# (batches of varying width) its host time was 1.5-2.9 ms a call, 23-49% of the step's host
+# time, and without it the step was 1.55-2.70x faster (BENCHMARKS.md, where a small model's
+# step goes; benchmarks/gpu_attention.sh). "auto": flash and memory-
 # efficient attention only (torch's math as the fallback); "torch": torch's own order.
 ATTENTION_MODES = ("auto", "torch")
 
@@ -69,6 +70,10 @@ def choose_attention(device: torch.device | str) -> bool:
     if value == "torch" or torch.device(device).type != "cuda":
         return False
     torch.backends.cuda.enable_cudnn_sdp(False)
+    _say_once(
+        "attention: flash / memory-efficient SDPA, cuDNN's left out for this process "
+        "(SLIMTUNE_ATTENTION=torch keeps torch's choice)"
+    )
     return True
 
 

@@ -435,7 +435,9 @@ def load_model(
 
     ``quantize`` (``nf4``, ``int8``): the blocks' linear weights go to ``device`` quantized
     (:mod:`.quantize`); the model is fingerprinted at full precision on the CPU first, and
-    :func:`fingerprint` returns that, the original base's identity.
+    :func:`fingerprint` returns that, the original base's identity. On CUDA it also leaves
+    cuDNN's kernel out of torch's attention choice, for the whole process
+    (:func:`.kernels.choose_attention`; ``SLIMTUNE_ATTENTION=torch`` keeps it).
     """
     from .kernels import choose_attention
     from .quantize import check_quantize, quantize_model

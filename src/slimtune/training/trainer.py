@@ -239,6 +239,8 @@ class Trainer:
         np.random.seed(cfg.seed)
 
         t0 = time.perf_counter()
+        # as load_model does, for a model loaded elsewhere; before any forward (the analysis)
+        self.attention_choice = choose_attention(self.device)
         # --precision fp32 means fp32 weights too (a GPU otherwise loads the base in bf16)
         dtype = "fp32" if cfg.precision == "fp32" else None
         self.loaded = loaded or load_model(
@@ -299,7 +301,8 @@ class Trainer:
         self.fused_kernels = apply_fused_kernels(
             self.loaded.model, self.device, elementwise=not cfg.compile
         )
-        choose_attention(self.device)  # as load_model does, for a model loaded elsewhere
+        if self.attention_choice:
+            self.fused_kernels.append("sdpa without cudnn")
         if cfg.compile:
             self.fused_kernels.append("torch.compile")
         self.method = get_method(cfg.method, cfg.method_options)
