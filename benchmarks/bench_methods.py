@@ -170,6 +170,18 @@ def build_model(name: str, device: str, quantize: str = "none"):
             tie_word_embeddings=True,
             max_position_embeddings=8192,
         ),
+        # SmolLM2-135M's shape (the default model's), random weights: no model to stage
+        "smollm2-135m": dict(
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            vocab_size=49152,
+            tie_word_embeddings=True,
+            max_position_embeddings=8192,
+            rope_theta=100000.0,
+        ),
         "llama-tiny": dict(
             hidden_size=64,
             intermediate_size=128,
@@ -466,7 +478,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument(
-        "--model", default="default", help="default, llama-1.2b, llama-8b or llama-tiny"
+        "--model",
+        default="default",
+        help="default, smollm2-135m (its shape, random weights), llama-1.2b, llama-8b or "
+        "llama-tiny",
     )
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)

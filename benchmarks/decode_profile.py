@@ -21,21 +21,9 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-SMOLLM2_135M = dict(  # SmolLM2-135M's config.json
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    vocab_size=49152,
-    tie_word_embeddings=True,
-    max_position_embeddings=8192,
-    rope_theta=100000.0,
-)
-
 
 def main() -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from bench_methods import build_model  # this folder's
 
     from slimtune.methods import get_method
 
@@ -44,9 +32,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     args = ap.parse_args()
     dev = torch.device(args.device)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).to(dev, dtype).eval()
+    model = build_model("smollm2-135m", args.device).eval()
     cuda = dev.type == "cuda"
     print("| model | attention | decode p50 (ms/token) | p95 | prefill (ms) |")
     print("|---|---|---|---|---|")
