@@ -44,8 +44,11 @@ class StepWindow:
         self.steps = 0
         self.walls: list[float] = []
         self._t = 0.0
-        self.done = False
         self.paused = False
+
+    @property
+    def done(self) -> bool:
+        return len(self.walls) == self.active
 
     def __call__(self, optimizer, args, kwargs) -> None:
         if self.paused:
@@ -58,9 +61,8 @@ class StepWindow:
             self.prof.start()
         elif self.skip < self.steps <= self.skip + self.active:
             self.walls.append(now - self._t)
-            if self.steps == self.skip + self.active:
+            if self.done:
                 self.prof.stop()
-                self.done = True
         self._t = time.perf_counter()
 
 

@@ -311,7 +311,7 @@ def cudnn_flag():
 
 def test_cudnn_attention_leaves_sdpa_only_for_cuda_runs(monkeypatch, cudnn_flag, said):
     """cuDNN's attention builds a graph per input shape (BENCHMARKS.md, where a small
-    model's GPU step goes): CUDA runs attend without it; CPU runs leave torch's switch as
+    model's step goes): CUDA runs attend without it; CPU runs leave torch's switch as
     it is, and SLIMTUNE_ATTENTION=torch keeps torch's own choice on CUDA."""
     monkeypatch.delenv("SLIMTUNE_ATTENTION", raising=False)
     assert kernels.choose_attention("cpu") is False

@@ -240,7 +240,7 @@ class Trainer:
 
         t0 = time.perf_counter()
         # as load_model does, for a model loaded elsewhere; before any forward (the analysis)
-        self.attention_choice = choose_attention(self.device)
+        attention_chosen = choose_attention(self.device)
         # --precision fp32 means fp32 weights too (a GPU otherwise loads the base in bf16)
         dtype = "fp32" if cfg.precision == "fp32" else None
         self.loaded = loaded or load_model(
@@ -301,7 +301,7 @@ class Trainer:
         self.fused_kernels = apply_fused_kernels(
             self.loaded.model, self.device, elementwise=not cfg.compile
         )
-        if self.attention_choice:
+        if attention_chosen:
             self.fused_kernels.append("sdpa without cudnn")
         if cfg.compile:
             self.fused_kernels.append("torch.compile")
