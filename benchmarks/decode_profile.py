@@ -1,6 +1,6 @@
 """Per-token decode time of a SmolLM2-135M-shaped model (random weights: the time depends
-on the shapes only), plain and with an unmerged LoRA adapter (as ``train``'s evaluation and
-``serve`` run a delta), with and without cuDNN's attention, and a profile of a few decode
+on the shapes only), plain, with an unmerged LoRA adapter through peft's forward (as
+``serve`` runs a delta) and through slimtune's (as ``train``'s evaluation does), with and without cuDNN's attention, and a profile of a few decode
 steps: the question is what sets the pace of a small model's generation on a GPU.
 
     python benchmarks/decode_profile.py [--device cuda] [--tokens 32]
@@ -38,8 +38,14 @@ def main() -> None:
     print("|---|---|---|---|---|")
     profiles = [("plain", latency_rows("plain", model, cuda, args.tokens))]
     # peft wraps the model in place: the plain rows come first
-    lora = get_method("lora", {"r": 8}).prepare(model, list(range(30))).eval()
+    method = get_method("lora", {"r": 8})
+    lora = method.prepare(model, list(range(30))).eval()
     profiles.append(("lora, unmerged", latency_rows("lora, unmerged", lora, cuda, args.tokens)))
+    # slimtune's own LoRA forward (lora_fused: no autograd function without gradients, the
+    # adapters' compute copies made once), as train's evaluation runs it
+    with method.compute_context(lora):
+        name = "lora, slimtune's forward"
+        profiles.append((name, latency_rows(name, lora, cuda, args.tokens)))
     for name, text in profiles:
         print(f"\n-- {name}: 4 decode steps, no cuDNN; {text}")
 

@@ -1,6 +1,8 @@
 """The GPU fast path's switches, on the CPU CI has: fused kernels only where they run, said
 once where they are missing, and LoRA computing on the autocast dtype under autocast."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -165,6 +167,53 @@ def test_fused_lora_matches_peft_forward_and_backward(dropout, bias):
     _fused_matches_peft(model, x, tol=1e-5)
     # leaving the block gives peft its forward back
     assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_fused_lora_follows_every_optimizer_step_and_in_place_write():
+    """The fused path computes from copies of the adapters made ahead (one pass for all
+    layers): after each optimizer step, and after any in-place write, it must compute
+    with the new weights. Three AdamW steps fused give peft's weights and losses."""
+    from slimtune.methods.lora_fused import fused_lora
+
+    x = torch.randn(4, 24, generator=torch.Generator().manual_seed(5))
+
+    def train(fused: bool):
+        model = _peft_lora(0.0, True)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+        losses = []
+        with fused_lora(model) if fused else contextlib.nullcontext():
+            for _ in range(3):
+                loss = model(x).square().mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                losses.append(loss.item())
+            with torch.no_grad():  # an in-place write outside the optimizer
+                model.base_model.model[0].lora_B["default"].weight.mul_(-1.0)
+                losses.append(model(x).square().mean().item())
+        return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    (ref_losses, ref_weights), (losses, weights) = train(False), train(True)
+    assert ref_losses[1] != ref_losses[0]  # the steps changed the output
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    for name, w in ref_weights.items():
+        torch.testing.assert_close(weights[name], w, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_lora_without_gradients_gives_peft_outputs():
+    """Evaluation and generation run the fused path with no autograd function (no gradient
+    to record): the same outputs as peft's forward, in eval mode with dropout configured."""
+    from slimtune.methods.lora_fused import fused_lora
+
+    model = _peft_lora(0.2, True).eval()
+    x = torch.randn(3, 5, 24, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = model(x)
+        with fused_lora(model) as switched:
+            out = model(x)
+    assert switched == 2
+    assert not out.requires_grad
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_lora_leaves_dora_to_peft():
@@ -342,3 +391,39 @@ def test_a_bad_slimtune_attention_value_is_a_clear_error_before_loading(
         train_tiny(tiny_dir, intent_file, tmp_path / "run", max_steps=1)
     assert not (tmp_path / "run" / "delta").exists()
     assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_the_final_evaluation_scores_lora_as_it_was_trained(
+    monkeypatch, tiny_dir, intent_file, tmp_path
+):
+    """Under autocast the adapters train on the layer's bf16 input (the method's compute
+    context); the final evaluation runs in the same context, not through peft's fp32
+    copies, so the delta is scored as it was trained (and takes the lean forward)."""
+    from slimtune.methods import lora_fused
+
+    from .conftest import train_tiny
+
+    calls = {"forward": 0, "autograd": 0}
+    forward, function = lora_fused._forward, lora_fused.LoraLinearFunction.apply
+
+    def counting(*args):
+        calls["forward"] += 1
+        return forward(*args)
+
+    def counting_function(*args):
+        calls["autograd"] += 1
+        return function(*args)
+
+    # an fp32 run first, in the same process: accelerate's process-wide state refused the
+    # bf16 Accelerator after it, until the trainer dropped a single process' old state
+    train_tiny(
+        tiny_dir, intent_file, tmp_path / "fp32", method="lora", precision="fp32", max_steps=1
+    )
+    monkeypatch.setattr(lora_fused, "_forward", counting)
+    monkeypatch.setattr(lora_fused.LoraLinearFunction, "apply", counting_function)
+    result = train_tiny(
+        tiny_dir, intent_file, tmp_path / "run", method="lora", precision="bf16", max_steps=2
+    )
+    assert calls["autograd"] > 0  # the training steps
+    assert calls["forward"] > calls["autograd"]  # and the evaluation, without autograd
+    assert result.summary["eval_accuracy"] >= 0.0

@@ -22,8 +22,8 @@ That also skips the copy of the base output peft's 4-bit layer makes before addi
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
-import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,8 +34,10 @@ from ..model.kernels import compute_dtype
 
 
 class LoraLinearFunction(torch.autograd.Function):
-    """``x W^T + b + s (x_d A^T) B^T`` with the scale and add in the GEMM epilogue; the
-    base ``W``, ``b`` are frozen (no gradient)."""
+    """``x W^T + b + (x_d A_s^T) B^T`` with the add in the GEMM epilogue, where ``A_s`` is
+    the adapter's ``A`` times its scale in the compute dtype and ``B`` likewise (their
+    compute copies, :class:`ComputeCopies`); the base ``W``, ``b`` are frozen (no
+    gradient). ``a`` and ``b`` are the adapter's parameters, passed for their gradients."""
 
     @staticmethod
     def forward(
@@ -46,40 +48,61 @@ class LoraLinearFunction(torch.autograd.Function):
         bias: torch.Tensor | None,
         a: torch.Tensor,
         b: torch.Tensor,
+        a_scaled: torch.Tensor,
+        b_c: torch.Tensor,
         scaling: float,
         quant_state: Any = None,
     ) -> torch.Tensor:
-        dtype = compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
-            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            xd = x2 if x_dropped is None else x_dropped.reshape(-1, x.shape[-1]).to(dtype)
-            w, a_, b_ = _base_weight(weight, quant_state, dtype), a.to(dtype), b.to(dtype)
-            y = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
-            xa = xd @ a_.t()
-            y = torch.addmm(y, xa, b_.t(), alpha=scaling)
+        y, xd, xa, w = _forward(x, x_dropped, weight, bias, a_scaled, b_c, quant_state)
         # a 4-bit weight is saved packed and dequantized again in backward
-        ctx.save_for_backward(xd, xa, w if quant_state is None else weight, a_, b_)
-        ctx.quant_state, ctx.dtype = quant_state, dtype
-        ctx.scaling = scaling
+        ctx.save_for_backward(xd, xa, w if quant_state is None else weight, a_scaled, b_c)
+        ctx.quant_state, ctx.dtype, ctx.scaling = quant_state, a_scaled.dtype, scaling
         ctx.shapes = (x.shape, x.dtype, a.dtype, b.dtype, x_dropped is not None)
-        return y.reshape(*x.shape[:-1], w.shape[0])
+        return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        xd, xa, w, a_, b_ = ctx.saved_tensors
+        xd, xa, w, a_s, b_c = ctx.saved_tensors
         w = _base_weight(w, ctx.quant_state, ctx.dtype)
         shape, x_dtype, a_dtype, b_dtype, dropped = ctx.shapes
-        s = ctx.scaling
         dy2 = dy.reshape(-1, dy.shape[-1]).to(w.dtype)
-        g = dy2 @ b_  # (N, r)
+        g = dy2 @ b_c  # (N, r)
         dx = dy2 @ w
-        grad_a = (g.t() @ xd).mul_(s).to(a_dtype)
-        grad_b = (dy2.t() @ xa).mul_(s).to(b_dtype)
+        # xa already carries the scale (it is x_d A_s^T); A's gradient takes it once more
+        grad_a = _mm_to(g.t(), xd, a_dtype).mul_(ctx.scaling)
+        grad_b = _mm_to(dy2.t(), xa, b_dtype)
+        nones = (None,) * 5
         if dropped:  # the LoRA path's input gradient goes back through the dropout
-            grad_xd = (g @ a_).mul_(s).reshape(shape).to(x_dtype)
-            return dx.reshape(shape).to(x_dtype), grad_xd, None, None, grad_a, grad_b, None, None
-        dx = torch.addmm(dx, g, a_, alpha=s)
-        return dx.reshape(shape).to(x_dtype), None, None, None, grad_a, grad_b, None, None
+            grad_xd = (g @ a_s).reshape(shape).to(x_dtype)
+            return dx.reshape(shape).to(x_dtype), grad_xd, None, None, grad_a, grad_b, *nones[:4]
+        dx = torch.addmm(dx, g, a_s)
+        return dx.reshape(shape).to(x_dtype), None, None, None, grad_a, grad_b, *nones[:4]
+
+
+def _forward(x, x_dropped, weight, bias, a_scaled, b_c, quant_state):
+    """The forward GEMMs in the compute copies' dtype (autocast's where it is on: every
+    operand is already in it, so autocast casts nothing): the output and what backward
+    keeps (x_d, x_d A_s^T, the base weight)."""
+    dtype = a_scaled.dtype
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+    xd = x2 if x_dropped is None else x_dropped.reshape(-1, x.shape[-1]).to(dtype)
+    w = _base_weight(weight, quant_state, dtype)
+    y = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
+    xa = xd @ a_scaled.t()
+    y = torch.addmm(y, xa, b_c.t())
+    return y.reshape(*x.shape[:-1], w.shape[0]), xd, xa, w
+
+
+def _mm_to(m1: torch.Tensor, m2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``m1 @ m2`` in ``dtype`` (an adapter gradient in its fp32): on CUDA the GEMM writes
+    fp32 itself (cuBLAS accumulates in fp32 anyway), elsewhere a matmul and a cast."""
+    if m1.dtype != dtype and m1.is_cuda and _MM_OUT_DTYPE:
+        return torch.mm(m1, m2, out_dtype=dtype)
+    return (m1 @ m2).to(dtype)
+
+
+# torch.mm(..., out_dtype=) (bf16/fp16 in, fp32 out) exists on CUDA from torch 2.8
+_MM_OUT_DTYPE = "out_dtype" in (torch.mm.__doc__ or "")
 
 
 def _base_weight(weight: torch.Tensor, quant_state: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -91,8 +114,82 @@ def _base_weight(weight: torch.Tensor, quant_state: Any, dtype: torch.dtype) -> 
     return bnbf.dequantize_4bit(weight, quant_state).to(dtype)
 
 
-def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """peft ``lora.Linear.forward`` for the case it covers, else peft's own."""
+class ComputeCopies:
+    """Every switched layer's adapter weights in the compute dtype, ``A`` times the scale:
+    made for all layers at once (a few multi-tensor kernels) when any weight changed (an
+    optimizer step), not cast two by two in every layer's forward. A small model's GPU
+    step is host-bound, and those casts were two of each layer's few kernels.
+
+    A copy is current while its parameter is the same tensor at the same version: the
+    optimizer's in-place update bumps the version, and so does any in-place write through
+    the parameter (not one through ``.data``, which slimtune does not do inside a run).
+    Under FSDP2 (parameters gathered per layer) and in a compiled layer each forward casts
+    its own (``cached=False``)."""
+
+    def __init__(self, cached: bool) -> None:
+        self.cached = cached
+        self.params: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+        self.copies: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.seen: dict[tuple[int, torch.dtype], tuple[int, ...]] = {}
+
+    def add(self, a: torch.Tensor, b: torch.Tensor, scaling: float) -> int:
+        self.params.append((a, b, scaling))
+        return len(self.params) - 1
+
+    def get(
+        self, i: int, a: torch.Tensor, b: torch.Tensor, scaling: float, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``i``'s ``(A * scaling, B)`` in ``dtype``; ``a``, ``b``, ``scaling`` are what
+        the layer holds now (a layer whose adapter changed since the block began casts its
+        own)."""
+        if (
+            not self.cached
+            or i < 0
+            or torch.compiler.is_compiling()
+            or not _same(self.params[i], (a, b, scaling))
+        ):
+            return torch.mul(a, scaling).to(dtype), b.to(dtype)
+        key = (i, dtype)
+        if self.seen.get(key) != _state(a, b):
+            self._refresh(dtype)
+        return self.copies[key]
+
+    @torch.no_grad()
+    def _refresh(self, dtype: torch.dtype) -> None:
+        stale = [
+            i
+            for i, (a, b, _) in enumerate(self.params)
+            if self.seen.get((i, dtype)) != _state(a, b)
+        ]
+        for i in stale:
+            if (i, dtype) not in self.copies:
+                a, b, _ = self.params[i]
+                self.copies[(i, dtype)] = (
+                    torch.empty_like(a, dtype=dtype),
+                    torch.empty_like(b, dtype=dtype),
+                )
+        dst = [t for i in stale for t in self.copies[(i, dtype)]]
+        torch._foreach_copy_(dst, [t for i in stale for t in self.params[i][:2]])
+        torch._foreach_mul_(
+            [self.copies[(i, dtype)][0] for i in stale], [self.params[i][2] for i in stale]
+        )
+        for i in stale:
+            a, b, _ = self.params[i]
+            self.seen[(i, dtype)] = _state(a, b)
+
+
+def _same(held: tuple, now: tuple) -> bool:
+    return held[0] is now[0] and held[1] is now[1] and held[2] == now[2]
+
+
+def _state(a: torch.Tensor, b: torch.Tensor) -> tuple[int, ...]:
+    return (a._version, b._version, a.data_ptr(), b.data_ptr())
+
+
+def _fused_forward(self, x: torch.Tensor, *args, copies: ComputeCopies, index: int, **kwargs):
+    """peft ``lora.Linear.forward`` for the case it covers, else peft's own. With no
+    gradient to record (evaluation, generation) the same GEMMs run without the autograd
+    function."""
     adapters = self.active_adapters
     name = adapters[0] if len(adapters) == 1 else None
     if (
@@ -111,16 +208,13 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return type(self).forward(self, x, *args, **kwargs)
     quant_state = getattr(base.weight, "quant_state", None)  # a 4-bit base (Params4bit)
     dropout = self.lora_dropout[name]
-    x_dropped = None if isinstance(dropout, nn.Identity) else dropout(x)
+    x_dropped = None if isinstance(dropout, nn.Identity) or not self.training else dropout(x)
+    a, b, scaling = self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name])
+    a_scaled, b_c = copies.get(index, a, b, scaling, compute_dtype(x))
+    if not torch.is_grad_enabled():
+        return _forward(x, x_dropped, base.weight, base.bias, a_scaled, b_c, quant_state)[0]
     return LoraLinearFunction.apply(
-        x,
-        x_dropped,
-        base.weight,
-        base.bias,
-        self.lora_A[name].weight,
-        self.lora_B[name].weight,
-        float(self.scaling[name]),
-        quant_state,
+        x, x_dropped, base.weight, base.bias, a, b, a_scaled, b_c, scaling, quant_state
     )
 
 
@@ -154,10 +248,25 @@ def fused_lora(model: nn.Module) -> Iterator[int]:
     yields how many modules were switched. Leaving the block restores peft's forward."""
     pairs = _covered_types()
     switched = [m for m in model.modules() if _covered(m, pairs)]
+    copies = ComputeCopies(cached=not _sharded(model))
     for m in switched:
-        m.forward = types.MethodType(_fused_forward, m)
+        name = m.active_adapters[0] if len(m.active_adapters) == 1 else None
+        index = -1
+        if name is not None and name in m.lora_A:
+            index = copies.add(m.lora_A[name].weight, m.lora_B[name].weight, float(m.scaling[name]))
+        m.forward = functools.partial(_fused_forward, m, copies=copies, index=index)
     try:
         yield len(switched)
     finally:
         for m in switched:
             m.__dict__.pop("forward", None)
+
+
+def _sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 shards ``model``: its parameters are gathered per layer for that
+    layer's forward only, so no copy of them can be made ahead."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())

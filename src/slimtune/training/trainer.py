@@ -98,6 +98,21 @@ class TrainResult:
     main_process: bool = field(default=True, kw_only=True)
 
 
+def _forget_earlier_accelerator(mixed_precision: str, cpu: bool) -> None:
+    """accelerate keeps one process-wide state and refuses an Accelerator with another
+    precision or device than the first: a second ``train()`` in the same Python process
+    (fp32 after bf16, CPU after GPU) failed. A single-process run has no process group to
+    keep, so its state is dropped and made anew."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or not AcceleratorState._shared_state:
+        return
+    state = AcceleratorState()
+    if state.mixed_precision != mixed_precision or (state.device.type == "cpu") != cpu:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        PartialState._reset_state()
+
+
 def _accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
 
@@ -114,6 +129,7 @@ def _accelerator(cfg: TrainConfig):
         mp = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "no"
     else:
         mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision]
+    _forget_earlier_accelerator(mp, cpu)
     from accelerate.utils import DistributedDataParallelKwargs
 
     ddp = DistributedDataParallelKwargs(
@@ -719,11 +735,17 @@ class Trainer:
         (e.g. peft adapters on bf16 input); with ``--compile`` the decoder layers run
         compiled (the range test's steps too, so the compile is paid once)."""
         with contextlib.ExitStack() as stack:
-            if self.accelerator.mixed_precision != "no":
-                stack.enter_context(self.method.compute_context(self.model))
+            stack.enter_context(self._method_context())
             if self.cfg.compile:
                 stack.enter_context(compiled_layers(self.model))
             yield
+
+    def _method_context(self) -> contextlib.AbstractContextManager:
+        """The method's own compute under autocast (training and the final evaluation, so
+        the delta is scored as it was trained: LoRA on the layer's bf16 input)."""
+        if self.accelerator.mixed_precision == "no":
+            return contextlib.nullcontext()
+        return self.method.compute_context(self.model)
 
     def _step_batches(self, step: int) -> tuple[list[dict[str, torch.Tensor]], list[int], int]:
         """Optimizer step ``step``'s micro-batches on this process (empty ones left out),
@@ -943,17 +965,18 @@ class Trainer:
         share = self._eval_share()
         result: tuple[dict, dict | None] = ({}, None)
         if share.records:
-            result = evaluate(
-                self.model,
-                self.loaded.tokenizer,
-                share,
-                task=task,
-                labels=labels,
-                batch_size=cfg.eval_batch_size,
-                latency=self.accelerator.is_main_process,
-                autocast=self.accelerator.autocast,
-                progress=cfg.progress and self.accelerator.is_main_process,
-            )
+            with self._method_context():
+                result = evaluate(
+                    self.model,
+                    self.loaded.tokenizer,
+                    share,
+                    task=task,
+                    labels=labels,
+                    batch_size=cfg.eval_batch_size,
+                    latency=self.accelerator.is_main_process,
+                    autocast=self.accelerator.autocast,
+                    progress=cfg.progress and self.accelerator.is_main_process,
+                )
         if self.accelerator.num_processes == 1:
             return result
         from accelerate.utils import gather_object
