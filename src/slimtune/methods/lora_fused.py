@@ -247,7 +247,7 @@ def fused_lora(model: nn.Module) -> Iterator[int]:
     """Within the block, peft's LoRA linears of ``model`` run :class:`LoraLinearFunction`;
     yields how many modules were switched. Leaving the block restores peft's forward."""
     pairs = _covered_types()
-    switched = [m for m in model.modules() if _covered(m, pairs)]
+    switched: list[Any] = [m for m in model.modules() if _covered(m, pairs)]  # peft's layers
     copies = ComputeCopies(cached=not _sharded(model))
     for m in switched:
         name = m.active_adapters[0] if len(m.active_adapters) == 1 else None
