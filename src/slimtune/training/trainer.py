@@ -103,14 +103,13 @@ def _forget_earlier_accelerator(mixed_precision: str, cpu: bool) -> None:
     precision or device than the first: a second ``train()`` in the same Python process
     (fp32 after bf16, CPU after GPU) failed. A single-process run has no process group to
     keep, so its state is dropped and made anew."""
-    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.state import AcceleratorState
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or not AcceleratorState._shared_state:
         return
     state = AcceleratorState()
     if state.mixed_precision != mixed_precision or (state.device.type == "cpu") != cpu:
         AcceleratorState._reset_state(reset_partial_state=True)
-        PartialState._reset_state()
 
 
 def _accelerator(cfg: TrainConfig):
