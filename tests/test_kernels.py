@@ -169,7 +169,8 @@ def test_fused_lora_matches_peft_forward_and_backward(dropout, bias):
     assert all("forward" not in m.__dict__ for m in model.modules())
 
 
-def test_fused_lora_follows_every_optimizer_step_and_in_place_write():
+@pytest.mark.parametrize("fused_adamw", [False, True])
+def test_fused_lora_follows_every_optimizer_step_and_in_place_write(fused_adamw):
     """The fused path computes from copies of the adapters made ahead (one pass for all
     layers): after each optimizer step, and after any in-place write, it must compute
     with the new weights. Three AdamW steps fused give peft's weights and losses."""
@@ -179,7 +180,8 @@ def test_fused_lora_follows_every_optimizer_step_and_in_place_write():
 
     def train(fused: bool):
         model = _peft_lora(0.0, True)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=0.05, fused=fused_adamw)  # fused: no version bump
         losses = []
         with fused_lora(model) if fused else contextlib.nullcontext():
             for _ in range(3):

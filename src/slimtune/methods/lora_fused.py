@@ -22,13 +22,14 @@ That also skips the copy of the base output peft's 4-bit layer makes before addi
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
+import types
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..model.kernels import compute_dtype
 
@@ -96,7 +97,12 @@ def _forward(x, x_dropped, weight, bias, a_scaled, b_c, quant_state):
 def _mm_to(m1: torch.Tensor, m2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``m1 @ m2`` in ``dtype`` (an adapter gradient in its fp32): on CUDA the GEMM writes
     fp32 itself (cuBLAS accumulates in fp32 anyway), elsewhere a matmul and a cast."""
-    if m1.dtype != dtype and m1.is_cuda and _MM_OUT_DTYPE:
+    if (
+        dtype == torch.float32
+        and m1.dtype in (torch.float16, torch.bfloat16)
+        and m1.is_cuda
+        and _MM_OUT_DTYPE
+    ):
         return torch.mm(m1, m2, out_dtype=dtype)
     return (m1 @ m2).to(dtype)
 
@@ -120,9 +126,10 @@ class ComputeCopies:
     optimizer step), not cast two by two in every layer's forward. A small model's GPU
     step is host-bound, and those casts were two of each layer's few kernels.
 
-    A copy is current while its parameter is the same tensor at the same version: the
-    optimizer's in-place update bumps the version, and so does any in-place write through
-    the parameter (not one through ``.data``, which slimtune does not do inside a run).
+    A copy is current until any optimizer steps (a global step hook while the block is
+    entered: fused AdamW does not bump the parameters' versions) and while its parameter is
+    the same tensor at the same version (any other in-place write through the parameter;
+    not one through ``.data``, which slimtune does not do inside a run).
     Under FSDP2 (parameters gathered per layer) and in a compiled layer each forward casts
     its own (``cached=False``)."""
 
@@ -145,7 +152,7 @@ class ComputeCopies:
         if (
             not self.cached
             or i < 0
-            or torch.compiler.is_compiling()
+            or torch.is_inference_mode_enabled()  # its tensors could not be saved later
             or not _same(self.params[i], (a, b, scaling))
         ):
             return torch.mul(a, scaling).to(dtype), b.to(dtype)
@@ -186,7 +193,7 @@ def _state(a: torch.Tensor, b: torch.Tensor) -> tuple[int, ...]:
     return (a._version, b._version, a.data_ptr(), b.data_ptr())
 
 
-def _fused_forward(self, x: torch.Tensor, *args, copies: ComputeCopies, index: int, **kwargs):
+def _fused_forward(self, x: torch.Tensor, *args, **kwargs):
     """peft ``lora.Linear.forward`` for the case it covers, else peft's own. With no
     gradient to record (evaluation, generation) the same GEMMs run without the autograd
     function."""
@@ -210,7 +217,11 @@ def _fused_forward(self, x: torch.Tensor, *args, copies: ComputeCopies, index: i
     dropout = self.lora_dropout[name]
     x_dropped = None if isinstance(dropout, nn.Identity) or not self.training else dropout(x)
     a, b, scaling = self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name])
-    a_scaled, b_c = copies.get(index, a, b, scaling, compute_dtype(x))
+    if torch.compiler.is_compiling():  # read no per-layer state: one graph for all layers
+        a_scaled, b_c = torch.mul(a, scaling).to(compute_dtype(x)), b.to(compute_dtype(x))
+    else:
+        copies, index = self.__dict__["_slimtune_lora"]
+        a_scaled, b_c = copies.get(index, a, b, scaling, compute_dtype(x))
     if not torch.is_grad_enabled():
         return _forward(x, x_dropped, base.weight, base.bias, a_scaled, b_c, quant_state)[0]
     return LoraLinearFunction.apply(
@@ -254,12 +265,20 @@ def fused_lora(model: nn.Module) -> Iterator[int]:
         index = -1
         if name is not None and name in m.lora_A:
             index = copies.add(m.lora_A[name].weight, m.lora_B[name].weight, float(m.scaling[name]))
-        m.forward = functools.partial(_fused_forward, m, copies=copies, index=index)
+        # a bound method, not a partial per layer: torch.compile guards on the forward's
+        # identity, and one object per layer compiled every layer apart
+        m.__dict__["_slimtune_lora"] = (copies, index)
+        m.forward = types.MethodType(_fused_forward, m)
+    # any optimizer's step (fused AdamW and bitsandbytes' write without bumping the
+    # parameters' versions) makes every copy stale
+    hook = register_optimizer_step_post_hook(lambda *_: copies.seen.clear())
     try:
         yield len(switched)
     finally:
+        hook.remove()
         for m in switched:
             m.__dict__.pop("forward", None)
+            m.__dict__.pop("_slimtune_lora", None)
 
 
 def _sharded(model: nn.Module) -> bool:
