@@ -119,9 +119,9 @@ class PeftAdapterMethod(Method):
     def compute_context(self, model: nn.Module) -> Iterator[None]:
         """Under autocast: the adapters read the layer's bf16 input as it is (peft would copy
         every adapted layer's input to the adapters' fp32: one more activation per layer,
-        saved for backward, about a third of a bf16 step's time and memory), and LoRA's scale
-        and add run inside the GEMMs (``lora_fused``). The fp32 adapter weights stay the
-        optimizer's master copy; they are cast (small) for each matmul."""
+        saved for backward, about a third of a bf16 step's time and memory), and LoRA's add
+        runs inside the GEMMs (``lora_fused``). The fp32 adapter weights stay the
+        optimizer's master copy; their bf16 copies are made once per optimizer step."""
         with _no_input_casting(model), fused_lora(model):
             yield
 

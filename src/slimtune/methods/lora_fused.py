@@ -1,17 +1,19 @@
-"""LoRA's training step with the update folded into the GEMMs (no separate scale and add).
+"""LoRA under autocast with the update folded into the GEMMs (no separate scale and add).
 
 peft computes ``y = base(x) + lora_B(lora_A(dropout(x))) * s`` as five kernels forward
 (three GEMMs, a multiply, an add) and as many again backward, plus per-module Python work
 that shows as launch gaps on a fast GPU. Here one autograd function computes the same sum
-with the scale and the add inside cuBLAS's GEMM epilogue (``addmm``'s ``beta * C + alpha *
-A @ B``)::
+with the add inside cuBLAS's GEMM epilogue (``addmm``'s ``C + A @ B``), on compute-dtype
+copies of the adapters made once per optimizer step for every layer (:class:`ComputeCopies`,
+``A_s = s * A``)::
 
-    forward   y  = x W^T (+ b);   y += s * (x_d A^T) B^T        x_d = dropout(x), or x
-    backward  g  = dy B;   dx = dy W;   dx += s * g A   (into dx_d's own tensor with dropout)
-              dA = s * g^T x_d;   dB = s * dy^T (x_d A^T)
+    forward   y  = x W^T (+ b);   y += (x_d A_s^T) B^T          x_d = dropout(x), or x
+    backward  g  = dy B;   dx = dy W;   dx += g A_s   (into dx_d's own tensor with dropout)
+              dA = s * g^T x_d;   dB = dy^T (x_d A_s^T)
 
-It runs only while :meth:`LoraMethod.compute_context` is entered (training under autocast)
-and only on what it covers: plain ``nn.Linear`` bases, and bitsandbytes' 4-bit ones
+Without gradients (evaluation) the same GEMMs run without the autograd function. It runs
+only while :meth:`LoraMethod.compute_context` is entered (training and ``train``'s
+evaluation under autocast) and only on what it covers: plain ``nn.Linear`` bases, and bitsandbytes' 4-bit ones
 (``--quantize nf4``), with one active, unmerged, vanilla LoRA adapter; anything else takes
 peft's own forward. A 4-bit ``W`` is dequantized for the forward GEMM and again in backward
 (as bitsandbytes' own matmul does), never kept: keeping it would hold the base at 16 bits.
@@ -72,12 +74,13 @@ class LoraLinearFunction(torch.autograd.Function):
         # xa already carries the scale (it is x_d A_s^T); A's gradient takes it once more
         grad_a = _mm_to(g.t(), xd, a_dtype).mul_(ctx.scaling)
         grad_b = _mm_to(dy2.t(), xa, b_dtype)
-        nones = (None,) * 5
+        copies_scale_state = (None,) * 4  # a_scaled, b_c, scaling, quant_state
         if dropped:  # the LoRA path's input gradient goes back through the dropout
             grad_xd = (g @ a_s).reshape(shape).to(x_dtype)
-            return dx.reshape(shape).to(x_dtype), grad_xd, None, None, grad_a, grad_b, *nones[:4]
+            dx_ = dx.reshape(shape).to(x_dtype)
+            return dx_, grad_xd, None, None, grad_a, grad_b, *copies_scale_state
         dx = torch.addmm(dx, g, a_s)
-        return dx.reshape(shape).to(x_dtype), None, None, None, grad_a, grad_b, *nones[:4]
+        return dx.reshape(shape).to(x_dtype), None, None, None, grad_a, grad_b, *copies_scale_state
 
 
 def _forward(x, x_dropped, weight, bias, a_scaled, b_c, quant_state):
@@ -130,8 +133,8 @@ class ComputeCopies:
     entered: fused AdamW does not bump the parameters' versions) and while its parameter is
     the same tensor at the same version (any other in-place write through the parameter;
     not one through ``.data``, which slimtune does not do inside a run).
-    Under FSDP2 (parameters gathered per layer) and in a compiled layer each forward casts
-    its own (``cached=False``)."""
+    Under FSDP2 (parameters gathered per layer, ``cached=False``), in a compiled layer and
+    under inference mode each forward casts its own (:func:`_cast`)."""
 
     def __init__(self, cached: bool) -> None:
         self.cached = cached
@@ -155,7 +158,7 @@ class ComputeCopies:
             or torch.is_inference_mode_enabled()  # its tensors could not be saved later
             or not _same(self.params[i], (a, b, scaling))
         ):
-            return torch.mul(a, scaling).to(dtype), b.to(dtype)
+            return _cast(a, b, scaling, dtype)
         key = (i, dtype)
         if self.seen.get(key) != _state(a, b):
             self._refresh(dtype)
@@ -183,6 +186,11 @@ class ComputeCopies:
         for i in stale:
             a, b, _ = self.params[i]
             self.seen[(i, dtype)] = _state(a, b)
+
+
+def _cast(a: torch.Tensor, b: torch.Tensor, scaling: float, dtype: torch.dtype):
+    """One layer's ``(A * scaling, B)`` in ``dtype``, made now (no copy kept)."""
+    return torch.mul(a, scaling).to(dtype), b.to(dtype)
 
 
 def _same(held: tuple, now: tuple) -> bool:
@@ -218,7 +226,7 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs):
     x_dropped = None if isinstance(dropout, nn.Identity) or not self.training else dropout(x)
     a, b, scaling = self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name])
     if torch.compiler.is_compiling():  # read no per-layer state: one graph for all layers
-        a_scaled, b_c = torch.mul(a, scaling).to(compute_dtype(x)), b.to(compute_dtype(x))
+        a_scaled, b_c = _cast(a, b, scaling, compute_dtype(x))
     else:
         copies, index = self.__dict__["_slimtune_lora"]
         a_scaled, b_c = copies.get(index, a, b, scaling, compute_dtype(x))
