@@ -178,10 +178,13 @@ class ComputeCopies:
                     torch.empty_like(a, dtype=dtype),
                     torch.empty_like(b, dtype=dtype),
                 )
-        dst = [t for i in stale for t in self.copies[(i, dtype)]]
-        torch._foreach_copy_(dst, [t for i in stale for t in self.params[i][:2]])
-        torch._foreach_mul_(
-            [self.copies[(i, dtype)][0] for i in stale], [self.params[i][2] for i in stale]
+        # A scaled in its own dtype, then cast: rounded once, as _cast does
+        scaled = torch._foreach_mul(
+            [self.params[i][0] for i in stale], [self.params[i][2] for i in stale]
+        )
+        torch._foreach_copy_(
+            [t for i in stale for t in self.copies[(i, dtype)]],
+            [t for a_s, i in zip(scaled, stale) for t in (a_s, self.params[i][1])],
         )
         for i in stale:
             a, b, _ = self.params[i]
