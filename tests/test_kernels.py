@@ -302,7 +302,7 @@ def test_a_bad_slimtune_kernels_value_is_a_clear_error_before_training(
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_fused_lora_on_a_4bit_base_matches_peft(dropout):
+def test_fused_lora_on_a_4bit_base_matches_peft(dropout, monkeypatch):
     """On bitsandbytes' 4-bit layers (--quantize nf4) the fused function dequantizes the
     base for the GEMMs and gives peft's outputs and gradients."""
     pytest.importorskip("bitsandbytes")
@@ -328,6 +328,22 @@ def test_fused_lora_on_a_4bit_base_matches_peft(dropout):
     model.train()
     x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(1))
     _fused_matches_peft(model, x, tol=1e-4)
+
+    # without gradients the base is bitsandbytes' own layer (its 4-bit GEMV for a token),
+    # not a dequantized copy of the whole weight per call
+    from slimtune.methods import lora_fused
+
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+        with lora_fused.fused_lora(model), monkeypatch.context() as patch:
+            patch.setattr(lora_fused, "_base_weight", _must_not_dequantize)
+            fused = model(x)
+    torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-4)
+
+
+def _must_not_dequantize(*_):
+    raise AssertionError("the no-grad path dequantized the 4-bit weight itself")
 
 
 def test_an_architecture_whose_kernels_broke_generation_trains_without_them(monkeypatch, said):
@@ -444,3 +460,24 @@ def test_cached_and_per_call_adapter_copies_round_alike():
     cached, per_call = copies.get(i, a, b, 1.3, torch.bfloat16), _cast(a, b, 1.3, torch.bfloat16)
     assert cached[0].dtype == torch.bfloat16
     assert torch.equal(cached[0], per_call[0]) and torch.equal(cached[1], per_call[1])
+
+
+def test_a_callers_own_accelerator_is_not_torn_down(tiny_dir, intent_file, tmp_path):
+    """A run whose precision differs from an Accelerator the caller made in the same process
+    stops with a clear error: slimtune drops only the process-wide state it made itself."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from slimtune.errors import UserInputError
+
+    from .conftest import train_tiny
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        mine = Accelerator(cpu=True, mixed_precision="bf16")
+        with pytest.raises(UserInputError, match="already set up accelerate.*'bf16'"):
+            train_tiny(tiny_dir, intent_file, tmp_path / "run", precision="fp32", max_steps=1)
+        assert mine.state.mixed_precision == "bf16"  # still the caller's
+        assert not (tmp_path / "run" / "delta").exists()
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)

@@ -11,7 +11,8 @@ copies of the adapters made once per optimizer step for every layer (:class:`Com
     backward  g  = dy B;   dx = dy W;   dx += g A_s   (into dx_d's own tensor with dropout)
               dA = s * g^T x_d;   dB = dy^T (x_d A_s^T)
 
-Without gradients (evaluation) the same GEMMs run without the autograd function. It runs
+Without gradients (evaluation) the same GEMMs run without the autograd function (on a 4-bit
+base bitsandbytes' own layer computes ``x W^T``, with its 4-bit GEMV for single tokens). It runs
 only while :meth:`LoraMethod.compute_context` is entered (training and ``train``'s
 evaluation under autocast) and only on what it covers: plain ``nn.Linear`` bases, and bitsandbytes' 4-bit ones
 (``--quantize nf4``), with one active, unmerged, vanilla LoRA adapter; anything else takes
@@ -95,6 +96,14 @@ def _forward(x, x_dropped, weight, bias, a_scaled, b_c, quant_state):
     xa = xd @ a_scaled.t()
     y = torch.addmm(y, xa, b_c.t())
     return y.reshape(*x.shape[:-1], w.shape[0]), xd, xa, w
+
+
+def _add_adapter(y: torch.Tensor, xd: torch.Tensor, a_scaled: torch.Tensor, b_c: torch.Tensor):
+    """``y + (x_d A_s^T) B^T`` with the add in the second GEMM's epilogue."""
+    dtype = a_scaled.dtype
+    xa = xd.reshape(-1, xd.shape[-1]).to(dtype) @ a_scaled.t()
+    y2 = torch.addmm(y.reshape(-1, y.shape[-1]).to(dtype), xa, b_c.t())
+    return y2.reshape(*y.shape[:-1], y2.shape[-1])
 
 
 def _mm_to(m1: torch.Tensor, m2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -234,6 +243,8 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs):
         copies, index = self.__dict__["_slimtune_lora"]
         a_scaled, b_c = copies.get(index, a, b, scaling, compute_dtype(x))
     if not torch.is_grad_enabled():
+        if quant_state is not None:  # bitsandbytes' own 4-bit kernels (a GEMV per token)
+            return _add_adapter(base(x), x if x_dropped is None else x_dropped, a_scaled, b_c)
         return _forward(x, x_dropped, base.weight, base.bias, a_scaled, b_c, quant_state)[0]
     return LoraLinearFunction.apply(
         x, x_dropped, base.weight, base.bias, a, b, a_scaled, b_c, scaling, quant_state

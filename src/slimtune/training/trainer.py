@@ -98,18 +98,36 @@ class TrainResult:
     main_process: bool = field(default=True, kw_only=True)
 
 
+# marks accelerate's process-wide state as made by slimtune's own Accelerator
+_MADE_HERE = "_slimtune_made_this_state"
+
+
 def _forget_earlier_accelerator(mixed_precision: str, cpu: bool) -> None:
     """accelerate keeps one process-wide state and refuses an Accelerator with another
     precision or device than the first: a second ``train()`` in the same Python process
-    (fp32 after bf16, CPU after GPU) failed. A single-process run has no process group to
-    keep, so its state is dropped and made anew."""
+    (fp32 after bf16, CPU after GPU) failed. Only a state slimtune made itself, in a single
+    process, is dropped and made anew; a caller's own Accelerator or a process group is
+    never torn down under it (a clear error instead)."""
     from accelerate.state import AcceleratorState
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or not AcceleratorState._shared_state:
+    shared = AcceleratorState._shared_state
+    if not shared:
         return
     state = AcceleratorState()
-    if state.mixed_precision != mixed_precision or (state.device.type == "cpu") != cpu:
-        AcceleratorState._reset_state(reset_partial_state=True)
+    device = "cpu" if cpu else "cuda"
+    if state.mixed_precision == mixed_precision and (state.device.type == "cpu") == cpu:
+        return
+    several = state.num_processes > 1 or (
+        torch.distributed.is_available() and torch.distributed.is_initialized()
+    )
+    if several or not shared.get(_MADE_HERE):
+        raise UserInputError(
+            f"this Python process already set up accelerate for precision "
+            f"{state.mixed_precision!r} on {state.device.type}, and accelerate allows one "
+            f"setting per process; this run needs {mixed_precision!r} on {device}. Pass "
+            "--precision/--device to match it, or train in a new process"
+        )
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _accelerator(cfg: TrainConfig):
@@ -136,7 +154,10 @@ def _accelerator(cfg: TrainConfig):
         broadcast_buffers=False,  # the same on every process; a sparse delta's are large
         gradient_as_bucket_view=True,  # no second copy of the gradients
     )
-    return Accelerator(
+    from accelerate.state import AcceleratorState
+
+    made_before = bool(AcceleratorState._shared_state)
+    accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=mp,
         kwargs_handlers=[ddp],
@@ -144,6 +165,9 @@ def _accelerator(cfg: TrainConfig):
             trackers.parse_report_to(cfg.report_to), Path(cfg.output_dir)
         ),
     )
+    if not made_before:
+        AcceleratorState._shared_state[_MADE_HERE] = True
+    return accelerator
 
 
 def _rng_state() -> dict[str, Any]:
