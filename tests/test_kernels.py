@@ -475,7 +475,7 @@ def test_a_callers_own_accelerator_is_not_torn_down(tiny_dir, intent_file, tmp_p
     AcceleratorState._reset_state(reset_partial_state=True)
     try:
         mine = Accelerator(cpu=True, mixed_precision="bf16")
-        with pytest.raises(UserInputError, match="already set up accelerate.*'bf16'"):
+        with pytest.raises(UserInputError, match=r"already set up accelerate.*'bf16'"):
             train_tiny(tiny_dir, intent_file, tmp_path / "run", precision="fp32", max_steps=1)
         assert mine.state.mixed_precision == "bf16"  # still the caller's
         assert not (tmp_path / "run" / "delta").exists()
