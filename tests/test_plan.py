@@ -267,3 +267,11 @@ def test_full_fine_tuning_is_left_to_its_range_test(tiny, fake_measure):
     assert plan.choice.method == "full" and plan.choice.lr == 3e-4
     assert "train it at --lr" not in plan.reason
     assert "range test (--lr auto) chooses the rate" in plan.reason
+
+
+def test_a_gpu_step_is_costed_at_its_median_a_cpu_step_at_its_fastest():
+    """A host-bound GPU step varies from step to step on a quiet machine, so its median is
+    what a run sees; on a CPU only other work slows a step, so the fastest is the clean one."""
+    times = [0.070, 0.095, 0.101, 0.094, 0.075]
+    assert P._step_time(times, torch.device("cpu")) == 0.070
+    assert P._step_time(times, torch.device("cuda")) == 0.094

@@ -335,10 +335,10 @@ def _measure(
 ) -> tuple[float, int, int, float]:
     """(step time, peak memory above what was resident, bytes saved for backward, step
     time of ``typical``). With ``typical`` the two batches are timed in turn after one
-    warm-up step each, so a change of load on the machine hits both alike. A step time is
-    the shortest of the ``steps`` timed: a burst of other work on the machine during one
-    calibration would otherwise skew that method against the others (issue 18 saw LoRA
-    r=8 costed 16% above r=16, which it never is)."""
+    warm-up step each, so a change of load on the machine hits both alike. On a CPU a step
+    time is the shortest of the ``steps`` timed: a burst of other work on the machine during
+    one calibration would otherwise skew that method against the others (issue 18 saw LoRA
+    r=8 costed 16% above r=16, which it never is); on a GPU the median (:func:`_step_time`)."""
     from ..model.kernels import apply_fused_kernels
     from ..training.step import accumulate_gradients
 
@@ -381,7 +381,21 @@ def _measure(
                     times[j].append(time.perf_counter() - t0)
     peak = mem.peak_bytes - before
     del model, opt, params
-    return min(times[0]), peak, saved.total, min(times[-1])
+    return _step_time(times[0], device), peak, saved.total, _step_time(times[-1], device)
+
+
+#: Steps timed per calibration mix on a GPU, where the median is kept (see _step_time).
+GPU_TIMED_STEPS = 9
+
+
+def _step_time(times: list[float], device: torch.device) -> float:
+    """The step time a run will see, from a mix's timed steps. On a CPU the step is
+    compute-bound and the shortest is the undisturbed one (other work on a shared machine
+    only slows steps). On a GPU a small model's step is host-bound and its host time varies
+    by 25-35% from step to step on a quiet machine (``benchmarks/train_step_phases.py``: a
+    median forward and backward of 95 ms against a fastest of 70-75 ms on an H200): the
+    fastest of a few steps costed a run's median step 16-26% short, so the median is kept."""
+    return statistics.median(times) if device.type == "cuda" else min(times)
 
 
 def _least_squares(points: list[tuple[int, int, float]]) -> tuple[float, float, float]:
@@ -444,6 +458,8 @@ def calibrate(
     if not takes_quantization(method, quantize):
         raise UserInputError(f"{method} cannot train on a quantized base ({quantize})")
     device = next(model.parameters()).device
+    if device.type == "cuda":
+        steps = max(steps, GPU_TIMED_STEPS)
     L = len(decoder_layers(model))
     if measured_resident is None:
         measured_resident = _measure_resident(device, model, [quantize])
