@@ -4,6 +4,7 @@ worst case, a prior per method from the benchmarks, and a choice it explains."""
 import json
 
 import pytest
+import torch
 
 from slimtune.data import Example
 from slimtune.errors import UserInputError
