@@ -48,13 +48,8 @@ else
         --save-every 0 --seed $seed --device cuda --no-store --no-progress $flags \
         --output-dir /tmp/q/$name-$seed > /tmp/q-$name-$seed.log 2>&1 \
         || tail -5 /tmp/q-$name-$seed.log
-      python3 - "$name" "$seed" "$flags" <<'PY' | tee -a "$out/quality.jsonl"
-import json, sys
-s = json.load(open(f"/tmp/q/{sys.argv[1]}-{sys.argv[2]}/summary.json"))
-print(json.dumps({"variant": sys.argv[1], "seed": int(sys.argv[2]), "flags": sys.argv[3], **{
-    k: s.get(k) for k in ("eval_accuracy", "eval_loss", "tokens_per_s", "step_time_p50_s",
-                          "peak_memory_bytes", "fused_kernels")}}))
-PY
+      python3 benchmarks/quality_row.py "/tmp/q/$name-$seed" "$name" "$seed" "$flags" \
+        | tee -a "$out/quality.jsonl"
     done
   done
 fi

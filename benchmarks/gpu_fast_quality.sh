@@ -20,12 +20,7 @@ wait
 for seed in ${SEEDS:-0 1 2}; do
   for v in $variants; do
     name=${v%%:*}
-    python3 - "$name" "$seed" "${v#*:}" <<'PY' | tee -a "$out/quality.jsonl" || tail -5 "/tmp/q-$name-$seed.log"
-import json, sys
-s = json.load(open(f"/tmp/q/{sys.argv[1]}-{sys.argv[2]}/summary.json"))
-print(json.dumps({"variant": sys.argv[1], "seed": int(sys.argv[2]), "flags": sys.argv[3], **{
-    k: s.get(k) for k in ("eval_accuracy", "eval_loss", "lr", "step_time_p50_s",
-                          "peak_memory_bytes", "fused_kernels")}}))
-PY
+    python3 benchmarks/quality_row.py "/tmp/q/$name-$seed" "$name" "$seed" "${v#*:}" \
+      | tee -a "$out/quality.jsonl" || tail -5 "/tmp/q-$name-$seed.log"
   done
 done
