@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from plan_accuracy import train_run
 
 
-def timed_loop(model, method, opts, k, batches, device, autocast, steps):
+def timed_loop(model, method, opts, k, batches, device, autocast, steps, warmup):
     """``_measure``'s loop on the whole model, every step timed (not only the fastest)."""
     from slimtune.model.kernels import apply_fused_kernels
     from slimtune.salf.freezing import freeze_below
@@ -44,7 +44,7 @@ def timed_loop(model, method, opts, k, batches, device, autocast, steps):
     times = []
     compute = m.compute_context(model) if device.type == "cuda" else _null()
     with compute:
-        for i in range(steps + 2):
+        for i in range(steps + warmup):
             b = batches[i % len(batches)]
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -54,7 +54,7 @@ def timed_loop(model, method, opts, k, batches, device, autocast, steps):
             opt.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            if i >= 2:
+            if i >= warmup:
                 times.append(time.perf_counter() - t0)
     return min(times), statistics.median(times)
 
@@ -118,15 +118,15 @@ def main() -> None:
         est = estimate(costs, k).step_time_s
         run_batches = [
             collate([ds.examples[i] for i in b], pad)
-            for b in sampled_batches(len(ds.examples), args.batch, args.steps)
+            for b in sampled_batches(len(ds.examples), args.batch, args.steps + args.warmup)
         ]
         w_min, w_med = timed_loop(
-            loaded.model, method, opts, k, [typical], device, autocast, args.steps
+            loaded.model, method, opts, k, [typical], device, autocast, args.steps, args.warmup
         )
         del loaded
         loaded = load_for_plan(args.model, args.device, ["none"], None)
         _, r_med = timed_loop(
-            loaded.model, method, opts, k, run_batches, device, autocast, args.steps
+            loaded.model, method, opts, k, run_batches, device, autocast, args.steps, args.warmup
         )
         del loaded
         if device.type == "cuda":

@@ -58,6 +58,7 @@ def main() -> None:
         t = Trainer(cfg)
         phases: dict[str, list[float]] = defaultdict(list)
         acc = t.accelerator
+        t.model.train()  # as Trainer._run: loading leaves it in eval mode (no dropout)
         with t._compute_context():
             for step in range(args.steps):
                 sync()

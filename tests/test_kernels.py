@@ -329,8 +329,8 @@ def test_fused_lora_on_a_4bit_base_matches_peft(dropout, monkeypatch):
     x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(1))
     _fused_matches_peft(model, x, tol=1e-4)
 
-    # without gradients the base is bitsandbytes' own layer (its 4-bit GEMV for a token),
-    # not a dequantized copy of the whole weight per call
+    # without gradients the base is bitsandbytes' own layer, which takes its 4-bit GEMV for
+    # a single token (generation); slimtune does not dequantize the weight itself
     from slimtune.methods import lora_fused
 
     model.eval()

@@ -274,5 +274,29 @@ def test_a_gpu_step_is_costed_at_its_median_a_cpu_step_at_its_fastest():
     """A host-bound GPU step varies from step to step on a quiet machine, so its median is
     what a run sees; on a CPU only other work slows a step, so the fastest is the clean one."""
     times = [0.070, 0.095, 0.101, 0.094, 0.075]
-    assert P._step_time(times, torch.device("cpu")) == 0.070
-    assert P._step_time(times, torch.device("cuda")) == 0.094
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert P._step_time(times, cpu) == 0.070
+    assert P._step_time(times, gpu) == 0.094
+    # enough steps for a median on a GPU; a disturbed mix timed again keeps the faster
+    # reading on a CPU, on a GPU not the smaller median (that would bias it down again)
+    assert P.timed_steps(cpu) == 3 and P.timed_steps(gpu) >= 7
+    assert P._again(cpu)(0.08, 0.10) == 0.08
+    assert P._again(gpu)(0.08, 0.10) == pytest.approx(0.09)
+
+
+def test_calibration_times_the_steps_it_is_asked_for(tiny, monkeypatch):
+    """An explicit ``steps`` is honoured; by default the device's own count is timed."""
+    seen = []
+    real = P._measure
+
+    def spy(*args):
+        seen.append(args[7])  # steps
+        return real(*args)
+
+    monkeypatch.setattr(P, "_measure", spy)
+    worst = P.synthetic_batch(tiny.model.config.vocab_size, 2, 8)
+    P.calibrate(tiny.model, "lora", {"r": 4}, worst, steps=1)
+    assert set(seen) == {1}
+    seen.clear()
+    P.calibrate(tiny.model, "lora", {"r": 4}, worst)
+    assert set(seen) == {P.timed_steps(torch.device("cpu"))}

@@ -384,8 +384,17 @@ def _measure(
     return _step_time(times[0], device), peak, saved.total, _step_time(times[-1], device)
 
 
-#: Steps timed per calibration mix on a GPU, where the median is kept (see _step_time).
-GPU_TIMED_STEPS = 9
+def timed_steps(device: torch.device) -> int:
+    """Steps timed per calibration mix: the fastest of 3 on a CPU, the median of 9 on a
+    GPU (:func:`_step_time`); mini models' steps are short, so 9 cost a second or two."""
+    return 9 if device.type == "cuda" else 3
+
+
+def _again(device: torch.device):
+    """How a mix timed twice (a disturbed fit) keeps its two readings: on a CPU the faster
+    (the other was slowed by other work); on a GPU, where each is a median already, their
+    mean (the smaller of two medians would bring back the bias the median removes)."""
+    return min if device.type != "cuda" else (lambda a, b: (a + b) / 2)
 
 
 def _step_time(times: list[float], device: torch.device) -> float:
@@ -442,7 +451,7 @@ def calibrate(
     batch: dict[str, torch.Tensor],
     *,
     autocast=contextlib.nullcontext,
-    steps: int = 3,
+    steps: int | None = None,
     quantize: str | None = None,
     measured_resident: int | None = None,
     typical_batch: dict[str, torch.Tensor] | None = None,
@@ -452,14 +461,14 @@ def calibrate(
     the model's resident memory as loaded, when the caller measured it once for several
     calibrations (so that their estimates differ only by what they cost).
     ``typical_batch``: a batch of the run's typical width, timed beside ``batch`` (the
-    worst case, which alone sets memory) so that step times are estimated for both."""
+    worst case, which alone sets memory) so that step times are estimated for both.
+    ``steps``: timed steps per mix (default :func:`timed_steps`)."""
     options = dict(options or {})
     quantize = quantization_of(model) if quantize is None else quantize
     if not takes_quantization(method, quantize):
         raise UserInputError(f"{method} cannot train on a quantized base ({quantize})")
     device = next(model.parameters()).device
-    if device.type == "cuda":
-        steps = max(steps, GPU_TIMED_STEPS)
+    steps = timed_steps(device) if steps is None else steps
     L = len(decoder_layers(model))
     if measured_resident is None:
         measured_resident = _measure_resident(device, model, [quantize])
@@ -482,14 +491,15 @@ def calibrate(
         return m
 
     points = {mix: measure(*mix) for mix in mixes}
-    for _ in range(2):  # at most twice: every mix again, each keeping its faster reading
+    for _ in range(2):  # at most twice: every mix again (see _again for what is kept)
         if not any(
             disturbed({(f, t): v[i] for (f, t, e), v in points.items() if not e}) for i in (0, 3)
         ):
             break
         for mix in mixes:
             old, new = points[mix], measure(*mix)
-            points[mix] = (min(old[0], new[0]), old[1], old[2], min(old[3], new[3]))
+            again = _again(device)
+            points[mix] = (again(old[0], new[0]), old[1], old[2], again(old[3], new[3]))
 
     def fit(i: int) -> StepTimes:
         """The step-time model of the batch whose times are at ``i`` in each point."""

@@ -157,17 +157,18 @@ def _accelerator(cfg: TrainConfig):
     from accelerate.state import AcceleratorState
 
     made_before = bool(AcceleratorState._shared_state)
-    accelerator = Accelerator(
-        cpu=cpu,
-        mixed_precision=mp,
-        kwargs_handlers=[ddp],
-        **trackers.accelerator_options(
-            trackers.parse_report_to(cfg.report_to), Path(cfg.output_dir)
-        ),
-    )
-    if not made_before:
-        AcceleratorState._shared_state[_MADE_HERE] = True
-    return accelerator
+    try:
+        return Accelerator(
+            cpu=cpu,
+            mixed_precision=mp,
+            kwargs_handlers=[ddp],
+            **trackers.accelerator_options(
+                trackers.parse_report_to(cfg.report_to), Path(cfg.output_dir)
+            ),
+        )
+    finally:  # also when it failed after making the state: that state is slimtune's too
+        if not made_before and AcceleratorState._shared_state:
+            AcceleratorState._shared_state[_MADE_HERE] = True
 
 
 def _rng_state() -> dict[str, Any]:
