@@ -318,7 +318,7 @@ class ExpertsMethod(Method):
     config: ExpertsOptions
     mergeable = False
     why_not_mergeable = "its experts are routed per token"
-    default_lr = 5e-4
+    default_lr = 1e-3  # benchmarks/lr_sweep.py: the best swept rate on both tasks (BENCHMARKS.md)
     delta_files = (EXPERTS_FILE,)
     why_not_sharded = "its experts are stacked per layer and routed per token"
     unused_parameters = True  # an expert no token of a process' batch chose
