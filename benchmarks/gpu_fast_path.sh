@@ -43,6 +43,7 @@ else
   for seed in ${SEEDS:-0 1 2}; do
     for v in $variants; do
       name=${v%%:*}; flags=$(echo "${v#*:}" | tr ',' ' ')
+      rm -rf /tmp/q/$name-$seed  # a row never reads an earlier call's summary
       python3 -m slimtune train --data builtin:support_intents_train \
         --eval-data builtin:support_intents_test --max-steps 80 --batch-size 8 \
         --save-every 0 --seed $seed --device cuda --no-store --no-progress $flags \

@@ -135,7 +135,7 @@ def test_choice_is_not_the_cheapest_method_when_a_better_one_fits(tiny, fake_mea
     assert "the highest of the candidates that fit" in plan.reason
     assert "the fastest that fits, shira, every layer trained" in plan.reason
     assert "the lowest expected: shira, every layer trained, 0.940" in plan.reason
-    assert "evidence for lora r16: default support-intents 96.7% vs 94.2%" in plan.reason
+    assert "evidence for lora r16: default support-intents (CPU) 96.7% vs 94.2%" in plan.reason
     assert "the priors are scores measured on the bundled tasks" in plan.reason
     assert "other models" not in plan.reason
     assert "--lr 0.001" in plan.reason
@@ -280,8 +280,9 @@ def test_a_gpu_step_is_costed_at_its_median_a_cpu_step_at_its_fastest():
     # enough steps for a median on a GPU; a disturbed mix timed again keeps the faster
     # reading on a CPU, on a GPU not the smaller median (that would bias it down again)
     assert P.timed_steps(cpu) == 3 and P.timed_steps(gpu) >= 7
-    assert P._again(cpu)(0.08, 0.10) == 0.08
-    assert P._again(gpu)(0.08, 0.10) == pytest.approx(0.09)
+    assert P._again(cpu)(0.08, 0.10, 1) == 0.08
+    assert P._again(gpu)(0.08, 0.10, 1) == pytest.approx(0.09)
+    assert P._again(gpu)(0.09, 0.06, 2) == pytest.approx(0.08)  # the mean of 3 readings
 
 
 def test_calibration_times_the_steps_it_is_asked_for(tiny, monkeypatch):

@@ -11,8 +11,8 @@ highest ratio kept as its spread.
 What the prior is, and is not: measurements of the default model on the two bundled
 tasks (6-class support intents, accuracy; support extraction, exact match), mostly three
 seeds, each method at its default learning rate, the one ``slimtune train`` uses (for full
-fine-tuning, whose default is the range test, the swept rate it lands near), plus one CPU
-table for LoRA r=16 against r=8. A plan for a model measured here uses that model's rows;
+fine-tuning, whose default is the range test, the swept rate it lands near), plus CPU
+rows: LoRA r=16 against r=8, and experts on extraction, which the sweep lacks. A plan for a model measured here uses that model's rows;
 another model gets the rows of all measured models, and says so. Nothing certain follows
 for a task of another kind. A short pilot run on the user's own data would say more (not
 built).
@@ -134,7 +134,7 @@ class Prior:
         for row in self.rows:
             ref = _reference_row(row)
             seeds = f"{row.seeds} seeds, " if row.seeds > 1 else "1 seed, "
-            where = f"{row.model} {row.task}"
+            where = f"{row.model} {row.task}" + (" (CPU)" if row.source != SWEEP else "")
             if ref is None or ref is row:
                 parts.append(f"{where} {row.score:.1f}% ({seeds}lr {row.lr:g})")
             else:

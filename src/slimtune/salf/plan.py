@@ -391,10 +391,13 @@ def timed_steps(device: torch.device) -> int:
 
 
 def _again(device: torch.device):
-    """How a mix timed twice (a disturbed fit) keeps its two readings: on a CPU the faster
-    (the other was slowed by other work); on a GPU, where each is a median already, their
-    mean (the smaller of two medians would bring back the bias the median removes)."""
-    return min if device.type != "cuda" else (lambda a, b: (a + b) / 2)
+    """How a mix timed again (a disturbed fit) keeps ``kept``, from ``n`` readings, and a
+    new one: on a CPU the faster (the other was slowed by other work); on a GPU, where each
+    is a median already, the mean of all its readings (the smaller of two medians would
+    bring back the bias the median removes)."""
+    if device.type != "cuda":
+        return lambda kept, new, n: min(kept, new)
+    return lambda kept, new, n: (kept * n + new) / (n + 1)
 
 
 def _step_time(times: list[float], device: torch.device) -> float:
@@ -491,6 +494,7 @@ def calibrate(
         return m
 
     points = {mix: measure(*mix) for mix in mixes}
+    readings, keep = dict.fromkeys(mixes, 1), _again(device)
     for _ in range(2):  # at most twice: every mix again (see _again for what is kept)
         if not any(
             disturbed({(f, t): v[i] for (f, t, e), v in points.items() if not e}) for i in (0, 3)
@@ -498,8 +502,8 @@ def calibrate(
             break
         for mix in mixes:
             old, new = points[mix], measure(*mix)
-            again = _again(device)
-            points[mix] = (again(old[0], new[0]), old[1], old[2], again(old[3], new[3]))
+            n, readings[mix] = readings[mix], readings[mix] + 1
+            points[mix] = (keep(old[0], new[0], n), old[1], old[2], keep(old[3], new[3], n))
 
     def fit(i: int) -> StepTimes:
         """The step-time model of the batch whose times are at ``i`` in each point."""
