@@ -93,16 +93,22 @@ def _forward(x, x_dropped, weight, bias, a_scaled, b_c, quant_state):
     xd = x2 if x_dropped is None else x_dropped.reshape(-1, x.shape[-1]).to(dtype)
     w = _base_weight(weight, quant_state, dtype)
     y = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
-    xa = xd @ a_scaled.t()
-    y = torch.addmm(y, xa, b_c.t())
+    y, xa = _plus_adapter(y, xd, a_scaled, b_c)
     return y.reshape(*x.shape[:-1], w.shape[0]), xd, xa, w
 
 
+def _plus_adapter(y: torch.Tensor, xd: torch.Tensor, a_scaled: torch.Tensor, b_c: torch.Tensor):
+    """``y + (x_d A_s^T) B^T`` on 2-D operands in the copies' dtype, the add in the second
+    GEMM's epilogue, and ``x_d A_s^T`` (what backward keeps)."""
+    xa = xd @ a_scaled.t()
+    return torch.addmm(y, xa, b_c.t()), xa
+
+
 def _add_adapter(y: torch.Tensor, xd: torch.Tensor, a_scaled: torch.Tensor, b_c: torch.Tensor):
-    """``y + (x_d A_s^T) B^T`` with the add in the second GEMM's epilogue."""
+    """:func:`_plus_adapter` on a base layer's output of any leading shape."""
     dtype = a_scaled.dtype
-    xa = xd.reshape(-1, xd.shape[-1]).to(dtype) @ a_scaled.t()
-    y2 = torch.addmm(y.reshape(-1, y.shape[-1]).to(dtype), xa, b_c.t())
+    flat = (y.reshape(-1, y.shape[-1]).to(dtype), xd.reshape(-1, xd.shape[-1]).to(dtype))
+    y2, _ = _plus_adapter(*flat, a_scaled, b_c)
     return y2.reshape(*y.shape[:-1], y2.shape[-1])
 
 

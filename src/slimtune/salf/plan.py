@@ -494,15 +494,15 @@ def calibrate(
         return m
 
     points = {mix: measure(*mix) for mix in mixes}
-    readings, keep = dict.fromkeys(mixes, 1), _again(device)
-    for _ in range(2):  # at most twice: every mix again (see _again for what is kept)
+    keep = _again(device)
+    for again in range(2):  # at most twice: every mix again (see _again for what is kept)
         if not any(
             disturbed({(f, t): v[i] for (f, t, e), v in points.items() if not e}) for i in (0, 3)
         ):
             break
         for mix in mixes:
             old, new = points[mix], measure(*mix)
-            n, readings[mix] = readings[mix], readings[mix] + 1
+            n = again + 1  # readings kept so far: every mix is timed again in each round
             points[mix] = (keep(old[0], new[0], n), old[1], old[2], keep(old[3], new[3], n))
 
     def fit(i: int) -> StepTimes:
