@@ -156,19 +156,27 @@ def run_one(args) -> dict | None:
 
     with PeakMemory(device) as mem, compute():
         times = timed_steps(step, device, args.warmup, args.steps)
-    if args.profile and acc.is_main_process and acc.num_processes == max(args.gpu_list):
+    # the profile: rank 0 on the most GPUs, or with --trace on every count (to compare them)
+    profiled = args.profile and (args.trace or acc.num_processes == max(args.gpu_list))
+    if profiled and acc.is_main_process:
         from torch.profiler import ProfilerActivity, profile
 
         with compute(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            step()
+            for _ in range(2):  # the second step is read: the first may still warm the host
+                step()
             torch.cuda.synchronize()
         table = prof.key_averages().table(
             sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70
         )
         print(f"profile of {args.run_one} x{acc.num_processes}, rank 0:\n{table}", file=sys.stderr)
-    elif args.profile and acc.num_processes == max(args.gpu_list):
-        with compute():  # the others run the same step: its collectives need them
-            step()
+        if args.trace:
+            Path(args.trace).mkdir(parents=True, exist_ok=True)
+            name = args.run_one.replace("+", "_")  # a name the device copies back
+            prof.export_chrome_trace(f"{args.trace}/{name}-x{acc.num_processes}.json")
+    elif profiled:
+        with compute():  # the others run the same steps: their collectives need them
+            for _ in range(2):
+                step()
             torch.cuda.synchronize()
     peak = acc.reduce(torch.tensor(float(mem.peak_bytes), device=device), "max")
     med = statistics.median(times)
@@ -187,11 +195,13 @@ def run_one(args) -> dict | None:
 
 def launch(config: str, gpus: int, args) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus)]
-    cmd += ["--master_port", str(29600 + gpus), __file__, "--run-one", config]
+    cmd += ["--numa-binding", args.numa_binding] if args.numa_binding else []
+    cmd += ["--master_port", str(args.port + gpus), __file__, "--run-one", config]
     for key in ("model", "batch", "seq", "steps", "warmup", "lora_r"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     cmd += ["--checkpointing"] if args.checkpointing else []
     cmd += ["--profile", "--gpus", args.gpus] if args.profile else []
+    cmd += ["--trace", args.trace] if args.trace else []
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "OMP_NUM_THREADS": "4"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     if "profile of" in proc.stderr:
@@ -221,6 +231,16 @@ def main() -> None:
         action="store_true",
         help="print a profile of one step of rank 0 on the most GPUs (stderr)",
     )
+    ap.add_argument(
+        "--trace",
+        help="with --profile: a folder for chrome traces of rank 0's profiled steps, "
+        "on every GPU count",
+    )
+    ap.add_argument(
+        "--numa-binding",
+        help="torchrun's --numa-binding (node, socket, ...): each process on the CPUs near its GPU",
+    )
+    ap.add_argument("--port", type=int, default=29600, help="torchrun's port is this + GPUs")
     ap.add_argument("--out")
     ap.add_argument("--run-one", help=argparse.SUPPRESS)
     args = ap.parse_args()
