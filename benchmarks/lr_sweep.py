@@ -79,10 +79,14 @@ def default_rate(method: str) -> str:
 
 
 def _rate(lr: str | float) -> str:
-    """One spelling per rate ("1e-3", "0.001" and 1e-3 are the same run); "auto" as is."""
+    """One spelling per rate ("1e-3", "0.001" and 1e-3 are the same run, 1.78e-4 stays
+    itself); "auto" as is."""
     if lr == "auto":
         return lr
-    return f"{float(lr):.0e}".replace("e-0", "e-") if float(lr) < 0.1 else f"{float(lr):g}"
+    if float(lr) >= 0.1:
+        return f"{float(lr):g}"
+    mantissa, exponent = f"{float(lr):.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
 def _order(lr: str) -> float:
