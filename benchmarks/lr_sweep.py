@@ -14,6 +14,7 @@ one sitting resumes.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -71,11 +72,26 @@ def run_one(
             "step_time_p50_s": s.get("step_time_p50_s"), "lr_used": s.get("lr")}  # fmt: skip
 
 
-def default_rate(method: str) -> str:
-    """The method's current default rate, spelt as a run records it ("auto" for a method
-    whose default is its range test, as full's is)."""
+@functools.cache
+def _weight_scale(model: str) -> float:
+    """The packaged model's weight scale (training/lr_scale.py), read on the CPU once."""
+    from slimtune.model.loading import load_model
+    from slimtune.training.lr_scale import weight_scale
+
+    return weight_scale(load_model(model, device="cpu").model)
+
+
+def default_rate(method: str, model: str = "default") -> str:
+    """The method's current default rate on ``model`` (scaled to its weights where the
+    method's is: sparse, rosa), spelt as a run records it ("auto" for a method whose
+    default is its range test, as full's is)."""
+    from slimtune.training.lr_scale import scaled_default_lr
+
     cls = METHOD_CLASSES[method]
-    return "auto" if cls.auto_lr else _rate(cls.default_lr)
+    if cls.auto_lr:
+        return "auto"
+    scale = _weight_scale(model) if cls.lr_follows_weights else 1.0
+    return _rate(scaled_default_lr(cls, scale))
 
 
 def _rate(lr: str | float) -> str:
@@ -110,7 +126,7 @@ def table(rows: list[dict], tag: str = "") -> str:
         lines += ["|---" * (len(lrs) + 3) + "|"]
         for method in [m for m in METHODS if any(r["method"] == m for r in sel)]:
             cells, means = [], {}
-            default = default_rate(method)
+            default = default_rate(method, model)
             for lr in [*lrs, "default"]:
                 got = [
                     100 * r["score"]
@@ -182,7 +198,7 @@ def main() -> None:
         lrs = dict(kv.split("=", 1) for kv in args.method_lrs.split(";") if kv).get(method, lrs)
         for lr in lrs.split(","):
             # recorded as the number (so results outlive a changed default), in one spelling
-            lr = default_rate(method) if lr == "default" else _rate(lr)
+            lr = default_rate(method, model) if lr == "default" else _rate(lr)
             job = dict(zip(keys, (model, task, method, lr, seed, args.tag), strict=True))
             if tuple(job.values()) not in have:
                 jobs.append(job)

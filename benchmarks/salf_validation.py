@@ -93,7 +93,7 @@ def main() -> None:
     base = load_model(args.model)
     analysis = analyze(base.model, load_dataset(data, base.tokenizer), progress=False)
     del base
-    lr = default_rate(args.method) if args.lr == "default" else _rate(args.lr)
+    lr = default_rate(args.method, args.model) if args.lr == "default" else _rate(args.lr)
     asked = {int(x) for x in args.freeze_below.split(",")}
     if bad := sorted(k for k in asked if not 0 <= k < len(analysis.gain) - 1):
         ap.error(f"--freeze-below {bad}: {args.model} has {len(analysis.gain) - 1} layers")

@@ -98,8 +98,13 @@ def test_priors_come_from_the_measurements_and_cite_them():
     assert prior("dora") is None
     assert "default support-intents 96.7% vs 96.5% (3 seeds, lr 0.0003)" in full.cite()
     assert "default support-extract 82.1% vs 82.2%" in full.cite()
-    # a model measured nowhere (Gemma's rows are withdrawn) gets every model's rows, and
-    # says so
+    # Gemma 3 has rows of its own, at the rates train gives it there (sparse: scaled)
+    experts, sparse = prior("experts", None, "gemma3-270m"), prior("sparse", None, "gemma3-270m")
+    assert (
+        not experts.other_models and experts.relative < prior("experts", None, "default").relative
+    )
+    assert sparse.lr == 2e-4 and all(r.model == "gemma3-270m" for r in sparse.rows)
+    # a model (or a method on a model) measured nowhere gets every model's rows, and says so
     for other in (prior("full", None, "my/model"), prior("full", None, "gemma3-270m")):
         assert other.other_models and "(measured on other models)" in other.cite()
         assert (other.low, other.high, other.relative) == (full.low, full.high, full.relative)
@@ -140,8 +145,13 @@ def test_choice_is_not_the_cheapest_method_when_a_better_one_fits(tiny, fake_mea
     assert "other models" not in plan.reason
     assert "--lr 0.001" in plan.reason
     # a model with no rows of its own: the same weighing, from the measured model's rows
+    other = _plan(tiny, [("shira", {}), ("lora", {"r": 8})], model_name="my/model")
+    assert other.choice.method == "lora" and "other models" in other.reason
+    # Gemma 3's own rows: LoRA is its best measured method too
     gemma = _plan(tiny, [("shira", {}), ("lora", {"r": 8})], model_name="gemma3-270m")
-    assert gemma.choice.method == "lora" and "other models" in gemma.reason
+    assert gemma.choice.method == "lora" and "other models" not in gemma.reason
+    shira = next(c for c in gemma.candidates if c.method == "shira")
+    assert "gemma3-270m support-intents 92.8% vs 97.4%" in shira.evidence
 
 
 def test_near_ties_go_to_the_shorter_step(tiny, fake_measure):
@@ -268,6 +278,21 @@ def test_full_fine_tuning_is_left_to_its_range_test(tiny, fake_measure):
     assert plan.choice.method == "full" and plan.choice.lr == 3e-4
     assert "train it at --lr" not in plan.reason
     assert "range test (--lr auto) chooses the rate" in plan.reason
+
+
+def test_sparse_rate_is_left_to_train_which_scales_it(tiny, fake_measure):
+    """Sparse's default follows the model's weight size (lr_scale.py): the evidence's 1e-3
+    is SmolLM2's, so the plan neither pins it nor puts it in the train line."""
+    plan = _plan(tiny, [("sparse", {})], model_name="gemma3-270m")
+    assert plan.choice.method == "sparse" and plan.choice.lr == 2e-4
+    assert "train it at --lr" not in plan.reason
+    assert "train scales sparse's default rate to this model's weight size" in plan.reason
+    from argparse import Namespace
+
+    from slimtune.cli.salf import train_command
+
+    args = Namespace(data="d.jsonl", model="gemma3-270m", batch_size=8)
+    assert "--lr" not in train_command(args, plan.choice)
 
 
 def test_a_gpu_step_is_costed_at_its_median_a_cpu_step_at_its_fastest():

@@ -266,7 +266,9 @@ def train_command(args: argparse.Namespace, e) -> str:
         parts.append(f"--model {args.model}")
     parts += [f"--data {args.data}", f"--method {e.method}"]
     parts += [f"--{flags.get(k, k.replace('_', '-'))} {v}" for k, v in e.options.items()]
-    if e.lr is not None and not method_class(e.method).auto_lr:  # full: its range test
+    cls = method_class(e.method)
+    # full: its range test; sparse, rosa: their default follows the model's weight size
+    if e.lr is not None and not cls.auto_lr and not cls.lr_follows_weights:
         parts.append(f"--lr {e.lr:g}")
     if e.freeze_below:
         parts.append(f"--freeze-below {e.freeze_below}")

@@ -124,11 +124,13 @@ def _lr_help() -> str:
             if METHODS[m].auto_lr
             else f"{METHODS[m].default_lr:g}"
         )
+        + ("*" if METHODS[m].lr_follows_weights else "")
         for m in sorted(METHODS)
     )
     return (
         f"peak learning rate, or auto: a short range test on the data chooses it "
-        f"(default: the method's own: {by_method})"
+        f"(default: the method's own: {by_method}; *: scaled down for a model whose "
+        "weights are smaller than SmolLM2-135M's, where they were swept)"
     )
 
 

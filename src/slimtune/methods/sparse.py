@@ -429,7 +429,8 @@ class SparseMethod(Method):
     name = "sparse"
     config_class = SparseOptions
     config: SparseOptions
-    default_lr = 1e-3  # benchmarks/lr_sweep.py (BENCHMARKS.md)
+    default_lr = 1e-3  # benchmarks/lr_sweep.py (BENCHMARKS.md), on SmolLM2-135M
+    lr_follows_weights = True  # training/lr_scale.py
     delta_files = (SPARSE_FILE,)
 
     def prepare(self, model: nn.Module, layers: list[int], batches=None) -> nn.Module:

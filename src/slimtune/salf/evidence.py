@@ -8,11 +8,12 @@ the scores slimtune's own benchmarks measured for each method and turns them int
 the same task in the same benchmark, averaged over the tasks measured, with the lowest and
 highest ratio kept as its spread.
 
-What the prior is, and is not: measurements of the default model on the two bundled
+What the prior is, and is not: measurements of the two packaged models on the two bundled
 tasks (6-class support intents, accuracy; support extraction, exact match), mostly three
-seeds, each method at its default learning rate, the one ``slimtune train`` uses (for full
-fine-tuning, whose default is the range test, the swept rate it lands near), plus CPU
-rows: LoRA r=16 against r=8, and experts on extraction, which the sweep lacks. A plan for a model measured here uses that model's rows;
+seeds, each method at the default learning rate ``slimtune train`` gives it on that model
+(for full fine-tuning, whose default is the range test, the swept rate it lands near; on
+the default model only), plus CPU rows: LoRA r=16 against r=8, experts on extraction,
+which the sweep lacks, and sparse on Gemma 3 at its scaled rate. A plan for a model measured here uses that model's rows;
 another model gets the rows of all measured models, and says so. Nothing certain follows
 for a task of another kind. A short pilot run on the user's own data would say more (not
 built).
@@ -23,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 SWEEP = "sweep"
+GEMMA_SWEEP = "gemma-sweep"
 CPU = "cpu-quality"
 CPU_SWEEP = "cpu-sweep"
 SOURCES = {
@@ -31,14 +33,19 @@ SOURCES = {
         "packaged models': 1 x H200, 100 steps x 8, default options and learning rates, "
         "the 240 test records; the mean of seeds 0-2 where three were run"
     ),
+    GEMMA_SWEEP: (
+        "BENCHMARKS.md, 'Gemma 3 270M, measured again with the right tokenizer': 1 x H200, "
+        "100 steps x 8, default options, seeds 0-2; LoRA's rows are the SALF table's "
+        "freeze-below 0 in the same setup"
+    ),
     CPU: (
         "BENCHMARKS.md, 'Routed expert adapters: quality against LoRA of equal active "
         "parameters' and the sparse quality table: CPU, 80 steps x 8, seed 0, lr 1e-3"
     ),
     CPU_SWEEP: (
-        "BENCHMARKS.md, 'Default learning rates' (experts on extraction, CPU) and the SALF "
-        "table 'A higher rate for a frozen run': 2-core CPU, fp32, 100 steps x 8, default "
-        "options, seed 0, the 240 test records"
+        "BENCHMARKS.md, 'Default learning rates' (experts on extraction, sparse on Gemma 3 "
+        "at its scaled rate, LoRA on Gemma 3) and the SALF table 'A higher rate for a "
+        "frozen run': 2-core CPU, fp32, 100 steps x 8, default options, the 240 test records"
     ),
 }
 INTENTS, EXTRACT = "support-intents", "support-extract"
@@ -97,10 +104,18 @@ EVIDENCE: tuple[Measured, ...] = (
             "full": (82.1, 1),
         },
     ),
-    # Gemma 3 270M's sweep rows are withdrawn: the lent GPU's transformers (5.17) had
-    # converted its tokenizer wrongly (other ids, no <bos>; model.loading.check_tokenizer),
-    # so they measured a model that could not read its input. A plan for it uses the
-    # default model's rows and says so.
+    # Gemma 3 270M, measured again with the right tokenizer (the first sweep's rows were
+    # withdrawn: transformers 5.17 had converted its tokenizer wrongly), each method at the
+    # rate train now gives it there: shira 3e-3, experts and LoRA 1e-3 (GPU) ...
+    Measured(GEMMA_SWEEP, "gemma3-270m", INTENTS, "lora", {"r": 8}, 1e-3, 97.4, 3),
+    Measured(GEMMA_SWEEP, "gemma3-270m", INTENTS, "shira", {}, 3e-3, 92.8, 3),
+    Measured(GEMMA_SWEEP, "gemma3-270m", INTENTS, "experts", {}, 1e-3, 89.9, 3),
+    Measured(GEMMA_SWEEP, "gemma3-270m", EXTRACT, "lora", {"r": 8}, 1e-3, 88.6, 3),
+    Measured(GEMMA_SWEEP, "gemma3-270m", EXTRACT, "shira", {}, 3e-3, 86.7, 3),
+    Measured(GEMMA_SWEEP, "gemma3-270m", EXTRACT, "experts", {}, 1e-3, 87.1, 3),
+    # ... and sparse at its weight-scaled default, 2e-4 (training/lr_scale.py), on the CPU
+    Measured(CPU_SWEEP, "gemma3-270m", INTENTS, "lora", {"r": 8}, 1e-3, 96.0, 3),
+    Measured(CPU_SWEEP, "gemma3-270m", INTENTS, "sparse", {}, 2e-4, 96.3, 3),
     Measured(CPU, "default", INTENTS, "lora", {"r": 8}, 1e-3, 94.2),
     Measured(CPU, "default", INTENTS, "lora", {"r": 16, "alpha": 32}, 1e-3, 96.7),
     # the sweep has no experts row on extraction: these two, on the CPU, stand in
@@ -134,7 +149,9 @@ class Prior:
         for row in self.rows:
             ref = _reference_row(row)
             seeds = f"{row.seeds} seeds, " if row.seeds > 1 else "1 seed, "
-            where = f"{row.model} {row.task}" + (" (CPU)" if row.source != SWEEP else "")
+            where = f"{row.model} {row.task}" + (
+                " (CPU)" if row.source not in (SWEEP, GEMMA_SWEEP) else ""
+            )
             if ref is None or ref is row:
                 parts.append(f"{where} {row.score:.1f}% ({seeds}lr {row.lr:g})")
             else:

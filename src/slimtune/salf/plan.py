@@ -880,6 +880,16 @@ def _chooses_own_lr(method: str) -> bool:
     return cls is not None and cls.auto_lr
 
 
+def _scales_own_lr(method: str) -> bool:
+    """Whether ``method``'s default rate follows the model's weight size (sparse, rosa:
+    training/lr_scale.py): the evidence's rate is the swept model's, and train scales it
+    for the model at hand, so a plan does not pin it either."""
+    from ..methods import METHODS
+
+    cls = METHODS.get(method)
+    return cls is not None and cls.lr_follows_weights
+
+
 def _weigh_quality(rows: list[Estimate], model_name: str | None) -> bool:
     """Each row's prior (its method's measured score relative to LoRA r8's on
     ``model_name``, :mod:`.evidence`) and expected quality ``prior x G(k)``. A method
@@ -965,6 +975,11 @@ def explain(
         lines.append(
             f"the evidence was measured at lr {choice.lr:g}; {choice.method}'s default range "
             "test (--lr auto) chooses the rate for this model and data"
+        )
+    elif choice.lr is not None and _scales_own_lr(choice.method):
+        lines.append(
+            f"the evidence was measured at lr {choice.lr:g}; train scales "
+            f"{choice.method}'s default rate to this model's weight size (lr_scale.py)"
         )
     elif choice.lr is not None:
         lines.append(f"train it at --lr {choice.lr:g}, the rate behind that evidence")

@@ -71,6 +71,7 @@ from ..model.quantize import quantization_of
 from ..salf.freezing import freeze_below
 from . import trackers
 from .config import TrainConfig
+from .lr_scale import scaled_default_lr, weight_scale
 from .lr_search import PROBE_BATCHES, LRSearch, search_lr
 from .parallel import Parallel
 from .step import NonFiniteError, accumulate_gradients, lr_factor, warmup_steps
@@ -347,6 +348,13 @@ class Trainer:
             self.fused_kernels.append("torch.compile")
         self.method = get_method(cfg.method, cfg.method_options)
         self.method.progress = cfg.progress
+        # the size of the base's weights, read before the method wraps them: the default
+        # rate of a method that trains base entries follows it (lr_scale.py)
+        self.weight_scale = (
+            weight_scale(self.loaded.model)
+            if self.method.lr_follows_weights and not isinstance(cfg.lr, float)
+            else 1.0
+        )
         self.model = self.method.prepare(
             self.loaded.model, self.layers, batches=self._calibration_batches
         )
@@ -372,7 +380,13 @@ class Trainer:
 
         # the peak learning rate: --lr, the method's default, or (--lr auto) the range
         # test's choice, made below unless a checkpoint holds it
-        self.lr = cfg.learning_rate
+        self.lr = cfg.lr if isinstance(cfg.lr, float) else self.default_lr
+        if cfg.lr is None and not cfg.lr_auto and self.lr != self.method.default_lr:
+            info(
+                f"lr {self.lr:g}: {cfg.method}'s default {self.method.default_lr:g} x "
+                f"{self.weight_scale:.2f}, this model's weight size against the model the "
+                "defaults were swept on (training/lr_scale.py; --lr sets one)"
+            )
         self.lr_search: LRSearch | None = None
         self._build_optimizer()
         self.step = 0
@@ -381,6 +395,12 @@ class Trainer:
             self._load_checkpoint()
         if cfg.lr_auto and self.step == 0:
             self._search_lr()
+
+    @property
+    def default_lr(self) -> float:
+        """The method's default rate for this model: the centre of ``--lr auto``'s range
+        test, and the rate when none is given."""
+        return scaled_default_lr(type(self.method), self.weight_scale)
 
     def _build_optimizer(self) -> None:
         self.optimizer = torch.optim.AdamW(
@@ -426,7 +446,7 @@ class Trainer:
                 device=self.device,
                 autocast=self.accelerator.autocast,
                 max_grad_norm=cfg.max_grad_norm,
-                default_lr=cfg.learning_rate,
+                default_lr=self.default_lr,
                 progress=cfg.progress and self.accelerator.is_main_process,
                 after_step=lambda: self.method.step_metrics(self.model),  # not logged
             )
@@ -652,9 +672,10 @@ class Trainer:
         want = json.loads(json.dumps(self._identity()))
         found = meta.get("lr_search")
         searched = isinstance(found, dict)
-        # --lr auto, or no --lr on a run whose rate a range test chose: the rate chosen (or
-        # given) when the run started, with no second range test
-        keep = self.cfg.lr_auto or (self.cfg.lr is None and searched)
+        # --lr auto, or no --lr: the rate chosen (or given, or the default then) when the
+        # run started, with no second range test; a default that moved since (another
+        # slimtune, lr_scale.py) does not change a run under way
+        keep = self.cfg.lr_auto or self.cfg.lr is None
         if keep and isinstance(had.get("lr"), (int, float)):
             want["lr"] = self.lr = float(had["lr"])
         if searched:
