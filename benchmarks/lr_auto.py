@@ -25,7 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lr_sweep import METHODS, TASKS
+from lr_sweep import METHODS, TASKS, default_rate
 
 
 def search_one(model: str, task: str, method: str, device: str, seed: int) -> dict:
@@ -119,7 +119,8 @@ def table(args) -> None:
             continue
         sweep = means[key]
         best_lr = max(sweep, key=sweep.get)
-        default = CLASSES[r["method"]].default_lr
+        spelt = default_rate(r["method"], r["model"])  # scaled where train scales it
+        default = CLASSES[r["method"]].default_lr if spelt == "auto" else float(spelt)
         at_best = r["chosen"] * r["settings"]["divisor"]
         cells = []
         for d in divisors:

@@ -48,9 +48,9 @@ def test_the_scale_is_capped_at_one_and_floored():
 
 
 def test_only_methods_that_train_base_entries_are_scaled():
-    for name in ("sparse", "rosa", "full"):
+    for name, halved in (("sparse", 5e-4), ("rosa", 5e-4), ("full", 5e-5)):
         cls = method_class(name)
-        assert scaled_default_lr(cls, 0.5) == pytest.approx(float(f"{cls.default_lr / 2:.1g}"))
+        assert scaled_default_lr(cls, 0.5) == halved
         assert scaled_default_lr(cls, 1.0) == cls.default_lr
     for name in ("lora", "experts", "shira"):
         cls = method_class(name)
@@ -97,3 +97,15 @@ def test_a_run_resumed_without_lr_keeps_the_rate_it_started_with(
     assert resumed.step == 2
     assert resumed.lr == started["identity"]["lr"] != resumed.default_lr
     resumed.close()
+
+
+def test_the_range_test_is_centred_on_the_scaled_rate(tiny_dir, intent_file, tmp_path):
+    """Full fine-tuning's default is its range test: from the scaled rate / 100 up."""
+    from slimtune.model.loading import load_model
+    from slimtune.training.lr_search import SPAN
+
+    rms = weight_rms(load_model(str(tiny_dir)).model)
+    run = train_tiny(tiny_dir, intent_file, tmp_path / "r", method="full", lr=None, max_steps=1)
+    centre = float(f"{method_class('full').default_lr * rms / REFERENCE_RMS:.1g}")
+    assert centre < method_class("full").default_lr
+    assert run.manifest["lr_search"]["lrs"][0] == pytest.approx(centre / SPAN)

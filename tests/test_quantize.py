@@ -47,6 +47,12 @@ def test_quantized_load_keeps_the_full_precision_fingerprint(tiny_dir, kind):
     w, wq = linear_modules(plain.model)[name].weight, dense_weight(linear_modules(q.model)[name])
     err = (wq.float() - w).norm() / w.norm()  # NF4: ~0.1 relative error, int8: < 0.01
     assert 0 < err < (0.12 if kind == "nf4" else 0.02)
+    # the default rate's weight scale reads the dequantized weights (not the packed bytes)
+    from slimtune.training.lr_scale import weight_rms
+
+    rms, rms_q = weight_rms(plain.model), weight_rms(q.model)
+    assert rms is not None and rms_q is not None and rms_q != rms
+    assert rms_q == pytest.approx(rms, rel=0.12 if kind == "nf4" else 0.02)
 
 
 def test_quantize_errors_are_one_line_with_the_hint(monkeypatch):

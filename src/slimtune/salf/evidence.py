@@ -113,9 +113,11 @@ EVIDENCE: tuple[Measured, ...] = (
     Measured(GEMMA_SWEEP, "gemma3-270m", EXTRACT, "lora", {"r": 8}, 1e-3, 88.6, 3),
     Measured(GEMMA_SWEEP, "gemma3-270m", EXTRACT, "shira", {}, 3e-3, 86.7, 3),
     Measured(GEMMA_SWEEP, "gemma3-270m", EXTRACT, "experts", {}, 1e-3, 87.1, 3),
-    # ... and sparse at its weight-scaled default, 2e-4 (training/lr_scale.py), on the CPU
+    # ... and sparse and rosa at their weight-scaled default, 2e-4 (training/lr_scale.py),
+    # on the CPU, intents only
     Measured(CPU_SWEEP, "gemma3-270m", INTENTS, "lora", {"r": 8}, 1e-3, 96.0, 3),
     Measured(CPU_SWEEP, "gemma3-270m", INTENTS, "sparse", {}, 2e-4, 96.3, 3),
+    Measured(CPU_SWEEP, "gemma3-270m", INTENTS, "rosa", {}, 2e-4, 95.6, 3),
     Measured(CPU, "default", INTENTS, "lora", {"r": 8}, 1e-3, 94.2),
     Measured(CPU, "default", INTENTS, "lora", {"r": 16, "alpha": 32}, 1e-3, 96.7),
     # the sweep has no experts row on extraction: these two, on the CPU, stand in

@@ -167,9 +167,10 @@ class TrainConfig:
 
     @property
     def learning_rate(self) -> float:
-        """``lr`` when set, else the method's own default (full fine-tuning wants less).
-        With ``lr="auto"`` the default too: the centre of the range test, whose choice
-        the trainer then holds (``Trainer.lr``)."""
+        """``lr`` when set, else the method's swept default, unscaled: the trainer scales it
+        to the model's weights where the method's rate follows them
+        (``Trainer.default_lr``, training/lr_scale.py), and with ``lr="auto"`` centres
+        the range test there."""
         if isinstance(self.lr, float):
             return self.lr
         method = METHODS.get(self.method)

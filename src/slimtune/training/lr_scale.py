@@ -5,8 +5,8 @@ weights themselves. AdamW moves each entry by about the learning rate per step, 
 the entry's size, so how far a step moves the model is the rate over the weights' size: the
 rate that trains a model well follows the size of its weights. The default rates were swept
 on SmolLM2-135M-Instruct, whose decoder weights have an RMS of 0.193; Gemma 3 270M's have
-0.034 (5.6x smaller), and there sparse at the sweep's 1e-3 scored 8-11 points under sparse
-at 2e-4 (BENCHMARKS.md, "Default learning rates"). So these methods' default is the swept
+0.034 (5.6x smaller), and there sparse and rosa at the sweep's 1e-3 scored 7-8 points
+under the scaled 2e-4 (BENCHMARKS.md, "Default learning rates"). So these methods' default is the swept
 rate times the model's weight RMS over SmolLM2's, capped at the swept rate (no model was
 swept with larger weights) and rounded to one significant digit, as a rate is chosen by
 hand. LoRA-style adapters (lora, experts, dora) learn a product whose size does not follow
@@ -34,16 +34,20 @@ MIN_SCALE = 0.02
 
 def weight_rms(model: nn.Module) -> float | None:
     """The root mean square of every entry of the decoder layers' linear weights
-    (a quantized weight dequantized, one at a time), or None where there are none."""
-    total, count = 0.0, 0
+    (a quantized weight dequantized, one at a time), or None where there are none (a model
+    whose layers hold no ``nn.Linear``, e.g. GPT-2's Conv1D, keeps the swept rate; experts
+    kept as 3-D tensors are not read)."""
+    total: torch.Tensor | float = 0.0
+    count = 0
     with torch.no_grad():
         for layer in decoder_layers(model):
             for module in layer.modules():
                 if isinstance(module, nn.Linear):
-                    w = dense_weight(module)
-                    total += float(w.float().pow(2).sum())
+                    w = dense_weight(module)  # a dequantized copy only where quantized
+                    squares = torch.linalg.vector_norm(w, dtype=torch.float32) ** 2
+                    total = total + squares  # on the weights' device: one sync at the end
                     count += w.numel()
-    return (total / count) ** 0.5 if count else None
+    return (float(total) / count) ** 0.5 if count else None
 
 
 def weight_scale(model: nn.Module) -> float:

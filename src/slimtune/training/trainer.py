@@ -381,7 +381,12 @@ class Trainer:
         # the peak learning rate: --lr, the method's default, or (--lr auto) the range
         # test's choice, made below unless a checkpoint holds it
         self.lr = cfg.lr if isinstance(cfg.lr, float) else self.default_lr
-        if cfg.lr is None and not cfg.lr_auto and self.lr != self.method.default_lr:
+        if (
+            cfg.lr is None
+            and not cfg.lr_auto
+            and not cfg.resume
+            and self.lr != self.method.default_lr
+        ):
             info(
                 f"lr {self.lr:g}: {cfg.method}'s default {self.method.default_lr:g} x "
                 f"{self.weight_scale:.2f}, this model's weight size against the model the "
