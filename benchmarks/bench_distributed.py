@@ -158,13 +158,17 @@ def run_one(args) -> dict | None:
         times = timed_steps(step, device, args.warmup, args.steps)
     # the profile: rank 0 on the most GPUs, or with --trace on every count (to compare them)
     profiled = args.profile and (args.trace or acc.num_processes == max(args.gpu_list))
+
+    def two_steps() -> None:  # the second is read: the first may still warm the host
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+
     if profiled and acc.is_main_process:
         from torch.profiler import ProfilerActivity, profile
 
         with compute(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(2):  # the second step is read: the first may still warm the host
-                step()
-            torch.cuda.synchronize()
+            two_steps()
         table = prof.key_averages().table(
             sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70
         )
@@ -175,9 +179,7 @@ def run_one(args) -> dict | None:
             prof.export_chrome_trace(f"{args.trace}/{name}-x{acc.num_processes}.json")
     elif profiled:
         with compute():  # the others run the same steps: their collectives need them
-            for _ in range(2):
-                step()
-            torch.cuda.synchronize()
+            two_steps()
     peak = acc.reduce(torch.tensor(float(mem.peak_bytes), device=device), "max")
     med = statistics.median(times)
     world = acc.num_processes

@@ -259,6 +259,7 @@ def plan_candidates(spec: str) -> list[tuple[str, dict]]:
 def train_command(args: argparse.Namespace, e) -> str:
     """The ``slimtune train`` line that runs the plan's choice ``e``."""
     from ..methods import method_class
+    from ..salf.plan import lr_policy
 
     flags = {o.name: o.flag for o in method_class(e.method).config_class.cli_options()}
     parts = ["slimtune train"]
@@ -266,9 +267,7 @@ def train_command(args: argparse.Namespace, e) -> str:
         parts.append(f"--model {args.model}")
     parts += [f"--data {args.data}", f"--method {e.method}"]
     parts += [f"--{flags.get(k, k.replace('_', '-'))} {v}" for k, v in e.options.items()]
-    cls = method_class(e.method)
-    # full: its range test; sparse, rosa: their default follows the model's weight size
-    if e.lr is not None and not cls.auto_lr and not cls.lr_follows_weights:
+    if e.lr is not None and lr_policy(e.method) == "fixed":  # else train sets it itself
         parts.append(f"--lr {e.lr:g}")
     if e.freeze_below:
         parts.append(f"--freeze-below {e.freeze_below}")

@@ -13,8 +13,9 @@ tasks (6-class support intents, accuracy; support extraction, exact match), most
 seeds, each method at the default learning rate ``slimtune train`` gives it on that model
 (for full fine-tuning, whose default is the range test, the swept rate it lands near; on
 the default model only), plus CPU rows: LoRA r=16 against r=8, experts on extraction,
-which the sweep lacks, and sparse on Gemma 3 at its scaled rate. A plan for a model measured here uses that model's rows;
-another model gets the rows of all measured models, and says so. Nothing certain follows
+which the sweep lacks, and sparse and rosa on Gemma 3 at their scaled rate. A plan for a
+model measured here uses that model's rows; another model gets the rows of all measured
+models, and says so. Nothing certain follows
 for a task of another kind. A short pilot run on the user's own data would say more (not
 built).
 """
@@ -48,6 +49,7 @@ SOURCES = {
         "frozen run': 2-core CPU, fp32, 100 steps x 8, default options, the 240 test records"
     ),
 }
+ON_GPU = (SWEEP, GEMMA_SWEEP)  # the other sources' rows are cited with "(CPU)"
 INTENTS, EXTRACT = "support-intents", "support-extract"
 
 #: Relative differences this small are within the evidence's noise: about one point at
@@ -151,9 +153,7 @@ class Prior:
         for row in self.rows:
             ref = _reference_row(row)
             seeds = f"{row.seeds} seeds, " if row.seeds > 1 else "1 seed, "
-            where = f"{row.model} {row.task}" + (
-                " (CPU)" if row.source not in (SWEEP, GEMMA_SWEEP) else ""
-            )
+            where = f"{row.model} {row.task}" + (" (CPU)" if row.source not in ON_GPU else "")
             if ref is None or ref is row:
                 parts.append(f"{where} {row.score:.1f}% ({seeds}lr {row.lr:g})")
             else:

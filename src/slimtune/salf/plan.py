@@ -871,23 +871,19 @@ def _layers(e: Estimate) -> str:
     return f"{_label(e)}{on}, {frozen}"
 
 
-def _chooses_own_lr(method: str) -> bool:
-    """Whether ``method`` runs the range test by default (full fine-tuning): a plan then
-    leaves its rate to the run instead of pinning the evidence's."""
+def lr_policy(method: str) -> str:
+    """Who sets ``method``'s rate when a plan's choice is trained: "range test" (full: its
+    default range test chooses for the model and data), "scaled" (sparse, rosa: train
+    scales the swept rate to the model's weights, training/lr_scale.py), or "fixed" (the
+    evidence's rate, which a plan pins with --lr)."""
     from ..methods import METHODS
 
     cls = METHODS.get(method)
-    return cls is not None and cls.auto_lr
-
-
-def _scales_own_lr(method: str) -> bool:
-    """Whether ``method``'s default rate follows the model's weight size (sparse, rosa:
-    training/lr_scale.py): the evidence's rate is the swept model's, and train scales it
-    for the model at hand, so a plan does not pin it either."""
-    from ..methods import METHODS
-
-    cls = METHODS.get(method)
-    return cls is not None and cls.lr_follows_weights
+    if cls is not None and cls.auto_lr:
+        return "range test"
+    if cls is not None and cls.lr_follows_weights:
+        return "scaled"
+    return "fixed"
 
 
 def _weigh_quality(rows: list[Estimate], model_name: str | None) -> bool:
@@ -971,12 +967,13 @@ def explain(
         lines.append(f"the lowest expected: {_layers(lowest)}, {lowest.expected_quality or 0:.3f}")
     if choice.evidence:
         lines.append(f"evidence for {_label(choice)}: {choice.evidence}")
-    if choice.lr is not None and _chooses_own_lr(choice.method):
+    policy = lr_policy(choice.method)
+    if choice.lr is not None and policy == "range test":
         lines.append(
             f"the evidence was measured at lr {choice.lr:g}; {choice.method}'s default range "
             "test (--lr auto) chooses the rate for this model and data"
         )
-    elif choice.lr is not None and _scales_own_lr(choice.method):
+    elif choice.lr is not None and policy == "scaled":
         lines.append(
             f"the evidence was measured at lr {choice.lr:g}; train scales "
             f"{choice.method}'s default rate to this model's weight size (lr_scale.py)"
