@@ -51,8 +51,14 @@ def _train_args(model: Path, data: Path, out: Path, store: Path, method: str, ba
     return args + (["--lora-dropout", "0"] if method == "lora" else [])
 
 
-def _launch(launcher: list[str], args: list[str], port: int) -> subprocess.CompletedProcess:
+def _launch(
+    launcher: list[str], args: list[str], port: int, tmp: Path
+) -> subprocess.CompletedProcess:
+    """Run ``slimtune args`` under ``launcher``; the launcher's temporary folders (torchrun
+    makes one per launch) go under ``tmp``, the test's own, not the machine's /tmp."""
+    (tmp / "launcher-tmp").mkdir(exist_ok=True)
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    env["TMPDIR"] = str(tmp / "launcher-tmp")
     if launcher is TORCHRUN:
         launcher = [*launcher, "--master_port", str(port)]
     else:
@@ -114,7 +120,7 @@ def test_two_processes_train_what_one_does(
     assert main(_train_args(tiny_dir, intent_file, one, tmp_path / "s1", method, 4) + extra) == 0
     port = 29500 + (os.getpid() + zlib.crc32(f"{launcher[2]} {method} {extra}".encode())) % 1000
     args = _train_args(tiny_dir, intent_file, two, tmp_path / "s2", method, 2) + extra
-    proc = _launch(launcher, args, port)
+    proc = _launch(launcher, args, port, tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     # the main process alone reports and stores: one table, one version, one delta
     assert proc.stdout.count(f"slimtune train: {method} on") == 1
@@ -155,7 +161,7 @@ def test_a_refusal_on_the_main_process_ends_every_process(tiny_dir, intent_file,
     (out / "delta").mkdir(parents=True)
     (out / "delta" / "manifest.json").write_text("{}")
     args = _train_args(tiny_dir, intent_file, out, tmp_path / "s", "lora", 2)
-    proc = _launch(TORCHRUN, args, 29500 + os.getpid() % 1000 + 7)
+    proc = _launch(TORCHRUN, args, 29500 + os.getpid() % 1000 + 7, tmp_path)
     assert proc.returncode != 0
     assert "already holds a finished run" in proc.stderr
     assert not DeltaStore(tmp_path / "s").list()
@@ -170,12 +176,12 @@ def test_two_processes_resume_the_main_process_checkpoint(tiny_dir, intent_file,
     args[args.index("--save-every") + 1] = "2"  # one checkpoint, at step 2
     args += ["--keep-checkpoint", "--no-store"]
     port = 29500 + os.getpid() % 1000 + 11
-    proc = _launch(TORCHRUN, args, port)
+    proc = _launch(TORCHRUN, args, port, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     whole = _weights(out / "delta")
     assert json.loads((out / "checkpoint" / "checkpoint.json").read_text())["step"] == 2
     shutil.rmtree(out / "delta")  # as if killed after the checkpoint
-    proc = _launch(TORCHRUN, [*args, "--resume"], port + 1)
+    proc = _launch(TORCHRUN, [*args, "--resume"], port + 1, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stderr.count("resumed from") == 1
     resumed = _weights(out / "delta")
@@ -191,7 +197,7 @@ def test_an_fsdp_checkpoint_resumes_in_one_process(tiny_dir, intent_file, tmp_pa
     args[args.index("--max-steps") + 1] = "4"
     args[args.index("--save-every") + 1] = "2"  # one checkpoint, at step 2
     args += ["--keep-checkpoint", "--no-store"]
-    proc = _launch(TORCHRUN, [*args, "--fsdp"], 29500 + os.getpid() % 1000 + 13)
+    proc = _launch(TORCHRUN, [*args, "--fsdp"], 29500 + os.getpid() % 1000 + 13, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     whole = _weights(out / "delta")
     shutil.rmtree(out / "delta")  # as if killed after the checkpoint
@@ -218,7 +224,7 @@ def test_experts_train_with_two_processes(tiny_dir, intent_file, tmp_path):
     extra = ["--aux-weight", "0"]
     assert main(_train_args(tiny_dir, intent_file, one, tmp_path / "s1", "experts", 4) + extra) == 0
     args = _train_args(tiny_dir, intent_file, two, tmp_path / "s2", "experts", 2) + extra
-    proc = _launch(TORCHRUN, args, 29500 + os.getpid() % 1000 + 17)
+    proc = _launch(TORCHRUN, args, 29500 + os.getpid() % 1000 + 17, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert len(DeltaStore(tmp_path / "s2").list()) == 1
     a, b = _weights(one / "delta"), _weights(two / "delta")
