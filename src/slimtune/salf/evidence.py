@@ -13,9 +13,11 @@ tasks (6-class support intents, accuracy; support extraction, exact match), most
 seeds, each method at the default learning rate ``slimtune train`` gives it on that model
 (for full fine-tuning, whose default is the range test, the swept rate it lands near; on
 the default model only), plus CPU rows: LoRA r=16 against r=8, experts on extraction,
-which the sweep lacks, and sparse and rosa on Gemma 3 at their scaled rate. A plan for a
-model measured here uses that model's rows; another model gets the rows of all measured
-models, and says so. Nothing certain follows
+which the sweep lacks, and on Gemma 3 sparse and rosa at their scaled rate, SHiRA and
+experts on intents and LoRA and sparse on extraction (one seed each: the GPU's scoring of
+Gemma 3 may read non-LoRA methods low; a method's GPU and CPU rows are averaged, each
+against LoRA in its own source). A plan for a model measured here uses that model's rows;
+another model gets the rows of all measured models, and says so. Nothing certain follows
 for a task of another kind. A short pilot run on the user's own data would say more (not
 built).
 """
@@ -117,7 +119,7 @@ EVIDENCE: tuple[Measured, ...] = (
     Measured(GEMMA_SWEEP, "gemma3-270m", EXTRACT, "experts", {}, 1e-3, 87.1, 3),
     # ... and sparse and rosa at their weight-scaled default, 2e-4 (training/lr_scale.py),
     # on the CPU (extraction: one seed); shira and experts there too, one seed: the GPU's
-    # scoring of Gemma 3 read them several points low (BENCHMARKS.md, the GPU's gap)
+    # scoring of Gemma 3 may read them several points low (BENCHMARKS.md, the GPU's gap)
     Measured(CPU_SWEEP, "gemma3-270m", INTENTS, "lora", {"r": 8}, 1e-3, 96.0, 3),
     Measured(CPU_SWEEP, "gemma3-270m", INTENTS, "sparse", {}, 2e-4, 96.3, 3),
     Measured(CPU_SWEEP, "gemma3-270m", INTENTS, "rosa", {}, 2e-4, 95.6, 3),
