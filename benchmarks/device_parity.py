@@ -55,19 +55,21 @@ def main() -> None:
 
     data, eval_data, _ = TASKS[args.task]
     trained: dict[str, dict[str, dict]] = {}  # method -> device -> delta tensors
+    methods = args.train.split(",") if args.train else []
     for device in args.devices.split(","):
         loaded = load_model(args.model, device=device, dtype="fp32")
         tok, model = loaded.tokenizer, loaded.model
         train = load_dataset(data, tok).examples
         test = load_dataset(eval_data, tok).examples
         losses = []
-        for b in range(args.batches):
-            batch = {
-                k: v.to(device)
-                for k, v in collate(train[8 * b : 8 * b + 8], tok.pad_token_id).items()
-            }
-            loss, n = target_loss(model, batch)
-            losses.append(round(float(loss.detach()) / n, 5))
+        with torch.no_grad():
+            for b in range(args.batches):
+                batch = {
+                    k: v.to(device)
+                    for k, v in collate(train[8 * b : 8 * b + 8], tok.pad_token_id).items()
+                }
+                loss, n = target_loss(model, batch)
+                losses.append(round(float(loss) / n, 5))
         row = {
             "device": device,
             "torch": torch.__version__,
@@ -77,11 +79,12 @@ def main() -> None:
             "test_loss": round(eval_loss(model, test, tok.pad_token_id)["loss"], 5),
         }
         print(json.dumps(row), flush=True)
-        for method in args.train.split(",") if args.train else []:
-            if method != args.train.split(",")[0]:  # a method trains the base it is given
+        for i, method in enumerate(methods):
+            if i:  # a method trains the base it is given: the next one needs a fresh one
                 loaded = load_model(args.model, device=device, dtype="fp32")
-            key = device if device not in trained.get(method, {}) else f"{device}#2"
-            trained.setdefault(method, {})[key] = train_on(loaded, device, method, args)
+            runs = trained.setdefault(method, {})
+            key = device if device not in runs else f"{device}#{len(runs) + 1}"
+            runs[key] = train_on(loaded, device, method, args)
         del model, loaded
     for method, runs in trained.items():
         compare(method, runs)

@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lr_sweep import TASKS  # benchmarks/, the script's folder
 
 CASES = "base,sdpa:16,sdpa:1,math:16,efficient:16,eager:16"
 
@@ -70,8 +73,8 @@ def main() -> None:
 
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     model, tok = loaded.model, loaded.tokenizer
-    train = load_dataset("builtin:support_intents_train", tok)
-    test = load_dataset("builtin:support_intents_test", tok)
+    data, eval_data, _ = TASKS["intents"]
+    train, test = load_dataset(data, tok), load_dataset(eval_data, tok)
     labels = label_set(train.records + test.records)
     cases = parse_cases(args.cases)
     applied = False
