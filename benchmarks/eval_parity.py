@@ -10,7 +10,11 @@ per case as it finishes, to compare with the same command on the CPU:
 
 - ``sdpa:B``: torch's SDPA as slimtune runs it, batch size B (1: no padding at all);
 - ``math:B`` / ``efficient:B``: SDPA held to torch's math or memory-efficient kernel;
-- ``eager:B``: transformers' own attention, no SDPA.
+- ``eager:B``: transformers' own attention, no SDPA;
+- ``unfixed:B``: SDPA with transformers' own mask, without slimtune's guard for rows that
+  attend to nothing (``slimtune/model/masks.py``), as slimtune scored before it;
+- ``full:B``: a reference that shares nothing with slimtune's scorer: every (prompt,
+  label) pair as one right-padded sequence, no KV cache, B prompts' pairs per forward.
 
     python benchmarks/eval_parity.py --delta DIR --device cuda
     python benchmarks/eval_parity.py --delta DIR --device cpu --cases base,sdpa:16,eager:16
@@ -30,21 +34,66 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lr_sweep import TASKS  # benchmarks/, the script's folder
 
-CASES = "base,sdpa:16,sdpa:1,math:16,efficient:16,eager:16"
+CASES = "base,sdpa:16,sdpa:1,math:16,efficient:16,eager:16,full:16"
+
+
+@contextlib.contextmanager
+def stock_mask():
+    """transformers' SDPA mask builder as it ships, slimtune's guard lifted for a while."""
+    from transformers.masking_utils import AttentionMaskInterface
+
+    guarded = AttentionMaskInterface._global_mapping["sdpa"]
+    AttentionMaskInterface.register("sdpa", getattr(guarded, "stock", guarded))
+    try:
+        yield
+    finally:
+        AttentionMaskInterface.register("sdpa", guarded)
 
 
 def kernel(name: str):
-    """A context holding SDPA to one kernel (``math``, ``efficient``), or none."""
+    """A context holding SDPA to one kernel (``math``, ``efficient``), or to the stock
+    mask (``unfixed``), or none."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    if name == "unfixed":
+        return stock_mask()
     backends = {"math": SDPBackend.MATH, "efficient": SDPBackend.EFFICIENT_ATTENTION}
     return sdpa_kernel([backends[name]]) if name in backends else contextlib.nullcontext()
+
+
+def full_sequence_scores(model, tok, prompts: list[str], labels: list[str], bs: int):
+    """Log-likelihood of each label after each prompt, ``[n, n_labels]``, from whole
+    right-padded sequences with no cache: the scorer's answer computed another way."""
+    import torch
+
+    from slimtune.eval.evaluate import _prompt_ids
+
+    dev = next(model.parameters()).device
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    lab_ids = [list(tok(lab, add_special_tokens=False)["input_ids"]) + eos for lab in labels]
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(prompts), bs):
+            pairs = [(_prompt_ids(tok, p, None), t) for p in prompts[i : i + bs] for t in lab_ids]
+            width = max(len(p) + len(t) for p, t in pairs)
+            ids = torch.full((len(pairs), width), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for j, (p, t) in enumerate(pairs):
+                ids[j, : len(p) + len(t)] = torch.tensor(p + t)
+                mask[j, : len(p) + len(t)] = 1
+            logp = torch.log_softmax(
+                model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float(), -1
+            ).cpu()
+            for j, (p, t) in enumerate(pairs):
+                at = torch.arange(len(p) - 1, len(p) + len(t) - 1)
+                out.append(float(logp[j, at, torch.tensor(t)].sum()))
+    return torch.tensor(out).view(len(prompts), len(labels))
 
 
 def parse_cases(spec: str) -> list[tuple[str, str, int]]:
     """``base,sdpa:16,...`` as (case, kernel name, batch size); ``base`` only first (the
     delta, once applied, stays on), unknown names refused."""
-    names = ("base", "sdpa", "math", "efficient", "eager")
+    names = ("base", "sdpa", "math", "efficient", "eager", "unfixed", "full")
     cases = []
     for case in (c.strip() for c in spec.split(",") if c.strip()):
         name, _, bs = case.partition(":")
@@ -56,9 +105,23 @@ def parse_cases(spec: str) -> list[tuple[str, str, int]]:
     return cases
 
 
+def full_case(model, tok, records, labels: list[str], bs: int) -> dict:
+    """``classification_accuracy``'s fields from ``full_sequence_scores``."""
+    from slimtune.eval.evaluate import label_token_counts
+
+    scores = full_sequence_scores(model, tok, [r.fields["prompt"] for r in records], labels, bs)
+    gold = [labels.index(r.fields["completion"]) for r in records]
+    correct = [int(p == g) for p, g in zip(scores.argmax(-1).tolist(), gold)]
+    n_tok = label_token_counts(tok, labels)
+    loss = -float(sum(scores[i, g] for i, g in enumerate(gold))) / sum(n_tok[g] for g in gold)
+    return {"accuracy": sum(correct) / len(correct), "correct": correct, "gold_loss": loss}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--delta", required=True, help="a delta folder of any method")
+    ap.add_argument(
+        "--delta", required=True, help="a delta folder of any method; none: the base throughout"
+    )
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--model", default="gemma3-270m")
@@ -79,14 +142,19 @@ def main() -> None:
     cases = parse_cases(args.cases)
     applied = False
     for case, name, bs in cases:
-        if name != "base" and not applied:
+        if name != "base" and not applied and args.delta != "none":
             model = apply_delta(model, args.delta, fingerprint(model)).model
             applied = True
         base_model(model).set_attn_implementation("eager" if name == "eager" else "sdpa")
         t0 = time.perf_counter()
         try:
             with kernel(name):
-                d = classification_accuracy(model, tok, test.records, labels=labels, batch_size=bs)
+                if name == "full":
+                    d = full_case(model, tok, test.records, labels, bs)
+                else:
+                    d = classification_accuracy(
+                        model, tok, test.records, labels=labels, batch_size=bs
+                    )
         except RuntimeError as e:  # e.g. the memory-efficient kernel, which the CPU lacks
             print(json.dumps({"device": args.device, "case": case, "error": str(e)[:200]}))
             continue

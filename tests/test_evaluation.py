@@ -322,3 +322,57 @@ def test_one_line_answers_are_read_from_the_first_line_only(tiny, tmp_path, monk
     got = ev.exact_match(tiny.model, tiny.tokenizer, ds.records)
     assert got["predictions"] == [" 2559718 | Apple Watch SE", said[1]]
     assert got["correct"] == [1, 0]
+
+
+def faulty_sdpa(monkeypatch):
+    """SDPA as torch's memory-efficient CUDA kernel can behave: NaN out of every query row
+    that attends to no key (a left-padded batch's pad rows, under transformers' stock mask)."""
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, *args, **kwargs):
+        out = real(q, k, v, attn_mask, *args, **kwargs)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            empty = ~attn_mask.any(-1, keepdim=True)  # [b, 1|h, q, 1]
+            out = out.masked_fill(empty.expand(*out.shape[:-1], 1), float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+
+
+@pytest.mark.parametrize("guarded", [True, False])
+def test_left_padded_scoring_survives_a_kernel_that_fails_on_empty_rows(tiny, monkeypatch, guarded):
+    from slimtune.eval.evaluate import generate
+    from slimtune.model.masks import install_mask_guard
+
+    model, tok = tiny.model, tiny.tokenizer
+    prompts = ["hi", "Message: a much longer message about a parcel\nIntent:", "Message: ok"]
+    labels = [" billing", " shipping", " returns label box"]
+    one = score_labels(model, tok, prompts, labels, batch_size=1)  # no padding at all
+    texts = generate(model, tok, prompts, max_new_tokens=4, batch_size=1)
+    assert install_mask_guard()
+    faulty_sdpa(monkeypatch)
+    if not guarded:  # transformers' own mask: the fault reaches the real rows
+        from transformers.masking_utils import AttentionMaskInterface
+
+        stock = AttentionMaskInterface._global_mapping["sdpa"].stock
+        monkeypatch.setitem(AttentionMaskInterface._global_mapping, "sdpa", stock)
+    padded = score_labels(model, tok, prompts, labels, batch_size=3)
+    if not guarded:
+        assert padded.isnan().any()
+        return
+    torch.testing.assert_close(padded, one, atol=1e-4, rtol=1e-4)
+    assert generate(model, tok, prompts, max_new_tokens=4, batch_size=3) == texts
+
+
+def test_the_mask_guard_opens_only_rows_that_attend_to_nothing():
+    from slimtune.model.masks import attend_somewhere
+
+    m = torch.tensor([[False, False, False], [True, False, False], [True, True, False]])
+    m = m.view(1, 1, 3, 3)
+    out = attend_somewhere(m)
+    assert out[0, 0, 0].all() and torch.equal(out[0, 0, 1:], m[0, 0, 1:])
+    low = torch.finfo(torch.float32).min
+    f = torch.where(m, 0.0, low)
+    out = attend_somewhere(f)
+    assert (out[0, 0, 0] == 0).all() and torch.equal(out[0, 0, 1:], f[0, 0, 1:])
+    assert attend_somewhere(None) is None

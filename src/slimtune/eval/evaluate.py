@@ -28,6 +28,7 @@ from torch import nn
 
 from ..data import Dataset, Example, Record, chat_turns, collate, prompt_ids
 from ..model.anatomy import backbone_and_head, with_cache
+from ..model.masks import install_mask_guard
 from ..training.loss import target_loss
 from .cost import percentile
 
@@ -119,6 +120,9 @@ def _prompt_ids(tokenizer, prompt: str, budget: int | None) -> list[int]:
 
 
 def _left_pad(seqs: list[list[int]], pad_id: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch padded on the left, every row's next token at the end; its pad rows attend
+    to nothing, which SDPA's masks must allow for (:mod:`..model.masks`)."""
+    install_mask_guard()
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)

@@ -36,6 +36,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..errors import DeltaError
+from ..model.masks import install_mask_guard
 from .bank import LoraBank, can_hold
 from .traffic import Split
 
@@ -428,6 +429,7 @@ class Engine:
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         ids = torch.full((len(jobs), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
+        install_mask_guard()  # left-padded rows attend to nothing (model/masks.py)
         for i, j in enumerate(jobs):  # left padding: every row's next token is at the end
             ids[i, width - len(j.prompt_ids) :] = torch.tensor(j.prompt_ids)
             mask[i, width - len(j.prompt_ids) :] = 1
