@@ -9,10 +9,11 @@ with the base alone, then with ``--delta`` applied, under the cases below, one J
 per case as it finishes, to compare with the same command on the CPU:
 
 - ``sdpa:B``: torch's SDPA as slimtune runs it, batch size B (1: no padding at all);
-- ``math:B`` / ``efficient:B``: SDPA held to torch's math or memory-efficient kernel;
+- ``math:B`` / ``efficient:B``: SDPA held to torch's math or memory-efficient kernel (the
+  mask guard on);
 - ``eager:B``: transformers' own attention, no SDPA;
-- ``unfixed:B``: SDPA with transformers' own mask, without slimtune's guard for rows that
-  attend to nothing (``slimtune/model/masks.py``), as slimtune scored before it;
+- ``unfixed:B``: as slimtune scored before ``slimtune/model/masks.py``: transformers' own
+  mask (pad rows attend to nothing) and torch's choice of kernel;
 - ``full:B``: a reference that shares nothing with slimtune's scorer: every (prompt,
   label) pair as one right-padded sequence, no KV cache, B prompts' pairs per forward.
 
@@ -38,27 +39,42 @@ CASES = "base,sdpa:16,sdpa:1,math:16,efficient:16,eager:16,full:16"
 
 
 @contextlib.contextmanager
-def stock_mask():
-    """transformers' SDPA mask builder as it ships, slimtune's guard lifted for a while."""
+def as_before(guard: bool = False):
+    """Scoring as slimtune did before ``slimtune/model/masks.py``: whatever SDPA kernel torch
+    picks for left-padded batches, and (unless ``guard``) transformers' own mask."""
     from transformers.masking_utils import AttentionMaskInterface
 
+    from slimtune.eval import evaluate
+
     guarded = AttentionMaskInterface._global_mapping["sdpa"]
-    AttentionMaskInterface.register("sdpa", getattr(guarded, "stock", guarded))
+    exact = evaluate.exact_padded_attention
+    if not guard:
+        AttentionMaskInterface.register("sdpa", getattr(guarded, "stock", guarded))
+    evaluate.exact_padded_attention = lambda device: contextlib.nullcontext()
     try:
         yield
     finally:
         AttentionMaskInterface.register("sdpa", guarded)
+        evaluate.exact_padded_attention = exact
+
+
+@contextlib.contextmanager
+def held_to(backend):
+    from torch.nn.attention import sdpa_kernel
+
+    with as_before(guard=True), sdpa_kernel([backend]):
+        yield
 
 
 def kernel(name: str):
     """A context holding SDPA to one kernel (``math``, ``efficient``), or to the stock
     mask (``unfixed``), or none."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend
 
     if name == "unfixed":
-        return stock_mask()
+        return as_before()
     backends = {"math": SDPBackend.MATH, "efficient": SDPBackend.EFFICIENT_ATTENTION}
-    return sdpa_kernel([backends[name]]) if name in backends else contextlib.nullcontext()
+    return held_to(backends[name]) if name in backends else contextlib.nullcontext()
 
 
 def full_sequence_scores(model, tok, prompts: list[str], labels: list[str], bs: int):

@@ -1,3 +1,4 @@
+import contextlib
 import json
 
 import pytest
@@ -376,3 +377,20 @@ def test_the_mask_guard_opens_only_rows_that_attend_to_nothing():
     out = attend_somewhere(f)
     assert (out[0, 0, 0] == 0).all() and torch.equal(out[0, 0, 1:], f[0, 0, 1:])
     assert attend_somewhere(None) is None
+
+
+def test_padded_inference_on_cuda_keeps_the_memory_efficient_kernel_out(monkeypatch):
+    import torch.nn.attention as attention
+
+    from slimtune.model.masks import exact_padded_attention
+
+    held = []
+    monkeypatch.setattr(
+        attention, "sdpa_kernel", lambda backends: held.append(backends) or contextlib.nullcontext()
+    )
+    with exact_padded_attention("cpu"):
+        pass
+    assert held == []  # the CPU's kernels were right
+    with exact_padded_attention("cuda:0"):
+        pass
+    assert held == [[attention.SDPBackend.FLASH_ATTENTION, attention.SDPBackend.MATH]]

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..data import Dataset, Example, Record, chat_turns, collate, prompt_ids
 from ..model.anatomy import backbone_and_head, with_cache
-from ..model.masks import install_mask_guard
+from ..model.masks import exact_padded_attention, install_mask_guard
 from ..training.loss import target_loss
 from .cost import percentile
 
@@ -172,7 +172,7 @@ def score_labels(
         ids, mask = _left_pad(seqs, tokenizer.pad_token_id, dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
-        with autocast():
+        with autocast(), exact_padded_attention(dev):
             out = model(
                 input_ids=ids,
                 attention_mask=mask,
@@ -189,7 +189,7 @@ def score_labels(
             cont = lab[:, :-1].repeat(b, 1)  # [b*n_lab, m-1]
             cmask = torch.cat([mask.repeat_interleave(n_lab, 0), torch.ones_like(cont)], dim=1)
             cpos = pos[:, -1:].repeat_interleave(n_lab, 0) + 1 + torch.arange(m - 1, device=dev)
-            with autocast():
+            with autocast(), exact_padded_attention(dev):
                 if parts is not None:
                     backbone, head = parts
                     h = backbone(
@@ -333,7 +333,7 @@ def generate_ids(
     bar = _bar(len(seqs), "eval generation", progress)
     for chunk in _batches(list(seqs), batch_size):
         ids, mask = _left_pad(chunk, tokenizer.pad_token_id, dev)
-        with autocast():
+        with autocast(), exact_padded_attention(dev):
             gen = model.generate(
                 input_ids=ids,
                 attention_mask=mask,

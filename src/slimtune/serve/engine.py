@@ -36,7 +36,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..errors import DeltaError
-from ..model.masks import install_mask_guard
+from ..model.masks import exact_padded_attention, install_mask_guard
 from .bank import LoraBank, can_hold
 from .traffic import Split
 
@@ -443,16 +443,17 @@ class Engine:
         kwargs["do_sample"] = sample
         if sample:
             kwargs.update(temperature=jobs[0].temperature, top_p=jobs[0].top_p)
-        model.generate(  # type: ignore[operator]
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max(j.max_tokens for j in jobs),
-            pad_token_id=pad,
-            eos_token_id=eos,
-            streamer=streamer,
-            stopping_criteria=StoppingCriteriaList([_AllDone(streamer)]),
-            **kwargs,
-        )
+        with exact_padded_attention(device):
+            model.generate(  # type: ignore[operator]
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max(j.max_tokens for j in jobs),
+                pad_token_id=pad,
+                eos_token_id=eos,
+                streamer=streamer,
+                stopping_criteria=StoppingCriteriaList([_AllDone(streamer)]),
+                **kwargs,
+            )
         seconds = time.perf_counter() - t0
         for i, j in enumerate(jobs):
             text = streamer.finish(i)
