@@ -41,25 +41,30 @@ CASES = "base,sdpa:16,sdpa:1,math:16,efficient:16,eager:16,full:16"
 @contextlib.contextmanager
 def as_before(guard: bool = False):
     """Scoring as slimtune did before ``slimtune/model/masks.py``: whatever SDPA kernel torch
-    picks for left-padded batches, and (unless ``guard``) transformers' own mask."""
-    from transformers.masking_utils import AttentionMaskInterface
-
+    picks for left-padded batches, and (unless ``guard``) transformers' own masks."""
     from slimtune.eval import evaluate
+    from slimtune.model import masks
 
-    guarded = AttentionMaskInterface._global_mapping["sdpa"]
-    exact = evaluate.exact_padded_attention
-    if not guard:
-        AttentionMaskInterface.register("sdpa", getattr(guarded, "stock", guarded))
-    evaluate.exact_padded_attention = lambda device: contextlib.nullcontext()
+    @contextlib.contextmanager
+    def guard_only(device):
+        token = masks._GUARD_ON.set(guard)
+        try:
+            yield
+        finally:
+            masks._GUARD_ON.reset(token)
+
+    masks.install_mask_guard()
+    exact = evaluate.padded_inference
+    evaluate.padded_inference = guard_only
     try:
         yield
     finally:
-        AttentionMaskInterface.register("sdpa", guarded)
-        evaluate.exact_padded_attention = exact
+        evaluate.padded_inference = exact
 
 
 @contextlib.contextmanager
 def held_to(backend):
+    """SDPA held to one kernel, with the mask guard on."""
     from torch.nn.attention import sdpa_kernel
 
     with as_before(guard=True), sdpa_kernel([backend]):

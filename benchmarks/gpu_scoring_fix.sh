@@ -8,7 +8,7 @@
 #    process per run (the same runs as the GPU sweeps in BENCHMARKS.md);
 # 3. then eval_parity.py on the sweep's sparse seed-0 delta, guarded and unfixed.
 #   after PART=tf and PART=gw1..gw4 of gpu_models.sh, carry .whl2:
-#   TASKS=intents,extract JOBS=30 BUDGET_S=420 bash benchmarks/gpu_scoring_fix.sh
+#   TASKS=intents,extract JOBS=30 BUDGET_S=400 bash benchmarks/gpu_scoring_fix.sh
 export GEMMA_ONLY=1
 source benchmarks/gpu_models.sh
 tasks=${TASKS:-intents}

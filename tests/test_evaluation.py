@@ -343,20 +343,17 @@ def faulty_sdpa(monkeypatch):
 @pytest.mark.parametrize("guarded", [True, False])
 def test_left_padded_scoring_survives_a_kernel_that_fails_on_empty_rows(tiny, monkeypatch, guarded):
     from slimtune.eval.evaluate import generate
-    from slimtune.model.masks import install_mask_guard
 
     model, tok = tiny.model, tiny.tokenizer
     prompts = ["hi", "Message: a much longer message about a parcel\nIntent:", "Message: ok"]
     labels = [" billing", " shipping", " returns label box"]
     one = score_labels(model, tok, prompts, labels, batch_size=1)  # no padding at all
     texts = generate(model, tok, prompts, max_new_tokens=4, batch_size=1)
-    assert install_mask_guard()
     faulty_sdpa(monkeypatch)
-    if not guarded:  # transformers' own mask: the fault reaches the real rows
-        from transformers.masking_utils import AttentionMaskInterface
+    if not guarded:  # transformers' own masks: the fault reaches the real rows
+        from slimtune.model import masks
 
-        stock = AttentionMaskInterface._global_mapping["sdpa"].stock
-        monkeypatch.setitem(AttentionMaskInterface._global_mapping, "sdpa", stock)
+        monkeypatch.setattr(masks, "attend_somewhere", lambda mask: mask)
     padded = score_labels(model, tok, prompts, labels, batch_size=3)
     if not guarded:
         assert padded.isnan().any()
@@ -365,32 +362,70 @@ def test_left_padded_scoring_survives_a_kernel_that_fails_on_empty_rows(tiny, mo
     assert generate(model, tok, prompts, max_new_tokens=4, batch_size=3) == texts
 
 
-def test_the_mask_guard_opens_only_rows_that_attend_to_nothing():
-    from slimtune.model.masks import attend_somewhere
+def test_the_mask_guard_opens_only_rows_that_attend_to_nothing_and_only_for_inference():
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from slimtune.model.masks import attend_somewhere, install_mask_guard, padded_inference
 
     m = torch.tensor([[False, False, False], [True, False, False], [True, True, False]])
     m = m.view(1, 1, 3, 3)
     out = attend_somewhere(m)
     assert out[0, 0, 0].all() and torch.equal(out[0, 0, 1:], m[0, 0, 1:])
-    low = torch.finfo(torch.float32).min
-    f = torch.where(m, 0.0, low)
-    out = attend_somewhere(f)
-    assert (out[0, 0, 0] == 0).all() and torch.equal(out[0, 0, 1:], f[0, 0, 1:])
+    for low in (torch.finfo(torch.float32).min, float("-inf")):
+        f = torch.where(m, 0.0, low)
+        out = attend_somewhere(f)
+        assert (out[0, 0, 0] == 0).all() and torch.equal(out[0, 0, 1:], f[0, 0, 1:])
     assert attend_somewhere(None) is None
+    # transformers' builder, wrapped once: a left-padded row's first position is empty,
+    # and opened only inside padded_inference (training's masks stay as built)
+    assert install_mask_guard() and install_mask_guard()
+    build = AttentionMaskInterface._global_mapping["sdpa"]
+    assert build.slimtune_guarded and not getattr(build.stock, "slimtune_guarded", False)
+    pad = torch.tensor([[0, 1, 1]], dtype=torch.bool)
+    kw = {"batch_size": 1, "q_length": 3, "kv_length": 3, "attention_mask": pad}
+    assert not build(**kw)[0, 0, 0].any()
+    with padded_inference("cpu"):
+        assert build(**kw)[0, 0, 0].all()
+        assert torch.equal(build(**kw)[0, 0, 1:], build.stock(**kw)[0, 0, 1:])
+    assert not build(**kw)[0, 0, 0].any()
+
+
+def test_every_left_padded_forward_runs_under_padded_inference(tiny, monkeypatch):
+    from slimtune.eval import evaluate
+
+    model, tok = tiny.model, tiny.tokenizer
+    inside, calls = [False], []
+
+    @contextlib.contextmanager
+    def recorder(device):
+        inside[0] = True
+        try:
+            yield
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(evaluate, "padded_inference", recorder)
+    hook = model.register_forward_pre_hook(lambda module, args: calls.append(inside[0]))
+    try:
+        score_labels(model, tok, ["hi", "a longer prompt"], [" a", " b c"], batch_size=2)
+        evaluate.generate(model, tok, ["hi", "a longer prompt"], max_new_tokens=3, batch_size=2)
+    finally:
+        hook.remove()
+    assert calls and all(calls), calls
 
 
 def test_padded_inference_on_cuda_keeps_the_memory_efficient_kernel_out(monkeypatch):
     import torch.nn.attention as attention
 
-    from slimtune.model.masks import exact_padded_attention
+    from slimtune.model.masks import padded_inference
 
     held = []
     monkeypatch.setattr(
         attention, "sdpa_kernel", lambda backends: held.append(backends) or contextlib.nullcontext()
     )
-    with exact_padded_attention("cpu"):
+    with padded_inference("cpu"):
         pass
     assert held == []  # the CPU's kernels were right
-    with exact_padded_attention("cuda:0"):
+    with padded_inference("cuda:0"):
         pass
     assert held == [[attention.SDPBackend.FLASH_ATTENTION, attention.SDPBackend.MATH]]

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..data import Dataset, Example, Record, chat_turns, collate, prompt_ids
 from ..model.anatomy import backbone_and_head, with_cache
-from ..model.masks import exact_padded_attention, install_mask_guard
+from ..model.masks import padded_inference
 from ..training.loss import target_loss
 from .cost import percentile
 
@@ -121,8 +121,7 @@ def _prompt_ids(tokenizer, prompt: str, budget: int | None) -> list[int]:
 
 def _left_pad(seqs: list[list[int]], pad_id: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch padded on the left, every row's next token at the end; its pad rows attend
-    to nothing, which SDPA's masks must allow for (:mod:`..model.masks`)."""
-    install_mask_guard()
+    to nothing, so the forwards on it run under :func:`..model.masks.padded_inference`."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -172,7 +171,7 @@ def score_labels(
         ids, mask = _left_pad(seqs, tokenizer.pad_token_id, dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
-        with autocast(), exact_padded_attention(dev):
+        with autocast(), padded_inference(dev):
             out = model(
                 input_ids=ids,
                 attention_mask=mask,
@@ -189,7 +188,7 @@ def score_labels(
             cont = lab[:, :-1].repeat(b, 1)  # [b*n_lab, m-1]
             cmask = torch.cat([mask.repeat_interleave(n_lab, 0), torch.ones_like(cont)], dim=1)
             cpos = pos[:, -1:].repeat_interleave(n_lab, 0) + 1 + torch.arange(m - 1, device=dev)
-            with autocast(), exact_padded_attention(dev):
+            with autocast(), padded_inference(dev):
                 if parts is not None:
                     backbone, head = parts
                     h = backbone(
@@ -333,7 +332,7 @@ def generate_ids(
     bar = _bar(len(seqs), "eval generation", progress)
     for chunk in _batches(list(seqs), batch_size):
         ids, mask = _left_pad(chunk, tokenizer.pad_token_id, dev)
-        with autocast(), exact_padded_attention(dev):
+        with autocast(), padded_inference(dev):
             gen = model.generate(
                 input_ids=ids,
                 attention_mask=mask,

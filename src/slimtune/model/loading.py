@@ -437,18 +437,14 @@ def load_model(
     (:mod:`.quantize`); the model is fingerprinted at full precision on the CPU first, and
     :func:`fingerprint` returns that, the original base's identity. On CUDA it also leaves
     cuDNN's kernel out of torch's attention choice, for the whole process
-    (:func:`.kernels.choose_attention`; ``SLIMTUNE_ATTENTION=torch`` keeps it), and makes
-    SDPA masks give every query row a key to attend to (:mod:`.masks`: left-padded batches
-    otherwise score wrong on CUDA).
+    (:func:`.kernels.choose_attention`; ``SLIMTUNE_ATTENTION=torch`` keeps it).
     """
     from .kernels import choose_attention
-    from .masks import install_mask_guard
     from .quantize import check_quantize, quantize_model
 
     _quiet_transformers()
     check_quantize(quantize, device)
     choose_attention(device)  # before any forward: cuDNN's attention off on CUDA
-    install_mask_guard()
     torch_dtype = _resolve_dtype(dtype, device)
     target, device = device, device if quantize == "none" else "cpu"
     if spec in PACKAGED_MODELS:

@@ -14,9 +14,10 @@ seeds, each method at the default learning rate ``slimtune train`` gives it on t
 (for full fine-tuning, whose default is the range test, the swept rate it lands near; on
 the default model only), plus CPU rows: LoRA r=16 against r=8, experts on extraction,
 which the sweep lacks, and on Gemma 3 sparse and rosa at their scaled rate, SHiRA and
-experts on intents and LoRA and sparse on extraction (one seed each; a method's GPU and
-CPU rows are averaged, each against LoRA in its own source). Gemma 3's GPU rows were
-measured again after left-padded scoring on CUDA was fixed (``model/masks.py``). A plan for a model measured here uses that model's rows;
+experts on intents and LoRA and sparse on extraction (one seed each but sparse and rosa
+on intents, three; a method's GPU and CPU rows are averaged, each against LoRA in its own
+source). Gemma 3's GPU rows were measured again after left-padded scoring on CUDA was
+fixed (``model/masks.py``). A plan for a model measured here uses that model's rows;
 another model gets the rows of all measured models, and says so. Nothing certain follows
 for a task of another kind. A short pilot run on the user's own data would say more (not
 built).

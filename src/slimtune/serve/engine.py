@@ -36,7 +36,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..errors import DeltaError
-from ..model.masks import exact_padded_attention, install_mask_guard
+from ..model.masks import padded_inference
 from .bank import LoraBank, can_hold
 from .traffic import Split
 
@@ -429,7 +429,6 @@ class Engine:
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         ids = torch.full((len(jobs), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        install_mask_guard()  # left-padded rows attend to nothing (model/masks.py)
         for i, j in enumerate(jobs):  # left padding: every row's next token is at the end
             ids[i, width - len(j.prompt_ids) :] = torch.tensor(j.prompt_ids)
             mask[i, width - len(j.prompt_ids) :] = 1
@@ -443,7 +442,7 @@ class Engine:
         kwargs["do_sample"] = sample
         if sample:
             kwargs.update(temperature=jobs[0].temperature, top_p=jobs[0].top_p)
-        with exact_padded_attention(device):
+        with padded_inference(device):  # pad rows attend to nothing (model/masks.py)
             model.generate(  # type: ignore[operator]
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
