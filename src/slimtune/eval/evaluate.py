@@ -28,7 +28,7 @@ from torch import nn
 
 from ..data import Dataset, Example, Record, chat_turns, collate, prompt_ids
 from ..model.anatomy import backbone_and_head, with_cache
-from ..model.masks import padded_inference
+from ..model.masks import left_pad, padded_inference
 from ..training.loss import target_loss
 from .cost import percentile
 
@@ -119,18 +119,6 @@ def _prompt_ids(tokenizer, prompt: str, budget: int | None) -> list[int]:
     return prompt_ids(tokenizer, prompt, max(budget, 1))
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch padded on the left, every row's next token at the end; its pad rows attend
-    to nothing, so the forwards on it run under :func:`..model.masks.padded_inference`."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s) :] = torch.tensor(s)
-        mask[i, width - len(s) :] = 1
-    return ids.to(dev), mask.to(dev)
-
-
 @torch.no_grad()
 def score_labels(
     model: nn.Module,
@@ -168,7 +156,7 @@ def score_labels(
     bar = _bar(len(prompts), "eval classification", progress)
     for chunk in _batches(list(prompts), batch_size):
         seqs = [_prompt_ids(tokenizer, p, budget) for p in chunk]
-        ids, mask = _left_pad(seqs, tokenizer.pad_token_id, dev)
+        ids, mask = left_pad(seqs, tokenizer.pad_token_id, dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         with autocast(), padded_inference(dev):
@@ -331,7 +319,7 @@ def generate_ids(
     outs = []
     bar = _bar(len(seqs), "eval generation", progress)
     for chunk in _batches(list(seqs), batch_size):
-        ids, mask = _left_pad(chunk, tokenizer.pad_token_id, dev)
+        ids, mask = left_pad(chunk, tokenizer.pad_token_id, dev)
         with autocast(), padded_inference(dev):
             gen = model.generate(
                 input_ids=ids,

@@ -77,6 +77,20 @@ def install_mask_guard() -> bool:
     return True
 
 
+def left_pad(
+    seqs: list[list[int]], pad_id: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of a batch padded on the left, so that every row's next
+    token is at the end; run its forwards under :func:`padded_inference`."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = torch.tensor(s)
+        mask[i, width - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
 @contextlib.contextmanager
 def padded_inference(device: torch.device | str):
     """The ``with`` block runs left-padded inference: empty mask rows opened, and on CUDA

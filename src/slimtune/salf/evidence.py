@@ -47,8 +47,9 @@ SOURCES = {
     ),
     CPU_SWEEP: (
         "BENCHMARKS.md, 'Default learning rates' (experts on extraction; on Gemma 3 sparse "
-        "and rosa at their scaled rate, LoRA, SHiRA and experts) and the SALF table 'A higher rate for a "
-        "frozen run': 2-core CPU, fp32, 100 steps x 8, default options, the 240 test records"
+        "and rosa at their scaled rate, LoRA, SHiRA and experts) and the SALF table 'A "
+        "higher rate for a frozen run': 2-core CPU, fp32, 100 steps x 8, default options, "
+        "the 240 test records"
     ),
 }
 ON_GPU = (SWEEP, GEMMA_SWEEP)  # the other sources' rows are cited with "(CPU)"
@@ -74,14 +75,25 @@ class Measured:
     seeds: int = 1
 
 
-def _sweep(model: str, task: str, scores: dict[str, tuple[float, int]]) -> list[Measured]:
+def _sweep(
+    model: str,
+    task: str,
+    scores: dict[str, tuple[float, int]],
+    source: str = SWEEP,
+    lrs: dict[str, float] | None = None,
+) -> list[Measured]:
+    """One sweep's rows: each method at ``lrs`` (default 1e-3), LoRA at rank 8."""
     # full: the rows at 3e-4, the rate its default (the range test, --lr auto) lands near
-    # on this model (3.6e-4 and 1.9e-4 on the two tasks); the rest: their fixed defaults
-    lrs = {"full": 3e-4, "shira": 3e-3}  # the rest: 1e-3
+    # on the default model (3.6e-4 and 1.9e-4 on the two tasks); the rest: their defaults
+    lrs = {"full": 3e-4, "shira": 3e-3} if lrs is None else lrs
     return [
-        Measured(SWEEP, model, task, m, {"r": 8} if m == "lora" else {}, lrs.get(m, 1e-3), s, n)
+        Measured(source, model, task, m, {"r": 8} if m == "lora" else {}, lrs.get(m, 1e-3), s, n)
         for m, (s, n) in scores.items()
     ]
+
+
+# Gemma 3's default rates: sparse and rosa at their weight-scaled 2e-4 (lr_scale.py)
+GEMMA_LRS = {"sparse": 2e-4, "rosa": 2e-4, "shira": 3e-3}
 
 
 EVIDENCE: tuple[Measured, ...] = (
@@ -112,14 +124,31 @@ EVIDENCE: tuple[Measured, ...] = (
     # rosa: 2e-4, their weight-scaled default; shira 3e-3; the rest 1e-3), scored with
     # left-padded inference fixed (model/masks.py; the rows before the fix read one intents
     # batch in fifteen wrong) ...
-    *(
-        Measured(GEMMA_SWEEP, "gemma3-270m", task, m, {"r": 8} if m == "lora" else {}, lr, s, 3)
-        for task, scores in (
-            (INTENTS, {"lora": 96.4, "sparse": 95.4, "rosa": 94.6, "shira": 95.0, "experts": 93.5}),
-            (EXTRACT, {"lora": 90.0, "sparse": 89.0, "rosa": 86.1, "shira": 87.1, "experts": 88.1}),
-        )
-        for m, s in scores.items()
-        for lr in [{"sparse": 2e-4, "rosa": 2e-4, "shira": 3e-3}.get(m, 1e-3)]
+    *_sweep(
+        "gemma3-270m",
+        INTENTS,
+        {
+            "lora": (96.4, 3),
+            "sparse": (95.4, 3),
+            "rosa": (94.6, 3),
+            "shira": (95.0, 3),
+            "experts": (93.5, 3),
+        },
+        GEMMA_SWEEP,
+        GEMMA_LRS,
+    ),
+    *_sweep(
+        "gemma3-270m",
+        EXTRACT,
+        {
+            "lora": (90.0, 3),
+            "sparse": (89.0, 3),
+            "rosa": (86.1, 3),
+            "shira": (87.1, 3),
+            "experts": (88.1, 3),
+        },
+        GEMMA_SWEEP,
+        GEMMA_LRS,
     ),
     # ... and the same rates on the CPU (fp32; sparse and rosa three seeds on intents, the
     # rest one seed)

@@ -36,7 +36,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..errors import DeltaError
-from ..model.masks import padded_inference
+from ..model.masks import left_pad, padded_inference
 from .bank import LoraBank, can_hold
 from .traffic import Split
 
@@ -425,13 +425,8 @@ class Engine:
         model.eval()
         tok = self.tokenizer
         device = next(model.parameters()).device
-        width = max(len(j.prompt_ids) for j in jobs)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        ids = torch.full((len(jobs), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, j in enumerate(jobs):  # left padding: every row's next token is at the end
-            ids[i, width - len(j.prompt_ids) :] = torch.tensor(j.prompt_ids)
-            mask[i, width - len(j.prompt_ids) :] = 1
+        ids, mask = left_pad([j.prompt_ids for j in jobs], pad, device)
         # the model's own end tokens (a chat model's end-of-turn among them), else the
         # tokenizer's
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -442,10 +437,10 @@ class Engine:
         kwargs["do_sample"] = sample
         if sample:
             kwargs.update(temperature=jobs[0].temperature, top_p=jobs[0].top_p)
-        with padded_inference(device):  # pad rows attend to nothing (model/masks.py)
+        with padded_inference(device):  # left-padded rows (model/masks.py)
             model.generate(  # type: ignore[operator]
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
+                input_ids=ids,
+                attention_mask=mask,
                 max_new_tokens=max(j.max_tokens for j in jobs),
                 pad_token_id=pad,
                 eos_token_id=eos,
