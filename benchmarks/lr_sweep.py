@@ -90,7 +90,7 @@ def default_rate(method: str, model: str = "default") -> str:
     cls = METHOD_CLASSES[method]
     if cls.auto_lr:
         return "auto"
-    scale = _weight_scale(model) if cls.lr_follows_weights else 1.0
+    scale = _weight_scale(model) if cls.lr_weight_exponent else 1.0
     return _rate(scaled_default_lr(cls, scale))
 
 

@@ -1,4 +1,4 @@
-"""The default rate of a method that trains base entries follows the model's weight size."""
+"""A method's default rate follows the model's weight size (training/lr_scale.py)."""
 
 from __future__ import annotations
 
@@ -47,26 +47,33 @@ def test_the_scale_is_capped_at_one_and_floored():
     assert weight_scale(_with_weight_rms(tiny_llama(64), 0.0)) == MIN_SCALE
 
 
-def test_only_methods_that_train_base_entries_are_scaled():
-    for name, halved in (("sparse", 5e-4), ("rosa", 5e-4), ("full", 5e-5)):
+def test_each_method_follows_the_weights_by_its_own_exponent():
+    for name, exponent in (("sparse", 1.0), ("full", 1.0), ("rosa", 0.7), ("shira", 0.5),
+                           ("experts", 0.5), ("lora", 0.0), ("dora", 0.0)):  # fmt: skip
         cls = method_class(name)
-        assert scaled_default_lr(cls, 0.5) == halved
+        assert cls.lr_weight_exponent == exponent, name
+        want = float(f"{cls.default_lr * 0.01**exponent:.1g}")
+        assert scaled_default_lr(cls, 0.01) == pytest.approx(want), name
         assert scaled_default_lr(cls, 1.0) == cls.default_lr
-    for name in ("lora", "experts", "shira"):
-        cls = method_class(name)
-        assert scaled_default_lr(cls, 0.1) == cls.default_lr
+    assert scaled_default_lr(method_class("sparse"), 0.01) == pytest.approx(1e-5)
+    assert scaled_default_lr(method_class("experts"), 0.01) == pytest.approx(1e-4)
+    assert scaled_default_lr(method_class("lora"), 0.01) == method_class("lora").default_lr
 
 
 def test_rounded_to_one_digit_as_gemma_was_measured():
-    # Gemma 3 270M: RMS 0.0344 -> 1e-3 x 0.178 -> 2e-4, the rate its sparse rows ran at
-    assert scaled_default_lr(method_class("sparse"), 0.0344 / REFERENCE_RMS) == 2e-4
+    # Gemma 3 270M: RMS 0.0344 -> scale 0.178: the rates its default rows ran at
+    scale = 0.0344 / REFERENCE_RMS
+    want = {"sparse": 2e-4, "rosa": 3e-4, "shira": 1e-3, "experts": 4e-4, "lora": 1e-3}
+    for name, lr in want.items():
+        assert scaled_default_lr(method_class(name), scale) == lr, name
 
 
-@pytest.mark.parametrize(("method", "lr", "scaled"), [
-    ("sparse", None, True), ("lora", None, False), ("sparse", 3e-3, False),
+@pytest.mark.parametrize(("method", "lr", "exponent"), [
+    ("sparse", None, 1.0), ("experts", None, 0.5), ("lora", None, None),
+    ("sparse", 3e-3, None),
 ])  # fmt: skip
 def test_train_uses_the_scaled_default_unless_told(
-    tiny_dir, intent_file, tmp_path, method, lr, scaled
+    tiny_dir, intent_file, tmp_path, method, lr, exponent
 ):
     from slimtune.model.loading import load_model
 
@@ -75,8 +82,8 @@ def test_train_uses_the_scaled_default_unless_told(
     run = train_tiny(tiny_dir, intent_file, tmp_path / "r", method=method, lr=lr, max_steps=2)
     cls = method_class(method)
     want = lr if lr is not None else cls.default_lr
-    if scaled:
-        want = float(f"{cls.default_lr * rms / REFERENCE_RMS:.1g}")
+    if exponent is not None:
+        want = float(f"{cls.default_lr * (rms / REFERENCE_RMS) ** exponent:.1g}")
         assert want < cls.default_lr
     assert run.summary["lr"] == pytest.approx(want)
 

@@ -124,7 +124,7 @@ def _lr_help() -> str:
             if METHODS[m].auto_lr
             else f"{METHODS[m].default_lr:g}"
         )
-        + ("*" if METHODS[m].lr_follows_weights else "")
+        + ("*" if METHODS[m].lr_weight_exponent else "")
         for m in sorted(METHODS)
     )
     return (

@@ -167,9 +167,9 @@ class Method(ABC):
     # range test (training/lr_search.py) that then chooses it, as ``--lr auto`` does.
     default_lr: ClassVar[float] = 1e-4
     auto_lr: ClassVar[bool] = False
-    # Whether it trains entries of the base weights (full, sparse): its default rate then
-    # follows the size of the model's weights (training/lr_scale.py)
-    lr_follows_weights: ClassVar[bool] = False
+    # How its default rate follows the size of the model's weights: the swept rate x
+    # scale ** this (training/lr_scale.py); 0: not at all
+    lr_weight_exponent: ClassVar[float] = 0.0
     # Whether the delta folder is peft's own adapter format (exports to / imports from peft).
     peft_format: ClassVar[bool] = False
     why_not_peft: ClassVar[str] = ""  # said when an export to peft is refused

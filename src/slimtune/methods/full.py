@@ -30,7 +30,7 @@ class FullMethod(Method):
     # 135M default model, 12-16 points over 1e-4; multi-billion models take ~1e-5)
     default_lr = 1e-4
     auto_lr = True
-    lr_follows_weights = True
+    lr_weight_exponent = 1.0
     delta_files = (WEIGHTS_FILE,)
     trains_embeddings = True
     weight_grads = True

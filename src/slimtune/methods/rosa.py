@@ -113,7 +113,7 @@ class RosaMethod(Method):
     config_class = RosaOptions
     config: RosaOptions
     default_lr = 1e-3  # benchmarks/lr_sweep.py (BENCHMARKS.md), on SmolLM2-135M
-    lr_follows_weights = True  # its sparse part trains base entries (training/lr_scale.py)
+    lr_weight_exponent = 0.7  # training/lr_scale.py
     why_not_peft = "its sparse part has no place in peft's format"
     peft_part = LORA_FILES
     delta_files = (SPARSE_FILE,)

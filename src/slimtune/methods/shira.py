@@ -43,6 +43,7 @@ class ShiraMethod(PeftAdapterMethod):
     config_class = ShiraOptions
     config: ShiraOptions
     default_lr = 3e-3  # benchmarks/lr_sweep.py (BENCHMARKS.md)
+    lr_weight_exponent = 0.5  # training/lr_scale.py
     peft_type = "SHIRA"
 
     def prepare(self, model: nn.Module, layers: list[int], batches=None) -> nn.Module:

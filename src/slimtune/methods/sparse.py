@@ -430,7 +430,7 @@ class SparseMethod(Method):
     config_class = SparseOptions
     config: SparseOptions
     default_lr = 1e-3  # benchmarks/lr_sweep.py (BENCHMARKS.md), on SmolLM2-135M
-    lr_follows_weights = True  # training/lr_scale.py
+    lr_weight_exponent = 1.0  # trains base entries (training/lr_scale.py)
     delta_files = (SPARSE_FILE,)
 
     def prepare(self, model: nn.Module, layers: list[int], batches=None) -> nn.Module:

@@ -348,11 +348,12 @@ class Trainer:
             self.fused_kernels.append("torch.compile")
         self.method = get_method(cfg.method, cfg.method_options)
         self.method.progress = cfg.progress
-        # the size of the base's weights, read before the method wraps them: the default
-        # rate of a method that trains base entries follows it (lr_scale.py)
+        # the size of the base's weights, read before the method wraps them: a method's
+        # default rate follows it (lr_scale.py); a resumed run keeps its checkpoint's rate
+        # (read even then: --resume with no checkpoint yet starts from step 0)
         self.weight_scale = (
             weight_scale(self.loaded.model)
-            if self.method.lr_follows_weights and not isinstance(cfg.lr, float)
+            if self.method.lr_weight_exponent and not isinstance(cfg.lr, float)
             else 1.0
         )
         self.model = self.method.prepare(
@@ -387,10 +388,12 @@ class Trainer:
             and not cfg.resume
             and self.lr != self.method.default_lr
         ):
+            e = self.method.lr_weight_exponent
             info(
                 f"lr {self.lr:g}: {cfg.method}'s default {self.method.default_lr:g} x "
-                f"{self.weight_scale:.2f}, this model's weight size against the model the "
-                "defaults were swept on (training/lr_scale.py; --lr sets one)"
+                f"{self.weight_scale:.2f}" + (f"^{e:g}" if e != 1 else "") + ", this model's "
+                "weight size against the model the defaults were swept on "
+                "(training/lr_scale.py; --lr sets one)"
             )
         self.lr_search: LRSearch | None = None
         self._build_optimizer()

@@ -319,6 +319,7 @@ class ExpertsMethod(Method):
     mergeable = False
     why_not_mergeable = "its experts are routed per token"
     default_lr = 1e-3  # benchmarks/lr_sweep.py: the best swept rate on both tasks (BENCHMARKS.md)
+    lr_weight_exponent = 0.5  # training/lr_scale.py
     delta_files = (EXPERTS_FILE,)
     why_not_sharded = "its experts are stacked per layer and routed per token"
     unused_parameters = True  # an expert no token of a process' batch chose
