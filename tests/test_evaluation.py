@@ -9,7 +9,7 @@ from slimtune.data import collate, load_dataset
 from slimtune.eval.evaluate import classification_accuracy, detect_task, eval_loss, score_labels
 from slimtune.training import loss as lm
 
-from .conftest import write_jsonl
+from .conftest import intent_rows, train_tiny, write_jsonl
 
 
 def naive_label_logprob(model, tok, prompt: str, label: str) -> float:
@@ -429,3 +429,27 @@ def test_padded_inference_on_cuda_keeps_the_memory_efficient_kernel_out(monkeypa
     with padded_inference("cuda:0"):
         pass
     assert held == [[attention.SDPBackend.FLASH_ATTENTION, attention.SDPBackend.MATH]]
+
+
+@pytest.mark.parametrize("method", ["lora", "sparse"])
+def test_the_score_train_reports_is_the_score_eval_gives_its_delta(
+    tiny_dir, intent_file, tmp_path, method
+):
+    """train scores its eval set with the delta attached to the model it trained;
+    ``slimtune eval`` loads the stored delta onto a fresh base: the same numbers (fp32 CPU),
+    so a report's quality is the delta's, not the training process'."""
+    from slimtune.cli.app import main
+
+    test = write_jsonl(tmp_path / "test.jsonl", intent_rows(30)[6:])
+    run = train_tiny(
+        tiny_dir, intent_file, tmp_path / "r", method=method, eval_data=str(test), max_steps=8
+    )
+    s = run.summary
+    out = tmp_path / "eval.json"
+    argv = ["eval", "--model", str(tiny_dir), "--data", str(test), "--delta"]
+    argv += [str(run.delta_dir), "--device", "cpu", "--no-latency", "--output", str(out)]
+    assert main(argv) == 0
+    got = json.loads(out.read_text())
+    assert got["examples"] == s["eval_examples"] == 24
+    assert got["accuracy"] == s["eval_accuracy"]
+    assert got["loss"] == pytest.approx(s["eval_loss"], rel=1e-5)
