@@ -453,3 +453,8 @@ def test_the_score_train_reports_is_the_score_eval_gives_its_delta(
     assert got["examples"] == s["eval_examples"] == 24
     assert got["accuracy"] == s["eval_accuracy"]
     assert got["loss"] == pytest.approx(s["eval_loss"], rel=1e-5)
+    # ... and those numbers are the delta's: the base alone scores another loss
+    base = tmp_path / "base.json"
+    argv = ["eval", "--model", str(tiny_dir), "--data", str(test), "--device", "cpu"]
+    assert main([*argv, "--no-latency", "--output", str(base)]) == 0
+    assert abs(json.loads(base.read_text())["loss"] - got["loss"]) > 0.1

@@ -48,7 +48,7 @@ def test_the_scale_is_capped_at_one_and_floored():
 
 
 def test_each_method_follows_the_weights_by_its_own_exponent():
-    for name, exponent in (("sparse", 1.0), ("full", 1.0), ("rosa", 0.7), ("shira", 0.5),
+    for name, exponent in (("sparse", 1.0), ("full", 1.0), ("rosa", 0.7), ("shira", 1.3),
                            ("experts", 0.5), ("lora", 0.0), ("dora", 0.0)):  # fmt: skip
         cls = method_class(name)
         assert cls.lr_weight_exponent == exponent, name

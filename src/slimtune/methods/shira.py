@@ -42,8 +42,8 @@ class ShiraMethod(PeftAdapterMethod):
     name = "shira"
     config_class = ShiraOptions
     config: ShiraOptions
-    default_lr = 3e-3  # benchmarks/lr_sweep.py (BENCHMARKS.md)
-    lr_weight_exponent = 0.5  # training/lr_scale.py
+    default_lr = 1e-2  # benchmarks/lr_sweep.py and gpu_default_check.sh (BENCHMARKS.md)
+    lr_weight_exponent = 1.3  # training/lr_scale.py
     peft_type = "SHIRA"
 
     def prepare(self, model: nn.Module, layers: list[int], batches=None) -> nn.Module:

@@ -873,10 +873,10 @@ def _layers(e: Estimate) -> str:
 
 def lr_policy(method: str) -> str:
     """Who sets ``method``'s rate when a plan's choice is trained: "range test" (full: its
-    default range test chooses for the model and data), "scaled" (the other built-in
-    methods: train scales the swept rate to the model's weights, training/lr_scale.py), or
-    "fixed" (a method whose rate does not follow the weights: the evidence's rate, which a
-    plan pins with --lr)."""
+    default range test chooses for the model and data), "scaled" (a method with a
+    nonzero ``lr_weight_exponent``: train scales the swept rate to the model's weights,
+    training/lr_scale.py), or "fixed" (lora, dora: the evidence's rate, which a plan pins
+    with --lr)."""
     from ..methods import METHODS
 
     cls = METHODS.get(method)

@@ -11,9 +11,12 @@ swept rate x ``scale ** lr_weight_exponent``, the exponent read off the two mode
 - full fine-tuning and sparse fine-tuning train base entries themselves: 1 (sparse at
   SmolLM2's 1e-3 scored 7-8 points under the scaled 2e-4 on Gemma; full's range test is
   centred on its scaled rate);
+- shira (sparse entries beside the weights): 1.3, i.e. 1e-2 -> 1e-3: its best swept rate
+  fell 10x from one model to the other, more than the weights (on each model 3e-3 scored
+  2-6 points under its best on both tasks);
 - rosa (LoRA plus sparse entries): 0.7, i.e. 3e-4 on Gemma, its best there on both tasks;
-- shira and experts: 0.5 (shira 3e-3 -> 1e-3, experts 1e-3 -> 4e-4: 1-2.5 points over
-  the unscaled rates on Gemma on both tasks);
+- experts: 0.5 (1e-3 -> 4e-4, within 0.4 points of the best on Gemma's two tasks, where
+  1e-3 was 2.2 and 0.9 points under);
 - lora (and dora): 0, the rate is not scaled: on Gemma 1e-3 was within half a point of
   3e-4 on intents and the best swept rate on extraction.
 

@@ -391,9 +391,9 @@ class Trainer:
             e = self.method.lr_weight_exponent
             info(
                 f"lr {self.lr:g}: {cfg.method}'s default {self.method.default_lr:g} x "
-                f"{self.weight_scale:.2f}" + (f"^{e:g}" if e != 1 else "") + ", this model's "
-                "weight size against the model the defaults were swept on "
-                "(training/lr_scale.py; --lr sets one)"
+                f"{self.weight_scale:.2f}" + (f"^{e:g}" if e != 1 else "") + ", rounded "
+                f"({self.weight_scale:.2f}: this model's weight size against the model the "
+                "defaults were swept on; training/lr_scale.py; --lr sets one)"
             )
         self.lr_search: LRSearch | None = None
         self._build_optimizer()
