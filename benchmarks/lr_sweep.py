@@ -83,8 +83,8 @@ def _weight_scale(model: str) -> float:
 
 def default_rate(method: str, model: str = "default") -> str:
     """The method's current default rate on ``model`` (scaled to its weights by the
-    method's exponent, training/lr_scale.py), spelt as a run records it ("auto" for a method whose
-    default is its range test, as full's is)."""
+    method's exponent, training/lr_scale.py), spelt as a run records it ("auto" for a
+    method whose default is its range test, as full's is)."""
     from slimtune.training.lr_scale import scaled_default_lr
 
     cls = METHOD_CLASSES[method]

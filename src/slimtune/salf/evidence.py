@@ -13,12 +13,13 @@ tasks (6-class support intents, accuracy; support extraction, exact match), most
 seeds, each method at the default learning rate ``slimtune train`` gives it on that model
 (for full fine-tuning, whose default is the range test, the swept rate it lands near; on
 the default model only), plus CPU rows: LoRA r=16 against r=8, experts and SHiRA on
-extraction, which the sweep lacks at their default rates, and on Gemma 3 LoRA and sparse (three seeds on intents, one on
-extraction; a method's GPU and CPU rows are averaged, each against LoRA in its own
-source). Gemma 3's GPU rows were measured again after left-padded scoring on CUDA was
-fixed (``model/masks.py``), at the rates ``training/lr_scale.py`` now gives it. SHiRA's
-default-model rows are at its default 1e-2 (the sweep's ran at 3e-3): intents beside LoRA
-in a later GPU call with the right tokenizer, extraction on the CPU. A plan for a model measured here uses that model's rows;
+extraction, which the sweep lacks at their default rates, and on Gemma 3 LoRA and sparse
+(three seeds on intents, one on extraction; a method's GPU and CPU rows are averaged,
+each against LoRA in its own source). Gemma 3's GPU rows were measured again after
+left-padded scoring on CUDA was fixed (``model/masks.py``), at the rates
+``training/lr_scale.py`` now gives it. SHiRA's default-model rows are at its default 1e-2
+(the sweep's ran at 3e-3): intents beside LoRA in a later GPU call with the right
+tokenizer, extraction on the CPU. A plan for a model measured here uses that model's rows;
 another model gets the rows of all measured models, and says so. Nothing certain follows
 for a task of another kind. A short pilot run on the user's own data would say more (not
 built).
@@ -53,10 +54,10 @@ SOURCES = {
         "parameters' and the sparse quality table: CPU, 80 steps x 8, seed 0, lr 1e-3"
     ),
     CPU_SWEEP: (
-        "BENCHMARKS.md, 'Default learning rates' (experts on extraction; on Gemma 3 LoRA "
-        "and sparse at its scaled rate) and the SALF table 'A "
-        "higher rate for a frozen run': 2-core CPU, fp32, 100 steps x 8, default options, "
-        "the 240 test records"
+        "BENCHMARKS.md, 'Default learning rates' (experts and SHiRA on extraction; on "
+        "Gemma 3 LoRA and sparse at its scaled rate) and the SALF table 'A higher rate for "
+        "a frozen run': 2-core CPU, fp32, 100 steps x 8, default options, the 240 test "
+        "records"
     ),
 }
 ON_GPU = (SWEEP, DEFAULT_CHECK, GEMMA_SWEEP)  # the other sources' rows are cited with "(CPU)"

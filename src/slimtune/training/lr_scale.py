@@ -13,7 +13,7 @@ swept rate x ``scale ** lr_weight_exponent``, the exponent read off the two mode
   centred on its scaled rate);
 - shira (sparse entries beside the weights): 1.3, i.e. 1e-2 -> 1e-3: its best swept rate
   fell 10x from one model to the other, more than the weights (on each model 3e-3 scored
-  2-6 points under its best on both tasks);
+  1.3-6.2 points under its best, on both tasks);
 - rosa (LoRA plus sparse entries): 0.7, i.e. 3e-4 on Gemma, its best there on both tasks;
 - experts: 0.5 (1e-3 -> 4e-4, within 0.4 points of the best on Gemma's two tasks, where
   1e-3 was 2.2 and 0.9 points under);
