@@ -406,19 +406,25 @@ def run_one(args) -> dict:
         warm: list[float] = []
         times = timed_steps(step, device, args.warmup, args.steps, warm)
     first_step_s = warm[0] if warm else None  # with +compile: the compile
-    if args.profile:
+    if args.profile:  # three more steps under the profiler: wall, GPU busy, syncs, top ops
+        from step_profile import summarize
         from torch.profiler import ProfilerActivity, profile
 
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        cuda = device.type == "cuda"
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        walls = []
+        if cuda:
+            torch.cuda.synchronize()
         with compute(), profile(activities=acts) as prof:
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-        key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-        print(
-            prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60),
-            file=sys.stderr,
-        )
+            for _ in range(3):
+                t0 = time.perf_counter()
+                step()
+                if cuda:
+                    torch.cuda.synchronize()  # one per step: summarize leaves it out
+                walls.append(time.perf_counter() - t0)
+        text = summarize(prof, walls, cuda)
+        head, _, tables = text.partition("\n-- by host")
+        print(f"-- by host{tables}\n{head}", file=sys.stderr)  # the totals last: not cut off
     med = statistics.median(times)
     return {
         "config": args.run_one,
@@ -514,7 +520,7 @@ def main() -> None:
             continue
         results.append(result)
         if args.profile:
-            print(f"--- profile of {name} ---\n{stderr[-6000:]}", file=sys.stderr)
+            print(f"--- profile of {name} ---\n{stderr[-12000:]}", file=sys.stderr)
         r = results[-1]
         print(
             f"{name}: {r['step_s']:.3f} s/step, {r['tokens_per_s']:.0f} tok/s, "

@@ -3,7 +3,9 @@ work a GPU step pays for on a small model, counted on the CPU (no GPU needed).
 
 Counts the top-level aten operators of one forward + backward under bf16 autocast on a
 bf16 tiny Llama of 1 and 2 layers, every layer trained; the difference is one layer's.
-"lora" is slimtune's training path (``lora_fused``), "lora-peft" peft's own forward.
+"lora" is slimtune's training path (``lora_fused``), "lora-peft" peft's own forward;
+"experts" the dense expert path of a GPU step (``experts/fused.py``), "experts-unfused" the
+same sum as plain operators (what it was before, and what ``--compile`` traces).
 
     python benchmarks/op_count.py
 """
@@ -20,35 +22,48 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
-def top_level_ops(method: str, fused: bool, layers: int) -> int:
+def top_level_ops(method: str, options: dict, fused: bool, layers: int) -> int:
     from slimtune.methods import get_method
     from slimtune.testing import tiny_llama
 
     torch.manual_seed(0)
     model = tiny_llama(64, layers=layers, hidden=32).to(torch.bfloat16)
-    m = get_method(method, {"r": 8} if method == "lora" else {})
+    m = get_method(method, options)
     model = m.prepare(model, list(range(layers)))
     ids = torch.randint(0, 64, (8, 64))
 
     def step() -> None:
-        ctx = m.compute_context(model) if fused else contextlib.nullcontext()
-        with ctx, torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+            aux = m.auxiliary_loss(model)
+        (loss if aux is None else loss + aux).backward()
 
-    step()  # warm-up
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step()
+    # entered once, as the trainer does around its steps
+    with m.compute_context(model) if fused else contextlib.nullcontext():
+        step()  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
     return sum(1 for e in prof.events() if e.cpu_parent is None)
+
+
+ROWS = (  # name, method, options, under the method's compute context
+    ("full", "full", {}, True),
+    ("lora", "lora", {"r": 8}, True),
+    ("lora-peft", "lora", {"r": 8}, False),
+    # the GPU's dense expert path (dispatch auto picks it on CUDA), without calibration
+    ("experts", "experts", {"dispatch": "dense", "calibration_batches": 0}, True),
+    ("experts-unfused", "experts", {"dispatch": "dense", "calibration_batches": 0}, False),
+)
 
 
 def main() -> None:
     torch.set_num_threads(1)
     print("| method | top-level operators per layer (forward + backward) |")
     print("|---|---|")
-    for name, method, fused in (("full", "full", True), ("lora", "lora", True),
-                                ("lora-peft", "lora", False)):  # fmt: skip
-        per_layer = top_level_ops(method, fused, 2) - top_level_ops(method, fused, 1)
+    for name, method, options, fused in ROWS:
+        per_layer = top_level_ops(method, options, fused, 2) - top_level_ops(
+            method, options, fused, 1
+        )
         print(f"| {name} | {per_layer} |")
 
 

@@ -50,6 +50,34 @@ def test_compiled_training_equals_eager(tiny_dir, intent_file, tmp_path, traced,
     assert not eager.summary.get("fused_kernels")
 
 
+def test_compiled_experts_under_autocast_trace_the_plain_operators(
+    tiny_dir, intent_file, tmp_path, traced, monkeypatch
+):
+    """Under bf16 autocast eager expert layers run the fused functions (``experts/fused.py``,
+    hand-written backward); compiled layers trace the plain operators instead, which
+    inductor fuses itself: no graph break, and the same losses to bf16's rounding."""
+    from slimtune.methods.experts import fused
+
+    calls = []
+    apply = fused.DenseExpertsFunction.apply
+    monkeypatch.setattr(
+        fused.DenseExpertsFunction, "apply", lambda *a: calls.append(1) or apply(*a)
+    )
+    common = dict(
+        method="experts", method_options={"dispatch": "dense"}, max_steps=4, lr=1e-3, seed=3,
+        precision="bf16",
+    )  # fmt: skip
+    eager = train_tiny(tiny_dir, intent_file, tmp_path / "eager", **common)
+    assert calls  # eager bf16 training took the fused path
+    calls.clear()
+    compiled = train_tiny(tiny_dir, intent_file, tmp_path / "compiled", compile=True, **common)
+    assert traced["stats"]["unique_graphs"] > 0 and not traced["graph_break"]
+    assert not calls  # the compiled steps traced the plain operators
+    got = [h["loss"] for h in compiled.history]
+    want = [h["loss"] for h in eager.history]
+    assert got == pytest.approx(want, rel=2e-2)
+
+
 @pytest.mark.parametrize(
     "method, options, frames",
     [

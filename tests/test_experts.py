@@ -1,5 +1,6 @@
 """Routed expert adapters: conditional computation, gradients, balancing, delta round trip."""
 
+import contextlib
 import itertools
 import json
 
@@ -17,7 +18,7 @@ from slimtune.testing import tiny_llama, tiny_tokenizer
 from .conftest import train_tiny
 
 
-def _with_experts(experts=4, top_k=2, rank=4, layers=(0, 1, 2, 3), seed=0):
+def _with_experts(experts=4, top_k=2, rank=4, layers=(0, 1, 2, 3), seed=0, b_scale=0.5):
     tok = tiny_tokenizer()
     model = tiny_llama(len(tok), layers=4, seed=seed)
     get_method("experts", {"experts": experts, "top_k": top_k, "rank": rank}).prepare(
@@ -26,7 +27,7 @@ def _with_experts(experts=4, top_k=2, rank=4, layers=(0, 1, 2, 3), seed=0):
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():  # B starts at zero (the adapter starts as the identity); wake it up
         for lin in attached(model).linears.values():
-            lin.lora_B.copy_(torch.randn(lin.lora_B.shape, generator=gen) * 0.5)
+            lin.lora_B.copy_(torch.randn(lin.lora_B.shape, generator=gen) * b_scale)
     return model, len(tok)
 
 
@@ -138,6 +139,106 @@ def test_dense_training_gives_the_routed_outputs_and_gradients():
     assert unchosen > 0  # some expert got no token, and no gradient from the dense path either
     for i, g in rt_r.items():
         torch.testing.assert_close(rt_d[i], g, rtol=1e-4, atol=1e-6)
+
+
+def _dense_step(model, vocab, autocast: bool):
+    """One forward and backward of a padded batch: the output and every trainable gradient."""
+    ids = torch.randint(0, vocab, (2, 5), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(input_ids=ids, attention_mask=mask).logits
+    loss = (out.float() * torch.linspace(-1, 1, out.shape[-1])).sum()
+    aux = [r.last_aux for r in attached(model).routers.values()]
+    (loss + 10 * torch.stack(aux).sum()).backward()  # the balancing loss' gradient too
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return out.detach().float(), grads
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_the_fused_dense_path_gives_the_plain_dense_paths_outputs_and_gradients(monkeypatch):
+    """Under the method's compute context each adapted linear runs one autograd function on
+    copies of the experts and each router one for its gates and balancing loss (``fused.py``):
+    the same sum and the same gradients for the experts, the routers and the layers below
+    (through the routers' input; fp32: to rounding). Under bf16 autocast it is as
+    close to the fp32 result as the plain path under autocast is, and the master weights and
+    their gradients stay fp32."""
+    from slimtune.methods.experts import fused
+
+    calls = []
+    for function in (fused.DenseExpertsFunction, fused.DenseRouteFunction):
+        apply = function.apply
+        monkeypatch.setattr(
+            function, "apply", lambda *a, f=apply, n=function.__name__: calls.append(n) or f(*a)
+        )
+    # adapters of a trained size (B ~ 0.05): bf16's rounding stays a rounding
+    model, vocab = _with_experts(experts=8, top_k=2, rank=4, layers=(1, 3), b_scale=0.05)
+    _set_dispatch(model, "dense")
+    gen = torch.Generator().manual_seed(4)
+    for router in attached(model).routers.values():  # as centred on calibration data
+        router.center.copy_(torch.randn(router.center.shape, generator=gen) * 0.3)
+    method = get_method("experts", {"experts": 8, "top_k": 2, "rank": 4})
+    plain, plain_bf16 = _dense_step(model, vocab, False), _dense_step(model, vocab, True)
+    assert not calls
+    with method.compute_context(model):
+        fused_run, fused_bf16 = _dense_step(model, vocab, False), _dense_step(model, vocab, True)
+    att = attached(model)
+    assert calls.count("DenseExpertsFunction") == 2 * len(att.linears)
+    assert calls.count("DenseRouteFunction") == 2 * len(att.routers)
+    assert all(
+        fused.FUSED not in m.__dict__ for m in [*att.linears.values(), *att.routers.values()]
+    )
+    torch.testing.assert_close(fused_run[0], plain[0], rtol=1e-5, atol=1e-5)
+    assert fused_run[1].keys() == plain[1].keys() == fused_bf16[1].keys()
+    assert any(".expert_router." in n for n in plain[1])
+    assert _relative(fused_bf16[0], plain[0]) < 1.5 * _relative(plain_bf16[0], plain[0]) + 1e-3
+    for name, g in plain[1].items():
+        torch.testing.assert_close(fused_run[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+        assert fused_bf16[1][name].dtype == torch.float32
+        bf16_error = _relative(fused_bf16[1][name], g)
+        assert bf16_error < 1.5 * _relative(plain_bf16[1][name], g) + 5e-3, name
+        assert bf16_error < 0.05, name
+
+
+@pytest.mark.parametrize("fused_adamw", [False, True])
+def test_the_fused_dense_path_follows_every_optimizer_step(fused_adamw):
+    """The copies are made ahead, once per step: after each AdamW step (fused AdamW writes
+    without bumping the parameters' versions) and after an in-place write, the fused path
+    computes with the new weights, as the plain path does."""
+
+    def train(fused: bool):
+        model, vocab = _with_experts(experts=4, top_k=2, rank=4, layers=(0, 2))
+        _set_dispatch(model, "dense")
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=0.05, fused=fused_adamw)
+        ids = torch.randint(0, vocab, (2, 6), generator=torch.Generator().manual_seed(2))
+        context = get_method("experts", {"experts": 4, "rank": 4}).compute_context(model)
+        losses = []
+        with context if fused else contextlib.nullcontext():
+            for _ in range(3):
+                loss = model(input_ids=ids).logits.square().mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                losses.append(loss.item())
+            with torch.no_grad():  # an in-place write outside the optimizer
+                next(iter(attached(model).linears.values())).lora_B.mul_(-1.0)
+            loss = model(input_ids=ids).logits.square().mean()
+            loss.backward()  # a step with gradients: the fused path
+            losses.append(loss.item())
+        return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    (ref_losses, ref_weights), (losses, weights) = train(False), train(True)
+    # each step and the write change the loss by far more than the paths' rounding
+    assert all(abs(b - a) > 1e-3 * abs(a) for a, b in itertools.pairwise(ref_losses)), ref_losses
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    for name, w in ref_weights.items():
+        # Adam divides by the gradients' size: rounding moves tiny ones' updates
+        torch.testing.assert_close(weights[name], w, rtol=1e-3, atol=1e-4)
 
 
 def test_the_training_loss_routes_the_tokens_of_its_own_batch():

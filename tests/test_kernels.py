@@ -451,13 +451,13 @@ def test_cached_and_per_call_adapter_copies_round_alike():
     """The copies made ahead (every layer at once) and those a forward makes itself (FSDP2,
     compiled layers, inference mode) are the same bits, also at a scale that is not a power
     of two (scaled in fp32, then cast once)."""
-    from slimtune.methods.lora_fused import ComputeCopies, _cast
+    from slimtune.methods.compute_copies import ComputeCopies, cast_now
 
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(8, 16, generator=gen), torch.randn(16, 8, generator=gen)
     copies = ComputeCopies(cached=True)
     i = copies.add(a, b, 1.3)
-    cached, per_call = copies.get(i, a, b, 1.3, torch.bfloat16), _cast(a, b, 1.3, torch.bfloat16)
+    cached, per_call = copies.get(i, a, b, 1.3, torch.bfloat16), cast_now(a, b, 1.3, torch.bfloat16)
     assert cached[0].dtype == torch.bfloat16
     assert torch.equal(cached[0], per_call[0]) and torch.equal(cached[1], per_call[1])
 

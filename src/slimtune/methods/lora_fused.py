@@ -4,7 +4,8 @@ peft computes ``y = base(x) + lora_B(lora_A(dropout(x))) * s`` as five kernels f
 (three GEMMs, a multiply, an add) and as many again backward, plus per-module Python work
 that shows as launch gaps on a fast GPU. Here one autograd function computes the same sum
 with the add inside cuBLAS's GEMM epilogue (``addmm``'s ``C + A @ B``), on compute-dtype
-copies of the adapters made once per optimizer step for every layer (:class:`ComputeCopies`,
+copies of the adapters made once per optimizer step for every layer
+(:class:`~.compute_copies.ComputeCopies`,
 ``A_s = s * A``)::
 
     forward   y  = x W^T (+ b);   y += (x_d A_s^T) B^T          x_d = dropout(x), or x
@@ -32,15 +33,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..model.kernels import compute_dtype
+from .compute_copies import cast_now, mm_to, step_copies
 
 
 class LoraLinearFunction(torch.autograd.Function):
     """``x W^T + b + (x_d A_s^T) B^T`` with the add in the GEMM epilogue, where ``A_s`` is
     the adapter's ``A`` times its scale in the compute dtype and ``B`` likewise (their
-    compute copies, :class:`ComputeCopies`); the base ``W``, ``b`` are frozen (no
+    compute copies, :class:`~.compute_copies.ComputeCopies`); the base ``W``, ``b`` are frozen (no
     gradient). ``a`` and ``b`` are the adapter's parameters, passed for their gradients."""
 
     @staticmethod
@@ -73,8 +74,8 @@ class LoraLinearFunction(torch.autograd.Function):
         g = dy2 @ b_c  # (N, r)
         dx = dy2 @ w
         # xa already carries the scale (it is x_d A_s^T); A's gradient takes it once more
-        grad_a = _mm_to(g.t(), xd, a_dtype).mul_(ctx.scaling)
-        grad_b = _mm_to(dy2.t(), xa, b_dtype)
+        grad_a = mm_to(g.t(), xd, a_dtype).mul_(ctx.scaling)
+        grad_b = mm_to(dy2.t(), xa, b_dtype)
         copies_scale_state = (None,) * 4  # a_scaled, b_c, scaling, quant_state
         if dropped:  # the LoRA path's input gradient goes back through the dropout
             grad_xd = (g @ a_s).reshape(shape).to(x_dtype)
@@ -112,23 +113,6 @@ def _add_adapter(y: torch.Tensor, xd: torch.Tensor, a_scaled: torch.Tensor, b_c:
     return y2.reshape(*y.shape[:-1], y2.shape[-1])
 
 
-def _mm_to(m1: torch.Tensor, m2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``m1 @ m2`` in ``dtype`` (an adapter gradient in its fp32): on CUDA the GEMM writes
-    fp32 itself (cuBLAS accumulates in fp32 anyway), elsewhere a matmul and a cast."""
-    if (
-        dtype == torch.float32
-        and m1.dtype in (torch.float16, torch.bfloat16)
-        and m1.is_cuda
-        and _MM_OUT_DTYPE
-    ):
-        return torch.mm(m1, m2, out_dtype=dtype)
-    return (m1 @ m2).to(dtype)
-
-
-# torch.mm(..., out_dtype=) (bf16/fp16 in, fp32 out) exists on CUDA from torch 2.8
-_MM_OUT_DTYPE = "out_dtype" in (torch.mm.__doc__ or "")
-
-
 def _base_weight(weight: torch.Tensor, quant_state: Any, dtype: torch.dtype) -> torch.Tensor:
     """The base weight in ``dtype``: a 4-bit one dequantized (a transient matrix)."""
     if quant_state is None:
@@ -136,87 +120,6 @@ def _base_weight(weight: torch.Tensor, quant_state: Any, dtype: torch.dtype) -> 
     import bitsandbytes.functional as bnbf
 
     return bnbf.dequantize_4bit(weight, quant_state).to(dtype)
-
-
-class ComputeCopies:
-    """Every switched layer's adapter weights in the compute dtype, ``A`` times the scale:
-    made for all layers at once (a few multi-tensor kernels) when any weight changed (an
-    optimizer step), not cast two by two in every layer's forward. A small model's GPU
-    step is host-bound, and those casts were two of each layer's few kernels.
-
-    A copy is current until any optimizer steps (a global step hook while the block is
-    entered: fused AdamW does not bump the parameters' versions) and while its parameter is
-    the same tensor at the same version (any other in-place write through the parameter;
-    not one through ``.data``, which slimtune does not do inside a run).
-    Under FSDP2 (parameters gathered per layer, ``cached=False``), in a compiled layer and
-    under inference mode each forward casts its own (:func:`_cast`)."""
-
-    def __init__(self, cached: bool) -> None:
-        self.cached = cached
-        self.params: list[tuple[torch.Tensor, torch.Tensor, float]] = []
-        self.copies: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.seen: dict[tuple[int, torch.dtype], tuple[int, ...]] = {}
-
-    def add(self, a: torch.Tensor, b: torch.Tensor, scaling: float) -> int:
-        self.params.append((a, b, scaling))
-        return len(self.params) - 1
-
-    def get(
-        self, i: int, a: torch.Tensor, b: torch.Tensor, scaling: float, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer ``i``'s ``(A * scaling, B)`` in ``dtype``; ``a``, ``b``, ``scaling`` are what
-        the layer holds now (a layer whose adapter changed since the block began casts its
-        own)."""
-        if (
-            not self.cached
-            or i < 0
-            or torch.is_inference_mode_enabled()  # its tensors could not be saved later
-            or not _same(self.params[i], (a, b, scaling))
-        ):
-            return _cast(a, b, scaling, dtype)
-        key = (i, dtype)
-        if self.seen.get(key) != _state(a, b):
-            self._refresh(dtype)
-        return self.copies[key]
-
-    @torch.no_grad()
-    def _refresh(self, dtype: torch.dtype) -> None:
-        stale = [
-            i
-            for i, (a, b, _) in enumerate(self.params)
-            if self.seen.get((i, dtype)) != _state(a, b)
-        ]
-        for i in stale:
-            if (i, dtype) not in self.copies:
-                a, b, _ = self.params[i]
-                self.copies[(i, dtype)] = (
-                    torch.empty_like(a, dtype=dtype),
-                    torch.empty_like(b, dtype=dtype),
-                )
-        # A scaled in its own dtype, then cast: rounded once, as _cast does
-        scaled = torch._foreach_mul(
-            [self.params[i][0] for i in stale], [self.params[i][2] for i in stale]
-        )
-        torch._foreach_copy_(
-            [t for i in stale for t in self.copies[(i, dtype)]],
-            [t for a_s, i in zip(scaled, stale) for t in (a_s, self.params[i][1])],
-        )
-        for i in stale:
-            a, b, _ = self.params[i]
-            self.seen[(i, dtype)] = _state(a, b)
-
-
-def _cast(a: torch.Tensor, b: torch.Tensor, scaling: float, dtype: torch.dtype):
-    """One layer's ``(A * scaling, B)`` in ``dtype``, made now (no copy kept)."""
-    return torch.mul(a, scaling).to(dtype), b.to(dtype)
-
-
-def _same(held: tuple, now: tuple) -> bool:
-    return held[0] is now[0] and held[1] is now[1] and held[2] == now[2]
-
-
-def _state(a: torch.Tensor, b: torch.Tensor) -> tuple[int, ...]:
-    return (a._version, b._version, a.data_ptr(), b.data_ptr())
 
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs):
@@ -244,7 +147,7 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs):
     x_dropped = None if isinstance(dropout, nn.Identity) or not self.training else dropout(x)
     a, b, scaling = self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name])
     if torch.compiler.is_compiling():  # read no per-layer state: one graph for all layers
-        a_scaled, b_c = _cast(a, b, scaling, compute_dtype(x))
+        a_scaled, b_c = cast_now(a, b, scaling, compute_dtype(x))
     else:
         copies, index = self.__dict__["_slimtune_lora"]
         a_scaled, b_c = copies.get(index, a, b, scaling, compute_dtype(x))
@@ -287,33 +190,20 @@ def fused_lora(model: nn.Module) -> Iterator[int]:
     yields how many modules were switched. Leaving the block restores peft's forward."""
     pairs = _covered_types()
     switched: list[Any] = [m for m in model.modules() if _covered(m, pairs)]  # peft's layers
-    copies = ComputeCopies(cached=not _sharded(model))
-    for m in switched:
-        name = m.active_adapters[0] if len(m.active_adapters) == 1 else None
-        index = -1
-        if name is not None and name in m.lora_A:
-            index = copies.add(m.lora_A[name].weight, m.lora_B[name].weight, float(m.scaling[name]))
-        # a bound method, not a partial per layer: torch.compile guards on the forward's
-        # identity, and one object per layer compiled every layer apart
-        m.__dict__["_slimtune_lora"] = (copies, index)
-        m.forward = types.MethodType(_fused_forward, m)
-    # any optimizer's step (fused AdamW and bitsandbytes' write without bumping the
-    # parameters' versions) makes every copy stale
-    hook = register_optimizer_step_post_hook(lambda *_: copies.seen.clear())
-    try:
-        yield len(switched)
-    finally:
-        hook.remove()
+    with step_copies(model) as copies:
         for m in switched:
-            m.__dict__.pop("forward", None)
-            m.__dict__.pop("_slimtune_lora", None)
-
-
-def _sharded(model: nn.Module) -> bool:
-    """Whether FSDP2 shards ``model``: its parameters are gathered per layer for that
-    layer's forward only, so no copy of them can be made ahead."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch built without distributed
-        return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
+            name = m.active_adapters[0] if len(m.active_adapters) == 1 else None
+            index = -1
+            if name is not None and name in m.lora_A:
+                a, b = m.lora_A[name].weight, m.lora_B[name].weight
+                index = copies.add(a, b, float(m.scaling[name]))
+            # a bound method, not a partial per layer: torch.compile guards on the forward's
+            # identity, and one object per layer compiled every layer apart
+            m.__dict__["_slimtune_lora"] = (copies, index)
+            m.forward = types.MethodType(_fused_forward, m)
+        try:
+            yield len(switched)
+        finally:
+            for m in switched:
+                m.__dict__.pop("forward", None)
+                m.__dict__.pop("_slimtune_lora", None)

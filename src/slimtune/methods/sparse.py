@@ -55,6 +55,7 @@ from ..fileio import write_safetensors
 from ..model.anatomy import canonical_name, decoder_layers, linear_modules, target_module_names
 from ..model.quantize import is_quantized, quantization_of, weight_shape
 from .base import Attachment, Method, MethodConfig, option, register_method
+from .compute_copies import mm_to
 from .importance import (
     SCORERS,
     SELECTIONS,
@@ -123,18 +124,26 @@ class SparseDelta(nn.Module):
         self.find_layout()
         self.regrow_count = 0  # > 0: the next backward records where to grow this many entries
         self.regrow_candidates: torch.Tensor | None = None
+        self._merged: torch.Tensor | None = None  # write()'s base + values, the weight's dtype
 
     def find_layout(self) -> None:
         """Set ``cols`` (the column fast path) from the indices; call after they change."""
         self.cols = column_layout(self.indices, self.weight_shape)
 
     def write(self, weight: torch.Tensor) -> None:
-        """``W[idx] = base + values`` in place (no autograd). The add promotes the 16-bit
-        base to fp32 inside its one kernel (no separate cast: a launch fewer per layer and
-        step, where the eager step is bound by the host), then rounds once to the weight's
-        dtype."""
+        """``W[idx] = base + values`` in place (no autograd). One kernel adds in fp32 (the
+        16-bit base promoted) and rounds once into a buffer of the weight's dtype, one
+        copies it into the weight: no separate cast, a launch fewer per layer and pass where
+        the eager GPU step is bound by the host."""
         with torch.no_grad():
-            merged = (self.base_values + self.values.detach()).to(weight.dtype)
+            merged = self._merged
+            if merged is None or (merged.dtype, merged.device, merged.numel()) != (
+                weight.dtype,
+                weight.device,
+                self.values.numel(),
+            ):
+                merged = self._merged = torch.empty_like(self.values, dtype=weight.dtype)
+            torch.add(self.base_values, self.values.detach(), out=merged)
             weight.view(-1).index_copy_(0, self.indices, merged)
 
     def restore(self, weight: torch.Tensor) -> None:
@@ -187,7 +196,7 @@ class _SparseDeltaLinear(torch.autograd.Function):
         g2 = g.reshape(-1, g.shape[-1])
         x2 = x.reshape(-1, x.shape[-1]).to(w.dtype)
         if ctx.cols is not None:  # (out, ncols), row-major: the order of delta.indices
-            return grad_x, None, None, (g2.t() @ x2).reshape(-1).float(), None
+            return grad_x, None, None, mm_to(g2.t(), x2, torch.float32).reshape(-1), None
         grad_w = g2.t() @ x2  # dense, lives only here
         if delta.regrow_count:
             delta.observe(grad_w)

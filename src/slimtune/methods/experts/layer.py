@@ -16,6 +16,7 @@ from torch import nn
 
 from ...model.kernels import compute_dtype
 from . import cpu_kernel, cuda_kernel
+from .fused import fused_forward
 from .routing import ExpertRouter, ExpertSets, Routing, kept_rows
 
 # Use torch's grouped GEMM where it runs (CUDA SM90+); False forces the per-expert loop.
@@ -210,10 +211,12 @@ class ExpertLinear(nn.Module):
             torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad)
         )
         if not inference and self.trains_densely(x):
+            rows = x.numel() // x.shape[-1]
+            gates = routing.dense_gates(rows, a.shape[1], self.scaling, compute_dtype(x))
+            fused = fused_forward(self, x, gates)  # under the method's compute context
+            if fused is not None:
+                return fused
             out = self.base_layer(x)
-            gates = routing.dense_gates(
-                out.numel() // out.shape[-1], a.shape[1], self.scaling, compute_dtype(x)
-            )
             h = dense_lowrank(x.reshape(-1, x.shape[-1]), a, b, gates)
             # out of place: an in-place add into a view of ``out`` costs autograd a copy
             return out + h.view(out.shape).to(out.dtype)

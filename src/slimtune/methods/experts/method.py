@@ -50,6 +50,7 @@ and applying it attaches these modules (``attach_experts``); removing them puts 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,7 @@ from ...errors import DeltaError, UserInputError
 from ...fileio import write_safetensors
 from ...model.anatomy import base_model, decoder_layers, target_module_names
 from ..base import Attachment, Method, MethodConfig, option, register_method
+from .fused import fused_experts
 from .layer import DENSE_MAX_WIDTH, DISPATCH, ExpertLinear, _mask_hook, _release_hook, _route_hook
 from .routing import ExpertRouter
 
@@ -336,6 +338,11 @@ class ExpertsMethod(Method):
         if batches is not None and self.config.calibration_batches > 0:
             center_routers(model, att, batches(self.config.calibration_batches))
         return model
+
+    def compute_context(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """Under autocast the dense path runs as one autograd function per linear on bf16
+        copies of the experts made once per step (``fused.py``)."""
+        return fused_experts(model)
 
     def auxiliary_loss(self, model: nn.Module) -> torch.Tensor | None:
         """``aux_weight`` x the load-balancing loss of the last forward, averaged over layers."""

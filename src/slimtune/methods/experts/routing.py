@@ -59,6 +59,9 @@ class Routing:
     # linears that share an input (q, k, v; gate, up) share one gather
     _gathered: dict = field(default_factory=dict)
     _dense: dict = field(default_factory=dict)  # (rank, scaling, dtype) -> dense gates
+    # made by the fused router (experts/fused.py) with the dense gates: ``weights`` carry
+    # no gradient then, so dense gates of another key must not be made from them
+    fused: bool = False
 
     def _grouped(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._slots is None:
@@ -125,6 +128,8 @@ class Routing:
         # torch.compile would make the length a constant of the graph
         key = (rank, scaling, dtype)
         if key not in self._dense:
+            if self.fused:
+                raise RuntimeError(f"the fused router made no dense gates for {key}")
             g = self.weights.new_zeros(self.weights.shape[0], self.experts)
             g = g.scatter(1, self.chosen, self.weights * scaling)
             if self.kept is not None:
