@@ -112,9 +112,9 @@ def fused_experts(model: nn.Module) -> Iterator[int]:
         try:
             yield len(layers)
         finally:
-            for m in [*layers, *routers]:
-                m.__dict__.pop(FUSED, None)
-                m.__dict__.pop("route", None)
+            for module in [*layers, *routers]:
+                module.__dict__.pop(FUSED, None)
+                module.__dict__.pop("route", None)
 
 
 def _dense_routers(layers: list) -> dict[ExpertRouter, tuple[int, float]]:
