@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import types
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -93,12 +94,11 @@ def fused_forward(layer: nn.Module, x: torch.Tensor, gates: torch.Tensor) -> tor
 
 
 @contextlib.contextmanager
-def fused_experts(model: nn.Module) -> Iterator[int]:
-    """Within the block, the dense training path of ``model``'s expert layers runs
-    :class:`DenseExpertsFunction` on compute copies; yields how many layers take it."""
-    from .layer import ExpertLinear
-
-    layers = [m for m in model.modules() if isinstance(m, ExpertLinear)]
+def fused_experts(model: nn.Module, linears: Iterable[nn.Module]) -> Iterator[int]:
+    """Within the block, the dense training path of ``model``'s expert layers ``linears``
+    (``ExpertLinear``) runs :class:`DenseExpertsFunction` on compute copies, and their
+    routers :class:`DenseRouteFunction`; yields how many linears take it."""
+    layers: list[Any] = list(linears)
     routers = _dense_routers(layers)
     with step_copies(model) as copies:
         for m in layers:

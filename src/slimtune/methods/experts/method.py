@@ -342,7 +342,7 @@ class ExpertsMethod(Method):
     def compute_context(self, model: nn.Module) -> contextlib.AbstractContextManager:
         """Under autocast the dense path runs as one autograd function per linear on bf16
         copies of the experts made once per step (``fused.py``)."""
-        return fused_experts(model)
+        return fused_experts(model, attached(model).linears.values())
 
     def auxiliary_loss(self, model: nn.Module) -> torch.Tensor | None:
         """``aux_weight`` x the load-balancing loss of the last forward, averaged over layers."""
