@@ -1,8 +1,11 @@
 """How many operators a training step dispatches per decoder layer, by method: the host
 work a GPU step pays for on a small model, counted on the CPU (no GPU needed).
 
-Counts the top-level aten operators of one forward + backward under bf16 autocast on a
-bf16 tiny Llama of 1 and 2 layers, every layer trained; the difference is one layer's.
+Counts the operators of one forward + backward under bf16 autocast on a bf16 tiny Llama
+of 1 and 2 layers, every layer trained; the difference is one layer's. Two counts: the
+top-level operators (Python-level calls: an autograd function with a written-out backward
+counts once) and the innermost aten operators (those with no aten operator inside: about
+the kernels a GPU step launches).
 "lora" is slimtune's training path (``lora_fused``), "lora-peft" peft's own forward;
 "experts" the dense expert path of a GPU step (``experts/fused.py``), "experts-unfused" the
 same sum as plain operators (what it was before, and what ``--compile`` traces).
@@ -22,7 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
-def top_level_ops(method: str, options: dict, fused: bool, layers: int) -> int:
+def op_counts(method: str, options: dict, fused: bool, layers: int) -> tuple[int, int]:
     from slimtune.methods import get_method
     from slimtune.testing import tiny_llama
 
@@ -43,7 +46,16 @@ def top_level_ops(method: str, options: dict, fused: bool, layers: int) -> int:
         step()  # warm-up
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             step()
-    return sum(1 for e in prof.events() if e.cpu_parent is None)
+    events = prof.events()
+    top = sum(1 for e in events if e.cpu_parent is None)
+    # aten operators with no aten operator inside: roughly the kernels a GPU would launch
+    leaf = sum(
+        1
+        for e in events
+        if e.name.startswith("aten::")
+        and not any(c.name.startswith("aten::") for c in e.cpu_children)
+    )
+    return top, leaf
 
 
 ROWS = (  # name, method, options, under the method's compute context
@@ -58,13 +70,11 @@ ROWS = (  # name, method, options, under the method's compute context
 
 def main() -> None:
     torch.set_num_threads(1)
-    print("| method | top-level operators per layer (forward + backward) |")
-    print("|---|---|")
+    print("| method | top-level operators per layer | innermost aten operators per layer |")
+    print("|---|---|---|")
     for name, method, options, fused in ROWS:
-        per_layer = top_level_ops(method, options, fused, 2) - top_level_ops(
-            method, options, fused, 1
-        )
-        print(f"| {name} | {per_layer} |")
+        (top2, leaf2), (top1, leaf1) = (op_counts(method, options, fused, n) for n in (2, 1))
+        print(f"| {name} | {top2 - top1} | {leaf2 - leaf1} |")
 
 
 if __name__ == "__main__":

@@ -204,11 +204,74 @@ def test_the_fused_dense_path_gives_the_plain_dense_paths_outputs_and_gradients(
         assert bf16_error < 0.05, name
 
 
+def _fused_model(b_scale=0.05):
+    model, vocab = _with_experts(experts=8, top_k=2, rank=4, layers=(1, 3), b_scale=b_scale)
+    _set_dispatch(model, "dense")
+    gen = torch.Generator().manual_seed(4)
+    for router in attached(model).routers.values():
+        router.center.copy_(torch.randn(router.center.shape, generator=gen) * 0.3)
+    return model, vocab, get_method("experts", {"experts": 8, "top_k": 2, "rank": 4})
+
+
+def _assert_same_step(got, want) -> None:
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    assert got[1].keys() == want[1].keys()
+    for name, g in want[1].items():
+        torch.testing.assert_close(got[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_fused_path_under_gradient_checkpointing_gives_the_plain_gradients():
+    """With checkpointing the layer's forward runs again in backward without its hooks, so
+    without the router: the recomputed linears must still reach the router's gradient."""
+    model, vocab, method = _fused_model()
+    want = _dense_step(model, vocab, False)
+    model.gradient_checkpointing_enable()
+    model.train()
+    with method.compute_context(model):
+        got = _dense_step(model, vocab, False)
+    _assert_same_step(got, want)
+
+
+def test_a_routed_linear_behind_a_fused_router_still_trains_the_router():
+    """The fused router's gates (``Routing.weights``) carry gradient too: a linear that
+    reads them (the routed path) gives the router the plain path's gradient."""
+    model, vocab, method = _fused_model()
+    with method.compute_context(model):
+        # switched after the context chose the routers for the dense path
+        next(iter(attached(model).linears.values())).dispatch = "routed"
+        got = _dense_step(model, vocab, False)
+    want = _dense_step(model, vocab, False)  # the same dispatch, the plain path
+    _assert_same_step(got, want)
+    assert any(".expert_router." in n and bool(g.abs().sum() > 0) for n, g in got[1].items())
+
+
+def test_the_fused_path_follows_experts_given_new_storage():
+    """``lora_B.data = ...`` inside the block leaves the copies' views on the old storage:
+    the layer must compute with the new weights, as the plain path does."""
+    model, vocab, method = _fused_model()
+    with method.compute_context(model):
+        _dense_step(model, vocab, False)  # the copies exist
+        gen = torch.Generator().manual_seed(9)
+        for lin in attached(model).linears.values():
+            lin.lora_B.data = torch.randn(lin.lora_B.shape, generator=gen) * 0.05
+        got = _dense_step(model, vocab, False)
+    _assert_same_step(got, _dense_step(model, vocab, False))
+
+
 @pytest.mark.parametrize("fused_adamw", [False, True])
 def test_the_fused_dense_path_follows_every_optimizer_step(fused_adamw):
     """The copies are made ahead, once per step: after each AdamW step (fused AdamW writes
     without bumping the parameters' versions) and after an in-place write, the fused path
     computes with the new weights, as the plain path does."""
+
+    from slimtune.methods.experts import fused as fused_mod
+
+    calls = []
+    apply = fused_mod.DenseExpertsFunction.apply
+
+    def counted(*args):
+        calls.append(1)
+        return apply(*args)
 
     def train(fused: bool):
         model, vocab = _with_experts(experts=4, top_k=2, rank=4, layers=(0, 2))
@@ -232,7 +295,11 @@ def test_the_fused_dense_path_follows_every_optimizer_step(fused_adamw):
             losses.append(loss.item())
         return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    (ref_losses, ref_weights), (losses, weights) = train(False), train(True)
+    (ref_losses, ref_weights) = train(False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fused_mod.DenseExpertsFunction, "apply", counted)
+        losses, weights = train(True)
+    assert len(calls) == 4 * 14  # four steps, 2 layers x 7 linears: the fused path ran
     # each step and the write change the loss by far more than the paths' rounding
     assert all(abs(b - a) > 1e-3 * abs(a) for a, b in itertools.pairwise(ref_losses)), ref_losses
     assert losses == pytest.approx(ref_losses, rel=1e-5)

@@ -92,6 +92,7 @@ class SparseDelta(nn.Module):
     indices: torch.Tensor  # buffers, registered in __init__
     base_values: torch.Tensor
     cols: torch.Tensor | None  # not saved: derived from indices by find_layout()
+    merged: torch.Tensor  # not saved: write()'s buffer
 
     def __init__(
         self,
@@ -121,10 +122,13 @@ class SparseDelta(nn.Module):
         )
         self.values = nn.Parameter(v)
         self.register_buffer("cols", None, persistent=False)
+        # write()'s base + values in the weight's dtype: a buffer, so it moves with the
+        # module and torch.compile sees a tensor, not a None that becomes one (a recompile)
+        merged = torch.empty(0 if beside else idx.numel(), dtype=weight.dtype, device=weight.device)
+        self.register_buffer("merged", merged, persistent=False)
         self.find_layout()
         self.regrow_count = 0  # > 0: the next backward records where to grow this many entries
         self.regrow_candidates: torch.Tensor | None = None
-        self._merged: torch.Tensor | None = None  # write()'s base + values, the weight's dtype
 
     def find_layout(self) -> None:
         """Set ``cols`` (the column fast path) from the indices; call after they change."""
@@ -136,13 +140,13 @@ class SparseDelta(nn.Module):
         copies it into the weight: no separate cast, a launch fewer per layer and pass where
         the eager GPU step is bound by the host."""
         with torch.no_grad():
-            merged = self._merged
-            if merged is None or (merged.dtype, merged.device, merged.numel()) != (
+            merged = self.merged
+            if (merged.dtype, merged.device, merged.numel()) != (
                 weight.dtype,
                 weight.device,
                 self.values.numel(),
             ):
-                merged = self._merged = torch.empty_like(self.values, dtype=weight.dtype)
+                merged = self.merged = torch.empty_like(self.values, dtype=weight.dtype)
             torch.add(self.base_values, self.values.detach(), out=merged)
             weight.view(-1).index_copy_(0, self.indices, merged)
 

@@ -83,13 +83,18 @@ def fused_forward(layer: nn.Module, x: torch.Tensor, gates: torch.Tensor) -> tor
     base = layer.base_layer
     if type(base) is not nn.Linear or base.weight.requires_grad:
         return None
+    if base.bias is not None and base.bias.requires_grad:
+        return None
     copies, index, a_view, b_view = entry
-    if a_view._base is not layer.lora_A or b_view._base is not layer.lora_B:
-        return None  # the parameters were replaced since the block began
+    a, b = layer.lora_A, layer.lora_B
+    if (a_view._base is not a or b_view._base is not b) or (
+        a_view.data_ptr() != a.data_ptr() or b_view.data_ptr() != b.data_ptr()
+    ):
+        return None  # replaced since the block began, or given new storage (``.data =``)
     a_c, b_c = copies.get(index, a_view, b_view, 1.0, compute_dtype(x))
     b_c = b_c.reshape(b_c.shape[0], -1)  # (out, E, r) contiguous -> (out, E*r), a view
     return DenseExpertsFunction.apply(
-        x, base.weight, base.bias, layer.lora_A, layer.lora_B, a_c, b_c, gates.to(a_c.dtype)
+        x, base.weight, base.bias, a, b, a_c, b_c, gates.to(a_c.dtype)
     )
 
 
@@ -157,36 +162,40 @@ class DenseRouteFunction(torch.autograd.Function):
         counts = expert_counts(top_i, experts)
         counts_f = counts.to(torch.float32)
         aux = torch.dot(counts_f, probs.mean(0)).mul_(experts / top_i.numel())
-        scaled = gates * scaling
-        g = torch.zeros_like(logits).scatter_(1, top_i, scaled)
+        g = torch.zeros_like(logits).scatter_(1, top_i, gates * scaling)
         if kept is not None:
             g = g.new_zeros(rows, experts).index_put_((kept,), g)
         # each expert's gate repeated over its rank: one cast and one copy
         dense = g.to(dtype).unsqueeze(2).expand(rows, experts, rank).reshape(rows, -1)
         ctx.save_for_backward(
-            flat_c, weight_c, center, kept, rms, inv_rms, proj, top_i, gates, scaled, probs,
-            counts_f,
-        )  # fmt: skip
-        ctx.meta = (rank, top_i.numel(), weight.dtype)
+            flat_c, weight_c, center, kept, rms, inv_rms, proj, top_i, gates, probs, counts_f
+        )
+        ctx.meta = (rank, scaling, top_i.numel(), weight.dtype)
         ctx.mark_non_differentiable(top_i, counts)
-        return dense, aux, top_i, gates.detach(), counts
+        ctx.set_materialize_grads(False)  # an output nobody used (aux at weight 0) costs nothing
+        # ``gates`` is an output too (``Routing.weights``): a path that reads them (dense gates
+        # of another key, the routed path) sends its gradient back through here as well
+        return dense, aux, top_i, gates, counts
 
     @staticmethod
-    def backward(ctx, d_dense, d_aux, _top, _gates, _counts):
+    def backward(ctx, d_dense, d_aux, _top, d_gates, _counts):
         saved = ctx.saved_tensors
         flat_c, weight_c, center, kept, rms, inv_rms, proj, top_i = saved[:8]
-        gates, scaled, probs, counts_f = saved[8:]
-        rank, slots, w_dtype = ctx.meta
+        gates, probs, counts_f = saved[8:]
+        rank, scaling, slots, w_dtype = ctx.meta
         n, d = flat_c.shape
         experts = weight_c.shape[0]
         d_logits = torch.zeros_like(proj)
-        if d_dense is not None:  # the softmax of the top logits, scale s: p - g * sum(p)
-            dg = d_dense.view(d_dense.shape[0], experts, rank).sum(-1, dtype=torch.float32)
+        d_top_gates = None if d_gates is None else d_gates.float()
+        if d_dense is not None:  # dL/dg = s * (dL/dG summed over the rank) at the chosen
+            dg = d_dense.reshape(d_dense.shape[0], experts, rank).sum(-1, dtype=torch.float32)
             if kept is not None:
                 dg = dg.index_select(0, kept)
-            p = dg.gather(1, top_i).mul_(scaled)  # s * g * dL/dG
-            d_top = torch.addcmul(p, gates, p.sum(-1, keepdim=True), value=-1)
-            d_logits.scatter_(1, top_i, d_top)
+            dg = dg.gather(1, top_i).mul_(scaling)
+            d_top_gates = dg if d_top_gates is None else dg.add_(d_top_gates)
+        if d_top_gates is not None:  # the softmax of the top logits: p - g * sum(p)
+            p = d_top_gates.mul_(gates)
+            d_logits.scatter_(1, top_i, torch.addcmul(p, gates, p.sum(-1, keepdim=True), value=-1))
         if d_aux is not None:  # d aux / d probs[i, e] = aux' * E * f_e / N, f = counts / slots
             v = counts_f * (d_aux * (experts / (n * slots)))
             d_logits.addcmul_(probs, v - (probs @ v).unsqueeze(1))
@@ -229,6 +238,6 @@ def _fused_route(router: ExpertRouter, hidden: torch.Tensor) -> Routing:
     )  # fmt: skip
     router.last_aux = aux
     router.usage += counts.to(router.usage.dtype)
-    routing = Routing(top_i, gates, kept, router.experts, fused=True)
-    routing._dense[(rank, scaling, dtype)] = dense
+    routing = Routing(top_i, gates, kept, router.experts)
+    routing.fused_gates[(rank, scaling, dtype)] = dense
     return routing

@@ -59,9 +59,9 @@ class Routing:
     # linears that share an input (q, k, v; gate, up) share one gather
     _gathered: dict = field(default_factory=dict)
     _dense: dict = field(default_factory=dict)  # (rank, scaling, dtype) -> dense gates
-    # made by the fused router (experts/fused.py) with the dense gates: ``weights`` carry
-    # no gradient then, so dense gates of another key must not be made from them
-    fused: bool = False
+    # the same, made by the fused router (experts/fused.py) in its hook: kept after the
+    # layer's forward, as a checkpointed layer's recompute (no hooks) must read them again
+    fused_gates: dict = field(default_factory=dict)
 
     def _grouped(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._slots is None:
@@ -127,9 +127,9 @@ class Routing:
         # rows are the routing's own (one forward's): not part of the key, which under
         # torch.compile would make the length a constant of the graph
         key = (rank, scaling, dtype)
+        if key in self.fused_gates:
+            return self.fused_gates[key]
         if key not in self._dense:
-            if self.fused:
-                raise RuntimeError(f"the fused router made no dense gates for {key}")
             g = self.weights.new_zeros(self.weights.shape[0], self.experts)
             g = g.scatter(1, self.chosen, self.weights * scaling)
             if self.kept is not None:
