@@ -246,8 +246,8 @@ def test_a_routed_linear_behind_a_fused_router_still_trains_the_router():
 
 
 def test_the_fused_path_follows_experts_given_new_storage():
-    """``lora_B.data = ...`` inside the block leaves the copies' views on the old storage:
-    the layer must compute with the new weights, as the plain path does."""
+    """``lora_B.data = ...`` inside the block gives the parameter new storage at the same
+    version: the copies must be made again from it, as the plain path reads it."""
     model, vocab, method = _fused_model()
     with method.compute_context(model):
         _dense_step(model, vocab, False)  # the copies exist

@@ -11,34 +11,39 @@ kernels) when any weight changed, and LoRA (``lora_fused``) and the expert adapt
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+# (A, B) -> the tensors to copy, views of them in the layout the GEMMs read
+Layout = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
 
 class ComputeCopies:
     """Every registered layer's pair ``(A, B)`` in the compute dtype, ``A`` times the scale,
-    each copy contiguous in the shape of the tensor registered (a permuted view of a
-    parameter gives a copy in that layout: the experts' stacked ``B``).
+    each copy contiguous; a layer registered with a ``layout`` gets its copies in that
+    layout (the experts' stacked ``B`` permuted into the GEMM's (out, E, r)).
 
     A copy is current until any optimizer steps (a global step hook while
     :func:`step_copies` is entered: fused AdamW does not bump the parameters' versions) and
-    while its parameter is the same tensor at the same version (any other in-place write
-    through the parameter or a view of it; not one through ``.data``, which slimtune does
-    not do inside a run). Under FSDP2 (parameters gathered per layer, ``cached=False``), in
-    a compiled layer and under inference mode each forward casts its own
-    (:func:`cast_now`)."""
+    while its parameter is the same tensor with the same storage at the same version (any
+    other in-place write through it, or new storage given through ``.data =``; not an
+    in-place write through ``.data``, which slimtune does not do inside a run). Under FSDP2
+    (parameters gathered per layer, ``cached=False``), in a compiled layer and under
+    inference mode each forward casts its own (:func:`cast_now`)."""
 
     def __init__(self, cached: bool) -> None:
         self.cached = cached
-        self.params: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+        self.params: list[tuple[torch.Tensor, torch.Tensor, float, Layout | None]] = []
         self.copies: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         self.seen: dict[tuple[int, torch.dtype], tuple[int, ...]] = {}
 
-    def add(self, a: torch.Tensor, b: torch.Tensor, scaling: float) -> int:
-        self.params.append((a, b, scaling))
+    def add(
+        self, a: torch.Tensor, b: torch.Tensor, scaling: float, layout: Layout | None = None
+    ) -> int:
+        self.params.append((a, b, scaling, layout))
         return len(self.params) - 1
 
     def get(
@@ -53,7 +58,7 @@ class ComputeCopies:
             or torch.is_inference_mode_enabled()  # its tensors could not be saved later
             or not _same(self.params[i], (a, b, scaling))
         ):
-            return cast_now(a, b, scaling, dtype)
+            return cast_now(a, b, scaling, dtype, self.params[i][3] if i >= 0 else None)
         key = (i, dtype)
         if self.seen.get(key) != _state(a, b):
             self._refresh(dtype)
@@ -63,32 +68,45 @@ class ComputeCopies:
     def _refresh(self, dtype: torch.dtype) -> None:
         stale = [
             i
-            for i, (a, b, _) in enumerate(self.params)
+            for i, (a, b, _, _) in enumerate(self.params)
             if self.seen.get((i, dtype)) != _state(a, b)
         ]
+        # made now from the parameters as they are (a view made once would keep old storage)
+        sources = {i: _laid_out(*self.params[i]) for i in stale}
         for i in stale:
+            a, b = sources[i]
             if (i, dtype) not in self.copies:
-                a, b, _ = self.params[i]
                 self.copies[(i, dtype)] = (
                     torch.empty(a.shape, dtype=dtype, device=a.device),
                     torch.empty(b.shape, dtype=dtype, device=b.device),
                 )
         # A scaled in its own dtype, then cast: rounded once, as cast_now does
         scaled = torch._foreach_mul(
-            [self.params[i][0] for i in stale], [self.params[i][2] for i in stale]
+            [sources[i][0] for i in stale], [self.params[i][2] for i in stale]
         )
         torch._foreach_copy_(
             [t for i in stale for t in self.copies[(i, dtype)]],
-            [t for a_s, i in zip(scaled, stale) for t in (a_s, self.params[i][1])],
+            [t for a_s, i in zip(scaled, stale) for t in (a_s, sources[i][1])],
         )
         for i in stale:
-            a, b, _ = self.params[i]
+            a, b, _, _ = self.params[i]
             self.seen[(i, dtype)] = _state(a, b)
 
 
-def cast_now(a: torch.Tensor, b: torch.Tensor, scaling: float, dtype: torch.dtype):
-    """One layer's ``(A * scaling, B)`` in ``dtype``, made now (no copy kept), contiguous
-    as the cached copies are."""
+def _laid_out(a: torch.Tensor, b: torch.Tensor, _scaling: float, layout: Layout | None):
+    return (a, b) if layout is None else layout(a, b)
+
+
+def cast_now(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scaling: float,
+    dtype: torch.dtype,
+    layout: Layout | None = None,
+):
+    """One layer's ``(A * scaling, B)`` in ``dtype`` (and ``layout``), made now (no copy
+    kept)."""
+    a, b = _laid_out(a, b, scaling, layout)
     contiguous = torch.contiguous_format
     return (
         torch.mul(a, scaling).to(dtype, memory_format=contiguous),
@@ -118,7 +136,6 @@ def _same(held: tuple, now: tuple) -> bool:
 
 
 def _state(a: torch.Tensor, b: torch.Tensor) -> tuple[int, ...]:
-    # a view shares its parameter's version counter, so a registered view follows it too
     return (a._version, b._version, a.data_ptr(), b.data_ptr())
 
 

@@ -85,13 +85,9 @@ def fused_forward(layer: nn.Module, x: torch.Tensor, gates: torch.Tensor) -> tor
         return None
     if base.bias is not None and base.bias.requires_grad:
         return None
-    copies, index, a_view, b_view = entry
+    copies, index = entry
     a, b = layer.lora_A, layer.lora_B
-    if (a_view._base is not a or b_view._base is not b) or (
-        a_view.data_ptr() != a.data_ptr() or b_view.data_ptr() != b.data_ptr()
-    ):
-        return None  # replaced since the block began, or given new storage (``.data =``)
-    a_c, b_c = copies.get(index, a_view, b_view, 1.0, compute_dtype(x))
+    a_c, b_c = copies.get(index, a, b, 1.0, compute_dtype(x))
     b_c = b_c.reshape(b_c.shape[0], -1)  # (out, E, r) contiguous -> (out, E*r), a view
     return DenseExpertsFunction.apply(
         x, base.weight, base.bias, a, b, a_c, b_c, gates.to(a_c.dtype)
@@ -107,19 +103,24 @@ def fused_experts(model: nn.Module, linears: Iterable[nn.Module]) -> Iterator[in
     routers = _dense_routers(layers)
     with step_copies(model) as copies:
         for m in layers:
-            e, r, d_in = m.lora_A.shape
-            # views that follow the parameters' versions: A as (E*r, in), B as (out, E, r)
-            a_view, b_view = m.lora_A.view(e * r, d_in), m.lora_B.permute(1, 0, 2)
-            m.__dict__[FUSED] = (copies, copies.add(a_view, b_view, 1.0), a_view, b_view)
+            m.__dict__[FUSED] = (copies, copies.add(m.lora_A, m.lora_B, 1.0, _gemm_layout))
         for router, spec in routers.items():
             router.__dict__[FUSED] = spec
             router.route = types.MethodType(_fused_route, router)  # type: ignore[method-assign]
         try:
             yield len(layers)
         finally:
-            for module in [*layers, *routers]:
-                module.__dict__.pop(FUSED, None)
-                module.__dict__.pop("route", None)
+            for m in layers:
+                m.__dict__.pop(FUSED, None)
+            for router in routers:
+                router.__dict__.pop(FUSED, None)
+                router.__dict__.pop("route", None)
+
+
+def _gemm_layout(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The experts' A (E, r, in) as (E*r, in) and B (E, out, r) as (out, E, r): views in
+    the layout the dense GEMMs read (B's copy is then (out, E*r) without a copy)."""
+    return a.flatten(0, 1), b.permute(1, 0, 2)
 
 
 def _dense_routers(layers: list) -> dict[ExpertRouter, tuple[int, float]]:
