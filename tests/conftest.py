@@ -72,3 +72,15 @@ def train_tiny(model_dir: Path, data: Path, out: Path, **overrides):
     )
     opts.update(overrides)
     return train(TrainConfig(**opts))
+
+
+def count_calls(monkeypatch, *functions) -> list[str]:
+    """The names of the autograd ``functions`` called from now on, one entry per call (the
+    call itself runs as before): which path a step took."""
+    calls: list[str] = []
+    for function in functions:
+        apply = function.apply
+        monkeypatch.setattr(
+            function, "apply", lambda *a, f=apply, n=function.__name__: calls.append(n) or f(*a)
+        )
+    return calls

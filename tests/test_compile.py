@@ -7,7 +7,7 @@ from torch._dynamo.utils import counters
 
 from slimtune.model import compile as compile_mod
 
-from .conftest import train_tiny
+from .conftest import count_calls, train_tiny
 
 
 @pytest.fixture
@@ -60,11 +60,7 @@ def test_compiled_experts_under_autocast_trace_the_plain_operators(
     inductor fuses itself: no graph break, and the same losses to bf16's rounding."""
     from slimtune.methods.experts import fused
 
-    calls = []
-    apply = fused.DenseExpertsFunction.apply
-    monkeypatch.setattr(
-        fused.DenseExpertsFunction, "apply", lambda *a: calls.append(1) or apply(*a)
-    )
+    calls = count_calls(monkeypatch, fused.DenseExpertsFunction)
     common = dict(
         method="experts", method_options={"dispatch": "dense"}, max_steps=4, lr=1e-3, seed=3,
         precision="bf16",

@@ -15,7 +15,7 @@ from slimtune.methods.experts import ExpertRouter, attached, load_balancing_loss
 from slimtune.model.loading import fingerprint, load_model
 from slimtune.testing import tiny_llama, tiny_tokenizer
 
-from .conftest import train_tiny
+from .conftest import count_calls, train_tiny
 
 
 def _with_experts(experts=4, top_k=2, rank=4, layers=(0, 1, 2, 3), seed=0, b_scale=0.5):
@@ -160,52 +160,10 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def test_the_fused_dense_path_gives_the_plain_dense_paths_outputs_and_gradients(monkeypatch):
-    """Under the method's compute context each adapted linear runs one autograd function on
-    copies of the experts and each router one for its gates and balancing loss (``fused.py``):
-    the same sum and the same gradients for the experts, the routers and the layers below
-    (through the routers' input; fp32: to rounding). Under bf16 autocast it is as
-    close to the fp32 result as the plain path under autocast is, and the master weights and
-    their gradients stay fp32."""
-    from slimtune.methods.experts import fused
-
-    calls = []
-    for function in (fused.DenseExpertsFunction, fused.DenseRouteFunction):
-        apply = function.apply
-        monkeypatch.setattr(
-            function, "apply", lambda *a, f=apply, n=function.__name__: calls.append(n) or f(*a)
-        )
-    # adapters of a trained size (B ~ 0.05): bf16's rounding stays a rounding
+def _fused_model():
+    """Experts on layers 1 and 3 on the dense path, of a trained size (B ~ 0.05: bf16's
+    rounding stays a rounding), routers centred as on calibration data."""
     model, vocab = _with_experts(experts=8, top_k=2, rank=4, layers=(1, 3), b_scale=0.05)
-    _set_dispatch(model, "dense")
-    gen = torch.Generator().manual_seed(4)
-    for router in attached(model).routers.values():  # as centred on calibration data
-        router.center.copy_(torch.randn(router.center.shape, generator=gen) * 0.3)
-    method = get_method("experts", {"experts": 8, "top_k": 2, "rank": 4})
-    plain, plain_bf16 = _dense_step(model, vocab, False), _dense_step(model, vocab, True)
-    assert not calls
-    with method.compute_context(model):
-        fused_run, fused_bf16 = _dense_step(model, vocab, False), _dense_step(model, vocab, True)
-    att = attached(model)
-    assert calls.count("DenseExpertsFunction") == 2 * len(att.linears)
-    assert calls.count("DenseRouteFunction") == 2 * len(att.routers)
-    assert all(
-        fused.FUSED not in m.__dict__ for m in [*att.linears.values(), *att.routers.values()]
-    )
-    torch.testing.assert_close(fused_run[0], plain[0], rtol=1e-5, atol=1e-5)
-    assert fused_run[1].keys() == plain[1].keys() == fused_bf16[1].keys()
-    assert any(".expert_router." in n for n in plain[1])
-    assert _relative(fused_bf16[0], plain[0]) < 1.5 * _relative(plain_bf16[0], plain[0]) + 1e-3
-    for name, g in plain[1].items():
-        torch.testing.assert_close(fused_run[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
-        assert fused_bf16[1][name].dtype == torch.float32
-        bf16_error = _relative(fused_bf16[1][name], g)
-        assert bf16_error < 1.5 * _relative(plain_bf16[1][name], g) + 5e-3, name
-        assert bf16_error < 0.05, name
-
-
-def _fused_model(b_scale=0.05):
-    model, vocab = _with_experts(experts=8, top_k=2, rank=4, layers=(1, 3), b_scale=b_scale)
     _set_dispatch(model, "dense")
     gen = torch.Generator().manual_seed(4)
     for router in attached(model).routers.values():
@@ -218,6 +176,38 @@ def _assert_same_step(got, want) -> None:
     assert got[1].keys() == want[1].keys()
     for name, g in want[1].items():
         torch.testing.assert_close(got[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_fused_dense_path_gives_the_plain_dense_paths_outputs_and_gradients(monkeypatch):
+    """Under the method's compute context each adapted linear runs one autograd function on
+    copies of the experts and each router one for its gates and balancing loss (``fused.py``):
+    the same sum and the same gradients for the experts, the routers and the layers below
+    (through the routers' input; fp32: to rounding). Under bf16 autocast it is as
+    close to the fp32 result as the plain path under autocast is, and the master weights and
+    their gradients stay fp32."""
+    from slimtune.methods.experts import fused
+
+    calls = count_calls(monkeypatch, fused.DenseExpertsFunction, fused.DenseRouteFunction)
+    model, vocab, method = _fused_model()
+    plain, plain_bf16 = _dense_step(model, vocab, False), _dense_step(model, vocab, True)
+    assert not calls
+    with method.compute_context(model):
+        fused_run, fused_bf16 = _dense_step(model, vocab, False), _dense_step(model, vocab, True)
+    att = attached(model)
+    assert calls.count("DenseExpertsFunction") == 2 * len(att.linears)
+    assert calls.count("DenseRouteFunction") == 2 * len(att.routers)
+    assert all(
+        fused.FUSED not in m.__dict__ for m in [*att.linears.values(), *att.routers.values()]
+    )
+    _assert_same_step(fused_run, plain)
+    assert fused_bf16[1].keys() == plain[1].keys()
+    assert any(".expert_router." in n for n in plain[1])
+    assert _relative(fused_bf16[0], plain[0]) < 1.5 * _relative(plain_bf16[0], plain[0]) + 1e-3
+    for name, g in plain[1].items():
+        assert fused_bf16[1][name].dtype == torch.float32
+        bf16_error = _relative(fused_bf16[1][name], g)
+        assert bf16_error < 1.5 * _relative(plain_bf16[1][name], g) + 5e-3, name
+        assert bf16_error < 0.05, name
 
 
 def test_the_fused_path_under_gradient_checkpointing_gives_the_plain_gradients():
@@ -259,19 +249,11 @@ def test_the_fused_path_follows_experts_given_new_storage():
 
 
 @pytest.mark.parametrize("fused_adamw", [False, True])
-def test_the_fused_dense_path_follows_every_optimizer_step(fused_adamw):
+def test_the_fused_dense_path_follows_every_optimizer_step(fused_adamw, monkeypatch):
     """The copies are made ahead, once per step: after each AdamW step (fused AdamW writes
     without bumping the parameters' versions) and after an in-place write, the fused path
     computes with the new weights, as the plain path does."""
-
-    from slimtune.methods.experts import fused as fused_mod
-
-    calls = []
-    apply = fused_mod.DenseExpertsFunction.apply
-
-    def counted(*args):
-        calls.append(1)
-        return apply(*args)
+    from slimtune.methods.experts.fused import DenseExpertsFunction
 
     def train(fused: bool):
         model, vocab = _with_experts(experts=4, top_k=2, rank=4, layers=(0, 2))
@@ -295,10 +277,9 @@ def test_the_fused_dense_path_follows_every_optimizer_step(fused_adamw):
             losses.append(loss.item())
         return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    (ref_losses, ref_weights) = train(False)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fused_mod.DenseExpertsFunction, "apply", counted)
-        losses, weights = train(True)
+    ref_losses, ref_weights = train(False)
+    calls = count_calls(monkeypatch, DenseExpertsFunction)
+    losses, weights = train(True)
     assert len(calls) == 4 * 14  # four steps, 2 layers x 7 linears: the fused path ran
     # each step and the write change the loss by far more than the paths' rounding
     assert all(abs(b - a) > 1e-3 * abs(a) for a, b in itertools.pairwise(ref_losses)), ref_losses
