@@ -127,15 +127,21 @@ CONFIGS = {
 def config(name: str) -> dict:
     """A row's configuration: a name of CONFIGS, optionally with ``+compile`` (the decoder
     layers compiled, as ``train --compile`` runs them: inductor instead of Liger's RMSNorm /
-    SwiGLU / RoPE) or ``+compile+liger`` (compiled over Liger's kernels)."""
+    SwiGLU / RoPE), ``+compile+liger`` (compiled over Liger's kernels) or ``+graphs`` (compiled,
+    each layer replayed as a CUDA graph: ``compiled_layers(cuda_graphs=True)``)."""
     base, *mods = name.split("+")
     if (
         base not in CONFIGS
-        or not set(mods) <= {"compile", "liger"}
+        or not set(mods) <= {"compile", "liger", "graphs"}
         or ("liger" in mods and "compile" not in mods)
     ):
         raise SystemExit(f"unknown configuration {name!r}")
-    return {**CONFIGS[base], "compile": "compile" in mods, "liger_elementwise": "liger" in mods}
+    return {
+        **CONFIGS[base],
+        "compile": "compile" in mods or "graphs" in mods,
+        "cuda_graphs": "graphs" in mods,
+        "liger_elementwise": "liger" in mods,
+    }
 
 
 def build_model(name: str, device: str, quantize: str = "none"):
@@ -367,7 +373,8 @@ def run_one(args) -> dict:
             )
     if c["compile"]:
         inner = compute
-        compute = lambda: _both(inner(), compiled_layers(model))  # noqa: E731
+        graphs = c["cuda_graphs"]
+        compute = lambda: _both(inner(), compiled_layers(model, cuda_graphs=graphs))  # noqa: E731
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     trainable, total = count_parameters(model)

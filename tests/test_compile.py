@@ -151,6 +151,9 @@ def test_a_bad_backend_or_an_old_torch_is_refused(tiny, monkeypatch):
     with refused, compiled_layers(tiny.model):
         pass
     assert all(layer._compiled_call_impl is None for layer in decoder_layers(tiny.model))
+    graphs = pytest.raises(UserInputError, match="CUDA graphs come from inductor")
+    with graphs, compiled_layers(tiny.model, backend="aot_eager", cuda_graphs=True):
+        pass
     monkeypatch.setattr(torch, "__version__", "2.4.1+cu121")
     with pytest.raises(UserInputError, match=r"--compile needs torch >= 2\.5"):
         TrainConfig(data="x.jsonl", compile=True).validated()

@@ -54,12 +54,20 @@ BACKEND = os.environ.get("SLIMTUNE_COMPILE_BACKEND", "inductor")
 
 
 @contextlib.contextmanager
-def compiled_layers(model: nn.Module, *, backend: str | None = None) -> Iterator[int]:
+def compiled_layers(
+    model: nn.Module, *, backend: str | None = None, cuda_graphs: bool = False
+) -> Iterator[int]:
     """Within the block, ``model``'s decoder layers run compiled, their module hooks
     included (the expert routers'); yields how many. The first step inside pays the
     compile (tens of seconds for a billion-parameter model); later blocks on the same model
     reuse it. Inductor draws random numbers (dropout) as eager torch does, so a compiled
-    run takes the same dropout masks as an eager one."""
+    run takes the same dropout masks as an eager one.
+
+    ``cuda_graphs`` replays each compiled layer as a CUDA graph (inductor's
+    "reduce-overhead"): benchmarks only (``bench_methods.py``'s ``+graphs`` rows), not a
+    flag of ``train`` yet. It made a host-bound step 3-4x faster (full, experts), but a
+    graph is recorded per batch width and per count of routed rows, and LoRA's run crashed;
+    BENCHMARKS.md, "CUDA graphs over the compiled layers"."""
     import torch._dynamo
     import torch._inductor.config
 
@@ -69,6 +77,8 @@ def compiled_layers(model: nn.Module, *, backend: str | None = None) -> Iterator
             f"SLIMTUNE_COMPILE_BACKEND={backend!r} is not a torch.compile backend; "
             "use inductor (the default) or aot_eager"
         )
+    if cuda_graphs and backend != "inductor":
+        raise UserInputError(f"CUDA graphs come from inductor; the backend is {backend!r}")
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     before = getattr(config, name), torch._inductor.config.fallback_random
@@ -78,7 +88,7 @@ def compiled_layers(model: nn.Module, *, backend: str | None = None) -> Iterator
         torch._inductor.config.fallback_random = True
         for layer in layers:
             # nn.Module.compile's slot: __call__ runs it in place of hooks + forward
-            layer._compiled_call_impl = _compiled_call(layer, backend)
+            layer._compiled_call_impl = _compiled_call(layer, backend, cuda_graphs)
         yield len(layers)
     finally:
         for layer in layers:
@@ -87,7 +97,7 @@ def compiled_layers(model: nn.Module, *, backend: str | None = None) -> Iterator
         torch._inductor.config.fallback_random = before[1]
 
 
-def _compiled_call(layer: nn.Module, backend: str):
+def _compiled_call(layer: nn.Module, backend: str, cuda_graphs: bool = False):
     """The layer's call, its module hooks included: compiled in training mode with
     gradients (made once per layer and backend, kept on it); eagerly in eval mode or
     without gradients (an evaluation inside the training loop), which would otherwise
@@ -96,11 +106,13 @@ def _compiled_call(layer: nn.Module, backend: str):
 
     call_impl = layer._call_impl
     cache = layer.__dict__.setdefault("_slimtune_compiled", {})
-    if backend not in cache:
+    key = (backend, cuda_graphs)
+    if key not in cache:
         # dynamic: batches are padded to their longest example, so lengths vary; one
         # graph for all of them, not one per length (nor a first static one)
-        cache[backend] = torch.compile(call_impl, backend=backend, dynamic=True)
-    compiled = cache[backend]
+        mode = "reduce-overhead" if cuda_graphs else None
+        cache[key] = torch.compile(call_impl, backend=backend, dynamic=True, mode=mode)
+    compiled = cache[key]
 
     def call(*args, **kwargs):
         if layer.training and torch.is_grad_enabled():
