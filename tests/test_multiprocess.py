@@ -260,3 +260,54 @@ def test_plan_refuses_a_bad_device_count(tiny_dir, intent_file, capsys):
     assert "--devices must be >= 1" in capsys.readouterr().err
     assert main([*args, "--fsdp", "--quantize", "nf4"]) == 2
     assert "--fsdp with --quantize" in capsys.readouterr().err
+
+
+# torchrun runs this in each process: slimtune train, with process 1 failing in its third step
+_FAILING_RANK = """
+import os, sys
+import slimtune.training.trainer as trainer
+from slimtune.cli.app import main
+
+real, calls = trainer.accumulate_gradients, []
+
+def accumulate_gradients(*args, **kwargs):
+    calls.append(1)
+    if os.environ["RANK"] == "1" and len(calls) == 3:
+        raise RuntimeError("injected failure of process 1")
+    return real(*args, **kwargs)
+
+trainer.accumulate_gradients = accumulate_gradients
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_process_that_fails_mid_run_leaves_the_checkpoint_and_no_version(
+    tiny_dir, intent_file, tmp_path
+):
+    """Process 1 fails in step 3, after the checkpoint of step 2: the launcher ends the run
+    with process 1's error, the store holds no version, and the checkpoint resumes to the
+    end with one version stored."""
+    out, store = tmp_path / "run", tmp_path / "s"
+    args = _train_args(tiny_dir, intent_file, out, store, "lora", 2)
+    args[args.index("--max-steps") + 1] = "4"
+    args[args.index("--save-every") + 1] = "2"  # one checkpoint, at step 2
+    driver = tmp_path / "failing_rank.py"
+    driver.write_text(_FAILING_RANK)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    env["TMPDIR"] = str(tmp_path)
+    port = 29500 + os.getpid() % 1000 + 17
+    proc = subprocess.run(
+        [*TORCHRUN, "--master_port", str(port), str(driver), *args],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "injected failure of process 1" in proc.stderr
+    assert not DeltaStore(store).list()
+    assert not (out / "delta").exists()
+    checkpoint = json.loads((out / "checkpoint" / "checkpoint.json").read_text())
+    assert checkpoint["step"] == 2
+    proc = _launch(TORCHRUN, [*args, "--resume"], port + 1, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stderr.count("resumed from") == 1
+    assert len(DeltaStore(store).list()) == 1
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").open())] == [1, 2, 3, 4]
