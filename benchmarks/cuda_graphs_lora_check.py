@@ -1,0 +1,75 @@
+"""Which part of LoRA's compiled layer crashes under CUDA graphs? One process per variant.
+
+``bench_methods.py``'s ``lora+graphs`` row died with a segmentation fault (BENCHMARKS.md,
+"CUDA graphs over the compiled layers") where ``full+graphs`` and ``experts+graphs`` ran.
+Inside a compiled layer only LoRA keeps a custom autograd function
+(``LoraLinearFunction``), and only its backward calls ``torch.mm(..., out_dtype=)``
+(``compute_copies.mm_to``). Each variant patches one of them away in its own process and
+runs the ``lora+graphs`` row (SmolLM2-135M shape, 8 x 128), under faulthandler:
+
+    python benchmarks/cuda_graphs_lora_check.py        # needs a CUDA GPU; ~1.5 min a variant
+
+Prints per variant: exit code, the row's result (median step) and the Python stack of a
+crash.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROW = ["--device", "cuda", "--model", "smollm2-135m", "--batch", "8", "--seq", "128"]
+ROW += ["--steps", "10", "--warmup", "4", "--lora-r", "8"]
+
+PATCHES = {
+    # the row as it is: reference for the crash
+    "as-is": "",
+    # the GEMM with an fp32 output replaced by a matmul and a cast
+    "no-out-dtype": """
+import slimtune.methods.compute_copies as cc, slimtune.methods.lora_fused as lf
+plain = lambda m1, m2, dtype: (m1 @ m2).to(dtype)
+cc.mm_to = lf.mm_to = plain
+""",
+    # no autograd function in the compiled layer: the forward's plain ops, autograd's backward
+    "plain-ops": """
+import slimtune.methods.lora_fused as lf
+def apply(x, x_dropped, weight, bias, a, b, a_scaled, b_c, scaling, quant_state=None):
+    a_s, b_s = lf.cast_now(a, b, scaling, a_scaled.dtype)  # differentiable, unlike the copies
+    return lf._forward(x, x_dropped, weight, bias, a_s, b_s, quant_state)[0]
+lf.LoraLinearFunction.apply = staticmethod(apply)
+""",
+}
+
+
+def run(name: str, patch: str, config: str) -> None:
+    code = (
+        f"import sys; sys.path[:0] = [{str(HERE)!r}]\n{patch}\n"
+        "import bench_methods\nbench_methods.main()\n"
+    )
+    argv = ["--run-one", config, *ROW]
+    cmd = [sys.executable, "-X", "faulthandler", "-c", code, *argv]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        print(f"{name} ({config}): timed out after 300 s")
+        return
+    result = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    print(
+        f"{name} ({config}): exit {proc.returncode}; {result[0][:160] if result else 'no result'}"
+    )
+    lines = [x for x in proc.stderr.splitlines() if "cudagraph_utils" not in x]
+    crash = [i for i, x in enumerate(lines) if "Fatal Python error" in x or "Traceback" in x]
+    if crash:
+        print("\n".join(lines[crash[0] : crash[0] + 25]))
+
+
+def main() -> None:
+    run("compiled, no graphs", "", "lora+compile")
+    for name, patch in PATCHES.items():
+        run(name, patch, "lora+graphs")
+
+
+if __name__ == "__main__":
+    main()
