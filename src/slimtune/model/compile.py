@@ -99,7 +99,7 @@ def compiled_layers(
 
 def _compiled_call(layer: nn.Module, backend: str, cuda_graphs: bool = False):
     """The layer's call, its module hooks included: compiled in training mode with
-    gradients (made once per layer and backend, kept on it); eagerly in eval mode or
+    gradients (made once per layer, backend and graph mode, kept on it); eagerly in eval mode or
     without gradients (an evaluation inside the training loop), which would otherwise
     compile graphs of their own."""
     import torch
