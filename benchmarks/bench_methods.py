@@ -133,7 +133,7 @@ def config(name: str) -> dict:
     if (
         base not in CONFIGS
         or not set(mods) <= {"compile", "liger", "graphs"}
-        or ("liger" in mods and "compile" not in mods)
+        or ("liger" in mods and not {"compile", "graphs"} & set(mods))
     ):
         raise SystemExit(f"unknown configuration {name!r}")
     return {
@@ -291,6 +291,8 @@ def run_one(args) -> dict:
     from slimtune.training.step import accumulate_gradients
 
     c = config(args.run_one)
+    if c["cuda_graphs"] and args.device != "cuda":  # inductor would skip them: +compile
+        raise SystemExit(f"{args.run_one}: CUDA graphs need --device cuda")
     impl, method, freeze, bf16_adapters = c["impl"], c["method"], c["freeze"], c["bf16_adapters"]
     if args.run_one.split("+")[0] == "experts-by-expert":
         from slimtune.methods.experts import layer as experts
@@ -452,6 +454,7 @@ def run_one(args) -> dict:
         "checkpointing": c["checkpointing"],
         "build_s": build_s,
         "compile": c["compile"],
+        "cuda_graphs": c["cuda_graphs"],
         "first_step_s": first_step_s,
     }
 

@@ -63,13 +63,13 @@ PY
   ;;
 small)
   bench small --model smollm2-135m --batch 8 --seq 128 --steps 20 --warmup 4 --lora-r 8 \
-    --configs "${CONFIGS:-lora,lora+compile,lora+graphs,full,full+graphs,lora-freeze-half+graphs,experts,experts+graphs}"
+    --configs "${CONFIGS:-lora,lora+compile,lora+graphs,full,full+compile,full+graphs,experts,experts+compile,experts+graphs}"
   grep -h "skipping cudagraphs" "$out"/*.log | sort | uniq -c | head -5
   ;;
 big)
   bench big --model llama-1.2b --batch 4 --seq 2048 --steps 10 --warmup 4 --lora-r 16 \
     --baseline peft-lora-bf16-liger \
-    --configs "${CONFIGS:-peft-lora-bf16-liger,lora,lora+graphs,experts,experts+graphs}"
+    --configs "${CONFIGS:-peft-lora-bf16-liger,lora,lora+compile,lora+graphs,experts,experts+compile,experts+graphs}"
   grep -h "skipping cudagraphs" "$out"/*.log | sort | uniq -c | head -5
   ;;
 esac

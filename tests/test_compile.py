@@ -140,6 +140,27 @@ def test_leaving_the_block_restores_the_layers(tiny, traced):
     assert all(layer._compiled_call_impl is None for layer in layers)
 
 
+def test_cuda_graphs_compile_apart_in_inductors_graph_mode(tiny, monkeypatch):
+    """A layer's compiled call is kept per backend and graph mode: asking for CUDA graphs
+    after a plain compile makes a second one, in inductor's "reduce-overhead" mode."""
+    from slimtune.model.anatomy import decoder_layers
+    from slimtune.model.compile import compiled_layers
+
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: modes.append(kw["mode"]) or fn)
+    with compiled_layers(tiny.model, backend="inductor"):
+        pass
+    with compiled_layers(tiny.model, backend="inductor", cuda_graphs=True):
+        pass
+    layers = len(decoder_layers(tiny.model))
+    assert modes == [None] * layers + ["reduce-overhead"] * layers
+    for layer in decoder_layers(tiny.model):
+        assert set(layer.__dict__["_slimtune_compiled"]) == {
+            ("inductor", False),
+            ("inductor", True),
+        }
+
+
 def test_a_bad_backend_or_an_old_torch_is_refused(tiny, monkeypatch):
     from slimtune.errors import UserInputError
     from slimtune.model.anatomy import decoder_layers

@@ -306,6 +306,9 @@ def test_a_process_that_fails_mid_run_leaves_the_checkpoint_and_no_version(
     assert not (out / "delta").exists()
     checkpoint = json.loads((out / "checkpoint" / "checkpoint.json").read_text())
     assert checkpoint["step"] == 2
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").open())] == [1, 2]
+    # nothing half-written: no temporary or swapped-out folder beside the output
+    assert not [p.name for p in out.iterdir() if p.name.endswith((".tmp", ".old"))]
     proc = _launch(TORCHRUN, [*args, "--resume"], port + 1, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stderr.count("resumed from") == 1

@@ -65,9 +65,9 @@ def compiled_layers(
 
     ``cuda_graphs`` replays each compiled layer as a CUDA graph (inductor's
     "reduce-overhead"): benchmarks only (``bench_methods.py``'s ``+graphs`` rows), not a
-    flag of ``train`` yet. It made a host-bound step 3-4x faster (full, experts), but a
-    graph is recorded per batch width and per count of routed rows, and LoRA's run crashed;
-    BENCHMARKS.md, "CUDA graphs over the compiled layers"."""
+    flag of ``train`` yet. Compiled so, a host-bound step ran 3-4x faster than eager (full,
+    experts), but a graph is recorded per batch width and per count of routed rows, and
+    LoRA's run crashed; BENCHMARKS.md, "CUDA graphs over the compiled layers"."""
     import torch._dynamo
     import torch._inductor.config
 
