@@ -32,13 +32,25 @@ import slimtune.methods.compute_copies as cc, slimtune.methods.lora_fused as lf
 plain = lambda m1, m2, dtype: (m1 @ m2).to(dtype)
 cc.mm_to = lf.mm_to = plain
 """,
-    # no autograd function in the compiled layer: the forward's plain ops, autograd's backward
+    # no autograd function in the compiled layer: the forward's plain ops, autograd's
+    # backward (dynamo traces an autograd.Function's own forward/backward whatever its
+    # ``apply`` says, so the module's name is rebound to a plain object)
     "plain-ops": """
-import slimtune.methods.lora_fused as lf
+import types, slimtune.methods.lora_fused as lf
 def apply(x, x_dropped, weight, bias, a, b, a_scaled, b_c, scaling, quant_state=None):
     a_s, b_s = lf.cast_now(a, b, scaling, a_scaled.dtype)  # differentiable, unlike the copies
     return lf._forward(x, x_dropped, weight, bias, a_s, b_s, quant_state)[0]
-lf.LoraLinearFunction.apply = staticmethod(apply)
+lf.LoraLinearFunction = types.SimpleNamespace(apply=apply)
+""",
+    # peft's own LoRA forward: nothing of lora_fused in the layer
+    "peft-forward": """
+import contextlib, slimtune.methods.lora as lm
+lm.fused_lora = lambda model: contextlib.nullcontext(0)
+""",
+    # the graphs without cudagraph trees (one graph per compiled function, no shared pool)
+    "no-trees": """
+import torch._inductor.config as ic
+ic.triton.cudagraph_trees = False
 """,
 }
 
@@ -66,8 +78,12 @@ def run(name: str, patch: str, config: str) -> None:
 
 
 def main() -> None:
-    run("compiled, no graphs", "", "lora+compile")
+    only = sys.argv[1:]  # variant names; default all, and the compiled row
+    if not only:
+        run("compiled, no graphs", "", "lora+compile")
     for name, patch in PATCHES.items():
+        if only and name not in only:
+            continue
         run(name, patch, "lora+graphs")
 
 

@@ -340,3 +340,52 @@ def test_calibration_times_the_steps_it_is_asked_for(tiny, monkeypatch):
     seen.clear()
     P.calibrate(tiny.model, "lora", {"r": 4}, worst)
     assert set(seen) == {P.timed_steps(torch.device("cpu"))}
+
+
+def test_a_gpu_times_mixes_as_wide_as_its_memory_holds():
+    """The widest mix (s, 4s) has at most the model's layers, and its weights and peak
+    take at most half of the free memory."""
+    mib = 2**20
+
+    def peak(f, t):  # a trained layer's activations and state, a frozen layer's nothing
+        return 100 * mib + 20 * mib * t
+
+    # the default model's 30 layers on a large GPU: mixes up to (6, 24), the whole model
+    assert P.gpu_mix_scale(30, peak, 10 * mib, 80 * 2**30) == 6
+    # s = 3 needs 150 MiB of weights and 100 + 240 MiB peak: 490 MiB, under half of 1 GiB;
+    # s = 4 needs 200 + 100 + 320 = 620 MiB, over it
+    assert P.gpu_mix_scale(30, peak, 10 * mib, 2**30) == 3
+    assert P.gpu_mix_scale(30, peak, 10 * mib, 200 * mib) == 1  # not even s = 2 fits
+    assert P.gpu_mix_scale(9, peak, 10 * mib, 80 * 2**30) == 1  # (2, 8) is wider than 9
+
+
+def test_step_times_come_from_the_wide_mixes_and_memory_from_the_narrow(tiny, monkeypatch):
+    """With ``timing_scale`` the slopes are fitted on mixes of s times the layers, whose
+    times the narrow mixes would misjudge (here a host-bound GPU that only shows a trained
+    layer's full cost once a model is wider than 5 layers); memory stays from the narrow
+    mixes. On a CPU the default times the narrow mixes alone."""
+    built = []
+
+    def fake(mini, method, options, n_frozen, batch, device, autocast, steps, emb=False, typ=None):
+        layers = len(decoder_layers(mini))
+        trained = layers - n_frozen
+        built.append((n_frozen, trained))
+        per_trained = 0.08 if layers > 5 else 0.05
+        t = 0.2 + 0.03 * n_frozen + per_trained * trained + (0.05 if emb else 0.0)
+        return t, 4096 + 1000 * layers, 1000 * trained, t
+
+    monkeypatch.setattr(P, "_measure", fake)
+    batch = P.synthetic_batch(8, 1, 4)
+    narrow = P.calibrate(tiny.model, "lora", {"r": 4}, batch, steps=1)
+    assert built == [(1, 1), (1, 4), (4, 1), (2, 2)]
+    assert narrow.t_trained == pytest.approx(0.05)
+    built.clear()
+    wide = P.calibrate(tiny.model, "lora", {"r": 4}, batch, steps=1, timing_scale=3)
+    assert built == [(1, 1), (1, 4), (4, 1), (2, 2), (3, 3), (3, 12), (12, 3), (6, 6)]
+    assert wide.t_trained == pytest.approx(0.08) and wide.t_frozen == pytest.approx(0.03)
+    assert wide.t_fixed == pytest.approx(0.2)
+    assert wide.activation_bytes_per_layer == narrow.activation_bytes_per_layer
+    assert wide.transient_bytes == narrow.transient_bytes
+    # a full fine-tune's embeddings: the wide mix (0, 6) less six trained layers
+    full = P.calibrate(tiny.model, "full", {}, batch, steps=1, timing_scale=3)
+    assert full.t_embeddings == pytest.approx(0.05)

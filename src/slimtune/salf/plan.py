@@ -47,7 +47,7 @@ import ctypes
 import gc
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import psutil
@@ -410,6 +410,47 @@ def _step_time(times: list[float], device: torch.device) -> float:
     return statistics.median(times) if device.type == "cuda" else min(times)
 
 
+def gpu_mix_scale(
+    num_layers: int, peak_at: Callable[[int, int], int], layer_bytes: int, free_bytes: int
+) -> int:
+    """How many times the calibration mixes' layers a GPU times its step times on: the
+    largest ``s`` (at most ``num_layers // 5``: the widest mix, ``(s, 4s)``, then has no
+    more layers than the model) whose widest mixes' weights and measured-and-extrapolated
+    peak ``peak_at(frozen, trained)`` take at most half of ``free_bytes``.
+
+    A small model's GPU step is host work whose time varies by a quarter from step to step;
+    fitted on mixes of 2-5 layers and extrapolated to 30, that noise in a layer's slope was
+    multiplied about sixfold (plan's GPU estimates of one configuration moved by 50% from
+    run to run, BENCHMARKS.md "plan: estimates against measurement"). Timed on mixes as
+    wide as the model, the estimate interpolates."""
+    best = 1
+    for s in range(2, num_layers // 5 + 1):
+        need = max(5 * s * layer_bytes + peak_at(f * s, t * s) for f, t in ((1, 4), (4, 1)))
+        if need > free_bytes // 2:
+            break
+        best = s
+    return best
+
+
+def _auto_timing_scale(
+    model: nn.Module, device: torch.device, quantize: str, num_layers: int, points: dict
+) -> int:
+    """:func:`gpu_mix_scale` on a GPU from the peaks of the mixes measured at scale 1 (linear
+    in frozen and trained layers); 1 on a CPU, whose compute-bound step the small mixes
+    already time within a few percent."""
+    if device.type != "cuda":
+        return 1
+    p11, p14, p41 = (points[(f, t, False)][1] for f, t in ((1, 1), (1, 4), (4, 1)))
+    per_trained, per_frozen = max((p14 - p11) // 3, 0), max((p41 - p11) // 3, 0)
+
+    def peak_at(f: int, t: int) -> int:
+        return p11 + (f - 1) * per_frozen + (t - 1) * per_trained
+
+    layer = (weight_bytes(model, quantize) - _root_weight_bytes(model)) // max(num_layers, 1)
+    free = torch.cuda.mem_get_info(device)[0] - _root_weight_bytes(model)
+    return gpu_mix_scale(num_layers, peak_at, layer, free)
+
+
 def _least_squares(points: list[tuple[int, int, float]]) -> tuple[float, float, float]:
     """Fit y = a + b * n_frozen + c * n_trained; per-layer costs clamped at >= 0."""
     import numpy as np
@@ -458,6 +499,7 @@ def calibrate(
     quantize: str | None = None,
     measured_resident: int | None = None,
     typical_batch: dict[str, torch.Tensor] | None = None,
+    timing_scale: int | None = None,
 ) -> LayerCosts:
     """Measure the cost model of ``method`` for this model's architecture and ``batch``, on
     a base stored as ``quantize`` (default: as ``model`` is loaded). ``measured_resident``:
@@ -465,7 +507,9 @@ def calibrate(
     calibrations (so that their estimates differ only by what they cost).
     ``typical_batch``: a batch of the run's typical width, timed beside ``batch`` (the
     worst case, which alone sets memory) so that step times are estimated for both.
-    ``steps``: timed steps per mix (default :func:`timed_steps`)."""
+    ``steps``: timed steps per mix (default :func:`timed_steps`). ``timing_scale``: the
+    step times come from mixes of this many times the layers (default
+    :func:`gpu_mix_scale`: on a GPU as many as its memory holds, up to the model's own)."""
     options = dict(options or {})
     quantize = quantization_of(model) if quantize is None else quantize
     if not takes_quantization(method, quantize):
@@ -493,23 +537,29 @@ def calibrate(
             torch.cuda.empty_cache()
         return m
 
-    points = {mix: measure(*mix) for mix in mixes}
+    points = {mix: measure(*mix) for mix in mixes}  # memory, and the times at scale 1
+    if timing_scale is None:
+        timing_scale = _auto_timing_scale(model, device, quantize, L, points)
+    timed = points
+    if timing_scale > 1:
+        s = timing_scale
+        timed = {(f * s, t * s, e): measure(f * s, t * s, e) for f, t, e in mixes}
     keep = _again(device)
     for again in range(2):  # at most twice: every mix again (see _again for what is kept)
         if not any(
-            disturbed({(f, t): v[i] for (f, t, e), v in points.items() if not e}) for i in (0, 3)
+            disturbed({(f, t): v[i] for (f, t, e), v in timed.items() if not e}) for i in (0, 3)
         ):
             break
-        for mix in mixes:
-            old, new = points[mix], measure(*mix)
+        for mix in timed:
+            old, new = timed[mix], measure(*mix)
             n = again + 1  # readings kept so far: every mix is timed again in each round
-            points[mix] = (keep(old[0], new[0], n), old[1], old[2], keep(old[3], new[3], n))
+            timed[mix] = (keep(old[0], new[0], n), old[1], old[2], keep(old[3], new[3], n))
 
     def fit(i: int) -> StepTimes:
         """The step-time model of the batch whose times are at ``i`` in each point."""
-        a, b, c = _least_squares([(f, t, v[i]) for (f, t, e), v in points.items() if not e])
-        emb = points.get((0, 2, True))
-        return StepTimes(a, b, c, max(emb[i] - (a + 2 * c), 0.0) if emb else 0.0)
+        a, b, c = _least_squares([(f, t, v[i]) for (f, t, e), v in timed.items() if not e])
+        emb = [(t, v) for (f, t, e), v in timed.items() if e]
+        return StepTimes(a, b, c, max(emb[0][1][i] - (a + emb[0][0] * c), 0.0) if emb else 0.0)
 
     worst = fit(0)
     t_fixed, t_fr, t_tr, t_emb = worst.fixed, worst.frozen, worst.trained, worst.embeddings
