@@ -8,7 +8,7 @@
 # --device cpu.
 source benchmarks/gpu_models.sh
 timeout $(( ${CALL_S:-590} - SECONDS )) python3 benchmarks/plan_accuracy.py --device cuda \
-  --batch 8 --steps ${STEPS:-30} --warmup 2 \
+  --batch 8 --steps ${STEPS:-30} --warmup 2 --repeats ${REPEATS:-1} \
   --data "${DATA:-builtin:support_intents_train,builtin:support_extract_train}" \
   --configs "${CONFIGS:-full:7,lora-r8:0,lora-r16:0,lora-r16:13}" 2>"$out/plan_data.log" \
   | tee "$out/plan_data.md"

@@ -61,6 +61,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", help="JSON results")
     ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="with --data: run each configuration's slimtune train this many times (each "
+        "its own process) and compare the estimate with the mean of their medians",
+    )
+    ap.add_argument(
         "--quantize",
         default="none",
         choices=["none", "nf4", "int8"],
@@ -213,6 +220,11 @@ def train_run(args, data: str, method: str, options: dict, k: int, out: Path) ->
     return {"median": statistics.median(times), "peak": summary["peak_memory_bytes"]}
 
 
+def _spread(medians: list[float]) -> str:
+    """`` (lowest-highest)`` of several runs' medians; nothing for one run."""
+    return f" ({min(medians):.3f}-{max(medians):.3f})" if len(medians) > 1 else ""
+
+
 def on_data(args) -> None:
     """Estimates as ``slimtune plan`` makes them against ``slimtune train`` on real data."""
     import platform
@@ -256,8 +268,11 @@ def on_data(args) -> None:
                     )
                 others[name] = calibrating.cores
             e = estimate(costs[name], k)
+            medians = []
             with tempfile.TemporaryDirectory() as tmp, OtherWork() as running:
-                m = train_run(args, data, method, opts, k, Path(tmp) / "run")
+                for i in range(args.repeats):
+                    m = train_run(args, data, method, opts, k, Path(tmp) / f"run{i}")
+                    medians.append(m["median"])
             rows.append(
                 {
                     "data": data.removeprefix("builtin:"),
@@ -267,7 +282,9 @@ def on_data(args) -> None:
                     "worst_width": int(worst["input_ids"].shape[1]),
                     "est_typical_s": e.step_time_s,
                     "est_worst_s": e.worst_step_time_s,
-                    "meas_median_s": m["median"],
+                    "meas_median_s": sum(medians) / len(medians),
+                    "meas_medians_s": medians,
+                    "timing_scale": costs[name].timing_scale,
                     "est_peak": e.peak_bytes,
                     "meas_peak": m["peak"],
                     "other_cores_calibrating": others[name],
@@ -278,7 +295,8 @@ def on_data(args) -> None:
     print(
         f"\ndevice {args.device} ({platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads); model {args.model}; batch {args.batch}; "
-        f"measured: slimtune train, median of {args.steps} steps after {args.warmup}\n"
+        f"measured: slimtune train, median of {args.steps} steps after {args.warmup}"
+        f"{f', the mean of {args.repeats} runs (spread: their range)' if args.repeats > 1 else ''}\n"
     )
     print(
         "| data | config | freeze-below | batch width typical / longest | est. typical step (s) "
@@ -293,12 +311,14 @@ def on_data(args) -> None:
         print(
             f"| {r['data']} | {r['config']} | {r['freeze_below']} | {r['typical_width']} / "
             f"{r['worst_width']} | {r['est_typical_s']:.3f} | {r['est_worst_s']:.3f} | "
-            f"{r['meas_median_s']:.3f} | {100 * et:+.0f}% | {100 * ew:+.0f}% | "
+            f"{r['meas_median_s']:.3f}{_spread(r['meas_medians_s'])} | {100 * et:+.0f}% | {100 * ew:+.0f}% | "
             f"{r['est_peak'] / 2**30:.2f} | {r['meas_peak'] / 2**30:.2f} | {100 * em:+.0f}% | "
             f"{r['other_cores_calibrating']:.2f} / {r['other_cores_running']:.2f} |"
         )
     worst_t = max(abs(r["est_typical_s"] / r["meas_median_s"] - 1) for r in rows)
     print(f"\nworst typical-step error: {100 * worst_t:.0f}%")
+    scales = sorted({(r["config"], r["timing_scale"]) for r in rows})
+    print("step times fitted on mixes of s x (1..5) layers, s: " + str(dict(scales)))
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
 

@@ -107,6 +107,8 @@ class LayerCosts:
     layer_weight_bytes: int = 0
     # step times of the typical batch (the t_* above are the worst case's); None: the same
     typical: StepTimes | None = None
+    # the step times were fitted on mixes of this many times the narrow ones' layers
+    timing_scale: int = 1
 
     def times(self, which: str = "typical") -> StepTimes:
         """The step-time model of the ``typical`` or the ``worst`` batch."""
@@ -595,6 +597,7 @@ def calibrate(
         layer_weight_bytes=weight_bytes(model, quantize) // max(L, 1)
         - _root_weight_bytes(model) // max(L, 1),
         typical=fit(3) if typical_batch is not None else None,
+        timing_scale=timing_scale,
     )
     costs.flops_backward_per_trained_layer = (
         2.0 if declared.weight_grads else 1.0
