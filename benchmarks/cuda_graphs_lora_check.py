@@ -2,15 +2,16 @@
 
 ``bench_methods.py``'s ``lora+graphs`` row died with a segmentation fault (BENCHMARKS.md,
 "CUDA graphs over the compiled layers") where ``full+graphs`` and ``experts+graphs`` ran.
-Inside a compiled layer only LoRA keeps a custom autograd function
-(``LoraLinearFunction``), and only its backward calls ``torch.mm(..., out_dtype=)``
-(``compute_copies.mm_to``). Each variant patches one of them away in its own process and
-runs the ``lora+graphs`` row (SmolLM2-135M shape, 8 x 128), under faulthandler:
+Each variant patches one suspect away in its own process and runs the ``lora+graphs`` row
+(SmolLM2-135M shape, 8 x 128), under faulthandler: LoRA's autograd function
+(``LoraLinearFunction``), the fp32-output GEMM of its backward (``torch.mm(...,
+out_dtype=)``), slimtune's fused LoRA altogether (peft's own forward), cudagraph trees:
 
-    python benchmarks/cuda_graphs_lora_check.py        # needs a CUDA GPU; ~1.5 min a variant
+    python benchmarks/cuda_graphs_lora_check.py [VARIANT ...]   # a CUDA GPU; ~1.5 min each
 
 Prints per variant: exit code, the row's result (median step) and the Python stack of a
-crash.
+crash. Result on torch 2.11 (BENCHMARKS.md): every variant crashes in the compiled
+backward, peft's own forward too.
 """
 
 from __future__ import annotations
