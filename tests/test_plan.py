@@ -347,16 +347,36 @@ def test_a_gpu_times_mixes_as_wide_as_its_memory_holds():
     take at most half of the free memory."""
     mib = 2**20
 
-    def peak(f, t):  # a trained layer's activations and state, a frozen layer's nothing
-        return 100 * mib + 20 * mib * t
+    def peak(f, t):  # per trained layer 20 MiB, per frozen layer 30 (more: both mixes count)
+        return 100 * mib + 20 * mib * t + 30 * mib * f
 
     # the default model's 30 layers on a large GPU: mixes up to (6, 24), the whole model
     assert P.gpu_mix_scale(30, peak, 10 * mib, 80 * 2**30) == 6
-    # s = 3 needs 150 MiB of weights and 100 + 240 MiB peak: 490 MiB, under half of 1 GiB;
-    # s = 4 needs 200 + 100 + 320 = 620 MiB, over it
-    assert P.gpu_mix_scale(30, peak, 10 * mib, 2**30) == 3
-    assert P.gpu_mix_scale(30, peak, 10 * mib, 200 * mib) == 1  # not even s = 2 fits
+    # (4s, s) is the larger: s = 4 needs 200 MiB of weights and 100 + 80 + 480 of peak,
+    # 860 MiB, under half of 2 GiB; s = 5 needs 250 + 100 + 100 + 600 = 1050 MiB, over it
+    assert P.gpu_mix_scale(30, peak, 10 * mib, 2 * 2**30) == 4
+    assert P.gpu_mix_scale(30, peak, 10 * mib, 400 * mib) == 1  # not even s = 2 fits
     assert P.gpu_mix_scale(9, peak, 10 * mib, 80 * 2**30) == 1  # (2, 8) is wider than 9
+
+
+def test_the_wide_mixes_are_sized_from_the_narrow_mixes_peaks(tiny, monkeypatch):
+    """On a GPU the narrow mixes' measured peaks, extrapolated, size the wide mixes (a full
+    fine-tune's embedding state counted in each); a CPU or a quantized base keeps them narrow."""
+    gib = 2**30
+    free = [80 * gib]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free[0], 80 * gib))
+    cuda = torch.device("cuda")
+    points = {(1, 1, False): (0, gib, 0, 0), (1, 4, False): (0, 4 * gib, 0, 0)}
+    points[(4, 1, False)] = (0, gib, 0, 0)  # a trained layer 1 GiB, a frozen one nothing
+    assert P._auto_timing_scale(tiny.model, cuda, "none", 30, points) == 6  # (6, 24): 24 GiB
+    assert P._auto_timing_scale(tiny.model, torch.device("cpu"), "none", 30, points) == 1
+    assert P._auto_timing_scale(tiny.model, cuda, "nf4", 30, points) == 1
+    free[0] = 26 * gib  # half of it holds (3, 12) with 12 GiB of peak, not (4, 16)
+    assert P._auto_timing_scale(tiny.model, cuda, "none", 30, points) == 3
+    # the embeddings' gradients and AdamW state, 4 GiB over two trained layers' peak, in
+    # every mix: (2, 8) with 12 GiB, not (3, 12) with 16
+    with_embeddings = {**points, (0, 2, True): (0, 6 * gib, 0, 0)}
+    assert P._auto_timing_scale(tiny.model, cuda, "none", 30, with_embeddings) == 2
 
 
 def test_step_times_come_from_the_wide_mixes_and_memory_from_the_narrow(tiny, monkeypatch):
@@ -383,9 +403,30 @@ def test_step_times_come_from_the_wide_mixes_and_memory_from_the_narrow(tiny, mo
     wide = P.calibrate(tiny.model, "lora", {"r": 4}, batch, steps=1, timing_scale=3)
     assert built == [(1, 1), (1, 4), (4, 1), (2, 2), (3, 3), (3, 12), (12, 3), (6, 6)]
     assert wide.t_trained == pytest.approx(0.08) and wide.t_frozen == pytest.approx(0.03)
-    assert wide.t_fixed == pytest.approx(0.2)
+    assert wide.t_fixed == pytest.approx(0.2) and wide.timing_scale == 3
     assert wide.activation_bytes_per_layer == narrow.activation_bytes_per_layer
     assert wide.transient_bytes == narrow.transient_bytes
     # a full fine-tune's embeddings: the wide mix (0, 6) less six trained layers
     full = P.calibrate(tiny.model, "full", {}, batch, steps=1, timing_scale=3)
     assert full.t_embeddings == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="at least 1"):
+        P.calibrate(tiny.model, "lora", {"r": 4}, batch, steps=1, timing_scale=0)
+
+
+def test_a_disturbed_wide_mix_is_timed_again(tiny, monkeypatch):
+    calls, bursts = [], [5.0]
+
+    def burst(mini, method, options, n_frozen, batch, device, autocast, steps, emb=False, typ=None):
+        trained = len(decoder_layers(mini)) - n_frozen
+        calls.append((n_frozen, trained))
+        slow = bursts.pop() if bursts and (n_frozen, trained) == (4, 4) else 1.0  # wide only
+        t = slow * (0.2 + 0.03 * n_frozen + 0.08 * trained)
+        return t, 4096, 1000 * trained, t
+
+    monkeypatch.setattr(P, "_measure", burst)
+    costs = P.calibrate(
+        tiny.model, "lora", {"r": 4}, P.synthetic_batch(8, 1, 4), steps=1, timing_scale=2
+    )
+    wide = [(2, 2), (2, 8), (8, 2), (4, 4)]
+    assert calls == [(1, 1), (1, 4), (4, 1), (2, 2)] + wide * 2  # the narrow ones once
+    assert costs.t_trained == pytest.approx(0.08) and costs.t_frozen == pytest.approx(0.03)

@@ -1,9 +1,10 @@
 """Cost estimates per method and end-of-freezing layer, and choices under a budget.
 
 Nothing here is a constant tuned to one model. For a method, a *calibration* builds small
-copies of the model's own architecture (same config, 2-3 decoder layers, random weights),
+copies of the model's own architecture (same config, 2-5 decoder layers, random weights),
 runs a few real training steps on them with the planned batch shape, on this machine, and
-measures step time and peak memory for a few (frozen layers, trained layers) mixes. Both
+measures step time and peak memory for a few (frozen layers, trained layers) mixes (on a
+GPU the step times on copies up to as wide as the model, :func:`gpu_mix_scale`). Both
 are linear in the number of frozen and trained layers:
 
     T(k) = a + k * t_frozen + (L - k) * t_trained        (seconds per optimizer step)
@@ -438,17 +439,21 @@ def _auto_timing_scale(
     model: nn.Module, device: torch.device, quantize: str, num_layers: int, points: dict
 ) -> int:
     """:func:`gpu_mix_scale` on a GPU from the peaks of the mixes measured at scale 1 (linear
-    in frozen and trained layers); 1 on a CPU, whose compute-bound step the small mixes
-    already time within a few percent."""
-    if device.type != "cuda":
+    in frozen and trained layers; a full fine-tune's embedding state counted in every mix).
+    1 on a CPU, whose compute-bound step the small mixes already time within a few percent,
+    and for a quantized base, whose mini models are built dense on the GPU before they are
+    quantized (on the CPU, layer by layer: slow for a whole model)."""
+    if device.type != "cuda" or quantize != "none":
         return 1
     p11, p14, p41 = (points[(f, t, False)][1] for f, t in ((1, 1), (1, 4), (4, 1)))
     per_trained, per_frozen = max((p14 - p11) // 3, 0), max((p41 - p11) // 3, 0)
+    emb = points.get((0, 2, True))
+    emb_extra = max(emb[1] - (p11 - per_frozen + per_trained), 0) if emb else 0
 
     def peak_at(f: int, t: int) -> int:
-        return p11 + (f - 1) * per_frozen + (t - 1) * per_trained
+        return p11 + (f - 1) * per_frozen + (t - 1) * per_trained + emb_extra
 
-    layer = (weight_bytes(model, quantize) - _root_weight_bytes(model)) // max(num_layers, 1)
+    layer = (weight_bytes(model) - _root_weight_bytes(model)) // max(num_layers, 1)
     free = torch.cuda.mem_get_info(device)[0] - _root_weight_bytes(model)
     return gpu_mix_scale(num_layers, peak_at, layer, free)
 
@@ -510,8 +515,9 @@ def calibrate(
     ``typical_batch``: a batch of the run's typical width, timed beside ``batch`` (the
     worst case, which alone sets memory) so that step times are estimated for both.
     ``steps``: timed steps per mix (default :func:`timed_steps`). ``timing_scale``: the
-    step times come from mixes of this many times the layers (default
-    :func:`gpu_mix_scale`: on a GPU as many as its memory holds, up to the model's own)."""
+    step times come from mixes of this many times the layers (default: on a GPU as wide as
+    its memory holds, up to the model's own, :func:`gpu_mix_scale`; 1 on a CPU). On a GPU
+    the wide mixes add up to a whole model's steps per mix to the calibration's time."""
     options = dict(options or {})
     quantize = quantization_of(model) if quantize is None else quantize
     if not takes_quantization(method, quantize):
@@ -542,6 +548,8 @@ def calibrate(
     points = {mix: measure(*mix) for mix in mixes}  # memory, and the times at scale 1
     if timing_scale is None:
         timing_scale = _auto_timing_scale(model, device, quantize, L, points)
+    if timing_scale < 1:
+        raise ValueError(f"timing_scale must be at least 1, not {timing_scale}")
     timed = points
     if timing_scale > 1:
         s = timing_scale
