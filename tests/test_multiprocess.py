@@ -74,6 +74,10 @@ def _weights(delta: Path) -> dict[str, torch.Tensor]:
     return {f"{f.name}:{k}": v for f in files for k, v in load_file(f).items()}
 
 
+def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / a.norm().clamp_min(1e-12))
+
+
 def _losses(run: Path) -> list[float]:
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line)["loss"] for line in lines]
@@ -140,7 +144,7 @@ def test_two_processes_train_what_one_does(
         tolerance = 1e-4
     for k in a:
         if a[k].is_floating_point():
-            rel = float((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12))
+            rel = _relative_difference(a[k], b[k])
             assert rel <= tolerance, (k, rel)
         else:  # sparse indices: the same entries chosen
             assert torch.equal(a[k], b[k]), k
@@ -206,7 +210,7 @@ def test_an_fsdp_checkpoint_resumes_in_one_process(tiny_dir, intent_file, tmp_pa
     resumed = _weights(out / "delta")
     assert whole.keys() == resumed.keys()
     for k in whole:
-        rel = float((whole[k] - resumed[k]).norm() / whole[k].norm().clamp_min(1e-12))
+        rel = _relative_difference(whole[k], resumed[k])
         assert rel <= 1e-5, (k, rel)
     # a different global batch is another run: refused by name
     args[args.index("--batch-size") + 1] = "2"
@@ -233,7 +237,7 @@ def test_experts_train_with_two_processes(tiny_dir, intent_file, tmp_path):
         if k.endswith(".usage"):  # token counts, summed over the processes
             assert torch.equal(a[k], b[k]), k
         else:
-            rel = float((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12))
+            rel = _relative_difference(a[k], b[k])
             assert rel <= 1e-5, (k, rel)
 
 
