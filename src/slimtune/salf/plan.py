@@ -234,6 +234,12 @@ def _root_weight_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in inside)
 
 
+def _layer_weight_bytes(model: nn.Module, quantize: str) -> int:
+    """Bytes of one decoder layer's weights stored as ``quantize`` (the mean over layers)."""
+    n = max(len(decoder_layers(model)), 1)
+    return weight_bytes(model, quantize) // n - _root_weight_bytes(model) // n
+
+
 def weight_bytes(model: nn.Module, quantize: str = "none") -> int:
     """Bytes of ``model``'s weights with its block linears stored as ``quantize``, from
     parameter counts (:data:`BYTES_PER_WEIGHT`; the rest, and ``none``, at the model's dtype)."""
@@ -453,9 +459,8 @@ def _auto_timing_scale(
     def peak_at(f: int, t: int) -> int:
         return p11 + (f - 1) * per_frozen + (t - 1) * per_trained + emb_extra
 
-    layer = (weight_bytes(model) - _root_weight_bytes(model)) // max(num_layers, 1)
     free = torch.cuda.mem_get_info(device)[0] - _root_weight_bytes(model)
-    return gpu_mix_scale(num_layers, peak_at, layer, free)
+    return gpu_mix_scale(num_layers, peak_at, _layer_weight_bytes(model, quantize), free)
 
 
 def _least_squares(points: list[tuple[int, int, float]]) -> tuple[float, float, float]:
@@ -602,8 +607,7 @@ def calibrate(
         flops_backward_per_trained_layer=0.0,
         quantize=quantize,
         weight_bytes=weight_bytes(model, quantize),
-        layer_weight_bytes=weight_bytes(model, quantize) // max(L, 1)
-        - _root_weight_bytes(model) // max(L, 1),
+        layer_weight_bytes=_layer_weight_bytes(model, quantize),
         typical=fit(3) if typical_batch is not None else None,
         timing_scale=timing_scale,
     )
