@@ -48,7 +48,7 @@ import ctypes
 import gc
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import psutil
@@ -60,6 +60,7 @@ from ..eval.cost import PeakMemory, format_bytes
 from ..methods import get_method, method_class
 from ..model.anatomy import base_model, decoder_layers
 from ..model.quantize import BYTES_PER_WEIGHT, is_quantized, quantization_of, quantize_model
+from ..training.step import steady_gc
 from .freezing import freeze_below
 
 
@@ -150,23 +151,6 @@ class Estimate:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@contextlib.contextmanager
-def _collections_see_only_new_objects() -> Iterator[None]:
-    """Calibration collects garbage after each mini model so that the next memory reading
-    measures only what follows; a full collection walks every object the process tracks,
-    about 0.3 s with torch, transformers and peft imported, 30 s per calibration on two
-    cores. Everything alive at the start is set aside (``gc.freeze``) after one collection,
-    so the later ones walk only what calibration made: the mini models they must free."""
-    outermost = gc.get_freeze_count() == 0
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        if outermost:
-            gc.unfreeze()
 
 
 def _trim_heap() -> None:
@@ -499,7 +483,7 @@ def disturbed(times: dict[tuple[int, int], float]) -> bool:
     return bool(x[2] <= 0 or np.max(np.abs(y - A @ x) / y) > DISTURBED)
 
 
-@_collections_see_only_new_objects()
+@steady_gc()  # its collections (one a mini model) walk only what calibration made
 def calibrate(
     model: nn.Module,
     method: str,

@@ -8,7 +8,9 @@ Kept apart from the loop so the planner and the benchmarks run exactly the step 
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -33,6 +35,37 @@ def lr_factor(step: int, *, warmup: int, total: int) -> float:
         return (step + 1) / (warmup + 1)
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# CPython 3.12 starts with a few hundred objects frozen (3.11 and 3.13 with none): a freeze
+# beyond this count was someone else's, and steady_gc leaves it to them
+_FROZEN_AT_IMPORT = gc.get_freeze_count()
+_steady_depth = 0
+
+
+@contextlib.contextmanager
+def steady_gc() -> Iterator[None]:
+    """Keep Python's full collections off what exists now (the model, the libraries):
+    one collection, then ``gc.freeze``, thawed when the outermost use ends (unless the heap
+    was frozen by someone else before it).
+
+    A full collection walks every tracked object, about half a million with torch,
+    transformers and peft loaded: 0.3 s on a sandbox core. In a small model's GPU step,
+    which is host work, that made the longest step of a run 1.8-3.6x its median
+    (BENCHMARKS.md, "Python's collector"); in plan's calibration, which collects after
+    every mini model, it cost 30 s per calibration on two cores. What the steps create is
+    still collected."""
+    global _steady_depth
+    thaw = _steady_depth == 0 and gc.get_freeze_count() <= _FROZEN_AT_IMPORT
+    gc.collect()
+    gc.freeze()
+    _steady_depth += 1
+    try:
+        yield
+    finally:
+        _steady_depth -= 1
+        if thaw:
+            gc.unfreeze()
 
 
 class NonFiniteError(ArithmeticError):

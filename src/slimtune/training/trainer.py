@@ -74,7 +74,7 @@ from .config import TrainConfig
 from .lr_scale import scaled_default_lr, weight_scale
 from .lr_search import PROBE_BATCHES, LRSearch, search_lr
 from .parallel import Parallel
-from .step import NonFiniteError, accumulate_gradients, lr_factor, warmup_steps
+from .step import NonFiniteError, accumulate_gradients, lr_factor, steady_gc, warmup_steps
 from .summary import RunSummary
 
 
@@ -912,7 +912,7 @@ class Trainer:
             )
         compute = self._compute_context()
         lines: list[int] = []  # the last step's data lines, for a divergence message
-        with PeakMemory(self.device) as mem, compute:
+        with PeakMemory(self.device) as mem, compute, steady_gc():
             while self.step < cfg.max_steps:
                 t0 = time.perf_counter()
                 batches, lines, targets = self._step_batches(self.step)
