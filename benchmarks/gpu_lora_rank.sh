@@ -20,8 +20,10 @@ for r in 8 16 8 16; do
 import json, statistics, sys
 log = [json.loads(x) for x in open(f"/tmp/rank/r{sys.argv[1]}/metrics.jsonl") if '"step_time_s"' in x]
 times = [x["step_time_s"] for x in log[2:]]
-print(f"r{sys.argv[1]}: median of {len(times)} steps {statistics.median(times):.4f} s, "
-      f"fastest {min(times):.4f} s")
+med = statistics.median(times)
+print(f"r{sys.argv[1]}: median of {len(times)} steps {med:.4f} s, fastest {min(times):.4f} s, "
+      f"slowest {max(times):.4f} s, {sum(t > 1.5 * med for t in times)} over 1.5x the median; "
+      f"first 10: {' '.join(f'{t:.3f}' for t in times[:10])}")
 PY
 done
 for r in 8 16; do
