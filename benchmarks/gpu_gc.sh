@@ -5,24 +5,12 @@
 # One call after PART=tf, mw1, mw2 of gpu_models.sh:
 #   bash benchmarks/gpu_gc.sh                  # carry .old
 source benchmarks/gpu_models.sh
-data=${DATA:-builtin:support_intents_train}
-common=(--model default --data "$data" --method lora --device cuda --batch-size 8
-  --eval-fraction 0 --save-every 0 --no-progress --no-store --overwrite --max-steps 42)
-cp benchmarks/plan_drift.py benchmarks/train_gc.py .old/benchmarks/
-for i in 1 2 3; do
-  for code in old new; do
-    root=$PWD; [ $code = old ] && root=$PWD/.old
-    echo -n "$code: "
-    PYTHONPATH=/tmp/site:$root/src python3 "$root/benchmarks/train_gc.py" -- "${common[@]}" \
-      --output-dir /tmp/gc/$code$i 2>"$out/train-$code$i.log" | tail -1 \
-      || { echo "failed"; tail -3 "$out/train-$code$i.log"; }
-  done
-done
+old_and_new_train 3
 for code in old new; do
   root=$PWD; [ $code = old ] && root=$PWD/.old
   echo "== calibration, $code code"
   PYTHONPATH=/tmp/site:$root/src timeout $(( ${CALL_S:-590} - SECONDS )) python3 \
-    "$root/benchmarks/plan_drift.py" --device cuda --data "$data" \
+    "$root/benchmarks/plan_drift.py" --device cuda --data "${DATA:-builtin:support_intents_train}" \
     --order "${ORDER:-lora-r16,lora-r8,full,lora-r16}" 2>"$out/drift-$code.log" \
     || { echo "stopped"; tail -3 "$out/drift-$code.log"; }
 done

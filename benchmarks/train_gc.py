@@ -1,6 +1,6 @@
 """``slimtune train`` in this process, with Python's garbage collections counted and timed
 while it runs (issue 18: a small model's GPU step is host work, and a full collection inside
-a step makes it up to twice the median). After the run, prints one JSON line: collections
+a step made it up to 3.6x the median). After the run, prints one JSON line: collections
 per generation, their total and longest time, and the step times' median, 90th percentile,
 longest and the count over 1.5x the median (from the run's metrics.jsonl).
 

@@ -309,3 +309,18 @@ def test_freeze_auto_keeps_the_seed_in_force_and_records_the_cost_of_each_cut(
     assert not all(torch.equal(weights[0][k], weights[1][k]) for k in a_keys)  # another
     analysis = runs[0].manifest["auto_freeze"]["analysis"]
     assert [c["freeze_below"] for c in analysis["costs"]] == list(range(analysis["num_layers"]))
+
+
+def test_the_fused_optimizer_step_holds_no_copy_of_the_gradients():
+    # gradients outweigh activations here, so the peak is in the optimizer step: the
+    # multi-tensor AdamW adds a temporary of their size, the fused one (CUDA) updates in place
+    kw = dict(
+        grad_bytes_per_layer=5000, state_bytes_per_layer=10_000, activation_bytes_per_layer=10
+    )
+    multi, fused = _costs(**kw), _costs(**kw, fused_optimizer=True)
+    n = 10 - 3
+    assert estimate(multi, 3).peak_bytes - estimate(fused, 3).peak_bytes == n * 5000
+    # sharded (FSDP2) parameters take the multi-tensor path whatever the calibration ran
+    assert estimate(fused, 3, devices=2, fsdp=True).peak_bytes == (
+        estimate(multi, 3, devices=2, fsdp=True).peak_bytes
+    )

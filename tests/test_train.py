@@ -422,7 +422,7 @@ def test_steady_gc_freezes_what_exists_and_still_collects_new_garbage():
     from slimtune.training import step
 
     start = gc.get_freeze_count()
-    assert start <= step._FROZEN_AT_IMPORT  # nothing in the test process froze the heap
+    assert start <= step._INTERPRETER_FROZEN  # nothing in the test process froze the heap
 
     class Node:
         pass
@@ -457,7 +457,7 @@ def test_steady_gc_thaws_a_heap_the_interpreter_started_frozen(monkeypatch):
 
     gc.freeze()
     try:
-        monkeypatch.setattr(step, "_FROZEN_AT_IMPORT", gc.get_freeze_count())
+        monkeypatch.setattr(step, "_INTERPRETER_FROZEN", gc.get_freeze_count())
         with steady_gc():
             pass
         assert gc.get_freeze_count() == 0
@@ -467,15 +467,64 @@ def test_steady_gc_thaws_a_heap_the_interpreter_started_frozen(monkeypatch):
 
 def test_the_training_steps_run_on_a_frozen_heap_thawed_after(tiny_dir, intent_file, tmp_path):
     # a full collection inside a host-bound GPU step made it up to 3.6x the median
+    from slimtune.training import step
+
     trainer = Trainer(tiny_cfg(tiny_dir, intent_file, tmp_path / "r", max_steps=3))
     counts = []
-    original = trainer.optimizer.step
+    original = trainer.method.on_step_end
 
-    def step(*args, **kwargs):
+    def on_step_end(*args):
         counts.append(gc.get_freeze_count())
-        return original(*args, **kwargs)
+        return original(*args)
 
-    trainer.optimizer.step = step
+    trainer.method.on_step_end = on_step_end
     trainer.run()
-    assert len(counts) == 3 and min(counts) > 100  # the model's objects, at least
+    # the model's objects and the libraries', beyond what CPython 3.12 starts with frozen
+    assert len(counts) == 3 and min(counts) > step._INTERPRETER_FROZEN + 10_000
     assert gc.get_freeze_count() == 0
+
+
+def test_adamw_is_fused_only_where_torch_takes_every_tensor(monkeypatch):
+    from slimtune.training import step
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    assert not step.fused_adamw_fits([p])  # a CPU run keeps torch's default path
+    assert not step.fused_adamw_fits([])
+    group = {"params": (x for x in [p]), "weight_decay": 0.0}  # a generator, as torch takes
+    opt = step.adamw([group], 1e-3)
+    assert not opt.defaults["fused"] and opt.param_groups[0]["weight_decay"] == 0.0
+    assert opt.param_groups[0]["params"] == [p] and "lr" not in group  # the caller's as given
+    # on CUDA tensors the factory asks torch for its fused kernel
+    monkeypatch.setattr(step, "fused_adamw_fits", lambda tensors: True)
+    seen = {}
+    monkeypatch.setattr(
+        step.torch.optim, "AdamW", lambda groups, lr, fused: seen.update(fused=fused, lr=lr)
+    )
+    step.adamw([p], 2e-3)
+    assert seen == {"fused": True, "lr": 2e-3}
+
+
+def test_a_resumed_run_steps_with_its_own_adamw_kernel_not_the_checkpoints():
+    # a checkpoint written on CUDA holds fused=True; a run resumed on a device without
+    # that kernel must take its own choice, and keep the moments it saved
+    from slimtune.training.parallel import Parallel, StepLoss
+
+    def run() -> tuple[Parallel, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        par = Parallel("none", StepLoss(torch.nn.Linear(3, 2)))
+        groups = [{"params": list(par.step.parameters()), "weight_decay": 0.0}]
+        return par, torch.optim.AdamW(groups, lr=1e-3, foreach=False)
+
+    par, opt = run()
+    par.step.model.weight.sum().backward()
+    opt.step()
+    saved = par.optimizer_state(opt)
+    saved["param_groups"][0].update(fused=True, foreach=True)  # as another run wrote it
+    par2, opt2 = run()
+    par2.load_optimizer_state(opt2, saved)
+    assert not opt2.param_groups[0]["fused"] and opt2.param_groups[0]["foreach"] is False
+    assert saved["param_groups"][0]["fused"] is True  # the caller's state is left as it was
+    moments = opt2.state[par2.step.model.weight]["exp_avg"]
+    assert torch.equal(moments, opt.state[par.step.model.weight]["exp_avg"])
+    par2.step.model.weight.sum().backward()
+    opt2.step()  # and it steps

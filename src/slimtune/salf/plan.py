@@ -60,7 +60,7 @@ from ..eval.cost import PeakMemory, format_bytes
 from ..methods import get_method, method_class
 from ..model.anatomy import base_model, decoder_layers
 from ..model.quantize import BYTES_PER_WEIGHT, is_quantized, quantization_of, quantize_model
-from ..training.step import steady_gc
+from ..training.step import adamw, fused_adamw_fits, steady_gc
 from .freezing import freeze_below
 
 
@@ -111,6 +111,9 @@ class LayerCosts:
     typical: StepTimes | None = None
     # the step times were fitted on mixes of this many times the narrow ones' layers
     timing_scale: int = 1
+    # the optimizer step runs torch's fused AdamW (training/step.py, adamw), which makes no
+    # temporary copy of the optimizer state; the multi-tensor one (CPU, FSDP2) makes one
+    fused_optimizer: bool = False
 
     def times(self, which: str = "typical") -> StepTimes:
         """The step-time model of the ``typical`` or the ``worst`` batch."""
@@ -344,7 +347,7 @@ def _measure(
     if train_embeddings:
         base_model(model).get_input_embeddings().requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-6)
+    opt = adamw(params, 1e-6)
     model.train()
     batches = [batch] if typical is None else [batch, typical]
     times: list[list[float]] = [[] for _ in batches]
@@ -483,7 +486,7 @@ def disturbed(times: dict[tuple[int, int], float]) -> bool:
     return bool(x[2] <= 0 or np.max(np.abs(y - A @ x) / y) > DISTURBED)
 
 
-@steady_gc()  # its collections (one a mini model) walk only what calibration made
+@steady_gc()  # its collections (one per mini model) walk only what calibration made
 def calibrate(
     model: nn.Module,
     method: str,
@@ -566,6 +569,7 @@ def calibrate(
     layer_params = _trained_layer_params(model, method, options, device, quantize)
     trainable_layer = sum(p.numel() for p in layer_params)
     trainable_layer_bytes = sum(p.numel() * p.element_size() for p in layer_params)
+    fused = fused_adamw_fits(layer_params)  # as adamw() decides for the real run's
     del layer_params
     emb_weight = base_model(model).get_input_embeddings().weight
     emb_bytes = emb_weight.numel() * emb_weight.element_size() if declared.trains_embeddings else 0
@@ -594,6 +598,7 @@ def calibrate(
         layer_weight_bytes=_layer_weight_bytes(model, quantize),
         typical=fit(3) if typical_batch is not None else None,
         timing_scale=timing_scale,
+        fused_optimizer=fused,
     )
     costs.flops_backward_per_trained_layer = (
         2.0 if declared.weight_grads else 1.0
@@ -608,7 +613,9 @@ def _extra_bytes(costs: LayerCosts, trained: int, embeddings: bool = False, shar
     """Bytes training adds for ``trained`` layers, before the fixed transient.
 
     Peak is reached either at the start of backward (all saved activations alive) or in the
-    optimizer step (all gradients alive, plus AdamW's temporaries of the same size).
+    optimizer step (all gradients alive, plus the multi-tensor AdamW's temporaries of the
+    same size; the fused one, unsharded on CUDA, updates in place). FSDP2's sharded
+    parameters take the multi-tensor path.
     """
     states = trained * costs.state_bytes_per_layer
     grads = trained * costs.grad_bytes_per_layer
@@ -616,7 +623,8 @@ def _extra_bytes(costs: LayerCosts, trained: int, embeddings: bool = False, shar
     if embeddings:
         states += 2 * costs.embedding_train_bytes // 3
         grads += costs.embedding_train_bytes // 3
-    return (states + max(acts * shards, 2 * grads)) // shards  # states, grads: sharded
+    in_step = grads if costs.fused_optimizer and shards == 1 else 2 * grads
+    return (states + max(acts * shards, in_step)) // shards  # states, grads: sharded
 
 
 def estimate(costs: LayerCosts, k: int, *, devices: int = 1, fsdp: bool = False) -> Estimate:

@@ -151,6 +151,10 @@ class Parallel:
         by_index = all(isinstance(k, int) for k in state["state"])
         if by_index and self.kind == "fsdp":
             raise ValueError("a checkpoint of an older slimtune: resume it without --fsdp")
+        # the update's kernel (fused on CUDA, step.adamw) is this run's choice: torch would
+        # take the checkpoint's, and a run resumed elsewhere may not have that kernel
+        kernel = {k: optimizer.defaults[k] for k in ("fused", "foreach") if k in optimizer.defaults}
+        state = {**state, "param_groups": [{**g, **kernel} for g in state["param_groups"]]}
         if self.kind != "fsdp":
             if not by_index:
                 index = {n: i for i, n in self._names_by_index(optimizer).items()}

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
-from collections.abc import Iterator
+import sys
+import threading
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -37,17 +39,20 @@ def lr_factor(step: int, *, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-# CPython 3.12 starts with a few hundred objects frozen (3.11 and 3.13 with none): a freeze
-# beyond this count was someone else's, and steady_gc leaves it to them
-_FROZEN_AT_IMPORT = gc.get_freeze_count()
+# CPython 3.12 starts with a few hundred objects frozen (375 in 3.12.1; 3.11 and 3.13 with
+# none). A freeze beyond that was someone else's, and steady_gc leaves it to them.
+_INTERPRETER_FROZEN = gc.get_freeze_count() if sys.version_info[:2] == (3, 12) else 0
+if _INTERPRETER_FROZEN > 5000:  # more than the interpreter's own: a user froze before import
+    _INTERPRETER_FROZEN = 0
+_steady_lock = threading.Lock()
 _steady_depth = 0
 
 
 @contextlib.contextmanager
 def steady_gc() -> Iterator[None]:
     """Keep Python's full collections off what exists now (the model, the libraries):
-    one collection, then ``gc.freeze``, thawed when the outermost use ends (unless the heap
-    was frozen by someone else before it).
+    one collection, then ``gc.freeze``, thawed when the outermost use ends, unless the
+    heap was frozen by someone else before it.
 
     A full collection walks every tracked object, about half a million with torch,
     transformers and peft loaded: 0.3 s on a sandbox core. In a small model's GPU step,
@@ -56,16 +61,52 @@ def steady_gc() -> Iterator[None]:
     every mini model, it cost 30 s per calibration on two cores. What the steps create is
     still collected."""
     global _steady_depth
-    thaw = _steady_depth == 0 and gc.get_freeze_count() <= _FROZEN_AT_IMPORT
+    with _steady_lock:
+        thaw = _steady_depth == 0 and gc.get_freeze_count() <= _INTERPRETER_FROZEN
+        _steady_depth += 1
     gc.collect()
     gc.freeze()
-    _steady_depth += 1
     try:
         yield
     finally:
-        _steady_depth -= 1
+        with _steady_lock:
+            _steady_depth -= 1
         if thaw:
             gc.unfreeze()
+
+
+def adamw(params: Iterable[nn.Parameter] | Iterable[dict], lr: float) -> torch.optim.AdamW:
+    """AdamW as ``train`` steps it (the planner's calibration and the range test too).
+
+    Where every trained tensor is a plain CUDA tensor, torch's fused kernel (the
+    transformers Trainer's default from torch 2.8): one launch per device and dtype with
+    the step counts on the device, where the multi-tensor path computes each parameter's
+    bias correction in Python from a CPU step count (about 840 ``.item()`` calls a step
+    for LoRA on the default model) and launches a kernel per operation and chunk of
+    tensors. A sharded (FSDP2) or CPU run keeps the default. The groups are copied:
+    torch writes its defaults into them."""
+    groups = [{**g, "params": _as_list(g["params"])} if isinstance(g, dict) else g for g in params]
+    tensors = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    return torch.optim.AdamW(groups, lr=lr, fused=fused_adamw_fits(tensors) or None)
+
+
+def _as_list(params: torch.Tensor | Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    return [params] if isinstance(params, torch.Tensor) else list(params)
+
+
+def fused_adamw_fits(tensors: list[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW takes these: floating CUDA tensors, none sharded."""
+    sharded = ()
+    if torch.distributed.is_available():
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # torch 2.4
+            from torch.distributed._tensor import DTensor
+
+        sharded = (DTensor,)
+    return bool(tensors) and all(
+        t.is_cuda and t.is_floating_point() and not isinstance(t, sharded) for t in tensors
+    )
 
 
 class NonFiniteError(ArithmeticError):

@@ -74,7 +74,14 @@ from .config import TrainConfig
 from .lr_scale import scaled_default_lr, weight_scale
 from .lr_search import PROBE_BATCHES, LRSearch, search_lr
 from .parallel import Parallel
-from .step import NonFiniteError, accumulate_gradients, lr_factor, steady_gc, warmup_steps
+from .step import (
+    NonFiniteError,
+    accumulate_gradients,
+    adamw,
+    lr_factor,
+    steady_gc,
+    warmup_steps,
+)
 from .summary import RunSummary
 
 
@@ -411,8 +418,8 @@ class Trainer:
         return scaled_default_lr(type(self.method), self.weight_scale)
 
     def _build_optimizer(self) -> None:
-        self.optimizer = torch.optim.AdamW(
-            self.method.param_groups(self.params, self.cfg.weight_decay), lr=self.lr
+        self.optimizer = adamw(
+            self.method.param_groups(self.params, self.cfg.weight_decay), self.lr
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -447,7 +454,7 @@ class Trainer:
             search = search_lr(
                 parallel=self.parallel,
                 params=self.params,
-                make_optimizer=lambda lr: torch.optim.AdamW(groups, lr=lr),
+                make_optimizer=lambda lr: adamw(groups, lr),
                 step_data=step_data,
                 probe=probe,
                 state=self.method.trainable_state(self.model),
