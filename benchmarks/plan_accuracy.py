@@ -105,11 +105,7 @@ def main() -> None:
     L = len(decoder_layers(model))
     vocab = model.get_output_embeddings().weight.shape[0]
     batch = synthetic_batch(vocab, args.batch, args.seq)
-    autocast = (
-        (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
-        if device.type == "cuda"
-        else (lambda: torch.autocast("cpu", enabled=False))
-    )
+    autocast = step_autocast(device)
     names = {"0": 0, "half": L // 2, "top2": L - 2}
     ks = [names[x] if x in names else int(x) for x in args.freeze_below.split(",")]
     rows = []
@@ -225,23 +221,30 @@ def _spread(medians: list[float]) -> str:
     return f" ({min(medians):.3f}-{max(medians):.3f})" if len(medians) > 1 else ""
 
 
+def step_autocast(device: torch.device):
+    """The autocast plan's calibration runs its steps under, as `train` does there."""
+    if device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return lambda: torch.autocast("cpu", enabled=False)
+
+
+def load_as_plan(model: str, device: str):
+    """The model as ``slimtune plan`` loads it, and its steps' autocast."""
+    from slimtune.cli.salf import load_for_plan
+
+    return load_for_plan(model, device, ["none"], None), step_autocast(torch.device(device))
+
+
 def on_data(args) -> None:
     """Estimates as ``slimtune plan`` makes them against ``slimtune train`` on real data."""
     import platform
     import tempfile
 
-    from slimtune.cli.salf import load_for_plan
     from slimtune.data import load_dataset
     from slimtune.salf.plan import calibrate, calibration_batch, estimate, typical_batch
 
-    device = torch.device(args.device)
-    loaded = load_for_plan(args.model, args.device, ["none"], None)  # as plan loads it
+    loaded, autocast = load_as_plan(args.model, args.device)
     pad = loaded.tokenizer.pad_token_id
-    autocast = (
-        (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
-        if device.type == "cuda"
-        else (lambda: torch.autocast("cpu", enabled=False))
-    )
     configs = []
     for item in args.configs.split(","):
         name, _, k = item.partition(":")

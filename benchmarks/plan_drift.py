@@ -24,8 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
@@ -59,18 +57,13 @@ def main() -> None:
     ap.add_argument("--gc", choices=["on", "off", "freeze"], default="on")
     args = ap.parse_args()
 
-    from slimtune.cli.salf import load_for_plan
+    from plan_accuracy import load_as_plan
+
     from slimtune.data import load_dataset
     from slimtune.salf.plan import calibrate, calibration_batch, estimate, typical_batch
 
-    device = torch.device(args.device)
-    loaded = load_for_plan(args.model, args.device, ["none"], None)  # as plan loads it
+    loaded, autocast = load_as_plan(args.model, args.device)
     pad = loaded.tokenizer.pad_token_id
-    autocast = (
-        (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
-        if device.type == "cuda"
-        else (lambda: torch.autocast("cpu", enabled=False))
-    )
     ds = load_dataset(args.data, loaded.tokenizer, max_length=512)
     worst = calibration_batch(ds.examples, args.batch, pad)
     typical = typical_batch(ds.examples, args.batch, pad)
