@@ -9,25 +9,14 @@
 #    share, launches, syncs, and the kernels by device time, side by side.
 source benchmarks/gpu_models.sh
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD/benchmarks
-data=${DATA:-builtin:support_intents_train}
-common=(--model default --data "$data" --method lora --device cuda --batch-size 8
-  --eval-fraction 0 --save-every 0 --no-progress --no-store --overwrite)
 rank_args() { echo "--lora-r $1 --lora-alpha $(( 2 * $1 ))"; }
-for r in 8 16 8 16; do
-  python3 -m slimtune train "${common[@]}" $(rank_args $r) --max-steps 42 \
-    --output-dir /tmp/rank/r$r > "$out/train-r$r.log" 2>&1 || { echo "r$r failed"; continue; }
-  python3 - "$r" <<'PY'
-import json, statistics, sys
-log = [json.loads(x) for x in open(f"/tmp/rank/r{sys.argv[1]}/metrics.jsonl") if '"step_time_s"' in x]
-times = [x["step_time_s"] for x in log[2:]]
-med = statistics.median(times)
-print(f"r{sys.argv[1]}: median of {len(times)} steps {med:.4f} s, fastest {min(times):.4f} s, "
-      f"slowest {max(times):.4f} s, {sum(t > 1.5 * med for t in times)} over 1.5x the median; "
-      f"first 10: {' '.join(f'{t:.3f}' for t in times[:10])}")
-PY
+for r in 8 16 8 16; do  # one JSON line each: median, mean, longest step (train_gc.py)
+  echo -n "r$r: "
+  python3 benchmarks/train_gc.py -- "${small_lora[@]}" $(rank_args $r) --max-steps 42 \
+    --output-dir /tmp/rank/r$r 2>"$out/train-r$r.log" | tail -1 || echo "failed"
 done
 for r in 8 16; do
-  python3 benchmarks/step_profile.py --skip 10 --active 10 -- "${common[@]}" $(rank_args $r) \
+  python3 benchmarks/step_profile.py --skip 10 --active 10 -- "${small_lora[@]}" $(rank_args $r) \
     --max-steps 22 --output-dir /tmp/rank/p$r > "$out/profile-r$r.txt" 2>"$out/profile-r$r.log" \
     || { echo "profile r$r failed"; tail -5 "$out/profile-r$r.log"; continue; }
   echo "== r$r"; grep -A1 "^profiled steps" "$out/profile-r$r.txt"

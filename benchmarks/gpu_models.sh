@@ -47,21 +47,23 @@ if ls /tmp/stash/gemma3_*.whl >/dev/null 2>&1; then  # staged (gw1-gw4) or not n
     2>&1 | tail -1
 fi
 
-# old_and_new_train N: `slimtune train`, LoRA r8 on $DATA (default: intents), 42 steps of
-# batch 8, of the code in .old (carried: `git archive <commit> src benchmarks`) and of the
+# the small host-bound GPU run of issue 18's timings: LoRA (r8 unless told) on the default
+# model, $DATA (default: intents), batch 8, nothing written but the run folder
+small_lora=(--model default --data "${DATA:-builtin:support_intents_train}" --method lora
+  --device cuda --batch-size 8 --eval-fraction 0 --save-every 0 --no-progress --no-store
+  --overwrite)
+
+# old_and_new_train N: `slimtune train` of $small_lora, 42 steps, of the code in .old (carried: `git archive <commit> src benchmarks`) and of the
 # working tree, alternately, N runs each, each its own process, through
 # benchmarks/train_gc.py (one JSON line a run: its step times and Python's collections)
 old_and_new_train() {
-  local common=(--model default --data "${DATA:-builtin:support_intents_train}" --method lora
-    --device cuda --batch-size 8 --eval-fraction 0 --save-every 0 --no-progress --no-store
-    --overwrite --max-steps 42)
   cp benchmarks/plan_drift.py benchmarks/train_gc.py .old/benchmarks/
   local i code root
   for i in $(seq "$1"); do
     for code in old new; do
       root=$PWD; [ $code = old ] && root=$PWD/.old
       echo -n "train $code: "
-      PYTHONPATH=/tmp/site:$root/src python3 "$root/benchmarks/train_gc.py" -- "${common[@]}" \
+      PYTHONPATH=/tmp/site:$root/src python3 "$root/benchmarks/train_gc.py" -- "${small_lora[@]}" --max-steps 42 \
         --output-dir "/tmp/alternate/$code$i" 2>"$out/train-$code$i.log" | tail -1 \
         || { echo "failed"; tail -3 "$out/train-$code$i.log"; }
     done

@@ -235,28 +235,40 @@ def load_as_plan(model: str, device: str):
     return load_for_plan(model, device, ["none"], None), step_autocast(torch.device(device))
 
 
+def config_options(name: str) -> tuple[str, dict]:
+    """``lora-r16`` -> (``lora``, r 16 at alpha 32); a name without ``-rN``: no options."""
+    method, _, rank = name.partition("-r")
+    return method, ({"r": int(rank), "alpha": 2 * int(rank)} if rank else {})
+
+
+def data_batches(loaded, data: str, batch: int) -> tuple[dict, dict | None]:
+    """The batches plan calibrates ``data`` on: its longest examples', and its typical
+    width's (None when the widths agree: plan times one batch then)."""
+    from slimtune.data import load_dataset
+    from slimtune.salf.plan import calibration_batch, typical_batch
+
+    pad = loaded.tokenizer.pad_token_id
+    ds = load_dataset(data, loaded.tokenizer, max_length=512)
+    worst = calibration_batch(ds.examples, batch, pad)
+    typical = typical_batch(ds.examples, batch, pad)
+    return worst, None if typical["input_ids"].shape == worst["input_ids"].shape else typical
+
+
 def on_data(args) -> None:
     """Estimates as ``slimtune plan`` makes them against ``slimtune train`` on real data."""
     import platform
     import tempfile
 
-    from slimtune.data import load_dataset
-    from slimtune.salf.plan import calibrate, calibration_batch, estimate, typical_batch
+    from slimtune.salf.plan import calibrate, estimate
 
     loaded, autocast = load_as_plan(args.model, args.device)
-    pad = loaded.tokenizer.pad_token_id
     configs = []
     for item in args.configs.split(","):
         name, _, k = item.partition(":")
-        method, _, rank = name.partition("-r")
-        opts = {"r": int(rank), "alpha": 2 * int(rank)} if rank else {}
-        configs.append((name, method, opts, int(k)))
+        configs.append((name, *config_options(name), int(k)))
     rows = []
     for data in args.data.split(","):
-        ds = load_dataset(data, loaded.tokenizer, max_length=512)
-        worst = calibration_batch(ds.examples, args.batch, pad)
-        typical = typical_batch(ds.examples, args.batch, pad)
-        same = typical["input_ids"].shape == worst["input_ids"].shape  # as plan: time once
+        worst, typical = data_batches(loaded, data, args.batch)
         costs, others = {}, {}
         for name, method, opts, k in configs:
             if name not in costs:
@@ -267,7 +279,7 @@ def on_data(args) -> None:
                         opts,
                         worst,
                         autocast=autocast,
-                        typical_batch=None if same else typical,
+                        typical_batch=typical,
                     )
                 others[name] = calibrating.cores
             e = estimate(costs[name], k)
@@ -282,7 +294,9 @@ def on_data(args) -> None:
                     "data": data.removeprefix("builtin:"),
                     "config": name,
                     "freeze_below": k,
-                    "typical_width": int(typical["input_ids"].shape[1]),
+                    "typical_width": int(
+                        (worst if typical is None else typical)["input_ids"].shape[1]
+                    ),
                     "worst_width": int(worst["input_ids"].shape[1]),
                     "est_typical_s": e.step_time_s,
                     "est_worst_s": e.worst_step_time_s,

@@ -57,17 +57,12 @@ def main() -> None:
     ap.add_argument("--gc", choices=["on", "off", "freeze"], default="on")
     args = ap.parse_args()
 
-    from plan_accuracy import load_as_plan
+    from plan_accuracy import config_options, data_batches, load_as_plan
 
-    from slimtune.data import load_dataset
-    from slimtune.salf.plan import calibrate, calibration_batch, estimate, typical_batch
+    from slimtune.salf.plan import calibrate, estimate
 
     loaded, autocast = load_as_plan(args.model, args.device)
-    pad = loaded.tokenizer.pad_token_id
-    ds = load_dataset(args.data, loaded.tokenizer, max_length=512)
-    worst = calibration_batch(ds.examples, args.batch, pad)
-    typical = typical_batch(ds.examples, args.batch, pad)
-    same = typical["input_ids"].shape == worst["input_ids"].shape
+    worst, typical = data_batches(loaded, args.data, args.batch)
     if args.gc == "freeze":
         gc.collect()
         gc.freeze()
@@ -80,8 +75,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for i, name in enumerate(args.order.split(",")):
-        method, _, rank = name.partition("-r")
-        opts = {"r": int(rank), "alpha": 2 * int(rank)} if rank else {}
+        method, opts = config_options(name)
         k = args.freeze_below if method == "full" else 0
         gc.collect()
         clock.__init__()
@@ -90,12 +84,7 @@ def main() -> None:
             gc.disable()
         t0 = time.perf_counter()
         costs = calibrate(
-            loaded.model,
-            method,
-            opts,
-            worst,
-            autocast=autocast,
-            typical_batch=None if same else typical,
+            loaded.model, method, opts, worst, autocast=autocast, typical_batch=typical
         )
         took = time.perf_counter() - t0
         gc.enable()
