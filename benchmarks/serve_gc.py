@@ -53,7 +53,9 @@ def main() -> None:
     src = str(Path(__file__).resolve().parents[1] / "src")
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(tmp), src, os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(tmp), src, os.environ.get("PYTHONPATH", "")) if p
+        ),
         "SLIMTUNE_GC_LOG": str(log),
         "PYTHONWARNINGS": "ignore",
     }
@@ -70,7 +72,10 @@ def main() -> None:
                 if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
-                time.sleep(0.5)
+                pass
+            time.sleep(0.5)
+        else:
+            raise SystemExit("the server was not healthy within 5 minutes")
 
         def ask(i: int) -> float:
             t0 = time.perf_counter()
