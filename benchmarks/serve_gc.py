@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_load import start_server  # benchmarks/, the script's folder
 
 HOOK = """
 import gc, os, time
@@ -47,35 +47,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="serve-gc-"))
     (tmp / "sitecustomize.py").write_text(HOOK)
     log = tmp / "gc.log"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(
-            p for p in (str(tmp), src, os.environ.get("PYTHONPATH", "")) if p
-        ),
-        "SLIMTUNE_GC_LOG": str(log),
-        "PYTHONWARNINGS": "ignore",
-    }
-    cmd = [sys.executable, "-m", "slimtune", "serve", "--device", args.device]
-    cmd += ["--port", str(port), "--store", str(tmp / "store")]
-    with (tmp / "server.log").open("w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    # serve's default batch (8); the hook times the server's collections from its start
+    proc, url = start_server(tmp, args.device, 8, site=tmp, env={"SLIMTUNE_GC_LOG": str(log)})
     try:
-        for _ in range(600):
-            if proc.poll() is not None:
-                raise SystemExit((tmp / "server.log").read_text()[-2000:])
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise SystemExit("the server was not healthy within 5 minutes")
 
         def ask(i: int) -> float:
             t0 = time.perf_counter()

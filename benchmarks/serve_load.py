@@ -53,9 +53,18 @@ def _deltas(root: Path, n: int) -> list[str]:
     return out
 
 
-def _start(
-    root: Path, device: str, max_batch: int, extra: tuple[str, ...] = ()
+def start_server(
+    root: Path,
+    device: str,
+    max_batch: int,
+    extra: tuple[str, ...] = (),
+    *,
+    site: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen, str]:
+    """``slimtune serve`` of the default model on ``root``/store, once healthy: the process
+    and its URL. ``site``: a folder put first on the server's path (a ``sitecustomize``
+    there runs as it starts); ``env``: more environment."""
     import httpx
 
     with socket.socket() as s:
@@ -65,8 +74,9 @@ def _start(
     cmd += ["--store", str(root / "store"), "--port", str(port), "--max-batch", str(max_batch)]
     cmd += list(extra)
     src = str(Path(__file__).resolve().parents[1] / "src")
-    path = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": path}
+    first = str(site) if site else ""
+    path = os.pathsep.join(p for p in (first, src, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {}), "PYTHONPATH": path}
     log = root / "server.log"
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -78,7 +88,8 @@ def _start(
             if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
                 return proc, url
         except httpx.TransportError:
-            time.sleep(0.5)
+            pass
+        time.sleep(0.5)  # a refused connection or an unhealthy answer alike
     proc.kill()
     raise SystemExit("the server did not start:\n" + log.read_text()[-2000:])
 
@@ -184,7 +195,7 @@ def main() -> None:
         versions = _deltas(root, args.deltas)
         n = args.requests
         mixed = [versions[i % len(versions)] for i in range(n)]
-        proc, url = _start(root, args.device, args.max_batch)
+        proc, url = start_server(root, args.device, args.max_batch)
         try:
             rows = {
                 "base": _scenario(url, ["base"] * n, args.clients, args.max_tokens),
@@ -195,7 +206,7 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-        proc, url = _start(root, args.device, args.max_batch, ("--adapters", "0"))
+        proc, url = start_server(root, args.device, args.max_batch, ("--adapters", "0"))
         try:
             rows[f"{args.deltas} deltas mixed, --adapters 0"] = _scenario(
                 url, mixed, args.clients, args.max_tokens
