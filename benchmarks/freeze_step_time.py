@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from lr_sweep import TASKS, default_rate, run_one  # benchmarks/, the script's folder
+from lr_sweep import TASKS, default_rate, time_cuts  # benchmarks/, the script's folder
 
 
 def main() -> None:
@@ -31,17 +31,12 @@ def main() -> None:
     ks = [int(k) for k in args.freeze_below.split(",")]
     if 0 not in ks:
         ks.insert(0, 0)
-    lr = default_rate(args.method, args.model)
-    times: dict[int, list[float]] = {k: [] for k in ks}
+    job = {"model": args.model, "task": args.task, "method": args.method}
+    job |= {"lr": default_rate(args.method, args.model), "seed": 0}
     with tempfile.TemporaryDirectory() as out:
-        for rnd in range(args.rounds):
-            for k in ks:
-                job = {"model": args.model, "task": args.task, "method": args.method, "lr": lr}
-                job |= {"seed": 0, "tag": f"time{rnd}-{k}"}
-                row = run_one(job, Path(out), args.device, args.steps, f"--freeze-below {k}", False)
-                if "error" in row:
-                    sys.exit(f"freeze-below {k}: {row['error']}")
-                times[k].append(row["step_time_p50_s"])
+        times, failed = time_cuts(job, Path(out), args.device, args.steps, ks, args.rounds)
+    if failed:
+        sys.exit("\n".join(f"{r['tag']}: {r['error']}" for r in failed))
     base = statistics.median(times[0])
     print(f"{args.model}, {args.task}, {args.method}, {args.steps} steps x {args.rounds} rounds")
     for k in ks:

@@ -72,6 +72,26 @@ def run_one(
             "step_time_p50_s": s.get("step_time_p50_s"), "lr_used": s.get("lr")}  # fmt: skip
 
 
+def time_cuts(
+    job: dict, out: Path, device: str, steps: int, ks: list[int], rounds: int, rate=None
+) -> tuple[dict[int, list[float]], list[dict]]:
+    """Step time of ``job`` (model, task, method, lr, seed) at each freeze-below in ``ks``,
+    each cut alone and without evaluation, in ``rounds`` over every cut in turn (a slow
+    spell of the host hits all): each cut's step times, round by round, and the runs
+    that failed. ``rate(k)``:
+    the learning rate of cut ``k`` (default: the job's). Each run's row goes to stderr."""
+    times: dict[int, list[float]] = {k: [] for k in ks}
+    failed = []
+    for rnd in range(rounds):
+        for k in ks:
+            spec = {**job, "lr": rate(k) if rate else job["lr"], "tag": f"time{rnd}-{k}"}
+            row = run_one(spec, out, device, steps, f"--freeze-below {k}", evaluate=False)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            failed += [row] if "error" in row else []
+            times[k] += [row["step_time_p50_s"]] if row.get("step_time_p50_s") else []
+    return times, failed
+
+
 @functools.cache
 def _weight_scale(model: str) -> float:
     """The packaged model's weight scale (training/lr_scale.py), read on the CPU once."""

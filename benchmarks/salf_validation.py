@@ -30,7 +30,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from lr_sweep import TASKS, _rate, default_rate, run_one  # benchmarks/, the script's folder
+from lr_sweep import (  # benchmarks/, the script's folder
+    TASKS,
+    _rate,
+    default_rate,
+    run_one,
+    time_cuts,
+)
 
 
 def ranks(values: list[float]) -> list[float]:
@@ -101,30 +107,34 @@ def main() -> None:
     seeds = [int(x) for x in args.seeds.split(",")]
     out = Path(args.out)
 
-    def job(k: int, seed: int, steps: int, tag: str, rate: str = lr) -> dict:
-        spec = {"model": args.model, "task": args.task, "method": args.method, "lr": rate}
-        spec |= {"seed": seed, "tag": f"{tag}{k}"}
-        timing = tag.startswith("time")
-        row = run_one(spec, out, args.device, steps, f"--freeze-below {k}", evaluate=not timing)
+    spec = {"model": args.model, "task": args.task, "method": args.method, "lr": lr}
+
+    def job(k: int, seed: int) -> dict:
+        run = {**spec, "seed": seed, "tag": f"freeze{k}"}
+        row = run_one(run, out, args.device, args.steps, f"--freeze-below {k}")
         print(json.dumps(row), file=sys.stderr, flush=True)
         return row
 
     with ThreadPoolExecutor(args.jobs) as pool:  # a failed run is reported, not fatal
-        done = list(pool.map(lambda a: job(*a, args.steps, "freeze"), itertools.product(ks, seeds)))
+        done = list(pool.map(lambda a: job(*a), itertools.product(ks, seeds)))
     out.mkdir(parents=True, exist_ok=True)  # kept before the timing pass, which may be cut off
     (out / "quality_runs.json").write_text(json.dumps(done, indent=1))
     failed = [r for r in done if "error" in r]
     runs = [r for r in done if "error" not in r]
     timed: dict[int, float] = {}
-    if args.timing_steps:  # rounds over every k in turn: a slow spell of the host hits all
+    if args.timing_steps:
         # at the rate the quality run used (no second range test under --lr auto)
         used = {r["tag"]: f"{r['lr_used']:.3g}" for r in runs if r["seed"] == seeds[0]}
-        times: dict[int, list[float]] = {k: [] for k in ks}
-        for rnd in range(args.timing_rounds):
-            for k in ks:
-                row = job(k, seeds[0], args.timing_steps, f"time{rnd}-", used.get(f"freeze{k}", lr))
-                failed += [row] if "error" in row else []
-                times[k] += [row["step_time_p50_s"]] if row.get("step_time_p50_s") else []
+        times, failed_timing = time_cuts(
+            {**spec, "seed": seeds[0]},
+            out,
+            args.device,
+            args.timing_steps,
+            ks,
+            args.timing_rounds,
+            rate=lambda k: used.get(f"freeze{k}", lr),
+        )
+        failed += failed_timing
         timed = {k: statistics.median(v) for k, v in times.items() if v}
     rows = []
     for k in ks:
