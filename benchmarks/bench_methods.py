@@ -444,6 +444,7 @@ def run_one(args) -> dict:
         "step_s": med,
         "step_s_min": min(times),
         "step_s_max": max(times),
+        "step_times": times,  # in order: a drift within the process shows here
         "tokens_per_s": args.batch * args.seq / med,
         "peak_bytes": mem.peak_bytes,
         "peak_kind": mem.kind,
