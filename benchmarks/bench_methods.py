@@ -128,11 +128,14 @@ def config(name: str) -> dict:
     """A row's configuration: a name of CONFIGS, optionally with ``+compile`` (the decoder
     layers compiled, as ``train --compile`` runs them: inductor instead of Liger's RMSNorm /
     SwiGLU / RoPE), ``+compile+liger`` (compiled over Liger's kernels) or ``+graphs`` (compiled,
-    each layer replayed as a CUDA graph: ``compiled_layers(cuda_graphs=True)``)."""
+    each layer replayed as a CUDA graph: ``compiled_layers(cuda_graphs=True)``) or, for
+    experts, ``+router`` (a probe: eager layers, each router's math as plain ops compiled
+    alone, see _compile_routers)."""
     base, *mods = name.split("+")
     if (
         base not in CONFIGS
-        or not set(mods) <= {"compile", "liger", "graphs"}
+        or not set(mods) <= {"compile", "liger", "graphs", "router"}
+        or ("router" in mods and not base.startswith("experts"))
         or ("liger" in mods and not {"compile", "graphs"} & set(mods))
     ):
         raise SystemExit(f"unknown configuration {name!r}")
@@ -141,7 +144,41 @@ def config(name: str) -> dict:
         "compile": "compile" in mods or "graphs" in mods,
         "cuda_graphs": "graphs" in mods,
         "liger_elementwise": "liger" in mods,
+        "router_compile": "router" in mods,
     }
+
+
+def _compile_routers() -> None:
+    """A probe: ``experts/fused.py``'s router function (forward and backward written out,
+    some 45 small kernels a layer) replaced by the same math as plain ops under
+    ``torch.compile``, which fuses them into a few kernels and derives the backward."""
+    import torch.nn.functional as F
+
+    from slimtune.methods.experts import fused
+    from slimtune.methods.experts.routing import expert_counts
+
+    def route(flat, weight, center, kept, rows, top_k, rank, scaling, dtype):
+        experts = weight.shape[0]
+        rms = torch.linalg.vector_norm(flat, dim=-1, dtype=torch.float32) / flat.shape[1] ** 0.5
+        proj = F.linear(flat.to(dtype), weight.to(dtype)).float()
+        logits = proj / (rms.unsqueeze(1) + 1e-6) - torch.mv(weight, center)
+        top_logits, top_i = logits.topk(top_k, dim=-1)
+        gates = torch.softmax(top_logits, dim=-1)
+        counts = expert_counts(top_i, experts)
+        probs = torch.softmax(logits, dim=-1)
+        aux = (counts.float() * probs.mean(0)).sum() * (experts / top_i.numel())
+        g = torch.zeros_like(logits).scatter(1, top_i, gates * scaling)
+        if kept is not None:
+            g = g.new_zeros(rows, experts).index_put((kept,), g)
+        dense = g.to(dtype).repeat_interleave(rank, dim=1)
+        return dense, aux, top_i, gates, counts
+
+    compiled = torch.compile(route, dynamic=True)
+
+    class CompiledRoute:
+        apply = staticmethod(compiled)
+
+    fused.DenseRouteFunction = CompiledRoute  # type: ignore[misc, assignment]
 
 
 def build_model(name: str, device: str, quantize: str = "none"):
@@ -294,6 +331,8 @@ def run_one(args) -> dict:
     if c["cuda_graphs"] and args.device != "cuda":  # inductor would skip them: +compile
         raise SystemExit(f"{args.run_one}: CUDA graphs need --device cuda")
     impl, method, freeze, bf16_adapters = c["impl"], c["method"], c["freeze"], c["bf16_adapters"]
+    if c["router_compile"]:
+        _compile_routers()
     if args.run_one.split("+")[0] == "experts-by-expert":
         from slimtune.methods.experts import layer as experts
 
