@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import itertools
 
-from salf_validation import spearman
+from rank_stats import spearman
 
 
 def ceiling(scores: list[float]) -> tuple[float, list[int]]:
@@ -40,6 +40,8 @@ def main() -> None:
     if len(scores) < 2:
         raise SystemExit("give at least two scores")
     strict = spearman([float(-i) for i in range(len(scores))], scores)
+    if len(set(scores)) < 2:
+        raise SystemExit("every score is the same: no ranking to correlate with")
     rho, levels = ceiling(scores)
     print(
         f"any strictly falling G: {strict:.2f}; the best non-increasing G: {rho:.2f} (levels {levels})"
