@@ -38,6 +38,7 @@ from lr_sweep import (  # benchmarks/, the script's folder
     time_cuts,
 )
 from rank_stats import spearman
+from salf_rank_ceiling import ceiling
 
 
 def main() -> None:
@@ -140,6 +141,9 @@ def main() -> None:
         sys.exit("no run without freezing or at the recommended freeze-below finished")
     rho = spearman([r["predicted_gain"] for r in rows], [r["score"] for r in rows])
     rho_loss = spearman([r["predicted_gain"] for r in rows], [-r["eval_loss"] for r in rows])
+    by_cut = [r["score"] for r in sorted(rows, key=lambda r: r["freeze_below"])]
+    # the most any G that cannot rise with the cut reaches against these means
+    rho_max = ceiling(by_cut)[0] if len(set(by_cut)) > 1 else float("nan")
     full = next(r for r in rows if r["freeze_below"] == 0)
     rec = next(r for r in rows if r["freeze_below"] == analysis.freeze_below)
     name = metric.removeprefix("eval_")
@@ -167,7 +171,8 @@ def main() -> None:
         )
     print(
         f"\nSpearman(predicted gain, mean {name}) = {rho:.3f}; "
-        f"Spearman(predicted gain, -eval loss) = {rho_loss:.3f}"
+        f"Spearman(predicted gain, -eval loss) = {rho_loss:.3f}; the most any gain model "
+        f"that cannot rise with the cut reaches against these means: {rho_max:.3f}"
     )
     print(
         f"recommended freeze-below {analysis.freeze_below}: {name} {100 * rec['score']:.1f} "
@@ -186,6 +191,7 @@ def main() -> None:
                 "rows": rows,
                 "spearman_score": rho,
                 "spearman_loss": rho_loss,
+                "spearman_ceiling": rho_max,
                 "failed": failed,
             },
             indent=2,
