@@ -135,8 +135,8 @@ def config(name: str) -> dict:
     if (
         base not in CONFIGS
         or not set(mods) <= {"compile", "liger", "graphs", "router"}
-        # the routers compile only on the dense path of eager layers (compiled layers and
-        # routed dispatch run no router function: the probe would change nothing)
+        # kept to the rows it was measured on (compiled layers and routed dispatch run no
+        # router function, so there the probe would change nothing)
         or ("router" in mods and (base not in ("experts", "experts-freeze-half") or len(mods) > 1))
         or ("liger" in mods and not {"compile", "graphs"} & set(mods))
     ):

@@ -5,8 +5,9 @@
 # per run, 60 timed steps each read as three windows of 20 (a process steady in itself but
 # unlike the next points at the process), ROUNDS rounds of: as is; PYTHONHASHSEED=0; and
 # PYTHONHASHSEED=0 without address randomisation (setarch -R), the order rotated from round
-# to round (BENCHMARKS.md's run kept one order). One call, carry .whl:
-#   ROUNDS=5 CALL_S=540 bash benchmarks/gpu_process_spread.sh
+# to round (BENCHMARKS.md's run kept one order; a multiple of 3 rounds puts each variant in
+# each place equally often). One call, carry .whl:
+#   ROUNDS=6 CALL_S=580 bash benchmarks/gpu_process_spread.sh    # BENCHMARKS.md's: ROUNDS=5 CALL_S=540
 set -uo pipefail
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null

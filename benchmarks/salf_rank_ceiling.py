@@ -40,6 +40,8 @@ def main() -> None:
     if len(scores) < 2:
         raise SystemExit("give at least two scores")
     strict = spearman([float(-i) for i in range(len(scores))], scores)
+    if len(scores) > 20:  # 2^(n-1) sequences are tried
+        raise SystemExit("at most 20 cuts")
     if len(set(scores)) < 2:
         raise SystemExit("every score is the same: no ranking to correlate with")
     rho, levels = ceiling(scores)
