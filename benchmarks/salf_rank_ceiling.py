@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 
 from rank_stats import spearman
 
 
 def ceiling(scores: list[float]) -> tuple[float, list[int]]:
     """The highest Spearman of a non-increasing, not constant G against ``scores`` (cuts in
-    ascending order), and that G's levels."""
+    ascending order), and that G's levels; NaN where the scores are all equal (no ranking)."""
+    if len(set(scores)) < 2:
+        return math.nan, []
     best: tuple[float, list[int]] = (-2.0, [])
     n = len(scores)
     for steps in itertools.product((0, 1), repeat=n - 1):  # 1: a step down after this cut
@@ -39,12 +42,12 @@ def main() -> None:
     scores = [float(x) for x in ap.parse_args().scores.split(",")]
     if len(scores) < 2:
         raise SystemExit("give at least two scores")
-    strict = spearman([float(-i) for i in range(len(scores))], scores)
     if len(scores) > 20:  # 2^(n-1) sequences are tried
         raise SystemExit("at most 20 cuts")
-    if len(set(scores)) < 2:
-        raise SystemExit("every score is the same: no ranking to correlate with")
     rho, levels = ceiling(scores)
+    if math.isnan(rho):
+        raise SystemExit("every score is the same: no ranking to correlate with")
+    strict = spearman([float(-i) for i in range(len(scores))], scores)
     print(
         f"any strictly falling G: {strict:.2f}; the best non-increasing G: {rho:.2f} (levels {levels})"
     )

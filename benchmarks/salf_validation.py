@@ -143,7 +143,7 @@ def main() -> None:
     rho_loss = spearman([r["predicted_gain"] for r in rows], [-r["eval_loss"] for r in rows])
     by_cut = [r["score"] for r in sorted(rows, key=lambda r: r["freeze_below"])]
     # the most any G that cannot rise with the cut reaches against these means
-    rho_max = ceiling(by_cut)[0] if len(set(by_cut)) > 1 else float("nan")
+    rho_max = ceiling(by_cut)[0]
     full = next(r for r in rows if r["freeze_below"] == 0)
     rec = next(r for r in rows if r["freeze_below"] == analysis.freeze_below)
     name = metric.removeprefix("eval_")
