@@ -21,6 +21,17 @@ def traced(monkeypatch):
     torch._dynamo.reset()
 
 
+def test_compiled_layers_above_a_cached_cut_equal_eager(tiny_dir, intent_file, tmp_path, traced):
+    """--cache-frozen's lookup runs eagerly between the compiled layers."""
+    common = dict(freeze_below=2, cache_frozen=True, max_steps=18, lr=1e-3, seed=3)
+    eager = train_tiny(tiny_dir, intent_file, tmp_path / "eager", **common)
+    compiled = train_tiny(tiny_dir, intent_file, tmp_path / "compiled", compile=True, **common)
+    assert traced["stats"]["unique_graphs"] > 0
+    assert compiled.summary["frozen_cache"]["served"] == 9  # the second epoch
+    got = [h["loss"] for h in compiled.history]
+    assert got == pytest.approx([h["loss"] for h in eager.history], rel=1e-5)
+
+
 @pytest.mark.parametrize(
     "method, options",
     [

@@ -266,6 +266,14 @@ def add_train_options(p: argparse.ArgumentParser, grid: bool) -> None:
         "bounds them (experts, a 4-bit base at small batches) after a one-time compile of "
         "tens of seconds; see README, '--compile'",
     )
+    p.add_argument(
+        "--cache-frozen",
+        action="store_true",
+        default=S,
+        help="keep what the frozen layers hand up, per example, the first time it is "
+        "computed: from an example's second epoch on, its steps skip the frozen layers; "
+        "see README, '--cache-frozen'",
+    )
     p.add_argument("--eval-every", type=int, default=S, help="eval loss every N steps (0: at end)")
     p.add_argument("--save-every", type=int, default=S, help="checkpoint every N steps (50)")
     p.add_argument(

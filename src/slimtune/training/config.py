@@ -51,6 +51,7 @@ class TrainConfig:
     pack: bool = False
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile each decoder layer for training (model/compile.py)
+    cache_frozen: bool = False  # keep the frozen layers' output per example (salf/frozen_cache.py)
     eval_every: int = 0
     save_every: int = 50
     keep_checkpoint: bool = False
@@ -157,6 +158,16 @@ class TrainConfig:
             not (self.fsdp and self.compile),
             "--compile with --fsdp is not supported (FSDP2's hooks on the compiled layers "
             "are untested); drop one of them",
+        )
+        need(
+            not self.cache_frozen or self.freeze == "auto" or self.freeze_below > 0,
+            "--cache-frozen keeps the frozen layers' output: it needs --freeze-below K "
+            "or --freeze auto",
+        )
+        need(
+            not (self.cache_frozen and self.fsdp),
+            "--cache-frozen with --fsdp is not supported (the sharded frozen layers would "
+            "still gather their weights every step); drop one of them",
         )
         need(
             not (self.fsdp and self.quantize != "none"),

@@ -28,19 +28,35 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..salf.frozen_cache import FrozenOutputCache
 from .loss import target_loss
 
 
 class StepLoss(nn.Module):
     """``model`` and its training loss (plus a method's auxiliary loss) as one forward."""
 
-    def __init__(self, model: nn.Module, aux_loss: Callable[[], torch.Tensor | None] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        aux_loss: Callable[[], torch.Tensor | None] | None = None,
+        frozen_cache: FrozenOutputCache | None = None,
+    ):
         super().__init__()
         self.model = model
         self._aux_loss = aux_loss
+        self._frozen_cache = frozen_cache
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        loss, _ = target_loss(self.model, batch)
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``batch["example_ids"]``, where the trainer names the batch's examples, lets
+        the frozen layers' cache serve it."""
+        ids = batch.get("example_ids")
+        serving = (
+            self._frozen_cache.serving(ids, batch["attention_mask"])
+            if self._frozen_cache is not None and ids is not None
+            else contextlib.nullcontext()
+        )
+        with serving:
+            loss, _ = target_loss(self.model, batch)
         return loss, (self._aux_loss() if self._aux_loss is not None else None)
 
 
@@ -79,10 +95,11 @@ class Parallel:
         *,
         fsdp: bool,
         aux_loss: Callable[[], torch.Tensor | None] | None = None,
+        frozen_cache: FrozenOutputCache | None = None,
     ) -> Parallel:
         """Wrap ``model`` for ``accelerator``'s processes (``layers``: its decoder layers,
         FSDP2's units)."""
-        step = StepLoss(model, aux_loss)
+        step = StepLoss(model, aux_loss, frozen_cache)
         if accelerator.num_processes == 1:
             return cls("none", step)
         if not fsdp:  # accelerate wraps it in DDP with the handler _accelerator gave it

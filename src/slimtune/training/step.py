@@ -138,7 +138,8 @@ def accumulate_gradients(
     reported loss. A batch with ``"ghost": True`` (a process' share of an epoch's short
     last batch, when it has none) runs with no targets and in eval mode: every process
     must run as many forwards and backwards as the others, and this one must change
-    nothing. Returns (summed loss, gradient norm, input tokens, target tokens), all
+    nothing. Entries that are not tensors (``example_ids``) stay on the host. Returns
+    (summed loss, gradient norm, input tokens, target tokens), all
     processes together, after one wait for the device (every host sync in a step is a
     barrier of all processes). The benchmarks time exactly this function, so what they
     measure is what ``slimtune train`` runs.
@@ -156,7 +157,11 @@ def accumulate_gradients(
         ghost = bool(b.get("ghost", False))
         if not ghost:
             tokens += int(b["attention_mask"].sum())
-        b = {k: v.to(device, non_blocking=True) for k, v in b.items() if k != "ghost"}
+        b = {
+            k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in b.items()
+            if k != "ghost"
+        }
         if ghost:  # in eval mode: no dropout draws, no statistics (e.g. expert usage)
             par.module.train(False)
         with autocast():

@@ -61,6 +61,8 @@ class RunSummary:
     lr: float | None = field(default=None, metadata=OPTIONAL)  # the peak rate trained with
     # the fused GPU kernels the run used (model.kernels; absent when none ran)
     fused_kernels: list[str] | None = field(default=None, metadata=OPTIONAL)
+    # --cache-frozen: the cache's examples, bytes and the micro-batches it served or filled
+    frozen_cache: dict[str, Any] | None = field(default=None, metadata=OPTIONAL)
     # evaluation on the eval set (absent without one); the keys of eval.evaluate.evaluate
     eval_examples: int | None = field(default=None, metadata=OPTIONAL)
     eval_accuracy: float | None = field(

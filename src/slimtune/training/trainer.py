@@ -63,12 +63,13 @@ from ..fileio import (
 )
 from ..log import info
 from ..methods import Method, get_method, method_class
-from ..model.anatomy import base_model, count_parameters, decoder_layers
+from ..model.anatomy import base_model, count_parameters, decoder_layers, input_embeddings
 from ..model.compile import compiled_layers
 from ..model.kernels import apply_fused_kernels, choose_attention
 from ..model.loading import LoadedModel, fingerprint, load_model, resolve_device
 from ..model.quantize import quantization_of
 from ..salf.freezing import freeze_below
+from ..salf.frozen_cache import FrozenOutputCache, expected_bytes, store_for
 from . import trackers
 from .config import TrainConfig
 from .lr_scale import scaled_default_lr, weight_scale
@@ -373,6 +374,7 @@ class Trainer:
         freeze_below(self.model, self.freeze_k)
         if not any(p.requires_grad for p in self.model.parameters()):
             raise UserInputError("nothing to train: every parameter is frozen")
+        self.frozen_cache = self._frozen_cache() if cfg.cache_frozen else None
         self.trainable, self.total = count_parameters(self.model)
         if cfg.fsdp and self.accelerator.num_processes == 1:
             info("--fsdp with one process: nothing to shard, the model stays whole")
@@ -382,6 +384,7 @@ class Trainer:
             self.accelerator,
             fsdp=cfg.fsdp,
             aux_loss=lambda: self.method.auxiliary_loss(self.model),
+            frozen_cache=self.frozen_cache,
         )
         # after sharding: under FSDP2 the parameters are this process' shards
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -410,6 +413,25 @@ class Trainer:
             self._load_checkpoint()
         if cfg.lr_auto and self.step == 0:
             self._search_lr()
+
+    def _frozen_cache(self) -> FrozenOutputCache | None:
+        """``--cache-frozen``: the cache of the frozen layers' output, if it fits the host."""
+        if self.freeze_k == 0:
+            info("--cache-frozen: no layer is frozen, nothing to cache")
+            return None
+        emb = input_embeddings(self.model)
+        if emb is not None:  # the residual stream's width and type are the embeddings'
+            hidden, element = emb.weight.shape[-1], emb.weight.element_size()
+        else:
+            hidden, element = base_model(self.model).config.hidden_size, 4
+        need = expected_bytes([len(e.input_ids) for e in self.examples], hidden, element)
+        store = store_for(need, self.device)
+        where = "host memory" if store.type == "cpu" else str(store)
+        info(
+            f"--cache-frozen: layers 0-{self.freeze_k - 1} run once per example, their "
+            f"output kept in {where} (up to {need / 2**20:.0f} MiB)"
+        )
+        return FrozenOutputCache(self.model, self.freeze_k, store)
 
     @property
     def default_lr(self) -> float:
@@ -857,14 +879,18 @@ class Trainer:
         as every process must run each forward and backward the others run. With one
         process an empty micro-batch is skipped (None)."""
         pad = self.loaded.tokenizer.pad_token_id
+        # the batch's examples by index, for the frozen layers' cache
+        named = {"example_ids": idx} if self.frozen_cache is not None else {}
         if idx:
-            return collate([self.examples[i] for i in idx], pad)
+            return {**collate([self.examples[i] for i in idx], pad), **named}
         if self.accelerator.num_processes == 1:
             return None
         first = self._global_batch(index)[0]
         batch = collate([self.examples[first]], pad)
         batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
-        return {**batch, "ghost": True}
+        if named:
+            named["example_ids"] = [first]
+        return {**batch, **named, "ghost": True}
 
     def _log(self, record: dict) -> None:
         self.history.append(record)
@@ -1065,6 +1091,7 @@ class Trainer:
             device=str(self.device),
             lr=self.lr,
             fused_kernels=self.fused_kernels or None,
+            frozen_cache=self.frozen_cache.summary() if self.frozen_cache else None,
             task=eval_metrics.get("task"),
         )
         summary.update({f"eval_{k}": v for k, v in eval_metrics.items() if k != "task"})

@@ -1,0 +1,165 @@
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from slimtune.data import collate
+from slimtune.errors import UserInputError
+from slimtune.methods import get_method
+from slimtune.model.anatomy import decoder_layers
+from slimtune.model.loading import load_model
+from slimtune.salf import frozen_cache
+from slimtune.salf.freezing import freeze_below, frozen_layer_count, unfreeze_all
+from slimtune.salf.frozen_cache import FrozenOutputCache
+from slimtune.testing import ARCHITECTURES, tiny_model_dir
+from slimtune.training.config import TrainConfig
+from slimtune.training.parallel import StepLoss
+
+from .conftest import train_tiny
+
+
+class _Ex:
+    def __init__(self, ids):
+        self.input_ids, self.labels = ids, ids
+
+
+def _examples(vocab: int, lengths=(9, 5, 12, 7)):
+    g = torch.Generator().manual_seed(1)
+    return [_Ex(torch.randint(3, vocab, (n,), generator=g).tolist()) for n in lengths]
+
+
+def _frozen_lora(model, k):
+    n = len(decoder_layers(model))
+    model = get_method("lora", {"dropout": 0.0}).prepare(model, list(range(k, n)))
+    freeze_below(model, k)
+    g = torch.Generator().manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # not zero: every adapter weight gets a gradient
+            p.data = 0.1 * torch.randn(p.shape, generator=g)
+    return model
+
+
+def _loss_and_grads(step: StepLoss, batch):
+    loss, _ = step(batch)
+    loss.backward()
+    params = [p for p in step.model.parameters() if p.requires_grad]
+    grads = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("arch", ["llama", *ARCHITECTURES])
+def test_a_cached_batch_skips_the_frozen_layers_and_trains_as_the_full_forward(tmp_path, arch):
+    """Layer-index-aware models (Gemma 3's sliding/global layers) and tuple-returning
+    layers included: the top layers see the states the frozen ones would hand them."""
+    loaded = load_model(str(tiny_model_dir(tmp_path / "m", arch=arch, layers=4)))
+    k = 2
+    model = _frozen_lora(loaded.model, k)
+    model.train()
+    cache = FrozenOutputCache(model, k)
+    step = StepLoss(model, frozen_cache=cache)
+    plain = StepLoss(model)
+    ex = _examples(len(loaded.tokenizer))
+    pad = loaded.tokenizer.pad_token_id
+    runs = {"n": 0}
+    hook = decoder_layers(model)[0].mlp.register_forward_hook(
+        lambda *a: runs.__setitem__("n", runs["n"] + 1)
+    )
+
+    fill = {**collate([ex[0], ex[1], ex[2]], pad), "example_ids": [0, 1, 2]}
+    _loss_and_grads(step, fill)
+    assert (cache.computed, cache.served, len(cache.rows), runs["n"]) == (1, 0, 3, 1)
+    assert cache.bytes == sum(r.numel() * r.element_size() for r in cache.rows.values())
+
+    # the same examples in another order, padded to another width: served from the cache
+    rows = [ex[1], ex[0]]
+    served = {**collate(rows, pad), "example_ids": [1, 0]}
+    got = _loss_and_grads(step, served)
+    assert (cache.served, runs["n"]) == (1, 1), "the frozen layers ran on a cached batch"
+    want = _loss_and_grads(plain, collate(rows, pad))
+    assert runs["n"] == 2  # a batch without example ids runs the layers
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(got[1], want[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+    # one example not yet kept: the whole batch runs the layers and keeps the new one
+    _loss_and_grads(step, {**collate([ex[3], ex[0]], pad), "example_ids": [3, 0]})
+    assert (cache.computed, len(cache.rows), runs["n"]) == (2, 4, 3)
+    hook.remove()
+
+
+def test_the_cache_keeps_the_frozen_mark_and_unfreezing_removes_it(tiny):
+    model = _frozen_lora(tiny.model, 2)
+    FrozenOutputCache(model, 2)
+    assert frozen_layer_count(model) == 2
+    unfreeze_all(model)
+    assert frozen_layer_count(model) == 0
+    with pytest.raises(ValueError, match="not frozen"):
+        FrozenOutputCache(model, 2)
+
+
+def test_the_frozen_layers_fill_the_cache_in_eval_mode(tiny):
+    """Dropout below the cut would otherwise fix one random draw per example."""
+    model = _frozen_lora(tiny.model, 2)
+    model.train()
+    cache = FrozenOutputCache(model, 2)
+    modes = []
+    for layer in decoder_layers(model)[:2]:
+        layer.mlp.register_forward_hook(lambda m, *a: modes.append(m.training))
+    ex = _examples(len(tiny.tokenizer))
+    StepLoss(model, frozen_cache=cache)({**collate(ex[:2], 0), "example_ids": [0, 1]})
+    assert modes == [False, False]
+    assert all(layer.training for layer in decoder_layers(model))  # restored after
+
+
+def test_train_with_the_cache_matches_train_without_it(tiny_dir, intent_file, tmp_path):
+    """Three epochs of 27 examples at batch 4 (7 micro-batches each, the last short):
+    from the second epoch on every batch is served from the cache."""
+    runs = {}
+    for cached in (False, True):
+        runs[cached] = train_tiny(
+            tiny_dir,
+            intent_file,
+            tmp_path / f"run{cached}",
+            freeze_below=2,
+            cache_frozen=cached,
+            max_steps=27,
+            eval_fraction=0.25,
+        )
+    with_cache, without = runs[True], runs[False]
+    report = with_cache.summary["frozen_cache"]
+    assert report["examples"] == 36 and report["freeze_below"] == 2
+    assert (report["computed"], report["served"]) == (9, 18)
+    assert "frozen_cache" not in without.summary
+    for a, b in zip(with_cache.history, without.history):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
+    wa = load_file(with_cache.delta_dir / "adapter_model.safetensors")
+    wb = load_file(without.delta_dir / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-3, atol=1e-5)
+    assert with_cache.summary["eval_loss"] == pytest.approx(without.summary["eval_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({}, "needs --freeze-below K or --freeze auto"),
+        ({"freeze_below": 2, "fsdp": True}, "--cache-frozen with --fsdp"),
+    ],
+)
+def test_the_cache_is_refused_where_it_cannot_serve(options, message):
+    with pytest.raises(UserInputError, match=message):
+        TrainConfig(data="a.jsonl", cache_frozen=True, **options).validated()
+
+
+def test_a_cache_larger_than_the_host_allows_is_refused_before_training(
+    tiny_dir, intent_file, tmp_path, monkeypatch
+):
+    class Tight:
+        available = 1000
+
+    monkeypatch.setattr(frozen_cache.psutil, "virtual_memory", lambda: Tight)
+    with pytest.raises(UserInputError, match=r"--cache-frozen: .* GiB of host memory"):
+        train_tiny(tiny_dir, intent_file, tmp_path / "run", freeze_below=2, cache_frozen=True)
+    assert not (tmp_path / "run" / "delta").exists()
