@@ -130,11 +130,19 @@ def config(name: str) -> dict:
     SwiGLU / RoPE), ``+compile+liger`` (compiled over Liger's kernels) or ``+graphs`` (compiled,
     each layer replayed as a CUDA graph: ``compiled_layers(cuda_graphs=True)``) or, for
     experts, ``+router`` (a probe: eager layers, each router's math as plain ops compiled
-    alone, see _compile_routers)."""
+    alone, see _compile_routers); and on slimtune's frozen rows ``+cached`` (``train
+    --cache-frozen`` once every example is kept: the warm-up fills the cache, the timed
+    steps skip the frozen layers; kept where train keeps them, or with ``+cached+host`` in
+    host memory)."""
     base, *mods = name.split("+")
     if (
         base not in CONFIGS
-        or not set(mods) <= {"compile", "liger", "graphs", "router"}
+        or not set(mods) <= {"compile", "liger", "graphs", "router", "cached", "host"}
+        or ("host" in mods and "cached" not in mods)
+        or (
+            "cached" in mods
+            and not (CONFIGS[base]["impl"] == "slimtune" and CONFIGS[base]["freeze"])
+        )
         # kept to the rows it was measured on (compiled layers and routed dispatch run no
         # router function, so there the probe would change nothing)
         or ("router" in mods and (base not in ("experts", "experts-freeze-half") or len(mods) > 1))
@@ -147,6 +155,8 @@ def config(name: str) -> dict:
         "cuda_graphs": "graphs" in mods,
         "liger_elementwise": "liger" in mods,
         "router_compile": "router" in mods,
+        "cached": "cached" in mods,
+        "cache_on_host": "host" in mods,
     }
 
 
@@ -430,6 +440,19 @@ def run_one(args) -> dict:
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     dev_batch = {key: v.to(device) for key, v in batch.items()}
+    stepped = model  # what accumulate_gradients runs: the model, or with +cached its cache too
+    if c["cached"]:
+        if args.warmup < 1:
+            raise SystemExit("+cached needs --warmup >= 1: the first step fills the cache")
+        from slimtune.salf.frozen_cache import FrozenOutputCache, store_for
+        from slimtune.training.parallel import Parallel, StepLoss
+
+        width = model.get_input_embeddings().weight  # kept where train would keep it
+        store = store_for(args.batch * args.seq * width.shape[-1] * width.element_size(), device)
+        store = torch.device("cpu") if c["cache_on_host"] else store
+        cache = FrozenOutputCache(model, k, store)
+        stepped = Parallel("none", StepLoss(model, lambda: m.auxiliary_loss(model), cache))
+        batch["example_ids"] = list(range(args.batch))
     autocast = (
         (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
         if device.type == "cuda"
@@ -439,7 +462,7 @@ def run_one(args) -> dict:
     def step():
         if impl == "slimtune":
             accumulate_gradients(
-                model,
+                stepped,
                 params,
                 [batch],
                 device,
@@ -501,6 +524,7 @@ def run_one(args) -> dict:
         "compile": c["compile"],
         "cuda_graphs": c["cuda_graphs"],
         "first_step_s": first_step_s,
+        "frozen_cache": cache.summary() if c["cached"] else None,
     }
 
 

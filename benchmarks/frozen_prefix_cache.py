@@ -2,8 +2,10 @@
 
 With layers 0..k-1 frozen, their output at the cut is the same for an example in every
 epoch (a frozen base layer has no dropout; its input is the same), so a run over its data
-more than once could compute it once and start each later step at layer k. slimtune does
-not do that. This times one LoRA step of the default model three ways, in rounds taken in
+more than once could compute it once and start each later step at layer k. This probe
+measured that before ``train --cache-frozen`` did it (salf/frozen_cache.py, which skips
+the frozen layers in place rather than shortening the layer list; benchmarks/
+frozen_cache_train.py and bench_methods.py's ``+cached`` rows measure it). This times one LoRA step of the default model three ways, in rounds taken in
 turn: every layer trained; layers 0..k-1 frozen (what ``--freeze-below k`` runs now: they
 run forward without autograd); and the same step started at the cut from its hidden states
 given as ``inputs_embeds`` to the top layers alone (the cached step, a Llama-style model's

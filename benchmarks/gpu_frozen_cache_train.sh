@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# train --cache-frozen on a lent GPU, after PART=tf, mw1, mw2 of gpu_models.sh (carry
+# .whl3, .mw1, then .mw2 .whl2):
+#   bash benchmarks/gpu_frozen_cache_train.sh
+# 1. bench_methods.py, the 1.24B Llama shape at 4 x 2048, bottom half frozen: frozen layers
+#    run, skipped with the states kept on the GPU (+cached, where train keeps a cache this
+#    size), skipped with them in host memory (+cached+host); every layer for the ratio;
+# 2. frozen_cache_train.py: `slimtune train` of the default model on the bundled intents,
+#    EPOCHS epochs (3), every layer / freeze-below 10 / the same with --cache-frozen.
+source benchmarks/gpu_models.sh
+left=$(( ${CALL_S:-560} - SECONDS ))
+timeout "$left" python3 benchmarks/bench_methods.py --device cuda --model llama-1.2b \
+  --batch 4 --seq 2048 --steps 10 --warmup 3 --lora-r 16 --baseline lora \
+  --configs "${CONFIGS:-lora,lora-freeze-half,lora-freeze-half+cached,lora-freeze-half+cached+host}" \
+  --out "$out/bench.json" 2>"$out/bench.log" | grep "^|" || { echo stopped; tail -5 "$out/bench.log"; }
+left=$(( ${CALL_S:-560} - SECONDS ))
+timeout "$left" python3 benchmarks/frozen_cache_train.py --device cuda --task intents \
+  --freeze-below 10 --epochs "${EPOCHS:-3}" --out /tmp/fct 2>"$out/train.log" \
+  || { echo stopped; tail -5 "$out/train.log"; }
+cp /tmp/fct/results.json "$out/train.json" 2>/dev/null || true
