@@ -95,6 +95,7 @@ def _losses(run: Path) -> list[float]:
         (TORCHRUN, "lora", ["--fsdp"]),
         (TORCHRUN, "lora", ["--lr", "auto"]),
         (TORCHRUN, "lora", ["--compile"]),
+        (TORCHRUN, "lora", ["--freeze-below", "2", "--cache-frozen"]),
     ],
     ids=[
         "torchrun-lora",
@@ -106,6 +107,7 @@ def _losses(run: Path) -> list[float]:
         "fsdp-lora",
         "torchrun-lora-lr-auto",
         "torchrun-lora-compile",
+        "torchrun-lora-cache-frozen",
     ],
 )
 def test_two_processes_train_what_one_does(
@@ -116,7 +118,8 @@ def test_two_processes_train_what_one_does(
     grows the entries one process would (from the gradient of the whole batch); --lr auto
     chooses the rate one process does (every process the same); --compile's layers under
     DDP train what they do in one process (traced by aot_eager: inductor's C++ compile
-    takes minutes on two cores)."""
+    takes minutes on two cores); --cache-frozen's per-process caches (a ghost batch and a
+    second epoch served in part) train what one process' cache does."""
     if "--compile" in extra:
         monkeypatch.setattr(compile_mod, "BACKEND", "aot_eager")
         monkeypatch.setenv("SLIMTUNE_COMPILE_BACKEND", "aot_eager")
@@ -156,6 +159,9 @@ def test_two_processes_train_what_one_does(
     assert s2["eval_accuracy"] == s1["eval_accuracy"]
     assert s2["eval_examples"] == s1["eval_examples"]
     assert s2["lr"] == s1["lr"]
+    if "--cache-frozen" in extra:  # one process serves step 11, the first of epoch 2
+        assert (s1["frozen_cache"]["served"], s1["frozen_cache"]["computed"]) == (1, 10)
+        assert s2["frozen_cache"]["served"] + s2["frozen_cache"]["computed"] == 11
 
 
 def test_a_refusal_on_the_main_process_ends_every_process(tiny_dir, intent_file, tmp_path):
