@@ -431,6 +431,12 @@ class Trainer:
             f"--cache-frozen: layers 0-{self.freeze_k - 1} run once per example, their "
             f"output kept in {where} (up to {need / 2**20:.0f} MiB)"
         )
+        if self.accelerator.num_processes > 1:
+            info(
+                "--cache-frozen with several processes: each keeps what it computed, and a "
+                "batch skips the frozen layers once its process has seen all of its "
+                "examples, which takes more epochs the more processes there are"
+            )
         return FrozenOutputCache(self.model, self.freeze_k, store)
 
     @property
@@ -998,6 +1004,13 @@ class Trainer:
                     self.save_checkpoint()
         if bar:
             bar.close()
+        if self.frozen_cache is not None:
+            c = self.frozen_cache.summary()
+            info(
+                f"--cache-frozen: {c['served']} of {c['served'] + c['computed']} micro-batches "
+                f"skipped the frozen layers ({c['examples']} examples kept, "
+                f"{c['bytes'] / 2**20:.0f} MiB)"
+            )
         self._check_weights(lines)
         return self._finish(mem, train_time, tokens, step_times)
 
