@@ -8,6 +8,8 @@
 # 2. frozen_cache_train.py: `slimtune train` of the default model on the bundled intents,
 #    EPOCHS epochs (3), every layer / freeze-below 10 / the same with --cache-frozen.
 source benchmarks/gpu_models.sh
+# 0. the cache's tests, here with their CUDA cases (kept on the device and in host memory)
+python3 -m pytest -q -p no:cacheprovider tests/test_frozen_cache.py 2>&1 | tail -3 || true
 left=$(( ${CALL_S:-560} - SECONDS ))
 timeout "$left" python3 benchmarks/bench_methods.py --device cuda --model llama-1.2b \
   --batch 4 --seq 2048 --steps 10 --warmup 3 --lora-r 16 --baseline lora \

@@ -88,10 +88,17 @@ def test_a_cached_batch_skips_the_frozen_layers_and_trains_as_the_full_forward(t
     hook.remove()
 
 
-def test_the_cache_keeps_the_frozen_mark_and_unfreezing_removes_it(tiny):
+def test_the_cache_keeps_the_frozen_mark_and_closing_it_restores_the_layers(tiny):
     model = _frozen_lora(tiny.model, 2)
-    FrozenOutputCache(model, 2)
+    before = decoder_layers(model)[0].__dict__["forward"]
+    cache = FrozenOutputCache(model, 2)
+    assert decoder_layers(model)[0].__dict__["forward"] is not before
     assert frozen_layer_count(model) == 2
+    cache.rows[0] = torch.zeros(3, 4)
+    cache.close()
+    assert decoder_layers(model)[0].__dict__["forward"] is before and not cache.rows
+    assert frozen_layer_count(model) == 2
+    FrozenOutputCache(model, 2)
     unfreeze_all(model)
     assert frozen_layer_count(model) == 0
     with pytest.raises(ValueError, match="not frozen"):
@@ -113,8 +120,9 @@ def test_the_frozen_layers_fill_the_cache_in_eval_mode(tiny):
 
 
 def test_train_with_the_cache_matches_train_without_it(tiny_dir, intent_file, tmp_path):
-    """Three epochs of 27 examples at batch 4 (7 micro-batches each, the last short):
-    from the second epoch on every batch is served from the cache."""
+    """Three epochs of 36 examples at batch 4 (9 micro-batches each): from the second
+    epoch on every batch is served from the cache; after the run the model's frozen
+    layers have their uncached forward back."""
     runs = {}
     for cached in (False, True):
         runs[cached] = train_tiny(
@@ -139,6 +147,44 @@ def test_train_with_the_cache_matches_train_without_it(tiny_dir, intent_file, tm
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-3, atol=1e-5)
     assert with_cache.summary["eval_loss"] == pytest.approx(without.summary["eval_loss"], rel=1e-4)
+    for layer in decoder_layers(with_cache.model)[:2]:  # freeze_below's wrapper, no cache's
+        assert getattr(layer.__dict__["forward"].__wrapped__, "__self__", None) is layer
+
+
+def test_the_range_test_fills_the_cache_but_the_counts_are_the_runs(
+    tiny_dir, intent_file, tmp_path
+):
+    res = train_tiny(
+        tiny_dir, intent_file, tmp_path / "run", freeze_below=2, cache_frozen=True, lr="auto"
+    )
+    report = res.summary["frozen_cache"]
+    assert report["served"] + report["computed"] == 6  # the run's steps, not the probe's
+    assert report["served"] > 0  # the range test's steps had seen those batches
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("where", ["device", "host"])
+def test_kept_states_are_served_from_where_they_are_kept(tiny, device, where):
+    """On a GPU (this runs there in benchmarks/gpu_frozen_cache_train.sh): kept on the
+    device, or in host memory and copied up; the device named without an index too."""
+    model = _frozen_lora(tiny.model.to(device), 2)
+    model.train()
+    store = torch.device(device) if where == "device" else torch.device("cpu")
+    cache = FrozenOutputCache(model, 2, store)
+    ex = _examples(len(tiny.tokenizer))
+    batch = {k: v.to(device) for k, v in collate(ex[:3], 0).items()}
+    StepLoss(model, frozen_cache=cache)({**batch, "example_ids": [0, 1, 2]})
+    assert {r.device for r in cache.rows.values()} == {cache.store}
+    assert cache.store.type == store.type and (device == "cpu" or cache.store.index is not None)
+    reordered = collate([ex[2], ex[0], ex[1]], 0)
+    served_batch = {**{k: v.to(device) for k, v in reordered.items()}, "example_ids": [2, 0, 1]}
+    got, _ = StepLoss(model, frozen_cache=cache)(served_batch)
+    want, _ = StepLoss(model)({k: v for k, v in served_batch.items() if k != "example_ids"})
+    assert cache.served == 1
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ Where it differs, by design:
 
 The states take ``tokens x hidden size x element size`` in all. A CUDA run keeps them on
 the device where they take at most :data:`DEVICE_SHARE` of its memory (the default model's
-bundled task: 50 MiB), else in host memory, copied up per batch from pinned memory; the
+bundled task: 44 MiB in bf16), else in host memory, copied up per batch from pinned memory; the
 host's share is checked before the run starts. The cache lives as long as the run: a
 resumed run starts it empty, and every evaluation runs the real layers.
 """
@@ -55,7 +55,7 @@ class _Batch:
 
 
 class FrozenOutputCache:
-    """Per training example, the hidden states leaving frozen layer ``k - 1`` (host memory).
+    """Per training example, the hidden states leaving frozen layer ``k - 1``, kept on ``store``.
 
     Consulted only inside :meth:`serving`, i.e. for training micro-batches that name their
     examples; every other forward (evaluation, generation, the analysis) runs the layers.
@@ -66,18 +66,29 @@ class FrozenOutputCache:
         if not 0 < k <= len(layers):
             raise ValueError(f"a cache needs frozen layers: k = {k} of {len(layers)}")
         self.k = k
-        self.store = torch.device(store)  # where the states are kept
+        self.store = _indexed(torch.device(store))  # where the states are kept
         self.rows: dict[int, torch.Tensor] = {}
         self.bytes = 0
         self.served = 0  # micro-batches that skipped the frozen layers
         self.computed = 0  # micro-batches that ran them (and filled the cache)
         self._active: _Batch | None = None
         self._templates: dict[int, tuple[type, int]] = {}
+        self._unwrapped: list[tuple[nn.Module, object]] = []
         for j, layer in enumerate(layers[:k]):
             forward = layer.__dict__.get("forward")
             if not getattr(forward, "slimtune_frozen", False):
                 raise ValueError(f"layer {j} is not frozen (freeze_below first)")
+            self._unwrapped.append((layer, forward))
             layer.forward = self._wrap(j, layer, forward)
+
+    def close(self) -> None:
+        """Give the frozen layers their uncached forward back and free the kept states (the
+        trained model outlives the run: evaluation, generation, another run on it)."""
+        for layer, forward in self._unwrapped:
+            if "forward" in layer.__dict__:  # unfreeze_all may have removed it already
+                layer.forward = forward
+        self._unwrapped.clear()
+        self.rows.clear()
 
     @contextlib.contextmanager
     def serving(self, ids: Sequence[int], attention_mask: torch.Tensor) -> Iterator[None]:
@@ -126,8 +137,9 @@ class FrozenOutputCache:
                 self._keep(batch, out[0] if isinstance(out, tuple) else out)
             return out
 
-        # under train --compile the layers' calls are compiled; the lookup is host work
-        return torch.compiler.disable(run)
+        # under train --compile the layers' calls are compiled: the lookup stays eager,
+        # what it calls (the frozen layer's own forward) is compiled as before
+        return torch.compiler.disable(run, recursive=False)
 
     def _keep(self, batch: _Batch, hidden: torch.Tensor) -> None:
         mask = batch.mask.to("cpu", dtype=torch.bool)  # once per example's first sight
@@ -165,6 +177,13 @@ class FrozenOutputCache:
         return (hidden,) + (None,) * (n - 1) if kind is tuple else hidden
 
 
+def _indexed(device: torch.device) -> torch.device:
+    """``cuda`` as the index its tensors report (``cuda:0``), so devices compare equal."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _hidden_input(args, kwargs) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
@@ -174,19 +193,23 @@ def expected_bytes(lengths: Sequence[int], hidden_size: int, element_size: int) 
     return sum(lengths) * hidden_size * element_size
 
 
-def store_for(need: int, device: torch.device, *, flag: str = "--cache-frozen") -> torch.device:
+def store_for(
+    need: int, device: torch.device, *, processes: int = 1, flag: str = "--cache-frozen"
+) -> torch.device:
     """Where a cache of ``need`` bytes is kept: on ``device`` (a GPU) if it takes at most
-    :data:`DEVICE_SHARE` of its memory, else in host memory, refused there beyond
-    :data:`HOST_SHARE` of what is available."""
+    :data:`DEVICE_SHARE` of its memory and a quarter of what is free, else in host memory,
+    refused there beyond :data:`HOST_SHARE` of what is available, shared by the
+    ``processes`` of this host (each keeps its own)."""
     if device.type == "cuda":
-        _, total = torch.cuda.mem_get_info(device)
-        if need <= DEVICE_SHARE * total:
-            return device
-    free = psutil.virtual_memory().available
-    if need > HOST_SHARE * free:
+        free, total = torch.cuda.mem_get_info(_indexed(device))
+        if need <= min(DEVICE_SHARE * total, free / 4):
+            return _indexed(device)
+    available = psutil.virtual_memory().available
+    if need * processes > HOST_SHARE * available:
+        each = f" in each of {processes} processes" if processes > 1 else ""
         raise UserInputError(
             f"{flag}: keeping the frozen layers' output takes {need / 2**30:.2f} GiB of host "
-            f"memory, more than half of the {free / 2**30:.2f} GiB available; drop {flag} "
-            "or train on fewer or shorter examples"
+            f"memory{each}, more than half of the {available / 2**30:.2f} GiB available "
+            f"in all; drop {flag} or train on fewer or shorter examples"
         )
     return torch.device("cpu")

@@ -225,6 +225,11 @@ LOWERABLE = ("lr", "max_grad_norm")
 IDENTITY_BEFORE = {"quantize": "none"}
 
 
+def _local_processes() -> int:
+    """This host's processes of the run (torchrun / accelerate set LOCAL_WORLD_SIZE)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def finished_delta(output_dir: str | Path) -> Path | None:
     """The delta of a finished run in ``output_dir`` (written last, atomically), or None."""
     delta = Path(output_dir) / "delta"
@@ -277,8 +282,12 @@ class Trainer:
             raise RuntimeError(f"the main process failed: {described}")
 
     def close(self) -> None:
-        """Release the output folder (``run`` does this when it ends)."""
+        """Release the output folder and the frozen layers' cache (``run`` does this when
+        it ends)."""
         trackers.finish(self.accelerator)
+        cache = getattr(self, "frozen_cache", None)
+        if cache is not None:
+            cache.close()
         self._lock.close()
 
     def _setup(self, loaded: LoadedModel | None) -> None:
@@ -413,6 +422,8 @@ class Trainer:
             self._load_checkpoint()
         if cfg.lr_auto and self.step == 0:
             self._search_lr()
+            if self.frozen_cache is not None:  # its states stay; its counts are the run's
+                self.frozen_cache.served = self.frozen_cache.computed = 0
 
     def _frozen_cache(self) -> FrozenOutputCache | None:
         """``--cache-frozen``: the cache of the frozen layers' output, if it fits the host."""
@@ -425,11 +436,11 @@ class Trainer:
         else:
             hidden, element = base_model(self.model).config.hidden_size, 4
         need = expected_bytes([len(e.input_ids) for e in self.examples], hidden, element)
-        store = store_for(need, self.device)
+        store = store_for(need, self.device, processes=_local_processes())
         where = "host memory" if store.type == "cpu" else str(store)
         info(
             f"--cache-frozen: layers 0-{self.freeze_k - 1} run once per example, their "
-            f"output kept in {where} (up to {need / 2**20:.0f} MiB)"
+            f"output kept in {where} (about {need / 2**20:.0f} MiB)"
         )
         if self.accelerator.num_processes > 1:
             info(
