@@ -34,7 +34,7 @@ def _frozen_lora(model, k):
     g = torch.Generator().manual_seed(0)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # not zero: every adapter weight gets a gradient
-            p.data = 0.1 * torch.randn(p.shape, generator=g)
+            p.data = 0.1 * torch.randn(p.shape, generator=g).to(p.device)
     return model
 
 
@@ -178,7 +178,8 @@ def test_kept_states_are_served_from_where_they_are_kept(tiny, device, where):
     batch = {k: v.to(device) for k, v in collate(ex[:3], 0).items()}
     StepLoss(model, frozen_cache=cache)({**batch, "example_ids": [0, 1, 2]})
     assert {r.device for r in cache.rows.values()} == {cache.store}
-    assert cache.store.type == store.type and (device == "cpu" or cache.store.index is not None)
+    assert cache.store.type == store.type  # a GPU store with its index: cuda:0, not cuda
+    assert cache.store.type == "cpu" or cache.store.index is not None
     reordered = collate([ex[2], ex[0], ex[1]], 0)
     served_batch = {**{k: v.to(device) for k, v in reordered.items()}, "example_ids": [2, 0, 1]}
     got, _ = StepLoss(model, frozen_cache=cache)(served_batch)
