@@ -7,7 +7,19 @@
 #    size), skipped with them in host memory (+cached+host); every layer for the ratio;
 # 2. frozen_cache_train.py: `slimtune train` of the default model on the bundled intents,
 #    EPOCHS epochs (3), every layer / freeze-below 10 / the same with --cache-frozen.
+#  SEEDS="0 1 2" bash benchmarks/gpu_frozen_cache_train.sh   # instead: per seed, every
+#    layer against --freeze auto --cache-frozen, 3 epochs each (step 2 alone)
 source benchmarks/gpu_models.sh
+if [ -n "${SEEDS:-}" ]; then
+  for seed in $SEEDS; do
+    left=$(( ${CALL_S:-560} - SECONDS )); [ "$left" -gt 60 ] || { echo "out of time"; break; }
+    timeout "$left" python3 benchmarks/frozen_cache_train.py --device cuda --task intents \
+      --epochs "${EPOCHS:-3}" --seed "$seed" --runs "all layers,auto cached" --out /tmp/fcs \
+      2>"$out/seed$seed.log" | grep "^|" || { echo stopped; tail -5 "$out/seed$seed.log"; }
+    cp /tmp/fcs/results-seed$seed.json "$out/" 2>/dev/null || true
+  done
+  exit 0
+fi
 # 0. the cache's tests, here with their CUDA cases (kept on the device and in host memory)
 python3 -m pytest -q -p no:cacheprovider tests/test_frozen_cache.py 2>&1 | tail -3 || true
 left=$(( ${CALL_S:-560} - SECONDS ))
@@ -19,4 +31,4 @@ left=$(( ${CALL_S:-560} - SECONDS ))
 timeout "$left" python3 benchmarks/frozen_cache_train.py --device cuda --task intents \
   --freeze-below 10 --epochs "${EPOCHS:-3}" --out /tmp/fct 2>"$out/train.log" \
   || { echo stopped; tail -5 "$out/train.log"; }
-cp /tmp/fct/results.json "$out/train.json" 2>/dev/null || true
+cp /tmp/fct/results-seed0.json "$out/train.json" 2>/dev/null || true
