@@ -6,7 +6,7 @@ hands up for an example is the same every time the example comes back. ``train
 micro-batch whose examples are all kept skips layers ``0 .. k-1``: they hand their input
 through untouched and the last of them returns the kept states, padded to the batch's
 width. What the layers above the cut see at the real positions is what they would have seen
-(BENCHMARKS.md, "Caching the frozen layers' output", for what it buys).
+(BENCHMARKS.md, "train --cache-frozen", for what it buys).
 
 Where it differs, by design:
 
@@ -20,9 +20,10 @@ Where it differs, by design:
 
 The states take ``tokens x hidden size x element size`` in all. A CUDA run keeps them on
 the device where they take at most :data:`DEVICE_SHARE` of its memory (the default model's
-bundled task: 44 MiB in bf16), else in host memory, copied up per batch from pinned memory; the
-host's share is checked before the run starts. The cache lives as long as the run: a
-resumed run starts it empty, and every evaluation runs the real layers.
+bundled task: 44 MiB in bf16), else in host memory, copied up per batch from pinned
+memory; the host's share is checked before the run starts. The cache lives as long as the
+run (the trainer closes it): a resumed run starts it empty, and every evaluation runs the
+real layers.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class FrozenOutputCache:
         else:
             self.computed += 1
 
-    def summary(self) -> dict[str, int]:
+    def summary(self) -> dict[str, int | str]:
         return {
             "freeze_below": self.k,
             "store": str(self.store),
