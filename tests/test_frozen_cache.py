@@ -188,6 +188,31 @@ def test_kept_states_are_served_from_where_they_are_kept(tiny, device, where):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_a_frozen_run_over_its_data_twice_or_more_is_pointed_to_the_cache(
+    tiny_dir, intent_file, tmp_path, monkeypatch
+):
+    from slimtune.training import trainer as trainer_module
+
+    said: list[str] = []
+    monkeypatch.setattr(trainer_module, "info", said.append)
+
+    def notes(**overrides) -> list[str]:
+        said.clear()
+        out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"  # a Trainer locks its folder
+        opts = dict(model=str(tiny_dir), data=str(intent_file), output_dir=str(out), lr=1e-2)
+        opts |= dict(eval_fraction=0.25, progress=False, device="cpu", save_every=0)
+        trainer_module.Trainer(TrainConfig(**opts, **overrides)).close()  # setup decides
+        return [s for s in said if "note:" in s and "--cache-frozen" in s]
+
+    # 36 training examples at batch 4: 18 steps see them twice, 17 not quite
+    (note,) = notes(freeze_below=2, max_steps=18, batch_size=4)
+    assert "2.0 times" in note and "layers 0-1" in note
+    assert notes(freeze_below=2, max_steps=17, batch_size=4) == []
+    assert notes(freeze_below=2, max_steps=9, batch_size=4, grad_accum=2) != []
+    assert notes(freeze_below=0, max_steps=18, batch_size=4) == []
+    assert notes(freeze_below=2, max_steps=18, batch_size=4, cache_frozen=True) == []
+
+
 @pytest.mark.parametrize(
     "options, message",
     [

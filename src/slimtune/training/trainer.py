@@ -384,6 +384,14 @@ class Trainer:
         if not any(p.requires_grad for p in self.model.parameters()):
             raise UserInputError("nothing to train: every parameter is frozen")
         self.frozen_cache = self._frozen_cache() if cfg.cache_frozen else None
+        seen = cfg.max_steps * cfg.grad_accum * cfg.batch_size * self.accelerator.num_processes
+        passes = seen / len(self.examples)  # how many times the run sees its data
+        if self.freeze_k and not cfg.cache_frozen and not cfg.fsdp and passes >= 2:
+            info(  # measured: 0.83x the frozen step after the first epoch (BENCHMARKS.md)
+                f"note: this run sees its data {passes:.1f} times; --cache-frozen would run "
+                f"layers 0-{self.freeze_k - 1} once per example instead of every epoch "
+                "(README, 'Freezing')"
+            )
         self.trainable, self.total = count_parameters(self.model)
         if cfg.fsdp and self.accelerator.num_processes == 1:
             info("--fsdp with one process: nothing to shard, the model stays whole")
