@@ -444,11 +444,11 @@ def run_one(args) -> dict:
     if c["cached"]:
         if args.warmup < 1:
             raise SystemExit("+cached needs --warmup >= 1: the first step fills the cache")
-        from slimtune.salf.frozen_cache import FrozenOutputCache, store_for
+        from slimtune.salf.frozen_cache import FrozenOutputCache, expected_bytes, store_for
         from slimtune.training.parallel import Parallel, StepLoss
 
-        width = model.get_input_embeddings().weight  # kept where train would keep it
-        store = store_for(args.batch * args.seq * width.shape[-1] * width.element_size(), device)
+        # kept where train would keep it
+        store = store_for(expected_bytes(model, [args.seq] * args.batch), device)
         store = torch.device("cpu") if c["cache_on_host"] else store
         cache = FrozenOutputCache(model, k, store)
         stepped = Parallel("none", StepLoss(model, lambda: m.auxiliary_loss(model), cache))

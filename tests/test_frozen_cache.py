@@ -9,7 +9,7 @@ from slimtune.model.anatomy import decoder_layers
 from slimtune.model.loading import load_model
 from slimtune.salf import frozen_cache
 from slimtune.salf.freezing import freeze_below, frozen_layer_count, unfreeze_all
-from slimtune.salf.frozen_cache import FrozenOutputCache
+from slimtune.salf.frozen_cache import FrozenOutputCache, expected_bytes
 from slimtune.testing import ARCHITECTURES, tiny_model_dir
 from slimtune.training.config import TrainConfig
 from slimtune.training.parallel import StepLoss
@@ -85,6 +85,7 @@ def test_a_cached_batch_skips_the_frozen_layers_and_trains_as_the_full_forward(t
     # one example not yet kept: the whole batch runs the layers and keeps the new one
     _loss_and_grads(step, {**collate([ex[3], ex[0]], pad), "example_ids": [3, 0]})
     assert (cache.computed, len(cache.rows), runs["n"]) == (2, 4, 3)
+    assert cache.bytes == expected_bytes(model, [len(e.input_ids) for e in ex])  # the estimate
     hook.remove()
 
 

@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from ..errors import UserInputError
-from ..model.anatomy import decoder_layers
+from ..model.anatomy import base_model, decoder_layers, input_embeddings
 
 # share of the host's available memory the cache may take
 HOST_SHARE = 0.5
@@ -189,9 +189,16 @@ def _hidden_input(args, kwargs) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def expected_bytes(lengths: Sequence[int], hidden_size: int, element_size: int) -> int:
-    """What keeping every example's states takes: tokens x hidden x element size."""
-    return sum(lengths) * hidden_size * element_size
+def expected_bytes(model: nn.Module, lengths: Sequence[int]) -> int:
+    """What keeping the states of examples of these ``lengths`` takes: tokens x hidden
+    size x element size, the residual stream's width and type read from the embeddings
+    (an estimate: autocast may promote the stream to a wider type)."""
+    emb = input_embeddings(model)
+    if emb is not None:
+        hidden, element = emb.weight.shape[-1], emb.weight.element_size()
+    else:
+        hidden, element = base_model(model).config.hidden_size, 4
+    return sum(lengths) * hidden * element
 
 
 def store_for(

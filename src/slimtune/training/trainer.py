@@ -63,7 +63,7 @@ from ..fileio import (
 )
 from ..log import info
 from ..methods import Method, get_method, method_class
-from ..model.anatomy import base_model, count_parameters, decoder_layers, input_embeddings
+from ..model.anatomy import base_model, count_parameters, decoder_layers
 from ..model.compile import compiled_layers
 from ..model.kernels import apply_fused_kernels, choose_attention
 from ..model.loading import LoadedModel, fingerprint, load_model, resolve_device
@@ -438,12 +438,7 @@ class Trainer:
         if self.freeze_k == 0:
             info("--cache-frozen: no layer is frozen, nothing to cache")
             return None
-        emb = input_embeddings(self.model)
-        if emb is not None:  # the residual stream's width and type are the embeddings'
-            hidden, element = emb.weight.shape[-1], emb.weight.element_size()
-        else:
-            hidden, element = base_model(self.model).config.hidden_size, 4
-        need = expected_bytes([len(e.input_ids) for e in self.examples], hidden, element)
+        need = expected_bytes(self.model, [len(e.input_ids) for e in self.examples])
         store = store_for(need, self.device, processes=_local_processes())
         where = "host memory" if store.type == "cpu" else str(store)
         info(
