@@ -120,10 +120,14 @@ def test_the_frozen_layers_fill_the_cache_in_eval_mode(tiny):
     assert all(layer.training for layer in decoder_layers(model))  # restored after
 
 
-def test_train_with_the_cache_matches_train_without_it(tiny_dir, intent_file, tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_train_with_the_cache_matches_train_without_it(
+    tiny_dir, intent_file, tmp_path, checkpointing
+):
     """Three epochs of 36 examples at batch 4 (9 micro-batches each): from the second
     epoch on every batch is served from the cache; after the run the model's frozen
-    layers have their uncached forward back."""
+    layers have their uncached forward back. With gradient checkpointing too (the cache
+    then sits inside the checkpointed layer call)."""
     runs = {}
     for cached in (False, True):
         runs[cached] = train_tiny(
@@ -134,6 +138,7 @@ def test_train_with_the_cache_matches_train_without_it(tiny_dir, intent_file, tm
             cache_frozen=cached,
             max_steps=27,
             eval_fraction=0.25,
+            gradient_checkpointing=checkpointing,
         )
     with_cache, without = runs[True], runs[False]
     report = with_cache.summary["frozen_cache"]
@@ -189,7 +194,7 @@ def test_kept_states_are_served_from_where_they_are_kept(tiny, device, where):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_a_frozen_run_over_its_data_twice_or_more_is_pointed_to_the_cache(
+def test_by_default_a_frozen_run_caches_from_twice_over_its_data_where_it_fits(
     tiny_dir, intent_file, tmp_path, monkeypatch
 ):
     from slimtune.training import trainer as trainer_module
@@ -197,21 +202,32 @@ def test_a_frozen_run_over_its_data_twice_or_more_is_pointed_to_the_cache(
     said: list[str] = []
     monkeypatch.setattr(trainer_module, "info", said.append)
 
-    def notes(**overrides) -> list[str]:
+    def cached(**overrides) -> bool:
         said.clear()
         out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"  # a Trainer locks its folder
         opts = dict(model=str(tiny_dir), data=str(intent_file), output_dir=str(out), lr=1e-2)
         opts |= dict(eval_fraction=0.25, progress=False, device="cpu", save_every=0)
-        trainer_module.Trainer(TrainConfig(**opts, **overrides)).close()  # setup decides
-        return [s for s in said if "note:" in s and "--cache-frozen" in s]
+        t = trainer_module.Trainer(TrainConfig(**opts, **overrides))  # setup decides
+        on = t.frozen_cache is not None
+        t.close()
+        return on
 
     # 36 training examples at batch 4: 18 steps see them twice, 17 not quite
-    (note,) = notes(freeze_below=2, max_steps=18, batch_size=4)
-    assert "2.0 times" in note and "layers 0-1" in note
-    assert notes(freeze_below=2, max_steps=17, batch_size=4) == []
-    assert notes(freeze_below=2, max_steps=9, batch_size=4, grad_accum=2) != []
-    assert notes(freeze_below=0, max_steps=18, batch_size=4) == []
-    assert notes(freeze_below=2, max_steps=18, batch_size=4, cache_frozen=True) == []
+    assert cached(freeze_below=2, max_steps=18, batch_size=4)
+    (line,) = [s for s in said if s.startswith("--cache-frozen:")]
+    assert "layers 0-1" in line and "2.0 times" in line and "--no-cache-frozen" in line
+    assert not cached(freeze_below=2, max_steps=17, batch_size=4)
+    assert cached(freeze_below=2, max_steps=9, batch_size=4, grad_accum=2)
+    assert not cached(freeze_below=0, max_steps=18, batch_size=4)
+    assert not cached(freeze_below=2, max_steps=18, batch_size=4, cache_frozen=False)
+    assert cached(freeze_below=2, max_steps=17, batch_size=4, cache_frozen=True)
+
+    class Tight:  # what auto would keep does not fit: no cache, no error, a note
+        available = 1000
+
+    monkeypatch.setattr(frozen_cache.psutil, "virtual_memory", lambda: Tight)
+    assert not cached(freeze_below=2, max_steps=18, batch_size=4)
+    assert any("not cached" in s and "available memory" in s for s in said)
 
 
 @pytest.mark.parametrize(

@@ -81,6 +81,23 @@ def test_time_budget_uses_the_typical_step_and_memory_the_worst_case(tiny, fake_
     assert P.estimate(costs, 0).worst_step_time_s == pytest.approx(2 * e.worst_step_time_s)
 
 
+def test_the_cached_step_leaves_out_the_frozen_layers_forward(tiny, fake_measure):
+    """What train's default --cache-frozen serves from an example's second epoch: the
+    typical step less k frozen layers' forward; nothing frozen or sharded, nothing cached."""
+    V = len(tiny.tokenizer)
+    worst, typical = P.synthetic_batch(V, 2, 64), P.synthetic_batch(V, 2, 16)
+    costs = P.calibrate(tiny.model, "lora", {"r": 4}, worst, steps=1, typical_batch=typical)
+    k = 1
+    e = P.estimate(costs, k)
+    frozen = costs.times("typical").frozen
+    assert frozen > 0
+    assert e.cached_step_time_s == pytest.approx(e.step_time_s - k * frozen)
+    assert e.cached_step_time_s < e.step_time_s
+    assert "once the frozen layers' output is cached" in P.describe(e)
+    assert P.estimate(costs, 0).cached_step_time_s is None
+    assert P.estimate(costs, k, devices=2, fsdp=True).cached_step_time_s is None
+
+
 def test_priors_come_from_the_measurements_and_cite_them():
     r8, r16, full, rosa = (
         prior("lora", {"r": 8}, "default"),
@@ -238,7 +255,7 @@ def test_cli_plan_shows_typical_and_longest_steps_and_the_evidence(
     )
     assert code == 0
     text = capsys.readouterr().out
-    for column in ("typical step", "longest step", "prior", "expected"):
+    for column in ("typical step", "longest step", "cached step", "prior", "expected"):
         assert column in text
     assert "the median padded width" in text
     assert (

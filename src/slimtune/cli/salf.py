@@ -339,6 +339,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             format_bytes(c.peak_bytes),
             f"{c.step_time_s:.2f} s",
             f"{c.worst_step_time_s or c.step_time_s:.2f} s",
+            f"{c.cached_step_time_s:.2f} s" if c.cached_step_time_s is not None else "-",
             f"{c.predicted_gain:.3f}",
             f"{c.prior:.3f}" if c.prior is not None else "-",
             f"{c.expected_quality:.3f}" if c.expected_quality is not None else "-",
@@ -354,7 +355,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         f"slimtune plan: {loaded.name}, batch {args.batch_size}: typical "
         f"{args.batch_size} x {typical['input_ids'].shape[1]} (the median padded width), "
         f"longest {args.batch_size} x {batch['input_ids'].shape[1]} (peak memory){on}; "
-        "expected = prior (measured score / LoRA r8's) x gain G",
+        "cached step = typical once the frozen layers' output is kept (train's default "
+        "from an example's second epoch); expected = prior (measured score / LoRA r8's) x "
+        "gain G",
         [
             "method",
             "quantize",
@@ -363,6 +366,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "peak memory",
             "typical step",
             "longest step",
+            "cached step",
             "gain G",
             "prior",
             "expected",

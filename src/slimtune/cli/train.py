@@ -268,11 +268,12 @@ def add_train_options(p: argparse.ArgumentParser, grid: bool) -> None:
     )
     p.add_argument(
         "--cache-frozen",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=S,
         help="keep what the frozen layers hand up, per example, the first time it is "
-        "computed: from an example's second epoch on, its steps skip the frozen layers; "
-        "see README, '--cache-frozen'",
+        "computed: from an example's second epoch on, its steps skip the frozen layers. "
+        "Default: on where a frozen run sees its data twice or more in one process and the "
+        "states fit; see README, '--cache-frozen'",
     )
     p.add_argument("--eval-every", type=int, default=S, help="eval loss every N steps (0: at end)")
     p.add_argument("--save-every", type=int, default=S, help="checkpoint every N steps (50)")

@@ -147,6 +147,9 @@ class Estimate:
     devices: int = 1  # processes, one device each; peak_bytes is per device
     fsdp: bool = False
     worst_step_time_s: float | None = None  # the step of the longest examples
+    # the typical step once the frozen layers' output is kept per example (train's
+    # --cache-frozen, on by default from an example's second sight); None: nothing frozen
+    cached_step_time_s: float | None = None
     prior: float | None = None  # measured score relative to LoRA r8's (evidence.py)
     expected_quality: float | None = None  # prior x predicted_gain
     lr: float | None = None  # the learning rate the evidence measured the method at
@@ -659,6 +662,8 @@ def estimate(costs: LayerCosts, k: int, *, devices: int = 1, fsdp: bool = False)
         )
         peak = max(peak, costs.resident_bytes + states // shards)
     trainable = n * costs.trainable_per_layer + (costs.trainable_embeddings if emb else 0)
+    # a served step skips the frozen layers' forward, what t_frozen measures per layer
+    cached = max(t - k * costs.times("typical").frozen, 0.0) if k and shards == 1 else None
     return Estimate(
         costs.method,
         costs.options,
@@ -671,6 +676,7 @@ def estimate(costs: LayerCosts, k: int, *, devices: int = 1, fsdp: bool = False)
         devices=devices,
         fsdp=shards > 1,
         worst_step_time_s=worst,
+        cached_step_time_s=cached,
     )
 
 
@@ -754,9 +760,12 @@ def describe(e: Estimate) -> str:
     worst = ""
     if e.worst_step_time_s is not None and e.worst_step_time_s > e.step_time_s * 1.005:
         worst = f" typical, ~{e.worst_step_time_s:.2f} s on the longest examples"
+    cached = ""
+    if e.cached_step_time_s is not None:
+        cached = f", ~{e.cached_step_time_s:.2f} s once the frozen layers' output is cached"
     return (
         f"{e.method} {e.options or ''}{on} freeze-below {e.freeze_below}: "
-        f"~{format_bytes(e.peak_bytes)}{per}, ~{e.step_time_s:.2f} s/step{worst}"
+        f"~{format_bytes(e.peak_bytes)}{per}, ~{e.step_time_s:.2f} s/step{worst}{cached}"
     )
 
 

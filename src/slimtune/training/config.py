@@ -51,7 +51,9 @@ class TrainConfig:
     pack: bool = False
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile each decoder layer for training (model/compile.py)
-    cache_frozen: bool = False  # keep the frozen layers' output per example (salf/frozen_cache.py)
+    # keep the frozen layers' output per example (salf/frozen_cache.py); "auto": where a
+    # run sees its data twice or more in one process and the states fit
+    cache_frozen: bool | Literal["auto"] = "auto"
     eval_every: int = 0
     save_every: int = 50
     keep_checkpoint: bool = False
@@ -160,12 +162,12 @@ class TrainConfig:
             "are untested); drop one of them",
         )
         need(
-            not self.cache_frozen or self.freeze == "auto" or self.freeze_below > 0,
+            self.cache_frozen is not True or self.freeze == "auto" or self.freeze_below > 0,
             "--cache-frozen keeps the frozen layers' output: it needs --freeze-below K "
             "or --freeze auto",
         )
         need(
-            not (self.cache_frozen and self.fsdp),
+            not (self.cache_frozen is True and self.fsdp),
             "--cache-frozen with --fsdp is not supported (the sharded frozen layers would "
             "still gather their weights every step); drop one of them",
         )

@@ -383,15 +383,7 @@ class Trainer:
         freeze_below(self.model, self.freeze_k)
         if not any(p.requires_grad for p in self.model.parameters()):
             raise UserInputError("nothing to train: every parameter is frozen")
-        self.frozen_cache = self._frozen_cache() if cfg.cache_frozen else None
-        seen = cfg.max_steps * cfg.grad_accum * cfg.batch_size * self.accelerator.num_processes
-        passes = seen / len(self.examples)  # how many times the run sees its data
-        if self.freeze_k and not cfg.cache_frozen and not cfg.fsdp and passes >= 2:
-            info(  # measured: 0.83x the frozen step after the first epoch (BENCHMARKS.md)
-                f"note: this run sees its data {passes:.1f} times; --cache-frozen would run "
-                f"layers 0-{self.freeze_k - 1} once per example instead of every epoch "
-                "(README, 'Freezing')"
-            )
+        self.frozen_cache = self._frozen_cache()
         self.trainable, self.total = count_parameters(self.model)
         if cfg.fsdp and self.accelerator.num_processes == 1:
             info("--fsdp with one process: nothing to shard, the model stays whole")
@@ -434,18 +426,50 @@ class Trainer:
                 self.frozen_cache.served = self.frozen_cache.computed = 0
 
     def _frozen_cache(self) -> FrozenOutputCache | None:
-        """``--cache-frozen``: the cache of the frozen layers' output, if it fits the host."""
-        if self.freeze_k == 0:
-            info("--cache-frozen: no layer is frozen, nothing to cache")
+        """The cache of the frozen layers' output (``--cache-frozen``), or None.
+
+        ``auto`` (the default) keeps it where it pays and costs little: layers are frozen,
+        the run sees its data twice or more (the first sight of an example fills it), one
+        process runs (each process would keep its own, and a batch is served only once its
+        process has seen all of its examples), and the states fit (``store_for``)."""
+        cfg, asked = self.cfg, self.cfg.cache_frozen
+        if asked is False or not self.freeze_k:
+            if asked is True:
+                info("--cache-frozen: no layer is frozen, nothing to cache")
+            return None
+        processes = self.accelerator.num_processes
+        seen = cfg.max_steps * cfg.grad_accum * cfg.batch_size * processes
+        passes = seen / len(self.examples)  # how many times the run sees its data
+        if asked == "auto" and (passes < 2 or cfg.fsdp):
+            return None
+        if asked == "auto" and processes > 1:
+            info(
+                f"note: this run sees its data {passes:.1f} times; with {processes} processes "
+                "the frozen layers' output is not cached unless asked (--cache-frozen): "
+                "each process would keep its own, and a batch skips the frozen layers only "
+                "once its own process has seen all of its examples"
+            )
             return None
         need = expected_bytes(self.model, [len(e.input_ids) for e in self.examples])
-        store = store_for(need, self.device, processes=_local_processes())
+        try:
+            store = store_for(need, self.device, processes=_local_processes())
+        except UserInputError:
+            if asked is True:
+                raise
+            info(
+                f"note: the frozen layers' output (about {need / 2**30:.2f} GiB) is not "
+                "cached: it does not fit in half of this host's available memory"
+            )
+            return None
         where = "host memory" if store.type == "cpu" else str(store)
-        info(
+        said = (
             f"--cache-frozen: layers 0-{self.freeze_k - 1} run once per example, their "
             f"output kept in {where} (about {need / 2**20:.0f} MiB)"
         )
-        if self.accelerator.num_processes > 1:
+        if asked == "auto":  # measured: 0.83x the frozen step after the first epoch
+            said += f"; on since the run sees its data {passes:.1f} times (--no-cache-frozen)"
+        info(said)
+        if processes > 1:
             info(
                 "--cache-frozen with several processes: each keeps what it computed, and a "
                 "batch skips the frozen layers once its process has seen all of its "
