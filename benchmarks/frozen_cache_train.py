@@ -25,7 +25,7 @@ from lr_sweep import TASKS, default_rate, run_one  # benchmarks/, the script's f
 
 RUNS = {
     "all layers": "",
-    "frozen": "--freeze-below {k}",
+    "frozen": "--freeze-below {k} --no-cache-frozen",  # the cache is on by default
     "cached": "--freeze-below {k} --cache-frozen",
     "auto cached": "--freeze auto --cache-frozen",  # the analysis' cut (--freeze-below unused)
 }

@@ -9,7 +9,32 @@
 #    EPOCHS epochs (3), every layer / freeze-below 10 / the same with --cache-frozen.
 #  SEEDS="0 1 2" bash benchmarks/gpu_frozen_cache_train.sh   # instead: per seed, every
 #    layer against --freeze auto --cache-frozen, 3 epochs each (step 2 alone)
+#  CUTS="6 10" TASK=extract SEEDS="0 1 2" PARALLEL=1 bash benchmarks/gpu_frozen_cache_train.sh
+#    instead: the seeds side by side (one process each; their step times are not
+#    comparable, their scores are), each every layer and then each cut (cached by default)
 source benchmarks/gpu_models.sh
+if [ -n "${PARALLEL:-}" ]; then
+  one_seed() {  # every layer, then each cut, one after the other
+    local seed=$1 left
+    left=$(( ${CALL_S:-560} - SECONDS ))
+    timeout "$left" python3 benchmarks/frozen_cache_train.py --device cuda --task "${TASK:-intents}" \
+      --epochs "${EPOCHS:-3}" --seed "$seed" --runs "all layers" --out "/tmp/fcp-$seed-all" \
+      2>"$out/seed$seed-all.log" | grep "^| all" || { echo "seed $seed: all stopped"; tail -3 "$out/seed$seed-all.log"; }
+    cp "/tmp/fcp-$seed-all/results-seed$seed.json" "$out/seed$seed-all.json" 2>/dev/null || true
+    for k in ${CUTS:-10}; do
+      left=$(( ${CALL_S:-560} - SECONDS )); [ "$left" -gt 30 ] || return 0
+      timeout "$left" python3 benchmarks/frozen_cache_train.py --device cuda --task "${TASK:-intents}" \
+        --epochs "${EPOCHS:-3}" --seed "$seed" --runs cached --freeze-below "$k" \
+        --out "/tmp/fcp-$seed-$k" 2>"$out/seed$seed-k$k.log" | grep "^| cached" \
+        | sed "s/^| cached/| seed $seed, freeze-below $k (cached)/" \
+        || { echo "seed $seed k $k: stopped"; tail -3 "$out/seed$seed-k$k.log"; }
+      cp "/tmp/fcp-$seed-$k/results-seed$seed.json" "$out/seed$seed-k$k.json" 2>/dev/null || true
+    done
+  }
+  for seed in ${SEEDS:-0 1 2}; do one_seed "$seed" & done
+  wait
+  exit 0
+fi
 if [ -n "${SEEDS:-}" ]; then
   for seed in $SEEDS; do
     left=$(( ${CALL_S:-560} - SECONDS )); [ "$left" -gt 60 ] || { echo "out of time"; break; }
