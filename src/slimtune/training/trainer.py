@@ -467,7 +467,10 @@ class Trainer:
             f"output kept in {where} (about {need / 2**20:.0f} MiB)"
         )
         if asked == "auto":  # measured: 0.83x the frozen step after the first epoch
-            said += f"; on since the run sees its data {passes:.1f} times (--no-cache-frozen)"
+            said += (
+                f"; on because the run sees its data {passes:.1f} times "
+                "(--no-cache-frozen turns it off)"
+            )
         info(said)
         if processes > 1:
             info(
