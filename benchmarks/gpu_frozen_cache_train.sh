@@ -11,12 +11,12 @@
 #    layer against --freeze auto --cache-frozen, 3 epochs each (step 2 alone)
 #  CUTS="6 10" TASK=extract SEEDS="0 1 2" PARALLEL=1 bash benchmarks/gpu_frozen_cache_train.sh
 #    instead: the seeds side by side (one process each; their step times are not
-#    comparable, their scores are), each every layer and then each cut (cached by default)
+#    comparable, their scores are), each every layer and then each cut with --cache-frozen
 source benchmarks/gpu_models.sh
 if [ -n "${PARALLEL:-}" ]; then
   one_seed() {  # every layer, then each cut, one after the other
     local seed=$1 left
-    left=$(( ${CALL_S:-560} - SECONDS ))
+    left=$(( ${CALL_S:-560} - SECONDS )); [ "$left" -gt 30 ] || return 0
     timeout "$left" python3 benchmarks/frozen_cache_train.py --device cuda --task "${TASK:-intents}" \
       --epochs "${EPOCHS:-3}" --seed "$seed" --runs "all layers" --out "/tmp/fcp-$seed-all" \
       2>"$out/seed$seed-all.log" | grep "^| all" || { echo "seed $seed: all stopped"; tail -3 "$out/seed$seed-all.log"; }

@@ -105,7 +105,8 @@ def test_gradients_reach_only_the_chosen_experts_and_the_router():
         expect = ran_second if key.endswith("q_proj") else ran
         for e in range(8):
             for grad in (lin.lora_A.grad[e], lin.lora_B.grad[e]):
-                assert bool(grad.abs().sum() > 0) == (e in expect), (key, e)
+                # "none" up to the attention backward's last-bit residue
+                assert bool(grad.abs().sum() > 1e-9) == (e in expect), (key, e)
         assert lin.base_layer.weight.grad is None
     assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
     assert all(p.grad is None for n, p in model.named_parameters() if "layers.2." not in n)

@@ -126,8 +126,9 @@ def test_train_with_the_cache_matches_train_without_it(
 ):
     """Three epochs of 36 examples at batch 4 (9 micro-batches each): from the second
     epoch on every batch is served from the cache; after the run the model's frozen
-    layers have their uncached forward back. With gradient checkpointing too (the cache
-    then sits inside the checkpointed layer call)."""
+    layers have their uncached forward back. With gradient checkpointing too: the trained
+    layers above the cut recompute from served states (freeze_below leaves the frozen
+    ones unchecked, under no_grad)."""
     runs = {}
     for cached in (False, True):
         runs[cached] = train_tiny(
@@ -222,12 +223,36 @@ def test_by_default_a_frozen_run_caches_from_twice_over_its_data_where_it_fits(
     assert not cached(freeze_below=2, max_steps=18, batch_size=4, cache_frozen=False)
     assert cached(freeze_below=2, max_steps=17, batch_size=4, cache_frozen=True)
 
-    class Tight:  # what auto would keep does not fit: no cache, no error, a note
-        available = 1000
+    class Host:  # the cache would take a third of the available memory
+        available = 3000
 
-    monkeypatch.setattr(frozen_cache.psutil, "virtual_memory", lambda: Tight)
+    monkeypatch.setattr(trainer_module, "expected_bytes", lambda model, lengths: 1000)
+    monkeypatch.setattr(frozen_cache.psutil, "virtual_memory", lambda: Host)
+    # by default at most a quarter (the memory is read before the cache fills): a note
     assert not cached(freeze_below=2, max_steps=18, batch_size=4)
-    assert any("not cached" in s and "available memory" in s for s in said)
+    assert any("not cached" in s and "25% of this host's available memory" in s for s in said)
+    assert cached(freeze_below=2, max_steps=18, batch_size=4, cache_frozen=True)  # up to half
+
+
+def test_the_flag_and_its_yaml_keys_say_on_off_or_auto(tmp_path):
+    from slimtune.cli.app import build_parser, train_config_from_args
+
+    def parsed(*flags: str, yaml: str | None = None):
+        args = ["train", "--data", "a.jsonl", "--freeze-below", "2", *flags]
+        if yaml is not None:
+            (tmp_path / "c.yaml").write_text(yaml)
+            args += ["--config", str(tmp_path / "c.yaml")]
+        return train_config_from_args(build_parser().parse_args(args)).cache_frozen
+
+    assert parsed() == "auto"
+    assert parsed("--cache-frozen") is True
+    assert parsed("--no-cache-frozen") is False
+    assert parsed(yaml="cache_frozen: false\n") is False
+    assert parsed(yaml="no_cache_frozen: true\n") is False
+    assert parsed(yaml="cache_frozen: auto\n") == "auto"
+    assert parsed("--cache-frozen", yaml="cache_frozen: false\n") is True  # the flag wins
+    with pytest.raises(UserInputError, match="cache_frozen"):
+        parsed(yaml="cache_frozen: sometimes\n")
 
 
 @pytest.mark.parametrize(

@@ -355,9 +355,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         f"slimtune plan: {loaded.name}, batch {args.batch_size}: typical "
         f"{args.batch_size} x {typical['input_ids'].shape[1]} (the median padded width), "
         f"longest {args.batch_size} x {batch['input_ids'].shape[1]} (peak memory){on}; "
-        "cached step = typical once the frozen layers' output is kept (train's default "
-        "from an example's second epoch); expected = prior (measured score / LoRA r8's) x "
-        "gain G",
+        "cached step = typical once the frozen layers' output is kept (train's default for "
+        "a run over its data twice or more in one process, from an example's second "
+        "epoch); expected = prior (measured score / LoRA r8's) x gain G",
         [
             "method",
             "quantize",

@@ -42,8 +42,9 @@ from torch.nn.utils.rnn import pad_sequence
 from ..errors import UserInputError
 from ..model.anatomy import base_model, decoder_layers, input_embeddings
 
-# share of the host's available memory the cache may take
+# share of the host's available memory the cache may take when asked for, and by default
 HOST_SHARE = 0.5
+AUTO_HOST_SHARE = 0.25
 # share of a GPU's memory the cache may take there (the rest is the training step's)
 DEVICE_SHARE = 0.05
 
@@ -202,22 +203,29 @@ def expected_bytes(model: nn.Module, lengths: Sequence[int]) -> int:
 
 
 def store_for(
-    need: int, device: torch.device, *, processes: int = 1, flag: str = "--cache-frozen"
+    need: int,
+    device: torch.device,
+    *,
+    processes: int = 1,
+    flag: str = "--cache-frozen",
+    host_share: float = HOST_SHARE,
 ) -> torch.device:
     """Where a cache of ``need`` bytes is kept: on ``device`` (a GPU) if it takes at most
     :data:`DEVICE_SHARE` of its memory and a quarter of what is free, else in host memory,
-    refused there beyond :data:`HOST_SHARE` of what is available, shared by the
-    ``processes`` of this host (each keeps its own)."""
+    refused there beyond ``host_share`` of what is available, shared by the
+    ``processes`` of this host (each keeps its own). The host memory is read once, before
+    the cache fills over the first epoch: the default (``cache_frozen: auto``) keeps a
+    wider margin (:data:`AUTO_HOST_SHARE`) than a cache asked for."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(_indexed(device))
         if need <= min(DEVICE_SHARE * total, free / 4):
             return _indexed(device)
     available = psutil.virtual_memory().available
-    if need * processes > HOST_SHARE * available:
+    if need * processes > host_share * available:
         each = f" in each of {processes} processes" if processes > 1 else ""
         raise UserInputError(
             f"{flag}: keeping the frozen layers' output takes {need / 2**30:.2f} GiB of host "
-            f"memory{each}, more than half of the {available / 2**30:.2f} GiB available "
-            f"in all; drop {flag} or train on fewer or shorter examples"
+            f"memory{each}, more than {host_share:.0%} of the {available / 2**30:.2f} GiB "
+            f"available in all; drop {flag} or train on fewer or shorter examples"
         )
     return torch.device("cpu")

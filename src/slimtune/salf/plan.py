@@ -49,7 +49,7 @@ import gc
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import psutil
 import torch
@@ -148,7 +148,8 @@ class Estimate:
     fsdp: bool = False
     worst_step_time_s: float | None = None  # the step of the longest examples
     # the typical step once the frozen layers' output is kept per example (train's
-    # --cache-frozen, on by default from an example's second sight); None: nothing frozen
+    # --cache-frozen, by default in one process over data seen twice or more, from an
+    # example's second sight); None: nothing frozen, or several processes
     cached_step_time_s: float | None = None
     prior: float | None = None  # measured score relative to LoRA r8's (evidence.py)
     expected_quality: float | None = None  # prior x predicted_gain
@@ -662,8 +663,12 @@ def estimate(costs: LayerCosts, k: int, *, devices: int = 1, fsdp: bool = False)
         )
         peak = max(peak, costs.resident_bytes + states // shards)
     trainable = n * costs.trainable_per_layer + (costs.trainable_embeddings if emb else 0)
-    # a served step skips the frozen layers' forward, what t_frozen measures per layer
-    cached = max(t - k * costs.times("typical").frozen, 0.0) if k and shards == 1 else None
+    # a served step skips the frozen layers' forward, what t_frozen measures per layer;
+    # train caches by default in one process only (trainer._frozen_cache)
+    cached = None
+    if k and devices == 1:
+        skip = [replace(costs.times(w), frozen=0.0).at(L, k, emb) for w in ("typical", "worst")]
+        cached = min(skip)
     return Estimate(
         costs.method,
         costs.options,

@@ -19,7 +19,7 @@ from ..options import check_types
 from ..salf.analysis import DEFAULT_KEEP
 
 # Flags that switch a TrainConfig field off: flag name -> field name.
-NEGATED_FLAGS = {"no_progress": "progress"}
+NEGATED_FLAGS = {"no_progress": "progress", "no_cache_frozen": "cache_frozen"}
 
 
 @dataclass

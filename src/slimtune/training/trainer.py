@@ -69,7 +69,13 @@ from ..model.kernels import apply_fused_kernels, choose_attention
 from ..model.loading import LoadedModel, fingerprint, load_model, resolve_device
 from ..model.quantize import quantization_of
 from ..salf.freezing import freeze_below
-from ..salf.frozen_cache import FrozenOutputCache, expected_bytes, store_for
+from ..salf.frozen_cache import (
+    AUTO_HOST_SHARE,
+    HOST_SHARE,
+    FrozenOutputCache,
+    expected_bytes,
+    store_for,
+)
 from . import trackers
 from .config import TrainConfig
 from .lr_scale import scaled_default_lr, weight_scale
@@ -452,13 +458,16 @@ class Trainer:
             return None
         need = expected_bytes(self.model, [len(e.input_ids) for e in self.examples])
         try:
-            store = store_for(need, self.device, processes=_local_processes())
+            share = HOST_SHARE if asked is True else AUTO_HOST_SHARE
+            store = store_for(need, self.device, processes=_local_processes(), host_share=share)
         except UserInputError:
             if asked is True:
                 raise
             info(
                 f"note: the frozen layers' output (about {need / 2**30:.2f} GiB) is not "
-                "cached: it does not fit in half of this host's available memory"
+                f"cached: by default it takes at most {AUTO_HOST_SHARE:.0%} of this host's "
+                "available memory (--cache-frozen allows up to "
+                f"{HOST_SHARE:.0%})"
             )
             return None
         where = "host memory" if store.type == "cpu" else str(store)
