@@ -5,8 +5,9 @@ trains what the uncached run trains.
 ``--epochs`` passes over the training split: every layer trained; ``--freeze-below K
 --no-cache-frozen`` (the cache is on by default for runs over their data twice);
 ``--freeze-below K --cache-frozen``; and ``--freeze auto --cache-frozen``. For each: the
-task's score and eval loss, the median step of the first epoch (the cache fills) and of the later ones (it serves), the
-mean step over the run, and each against the all-layer run's.
+task's score and eval loss, the median step of the first epoch (the cache fills) and of
+the later ones (it serves), the mean step over the run, and each against the all-layer
+run's.
 
     python benchmarks/frozen_cache_train.py --task intents --freeze-below 10 --epochs 2
 """
