@@ -457,8 +457,8 @@ class Trainer:
             )
             return None
         need = expected_bytes(self.model, [len(e.input_ids) for e in self.examples])
+        share = HOST_SHARE if asked is True else AUTO_HOST_SHARE
         try:
-            share = HOST_SHARE if asked is True else AUTO_HOST_SHARE
             store = store_for(need, self.device, processes=_local_processes(), host_share=share)
         except UserInputError:
             if asked is True:
@@ -466,8 +466,7 @@ class Trainer:
             info(
                 f"note: the frozen layers' output (about {need / 2**30:.2f} GiB) is not "
                 f"cached: by default it takes at most {AUTO_HOST_SHARE:.0%} of this host's "
-                "available memory (--cache-frozen allows up to "
-                f"{HOST_SHARE:.0%})"
+                f"available memory (--cache-frozen allows up to {HOST_SHARE:.0%})"
             )
             return None
         where = "host memory" if store.type == "cpu" else str(store)
