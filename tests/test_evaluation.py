@@ -38,6 +38,34 @@ def test_shared_prefix_scoring_equals_one_pass_per_label(tiny):
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("max_length", [None, 24])
+def test_prompts_that_share_an_instruction_run_it_once_and_score_as_alone(tiny, max_length):
+    """The instruction every prompt starts with runs once for the set, batches go by length;
+    each score is the one its prompt gets alone. With a ``max_length`` that cuts the
+    instruction the prompts share less (their ends are kept), and still score as alone."""
+    model, tok = tiny.model, tiny.tokenizer
+    head = "Classify the customer message into one of: billing, shipping.\nMessage: "
+    messages = ["a", "where is my parcel now, it is late", "refund", "my card was charged twice"]
+    prompts = [head + msg + "\nIntent:" for msg in messages]
+    labels = [" billing", " shipping label"]
+    widths: list[int] = []
+    hook = model.get_input_embeddings().register_forward_hook(
+        lambda m, args, out: widths.append(args[0].shape[-1])
+    )
+    try:
+        fast = score_labels(model, tok, prompts, labels, batch_size=3, max_length=max_length)
+    finally:
+        hook.remove()
+    alone = torch.cat(
+        [score_labels(model, tok, [p], labels, max_length=max_length) for p in prompts]
+    )
+    torch.testing.assert_close(fast, alone, atol=1e-4, rtol=1e-4)
+    if max_length is None:  # the head ran once; no later forward is as wide as a whole prompt
+        head_len = len(tok(head)["input_ids"]) - 1  # its last token may merge with the next
+        assert widths[0] >= head_len
+        assert max(widths[1:]) <= max(len(tok(p)["input_ids"]) for p in prompts) - head_len
+
+
 def test_accuracy_counts_argmax_of_scores(tiny, tmp_path):
     rows = [
         {"prompt": f"Message: {i}\nIntent:", "completion": lab}
@@ -458,3 +486,25 @@ def test_the_score_train_reports_is_the_score_eval_gives_its_delta(
     argv = ["eval", "--model", str(tiny_dir), "--data", str(test), "--device", "cpu"]
     assert main([*argv, "--no-latency", "--output", str(base)]) == 0
     assert abs(json.loads(base.read_text())["loss"] - got["loss"]) > 0.1
+
+
+@pytest.mark.parametrize("max_seconds, rounds", [(0.0, 1), (1e9, 3)])
+def test_decode_latency_times_rounds_until_its_budget_after_a_short_warm_up(
+    tiny, max_seconds, rounds
+):
+    """A slow CPU gets one timed round (a small run's report must not outlast its training);
+    a fast device every round asked for. The warm-up is a few steps, not a round."""
+    from slimtune.eval.evaluate import decode_latency
+
+    calls = []
+    hook = tiny.model.register_forward_hook(lambda m, a, kw: calls.append(1))
+    try:
+        out = decode_latency(
+            tiny.model, tiny.tokenizer, "hello", new_tokens=5, repeats=3, warmup_tokens=2,
+            max_seconds=max_seconds,
+        )
+    finally:
+        hook.remove()
+    assert out["latency_steps"] == 5 * rounds
+    assert len(calls) == (1 + 2) + rounds * (1 + 5)  # prefill + steps, warm-up then timed
+    assert 0 < out["latency_p50_ms"] <= out["latency_p95_ms"]

@@ -4,7 +4,9 @@
 * ``accuracy`` for classification-style data (prompt/completion with a small set of distinct
   completions): each label is scored by its log-likelihood given the prompt. The prompt
   runs once per example; its KV cache is then repeated for all labels and the label
-  tokens of every (example, label) pair run in one batched pass.
+  tokens of every (example, label) pair run in one batched pass. The tokens every prompt
+  starts with (an instruction, a template) run once for the whole set, and batches are
+  formed by length, so little compute goes to padding.
 * ``exact_match`` for other prompt/completion data: greedy generation compared to the
   completion (whitespace-stripped).
 * ``latency``: per-token decode time (p50/p95) with a KV cache, and the prefill time.
@@ -17,6 +19,7 @@ shows a progress bar when ``progress`` is true.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import re
 import string
@@ -152,13 +155,20 @@ def score_labels(
     lab, lab_mask = lab.to(dev), lab_mask.to(dev)
     parts = backbone_and_head(model)
     budget = max(1, max_length - m) if max_length else None
-    out_scores = []
+    seqs_all = [_prompt_ids(tokenizer, p, budget) for p in prompts]
+    shared, prefix_cache = _shared_prefix(model, seqs_all, dev, autocast)
+    out_scores: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
     bar = _bar(len(prompts), "eval classification", progress)
-    for chunk in _batches(list(prompts), batch_size):
-        seqs = [_prompt_ids(tokenizer, p, budget) for p in chunk]
-        ids, mask = left_pad(seqs, tokenizer.pad_token_id, dev)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+    by_length = sorted(range(len(prompts)), key=lambda i: len(seqs_all[i]))
+    for chunk in _batches(by_length, batch_size):
+        ids, mask = left_pad([seqs_all[i][shared:] for i in chunk], tokenizer.pad_token_id, dev)
+        if prefix_cache is not None:  # [prefix][left padding][rest of the prompt]
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(chunk))
+            mask = torch.cat([mask.new_ones(len(chunk), shared), mask], dim=1)
+        else:
+            cache = DynamicCache()
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
         with autocast(), padded_inference(dev):
             out = model(
                 input_ids=ids,
@@ -200,11 +210,40 @@ def score_labels(
             tok_lp = logp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
             tok_lp = tok_lp * lab_mask[:, 1:].repeat(b, 1)
             score = score + tok_lp.sum(-1).view(b, n_lab)
-        out_scores.append(score.cpu())
+        for i, row in zip(chunk, score.cpu()):
+            out_scores[i] = row
         bar.update(len(chunk))
     bar.close()
     model.train(was_training)
-    return torch.cat(out_scores)
+    return torch.stack(out_scores) if out_scores else torch.empty(0, n_lab)
+
+
+MIN_SHARED_PREFIX = 4  # tokens; below this a separate forward costs more than it saves
+
+
+@torch.no_grad()
+def _shared_prefix(model: nn.Module, seqs: list[list[int]], dev: torch.device, autocast):
+    """(length, KV cache) of the tokens every sequence starts with, each keeping at least
+    its last token; (0, None) when they share fewer than ``MIN_SHARED_PREFIX``."""
+    from transformers import DynamicCache
+
+    if len(seqs) < 2:
+        return 0, None
+    n = min(len(s) for s in seqs) - 1
+    first = seqs[0]
+    for s in seqs[1:]:
+        n = next((i for i in range(n) if s[i] != first[i]), n)
+    if n < MIN_SHARED_PREFIX:
+        return 0, None
+    cache = DynamicCache()
+    with autocast():
+        model(
+            input_ids=torch.tensor([first[:n]], device=dev),
+            use_cache=True,
+            logits_to_keep=1,
+            **with_cache(model, cache),
+        )
+    return n, cache
 
 
 def classification_accuracy(
@@ -453,12 +492,19 @@ def decode_latency(
     *,
     new_tokens: int = 32,
     repeats: int = 3,
+    max_seconds: float = 2.0,
+    warmup_tokens: int = 4,
     autocast=contextlib.nullcontext,
     max_length: int | None = None,
     progress: bool = False,
 ) -> dict[str, float]:
     """Per-token decode latency with a KV cache, greedy, batch 1; the prompt keeps its last
-    ``max_length - new_tokens`` tokens."""
+    ``max_length - new_tokens`` tokens.
+
+    A short warm-up round, then up to ``repeats`` timed rounds of ``new_tokens`` steps, but no
+    new round once ``max_seconds`` have gone: on a GPU that is every round, on a CPU where a
+    step takes ~100 ms it is one, so a small run's report does not cost more than its training.
+    """
     from transformers import DynamicCache
 
     was_training = model.training
@@ -470,7 +516,10 @@ def decode_latency(
     steps: list[float] = []
     prefill: list[float] = []
     bar = _bar(repeats + 1, "eval latency", progress, unit="round")
-    for r in range(repeats + 1):  # the first round warms up
+    start = time.perf_counter()
+    for r in range(repeats + 1):  # round 0 warms up
+        if r > 1 and time.perf_counter() - start > max_seconds:
+            break
         cache = DynamicCache()
         sync()
         t0 = time.perf_counter()
@@ -480,7 +529,7 @@ def decode_latency(
         sync()
         if r:
             prefill.append(time.perf_counter() - t0)
-        for _ in range(new_tokens):
+        for _ in range(new_tokens if r else warmup_tokens):
             t0 = time.perf_counter()
             with autocast():
                 out = model(input_ids=nxt, use_cache=True, **with_cache(model, cache))
@@ -488,6 +537,8 @@ def decode_latency(
             sync()
             if r:
                 steps.append(time.perf_counter() - t0)
+        if not r:
+            start = time.perf_counter()  # the budget counts the timed rounds only
         bar.update(1)
     bar.close()
     model.train(was_training)
@@ -495,6 +546,7 @@ def decode_latency(
         "latency_p50_ms": 1000 * percentile(steps, 50),
         "latency_p95_ms": 1000 * percentile(steps, 95),
         "prefill_ms": 1000 * percentile(prefill, 50),
+        "latency_steps": len(steps),
     }
 
 

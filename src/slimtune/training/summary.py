@@ -88,6 +88,7 @@ class RunSummary:
         default=None, metadata=shown(100, "decode latency p95", "ms", sweep=False, omit_none=True)
     )
     eval_prefill_ms: float | None = field(default=None, metadata=OPTIONAL)
+    eval_latency_steps: int | None = field(default=None, metadata=OPTIONAL)  # timed decode steps
     task: str | None = None  # None (and written so) without eval data
     # facts a method adds (Method.summary); the mixture of experts' today
     adapter_params: int | None = field(default=None, metadata=OPTIONAL)
