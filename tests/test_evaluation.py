@@ -500,7 +500,12 @@ def test_decode_latency_times_rounds_until_its_budget_after_a_short_warm_up(
     hook = tiny.model.register_forward_hook(lambda m, a, kw: calls.append(1))
     try:
         out = decode_latency(
-            tiny.model, tiny.tokenizer, "hello", new_tokens=5, repeats=3, warmup_tokens=2,
+            tiny.model,
+            tiny.tokenizer,
+            "hello",
+            new_tokens=5,
+            repeats=3,
+            warmup_tokens=2,
             max_seconds=max_seconds,
         )
     finally:
