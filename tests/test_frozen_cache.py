@@ -234,6 +234,26 @@ def test_by_default_a_frozen_run_caches_from_twice_over_its_data_where_it_fits(
     assert cached(freeze_below=2, max_steps=18, batch_size=4, cache_frozen=True)  # up to half
 
 
+@pytest.mark.parametrize("stopped_at, cached", [(9, True), (19, False)])
+def test_a_resumed_run_counts_the_passes_it_has_left(
+    tiny_dir, intent_file, tmp_path, stopped_at, cached
+):
+    """A resumed run's cache starts empty: 27 steps see the data three times, but what is
+    left after step 19 (8 steps) sees it less than twice, and would only fill the cache."""
+    from slimtune.training.trainer import Trainer
+
+    from .test_train import stop_after_checkpoint, tiny_cfg
+
+    opts = dict(freeze_below=2, max_steps=27, save_every=stopped_at)
+    stop_after_checkpoint(tiny_cfg(tiny_dir, intent_file, tmp_path, **opts), stopped_at)
+    resumed = Trainer(tiny_cfg(tiny_dir, intent_file, tmp_path, resume=True, **opts))
+    try:
+        assert resumed.step == stopped_at
+        assert (resumed.frozen_cache is not None) is cached
+    finally:
+        resumed.close()
+
+
 def test_the_flag_and_its_yaml_keys_say_on_off_or_auto(tmp_path):
     from slimtune.cli.app import build_parser, train_config_from_args
 

@@ -437,14 +437,16 @@ class Trainer:
         ``auto`` (the default) keeps it where it pays and costs little: layers are frozen,
         the run sees its data twice or more (the first sight of an example fills it), one
         process runs (each process would keep its own, and a batch is served only once its
-        process has seen all of its examples), and the states fit (``store_for``)."""
+        process has seen all of its examples), and the states fit (``store_for``). A resumed
+        run counts the steps it has left: its cache starts empty."""
         cfg, asked = self.cfg, self.cfg.cache_frozen
         if asked is False or not self.freeze_k:
             if asked is True:
                 info("--cache-frozen: no layer is frozen, nothing to cache")
             return None
         processes = self.accelerator.num_processes
-        seen = cfg.max_steps * cfg.grad_accum * cfg.batch_size * processes
+        steps = cfg.max_steps - self._resumed_step()  # a resumed run's cache starts empty
+        seen = steps * cfg.grad_accum * cfg.batch_size * processes
         passes = seen / len(self.examples)  # how many times the run sees its data
         if asked == "auto" and (passes < 2 or cfg.fsdp):
             return None
@@ -487,6 +489,16 @@ class Trainer:
                 "examples, which takes more epochs the more processes there are"
             )
         return FrozenOutputCache(self.model, self.freeze_k, store)
+
+    def _resumed_step(self) -> int:
+        """The step ``--resume`` will start from (0 without a readable checkpoint: the
+        checkpoint's own checks in ``_load_checkpoint`` say what is wrong with it)."""
+        ckpt = recover_dir(self.ckpt_dir) if self.cfg.resume else None
+        try:
+            step = json.loads((ckpt / "checkpoint.json").read_text(encoding="utf-8"))["step"]
+        except (TypeError, OSError, ValueError, KeyError):
+            return 0
+        return step if isinstance(step, int) and 0 <= step <= self.cfg.max_steps else 0
 
     @property
     def default_lr(self) -> float:
