@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=None, help="default: the method's default rate")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--runs", default=",".join(RUNS), help="which of: " + ", ".join(RUNS))
     ap.add_argument("--out", default="runs/frozen_cache_train")
@@ -58,7 +59,7 @@ def main() -> None:
     steps = args.epochs * per_epoch
     out = Path(args.out)
     job = {"model": args.model, "task": args.task, "method": args.method}
-    job |= {"lr": default_rate(args.method, args.model), "seed": args.seed}
+    job |= {"lr": args.lr or default_rate(args.method, args.model), "seed": args.seed}
     rows = {}
     for name in args.runs.split(","):
         flags = RUNS[name].format(k=args.freeze_below) + f" --batch-size {args.batch}"
