@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--lr", type=float, default=None, help="default: the method's default rate")
+    ap.add_argument("--lr", default=None, help="default: the method's default rate")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--runs", default=",".join(RUNS), help="which of: " + ", ".join(RUNS))
     ap.add_argument("--out", default="runs/frozen_cache_train")
