@@ -1,0 +1,109 @@
+"""What `train`'s final evaluation costs on the default model, and what the two cheaper
+ways of doing it buy: classification scoring with the prompts' shared instruction run once
+and batches formed by length, against one forward per left-padded batch in file order; the
+decode-latency measurement under its time budget after a 4-step warm-up, against three
+timed rounds after a whole warm-up round (the measurement before 2026-11-29).
+
+    python benchmarks/eval_cost.py [--device cpu] [--threads 1] [--examples 72] [--rounds 2]
+
+Each variant runs ``--rounds`` times in turn, on the same model in one process; the table
+gives the median seconds and each cheap variant against the one before it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+
+def main() -> None:
+    from slimtune import load_model
+    from slimtune.data import load_dataset
+    from slimtune.eval import evaluate as ev
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads on the CPU")
+    ap.add_argument("--examples", type=int, default=72, help="intents test examples scored")
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    base = load_model("default", device=args.device)
+    model, tok = base.model, base.tokenizer
+    ds = load_dataset("builtin:support_intents_test", tok)
+    records = ds.records[: args.examples]
+    prompts = [r.fields["prompt"] for r in records]
+    labels = ev.label_set(ds.records)
+
+    def score(shared: bool):
+        keep = ev.MIN_SHARED_PREFIX
+        ev.MIN_SHARED_PREFIX = keep if shared else 10**9
+        try:
+            if shared:
+                return ev.score_labels(model, tok, prompts, labels, max_length=ds.max_length)
+            # file order, as before: each batch sorted alone keeps the old padding
+            out = [
+                ev.score_labels(model, tok, prompts[i : i + 16], labels, max_length=ds.max_length)
+                for i in range(0, len(prompts), 16)
+            ]
+            return torch.cat(out)
+        finally:
+            ev.MIN_SHARED_PREFIX = keep
+
+    def latency(budgeted: bool):
+        prompt = prompts[0]
+        if budgeted:
+            return ev.decode_latency(model, tok, prompt, max_length=ds.max_length)
+        return ev.decode_latency(
+            model, tok, prompt, max_length=ds.max_length, warmup_tokens=32, max_seconds=1e9
+        )
+
+    variants = {
+        "scoring, one forward per padded batch": lambda: score(False),
+        "scoring, shared instruction once, by length": lambda: score(True),
+        "latency, 3 rounds after a warm-up round": lambda: latency(False),
+        "latency, 2 s budget after 4 steps": lambda: latency(True),
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    results: dict[str, object] = {}
+    for _ in range(args.rounds):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            results[name] = fn()
+            times[name].append(time.perf_counter() - t0)
+    a, b = (results[n] for n in list(variants)[:2])
+    assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+    same = int((a.argmax(-1) == b.argmax(-1)).sum())
+    print(
+        f"\ndefault model, {args.device}"
+        + (f" ({args.threads} threads)" if args.device == "cpu" else "")
+        + f", {len(prompts)} intents test examples, {args.rounds} rounds; "
+        f"scores differ by at most {float((a - b).abs().max()):.1e}, "
+        f"the same label chosen for {same} of {len(prompts)}\n"
+    )
+    print("| variant | median s | vs the one before | detail |")
+    print("|---|---|---|---|")
+    prev = None
+    for i, name in enumerate(variants):
+        med = statistics.median(times[name])
+        ratio = f"{med / prev:.2f}x" if i % 2 and prev else ""
+        r = results[name]
+        detail = (
+            f"p50 {r['latency_p50_ms']:.1f} ms over {r['latency_steps']} steps"
+            if isinstance(r, dict)
+            else ""
+        )
+        print(f"| {name} | {med:.2f} | {ratio} | {detail} |")
+        prev = med
+
+
+if __name__ == "__main__":
+    main()
