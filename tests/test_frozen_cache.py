@@ -254,6 +254,31 @@ def test_a_resumed_run_counts_the_passes_it_has_left(
         resumed.close()
 
 
+@pytest.mark.parametrize("max_steps, cached", [(8, False), (24, True)])
+def test_the_budget_message_shows_a_cached_step_only_for_a_run_that_caches(
+    tiny_dir, intent_file, tmp_path, monkeypatch, max_steps, cached
+):
+    """--freeze auto with a budget names the cut's estimate; its cached step only where
+    the run will keep the frozen layers' output (36 examples at batch 4: 18 steps or more)."""
+    from slimtune.salf import plan
+    from slimtune.training import trainer as trainer_module
+
+    from .test_train import tiny_cfg
+
+    said: list[str] = []
+    monkeypatch.setattr(trainer_module, "info", said.append)
+    monkeypatch.setattr(plan, "budget_freeze_below", lambda costs, **budget: 2)  # a cut
+    opts = dict(freeze="auto", budget_step_time="100s", max_steps=max_steps, batch_size=4)
+    t = trainer_module.Trainer(tiny_cfg(tiny_dir, intent_file, tmp_path, **opts))
+    try:
+        (line,) = [s for s in said if s.startswith("budget policy")]
+        assert "freeze-below 2" in line
+        assert ("once the frozen layers' output is cached" in line) is cached
+        assert (t.frozen_cache is not None) is cached
+    finally:
+        t.close()
+
+
 def test_the_flag_and_its_yaml_keys_say_on_off_or_auto(tmp_path):
     from slimtune.cli.app import build_parser, train_config_from_args
 

@@ -757,7 +757,9 @@ def parse_duration(text: str | float | None) -> float | None:
     raise UserInputError(f"cannot read duration {text!r}; write e.g. 1.5s, 800ms, 2m")
 
 
-def describe(e: Estimate) -> str:
+def describe(e: Estimate, *, cached: bool = True) -> str:
+    """One line of an estimate; ``cached=False`` leaves out the cached step (a run that
+    will not keep the frozen layers' output: too short, or several processes)."""
     on = f" on {e.quantize}" if e.quantize != "none" else ""
     per = ""
     if e.devices > 1:
@@ -765,12 +767,12 @@ def describe(e: Estimate) -> str:
     worst = ""
     if e.worst_step_time_s is not None and e.worst_step_time_s > e.step_time_s * 1.005:
         worst = f" typical, ~{e.worst_step_time_s:.2f} s on the longest examples"
-    cached = ""
-    if e.cached_step_time_s is not None:
-        cached = f", ~{e.cached_step_time_s:.2f} s once the frozen layers' output is cached"
+    cache = ""
+    if e.cached_step_time_s is not None and cached:
+        cache = f", ~{e.cached_step_time_s:.2f} s once the frozen layers' output is cached"
     return (
         f"{e.method} {e.options or ''}{on} freeze-below {e.freeze_below}: "
-        f"~{format_bytes(e.peak_bytes)}{per}, ~{e.step_time_s:.2f} s/step{worst}{cached}"
+        f"~{format_bytes(e.peak_bytes)}{per}, ~{e.step_time_s:.2f} s/step{worst}{cache}"
     )
 
 

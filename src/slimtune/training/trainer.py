@@ -445,9 +445,7 @@ class Trainer:
                 info("--cache-frozen: no layer is frozen, nothing to cache")
             return None
         processes = self.accelerator.num_processes
-        steps = cfg.max_steps - self._resumed_step()  # a resumed run's cache starts empty
-        seen = steps * cfg.grad_accum * cfg.batch_size * processes
-        passes = seen / len(self.examples)  # how many times the run sees its data
+        passes = self._passes_left()
         if asked == "auto" and (passes < 2 or cfg.fsdp):
             return None
         if asked == "auto" and processes > 1:
@@ -489,6 +487,21 @@ class Trainer:
                 "examples, which takes more epochs the more processes there are"
             )
         return FrozenOutputCache(self.model, self.freeze_k, store)
+
+    def _passes_left(self) -> float:
+        """How many times the steps still to run see the training data (a resumed run's
+        cache starts empty, so only those count)."""
+        cfg = self.cfg
+        steps = cfg.max_steps - self._resumed_step()
+        seen = steps * cfg.grad_accum * cfg.batch_size * self.accelerator.num_processes
+        return seen / len(self.examples)
+
+    def _cache_by_default(self) -> bool:
+        """Whether ``cache_frozen: auto`` would keep a frozen run's states (memory aside)."""
+        cfg = self.cfg
+        return cfg.cache_frozen == "auto" and (
+            self._passes_left() >= 2 and self.accelerator.num_processes == 1 and not cfg.fsdp
+        )
 
     def _resumed_step(self) -> int:
         """The step ``--resume`` will start from (0 without a readable checkpoint: the
@@ -621,9 +634,10 @@ class Trainer:
                     f"the budget is too small: training only the top layer needs {describe(top)}"
                 )
             k, est = kb, estimate(costs, kb)
-            info(
+            cached = cfg.cache_frozen is True or self._cache_by_default()
+            info(  # the step budget holds the uncached step: the first epoch's
                 f"budget policy: unfreezing from the top, layers {k}-{costs.num_layers - 1} "
-                f"fit: {describe(est)}"
+                f"fit: {describe(est, cached=cached)}"
             )
         self.auto_freeze = {
             "analysis_freeze_below": a.freeze_below,
