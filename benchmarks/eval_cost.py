@@ -5,6 +5,7 @@ decode-latency measurement under its time budget after a 4-step warm-up, against
 timed rounds after a whole warm-up round (the measurement before 2026-11-29).
 
     python benchmarks/eval_cost.py [--device cpu] [--threads 1] [--examples 72] [--rounds 2]
+                                   [--dtype float32]
 
 Each variant runs ``--rounds`` times in turn, on the same model in one process; the table
 gives the median seconds and each cheap variant against the one before it.
@@ -33,10 +34,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads on the CPU")
     ap.add_argument("--examples", type=int, default=72, help="intents test examples scored")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--dtype", default=None, help="the weights' dtype (default: load_model's)")
     args = ap.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
-    base = load_model("default", device=args.device)
+    base = load_model("default", device=args.device, dtype=args.dtype)
     model, tok = base.model, base.tokenizer
     ds = load_dataset("builtin:support_intents_test", tok)
     records = ds.records[: args.examples]
@@ -83,7 +85,7 @@ def main() -> None:
     assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
     same = int((a.argmax(-1) == b.argmax(-1)).sum())
     print(
-        f"\ndefault model, {args.device}"
+        f"\ndefault model ({next(model.parameters()).dtype}), {args.device}"
         + (f" ({args.threads} threads)" if args.device == "cpu" else "")
         + f", {len(prompts)} intents test examples, {args.rounds} rounds; "
         f"scores differ by at most {float((a - b).abs().max()):.1e}, "
