@@ -66,6 +66,35 @@ def test_prompts_that_share_an_instruction_run_it_once_and_score_as_alone(tiny, 
         assert max(widths[1:]) <= max(len(tok(p)["input_ids"]) for p in prompts) - head_len
 
 
+@pytest.mark.parametrize("window", [8, 512])
+def test_a_sliding_window_model_scores_batched_prompts_as_alone(tmp_path, window):
+    """A sliding window counts cache slots: padding after a shared prefix would push real
+    tokens out of a small one, so the prefix is shared only where every prompt and its
+    label fit in the window (Gemma 3's is 512 on the packaged model)."""
+    from slimtune.model.loading import load_model
+    from slimtune.testing import tiny_model_dir
+
+    tiny = load_model(str(tiny_model_dir(tmp_path / "g", layers=2, arch="gemma3")))
+    tiny.model.config.sliding_window = window
+    tiny.model.config.layer_types = ["sliding_attention"] * 2
+    head = "Classify the customer message into one of: billing, shipping.\nMessage: "
+    prompts = [head + m + "\nIntent:" for m in ("a", "where is my parcel now, it is late")]
+    widths: list[int] = []
+    hook = tiny.model.get_input_embeddings().register_forward_hook(
+        lambda m, args, out: widths.append(args[0].shape[-1])
+    )
+    try:
+        fast = score_labels(tiny.model, tiny.tokenizer, prompts, [" billing", " shipping"])
+    finally:
+        hook.remove()
+    alone = torch.cat(
+        [score_labels(tiny.model, tiny.tokenizer, [p], [" billing", " shipping"]) for p in prompts]
+    )
+    torch.testing.assert_close(fast, alone, atol=1e-4, rtol=1e-4)
+    longest = max(len(tiny.tokenizer(p)["input_ids"]) for p in prompts)
+    assert (max(widths) < longest) is (window == 512)  # shared only where it is exact
+
+
 def test_accuracy_counts_argmax_of_scores(tiny, tmp_path):
     rows = [
         {"prompt": f"Message: {i}\nIntent:", "completion": lab}

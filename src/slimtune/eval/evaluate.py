@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..data import Dataset, Example, Record, chat_turns, collate, prompt_ids
-from ..model.anatomy import backbone_and_head, with_cache
+from ..model.anatomy import backbone_and_head, base_model, with_cache
 from ..model.masks import left_pad, padded_inference
 from ..training.loss import target_loss
 from .cost import percentile
@@ -156,7 +156,10 @@ def score_labels(
     parts = backbone_and_head(model)
     budget = max(1, max_length - m) if max_length else None
     seqs_all = [_prompt_ids(tokenizer, p, budget) for p in prompts]
-    shared, prefix_cache = _shared_prefix(model, seqs_all, dev, autocast)
+    span = _attention_span(model)  # the label tokens come after the widest prompt
+    shared, prefix_cache = _shared_prefix(
+        model, seqs_all, dev, autocast, max_width=None if span is None else span - m
+    )
     out_scores: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
     bar = _bar(len(prompts), "eval classification", progress)
     by_length = sorted(range(len(prompts)), key=lambda i: len(seqs_all[i]))
@@ -221,13 +224,32 @@ def score_labels(
 MIN_SHARED_PREFIX = 4  # tokens; below this a separate forward costs more than it saves
 
 
+def _attention_span(model: nn.Module) -> int | None:
+    """The fewest cache slots a query may look back over (a sliding window, an attention
+    chunk), or None. Those masks count slots, not positions: padding between a shared
+    prefix and the rest of a prompt would push real tokens out of them."""
+    cfg = getattr(base_model(model), "config", None)
+    if cfg is not None and hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    spans = [getattr(cfg, k, None) for k in ("sliding_window", "attention_chunk_size")]
+    spans = [s for s in spans if isinstance(s, int) and s > 0]
+    return min(spans) if spans else None
+
+
 @torch.no_grad()
-def _shared_prefix(model: nn.Module, seqs: list[list[int]], dev: torch.device, autocast):
+def _shared_prefix(
+    model: nn.Module,
+    seqs: list[list[int]],
+    dev: torch.device,
+    autocast,
+    max_width: int | None = None,
+):
     """(length, KV cache) of the tokens every sequence starts with, each keeping at least
-    its last token; (0, None) when they share fewer than ``MIN_SHARED_PREFIX``."""
+    its last token; (0, None) when they share fewer than ``MIN_SHARED_PREFIX``, or when a
+    sequence is longer than ``max_width`` (the model's attention span less the labels)."""
     from transformers import DynamicCache
 
-    if len(seqs) < 2:
+    if len(seqs) < 2 or (max_width is not None and max(map(len, seqs)) > max_width):
         return 0, None
     n = min(len(s) for s in seqs) - 1
     first = seqs[0]
