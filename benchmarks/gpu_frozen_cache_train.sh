@@ -31,7 +31,7 @@ if [ -n "${PARALLEL:-}" ]; then
       left=$(( ${CALL_S:-560} - SECONDS )); [ "$left" -gt 30 ] || return 0
       local rate=(); [ "$lr" = default ] || rate=(--lr "$lr")
       timeout "$left" python3 benchmarks/frozen_cache_train.py --device cuda --task "${TASK:-intents}" \
-        --epochs "${EPOCHS:-3}" --seed "$seed" --runs cached --freeze-below "$k" "${rate[@]}" \
+        --epochs "${EPOCHS:-3}" --seed "$seed" --runs cached --freeze-below "$k" ${rate[@]+"${rate[@]}"} \
         --out "/tmp/fcp-$seed-$k-$lr" 2>"$out/seed$seed-k$k-$lr.log" | grep "^| cached" \
         | sed "s/^| cached/| seed $seed, freeze-below $k (cached), lr $lr/" \
         || { echo "seed $seed k $k lr $lr: stopped"; tail -3 "$out/seed$seed-k$k-$lr.log"; }

@@ -2,7 +2,7 @@
 runs them (two at a time, a torch thread each, named groups in order): the test is the
 suite's longest, and this says which example to make cheaper.
 
-    python benchmarks/readme_examples_time.py [--workers 2]
+    python benchmarks/readme_examples_time.py [--workers N]
 
 Prints one line per example (seconds, start offset, exit code, first line) and the total.
 """
@@ -26,7 +26,9 @@ def main() -> None:
     from tests.test_readme import blocks, sequences
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument(
+        "--workers", type=int, default=min(4, max(2, (os.cpu_count() or 1) // 2))
+    )  # the test's
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="readme-examples-"))
     env = {

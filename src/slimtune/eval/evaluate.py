@@ -519,7 +519,7 @@ def decode_latency(
     autocast=contextlib.nullcontext,
     max_length: int | None = None,
     progress: bool = False,
-) -> dict[str, float]:
+) -> dict[str, float | int]:
     """Per-token decode latency with a KV cache, greedy, batch 1; the prompt keeps its last
     ``max_length - new_tokens`` tokens.
 
@@ -541,6 +541,8 @@ def decode_latency(
     start = time.perf_counter()
     for r in range(repeats + 1):  # round 0 warms up
         if r > 1 and time.perf_counter() - start > max_seconds:
+            bar.total = r  # the budget ended it: the bar ends full
+            bar.refresh()
             break
         cache = DynamicCache()
         sync()

@@ -437,15 +437,14 @@ class Trainer:
         ``auto`` (the default) keeps it where it pays and costs little: layers are frozen,
         the run sees its data twice or more (the first sight of an example fills it), one
         process runs (each process would keep its own, and a batch is served only once its
-        process has seen all of its examples), and the states fit (``store_for``). A resumed
-        run counts the steps it has left: its cache starts empty."""
+        process has seen all of its examples), and the states fit (``store_for``)."""
         cfg, asked = self.cfg, self.cfg.cache_frozen
         if asked is False or not self.freeze_k:
             if asked is True:
                 info("--cache-frozen: no layer is frozen, nothing to cache")
             return None
         processes = self.accelerator.num_processes
-        passes = self._passes_left()
+        passes = self._passes()
         if asked == "auto" and (passes < 2 or cfg.fsdp):
             return None
         if asked == "auto" and processes > 1:
@@ -488,30 +487,20 @@ class Trainer:
             )
         return FrozenOutputCache(self.model, self.freeze_k, store)
 
-    def _passes_left(self) -> float:
-        """How many times the steps still to run see the training data (a resumed run's
-        cache starts empty, so only those count)."""
+    def _passes(self) -> float:
+        """How many times the run sees its training data. A resumed run counts the whole
+        run too: the cache runs the frozen layers in eval mode, so a resumed run must make
+        the uninterrupted run's choice to end with its weights (dropout below the cut)."""
         cfg = self.cfg
-        steps = cfg.max_steps - self._resumed_step()
-        seen = steps * cfg.grad_accum * cfg.batch_size * self.accelerator.num_processes
+        seen = cfg.max_steps * cfg.grad_accum * cfg.batch_size * self.accelerator.num_processes
         return seen / len(self.examples)
 
     def _cache_by_default(self) -> bool:
         """Whether ``cache_frozen: auto`` would keep a frozen run's states (memory aside)."""
         cfg = self.cfg
         return cfg.cache_frozen == "auto" and (
-            self._passes_left() >= 2 and self.accelerator.num_processes == 1 and not cfg.fsdp
+            self._passes() >= 2 and self.accelerator.num_processes == 1 and not cfg.fsdp
         )
-
-    def _resumed_step(self) -> int:
-        """The step ``--resume`` will start from (0 without a readable checkpoint: the
-        checkpoint's own checks in ``_load_checkpoint`` say what is wrong with it)."""
-        ckpt = recover_dir(self.ckpt_dir) if self.cfg.resume else None
-        try:
-            step = json.loads((ckpt / "checkpoint.json").read_text(encoding="utf-8"))["step"]
-        except (TypeError, OSError, ValueError, KeyError):
-            return 0
-        return step if isinstance(step, int) and 0 <= step <= self.cfg.max_steps else 0
 
     @property
     def default_lr(self) -> float:
