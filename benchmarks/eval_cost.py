@@ -1,6 +1,8 @@
-"""What `train`'s final evaluation costs on the default model, and what the two cheaper
+"""What `train`'s final evaluation costs on the default model, and what the three cheaper
 ways of doing it buy: classification scoring with the prompts' shared instruction run once
-and batches formed by length, against one forward per left-padded batch in file order; the
+and batches formed by length, against one forward per left-padded batch in file order;
+greedy generation (the extraction task's, 10 new tokens: a trained model's answer
+length) with the shared instruction run once, against batches of 8 in file order; the
 decode-latency measurement under its time budget after a 4-step warm-up, against three
 timed rounds after a whole warm-up round (the measurement before 2026-11-29).
 
@@ -60,6 +62,23 @@ def main() -> None:
         finally:
             ev.MIN_SHARED_PREFIX = keep
 
+    extract = load_dataset("builtin:support_extract_test", tok)
+    gen_prompts = [r.fields["prompt"] for r in extract.records[: args.examples]]
+
+    def answers(shared: bool):  # a trained model's answers are ~10 tokens
+        keep = ev.MIN_SHARED_PREFIX
+        ev.MIN_SHARED_PREFIX = keep if shared else 10**9
+        try:
+            if shared:
+                return ev.generate(model, tok, gen_prompts, max_new_tokens=10)
+            return [  # file order, as before
+                a
+                for i in range(0, len(gen_prompts), 8)
+                for a in ev.generate(model, tok, gen_prompts[i : i + 8], max_new_tokens=10)
+            ]
+        finally:
+            ev.MIN_SHARED_PREFIX = keep
+
     def latency(budgeted: bool):
         prompt = prompts[0]
         if budgeted:
@@ -71,6 +90,8 @@ def main() -> None:
     variants = {
         "scoring, one forward per padded batch": lambda: score(False),
         "scoring, shared instruction once, by length": lambda: score(True),
+        "generation, 10 tokens, one batch of 8 at a time": lambda: answers(False),
+        "generation, shared instruction once, by length": lambda: answers(True),
         "latency, 3 rounds after a warm-up round": lambda: latency(False),
         "latency, 2 s budget after 4 steps": lambda: latency(True),
     }
@@ -84,12 +105,16 @@ def main() -> None:
     a, b = (results[n] for n in list(variants)[:2])
     assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
     same = int((a.argmax(-1) == b.argmax(-1)).sum())
+    g1, g2 = (results[n] for n in list(variants)[2:4])
+    assert isinstance(g1, list) and isinstance(g2, list)
+    same_answers = sum(x == y for x, y in zip(g1, g2))
     print(
         f"\ndefault model ({next(model.parameters()).dtype}), {args.device}"
         + (f" ({args.threads} threads)" if args.device == "cpu" else "")
         + f", {len(prompts)} intents test examples, {args.rounds} rounds; "
         f"scores differ by at most {float((a - b).abs().max()):.1e}, "
-        f"the same label chosen for {same} of {len(prompts)}\n"
+        f"the same label chosen for {same} of {len(prompts)}; the same answer for "
+        f"{same_answers} of {len(gen_prompts)} extraction prompts\n"
     )
     print("| variant | median s | vs the one before | detail |")
     print("|---|---|---|---|")

@@ -95,6 +95,35 @@ def test_a_sliding_window_model_scores_batched_prompts_as_alone(tmp_path, window
     assert (max(widths) < longest) is (window == 512)  # shared only where it is exact
 
 
+def test_generation_runs_a_shared_instruction_once_and_answers_as_alone(tiny):
+    """Greedy answers of prompts that share an instruction: the instruction runs once, each
+    batch generates after it (padding between), and every answer is the one its prompt
+    gets alone, in the order asked."""
+    from slimtune.eval.evaluate import generate
+
+    model, tok = tiny.model, tiny.tokenizer
+    with torch.no_grad():  # larger random weights: answers that depend on the prompt
+        for w in model.parameters():
+            w.mul_(4.0)
+    head = "Extract the order number and the product from the message.\nMessage: "
+    messages = ["order 12 lamp", "where is my parcel now, it is late", "hi", "refund order 7"]
+    prompts = [head + m + "\nAnswer:" for m in messages]
+    widths: list[int] = []
+    hook = model.get_input_embeddings().register_forward_hook(
+        lambda m, args, out: widths.append(args[0].shape[-1])
+    )
+    try:
+        together = generate(model, tok, prompts, max_new_tokens=6, batch_size=3)
+    finally:
+        hook.remove()
+    alone = [generate(model, tok, [p], max_new_tokens=6)[0] for p in prompts]
+    assert together == alone
+    assert len(set(alone)) > 1  # the answers differ, so the order is checked
+    head_len = len(tok(head)["input_ids"]) - 1
+    assert widths[0] >= head_len  # the instruction's own forward
+    assert max(widths[1:]) <= max(len(tok(p)["input_ids"]) for p in prompts) - head_len
+
+
 def test_accuracy_counts_argmax_of_scores(tiny, tmp_path):
     rows = [
         {"prompt": f"Message: {i}\nIntent:", "completion": lab}

@@ -377,10 +377,23 @@ def generate_ids(
     was_training = model.training
     model.eval()
     dev = _device(model)
-    outs = []
+    seqs = list(seqs)
+    span = _attention_span(model)  # the answer's tokens come after the widest prompt
+    shared, prefix_cache = _shared_prefix(
+        model, seqs, dev, autocast, max_width=None if span is None else span - max_new_tokens
+    )
+    outs: list[str] = [""] * len(seqs)
     bar = _bar(len(seqs), "eval generation", progress)
-    for chunk in _batches(list(seqs), batch_size):
-        ids, mask = left_pad(chunk, tokenizer.pad_token_id, dev)
+    by_length = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    for chunk in _batches(by_length, batch_size):
+        ids, mask = left_pad([seqs[i][shared:] for i in chunk], tokenizer.pad_token_id, dev)
+        cached = {}
+        if prefix_cache is not None:  # [prefix][left padding][rest]: generate runs the rest
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(chunk))
+            prefix = torch.tensor(seqs[chunk[0]][:shared], device=dev).expand(len(chunk), -1)
+            ids, mask = torch.cat([prefix, ids], 1), torch.cat([torch.ones_like(prefix), mask], 1)
+            cached = with_cache(model, cache)
         with autocast(), padded_inference(dev):
             gen = model.generate(
                 input_ids=ids,
@@ -389,9 +402,10 @@ def generate_ids(
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=eos_token_id if eos_token_id is not None else tokenizer.eos_token_id,
+                **cached,
             )
-        for row in gen[:, ids.shape[1] :]:
-            outs.append(tokenizer.decode(row, skip_special_tokens=True))
+        for i, row in zip(chunk, gen[:, ids.shape[1] :]):
+            outs[i] = tokenizer.decode(row, skip_special_tokens=True)
         bar.update(len(chunk))
     bar.close()
     model.train(was_training)
