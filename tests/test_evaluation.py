@@ -105,9 +105,18 @@ def test_generation_runs_a_shared_instruction_once_and_answers_as_alone(tiny):
     with torch.no_grad():  # larger random weights: answers that depend on the prompt
         for w in model.parameters():
             w.mul_(4.0)
-    head = "Extract the order number and the product from the message.\nMessage: "
+    head = (  # longer than any message, so a forward as wide is the instruction's
+        "Extract the order number and the product from the customer message. Answer as "
+        "<order number> | <product>, none for a missing one.\nMessage: "
+    )
     messages = ["order 12 lamp", "where is my parcel now, it is late", "hi", "refund order 7"]
     prompts = [head + m + "\nAnswer:" for m in messages]
+    head_len = len(tok(head)["input_ids"]) - 1  # its last token may merge with the next
+    assert all(len(tok(m + "\nAnswer:")["input_ids"]) + 1 < head_len for m in messages)
+    # a generation config asking for beams and its own cache: generation stays greedy,
+    # in the shared instruction's cache
+    model.generation_config.num_beams = 2
+    model.generation_config.cache_implementation = "static"
     widths: list[int] = []
     hook = model.get_input_embeddings().register_forward_hook(
         lambda m, args, out: widths.append(args[0].shape[-1])
@@ -119,9 +128,22 @@ def test_generation_runs_a_shared_instruction_once_and_answers_as_alone(tiny):
     alone = [generate(model, tok, [p], max_new_tokens=6)[0] for p in prompts]
     assert together == alone
     assert len(set(alone)) > 1  # the answers differ, so the order is checked
-    head_len = len(tok(head)["input_ids"]) - 1
-    assert widths[0] >= head_len  # the instruction's own forward
-    assert max(widths[1:]) <= max(len(tok(p)["input_ids"]) for p in prompts) - head_len
+    assert widths[0] >= head_len  # the instruction's own forward, and no other as wide
+    assert max(widths[1:]) < head_len
+
+
+def test_no_prefix_is_shared_past_a_layer_that_is_not_attention(tiny):
+    """A recurrent or convolution layer's state would take in the padding after a shared
+    prefix; so would a window shorter than the widest prompt."""
+    from slimtune.eval.evaluate import _attention_span
+
+    cfg = tiny.model.config
+    assert _attention_span(tiny.model) is None
+    cfg.layer_types = ["full_attention", "linear_attention"] * 2
+    assert _attention_span(tiny.model) == 0
+    cfg.layer_types = ["sliding_attention"] * 4
+    cfg.sliding_window = 16
+    assert _attention_span(tiny.model) == 16
 
 
 def test_accuracy_counts_argmax_of_scores(tiny, tmp_path):

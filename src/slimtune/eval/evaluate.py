@@ -8,7 +8,7 @@
   starts with (an instruction, a template) run once for the whole set, and batches are
   formed by length, so little compute goes to padding.
 * ``exact_match`` for other prompt/completion data: greedy generation compared to the
-  completion (whitespace-stripped).
+  completion (whitespace-stripped); the prompts' shared tokens run once here too.
 * ``latency``: per-token decode time (p50/p95) with a KV cache, and the prefill time.
 
 Every path cuts its inputs to ``max_length`` tokens (the dataset's, by default); a prompt
@@ -224,13 +224,19 @@ def score_labels(
 MIN_SHARED_PREFIX = 4  # tokens; below this a separate forward costs more than it saves
 
 
+ATTENTION_LAYERS = {"full_attention", "sliding_attention", "chunked_attention"}
+
+
 def _attention_span(model: nn.Module) -> int | None:
     """The fewest cache slots a query may look back over (a sliding window, an attention
     chunk), or None. Those masks count slots, not positions: padding between a shared
-    prefix and the rest of a prompt would push real tokens out of them."""
+    prefix and the rest of a prompt would push real tokens out of them. 0 where a layer is
+    no attention (linear attention, a convolution: its state would take the padding in)."""
     cfg = getattr(base_model(model), "config", None)
     if cfg is not None and hasattr(cfg, "get_text_config"):
         cfg = cfg.get_text_config()
+    if any(t not in ATTENTION_LAYERS for t in getattr(cfg, "layer_types", None) or ()):
+        return 0
     spans = [getattr(cfg, k, None) for k in ("sliding_window", "attention_chunk_size")]
     spans = [s for s in spans if isinstance(s, int) and s > 0]
     return min(spans) if spans else None
@@ -372,8 +378,10 @@ def generate_ids(
     progress: bool = False,
     eos_token_id=None,
 ) -> list[str]:
-    """Greedy completions of prompts given as token ids (left-padded batches), ending at
-    ``eos_token_id`` (default: the tokenizer's end of sequence)."""
+    """Greedy completions of prompts given as token ids, ending at ``eos_token_id``
+    (default: the tokenizer's end of sequence), in the order given. Batches go by length;
+    the tokens every prompt starts with run once, each batch's rest left-padded after them
+    (see :func:`score_labels`)."""
     was_training = model.training
     model.eval()
     dev = _device(model)
@@ -387,19 +395,22 @@ def generate_ids(
     by_length = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     for chunk in _batches(by_length, batch_size):
         ids, mask = left_pad([seqs[i][shared:] for i in chunk], tokenizer.pad_token_id, dev)
-        cached = {}
+        cached: dict = {}
         if prefix_cache is not None:  # [prefix][left padding][rest]: generate runs the rest
             cache = copy.deepcopy(prefix_cache)
             cache.batch_repeat_interleave(len(chunk))
             prefix = torch.tensor(seqs[chunk[0]][:shared], device=dev).expand(len(chunk), -1)
             ids, mask = torch.cat([prefix, ids], 1), torch.cat([torch.ones_like(prefix), mask], 1)
-            cached = with_cache(model, cache)
+            # the cache given, not the one a generation config names (static, offloaded...)
+            cached = {**with_cache(model, cache), "cache_implementation": None}
         with autocast(), padded_inference(dev):
             gen = model.generate(
                 input_ids=ids,
                 attention_mask=mask,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
+                num_beams=1,  # greedy, whatever the model's generation config says
+                num_return_sequences=1,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=eos_token_id if eos_token_id is not None else tokenizer.eos_token_id,
                 **cached,
