@@ -137,7 +137,6 @@ def score_labels(
     """Log-likelihood of each label (plus the end token) after each prompt: ``[n, n_labels]``.
 
     With ``max_length``, each prompt keeps its last ``max_length`` minus label tokens."""
-    from transformers import DynamicCache
 
     was_training = model.training
     model.eval()
@@ -155,22 +154,13 @@ def score_labels(
     lab, lab_mask = lab.to(dev), lab_mask.to(dev)
     parts = backbone_and_head(model)
     budget = max(1, max_length - m) if max_length else None
-    seqs_all = [_prompt_ids(tokenizer, p, budget) for p in prompts]
-    span = _attention_span(model)  # the label tokens come after the widest prompt
-    shared, prefix_cache = _shared_prefix(
-        model, seqs_all, dev, autocast, max_width=None if span is None else span - m
-    )
+    seqs = [_prompt_ids(tokenizer, p, budget) for p in prompts]
     out_scores: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
     bar = _bar(len(prompts), "eval classification", progress)
-    by_length = sorted(range(len(prompts)), key=lambda i: len(seqs_all[i]))
-    for chunk in _batches(by_length, batch_size):
-        ids, mask = left_pad([seqs_all[i][shared:] for i in chunk], tokenizer.pad_token_id, dev)
-        if prefix_cache is not None:  # [prefix][left padding][rest of the prompt]
-            cache = copy.deepcopy(prefix_cache)
-            cache.batch_repeat_interleave(len(chunk))
-            mask = torch.cat([mask.new_ones(len(chunk), shared), mask], dim=1)
-        else:
-            cache = DynamicCache()
+    batches = _after_shared_prefix(
+        model, seqs, batch_size, tokenizer.pad_token_id, autocast, answer_tokens=m
+    )
+    for chunk, ids, mask, cache, shared in batches:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
         with autocast(), padded_inference(dev):
             out = model(
@@ -242,20 +232,45 @@ def _attention_span(model: nn.Module) -> int | None:
     return min(spans) if spans else None
 
 
-@torch.no_grad()
-def _shared_prefix(
+def _after_shared_prefix(
     model: nn.Module,
     seqs: list[list[int]],
-    dev: torch.device,
+    batch_size: int,
+    pad_id: int,
     autocast,
-    max_width: int | None = None,
+    *,
+    answer_tokens: int,
+):
+    """Batches of ``seqs`` formed by length, each ``(indices, ids, mask, cache, shared)``:
+    the tokens every sequence starts with (``shared`` of them) run once and each batch gets
+    a copy of their cache; ``ids`` are the rest of each sequence, left-padded, and ``mask``
+    covers ``[prefix][padding][rest]``. Without a shared prefix: the whole sequences, a
+    fresh cache and ``shared`` 0."""
+    from transformers import DynamicCache
+
+    dev = _device(model)
+    shared, prefix_cache = _shared_prefix(model, seqs, dev, autocast, answer_tokens)
+    for chunk in _batches(sorted(range(len(seqs)), key=lambda i: len(seqs[i])), batch_size):
+        ids, mask = left_pad([seqs[i][shared:] for i in chunk], pad_id, dev)
+        if prefix_cache is None:
+            yield chunk, ids, mask, DynamicCache(), 0
+            continue
+        cache = copy.deepcopy(prefix_cache)
+        cache.batch_repeat_interleave(len(chunk))
+        yield chunk, ids, torch.cat([mask.new_ones(len(chunk), shared), mask], 1), cache, shared
+
+
+@torch.no_grad()
+def _shared_prefix(
+    model: nn.Module, seqs: list[list[int]], dev: torch.device, autocast, answer_tokens: int
 ):
     """(length, KV cache) of the tokens every sequence starts with, each keeping at least
     its last token; (0, None) when they share fewer than ``MIN_SHARED_PREFIX``, or when a
-    sequence is longer than ``max_width`` (the model's attention span less the labels)."""
+    sequence and its ``answer_tokens`` overrun the model's attention span."""
     from transformers import DynamicCache
 
-    if len(seqs) < 2 or (max_width is not None and max(map(len, seqs)) > max_width):
+    span = _attention_span(model)
+    if len(seqs) < 2 or (span is not None and max(map(len, seqs)) > span - answer_tokens):
         return 0, None
     n = min(len(s) for s in seqs) - 1
     first = seqs[0]
@@ -386,21 +401,16 @@ def generate_ids(
     model.eval()
     dev = _device(model)
     seqs = list(seqs)
-    span = _attention_span(model)  # the answer's tokens come after the widest prompt
-    shared, prefix_cache = _shared_prefix(
-        model, seqs, dev, autocast, max_width=None if span is None else span - max_new_tokens
-    )
     outs: list[str] = [""] * len(seqs)
     bar = _bar(len(seqs), "eval generation", progress)
-    by_length = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    for chunk in _batches(by_length, batch_size):
-        ids, mask = left_pad([seqs[i][shared:] for i in chunk], tokenizer.pad_token_id, dev)
-        cached: dict = {}
-        if prefix_cache is not None:  # [prefix][left padding][rest]: generate runs the rest
-            cache = copy.deepcopy(prefix_cache)
-            cache.batch_repeat_interleave(len(chunk))
+    batches = _after_shared_prefix(
+        model, seqs, batch_size, tokenizer.pad_token_id, autocast, answer_tokens=max_new_tokens
+    )
+    for chunk, ids, mask, cache, shared in batches:
+        cached: dict = {}  # without a shared prefix generate makes the cache it would
+        if shared:  # generate takes the whole input and runs what its cache lacks
             prefix = torch.tensor(seqs[chunk[0]][:shared], device=dev).expand(len(chunk), -1)
-            ids, mask = torch.cat([prefix, ids], 1), torch.cat([torch.ones_like(prefix), mask], 1)
+            ids = torch.cat([prefix, ids], 1)
             # the cache given, not the one a generation config names (static, offloaded...)
             cached = {**with_cache(model, cache), "cache_implementation": None}
         with autocast(), padded_inference(dev):
