@@ -438,16 +438,17 @@ class Trainer:
         the run sees its data twice or more (the first sight of an example fills it), one
         process runs (each process would keep its own, and a batch is served only once its
         process has seen all of its examples), and the states fit (``store_for``)."""
-        cfg, asked = self.cfg, self.cfg.cache_frozen
+        asked = self.cfg.cache_frozen
         if asked is False or not self.freeze_k:
             if asked is True:
                 info("--cache-frozen: no layer is frozen, nothing to cache")
             return None
         processes = self.accelerator.num_processes
         passes = self._passes()
-        if asked == "auto" and (passes < 2 or cfg.fsdp):
-            return None
-        if asked == "auto" and processes > 1:
+        why_not = self._why_not_cached_by_default()
+        if asked == "auto" and why_not:
+            if why_not != "processes":  # the only case worth a note: it would pay
+                return None
             info(
                 f"note: this run sees its data {passes:.1f} times; with {processes} processes "
                 "the frozen layers' output is not cached unless asked (--cache-frozen): "
@@ -495,12 +496,14 @@ class Trainer:
         seen = cfg.max_steps * cfg.grad_accum * cfg.batch_size * self.accelerator.num_processes
         return seen / len(self.examples)
 
-    def _cache_by_default(self) -> bool:
-        """Whether ``cache_frozen: auto`` would keep a frozen run's states (memory aside)."""
-        cfg = self.cfg
-        return cfg.cache_frozen == "auto" and (
-            self._passes() >= 2 and self.accelerator.num_processes == 1 and not cfg.fsdp
-        )
+    def _why_not_cached_by_default(self) -> str | None:
+        """Why ``cache_frozen: auto`` would not keep a frozen run's states ("passes",
+        "fsdp", "processes"), memory aside; None where it would."""
+        if self._passes() < 2:
+            return "passes"
+        if self.cfg.fsdp:
+            return "fsdp"
+        return "processes" if self.accelerator.num_processes > 1 else None
 
     @property
     def default_lr(self) -> float:
@@ -623,7 +626,9 @@ class Trainer:
                     f"the budget is too small: training only the top layer needs {describe(top)}"
                 )
             k, est = kb, estimate(costs, kb)
-            cached = cfg.cache_frozen is True or self._cache_by_default()
+            cached = cfg.cache_frozen is True or (
+                cfg.cache_frozen == "auto" and self._why_not_cached_by_default() is None
+            )
             info(  # the step budget holds the uncached step: the first epoch's
                 f"budget policy: unfreezing from the top, layers {k}-{costs.num_layers - 1} "
                 f"fit: {describe(est, cached=cached)}"
