@@ -47,37 +47,32 @@ def main() -> None:
     prompts = [r.fields["prompt"] for r in records]
     labels = ev.label_set(ds.records)
 
-    def score(shared: bool):
+    def before(fn, items: list, size: int) -> list:
+        """``fn`` per batch of ``size`` in file order, nothing shared: the code before (a
+        batch sorted alone keeps its padding)."""
         keep = ev.MIN_SHARED_PREFIX
-        ev.MIN_SHARED_PREFIX = keep if shared else 10**9
+        ev.MIN_SHARED_PREFIX = 10**9
         try:
-            if shared:
-                return ev.score_labels(model, tok, prompts, labels, max_length=ds.max_length)
-            # file order, as before: each batch sorted alone keeps the old padding
-            out = [
-                ev.score_labels(model, tok, prompts[i : i + 16], labels, max_length=ds.max_length)
-                for i in range(0, len(prompts), 16)
-            ]
-            return torch.cat(out)
+            return [fn(items[i : i + size]) for i in range(0, len(items), size)]
         finally:
             ev.MIN_SHARED_PREFIX = keep
+
+    def score(shared: bool):
+        def run(ps):
+            return ev.score_labels(model, tok, ps, labels, max_length=ds.max_length)
+
+        return run(prompts) if shared else torch.cat(before(run, prompts, 16))
 
     extract = load_dataset("builtin:support_extract_test", tok)
     gen_prompts = [r.fields["prompt"] for r in extract.records[: args.examples]]
 
-    def answers(shared: bool):  # a trained model's answers are ~10 tokens
-        keep = ev.MIN_SHARED_PREFIX
-        ev.MIN_SHARED_PREFIX = keep if shared else 10**9
-        try:
-            if shared:
-                return ev.generate(model, tok, gen_prompts, max_new_tokens=10)
-            return [  # file order, as before
-                a
-                for i in range(0, len(gen_prompts), 8)
-                for a in ev.generate(model, tok, gen_prompts[i : i + 8], max_new_tokens=10)
-            ]
-        finally:
-            ev.MIN_SHARED_PREFIX = keep
+    def answers(shared: bool):
+        def run(ps):  # a trained model's answers are ~10 tokens
+            return ev.generate(model, tok, ps, max_new_tokens=10)
+
+        if shared:
+            return run(gen_prompts)
+        return [a for part in before(run, gen_prompts, 8) for a in part]
 
     def latency(budgeted: bool):
         prompt = prompts[0]
