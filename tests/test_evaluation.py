@@ -38,6 +38,19 @@ def test_shared_prefix_scoring_equals_one_pass_per_label(tiny):
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
 
 
+@contextlib.contextmanager
+def forward_widths(model):
+    """The token width of every forward of ``model`` inside the block, in order."""
+    widths: list[int] = []
+    hook = model.get_input_embeddings().register_forward_hook(
+        lambda m, args, out: widths.append(args[0].shape[-1])
+    )
+    try:
+        yield widths
+    finally:
+        hook.remove()
+
+
 @pytest.mark.parametrize("max_length", [None, 24])
 def test_prompts_that_share_an_instruction_run_it_once_and_score_as_alone(tiny, max_length):
     """The instruction every prompt starts with runs once for the set, batches go by length;
@@ -48,14 +61,8 @@ def test_prompts_that_share_an_instruction_run_it_once_and_score_as_alone(tiny, 
     messages = ["a", "where is my parcel now, it is late", "refund", "my card was charged twice"]
     prompts = [head + msg + "\nIntent:" for msg in messages]
     labels = [" billing", " shipping label"]
-    widths: list[int] = []
-    hook = model.get_input_embeddings().register_forward_hook(
-        lambda m, args, out: widths.append(args[0].shape[-1])
-    )
-    try:
+    with forward_widths(model) as widths:
         fast = score_labels(model, tok, prompts, labels, batch_size=3, max_length=max_length)
-    finally:
-        hook.remove()
     alone = torch.cat(
         [score_labels(model, tok, [p], labels, max_length=max_length) for p in prompts]
     )
@@ -79,14 +86,8 @@ def test_a_sliding_window_model_scores_batched_prompts_as_alone(tmp_path, window
     tiny.model.config.layer_types = ["sliding_attention"] * 2
     head = "Classify the customer message into one of: billing, shipping.\nMessage: "
     prompts = [head + m + "\nIntent:" for m in ("a", "where is my parcel now, it is late")]
-    widths: list[int] = []
-    hook = tiny.model.get_input_embeddings().register_forward_hook(
-        lambda m, args, out: widths.append(args[0].shape[-1])
-    )
-    try:
+    with forward_widths(tiny.model) as widths:
         fast = score_labels(tiny.model, tiny.tokenizer, prompts, [" billing", " shipping"])
-    finally:
-        hook.remove()
     alone = torch.cat(
         [score_labels(tiny.model, tiny.tokenizer, [p], [" billing", " shipping"]) for p in prompts]
     )
@@ -117,14 +118,8 @@ def test_generation_runs_a_shared_instruction_once_and_answers_as_alone(tiny):
     # in the shared instruction's cache
     model.generation_config.num_beams = 2
     model.generation_config.cache_implementation = "static"
-    widths: list[int] = []
-    hook = model.get_input_embeddings().register_forward_hook(
-        lambda m, args, out: widths.append(args[0].shape[-1])
-    )
-    try:
+    with forward_widths(model) as widths:
         together = generate(model, tok, prompts, max_new_tokens=6, batch_size=3)
-    finally:
-        hook.remove()
     alone = [generate(model, tok, [p], max_new_tokens=6)[0] for p in prompts]
     assert together == alone
     assert len(set(alone)) > 1  # the answers differ, so the order is checked
