@@ -10,7 +10,6 @@ Prints one line per example (seconds, start offset, exit code, first line) and t
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -23,31 +22,21 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
-    from tests.test_readme import blocks, sequences
+    from tests.test_readme import WORKERS, blocks, command, environment, sequences
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--workers", type=int, default=min(4, max(2, (os.cpu_count() or 1) // 2))
-    )  # the test's
+    ap.add_argument("--workers", type=int, default=WORKERS)  # the test's
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="readme-examples-"))
-    env = {
-        **os.environ,
-        "PYTHONWARNINGS": "ignore",
-        "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.workers)),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    }
+    env = environment(args.workers)
     start = time.perf_counter()
 
     def run(group: list[tuple[str, str]]) -> None:
         for lang, code in group:
-            cmd = (
-                ["bash", "-euo", "pipefail", "-c", code]
-                if lang == "bash"
-                else [sys.executable, "-c", code]
-            )
             t0 = time.perf_counter()
-            proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
+            proc = subprocess.run(
+                command(lang, code), cwd=tmp, env=env, capture_output=True, text=True
+            )
             first = code.strip().splitlines()[0][:90]
             print(
                 f"{time.perf_counter() - t0:7.1f} s  start {t0 - start:6.1f}  rc={proc.returncode}  {first}",

@@ -36,25 +36,35 @@ def test_named_examples_keep_their_order_and_the_rest_stand_alone():
     assert sequences(found) == [[("bash", "a")], [("bash", "b"), ("bash", "d")], [("python", "c")]]
 
 
-@pytest.mark.default_model
-def test_readme_examples_run_as_written(tmp_path):
-    # two at a time, a thread of torch each: 392 s against 495 s one at a time on 2 cores
-    workers = min(4, max(2, (os.cpu_count() or 1) // 2))
-    env = {
+# two at a time, a thread of torch each: 392 s against 495 s one at a time on 2 cores
+WORKERS = min(4, max(2, (os.cpu_count() or 1) // 2))
+
+
+def environment(workers: int = WORKERS) -> dict[str, str]:
+    """The examples' environment: this interpreter's commands first, torch's threads shared."""
+    return {
         **os.environ,
         "PYTHONWARNINGS": "ignore",
         "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers)),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
 
+
+def command(lang: str, code: str) -> list[str]:
+    """How an example block runs: bash strictly, python with this interpreter."""
+    if lang == "bash":
+        return ["bash", "-euo", "pipefail", "-c", code]
+    return [sys.executable, "-c", code]
+
+
+@pytest.mark.default_model
+def test_readme_examples_run_as_written(tmp_path):
+    env = environment()
+
     def run(group: list[tuple[str, str]]) -> list[str]:
         outputs = []
         for lang, code in group:
-            cmd = (
-                ["bash", "-euo", "pipefail", "-c", code]
-                if lang == "bash"
-                else [sys.executable, "-c", code]
-            )
+            cmd = command(lang, code)
             proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise AssertionError(f"README block failed:\n{code}\n{proc.stdout}\n{proc.stderr}")
@@ -62,7 +72,7 @@ def test_readme_examples_run_as_written(tmp_path):
         return outputs
 
     groups = sorted(sequences(blocks()), key=len, reverse=True)  # the longest first
-    with ThreadPoolExecutor(workers) as pool:
+    with ThreadPoolExecutor(WORKERS) as pool:
         outputs = [out for group in pool.map(run, groups) for out in group]
     text = "\n".join(outputs)
     # what the README says these examples print
