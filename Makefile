@@ -32,12 +32,17 @@ browser:
 	  $(APT) install chromium chromium-driver >/dev/null || \
 	  ($(APT) update >/dev/null && $(APT) install chromium chromium-driver >/dev/null)
 
+# pytest-xdist workers, each taking whole files (tests/conftest.py sends the longest first
+# and gives each worker its share of the cores); TEST_WORKERS=0 runs in one process
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: fetch browser
-	$(BIN)/python -m pytest -q --durations=15
+	$(PYTEST) --durations=15
 
 # the inner loop: everything but the tests on the real default model (CI runs `make test`)
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not default_model"
+	$(PYTEST) -m "not default_model"
 
 # what CI checks before the tests: lint, formatting (ruff) and types (mypy)
 lint: setup

@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -8,13 +9,33 @@ from slimtune.model.loading import load_model
 from slimtune.testing import tiny_model_dir
 
 LABELS = ["billing", "shipping", "returns"]
+# the files that take longest, first: `make test` runs two pytest-xdist workers, each taking
+# whole files (--dist loadfile), and a long file sent last would leave one worker idle
+LONGEST_FIRST = ("test_readme.py", "test_multiprocess.py", "test_compile.py")
+
+
+def pytest_configure(config):
+    """Under pytest-xdist each worker (and the commands its tests start) gets its share of
+    the cores: torch's threads spin while they wait, and two workers' threads on the same
+    cores slow both."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file keeps its own order
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_store(tmp_path_factory):
     """Commands that save into the delta store write into a temporary one, never ~/.local."""
-    import os
-
     os.environ["SLIMTUNE_STORE"] = str(tmp_path_factory.mktemp("store"))
     yield
 

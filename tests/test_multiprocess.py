@@ -20,6 +20,9 @@ import slimtune.model.compile as compile_mod
 from slimtune.cli.app import main
 from slimtune.delta import DeltaStore
 
+# a launch that has not finished by then hangs (a rank waiting for a peer that died): the
+# slowest takes about 2 minutes alone on 2 cores, more beside another test worker
+HANG = 600
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
 # accelerate launch --cpu runs one process whatever --num_processes says (accelerate starts
 # several CPU processes only through mpirun with a hostfile); --multi_gpu goes through
@@ -64,7 +67,7 @@ def _launch(
     else:
         launcher = [*launcher, "--main_process_port", str(port)]
     return subprocess.run(
-        [*launcher, "-m", "slimtune", *args], capture_output=True, text=True, env=env, timeout=120
+        [*launcher, "-m", "slimtune", *args], capture_output=True, text=True, env=env, timeout=HANG
     )
 
 
@@ -308,7 +311,7 @@ def test_a_process_that_fails_mid_run_leaves_the_checkpoint_and_no_version(
     port = 29500 + os.getpid() % 1000 + 17
     proc = subprocess.run(
         [*TORCHRUN, "--master_port", str(port), str(driver), *args],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True, text=True, env=env, timeout=HANG,
     )  # fmt: skip
     assert proc.returncode != 0
     assert "injected failure of process 1" in proc.stderr
