@@ -17,10 +17,10 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import save_file
+if TYPE_CHECKING:
+    import torch
 
 
 def sha256_file(path: str | Path) -> str:
@@ -121,6 +121,8 @@ def write_json(target: str | Path, obj: Any) -> None:
 def write_safetensors(
     target: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> None:
+    from safetensors.torch import save_file
+
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(target) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)

@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..errors import EXIT_CODES, SlimtuneError, UserInputError
-from . import run, salf, serve, store, train
-from .train import (  # re-exported: tests and callers import them from here
-    StoreOptions,
-    train_config_from_args,
-    train_options_from_args,
+from ..lazy import exports
+
+# re-exported: tests and callers import them from here
+__getattr__ = exports(
+    __name__,
+    dict.fromkeys(["StoreOptions", "train_config_from_args", "train_options_from_args"], ".train"),
 )
+if TYPE_CHECKING:
+    from .train import StoreOptions, train_config_from_args, train_options_from_args
 
 __all__ = [
     "COMMANDS",
@@ -30,10 +36,13 @@ __all__ = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(store_only: bool = False) -> argparse.ArgumentParser:
     """Every command's parser; ``train``/``sweep`` get the flags of the methods registered
-    now (see :mod:`slimtune.cli.train`)."""
+    now (see :mod:`slimtune.cli.train`), which imports torch. ``store_only``: the store's
+    commands' parsers alone (``delta``, ``ab``), which need no torch, so that ``slimtune
+    delta ...`` and ``slimtune --version`` start in a fraction of a second."""
     from ..version import __version__
+    from . import store
 
     parser = argparse.ArgumentParser(
         prog="slimtune",
@@ -42,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"slimtune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    if store_only:
+        store.build(sub)
+        return parser
+    from . import run, salf, serve, train
+
     for add in (
         train.train_parser,
         train.sweep_parser,
@@ -59,19 +73,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command(module: str, function: str) -> Callable[[argparse.Namespace], int]:
+    """A command's function, its module imported when it runs."""
+
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(f".{module}", __package__), function)(args)
+
+    return run
+
+
 COMMANDS = {
-    "train": train.cmd_train,
-    "sweep": train.cmd_sweep,
-    "eval": run.cmd_eval,
-    "generate": run.cmd_generate,
-    "analyze": salf.cmd_analyze,
-    "plan": salf.cmd_plan,
-    "demo": run.cmd_demo,
-    "fetch": run.cmd_fetch,
-    "delta": store.cmd_delta,
-    "ab": store.cmd_ab,
-    "serve": serve.cmd_serve,
-    "dashboard": serve.cmd_dashboard,
+    "train": _command("train", "cmd_train"),
+    "sweep": _command("train", "cmd_sweep"),
+    "eval": _command("run", "cmd_eval"),
+    "generate": _command("run", "cmd_generate"),
+    "analyze": _command("salf", "cmd_analyze"),
+    "plan": _command("salf", "cmd_plan"),
+    "demo": _command("run", "cmd_demo"),
+    "fetch": _command("run", "cmd_fetch"),
+    "delta": _command("store", "cmd_delta"),
+    "ab": _command("store", "cmd_ab"),
+    "serve": _command("serve", "cmd_serve"),
+    "dashboard": _command("serve", "cmd_dashboard"),
 }
 
 
@@ -89,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     # Liger 0.8.5 warns, twice a run, that its backends for other hardware (CuTe DSL,
     # Ascend) did not import; its Triton kernels, the ones slimtune uses, are unaffected
     logging.getLogger("liger_kernel.backends.registry").setLevel(logging.ERROR)
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(store_only=argv[:1] in (["delta"], ["--version"]))
     args = parser.parse_args(argv)
     finished = False
     try:
@@ -111,6 +135,8 @@ def _end_process_group(finished: bool) -> None:
     it; the launcher stops them), and its own failure is not the command's: the main process
     may have failed after the last collective (storing the delta), or outlasted the group's
     timeout."""
+    if "torch" not in sys.modules:  # a command that never imported torch started no group
+        return
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):

@@ -142,7 +142,7 @@ def _store(args):
 
 def _fmt_version(store, v, tags) -> list[str]:
     try:
-        acc = (v.manifest().get("metrics") or {}).get("eval_accuracy")
+        acc = (v.manifest(method_files=False).get("metrics") or {}).get("eval_accuracy")
         note = v.note or ""
     except DeltaError:  # one bad version must not hide the others; verify says why
         acc, note = None, "(manifest unreadable: see delta verify)"

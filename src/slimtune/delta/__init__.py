@@ -1,10 +1,28 @@
-"""Deltas: the product of a fine-tuning run, kept apart from the base model."""
+"""Deltas: the product of a fine-tuning run, kept apart from the base model.
 
-from .apply import Applied, DeltaSwitcher, apply_delta, load_delta
-from .format import MANIFEST, check_base, delta_bytes, read_manifest, save_delta, verify_delta
-from .manifest import Manifest
-from .store import DeltaStore
+The store and a delta's manifest need no torch; applying one does, and imports it on first
+use (``slimtune.lazy``).
+"""
 
+from typing import TYPE_CHECKING
+
+from ..lazy import exports
+
+_WHERE = {
+    "Applied": ".apply",
+    "DeltaSwitcher": ".apply",
+    "apply_delta": ".apply",
+    "load_delta": ".apply",
+    "MANIFEST": ".format",
+    "check_base": ".format",
+    "delta_bytes": ".format",
+    "read_manifest": ".format",
+    "save_delta": ".format",
+    "verify_delta": ".format",
+    "Manifest": ".manifest",
+    "DeltaStore": ".store",
+}
+__getattr__ = exports(__name__, _WHERE)
 __all__ = [
     "MANIFEST",
     "Applied",
@@ -19,3 +37,9 @@ __all__ = [
     "save_delta",
     "verify_delta",
 ]
+
+if TYPE_CHECKING:
+    from .apply import Applied, DeltaSwitcher, apply_delta, load_delta
+    from .format import MANIFEST, check_base, delta_bytes, read_manifest, save_delta, verify_delta
+    from .manifest import Manifest
+    from .store import DeltaStore

@@ -14,18 +14,20 @@ import platform
 import typing
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from ..errors import DeltaError
 from ..fileio import atomic_dir, sha256_file, write_json
-from ..methods import Method
 from .manifest import BaseInfo, FileEntry, Manifest, check_fields, conforms, describe
 
 FORMAT = "slimtune-delta"
 FORMAT_VERSION = 2  # 2: a rosa delta keeps its LoRA part under its own names (1 still reads)
 MANIFEST = "manifest.json"
+
+if TYPE_CHECKING:  # reading and checking a delta needs no torch (`slimtune delta list` starts fast)
+    from torch import nn
+
+    from ..methods import Method
 
 
 def library_versions() -> dict[str, str]:
@@ -91,10 +93,12 @@ def _tensor_files(method: str) -> tuple[str, ...]:
     return cls.delta_files if cls is not None else ()
 
 
-def _check_fields(manifest: dict[str, Any], path: Path) -> None:
+def _check_fields(manifest: dict[str, Any], path: Path, method_files: bool = True) -> None:
     """Field types the store and apply rely on (read off :class:`Manifest`), and the files
     the method cannot be applied without: a malformed manifest is named, not a crash."""
     check_fields(manifest, path)
+    if not method_files:
+        return
     files = manifest["files"]
     needed = _tensor_files(manifest["method"])
     if needed and not any(n in files for n in needed):
@@ -104,7 +108,11 @@ def _check_fields(manifest: dict[str, Any], path: Path) -> None:
         )
 
 
-def read_manifest(folder: str | Path) -> dict[str, Any]:
+def read_manifest(folder: str | Path, *, method_files: bool = True) -> dict[str, Any]:
+    """The manifest of the delta in ``folder``, its fields checked. ``method_files=False``
+    leaves out the check that it lists one of its method's tensor files: the methods
+    declare those, and importing them imports torch (``slimtune delta list`` reads every
+    version's metrics without it; ``verify`` and applying check it)."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not folder.is_dir():
@@ -131,7 +139,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
             f"{path}: format version {manifest['format_version']} is newer than "
             f"this slimtune reads ({FORMAT_VERSION}); upgrade slimtune"
         )
-    _check_fields(manifest, path)
+    _check_fields(manifest, path, method_files)
     return manifest
 
 

@@ -85,8 +85,8 @@ class Version:
     path: Path
     manifest_sha256: str | None = None  # None only for rows whose folder failed the upgrade
 
-    def manifest(self) -> dict:
-        return read_manifest(self.path)
+    def manifest(self, *, method_files: bool = True) -> dict:
+        return read_manifest(self.path, method_files=method_files)
 
 
 @dataclass

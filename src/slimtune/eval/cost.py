@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
-import torch
+
+if TYPE_CHECKING:  # the formatting below is the store's commands', which need no torch
+    import torch
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
@@ -39,7 +42,10 @@ class PeakMemory:
     """``with PeakMemory(device) as pm: ...`` then ``pm.peak_bytes`` and ``pm.kind``."""
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
+        import torch
+
         self.device = torch.device(device)
+        self._cuda = torch.cuda
         self.peak_bytes = 0
         self.kind = "cuda_allocated" if self.device.type == "cuda" else "cpu_rss"
         self._stop = threading.Event()
@@ -48,8 +54,8 @@ class PeakMemory:
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
+            self._cuda.synchronize(self.device)
+            self._cuda.reset_peak_memory_stats(self.device)
         else:
             self._use_hwm = _reset_hwm() and _vm_hwm() is not None
             if not self._use_hwm:
@@ -66,14 +72,14 @@ class PeakMemory:
     def read(self) -> int:
         """Peak so far (usable inside the block)."""
         if self.device.type == "cuda":
-            return int(torch.cuda.max_memory_allocated(self.device))
+            return int(self._cuda.max_memory_allocated(self.device))
         if self._use_hwm:
             return int(_vm_hwm() or 0)
         return max(self.peak_bytes, psutil.Process().memory_info().rss)
 
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            self._cuda.synchronize(self.device)
         self.peak_bytes = self.read()
         self._stop.set()
         if self._thread is not None:

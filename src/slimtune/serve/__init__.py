@@ -1,5 +1,17 @@
-"""``slimtune serve``: one base in memory, deltas chosen per request over HTTP."""
+"""``slimtune serve``: one base in memory, deltas chosen per request over HTTP.
 
-from .engine import BASE, Engine, Finished, Job, UnknownModel
+The engine (torch) is imported on first use: the store reads an A/B split's syntax from
+``traffic.py`` without it (``slimtune delta split``).
+"""
 
+from typing import TYPE_CHECKING
+
+from ..lazy import exports
+
+__getattr__ = exports(
+    __name__, dict.fromkeys(["BASE", "Engine", "Finished", "Job", "UnknownModel"], ".engine")
+)
 __all__ = ["BASE", "Engine", "Finished", "Job", "UnknownModel"]
+
+if TYPE_CHECKING:
+    from .engine import BASE, Engine, Finished, Job, UnknownModel
