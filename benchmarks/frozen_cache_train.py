@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", default=None, help="default: the method's default rate")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--extra", default="", help="more `slimtune train` flags for every run")
     ap.add_argument("--runs", default=",".join(RUNS), help="which of: " + ", ".join(RUNS))
     ap.add_argument("--out", default="runs/frozen_cache_train")
     args = ap.parse_args()
@@ -62,7 +63,7 @@ def main() -> None:
     job |= {"lr": args.lr or default_rate(args.method, args.model), "seed": args.seed}
     rows = {}
     for name in args.runs.split(","):
-        flags = RUNS[name].format(k=args.freeze_below) + f" --batch-size {args.batch}"
+        flags = RUNS[name].format(k=args.freeze_below) + f" --batch-size {args.batch} {args.extra}"
         spec = {**job, "tag": name.replace(" ", "_")}
         row = run_one(spec, out, args.device, steps, flags)
         if "error" in row:
@@ -87,7 +88,7 @@ def main() -> None:
     print(
         f"\n{args.model}, {args.task}, {args.method} at {job['lr']}, batch {args.batch}, "
         f"{args.epochs} epochs ({steps} steps), freeze-below {args.freeze_below}, seed "
-        f"{args.seed}, {args.device}\n"
+        f"{args.seed}, {args.device} {args.extra}\n"
     )
     print("| run | score | eval loss | epoch 1 step (s) | later epochs' step (s) | mean step (s) "
           "| mean vs all layers | later vs all layers |")  # fmt: skip

@@ -12,8 +12,9 @@
 #  CUTS="6 10" TASK=extract SEEDS="0 1 2" PARALLEL=1 bash benchmarks/gpu_frozen_cache_train.sh
 #    instead: the seeds side by side (one process each; their step times are not
 #    comparable, their scores are), each every layer and then each cut with --cache-frozen;
-#    LRS="1.5e-3 2e-3": each cut at each rate (default: the method's); ALL_LAST=1: every
-#    layer after the cuts
+#    LRS="1.5e-3 2e-3": each cut at each rate (default: the method's); RANKS="12 16": each
+#    cut at each LoRA rank (default: the method's); ALL_LAST=1: every layer after the cuts;
+#    ALL_FLAGS="--lora-r 16": the every-layer run's own flags
 source benchmarks/gpu_models.sh
 if [ -n "${PARALLEL:-}" ]; then
   all_layers() {
@@ -21,22 +22,25 @@ if [ -n "${PARALLEL:-}" ]; then
     left=$(( ${CALL_S:-560} - SECONDS )); [ "$left" -gt 30 ] || return 0
     timeout "$left" python3 benchmarks/frozen_cache_train.py --device cuda --task "${TASK:-intents}" \
       --epochs "${EPOCHS:-3}" --seed "$seed" --runs "all layers" --out "/tmp/fcp-$seed-all" \
+      --extra "${ALL_FLAGS:-}" \
       2>"$out/seed$seed-all.log" | grep "^| all" || { echo "seed $seed: all stopped"; tail -3 "$out/seed$seed-all.log"; }
     cp "/tmp/fcp-$seed-all/results-seed$seed.json" "$out/seed$seed-all.json" 2>/dev/null || true
   }
   one_seed() {  # every layer, then each cut at each rate of LRS, one after the other
     local seed=$1 left
     [ -n "${ALL_LAST:-}" ] || all_layers "$seed"
-    for k in ${CUTS:-10}; do for lr in ${LRS:-default}; do
+    for k in ${CUTS:-10}; do for lr in ${LRS:-default}; do for r in ${RANKS:-default}; do
       left=$(( ${CALL_S:-560} - SECONDS )); [ "$left" -gt 30 ] || return 0
       local rate=(); [ "$lr" = default ] || rate=(--lr "$lr")
+      local rank=""; [ "$r" = default ] || rank="--lora-r $r"
+      local tag="$k-$lr-r$r"
       timeout "$left" python3 benchmarks/frozen_cache_train.py --device cuda --task "${TASK:-intents}" \
         --epochs "${EPOCHS:-3}" --seed "$seed" --runs cached --freeze-below "$k" ${rate[@]+"${rate[@]}"} \
-        --out "/tmp/fcp-$seed-$k-$lr" 2>"$out/seed$seed-k$k-$lr.log" | grep "^| cached" \
-        | sed "s/^| cached/| seed $seed, freeze-below $k (cached), lr $lr/" \
-        || { echo "seed $seed k $k lr $lr: stopped"; tail -3 "$out/seed$seed-k$k-$lr.log"; }
-      cp "/tmp/fcp-$seed-$k-$lr/results-seed$seed.json" "$out/seed$seed-k$k-$lr.json" 2>/dev/null || true
-    done; done
+        --extra "$rank" --out "/tmp/fcp-$seed-$tag" 2>"$out/seed$seed-k$tag.log" | grep "^| cached" \
+        | sed "s/^| cached/| seed $seed, freeze-below $k (cached), lr $lr, rank $r/" \
+        || { echo "seed $seed k $k lr $lr rank $r: stopped"; tail -3 "$out/seed$seed-k$tag.log"; }
+      cp "/tmp/fcp-$seed-$tag/results-seed$seed.json" "$out/seed$seed-k$tag.json" 2>/dev/null || true
+    done; done; done
     [ -z "${ALL_LAST:-}" ] || all_layers "$seed"
   }
   for seed in ${SEEDS:-0 1 2}; do one_seed "$seed" & done
