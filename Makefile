@@ -32,10 +32,11 @@ browser:
 	  $(APT) install chromium chromium-driver >/dev/null || \
 	  ($(APT) update >/dev/null && $(APT) install chromium chromium-driver >/dev/null)
 
-# pytest-xdist workers, each taking whole files (tests/conftest.py sends the longest first
-# and gives each worker its share of the cores); TEST_WORKERS=0 runs in one process
+# pytest-xdist workers, each taking whole files in collection order (tests/conftest.py
+# puts the longest first and gives each worker its share of the cores); TEST_WORKERS=0
+# runs in one process
 TEST_WORKERS ?= 2
-PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: fetch browser
 	$(PYTEST) --durations=15
