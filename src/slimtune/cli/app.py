@@ -40,7 +40,8 @@ def build_parser(store_only: bool = False) -> argparse.ArgumentParser:
     """Every command's parser; ``train``/``sweep`` get the flags of the methods registered
     now (see :mod:`slimtune.cli.train`), which imports torch. ``store_only``: the store's
     commands' parsers alone (``delta``, ``ab``), which need no torch, so that ``slimtune
-    delta ...`` and ``slimtune --version`` start in a fraction of a second."""
+    delta ...``, ``slimtune ab --log`` and ``slimtune --version`` start in a fraction of a
+    second (``ab --data`` imports torch when it runs)."""
     from ..version import __version__
     from . import store
 
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     # Ascend) did not import; its Triton kernels, the ones slimtune uses, are unaffected
     logging.getLogger("liger_kernel.backends.registry").setLevel(logging.ERROR)
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(store_only=argv[:1] in (["delta"], ["--version"]))
+    parser = build_parser(store_only=argv[:1] in (["delta"], ["ab"], ["--version"]))
     args = parser.parse_args(argv)
     finished = False
     try:
