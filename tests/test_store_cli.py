@@ -727,3 +727,36 @@ def test_the_public_api_resolves_every_name_it_lists():
         with pytest.raises(AttributeError, match="no attribute 'nope'"):
             module.nope  # noqa: B018
     assert slimtune.load_delta is slimtune.delta.load_delta
+
+
+def test_lazy_names_keep_submodules_dir_and_import_errors(tmp_path, monkeypatch):
+    """A fresh ``import slimtune`` reaches its submodules as attributes, as an eager
+    package does, and lists its public names in ``dir``; a failure inside a lazily
+    imported module surfaces as that failure, not as a missing name."""
+    import subprocess
+    import sys
+
+    script = (
+        "import slimtune, slimtune.delta as d; "
+        "print(slimtune.delta.store.__name__, d.format.MANIFEST, slimtune.errors.__name__, "
+        "'train' in dir(slimtune), 'DeltaStore' in dir(d))"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert (
+        out.stdout.split()
+        == ["slimtune.delta.store", "manifest.json", "slimtune.errors"] + ["True"] * 2
+    ), out.stderr
+    pkg = tmp_path / "lazypkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "from slimtune.lazy import exports\n"
+        "__getattr__, __dir__ = exports(__name__, {'thing': '.broken'})\n"
+    )
+    (pkg / "broken.py").write_text("import os\nos.no_such_function\nthing = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ImportError, match="no attribute 'no_such_function'"):
+        from lazypkg import thing  # noqa: F401
+    import lazypkg
+
+    with pytest.raises(AttributeError):
+        lazypkg.not_a_submodule  # noqa: B018

@@ -28,7 +28,6 @@ _WHERE = {
     "TrainResult": ".training.trainer",
     "train": ".training.trainer",
 }
-__getattr__ = exports(__name__, _WHERE)
 __all__ = [
     "SlimtuneError",
     "TrainConfig",
@@ -47,7 +46,7 @@ __all__ = [
     "verify_delta",
 ]
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # a type checker reads each name from its module (and flags typos)
     from .data import load_dataset
     from .delta import load_delta, read_manifest, save_delta, verify_delta
     from .errors import SlimtuneError
@@ -55,3 +54,5 @@ if TYPE_CHECKING:
     from .model.loading import fetch_default_model, fetch_model, fingerprint, load_model
     from .training.config import TrainConfig
     from .training.trainer import TrainResult, train
+else:
+    __getattr__, __dir__ = exports(__name__, _WHERE)

@@ -19,12 +19,15 @@ from ..errors import EXIT_CODES, SlimtuneError, UserInputError
 from ..lazy import exports
 
 # re-exported: tests and callers import them from here
-__getattr__ = exports(
-    __name__,
-    dict.fromkeys(["StoreOptions", "train_config_from_args", "train_options_from_args"], ".train"),
-)
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # a type checker reads each name from its module (and flags typos)
     from .train import StoreOptions, train_config_from_args, train_options_from_args
+else:
+    __getattr__, __dir__ = exports(
+        __name__,
+        dict.fromkeys(
+            ["StoreOptions", "train_config_from_args", "train_options_from_args"], ".train"
+        ),
+    )
 
 __all__ = [
     "COMMANDS",

@@ -22,7 +22,6 @@ _WHERE = {
     "Manifest": ".manifest",
     "DeltaStore": ".store",
 }
-__getattr__ = exports(__name__, _WHERE)
 __all__ = [
     "MANIFEST",
     "Applied",
@@ -38,8 +37,10 @@ __all__ = [
     "verify_delta",
 ]
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # a type checker reads each name from its module (and flags typos)
     from .apply import Applied, DeltaSwitcher, apply_delta, load_delta
     from .format import MANIFEST, check_base, delta_bytes, read_manifest, save_delta, verify_delta
     from .manifest import Manifest
     from .store import DeltaStore
+else:
+    __getattr__, __dir__ = exports(__name__, _WHERE)
