@@ -10,8 +10,11 @@ from slimtune.testing import tiny_model_dir
 
 LABELS = ["billing", "shipping", "returns"]
 # the files that take longest, first: `make test` runs two pytest-xdist workers, each taking
-# whole files (--dist loadfile), and a long file sent last would leave one worker idle
-LONGEST_FIRST = ("test_readme.py", "test_multiprocess.py", "test_compile.py")
+# whole files in this order (--dist loadfile --no-loadscope-reorder), and a long file sent
+# last would leave one worker idle. A quick file third: xdist gives a worker another file
+# while it has two tests or fewer pending, so the README's worker takes the third at once,
+# and it waits behind the README's examples.
+LONGEST_FIRST = ("test_readme.py", "test_multiprocess.py", "test_layout.py", "test_compile.py")
 
 
 def pytest_configure(config):
