@@ -13,6 +13,4 @@ __all__ = ["BASE", "Engine", "Finished", "Job", "UnknownModel"]
 if TYPE_CHECKING:  # a type checker reads each name from its module (and flags typos)
     from .engine import BASE, Engine, Finished, Job, UnknownModel
 else:
-    __getattr__, __dir__ = exports(
-        __name__, dict.fromkeys(["BASE", "Engine", "Finished", "Job", "UnknownModel"], ".engine")
-    )
+    __getattr__, __dir__ = exports(__name__, dict.fromkeys(__all__, ".engine"))
