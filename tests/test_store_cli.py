@@ -678,10 +678,10 @@ def test_export_rosa_as_a_merged_sparse_base_and_its_peft_lora(
 
 
 def test_the_store_commands_start_without_torch(tiny_dir, tmp_path):
-    """`slimtune delta list/tag/rollback/split`, `ab --log` and `--version` read the SQLite
-    index or a request log: they import no torch, transformers or peft (4 s of a command's
-    start on 2 cores, against 0.3 s without). `show` and `verify` check a manifest against
-    its method's declared files, which the method registry (torch) holds."""
+    """`slimtune delta list/show/tag/rollback/split`, `ab --log` and `--version` read the
+    SQLite index, a manifest or a request log: they import no torch, transformers or peft
+    (4 s of a command's start on 2 cores, against 0.3 s without). `verify` checks a
+    manifest against its method's declared files, which the method registry (torch) holds."""
     import subprocess
     import sys
 
@@ -695,7 +695,7 @@ def test_the_store_commands_start_without_torch(tiny_dir, tmp_path):
 import sys
 from slimtune.cli import main
 s = sys.argv[1]
-for argv in (["list"], ["tag", "v1", "prod"], ["tag", "v2", "prod"], ["rollback", "prod"],
+for argv in (["list"], ["show", "v1"], ["tag", "v1", "prod"], ["tag", "v2", "prod"], ["rollback", "prod"],
              ["split", "exp", "prod=50,v2=50"], ["split"]):
     assert main(["delta", "--store", s, *argv]) == 0, argv
 assert main(["ab", "v1", "v2", "--log", s + "/no-such.jsonl"]) == 2  # read_log's error
@@ -712,6 +712,7 @@ print("imported:", heavy)
     assert proc.returncode == 0, proc.stderr
     assert "imported: []" in proc.stdout
     assert "prod: v2 -> v1" in proc.stdout  # the commands did their work
+    assert '"id": "v1"' in proc.stdout and '"method": "lora"' in proc.stdout
     assert "slimtune 0.1" in proc.stdout
     assert store.resolve("prod").id == "v1"
 

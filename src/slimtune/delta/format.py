@@ -111,8 +111,8 @@ def _check_fields(manifest: dict[str, Any], path: Path, method_files: bool = Tru
 def read_manifest(folder: str | Path, *, method_files: bool = True) -> dict[str, Any]:
     """The manifest of the delta in ``folder``, its fields checked. ``method_files=False``
     leaves out the check that it lists one of its method's tensor files: the methods
-    declare those, and importing them imports torch (``slimtune delta list`` reads every
-    version's metrics without it; ``verify`` and applying check it)."""
+    declare those, and importing them imports torch (``slimtune delta list`` and ``show``
+    read manifests without it; ``verify`` and applying check it)."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not folder.is_dir():

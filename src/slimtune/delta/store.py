@@ -846,7 +846,9 @@ class DeltaStore:
         return store, added, skipped, aside
 
     def describe(self, v: Version) -> dict:
-        m = v.manifest()
+        """What ``delta show`` prints. The manifest is read without its method-files check
+        (that needs the method registry, so torch: `verify` and applying keep it)."""
+        m = v.manifest(method_files=False)
         tags = [t for t, vid in self.tags().items() if vid == v.id]
         return {
             "id": v.id,
