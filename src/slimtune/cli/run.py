@@ -18,7 +18,7 @@ def eval_parser(sub) -> None:
         "model + delta on a data file.",
     )
     p.add_argument("--data", required=True, help="data file or builtin:NAME")
-    add_model_args(p)
+    add_model_args(p, with_delta=True)
     p.add_argument(
         "--delta",
         help="delta to apply: a folder, or a store id / tag (refused if trained on another base)",
@@ -41,7 +41,7 @@ def generate_parser(sub) -> None:
         "as a user turn unless --raw.",
     )
     p.add_argument("prompt", help="the prompt text")
-    add_model_args(p)
+    add_model_args(p, with_delta=True)
     p.add_argument("--delta", help="delta to apply: a folder, or a store id / tag")
     p.add_argument("--store", help="delta store for ids and tags")
     add_quantize_arg(p)

@@ -14,15 +14,20 @@ def serve_parser(sub) -> None:
         "serve",
         help="serve the base and the store's deltas over an OpenAI-compatible HTTP API",
         description="One base in memory; each request's `model` picks what answers it: "
-        "'base', a store version id or a tag (read at request time, so `delta tag` and "
-        "`delta rollback` take effect without a restart). Needs the serve extra: "
+        "'base', a store version id, a tag or an A/B split (read at request time, so `delta "
+        "tag`, `delta rollback` and `delta split` take effect without a restart). Needs the "
+        "serve extra: "
         "pip install 'slimtune[serve]'.",
     )
     add_model_args(p)
     add_quantize_arg(p)
     add_server_args(p)
     p.add_argument(
-        "--max-batch", type=int, default=8, help="requests of one delta run together (default 8)"
+        "--max-batch",
+        type=int,
+        default=8,
+        help="requests that run together in one batch: of one delta, or of the base and the "
+        "loaded LoRA deltas (--adapters). Default 8",
     )
     p.add_argument(
         "--max-tokens",

@@ -11,7 +11,9 @@ from .common import add_quantize_arg
 
 def add_store_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--store", help="store folder (default $SLIMTUNE_STORE or ~/.local/share/slimtune/store)"
+        "--store",
+        help="store folder (default $SLIMTUNE_STORE, else $XDG_DATA_HOME/slimtune/store, "
+        "else ~/.local/share/slimtune/store)",
     )
 
 
@@ -52,9 +54,16 @@ def build(sub) -> None:
         "all, that objects/ and the index agree)",
     )
     p.add_argument("ref", nargs="?")
-    p = ds.add_parser("rm", help="remove a version (refused while a tag or a child uses it)")
+    p = ds.add_parser(
+        "rm", help="remove a version (refused while a tag, a child or an A/B split uses it)"
+    )
     p.add_argument("ref")
-    p.add_argument("--force", action="store_true")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="remove it anyway, with its tags and the splits that name it; its children "
+        "keep no parent",
+    )
     ds.add_parser(
         "gc",
         help="move folders no version owns (e.g. after a killed save) to "
@@ -97,7 +106,7 @@ def build(sub) -> None:
     )
     p = ds.add_parser(
         "import",
-        help="import a peft LoRA or SHiRA adapter folder as a new "
+        help="import a peft LoRA, DoRA or SHiRA adapter folder as a new "
         "version, after checking it fits its base",
     )
     p.add_argument("dir")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -53,11 +54,10 @@ def method_flags() -> dict[str, MethodFlag]:
         for o in cls.config_class.cli_options():
             f = flags.get(o.dest)
             if f is None:
-                flags[o.dest] = MethodFlag(
-                    o.flag, o.name, o.kind, o.help, {method: o.default}, o.sweep
-                )
-                continue
-            f.defaults[method] = o.default
+                flags[o.dest] = MethodFlag(o.flag, o.name, o.kind, o.help, {}, o.sweep)
+                f = flags[o.dest]
+            # what the help says the default is (a default resolved later, in its words)
+            f.defaults[method] = o.default if o.shown_default is None else o.shown_default
             f.sweep = f.sweep or o.sweep
             f.help = f.help or o.help
     return flags
@@ -156,7 +156,8 @@ def train_parser(sub) -> None:
     p.add_argument(
         "--store",
         default=S,
-        help="delta store to save the result into (default $SLIMTUNE_STORE or ~/.local/share/...)",
+        help="delta store to save the result into (default $SLIMTUNE_STORE, else "
+        "$XDG_DATA_HOME/slimtune/store, else ~/.local/share/slimtune/store)",
     )
     p.add_argument(
         "--no-store",
@@ -166,6 +167,11 @@ def train_parser(sub) -> None:
     )
     p.add_argument("--parent", default=S, help="store version this run continues (recorded)")
     p.add_argument("--note", default=S, help="a note kept with the stored version")
+
+
+def sweep_output_dir(method: str) -> str:
+    """Where a sweep's runs go unless told: one folder per method."""
+    return f"runs/sweep-{method}"
 
 
 def sweep_parser(sub) -> None:
@@ -283,7 +289,11 @@ def add_train_options(p: argparse.ArgumentParser, grid: bool) -> None:
         default=S,
         help="keep the last checkpoint after a successful run",
     )
-    p.add_argument("--output-dir", default=S, help="run folder (default runs/train)")
+    p.add_argument(
+        "--output-dir",
+        default=S,
+        help=f"run folder (default {sweep_output_dir('METHOD') if grid else 'runs/train'})",
+    )
     p.add_argument("--seed", type=int, default=S, help="random seed (default 0)")
     p.add_argument(
         "--resume",
@@ -381,10 +391,15 @@ def _split_options(
 
 
 def train_options_from_args(
-    args: argparse.Namespace, exclude: tuple[str, ...] = ()
+    args: argparse.Namespace,
+    exclude: tuple[str, ...] = (),
+    *,
+    output_dir: Callable[[str], str] | None = None,
 ) -> tuple[Any, StoreOptions]:
     """Defaults < YAML file < flags given on the command line; YAML keys are the flags'
-    names (dashes or underscores). Returns the TrainConfig and the store options."""
+    names (dashes or underscores). ``output_dir`` maps the method to the run folder used
+    where neither source names one (``sweep``'s). Returns the TrainConfig and the store
+    options."""
     from ..training.config import TrainConfig
 
     values: dict[str, Any] = {}
@@ -398,12 +413,14 @@ def train_options_from_args(
     _split_options(given, where, values, method_options, store)
     if method_options:
         values["method_options"] = method_options
+    if output_dir is not None and "output_dir" not in values:
+        values["output_dir"] = output_dir(str(values.get("method", TrainConfig.method)))
     cfg = TrainConfig.from_dict(values, where=where)
     return cfg, StoreOptions(**check_types(StoreOptions, store, where))
 
 
 def train_config_from_args(args: argparse.Namespace, exclude: tuple[str, ...] = ()) -> Any:
-    """The TrainConfig of ``train``/``sweep`` (see :func:`train_options_from_args`)."""
+    """The TrainConfig of ``train`` (see :func:`train_options_from_args`)."""
     return train_options_from_args(args, exclude)[0]
 
 
@@ -508,15 +525,22 @@ def report_train(cfg: Any, result: Any) -> None:
     )
 
 
+def sweep_config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """A sweep's shared TrainConfig (its run folder ``runs/sweep-METHOD`` unless the flags
+    or the YAML file name one) and the grid's value lists, by flag name."""
+    from ..training.sweep import grid_flags
+
+    grid = grid_flags()
+    lists = {k: v for k, v in vars(args).items() if k in grid}
+    return train_options_from_args(args, tuple(grid), output_dir=sweep_output_dir)[0], lists
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from ..eval.report import comparison_rows, print_table, write_report
     from ..training.sweep import grid_flags, grid_points, plot_sweep, run_sweep
 
     grid = grid_flags()
-    lists = {k: v for k, v in vars(args).items() if k in grid}
-    cfg = train_config_from_args(args, exclude=tuple(grid))
-    if "output_dir" not in vars(args):
-        cfg.output_dir = f"runs/sweep-{cfg.method}"
+    cfg, lists = sweep_config_from_args(args)
     points = grid_points(cfg.method, lists, grid)
     rows = run_sweep(cfg, points, cfg.output_dir, overwrite=cfg.overwrite)
     table = comparison_rows(rows)

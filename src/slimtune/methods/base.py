@@ -39,13 +39,17 @@ def option(
     help: str = "",
     sweep: bool = False,
     default_factory: Any = MISSING,
+    shown_default: str | None = None,
 ) -> Any:
     """An options-dataclass field that the CLI exposes as ``--FLAG`` (default: the field
     name with dashes), e.g. ``r: int = option(8, flag="lora-r", help="LoRA rank",
     sweep=True)``. Declared once here, it gives ``train``/``sweep`` their flag, its help and
     YAML key (the flag with underscores) and, with ``sweep``, a place in the sweep grid;
-    methods that declare the same flag share it (same option name and type required)."""
-    metadata = {"cli": {"flag": flag, "help": help}, "sweep": sweep}
+    methods that declare the same flag share it (same option name and type required).
+    ``shown_default`` is how the help states a default that is resolved later (a ``None``
+    that ``__post_init__`` replaces)."""
+    metadata = {"cli": {"flag": flag, "help": help, "shown_default": shown_default}}
+    metadata["sweep"] = sweep
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -61,6 +65,7 @@ class CliOption:
     default: Any
     help: str
     sweep: bool
+    shown_default: str | None = None  # the help's wording of a default resolved later
 
     @property
     def dest(self) -> str:
@@ -112,6 +117,7 @@ class MethodConfig:
                     default,
                     cli["help"],
                     bool(f.metadata.get("sweep")),
+                    cli.get("shown_default"),
                 )
             )
         return out

@@ -407,7 +407,7 @@ class SparseOptions(MethodConfig):
     # GPU, faster than LoRA: BENCHMARKS.md, "Sparse by columns"), or to entries where
     # drop-and-regrow is on, which needs them
     structure: str | None = option(
-        None, help=STRUCTURE_HELP + "; default: columns, entries with --regrow-every"
+        None, help=STRUCTURE_HELP, shown_default="columns or, with --regrow-every, entries"
     )
     # short names; None = every linear in the blocks
     target_modules: list[str] | None = option(
