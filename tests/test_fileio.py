@@ -1,5 +1,6 @@
 import errno
 import os
+import shutil
 
 import pytest
 
@@ -49,6 +50,36 @@ def test_atomic_dir_replaces_whole_folders_and_recovers_old(tmp_path):
     os.replace(target, tmp_path / "ckpt.old")
     assert fileio.recover_dir(target) == tmp_path / "ckpt.old"
     assert fileio.recover_dir(tmp_path / "none") is None
+
+
+def test_a_new_folder_never_replaces_one_written_meanwhile(tmp_path):
+    """Two writers of one new folder (two `delta apply --out X`): both pass the existence
+    check; the second to finish must fail and leave the first one's folder, not swap it
+    out and delete it."""
+    from slimtune.errors import UserInputError
+
+    target = tmp_path / "merged"
+    for theirs in ("folder", "file"):
+        with (
+            pytest.raises(fileio.FolderExists, match="appeared while"),
+            fileio.atomic_dir(target) as d,
+        ):
+            (d / "ours").write_text("2")
+            if theirs == "folder":  # the other writer finishes first
+                target.mkdir()
+                (target / "theirs").write_text("1")
+            else:
+                target.write_text("1")
+        if theirs == "folder":
+            assert [p.name for p in target.iterdir()] == ["theirs"]
+            shutil.rmtree(target)
+        else:
+            assert target.read_text() == "1"
+            target.unlink()
+        assert not list(tmp_path.iterdir())  # no temporary folder left behind
+    # the CLI reports it as a user error (exit code 2), and it still is a FileExistsError
+    assert issubclass(fileio.FolderExists, UserInputError)
+    assert issubclass(fileio.FolderExists, FileExistsError)
 
 
 def test_file_lock_excludes_other_processes_and_dies_with_its_holder(tmp_path):

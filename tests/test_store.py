@@ -86,6 +86,31 @@ def test_versions_tags_rollback_and_dependencies(deltas, tmp_path):
         store.resolve("prod")
 
 
+def test_a_rollback_to_a_damaged_version_is_refused_and_the_tag_stays(deltas, tmp_path):
+    """Serving resolves a tag with the folder check: a rollback onto a version whose
+    folder is gone or whose manifest changed would fail every request for that tag."""
+    import shutil
+
+    store = DeltaStore(tmp_path / "store")
+    v1, v2 = store.add(deltas["lora"]), store.add(deltas["sparse"])
+    store.tag("prod", v1.id)
+    store.tag("prod", v2.id)
+    manifest = v1.path / "manifest.json"
+    kept = manifest.read_bytes()
+    manifest.write_bytes(kept.replace(b'"lora"', b'"LoRA"', 1))
+    with pytest.raises(DeltaError, match="changed since v1 was added"):
+        store.rollback("prod")
+    assert store.resolve("prod").id == "v2"
+    shutil.rmtree(v1.path)
+    with pytest.raises(DeltaError, match=r"its folder .* is missing"):
+        store.rollback("prod")
+    assert store.resolve("prod").id == "v2"
+    shutil.copytree(deltas["lora"], v1.path)  # restored: the rollback goes through
+    assert manifest.read_bytes() == kept
+    assert store.rollback("prod") == ("v2", "v1")
+    assert store.resolve("prod").id == "v1"
+
+
 def test_verify_names_a_flipped_byte_and_diff_compares(deltas, tmp_path):
     store = DeltaStore(tmp_path / "store")
     a = store.add(deltas["lora"])

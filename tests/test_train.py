@@ -89,6 +89,32 @@ def test_existing_run_is_not_overwritten_silently(tiny_dir, intent_file, tmp_pat
     train_tiny(tiny_dir, intent_file, tmp_path / "r", max_steps=1, overwrite=True)
 
 
+def test_an_overwrite_that_cannot_start_keeps_the_run_it_would_replace(
+    tiny_dir, intent_file, tmp_path
+):
+    from pathlib import Path
+
+    from slimtune.errors import DataError
+
+    run = tmp_path / "r"
+    train_tiny(tiny_dir, intent_file, run, max_steps=2, save_every=1, keep_checkpoint=True)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert (run / "delta" / "manifest.json") in {run / p for p in before}
+    assert (run / "checkpoint" / "checkpoint.json") in {run / p for p in before}
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "hi"}])  # no completion
+    with pytest.raises(DataError, match=r"bad\.jsonl:1"):
+        train_tiny(tiny_dir, bad, run, max_steps=1, overwrite=True)
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before  # delta, checkpoint and log as they were
+    # one that starts replaces it: the old checkpoint and log are gone, a new delta is there
+    train_tiny(tiny_dir, intent_file, run, max_steps=1, overwrite=True)
+    assert not (run / "checkpoint").exists()
+    assert [
+        json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+    ] == [1]
+    assert (run / "delta" / "manifest.json").read_bytes() != before[Path("delta/manifest.json")]
+
+
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     import slimtune.training.trainer as T
@@ -161,6 +187,22 @@ def test_resume_refuses_changed_options(tiny_dir, intent_file, tmp_path):
     cfg2 = TrainConfig(**{**cfg.__dict__, "lr": 0.5, "resume": True})
     with pytest.raises(UserInputError, match=r"cannot resume, the run differs in \['lr'\]"):
         Trainer(cfg2)
+    # fewer steps than the checkpoint has done: named as such, not as a damaged checkpoint
+    # with advice to replace it
+    meta_path = tmp_path / "r" / "checkpoint" / "checkpoint.json"
+    meta = json.loads(meta_path.read_text())
+    meta["step"] = 3
+    meta_path.write_text(json.dumps(meta))
+    fewer = TrainConfig(**{**cfg.__dict__, "max_steps": 2, "resume": True})
+    with pytest.raises(UserInputError, match=r"differs in \['max_steps'\]") as refused:
+        Trainer(fewer)
+    assert "unreadable" not in str(refused.value)
+    meta["step"] = 9  # past the recorded max_steps (4): that file is damaged
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(UserInputError, match=r"unreadable checkpoint .*step 9 is past"):
+        Trainer(TrainConfig(**{**cfg.__dict__, "resume": True}))
+    meta["step"] = 0
+    meta_path.write_text(json.dumps(meta))
     write_jsonl(tmp_path / "other.jsonl", [{"text": "different data"}] * 4)
     cfg3 = TrainConfig(**{**cfg.__dict__, "resume": True})
     Trainer(cfg3)  # same options: accepted

@@ -19,8 +19,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import UserInputError
+
 if TYPE_CHECKING:
     import torch
+
+
+class FolderExists(FileExistsError, UserInputError):
+    """A new folder's target exists, or appeared while it was written (another process):
+    nothing of either is lost. The CLI names it as a user error (exit code 2)."""
 
 
 def sha256_file(path: str | Path) -> str:
@@ -146,7 +153,7 @@ def atomic_dir(target: str | Path, *, replace: bool = False) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists() and not replace:
-        raise FileExistsError(f"{target} already exists")
+        raise FolderExists(f"{target} already exists")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
@@ -160,6 +167,10 @@ def atomic_dir(target: str | Path, *, replace: bool = False) -> Iterator[Path]:
             if f.is_file():
                 _fsync_file(f)
         fsync_dir(tmp)
+        if not replace:
+            _rename_new(tmp, target)
+            fsync_dir(target.parent)
+            return
         old = target.with_name(target.name + ".old")
         if target.exists():
             if old.exists():
@@ -172,6 +183,21 @@ def atomic_dir(target: str | Path, *, replace: bool = False) -> Iterator[Path]:
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         _raise_if_disk_full(e, target)
+        raise
+
+
+def _rename_new(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` to a ``target`` that did not exist when the write began. A folder
+    another process put there meanwhile (a second ``apply --out`` to the same place) is
+    not replaced: the kernel refuses a rename over a non-empty folder or a file."""
+    try:
+        os.rename(tmp, target)
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise FolderExists(
+                f"{target} appeared while this one was written (another process?); "
+                "it was left as it is"
+            ) from e
         raise
 
 

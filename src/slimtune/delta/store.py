@@ -669,9 +669,12 @@ class DeltaStore:
             prev = next((v for v in reversed(hist[:-1]) if v != cur["version"]), None)
             if prev is None:
                 raise UserInputError(f"tag {name!r} has no earlier version to roll back to")
-            exists = conn.execute("SELECT 1 FROM versions WHERE id=?", (prev,)).fetchone()
-            if not exists:
+            row = conn.execute("SELECT * FROM versions WHERE id=?", (prev,)).fetchone()
+            if not row:
                 raise DeltaError(f"tag {name!r} pointed at {prev}, which has been removed")
+            # as `tag` does: a tag must not move to a version every request would fail on
+            # (its folder gone or its manifest changed); the tag stays where it is
+            self._check_manifest(self._row(row))
             conn.execute("UPDATE tags SET version=?, updated=? WHERE name=?", (prev, _now(), name))
             # forget the rolled-back entry so a second rollback goes further back
             last = conn.execute("SELECT MAX(seq) FROM tag_history WHERE name=?", (name,)).fetchone()

@@ -256,6 +256,8 @@ class Trainer:
             # prepares (and locks) the folder, the others wait and share its verdict
             self._on_main(self._prepare_output)
             self._setup(loaded)
+            if self.cfg.overwrite:  # only now: a run that fails to start keeps the one it replaces
+                self._on_main(self._clear_replaced_run)
         except BaseException:
             self.close()
             raise
@@ -677,9 +679,7 @@ class Trainer:
         ckpt = recover_dir(self.ckpt_dir)
         finished = finished_delta(self.out)
         if cfg.overwrite:
-            for p in (self.ckpt_dir, self.ckpt_dir.with_name("checkpoint.old"), self.out / "delta"):
-                shutil.rmtree(p, ignore_errors=True)
-            self.metrics_path.unlink(missing_ok=True)
+            pass  # the run there goes once this one has loaded its model and data
         elif cfg.resume and finished is not None:
             raise UserInputError(
                 f"{self.out} holds a finished run ({finished}): nothing to "
@@ -699,6 +699,13 @@ class Trainer:
             )
         elif not cfg.resume:  # a run that died before its first checkpoint: its log goes
             self.metrics_path.unlink(missing_ok=True)
+
+    def _clear_replaced_run(self) -> None:
+        """--overwrite: remove the run this one replaces, once this one has loaded its model
+        and data and is about to train (a typo in --data must not cost the old run)."""
+        for p in (self.ckpt_dir, self.ckpt_dir.with_name("checkpoint.old"), self.out / "delta"):
+            shutil.rmtree(p, ignore_errors=True)
+        self.metrics_path.unlink(missing_ok=True)
 
     def _identity(self) -> dict[str, Any]:
         identity = self.cfg.identity()
@@ -774,7 +781,7 @@ class Trainer:
         if not (
             isinstance(meta, dict)
             and isinstance(meta.get("step"), int)
-            and 0 <= meta["step"] <= self.cfg.max_steps
+            and meta["step"] >= 0
             and isinstance(meta.get("identity"), dict)
         ):
             raise unreadable("checkpoint.json lacks a valid step and identity")
@@ -819,6 +826,8 @@ class Trainer:
                 "use the original options (a lower lr or max_grad_norm is "
                 "allowed) or --overwrite"
             )
+        if meta["step"] > self.cfg.max_steps:  # the same max_steps recorded: a damaged file
+            raise unreadable(f"step {meta['step']} is past its max_steps {self.cfg.max_steps}")
         try:
             tensors = load_file(str(ckpt / "trainable.safetensors"))
             state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
@@ -829,17 +838,20 @@ class Trainer:
                 )
             for name, value in tensors.items():
                 if value.shape != targets[name].shape:
-                    raise ValueError(
-                        f"{name} has shape {tuple(value.shape)} in the checkpoint, "
-                        f"{tuple(targets[name].shape)} in this run: a method option differs "
-                        "(a checkpoint of an older slimtune may need the old defaults, e.g. "
-                        "-o structure=entries for sparse)"
+                    raise UserInputError(
+                        f"{ckpt}: cannot resume, {name} has shape {tuple(value.shape)} in the "
+                        f"checkpoint, {tuple(targets[name].shape)} in this run: a method option "
+                        "differs (a checkpoint of an older slimtune may need the old defaults, "
+                        "e.g. -o structure=entries for sparse); use the original options or "
+                        "--overwrite"
                     )
                 self.parallel.copy_into(targets[name], value)
             self.parallel.load_optimizer_state(self.optimizer, state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             _set_rng_state(state["rng"])
             self.method.load_state_dict(self.model, meta.get("method_state") or {})
+        except (UserInputError, torch.OutOfMemoryError, MemoryError):
+            raise  # not a damaged checkpoint: it stays usable, so no advice to replace it
         except Exception as e:
             raise unreadable(e) from e
         self.step = meta["step"]
