@@ -208,6 +208,81 @@ def test_a_version_that_fails_to_load_fails_only_its_own_requests(tiny_dir, tmp_
     assert not any(isinstance(m, BaseTunerLayer) for m in base.modules())
 
 
+def test_a_store_error_fails_only_the_request_whose_lookup_hit_it(tiny_dir, tmp_path):
+    """An error other than "no such version" while a batch forms (an unreadable file in a
+    shared store) fails the job that named that version, not the one first in line."""
+    import asyncio
+
+    from slimtune.delta import DeltaSwitcher
+    from slimtune.serve.engine import Engine, Job
+
+    store = _lora_store(tiny_dir, tmp_path)
+    resolve = store.resolve
+
+    def unreadable_v2(ref, **kw):
+        if ref == "v2":
+            raise PermissionError(13, "Permission denied", "objects/v2/manifest.json")
+        return resolve(ref, **kw)
+
+    store.resolve = unreadable_v2
+    engine = Engine(DeltaSwitcher(load_model(str(tiny_dir), device="cpu"), store))
+
+    async def main():
+        queues = [
+            engine.submit(Job(model=m, prompt_ids=[5, 17, 42], max_tokens=2))
+            for m in ("base", "v2", "base", "v1")
+        ]
+        engine.start()  # all four wait in line when the first batch forms
+
+        async def outcome(events):
+            while True:
+                kind, value = await events.get()
+                if kind in ("done", "error"):
+                    return kind, value
+
+        return await asyncio.gather(*[outcome(q) for q in queues])
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        engine.stop()
+    assert [k for k, _ in results] == ["done", "error", "done", "done"], results
+    assert results[1][1][0] == 500 and "Permission denied" in results[1][1][1]
+    assert [v.delta for k, v in results if k == "done"] == ["base", "base", "v1"]
+
+
+def test_a_chat_template_that_refuses_the_turns_is_a_400(tiny_dir, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from slimtune.delta import DeltaSwitcher
+    from slimtune.serve.app import create_app
+    from slimtune.serve.engine import Engine
+
+    engine = Engine(DeltaSwitcher(load_model(str(tiny_dir), device="cpu"), None)).start()
+    # as Gemma 3's template does for two user turns in a row
+    engine.tokenizer.chat_template = (
+        "{% if messages | length > 1 %}{{ raise_exception('Conversation roles must "
+        "alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    user = {"role": "user", "content": "hello"}
+    try:
+        with TestClient(create_app(engine)) as client:
+            bad = client.post(
+                "/v1/chat/completions",
+                json={"model": "base", "messages": [user, user], "max_tokens": 2},
+            )
+            good = client.post(
+                "/v1/chat/completions", json={"model": "base", "messages": [user], "max_tokens": 2}
+            )
+    finally:
+        engine.stop()
+    assert bad.status_code == 400, bad.text
+    err = bad.json()["error"]
+    assert err["param"] == "messages" and "roles must alternate" in err["message"]
+    assert good.status_code == 200, good.text
+
+
 def test_a_failed_first_load_leaves_no_adapter_layers_on_the_base(tiny_dir, tmp_path, monkeypatch):
     from peft import PeftModel
     from peft.tuners.tuners_utils import BaseTunerLayer

@@ -416,7 +416,10 @@ def create_app(
         tok = engine.tokenizer
         messages: list[dict[str, Any]] = [m.model_dump() for m in body.messages]
         if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            try:  # a template that refuses the turns (Gemma's: roles must alternate)
+                text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except Exception as e:
+                raise ApiError(400, f"messages: {e}", param="messages") from e
         else:  # a tokenizer without a template: the turns as plain lines
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
         ids = list(tok(text, add_special_tokens=False)["input_ids"])

@@ -328,6 +328,10 @@ class Engine:
                     self._waiting.remove(j)
                     self._emit(j, ("error", (404, str(e))))
                     return None
+                except Exception as e:  # the store failed this job's lookup: it alone fails
+                    self._waiting.remove(j)
+                    self._emit(j, ("error", (500, f"{type(e).__name__}: {e}")))
+                    return None
             return resolved[j.model]
 
         first = self._waiting[0]
