@@ -141,6 +141,49 @@ def test_paths_in_a_manifest_cannot_escape(deltas, tmp_path):
     assert store.list() == [] and list((tmp_path / "store" / "objects").iterdir()) == []
 
 
+def test_names_and_files_the_os_refuses_are_named_not_tracebacks(deltas, tmp_path, monkeypatch):
+    import shutil
+
+    from slimtune.delta import format as delta_format
+
+    bad = tmp_path / "bad"
+    shutil.copytree(deltas["lora"], bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    m["files"]["x" * 300] = {"sha256": "0", "bytes": 1}  # longer than a file name can be
+    (bad / "manifest.json").write_text(json.dumps(m))
+    store = DeltaStore(tmp_path / "store")
+    with pytest.raises(DeltaError, match=r"unreadable .*File name too long"):
+        store.add(bad)
+    # verify reports an unreadable file as that version's problem and checks the others
+    v1, v2 = store.add(deltas["lora"]), store.add(deltas["sparse"])
+    sha256 = delta_format.sha256_file
+
+    def denied(path):
+        if "v1" in str(path) and str(path).endswith(".safetensors"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return sha256(path)
+
+    monkeypatch.setattr(delta_format, "sha256_file", denied)
+    problems = dict(store.verify())
+    assert "Permission denied" in problems[v1.id] and problems[v2.id] is None
+    from slimtune.delta import store as store_module
+
+    def denied_manifest(path):
+        if "v1" in str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return sha256(path)
+
+    monkeypatch.setattr(store_module, "sha256_file", denied_manifest)
+    problems = dict(store.verify())  # the manifest's own checksum, read by the store
+    assert "manifest.json: unreadable (Permission denied)" in problems[v1.id]
+    assert problems[v2.id] is None
+    # a store whose objects/ is a file is named as such
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "objects").write_text("")
+    with pytest.raises(UserInputError, match="objects is a file, not the store's objects/"):
+        DeltaStore(tmp_path / "odd")
+
+
 ADD_MANY = textwrap.dedent("""
     import sys
     from slimtune.delta import DeltaStore

@@ -162,6 +162,21 @@ def test_ab_log_errors_exit_2_with_the_reason(tmp_path, capsys):
     assert f"{bad}:1" in capsys.readouterr().err
 
 
+def test_logs_that_cannot_be_read_or_written_are_named(tmp_path, capsys, monkeypatch):
+    import slimtune.model.loading
+
+    assert main(["ab", "--log", str(tmp_path), "v1", "v2"]) == 2  # a folder
+    assert f"{tmp_path}: cannot read the log" in capsys.readouterr().err
+
+    def no_model(*a, **kw):
+        raise AssertionError("the model loaded before --log was checked")
+
+    monkeypatch.setattr(slimtune.model.loading, "load_model", no_model)
+    argv = ["serve", "--store", str(tmp_path / "store"), "--log", str(tmp_path)]
+    assert main(argv) == 2
+    assert f"--log {tmp_path}: cannot append to it" in capsys.readouterr().err
+
+
 def _lora_store(tiny_dir, tmp_path, n=2):
     from slimtune.delta import DeltaStore
 

@@ -101,6 +101,16 @@ def _server_stack():
     return uvicorn
 
 
+def _request_log(path: str):
+    """``--log``'s file, opened for appending; a folder or an unwritable path is named."""
+    from ..serve.traffic import RequestLog
+
+    try:
+        return RequestLog(path)
+    except OSError as e:
+        raise UserInputError(f"--log {path}: cannot append to it ({e.strerror})") from None
+
+
 def _runs(args) -> Path | None:
     if not args.runs:
         return None
@@ -135,7 +145,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UserInputError("--max-batch and --max-tokens must be >= 1")
     if args.adapters < 0:
         raise UserInputError("--adapters must be >= 0")
-    from ..serve.traffic import RequestLog, parse_splits
+    from ..serve.traffic import parse_splits
 
     splits = parse_splits(args.split)
     from ..delta import DeltaSwitcher
@@ -146,9 +156,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..serve.dashboard import add_dashboard, guard_loopback
     from ..serve.engine import Engine, UnknownModel
 
+    # a bad store or log path fails before the model loads
+    store = DeltaStore(getattr(args, "store", None))
+    log = _request_log(args.log) if args.log else None
     model = getattr(args, "model", None) or "default"
     loaded = load_model(model, device=device_of(args), quantize=getattr(args, "quantize", "none"))
-    store = DeltaStore(getattr(args, "store", None))
     engine = Engine(DeltaSwitcher(loaded, store), max_batch=args.max_batch, adapters=args.adapters)
     for split in splits.values():  # every arm must serve something now (a typo is not a 404)
         for arm, _ in split.arms:
@@ -157,7 +169,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
             except UnknownModel as e:
                 raise UserInputError(f"--split {split}: arm {arm!r}: {e}") from None
     runs = _runs(args)
-    log = RequestLog(args.log) if args.log else None
     app = create_app(engine.start(), default_max_tokens=args.max_tokens, splits=splits, log=log)
     guard_loopback(app, args.host)
     add_dashboard(

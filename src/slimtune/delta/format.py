@@ -146,32 +146,39 @@ def read_manifest(folder: str | Path, *, method_files: bool = True) -> dict[str,
 def verify_delta(folder: str | Path, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
     """Check every listed file's size and SHA-256, and that tensor files parse; name the
     first one that differs. Symbolic links are refused before anything is read through them."""
-    from safetensors import safe_open
-
     folder = Path(folder)
     manifest = manifest or read_manifest(folder)
     for name, info in manifest["files"].items():
         if "/" in name or "\\" in name or name in ("", ".", ".."):
             raise DeltaError(f"{folder / MANIFEST}: file name {name!r} escapes the delta folder")
-        path = folder / name
-        if path.is_symlink():
-            raise DeltaError(f"{path}: a symbolic link; a delta holds plain files only")
-        if not path.is_file():
-            raise DeltaError(f"{path}: listed in the manifest but missing")
-        if path.stat().st_size != info["bytes"]:
-            raise DeltaError(
-                f"{path}: size {path.stat().st_size} bytes, manifest says "
-                f"{info['bytes']} (truncated or replaced)"
-            )
-        if sha256_file(path) != info["sha256"]:
-            raise DeltaError(f"{path}: checksum mismatch (corrupted)")
-        if name.endswith(".safetensors"):
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    f.keys()
-            except Exception as e:  # safetensors raises its own error types
-                raise DeltaError(f"{path}: not a valid safetensors file ({e})") from e
+        try:
+            _verify_file(folder / name, info)
+        except OSError as e:  # a name the OS refuses (too long), a file it cannot read
+            raise DeltaError(f"{folder / name[:80]}: unreadable ({e.strerror})") from e
     return manifest
+
+
+def _verify_file(path: Path, info: dict[str, Any]) -> None:
+    """One listed file: a plain file of the recorded size and SHA-256; a tensor file parses."""
+    from safetensors import safe_open
+
+    if path.is_symlink():
+        raise DeltaError(f"{path}: a symbolic link; a delta holds plain files only")
+    if not path.is_file():
+        raise DeltaError(f"{path}: listed in the manifest but missing")
+    if path.stat().st_size != info["bytes"]:
+        raise DeltaError(
+            f"{path}: size {path.stat().st_size} bytes, manifest says "
+            f"{info['bytes']} (truncated or replaced)"
+        )
+    if sha256_file(path) != info["sha256"]:
+        raise DeltaError(f"{path}: checksum mismatch (corrupted)")
+    if path.name.endswith(".safetensors"):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # safetensors raises its own error types
+            raise DeltaError(f"{path}: not a valid safetensors file ({e})") from e
 
 
 def delta_bytes(manifest: dict[str, Any]) -> int:

@@ -190,6 +190,12 @@ class DeltaStore:
             or not os.access(self.root, os.W_OK)
             or (self.index.exists() and not os.access(self.index, os.W_OK))
         )
+        for d in (self.objects, self.staging, self.quarantine):
+            if d.exists() and not d.is_dir():
+                raise UserInputError(
+                    f"store {self.root}: {d.name} is a file, not the store's {d.name}/ folder; "
+                    "move it away or choose another --store"
+                )
         if not self.readonly:
             for d in (self.objects, self.staging):
                 d.mkdir(exist_ok=True)
@@ -765,6 +771,8 @@ class DeltaStore:
                 out.append((v.id, None))
             except DeltaError as e:
                 out.append((v.id, str(e)))
+            except OSError as e:  # an unreadable file: that version's problem, not the run's
+                out.append((v.id, f"{e.filename}: unreadable ({e.strerror})"))
         if ref is None:
             known = {v.id for v in versions}
             for d in self._folders(self.objects):

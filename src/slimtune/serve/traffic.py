@@ -159,6 +159,8 @@ def read_log(path: str | Path) -> tuple[list[LoggedRequest], list[str]]:
         raise UserInputError(f"{path}: no such log") from None
     except UnicodeDecodeError:
         raise UserInputError(f"{path}: not a UTF-8 JSON Lines log") from None
+    except OSError as e:  # a folder, no permission
+        raise UserInputError(f"{path}: cannot read the log ({e.strerror})") from None
     requests: dict[str, LoggedRequest] = {}
     outcomes: list[tuple[int, str, float]] = []
     warnings: list[str] = []
