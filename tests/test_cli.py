@@ -90,7 +90,8 @@ def test_bad_data_through_the_real_command(tiny_dir, tmp_path):
     )
     assert proc.returncode == DataError.exit_code
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"slimtune: error: {bad}:2: has 'prompt' or 'completion' but is missing field 'completion'"
+        f"slimtune: error: {bad}:2: has 'prompt' or 'completion' but is missing field "
+        "'completion' (its fields: 'prompt')"
     )
     assert "Traceback" not in proc.stderr
 

@@ -129,6 +129,32 @@ BAD = [
         r"trl2\.jsonl:1: 'completion' has no assistant turn",
     ),
     ("whole.json", '{"text": "a"}', r"whole\.json: expected a JSON array"),
+    # a .json error names the line its element starts on, elements counted from 1
+    (
+        "pretty.json",
+        '[\n  {\n    "text": "a"\n  },\n  {\n    "prompt": "p",\n    "completion": " "\n  }\n]\n',
+        r"pretty\.json:5: field 'completion' is empty",
+    ),
+    ("kinds.json", '[{"text": "a"},\n 3]', r"kinds\.json:2: element 2 is int"),
+    ("comma.json", '[{"text": "a"}\n {"text": "b"}]', r"comma\.json:2: .*expected ',' or ']'"),
+    ("extra.json", '[{"text": "a"}]\n[]', r"extra\.json:1: .*extra data after the array"),
+    ("deep.jsonl", "[" * 100_000 + "\n", r"deep\.jsonl:1: invalid JSON \(nested too deeply\)"),
+    ("deep.json", "[" * 100_000, r"deep\.json: invalid JSON \(nested too deeply\)"),
+    (
+        "labelled.jsonl",
+        '{"text": "great film", "label": "positive"}\n',
+        r"labelled\.jsonl:1: has 'text' and 'label': a classification record is 'prompt'",
+    ),
+    (
+        "from.jsonl",
+        json.dumps({"conversations": [{"from": ["human"], "value": "hi"}]}) + "\n",
+        r"from\.jsonl:1: conversations\[0\]\.from is \['human'\]",
+    ),
+    (
+        "twice.csv",
+        "prompt,prompt,completion\na,b,c\n",
+        r"twice\.csv:1: the header names 'prompt' twice",
+    ),
 ]
 
 
@@ -138,6 +164,31 @@ def test_malformed_input_names_file_and_line(tiny, tmp_path, name, content, patt
     path.write_text(content)
     with pytest.raises(DataError, match=pattern):
         load_dataset(path, tiny.tokenizer)
+
+
+def test_files_as_editors_and_spreadsheets_write_them_read_as_written(tmp_path):
+    # a quoted CSV cell keeps its line breaks (CRLF files too); Excel's byte-order mark and
+    # spaces after the header's commas are not part of the field names; a long cell is fine
+    long = "x" * 200_000
+    (tmp_path / "d.csv").write_bytes(
+        b'\xef\xbb\xbfprompt, completion\r\nhi,"line one\r\nline two"\r\nq,'
+        + long.encode()
+        + b"\r\n"
+    )
+    recs = read_records(tmp_path / "d.csv")
+    assert [r.fields for r in recs] == [
+        {"prompt": "hi", "completion": "line one\nline two"},
+        {"prompt": "q", "completion": long},
+    ]
+    assert [r.line for r in recs] == [3, 4]  # where each row ends
+    # JSON strings may hold U+2028, U+2029 and U+0085 unescaped: they do not end a line
+    rows = [{"text": "a\u2028b\u2029c\x85d"}, {"text": "e"}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\ufeff" + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    recs = read_records(path)
+    assert [r.fields for r in recs] == rows and [r.line for r in recs] == [1, 2]
+    (tmp_path / "d.txt").write_text("\ufeffpara one\n")
+    assert read_records(tmp_path / "d.txt")[0].fields["text"] == "para one"
 
 
 def test_non_utf8_and_missing_files(tiny, tmp_path):

@@ -76,7 +76,10 @@ def test_readme_examples_run_as_written(tmp_path):
         outputs = [out for group in pool.map(run, groups) for out in group]
     text = "\n".join(outputs)
     # what the README says these examples print
-    assert "bad.jsonl:2: has 'prompt' or 'completion' but is missing field 'completion'" in text
+    assert (
+        "bad.jsonl:2: has 'prompt' or 'completion' but is missing field 'completion' "
+        "(its fields: 'prompt')" in text
+    )
     assert "exit code 3" in text
     assert "Paris" in text
     assert "prod: v2 -> v1" in text and "winner:" in text and "[prod (v1)]" in text

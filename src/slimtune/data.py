@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import random
+import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -202,8 +205,8 @@ def read_records(spec: str | Path) -> list[Record]:
             f"unsupported file type {suffix or '(none)'!r}; "
             "use .jsonl, .json, .csv, .parquet or .txt",
         )
-    try:
-        text = path.read_text(encoding="utf-8")
+    try:  # utf-8-sig: a leading byte-order mark (Excel's CSV, Notepad) is not data
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
         raise DataError(path, f"not valid UTF-8 text (byte {e.start})", line) from e
@@ -213,47 +216,108 @@ def read_records(spec: str | Path) -> list[Record]:
     return records
 
 
+def _lines(text: str) -> list[str]:
+    """The file's lines. Only newlines end one (the file was read with universal newlines):
+    ``str.splitlines`` would also split at U+2028/U+2029/U+0085, which JSON strings may hold
+    unescaped (``json.dumps(ensure_ascii=False)`` writes them so)."""
+    return text.split("\n")
+
+
 def _read_jsonl(path: Path, text: str) -> list[Record]:
     records = []
-    for i, line in enumerate(text.splitlines(), start=1):
+    for i, line in enumerate(_lines(text), start=1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(path, f"invalid JSON ({e.msg} at column {e.colno})", i) from e
+        except RecursionError:
+            raise DataError(path, "invalid JSON (nested too deeply)", i) from None
         if not isinstance(obj, dict):
             raise DataError(path, f"expected a JSON object, got {type(obj).__name__}", i)
         records.append(Record(obj, str(path), i))
     return records
 
 
+_SPACE = re.compile(r"\s*")
+
+
 def _read_json(path: Path, text: str) -> list[Record]:
-    try:
-        arr = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(path, f"invalid JSON ({e.msg} at column {e.colno})", e.lineno) from e
-    if not isinstance(arr, list):
+    """A JSON array of objects, each record with the line its element starts on (so an
+    error names the line an editor shows, not the element's index)."""
+    decoder = json.JSONDecoder()
+    counted = [0, 1]  # (position, line there): lines are counted forward, once
+
+    def line_of(pos: int) -> int:
+        counted[1] += text.count("\n", counted[0], pos)
+        counted[0] = pos
+        return counted[1]
+
+    def invalid(e: Exception) -> DataError:
+        if isinstance(e, json.JSONDecodeError):
+            return DataError(path, f"invalid JSON ({e.msg} at column {e.colno})", e.lineno)
+        return DataError(path, "invalid JSON (nested too deeply)")
+
+    pos = _SPACE.match(text).end()
+    if not text.startswith("[", pos):
+        try:
+            json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise invalid(e) from None
         raise DataError(path, "expected a JSON array of objects")
-    records = []
-    for i, obj in enumerate(arr):
+    records: list[Record] = []
+    pos = _SPACE.match(text, pos + 1).end()
+    closed = text.startswith("]", pos)
+    pos += closed
+    while not closed:
+        start = _SPACE.match(text, pos).end()
+        try:
+            obj, pos = decoder.raw_decode(text, start)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise invalid(e) from None
+        line = line_of(start)
         if not isinstance(obj, dict):
-            raise DataError(path, f"element {i} is {type(obj).__name__}, expected an object")
-        records.append(Record(obj, str(path), i + 1))
+            raise DataError(
+                path,
+                f"element {len(records) + 1} is {type(obj).__name__}, expected an object",
+                line,
+            )
+        records.append(Record(obj, str(path), line))
+        pos = _SPACE.match(text, pos).end()
+        if not text.startswith((",", "]"), pos):
+            raise DataError(
+                path, "invalid JSON (expected ',' or ']' after an element)", line_of(pos)
+            )
+        closed = text[pos] == "]"
+        pos += 1
+    if _SPACE.match(text, pos).end() != len(text):
+        raise DataError(path, "invalid JSON (extra data after the array)", line_of(pos))
     return records
 
 
 def _read_csv(path: Path, text: str) -> list[Record]:
-    reader = csv.DictReader(text.splitlines())
-    if not reader.fieldnames:
+    # newline="": a quoted cell keeps its line breaks; no cell is too long for the reader
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        header = reader.fieldnames
+    except csv.Error as e:
+        raise DataError(path, f"malformed CSV header ({e})", 1) from e
+    if not header:
         return []
+    names = [h.strip() for h in header]  # "prompt, completion" names two fields
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise DataError(path, f"the header names {', '.join(map(repr, repeated))} twice", 1)
+    reader.fieldnames = names
     records = []
     try:
         for row in reader:
             if None in row:
                 raise DataError(
                     path,
-                    f"row has more cells than the header's {len(reader.fieldnames)} columns",
+                    f"row has more cells than the header's {len(names)} columns",
                     reader.line_num,
                 )
             if any(v is None for v in row.values()):
@@ -268,7 +332,7 @@ def _read_csv(path: Path, text: str) -> list[Record]:
 
 def _read_text(path: Path, text: str) -> list[Record]:
     records, buf, start = [], [], 0
-    for i, line in enumerate([*text.splitlines(), ""], start=1):
+    for i, line in enumerate([*_lines(text), ""], start=1):
         if line.strip():
             if not buf:
                 start = i
@@ -302,13 +366,23 @@ def record_shape(rec: Record) -> str:
     if "prompt" in f or "completion" in f:
         for key in ("prompt", "completion"):
             if key not in f:
-                fail(f"has 'prompt' or 'completion' but is missing field '{key}'")
+                fail(
+                    f"has 'prompt' or 'completion' but is missing field '{key}' "
+                    f"(its fields: {', '.join(map(repr, sorted(f)))})"
+                )
             if not isinstance(f[key], str):
                 fail(f"field '{key}' must be a string, got {type(f[key]).__name__}")
         if not f["completion"].strip():
             fail("field 'completion' is empty")
         return "prompt_completion"
     if "text" in f:
+        label = next((k for k in ("label", "labels") if k in f), None)
+        if label is not None:  # IMDB's, AG News' layout: trained as plain text, the label
+            fail(  # would be ignored and nothing scored
+                f"has 'text' and '{label}': a classification record is 'prompt' + "
+                "'completion' here (e.g. prompt: the text and a question, completion: the "
+                "label's name), so the label is trained and scored"
+            )
         if not isinstance(f["text"], str):
             fail(f"field 'text' must be a string, got {type(f['text']).__name__}")
         if not f["text"].strip():
@@ -345,7 +419,7 @@ def chat_turns(rec: Record) -> tuple[list[dict], int]:
     if "conversations" in f:  # ShareGPT
         msgs = []
         for j, m in enumerate(turns(f["conversations"], "conversations", "from", "value")):
-            if m["from"] not in SHAREGPT_ROLES:
+            if not isinstance(m["from"], str) or m["from"] not in SHAREGPT_ROLES:
                 fail(
                     f"conversations[{j}].from is {m['from']!r}; expected one of "
                     f"{', '.join(SHAREGPT_ROLES)}"
