@@ -410,3 +410,30 @@ def test_a_sweep_runs_in_its_own_folder_unless_the_flags_or_the_yaml_name_one(tm
     assert folder("--config", str(f), "--output-dir", "runs/flag") == "runs/flag"
     assert _help(capsys, "sweep").count("run folder (default runs/sweep-METHOD)") == 1
     assert "run folder (default runs/train)" in _help(capsys, "train")
+
+
+def test_eval_ab_plan_analyze_check_their_flags_before_loading_a_model(capsys, monkeypatch):
+    import slimtune.cli.run
+    import slimtune.delta
+    import slimtune.model.loading
+
+    def no_model(*a, **kw):
+        raise AssertionError("a model was loaded before the flags were checked")
+
+    monkeypatch.setattr(slimtune.cli.run, "_load_with_delta", no_model)
+    monkeypatch.setattr(slimtune.delta.DeltaSwitcher, "with_delta", no_model)
+    monkeypatch.setattr(slimtune.model.loading, "load_model", no_model)
+    cases = [
+        (["eval", "--data", "d.jsonl", "--limit", "0"], "--limit must be >= 1, got 0"),
+        (["eval", "--data", "d.jsonl", "--batch-size", "-1"], "--batch-size must be >= 1, got -1"),
+        (["eval", "--data", "d.jsonl", "--task", "clasification"], "task 'clasification'"),
+        (["ab", "v1", "v2", "--data", "d.jsonl", "--limit", "-3"], "--limit must be >= 1"),
+        (["ab", "v1", "v2", "--data", "d.jsonl", "--task", "Chat"], "task 'Chat': use one of"),
+        (["plan", "--data", "d.jsonl", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["analyze", "--data", "d.jsonl", "--max-examples", "0"], "--max-examples must be >= 1"),
+        (["analyze", "--data", "d.jsonl", "--max-length", "4"], "--max-length must be >= 8"),
+        (["plan", "--data", "d.jsonl", "--budget-memory", "nan"], "cannot read memory size"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv

@@ -588,3 +588,55 @@ def test_decode_latency_times_rounds_until_its_budget_after_a_short_warm_up(
     assert out["latency_steps"] == 5 * rounds
     assert len(calls) == (1 + 2) + rounds * (1 + 5)  # prefill + steps, warm-up then timed
     assert 0 < out["latency_p50_ms"] <= out["latency_p95_ms"]
+
+
+def test_a_limit_keeps_the_whole_files_task_and_labels(tiny, tmp_path):
+    """`eval --limit 2` scores the first two records against every label of the file: a
+    few records hold fewer labels (chance rises) or look like generation."""
+    from slimtune.errors import UserInputError
+    from slimtune.eval.evaluate import first_records
+
+    ds = load_dataset(write_jsonl(tmp_path / "d.jsonl", intent_rows(12)), tiny.tokenizer)
+    few, task, labels = first_records(ds, "auto", 2)
+    assert task == "classification" and labels == [" billing", " returns", " shipping"]
+    assert detect_task(few) == "generation"  # what the two alone would have said
+    assert [r.line for r in few.records] == [1, 2] and [e.line for e in few.examples] == [1, 2]
+    assert len(ds.records) == 12  # the file's dataset is left whole
+    assert first_records(ds, "auto", None)[0].records == ds.records
+    with pytest.raises(UserInputError, match="--limit must be >= 1, got 0"):
+        first_records(ds, "auto", 0)
+
+
+def test_a_task_is_checked_against_its_name_and_the_records(tiny, tmp_path):
+    from slimtune.errors import UserInputError
+    from slimtune.eval.evaluate import evaluate
+
+    text = load_dataset(write_jsonl(tmp_path / "t.jsonl", [{"text": "abc"}]), tiny.tokenizer)
+    with pytest.raises(UserInputError, match="task 'Classification': use one of auto,"):
+        evaluate(tiny.model, tiny.tokenizer, text, task="Classification", latency=False)
+    with pytest.raises(
+        UserInputError, match=r"task classification reads prompt_completion .*t\.jsonl holds text"
+    ):
+        evaluate(tiny.model, tiny.tokenizer, text, task="classification", latency=False)
+    with pytest.raises(UserInputError, match="batch size must be >= 1, got 0"):
+        evaluate(tiny.model, tiny.tokenizer, text, batch_size=0, latency=False)
+
+
+def test_answers_leave_room_for_the_prompt_under_a_short_max_length(tiny, tmp_path, monkeypatch):
+    """With --max-length 32 a 64-token answer budget left every prompt one token."""
+    from slimtune.eval import evaluate as ev
+
+    rows = [{"prompt": f"Copy the word {w}:", "completion": f" {w}"} for w in "abcdef"]
+    ds = load_dataset(write_jsonl(tmp_path / "g.jsonl", rows), tiny.tokenizer, max_length=32)
+    seen = []
+
+    def generate_ids(model, tokenizer, seqs, **kw):
+        seen.append((max(map(len, seqs)), kw["max_new_tokens"]))
+        return ["" for _ in seqs]
+
+    monkeypatch.setattr(ev, "generate_ids", generate_ids)
+    metrics, _ = ev.evaluate(tiny.model, tiny.tokenizer, ds, task="generation", latency=False)
+    assert metrics["task"] == "generation"
+    prompt, answer = seen[0]
+    full = max(len(tiny.tokenizer(r["prompt"])["input_ids"]) for r in rows)
+    assert answer == 16 and prompt == min(full, 16) > 1

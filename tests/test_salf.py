@@ -266,12 +266,23 @@ def test_sizes_and_durations():
     assert parse_size("6GiB") == 6 * 2**30 and parse_size("512MB") == 512 * 10**6
     assert parse_size("2.5G") == 2_500_000_000
     assert parse_duration("800ms") == pytest.approx(0.8) and parse_duration("2m") == 120
-    for bad in ("lots", "-1GiB", "6 parsecs"):
+    assert parse_size(6_000_000_000) == 6_000_000_000 and parse_size(None) is None
+    # 0 and half a byte meant "no budget", nan and inf crashed, a negative number said
+    # "too small" after the model loaded
+    for bad in ("lots", "-1GiB", "6 parsecs", "0", 0, 0.5, "nan", "inf", float("nan"), -3, True):
         with pytest.raises(UserInputError, match="cannot read memory size"):
             parse_size(bad)
-    with pytest.raises(UserInputError, match="cannot read duration"):
-        parse_duration("soon")
-    assert math.isclose(parse_duration(1.5), 1.5)
+    for bad in ("soon", 0, "0s", -1.0, "nan", "infs", float("inf"), False):
+        with pytest.raises(UserInputError, match="cannot read duration"):
+            parse_duration(bad)
+    assert math.isclose(parse_duration(1.5), 1.5) and parse_duration(3) == 3.0
+    # a train config checks them when it is validated, before anything loads
+    from slimtune.training.config import TrainConfig
+
+    for field, value in (("budget_memory", 0), ("budget_step_time", "nan")):
+        cfg = TrainConfig(data="a.jsonl", freeze="auto", **{field: value})
+        with pytest.raises(UserInputError, match=r"x\.yaml: cannot read"):
+            cfg.validated("x.yaml")
 
 
 def test_default_keep_is_one_value_everywhere():

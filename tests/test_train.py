@@ -570,3 +570,18 @@ def test_a_resumed_run_steps_with_its_own_adamw_kernel_not_the_checkpoints():
     assert torch.equal(moments, opt.state[par.step.model.weight]["exp_avg"])
     par2.step.model.weight.sum().backward()
     opt2.step()  # and it steps
+
+
+def test_eval_data_the_evaluation_cannot_read_is_refused_before_training(
+    tiny_dir, intent_file, tmp_path
+):
+    from slimtune.errors import DataError
+
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "plain words"}] * 4)
+    with pytest.raises(DataError, match=r"text\.jsonl: holds text records, the training data"):
+        train_tiny(tiny_dir, intent_file, tmp_path / "r", eval_data=str(text))
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()  # no step was trained
+    with pytest.raises(UserInputError, match="task classification reads prompt_completion"):
+        train_tiny(tiny_dir, text, tmp_path / "t", task="classification")
+    with pytest.raises(UserInputError, match="task must be one of auto, classification"):
+        TrainConfig(data="a.jsonl", task="Classification").validated()

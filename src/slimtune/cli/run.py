@@ -124,12 +124,17 @@ def _load_with_delta(
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..data import load_dataset
     from ..delta import delta_bytes
+    from ..errors import UserInputError
     from ..eval.cost import PeakMemory
-    from ..eval.evaluate import evaluate
+    from ..eval.evaluate import check_task, evaluate, first_records
     from ..eval.report import comparison_rows, print_table
     from ..fileio import write_json
     from ..model.quantize import quantization_of
 
+    check_task(args.task)  # the flags first: a typo must not cost a model load
+    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise UserInputError(f"{flag} must be >= 1, got {value}")
     model_spec = getattr(args, "model", None)  # None: the delta's own base, else default
     loaded, manifest, label = _load_with_delta(
         model_spec,
@@ -140,14 +145,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     quantize = quantization_of(loaded.model)
     ds = load_dataset(args.data, loaded.tokenizer, max_length=args.max_length)
-    if args.limit:
-        ds.records, ds.examples = ds.records[: args.limit], ds.examples[: args.limit]
+    ds, task, labels = first_records(ds, args.task, args.limit)
     with PeakMemory(next(loaded.model.parameters()).device) as mem:
         metrics, _ = evaluate(
             loaded.model,
             loaded.tokenizer,
             ds,
-            task=args.task,
+            task=task,
+            labels=labels,
             batch_size=args.batch_size,
             latency=not args.no_latency,
             progress=True,

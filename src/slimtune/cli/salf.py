@@ -99,7 +99,17 @@ def plan_parser(sub) -> None:
     p.add_argument("--output", help="write the plan as JSON to this file")
 
 
+def _check_sizes(args: argparse.Namespace) -> None:
+    """The batch and length flags, before a model loads (0 crashed deep in collation)."""
+    for flag, least in (("batch_size", 1), ("max_examples", 1), ("max_length", 8)):
+        value = getattr(args, flag, None)
+        if value is not None and value < least:
+            name = "--" + flag.replace("_", "-")
+            raise UserInputError(f"{name} must be >= {least}, got {value}")
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
+    _check_sizes(args)
     from ..data import load_dataset
     from ..eval.cost import format_bytes
     from ..eval.report import print_table
@@ -292,6 +302,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         typical_batch,
     )
 
+    _check_sizes(args)
     memory, step = parse_size(args.budget_memory), parse_duration(args.budget_time)
     if args.devices < 1:
         raise UserInputError(f"--devices must be >= 1, got {args.devices}")

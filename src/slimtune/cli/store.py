@@ -370,11 +370,17 @@ def cmd_ab(args) -> int:
 def _ab_data(args) -> int:
     from ..data import load_dataset
     from ..delta import DeltaSwitcher
+    from ..errors import UserInputError
     from ..eval.abtest import run_ab
+    from ..eval.evaluate import check_task, first_records
     from ..eval.report import fmt, print_table
     from ..fileio import write_json
     from ..model.loading import resolve_device
     from ..model.quantize import quantization_of
+
+    check_task(args.task)  # the flags first: a typo must not cost a model load
+    if args.limit is not None and args.limit < 1:
+        raise UserInputError(f"--limit must be >= 1, got {args.limit}")
 
     sw = DeltaSwitcher.with_delta(
         args.a,
@@ -385,9 +391,8 @@ def _ab_data(args) -> int:
     )
     loaded = sw.loaded
     ds = load_dataset(args.data, loaded.tokenizer)
-    if args.limit:
-        ds.records, ds.examples = ds.records[: args.limit], ds.examples[: args.limit]
-    r = run_ab(sw, args.a, args.b, ds, task=args.task)
+    ds, task, labels = first_records(ds, args.task, args.limit)
+    r = run_ab(sw, args.a, args.b, ds, task=task, labels=labels)
     r["quantize"] = quantization_of(sw.base)  # how the base's weights were stored
     metric = r["metric"]
     rows = []

@@ -158,15 +158,18 @@ def run_ab(
     dataset,
     *,
     task: str = "auto",
+    labels: Sequence[str] | None = None,
     batch_size: int = 16,
     latency: bool = True,
 ) -> dict:
-    """Evaluate two deltas on ``dataset`` with one loaded base; return the paired verdict."""
+    """Evaluate two deltas on ``dataset`` with one loaded base; return the paired verdict.
+    ``labels``: the classification candidates (default: the dataset's completions)."""
     from ..delta import delta_bytes
     from .evaluate import detect_task, evaluate, label_set, per_example_loss
 
     task = detect_task(dataset) if task == "auto" else task
-    labels = label_set(dataset.records) if task == "classification" else None
+    if labels is None and task == "classification":
+        labels = label_set(dataset.records)
     sides = {}
     for side, ref in (("A", ref_a), ("B", ref_b)):
         switcher.switch(ref)

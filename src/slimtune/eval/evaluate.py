@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import re
 import string
@@ -30,6 +31,8 @@ import torch
 from torch import nn
 
 from ..data import Dataset, Example, Record, chat_turns, collate, prompt_ids
+from ..errors import UserInputError
+from ..log import info
 from ..model.anatomy import backbone_and_head, base_model, with_cache
 from ..model.masks import left_pad, padded_inference
 from ..training.loss import target_loss
@@ -98,6 +101,27 @@ def per_example_loss(
     return out
 
 
+TASKS = ("auto", "classification", "generation", "chat", "lm")
+# the record shape each task reads (lm reads any: the loss of every target token)
+TASK_SHAPES = {
+    "classification": "prompt_completion",
+    "generation": "prompt_completion",
+    "chat": "messages",
+}
+
+
+def check_task(task: str, dataset: Dataset | None = None) -> None:
+    """A task this module evaluates, and (given the data) one its records can be read for:
+    a typo would otherwise fall through to the loss alone, a mismatch to a KeyError."""
+    if task not in TASKS:
+        raise UserInputError(f"task {task!r}: use one of {', '.join(TASKS)}")
+    need = TASK_SHAPES.get(task)
+    if dataset is not None and need is not None and dataset.shape != need:
+        raise UserInputError(
+            f"task {task} reads {need} records; {dataset.path} holds {dataset.shape} records"
+        )
+
+
 def detect_task(dataset: Dataset, max_labels: int = 50) -> str:
     """``classification``, ``generation``, ``chat`` or ``lm`` from the data's shape and
     completions."""
@@ -113,6 +137,25 @@ def detect_task(dataset: Dataset, max_labels: int = 50) -> str:
 
 def label_set(records: Sequence[Record]) -> list[str]:
     return sorted({r.fields["completion"] for r in records})
+
+
+def first_records(
+    dataset: Dataset, task: str, limit: int | None
+) -> tuple[Dataset, str, list[str] | None]:
+    """The first ``limit`` records of ``dataset`` (all with None) and their examples, with
+    the task and the classification labels of the whole file: a few records hold fewer
+    labels (chance rises) or too few to be told from generation (``eval``/``ab --limit``)."""
+    check_task(task, dataset)
+    if limit is not None and limit < 1:
+        raise UserInputError(f"--limit must be >= 1, got {limit}")
+    task = detect_task(dataset) if task == "auto" else task
+    labels = label_set(dataset.records) if task == "classification" else None
+    if limit is not None:
+        records = dataset.records[:limit]
+        kept = {r.line for r in records}
+        examples = [e for e in dataset.examples if e.line in kept]
+        dataset = dataclasses.replace(dataset, records=records, examples=examples)
+    return dataset, task, labels
 
 
 def _prompt_ids(tokenizer, prompt: str, budget: int | None) -> list[int]:
@@ -630,8 +673,18 @@ def evaluate(
     pass the training set's labels so a label missing from a small eval set still competes.
     Inputs are cut to ``max_length`` tokens (default: the one the dataset was loaded with).
     """
+    if batch_size < 1:
+        raise UserInputError(f"batch size must be >= 1, got {batch_size}")
+    check_task(task, dataset)
     max_length = max_length or dataset.max_length
     task = detect_task(dataset) if task == "auto" else task
+    if task in ("generation", "chat") and max_length and max_new_tokens > max_length // 2:
+        # an answer as long as the context would cut every prompt to one token
+        max_new_tokens = max(1, max_length // 2)
+        info(
+            f"eval: answers of up to {max_new_tokens} new tokens, half the {max_length}-token "
+            "limit, so that prompts keep the other half"
+        )
     metrics: dict = {"task": task, "examples": len(dataset.records)}
     details = None
     loss_known = False

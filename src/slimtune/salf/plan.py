@@ -46,6 +46,7 @@ import contextlib
 import copy
 import ctypes
 import gc
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -709,9 +710,10 @@ def budget_freeze_below(
 
 
 def parse_size(text: str | int | float | None) -> int | None:
-    """'6GiB', '512MB', '2.5G', 1000 -> bytes."""
-    if text is None or isinstance(text, int | float):
-        return None if text is None else int(text)
+    """'6GiB', '512MB', '2.5G', 1000 -> bytes: at least one, and finite (0 would mean no
+    budget, nan a crash)."""
+    if text is None:
+        return None
     s = str(text).strip().replace(" ", "")
     units = {
         "": 1,
@@ -732,18 +734,21 @@ def parse_size(text: str | int | float | None) -> int | None:
     num = s.rstrip("BbKkMmGgTtIi")
     unit = s[len(num) :].lower()
     try:
-        value = float(num)
+        value = float(num) * units.get(unit, 0)
     except ValueError:
-        value = -1.0
-    if unit not in units or value <= 0:
-        raise UserInputError(f"cannot read memory size {text!r}; write e.g. 6GiB, 800MB, 2G")
-    return int(value * units[unit])
+        value = 0.0
+    if isinstance(text, bool) or not math.isfinite(value) or value < 1:
+        raise UserInputError(
+            f"cannot read memory size {text!r}; write a size of at least a byte, e.g. 6GiB, "
+            "800MB, 2G"
+        )
+    return int(value)
 
 
 def parse_duration(text: str | float | None) -> float | None:
-    """'1.5s', '800ms', '2m', 3 -> seconds."""
-    if text is None or isinstance(text, int | float):
-        return None if text is None else float(text)
+    """'1.5s', '800ms', '2m', 3 -> seconds: more than none, and finite."""
+    if text is None:
+        return None
     s = str(text).strip().lower()
     for suffix, scale in (("ms", 1e-3), ("s", 1.0), ("m", 60.0), ("h", 3600.0), ("", 1.0)):
         if s.endswith(suffix):
@@ -751,10 +756,12 @@ def parse_duration(text: str | float | None) -> float | None:
                 value = float(s[: len(s) - len(suffix)] if suffix else s)
             except ValueError:
                 break
-            if value > 0:
+            if value > 0 and math.isfinite(value) and not isinstance(text, bool):
                 return value * scale
             break
-    raise UserInputError(f"cannot read duration {text!r}; write e.g. 1.5s, 800ms, 2m")
+    raise UserInputError(
+        f"cannot read duration {text!r}; write a time over zero, e.g. 1.5s, 800ms, 2m"
+    )
 
 
 def describe(e: Estimate, *, cached: bool = True) -> str:

@@ -129,6 +129,15 @@ class TrainConfig:
             "--budget-memory/--budget-step-time need --freeze auto",
         )
         need(0 < self.keep <= 1, f"keep must be in (0, 1], got {self.keep}")
+        from ..eval.evaluate import TASKS  # here: evaluate imports torch's model code
+        from ..salf.plan import parse_duration, parse_size
+
+        need(self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        try:  # now, not after the model, the data and the analysis
+            parse_size(self.budget_memory)
+            parse_duration(self.budget_step_time)
+        except UserInputError as e:
+            need(False, str(e))
         need(
             self.quantize in QUANTIZATIONS,
             f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {self.quantize!r}",

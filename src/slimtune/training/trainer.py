@@ -49,7 +49,7 @@ from ..data import (
     split_dataset,
 )
 from ..delta import MANIFEST, delta_bytes, save_delta
-from ..errors import TrainingDivergedError, UserInputError
+from ..errors import DataError, TrainingDivergedError, UserInputError
 from ..eval.cost import PeakMemory, percentile
 from ..fileio import (
     LockHeld,
@@ -336,6 +336,7 @@ class Trainer:
             self.train_ds, self.eval_ds = split_dataset(self.train_ds, cfg.eval_fraction, cfg.seed)
             if not self.eval_ds.examples:
                 self.eval_ds = None
+        self._check_eval_fits()
         self.examples = (
             pack_examples(self.train_ds.examples, cfg.max_length)
             if cfg.pack
@@ -432,6 +433,20 @@ class Trainer:
             self._search_lr()
             if self.frozen_cache is not None:  # its states stay; its counts are the run's
                 self.frozen_cache.served = self.frozen_cache.computed = 0
+
+    def _check_eval_fits(self) -> None:
+        """Before training, not after it: the evaluation can read the eval data for the
+        task (``--task``, or the one the training data implies)."""
+        from ..eval.evaluate import check_task
+
+        check_task(self.cfg.task, self.train_ds)
+        train, held = self.train_ds, self.eval_ds
+        if held is not None and held.shape != train.shape:
+            raise DataError(
+                held.path,
+                f"holds {held.shape} records, the training data ({train.path}) "
+                f"{train.shape} records: the evaluation reads them as the training data's",
+            )
 
     def _frozen_cache(self) -> FrozenOutputCache | None:
         """The cache of the frozen layers' output (``--cache-frozen``), or None.
