@@ -64,6 +64,24 @@ def test_apply_then_remove_restores_the_base_bit_for_bit(deltas, tiny_dir, metho
     assert fingerprint(restored) == fingerprint(load_model(str(tiny_dir)).model)
 
 
+def test_a_second_delta_on_a_model_that_carries_one_is_refused(deltas, tiny_dir):
+    """Stacked deltas do not come off exactly (sparse's undo took the later one off, experts
+    lost their router): apply_delta takes one delta at a time, for every method."""
+    base = load_model(str(tiny_dir))
+    before = _snapshot(base.model)
+    fp = fingerprint(base.model)
+    for first in ("sparse", "lora"):
+        applied = apply_delta(base.model, deltas[first], fp)
+        with pytest.raises(DeltaError, match=r"already carries the delta .*do not stack"):
+            apply_delta(applied.model, deltas["sparse"], fp)
+        with pytest.raises(DeltaError, match="already carries"):
+            apply_delta(base.model, deltas["full"], fp, merge=True)
+        restored = applied.remove()
+        assert all(torch.equal(before[n], p) for n, p in restored.named_parameters())
+    again = apply_delta(base.model, deltas["sparse"], fp)  # taken off: a delta goes on again
+    assert all(torch.equal(before[n], p) for n, p in again.remove().named_parameters())
+
+
 def test_versions_tags_rollback_and_dependencies(deltas, tmp_path):
     store = DeltaStore(tmp_path / "store")
     v1 = store.add(deltas["lora"], note="first")

@@ -304,6 +304,45 @@ def test_import_checks_the_adapter_against_its_base(tiny_dir, tmp_path, store_di
     )
     assert code == 0 and out.strip() == "v4" and f"names base {tiny_dir}" in err
 
+    # Adapter parts that would not come off the base exactly are refused, nothing stored:
+    # whole modules (modules_to_save: unload() kept the trained copy in the base) and
+    # adapted modules that are not linear layers (the merged undo misses them).
+    for name, config, why in (
+        (
+            "mts",
+            LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+            "whole module",
+        ),
+        ("emb", LoraConfig(r=4, target_modules=["embed_tokens"]), "Embedding, not a linear"),
+    ):
+        _peft_adapter(tiny_dir, tmp_path / name, config)
+        code, _, err = run(capsys, "delta", "--store", store_dir, "import", str(tmp_path / name))
+        assert code == 5 and "cannot take this adapter off its base exactly" in err, err
+        assert why in err
+    assert [v.id for v in DeltaStore(store_dir).list()] == ["v1", "v2", "v3", "v4"]
+    # the same adapter planted in a delta folder is refused when attached, the base intact
+    from slimtune.delta import apply_delta
+    from slimtune.delta.format import sha256_file
+    from slimtune.errors import DeltaError
+    from slimtune.model.loading import fingerprint
+
+    sw.switch(None)
+    before = {n: p.detach().clone() for n, p in sw.base.named_parameters()}
+    folder = shutil.copytree(DeltaStore(store_dir).resolve("v1").path, tmp_path / "planted")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copyfile(tmp_path / "mts" / f, folder / f)
+        manifest["files"][f] = {
+            "sha256": sha256_file(folder / f),
+            "bytes": (folder / f).stat().st_size,
+        }
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DeltaError, match="whole module"):
+        apply_delta(sw.base, folder, fingerprint(sw.base))
+    after = dict(sw.base.named_parameters())
+    assert after.keys() == before.keys()  # no adapter layers or module copies left on it
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
     # peft types slimtune cannot attach are refused before any model loads.
     ia3 = tmp_path / "ia3"
     _peft_adapter(tiny_dir, ia3, IA3Config(target_modules=["q_proj"], feedforward_modules=[]))

@@ -24,6 +24,9 @@ from .format import check_base, verify_delta
 if TYPE_CHECKING:
     from ..methods import Method
 
+# set on a model while a delta is applied to it (apply_delta), cleared when it comes off
+APPLIED = "_slimtune_applied_delta"
+
 
 @dataclass
 class Applied:
@@ -53,9 +56,16 @@ def apply_delta(
     ref: str | None = None,
 ) -> Applied:
     """Verify ``folder``, check it belongs to this base, and attach it to ``model`` the way
-    its method (looked up in the registry by the manifest's name) says."""
+    its method (looked up in the registry by the manifest's name) says. One delta at a
+    time: a model that carries one is refused (stacked deltas' undos are not exact)."""
     from ..methods import METHODS
 
+    carried = getattr(model, APPLIED, None)
+    if carried is not None:
+        raise DeltaError(
+            f"{ref or folder}: the model already carries the delta {carried}; take it off "
+            "first (Applied.remove(), or DeltaSwitcher.switch): deltas do not stack"
+        )
     folder = Path(folder)
     manifest = verify_delta(folder)
     check_base(manifest, base_fingerprint, folder)
@@ -67,7 +77,13 @@ def apply_delta(
         raise DeltaError(_merge_refusal(label, method))
     _refuse_quantized_base(model, label, method, merge)
     attached = method.attach(model, folder, manifest, merge=merge)
-    return Applied(attached.model, manifest, label, attached.merged, [attached.undo])
+    model.__dict__[APPLIED] = label
+
+    def unmark() -> None:
+        model.__dict__.pop(APPLIED, None)
+
+    # undos run in reverse: the method's first, then the mark comes off
+    return Applied(attached.model, manifest, label, attached.merged, [unmark, attached.undo])
 
 
 def _merge_refusal(ref: str, method: type[Method]) -> str:

@@ -213,6 +213,7 @@ def import_peft(
 
     The base is ``model`` when given, else the adapter's ``base_model_name_or_path``.
     """
+    from ..methods.lora import refuse_irremovable, refuse_whole_modules
     from ..model.anatomy import decoder_layers
     from ..model.loading import fingerprint, load_model
     from .format import save_delta
@@ -240,6 +241,7 @@ def import_peft(
             f"{config_path}: peft_type is {cfg.get('peft_type')!r}; slimtune "
             f"imports {', '.join(importable())}"
         )
+    refuse_whole_modules(cfg, src)  # before any model loads
     adapter_base = cfg.get("base_model_name_or_path") or None
     spec = model or adapter_base
     if not spec:
@@ -265,6 +267,7 @@ def import_peft(
         wrapped = _attach_checked(
             loaded.model, adapter / PEFT_CONFIG, state, weights_path, spec, hint
         )
+        refuse_irremovable(wrapped, src)  # it would not come off the base again
         method = cls(cls.options_from_peft(cfg, wrapped))
         delta = Path(tmp) / "delta"
         save_delta(
