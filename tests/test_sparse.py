@@ -219,6 +219,38 @@ def test_regrow_keeps_the_density_and_moves_the_selection(tiny_dir, intent_file,
     assert moved_after(2, "regrow") > 0
 
 
+def test_a_regrow_never_repeats_an_entry_nor_comes_after_the_last_step(
+    tiny_dir, intent_file, tmp_path
+):
+    """Density 0.6 with a regrow of 70%: more entries asked for than are unselected (topk
+    took selected ones again, and apply then refused the delta). A regrow armed so that it
+    would run after the last optimizer step left its new entries untrained (zeros)."""
+    from safetensors.torch import load_file
+
+    for name, options, steps in (
+        ("dense", {"density": 0.6, "regrow_fraction": 0.7, "regrow_every": 1}, 3),
+        ("last", {"density": 0.05, "regrow_fraction": 0.2, "regrow_every": 2}, 3),
+    ):
+        res = train_tiny(
+            tiny_dir,
+            intent_file,
+            tmp_path / name,
+            method="sparse",
+            max_steps=steps,
+            lr=1e-2,
+            method_options={**options, "importance": "random", "structure": "entries"},
+        )
+        for mname, m in sparse_module_items(res.model):
+            idx = m.sparse_delta.indices
+            assert torch.unique(idx).numel() == idx.numel(), (name, mname)
+        values = [
+            v for k, v in load_file(res.delta_dir / SPARSE_FILE).items() if k.endswith(".values")
+        ]
+        assert values and all(bool((v != 0).all()) for v in values), name  # every entry trained
+        fresh = load_model(str(tiny_dir))
+        load_delta(res.delta_dir, fresh.model, fingerprint(fresh.model))  # applies: no repeats
+
+
 @pytest.mark.parametrize("method", ["sparse", "rosa"])
 def test_resume_with_regrow_is_bit_identical(tiny_dir, intent_file, tmp_path, method):
     from slimtune.training.trainer import Trainer

@@ -36,30 +36,29 @@ def test_training_lowers_the_loss_and_writes_a_delta(tiny_dir, intent_file, tmp_
 
 
 def test_grad_accumulation_matches_the_big_batch(tiny_dir, intent_file, tmp_path):
-    a = train_tiny(
-        tiny_dir,
-        intent_file,
-        tmp_path / "a",
-        method="full",
-        max_steps=2,
-        batch_size=8,
-        eval_fraction=0.0,
-        lr=1e-3,
-    )
-    b = train_tiny(
-        tiny_dir,
-        intent_file,
-        tmp_path / "b",
-        method="full",
-        max_steps=2,
-        batch_size=4,
-        grad_accum=2,
-        eval_fraction=0.0,
-        lr=1e-3,
-    )
-    # batches differ in composition (4+4 vs 8 drawn from one permutation), so compare the
-    # loss of the first step, which sees the same 8 examples either way
-    assert a.history[0]["loss"] == pytest.approx(b.history[0]["loss"], rel=1e-5)
+    """Batch 5 x 3 accumulated and batch 15 see the same examples in every step, across
+    an epoch's end too (48 examples: steps of 15, 15, 15, 3, then the next epoch); the
+    micro-batches were cut from the epoch, so a step straddled two epochs."""
+    runs = [
+        train_tiny(
+            tiny_dir,
+            intent_file,
+            tmp_path / f"b{batch}",
+            method="lora",
+            max_steps=6,
+            batch_size=batch,
+            grad_accum=ga,
+            eval_fraction=0.0,
+            lr=1e-2,
+            method_options={"dropout": 0.0},
+        )
+        for batch, ga in ((15, 1), (5, 3))
+    ]
+    big, accumulated = ([h["loss"] for h in r.history] for r in runs)
+    assert len(big) == 6 and accumulated == pytest.approx(big, rel=1e-5)
+    a, b = (load_file(r.delta_dir / "adapter_model.safetensors") for r in runs)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
 
 
 def test_nan_loss_stops_with_a_clear_error(tiny_dir, intent_file, tmp_path):
@@ -585,3 +584,15 @@ def test_eval_data_the_evaluation_cannot_read_is_refused_before_training(
         train_tiny(tiny_dir, text, tmp_path / "t", task="classification")
     with pytest.raises(UserInputError, match="task must be one of auto, classification"):
         TrainConfig(data="a.jsonl", task="Classification").validated()
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_freezing_every_layer_is_refused_for_every_method(tiny_dir, intent_file, tmp_path, method):
+    """full with every layer frozen trained the final norm alone, without a word."""
+    from transformers import AutoConfig
+
+    n = AutoConfig.from_pretrained(tiny_dir).num_hidden_layers
+    with pytest.raises(UserInputError, match=f"the model has {n} layers .* none would be left"):
+        train_tiny(tiny_dir, intent_file, tmp_path / method, method=method, freeze_below=n)
+    res = train_tiny(tiny_dir, intent_file, tmp_path / "top", method=method, freeze_below=n - 1)
+    assert res.manifest["layers"] == [n - 1]

@@ -201,6 +201,9 @@ class Method(ABC):
         elif isinstance(config, dict):
             config = self.config_class.from_dict(config)
         self.config = config
+        # the run's optimizer steps, set by the trainer before it trains (None: not known),
+        # for a hook that plans around the last step
+        self.run_steps: int | None = None
 
     @abstractmethod
     def prepare(self, model: nn.Module, layers: list[int], batches=None) -> nn.Module:
@@ -277,7 +280,8 @@ class Method(ABC):
         """Restore what :meth:`state_dict` returned (after the checkpoint's tensors)."""
 
     def on_step_end(self, model: nn.Module, optimizer, step: int) -> None:  # noqa: B027
-        """Called after every optimizer step (e.g. to regrow a sparse selection)."""
+        """Called after every optimizer step (e.g. to regrow a sparse selection); ``step``
+        counts from 0, :attr:`run_steps` is the run's total."""
 
     def param_groups(self, params: list[nn.Parameter], weight_decay: float) -> list[dict]:
         """Optimizer parameter groups; a method may give its delta its own decay."""

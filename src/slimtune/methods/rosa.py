@@ -147,6 +147,7 @@ class RosaMethod(Method):
         self.sparse.load_state_dict(model, state)
 
     def on_step_end(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        self.sparse.run_steps = self.run_steps
         self.sparse.on_step_end(model, optimizer, step)
 
     def compute_context(self, model: nn.Module) -> contextlib.AbstractContextManager:

@@ -172,7 +172,9 @@ class SparseDelta(nn.Module):
             torch.distributed.all_reduce(scores)
         scores.abs_()
         scores[self.indices] = -1.0
-        self.regrow_candidates = torch.topk(scores, self.regrow_count).indices
+        # only entries not yet selected (topk past them would pick selected ones again)
+        k = min(self.regrow_count, scores.numel() - self.indices.numel())
+        self.regrow_candidates = torch.topk(scores, k).indices if k > 0 else None
         self.regrow_count = 0
 
 
@@ -509,7 +511,9 @@ class SparseMethod(Method):
             delta_of(modules[name]).regrow_count = int(count)
 
     def on_step_end(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
-        """Drop-and-regrow every ``regrow_every`` steps (the density stays fixed)."""
+        """Drop-and-regrow every ``regrow_every`` steps (the density stays fixed). Not
+        after the run's last step but one: the regrow would come after the last optimizer
+        step, and its new entries would be saved untrained (zero)."""
         cfg: SparseOptions = self.config
         if not cfg.regrow_every:
             return
@@ -517,7 +521,9 @@ class SparseMethod(Method):
         for m in modules:
             if delta_of(m).regrow_candidates is not None:
                 regrow(delta_of(m), m.weight, optimizer)
-        if (step + 1) % cfg.regrow_every == 0:  # the next backward records candidates
+        steps = self.run_steps
+        last = steps is not None and step + 2 >= steps  # the next step is the run's last
+        if (step + 1) % cfg.regrow_every == 0 and not last:  # next backward records candidates
             for m in modules:
                 d = delta_of(m)
                 d.regrow_count = max(1, round(cfg.regrow_fraction * d.indices.numel()))
@@ -534,8 +540,8 @@ class SparseMethod(Method):
         merged (apply_delta refuses a merge there before calling this)."""
         if quantization_of(model) != "none":
             return attach_beside(model, folder / SPARSE_FILE)
-        apply_sparse(model, folder / SPARSE_FILE)
-        return Attachment(model, True, lambda: remove_sparse(model))
+        undo = apply_sparse(model, folder / SPARSE_FILE)
+        return Attachment(model, True, lambda: remove_sparse(model, undo))
 
 
 def regrow(delta: SparseDelta, weight: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
@@ -588,12 +594,16 @@ def attach_beside(model: nn.Module, path: Path) -> Attachment:
     return Attachment(model, False, undo)
 
 
-def remove_sparse(model: nn.Module) -> None:
-    """Undo the last :func:`apply_sparse` on ``model``: the base weights, bit for bit."""
+def remove_sparse(model: nn.Module, undo: dict | None = None) -> None:
+    """Undo ``undo`` (what :func:`apply_sparse` returned; default: the last one applied to
+    ``model``): the base weights, bit for bit."""
     registry = model.__dict__.get("_slimtune_sparse_undo") or []
-    if not registry:
+    if not registry or (undo is not None and not any(u is undo for u in registry)):
         raise DeltaError("no sparse delta is applied to this model")
-    undo = registry.pop()
+    if undo is None:
+        undo = registry.pop()
+    else:
+        registry[:] = [u for u in registry if u is not undo]
     modules = linear_modules(model)
     with torch.no_grad():
         for name, (idx, base) in undo.items():

@@ -6,7 +6,9 @@ What slimtune adds over a plain loop, and why:
   checkpoint (the base is reloaded and checked by fingerprint), so a LoRA checkpoint of a
   135M model is a few MB, not the model.
 * Batch order is a pure function of (seed, epoch), so a resumed run consumes exactly the
-  batches the killed one would have: same seed, same final weights, bit for bit.
+  batches the killed one would have: same seed, same final weights, bit for bit (with
+  the frozen layers' cache, up to float rounding: a resumed run fills it again in other
+  batches).
 * A NaN/inf loss or gradient stops the run with the step, learning rate and data lines,
   and the last good checkpoint is left in place.
 * Loss is averaged over the target tokens of the whole accumulated step, so gradient
@@ -351,9 +353,10 @@ class Trainer:
         n_layers = self.loaded.num_layers
         self.auto_freeze: dict | None = None
         self.freeze_k = self._auto_freeze() if cfg.freeze == "auto" else cfg.freeze_below
-        if self.freeze_k > n_layers:
+        if self.freeze_k >= n_layers:  # every layer frozen: full would train the norm alone
             raise UserInputError(
-                f"--freeze-below {self.freeze_k}: the model has only {n_layers} layers"
+                f"--freeze-below {self.freeze_k}: the model has {n_layers} layers "
+                f"(0-{n_layers - 1}), so none would be left to train"
             )
         self.layers = list(range(self.freeze_k, n_layers))
         if self.freeze_k and cfg.lr is None and not cfg.lr_auto and not cfg.resume:
@@ -373,6 +376,7 @@ class Trainer:
         if cfg.compile:
             self.fused_kernels.append("torch.compile")
         self.method = get_method(cfg.method, cfg.method_options)
+        self.method.run_steps = cfg.max_steps
         self.method.progress = cfg.progress
         # the size of the base's weights, read before the method wraps them: a method's
         # default rate follows it (lr_scale.py); a resumed run keeps its checkpoint's rate
@@ -943,16 +947,27 @@ class Trainer:
         targets = sum(self._targets[i] for index in indices for i in self._global_batch(index))
         return [b for b in batches if b is not None], lines, targets
 
-    def _global_batch(self, index: int) -> list[int]:
-        """Global micro-batch ``index``: the one a single process with ``batch_size x
-        processes`` would take (a pure function of seed and epoch)."""
-        size = self.cfg.batch_size * self.accelerator.num_processes
+    def _step_batch(self, step: int) -> list[int]:
+        """Optimizer step ``step``'s examples, every micro-batch and process together: the
+        batch one process of ``batch_size x grad_accum x processes`` would take (a pure
+        function of seed and epoch). An epoch is cut into steps, not into micro-batches, so
+        accumulation changes memory, not which examples a step sees (a step straddled two
+        epochs when the epoch did not divide into micro-batches evenly)."""
+        size = self.cfg.batch_size * self.cfg.grad_accum * self.accelerator.num_processes
         per_epoch = math.ceil(len(self.examples) / size)
-        epoch, pos = divmod(index, per_epoch)
+        epoch, pos = divmod(step, per_epoch)
         if getattr(self, "_epoch", None) != epoch:
             self._epoch = epoch
             self._epoch_batches = epoch_batches(len(self.examples), size, self.cfg.seed, epoch)
         return self._epoch_batches[pos]
+
+    def _global_batch(self, index: int) -> list[int]:
+        """Global micro-batch ``index`` (step x grad_accum + its place in the step): a
+        contiguous part of its step's batch, ``batch_size x processes`` examples (fewer or
+        none in an epoch's short last step)."""
+        step, part = divmod(index, self.cfg.grad_accum)
+        size = self.cfg.batch_size * self.accelerator.num_processes
+        return self._step_batch(step)[part * size : (part + 1) * size]
 
     def _micro_batch(self, index: int) -> list[int]:
         """This process' share of global micro-batch ``index``: a contiguous part
@@ -985,9 +1000,10 @@ class Trainer:
         named = {"example_ids": idx} if self.frozen_cache is not None else {}
         if idx:
             return {**collate([self.examples[i] for i in idx], pad), **named}
-        if self.accelerator.num_processes == 1:
+        glob = self._global_batch(index)
+        if self.accelerator.num_processes == 1 or not glob:  # none runs it: all skip it
             return None
-        first = self._global_batch(index)[0]
+        first = glob[0]
         batch = collate([self.examples[first]], pad)
         batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
         if named:
