@@ -180,7 +180,16 @@ def test_files_as_editors_and_spreadsheets_write_them_read_as_written(tmp_path):
         {"prompt": "hi", "completion": "line one\nline two"},
         {"prompt": "q", "completion": long},
     ]
-    assert [r.line for r in recs] == [3, 4]  # where each row ends
+    assert [r.line for r in recs] == [2, 4]  # where each row starts
+    # a spreadsheet's export with trailing unnamed columns reads as the named ones
+    (tmp_path / "e.csv").write_text("prompt,completion,,\na,b,,\n")
+    assert [r.fields for r in read_records(tmp_path / "e.csv")] == [
+        {"prompt": "a", "completion": "b"}
+    ]
+    # JSON's whitespace is space, tab and line ends: json.loads refuses others between values
+    (tmp_path / "nbsp.json").write_text('[{"text": "a"},\u00a0{"text": "b"}]')
+    with pytest.raises(DataError, match=r"nbsp\.json:1: invalid JSON"):
+        read_records(tmp_path / "nbsp.json")
     # JSON strings may hold U+2028, U+2029 and U+0085 unescaped: they do not end a line
     rows = [{"text": "a\u2028b\u2029c\x85d"}, {"text": "e"}]
     path = tmp_path / "d.jsonl"

@@ -304,30 +304,34 @@ def test_import_checks_the_adapter_against_its_base(tiny_dir, tmp_path, store_di
     )
     assert code == 0 and out.strip() == "v4" and f"names base {tiny_dir}" in err
 
-    # Adapter parts that would not come off the base exactly are refused, nothing stored:
-    # whole modules (modules_to_save: unload() kept the trained copy in the base) and
-    # adapted modules that are not linear layers (the merged undo misses them).
+    # Adapters that would not come off the base exactly are refused, nothing stored: one
+    # that trains whole modules (modules_to_save: unload() kept the trained copy in the
+    # base and untied the head), one whose file carries base weights (an embedding LoRA
+    # holds the whole embedding matrix, written into the base when it loads).
     for name, config, why in (
         (
             "mts",
             LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]),
-            "whole module",
+            "whole modules (modules_to_save",
         ),
-        ("emb", LoraConfig(r=4, target_modules=["embed_tokens"]), "Embedding, not a linear"),
+        ("emb", LoraConfig(r=4, target_modules=["embed_tokens"]), "carries base weights"),
     ):
         _peft_adapter(tiny_dir, tmp_path / name, config)
         code, _, err = run(capsys, "delta", "--store", store_dir, "import", str(tmp_path / name))
         assert code == 5 and "cannot take this adapter off its base exactly" in err, err
-        assert why in err
+        assert why in err, err
     assert [v.id for v in DeltaStore(store_dir).list()] == ["v1", "v2", "v3", "v4"]
-    # the same adapter planted in a delta folder is refused when attached, the base intact
     from slimtune.delta import apply_delta
-    from slimtune.delta.format import sha256_file
-    from slimtune.errors import DeltaError
     from slimtune.model.loading import fingerprint
 
     sw.switch(None)
     before = {n: p.detach().clone() for n, p in sw.base.named_parameters()}
+    # the whole-module adapter planted in a delta folder is refused when attached, the base
+    # intact, and the server's bank will not load it beside others either
+    from slimtune.delta.format import sha256_file
+    from slimtune.errors import DeltaError
+    from slimtune.serve.bank import can_hold
+
     folder = shutil.copytree(DeltaStore(store_dir).resolve("v1").path, tmp_path / "planted")
     manifest = json.loads((folder / "manifest.json").read_text())
     for f in ("adapter_config.json", "adapter_model.safetensors"):
@@ -342,6 +346,7 @@ def test_import_checks_the_adapter_against_its_base(tiny_dir, tmp_path, store_di
     after = dict(sw.base.named_parameters())
     assert after.keys() == before.keys()  # no adapter layers or module copies left on it
     assert all(torch.equal(before[n], after[n]) for n in before)
+    assert not can_hold(folder) and can_hold(DeltaStore(store_dir).resolve("v1").path)
 
     # peft types slimtune cannot attach are refused before any model loads.
     ia3 = tmp_path / "ia3"

@@ -240,7 +240,7 @@ def _read_jsonl(path: Path, text: str) -> list[Record]:
     return records
 
 
-_SPACE = re.compile(r"\s*")
+_SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace, and no other
 
 
 def _read_json(path: Path, text: str) -> list[Record]:
@@ -297,8 +297,16 @@ def _read_json(path: Path, text: str) -> list[Record]:
 
 
 def _read_csv(path: Path, text: str) -> list[Record]:
-    # newline="": a quoted cell keeps its line breaks; no cell is too long for the reader
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    # no cell is too long for the reader (the module's limit, restored after)
+    limit = csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    try:
+        return _csv_records(path, text)
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _csv_records(path: Path, text: str) -> list[Record]:
+    # newline="": a quoted cell keeps its line breaks
     reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
         header = reader.fieldnames
@@ -307,24 +315,26 @@ def _read_csv(path: Path, text: str) -> list[Record]:
     if not header:
         return []
     names = [h.strip() for h in header]  # "prompt, completion" names two fields
-    repeated = sorted({n for n in names if names.count(n) > 1})
+    # a spreadsheet's trailing empty columns have empty names: not a repeat
+    repeated = sorted({n for n in names if n and names.count(n) > 1})
     if repeated:
         raise DataError(path, f"the header names {', '.join(map(repr, repeated))} twice", 1)
     reader.fieldnames = names
     records = []
+    ended = reader.line_num  # the line the previous row ended on
     try:
         for row in reader:
+            line, ended = ended + 1, reader.line_num  # where the row starts (a cell may span)
             if None in row:
                 raise DataError(
-                    path,
-                    f"row has more cells than the header's {len(names)} columns",
-                    reader.line_num,
+                    path, f"row has more cells than the header's {len(names)} columns", line
                 )
             if any(v is None for v in row.values()):
-                raise DataError(path, "row has fewer cells than the header", reader.line_num)
+                raise DataError(path, "row has fewer cells than the header", line)
             if all(not (v or "").strip() for v in row.values()):
                 continue
-            records.append(Record(dict(row), str(path), reader.line_num))
+            row.pop("", None)  # an unnamed column holds nothing a record reads
+            records.append(Record(dict(row), str(path), line))
     except csv.Error as e:
         raise DataError(path, f"malformed CSV ({e})", reader.line_num) from e
     return records

@@ -137,3 +137,58 @@ def check_types(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]
             raise UserInputError(f"{where}: field {f.name!r} must be a finite number, got {value}")
         out[f.name] = value
     return out
+
+
+def parse_size(text: str | int | float | None) -> int | None:
+    """'6GiB', '512MB', '2.5G', 1000 -> bytes: at least one, and finite (0 would mean no
+    budget, nan a crash)."""
+    if text is None:
+        return None
+    s = str(text).strip().replace(" ", "")
+    units = {
+        "": 1,
+        "b": 1,
+        "k": 1000,
+        "kb": 1000,
+        "kib": 1024,
+        "m": 1000**2,
+        "mb": 1000**2,
+        "mib": 1024**2,
+        "g": 1000**3,
+        "gb": 1000**3,
+        "gib": 1024**3,
+        "t": 1000**4,
+        "tb": 1000**4,
+        "tib": 1024**4,
+    }
+    num = s.rstrip("BbKkMmGgTtIi")
+    unit = s[len(num) :].lower()
+    try:
+        value = float(num) * units.get(unit, 0)
+    except ValueError:
+        value = 0.0
+    if isinstance(text, bool) or not math.isfinite(value) or value < 1:
+        raise UserInputError(
+            f"cannot read memory size {text!r}; write a size of at least a byte, e.g. 6GiB, "
+            "800MB, 2G"
+        )
+    return int(value)
+
+
+def parse_duration(text: str | float | None) -> float | None:
+    """'1.5s', '800ms', '2m', 3 -> seconds: more than none, and finite."""
+    if text is None:
+        return None
+    s = str(text).strip().lower()
+    for suffix, scale in (("ms", 1e-3), ("s", 1.0), ("m", 60.0), ("h", 3600.0), ("", 1.0)):
+        if s.endswith(suffix):
+            try:
+                value = float(s[: len(s) - len(suffix)] if suffix else s)
+            except ValueError:
+                break
+            if value > 0 and math.isfinite(value) and not isinstance(text, bool):
+                return value * scale
+            break
+    raise UserInputError(
+        f"cannot read duration {text!r}; write a time over zero, e.g. 1.5s, 800ms, 2m"
+    )

@@ -7,6 +7,17 @@ import argparse
 S = argparse.SUPPRESS  # a flag not given is absent from the namespace (YAML or defaults win)
 
 
+def at_least_one(text: str) -> int:
+    """An argparse type: a whole number >= 1 (a count, a batch size)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_model_args(p: argparse.ArgumentParser, *, with_delta: bool = False) -> None:
     """``--model`` and ``--device``; ``with_delta``: a command whose ``--delta`` names the
     base it was trained on, loaded when ``--model`` is not given."""

@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .common import add_model_args, add_quantize_arg
+from ..eval.tasks import TASKS
+from .common import add_model_args, add_quantize_arg, at_least_one
 
 
 def eval_parser(sub) -> None:
@@ -25,10 +26,10 @@ def eval_parser(sub) -> None:
     )
     p.add_argument("--store", help="delta store for ids and tags")
     add_quantize_arg(p)
-    p.add_argument("--task", default="auto", help="auto, classification, generation, chat or lm")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--task", default="auto", choices=TASKS, help="default: auto (from the data)")
+    p.add_argument("--batch-size", type=at_least_one, default=16)
     p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--limit", type=int, help="evaluate only the first N examples")
+    p.add_argument("--limit", type=at_least_one, help="evaluate only the first N examples")
     p.add_argument("--no-latency", action="store_true", help="skip the decode-latency measurement")
     p.add_argument("--output", help="write the metrics as JSON to this file")
 
@@ -124,17 +125,12 @@ def _load_with_delta(
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..data import load_dataset
     from ..delta import delta_bytes
-    from ..errors import UserInputError
     from ..eval.cost import PeakMemory
-    from ..eval.evaluate import check_task, evaluate, first_records
+    from ..eval.evaluate import evaluate, first_records
     from ..eval.report import comparison_rows, print_table
     from ..fileio import write_json
     from ..model.quantize import quantization_of
 
-    check_task(args.task)  # the flags first: a typo must not cost a model load
-    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
-        if value is not None and value < 1:
-            raise UserInputError(f"{flag} must be >= 1, got {value}")
     model_spec = getattr(args, "model", None)  # None: the delta's own base, else default
     loaded, manifest, label = _load_with_delta(
         model_spec,

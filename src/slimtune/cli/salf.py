@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import UserInputError
 from ..salf.analysis import DEFAULT_KEEP
-from .common import add_model_args, device_of
+from .common import add_model_args, at_least_one, device_of
 
 
 def analyze_parser(sub) -> None:
@@ -29,8 +29,10 @@ def analyze_parser(sub) -> None:
         default=DEFAULT_KEEP,
         help="share of the expected gain the recommended freeze-below keeps (default %(default)s)",
     )
-    p.add_argument("--max-examples", type=int, default=64, help="calibration examples (64)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--max-examples", type=at_least_one, default=64, help="calibration examples (64)"
+    )
+    p.add_argument("--batch-size", type=at_least_one, default=8)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument(
         "--quantize",
@@ -68,7 +70,7 @@ def plan_parser(sub) -> None:
         help="candidates, comma-separated: a method name, LoRA as lora-rN (e.g. "
         "full,lora-r8,lora-r16,sparse,rosa); default full,lora-r8,lora-r16",
     )
-    p.add_argument("--batch-size", type=int, default=8, help="per device (default 8)")
+    p.add_argument("--batch-size", type=at_least_one, default=8, help="per device (default 8)")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument(
         "--devices",
@@ -100,12 +102,10 @@ def plan_parser(sub) -> None:
 
 
 def _check_sizes(args: argparse.Namespace) -> None:
-    """The batch and length flags, before a model loads (0 crashed deep in collation)."""
-    for flag, least in (("batch_size", 1), ("max_examples", 1), ("max_length", 8)):
-        value = getattr(args, flag, None)
-        if value is not None and value < least:
-            name = "--" + flag.replace("_", "-")
-            raise UserInputError(f"{name} must be >= {least}, got {value}")
+    """--max-length as train takes it, before a model loads (the counts' argparse type
+    refuses 0: it crashed deep in collation)."""
+    if args.max_length < 8:
+        raise UserInputError(f"--max-length must be >= 8, got {args.max_length}")
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:

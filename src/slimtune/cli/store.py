@@ -6,7 +6,8 @@ import argparse
 import json
 
 from ..errors import DeltaError
-from .common import add_quantize_arg
+from ..eval.tasks import TASKS
+from .common import add_quantize_arg, at_least_one
 
 
 def add_store_arg(p: argparse.ArgumentParser) -> None:
@@ -138,8 +139,8 @@ def build(sub) -> None:
     ab.add_argument("--model", help="the base (default: the one delta A's manifest records)")
     ab.add_argument("--device", default="auto")
     add_quantize_arg(ab)
-    ab.add_argument("--task", default="auto")
-    ab.add_argument("--limit", type=int)
+    ab.add_argument("--task", default="auto", choices=TASKS, help="default: auto (from the data)")
+    ab.add_argument("--limit", type=at_least_one, help="only the first N examples")
     ab.add_argument("--output", help="write the result as JSON here")
 
 
@@ -370,17 +371,12 @@ def cmd_ab(args) -> int:
 def _ab_data(args) -> int:
     from ..data import load_dataset
     from ..delta import DeltaSwitcher
-    from ..errors import UserInputError
     from ..eval.abtest import run_ab
-    from ..eval.evaluate import check_task, first_records
+    from ..eval.evaluate import first_records
     from ..eval.report import fmt, print_table
     from ..fileio import write_json
     from ..model.loading import resolve_device
     from ..model.quantize import quantization_of
-
-    check_task(args.task)  # the flags first: a typo must not cost a model load
-    if args.limit is not None and args.limit < 1:
-        raise UserInputError(f"--limit must be >= 1, got {args.limit}")
 
     sw = DeltaSwitcher.with_delta(
         args.a,

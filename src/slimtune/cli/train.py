@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserInputError
+from ..eval.tasks import TASKS
 from ..options import check_types, parse_key_values, read_yaml_config
 from ..salf.analysis import DEFAULT_KEEP
 from ..training.config import NEGATED_FLAGS, StoreOptions
@@ -324,7 +325,7 @@ def add_train_options(p: argparse.ArgumentParser, grid: bool) -> None:
         "does not fit one device; full and lora (default: each process holds the whole "
         "model, DDP)",
     )
-    p.add_argument("--task", default=S, help="auto, classification, generation, chat or lm")
+    p.add_argument("--task", default=S, choices=TASKS, help="default: auto (from the data)")
     p.add_argument(
         "--no-progress", dest="progress", action="store_false", default=S, help="no progress bar"
     )

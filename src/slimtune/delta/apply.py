@@ -64,7 +64,9 @@ def apply_delta(
     if carried is not None:
         raise DeltaError(
             f"{ref or folder}: the model already carries the delta {carried}; take it off "
-            "first (Applied.remove(), or DeltaSwitcher.switch): deltas do not stack"
+            "first (the remove() of what apply_delta returned; a model given to load_delta "
+            "keeps its delta: load the base again), or switch deltas with a DeltaSwitcher: "
+            "deltas do not stack"
         )
     folder = Path(folder)
     manifest = verify_delta(folder)

@@ -24,8 +24,8 @@ from ..errors import DeltaError, UserInputError
 if TYPE_CHECKING:
     from ..methods import Method
 
-PEFT_CONFIG = "adapter_config.json"
-PEFT_WEIGHTS = "adapter_model.safetensors"
+from .peft_files import PEFT_CONFIG, PEFT_WEIGHTS, read_config, refuse_irremovable
+
 PEFT_BIN = "adapter_model.bin"
 
 
@@ -213,7 +213,6 @@ def import_peft(
 
     The base is ``model`` when given, else the adapter's ``base_model_name_or_path``.
     """
-    from ..methods.lora import refuse_irremovable, refuse_whole_modules
     from ..model.anatomy import decoder_layers
     from ..model.loading import fingerprint, load_model
     from .format import save_delta
@@ -227,26 +226,19 @@ def import_peft(
             f"{src}: not a peft adapter folder (needs {PEFT_CONFIG} and "
             f"{PEFT_WEIGHTS} or {PEFT_BIN})"
         )
-    try:
-        cfg = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DeltaError(f"{config_path}: invalid JSON ({e.msg}, line {e.lineno})") from e
-    except UnicodeDecodeError as e:
-        raise DeltaError(f"{config_path}: not UTF-8 text") from e
-    if not isinstance(cfg, dict):
-        raise DeltaError(f"{config_path}: not a JSON object")
+    cfg = read_config(config_path)
     cls = importer(cfg)
     if cls is None:
         raise DeltaError(
             f"{config_path}: peft_type is {cfg.get('peft_type')!r}; slimtune "
             f"imports {', '.join(importable())}"
         )
-    refuse_whole_modules(cfg, src)  # before any model loads
     adapter_base = cfg.get("base_model_name_or_path") or None
     spec = model or adapter_base
     if not spec:
         raise UserInputError(f"{config_path}: names no base_model_name_or_path; pass --model")
     state, weights_path = read_adapter_weights(src)
+    refuse_irremovable(cfg, state, src)  # before any model loads
     loaded = load_model(spec)
     base = {
         "fingerprint": fingerprint(loaded.model),
@@ -267,7 +259,6 @@ def import_peft(
         wrapped = _attach_checked(
             loaded.model, adapter / PEFT_CONFIG, state, weights_path, spec, hint
         )
-        refuse_irremovable(wrapped, src)  # it would not come off the base again
         method = cls(cls.options_from_peft(cfg, wrapped))
         delta = Path(tmp) / "delta"
         save_delta(

@@ -37,6 +37,7 @@ from ..model.anatomy import backbone_and_head, base_model, with_cache
 from ..model.masks import left_pad, padded_inference
 from ..training.loss import target_loss
 from .cost import percentile
+from .tasks import check_task
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -99,27 +100,6 @@ def per_example_loss(
         out.append(float(loss) / max(n, 1))
     model.train(was_training)
     return out
-
-
-TASKS = ("auto", "classification", "generation", "chat", "lm")
-# the record shape each task reads (lm reads any: the loss of every target token)
-TASK_SHAPES = {
-    "classification": "prompt_completion",
-    "generation": "prompt_completion",
-    "chat": "messages",
-}
-
-
-def check_task(task: str, dataset: Dataset | None = None) -> None:
-    """A task this module evaluates, and (given the data) one its records can be read for:
-    a typo would otherwise fall through to the loss alone, a mismatch to a KeyError."""
-    if task not in TASKS:
-        raise UserInputError(f"task {task!r}: use one of {', '.join(TASKS)}")
-    need = TASK_SHAPES.get(task)
-    if dataset is not None and need is not None and dataset.shape != need:
-        raise UserInputError(
-            f"task {task} reads {need} records; {dataset.path} holds {dataset.shape} records"
-        )
 
 
 def detect_task(dataset: Dataset, max_labels: int = 50) -> str:

@@ -8,7 +8,6 @@ so ``peft.PeftModel.from_pretrained(base, delta_folder)`` loads it as it is.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
@@ -51,51 +50,6 @@ class LoraOptions(MethodConfig):
             raise UserInputError(f"lora dropout must be in [0, 1), got {self.dropout}")
 
 
-def _read_config(path: Path) -> dict:
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise DeltaError(f"{path}: unreadable adapter config ({e})") from e
-    if not isinstance(config, dict):
-        raise DeltaError(f"{path}: not a peft adapter config (a JSON object)")
-    return config
-
-
-def refuse_whole_modules(config: dict, where: Path) -> None:
-    """peft's ``modules_to_save`` and trainable tokens replace whole modules, and
-    ``unload`` keeps the trained copies in the base (a tied head is untied): such an
-    adapter cannot come off exactly, so it is refused before it is put on."""
-    for key in ("modules_to_save", "trainable_token_indices"):
-        if config.get(key):
-            raise DeltaError(
-                f"{where}: slimtune cannot take this adapter off its base exactly: it trains "
-                f"whole modules ({key}: {config[key]}); retrain or re-export it as LoRA "
-                "on linear layers only"
-            )
-
-
-def refuse_irremovable(wrapped: nn.Module, where: Path) -> None:
-    """An adapter part that comes off inexactly: peft's ``modules_to_save`` and trainable
-    tokens replace whole modules (``unload`` keeps the trained copies in the base, and a
-    tied head is untied), and an adapted module that is not a linear layer is not in the
-    merged undo's map. slimtune's own deltas have neither; an imported adapter may."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils.other import AuxiliaryTrainingWrapper
-
-    for name, m in wrapped.named_modules():
-        if isinstance(m, AuxiliaryTrainingWrapper):
-            why = f"it trains the whole module {name} (modules_to_save or trainable tokens)"
-        elif isinstance(m, BaseTunerLayer) and not isinstance(m.get_base_layer(), nn.Linear):
-            kind = type(m.get_base_layer()).__name__
-            why = f"it adapts {name}, a {kind}, not a linear layer"
-        else:
-            continue
-        raise DeltaError(
-            f"{where}: slimtune cannot take this adapter off its base exactly: {why}; "
-            "retrain or re-export it as LoRA on linear layers only"
-        )
-
-
 def attach_peft(
     model: nn.Module, folder: Path, merge: bool, files: dict[str, str] | None = None
 ) -> Attachment:
@@ -108,7 +62,13 @@ def attach_peft(
     """
     from peft import PeftModel
 
-    from ..model.anatomy import canonical_name, linear_modules
+    from ..delta.peft_files import (
+        PEFT_CONFIG,
+        adapter_tensor_names,
+        read_config,
+        refuse_irremovable,
+    )
+    from ..model.anatomy import canonical_name
 
     with tempfile.TemporaryDirectory(prefix="slimtune-peft-") as view:
         if files:  # a folder where peft finds the files under the names it looks for
@@ -119,17 +79,13 @@ def attach_peft(
                 except OSError:
                     shutil.copyfile(src, Path(view) / peft_name)
         where = Path(view) if files else folder
-        # before peft wraps anything: unload() would keep a whole module's trained copy
-        refuse_whole_modules(_read_config(where / "adapter_config.json"), folder)
+        # before peft wraps anything: unload() would not take such an adapter off exactly
+        config = read_config(where / PEFT_CONFIG)
+        refuse_irremovable(config, adapter_tensor_names(where), folder)
         try:
             wrapped = PeftModel.from_pretrained(model, str(where))
         except Exception as e:
             raise DeltaError(f"{folder}: peft could not load the adapter ({e})") from e
-    try:
-        refuse_irremovable(wrapped, folder)
-    except DeltaError:
-        wrapped.unload()  # exact here: nothing is merged yet, no whole module was replaced
-        raise
     if not merge:
         return Attachment(wrapped, False, lambda: wrapped.unload())
     touched = {
@@ -140,7 +96,8 @@ def attach_peft(
     plain = wrapped.merge_and_unload()
 
     def restore() -> nn.Module:
-        modules = linear_modules(plain)
+        # every adapted module by its plain name: linear layers, and embeddings too
+        modules = {canonical_name(n): m for n, m in plain.named_modules()}
         with torch.no_grad():
             for name, w in touched.items():
                 modules[name].weight.copy_(w)

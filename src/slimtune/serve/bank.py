@@ -15,7 +15,6 @@ its adapters again, from disk, when LoRA traffic returns.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import OrderedDict
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 from torch import nn
 
 from ..delta.format import check_base, verify_delta
+from ..delta.peft_files import PEFT_CONFIG, adapter_tensor_names, irremovable, read_config
 from ..errors import DeltaError
 
 BASE_ROW = "__base__"  # peft's name for "no adapter on this row"
@@ -36,13 +36,16 @@ def adapter_name(version: str) -> str:
 def can_hold(folder: Path) -> bool:
     """Whether the LoRA adapter in ``folder`` can sit beside others on the base: not one
     that trains the base's biases (peft writes them into the base layers, under every
-    row, and holds one such adapter at most), nor DoRA or aLoRA (no per-row names)."""
+    row, and holds one such adapter at most), nor DoRA or aLoRA (no per-row names), nor
+    one that trains whole modules (it would stay in the base: the switcher refuses it)."""
     try:
-        config = json.loads((Path(folder) / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        config = read_config(Path(folder) / PEFT_CONFIG)
+        names = adapter_tensor_names(Path(folder))
+    except DeltaError:
         return False
     return (
         config.get("peft_type") == "LORA"
+        and irremovable(config, names) is None
         and config.get("bias", "none") == "none"
         and not config.get("use_dora")
         and not config.get("alora_invocation_tokens")

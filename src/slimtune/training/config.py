@@ -34,7 +34,7 @@ class TrainConfig:
     method_options: dict[str, Any] = field(default_factory=dict)
     freeze_below: int = 0
     freeze: str | None = None  # "auto": SALF analysis (+ budget policy) chooses freeze_below
-    # numbers too, as plan.parse_size/parse_duration read them (bytes, seconds)
+    # numbers too, as options.parse_size/parse_duration read them (bytes, seconds)
     budget_memory: str | float | None = (
         None  # e.g. "6GiB": with freeze auto, unfreeze while it fits
     )
@@ -129,8 +129,8 @@ class TrainConfig:
             "--budget-memory/--budget-step-time need --freeze auto",
         )
         need(0 < self.keep <= 1, f"keep must be in (0, 1], got {self.keep}")
-        from ..eval.evaluate import TASKS  # here: evaluate imports torch's model code
-        from ..salf.plan import parse_duration, parse_size
+        from ..eval.tasks import TASKS
+        from ..options import parse_duration, parse_size
 
         need(self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         try:  # now, not after the model, the data and the analysis

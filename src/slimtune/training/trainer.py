@@ -869,7 +869,7 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
             _set_rng_state(state["rng"])
             self.method.load_state_dict(self.model, meta.get("method_state") or {})
-        except (UserInputError, torch.OutOfMemoryError, MemoryError):
+        except (UserInputError, torch.cuda.OutOfMemoryError, MemoryError):
             raise  # not a damaged checkpoint: it stays usable, so no advice to replace it
         except Exception as e:
             raise unreadable(e) from e
