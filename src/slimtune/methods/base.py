@@ -48,8 +48,8 @@ def option(
     methods that declare the same flag share it (same option name and type required).
     ``shown_default`` is how the help states a default that is resolved later (a ``None``
     that ``__post_init__`` replaces)."""
-    metadata = {"cli": {"flag": flag, "help": help, "shown_default": shown_default}}
-    metadata["sweep"] = sweep
+    cli = {"flag": flag, "help": help, "shown_default": shown_default}
+    metadata: dict[str, Any] = {"cli": cli, "sweep": sweep}
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
