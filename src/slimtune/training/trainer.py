@@ -441,7 +441,7 @@ class Trainer:
     def _check_eval_fits(self) -> None:
         """Before training, not after it: the evaluation can read the eval data for the
         task (``--task``, or the one the training data implies)."""
-        from ..eval.evaluate import check_task
+        from ..eval.tasks import check_task
 
         check_task(self.cfg.task, self.train_ds)
         train, held = self.train_ds, self.eval_ds
