@@ -227,7 +227,7 @@ def test_yaml_values_are_type_checked(tmp_path):
 
 
 def test_yaml_budgets_take_plain_numbers_as_their_parsers_do(tmp_path):
-    # plan.parse_duration/parse_size read 3 as 3 s and 6000000000 as bytes; the type check
+    # options.parse_duration/parse_size read 3 as 3 s and 6000000000 as bytes; the type check
     # must not refuse what they accept (it did: "must be a string")
     f = tmp_path / "b.yaml"
     f.write_text("data: a.jsonl\nfreeze: auto\nbudget_step_time: 3\nbudget_memory: 6000000000\n")

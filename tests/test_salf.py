@@ -10,6 +10,7 @@ import torch
 
 from slimtune.data import load_dataset
 from slimtune.errors import UserInputError
+from slimtune.options import parse_duration, parse_size
 from slimtune.salf.analysis import (
     analyze,
     choose_freeze_below,
@@ -25,8 +26,6 @@ from slimtune.salf.plan import (
     calibrate,
     estimate,
     make_plan,
-    parse_duration,
-    parse_size,
     synthetic_batch,
 )
 

@@ -603,7 +603,11 @@ def shard_dataset(ds: Dataset, rank: int, world: int) -> Dataset:
     examples), as even as they come: each process evaluates one."""
     share, extra = divmod(len(ds.records), world)
     start = rank * share + min(rank, extra)
-    records = ds.records[start : start + share + (rank < extra)]
+    return records_subset(ds, ds.records[start : start + share + (rank < extra)])
+
+
+def records_subset(ds: Dataset, records: list[Record]) -> Dataset:
+    """``ds`` with only ``records`` (some of its own) and their examples, matched by line."""
     lines = {r.line for r in records}
     exs = [e for e in ds.examples if e.line in lines]
     return Dataset(ds.path, ds.shape, records, exs, ds.max_length)

@@ -293,14 +293,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from ..eval.report import print_table
     from ..fileio import write_json
     from ..log import info
+    from ..options import parse_duration, parse_size
     from ..salf.analysis import analyze
-    from ..salf.plan import (
-        calibration_batch,
-        make_plan,
-        parse_duration,
-        parse_size,
-        typical_batch,
-    )
+    from ..salf.plan import calibration_batch, make_plan, typical_batch
 
     _check_sizes(args)
     memory, step = parse_size(args.budget_memory), parse_duration(args.budget_time)

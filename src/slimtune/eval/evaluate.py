@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import math
 import re
 import string
@@ -30,7 +29,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..data import Dataset, Example, Record, chat_turns, collate, prompt_ids
+from ..data import Dataset, Example, Record, chat_turns, collate, prompt_ids, records_subset
 from ..errors import UserInputError
 from ..log import info
 from ..model.anatomy import backbone_and_head, base_model, with_cache
@@ -131,10 +130,7 @@ def first_records(
     task = detect_task(dataset) if task == "auto" else task
     labels = label_set(dataset.records) if task == "classification" else None
     if limit is not None:
-        records = dataset.records[:limit]
-        kept = {r.line for r in records}
-        examples = [e for e in dataset.examples if e.line in kept]
-        dataset = dataclasses.replace(dataset, records=records, examples=examples)
+        dataset = records_subset(dataset, dataset.records[:limit])
     return dataset, task, labels
 
 

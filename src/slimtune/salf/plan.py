@@ -60,7 +60,6 @@ from ..eval.cost import PeakMemory, format_bytes
 from ..methods import get_method, method_class
 from ..model.anatomy import base_model, decoder_layers
 from ..model.quantize import BYTES_PER_WEIGHT, is_quantized, quantization_of, quantize_model
-from ..options import parse_duration, parse_size  # noqa: F401 - plan's budgets, as before
 from ..training.step import adamw, fused_adamw_fits, steady_gc
 from .freezing import freeze_below
 

@@ -324,13 +324,11 @@ class Engine:
             if j.model not in resolved:
                 try:
                     resolved[j.model] = self.resolve(j.model)
-                except UnknownModel as e:  # a tag removed while the job waited
+                except Exception as e:  # this job's lookup failed: it alone fails
                     self._waiting.remove(j)
-                    self._emit(j, ("error", (404, str(e))))
-                    return None
-                except Exception as e:  # the store failed this job's lookup: it alone fails
-                    self._waiting.remove(j)
-                    self._emit(j, ("error", (500, f"{type(e).__name__}: {e}")))
+                    unknown = isinstance(e, UnknownModel)  # a tag removed while it waited
+                    why = str(e) if unknown else f"{type(e).__name__}: {e}"
+                    self._emit(j, ("error", (404 if unknown else 500, why)))
                     return None
             return resolved[j.model]
 

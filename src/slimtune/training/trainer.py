@@ -589,6 +589,7 @@ class Trainer:
 
     def _auto_freeze(self) -> int:
         """SALF: the analysis' freeze_below, or with a budget the shallowest that fits it."""
+        from ..options import parse_duration, parse_size
         from ..salf.analysis import analyze
         from ..salf.plan import (
             budget_freeze_below,
@@ -597,8 +598,6 @@ class Trainer:
             describe,
             estimate,
             freeze_costs,
-            parse_duration,
-            parse_size,
             typical_batch,
         )
 
