@@ -15,6 +15,12 @@ PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 
 
+def first_line(e: BaseException) -> str:
+    """An error's first line (peft's and safetensors' messages run on), or its type."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 def read_config(path: Path) -> dict[str, Any]:
     """An adapter's ``adapter_config.json``, a JSON object, or a DeltaError naming it."""
     try:
@@ -65,8 +71,7 @@ def adapter_tensor_names(folder: Path) -> list[str]:
         with safe_open(str(path), framework="pt") as f:
             return list(f.keys())
     except Exception as e:  # safetensors raises its own error types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DeltaError(f"{path}: unreadable adapter weights ({first})") from e
+        raise DeltaError(f"{path}: unreadable adapter weights ({first_line(e)})") from e
 
 
 def refuse_irremovable(config: dict[str, Any], tensor_names: Iterable[str], where: Path) -> None:

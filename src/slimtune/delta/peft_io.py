@@ -20,11 +20,10 @@ import torch
 from torch import nn
 
 from ..errors import DeltaError, UserInputError
+from .peft_files import PEFT_CONFIG, PEFT_WEIGHTS, first_line, read_config, refuse_irremovable
 
 if TYPE_CHECKING:
     from ..methods import Method
-
-from .peft_files import PEFT_CONFIG, PEFT_WEIGHTS, read_config, refuse_irremovable
 
 PEFT_BIN = "adapter_model.bin"
 
@@ -123,11 +122,6 @@ def _export_split(
     return out
 
 
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
-
-
 def read_adapter_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
     """The adapter's tensors: ``adapter_model.safetensors``, else ``adapter_model.bin``
     unpickled with ``weights_only=True`` (tensors only, no code runs)."""
@@ -141,9 +135,9 @@ def read_adapter_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
         path = folder / PEFT_BIN
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as e:
-        raise DeltaError(f"{path}: unreadable adapter weights ({_first_line(e)})") from e
+        raise DeltaError(f"{path}: unreadable adapter weights ({first_line(e)})") from e
     except Exception as e:  # pickle.UnpicklingError and friends of a hostile or broken .bin
-        raise DeltaError(f"{path}: refused ({_first_line(e)})") from e
+        raise DeltaError(f"{path}: refused ({first_line(e)})") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise DeltaError(f"{path}: not a mapping of tensor names to tensors")
     # safetensors refuses tensors that share memory; each gets its own copy.
@@ -166,11 +160,11 @@ def _attach_checked(
     try:
         config = PeftConfig.from_pretrained(str(config_path.parent))
     except Exception as e:  # peft raises TypeError/ValueError for unknown or bad fields
-        raise DeltaError(f"{config_path}: not a valid peft config ({_first_line(e)})") from e
+        raise DeltaError(f"{config_path}: not a valid peft config ({first_line(e)})") from e
     try:
         wrapped = PeftModel(model, config)
     except Exception as e:  # e.g. target modules the model does not have
-        raise DeltaError(f"{config_path}: does not fit {spec} ({_first_line(e)}); {hint}") from e
+        raise DeltaError(f"{config_path}: does not fit {spec} ({first_line(e)}); {hint}") from e
     expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(wrapped).items()}
     for key, tensor in state.items():
         if key not in expected:
